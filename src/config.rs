@@ -1,0 +1,276 @@
+//! The two TOML files: the cluster inventory (`cluster.toml`, shared by agents
+//! and consoles) and an agent's own config. Parsing is strict: an unknown key,
+//! a duplicate name or a dangling reference is an error that names the file
+//! and the offending entry, and nothing is started.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::protocol::{FeatureSpec, Timing, VmSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { path: path.to_path_buf(), message: message.into() }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| invalid(path, e.to_string().trim_end().to_string()))
+}
+
+/// `cluster.toml`: every host and where its agent listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    #[serde(default)]
+    pub host: Vec<HostEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    pub name: String,
+    /// e.g. `http://127.0.0.1:7701`
+    pub address: String,
+}
+
+impl Inventory {
+    pub fn load(path: &Path) -> Result<Inventory, ConfigError> {
+        Inventory::parse(path, &read(path)?)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Inventory, ConfigError> {
+        let inventory: Inventory = parse(path, text)?;
+        if inventory.host.is_empty() {
+            return Err(invalid(path, "it lists no [[host]]"));
+        }
+        let mut seen = HashSet::new();
+        for host in &inventory.host {
+            if host.name.trim().is_empty() {
+                return Err(invalid(path, "a [[host]] has an empty name"));
+            }
+            if !seen.insert(host.name.as_str()) {
+                return Err(invalid(path, format!("host {} is listed twice", host.name)));
+            }
+            if !(host.address.starts_with("http://") || host.address.starts_with("https://")) {
+                return Err(invalid(
+                    path,
+                    format!("host {}: address {:?} must start with http:// or https://", host.name, host.address),
+                ));
+            }
+        }
+        Ok(inventory)
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostEntry> {
+        self.host.iter().find(|h| h.name == name)
+    }
+}
+
+/// An agent's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    pub listen: String,
+    pub state_dir: PathBuf,
+    /// Relative paths are relative to the config file.
+    pub inventory: PathBuf,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_ms: u64,
+    /// A transfer with no progress for this long is aborted and the source resumed.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_ms: u64,
+    /// First wait before a failed rollback is retried; doubles up to 5 minutes.
+    #[serde(default = "default_rollback_retry")]
+    pub rollback_retry_ms: u64,
+    #[serde(default)]
+    pub hypervisor: HypervisorConfig,
+    #[serde(default)]
+    pub vm: Vec<VmSpec>,
+    /// `[features.NAME]`: driver settings on this host, parsed by the driver.
+    #[serde(default)]
+    pub features: BTreeMap<String, toml::Table>,
+}
+
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_peer_timeout() -> u64 {
+    5000
+}
+fn default_stall_timeout() -> u64 {
+    10_000
+}
+fn default_rollback_retry() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorConfig {
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// sim: link speed.
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth_mib_s: u64,
+    /// sim: how many times faster than real time a transfer runs.
+    #[serde(default = "default_speed")]
+    pub speed: f64,
+    /// The longest pause the final pre-copy iteration may cause.
+    #[serde(default = "default_downtime")]
+    pub downtime_limit_ms: u64,
+    /// Host capacity offered to guests.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+}
+
+fn default_kind() -> String {
+    "sim".into()
+}
+fn default_bandwidth() -> u64 {
+    1024
+}
+fn default_speed() -> f64 {
+    1.0
+}
+fn default_downtime() -> u64 {
+    300
+}
+fn default_memory() -> u64 {
+    262_144
+}
+fn default_vcpus() -> u32 {
+    256
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            kind: default_kind(),
+            bandwidth_mib_s: default_bandwidth(),
+            speed: default_speed(),
+            downtime_limit_ms: default_downtime(),
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Read and check an agent config; the inventory path is resolved
+    /// against the config file's folder.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let mut config = AgentConfig::parse(path, &read(path)?)?;
+        if config.inventory.is_relative() {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            config.inventory = dir.join(&config.inventory);
+        }
+        if config.state_dir.is_relative() {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            config.state_dir = dir.join(&config.state_dir);
+        }
+        Ok(config)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = parse(path, text)?;
+        if config.name.trim().is_empty() {
+            return Err(invalid(path, "name is empty"));
+        }
+        if config.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(path, format!("listen = {:?} is not an address:port", config.listen)));
+        }
+        if config.heartbeat_interval_ms == 0 {
+            return Err(invalid(path, "heartbeat_interval_ms must be greater than 0"));
+        }
+        if config.peer_timeout_ms <= config.heartbeat_interval_ms {
+            return Err(invalid(
+                path,
+                format!(
+                    "peer_timeout_ms ({}) must be greater than heartbeat_interval_ms ({})",
+                    config.peer_timeout_ms, config.heartbeat_interval_ms
+                ),
+            ));
+        }
+        match config.hypervisor.kind.as_str() {
+            "sim" => {}
+            "qemu" => return Err(invalid(path, "[hypervisor] kind = \"qemu\" is not available in this build yet")),
+            other => return Err(invalid(path, format!("[hypervisor] kind = {other:?}: expected \"sim\" or \"qemu\""))),
+        }
+        if config.hypervisor.bandwidth_mib_s == 0 {
+            return Err(invalid(path, "[hypervisor] bandwidth_mib_s must be greater than 0"));
+        }
+        if !(config.hypervisor.speed > 0.0 && config.hypervisor.speed.is_finite()) {
+            return Err(invalid(path, "[hypervisor] speed must be a positive number"));
+        }
+        let mut names = HashSet::new();
+        for vm in &config.vm {
+            check_vm(path, vm, &config.features)?;
+            if !names.insert(vm.name.as_str()) {
+                return Err(invalid(path, format!("[[vm]] {} is defined twice", vm.name)));
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn timing(&self) -> Timing {
+        Timing {
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            peer_timeout_ms: self.peer_timeout_ms,
+            stall_timeout_ms: self.stall_timeout_ms,
+            ..Timing::default()
+        }
+    }
+}
+
+fn check_vm(path: &Path, vm: &VmSpec, features: &BTreeMap<String, toml::Table>) -> Result<(), ConfigError> {
+    if vm.name.trim().is_empty() {
+        return Err(invalid(path, "a [[vm]] has an empty name"));
+    }
+    if vm.vcpus == 0 {
+        return Err(invalid(path, format!("[[vm]] {}: vcpus must be at least 1", vm.name)));
+    }
+    let mut seen = HashSet::new();
+    for feature in &vm.features {
+        check_feature_ref(path, vm, feature, features)?;
+        if !seen.insert(feature.name.as_str()) {
+            return Err(invalid(path, format!("[[vm]] {}: feature {} is listed twice", vm.name, feature.name)));
+        }
+    }
+    Ok(())
+}
+
+fn check_feature_ref(
+    path: &Path,
+    vm: &VmSpec,
+    feature: &FeatureSpec,
+    features: &BTreeMap<String, toml::Table>,
+) -> Result<(), ConfigError> {
+    if !features.contains_key(&feature.name) {
+        return Err(invalid(
+            path,
+            format!(
+                "[[vm]] {} needs feature {:?}, but this host has no [features.{}] section",
+                vm.name, feature.name, feature.name
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The simulated hypervisor (placeholder until written).

@@ -1,0 +1,224 @@
+//! The five-phase migration protocol as sans-IO state machines.
+//!
+//! [`source::SourceAttempt`] and [`destination::DestinationAttempt`] each take
+//! inputs (a peer replied, a stage finished, a timer fired, the operator
+//! aborted) and return actions (call the peer, run a stage, write the journal,
+//! resume or kill a guest). Time is a parameter: milliseconds on the caller's
+//! clock (agents pass unix time, the simulator its own). Nothing in here does
+//! IO, reads a clock or knows about tokio, tonic or SQLite.
+//!
+//! | phase   | runs on     | module            |
+//! |---------|-------------|-------------------|
+//! | Begin   | source      | [`source`]        |
+//! | Prepare | destination | [`destination`]   |
+//! | Perform | source      | [`source`]        |
+//! | Finish  | destination | [`destination`]   |
+//! | Confirm | source      | [`source`]        |
+
+pub mod cookies;
+pub mod destination;
+pub mod policy;
+pub mod record;
+pub mod recovery;
+pub mod source;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds on the caller's clock.
+pub type Millis = u64;
+
+/// The protocol version this build speaks. A peer with another major version
+/// is rejected in Prepare.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Nothing a feature does can fail the migration.
+    Fast,
+    /// A required feature that fails on the destination fails the migration.
+    Safe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Begin,
+    Prepare,
+    Perform,
+    Finish,
+    Confirm,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [Phase::Begin, Phase::Prepare, Phase::Perform, Phase::Finish, Phase::Confirm];
+}
+
+/// A feature stage. `Prepare`, `Finish` and `Rollback` run on the destination,
+/// `Release` on the source after commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Prepare,
+    Finish,
+    Rollback,
+    Release,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Prepare => "prepare",
+            Stage::Finish => "finish",
+            Stage::Rollback => "rollback",
+            Stage::Release => "release",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        match s {
+            "prepare" => Some(Stage::Prepare),
+            "finish" => Some(Stage::Finish),
+            "rollback" => Some(Stage::Rollback),
+            "release" => Some(Stage::Release),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Status of a phase or a feature stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    #[default]
+    Pending,
+    Running,
+    Ok,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Succeeded,
+    /// The VM moved, but a non-blocking feature failed on the destination.
+    Degraded,
+    Failed,
+    Aborted,
+    /// The source cannot yet learn whether the destination committed.
+    Unresolved,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Degraded => "degraded",
+            Outcome::Failed => "failed",
+            Outcome::Aborted => "aborted",
+            Outcome::Unresolved => "unresolved",
+        }
+    }
+}
+
+/// One feature of a VM spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub name: String,
+    /// The driver that implements the stages; defaults to the name.
+    #[serde(default)]
+    pub driver: String,
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl FeatureSpec {
+    pub fn driver(&self) -> &str {
+        if self.driver.is_empty() { &self.name } else { &self.driver }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    #[serde(default)]
+    pub dirty_rate_mib_s: u64,
+    #[serde(default)]
+    pub features: Vec<FeatureSpec>,
+}
+
+/// Transfer progress as the hypervisor reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TransferStats {
+    pub bytes_total: u64,
+    pub bytes_transferred: u64,
+    pub bytes_remaining: u64,
+    pub rate_bytes_s: u64,
+    pub dirty_rate_bytes_s: u64,
+    pub iteration: u32,
+    pub expected_downtime_ms: u64,
+    pub elapsed_ms: u64,
+}
+
+/// How the operator forced an unresolved attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOn {
+    Source,
+    Destination,
+}
+
+/// Timers of one attempt, from the agent config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    pub heartbeat_interval_ms: Millis,
+    pub peer_timeout_ms: Millis,
+    /// First wait between two Resolve calls; doubles up to `resolve_backoff_max_ms`.
+    pub resolve_backoff_ms: Millis,
+    pub resolve_backoff_max_ms: Millis,
+    /// A transfer with no progress for this long is aborted.
+    pub stall_timeout_ms: Millis,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_interval_ms: 1000,
+            peer_timeout_ms: 5000,
+            resolve_backoff_ms: 500,
+            resolve_backoff_max_ms: 10_000,
+            stall_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A peer call that did not produce a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerError {
+    /// The peer answered and said no: the request definitely had no effect
+    /// beyond what the peer reports.
+    Refused(String),
+    /// No answer (unreachable, timed out, cut): the outcome is unknown.
+    Unreachable(String),
+}
+
+impl PeerError {
+    pub fn message(&self) -> &str {
+        match self {
+            PeerError::Refused(m) | PeerError::Unreachable(m) => m,
+        }
+    }
+}
+
+/// The outcome of one feature stage as the driver reports it: a detail an
+/// operator can read either way.
+pub type StageOutcome = Result<String, String>;
