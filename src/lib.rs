@@ -14,3 +14,5 @@ pub mod config;
 pub mod features;
 pub mod hypervisor;
 pub mod protocol;
+pub mod agent;
+pub mod demo;

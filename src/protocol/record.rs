@@ -1,1 +1,343 @@
-//! (being written)
+//! The migration record: what an operator sees of one migration (its latest
+//! attempt), in the JSON schema of `tern migrate --json` and `tern status
+//! --json`, and its protobuf twin for the Console service.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats};
+use crate::proto;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub phase: Phase,
+    pub status: StepStatus,
+    pub duration_ms: u64,
+    /// When the phase started running, on the source's clock; not shown.
+    #[serde(skip)]
+    pub started_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureRecord {
+    pub name: String,
+    pub required: bool,
+    pub prepare: StepStatus,
+    pub finish: StepStatus,
+    pub rollback: StepStatus,
+    pub release: StepStatus,
+    /// The first failure's detail, for an operator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl FeatureRecord {
+    pub fn new(name: &str, required: bool) -> Self {
+        FeatureRecord {
+            name: name.to_string(),
+            required,
+            prepare: StepStatus::Pending,
+            finish: StepStatus::Pending,
+            rollback: StepStatus::Pending,
+            release: StepStatus::Pending,
+            error: None,
+        }
+    }
+
+    pub fn stage(&self, stage: Stage) -> StepStatus {
+        match stage {
+            Stage::Prepare => self.prepare,
+            Stage::Finish => self.finish,
+            Stage::Rollback => self.rollback,
+            Stage::Release => self.release,
+        }
+    }
+
+    pub fn set_stage(&mut self, stage: Stage, status: StepStatus) {
+        let slot = match stage {
+            Stage::Prepare => &mut self.prepare,
+            Stage::Finish => &mut self.finish,
+            Stage::Rollback => &mut self.rollback,
+            Stage::Release => &mut self.release,
+        };
+        *slot = status;
+    }
+
+    /// Record a stage's result; the first failure's detail becomes `error`.
+    pub fn record(&mut self, stage: Stage, result: &Result<String, String>) {
+        match result {
+            Ok(_) => self.set_stage(stage, StepStatus::Ok),
+            Err(detail) => {
+                self.set_stage(stage, StepStatus::Failed);
+                if self.error.is_none() {
+                    self.error = Some(format!("{stage}: {detail}"));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub mode: Mode,
+    pub attempt: u32,
+    pub attempt_id: String,
+    /// `null` while the attempt runs.
+    pub outcome: Option<Outcome>,
+    pub running_on: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The destination passed the commit point: abort is no longer possible.
+    pub committed: bool,
+    pub phases: Vec<PhaseRecord>,
+    pub features: Vec<FeatureRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferStats>,
+    pub started_at_ms: Millis,
+    pub updated_at_ms: Millis,
+}
+
+impl MigrationRecord {
+    pub fn phase(&self, phase: Phase) -> &PhaseRecord {
+        &self.phases[phase as usize]
+    }
+
+    pub fn phase_mut(&mut self, phase: Phase) -> &mut PhaseRecord {
+        &mut self.phases[phase as usize]
+    }
+
+    /// The phase that is running, or the last one that ran.
+    pub fn current_phase(&self) -> Phase {
+        self.phases
+            .iter()
+            .rev()
+            .find(|p| p.status != StepStatus::Pending && p.status != StepStatus::Skipped)
+            .map(|p| p.phase)
+            .unwrap_or(Phase::Begin)
+    }
+
+    pub fn feature_mut(&mut self, name: &str) -> Option<&mut FeatureRecord> {
+        self.features.iter_mut().find(|f| f.name == name)
+    }
+
+    /// Mark `phase` running at `now`.
+    pub fn start_phase(&mut self, phase: Phase, now: Millis) {
+        let p = self.phase_mut(phase);
+        p.status = StepStatus::Running;
+        p.started_at = Some(now);
+        self.updated_at_ms = now;
+    }
+
+    /// End `phase` with `status` at `now`, recording its duration.
+    pub fn end_phase(&mut self, phase: Phase, status: StepStatus, now: Millis) {
+        let p = self.phase_mut(phase);
+        p.duration_ms = p.started_at.map(|s| now.saturating_sub(s)).unwrap_or(0);
+        p.status = status;
+        self.updated_at_ms = now;
+    }
+
+    /// End the running phase as failed and mark every later pending one skipped.
+    pub fn fail_from(&mut self, phase: Phase, now: Millis) {
+        self.end_phase(phase, StepStatus::Failed, now);
+        for p in self.phases.iter_mut().filter(|p| p.phase > phase) {
+            if p.status == StepStatus::Pending || p.status == StepStatus::Running {
+                p.status = StepStatus::Skipped;
+            }
+        }
+    }
+
+    /// The running phase, if any.
+    pub fn running_phase(&self) -> Option<Phase> {
+        self.phases.iter().find(|p| p.status == StepStatus::Running).map(|p| p.phase)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.outcome, Some(o) if o != Outcome::Unresolved)
+    }
+}
+
+// ---- protobuf conversions -------------------------------------------------
+
+pub fn mode_to_proto(mode: Mode) -> proto::Mode {
+    match mode {
+        Mode::Fast => proto::Mode::Fast,
+        Mode::Safe => proto::Mode::Safe,
+    }
+}
+
+pub fn mode_from_proto(mode: i32) -> Option<Mode> {
+    match proto::Mode::try_from(mode).ok()? {
+        proto::Mode::Fast => Some(Mode::Fast),
+        proto::Mode::Safe => Some(Mode::Safe),
+        proto::Mode::Unspecified => None,
+    }
+}
+
+pub fn status_to_proto(s: StepStatus) -> proto::StepStatus {
+    match s {
+        StepStatus::Pending => proto::StepStatus::Pending,
+        StepStatus::Running => proto::StepStatus::Running,
+        StepStatus::Ok => proto::StepStatus::Ok,
+        StepStatus::Failed => proto::StepStatus::Failed,
+        StepStatus::Skipped => proto::StepStatus::Skipped,
+    }
+}
+
+pub fn status_from_proto(s: i32) -> StepStatus {
+    match proto::StepStatus::try_from(s).unwrap_or(proto::StepStatus::Pending) {
+        proto::StepStatus::Pending => StepStatus::Pending,
+        proto::StepStatus::Running => StepStatus::Running,
+        proto::StepStatus::Ok => StepStatus::Ok,
+        proto::StepStatus::Failed => StepStatus::Failed,
+        proto::StepStatus::Skipped => StepStatus::Skipped,
+    }
+}
+
+fn outcome_to_proto(o: Option<Outcome>) -> proto::Outcome {
+    match o {
+        None => proto::Outcome::None,
+        Some(Outcome::Succeeded) => proto::Outcome::Succeeded,
+        Some(Outcome::Degraded) => proto::Outcome::Degraded,
+        Some(Outcome::Failed) => proto::Outcome::Failed,
+        Some(Outcome::Aborted) => proto::Outcome::Aborted,
+        Some(Outcome::Unresolved) => proto::Outcome::Unresolved,
+    }
+}
+
+fn outcome_from_proto(o: i32) -> Option<Outcome> {
+    match proto::Outcome::try_from(o).unwrap_or(proto::Outcome::None) {
+        proto::Outcome::None => None,
+        proto::Outcome::Succeeded => Some(Outcome::Succeeded),
+        proto::Outcome::Degraded => Some(Outcome::Degraded),
+        proto::Outcome::Failed => Some(Outcome::Failed),
+        proto::Outcome::Aborted => Some(Outcome::Aborted),
+        proto::Outcome::Unresolved => Some(Outcome::Unresolved),
+    }
+}
+
+fn phase_from_proto(p: i32) -> Phase {
+    match proto::Phase::try_from(p).unwrap_or(proto::Phase::Begin) {
+        proto::Phase::Begin => Phase::Begin,
+        proto::Phase::Prepare => Phase::Prepare,
+        proto::Phase::Perform => Phase::Perform,
+        proto::Phase::Finish => Phase::Finish,
+        proto::Phase::Confirm => Phase::Confirm,
+    }
+}
+
+pub fn stats_to_proto(s: &TransferStats) -> proto::TransferStats {
+    proto::TransferStats {
+        bytes_total: s.bytes_total,
+        bytes_transferred: s.bytes_transferred,
+        bytes_remaining: s.bytes_remaining,
+        rate_bytes_s: s.rate_bytes_s,
+        dirty_rate_bytes_s: s.dirty_rate_bytes_s,
+        iteration: s.iteration,
+        expected_downtime_ms: s.expected_downtime_ms,
+        elapsed_ms: s.elapsed_ms,
+    }
+}
+
+pub fn stats_from_proto(s: &proto::TransferStats) -> TransferStats {
+    TransferStats {
+        bytes_total: s.bytes_total,
+        bytes_transferred: s.bytes_transferred,
+        bytes_remaining: s.bytes_remaining,
+        rate_bytes_s: s.rate_bytes_s,
+        dirty_rate_bytes_s: s.dirty_rate_bytes_s,
+        iteration: s.iteration,
+        expected_downtime_ms: s.expected_downtime_ms,
+        elapsed_ms: s.elapsed_ms,
+    }
+}
+
+impl From<&MigrationRecord> for proto::MigrationRecord {
+    fn from(r: &MigrationRecord) -> Self {
+        proto::MigrationRecord {
+            id: r.id.clone(),
+            vm: r.vm.clone(),
+            source: r.source.clone(),
+            destination: r.destination.clone(),
+            mode: mode_to_proto(r.mode) as i32,
+            attempt: r.attempt,
+            outcome: outcome_to_proto(r.outcome) as i32,
+            running_on: r.running_on.clone(),
+            error: r.error.clone().unwrap_or_default(),
+            phases: r
+                .phases
+                .iter()
+                .map(|p| proto::PhaseRecord {
+                    phase: p.phase as i32,
+                    status: status_to_proto(p.status) as i32,
+                    duration_ms: p.duration_ms,
+                })
+                .collect(),
+            features: r
+                .features
+                .iter()
+                .map(|f| proto::FeatureRecord {
+                    name: f.name.clone(),
+                    required: f.required,
+                    prepare: status_to_proto(f.prepare) as i32,
+                    finish: status_to_proto(f.finish) as i32,
+                    rollback: status_to_proto(f.rollback) as i32,
+                    release: status_to_proto(f.release) as i32,
+                    error: f.error.clone().unwrap_or_default(),
+                    detail: String::new(),
+                })
+                .collect(),
+            transfer: r.transfer.as_ref().map(stats_to_proto),
+            attempt_id: r.attempt_id.clone(),
+            started_at_ms: r.started_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            committed: r.committed,
+        }
+    }
+}
+
+impl From<&proto::MigrationRecord> for MigrationRecord {
+    fn from(r: &proto::MigrationRecord) -> Self {
+        let mut phases: Vec<PhaseRecord> = Phase::ALL
+            .iter()
+            .map(|&phase| PhaseRecord { phase, status: StepStatus::Pending, duration_ms: 0, started_at: None })
+            .collect();
+        for p in &r.phases {
+            let phase = phase_from_proto(p.phase);
+            phases[phase as usize].status = status_from_proto(p.status);
+            phases[phase as usize].duration_ms = p.duration_ms;
+        }
+        MigrationRecord {
+            id: r.id.clone(),
+            vm: r.vm.clone(),
+            source: r.source.clone(),
+            destination: r.destination.clone(),
+            mode: mode_from_proto(r.mode).unwrap_or(Mode::Safe),
+            attempt: r.attempt,
+            attempt_id: r.attempt_id.clone(),
+            outcome: outcome_from_proto(r.outcome),
+            running_on: r.running_on.clone(),
+            error: (!r.error.is_empty()).then(|| r.error.clone()),
+            committed: r.committed,
+            phases,
+            features: r
+                .features
+                .iter()
+                .map(|f| FeatureRecord {
+                    name: f.name.clone(),
+                    required: f.required,
+                    prepare: status_from_proto(f.prepare),
+                    finish: status_from_proto(f.finish),
+                    rollback: status_from_proto(f.rollback),
+                    release: status_from_proto(f.release),
+                    error: (!f.error.is_empty()).then(|| f.error.clone()),
+                })
+                .collect(),
+            transfer: r.transfer.as_ref().map(stats_from_proto),
+            started_at_ms: r.started_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
