@@ -1,1 +1,200 @@
-//! (being written)
+//! Cookies C1–C4: building them, decoding them, and the checks a receiver
+//! makes before acting on one (protocol version, mandatory features).
+
+use prost::Message;
+
+use super::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
+use crate::proto;
+use crate::protocol::record::{mode_from_proto, status_from_proto, status_to_proto};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CookieError {
+    #[error("malformed {cookie}: {reason}")]
+    Malformed { cookie: &'static str, reason: String },
+    #[error("protocol version {theirs} is not compatible with this agent's version {ours}")]
+    IncompatibleVersion { theirs: u32, ours: u32 },
+    #[error("mandatory feature {0:?} is not known on this host")]
+    UnknownMandatoryFeature(String),
+}
+
+/// Decode a cookie and check its protocol version.
+pub fn decode<T: Message + Default + Versioned>(cookie: &'static str, bytes: &[u8]) -> Result<T, CookieError> {
+    let message = T::decode(bytes).map_err(|e| CookieError::Malformed { cookie, reason: e.to_string() })?;
+    let theirs = message.protocol_version();
+    if theirs != PROTOCOL_VERSION {
+        return Err(CookieError::IncompatibleVersion { theirs, ours: PROTOCOL_VERSION });
+    }
+    Ok(message)
+}
+
+pub trait Versioned {
+    fn protocol_version(&self) -> u32;
+}
+
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn protocol_version(&self) -> u32 {
+                self.protocol_version
+            }
+        }
+    )*};
+}
+versioned!(proto::Cookie1, proto::Cookie2, proto::Cookie3, proto::Cookie4);
+
+/// What a destination needs from C1, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub attempt_id: String,
+    pub migration_id: String,
+    pub source: String,
+    pub vm: VmSpec,
+    pub mode: Mode,
+}
+
+/// Check a decoded C1: a VM spec is present and sane, the mode is set, and
+/// every mandatory feature is one `knows` accepts.
+pub fn check_cookie1(c1: &proto::Cookie1, knows: impl Fn(&str) -> bool) -> Result<Incoming, CookieError> {
+    let malformed = |reason: &str| CookieError::Malformed { cookie: "C1", reason: reason.to_string() };
+    let vm = c1.vm.as_ref().ok_or_else(|| malformed("no VM spec"))?;
+    if vm.name.is_empty() {
+        return Err(malformed("the VM spec has no name"));
+    }
+    if c1.attempt_id.is_empty() || c1.migration_id.is_empty() {
+        return Err(malformed("no attempt or migration id"));
+    }
+    let mode = mode_from_proto(c1.mode).ok_or_else(|| malformed("no mode"))?;
+    if let Some(unknown) = c1.mandatory_features.iter().find(|f| !knows(f)) {
+        return Err(CookieError::UnknownMandatoryFeature(unknown.clone()));
+    }
+    Ok(Incoming {
+        attempt_id: c1.attempt_id.clone(),
+        migration_id: c1.migration_id.clone(),
+        source: c1.source.clone(),
+        vm: vm_from_proto(vm),
+        mode,
+    })
+}
+
+/// C1 for an attempt. Required features are mandatory: a destination that
+/// does not know one could never honour "this VM must not run without it".
+pub fn cookie1(attempt_id: &str, migration_id: &str, source: &str, vm: &VmSpec, mode: Mode) -> proto::Cookie1 {
+    proto::Cookie1 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: attempt_id.to_string(),
+        migration_id: migration_id.to_string(),
+        source: source.to_string(),
+        vm: Some(vm_to_proto(vm)),
+        mode: crate::protocol::record::mode_to_proto(mode) as i32,
+        mandatory_features: vm.features.iter().filter(|f| f.required).map(|f| f.name.clone()).collect(),
+    }
+}
+
+pub fn vm_to_proto(vm: &VmSpec) -> proto::VmSpec {
+    proto::VmSpec {
+        name: vm.name.clone(),
+        memory_mib: vm.memory_mib,
+        vcpus: vm.vcpus,
+        dirty_rate_mib_s: vm.dirty_rate_mib_s,
+        features: vm
+            .features
+            .iter()
+            .map(|f| proto::FeatureRef { name: f.name.clone(), driver: f.driver().to_string(), required: f.required })
+            .collect(),
+    }
+}
+
+pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
+    VmSpec {
+        name: vm.name.clone(),
+        memory_mib: vm.memory_mib,
+        vcpus: vm.vcpus,
+        dirty_rate_mib_s: vm.dirty_rate_mib_s,
+        features: vm
+            .features
+            .iter()
+            .map(|f| FeatureSpec { name: f.name.clone(), driver: f.driver.clone(), required: f.required })
+            .collect(),
+    }
+}
+
+/// One stage result for a cookie.
+pub fn stage_result(feature: &str, status: StepStatus, detail: &str) -> proto::StageResult {
+    proto::StageResult {
+        feature: feature.to_string(),
+        status: status_to_proto(status) as i32,
+        detail: detail.to_string(),
+    }
+}
+
+/// A stage result from a cookie: status and detail.
+pub fn read_stage_result(r: &proto::StageResult) -> (StepStatus, &str) {
+    (status_from_proto(r.status), r.detail.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web-01".into(),
+            memory_mib: 2048,
+            vcpus: 2,
+            dirty_rate_mib_s: 50,
+            features: vec![
+                FeatureSpec { name: "port-profile".into(), driver: String::new(), required: true },
+                FeatureSpec { name: "hook".into(), driver: "exec".into(), required: false },
+            ],
+        }
+    }
+
+    #[test]
+    fn cookie1_round_trips_through_bytes() {
+        let c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        let decoded: proto::Cookie1 = decode("C1", &c1.encode_to_vec()).unwrap();
+        let incoming = check_cookie1(&decoded, |_| true).unwrap();
+        assert_eq!(incoming.vm.name, "web-01");
+        assert_eq!(incoming.mode, Mode::Safe);
+        assert_eq!(incoming.vm.features[0].driver, "port-profile");
+        assert_eq!(decoded.mandatory_features, vec!["port-profile".to_string()]);
+    }
+
+    #[test]
+    fn unknown_mandatory_feature_is_rejected_by_name() {
+        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        c1.mandatory_features.push("vtpm".into());
+        let err = check_cookie1(&c1, |f| f == "port-profile").unwrap_err();
+        assert_eq!(err, CookieError::UnknownMandatoryFeature("vtpm".into()));
+        assert!(err.to_string().contains("\"vtpm\""));
+    }
+
+    #[test]
+    fn non_required_features_are_not_mandatory() {
+        let c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Fast);
+        assert!(check_cookie1(&c1, |f| f == "port-profile").is_ok());
+    }
+
+    #[test]
+    fn incompatible_version_is_rejected() {
+        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        c1.protocol_version = PROTOCOL_VERSION + 1;
+        let err = decode::<proto::Cookie1>("C1", &c1.encode_to_vec()).unwrap_err();
+        assert_eq!(err, CookieError::IncompatibleVersion { theirs: PROTOCOL_VERSION + 1, ours: PROTOCOL_VERSION });
+    }
+
+    #[test]
+    fn garbage_bytes_are_malformed() {
+        let err = decode::<proto::Cookie1>("C1", &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(matches!(err, CookieError::Malformed { cookie: "C1", .. }));
+    }
+
+    #[test]
+    fn cookie_without_vm_or_mode_is_malformed() {
+        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        c1.mode = 0;
+        assert!(matches!(check_cookie1(&c1, |_| true), Err(CookieError::Malformed { .. })));
+        c1.vm = None;
+        assert!(matches!(check_cookie1(&c1, |_| true), Err(CookieError::Malformed { .. })));
+    }
+}

@@ -1,1 +1,491 @@
-//! (being written)
+//! The destination side of one attempt: Prepare and Finish, and the
+//! rollback that undoes them.
+//!
+//! ```text
+//!  C1 ──► Starting ──► Preparing ──► Prepared ──C3──► Finishing ──► Committed
+//!            │            │             │                 │
+//!            └────────────┴─── abort, ──┴── blocking ─────┘
+//!                              peer lost,   failure
+//!                                   ▼
+//!                              RollingBack ──► RolledBack
+//! ```
+//!
+//! The destination journals `Committed` before it resumes the guest; from then
+//! on it answers Resolve with "committed". Once Finish has arrived it carries
+//! it through to a decision whether or not the source is still there.
+
+use serde::{Deserialize, Serialize};
+
+use super::cookies::{Incoming, stage_result};
+use super::policy::{is_blocking, rollback_set};
+use super::record::{FeatureRecord, stats_from_proto};
+use super::recovery::{DestinationRecovery, destination_recovery};
+use super::{Millis, Mode, PROTOCOL_VERSION, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec};
+use crate::proto;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DestinationState {
+    /// The incoming guest is being started paused.
+    Starting,
+    /// Running feature `next`'s prepare stage.
+    Preparing { next: usize },
+    /// C2 sent; waiting for Finish.
+    Prepared,
+    /// Finish arrived: waiting for the transfer, then feature `next`'s finish.
+    Finishing { next: usize },
+    Committed,
+    /// Undoing the features in `queue` (front first), after killing the guest.
+    RollingBack { queue: Vec<usize> },
+    RolledBack,
+}
+
+/// Which RPC is waiting for this attempt's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Waiter {
+    Prepare,
+    Finish,
+    Nobody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DestinationInput {
+    IncomingStarted(Result<String, String>),
+    IncomingCompleted(Result<(), String>),
+    StageDone { feature: usize, stage: Stage, result: StageOutcome },
+    Finish(proto::Cookie3),
+    Heartbeat,
+    Timer,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DestinationAction {
+    Journal(Box<DestinationAttempt>),
+    StartIncoming,
+    /// Wait for the transfer C3 describes to have arrived.
+    CompleteIncoming(TransferStats),
+    RunStage { feature: usize, stage: Stage },
+    ResumeGuest,
+    KillGuest,
+    /// A rollback failed: the feature's state stays here until a retry works.
+    RecordPending { feature: usize, stage: Stage, error: String },
+    ReplyPrepare(proto::Cookie2),
+    ReplyFinish(proto::Cookie4),
+    /// We aborted on our own (source lost, agent stopping): tell the source.
+    NotifySource { reason: String },
+    Finished { committed: bool },
+}
+
+/// Why Prepare was refused before anything was started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareRefusal {
+    #[error("{0}")]
+    NoCapacity(String),
+    #[error("{0}")]
+    AlreadyHere(String),
+}
+
+/// Free capacity on the destination when C1 arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeCapacity {
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestinationAttempt {
+    pub attempt_id: String,
+    pub migration_id: String,
+    pub host: String,
+    pub source: String,
+    pub vm: VmSpec,
+    pub mode: Mode,
+    pub state: DestinationState,
+    pub features: Vec<FeatureRecord>,
+    pub incoming_address: String,
+    pub error: Option<String>,
+    pub waiter: Waiter,
+    timing: Timing,
+    last_source_contact: Millis,
+    /// An abort that arrived while a stage was in flight.
+    abort_requested: Option<String>,
+    /// Whether the source must be told when the rollback ends.
+    notify_source: bool,
+}
+
+impl DestinationAttempt {
+    /// Prepare: check capacity, then start the incoming guest paused.
+    /// `incoming` was already decoded and checked ([`super::cookies::check_cookie1`]).
+    pub fn prepare(
+        incoming: Incoming,
+        host: &str,
+        free: FreeCapacity,
+        already_here: bool,
+        timing: Timing,
+        now: Millis,
+    ) -> Result<(DestinationAttempt, Vec<DestinationAction>), PrepareRefusal> {
+        let vm = incoming.vm;
+        if already_here {
+            return Err(PrepareRefusal::AlreadyHere(format!("a guest named {} already exists on {host}", vm.name)));
+        }
+        if vm.memory_mib > free.memory_mib || vm.vcpus > free.vcpus {
+            return Err(PrepareRefusal::NoCapacity(format!(
+                "{host} has {} MiB and {} vCPUs free; {} needs {} MiB and {} vCPUs",
+                free.memory_mib, free.vcpus, vm.name, vm.memory_mib, vm.vcpus
+            )));
+        }
+        let attempt = DestinationAttempt {
+            attempt_id: incoming.attempt_id,
+            migration_id: incoming.migration_id,
+            host: host.to_string(),
+            source: incoming.source,
+            features: vm.features.iter().map(|f| FeatureRecord::new(&f.name, f.required)).collect(),
+            vm,
+            mode: incoming.mode,
+            state: DestinationState::Starting,
+            incoming_address: String::new(),
+            error: None,
+            waiter: Waiter::Prepare,
+            timing,
+            last_source_contact: now,
+            abort_requested: None,
+            notify_source: false,
+        };
+        let actions = vec![attempt.journal(), DestinationAction::StartIncoming];
+        Ok((attempt, actions))
+    }
+
+    fn journal(&self) -> DestinationAction {
+        DestinationAction::Journal(Box::new(self.clone()))
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.state == DestinationState::Committed
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, DestinationState::Committed | DestinationState::RolledBack)
+    }
+
+    /// A stage is in flight and its result must be awaited before rolling back.
+    fn stage_in_flight(&self) -> bool {
+        matches!(self.state, DestinationState::Starting | DestinationState::Preparing { .. })
+    }
+
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        match self.state {
+            DestinationState::Starting | DestinationState::Preparing { .. } | DestinationState::Prepared => {
+                Some(self.last_source_contact + self.timing.peer_timeout_ms)
+            }
+            _ => None,
+        }
+    }
+
+    /// Abort before Finish arrived. `Err` once Finish is being carried out or
+    /// has committed: the destination decides then, not the source.
+    pub fn abort(&mut self, now: Millis, reason: &str, notify_source: bool) -> Result<Vec<DestinationAction>, String> {
+        let _ = now;
+        match self.state {
+            DestinationState::Finishing { .. } => {
+                Err(format!("{} is carrying out Finish for attempt {}; it cannot be aborted now", self.host, self.attempt_id))
+            }
+            DestinationState::Committed => {
+                Err(format!("attempt {} has committed on {}: the guest runs here", self.attempt_id, self.host))
+            }
+            DestinationState::RollingBack { .. } | DestinationState::RolledBack => Ok(Vec::new()),
+            _ if self.stage_in_flight() => {
+                if self.abort_requested.is_none() {
+                    self.abort_requested = Some(reason.to_string());
+                    self.notify_source = notify_source;
+                    self.error = Some(format!("aborted: {reason}"));
+                    // Journal the decision: a Resolve or a restart must see it.
+                    return Ok(vec![self.journal()]);
+                }
+                Ok(Vec::new())
+            }
+            _ => {
+                self.notify_source = notify_source;
+                Ok(self.roll_back(format!("aborted: {reason}"), false))
+            }
+        }
+    }
+
+    /// Resolve: did this attempt commit? "Not committed" is only answered
+    /// after the decision never to commit is journaled (the returned actions
+    /// start with that journal write).
+    pub fn resolve(&mut self, now: Millis) -> (Option<bool>, Vec<DestinationAction>) {
+        match self.state {
+            DestinationState::Committed => (Some(true), Vec::new()),
+            DestinationState::Finishing { .. } => (None, Vec::new()),
+            DestinationState::RollingBack { .. } | DestinationState::RolledBack => (Some(false), Vec::new()),
+            _ => {
+                let actions = self.abort(now, "the source asked to resolve before Finish arrived", false).unwrap_or_default();
+                (Some(false), actions)
+            }
+        }
+    }
+
+    pub fn handle(&mut self, now: Millis, input: DestinationInput) -> Vec<DestinationAction> {
+        match input {
+            DestinationInput::IncomingStarted(result) => {
+                if self.state != DestinationState::Starting {
+                    return Vec::new();
+                }
+                match result {
+                    Ok(address) => {
+                        self.incoming_address = address;
+                        self.state = DestinationState::Preparing { next: 0 };
+                        if let Some(reason) = self.abort_requested.clone() {
+                            return self.roll_back(format!("aborted: {reason}"), false);
+                        }
+                        self.next_prepare()
+                    }
+                    Err(e) => {
+                        self.error = Some(format!("could not start the incoming guest on {}: {e}", self.host));
+                        self.state = DestinationState::RollingBack { queue: Vec::new() };
+                        self.roll_back_next()
+                    }
+                }
+            }
+            DestinationInput::StageDone { feature, stage, result } => self.on_stage_done(feature, stage, result),
+            DestinationInput::Finish(c3) => self.on_finish(now, c3),
+            DestinationInput::IncomingCompleted(result) => {
+                if self.state != (DestinationState::Finishing { next: 0 }) {
+                    return Vec::new();
+                }
+                match result {
+                    Ok(()) => self.next_finish(0),
+                    Err(e) => self.roll_back(format!("the transfer did not arrive on {}: {e}", self.host), true),
+                }
+            }
+            DestinationInput::Heartbeat => {
+                self.last_source_contact = now;
+                Vec::new()
+            }
+            DestinationInput::Timer => {
+                let Some(deadline) = self.poll_timeout() else { return Vec::new() };
+                if now < deadline || self.abort_requested.is_some() {
+                    return Vec::new();
+                }
+                let reason = format!("lost contact with source {}: no heartbeat for {} ms", self.source, now - self.last_source_contact);
+                self.abort(now, &reason, true).unwrap_or_default()
+            }
+        }
+    }
+
+    fn on_finish(&mut self, now: Millis, c3: proto::Cookie3) -> Vec<DestinationAction> {
+        self.last_source_contact = now;
+        match self.state {
+            DestinationState::Prepared => {}
+            // A repeated Finish gets the answer already given.
+            DestinationState::Committed | DestinationState::RolledBack => {
+                return vec![DestinationAction::ReplyFinish(self.cookie4())];
+            }
+            _ => return Vec::new(),
+        }
+        self.waiter = Waiter::Finish;
+        self.state = DestinationState::Finishing { next: 0 };
+        let mut actions = vec![self.journal()];
+        if c3.status != proto::TransferStatus::Completed as i32 {
+            actions.extend(self.roll_back(format!("the source reported the transfer did not complete (status {})", c3.status), true));
+            return actions;
+        }
+        let stats = c3.stats.as_ref().map(stats_from_proto).unwrap_or_default();
+        actions.push(DestinationAction::CompleteIncoming(stats));
+        actions
+    }
+
+    fn on_stage_done(&mut self, feature: usize, stage: Stage, result: StageOutcome) -> Vec<DestinationAction> {
+        let expected = match (&self.state, stage) {
+            (DestinationState::Preparing { next }, Stage::Prepare) => *next == feature,
+            (DestinationState::Finishing { next }, Stage::Finish) => *next == feature,
+            (DestinationState::RollingBack { queue }, Stage::Rollback) => queue.first() == Some(&feature),
+            _ => false,
+        };
+        if !expected {
+            return Vec::new();
+        }
+        let spec_required = self.vm.features[feature].required;
+        let name = self.vm.features[feature].name.clone();
+        self.features[feature].record(stage, &result);
+        match stage {
+            Stage::Prepare => {
+                if let Some(reason) = self.abort_requested.clone() {
+                    return self.roll_back(format!("aborted: {reason}"), false);
+                }
+                if let Err(detail) = &result
+                    && is_blocking(self.mode, spec_required)
+                {
+                    let error = format!("required feature {name} failed prepare on {}: {detail}", self.host);
+                    return self.roll_back(error, false);
+                }
+                self.state = DestinationState::Preparing { next: feature + 1 };
+                self.next_prepare()
+            }
+            Stage::Finish => {
+                if let Err(detail) = &result
+                    && is_blocking(self.mode, spec_required)
+                {
+                    let error = format!("required feature {name} failed finish on {}: {detail}", self.host);
+                    return self.roll_back(error, true);
+                }
+                self.next_finish(feature + 1)
+            }
+            Stage::Rollback => {
+                let mut actions = Vec::new();
+                if let Err(error) = result {
+                    actions.push(DestinationAction::RecordPending { feature, stage: Stage::Rollback, error });
+                }
+                if let DestinationState::RollingBack { queue } = &mut self.state {
+                    queue.remove(0);
+                }
+                actions.extend(self.roll_back_next());
+                actions
+            }
+            Stage::Release => Vec::new(),
+        }
+    }
+
+    fn next_prepare(&mut self) -> Vec<DestinationAction> {
+        let DestinationState::Preparing { next } = self.state else { return Vec::new() };
+        if next < self.features.len() {
+            self.features[next].prepare = StepStatus::Running;
+            return vec![self.journal(), DestinationAction::RunStage { feature: next, stage: Stage::Prepare }];
+        }
+        self.state = DestinationState::Prepared;
+        self.waiter = Waiter::Nobody;
+        vec![self.journal(), DestinationAction::ReplyPrepare(self.cookie2(true))]
+    }
+
+    fn next_finish(&mut self, from: usize) -> Vec<DestinationAction> {
+        // A feature whose prepare did not succeed has nothing to finish.
+        let mut next = from;
+        while next < self.features.len() && self.features[next].prepare != StepStatus::Ok {
+            self.features[next].finish = StepStatus::Skipped;
+            next += 1;
+        }
+        if next < self.features.len() {
+            self.features[next].finish = StepStatus::Running;
+            self.state = DestinationState::Finishing { next };
+            return vec![self.journal(), DestinationAction::RunStage { feature: next, stage: Stage::Finish }];
+        }
+        // The commit point: journal it, then start the guest's CPUs.
+        self.state = DestinationState::Committed;
+        self.waiter = Waiter::Nobody;
+        vec![
+            self.journal(),
+            DestinationAction::ResumeGuest,
+            DestinationAction::ReplyFinish(self.cookie4()),
+            DestinationAction::Finished { committed: true },
+        ]
+    }
+
+    /// Decide never to commit: journal it, kill the incoming guest, and undo
+    /// exactly the features whose stages succeeded, last first.
+    fn roll_back(&mut self, error: String, in_finish: bool) -> Vec<DestinationAction> {
+        let _ = in_finish;
+        if self.error.is_none() || !error.starts_with("aborted") {
+            self.error = Some(error);
+        }
+        for f in &mut self.features {
+            if f.finish == StepStatus::Pending {
+                f.finish = StepStatus::Skipped;
+            }
+            if f.prepare == StepStatus::Pending {
+                f.prepare = StepStatus::Skipped;
+            }
+        }
+        let queue = rollback_set(&self.features, false);
+        for &i in &queue {
+            self.features[i].rollback = StepStatus::Pending;
+        }
+        self.state = DestinationState::RollingBack { queue };
+        let mut actions = vec![self.journal(), DestinationAction::KillGuest];
+        actions.extend(self.roll_back_next());
+        actions
+    }
+
+    fn roll_back_next(&mut self) -> Vec<DestinationAction> {
+        let DestinationState::RollingBack { queue } = &self.state else { return Vec::new() };
+        if let Some(&feature) = queue.first() {
+            self.features[feature].rollback = StepStatus::Running;
+            return vec![DestinationAction::RunStage { feature, stage: Stage::Rollback }];
+        }
+        self.state = DestinationState::RolledBack;
+        let mut actions = vec![self.journal()];
+        match self.waiter {
+            Waiter::Prepare => actions.push(DestinationAction::ReplyPrepare(self.cookie2(false))),
+            Waiter::Finish => actions.push(DestinationAction::ReplyFinish(self.cookie4())),
+            Waiter::Nobody => {}
+        }
+        self.waiter = Waiter::Nobody;
+        if self.notify_source {
+            let reason = self.error.clone().unwrap_or_else(|| "aborted".into());
+            actions.push(DestinationAction::NotifySource { reason });
+        }
+        actions.push(DestinationAction::Finished { committed: false });
+        actions
+    }
+
+    fn results(&self, stage: Stage) -> Vec<proto::StageResult> {
+        self.features
+            .iter()
+            .filter(|f| f.stage(stage) != StepStatus::Pending)
+            .map(|f| stage_result(&f.name, f.stage(stage), f.error.as_deref().unwrap_or("")))
+            .collect()
+    }
+
+    pub fn cookie2(&self, accepted: bool) -> proto::Cookie2 {
+        proto::Cookie2 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: self.attempt_id.clone(),
+            incoming_address: self.incoming_address.clone(),
+            prepare: self.results(Stage::Prepare),
+            accepted,
+            error: if accepted { String::new() } else { self.error.clone().unwrap_or_default() },
+            rollback: self.results(Stage::Rollback),
+        }
+    }
+
+    pub fn cookie4(&self) -> proto::Cookie4 {
+        let committed = self.state == DestinationState::Committed;
+        proto::Cookie4 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: self.attempt_id.clone(),
+            committed,
+            finish: self.results(Stage::Finish),
+            rollback: self.results(Stage::Rollback),
+            error: if committed { String::new() } else { self.error.clone().unwrap_or_default() },
+        }
+    }
+
+    /// Carry out the recovery table after an agent restart.
+    pub fn recover(&mut self, now: Millis) -> Vec<DestinationAction> {
+        self.last_source_contact = now;
+        self.waiter = Waiter::Nobody;
+        match destination_recovery(&self.state) {
+            DestinationRecovery::KillAndRollBack => {
+                // A stage that was running when the agent died may have taken
+                // effect: undo it too (stages are idempotent).
+                for f in &mut self.features {
+                    if f.prepare == StepStatus::Running {
+                        f.prepare = StepStatus::Ok;
+                    }
+                    if f.finish == StepStatus::Running {
+                        f.finish = StepStatus::Ok;
+                    }
+                }
+                self.notify_source = true;
+                self.roll_back(format!("{} restarted before the commit point", self.host), false)
+            }
+            DestinationRecovery::ContinueRollback => {
+                let queue = rollback_set(&self.features, true);
+                self.state = DestinationState::RollingBack { queue };
+                let mut actions = vec![DestinationAction::KillGuest];
+                actions.extend(self.roll_back_next());
+                actions
+            }
+            DestinationRecovery::KeepRunning => vec![DestinationAction::ResumeGuest],
+            DestinationRecovery::Nothing => Vec::new(),
+        }
+    }
+}
