@@ -1,0 +1,346 @@
+//! What the Console and Peer services ask of the agent, with the checks an
+//! operator's request must pass. Errors say exactly what was wrong and change
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{Agent, destination, now_ms, source};
+use crate::hypervisor::GuestState;
+use crate::proto;
+use crate::protocol::cookies::{self, CookieError};
+use crate::protocol::destination::{DestinationAttempt, FreeCapacity, PrepareRefusal};
+use crate::protocol::record::MigrationRecord;
+use crate::protocol::source::{AttemptParams, SourceAttempt};
+use crate::protocol::{Mode, Outcome, RunOn};
+
+/// A request the agent turned down, by gRPC status kind.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(r: Refusal) -> tonic::Status {
+        match r {
+            Refusal::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Refusal::NotFound(m) => tonic::Status::not_found(m),
+            Refusal::AlreadyExists(m) => tonic::Status::already_exists(m),
+            Refusal::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Refusal::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            Refusal::Unavailable(m) => tonic::Status::unavailable(m),
+        }
+    }
+}
+
+fn new_migration_id() -> String {
+    format!("m-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+impl Agent {
+    /// Begin: validate the VM and the destination, lock the VM, snapshot its
+    /// spec and start the attempt.
+    pub async fn start_migration(
+        self: &Arc<Self>,
+        vm: &str,
+        destination: &str,
+        mode: Mode,
+        existing: Option<&MigrationRecord>,
+    ) -> Result<MigrationRecord, Refusal> {
+        if self.is_stopping() {
+            return Err(Refusal::Unavailable(format!("agent {} is shutting down", self.name)));
+        }
+        if vm.is_empty() {
+            return Err(Refusal::InvalidArgument("no VM named in the request".into()));
+        }
+        if self.inventory.host(destination).is_none() {
+            let hosts: Vec<&str> = self.inventory.host.iter().map(|h| h.name.as_str()).collect();
+            return Err(Refusal::NotFound(format!(
+                "no host named {destination:?} in the inventory (hosts: {})",
+                hosts.join(", ")
+            )));
+        }
+        if destination == self.name {
+            return Err(Refusal::InvalidArgument(format!("VM {vm} already runs on {destination}")));
+        }
+        let guest = self.hypervisor.guests().await.into_iter().find(|g| g.spec.name == vm);
+        let Some(guest) = guest else {
+            return Err(Refusal::NotFound(format!("no VM named {vm} on {}", self.name)));
+        };
+        if guest.state == GuestState::Incoming {
+            return Err(Refusal::FailedPrecondition(format!("VM {vm} is arriving on {}, not running here", self.name)));
+        }
+        let mut spec = guest.spec;
+        for feature in &mut spec.features {
+            if let Some(driver) = self.features.get(&feature.name) {
+                feature.driver = driver.driver().to_string();
+            }
+        }
+        let (migration_id, attempt, started_at_ms) = match existing {
+            Some(record) => (record.id.clone(), record.attempt + 1, record.started_at_ms),
+            None => (new_migration_id(), 1, now_ms()),
+        };
+        let now = now_ms();
+        let (attempt, actions) = {
+            // The lock check and the lock are one step: one attempt per VM.
+            let mut state = self.state();
+            if let Some(holder) = state.locks.get(vm) {
+                let phase = state
+                    .migrations
+                    .get(holder)
+                    .map(|r| format!("{:?}", r.current_phase()).to_lowercase())
+                    .unwrap_or_default();
+                return Err(Refusal::AlreadyExists(format!(
+                    "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
+                )));
+            }
+            let params = AttemptParams {
+                migration_id: migration_id.clone(),
+                attempt,
+                host: self.name.clone(),
+                destination: destination.to_string(),
+                vm: spec,
+                mode,
+                timing: self.timing,
+                started_at_ms,
+            };
+            let (attempt, actions) = SourceAttempt::begin(params, now);
+            state.locks.insert(vm.to_string(), migration_id.clone());
+            (attempt, actions)
+        };
+        let record = attempt.record.clone();
+        self.log(
+            "info",
+            &migration_id,
+            format!("{vm} {} -> {destination} ({:?}, attempt {})", self.name, mode, record.attempt).to_lowercase(),
+        );
+        source::start(self, attempt, actions);
+        Ok(record)
+    }
+
+    /// A new attempt of a migration that failed or was aborted.
+    pub async fn retry(
+        self: &Arc<Self>,
+        id: &str,
+        destination: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<MigrationRecord, Refusal> {
+        let record = self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+        match record.outcome {
+            Some(Outcome::Failed) | Some(Outcome::Aborted) => {}
+            Some(other) => {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} ended {}: only a failed or aborted migration can be retried",
+                    other.as_str()
+                )));
+            }
+            None => {
+                return Err(Refusal::FailedPrecondition(format!("migration {id} is still running")));
+            }
+        }
+        let destination = destination.unwrap_or(&record.destination).to_string();
+        let mode = mode.unwrap_or(record.mode);
+        self.start_migration(&record.vm, &destination, mode, Some(&record)).await
+    }
+
+    pub async fn abort(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        let handle = self.state().sources.get(id).cloned();
+        match handle {
+            Some(handle) => {
+                handle.abort("aborted by the operator").await.map_err(Refusal::FailedPrecondition)?;
+                handle.done().await;
+                self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
+            }
+            None => match self.migration(id) {
+                Some(record) => Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} has already ended ({}); nothing to abort",
+                    record.outcome.map(Outcome::as_str).unwrap_or("ending")
+                ))),
+                None => Err(Refusal::NotFound(format!("no migration {id} on {}", self.name))),
+            },
+        }
+    }
+
+    pub async fn force_resolve(&self, id: &str, run_on: RunOn) -> Result<MigrationRecord, Refusal> {
+        let handle = self.state().sources.get(id).cloned();
+        let Some(handle) = handle else {
+            return Err(match self.migration(id) {
+                Some(_) => Refusal::FailedPrecondition(format!("migration {id} is not unresolved")),
+                None => Refusal::NotFound(format!("no migration {id} on {}", self.name)),
+            });
+        };
+        handle.force(run_on).await.map_err(Refusal::FailedPrecondition)?;
+        handle.done().await;
+        self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
+    }
+
+    /// Wait until the migration's latest attempt has an outcome.
+    pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        let mut events = self.subscribe();
+        loop {
+            let record = self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+            if record.outcome.is_some() {
+                return Ok(record);
+            }
+            match events.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Err(Refusal::Unavailable(format!("agent {} is stopping", self.name)));
+                }
+            }
+        }
+    }
+
+    // ---- Peer side --------------------------------------------------------
+
+    /// Prepare: decode and check C1, then run the destination attempt until
+    /// it has prepared (or refused).
+    pub async fn prepare(self: &Arc<Self>, cookie1: &[u8]) -> Result<proto::Cookie2, Refusal> {
+        if self.is_stopping() {
+            return Err(Refusal::Unavailable(format!("agent {} is shutting down", self.name)));
+        }
+        let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
+        let incoming = cookies::check_cookie1(&c1, |f| self.features.knows(f)).map_err(cookie_refusal)?;
+        let guests = self.hypervisor.guests().await;
+        let capacity = self.hypervisor.capacity();
+        let free = FreeCapacity {
+            memory_mib: capacity.memory_mib.saturating_sub(guests.iter().map(|g| g.spec.memory_mib).sum()),
+            vcpus: capacity.vcpus.saturating_sub(guests.iter().map(|g| g.spec.vcpus).sum()),
+        };
+        let already_here = guests.iter().any(|g| g.spec.name == incoming.vm.name);
+        let (tx, rx) = oneshot::channel();
+        {
+            let state = self.state();
+            if state.tombstones.contains(&incoming.attempt_id) {
+                return Err(Refusal::FailedPrecondition(format!("attempt {} was aborted", incoming.attempt_id)));
+            }
+            if state.destinations.contains_key(&incoming.attempt_id) {
+                return Err(Refusal::AlreadyExists(format!("attempt {} is already here", incoming.attempt_id)));
+            }
+        }
+        let (attempt, actions) =
+            DestinationAttempt::prepare(incoming, &self.name, free, already_here, self.timing, now_ms()).map_err(
+                |r| match r {
+                    PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
+                    PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
+                },
+            )?;
+        destination::start(self, attempt, actions, Some(tx));
+        rx.await.map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
+    }
+
+    pub async fn finish(&self, cookie3: &[u8]) -> Result<proto::Cookie4, Refusal> {
+        let c3: proto::Cookie3 = cookies::decode("C3", cookie3).map_err(cookie_refusal)?;
+        let handle = self.state().destinations.get(&c3.attempt_id).cloned();
+        if let Some(handle) = handle
+            && let Some(c4) = handle.finish(c3.clone()).await
+        {
+            return Ok(c4);
+        }
+        // Already decided (or never here): answer from the journal.
+        let journaled = self.journal().destination_attempt(&c3.attempt_id).ok().flatten();
+        match journaled {
+            Some(attempt) => Ok(attempt.cookie4()),
+            None => Err(Refusal::NotFound(format!("no attempt {} on {}", c3.attempt_id, self.name))),
+        }
+    }
+
+    /// Either side telling this one that an attempt is over. On the
+    /// destination, the reply waits until the rollback is done (bounded), so
+    /// a stopping source knows its peer is clean before it exits.
+    pub async fn peer_abort(&self, attempt_id: &str, reason: &str) -> proto::PeerAbortReply {
+        let source = self.state().sources.values().find(|h| h.attempt_id == attempt_id).cloned();
+        if let Some(handle) = source {
+            handle.peer_aborted(reason);
+            return proto::PeerAbortReply { aborted: true, detail: String::new() };
+        }
+        let destination = self.state().destinations.get(attempt_id).cloned();
+        match destination {
+            Some(handle) => match handle.abort(reason, false).await {
+                Ok(()) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(self.timing.peer_timeout_ms * 2), handle.done())
+                        .await;
+                    proto::PeerAbortReply { aborted: true, detail: String::new() }
+                }
+                Err(detail) => proto::PeerAbortReply { aborted: false, detail },
+            },
+            None => {
+                let journaled = self.journal().destination_attempt(attempt_id).ok().flatten();
+                match journaled {
+                    Some(a) if a.is_committed() => proto::PeerAbortReply {
+                        aborted: false,
+                        detail: format!("attempt {attempt_id} has committed on {}", self.name),
+                    },
+                    Some(_) => proto::PeerAbortReply { aborted: true, detail: "already rolled back".into() },
+                    None => {
+                        // Prepare may still be on its way: make sure it is refused.
+                        self.state().tombstones.insert(attempt_id.to_string());
+                        proto::PeerAbortReply { aborted: true, detail: "not known here".into() }
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn resolve(&self, attempt_id: &str) -> proto::ResolveReply {
+        let handle = self.state().destinations.get(attempt_id).cloned();
+        let answer = match handle {
+            Some(handle) => handle.resolve().await,
+            None => None,
+        };
+        let (committed, c4) = match answer {
+            Some(answer) => answer,
+            None => match self.journal().destination_attempt(attempt_id).ok().flatten() {
+                Some(attempt) => (Some(attempt.is_committed()), attempt.cookie4()),
+                // Never journaled here, so never committed here.
+                None => {
+                    self.state().tombstones.insert(attempt_id.to_string());
+                    let c4 = proto::Cookie4 {
+                        protocol_version: crate::protocol::PROTOCOL_VERSION,
+                        attempt_id: attempt_id.to_string(),
+                        committed: false,
+                        error: format!("{} has no record of attempt {attempt_id}", self.name),
+                        ..Default::default()
+                    };
+                    (Some(false), c4)
+                }
+            },
+        };
+        let resolution = match committed {
+            Some(true) => proto::Resolution::Committed,
+            Some(false) => proto::Resolution::NotCommitted,
+            None => proto::Resolution::Pending,
+        };
+        proto::ResolveReply { resolution: resolution as i32, cookie4: prost::Message::encode_to_vec(&c4) }
+    }
+
+    pub fn heartbeat(&self, attempt_ids: &[String]) -> proto::HeartbeatReply {
+        let state = self.state();
+        let gone = attempt_ids
+            .iter()
+            .filter(|id| !state.destinations.get(*id).is_some_and(|h| h.heartbeat()))
+            .cloned()
+            .collect();
+        proto::HeartbeatReply { host: self.name.clone(), gone }
+    }
+}
+
+fn cookie_refusal(e: CookieError) -> Refusal {
+    match e {
+        CookieError::IncompatibleVersion { .. } => Refusal::FailedPrecondition(e.to_string()),
+        _ => Refusal::InvalidArgument(e.to_string()),
+    }
+}

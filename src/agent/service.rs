@@ -1,0 +1,231 @@
+//! The gRPC services, kept thin: decode and check the request, hand it to the
+//! agent, map the answer to a status an operator can act on.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use super::Agent;
+use super::rollbacks;
+use crate::features::Faults;
+use crate::proto::{self, console_server, peer_server};
+use crate::protocol::record::mode_from_proto;
+use crate::protocol::{RunOn, Stage};
+
+pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener, stop: oneshot::Receiver<()>) {
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(console_server::ConsoleServer::new(ConsoleService(agent.clone())))
+        .add_service(peer_server::PeerServer::new(PeerService(agent.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop.await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!("gRPC server of {}: {e}", agent.name);
+    }
+}
+
+struct PeerService(Arc<Agent>);
+
+#[tonic::async_trait]
+impl peer_server::Peer for PeerService {
+    async fn prepare(&self, request: Request<proto::PrepareRequest>) -> Result<Response<proto::PrepareReply>, Status> {
+        let c2 = self.0.prepare(&request.into_inner().cookie1).await?;
+        Ok(Response::new(proto::PrepareReply { cookie2: prost::Message::encode_to_vec(&c2) }))
+    }
+
+    async fn finish(&self, request: Request<proto::FinishRequest>) -> Result<Response<proto::FinishReply>, Status> {
+        let c4 = self.0.finish(&request.into_inner().cookie3).await?;
+        Ok(Response::new(proto::FinishReply { cookie4: prost::Message::encode_to_vec(&c4) }))
+    }
+
+    async fn abort(&self, request: Request<proto::PeerAbortRequest>) -> Result<Response<proto::PeerAbortReply>, Status> {
+        let request = request.into_inner();
+        tracing::warn!(attempt = %request.attempt_id, from = %request.from_host, "peer abort: {}", request.reason);
+        Ok(Response::new(self.0.peer_abort(&request.attempt_id, &request.reason).await))
+    }
+
+    async fn resolve(&self, request: Request<proto::ResolveRequest>) -> Result<Response<proto::ResolveReply>, Status> {
+        Ok(Response::new(self.0.resolve(&request.into_inner().attempt_id).await))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        Ok(Response::new(self.0.heartbeat(&request.into_inner().attempt_ids)))
+    }
+
+    async fn capacity(&self, _: Request<proto::CapacityRequest>) -> Result<Response<proto::CapacityReply>, Status> {
+        let host = self.0.host_info().await;
+        Ok(Response::new(proto::CapacityReply {
+            host: host.name,
+            memory_total_mib: host.memory_total_mib,
+            memory_used_mib: host.memory_used_mib,
+            vcpus_total: host.vcpus_total,
+            vcpus_used: host.vcpus_used,
+            features: host.features,
+        }))
+    }
+}
+
+struct ConsoleService(Arc<Agent>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+fn mode(value: i32) -> Result<Option<crate::protocol::Mode>, Status> {
+    if value == 0 {
+        return Ok(None);
+    }
+    mode_from_proto(value).map(Some).ok_or_else(|| Status::invalid_argument(format!("unknown mode {value}")))
+}
+
+#[tonic::async_trait]
+impl console_server::Console for ConsoleService {
+    type WatchStream = EventStream;
+
+    async fn watch(&self, _: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let agent = self.0.clone();
+        // Subscribe before taking the snapshot so no change falls in between.
+        let mut events = agent.subscribe();
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let snapshot = |agent: Arc<Agent>| async move {
+                proto::Event {
+                    host: agent.name.clone(),
+                    kind: Some(proto::event::Kind::Snapshot(proto::Snapshot {
+                        host: Some(agent.host_info().await),
+                        vms: agent.vms().await,
+                        migrations: agent.migrations().iter().map(Into::into).collect(),
+                    })),
+                }
+            };
+            if tx.send(Ok(snapshot(agent.clone()).await)).await.is_err() {
+                return;
+            }
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    // A slow watcher gets a fresh snapshot instead of a gap.
+                    Err(broadcast::error::RecvError::Lagged(_)) => snapshot(agent.clone()).await,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn start_migration(
+        &self,
+        request: Request<proto::StartMigrationRequest>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let request = request.into_inner();
+        let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
+        let record = self.0.start_migration(&request.vm, &request.destination, mode, None).await?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn wait_migration(
+        &self,
+        request: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let record = self.0.wait_migration(&request.into_inner().id).await?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn get_migration(
+        &self,
+        request: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let id = request.into_inner().id;
+        let record = self
+            .0
+            .migration(&id)
+            .ok_or_else(|| Status::not_found(format!("no migration {id} on {}", self.0.name)))?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn list_migrations(
+        &self,
+        _: Request<proto::ListMigrationsRequest>,
+    ) -> Result<Response<proto::ListMigrationsReply>, Status> {
+        let migrations = self.0.migrations().iter().map(Into::into).collect();
+        Ok(Response::new(proto::ListMigrationsReply { migrations }))
+    }
+
+    async fn abort(&self, request: Request<proto::MigrationRef>) -> Result<Response<proto::MigrationRecord>, Status> {
+        let record = self.0.abort(&request.into_inner().id).await?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn retry(&self, request: Request<proto::RetryRequest>) -> Result<Response<proto::MigrationRecord>, Status> {
+        let request = request.into_inner();
+        let destination = (!request.destination.is_empty()).then_some(request.destination.as_str());
+        let record = self.0.retry(&request.id, destination, mode(request.mode)?).await?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn rollback(&self, request: Request<proto::MigrationRef>) -> Result<Response<proto::RollbackReply>, Status> {
+        let (done, still) = rollbacks::run_for_migration(&self.0, &request.into_inner().id).await;
+        Ok(Response::new(proto::RollbackReply {
+            done: done.into_iter().map(rollbacks::to_proto).collect(),
+            still_pending: still.into_iter().map(rollbacks::to_proto).collect(),
+        }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<proto::ForceResolveRequest>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let request = request.into_inner();
+        let run_on = match proto::RunOn::try_from(request.run_on) {
+            Ok(proto::RunOn::Source) => RunOn::Source,
+            Ok(proto::RunOn::Destination) => RunOn::Destination,
+            _ => return Err(Status::invalid_argument("run_on must be source or destination")),
+        };
+        let record = self.0.force_resolve(&request.id, run_on).await?;
+        Ok(Response::new((&record).into()))
+    }
+
+    async fn evacuate(&self, _: Request<proto::EvacuateRequest>) -> Result<Response<proto::EvacuateReply>, Status> {
+        Err(Status::unimplemented("evacuations are not available in this build yet"))
+    }
+
+    async fn list_vms(&self, _: Request<proto::ListVmsRequest>) -> Result<Response<proto::ListVmsReply>, Status> {
+        Ok(Response::new(proto::ListVmsReply { vms: self.0.vms().await }))
+    }
+
+    async fn get_host(&self, _: Request<proto::GetHostRequest>) -> Result<Response<proto::Host>, Status> {
+        Ok(Response::new(self.0.host_info().await))
+    }
+
+    async fn set_faults(&self, request: Request<proto::SetFaultsRequest>) -> Result<Response<proto::Host>, Status> {
+        let settings = request
+            .into_inner()
+            .faults
+            .ok_or_else(|| Status::invalid_argument("no fault settings in the request"))?;
+        let fail = settings
+            .fail
+            .iter()
+            .map(|s| Stage::parse(s).ok_or_else(|| Status::invalid_argument(format!("unknown stage {s:?}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let faults = Faults {
+            fail,
+            fail_rate: settings.fail_rate,
+            latency_ms: settings.latency_ms,
+            fail_rollback: settings.fail_rollback,
+        };
+        self.0.features.set_faults(&settings.feature, faults).map_err(Status::invalid_argument)?;
+        let host = self.0.host_info().await;
+        self.0.emit(proto::event::Kind::HostChanged(host.clone()));
+        Ok(Response::new(host))
+    }
+}
