@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 use super::peers::with_deadline;
 use super::{Agent, now_ms};
@@ -74,7 +75,8 @@ pub fn start(
     let handle = Handle { tx: tx.clone(), done };
     agent.state().destinations.insert(attempt.attempt_id.clone(), handle.clone());
     let executor = Executor { agent: agent.clone(), tx, prepared, finished: Vec::new() };
-    tokio::spawn(executor.run(attempt, actions, rx, done_tx));
+    let span = tracing::info_span!("incoming", id = %attempt.attempt_id, vm = %attempt.vm.name);
+    tokio::spawn(executor.run(attempt, actions, rx, done_tx).instrument(span));
     handle
 }
 
@@ -98,8 +100,6 @@ impl Executor {
         mut rx: mpsc::UnboundedReceiver<Command>,
         done: watch::Sender<bool>,
     ) {
-        let span = tracing::info_span!("incoming", id = %attempt.attempt_id, vm = %attempt.vm.name);
-        let _enter = span.enter();
         loop {
             for action in std::mem::take(&mut actions) {
                 self.execute(&attempt, action).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::peers::{peer_error, with_deadline};
 use super::{Agent, now_ms};
@@ -78,7 +79,8 @@ pub fn start(agent: &Arc<Agent>, attempt: SourceAttempt, actions: Vec<SourceActi
         transfer: None,
         last_progress_event: 0,
     };
-    tokio::spawn(executor.run(attempt, actions, rx, done_tx));
+    let span = tracing::info_span!("attempt", id = %attempt.attempt_id, vm = %attempt.vm.name);
+    tokio::spawn(executor.run(attempt, actions, rx, done_tx).instrument(span));
     handle
 }
 
@@ -103,8 +105,6 @@ impl Executor {
         mut rx: mpsc::UnboundedReceiver<Command>,
         done: watch::Sender<bool>,
     ) {
-        let span = tracing::info_span!("attempt", id = %attempt.attempt_id, vm = %attempt.vm.name);
-        let _enter = span.enter();
         loop {
             for action in std::mem::take(&mut actions) {
                 self.execute(&attempt, action).await;

@@ -557,8 +557,9 @@ impl SourceAttempt {
             let (status, detail) = read_stage_result(result);
             if let Some(record) = self.record.feature_mut(&result.feature) {
                 record.set_stage(stage, status);
+                // The destination's detail already names the stage.
                 if status == StepStatus::Failed && record.error.is_none() {
-                    record.error = Some(format!("{stage}: {detail}"));
+                    record.error = Some(detail.to_string());
                 }
             }
         }
