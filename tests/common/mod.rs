@@ -1,0 +1,314 @@
+//! A cluster of real `tern agent` processes on loopback, driven through the
+//! `tern` command line the way an operator would.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// One host of a test cluster: its name and the TOML appended to its agent
+/// config (VMs, `[features.*]`, `[hypervisor]`).
+pub struct HostSpec {
+    pub name: &'static str,
+    pub config: String,
+}
+
+pub fn host(name: &'static str, config: impl Into<String>) -> HostSpec {
+    HostSpec { name, config: config.into() }
+}
+
+pub struct Host {
+    pub name: String,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub inventory: PathBuf,
+    pub hosts: Vec<Host>,
+}
+
+/// Settings every test agent shares: short heartbeats so lost peers are
+/// noticed in about a second.
+pub const TIMING: &str = "heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 600000\n";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    pub fn start(specs: Vec<HostSpec>) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = dir.path().join("cluster.toml");
+        let mut hosts = Vec::new();
+        let mut text = String::new();
+        for spec in &specs {
+            let port = free_port();
+            text.push_str(&format!("[[host]]\nname = \"{}\"\naddress = \"http://127.0.0.1:{port}\"\n\n", spec.name));
+            let config_path = dir.path().join(format!("{}.toml", spec.name));
+            let config = format!(
+                "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{TIMING}\n{}\n",
+                spec.config,
+                name = spec.name
+            );
+            std::fs::write(&config_path, config).unwrap();
+            hosts.push(Host {
+                name: spec.name.to_string(),
+                log_path: dir.path().join(format!("{}.log", spec.name)),
+                config_path,
+                port,
+                child: None,
+            });
+        }
+        std::fs::write(&inventory, text).unwrap();
+        let mut cluster = Cluster { dir, inventory, hosts };
+        for name in specs.iter().map(|s| s.name) {
+            cluster.start_agent(name);
+        }
+        cluster
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn host_mut(&mut self, name: &str) -> &mut Host {
+        self.hosts.iter_mut().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Start (or restart) a host's agent and wait until it accepts connections.
+    pub fn start_agent(&mut self, name: &str) {
+        let host = self.host_mut(name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log_path).unwrap();
+        let child = Command::new(TERN)
+            .args(["agent", "--config"])
+            .arg(&host.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        host.child = Some(child);
+        let port = host.port;
+        wait_until(Duration::from_secs(20), &format!("agent {name} to listen"), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Send a signal to a host's agent (`libc::SIGKILL`, `SIGINT`, `SIGSTOP`, …).
+    pub fn signal(&mut self, name: &str, signal: i32) {
+        let host = self.host_mut(name);
+        let child = host.child.as_ref().unwrap_or_else(|| panic!("agent {name} is not running"));
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+    }
+
+    /// SIGKILL a host's agent and reap it.
+    pub fn kill(&mut self, name: &str) {
+        self.signal(name, libc::SIGKILL);
+        let mut child = self.host_mut(name).child.take().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Wait for an agent to exit on its own (after SIGINT, say); returns its exit status.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> std::process::ExitStatus {
+        let host = self.host_mut(name);
+        let mut child = host.child.take().unwrap_or_else(|| panic!("agent {name} is not running"));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent {name} did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(&self.host(name).log_path).unwrap_or_default()
+    }
+
+    /// Run `tern ARGS` against this cluster's inventory.
+    pub fn tern(&self, args: &[&str]) -> Output {
+        Command::new(TERN)
+            .args(args)
+            .env("TERN_INVENTORY", &self.inventory)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Run `tern ARGS` (which must include `--json`): exit code and the last
+    /// JSON line of stdout.
+    pub fn tern_json(&self, args: &[&str]) -> (i32, Value) {
+        let out = self.tern(args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_else(|| {
+            panic!(
+                "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), serde_json::from_str(line).unwrap())
+    }
+
+    pub fn status(&self) -> Value {
+        self.tern_json(&["status", "--json"]).1
+    }
+
+    /// Start a migration without waiting; returns its id.
+    pub fn start_migration(&self, vm: &str, to: &str, mode: &str) -> String {
+        let (code, record) = self.tern_json(&["migrate", vm, "--to", to, "--mode", mode, "--no-wait", "--json"]);
+        assert_eq!(code, 0, "migrate --no-wait failed: {record}");
+        record["id"].as_str().unwrap().to_string()
+    }
+
+    pub fn migration(&self, id: &str) -> Value {
+        let status = self.status();
+        status["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("migration {id} not in status: {status}"))
+    }
+
+    /// Wait until the migration's running phase is `phase` (e.g. "perform").
+    pub fn wait_phase(&self, id: &str, phase: &str) {
+        wait_until(Duration::from_secs(20), &format!("migration {id} to reach {phase}"), || {
+            let m = self.migration(id);
+            m["phases"].as_array().unwrap().iter().any(|p| p["phase"] == phase && p["status"] == "running")
+        });
+    }
+
+    pub fn wait_outcome(&self, id: &str) -> Value {
+        let mut record = Value::Null;
+        wait_until(Duration::from_secs(30), &format!("migration {id} to end"), || {
+            record = self.migration(id);
+            !record["outcome"].is_null()
+        });
+        record
+    }
+
+    /// Hosts on which a VM's guest is running (not paused, not incoming).
+    pub fn running_on(&self, vm: &str) -> Vec<String> {
+        guests(&self.status(), vm, "running")
+    }
+
+    /// Every host that holds any guest (any state) of a VM.
+    pub fn guests_of(&self, vm: &str) -> Vec<(String, String)> {
+        let status = self.status();
+        status["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == vm)
+            .map(|v| (v["host"].as_str().unwrap().to_string(), v["state"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    /// Feature state a host holds for a VM (e.g. port-profile associations).
+    pub fn feature_state(&self, host: &str, vm: &str) -> Vec<Value> {
+        let status = self.status();
+        host_of(&status, host)["feature_state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["vm"] == vm)
+            .cloned()
+            .collect()
+    }
+
+    pub fn pending_rollbacks(&self, host: &str) -> Vec<Value> {
+        let status = self.status();
+        host_of(&status, host)["pending_rollbacks"].as_array().unwrap().clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for host in &mut self.hosts {
+            if let Some(mut child) = host.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn host_of<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in status"))
+}
+
+pub fn guests(status: &Value, vm: &str, state: &str) -> Vec<String> {
+    status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == vm && v["state"] == state)
+        .map(|v| v["host"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn feature<'a>(record: &'a Value, name: &str) -> &'a Value {
+    record["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no feature {name} in {record}"))
+}
+
+pub fn phase<'a>(record: &'a Value, name: &str) -> &'a Value {
+    record["phases"].as_array().unwrap().iter().find(|p| p["phase"] == name).unwrap()
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `[[vm]]` entry with a required port-profile.
+pub fn vm(name: &str, memory_mib: u64) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 2\ndirty_rate_mib_s = 10\nfeatures = [{{ name = \"port-profile\", required = true }}]\n\n"
+    )
+}
+
+/// `[hypervisor]` with a given link speed, so a transfer of N MiB lasts N/bw seconds.
+pub fn link(bandwidth_mib_s: u64) -> String {
+    format!("[hypervisor]\nkind = \"sim\"\nbandwidth_mib_s = {bandwidth_mib_s}\n\n")
+}
+
+/// `[features.port-profile]` on the simulated switch with extra settings.
+pub fn port_profile(extra: &str) -> String {
+    format!("[features.port-profile]\nswitch = \"sim\"\n{extra}\n\n")
+}
