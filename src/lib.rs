@@ -16,3 +16,4 @@ pub mod hypervisor;
 pub mod protocol;
 pub mod agent;
 pub mod demo;
+pub mod cli;

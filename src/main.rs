@@ -1,1 +1,497 @@
-fn main() {}
+//! `tern`: argument parsing and dispatch. The commands live in the library:
+//! `tern::agent`, `tern::demo`, and the client commands in `tern::cli`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tern::cli::{self, CliError, CliResult, Report, exit};
+use tern::config::AgentConfig;
+use tern::demo::DemoOptions;
+use tern::protocol::{Mode, RunOn};
+
+/// Live migration of QEMU guests between hosts.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about)]
+struct Cli {
+    /// The cluster inventory: every host and its agent's address.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "TERN_INVENTORY",
+        default_value = "cluster.toml"
+    )]
+    inventory: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a host agent.
+    Agent {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// An embedded cluster of simulated hosts.
+    Demo {
+        #[arg(long, default_value_t = 4)]
+        hosts: usize,
+        #[arg(long, default_value_t = 32)]
+        vms: usize,
+        /// No console: run the cluster only.
+        #[arg(long)]
+        headless: bool,
+    },
+    /// Start a migration and, by default, wait for its outcome.
+    Migrate {
+        vm: String,
+        /// The destination host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        #[arg(long, value_enum, default_value_t = ModeArg::Safe)]
+        mode: ModeArg,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Abort a migration before its commit point.
+    Abort { id: String },
+    /// Start a new attempt of a failed or aborted migration.
+    Retry {
+        id: String,
+        /// Another destination; the same host when omitted.
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
+        /// The same mode as the last attempt when omitted.
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Re-run a migration's pending rollbacks on every host now.
+    Rollback { id: String },
+    /// Force where an unresolved migration's guest runs. A wrong choice can run
+    /// the guest on two hosts at once.
+    Resolve {
+        id: String,
+        #[arg(long, value_enum)]
+        run_on: RunOnArg,
+        /// Do not ask for the VM name as confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Hosts, VMs and migrations.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every agent's events, one per line, until Ctrl-C.
+    Watch {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+struct ReportArgs {
+    /// Print the record as soon as the agent accepted, and exit 0.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the migration record as one JSON line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<ReportArgs> for Report {
+    fn from(args: ReportArgs) -> Self {
+        Report {
+            wait: !args.no_wait,
+            json: args.json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// Nothing a feature does can fail the migration.
+    Fast,
+    /// A required feature that fails on the destination fails the migration.
+    Safe,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Fast => Mode::Fast,
+            ModeArg::Safe => Mode::Safe,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RunOnArg {
+    Source,
+    Destination,
+}
+
+impl From<RunOnArg> for RunOn {
+    fn from(run_on: RunOnArg) -> Self {
+        match run_on {
+            RunOnArg::Source => RunOn::Source,
+            RunOnArg::Destination => RunOn::Destination,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits 2 on bad usage, which is "degraded" here.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCEEDED
+            });
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Demo {
+        hosts: 4,
+        vms: 32,
+        headless: true,
+    });
+    init_logging(matches!(
+        command,
+        Command::Agent { .. } | Command::Demo { .. }
+    ));
+    match run(&cli.inventory, command).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by RUST_LOG; daemons say more by default.
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+}
+
+async fn run(inventory: &Path, command: Command) -> CliResult {
+    match command {
+        Command::Agent { config } => {
+            let config = AgentConfig::load(&config).map_err(|e| CliError::usage(e.to_string()))?;
+            tern::agent::run(config).await.map_err(failed)?;
+            Ok(exit::SUCCEEDED)
+        }
+        Command::Demo {
+            hosts,
+            vms,
+            headless,
+        } => {
+            tern::demo::run(DemoOptions {
+                hosts,
+                vms,
+                headless,
+                traffic: true,
+            })
+            .await
+            .map_err(failed)?;
+            Ok(exit::SUCCEEDED)
+        }
+        Command::Migrate {
+            vm,
+            to,
+            mode,
+            report,
+        } => cli::migrate(inventory, &vm, &to, mode.into(), report.into()).await,
+        Command::Abort { id } => cli::abort(inventory, &id).await,
+        Command::Retry {
+            id,
+            to,
+            mode,
+            report,
+        } => {
+            cli::retry(
+                inventory,
+                &id,
+                to.as_deref(),
+                mode.map(Mode::from),
+                report.into(),
+            )
+            .await
+        }
+        Command::Rollback { id } => cli::rollback(inventory, &id).await,
+        Command::Resolve { id, run_on, yes } => {
+            cli::resolve(inventory, &id, run_on.into(), yes).await
+        }
+        Command::Status { json } => cli::status(inventory, json).await,
+        Command::Watch { json } => cli::watch(inventory, json).await,
+    }
+}
+
+fn failed(e: anyhow::Error) -> CliError {
+    CliError::new(exit::FAILED, format!("{e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("tern").chain(args.iter().copied()))
+            .expect("valid arguments")
+    }
+
+    fn parse_error(args: &[&str]) -> ErrorKind {
+        Cli::try_parse_from(std::iter::once("tern").chain(args.iter().copied()))
+            .expect_err("invalid arguments")
+            .kind()
+    }
+
+    #[test]
+    fn the_clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_parses_to_none_and_runs_the_headless_demo() {
+        assert!(parse(&[]).command.is_none());
+    }
+
+    #[test]
+    fn the_inventory_is_global_and_defaults_to_cluster_toml() {
+        // SAFETY-free: only read here; the env var is not set in tests.
+        if std::env::var_os("TERN_INVENTORY").is_none() {
+            assert_eq!(parse(&["status"]).inventory, PathBuf::from("cluster.toml"));
+        }
+        assert_eq!(
+            parse(&["status", "--inventory", "lab.toml"]).inventory,
+            PathBuf::from("lab.toml")
+        );
+        assert_eq!(
+            parse(&["--inventory", "lab.toml", "abort", "m-1"]).inventory,
+            PathBuf::from("lab.toml")
+        );
+    }
+
+    #[test]
+    fn agent_needs_a_config_file() {
+        assert!(matches!(parse(&["agent", "--config", "hv-a.toml"]).command,
+            Some(Command::Agent { config }) if config == Path::new("hv-a.toml")));
+        assert_eq!(parse_error(&["agent"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn demo_defaults_to_four_hosts_and_thirty_two_vms() {
+        assert!(matches!(
+            parse(&["demo"]).command,
+            Some(Command::Demo {
+                hosts: 4,
+                vms: 32,
+                headless: false
+            })
+        ));
+        assert!(matches!(
+            parse(&["demo", "--hosts", "2", "--vms", "5", "--headless"]).command,
+            Some(Command::Demo {
+                hosts: 2,
+                vms: 5,
+                headless: true
+            })
+        ));
+        assert_eq!(
+            parse_error(&["demo", "--hosts", "many"]),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn migrate_defaults_to_safe_mode_and_waiting_for_the_outcome() {
+        let Some(Command::Migrate {
+            vm,
+            to,
+            mode,
+            report,
+        }) = parse(&["migrate", "web-01", "--to", "hv-b"]).command
+        else {
+            panic!("not migrate");
+        };
+        assert_eq!(
+            (vm.as_str(), to.as_str(), mode),
+            ("web-01", "hv-b", ModeArg::Safe)
+        );
+        assert_eq!(
+            Report::from(report),
+            Report {
+                wait: true,
+                json: false
+            }
+        );
+    }
+
+    #[test]
+    fn migrate_accepts_fast_mode_no_wait_and_json() {
+        let Some(Command::Migrate { mode, report, .. }) = parse(&[
+            "migrate",
+            "web-01",
+            "--to",
+            "hv-b",
+            "--mode",
+            "fast",
+            "--no-wait",
+            "--json",
+        ])
+        .command
+        else {
+            panic!("not migrate");
+        };
+        assert_eq!(Mode::from(mode), Mode::Fast);
+        assert_eq!(
+            Report::from(report),
+            Report {
+                wait: false,
+                json: true
+            }
+        );
+    }
+
+    #[test]
+    fn migrate_without_a_destination_or_with_an_unknown_mode_is_bad_usage() {
+        assert_eq!(
+            parse_error(&["migrate", "web-01"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse_error(&["migrate", "web-01", "--to", "hv-b", "--mode", "turbo"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse_error(&["migrate", "--to", "hv-b"]),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn abort_and_rollback_take_a_migration_id() {
+        assert!(
+            matches!(parse(&["abort", "m-1"]).command, Some(Command::Abort { id }) if id == "m-1")
+        );
+        assert!(
+            matches!(parse(&["rollback", "m-1"]).command, Some(Command::Rollback { id }) if id == "m-1")
+        );
+        assert_eq!(parse_error(&["abort"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn retry_keeps_host_and_mode_unless_given() {
+        let Some(Command::Retry {
+            id,
+            to,
+            mode,
+            report,
+        }) = parse(&["retry", "m-1"]).command
+        else {
+            panic!("not retry");
+        };
+        assert_eq!((id.as_str(), to, mode), ("m-1", None, None));
+        assert_eq!(
+            Report::from(report),
+            Report {
+                wait: true,
+                json: false
+            }
+        );
+        let Some(Command::Retry {
+            to, mode, report, ..
+        }) = parse(&[
+            "retry",
+            "m-1",
+            "--to",
+            "hv-c",
+            "--mode",
+            "fast",
+            "--no-wait",
+            "--json",
+        ])
+        .command
+        else {
+            panic!("not retry");
+        };
+        assert_eq!((to.as_deref(), mode), (Some("hv-c"), Some(ModeArg::Fast)));
+        assert_eq!(
+            Report::from(report),
+            Report {
+                wait: false,
+                json: true
+            }
+        );
+    }
+
+    #[test]
+    fn resolve_requires_run_on_source_or_destination() {
+        assert!(matches!(
+            parse(&["resolve", "m-1", "--run-on", "destination", "--yes"]).command,
+            Some(Command::Resolve {
+                run_on: RunOnArg::Destination,
+                yes: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["resolve", "m-1", "--run-on", "source"]).command,
+            Some(Command::Resolve {
+                run_on: RunOnArg::Source,
+                yes: false,
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_error(&["resolve", "m-1"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse_error(&["resolve", "m-1", "--run-on", "both"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn status_and_watch_take_json() {
+        assert!(matches!(
+            parse(&["status"]).command,
+            Some(Command::Status { json: false })
+        ));
+        assert!(matches!(
+            parse(&["status", "--json"]).command,
+            Some(Command::Status { json: true })
+        ));
+        assert!(matches!(
+            parse(&["watch", "--json"]).command,
+            Some(Command::Watch { json: true })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_subcommand_or_flag_is_bad_usage() {
+        assert_eq!(parse_error(&["teleport"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(
+            parse_error(&["status", "--yaml"]),
+            ErrorKind::UnknownArgument
+        );
+    }
+}

@@ -16,6 +16,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::{FeatureSpec, Stage, StageOutcome};
 
+pub mod exec;
+pub mod faults;
+pub mod port_profile;
+pub mod registry;
+mod settings;
+
+pub use faults::FaultInjector;
+pub use registry::FeatureRegistry;
+
 /// Everything a driver knows about the stage it runs.
 #[derive(Debug, Clone)]
 pub struct StageContext {

@@ -1,1 +1,975 @@
-//! The simulated hypervisor (placeholder until written).
+//! The simulated hypervisor: Tern's embedded default for the demo and the
+//! tests. It owns the guests of one simulated host, their persisted state in
+//! `state_dir/sim-guests.json`, and a pre-copy transfer model that runs in
+//! simulated time.
+//!
+//! The guests are kept on disk so that they outlive an agent crash the way
+//! QEMU processes outlive their management daemon: a restarted agent finds
+//! its paused or incoming guests where it left them. One `SimHypervisor` owns
+//! a state directory at a time.
+//!
+//! # The transfer model
+//!
+//! Pre-copy as QEMU does it, on a link that is always saturated:
+//!
+//! - iteration 1 sends all memory; every later iteration sends what the guest
+//!   dirtied during the previous one (at most all of its memory);
+//! - an iteration whose bytes fit in the downtime limit at link speed is the
+//!   stop-and-copy: the guest is paused first, and its duration is the
+//!   downtime;
+//! - a guest that dirties memory as fast as the link carries it never
+//!   converges; its iteration [`MAX_ITERATIONS`] is a stop-and-copy whatever
+//!   its size, standing in for QEMU's auto-converge throttling. Its downtime
+//!   then exceeds the limit, as it would on a real host.
+//!
+//! Simulated time runs `speed` times faster than real time and advances in
+//! ticks of at most [`TICK`] of real time; progress is reported after every
+//! tick. In [`TransferStats`]:
+//!
+//! - `bytes_remaining` is what is still to send now: the rest of this
+//!   iteration plus what the guest dirtied during it so far (at most its
+//!   memory);
+//! - `bytes_total` is `bytes_transferred + bytes_remaining`: memory plus every
+//!   page dirtied since, so it grows while pages are re-sent;
+//! - `dirty_rate_bytes_s` is zero during the stop-and-copy, the guest being
+//!   paused;
+//! - `expected_downtime_ms` is `bytes_remaining` at link speed, except in the
+//!   final stats, where it is the downtime the stop-and-copy took;
+//! - `elapsed_ms` is simulated time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+
+use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
+use crate::config::HypervisorConfig;
+use crate::protocol::{TransferStats, VmSpec};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Name of the guest state file inside the state directory.
+pub const STATE_FILE: &str = "sim-guests.json";
+
+/// The iteration that is forced to be the stop-and-copy when a guest never
+/// converges.
+pub const MAX_ITERATIONS: u32 = 30;
+
+/// The longest real-time step of a transfer: bounds how stale progress gets.
+/// Cancellation does not wait for it.
+pub const TICK: Duration = Duration::from_millis(50);
+
+const ADDRESS_SCHEME: &str = "sim://";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimSettings {
+    pub bandwidth_mib_s: u64,
+    /// How many times faster than real time a transfer runs.
+    pub speed: f64,
+    pub downtime_limit_ms: u64,
+    pub capacity: HostCapacity,
+}
+
+impl SimSettings {
+    pub fn from_config(config: &HypervisorConfig) -> Self {
+        SimSettings {
+            bandwidth_mib_s: config.bandwidth_mib_s,
+            speed: config.speed,
+            downtime_limit_ms: config.downtime_limit_ms,
+            capacity: HostCapacity {
+                memory_mib: config.memory_mib,
+                vcpus: config.vcpus,
+            },
+        }
+    }
+}
+
+pub struct SimHypervisor {
+    settings: SimSettings,
+    /// `None` for an in-memory hypervisor.
+    state_file: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    guests: BTreeMap<String, Guest>,
+    /// The transfer running for each VM, to cancel it.
+    transfers: HashMap<String, Arc<TransferControl>>,
+}
+
+#[derive(Default)]
+struct TransferControl {
+    /// The truth; `wake` only cuts the current tick short.
+    cancelled: AtomicBool,
+    wake: Notify,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    guests: Vec<Guest>,
+}
+
+impl SimHypervisor {
+    /// Open the simulated host whose guests live in `state_dir`. The first
+    /// open creates the `seed` guests, running; later opens restore what the
+    /// state file holds and ignore `seed`, as a restarted agent finds the
+    /// QEMU processes it left behind.
+    pub fn open(
+        state_dir: &Path,
+        settings: SimSettings,
+        seed: &[VmSpec],
+    ) -> Result<Self, HypervisorError> {
+        let path = state_dir.join(STATE_FILE);
+        let guests = match std::fs::read(&path) {
+            Ok(bytes) => parse_state_file(&path, &bytes)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(state_dir).map_err(|e| {
+                    HypervisorError::Failed(format!(
+                        "cannot create state directory {}: {e}",
+                        state_dir.display()
+                    ))
+                })?;
+                let guests = seed_guests(seed)?;
+                // Written now so that the next open knows the seed was applied,
+                // even if nothing changes before then.
+                write_state_file(&path, &guests)?;
+                guests
+            }
+            Err(e) => {
+                return Err(HypervisorError::Failed(format!(
+                    "cannot read sim guest state {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        Ok(SimHypervisor::new(settings, Some(path), guests))
+    }
+
+    /// A simulated host that keeps nothing on disk, for unit tests and
+    /// benchmarks. The `seed` guests start running.
+    pub fn in_memory(settings: SimSettings, seed: &[VmSpec]) -> Result<Self, HypervisorError> {
+        Ok(SimHypervisor::new(settings, None, seed_guests(seed)?))
+    }
+
+    pub fn settings(&self) -> &SimSettings {
+        &self.settings
+    }
+
+    fn new(
+        settings: SimSettings,
+        state_file: Option<PathBuf>,
+        guests: BTreeMap<String, Guest>,
+    ) -> Self {
+        SimHypervisor {
+            settings,
+            state_file,
+            inner: Mutex::new(Inner {
+                guests,
+                transfers: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The guest map is replaced whole (see `change`), so a panic elsewhere
+        // cannot have left it half updated.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Apply `f` to a copy of the guests and, if it changed them, persist the
+    /// copy before it becomes the state: memory never runs ahead of the file,
+    /// and a failed write changes nothing. The lock is held across the write
+    /// so that the file sees changes in the order they happened.
+    fn change<R>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Guest>) -> Result<R, HypervisorError>,
+    ) -> Result<R, HypervisorError> {
+        let mut inner = self.lock();
+        let mut next = inner.guests.clone();
+        let result = f(&mut next)?;
+        if next != inner.guests {
+            if let Some(path) = &self.state_file {
+                write_state_file(path, &next)?;
+            }
+            inner.guests = next;
+        }
+        Ok(result)
+    }
+
+    fn set_state(
+        &self,
+        vm: &str,
+        decide: impl FnOnce(GuestState) -> Result<GuestState, HypervisorError>,
+    ) -> Result<(), HypervisorError> {
+        self.change(|guests| {
+            let guest = guests
+                .get_mut(vm)
+                .ok_or_else(|| HypervisorError::NoSuchGuest(vm.to_string()))?;
+            guest.state = decide(guest.state)?;
+            Ok(())
+        })
+    }
+
+    fn guest_exists(&self, vm: &str) -> bool {
+        self.lock().guests.contains_key(vm)
+    }
+
+    /// Sleep one tick of real time, or less if the transfer is cancelled.
+    async fn tick(
+        &self,
+        vm: &str,
+        control: &TransferControl,
+        real: Duration,
+    ) -> Result<(), HypervisorError> {
+        if !real.is_zero() {
+            tokio::select! {
+                biased;
+                () = control.wake.notified() => {}
+                () = tokio::time::sleep(real) => {}
+            }
+        }
+        if control.cancelled.load(Ordering::Acquire) {
+            return Err(HypervisorError::Cancelled(vm.to_string()));
+        }
+        Ok(())
+    }
+}
+
+fn seed_guests(seed: &[VmSpec]) -> Result<BTreeMap<String, Guest>, HypervisorError> {
+    let mut guests = BTreeMap::new();
+    for spec in seed {
+        let guest = Guest {
+            spec: spec.clone(),
+            state: GuestState::Running,
+        };
+        if guests.insert(spec.name.clone(), guest).is_some() {
+            return Err(HypervisorError::AlreadyExists(spec.name.clone()));
+        }
+    }
+    Ok(guests)
+}
+
+fn parse_state_file(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Guest>, HypervisorError> {
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| {
+        HypervisorError::Failed(format!("corrupt sim guest state {}: {e}", path.display()))
+    })?;
+    let mut guests = BTreeMap::new();
+    for guest in file.guests {
+        let name = guest.spec.name.clone();
+        if guests.insert(name.clone(), guest).is_some() {
+            return Err(HypervisorError::Failed(format!(
+                "corrupt sim guest state {}: guest {name} is listed twice",
+                path.display()
+            )));
+        }
+    }
+    Ok(guests)
+}
+
+/// Write to a temporary file and rename it over the old one, so that a crash
+/// mid-write leaves the previous state rather than a torn file. No fsync: the
+/// guests are meant to survive the agent process, and a host crash takes
+/// them down anyway.
+fn write_state_file(path: &Path, guests: &BTreeMap<String, Guest>) -> Result<(), HypervisorError> {
+    let file = StateFile {
+        guests: guests.values().cloned().collect(),
+    };
+    let failed = |e: &dyn std::fmt::Display| {
+        HypervisorError::Failed(format!(
+            "cannot save sim guest state to {}: {e}",
+            path.display()
+        ))
+    };
+    let bytes = serde_json::to_vec_pretty(&file).map_err(|e| failed(&e))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| failed(&e))?;
+    std::fs::rename(&tmp, path).map_err(|e| failed(&e))
+}
+
+fn state_word(state: GuestState) -> &'static str {
+    match state {
+        GuestState::Running => "running",
+        GuestState::Paused => "paused",
+        GuestState::Incoming => "incoming",
+    }
+}
+
+/// Removes the VM's transfer from the registry however `transfer_out` ends,
+/// cancellation and dropped futures included.
+struct TransferRegistration<'a> {
+    hypervisor: &'a SimHypervisor,
+    vm: &'a str,
+    control: Arc<TransferControl>,
+}
+
+impl Drop for TransferRegistration<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.hypervisor.lock();
+        if inner
+            .transfers
+            .get(self.vm)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.control))
+        {
+            inner.transfers.remove(self.vm);
+        }
+    }
+}
+
+/// Where a pre-copy transfer stands, in bytes; time is derived from bytes
+/// because the link is always saturated.
+struct PreCopy {
+    memory: u64,
+    dirty_rate: u64,
+    bandwidth: u64,
+    downtime_limit_bytes: u64,
+    iteration: u32,
+    /// Bytes this iteration sends.
+    iteration_bytes: u64,
+    sent_in_iteration: u64,
+    transferred: u64,
+    stop_and_copy: bool,
+}
+
+impl PreCopy {
+    fn new(spec: &VmSpec, settings: &SimSettings) -> Self {
+        let bandwidth = settings.bandwidth_mib_s.saturating_mul(MIB);
+        let memory = spec.memory_mib.saturating_mul(MIB);
+        PreCopy {
+            memory,
+            dirty_rate: spec.dirty_rate_mib_s.saturating_mul(MIB),
+            bandwidth,
+            downtime_limit_bytes: scale(bandwidth, settings.downtime_limit_ms, 1000),
+            iteration: 1,
+            iteration_bytes: memory,
+            sent_in_iteration: 0,
+            transferred: 0,
+            stop_and_copy: false,
+        }
+    }
+
+    fn should_stop_and_copy(&self) -> bool {
+        self.iteration_bytes <= self.downtime_limit_bytes || self.iteration >= MAX_ITERATIONS
+    }
+
+    fn left_in_iteration(&self) -> u64 {
+        self.iteration_bytes - self.sent_in_iteration
+    }
+
+    fn send(&mut self, bytes: u64) {
+        self.sent_in_iteration += bytes;
+        self.transferred += bytes;
+    }
+
+    fn next_iteration(&mut self) {
+        self.iteration_bytes = self.dirtied_in_iteration();
+        self.sent_in_iteration = 0;
+        self.iteration += 1;
+    }
+
+    /// What the guest dirtied while this iteration has been sending.
+    fn dirtied_in_iteration(&self) -> u64 {
+        if self.stop_and_copy {
+            return 0;
+        }
+        scale(self.dirty_rate, self.sent_in_iteration, self.bandwidth).min(self.memory)
+    }
+
+    fn remaining(&self) -> u64 {
+        self.left_in_iteration()
+            .saturating_add(self.dirtied_in_iteration())
+            .min(self.memory)
+    }
+
+    fn millis_at_link_speed(&self, bytes: u64) -> u64 {
+        scale_up(bytes, 1000, self.bandwidth)
+    }
+
+    fn stats(&self) -> TransferStats {
+        let remaining = self.remaining();
+        TransferStats {
+            bytes_total: self.transferred.saturating_add(remaining),
+            bytes_transferred: self.transferred,
+            bytes_remaining: remaining,
+            rate_bytes_s: self.bandwidth,
+            dirty_rate_bytes_s: if self.stop_and_copy {
+                0
+            } else {
+                self.dirty_rate
+            },
+            iteration: self.iteration,
+            expected_downtime_ms: self.millis_at_link_speed(remaining),
+            elapsed_ms: scale(self.transferred, 1000, self.bandwidth),
+        }
+    }
+}
+
+/// `value * mul / div` without overflow, rounded down; zero if `div` is zero.
+fn scale(value: u64, mul: u64, div: u64) -> u64 {
+    if div == 0 {
+        return 0;
+    }
+    u64::try_from(u128::from(value) * u128::from(mul) / u128::from(div)).unwrap_or(u64::MAX)
+}
+
+/// `value * mul / div` rounded up, so a non-zero downtime never shows as 0 ms.
+fn scale_up(value: u64, mul: u64, div: u64) -> u64 {
+    if div == 0 {
+        return 0;
+    }
+    u64::try_from((u128::from(value) * u128::from(mul)).div_ceil(u128::from(div)))
+        .unwrap_or(u64::MAX)
+}
+
+#[async_trait]
+impl Hypervisor for SimHypervisor {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn capacity(&self) -> HostCapacity {
+        self.settings.capacity
+    }
+
+    async fn guests(&self) -> Vec<Guest> {
+        self.lock().guests.values().cloned().collect()
+    }
+
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        attempt_id: &str,
+    ) -> Result<String, HypervisorError> {
+        self.change(|guests| {
+            if guests.contains_key(&spec.name) {
+                return Err(HypervisorError::AlreadyExists(spec.name.clone()));
+            }
+            let guest = Guest {
+                spec: spec.clone(),
+                state: GuestState::Incoming,
+            };
+            guests.insert(spec.name.clone(), guest);
+            Ok(())
+        })?;
+        Ok(format!("{ADDRESS_SCHEME}{attempt_id}/{}", spec.name))
+    }
+
+    async fn transfer_out(
+        &self,
+        vm: &str,
+        address: &str,
+        progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError> {
+        if !address.starts_with(ADDRESS_SCHEME) {
+            return Err(HypervisorError::Failed(format!(
+                "the sim hypervisor cannot transfer {vm} to {address}: not a {ADDRESS_SCHEME} address"
+            )));
+        }
+        let speed = self.settings.speed;
+        if !(speed.is_finite() && speed > 0.0) {
+            return Err(HypervisorError::Failed(format!(
+                "sim speed must be a positive number, not {speed}"
+            )));
+        }
+        let (spec, registration) = {
+            let mut inner = self.lock();
+            let guest = inner
+                .guests
+                .get(vm)
+                .ok_or_else(|| HypervisorError::NoSuchGuest(vm.to_string()))?;
+            if guest.state != GuestState::Running {
+                return Err(HypervisorError::Failed(format!(
+                    "guest {vm} is {}, not running",
+                    state_word(guest.state)
+                )));
+            }
+            let spec = guest.spec.clone();
+            if inner.transfers.contains_key(vm) {
+                return Err(HypervisorError::Failed(format!(
+                    "a transfer of {vm} is already running"
+                )));
+            }
+            let control = Arc::new(TransferControl::default());
+            inner.transfers.insert(vm.to_string(), control.clone());
+            (
+                spec,
+                TransferRegistration {
+                    hypervisor: self,
+                    vm,
+                    control,
+                },
+            )
+        };
+        let control = &registration.control;
+
+        let mut copy = PreCopy::new(&spec, &self.settings);
+        if copy.bandwidth == 0 && copy.memory > 0 {
+            return Err(HypervisorError::Failed(format!(
+                "cannot transfer {vm}: the sim link has no bandwidth"
+            )));
+        }
+        // Bytes one tick of real time carries; at least one so a transfer
+        // always moves.
+        let tick_bytes =
+            (copy.bandwidth as f64 * speed * TICK.as_millis() as f64 / 1000.0).max(1.0) as u64;
+        let mut downtime_bytes = 0;
+        loop {
+            if !copy.stop_and_copy && copy.should_stop_and_copy() {
+                if control.cancelled.load(Ordering::Acquire) {
+                    return Err(HypervisorError::Cancelled(vm.to_string()));
+                }
+                if copy.iteration >= MAX_ITERATIONS
+                    && copy.iteration_bytes > copy.downtime_limit_bytes
+                {
+                    tracing::warn!(
+                        vm,
+                        iteration = copy.iteration,
+                        "transfer does not converge; forcing the stop-and-copy"
+                    );
+                }
+                self.set_state(vm, |_| Ok(GuestState::Paused))?;
+                copy.stop_and_copy = true;
+                downtime_bytes = copy.iteration_bytes;
+            }
+            while copy.left_in_iteration() > 0 {
+                let chunk = copy.left_in_iteration().min(tick_bytes);
+                let real = Duration::from_secs_f64(chunk as f64 / copy.bandwidth as f64 / speed);
+                self.tick(vm, control, real).await?;
+                if !self.guest_exists(vm) {
+                    return Err(HypervisorError::Failed(format!(
+                        "guest {vm} was killed during its transfer"
+                    )));
+                }
+                copy.send(chunk);
+                // A full or closed channel is the watcher's problem, never the
+                // transfer's.
+                let _ = progress.try_send(copy.stats());
+            }
+            if copy.stop_and_copy {
+                let done = TransferStats {
+                    expected_downtime_ms: copy.millis_at_link_speed(downtime_bytes),
+                    ..copy.stats()
+                };
+                let _ = progress.try_send(done);
+                return Ok(done);
+            }
+            copy.next_iteration();
+        }
+    }
+
+    async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
+        if let Some(control) = self.lock().transfers.get(vm) {
+            control.cancelled.store(true, Ordering::Release);
+            // `notify_one` keeps a permit if the transfer is between two
+            // sleeps, so the wake-up cannot be lost.
+            control.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn complete_incoming(
+        &self,
+        vm: &str,
+        _stats: &TransferStats,
+    ) -> Result<(), HypervisorError> {
+        // The simulated transfer arrives the instant the source reports it
+        // complete; nothing is left to wait for.
+        match self.lock().guests.get(vm) {
+            None => Err(HypervisorError::NoSuchGuest(vm.to_string())),
+            Some(guest) if guest.state == GuestState::Incoming => Ok(()),
+            Some(guest) => Err(HypervisorError::Failed(format!(
+                "guest {vm} is {}, not incoming",
+                state_word(guest.state)
+            ))),
+        }
+    }
+
+    async fn pause(&self, vm: &str) -> Result<(), HypervisorError> {
+        // An incoming guest is already paused and stays incoming.
+        self.set_state(vm, |state| {
+            Ok(match state {
+                GuestState::Running => GuestState::Paused,
+                other => other,
+            })
+        })
+    }
+
+    async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.set_state(vm, |_| Ok(GuestState::Running))
+    }
+
+    async fn kill(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.change(|guests| {
+            guests.remove(vm);
+            Ok(())
+        })
+    }
+
+    async fn status(&self, vm: &str) -> Option<GuestState> {
+        self.lock().guests.get(vm).map(|guest| guest.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn settings(bandwidth_mib_s: u64, downtime_limit_ms: u64) -> SimSettings {
+        SimSettings {
+            bandwidth_mib_s,
+            speed: 1000.0,
+            downtime_limit_ms,
+            capacity: HostCapacity {
+                memory_mib: 65_536,
+                vcpus: 64,
+            },
+        }
+    }
+
+    fn vm(name: &str, memory_mib: u64, dirty_rate_mib_s: u64) -> VmSpec {
+        VmSpec {
+            name: name.to_string(),
+            memory_mib,
+            vcpus: 2,
+            dirty_rate_mib_s,
+            features: Vec::new(),
+        }
+    }
+
+    fn sim(settings: SimSettings, seed: &[VmSpec]) -> SimHypervisor {
+        SimHypervisor::in_memory(settings, seed).expect("seed has unique names")
+    }
+
+    async fn transfer(
+        hv: &SimHypervisor,
+        name: &str,
+    ) -> (Result<TransferStats, HypervisorError>, Vec<TransferStats>) {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let result = hv.transfer_out(name, &format!("sim://a1/{name}"), tx).await;
+        let mut reports = Vec::new();
+        while let Ok(stats) = rx.try_recv() {
+            reports.push(stats);
+        }
+        (result, reports)
+    }
+
+    #[tokio::test]
+    async fn transfer_converges_and_leaves_guest_paused() {
+        // 256 MiB at 1 GiB/s dirties 16 MiB, which fits in 30 ms: two iterations.
+        let hv = sim(settings(1024, 30), &[vm("web", 256, 64)]);
+        let (result, _) = transfer(&hv, "web").await;
+        let stats = result.expect("transfer converges");
+        assert_eq!(stats.iteration, 2);
+        assert_eq!(stats.bytes_transferred, (256 + 16) * MIB);
+        assert_eq!(stats.bytes_total, stats.bytes_transferred);
+        assert_eq!(stats.bytes_remaining, 0);
+        assert_eq!(stats.expected_downtime_ms, 16); // 15.625 ms, rounded up
+        assert_eq!(stats.elapsed_ms, 265);
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn zero_memory_transfer_completes_immediately() {
+        // Slowest possible clock: any sleep would show.
+        let hv = sim(
+            SimSettings {
+                speed: 1e-6,
+                ..settings(1024, 300)
+            },
+            &[vm("empty", 0, 100)],
+        );
+        let started = Instant::now();
+        let (result, _) = transfer(&hv, "empty").await;
+        let stats = result.expect("nothing to send");
+        assert!(started.elapsed() < Duration::from_millis(20));
+        assert_eq!(stats.iteration, 1);
+        assert_eq!(stats.bytes_transferred, 0);
+        assert_eq!(stats.elapsed_ms, 0);
+        assert_eq!(hv.status("empty").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn high_dirty_rate_forces_completion_after_iteration_cap() {
+        let hv = sim(settings(1024, 10), &[vm("db", 64, 2048)]);
+        let (result, reports) = transfer(&hv, "db").await;
+        let stats = result.expect("forced to complete");
+        assert_eq!(stats.iteration, MAX_ITERATIONS);
+        // Every iteration re-sends all memory, the forced one included.
+        assert_eq!(
+            stats.bytes_transferred,
+            u64::from(MAX_ITERATIONS) * 64 * MIB
+        );
+        assert_eq!(stats.expected_downtime_ms, 63); // far beyond the 10 ms limit
+        assert!(reports.iter().all(|r| r.iteration <= MAX_ITERATIONS));
+        assert_eq!(hv.status("db").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_transfer_and_leaves_guest_running() {
+        // Real time: 4 GiB at 1 GiB/s would take four seconds.
+        let hv = Arc::new(sim(
+            SimSettings {
+                speed: 1.0,
+                ..settings(1024, 30)
+            },
+            &[vm("web", 4096, 0)],
+        ));
+        let (tx, mut rx) = mpsc::channel(16);
+        let running = {
+            let hv = hv.clone();
+            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+        };
+        let first = rx.recv().await.expect("a first progress report");
+        assert_eq!(first.iteration, 1);
+        let cancelled_at = Instant::now();
+        hv.cancel_transfer("web").await.expect("cancel");
+        let result = running.await.expect("transfer task");
+        let latency = cancelled_at.elapsed();
+        assert_eq!(result, Err(HypervisorError::Cancelled("web".into())));
+        assert!(
+            latency < Duration::from_millis(30),
+            "cancel took {latency:?}"
+        );
+        assert_eq!(hv.status("web").await, Some(GuestState::Running));
+        // Nothing runs any more, and the guest can be transferred again.
+        hv.cancel_transfer("web").await.expect("idempotent");
+        assert!(hv.lock().transfers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_during_stop_and_copy_leaves_guest_paused() {
+        // 1 GiB fits in the 2 s limit: iteration 1 is the stop-and-copy.
+        let hv = Arc::new(sim(
+            SimSettings {
+                speed: 1.0,
+                ..settings(1024, 2000)
+            },
+            &[vm("web", 1024, 0)],
+        ));
+        let (tx, mut rx) = mpsc::channel(16);
+        let running = {
+            let hv = hv.clone();
+            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+        };
+        rx.recv().await.expect("a first progress report");
+        hv.cancel_transfer("web").await.expect("cancel");
+        let result = running.await.expect("transfer task");
+        assert_eq!(result, Err(HypervisorError::Cancelled("web".into())));
+        // The caller decides whether to resume it.
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn cancel_without_transfer_is_ok() {
+        let hv = sim(settings(1024, 30), &[vm("web", 256, 0)]);
+        hv.cancel_transfer("web").await.expect("nothing to cancel");
+        hv.cancel_transfer("absent")
+            .await
+            .expect("nothing to cancel");
+        let (result, _) = transfer(&hv, "web").await;
+        assert!(
+            result.is_ok(),
+            "an earlier cancel must not stick: {result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_reports_iterations_and_remaining_bytes() {
+        // 256 -> 64 -> 16 -> 4 -> 1 MiB; 1 MiB fits in 1 ms at 1 GiB/s.
+        let hv = sim(settings(1024, 1), &[vm("web", 256, 256)]);
+        let (result, reports) = transfer(&hv, "web").await;
+        let stats = result.expect("converges");
+        assert_eq!(stats.iteration, 5);
+
+        let first = reports.first().expect("progress was reported");
+        assert_eq!(first.iteration, 1);
+        assert_eq!(first.bytes_transferred, 256 * MIB);
+        assert_eq!(first.bytes_remaining, 64 * MIB);
+        assert_eq!(first.bytes_total, 320 * MIB);
+        assert_eq!(first.rate_bytes_s, 1024 * MIB);
+        assert_eq!(first.dirty_rate_bytes_s, 256 * MIB);
+        assert_eq!(first.expected_downtime_ms, 63);
+        assert_eq!(first.elapsed_ms, 250);
+
+        let iterations: Vec<u32> = reports.iter().map(|r| r.iteration).collect();
+        assert!(
+            iterations.windows(2).all(|w| w[0] <= w[1]),
+            "{iterations:?}"
+        );
+        assert_eq!(iterations.first(), Some(&1));
+        assert_eq!(iterations.last(), Some(&5));
+        for r in &reports {
+            assert_eq!(r.bytes_total, r.bytes_transferred + r.bytes_remaining);
+        }
+        let remaining: Vec<u64> = reports.iter().map(|r| r.bytes_remaining / MIB).collect();
+        assert_eq!(remaining, [64, 16, 4, 1, 0, 0]);
+        let last = reports.last().expect("final report");
+        assert_eq!(*last, stats);
+        assert_eq!(last.dirty_rate_bytes_s, 0, "paused guests dirty nothing");
+    }
+
+    #[tokio::test]
+    async fn progress_is_reported_every_tick_within_an_iteration() {
+        // At 5x a tick carries 250 ms of a 1 GiB/s link: 1 GiB takes four.
+        let hv = sim(
+            SimSettings {
+                speed: 5.0,
+                ..settings(1024, 30)
+            },
+            &[vm("web", 1024, 0)],
+        );
+        let (result, reports) = transfer(&hv, "web").await;
+        result.expect("converges");
+        let remaining: Vec<u64> = reports
+            .iter()
+            .filter(|r| r.iteration == 1)
+            .map(|r| r.bytes_remaining / MIB)
+            .collect();
+        assert_eq!(remaining, [768, 512, 256, 0]);
+    }
+
+    #[tokio::test]
+    async fn transfer_of_paused_guest_is_refused() {
+        let hv = sim(settings(1024, 30), &[vm("web", 256, 0)]);
+        hv.pause("web").await.expect("pause");
+        let (result, reports) = transfer(&hv, "web").await;
+        assert_eq!(
+            result,
+            Err(HypervisorError::Failed(
+                "guest web is paused, not running".into()
+            ))
+        );
+        assert!(reports.is_empty());
+        let (result, _) = transfer(&hv, "absent").await;
+        assert_eq!(result, Err(HypervisorError::NoSuchGuest("absent".into())));
+    }
+
+    #[tokio::test]
+    async fn start_incoming_refuses_existing_guest() {
+        let hv = sim(settings(1024, 30), &[vm("web", 256, 0)]);
+        assert_eq!(
+            hv.start_incoming(&vm("web", 256, 0), "a1").await,
+            Err(HypervisorError::AlreadyExists("web".into()))
+        );
+        assert_eq!(hv.status("web").await, Some(GuestState::Running));
+
+        let address = hv
+            .start_incoming(&vm("db", 512, 0), "a1")
+            .await
+            .expect("new guest");
+        assert_eq!(address, "sim://a1/db");
+        assert_eq!(hv.status("db").await, Some(GuestState::Incoming));
+    }
+
+    #[tokio::test]
+    async fn incoming_guest_stays_paused_until_resumed() {
+        let hv = sim(settings(1024, 30), &[]);
+        hv.start_incoming(&vm("db", 512, 0), "a1")
+            .await
+            .expect("start");
+        hv.complete_incoming("db", &TransferStats::default())
+            .await
+            .expect("arrived");
+        assert_eq!(hv.status("db").await, Some(GuestState::Incoming));
+        hv.resume("db").await.expect("resume");
+        hv.resume("db").await.expect("idempotent");
+        assert_eq!(hv.status("db").await, Some(GuestState::Running));
+        assert!(matches!(
+            hv.complete_incoming("db", &TransferStats::default()).await,
+            Err(HypervisorError::Failed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn kill_is_idempotent() {
+        let hv = sim(settings(1024, 30), &[vm("web", 256, 0)]);
+        hv.kill("web").await.expect("kill");
+        assert_eq!(hv.status("web").await, None);
+        hv.kill("web").await.expect("second kill");
+        hv.kill("never-existed").await.expect("absent guest");
+        assert!(hv.guests().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn guests_survive_reopen_from_state_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let hv = SimHypervisor::open(
+                dir.path(),
+                settings(1024, 30),
+                &[vm("web", 256, 0), vm("db", 512, 0)],
+            )
+            .expect("first open");
+            hv.pause("web").await.expect("pause");
+            hv.start_incoming(&vm("cache", 128, 0), "a1")
+                .await
+                .expect("incoming");
+        }
+        let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[]).expect("reopen");
+        let states: Vec<(String, GuestState)> = hv
+            .guests()
+            .await
+            .into_iter()
+            .map(|g| (g.spec.name, g.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("cache".to_string(), GuestState::Incoming),
+                ("db".to_string(), GuestState::Running),
+                ("web".to_string(), GuestState::Paused),
+            ]
+        );
+        assert_eq!(hv.guests().await[0].spec, vm("cache", 128, 0));
+    }
+
+    #[tokio::test]
+    async fn transfer_pause_is_persisted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv =
+            SimHypervisor::open(dir.path(), settings(1024, 30), &[vm("web", 64, 0)]).expect("open");
+        let (result, _) = transfer(&hv, "web").await;
+        result.expect("converges");
+        drop(hv);
+        let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[]).expect("reopen");
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn seed_is_ignored_after_first_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[vm("web", 256, 0)])
+                .expect("first open");
+            hv.kill("web").await.expect("kill");
+        }
+        let hv = SimHypervisor::open(
+            dir.path(),
+            settings(1024, 30),
+            &[vm("web", 256, 0), vm("db", 512, 0)],
+        )
+        .expect("reopen");
+        assert!(hv.guests().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn corrupt_state_file_is_an_error_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(STATE_FILE);
+        std::fs::write(&path, b"{\"guests\": [").expect("write");
+        let error = match SimHypervisor::open(dir.path(), settings(1024, 30), &[]) {
+            Ok(_) => panic!("a corrupt file must not open"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+}

@@ -172,6 +172,12 @@ impl DestinationAttempt {
     }
 
     pub fn poll_timeout(&self) -> Option<Millis> {
+        // An abort is already decided and waits for the stage in flight:
+        // there is nothing left to time out (a past deadline would make the
+        // caller's timer fire in a busy loop).
+        if self.abort_requested.is_some() {
+            return None;
+        }
         match self.state {
             DestinationState::Starting | DestinationState::Preparing { .. } | DestinationState::Prepared => {
                 Some(self.last_source_contact + self.timing.peer_timeout_ms)
@@ -279,6 +285,12 @@ impl DestinationAttempt {
             // A repeated Finish gets the answer already given.
             DestinationState::Committed | DestinationState::RolledBack => {
                 return vec![DestinationAction::ReplyFinish(self.cookie4())];
+            }
+            // Finish crossed our own abort: we will never commit. Answer it
+            // when the rollback ends, or the source waits for ever.
+            DestinationState::RollingBack { .. } if self.waiter == Waiter::Nobody => {
+                self.waiter = Waiter::Finish;
+                return Vec::new();
             }
             _ => return Vec::new(),
         }

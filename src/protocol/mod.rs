@@ -21,6 +21,8 @@ pub mod policy;
 pub mod record;
 pub mod recovery;
 pub mod source;
+#[cfg(test)]
+mod tests;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,551 @@
+//! The agents a command talks to: the inventory, one Console connection per
+//! host, gRPC statuses turned into operator messages, and the two look-ups
+//! every command needs (where a VM runs, which agent owns a migration).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+use super::{CliError, error_chain, exit_code_for_status, with_causes};
+use crate::config::{HostEntry, Inventory};
+use crate::proto;
+use crate::proto::console_client::ConsoleClient;
+
+/// How long to wait for an agent to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a short request (everything but Watch and WaitMigration) may take.
+/// Rollback and Resolve may wait on drivers and on a peer, hence not shorter.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// HTTP/2 pings on long calls, so a host that vanishes without closing its
+/// connections is noticed instead of waited on forever.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// The inventory and the path it was read from (error messages name it).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub path: PathBuf,
+    pub inventory: Inventory,
+}
+
+impl Cluster {
+    /// Read the inventory; a missing or invalid file is bad input.
+    pub fn load(path: &Path) -> Result<Cluster, CliError> {
+        let inventory = Inventory::load(path).map_err(|e| CliError::usage(e.to_string()))?;
+        Ok(Cluster {
+            path: path.to_path_buf(),
+            inventory,
+        })
+    }
+
+    pub fn host_names(&self) -> Vec<&str> {
+        self.inventory
+            .host
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect()
+    }
+
+    /// `name` must be a host of the inventory.
+    pub fn check_host(&self, name: &str) -> Result<&HostEntry, CliError> {
+        self.inventory.host(name).ok_or_else(|| {
+            CliError::usage(format!(
+                "no host named {name} in {}; hosts: {}",
+                self.path.display(),
+                self.host_names().join(", ")
+            ))
+        })
+    }
+
+    /// Connect to every agent at once, in inventory order.
+    pub async fn connect_all(&self) -> Vec<Link> {
+        join_all(self.inventory.host.iter().map(|entry| async move {
+            Link {
+                entry: entry.clone(),
+                agent: Agent::connect(entry).await,
+            }
+        }))
+        .await
+    }
+}
+
+/// One inventory host and, if it could be reached, its agent.
+#[derive(Debug)]
+pub struct Link {
+    pub entry: HostEntry,
+    pub agent: Result<Agent, CliError>,
+}
+
+/// Every agent that could be reached.
+pub fn reachable(links: &[Link]) -> impl Iterator<Item = &Agent> {
+    links.iter().filter_map(|l| l.agent.as_ref().ok())
+}
+
+/// The first connection error, if any agent could not be reached.
+pub fn first_unreachable(links: &[Link]) -> Option<&CliError> {
+    links.iter().find_map(|l| l.agent.as_ref().err())
+}
+
+/// A connected Console client for one host.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub name: String,
+    pub address: String,
+    client: ConsoleClient<Channel>,
+}
+
+impl Agent {
+    /// Connect to `entry`'s agent within [`CONNECT_TIMEOUT`]. No request
+    /// timeout is set on the channel: it would cut Watch and WaitMigration,
+    /// so short calls get theirs in [`Agent::call`].
+    pub async fn connect(entry: &HostEntry) -> Result<Agent, CliError> {
+        let endpoint = Endpoint::from_shared(entry.address.clone())
+            .map_err(|e| {
+                CliError::usage(format!(
+                    "host {}: address {:?} is not a valid URI: {}",
+                    entry.name,
+                    entry.address,
+                    error_chain(&e)
+                ))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE)
+            .keep_alive_while_idle(true);
+        let unreachable = |detail: String| {
+            CliError::unavailable(format!(
+                "agent {} at {} is unreachable: {detail}",
+                entry.name, entry.address
+            ))
+        };
+        // The connect timeout bounds the TCP connect; this one the handshake too.
+        let channel = match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        Ok(Agent {
+            name: entry.name.clone(),
+            address: entry.address.clone(),
+            client: ConsoleClient::new(channel),
+        })
+    }
+
+    /// A short call, bounded by [`REQUEST_TIMEOUT`].
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, CliError>
+    where
+        F: FnOnce(ConsoleClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.short(call)
+            .await
+            .map_err(|status| self.status_error(&status))
+    }
+
+    /// A call that may take as long as a migration (WaitMigration, Watch).
+    pub async fn call_long<T, F, Fut>(&self, call: F) -> Result<T, CliError>
+    where
+        F: FnOnce(ConsoleClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        call(self.client.clone())
+            .await
+            .map(Response::into_inner)
+            .map_err(|status| self.status_error(&status))
+    }
+
+    /// A short call with the raw status, for callers that treat some codes
+    /// as answers. Running out of time is DeadlineExceeded.
+    async fn short<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: FnOnce(ConsoleClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        match tokio::time::timeout(REQUEST_TIMEOUT, call(self.client.clone())).await {
+            Ok(answer) => answer.map(Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "agent {} at {} did not answer within {} s",
+                self.name,
+                self.address,
+                REQUEST_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    pub fn status_error(&self, status: &Status) -> CliError {
+        status_error(&self.name, &self.address, status)
+    }
+
+    /// GetMigration; `None` when this agent does not know the migration.
+    pub async fn get_migration(
+        &self,
+        id: &str,
+    ) -> Result<Option<proto::MigrationRecord>, CliError> {
+        let request = proto::MigrationRef { id: id.to_string() };
+        match self
+            .short(|mut c| async move { c.get_migration(request).await })
+            .await
+        {
+            Ok(record) => Ok(Some(record)),
+            Err(status) if is_not_found(&status) => Ok(None),
+            Err(status) => Err(self.status_error(&status)),
+        }
+    }
+
+    /// Rollback; an agent that does not know the migration has nothing to
+    /// roll back for it.
+    pub async fn rollback(&self, id: &str) -> Result<proto::RollbackReply, CliError> {
+        let request = proto::MigrationRef { id: id.to_string() };
+        match self
+            .short(|mut c| async move { c.rollback(request).await })
+            .await
+        {
+            Ok(reply) => Ok(reply),
+            Err(status) if is_not_found(&status) => Ok(proto::RollbackReply::default()),
+            Err(status) => Err(self.status_error(&status)),
+        }
+    }
+}
+
+/// The agent answered NotFound (as opposed to a proxy or transport saying so).
+fn is_not_found(status: &Status) -> bool {
+    status.code() == Code::NotFound && !is_transport_failure(status)
+}
+
+/// The status did not come from the agent but from the connection to it.
+/// tonic attaches the underlying error as the source of such statuses, and
+/// says "Service was not ready" when the channel could not reconnect.
+fn is_transport_failure(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || (status.code() == Code::Unknown && status.message().starts_with("Service was not ready"))
+}
+
+/// Turn a status from `host`'s agent into an operator message: the agent's
+/// own message verbatim (it is written for operators), or for a connection
+/// failure, which agent could not be reached and why.
+pub fn status_error(host: &str, address: &str, status: &Status) -> CliError {
+    if is_transport_failure(status) {
+        let detail = with_causes(
+            status.message().to_string(),
+            std::error::Error::source(status),
+        );
+        return CliError::unavailable(format!(
+            "agent {host} at {address} is unreachable: {detail}"
+        ));
+    }
+    let message = if status.message().is_empty() {
+        format!("agent {host} answered {:?} with no message", status.code())
+    } else {
+        status.message().to_string()
+    };
+    CliError::new(exit_code_for_status(status.code()), message)
+}
+
+/// The agent that owns migration `id` and its record. Every agent is asked;
+/// when several know it (a destination may), the source's answer wins.
+pub async fn find_migration<'a>(
+    links: &'a [Link],
+    id: &str,
+) -> Result<(&'a Agent, proto::MigrationRecord), CliError> {
+    let answers = join_all(
+        reachable(links).map(|agent| async move { (agent, agent.get_migration(id).await) }),
+    )
+    .await;
+    let mut found: Vec<(&Agent, proto::MigrationRecord)> = Vec::new();
+    let mut failure: Option<CliError> = None;
+    for (agent, answer) in answers {
+        match answer {
+            Ok(Some(record)) => found.push((agent, record)),
+            Ok(None) => {}
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(i) = found
+        .iter()
+        .position(|(agent, record)| agent.name == record.source)
+    {
+        return Ok(found.swap_remove(i));
+    }
+    if let Some(first) = found.into_iter().next() {
+        return Ok(first);
+    }
+    if let Some(e) = failure.or_else(|| first_unreachable(links).cloned()) {
+        return Err(CliError::new(
+            e.code,
+            format!(
+                "migration {id} not found on the agents that answered, and {}",
+                e.message
+            ),
+        ));
+    }
+    Err(CliError::usage(format!("no migration {id} on any agent")))
+}
+
+/// Where a VM runs, as ListVms answers say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmLocation {
+    On(String),
+    Nowhere,
+    /// Running on more than one host (after a wrong forced resolve).
+    Several(Vec<String>),
+}
+
+/// A running or paused VM counts; an incoming one (the destination's copy
+/// during a migration) or a stopped one does not.
+pub fn locate_vm(vm: &str, answers: &[(String, Vec<proto::Vm>)]) -> VmLocation {
+    let hosts: Vec<String> = answers
+        .iter()
+        .filter(|(_, vms)| {
+            vms.iter().any(|v| {
+                v.name == vm
+                    && matches!(
+                        proto::GuestState::try_from(v.state),
+                        Ok(proto::GuestState::Running | proto::GuestState::Paused)
+                    )
+            })
+        })
+        .map(|(host, _)| host.clone())
+        .collect();
+    match hosts.len() {
+        0 => VmLocation::Nowhere,
+        1 => VmLocation::On(hosts.into_iter().next().unwrap_or_default()),
+        _ => VmLocation::Several(hosts),
+    }
+}
+
+/// The host `vm` runs on, asking every agent at once.
+pub async fn find_vm_host(cluster: &Cluster, links: &[Link], vm: &str) -> Result<String, CliError> {
+    let answers = join_all(links.iter().map(|link| async move {
+        let agent = link.agent.as_ref().map_err(Clone::clone)?;
+        let reply = agent
+            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
+            .await?;
+        Ok::<_, CliError>((agent.name.clone(), reply.vms))
+    }))
+    .await;
+    let mut listed = Vec::new();
+    let mut failure = None;
+    for answer in answers {
+        match answer {
+            Ok(pair) => listed.push(pair),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match locate_vm(vm, &listed) {
+        VmLocation::On(host) => Ok(host),
+        VmLocation::Several(hosts) => Err(CliError::usage(format!(
+            "VM {vm} runs on several hosts ({}); stop all but one copy before migrating it",
+            hosts.join(", ")
+        ))),
+        VmLocation::Nowhere => match failure {
+            // It may run on the host that did not answer.
+            Some(e) => Err(CliError::new(
+                e.code,
+                format!(
+                    "no VM named {vm} on the hosts that answered, and {}",
+                    e.message
+                ),
+            )),
+            None => Err(CliError::usage(format!(
+                "no VM named {vm} on any host in {}",
+                cluster.path.display()
+            ))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_inventory(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, text).expect("write inventory");
+        (dir, path)
+    }
+
+    const THREE_HOSTS: &str = r#"
+[[host]]
+name = "hv-a"
+address = "http://127.0.0.1:7701"
+[[host]]
+name = "hv-b"
+address = "http://127.0.0.1:7702"
+[[host]]
+name = "hv-c"
+address = "http://127.0.0.1:7703"
+"#;
+
+    #[test]
+    fn a_missing_inventory_is_bad_input_naming_the_file() {
+        let err = Cluster::load(Path::new("/nonexistent/cluster.toml")).unwrap_err();
+        assert_eq!(err.code, 64);
+        assert!(
+            err.message.contains("/nonexistent/cluster.toml"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn an_invalid_inventory_is_bad_input_with_the_parser_message() {
+        let (_dir, path) =
+            write_inventory("[[host]]\nname = \"hv-a\"\naddress = \"127.0.0.1:7701\"\n");
+        let err = Cluster::load(&path).unwrap_err();
+        assert_eq!(err.code, 64);
+        assert!(
+            err.message.contains("must start with http://"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn an_unknown_destination_lists_the_inventory_hosts() {
+        let (_dir, path) = write_inventory(THREE_HOSTS);
+        let cluster = Cluster::load(&path).expect("valid inventory");
+        assert!(cluster.check_host("hv-b").is_ok());
+        let err = cluster.check_host("hv-z").unwrap_err();
+        assert_eq!(err.code, 64);
+        assert_eq!(
+            err.message,
+            format!(
+                "no host named hv-z in {}; hosts: hv-a, hv-b, hv-c",
+                path.display()
+            )
+        );
+    }
+
+    fn vm(name: &str, state: proto::GuestState) -> proto::Vm {
+        proto::Vm {
+            name: name.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_vm_is_located_where_it_runs_not_where_it_is_incoming() {
+        let answers = vec![
+            (
+                "hv-a".to_string(),
+                vec![vm("web-01", proto::GuestState::Incoming)],
+            ),
+            (
+                "hv-b".to_string(),
+                vec![
+                    vm("web-01", proto::GuestState::Running),
+                    vm("db-01", proto::GuestState::Paused),
+                ],
+            ),
+        ];
+        assert_eq!(locate_vm("web-01", &answers), VmLocation::On("hv-b".into()));
+        assert_eq!(locate_vm("db-01", &answers), VmLocation::On("hv-b".into()));
+        assert_eq!(locate_vm("mail-01", &answers), VmLocation::Nowhere);
+    }
+
+    #[test]
+    fn a_stopped_vm_is_not_located() {
+        let answers = vec![(
+            "hv-a".to_string(),
+            vec![vm("web-01", proto::GuestState::Stopped)],
+        )];
+        assert_eq!(locate_vm("web-01", &answers), VmLocation::Nowhere);
+    }
+
+    #[test]
+    fn a_vm_running_on_two_hosts_is_reported_as_such() {
+        let answers = vec![
+            (
+                "hv-a".to_string(),
+                vec![vm("web-01", proto::GuestState::Running)],
+            ),
+            (
+                "hv-b".to_string(),
+                vec![vm("web-01", proto::GuestState::Running)],
+            ),
+        ];
+        assert_eq!(
+            locate_vm("web-01", &answers),
+            VmLocation::Several(vec!["hv-a".into(), "hv-b".into()])
+        );
+    }
+
+    #[test]
+    fn an_agent_status_message_is_passed_on_verbatim() {
+        let status = Status::failed_precondition(
+            "migration m-1 has passed the commit point; it cannot be aborted",
+        );
+        let err = status_error("hv-a", "http://127.0.0.1:7701", &status);
+        assert_eq!(err.code, 64);
+        assert_eq!(
+            err.message,
+            "migration m-1 has passed the commit point; it cannot be aborted"
+        );
+    }
+
+    #[test]
+    fn an_unavailable_answer_from_the_agent_keeps_its_message() {
+        // e.g. the source agent could not reach the destination
+        let status = Status::unavailable("destination hv-b did not answer Prepare");
+        let err = status_error("hv-a", "http://127.0.0.1:7701", &status);
+        assert_eq!(err.code, 69);
+        assert_eq!(err.message, "destination hv-b did not answer Prepare");
+    }
+
+    #[test]
+    fn a_connection_failure_names_the_unreachable_agent() {
+        let cause =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let status = Status::from_error(Box::new(cause));
+        let err = status_error("hv-b", "http://127.0.0.1:7702", &status);
+        assert_eq!(err.code, 69);
+        assert!(
+            err.message
+                .starts_with("agent hv-b at http://127.0.0.1:7702 is unreachable: "),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("connection refused"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_closed_port_is_unreachable() {
+        // Bind then drop a listener to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let entry = HostEntry {
+            name: "hv-b".into(),
+            address: format!("http://127.0.0.1:{port}"),
+        };
+        let err = Agent::connect(&entry).await.unwrap_err();
+        assert_eq!(err.code, 69);
+        assert!(
+            err.message.starts_with(&format!(
+                "agent hv-b at http://127.0.0.1:{port} is unreachable: "
+            )),
+            "{}",
+            err.message
+        );
+    }
+}

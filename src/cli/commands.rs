@@ -1,0 +1,310 @@
+//! The commands that start or act on one migration: `migrate`, `abort`,
+//! `retry`, `rollback` and `resolve`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use futures::future::join_all;
+
+use super::client::{Agent, Cluster, Link, find_migration, find_vm_host, reachable};
+use super::output::{record_summary, rollback_reply, started_line};
+use super::{CliError, CliResult, exit, exit_code_for_outcome};
+use crate::proto;
+use crate::protocol::record::{MigrationRecord, mode_to_proto};
+use crate::protocol::{Mode, RunOn};
+
+/// How `migrate` and `retry` report: wait for the outcome or not, JSON or
+/// human text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub wait: bool,
+    pub json: bool,
+}
+
+/// `tern migrate VM --to HOST`.
+pub async fn migrate(
+    inventory: &Path,
+    vm: &str,
+    to: &str,
+    mode: Mode,
+    report: Report,
+) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    cluster.check_host(to)?;
+    let links = cluster.connect_all().await;
+    let source_name = find_vm_host(&cluster, &links, vm).await?;
+    if source_name == to {
+        return Err(CliError::usage(format!("VM {vm} already runs on {to}")));
+    }
+    let source = agent_named(&links, &source_name)?;
+    let request = proto::StartMigrationRequest {
+        vm: vm.to_string(),
+        destination: to.to_string(),
+        mode: mode_to_proto(mode) as i32,
+    };
+    let record = source
+        .call(|mut c| async move { c.start_migration(request).await })
+        .await?;
+    follow(source, &record, report).await
+}
+
+/// `tern retry ID [--to HOST] [--mode M]`: a new attempt, then like `migrate`.
+pub async fn retry(
+    inventory: &Path,
+    id: &str,
+    to: Option<&str>,
+    mode: Option<Mode>,
+    report: Report,
+) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    if let Some(to) = to {
+        cluster.check_host(to)?;
+    }
+    let links = cluster.connect_all().await;
+    let (owner, _) = find_migration(&links, id).await?;
+    let request = proto::RetryRequest {
+        id: id.to_string(),
+        destination: to.unwrap_or_default().to_string(),
+        mode: mode.map(mode_to_proto).unwrap_or(proto::Mode::Unspecified) as i32,
+    };
+    let record = owner
+        .call(|mut c| async move { c.retry(request).await })
+        .await?;
+    follow(owner, &record, report).await
+}
+
+/// After StartMigration or Retry: say what started, then wait for the
+/// outcome (unless `--no-wait`) and print the record.
+async fn follow(source: &Agent, started: &proto::MigrationRecord, report: Report) -> CliResult {
+    let record = MigrationRecord::from(started);
+    eprintln!("{}", started_line(&record));
+    if !report.wait {
+        print_record(&record, report.json)?;
+        return Ok(exit::SUCCEEDED);
+    }
+    let request = proto::MigrationRef {
+        id: record.id.clone(),
+    };
+    let wait = source.call_long(|mut c| async move { c.wait_migration(request).await });
+    let finished = tokio::select! {
+        finished = wait => finished.map_err(|e| {
+            CliError::new(e.code, format!("{}; migration {} may still be running (tern status shows it)", e.message, record.id))
+        })?,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(CliError::new(
+                exit::INTERRUPTED,
+                format!("stopped waiting; migration {} goes on (tern abort {} stops it)", record.id, record.id),
+            ));
+        }
+    };
+    let finished = MigrationRecord::from(&finished);
+    print_record(&finished, report.json)?;
+    match finished.outcome {
+        Some(outcome) => Ok(exit_code_for_outcome(outcome)),
+        None => Err(CliError::new(
+            exit::FAILED,
+            format!(
+                "agent {} answered WaitMigration before migration {} had an outcome",
+                source.name, finished.id
+            ),
+        )),
+    }
+}
+
+fn print_record(record: &MigrationRecord, json: bool) -> Result<(), CliError> {
+    if json {
+        let line = serde_json::to_string(record).map_err(|e| {
+            CliError::new(
+                exit::FAILED,
+                format!("cannot encode the migration record: {e}"),
+            )
+        })?;
+        println!("{line}");
+    } else {
+        print!("{}", record_summary(record));
+    }
+    Ok(())
+}
+
+fn agent_named<'a>(links: &'a [Link], name: &str) -> Result<&'a Agent, CliError> {
+    let link = links.iter().find(|l| l.entry.name == name).ok_or_else(|| {
+        CliError::new(
+            exit::FAILED,
+            format!("agent {name} reported a VM but is not in the inventory"),
+        )
+    })?;
+    link.agent.as_ref().map_err(Clone::clone)
+}
+
+/// `tern abort ID`: stop a migration before its commit point.
+pub async fn abort(inventory: &Path, id: &str) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    let links = cluster.connect_all().await;
+    let (owner, _) = find_migration(&links, id).await?;
+    let request = proto::MigrationRef { id: id.to_string() };
+    let record = owner
+        .call(|mut c| async move { c.abort(request).await })
+        .await?;
+    print!("{}", record_summary(&MigrationRecord::from(&record)));
+    Ok(exit::SUCCEEDED)
+}
+
+/// `tern rollback ID`: re-run the pending rollbacks of a migration on every
+/// host now (they stay on the host where they failed). 0 when nothing is
+/// pending any more, 1 when some still are.
+pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    let links = cluster.connect_all().await;
+    let replies =
+        join_all(reachable(&links).map(|agent| async move { (agent, agent.rollback(id).await) }))
+            .await;
+    let mut known = false;
+    let mut pending = false;
+    // Hosts that could not be asked: they may hold pending rollbacks too.
+    let mut failures: Vec<CliError> = links
+        .iter()
+        .filter_map(|l| l.agent.as_ref().err().cloned())
+        .collect();
+    for (agent, reply) in replies {
+        match reply {
+            Ok(reply) => {
+                known |= !reply.done.is_empty() || !reply.still_pending.is_empty();
+                pending |= !reply.still_pending.is_empty();
+                print!("{}", rollback_reply(&agent.name, &reply));
+            }
+            Err(e) => failures.push(CliError::new(
+                e.code,
+                format!("{}: {}", agent.name, e.message),
+            )),
+        }
+    }
+    if pending {
+        for e in &failures {
+            eprintln!("tern: {e}");
+        }
+        return Ok(exit::FAILED);
+    }
+    if let Some(first) = failures.first() {
+        let all: Vec<&str> = failures.iter().map(|e| e.message.as_str()).collect();
+        return Err(CliError::new(
+            first.code,
+            format!("not every host could be asked: {}", all.join("; ")),
+        ));
+    }
+    if !known {
+        // Nothing was pending anywhere: fine if the migration exists.
+        find_migration(&links, id).await?;
+    }
+    Ok(exit::SUCCEEDED)
+}
+
+/// `tern resolve ID --run-on source|destination`: the operator's forced
+/// decision for an unresolved attempt. It warns what a wrong choice does and
+/// asks for the VM name unless `--yes`.
+pub async fn resolve(inventory: &Path, id: &str, run_on: RunOn, yes: bool) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    let links = cluster.connect_all().await;
+    let (owner, record) = find_migration(&links, id).await?;
+    eprintln!(
+        "{}",
+        resolve_warning(id, run_on, &record.source, &record.destination)
+    );
+    if !yes {
+        confirm_vm_name(&record.vm).await?;
+    }
+    let request = proto::ForceResolveRequest {
+        id: id.to_string(),
+        run_on: match run_on {
+            RunOn::Source => proto::RunOn::Source,
+            RunOn::Destination => proto::RunOn::Destination,
+        } as i32,
+    };
+    let record = owner
+        .call(|mut c| async move { c.resolve(request).await })
+        .await?;
+    print!("{}", record_summary(&MigrationRecord::from(&record)));
+    Ok(exit::SUCCEEDED)
+}
+
+/// What can go wrong when forcing `run_on`, in the operator's terms.
+pub fn resolve_warning(id: &str, run_on: RunOn, source: &str, destination: &str) -> String {
+    match run_on {
+        RunOn::Source => format!(
+            "Forcing migration {id} to run on {source}. Only do this if the destination {destination} is gone for \
+             good: if its copy of the guest has already resumed, the guest will run on two hosts at once and its \
+             disk and network state will diverge."
+        ),
+        RunOn::Destination => format!(
+            "Forcing migration {id} to run on {destination}. Only do this if you have checked that {destination} \
+             resumed the guest: if it did not, the paused copy on the source {source} is discarded and the guest \
+             runs nowhere."
+        ),
+    }
+}
+
+/// Ask the operator to type the VM name; refuse when nobody can type.
+async fn confirm_vm_name(vm: &str) -> Result<(), CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::usage(
+            "refusing to force without --yes when stdin is not a terminal",
+        ));
+    }
+    eprint!("Type the VM name ({vm}) to confirm: ");
+    let _ = std::io::stderr().flush();
+    let typed = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .map_err(|e| {
+        CliError::new(
+            exit::FAILED,
+            format!("reading the confirmation failed: {e}"),
+        )
+    })?
+    .map_err(|e| CliError::usage(format!("reading the confirmation failed: {e}")))?;
+    check_confirmation(vm, &typed)
+}
+
+pub fn check_confirmation(vm: &str, typed: &str) -> Result<(), CliError> {
+    if typed.trim() == vm {
+        Ok(())
+    } else {
+        Err(CliError::usage(format!(
+            "you typed {:?}, not {vm:?}; nothing was changed",
+            typed.trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resolve_warning_for_the_source_says_the_guest_may_run_twice() {
+        assert_eq!(
+            resolve_warning("m-1", RunOn::Source, "hv-a", "hv-b"),
+            "Forcing migration m-1 to run on hv-a. Only do this if the destination hv-b is gone for good: if its \
+             copy of the guest has already resumed, the guest will run on two hosts at once and its disk and \
+             network state will diverge."
+        );
+    }
+
+    #[test]
+    fn the_resolve_warning_for_the_destination_says_the_guest_may_run_nowhere() {
+        let text = resolve_warning("m-1", RunOn::Destination, "hv-a", "hv-b");
+        assert!(
+            text.starts_with("Forcing migration m-1 to run on hv-b."),
+            "{text}"
+        );
+        assert!(text.contains("runs nowhere"), "{text}");
+    }
+
+    #[test]
+    fn the_confirmation_must_be_the_vm_name() {
+        assert!(check_confirmation("web-01", "web-01\n").is_ok());
+        let err = check_confirmation("web-01", "yes\n").unwrap_err();
+        assert_eq!(err.code, 64);
+    }
+}

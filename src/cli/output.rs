@@ -1,0 +1,411 @@
+//! Human-readable rendering: a migration record, rollback replies, tables.
+//! Pure functions from data to text, so they can be tested.
+
+use std::fmt::Write as _;
+
+use crate::proto;
+use crate::protocol::record::MigrationRecord;
+use crate::protocol::{Mode, Phase, StepStatus, TransferStats};
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Fast => "fast",
+        Mode::Safe => "safe",
+    }
+}
+
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Begin => "begin",
+        Phase::Prepare => "prepare",
+        Phase::Perform => "perform",
+        Phase::Finish => "finish",
+        Phase::Confirm => "confirm",
+    }
+}
+
+pub fn status_name(status: StepStatus) -> &'static str {
+    match status {
+        StepStatus::Pending => "pending",
+        StepStatus::Running => "running",
+        StepStatus::Ok => "ok",
+        StepStatus::Failed => "failed",
+        StepStatus::Skipped => "skipped",
+    }
+}
+
+/// The line `migrate` and `retry` print to stderr once the agent accepted.
+pub fn started_line(record: &MigrationRecord) -> String {
+    let mut line = format!(
+        "migration {}: {} {} -> {} ({})",
+        record.id,
+        record.vm,
+        record.source,
+        record.destination,
+        mode_name(record.mode)
+    );
+    if record.attempt > 1 {
+        let _ = write!(line, ", attempt {}", record.attempt);
+    }
+    line
+}
+
+/// Where a migration stands in a word or two: its outcome, or the running
+/// phase with transfer progress.
+pub fn state_summary(record: &MigrationRecord) -> String {
+    match record.outcome {
+        Some(outcome) => outcome.as_str().to_string(),
+        None => {
+            let phase = record
+                .running_phase()
+                .unwrap_or_else(|| record.current_phase());
+            match (phase, &record.transfer) {
+                (Phase::Perform, Some(stats)) if stats.bytes_total > 0 => {
+                    format!("{} {}%", phase_name(phase), percent(stats))
+                }
+                _ => phase_name(phase).to_string(),
+            }
+        }
+    }
+}
+
+fn percent(stats: &TransferStats) -> u64 {
+    let done = stats.bytes_total.saturating_sub(stats.bytes_remaining);
+    (done.saturating_mul(100) / stats.bytes_total.max(1)).min(100)
+}
+
+/// Bytes as an operator reads them: `512 B`, `3.4 MiB`, `2.0 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn transfer_line(stats: &TransferStats) -> String {
+    format!(
+        "{} of {} sent, {} left, {}/s, iteration {}, expected downtime {} ms, {} ms elapsed",
+        bytes(stats.bytes_transferred),
+        bytes(stats.bytes_total),
+        bytes(stats.bytes_remaining),
+        bytes(stats.rate_bytes_s),
+        stats.iteration,
+        stats.expected_downtime_ms,
+        stats.elapsed_ms
+    )
+}
+
+/// The full human summary of a record: outcome, where the VM runs, every
+/// phase with its status and duration, every feature with its stages.
+pub fn record_summary(record: &MigrationRecord) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "migration {}: {} {} -> {} ({}), attempt {}",
+        record.id,
+        record.vm,
+        record.source,
+        record.destination,
+        mode_name(record.mode),
+        record.attempt
+    );
+    let running_on = if record.running_on.is_empty() {
+        "-"
+    } else {
+        record.running_on.as_str()
+    };
+    let commit = if record.committed { ", committed" } else { "" };
+    let outcome = match record.outcome {
+        Some(outcome) => outcome.as_str().to_string(),
+        None => format!("none yet, running {}", state_summary(record)),
+    };
+    let _ = writeln!(out, "  outcome:    {outcome}{commit}");
+    let _ = writeln!(out, "  running on: {running_on}");
+    if let Some(error) = &record.error {
+        let _ = writeln!(out, "  error:      {error}");
+    }
+    if let Some(stats) = &record.transfer {
+        let _ = writeln!(out, "  transfer:   {}", transfer_line(stats));
+    }
+    let _ = writeln!(out, "  phases:");
+    let rows: Vec<Vec<String>> = record
+        .phases
+        .iter()
+        .map(|p| {
+            let duration = match p.status {
+                StepStatus::Pending | StepStatus::Skipped => String::new(),
+                _ => format!("{} ms", p.duration_ms),
+            };
+            vec![
+                phase_name(p.phase).to_string(),
+                status_name(p.status).to_string(),
+                duration,
+            ]
+        })
+        .collect();
+    out.push_str(&indent(&table(&[], &rows), "    "));
+    if !record.features.is_empty() {
+        let _ = writeln!(out, "  features:");
+        for f in &record.features {
+            let required = if f.required { "required" } else { "optional" };
+            let _ = writeln!(
+                out,
+                "    {} ({required}): prepare {}, finish {}, rollback {}, release {}",
+                f.name,
+                status_name(f.prepare),
+                status_name(f.finish),
+                status_name(f.rollback),
+                status_name(f.release)
+            );
+            if let Some(error) = &f.error {
+                let _ = writeln!(out, "      error: {error}");
+            }
+        }
+    }
+    out
+}
+
+/// One pending rollback, e.g. `port-profile rollback for web-01 (migration
+/// m-1, attempt a-1), 3 tries: switch timed out`.
+pub fn pending_rollback_line(p: &proto::PendingRollback) -> String {
+    let mut line = format!(
+        "{} {} for {} (migration {}, attempt {})",
+        p.feature, p.stage, p.vm, p.migration_id, p.attempt_id
+    );
+    if p.tries > 0 {
+        let _ = write!(
+            line,
+            ", {} {}",
+            p.tries,
+            if p.tries == 1 { "try" } else { "tries" }
+        );
+    }
+    if !p.error.is_empty() {
+        let _ = write!(line, ": {}", p.error);
+    }
+    line
+}
+
+/// A host's answer to Rollback: what ran now and what is still pending.
+pub fn rollback_reply(host: &str, reply: &proto::RollbackReply) -> String {
+    let mut out = String::new();
+    if reply.done.is_empty() && reply.still_pending.is_empty() {
+        let _ = writeln!(out, "{host}: nothing pending");
+    }
+    for p in &reply.done {
+        let _ = writeln!(out, "{host}: done: {}", pending_rollback_line(p));
+    }
+    for p in &reply.still_pending {
+        let _ = writeln!(out, "{host}: still pending: {}", pending_rollback_line(p));
+    }
+    out
+}
+
+/// Columns padded to their widest cell, two spaces apart; the last column is
+/// not padded. No header line when `headers` is empty.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let columns = rows
+        .iter()
+        .map(Vec::len)
+        .chain([headers.len()])
+        .max()
+        .unwrap_or(0);
+    let mut widths = vec![0; columns];
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    let all = (!headers.is_empty())
+        .then_some(&header_row)
+        .into_iter()
+        .chain(rows);
+    for row in all.clone() {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in all {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines().map(|l| format!("{prefix}{l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Outcome;
+    use crate::protocol::record::FeatureRecord;
+
+    fn failed_record() -> MigrationRecord {
+        let proto_record = proto::MigrationRecord {
+            id: "m-1".into(),
+            vm: "web-01".into(),
+            source: "hv-a".into(),
+            destination: "hv-b".into(),
+            mode: proto::Mode::Safe as i32,
+            attempt: 1,
+            outcome: proto::Outcome::Failed as i32,
+            running_on: "hv-a".into(),
+            error: "port-profile failed to finish on hv-b".into(),
+            phases: vec![
+                proto::PhaseRecord {
+                    phase: proto::Phase::Begin as i32,
+                    status: proto::StepStatus::Ok as i32,
+                    duration_ms: 3,
+                },
+                proto::PhaseRecord {
+                    phase: proto::Phase::Prepare as i32,
+                    status: proto::StepStatus::Ok as i32,
+                    duration_ms: 25,
+                },
+                proto::PhaseRecord {
+                    phase: proto::Phase::Perform as i32,
+                    status: proto::StepStatus::Ok as i32,
+                    duration_ms: 1203,
+                },
+                proto::PhaseRecord {
+                    phase: proto::Phase::Finish as i32,
+                    status: proto::StepStatus::Failed as i32,
+                    duration_ms: 40,
+                },
+                proto::PhaseRecord {
+                    phase: proto::Phase::Confirm as i32,
+                    status: proto::StepStatus::Ok as i32,
+                    duration_ms: 2,
+                },
+            ],
+            features: vec![proto::FeatureRecord {
+                name: "port-profile".into(),
+                required: true,
+                prepare: proto::StepStatus::Ok as i32,
+                finish: proto::StepStatus::Failed as i32,
+                rollback: proto::StepStatus::Ok as i32,
+                release: proto::StepStatus::Pending as i32,
+                error: "finish: switch refused".into(),
+                detail: String::new(),
+            }],
+            ..Default::default()
+        };
+        MigrationRecord::from(&proto_record)
+    }
+
+    #[test]
+    fn a_record_summary_shows_outcome_phases_and_features() {
+        let text = record_summary(&failed_record());
+        let expected = "\
+migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
+  outcome:    failed
+  running on: hv-a
+  error:      port-profile failed to finish on hv-b
+  phases:
+    begin    ok      3 ms
+    prepare  ok      25 ms
+    perform  ok      1203 ms
+    finish   failed  40 ms
+    confirm  ok      2 ms
+  features:
+    port-profile (required): prepare ok, finish failed, rollback ok, release pending
+      error: finish: switch refused
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_running_migration_shows_its_phase_and_transfer_progress() {
+        let mut record = failed_record();
+        record.outcome = None;
+        for p in &mut record.phases {
+            p.status = StepStatus::Pending;
+        }
+        record.phase_mut(Phase::Begin).status = StepStatus::Ok;
+        record.phase_mut(Phase::Prepare).status = StepStatus::Ok;
+        record.phase_mut(Phase::Perform).status = StepStatus::Running;
+        record.transfer = Some(TransferStats {
+            bytes_total: 1000,
+            bytes_remaining: 580,
+            ..TransferStats::default()
+        });
+        assert_eq!(state_summary(&record), "perform 42%");
+        record.outcome = Some(Outcome::Succeeded);
+        assert_eq!(state_summary(&record), "succeeded");
+    }
+
+    #[test]
+    fn the_started_line_names_the_attempt_after_the_first() {
+        let mut record = failed_record();
+        assert_eq!(
+            started_line(&record),
+            "migration m-1: web-01 hv-a -> hv-b (safe)"
+        );
+        record.attempt = 2;
+        record.features.push(FeatureRecord::new("tap", false));
+        assert_eq!(
+            started_line(&record),
+            "migration m-1: web-01 hv-a -> hv-b (safe), attempt 2"
+        );
+    }
+
+    #[test]
+    fn rollback_replies_list_done_and_still_pending_entries() {
+        let entry = proto::PendingRollback {
+            attempt_id: "a-1".into(),
+            migration_id: "m-1".into(),
+            vm: "web-01".into(),
+            feature: "port-profile".into(),
+            stage: "rollback".into(),
+            error: "switch timed out".into(),
+            tries: 3,
+            next_try_at_ms: 0,
+        };
+        let reply = proto::RollbackReply {
+            done: vec![],
+            still_pending: vec![entry],
+        };
+        assert_eq!(
+            rollback_reply("hv-b", &reply),
+            "hv-b: still pending: port-profile rollback for web-01 (migration m-1, attempt a-1), 3 tries: switch timed out\n"
+        );
+        assert_eq!(
+            rollback_reply("hv-a", &proto::RollbackReply::default()),
+            "hv-a: nothing pending\n"
+        );
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 * 1024 * 1024 + 400 * 1024), "3.4 MiB");
+        assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.0 GiB");
+    }
+
+    #[test]
+    fn tables_pad_columns_to_the_widest_cell() {
+        let rows = vec![
+            vec!["hv-a".to_string(), "ok".to_string()],
+            vec!["hv-bbb".to_string(), "x".to_string()],
+        ];
+        assert_eq!(
+            table(&["HOST", "STATE"], &rows),
+            "HOST    STATE\nhv-a    ok\nhv-bbb  x\n"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Agent crashes and signals in the middle of a migration, through real
+//! agents and the CLI's JSON: every attempt ends in an outcome, the VM runs
+//! on exactly one host once things settle, and no feature state is left
+//! where the VM does not run.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// hv-a sources web-01 (4 GiB over 256 MiB/s: a ~16 s Perform); hv-b receives.
+fn slow_pair(destination_port_profile: &str) -> Cluster {
+    pair(4096, destination_port_profile)
+}
+
+/// hv-a sources web-01 of `memory_mib` over a 256 MiB/s link; hv-b receives.
+fn pair(memory_mib: u64, destination_port_profile: &str) -> Cluster {
+    Cluster::start(vec![
+        host("hv-a", format!("{}{}{}", port_profile(""), vm("web-01", memory_mib), link(256))),
+        host("hv-b", port_profile(destination_port_profile)),
+    ])
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Wait until every host answers `tern status` again.
+fn wait_connected(cluster: &Cluster) {
+    wait_until(Duration::from_secs(10), "every host to be connected", || {
+        cluster.status()["hosts"].as_array().unwrap().iter().all(|h| h["connected"] == true)
+    });
+}
+
+/// Wait until the VM has settled on exactly one host, `on`, with no other
+/// guest (incoming, paused) of it anywhere.
+fn wait_settled(cluster: &Cluster, vm: &str, on: &str) {
+    let mut last = Vec::new();
+    let settled = wait_for(Duration::from_secs(10), || {
+        last = cluster.guests_of(vm);
+        last == vec![(on.to_string(), "running".to_string())]
+    });
+    assert!(settled, "{vm} did not settle running on {on} alone; guests: {last:?}\nstatus: {}", cluster.status());
+}
+
+fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn migration_in(status: &serde_json::Value, id: &str) -> serde_json::Value {
+    status["migrations"].as_array().unwrap().iter().find(|m| m["id"] == id).cloned().unwrap_or_else(|| panic!("no migration {id}: {status}"))
+}
+
+fn assert_destination_clean(cluster: &Cluster, host: &str, vm: &str) {
+    let guests: Vec<_> = cluster.guests_of(vm).into_iter().filter(|(h, _)| h == host).collect();
+    assert!(guests.is_empty(), "{host} still holds a guest of {vm}: {guests:?}");
+    let state = cluster.feature_state(host, vm);
+    assert!(state.is_empty(), "{host} still holds feature state for {vm}: {state:?}");
+}
+
+#[test]
+fn source_killed_during_perform_recovers_to_the_source_and_aborts() {
+    let mut cluster = slow_pair("");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "perform");
+
+    cluster.kill("hv-a");
+    cluster.start_agent("hv-a");
+
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "aborted", "{record}");
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    wait_settled(&cluster, "web-01", "hv-a");
+    wait_until(Duration::from_secs(5), "hv-b to drop its feature state", || {
+        cluster.feature_state("hv-b", "web-01").is_empty()
+    });
+    assert_destination_clean(&cluster, "hv-b", "web-01");
+    assert!(!cluster.feature_state("hv-a", "web-01").is_empty(), "hv-a lost its association for the VM it runs");
+}
+
+#[test]
+fn destination_killed_during_perform_and_restarted_leaves_the_vm_on_the_source() {
+    let mut cluster = slow_pair("");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "perform");
+
+    cluster.kill("hv-b");
+    cluster.start_agent("hv-b");
+
+    let record = cluster.wait_outcome(&id);
+    assert!(
+        record["outcome"] == "aborted" || record["outcome"] == "failed",
+        "an attempt whose destination crashed before Finish must abort or fail: {record}"
+    );
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    wait_connected(&cluster);
+    wait_settled(&cluster, "web-01", "hv-a");
+    wait_until(Duration::from_secs(5), "hv-b to drop its feature state", || {
+        cluster.feature_state("hv-b", "web-01").is_empty()
+    });
+    assert_destination_clean(&cluster, "hv-b", "web-01");
+}
+
+#[test]
+fn source_killed_after_finish_was_sent_stays_unresolved_until_the_destination_answers() {
+    // A 1 s Perform: the destination's 3 s switch latency also slows Prepare.
+    let mut cluster = pair(256, "latency_ms = 3000");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "finish");
+
+    cluster.kill("hv-a");
+    // The destination is stopped mid-Finish: it cannot answer Resolve.
+    cluster.signal("hv-b", libc::SIGSTOP);
+    cluster.start_agent("hv-a");
+
+    // The source cannot know whether the destination committed: it keeps
+    // its guest paused and shows the attempt unresolved, and never resumes
+    // it on its own. (Each `tern status` costs the CLI's 4 s connect timeout
+    // while hv-b is stopped, so look at few snapshots.)
+    std::thread::sleep(Duration::from_millis(3000));
+    let mut status = cluster.status();
+    for _ in 0..2 {
+        if migration_in(&status, &id)["outcome"] == "unresolved" {
+            break;
+        }
+        status = cluster.status();
+    }
+    let record = migration_in(&status, &id);
+    assert_eq!(record["outcome"], "unresolved", "{status}");
+    assert_eq!(guests(&status, "web-01", "paused"), vec!["hv-a"], "{status}");
+    assert!(guests(&status, "web-01", "running").is_empty(), "web-01 runs somewhere while unresolved: {status}");
+    assert_eq!(host_of(&status, "hv-b")["connected"], false, "{status}");
+
+    // The destination goes on: it commits, Resolve answers "committed".
+    cluster.signal("hv-b", libc::SIGCONT);
+    let mut record = serde_json::Value::Null;
+    let resolved = wait_for(Duration::from_secs(15), || {
+        record = cluster.migration(&id);
+        record["outcome"] == "succeeded" || record["outcome"] == "degraded"
+    });
+    assert!(resolved, "migration not resolved after the destination came back: {record}\n{}", cluster.log("hv-a"));
+    assert_eq!(record["running_on"], "hv-b", "{record}");
+    wait_settled(&cluster, "web-01", "hv-b");
+    wait_until(Duration::from_secs(5), "hv-a to release its association", || {
+        cluster.feature_state("hv-a", "web-01").is_empty()
+    });
+}
+
+#[test]
+fn sigint_to_the_source_during_perform_cleans_the_destination_before_exit() {
+    let mut cluster = slow_pair("");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "perform");
+
+    cluster.signal("hv-a", libc::SIGINT);
+    let status = cluster.wait_exit("hv-a", Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "source agent exit: {status:?}\n{}", cluster.log("hv-a"));
+    // No waiting: the source told the destination before it exited.
+    assert_destination_clean(&cluster, "hv-b", "web-01");
+
+    cluster.start_agent("hv-a");
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "aborted", "{record}");
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    wait_settled(&cluster, "web-01", "hv-a");
+    assert_destination_clean(&cluster, "hv-b", "web-01");
+}
+
+#[test]
+fn destination_lost_during_perform_resumes_the_source_within_the_peer_timeout() {
+    let mut cluster = slow_pair("");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "perform");
+
+    let killed_at = unix_ms();
+    cluster.kill("hv-b");
+
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(error.contains("lost contact"), "error does not say contact was lost: {record}");
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
+    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
+
+    // peer_timeout_ms (1500) + one heartbeat_interval_ms (200), plus a
+    // generous 1500 ms margin for scheduling on a loaded 2-core CI machine.
+    let took = record["updated_at_ms"].as_u64().unwrap().saturating_sub(killed_at);
+    eprintln!("outcome {took} ms after the destination was killed");
+    assert!(took <= 1500 + 200 + 1500, "outcome {took} ms after the destination was killed: {record}");
+}
