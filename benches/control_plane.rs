@@ -61,20 +61,61 @@ async fn pair(vm_memory_mib: u64, bandwidth_mib_s: u64) -> Pair {
         tokio::spawn(agent::serve(agent, listener, rx));
         stops.push(tx);
     }
-    let a = ConsoleClient::connect(format!("http://{aa}")).await.unwrap();
-    let b = ConsoleClient::connect(format!("http://{ab}")).await.unwrap();
-    Pair { _dir: dir, a, b, _stops: stops }
+    let a = ConsoleClient::connect(format!("http://{aa}"))
+        .await
+        .unwrap();
+    let b = ConsoleClient::connect(format!("http://{ab}"))
+        .await
+        .unwrap();
+    Pair {
+        _dir: dir,
+        a,
+        b,
+        _stops: stops,
+    }
 }
 
 /// Start a migration, retrying while the destination is still cleaning up
 /// after the previous iteration.
 async fn start(client: &mut ConsoleClient<Channel>, to: &str) -> proto::MigrationRecord {
     loop {
-        let request =
-            proto::StartMigrationRequest { vm: "bench-01".into(), destination: to.into(), mode: proto::Mode::Safe as i32 };
+        let request = proto::StartMigrationRequest {
+            vm: "bench-01".into(),
+            destination: to.into(),
+            mode: proto::Mode::Safe as i32,
+        };
         match client.start_migration(request).await {
             Ok(r) => return r.into_inner(),
             Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Start a migration and wait until its transfer is under way. An attempt
+/// that ends before (the destination still cleaning up after the previous
+/// iteration) is started again.
+async fn perform_running(client: &mut ConsoleClient<Channel>) -> proto::MigrationRecord {
+    loop {
+        let record = start(client, "hv-b").await;
+        loop {
+            let r = client
+                .get_migration(proto::MigrationRef {
+                    id: record.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let performing = r.phases.iter().any(|p| {
+                p.phase == proto::Phase::Perform as i32
+                    && p.status == proto::StepStatus::Running as i32
+            });
+            if performing {
+                return r;
+            }
+            if r.outcome != proto::Outcome::None as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
@@ -104,10 +145,18 @@ fn five_phase_attempt(c: &mut Criterion) {
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (client, to) = if on_a { (&mut pair.a, "hv-b") } else { (&mut pair.b, "hv-a") };
+                    let (client, to) = if on_a {
+                        (&mut pair.a, "hv-b")
+                    } else {
+                        (&mut pair.b, "hv-a")
+                    };
                     let t0 = Instant::now();
                     let record = start(client, to).await;
-                    let done = client.wait_migration(proto::MigrationRef { id: record.id }).await.unwrap().into_inner();
+                    let done = client
+                        .wait_migration(proto::MigrationRef { id: record.id })
+                        .await
+                        .unwrap()
+                        .into_inner();
                     let took = t0.elapsed();
                     assert_eq!(done.outcome, proto::Outcome::Succeeded as i32, "{done:?}");
                     on_a = !on_a;
@@ -124,7 +173,8 @@ fn five_phase_attempt(c: &mut Criterion) {
 fn abort_to_running(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     // 64 GiB over 64 MiB/s: Perform lasts far longer than any iteration.
-    let mut pair = rt.block_on(pair(65536, 64));
+    let pair = rt.block_on(pair(65536, 64));
+    let mut a = pair.a.clone();
     let samples = Mutex::new(Vec::new());
     let mut group = c.benchmark_group("abort");
     group.sample_size(20);
@@ -133,30 +183,29 @@ fn abort_to_running(c: &mut Criterion) {
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let record = start(&mut pair.a, "hv-b").await;
-                    // Wait until the transfer is under way.
-                    loop {
-                        let r = pair.a.get_migration(proto::MigrationRef { id: record.id.clone() }).await.unwrap();
-                        if r.into_inner().phases.iter().any(|p| {
-                            p.phase == proto::Phase::Perform as i32 && p.status == proto::StepStatus::Running as i32
-                        }) {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
+                    let record = perform_running(&mut a).await;
                     let t0 = Instant::now();
-                    pair.a.abort(proto::MigrationRef { id: record.id.clone() }).await.unwrap();
+                    a.abort(proto::MigrationRef {
+                        id: record.id.clone(),
+                    })
+                    .await
+                    .unwrap();
                     loop {
-                        let vms = pair.a.list_vms(proto::ListVmsRequest {}).await.unwrap().into_inner().vms;
-                        if vms.iter().any(|v| v.name == "bench-01" && v.state == proto::GuestState::Running as i32) {
+                        let vms = a
+                            .list_vms(proto::ListVmsRequest {})
+                            .await
+                            .unwrap()
+                            .into_inner()
+                            .vms;
+                        if vms.iter().any(|v| {
+                            v.name == "bench-01" && v.state == proto::GuestState::Running as i32
+                        }) {
                             break;
                         }
                     }
                     let took = t0.elapsed();
                     total += took;
                     samples.lock().unwrap().push(took);
-                    // Let the destination finish its rollback before the next start.
-                    let _ = pair.b.get_host(proto::GetHostRequest {}).await;
                 }
                 total
             })
@@ -167,9 +216,10 @@ fn abort_to_running(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1))
+    Criterion::default()
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1))
 }
 
 criterion_group! { name = benches; config = config(); targets = five_phase_attempt, abort_to_running }
 criterion_main!(benches);
-

@@ -13,17 +13,26 @@ use crate::protocol::{FeatureSpec, Timing, VmSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not valid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { path: path.to_path_buf(), message: message.into() }
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
@@ -67,7 +76,10 @@ impl Inventory {
             if !(host.address.starts_with("http://") || host.address.starts_with("https://")) {
                 return Err(invalid(
                     path,
-                    format!("host {}: address {:?} must start with http:// or https://", host.name, host.address),
+                    format!(
+                        "host {}: address {:?} must start with http:// or https://",
+                        host.name, host.address
+                    ),
                 ));
             }
         }
@@ -182,9 +194,20 @@ impl AgentConfig {
             let dir = path.parent().unwrap_or(Path::new("."));
             config.inventory = dir.join(&config.inventory);
         }
+        let dir = path.parent().unwrap_or(Path::new("."));
         if config.state_dir.is_relative() {
-            let dir = path.parent().unwrap_or(Path::new("."));
             config.state_dir = dir.join(&config.state_dir);
+        }
+        // A hook's program given as a relative path with a folder in it
+        // ("hooks/x.sh") is relative to this file, like every other path here.
+        for table in config.features.values_mut() {
+            if let Some(toml::Value::Array(command)) = table.get_mut("command")
+                && let Some(toml::Value::String(program)) = command.first_mut()
+                && program.contains('/')
+                && Path::new(program.as_str()).is_relative()
+            {
+                *program = dir.join(program.as_str()).display().to_string();
+            }
         }
         Ok(config)
     }
@@ -195,10 +218,16 @@ impl AgentConfig {
             return Err(invalid(path, "name is empty"));
         }
         if config.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(path, format!("listen = {:?} is not an address:port", config.listen)));
+            return Err(invalid(
+                path,
+                format!("listen = {:?} is not an address:port", config.listen),
+            ));
         }
         if config.heartbeat_interval_ms == 0 {
-            return Err(invalid(path, "heartbeat_interval_ms must be greater than 0"));
+            return Err(invalid(
+                path,
+                "heartbeat_interval_ms must be greater than 0",
+            ));
         }
         if config.peer_timeout_ms <= config.heartbeat_interval_ms {
             return Err(invalid(
@@ -211,20 +240,43 @@ impl AgentConfig {
         }
         match config.hypervisor.kind.as_str() {
             "sim" => {}
-            "qemu" => return Err(invalid(path, "[hypervisor] kind = \"qemu\" is not available in this build yet")),
-            other => return Err(invalid(path, format!("[hypervisor] kind = {other:?}: expected \"sim\" or \"qemu\""))),
+            "qemu" => {
+                return Err(invalid(
+                    path,
+                    "[hypervisor] kind = \"qemu\" is not available in this build yet",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    path,
+                    format!("[hypervisor] kind = {other:?}: expected \"sim\" or \"qemu\""),
+                ));
+            }
         }
         if config.hypervisor.bandwidth_mib_s == 0 {
-            return Err(invalid(path, "[hypervisor] bandwidth_mib_s must be greater than 0"));
+            return Err(invalid(
+                path,
+                "[hypervisor] bandwidth_mib_s must be greater than 0",
+            ));
         }
         if !(config.hypervisor.speed > 0.0 && config.hypervisor.speed.is_finite()) {
-            return Err(invalid(path, "[hypervisor] speed must be a positive number"));
+            return Err(invalid(
+                path,
+                "[hypervisor] speed must be a positive number",
+            ));
         }
+        // Driver settings are checked now, so a typo stops the agent before
+        // it creates anything.
+        crate::features::FeatureRegistry::from_config(&config.name, &config.features)
+            .map_err(|e| invalid(path, e))?;
         let mut names = HashSet::new();
         for vm in &config.vm {
             check_vm(path, vm, &config.features)?;
             if !names.insert(vm.name.as_str()) {
-                return Err(invalid(path, format!("[[vm]] {} is defined twice", vm.name)));
+                return Err(invalid(
+                    path,
+                    format!("[[vm]] {} is defined twice", vm.name),
+                ));
             }
         }
         Ok(config)
@@ -240,18 +292,31 @@ impl AgentConfig {
     }
 }
 
-fn check_vm(path: &Path, vm: &VmSpec, features: &BTreeMap<String, toml::Table>) -> Result<(), ConfigError> {
+fn check_vm(
+    path: &Path,
+    vm: &VmSpec,
+    features: &BTreeMap<String, toml::Table>,
+) -> Result<(), ConfigError> {
     if vm.name.trim().is_empty() {
         return Err(invalid(path, "a [[vm]] has an empty name"));
     }
     if vm.vcpus == 0 {
-        return Err(invalid(path, format!("[[vm]] {}: vcpus must be at least 1", vm.name)));
+        return Err(invalid(
+            path,
+            format!("[[vm]] {}: vcpus must be at least 1", vm.name),
+        ));
     }
     let mut seen = HashSet::new();
     for feature in &vm.features {
         check_feature_ref(path, vm, feature, features)?;
         if !seen.insert(feature.name.as_str()) {
-            return Err(invalid(path, format!("[[vm]] {}: feature {} is listed twice", vm.name, feature.name)));
+            return Err(invalid(
+                path,
+                format!(
+                    "[[vm]] {}: feature {} is listed twice",
+                    vm.name, feature.name
+                ),
+            ));
         }
     }
     Ok(())

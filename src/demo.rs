@@ -38,7 +38,12 @@ pub struct Cluster {
 const RACK_SIZE: usize = 2;
 
 fn vm_toml(index: usize, rng: &mut impl Rng) -> String {
-    let kinds = [("web", 2048, 2, 40), ("db", 8192, 4, 200), ("cache", 4096, 2, 400), ("batch", 1024, 1, 10)];
+    let kinds = [
+        ("web", 2048, 2, 40),
+        ("db", 8192, 4, 200),
+        ("cache", 4096, 2, 400),
+        ("batch", 1024, 1, 10),
+    ];
     let (kind, memory, vcpus, dirty) = kinds[index % kinds.len()];
     let memory = memory / 2 + rng.random_range(0..=memory / 2) / 256 * 256;
     let required = kind != "batch";
@@ -64,7 +69,10 @@ impl Cluster {
         for i in 0..options.hosts {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            inventory_text.push_str(&format!("[[host]]\nname = \"hv-{}\"\naddress = \"http://{addr}\"\n\n", host_letter(i)));
+            inventory_text.push_str(&format!(
+                "[[host]]\nname = \"hv-{}\"\naddress = \"http://{addr}\"\n\n",
+                host_letter(i)
+            ));
             listeners.push((listener, addr));
         }
         let inventory_path = dir.join("cluster.toml");
@@ -99,7 +107,14 @@ impl Cluster {
             agents.push(agent);
             stops.push(stop_tx);
         }
-        Ok(Cluster { dir, inventory_path, inventory, agents, stops, servers })
+        Ok(Cluster {
+            dir,
+            inventory_path,
+            inventory,
+            agents,
+            stops,
+            servers,
+        })
     }
 
     /// Keep migrations moving: every couple of seconds, move a random idle VM
@@ -121,15 +136,27 @@ impl Cluster {
                     .vms()
                     .await
                     .into_iter()
-                    .filter(|v| v.migration_id.is_empty() && v.state == crate::proto::GuestState::Running as i32)
+                    .filter(|v| {
+                        v.migration_id.is_empty()
+                            && v.state == crate::proto::GuestState::Running as i32
+                    })
                     .map(|v| v.name)
                     .collect();
                 let (vm, destination, mode) = {
                     let mut rng = rand::rng();
-                    let Some(vm) = vms.choose(&mut rng).cloned() else { continue };
-                    let others: Vec<&Arc<Agent>> = agents.iter().filter(|a| a.name != source.name).collect();
-                    let Some(destination) = others.choose(&mut rng).map(|a| a.name.clone()) else { continue };
-                    let mode = if rng.random_bool(0.5) { Mode::Safe } else { Mode::Fast };
+                    let Some(vm) = vms.choose(&mut rng).cloned() else {
+                        continue;
+                    };
+                    let others: Vec<&Arc<Agent>> =
+                        agents.iter().filter(|a| a.name != source.name).collect();
+                    let Some(destination) = others.choose(&mut rng).map(|a| a.name.clone()) else {
+                        continue;
+                    };
+                    let mode = if rng.random_bool(0.5) {
+                        Mode::Safe
+                    } else {
+                        Mode::Fast
+                    };
                     (vm, destination, mode)
                 };
                 if let Err(e) = source.start_migration(&vm, &destination, mode, None).await {
@@ -152,20 +179,34 @@ impl Cluster {
 
 fn host_letter(i: usize) -> String {
     let letters = b"abcdefghijklmnopqrstuvwxyz";
-    if i < letters.len() { (letters[i] as char).to_string() } else { format!("{i}") }
+    if i < letters.len() {
+        (letters[i] as char).to_string()
+    } else {
+        format!("{i}")
+    }
 }
 
 /// `tern demo --headless`: start the cluster, say where it is, run until
 /// interrupted.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let cluster = Cluster::start(&options).await?;
-    println!("Tern demo cluster: {} agents, {} VMs", cluster.agents.len(), options.vms);
+    println!(
+        "Tern demo cluster: {} agents, {} VMs",
+        cluster.agents.len(),
+        options.vms
+    );
     for host in &cluster.inventory.host {
         println!("  {:<8} {}", host.name, host.address);
     }
     println!("inventory: {}", cluster.inventory_path.display());
-    println!("try: TERN_INVENTORY={} tern status", cluster.inventory_path.display());
-    println!("     TERN_INVENTORY={} tern watch", cluster.inventory_path.display());
+    println!(
+        "try: TERN_INVENTORY={} tern status",
+        cluster.inventory_path.display()
+    );
+    println!(
+        "     TERN_INVENTORY={} tern watch",
+        cluster.inventory_path.display()
+    );
     if options.traffic {
         cluster.spawn_traffic();
     }
@@ -181,7 +222,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
 async fn wait_for_interrupt() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}

@@ -10,10 +10,10 @@ pub mod proto {
     tonic::include_proto!("tern.v1");
 }
 
+pub mod agent;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod features;
 pub mod hypervisor;
 pub mod protocol;
-pub mod agent;
-pub mod demo;
-pub mod cli;

@@ -23,7 +23,10 @@ fn two_hosts() -> Cluster {
 /// `tern ARGS`: exit code and stderr.
 fn run(cluster: &Cluster, args: &[&str]) -> (i32, String) {
     let out = cluster.tern(args);
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Run `tern ARGS`, expect exit 64 with `phrase` in stderr, and no change to
@@ -33,52 +36,85 @@ fn assert_refused_without_change(cluster: &Cluster, args: &[&str], phrases: &[&s
     let (code, stderr) = run(cluster, args);
     assert_eq!(code, 64, "tern {args:?} exit code; stderr: {stderr}");
     for phrase in phrases {
-        assert!(stderr.contains(phrase), "tern {args:?}: stderr does not mention {phrase:?}: {stderr}");
+        assert!(
+            stderr.contains(phrase),
+            "tern {args:?}: stderr does not mention {phrase:?}: {stderr}"
+        );
     }
     let after = cluster.status();
     assert_eq!(before["vms"], after["vms"], "tern {args:?} changed the VMs");
-    assert_eq!(before["migrations"], after["migrations"], "tern {args:?} changed the migrations");
+    assert_eq!(
+        before["migrations"], after["migrations"],
+        "tern {args:?} changed the migrations"
+    );
 }
 
 #[test]
 fn migrating_an_unknown_vm_is_refused_by_name() {
     let cluster = two_hosts();
-    assert_refused_without_change(&cluster, &["migrate", "nope-vm", "--to", "hv-b", "--json"], &["nope-vm", "no VM"]);
+    assert_refused_without_change(
+        &cluster,
+        &["migrate", "nope-vm", "--to", "hv-b", "--json"],
+        &["nope-vm", "no VM"],
+    );
 }
 
 #[test]
 fn migrating_to_an_unknown_host_is_refused_and_lists_the_hosts() {
     let cluster = two_hosts();
-    assert_refused_without_change(&cluster, &["migrate", "web-01", "--to", "nope", "--json"], &["nope", "hv-a", "hv-b"]);
+    assert_refused_without_change(
+        &cluster,
+        &["migrate", "web-01", "--to", "nope", "--json"],
+        &["nope", "hv-a", "hv-b"],
+    );
 }
 
 #[test]
 fn migrating_to_the_host_the_vm_already_runs_on_is_refused() {
     let cluster = two_hosts();
-    assert_refused_without_change(&cluster, &["migrate", "web-01", "--to", "hv-a", "--json"], &["already runs on hv-a"]);
+    assert_refused_without_change(
+        &cluster,
+        &["migrate", "web-01", "--to", "hv-a", "--json"],
+        &["already runs on hv-a"],
+    );
 }
 
 #[test]
 fn a_second_migration_of_a_migrating_vm_is_refused() {
     let cluster = Cluster::start(vec![
-        host("hv-a", format!("{}{}{}", port_profile(""), link(256), vm("web-01", 4096))),
+        host(
+            "hv-a",
+            format!("{}{}{}", port_profile(""), link(256), vm("web-01", 4096)),
+        ),
         host("hv-b", format!("{}{}", port_profile(""), link(256))),
         host("hv-c", format!("{}{}", port_profile(""), link(256))),
     ]);
     let id = cluster.start_migration("web-01", "hv-b", "safe");
     cluster.wait_phase(&id, "perform");
     let ids = |c: &Cluster| -> Vec<String> {
-        c.status()["migrations"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+        c.status()["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
     };
     let before = ids(&cluster);
     for to in ["hv-b", "hv-c"] {
         let (code, stderr) = run(&cluster, &["migrate", "web-01", "--to", to, "--json"]);
         assert_eq!(code, 64, "second migration to {to}: {stderr}");
         assert!(stderr.contains("already migrating"), "{stderr}");
-        assert!(stderr.contains(&id), "the refusal should name the running migration {id}: {stderr}");
+        assert!(
+            stderr.contains(&id),
+            "the refusal should name the running migration {id}: {stderr}"
+        );
     }
     assert_eq!(ids(&cluster), before, "a refused migration left a record");
-    assert!(cluster.guests_of("web-01").iter().all(|(h, _)| h != "hv-c"), "{:?}", cluster.guests_of("web-01"));
+    assert!(
+        cluster.guests_of("web-01").iter().all(|(h, _)| h != "hv-c"),
+        "{:?}",
+        cluster.guests_of("web-01")
+    );
     // The first migration is untouched by the refusals.
     let record = cluster.migration(&id);
     assert!(record["outcome"].is_null(), "{record}");
@@ -95,16 +131,31 @@ fn incoming_vm(name: &str) -> VmSpec {
         memory_mib: 256,
         vcpus: 2,
         dirty_rate_mib_s: 10,
-        features: vec![FeatureSpec { name: "port-profile".into(), driver: String::new(), required: true }],
+        features: vec![FeatureSpec {
+            name: "port-profile".into(),
+            driver: String::new(),
+            required: true,
+        }],
     }
 }
 
-fn call_prepare(cluster: &Cluster, host: &str, c1: &proto::Cookie1) -> Result<proto::PrepareReply, tonic::Status> {
+fn call_prepare(
+    cluster: &Cluster,
+    host: &str,
+    c1: &proto::Cookie1,
+) -> Result<proto::PrepareReply, tonic::Status> {
     let address = format!("http://127.0.0.1:{}", cluster.host(host).port);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
-        let mut client = PeerClient::connect(address).await.expect("connect to the destination");
-        let request = proto::PrepareRequest { cookie1: c1.encode_to_vec() };
+        let mut client = PeerClient::connect(address)
+            .await
+            .expect("connect to the destination");
+        let request = proto::PrepareRequest {
+            cookie1: c1.encode_to_vec(),
+        };
         tokio::time::timeout(Duration::from_secs(10), client.prepare(request))
             .await
             .expect("Prepare did not answer within 10 s")
@@ -113,8 +164,16 @@ fn call_prepare(cluster: &Cluster, host: &str, c1: &proto::Cookie1) -> Result<pr
 }
 
 fn assert_nothing_incoming(cluster: &Cluster, host: &str, vm: &str) {
-    assert!(cluster.guests_of(vm).is_empty(), "a guest was created: {:?}", cluster.guests_of(vm));
-    assert!(cluster.feature_state(host, vm).is_empty(), "feature state on {host}: {:?}", cluster.feature_state(host, vm));
+    assert!(
+        cluster.guests_of(vm).is_empty(),
+        "a guest was created: {:?}",
+        cluster.guests_of(vm)
+    );
+    assert!(
+        cluster.feature_state(host, vm).is_empty(),
+        "feature state on {host}: {:?}",
+        cluster.feature_state(host, vm)
+    );
     assert!(cluster.pending_rollbacks(host).is_empty());
 }
 
@@ -122,9 +181,16 @@ fn assert_nothing_incoming(cluster: &Cluster, host: &str, vm: &str) {
 fn prepare_with_an_unknown_mandatory_feature_is_invalid_argument_naming_it() {
     let cluster = two_hosts();
     let before = cluster.status();
-    let mut c1 = tern::protocol::cookies::cookie1("m-bad001.1", "m-bad001", "hv-a", &incoming_vm("db-09"), Mode::Safe);
+    let mut c1 = tern::protocol::cookies::cookie1(
+        "m-bad001.1",
+        "m-bad001",
+        "hv-a",
+        &incoming_vm("db-09"),
+        Mode::Safe,
+    );
     c1.mandatory_features.push("vtpm".into());
-    let status = call_prepare(&cluster, "hv-b", &c1).expect_err("Prepare accepted an unknown mandatory feature");
+    let status = call_prepare(&cluster, "hv-b", &c1)
+        .expect_err("Prepare accepted an unknown mandatory feature");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("vtpm"), "{status:?}");
     assert_nothing_incoming(&cluster, "hv-b", "db-09");
@@ -135,12 +201,24 @@ fn prepare_with_an_unknown_mandatory_feature_is_invalid_argument_naming_it() {
 fn prepare_with_another_protocol_version_is_failed_precondition_naming_both() {
     let cluster = two_hosts();
     let before = cluster.status();
-    let mut c1 = tern::protocol::cookies::cookie1("m-bad002.1", "m-bad002", "hv-a", &incoming_vm("db-09"), Mode::Safe);
+    let mut c1 = tern::protocol::cookies::cookie1(
+        "m-bad002.1",
+        "m-bad002",
+        "hv-a",
+        &incoming_vm("db-09"),
+        Mode::Safe,
+    );
     c1.protocol_version = 99;
-    let status = call_prepare(&cluster, "hv-b", &c1).expect_err("Prepare accepted protocol version 99");
+    let status =
+        call_prepare(&cluster, "hv-b", &c1).expect_err("Prepare accepted protocol version 99");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("99"), "{status:?}");
-    assert!(status.message().contains(&tern::protocol::PROTOCOL_VERSION.to_string()), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&tern::protocol::PROTOCOL_VERSION.to_string()),
+        "{status:?}"
+    );
     assert_nothing_incoming(&cluster, "hv-b", "db-09");
     assert_eq!(before["vms"], cluster.status()["vms"]);
 }
@@ -149,11 +227,21 @@ fn prepare_with_another_protocol_version_is_failed_precondition_naming_both() {
 fn the_same_c1_is_accepted_when_valid() {
     // Control for the two refusals above: the hand-built C1 itself is fine.
     let cluster = two_hosts();
-    let c1 = tern::protocol::cookies::cookie1("m-good01.1", "m-good01", "hv-a", &incoming_vm("db-09"), Mode::Safe);
+    let c1 = tern::protocol::cookies::cookie1(
+        "m-good01.1",
+        "m-good01",
+        "hv-a",
+        &incoming_vm("db-09"),
+        Mode::Safe,
+    );
     let reply = call_prepare(&cluster, "hv-b", &c1).expect("a valid C1 was refused");
     let c2 = proto::Cookie2::decode(reply.cookie2.as_slice()).unwrap();
     assert_eq!(c2.attempt_id, "m-good01.1");
-    assert!(cluster.guests_of("db-09").iter().any(|(h, _)| h == "hv-b"), "{:?}", cluster.guests_of("db-09"));
+    assert!(
+        cluster.guests_of("db-09").iter().any(|(h, _)| h == "hv-b"),
+        "{:?}",
+        cluster.guests_of("db-09")
+    );
 }
 
 // ---- malformed files --------------------------------------------------------
@@ -181,25 +269,45 @@ fn agent_with_config(dir: &Path, file: &str, text: &str) -> (i32, String, std::p
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), path)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path,
+    )
 }
 
 #[test]
 fn malformed_agent_configs_are_refused_naming_file_and_key_and_start_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.toml"), "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n",
+    )
+    .unwrap();
     let head = |name: &str, listen: &str| {
-        format!("name = \"{name}\"\nlisten = \"{listen}\"\nstate_dir = \"state\"\ninventory = \"cluster.toml\"\n")
+        format!(
+            "name = \"{name}\"\nlisten = \"{listen}\"\nstate_dir = \"state\"\ninventory = \"cluster.toml\"\n"
+        )
     };
     let good_listen = "127.0.0.1:0";
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
-        ("unknown-key.toml", format!("{}bogus_key = 3\n", head("hv-a", good_listen)), vec!["bogus_key"]),
+        (
+            "unknown-key.toml",
+            format!("{}bogus_key = 3\n", head("hv-a", good_listen)),
+            vec!["bogus_key"],
+        ),
         (
             "missing-name.toml",
-            format!("listen = \"{good_listen}\"\nstate_dir = \"state\"\ninventory = \"cluster.toml\"\n"),
+            format!(
+                "listen = \"{good_listen}\"\nstate_dir = \"state\"\ninventory = \"cluster.toml\"\n"
+            ),
             vec!["missing field `name`"],
         ),
-        ("bad-listen.toml", head("hv-a", "not-an-address"), vec!["listen", "not-an-address"]),
+        (
+            "bad-listen.toml",
+            head("hv-a", "not-an-address"),
+            vec!["listen", "not-an-address"],
+        ),
         (
             "unconfigured-feature.toml",
             format!("{}\n{}", head("hv-a", good_listen), vm("web-01", 256)),
@@ -207,7 +315,13 @@ fn malformed_agent_configs_are_refused_naming_file_and_key_and_start_nothing() {
         ),
         (
             "duplicate-vm.toml",
-            format!("{}\n{}{}{}", head("hv-a", good_listen), port_profile(""), vm("web-01", 256), vm("web-01", 512)),
+            format!(
+                "{}\n{}{}{}",
+                head("hv-a", good_listen),
+                port_profile(""),
+                vm("web-01", 256),
+                vm("web-01", 512)
+            ),
             vec!["web-01", "twice"],
         ),
     ];
@@ -216,20 +330,26 @@ fn malformed_agent_configs_are_refused_naming_file_and_key_and_start_nothing() {
 
 fn config_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.toml"), "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n",
+    )
+    .unwrap();
     dir
 }
 
 const CONFIG_HEAD: &str = "name = \"hv-a\"\nlisten = \"127.0.0.1:0\"\nstate_dir = \"state\"\ninventory = \"cluster.toml\"\n";
 
 #[test]
-#[ignore = "bug: unknown keys inside [[vm]] and its features = [{...}] are silently ignored (VmSpec/FeatureSpec lack deny_unknown_fields)"]
 fn unknown_keys_inside_vm_entries_are_refused() {
     let dir = config_dir();
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         (
             "unknown-vm-key.toml",
-            format!("{CONFIG_HEAD}{}[[vm]]\nname = \"web-01\"\nmemory_mib = 256\nvcpus = 2\nmemroy = 3\n", port_profile("")),
+            format!(
+                "{CONFIG_HEAD}{}[[vm]]\nname = \"web-01\"\nmemory_mib = 256\nvcpus = 2\nmemroy = 3\n",
+                port_profile("")
+            ),
             vec!["memroy"],
         ),
         (
@@ -246,11 +366,13 @@ fn unknown_keys_inside_vm_entries_are_refused() {
 }
 
 #[test]
-#[ignore = "bug: an unknown [features.NAME] setting exits 1 after creating state_dir, without naming the config file"]
 fn unknown_feature_settings_are_refused_as_bad_config_before_anything_is_created() {
     let dir = config_dir();
-    let cases: Vec<(&str, String, Vec<&str>)> =
-        vec![("unknown-setting.toml", format!("{CONFIG_HEAD}{}", port_profile("latncy_ms = 5")), vec!["latncy_ms"])];
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![(
+        "unknown-setting.toml",
+        format!("{CONFIG_HEAD}{}", port_profile("latncy_ms = 5")),
+        vec!["latncy_ms"],
+    )];
     assert_configs_refused(dir.path(), cases);
 }
 
@@ -259,11 +381,20 @@ fn assert_configs_refused(dir: &Path, cases: Vec<(&str, String, Vec<&str>)>) {
         // A neutral file name, so the phrases cannot match the path.
         let (code, stderr, path) = agent_with_config(dir, &format!("agent-{i}.toml"), &text);
         assert_eq!(code, 64, "{file}: exit code; stderr: {stderr}");
-        assert!(stderr.contains(&path.display().to_string()), "{file}: stderr does not name the file: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "{file}: stderr does not name the file: {stderr}"
+        );
         for phrase in phrases {
-            assert!(stderr.contains(phrase), "{file}: stderr does not mention {phrase:?}: {stderr}");
+            assert!(
+                stderr.contains(phrase),
+                "{file}: stderr does not mention {phrase:?}: {stderr}"
+            );
         }
-        assert!(!dir.join("state").exists(), "{file}: state_dir was created for a refused config");
+        assert!(
+            !dir.join("state").exists(),
+            "{file}: state_dir was created for a refused config"
+        );
     }
 }
 
@@ -272,9 +403,17 @@ fn malformed_inventory_makes_status_exit_64_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, &str, Vec<&str>)> = vec![
         ("not-toml.toml", "[[host]\nname = ", vec![]),
-        ("unknown-key.toml", "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\nport = 7\n", vec!["port"]),
+        (
+            "unknown-key.toml",
+            "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\nport = 7\n",
+            vec!["port"],
+        ),
         ("no-hosts.toml", "", vec!["no [[host]]"]),
-        ("bad-address.toml", "[[host]]\nname = \"hv-a\"\naddress = \"127.0.0.1:7701\"\n", vec!["hv-a", "http://"]),
+        (
+            "bad-address.toml",
+            "[[host]]\nname = \"hv-a\"\naddress = \"127.0.0.1:7701\"\n",
+            vec!["hv-a", "http://"],
+        ),
         (
             "duplicate-host.toml",
             "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:2\"\n",
@@ -284,7 +423,10 @@ fn malformed_inventory_makes_status_exit_64_naming_the_file() {
     for (file, text, phrases) in cases {
         let path = dir.path().join(file);
         std::fs::write(&path, text).unwrap();
-        for args in [vec!["status", "--json"], vec!["migrate", "web-01", "--to", "hv-a"]] {
+        for args in [
+            vec!["status", "--json"],
+            vec!["migrate", "web-01", "--to", "hv-a"],
+        ] {
             let out = Command::new(TERN)
                 .arg("--inventory")
                 .arg(&path)
@@ -294,10 +436,20 @@ fn malformed_inventory_makes_status_exit_64_naming_the_file() {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(64), "{file} {args:?}: stderr: {stderr}");
-            assert!(stderr.contains(&path.display().to_string()), "{file}: stderr does not name the file: {stderr}");
+            assert_eq!(
+                out.status.code(),
+                Some(64),
+                "{file} {args:?}: stderr: {stderr}"
+            );
+            assert!(
+                stderr.contains(&path.display().to_string()),
+                "{file}: stderr does not name the file: {stderr}"
+            );
             for phrase in &phrases {
-                assert!(stderr.contains(phrase), "{file}: stderr does not mention {phrase:?}: {stderr}");
+                assert!(
+                    stderr.contains(phrase),
+                    "{file}: stderr does not mention {phrase:?}: {stderr}"
+                );
             }
         }
     }

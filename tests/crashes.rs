@@ -17,20 +17,39 @@ fn slow_pair(destination_port_profile: &str) -> Cluster {
 /// hv-a sources web-01 of `memory_mib` over a 256 MiB/s link; hv-b receives.
 fn pair(memory_mib: u64, destination_port_profile: &str) -> Cluster {
     Cluster::start(vec![
-        host("hv-a", format!("{}{}{}", port_profile(""), vm("web-01", memory_mib), link(256))),
+        host(
+            "hv-a",
+            format!(
+                "{}{}{}",
+                port_profile(""),
+                vm("web-01", memory_mib),
+                link(256)
+            ),
+        ),
         host("hv-b", port_profile(destination_port_profile)),
     ])
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// Wait until every host answers `tern status` again.
 fn wait_connected(cluster: &Cluster) {
-    wait_until(Duration::from_secs(10), "every host to be connected", || {
-        cluster.status()["hosts"].as_array().unwrap().iter().all(|h| h["connected"] == true)
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "every host to be connected",
+        || {
+            cluster.status()["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["connected"] == true)
+        },
+    );
 }
 
 /// Wait until the VM has settled on exactly one host, `on`, with no other
@@ -41,7 +60,11 @@ fn wait_settled(cluster: &Cluster, vm: &str, on: &str) {
         last = cluster.guests_of(vm);
         last == vec![(on.to_string(), "running".to_string())]
     });
-    assert!(settled, "{vm} did not settle running on {on} alone; guests: {last:?}\nstatus: {}", cluster.status());
+    assert!(
+        settled,
+        "{vm} did not settle running on {on} alone; guests: {last:?}\nstatus: {}",
+        cluster.status()
+    );
 }
 
 fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -58,14 +81,30 @@ fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 }
 
 fn migration_in(status: &serde_json::Value, id: &str) -> serde_json::Value {
-    status["migrations"].as_array().unwrap().iter().find(|m| m["id"] == id).cloned().unwrap_or_else(|| panic!("no migration {id}: {status}"))
+    status["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no migration {id}: {status}"))
 }
 
 fn assert_destination_clean(cluster: &Cluster, host: &str, vm: &str) {
-    let guests: Vec<_> = cluster.guests_of(vm).into_iter().filter(|(h, _)| h == host).collect();
-    assert!(guests.is_empty(), "{host} still holds a guest of {vm}: {guests:?}");
+    let guests: Vec<_> = cluster
+        .guests_of(vm)
+        .into_iter()
+        .filter(|(h, _)| h == host)
+        .collect();
+    assert!(
+        guests.is_empty(),
+        "{host} still holds a guest of {vm}: {guests:?}"
+    );
     let state = cluster.feature_state(host, vm);
-    assert!(state.is_empty(), "{host} still holds feature state for {vm}: {state:?}");
+    assert!(
+        state.is_empty(),
+        "{host} still holds feature state for {vm}: {state:?}"
+    );
 }
 
 #[test]
@@ -81,11 +120,16 @@ fn source_killed_during_perform_recovers_to_the_source_and_aborts() {
     assert_eq!(record["outcome"], "aborted", "{record}");
     assert_eq!(record["running_on"], "hv-a", "{record}");
     wait_settled(&cluster, "web-01", "hv-a");
-    wait_until(Duration::from_secs(5), "hv-b to drop its feature state", || {
-        cluster.feature_state("hv-b", "web-01").is_empty()
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "hv-b to drop its feature state",
+        || cluster.feature_state("hv-b", "web-01").is_empty(),
+    );
     assert_destination_clean(&cluster, "hv-b", "web-01");
-    assert!(!cluster.feature_state("hv-a", "web-01").is_empty(), "hv-a lost its association for the VM it runs");
+    assert!(
+        !cluster.feature_state("hv-a", "web-01").is_empty(),
+        "hv-a lost its association for the VM it runs"
+    );
 }
 
 #[test]
@@ -105,9 +149,11 @@ fn destination_killed_during_perform_and_restarted_leaves_the_vm_on_the_source()
     assert_eq!(record["running_on"], "hv-a", "{record}");
     wait_connected(&cluster);
     wait_settled(&cluster, "web-01", "hv-a");
-    wait_until(Duration::from_secs(5), "hv-b to drop its feature state", || {
-        cluster.feature_state("hv-b", "web-01").is_empty()
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "hv-b to drop its feature state",
+        || cluster.feature_state("hv-b", "web-01").is_empty(),
+    );
     assert_destination_clean(&cluster, "hv-b", "web-01");
 }
 
@@ -137,8 +183,15 @@ fn source_killed_after_finish_was_sent_stays_unresolved_until_the_destination_an
     }
     let record = migration_in(&status, &id);
     assert_eq!(record["outcome"], "unresolved", "{status}");
-    assert_eq!(guests(&status, "web-01", "paused"), vec!["hv-a"], "{status}");
-    assert!(guests(&status, "web-01", "running").is_empty(), "web-01 runs somewhere while unresolved: {status}");
+    assert_eq!(
+        guests(&status, "web-01", "paused"),
+        vec!["hv-a"],
+        "{status}"
+    );
+    assert!(
+        guests(&status, "web-01", "running").is_empty(),
+        "web-01 runs somewhere while unresolved: {status}"
+    );
     assert_eq!(host_of(&status, "hv-b")["connected"], false, "{status}");
 
     // The destination goes on: it commits, Resolve answers "committed".
@@ -148,12 +201,18 @@ fn source_killed_after_finish_was_sent_stays_unresolved_until_the_destination_an
         record = cluster.migration(&id);
         record["outcome"] == "succeeded" || record["outcome"] == "degraded"
     });
-    assert!(resolved, "migration not resolved after the destination came back: {record}\n{}", cluster.log("hv-a"));
+    assert!(
+        resolved,
+        "migration not resolved after the destination came back: {record}\n{}",
+        cluster.log("hv-a")
+    );
     assert_eq!(record["running_on"], "hv-b", "{record}");
     wait_settled(&cluster, "web-01", "hv-b");
-    wait_until(Duration::from_secs(5), "hv-a to release its association", || {
-        cluster.feature_state("hv-a", "web-01").is_empty()
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "hv-a to release its association",
+        || cluster.feature_state("hv-a", "web-01").is_empty(),
+    );
 }
 
 #[test]
@@ -164,7 +223,12 @@ fn sigint_to_the_source_during_perform_cleans_the_destination_before_exit() {
 
     cluster.signal("hv-a", libc::SIGINT);
     let status = cluster.wait_exit("hv-a", Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "source agent exit: {status:?}\n{}", cluster.log("hv-a"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "source agent exit: {status:?}\n{}",
+        cluster.log("hv-a")
+    );
     // No waiting: the source told the destination before it exited.
     assert_destination_clean(&cluster, "hv-b", "web-01");
 
@@ -188,14 +252,26 @@ fn destination_lost_during_perform_resumes_the_source_within_the_peer_timeout() 
     let record = cluster.wait_outcome(&id);
     assert_eq!(record["outcome"], "failed", "{record}");
     let error = record["error"].as_str().unwrap_or_default().to_lowercase();
-    assert!(error.contains("lost contact"), "error does not say contact was lost: {record}");
+    assert!(
+        error.contains("lost contact"),
+        "error does not say contact was lost: {record}"
+    );
     assert_eq!(record["running_on"], "hv-a", "{record}");
     assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
 
     // peer_timeout_ms (1500) + one heartbeat_interval_ms (200), plus a
     // generous 1500 ms margin for scheduling on a loaded 2-core CI machine.
-    let took = record["updated_at_ms"].as_u64().unwrap().saturating_sub(killed_at);
+    let took = record["updated_at_ms"]
+        .as_u64()
+        .unwrap()
+        .saturating_sub(killed_at);
     eprintln!("outcome {took} ms after the destination was killed");
-    assert!(took <= 1500 + 200 + 1500, "outcome {took} ms after the destination was killed: {record}");
+    assert!(
+        took <= 1500 + 200 + 1500,
+        "outcome {took} ms after the destination was killed: {record}"
+    );
 }

@@ -14,7 +14,9 @@ fn two_hosts(destination_port_profile: &str) -> Cluster {
 #[test]
 fn safe_mode_resumes_source_when_associate_fails_in_finish() {
     let cluster = two_hosts("fail = [\"finish\"]");
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json"]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed");
     assert_eq!(record["running_on"], "hv-a");
@@ -23,22 +25,36 @@ fn safe_mode_resumes_source_when_associate_fails_in_finish() {
     assert_eq!(pp["prepare"], "ok");
     assert_eq!(pp["finish"], "failed");
     assert_eq!(pp["rollback"], "ok");
-    assert!(record["error"].as_str().unwrap().contains("ASSOCIATE"), "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("ASSOCIATE"),
+        "{record}"
+    );
     assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
-    assert!(cluster.feature_state("hv-b", "web-01").is_empty(), "association left on hv-b");
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
+    assert!(
+        cluster.feature_state("hv-b", "web-01").is_empty(),
+        "association left on hv-b"
+    );
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
 }
 
 #[test]
 fn fast_mode_moves_vm_despite_failed_associate_and_reports_degraded() {
     let cluster = two_hosts("fail = [\"finish\"]");
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "fast", "--json"]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "fast", "--json",
+    ]);
     assert_eq!(code, 2, "{record}");
     assert_eq!(record["outcome"], "degraded");
     assert_eq!(record["running_on"], "hv-b");
     assert_eq!(feature(&record, "port-profile")["finish"], "failed");
     assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
-    assert!(cluster.feature_state("hv-a", "web-01").is_empty(), "source kept its association after release");
+    assert!(
+        cluster.feature_state("hv-a", "web-01").is_empty(),
+        "source kept its association after release"
+    );
 }
 
 /// A `[[vm]]` whose port-profile is not required.
@@ -51,31 +67,56 @@ fn vm_optional_port_profile(name: &str, memory_mib: u64) -> String {
 #[test]
 fn safe_mode_required_feature_failing_in_prepare_fails_before_any_transfer() {
     let cluster = two_hosts("fail = [\"prepare\"]");
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json"]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
     assert_eq!(record["running_on"], "hv-a", "{record}");
     assert_eq!(phase(&record, "prepare")["status"], "failed", "{record}");
     assert_eq!(phase(&record, "perform")["status"], "skipped", "{record}");
     assert_eq!(phase(&record, "finish")["status"], "skipped", "{record}");
-    let transferred = record["transfer"]["bytes_transferred"].as_u64().unwrap_or(0);
-    assert_eq!(transferred, 0, "bytes moved although Prepare failed: {record}");
+    let transferred = record["transfer"]["bytes_transferred"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        transferred, 0,
+        "bytes moved although Prepare failed: {record}"
+    );
     let pp = feature(&record, "port-profile");
     assert_eq!(pp["prepare"], "failed", "{record}");
     assert_ne!(pp["finish"], "ok", "{record}");
     assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
-    assert!(cluster.feature_state("hv-b", "web-01").is_empty(), "association left on hv-b");
-    assert!(!cluster.feature_state("hv-a", "web-01").is_empty(), "source lost its association");
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
+    assert!(
+        cluster.feature_state("hv-b", "web-01").is_empty(),
+        "association left on hv-b"
+    );
+    assert!(
+        !cluster.feature_state("hv-a", "web-01").is_empty(),
+        "source lost its association"
+    );
 }
 
 #[test]
 fn safe_mode_moves_vm_when_non_required_feature_fails_in_finish_and_reports_degraded() {
     let cluster = Cluster::start(vec![
-        host("hv-a", format!("{}{}", port_profile(""), vm_optional_port_profile("web-01", 256))),
+        host(
+            "hv-a",
+            format!(
+                "{}{}",
+                port_profile(""),
+                vm_optional_port_profile("web-01", 256)
+            ),
+        ),
         host("hv-b", port_profile("fail = [\"finish\"]")),
     ]);
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json"]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
     assert_eq!(code, 2, "{record}");
     assert_eq!(record["outcome"], "degraded", "{record}");
     assert_eq!(record["running_on"], "hv-b", "{record}");
@@ -84,16 +125,28 @@ fn safe_mode_moves_vm_when_non_required_feature_fails_in_finish_and_reports_degr
     assert_eq!(pp["prepare"], "ok", "{record}");
     assert_eq!(pp["finish"], "failed", "{record}");
     assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-b".to_string(), "running".to_string())]);
-    assert!(cluster.feature_state("hv-a", "web-01").is_empty(), "source kept its association after release");
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-b".to_string(), "running".to_string())]
+    );
+    assert!(
+        cluster.feature_state("hv-a", "web-01").is_empty(),
+        "source kept its association after release"
+    );
 }
 
 #[test]
 fn clean_migration_succeeds_and_moves_the_association_to_the_destination() {
     let cluster = two_hosts("");
     let before = cluster.feature_state("hv-a", "web-01");
-    assert_eq!(before.len(), 1, "source should hold the association before: {before:?}");
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json"]);
+    assert_eq!(
+        before.len(),
+        1,
+        "source should hold the association before: {before:?}"
+    );
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
     assert_eq!(code, 0, "{record}");
     assert_eq!(record["outcome"], "succeeded", "{record}");
     assert_eq!(record["running_on"], "hv-b", "{record}");
@@ -106,11 +159,20 @@ fn clean_migration_succeeds_and_moves_the_association_to_the_destination() {
     assert_eq!(pp["release"], "ok", "{record}");
     let transfer = &record["transfer"];
     assert!(transfer["bytes_total"].as_u64().unwrap() > 0, "{record}");
-    assert_eq!(transfer["bytes_transferred"], transfer["bytes_total"], "{record}");
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-b".to_string(), "running".to_string())]);
+    assert_eq!(
+        transfer["bytes_transferred"], transfer["bytes_total"],
+        "{record}"
+    );
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-b".to_string(), "running".to_string())]
+    );
     let on_b = cluster.feature_state("hv-b", "web-01");
     assert_eq!(on_b.len(), 1, "{on_b:?}");
     assert_eq!(on_b[0]["feature"], "port-profile");
     assert_eq!(on_b[0]["state"], "associated", "{on_b:?}");
-    assert!(cluster.feature_state("hv-a", "web-01").is_empty(), "source kept its association");
+    assert!(
+        cluster.feature_state("hv-a", "web-01").is_empty(),
+        "source kept its association"
+    );
 }

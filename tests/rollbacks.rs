@@ -10,18 +10,30 @@ use serde_json::Value;
 fn failing_rollback_pair() -> Cluster {
     Cluster::start(vec![
         host("hv-a", format!("{}{}", port_profile(""), vm("web-01", 256))),
-        host("hv-b", port_profile("fail = [\"finish\"]\nfail_rollback = true")),
+        host(
+            "hv-b",
+            port_profile("fail = [\"finish\"]\nfail_rollback = true"),
+        ),
     ])
 }
 
 /// A safe-mode migration whose Finish fails and whose rollback on hv-b fails too.
 fn migrate_with_failed_rollback(cluster: &Cluster) -> String {
-    let (code, record) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json"]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
     assert_eq!(record["running_on"], "hv-a", "{record}");
-    assert_eq!(feature(&record, "port-profile")["rollback"], "failed", "{record}");
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
+    assert_eq!(
+        feature(&record, "port-profile")["rollback"],
+        "failed",
+        "{record}"
+    );
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
     record["id"].as_str().unwrap().to_string()
 }
 
@@ -32,9 +44,14 @@ fn pending_for<'a>(pending: &'a [Value], id: &str) -> Vec<&'a Value> {
 /// Change hv-b's port-profile faults at run time over the Console's SetFaults.
 fn set_port_profile_faults(cluster: &Cluster, host: &str, fail: Vec<String>, fail_rollback: bool) {
     let addr = format!("http://127.0.0.1:{}", cluster.host(host).port);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
-        let mut client = tern::proto::console_client::ConsoleClient::connect(addr).await.unwrap();
+        let mut client = tern::proto::console_client::ConsoleClient::connect(addr)
+            .await
+            .unwrap();
         client
             .set_faults(tern::proto::SetFaultsRequest {
                 faults: Some(tern::proto::FaultSettings {
@@ -52,7 +69,11 @@ fn set_port_profile_faults(cluster: &Cluster, host: &str, fail: Vec<String>, fai
 
 fn tern_rollback(cluster: &Cluster, id: &str) -> (i32, String) {
     let out = cluster.tern(&["rollback", id]);
-    let text = format!("stdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -63,24 +84,52 @@ fn failed_rollback_is_listed_as_pending_and_operator_rollback_clears_it_once_the
 
     let pending = cluster.pending_rollbacks("hv-b");
     let ours = pending_for(&pending, &id);
-    assert_eq!(ours.len(), 1, "expected one pending rollback for {id} on hv-b: {pending:?}");
+    assert_eq!(
+        ours.len(),
+        1,
+        "expected one pending rollback for {id} on hv-b: {pending:?}"
+    );
     assert_eq!(ours[0]["feature"], "port-profile");
     assert_eq!(ours[0]["stage"], "rollback");
     assert_eq!(ours[0]["vm"], "web-01");
-    assert!(!ours[0]["error"].as_str().unwrap().is_empty(), "{pending:?}");
-    assert!(cluster.pending_rollbacks("hv-a").is_empty(), "{:?}", cluster.pending_rollbacks("hv-a"));
+    assert!(
+        !ours[0]["error"].as_str().unwrap().is_empty(),
+        "{pending:?}"
+    );
+    assert!(
+        cluster.pending_rollbacks("hv-a").is_empty(),
+        "{:?}",
+        cluster.pending_rollbacks("hv-a")
+    );
     let leftover = cluster.feature_state("hv-b", "web-01");
-    assert_eq!(leftover.len(), 1, "the failed DISASSOCIATE should leave the association visible on hv-b: {leftover:?}");
+    assert_eq!(
+        leftover.len(),
+        1,
+        "the failed DISASSOCIATE should leave the association visible on hv-b: {leftover:?}"
+    );
     assert_eq!(leftover[0]["feature"], "port-profile");
 
     set_port_profile_faults(&cluster, "hv-b", vec![], false);
     let (code, text) = tern_rollback(&cluster, &id);
     assert_eq!(code, 0, "tern rollback {id}: {text}");
 
-    assert!(pending_for(&cluster.pending_rollbacks("hv-b"), &id).is_empty(), "{:?}", cluster.pending_rollbacks("hv-b"));
-    assert!(cluster.feature_state("hv-b", "web-01").is_empty(), "association left on hv-b after the rollback");
-    assert_eq!(cluster.guests_of("web-01"), vec![("hv-a".to_string(), "running".to_string())]);
-    assert!(!cluster.feature_state("hv-a", "web-01").is_empty(), "hv-a lost the association of the VM it runs");
+    assert!(
+        pending_for(&cluster.pending_rollbacks("hv-b"), &id).is_empty(),
+        "{:?}",
+        cluster.pending_rollbacks("hv-b")
+    );
+    assert!(
+        cluster.feature_state("hv-b", "web-01").is_empty(),
+        "association left on hv-b after the rollback"
+    );
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
+    assert!(
+        !cluster.feature_state("hv-a", "web-01").is_empty(),
+        "hv-a lost the association of the VM it runs"
+    );
 }
 
 #[test]
@@ -101,6 +150,13 @@ fn operator_rollback_while_the_fault_persists_exits_1_and_keeps_the_entry_with_m
     let after = pending_for(&after, &id);
     assert_eq!(after.len(), 1, "the entry must stay pending: {after:?}");
     assert_eq!(after[0]["stage"], "rollback");
-    assert!(after[0]["tries"].as_u64().unwrap() > tries_before, "tries did not increase: {tries_before} -> {after:?}");
-    assert_eq!(cluster.feature_state("hv-b", "web-01").len(), 1, "the association is still there");
+    assert!(
+        after[0]["tries"].as_u64().unwrap() > tries_before,
+        "tries did not increase: {tries_before} -> {after:?}"
+    );
+    assert_eq!(
+        cluster.feature_state("hv-b", "web-01").len(),
+        1,
+        "the association is still there"
+    );
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-use super::peers::with_deadline;
 use super::{Agent, now_ms};
 use crate::proto;
 use crate::protocol::Millis;
@@ -16,9 +15,18 @@ use crate::protocol::destination::{DestinationAction, DestinationAttempt, Destin
 
 enum Command {
     Input(DestinationInput),
-    Abort { reason: String, notify_source: bool, reply: oneshot::Sender<Result<(), String>> },
-    Resolve { reply: oneshot::Sender<(Option<bool>, proto::Cookie4)> },
-    Finish { c3: proto::Cookie3, reply: oneshot::Sender<proto::Cookie4> },
+    Abort {
+        reason: String,
+        notify_source: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Resolve {
+        reply: oneshot::Sender<(Option<bool>, proto::Cookie4)>,
+    },
+    Finish {
+        c3: proto::Cookie3,
+        reply: oneshot::Sender<proto::Cookie4>,
+    },
 }
 
 #[derive(Clone)]
@@ -33,7 +41,11 @@ impl Handle {
     pub async fn abort(&self, reason: &str, notify_source: bool) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Abort { reason: reason.to_string(), notify_source, reply })
+            .send(Command::Abort {
+                reason: reason.to_string(),
+                notify_source,
+                reply,
+            })
             .map_err(|_| ENDED.to_string())?;
         rx.await.unwrap_or_else(|_| Err(ENDED.to_string()))
     }
@@ -52,7 +64,9 @@ impl Handle {
     }
 
     pub fn heartbeat(&self) -> bool {
-        self.tx.send(Command::Input(DestinationInput::Heartbeat)).is_ok()
+        self.tx
+            .send(Command::Input(DestinationInput::Heartbeat))
+            .is_ok()
     }
 
     pub fn done(&self) -> impl std::future::Future<Output = ()> + use<> {
@@ -72,9 +86,20 @@ pub fn start(
 ) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done_tx, done) = watch::channel(false);
-    let handle = Handle { tx: tx.clone(), done };
-    agent.state().destinations.insert(attempt.attempt_id.clone(), handle.clone());
-    let executor = Executor { agent: agent.clone(), tx, prepared, finished: Vec::new() };
+    let handle = Handle {
+        tx: tx.clone(),
+        done,
+    };
+    agent
+        .state()
+        .destinations
+        .insert(attempt.attempt_id.clone(), handle.clone());
+    let executor = Executor {
+        agent: agent.clone(),
+        tx,
+        prepared,
+        finished: Vec::new(),
+    };
     let span = tracing::info_span!("incoming", id = %attempt.attempt_id, vm = %attempt.vm.name);
     tokio::spawn(executor.run(attempt, actions, rx, done_tx).instrument(span));
     handle
@@ -121,7 +146,11 @@ impl Executor {
             let now = now_ms();
             match command {
                 Command::Input(input) => actions = attempt.handle(now, input),
-                Command::Abort { reason, notify_source, reply } => match attempt.abort(now, &reason, notify_source) {
+                Command::Abort {
+                    reason,
+                    notify_source,
+                    reply,
+                } => match attempt.abort(now, &reason, notify_source) {
                     Ok(a) => {
                         actions = a;
                         let _ = reply.send(Ok(()));
@@ -161,7 +190,11 @@ impl Executor {
         match action {
             DestinationAction::Journal(snapshot) => {
                 if let Err(e) = agent.journal().put_destination(&snapshot) {
-                    agent.log("error", &attempt.migration_id, format!("cannot write the journal: {e}"));
+                    agent.log(
+                        "error",
+                        &attempt.migration_id,
+                        format!("cannot write the journal: {e}"),
+                    );
                 }
             }
             DestinationAction::StartIncoming => {
@@ -171,38 +204,57 @@ impl Executor {
                     .await
                     .map_err(|e| e.to_string());
                 agent.publish_vm(&vm).await;
-                let _ = self.tx.send(Command::Input(DestinationInput::IncomingStarted(result)));
+                let _ = self
+                    .tx
+                    .send(Command::Input(DestinationInput::IncomingStarted(result)));
             }
             DestinationAction::CompleteIncoming(stats) => {
                 let (hypervisor, tx) = (agent.hypervisor.clone(), self.tx.clone());
                 tokio::spawn(async move {
-                    let result = hypervisor.complete_incoming(&vm, &stats).await.map_err(|e| e.to_string());
+                    let result = hypervisor
+                        .complete_incoming(&vm, &stats)
+                        .await
+                        .map_err(|e| e.to_string());
                     let _ = tx.send(Command::Input(DestinationInput::IncomingCompleted(result)));
                 });
             }
             DestinationAction::RunStage { feature, stage } => {
                 let (agent, tx) = (agent.clone(), self.tx.clone());
-                let (spec, attempt_id, migration_id) =
-                    (attempt.vm.clone(), attempt.attempt_id.clone(), attempt.migration_id.clone());
+                let (spec, attempt_id, migration_id) = (
+                    attempt.vm.clone(),
+                    attempt.attempt_id.clone(),
+                    attempt.migration_id.clone(),
+                );
                 tokio::spawn(async move {
-                    let result = agent.run_stage(&spec, feature, stage, &attempt_id, &migration_id).await;
-                    let _ = tx.send(Command::Input(DestinationInput::StageDone { feature, stage, result }));
+                    let result = agent
+                        .run_stage(&spec, feature, stage, &attempt_id, &migration_id)
+                        .await;
+                    let _ = tx.send(Command::Input(DestinationInput::StageDone {
+                        feature,
+                        stage,
+                        result,
+                    }));
                 });
             }
             DestinationAction::ResumeGuest => {
-                if let Err(e) = agent.hypervisor.resume(&vm).await {
-                    agent.log("error", &attempt.migration_id, format!("cannot resume {vm} on {}: {e}", agent.name));
-                }
-                agent.publish_vm(&vm).await;
+                agent.guest_action(&vm, &attempt.migration_id, true).await
             }
             DestinationAction::KillGuest => {
-                if let Err(e) = agent.hypervisor.kill(&vm).await {
-                    agent.log("error", &attempt.migration_id, format!("cannot kill {vm} on {}: {e}", agent.name));
-                }
-                agent.publish_vm(&vm).await;
+                agent.guest_action(&vm, &attempt.migration_id, false).await
             }
-            DestinationAction::RecordPending { feature, stage, error } => {
-                agent.record_pending(&attempt.vm, feature, stage, &attempt.attempt_id, &attempt.migration_id, error);
+            DestinationAction::RecordPending {
+                feature,
+                stage,
+                error,
+            } => {
+                agent.record_pending(
+                    &attempt.vm,
+                    feature,
+                    stage,
+                    &attempt.attempt_id,
+                    &attempt.migration_id,
+                    error,
+                );
                 agent.emit(proto::event::Kind::HostChanged(agent.host_info().await));
             }
             DestinationAction::ReplyPrepare(c2) => {
@@ -216,21 +268,13 @@ impl Executor {
                 }
             }
             DestinationAction::NotifySource { reason } => {
-                let source = attempt.source.clone();
                 let request = proto::PeerAbortRequest {
                     attempt_id: attempt.attempt_id.clone(),
                     reason,
                     from_host: agent.name.clone(),
+                    cookie4: prost::Message::encode_to_vec(&attempt.cookie4()),
                 };
-                let agent2 = agent.clone();
-                agent.track(tokio::spawn(async move {
-                    if let Ok(mut client) = agent2.peers.client(&source) {
-                        let deadline = Duration::from_millis(agent2.timing.peer_timeout_ms);
-                        if let Err(e) = with_deadline(&source, deadline, client.abort(request)).await {
-                            tracing::warn!("telling {source} about the abort: {}", e.message());
-                        }
-                    }
-                }));
+                agent.notify_abort(attempt.source.clone(), request);
             }
             DestinationAction::Finished { committed } => {
                 let text = if committed {
@@ -242,7 +286,11 @@ impl Executor {
                         attempt.error.as_deref().unwrap_or("not committed")
                     )
                 };
-                agent.log(if committed { "info" } else { "warn" }, &attempt.migration_id, text);
+                agent.log(
+                    if committed { "info" } else { "warn" },
+                    &attempt.migration_id,
+                    text,
+                );
                 agent.publish_vm(&vm).await;
             }
         }

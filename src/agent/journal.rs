@@ -15,7 +15,11 @@ pub enum JournalError {
     #[error("journal: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("journal: corrupt {what} record {id}: {source}")]
-    Corrupt { what: &'static str, id: String, source: serde_json::Error },
+    Corrupt {
+        what: &'static str,
+        id: String,
+        source: serde_json::Error,
+    },
 }
 
 /// A failed rollback or release whose feature state is still on this host.
@@ -90,29 +94,77 @@ impl Journal {
 
     /// Every source attempt, oldest first (for migration records and recovery).
     pub fn source_attempts(&self) -> Result<Vec<SourceAttempt>, JournalError> {
-        self.load("source", "SELECT id, body FROM attempt WHERE side = 'source' ORDER BY rowid")
+        self.load(
+            "source",
+            "SELECT id, body FROM attempt WHERE side = 'source' ORDER BY rowid",
+        )
     }
 
     pub fn open_destination_attempts(&self) -> Result<Vec<DestinationAttempt>, JournalError> {
-        self.load("destination", "SELECT id, body FROM attempt WHERE side = 'destination' AND open = 1 ORDER BY rowid")
+        self.load(
+            "destination",
+            "SELECT id, body FROM attempt WHERE side = 'destination' AND open = 1 ORDER BY rowid",
+        )
     }
 
-    pub fn destination_attempt(&self, id: &str) -> Result<Option<DestinationAttempt>, JournalError> {
+    pub fn source_attempt(&self, id: &str) -> Result<Option<SourceAttempt>, JournalError> {
         let body: Option<String> = self
             .db
-            .query_row("SELECT body FROM attempt WHERE id = ?1 AND side = 'destination'", [id], |r| r.get(0))
+            .query_row(
+                "SELECT body FROM attempt WHERE id = ?1 AND side = 'source'",
+                [id],
+                |r| r.get(0),
+            )
             .optional()?;
-        body.map(|b| serde_json::from_str(&b).map_err(|source| JournalError::Corrupt { what: "destination", id: id.into(), source }))
-            .transpose()
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|source| JournalError::Corrupt {
+                what: "source",
+                id: id.into(),
+                source,
+            })
+        })
+        .transpose()
     }
 
-    fn load<T: serde::de::DeserializeOwned>(&self, what: &'static str, sql: &str) -> Result<Vec<T>, JournalError> {
+    pub fn destination_attempt(
+        &self,
+        id: &str,
+    ) -> Result<Option<DestinationAttempt>, JournalError> {
+        let body: Option<String> = self
+            .db
+            .query_row(
+                "SELECT body FROM attempt WHERE id = ?1 AND side = 'destination'",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|source| JournalError::Corrupt {
+                what: "destination",
+                id: id.into(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    fn load<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+    ) -> Result<Vec<T>, JournalError> {
         let mut stmt = self.db.prepare(sql)?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (id, body) = row?;
-            out.push(serde_json::from_str(&body).map_err(|source| JournalError::Corrupt { what, id, source })?);
+            out.push(
+                serde_json::from_str(&body).map_err(|source| JournalError::Corrupt {
+                    what,
+                    id,
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -129,7 +181,12 @@ impl Journal {
         Ok(())
     }
 
-    pub fn remove_pending(&self, attempt_id: &str, feature: &str, stage: &str) -> Result<(), JournalError> {
+    pub fn remove_pending(
+        &self,
+        attempt_id: &str,
+        feature: &str,
+        stage: &str,
+    ) -> Result<(), JournalError> {
         self.db.execute(
             "DELETE FROM pending WHERE attempt_id = ?1 AND feature = ?2 AND stage = ?3",
             params![attempt_id, feature, stage],

@@ -5,8 +5,8 @@
 //! committed before it exits.
 
 mod destination;
-mod operations;
 pub mod journal;
+mod operations;
 mod peers;
 mod rollbacks;
 mod service;
@@ -33,7 +33,10 @@ use journal::Journal;
 /// Milliseconds since the unix epoch: the clock the agent passes to the
 /// protocol's state machines.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Everything one agent owns. Shared by the gRPC services and attempt tasks.
@@ -76,23 +79,41 @@ pub enum StartError {
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error("cannot create state_dir {path}: {source}")]
-    StateDir { path: String, source: std::io::Error },
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("hypervisor: {0}")]
     Hypervisor(String),
 }
 
 impl Agent {
     /// Open the journal and the hypervisor, and build the feature drivers.
-    pub async fn open(config: &AgentConfig, inventory: Inventory) -> Result<Arc<Agent>, StartError> {
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(|source| StartError::StateDir { path: config.state_dir.display().to_string(), source })?;
+    pub async fn open(
+        config: &AgentConfig,
+        inventory: Inventory,
+    ) -> Result<Arc<Agent>, StartError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
+            path: config.state_dir.display().to_string(),
+            source,
+        })?;
         let address = inventory
             .host(&config.name)
             .map(|h| h.address.clone())
-            .ok_or_else(|| StartError::Config(format!("host {} is not listed in the inventory", config.name)))?;
-        let features = FeatureRegistry::from_config(&config.name, &config.features).map_err(StartError::Config)?;
-        let hypervisor = SimHypervisor::open(&config.state_dir, SimSettings::from_config(&config.hypervisor), &config.vm)
-            .map_err(|e| StartError::Hypervisor(e.to_string()))?;
+            .ok_or_else(|| {
+                StartError::Config(format!(
+                    "host {} is not listed in the inventory",
+                    config.name
+                ))
+            })?;
+        let features = FeatureRegistry::from_config(&config.name, &config.features)
+            .map_err(StartError::Config)?;
+        let hypervisor = SimHypervisor::open(
+            &config.state_dir,
+            SimSettings::from_config(&config.hypervisor),
+            &config.vm,
+        )
+        .map_err(|e| StartError::Hypervisor(e.to_string()))?;
         let journal = Journal::open(&config.state_dir)?;
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
@@ -146,7 +167,10 @@ impl Agent {
     }
 
     fn emit(&self, kind: proto::event::Kind) {
-        let _ = self.events.send(proto::Event { host: self.name.clone(), kind: Some(kind) });
+        let _ = self.events.send(proto::Event {
+            host: self.name.clone(),
+            kind: Some(kind),
+        });
     }
 
     fn log(&self, level: &str, migration_id: &str, text: String) {
@@ -173,7 +197,9 @@ impl Agent {
     }
 
     fn publish_migration(&self, record: &MigrationRecord) {
-        self.state().migrations.insert(record.id.clone(), record.clone());
+        self.state()
+            .migrations
+            .insert(record.id.clone(), record.clone());
         self.emit(proto::event::Kind::Migration(record.into()));
     }
 
@@ -192,7 +218,12 @@ impl Agent {
     }
 
     fn to_vm(&self, guest: crate::hypervisor::Guest) -> proto::Vm {
-        let migration_id = self.state().locks.get(&guest.spec.name).cloned().unwrap_or_default();
+        let migration_id = self
+            .state()
+            .locks
+            .get(&guest.spec.name)
+            .cloned()
+            .unwrap_or_default();
         proto::Vm {
             name: guest.spec.name.clone(),
             host: self.name.clone(),
@@ -229,7 +260,11 @@ impl Agent {
                 .features
                 .held_state()
                 .into_iter()
-                .map(|s| proto::FeatureState { feature: s.feature, vm: s.vm, state: s.state })
+                .map(|s| proto::FeatureState {
+                    feature: s.feature,
+                    vm: s.vm,
+                    state: s.state,
+                })
                 .collect(),
             pending_rollbacks: pending.into_iter().map(rollbacks::to_proto).collect(),
             faults: self
@@ -277,7 +312,10 @@ impl Agent {
         let reason = format!("agent {} is shutting down", self.name);
         let (sources, destinations): (Vec<_>, Vec<_>) = {
             let state = self.state();
-            (state.sources.values().cloned().collect(), state.destinations.values().cloned().collect())
+            (
+                state.sources.values().cloned().collect(),
+                state.destinations.values().cloned().collect(),
+            )
         };
         // Attempts past the commit point are carried through (and recovered
         // by Resolve after a restart); wait a bounded time for the rest.
@@ -321,7 +359,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 /// Serve an agent on `listener` until `stop` yields, then shut it down.
-pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener, mut stop: mpsc::Receiver<()>) -> anyhow::Result<()> {
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    mut stop: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
     agent.recover()?;
     rollbacks::spawn_retry_loop(&agent);
     let addr = listener.local_addr()?;
@@ -339,9 +381,11 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener, mut sto
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };
@@ -366,7 +410,10 @@ impl Agent {
             return Err(format!("VM {} has no feature #{feature}", vm.name));
         };
         let Some(driver) = self.features.get(&spec.name) else {
-            return Err(format!("feature {} is not configured on {}", spec.name, self.name));
+            return Err(format!(
+                "feature {} is not configured on {}",
+                spec.name, self.name
+            ));
         };
         let ctx = crate::features::StageContext {
             host: self.name.clone(),
@@ -378,14 +425,33 @@ impl Agent {
         };
         let result = crate::features::run_stage(driver.as_ref(), &ctx).await;
         if let Err(detail) = &result {
-            self.log("warn", migration_id, format!("{} {stage} failed on {} for {}: {detail}", spec.name, self.name, vm.name));
+            self.log(
+                "warn",
+                migration_id,
+                format!(
+                    "{} {stage} failed on {} for {}: {detail}",
+                    spec.name, self.name, vm.name
+                ),
+            );
         }
         result
     }
 
     /// A rollback or release failed: keep it, visible, until a retry works.
-    fn record_pending(&self, vm: &crate::protocol::VmSpec, feature: usize, stage: crate::protocol::Stage, attempt_id: &str, migration_id: &str, error: String) {
-        let name = vm.features.get(feature).map(|f| f.name.clone()).unwrap_or_default();
+    fn record_pending(
+        &self,
+        vm: &crate::protocol::VmSpec,
+        feature: usize,
+        stage: crate::protocol::Stage,
+        attempt_id: &str,
+        migration_id: &str,
+        error: String,
+    ) {
+        let name = vm
+            .features
+            .get(feature)
+            .map(|f| f.name.clone())
+            .unwrap_or_default();
         let pending = journal::Pending {
             attempt_id: attempt_id.to_string(),
             migration_id: migration_id.to_string(),
@@ -399,7 +465,55 @@ impl Agent {
         if let Err(e) = self.journal().put_pending(&pending) {
             tracing::error!("cannot record pending {stage} of {name}: {e}");
         }
-        self.log("error", migration_id, format!("{name} {stage} failed on {} for {}; left pending: {error}", self.name, vm.name));
+        self.log(
+            "error",
+            migration_id,
+            format!(
+                "{name} {stage} failed on {} for {}; left pending: {error}",
+                self.name, vm.name
+            ),
+        );
+    }
+
+    /// Resume or kill a guest for an attempt, logging a failure and
+    /// publishing the VM's new state either way.
+    async fn guest_action(&self, vm: &str, migration_id: &str, resume: bool) {
+        let (verb, result) = if resume {
+            ("resume", self.hypervisor.resume(vm).await)
+        } else {
+            ("kill", self.hypervisor.kill(vm).await)
+        };
+        if let Err(e) = result {
+            self.log(
+                "error",
+                migration_id,
+                format!("cannot {verb} {vm} on {}: {e}", self.name),
+            );
+        }
+        self.publish_vm(vm).await;
+    }
+
+    /// Tell a peer that an attempt is aborted, in the background but tracked
+    /// so that shutdown waits for it. A destination answers once it has
+    /// rolled back, with its rollback results, which go into our record.
+    fn notify_abort(self: &Arc<Self>, peer: String, request: proto::PeerAbortRequest) {
+        let agent = self.clone();
+        self.track(tokio::spawn(async move {
+            let Ok(mut client) = agent.peers.client(&peer) else {
+                return;
+            };
+            let deadline = Duration::from_millis(agent.timing.peer_timeout_ms);
+            match peers::with_deadline(&peer, deadline, client.abort(request)).await {
+                Ok(reply) => {
+                    if let Ok(c4) =
+                        crate::protocol::cookies::decode::<proto::Cookie4>("C4", &reply.cookie4)
+                    {
+                        agent.record_peer_rollback(c4).await;
+                    }
+                }
+                Err(e) => tracing::warn!("telling {peer} about the abort: {}", e.message()),
+            }
+        }));
     }
 
     /// Keep a peer notification running past the attempt; shutdown waits for it.

@@ -61,27 +61,50 @@ impl Agent {
         existing: Option<&MigrationRecord>,
     ) -> Result<MigrationRecord, Refusal> {
         if self.is_stopping() {
-            return Err(Refusal::Unavailable(format!("agent {} is shutting down", self.name)));
+            return Err(Refusal::Unavailable(format!(
+                "agent {} is shutting down",
+                self.name
+            )));
         }
         if vm.is_empty() {
-            return Err(Refusal::InvalidArgument("no VM named in the request".into()));
+            return Err(Refusal::InvalidArgument(
+                "no VM named in the request".into(),
+            ));
         }
         if self.inventory.host(destination).is_none() {
-            let hosts: Vec<&str> = self.inventory.host.iter().map(|h| h.name.as_str()).collect();
+            let hosts: Vec<&str> = self
+                .inventory
+                .host
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect();
             return Err(Refusal::NotFound(format!(
                 "no host named {destination:?} in the inventory (hosts: {})",
                 hosts.join(", ")
             )));
         }
         if destination == self.name {
-            return Err(Refusal::InvalidArgument(format!("VM {vm} already runs on {destination}")));
+            return Err(Refusal::InvalidArgument(format!(
+                "VM {vm} already runs on {destination}"
+            )));
         }
-        let guest = self.hypervisor.guests().await.into_iter().find(|g| g.spec.name == vm);
+        let guest = self
+            .hypervisor
+            .guests()
+            .await
+            .into_iter()
+            .find(|g| g.spec.name == vm);
         let Some(guest) = guest else {
-            return Err(Refusal::NotFound(format!("no VM named {vm} on {}", self.name)));
+            return Err(Refusal::NotFound(format!(
+                "no VM named {vm} on {}",
+                self.name
+            )));
         };
         if guest.state == GuestState::Incoming {
-            return Err(Refusal::FailedPrecondition(format!("VM {vm} is arriving on {}, not running here", self.name)));
+            return Err(Refusal::FailedPrecondition(format!(
+                "VM {vm} is arriving on {}, not running here",
+                self.name
+            )));
         }
         let mut spec = guest.spec;
         for feature in &mut spec.features {
@@ -125,7 +148,11 @@ impl Agent {
         self.log(
             "info",
             &migration_id,
-            format!("{vm} {} -> {destination} ({:?}, attempt {})", self.name, mode, record.attempt).to_lowercase(),
+            format!(
+                "{vm} {} -> {destination} ({:?}, attempt {})",
+                self.name, mode, record.attempt
+            )
+            .to_lowercase(),
         );
         source::start(self, attempt, actions);
         Ok(record)
@@ -138,7 +165,9 @@ impl Agent {
         destination: Option<&str>,
         mode: Option<Mode>,
     ) -> Result<MigrationRecord, Refusal> {
-        let record = self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+        let record = self
+            .migration(id)
+            .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
         match record.outcome {
             Some(Outcome::Failed) | Some(Outcome::Aborted) => {}
             Some(other) => {
@@ -148,28 +177,38 @@ impl Agent {
                 )));
             }
             None => {
-                return Err(Refusal::FailedPrecondition(format!("migration {id} is still running")));
+                return Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} is still running"
+                )));
             }
         }
         let destination = destination.unwrap_or(&record.destination).to_string();
         let mode = mode.unwrap_or(record.mode);
-        self.start_migration(&record.vm, &destination, mode, Some(&record)).await
+        self.start_migration(&record.vm, &destination, mode, Some(&record))
+            .await
     }
 
     pub async fn abort(&self, id: &str) -> Result<MigrationRecord, Refusal> {
         let handle = self.state().sources.get(id).cloned();
         match handle {
             Some(handle) => {
-                handle.abort("aborted by the operator").await.map_err(Refusal::FailedPrecondition)?;
+                handle
+                    .abort("aborted by the operator")
+                    .await
+                    .map_err(Refusal::FailedPrecondition)?;
                 handle.done().await;
-                self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
+                self.migration(id)
+                    .ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
             }
             None => match self.migration(id) {
                 Some(record) => Err(Refusal::FailedPrecondition(format!(
                     "migration {id} has already ended ({}); nothing to abort",
                     record.outcome.map(Outcome::as_str).unwrap_or("ending")
                 ))),
-                None => Err(Refusal::NotFound(format!("no migration {id} on {}", self.name))),
+                None => Err(Refusal::NotFound(format!(
+                    "no migration {id} on {}",
+                    self.name
+                ))),
             },
         }
     }
@@ -182,23 +221,32 @@ impl Agent {
                 None => Refusal::NotFound(format!("no migration {id} on {}", self.name)),
             });
         };
-        handle.force(run_on).await.map_err(Refusal::FailedPrecondition)?;
+        handle
+            .force(run_on)
+            .await
+            .map_err(Refusal::FailedPrecondition)?;
         handle.done().await;
-        self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
+        self.migration(id)
+            .ok_or_else(|| Refusal::NotFound(format!("no migration {id}")))
     }
 
     /// Wait until the migration's latest attempt has an outcome.
     pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
         let mut events = self.subscribe();
         loop {
-            let record = self.migration(id).ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+            let record = self
+                .migration(id)
+                .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
             if record.outcome.is_some() {
                 return Ok(record);
             }
             match events.recv().await {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(Refusal::Unavailable(format!("agent {} is stopping", self.name)));
+                    return Err(Refusal::Unavailable(format!(
+                        "agent {} is stopping",
+                        self.name
+                    )));
                 }
             }
         }
@@ -210,36 +258,56 @@ impl Agent {
     /// it has prepared (or refused).
     pub async fn prepare(self: &Arc<Self>, cookie1: &[u8]) -> Result<proto::Cookie2, Refusal> {
         if self.is_stopping() {
-            return Err(Refusal::Unavailable(format!("agent {} is shutting down", self.name)));
+            return Err(Refusal::Unavailable(format!(
+                "agent {} is shutting down",
+                self.name
+            )));
         }
         let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
-        let incoming = cookies::check_cookie1(&c1, |f| self.features.knows(f)).map_err(cookie_refusal)?;
+        let incoming =
+            cookies::check_cookie1(&c1, |f| self.features.knows(f)).map_err(cookie_refusal)?;
         let guests = self.hypervisor.guests().await;
         let capacity = self.hypervisor.capacity();
         let free = FreeCapacity {
-            memory_mib: capacity.memory_mib.saturating_sub(guests.iter().map(|g| g.spec.memory_mib).sum()),
-            vcpus: capacity.vcpus.saturating_sub(guests.iter().map(|g| g.spec.vcpus).sum()),
+            memory_mib: capacity
+                .memory_mib
+                .saturating_sub(guests.iter().map(|g| g.spec.memory_mib).sum()),
+            vcpus: capacity
+                .vcpus
+                .saturating_sub(guests.iter().map(|g| g.spec.vcpus).sum()),
         };
         let already_here = guests.iter().any(|g| g.spec.name == incoming.vm.name);
         let (tx, rx) = oneshot::channel();
         {
             let state = self.state();
             if state.tombstones.contains(&incoming.attempt_id) {
-                return Err(Refusal::FailedPrecondition(format!("attempt {} was aborted", incoming.attempt_id)));
+                return Err(Refusal::FailedPrecondition(format!(
+                    "attempt {} was aborted",
+                    incoming.attempt_id
+                )));
             }
             if state.destinations.contains_key(&incoming.attempt_id) {
-                return Err(Refusal::AlreadyExists(format!("attempt {} is already here", incoming.attempt_id)));
+                return Err(Refusal::AlreadyExists(format!(
+                    "attempt {} is already here",
+                    incoming.attempt_id
+                )));
             }
         }
-        let (attempt, actions) =
-            DestinationAttempt::prepare(incoming, &self.name, free, already_here, self.timing, now_ms()).map_err(
-                |r| match r {
-                    PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
-                    PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
-                },
-            )?;
+        let (attempt, actions) = DestinationAttempt::prepare(
+            incoming,
+            &self.name,
+            free,
+            already_here,
+            self.timing,
+            now_ms(),
+        )
+        .map_err(|r| match r {
+            PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
+            PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
+        })?;
         destination::start(self, attempt, actions, Some(tx));
-        rx.await.map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
+        rx.await
+            .map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
     }
 
     pub async fn finish(&self, cookie3: &[u8]) -> Result<proto::Cookie4, Refusal> {
@@ -251,47 +319,133 @@ impl Agent {
             return Ok(c4);
         }
         // Already decided (or never here): answer from the journal.
-        let journaled = self.journal().destination_attempt(&c3.attempt_id).ok().flatten();
+        let journaled = self
+            .journal()
+            .destination_attempt(&c3.attempt_id)
+            .ok()
+            .flatten();
         match journaled {
             Some(attempt) => Ok(attempt.cookie4()),
-            None => Err(Refusal::NotFound(format!("no attempt {} on {}", c3.attempt_id, self.name))),
+            None => Err(Refusal::NotFound(format!(
+                "no attempt {} on {}",
+                c3.attempt_id, self.name
+            ))),
         }
     }
 
     /// Either side telling this one that an attempt is over. On the
     /// destination, the reply waits until the rollback is done (bounded), so
     /// a stopping source knows its peer is clean before it exits.
-    pub async fn peer_abort(&self, attempt_id: &str, reason: &str) -> proto::PeerAbortReply {
-        let source = self.state().sources.values().find(|h| h.attempt_id == attempt_id).cloned();
+    pub async fn peer_abort(
+        self: &Arc<Self>,
+        attempt_id: &str,
+        reason: &str,
+        cookie4: &[u8],
+    ) -> proto::PeerAbortReply {
+        let source = self
+            .state()
+            .sources
+            .values()
+            .find(|h| h.attempt_id == attempt_id)
+            .cloned();
         if let Some(handle) = source {
             handle.peer_aborted(reason);
-            return proto::PeerAbortReply { aborted: true, detail: String::new() };
+            if let Ok(c4) = cookies::decode::<proto::Cookie4>("C4", cookie4) {
+                let agent = self.clone();
+                tokio::spawn(async move { agent.record_peer_rollback(c4).await });
+            }
+            return proto::PeerAbortReply {
+                aborted: true,
+                detail: String::new(),
+                cookie4: Vec::new(),
+            };
         }
         let destination = self.state().destinations.get(attempt_id).cloned();
         match destination {
             Some(handle) => match handle.abort(reason, false).await {
                 Ok(()) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(self.timing.peer_timeout_ms * 2), handle.done())
-                        .await;
-                    proto::PeerAbortReply { aborted: true, detail: String::new() }
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(self.timing.peer_timeout_ms * 2),
+                        handle.done(),
+                    )
+                    .await;
+                    let cookie4 = self
+                        .journal()
+                        .destination_attempt(attempt_id)
+                        .ok()
+                        .flatten()
+                        .filter(|a| a.is_finished())
+                        .map(|a| prost::Message::encode_to_vec(&a.cookie4()))
+                        .unwrap_or_default();
+                    proto::PeerAbortReply {
+                        aborted: true,
+                        detail: String::new(),
+                        cookie4,
+                    }
                 }
-                Err(detail) => proto::PeerAbortReply { aborted: false, detail },
+                Err(detail) => proto::PeerAbortReply {
+                    aborted: false,
+                    detail,
+                    cookie4: Vec::new(),
+                },
             },
             None => {
-                let journaled = self.journal().destination_attempt(attempt_id).ok().flatten();
+                let journaled = self
+                    .journal()
+                    .destination_attempt(attempt_id)
+                    .ok()
+                    .flatten();
                 match journaled {
                     Some(a) if a.is_committed() => proto::PeerAbortReply {
                         aborted: false,
                         detail: format!("attempt {attempt_id} has committed on {}", self.name),
+                        cookie4: Vec::new(),
                     },
-                    Some(_) => proto::PeerAbortReply { aborted: true, detail: "already rolled back".into() },
+                    Some(a) => proto::PeerAbortReply {
+                        aborted: true,
+                        detail: "already rolled back".into(),
+                        cookie4: prost::Message::encode_to_vec(&a.cookie4()),
+                    },
                     None => {
                         // Prepare may still be on its way: make sure it is refused.
                         self.state().tombstones.insert(attempt_id.to_string());
-                        proto::PeerAbortReply { aborted: true, detail: "not known here".into() }
+                        proto::PeerAbortReply {
+                            aborted: true,
+                            detail: "not known here".into(),
+                            cookie4: Vec::new(),
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// The destination reported how it rolled back an attempt this host
+    /// aborted (or it aborted): once the attempt task is over, put the
+    /// results in its journaled record and publish it.
+    pub async fn record_peer_rollback(&self, c4: proto::Cookie4) {
+        let live = self
+            .state()
+            .sources
+            .values()
+            .find(|h| h.attempt_id == c4.attempt_id)
+            .cloned();
+        if let Some(handle) = live {
+            handle.done().await;
+        }
+        let Ok(Some(mut attempt)) = self.journal().source_attempt(&c4.attempt_id) else {
+            return;
+        };
+        attempt.apply_peer_rollback(&c4);
+        if let Err(e) = self.journal().put_source(&attempt) {
+            tracing::error!("cannot record the peer's rollback: {e}");
+            return;
+        }
+        let latest = self
+            .migration(&attempt.migration_id)
+            .is_some_and(|r| r.attempt_id == attempt.attempt_id);
+        if latest {
+            self.publish_migration(&attempt.record);
         }
     }
 
@@ -303,7 +457,12 @@ impl Agent {
         };
         let (committed, c4) = match answer {
             Some(answer) => answer,
-            None => match self.journal().destination_attempt(attempt_id).ok().flatten() {
+            None => match self
+                .journal()
+                .destination_attempt(attempt_id)
+                .ok()
+                .flatten()
+            {
                 Some(attempt) => (Some(attempt.is_committed()), attempt.cookie4()),
                 // Never journaled here, so never committed here.
                 None => {
@@ -324,7 +483,10 @@ impl Agent {
             Some(false) => proto::Resolution::NotCommitted,
             None => proto::Resolution::Pending,
         };
-        proto::ResolveReply { resolution: resolution as i32, cookie4: prost::Message::encode_to_vec(&c4) }
+        proto::ResolveReply {
+            resolution: resolution as i32,
+            cookie4: prost::Message::encode_to_vec(&c4),
+        }
     }
 
     pub fn heartbeat(&self, attempt_ids: &[String]) -> proto::HeartbeatReply {
@@ -334,7 +496,10 @@ impl Agent {
             .filter(|id| !state.destinations.get(*id).is_some_and(|h| h.heartbeat()))
             .cloned()
             .collect();
-        proto::HeartbeatReply { host: self.name.clone(), gone }
+        proto::HeartbeatReply {
+            host: self.name.clone(),
+            gone,
+        }
     }
 }
 

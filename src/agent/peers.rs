@@ -18,7 +18,10 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(inventory: Inventory) -> Peers {
-        Peers { inventory, channels: Mutex::new(HashMap::new()) }
+        Peers {
+            inventory,
+            channels: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn client(&self, host: &str) -> Result<PeerClient<Channel>, PeerError> {
@@ -47,8 +50,10 @@ impl Peers {
 pub fn peer_error(host: &str, status: tonic::Status) -> PeerError {
     use tonic::Code::*;
     match status.code() {
-        InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition | ResourceExhausted
-        | OutOfRange | Unimplemented | Aborted => PeerError::Refused(status.message().to_string()),
+        InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition
+        | ResourceExhausted | OutOfRange | Unimplemented | Aborted => {
+            PeerError::Refused(status.message().to_string())
+        }
         _ => PeerError::Unreachable(format!("{host} unreachable: {}", status.message())),
     }
 }
@@ -62,6 +67,9 @@ pub async fn with_deadline<T>(
     match tokio::time::timeout(deadline, call).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
         Ok(Err(status)) => Err(peer_error(host, status)),
-        Err(_) => Err(PeerError::Unreachable(format!("{host} did not answer within {} ms", deadline.as_millis()))),
+        Err(_) => Err(PeerError::Unreachable(format!(
+            "{host} did not answer within {} ms",
+            deadline.as_millis()
+        ))),
     }
 }

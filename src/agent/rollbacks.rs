@@ -53,7 +53,10 @@ pub fn spawn_retry_loop(agent: &Arc<Agent>) {
 }
 
 /// Re-run this host's pending rollbacks of one migration now.
-pub async fn run_for_migration(agent: &Arc<Agent>, migration_id: &str) -> (Vec<Pending>, Vec<Pending>) {
+pub async fn run_for_migration(
+    agent: &Arc<Agent>,
+    migration_id: &str,
+) -> (Vec<Pending>, Vec<Pending>) {
     let pending: Vec<Pending> = agent
         .journal()
         .pending()
@@ -68,31 +71,53 @@ pub async fn run_for_migration(agent: &Arc<Agent>, migration_id: &str) -> (Vec<P
 async fn run(agent: &Arc<Agent>, pending: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
     let (mut done, mut still) = (Vec::new(), Vec::new());
     for mut p in pending {
-        let Some(stage) = Stage::parse(&p.stage) else { continue };
+        let Some(stage) = Stage::parse(&p.stage) else {
+            continue;
+        };
         let Some(driver) = agent.features.get(&p.feature) else {
-            p.error = format!("feature {} is no longer configured on {}", p.feature, agent.name);
+            p.error = format!(
+                "feature {} is no longer configured on {}",
+                p.feature, agent.name
+            );
             still.push(p);
             continue;
         };
         let ctx = StageContext {
             host: agent.name.clone(),
             vm: p.vm.clone(),
-            feature: FeatureSpec { name: p.feature.clone(), driver: String::new(), required: false },
+            feature: FeatureSpec {
+                name: p.feature.clone(),
+                driver: String::new(),
+                required: false,
+            },
             stage,
             attempt_id: p.attempt_id.clone(),
             migration_id: p.migration_id.clone(),
         };
         match crate::features::run_stage(driver.as_ref(), &ctx).await {
             Ok(detail) => {
-                if let Err(e) = agent.journal().remove_pending(&p.attempt_id, &p.feature, &p.stage) {
+                if let Err(e) = agent
+                    .journal()
+                    .remove_pending(&p.attempt_id, &p.feature, &p.stage)
+                {
                     tracing::error!("cannot clear pending rollback: {e}");
                 }
-                agent.log("info", &p.migration_id, format!("pending {} of {} for {} done on {}: {detail}", p.stage, p.feature, p.vm, agent.name));
+                agent.log(
+                    "info",
+                    &p.migration_id,
+                    format!(
+                        "pending {} of {} for {} done on {}: {detail}",
+                        p.stage, p.feature, p.vm, agent.name
+                    ),
+                );
                 done.push(p);
             }
             Err(error) => {
                 p.tries += 1;
-                let backoff = agent.rollback_retry_ms.saturating_mul(1 << p.tries.min(16)).min(MAX_BACKOFF_MS);
+                let backoff = agent
+                    .rollback_retry_ms
+                    .saturating_mul(1 << p.tries.min(16))
+                    .min(MAX_BACKOFF_MS);
                 p.next_try_ms = now_ms() + backoff;
                 p.error = error;
                 if let Err(e) = agent.journal().put_pending(&p) {

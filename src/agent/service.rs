@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
@@ -16,12 +16,25 @@ use crate::proto::{self, console_server, peer_server};
 use crate::protocol::record::mode_from_proto;
 use crate::protocol::{RunOn, Stage};
 
-pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener, stop: oneshot::Receiver<()>) {
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    stop: oneshot::Receiver<()>,
+) {
+    // The builder's tcp_nodelay only applies to listeners it binds itself:
+    // without it here, Nagle holds small replies back for a delayed ACK.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(console_server::ConsoleServer::new(ConsoleService(agent.clone())))
+        .add_service(console_server::ConsoleServer::new(ConsoleService(
+            agent.clone(),
+        )))
         .add_service(peer_server::PeerServer::new(PeerService(agent.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })
         .await;
@@ -34,34 +47,61 @@ struct PeerService(Arc<Agent>);
 
 #[tonic::async_trait]
 impl peer_server::Peer for PeerService {
-    async fn prepare(&self, request: Request<proto::PrepareRequest>) -> Result<Response<proto::PrepareReply>, Status> {
+    async fn prepare(
+        &self,
+        request: Request<proto::PrepareRequest>,
+    ) -> Result<Response<proto::PrepareReply>, Status> {
         let c2 = self.0.prepare(&request.into_inner().cookie1).await?;
-        Ok(Response::new(proto::PrepareReply { cookie2: prost::Message::encode_to_vec(&c2) }))
+        Ok(Response::new(proto::PrepareReply {
+            cookie2: prost::Message::encode_to_vec(&c2),
+        }))
     }
 
-    async fn finish(&self, request: Request<proto::FinishRequest>) -> Result<Response<proto::FinishReply>, Status> {
+    async fn finish(
+        &self,
+        request: Request<proto::FinishRequest>,
+    ) -> Result<Response<proto::FinishReply>, Status> {
         let c4 = self.0.finish(&request.into_inner().cookie3).await?;
-        Ok(Response::new(proto::FinishReply { cookie4: prost::Message::encode_to_vec(&c4) }))
+        Ok(Response::new(proto::FinishReply {
+            cookie4: prost::Message::encode_to_vec(&c4),
+        }))
     }
 
-    async fn abort(&self, request: Request<proto::PeerAbortRequest>) -> Result<Response<proto::PeerAbortReply>, Status> {
+    async fn abort(
+        &self,
+        request: Request<proto::PeerAbortRequest>,
+    ) -> Result<Response<proto::PeerAbortReply>, Status> {
         let request = request.into_inner();
         tracing::warn!(attempt = %request.attempt_id, from = %request.from_host, "peer abort: {}", request.reason);
-        Ok(Response::new(self.0.peer_abort(&request.attempt_id, &request.reason).await))
+        Ok(Response::new(
+            self.0
+                .peer_abort(&request.attempt_id, &request.reason, &request.cookie4)
+                .await,
+        ))
     }
 
-    async fn resolve(&self, request: Request<proto::ResolveRequest>) -> Result<Response<proto::ResolveReply>, Status> {
-        Ok(Response::new(self.0.resolve(&request.into_inner().attempt_id).await))
+    async fn resolve(
+        &self,
+        request: Request<proto::ResolveRequest>,
+    ) -> Result<Response<proto::ResolveReply>, Status> {
+        Ok(Response::new(
+            self.0.resolve(&request.into_inner().attempt_id).await,
+        ))
     }
 
     async fn heartbeat(
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
-        Ok(Response::new(self.0.heartbeat(&request.into_inner().attempt_ids)))
+        Ok(Response::new(
+            self.0.heartbeat(&request.into_inner().attempt_ids),
+        ))
     }
 
-    async fn capacity(&self, _: Request<proto::CapacityRequest>) -> Result<Response<proto::CapacityReply>, Status> {
+    async fn capacity(
+        &self,
+        _: Request<proto::CapacityRequest>,
+    ) -> Result<Response<proto::CapacityReply>, Status> {
         let host = self.0.host_info().await;
         Ok(Response::new(proto::CapacityReply {
             host: host.name,
@@ -82,14 +122,19 @@ fn mode(value: i32) -> Result<Option<crate::protocol::Mode>, Status> {
     if value == 0 {
         return Ok(None);
     }
-    mode_from_proto(value).map(Some).ok_or_else(|| Status::invalid_argument(format!("unknown mode {value}")))
+    mode_from_proto(value)
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown mode {value}")))
 }
 
 #[tonic::async_trait]
 impl console_server::Console for ConsoleService {
     type WatchStream = EventStream;
 
-    async fn watch(&self, _: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let agent = self.0.clone();
         // Subscribe before taking the snapshot so no change falls in between.
         let mut events = agent.subscribe();
@@ -129,7 +174,10 @@ impl console_server::Console for ConsoleService {
     ) -> Result<Response<proto::MigrationRecord>, Status> {
         let request = request.into_inner();
         let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
-        let record = self.0.start_migration(&request.vm, &request.destination, mode, None).await?;
+        let record = self
+            .0
+            .start_migration(&request.vm, &request.destination, mode, None)
+            .await?;
         Ok(Response::new((&record).into()))
     }
 
@@ -161,19 +209,31 @@ impl console_server::Console for ConsoleService {
         Ok(Response::new(proto::ListMigrationsReply { migrations }))
     }
 
-    async fn abort(&self, request: Request<proto::MigrationRef>) -> Result<Response<proto::MigrationRecord>, Status> {
+    async fn abort(
+        &self,
+        request: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
         let record = self.0.abort(&request.into_inner().id).await?;
         Ok(Response::new((&record).into()))
     }
 
-    async fn retry(&self, request: Request<proto::RetryRequest>) -> Result<Response<proto::MigrationRecord>, Status> {
+    async fn retry(
+        &self,
+        request: Request<proto::RetryRequest>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
         let request = request.into_inner();
         let destination = (!request.destination.is_empty()).then_some(request.destination.as_str());
-        let record = self.0.retry(&request.id, destination, mode(request.mode)?).await?;
+        let record = self
+            .0
+            .retry(&request.id, destination, mode(request.mode)?)
+            .await?;
         Ok(Response::new((&record).into()))
     }
 
-    async fn rollback(&self, request: Request<proto::MigrationRef>) -> Result<Response<proto::RollbackReply>, Status> {
+    async fn rollback(
+        &self,
+        request: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::RollbackReply>, Status> {
         let (done, still) = rollbacks::run_for_migration(&self.0, &request.into_inner().id).await;
         Ok(Response::new(proto::RollbackReply {
             done: done.into_iter().map(rollbacks::to_proto).collect(),
@@ -189,25 +249,45 @@ impl console_server::Console for ConsoleService {
         let run_on = match proto::RunOn::try_from(request.run_on) {
             Ok(proto::RunOn::Source) => RunOn::Source,
             Ok(proto::RunOn::Destination) => RunOn::Destination,
-            _ => return Err(Status::invalid_argument("run_on must be source or destination")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "run_on must be source or destination",
+                ));
+            }
         };
         let record = self.0.force_resolve(&request.id, run_on).await?;
         Ok(Response::new((&record).into()))
     }
 
-    async fn evacuate(&self, _: Request<proto::EvacuateRequest>) -> Result<Response<proto::EvacuateReply>, Status> {
-        Err(Status::unimplemented("evacuations are not available in this build yet"))
+    async fn evacuate(
+        &self,
+        _: Request<proto::EvacuateRequest>,
+    ) -> Result<Response<proto::EvacuateReply>, Status> {
+        Err(Status::unimplemented(
+            "evacuations are not available in this build yet",
+        ))
     }
 
-    async fn list_vms(&self, _: Request<proto::ListVmsRequest>) -> Result<Response<proto::ListVmsReply>, Status> {
-        Ok(Response::new(proto::ListVmsReply { vms: self.0.vms().await }))
+    async fn list_vms(
+        &self,
+        _: Request<proto::ListVmsRequest>,
+    ) -> Result<Response<proto::ListVmsReply>, Status> {
+        Ok(Response::new(proto::ListVmsReply {
+            vms: self.0.vms().await,
+        }))
     }
 
-    async fn get_host(&self, _: Request<proto::GetHostRequest>) -> Result<Response<proto::Host>, Status> {
+    async fn get_host(
+        &self,
+        _: Request<proto::GetHostRequest>,
+    ) -> Result<Response<proto::Host>, Status> {
         Ok(Response::new(self.0.host_info().await))
     }
 
-    async fn set_faults(&self, request: Request<proto::SetFaultsRequest>) -> Result<Response<proto::Host>, Status> {
+    async fn set_faults(
+        &self,
+        request: Request<proto::SetFaultsRequest>,
+    ) -> Result<Response<proto::Host>, Status> {
         let settings = request
             .into_inner()
             .faults
@@ -215,7 +295,10 @@ impl console_server::Console for ConsoleService {
         let fail = settings
             .fail
             .iter()
-            .map(|s| Stage::parse(s).ok_or_else(|| Status::invalid_argument(format!("unknown stage {s:?}"))))
+            .map(|s| {
+                Stage::parse(s)
+                    .ok_or_else(|| Status::invalid_argument(format!("unknown stage {s:?}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let faults = Faults {
             fail,
@@ -223,7 +306,10 @@ impl console_server::Console for ConsoleService {
             latency_ms: settings.latency_ms,
             fail_rollback: settings.fail_rollback,
         };
-        self.0.features.set_faults(&settings.feature, faults).map_err(Status::invalid_argument)?;
+        self.0
+            .features
+            .set_faults(&settings.feature, faults)
+            .map_err(Status::invalid_argument)?;
         let host = self.0.host_info().await;
         self.0.emit(proto::event::Kind::HostChanged(host.clone()));
         Ok(Response::new(host))

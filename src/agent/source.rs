@@ -19,8 +19,14 @@ use crate::protocol::{Millis, PeerError, RunOn};
 
 enum Command {
     Input(SourceInput),
-    Abort { reason: String, reply: oneshot::Sender<Result<(), String>> },
-    Force { run_on: RunOn, reply: oneshot::Sender<Result<(), String>> },
+    Abort {
+        reason: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Force {
+        run_on: RunOn,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// How the agent reaches a live source attempt.
@@ -35,9 +41,13 @@ impl Handle {
     pub async fn abort(&self, reason: &str) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Abort { reason: reason.to_string(), reply })
+            .send(Command::Abort {
+                reason: reason.to_string(),
+                reply,
+            })
             .map_err(|_| "the attempt has already ended".to_string())?;
-        rx.await.unwrap_or_else(|_| Err("the attempt has already ended".to_string()))
+        rx.await
+            .unwrap_or_else(|_| Err("the attempt has already ended".to_string()))
     }
 
     pub async fn force(&self, run_on: RunOn) -> Result<(), String> {
@@ -45,12 +55,15 @@ impl Handle {
         self.tx
             .send(Command::Force { run_on, reply })
             .map_err(|_| "the attempt has already ended".to_string())?;
-        rx.await.unwrap_or_else(|_| Err("the attempt has already ended".to_string()))
+        rx.await
+            .unwrap_or_else(|_| Err("the attempt has already ended".to_string()))
     }
 
     /// The destination told us it aborted this attempt.
     pub fn peer_aborted(&self, reason: &str) {
-        let _ = self.tx.send(Command::Input(SourceInput::PeerAborted { reason: reason.to_string() }));
+        let _ = self.tx.send(Command::Input(SourceInput::PeerAborted {
+            reason: reason.to_string(),
+        }));
     }
 
     /// Resolves once the attempt task has ended.
@@ -66,12 +79,22 @@ impl Handle {
 pub fn start(agent: &Arc<Agent>, attempt: SourceAttempt, actions: Vec<SourceAction>) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done_tx, done) = watch::channel(false);
-    let handle = Handle { tx: tx.clone(), done, attempt_id: attempt.attempt_id.clone() };
+    let handle = Handle {
+        tx: tx.clone(),
+        done,
+        attempt_id: attempt.attempt_id.clone(),
+    };
     {
         let mut state = agent.state();
-        state.sources.insert(attempt.migration_id.clone(), handle.clone());
-        state.locks.insert(attempt.vm.name.clone(), attempt.migration_id.clone());
-        state.migrations.insert(attempt.migration_id.clone(), attempt.record.clone());
+        state
+            .sources
+            .insert(attempt.migration_id.clone(), handle.clone());
+        state
+            .locks
+            .insert(attempt.vm.name.clone(), attempt.migration_id.clone());
+        state
+            .migrations
+            .insert(attempt.migration_id.clone(), attempt.record.clone());
     }
     let executor = Executor {
         agent: agent.clone(),
@@ -131,19 +154,27 @@ impl Executor {
                     // At most one progress event every 200 ms per attempt.
                     if now >= self.last_progress_event + 200 {
                         self.last_progress_event = now;
-                        self.agent.emit(proto::event::Kind::Progress(proto::Progress {
-                            migration_id: attempt.migration_id.clone(),
-                            attempt_id: attempt.attempt_id.clone(),
-                            stats: Some(crate::protocol::record::stats_to_proto(&stats)),
-                        }));
-                        self.agent.state().migrations.insert(attempt.migration_id.clone(), attempt.record.clone());
+                        self.agent
+                            .emit(proto::event::Kind::Progress(proto::Progress {
+                                migration_id: attempt.migration_id.clone(),
+                                attempt_id: attempt.attempt_id.clone(),
+                                stats: Some(crate::protocol::record::stats_to_proto(&stats)),
+                            }));
+                        self.agent
+                            .state()
+                            .migrations
+                            .insert(attempt.migration_id.clone(), attempt.record.clone());
                     }
                     continue;
                 }
                 Command::Input(input) => actions = attempt.handle(now, input),
                 Command::Abort { reason, reply } => match attempt.abort(now, &reason) {
                     Ok(a) => {
-                        self.agent.log("warn", &attempt.migration_id, format!("abort of {}: {reason}", attempt.vm.name));
+                        self.agent.log(
+                            "warn",
+                            &attempt.migration_id,
+                            format!("abort of {}: {reason}", attempt.vm.name),
+                        );
                         actions = a;
                         let _ = reply.send(Ok(()));
                     }
@@ -164,7 +195,11 @@ impl Executor {
         }
         {
             let mut state = self.agent.state();
-            if state.sources.get(&attempt.migration_id).is_some_and(|h| h.attempt_id == attempt.attempt_id) {
+            if state
+                .sources
+                .get(&attempt.migration_id)
+                .is_some_and(|h| h.attempt_id == attempt.attempt_id)
+            {
                 state.sources.remove(&attempt.migration_id);
             }
         }
@@ -178,7 +213,11 @@ impl Executor {
         match action {
             SourceAction::Journal(snapshot) => {
                 if let Err(e) = agent.journal().put_source(&snapshot) {
-                    agent.log("error", &attempt.migration_id, format!("cannot write the journal: {e}"));
+                    agent.log(
+                        "error",
+                        &attempt.migration_id,
+                        format!("cannot write the journal: {e}"),
+                    );
                 }
             }
             SourceAction::SendPrepare(c1) => {
@@ -187,7 +226,9 @@ impl Executor {
                     let reply = match agent.peers.client(&peer) {
                         Err(e) => Err(e),
                         Ok(mut client) => client
-                            .prepare(proto::PrepareRequest { cookie1: c1.encode_to_vec() })
+                            .prepare(proto::PrepareRequest {
+                                cookie1: c1.encode_to_vec(),
+                            })
                             .await
                             .map_err(|s| peer_error(&peer, s))
                             .and_then(|r| {
@@ -209,14 +250,21 @@ impl Executor {
                 let (hypervisor, tx) = (agent.hypervisor.clone(), self.tx.clone());
                 let vm = vm.clone();
                 self.transfer = Some(tokio::spawn(async move {
-                    let result = hypervisor.transfer_out(&vm, &address, progress_tx).await.map_err(|e| e.to_string());
+                    let result = hypervisor
+                        .transfer_out(&vm, &address, progress_tx)
+                        .await
+                        .map_err(|e| e.to_string());
                     let _ = tx.send(Command::Input(SourceInput::TransferDone(result)));
                 }));
                 agent.publish_vm(&attempt.vm.name).await;
             }
             SourceAction::CancelTransfer => {
                 if let Err(e) = agent.hypervisor.cancel_transfer(&vm).await {
-                    agent.log("warn", &attempt.migration_id, format!("cancelling the transfer of {vm}: {e}"));
+                    agent.log(
+                        "warn",
+                        &attempt.migration_id,
+                        format!("cancelling the transfer of {vm}: {e}"),
+                    );
                 }
                 // The guest is only resumed once the transfer has really stopped.
                 if let Some(transfer) = self.transfer.take() {
@@ -229,7 +277,9 @@ impl Executor {
                     let reply = match agent.peers.client(&peer) {
                         Err(e) => Err(e),
                         Ok(mut client) => client
-                            .finish(proto::FinishRequest { cookie3: c3.encode_to_vec() })
+                            .finish(proto::FinishRequest {
+                                cookie3: c3.encode_to_vec(),
+                            })
                             .await
                             .map_err(|s| peer_error(&peer, s))
                             .and_then(|r| {
@@ -245,16 +295,9 @@ impl Executor {
                     attempt_id: attempt.attempt_id.clone(),
                     reason,
                     from_host: agent.name.clone(),
+                    cookie4: Vec::new(),
                 };
-                let agent2 = agent.clone();
-                agent.track(tokio::spawn(async move {
-                    if let Ok(mut client) = agent2.peers.client(&peer) {
-                        let deadline = Duration::from_millis(agent2.timing.peer_timeout_ms);
-                        if let Err(e) = with_deadline(&peer, deadline, client.abort(request)).await {
-                            tracing::warn!("telling {peer} to abort: {}", e.message());
-                        }
-                    }
-                }));
+                agent.notify_abort(peer, request);
             }
             SourceAction::SendResolve => {
                 let (agent, tx) = (agent.clone(), self.tx.clone());
@@ -264,9 +307,13 @@ impl Executor {
                         Err(e) => Err(e),
                         Ok(mut client) => {
                             let deadline = Duration::from_millis(agent.timing.peer_timeout_ms);
-                            with_deadline(&peer, deadline, client.resolve(proto::ResolveRequest { attempt_id }))
-                                .await
-                                .and_then(resolution)
+                            with_deadline(
+                                &peer,
+                                deadline,
+                                client.resolve(proto::ResolveRequest { attempt_id }),
+                            )
+                            .await
+                            .and_then(resolution)
                         }
                     };
                     let _ = tx.send(Command::Input(SourceInput::ResolveReplied(reply)));
@@ -292,42 +339,64 @@ impl Executor {
                     let _ = tx.send(Command::Input(SourceInput::HeartbeatReplied(reply)));
                 });
             }
-            SourceAction::ResumeGuest => {
-                if let Err(e) = agent.hypervisor.resume(&vm).await {
-                    agent.log("error", &attempt.migration_id, format!("cannot resume {vm} on {}: {e}", agent.name));
-                }
-                agent.publish_vm(&vm).await;
-            }
-            SourceAction::KillGuest => {
-                if let Err(e) = agent.hypervisor.kill(&vm).await {
-                    agent.log("error", &attempt.migration_id, format!("cannot kill {vm} on {}: {e}", agent.name));
-                }
-                agent.publish_vm(&vm).await;
-            }
+            SourceAction::ResumeGuest => agent.guest_action(&vm, &attempt.migration_id, true).await,
+            SourceAction::KillGuest => agent.guest_action(&vm, &attempt.migration_id, false).await,
             SourceAction::RunStage { feature, stage } => {
                 let (agent, tx) = (agent.clone(), self.tx.clone());
-                let (spec, attempt_id, migration_id) =
-                    (attempt.vm.clone(), attempt.attempt_id.clone(), attempt.migration_id.clone());
+                let (spec, attempt_id, migration_id) = (
+                    attempt.vm.clone(),
+                    attempt.attempt_id.clone(),
+                    attempt.migration_id.clone(),
+                );
                 tokio::spawn(async move {
-                    let result = agent.run_stage(&spec, feature, stage, &attempt_id, &migration_id).await;
-                    let _ = tx.send(Command::Input(SourceInput::StageDone { feature, stage, result }));
+                    let result = agent
+                        .run_stage(&spec, feature, stage, &attempt_id, &migration_id)
+                        .await;
+                    let _ = tx.send(Command::Input(SourceInput::StageDone {
+                        feature,
+                        stage,
+                        result,
+                    }));
                 });
             }
-            SourceAction::RecordPending { feature, stage, error } => {
-                agent.record_pending(&attempt.vm, feature, stage, &attempt.attempt_id, &attempt.migration_id, error);
+            SourceAction::RecordPending {
+                feature,
+                stage,
+                error,
+            } => {
+                agent.record_pending(
+                    &attempt.vm,
+                    feature,
+                    stage,
+                    &attempt.attempt_id,
+                    &attempt.migration_id,
+                    error,
+                );
             }
             SourceAction::Finished(outcome) => {
                 agent.state().locks.remove(&vm);
                 let level = match outcome {
                     crate::protocol::Outcome::Succeeded => "info",
-                    crate::protocol::Outcome::Degraded | crate::protocol::Outcome::Aborted => "warn",
+                    crate::protocol::Outcome::Degraded | crate::protocol::Outcome::Aborted => {
+                        "warn"
+                    }
                     _ => "error",
                 };
-                let error = attempt.record.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+                let error = attempt
+                    .record
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
                 agent.log(
                     level,
                     &attempt.migration_id,
-                    format!("{vm} {} -> {} {}{error}", agent.name, attempt.destination, outcome.as_str()),
+                    format!(
+                        "{vm} {} -> {} {}{error}",
+                        agent.name,
+                        attempt.destination,
+                        outcome.as_str()
+                    ),
                 );
                 agent.publish_vm(&vm).await;
             }
@@ -337,7 +406,8 @@ impl Executor {
 
 fn resolution(reply: proto::ResolveReply) -> Result<Resolution, PeerError> {
     let c4 = || {
-        cookies::decode::<proto::Cookie4>("C4", &reply.cookie4).map_err(|e| PeerError::Unreachable(e.to_string()))
+        cookies::decode::<proto::Cookie4>("C4", &reply.cookie4)
+            .map_err(|e| PeerError::Unreachable(e.to_string()))
     };
     match proto::Resolution::try_from(reply.resolution) {
         Ok(proto::Resolution::Committed) => Ok(Resolution::Committed(c4()?)),

@@ -94,7 +94,10 @@ pub trait Feature: Send + Sync {
 
     /// Replace the fault injection. Errors for drivers without it.
     fn set_faults(&self, _faults: Faults) -> Result<(), String> {
-        Err(format!("feature {} does not support fault injection", self.name()))
+        Err(format!(
+            "feature {} does not support fault injection",
+            self.name()
+        ))
     }
 }
 

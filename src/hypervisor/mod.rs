@@ -59,7 +59,11 @@ pub trait Hypervisor: Send + Sync {
 
     /// Destination, Prepare: create the guest paused, ready to receive.
     /// Returns the address the source transfers to.
-    async fn start_incoming(&self, spec: &VmSpec, attempt_id: &str) -> Result<String, HypervisorError>;
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        attempt_id: &str,
+    ) -> Result<String, HypervisorError>;
 
     /// Source, Perform: transfer the guest to `address`, sending progress on
     /// `progress`. On success the guest is left paused here.
@@ -77,7 +81,11 @@ pub trait Hypervisor: Send + Sync {
 
     /// Destination, Finish: wait until the incoming transfer described by
     /// `stats` has arrived. The guest stays paused.
-    async fn complete_incoming(&self, vm: &str, stats: &TransferStats) -> Result<(), HypervisorError>;
+    async fn complete_incoming(
+        &self,
+        vm: &str,
+        stats: &TransferStats,
+    ) -> Result<(), HypervisorError>;
 
     async fn pause(&self, vm: &str) -> Result<(), HypervisorError>;
     /// Start the guest's CPUs. Idempotent on a running guest.

@@ -10,7 +10,10 @@ use crate::protocol::record::{mode_from_proto, status_from_proto, status_to_prot
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CookieError {
     #[error("malformed {cookie}: {reason}")]
-    Malformed { cookie: &'static str, reason: String },
+    Malformed {
+        cookie: &'static str,
+        reason: String,
+    },
     #[error("protocol version {theirs} is not compatible with this agent's version {ours}")]
     IncompatibleVersion { theirs: u32, ours: u32 },
     #[error("mandatory feature {0:?} is not known on this host")]
@@ -18,11 +21,20 @@ pub enum CookieError {
 }
 
 /// Decode a cookie and check its protocol version.
-pub fn decode<T: Message + Default + Versioned>(cookie: &'static str, bytes: &[u8]) -> Result<T, CookieError> {
-    let message = T::decode(bytes).map_err(|e| CookieError::Malformed { cookie, reason: e.to_string() })?;
+pub fn decode<T: Message + Default + Versioned>(
+    cookie: &'static str,
+    bytes: &[u8],
+) -> Result<T, CookieError> {
+    let message = T::decode(bytes).map_err(|e| CookieError::Malformed {
+        cookie,
+        reason: e.to_string(),
+    })?;
     let theirs = message.protocol_version();
     if theirs != PROTOCOL_VERSION {
-        return Err(CookieError::IncompatibleVersion { theirs, ours: PROTOCOL_VERSION });
+        return Err(CookieError::IncompatibleVersion {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
     }
     Ok(message)
 }
@@ -40,7 +52,12 @@ macro_rules! versioned {
         }
     )*};
 }
-versioned!(proto::Cookie1, proto::Cookie2, proto::Cookie3, proto::Cookie4);
+versioned!(
+    proto::Cookie1,
+    proto::Cookie2,
+    proto::Cookie3,
+    proto::Cookie4
+);
 
 /// What a destination needs from C1, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +71,14 @@ pub struct Incoming {
 
 /// Check a decoded C1: a VM spec is present and sane, the mode is set, and
 /// every mandatory feature is one `knows` accepts.
-pub fn check_cookie1(c1: &proto::Cookie1, knows: impl Fn(&str) -> bool) -> Result<Incoming, CookieError> {
-    let malformed = |reason: &str| CookieError::Malformed { cookie: "C1", reason: reason.to_string() };
+pub fn check_cookie1(
+    c1: &proto::Cookie1,
+    knows: impl Fn(&str) -> bool,
+) -> Result<Incoming, CookieError> {
+    let malformed = |reason: &str| CookieError::Malformed {
+        cookie: "C1",
+        reason: reason.to_string(),
+    };
     let vm = c1.vm.as_ref().ok_or_else(|| malformed("no VM spec"))?;
     if vm.name.is_empty() {
         return Err(malformed("the VM spec has no name"));
@@ -78,7 +101,13 @@ pub fn check_cookie1(c1: &proto::Cookie1, knows: impl Fn(&str) -> bool) -> Resul
 
 /// C1 for an attempt. Required features are mandatory: a destination that
 /// does not know one could never honour "this VM must not run without it".
-pub fn cookie1(attempt_id: &str, migration_id: &str, source: &str, vm: &VmSpec, mode: Mode) -> proto::Cookie1 {
+pub fn cookie1(
+    attempt_id: &str,
+    migration_id: &str,
+    source: &str,
+    vm: &VmSpec,
+    mode: Mode,
+) -> proto::Cookie1 {
     proto::Cookie1 {
         protocol_version: PROTOCOL_VERSION,
         attempt_id: attempt_id.to_string(),
@@ -86,7 +115,12 @@ pub fn cookie1(attempt_id: &str, migration_id: &str, source: &str, vm: &VmSpec, 
         source: source.to_string(),
         vm: Some(vm_to_proto(vm)),
         mode: crate::protocol::record::mode_to_proto(mode) as i32,
-        mandatory_features: vm.features.iter().filter(|f| f.required).map(|f| f.name.clone()).collect(),
+        mandatory_features: vm
+            .features
+            .iter()
+            .filter(|f| f.required)
+            .map(|f| f.name.clone())
+            .collect(),
     }
 }
 
@@ -99,7 +133,11 @@ pub fn vm_to_proto(vm: &VmSpec) -> proto::VmSpec {
         features: vm
             .features
             .iter()
-            .map(|f| proto::FeatureRef { name: f.name.clone(), driver: f.driver().to_string(), required: f.required })
+            .map(|f| proto::FeatureRef {
+                name: f.name.clone(),
+                driver: f.driver().to_string(),
+                required: f.required,
+            })
             .collect(),
     }
 }
@@ -113,7 +151,11 @@ pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
         features: vm
             .features
             .iter()
-            .map(|f| FeatureSpec { name: f.name.clone(), driver: f.driver.clone(), required: f.required })
+            .map(|f| FeatureSpec {
+                name: f.name.clone(),
+                driver: f.driver.clone(),
+                required: f.required,
+            })
             .collect(),
     }
 }
@@ -143,8 +185,16 @@ mod tests {
             vcpus: 2,
             dirty_rate_mib_s: 50,
             features: vec![
-                FeatureSpec { name: "port-profile".into(), driver: String::new(), required: true },
-                FeatureSpec { name: "hook".into(), driver: "exec".into(), required: false },
+                FeatureSpec {
+                    name: "port-profile".into(),
+                    driver: String::new(),
+                    required: true,
+                },
+                FeatureSpec {
+                    name: "hook".into(),
+                    driver: "exec".into(),
+                    required: false,
+                },
             ],
         }
     }
@@ -180,7 +230,13 @@ mod tests {
         let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
         c1.protocol_version = PROTOCOL_VERSION + 1;
         let err = decode::<proto::Cookie1>("C1", &c1.encode_to_vec()).unwrap_err();
-        assert_eq!(err, CookieError::IncompatibleVersion { theirs: PROTOCOL_VERSION + 1, ours: PROTOCOL_VERSION });
+        assert_eq!(
+            err,
+            CookieError::IncompatibleVersion {
+                theirs: PROTOCOL_VERSION + 1,
+                ours: PROTOCOL_VERSION
+            }
+        );
     }
 
     #[test]
@@ -193,8 +249,14 @@ mod tests {
     fn cookie_without_vm_or_mode_is_malformed() {
         let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
         c1.mode = 0;
-        assert!(matches!(check_cookie1(&c1, |_| true), Err(CookieError::Malformed { .. })));
+        assert!(matches!(
+            check_cookie1(&c1, |_| true),
+            Err(CookieError::Malformed { .. })
+        ));
         c1.vm = None;
-        assert!(matches!(check_cookie1(&c1, |_| true), Err(CookieError::Malformed { .. })));
+        assert!(matches!(
+            check_cookie1(&c1, |_| true),
+            Err(CookieError::Malformed { .. })
+        ));
     }
 }

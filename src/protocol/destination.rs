@@ -20,7 +20,9 @@ use super::cookies::{Incoming, stage_result};
 use super::policy::{is_blocking, rollback_set};
 use super::record::{FeatureRecord, stats_from_proto};
 use super::recovery::{DestinationRecovery, destination_recovery};
-use super::{Millis, Mode, PROTOCOL_VERSION, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec};
+use super::{
+    Millis, Mode, PROTOCOL_VERSION, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
+};
 use crate::proto;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,14 +30,20 @@ pub enum DestinationState {
     /// The incoming guest is being started paused.
     Starting,
     /// Running feature `next`'s prepare stage.
-    Preparing { next: usize },
+    Preparing {
+        next: usize,
+    },
     /// C2 sent; waiting for Finish.
     Prepared,
     /// Finish arrived: waiting for the transfer, then feature `next`'s finish.
-    Finishing { next: usize },
+    Finishing {
+        next: usize,
+    },
     Committed,
     /// Undoing the features in `queue` (front first), after killing the guest.
-    RollingBack { queue: Vec<usize> },
+    RollingBack {
+        queue: Vec<usize>,
+    },
     RolledBack,
 }
 
@@ -51,7 +59,11 @@ pub enum Waiter {
 pub enum DestinationInput {
     IncomingStarted(Result<String, String>),
     IncomingCompleted(Result<(), String>),
-    StageDone { feature: usize, stage: Stage, result: StageOutcome },
+    StageDone {
+        feature: usize,
+        stage: Stage,
+        result: StageOutcome,
+    },
     Finish(proto::Cookie3),
     Heartbeat,
     Timer,
@@ -63,16 +75,27 @@ pub enum DestinationAction {
     StartIncoming,
     /// Wait for the transfer C3 describes to have arrived.
     CompleteIncoming(TransferStats),
-    RunStage { feature: usize, stage: Stage },
+    RunStage {
+        feature: usize,
+        stage: Stage,
+    },
     ResumeGuest,
     KillGuest,
     /// A rollback failed: the feature's state stays here until a retry works.
-    RecordPending { feature: usize, stage: Stage, error: String },
+    RecordPending {
+        feature: usize,
+        stage: Stage,
+        error: String,
+    },
     ReplyPrepare(proto::Cookie2),
     ReplyFinish(proto::Cookie4),
     /// We aborted on our own (source lost, agent stopping): tell the source.
-    NotifySource { reason: String },
-    Finished { committed: bool },
+    NotifySource {
+        reason: String,
+    },
+    Finished {
+        committed: bool,
+    },
 }
 
 /// Why Prepare was refused before anything was started.
@@ -125,7 +148,10 @@ impl DestinationAttempt {
     ) -> Result<(DestinationAttempt, Vec<DestinationAction>), PrepareRefusal> {
         let vm = incoming.vm;
         if already_here {
-            return Err(PrepareRefusal::AlreadyHere(format!("a guest named {} already exists on {host}", vm.name)));
+            return Err(PrepareRefusal::AlreadyHere(format!(
+                "a guest named {} already exists on {host}",
+                vm.name
+            )));
         }
         if vm.memory_mib > free.memory_mib || vm.vcpus > free.vcpus {
             return Err(PrepareRefusal::NoCapacity(format!(
@@ -138,7 +164,11 @@ impl DestinationAttempt {
             migration_id: incoming.migration_id,
             host: host.to_string(),
             source: incoming.source,
-            features: vm.features.iter().map(|f| FeatureRecord::new(&f.name, f.required)).collect(),
+            features: vm
+                .features
+                .iter()
+                .map(|f| FeatureRecord::new(&f.name, f.required))
+                .collect(),
             vm,
             mode: incoming.mode,
             state: DestinationState::Starting,
@@ -163,12 +193,18 @@ impl DestinationAttempt {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.state, DestinationState::Committed | DestinationState::RolledBack)
+        matches!(
+            self.state,
+            DestinationState::Committed | DestinationState::RolledBack
+        )
     }
 
     /// A stage is in flight and its result must be awaited before rolling back.
     fn stage_in_flight(&self) -> bool {
-        matches!(self.state, DestinationState::Starting | DestinationState::Preparing { .. })
+        matches!(
+            self.state,
+            DestinationState::Starting | DestinationState::Preparing { .. }
+        )
     }
 
     pub fn poll_timeout(&self) -> Option<Millis> {
@@ -179,7 +215,9 @@ impl DestinationAttempt {
             return None;
         }
         match self.state {
-            DestinationState::Starting | DestinationState::Preparing { .. } | DestinationState::Prepared => {
+            DestinationState::Starting
+            | DestinationState::Preparing { .. }
+            | DestinationState::Prepared => {
                 Some(self.last_source_contact + self.timing.peer_timeout_ms)
             }
             _ => None,
@@ -188,15 +226,22 @@ impl DestinationAttempt {
 
     /// Abort before Finish arrived. `Err` once Finish is being carried out or
     /// has committed: the destination decides then, not the source.
-    pub fn abort(&mut self, now: Millis, reason: &str, notify_source: bool) -> Result<Vec<DestinationAction>, String> {
+    pub fn abort(
+        &mut self,
+        now: Millis,
+        reason: &str,
+        notify_source: bool,
+    ) -> Result<Vec<DestinationAction>, String> {
         let _ = now;
         match self.state {
-            DestinationState::Finishing { .. } => {
-                Err(format!("{} is carrying out Finish for attempt {}; it cannot be aborted now", self.host, self.attempt_id))
-            }
-            DestinationState::Committed => {
-                Err(format!("attempt {} has committed on {}: the guest runs here", self.attempt_id, self.host))
-            }
+            DestinationState::Finishing { .. } => Err(format!(
+                "{} is carrying out Finish for attempt {}; it cannot be aborted now",
+                self.host, self.attempt_id
+            )),
+            DestinationState::Committed => Err(format!(
+                "attempt {} has committed on {}: the guest runs here",
+                self.attempt_id, self.host
+            )),
             DestinationState::RollingBack { .. } | DestinationState::RolledBack => Ok(Vec::new()),
             _ if self.stage_in_flight() => {
                 if self.abort_requested.is_none() {
@@ -222,9 +267,17 @@ impl DestinationAttempt {
         match self.state {
             DestinationState::Committed => (Some(true), Vec::new()),
             DestinationState::Finishing { .. } => (None, Vec::new()),
-            DestinationState::RollingBack { .. } | DestinationState::RolledBack => (Some(false), Vec::new()),
+            DestinationState::RollingBack { .. } | DestinationState::RolledBack => {
+                (Some(false), Vec::new())
+            }
             _ => {
-                let actions = self.abort(now, "the source asked to resolve before Finish arrived", false).unwrap_or_default();
+                let actions = self
+                    .abort(
+                        now,
+                        "the source asked to resolve before Finish arrived",
+                        false,
+                    )
+                    .unwrap_or_default();
                 (Some(false), actions)
             }
         }
@@ -246,13 +299,20 @@ impl DestinationAttempt {
                         self.next_prepare()
                     }
                     Err(e) => {
-                        self.error = Some(format!("could not start the incoming guest on {}: {e}", self.host));
+                        self.error = Some(format!(
+                            "could not start the incoming guest on {}: {e}",
+                            self.host
+                        ));
                         self.state = DestinationState::RollingBack { queue: Vec::new() };
                         self.roll_back_next()
                     }
                 }
             }
-            DestinationInput::StageDone { feature, stage, result } => self.on_stage_done(feature, stage, result),
+            DestinationInput::StageDone {
+                feature,
+                stage,
+                result,
+            } => self.on_stage_done(feature, stage, result),
             DestinationInput::Finish(c3) => self.on_finish(now, c3),
             DestinationInput::IncomingCompleted(result) => {
                 if self.state != (DestinationState::Finishing { next: 0 }) {
@@ -260,7 +320,10 @@ impl DestinationAttempt {
                 }
                 match result {
                     Ok(()) => self.next_finish(0),
-                    Err(e) => self.roll_back(format!("the transfer did not arrive on {}: {e}", self.host), true),
+                    Err(e) => self.roll_back(
+                        format!("the transfer did not arrive on {}: {e}", self.host),
+                        true,
+                    ),
                 }
             }
             DestinationInput::Heartbeat => {
@@ -268,11 +331,17 @@ impl DestinationAttempt {
                 Vec::new()
             }
             DestinationInput::Timer => {
-                let Some(deadline) = self.poll_timeout() else { return Vec::new() };
+                let Some(deadline) = self.poll_timeout() else {
+                    return Vec::new();
+                };
                 if now < deadline || self.abort_requested.is_some() {
                     return Vec::new();
                 }
-                let reason = format!("lost contact with source {}: no heartbeat for {} ms", self.source, now - self.last_source_contact);
+                let reason = format!(
+                    "lost contact with source {}: no heartbeat for {} ms",
+                    self.source,
+                    now - self.last_source_contact
+                );
                 self.abort(now, &reason, true).unwrap_or_default()
             }
         }
@@ -298,7 +367,13 @@ impl DestinationAttempt {
         self.state = DestinationState::Finishing { next: 0 };
         let mut actions = vec![self.journal()];
         if c3.status != proto::TransferStatus::Completed as i32 {
-            actions.extend(self.roll_back(format!("the source reported the transfer did not complete (status {})", c3.status), true));
+            actions.extend(self.roll_back(
+                format!(
+                    "the source reported the transfer did not complete (status {})",
+                    c3.status
+                ),
+                true,
+            ));
             return actions;
         }
         let stats = c3.stats.as_ref().map(stats_from_proto).unwrap_or_default();
@@ -306,11 +381,18 @@ impl DestinationAttempt {
         actions
     }
 
-    fn on_stage_done(&mut self, feature: usize, stage: Stage, result: StageOutcome) -> Vec<DestinationAction> {
+    fn on_stage_done(
+        &mut self,
+        feature: usize,
+        stage: Stage,
+        result: StageOutcome,
+    ) -> Vec<DestinationAction> {
         let expected = match (&self.state, stage) {
             (DestinationState::Preparing { next }, Stage::Prepare) => *next == feature,
             (DestinationState::Finishing { next }, Stage::Finish) => *next == feature,
-            (DestinationState::RollingBack { queue }, Stage::Rollback) => queue.first() == Some(&feature),
+            (DestinationState::RollingBack { queue }, Stage::Rollback) => {
+                queue.first() == Some(&feature)
+            }
             _ => false,
         };
         if !expected {
@@ -327,7 +409,10 @@ impl DestinationAttempt {
                 if let Err(detail) = &result
                     && is_blocking(self.mode, spec_required)
                 {
-                    let error = format!("required feature {name} failed prepare on {}: {detail}", self.host);
+                    let error = format!(
+                        "required feature {name} failed prepare on {}: {detail}",
+                        self.host
+                    );
                     return self.roll_back(error, false);
                 }
                 self.state = DestinationState::Preparing { next: feature + 1 };
@@ -337,7 +422,10 @@ impl DestinationAttempt {
                 if let Err(detail) = &result
                     && is_blocking(self.mode, spec_required)
                 {
-                    let error = format!("required feature {name} failed finish on {}: {detail}", self.host);
+                    let error = format!(
+                        "required feature {name} failed finish on {}: {detail}",
+                        self.host
+                    );
                     return self.roll_back(error, true);
                 }
                 self.next_finish(feature + 1)
@@ -345,7 +433,11 @@ impl DestinationAttempt {
             Stage::Rollback => {
                 let mut actions = Vec::new();
                 if let Err(error) = result {
-                    actions.push(DestinationAction::RecordPending { feature, stage: Stage::Rollback, error });
+                    actions.push(DestinationAction::RecordPending {
+                        feature,
+                        stage: Stage::Rollback,
+                        error,
+                    });
                 }
                 if let DestinationState::RollingBack { queue } = &mut self.state {
                     queue.remove(0);
@@ -358,14 +450,25 @@ impl DestinationAttempt {
     }
 
     fn next_prepare(&mut self) -> Vec<DestinationAction> {
-        let DestinationState::Preparing { next } = self.state else { return Vec::new() };
+        let DestinationState::Preparing { next } = self.state else {
+            return Vec::new();
+        };
         if next < self.features.len() {
             self.features[next].prepare = StepStatus::Running;
-            return vec![self.journal(), DestinationAction::RunStage { feature: next, stage: Stage::Prepare }];
+            return vec![
+                self.journal(),
+                DestinationAction::RunStage {
+                    feature: next,
+                    stage: Stage::Prepare,
+                },
+            ];
         }
         self.state = DestinationState::Prepared;
         self.waiter = Waiter::Nobody;
-        vec![self.journal(), DestinationAction::ReplyPrepare(self.cookie2(true))]
+        vec![
+            self.journal(),
+            DestinationAction::ReplyPrepare(self.cookie2(true)),
+        ]
     }
 
     fn next_finish(&mut self, from: usize) -> Vec<DestinationAction> {
@@ -378,7 +481,13 @@ impl DestinationAttempt {
         if next < self.features.len() {
             self.features[next].finish = StepStatus::Running;
             self.state = DestinationState::Finishing { next };
-            return vec![self.journal(), DestinationAction::RunStage { feature: next, stage: Stage::Finish }];
+            return vec![
+                self.journal(),
+                DestinationAction::RunStage {
+                    feature: next,
+                    stage: Stage::Finish,
+                },
+            ];
         }
         // The commit point: journal it, then start the guest's CPUs.
         self.state = DestinationState::Committed;
@@ -417,10 +526,15 @@ impl DestinationAttempt {
     }
 
     fn roll_back_next(&mut self) -> Vec<DestinationAction> {
-        let DestinationState::RollingBack { queue } = &self.state else { return Vec::new() };
+        let DestinationState::RollingBack { queue } = &self.state else {
+            return Vec::new();
+        };
         if let Some(&feature) = queue.first() {
             self.features[feature].rollback = StepStatus::Running;
-            return vec![DestinationAction::RunStage { feature, stage: Stage::Rollback }];
+            return vec![DestinationAction::RunStage {
+                feature,
+                stage: Stage::Rollback,
+            }];
         }
         self.state = DestinationState::RolledBack;
         let mut actions = vec![self.journal()];
@@ -453,7 +567,11 @@ impl DestinationAttempt {
             incoming_address: self.incoming_address.clone(),
             prepare: self.results(Stage::Prepare),
             accepted,
-            error: if accepted { String::new() } else { self.error.clone().unwrap_or_default() },
+            error: if accepted {
+                String::new()
+            } else {
+                self.error.clone().unwrap_or_default()
+            },
             rollback: self.results(Stage::Rollback),
         }
     }
@@ -466,7 +584,11 @@ impl DestinationAttempt {
             committed,
             finish: self.results(Stage::Finish),
             rollback: self.results(Stage::Rollback),
-            error: if committed { String::new() } else { self.error.clone().unwrap_or_default() },
+            error: if committed {
+                String::new()
+            } else {
+                self.error.clone().unwrap_or_default()
+            },
         }
     }
 
@@ -487,7 +609,10 @@ impl DestinationAttempt {
                     }
                 }
                 self.notify_source = true;
-                self.roll_back(format!("{} restarted before the commit point", self.host), false)
+                self.roll_back(
+                    format!("{} restarted before the commit point", self.host),
+                    false,
+                )
             }
             DestinationRecovery::ContinueRollback => {
                 let queue = rollback_set(&self.features, true);

@@ -53,7 +53,13 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [Phase::Begin, Phase::Prepare, Phase::Perform, Phase::Finish, Phase::Confirm];
+    pub const ALL: [Phase; 5] = [
+        Phase::Begin,
+        Phase::Prepare,
+        Phase::Perform,
+        Phase::Finish,
+        Phase::Confirm,
+    ];
 }
 
 /// A feature stage. `Prepare`, `Finish` and `Rollback` run on the destination,
@@ -132,6 +138,7 @@ impl Outcome {
 
 /// One feature of a VM spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FeatureSpec {
     pub name: String,
     /// The driver that implements the stages; defaults to the name.
@@ -143,11 +150,16 @@ pub struct FeatureSpec {
 
 impl FeatureSpec {
     pub fn driver(&self) -> &str {
-        if self.driver.is_empty() { &self.name } else { &self.driver }
+        if self.driver.is_empty() {
+            &self.name
+        } else {
+            &self.driver
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub name: String,
     pub memory_mib: u64,

@@ -16,7 +16,8 @@ pub fn is_blocking(mode: Mode, required: bool) -> bool {
 /// died also counts: its effect is unknown and stages are idempotent, so
 /// undoing it is the only safe choice.
 pub fn rollback_set(features: &[FeatureRecord], include_in_flight: bool) -> Vec<usize> {
-    let counts = |s: StepStatus| s == StepStatus::Ok || (include_in_flight && s == StepStatus::Running);
+    let counts =
+        |s: StepStatus| s == StepStatus::Ok || (include_in_flight && s == StepStatus::Running);
     (0..features.len())
         .rev()
         .filter(|&i| counts(features[i].prepare) || counts(features[i].finish))
@@ -46,7 +47,12 @@ mod tests {
     #[test]
     fn rollback_set_is_succeeded_features_in_reverse_order() {
         use StepStatus::*;
-        let features = vec![feature(Ok, Ok), feature(Failed, Skipped), feature(Ok, Failed), feature(Ok, Pending)];
+        let features = vec![
+            feature(Ok, Ok),
+            feature(Failed, Skipped),
+            feature(Ok, Failed),
+            feature(Ok, Pending),
+        ];
         assert_eq!(rollback_set(&features, false), vec![3, 2, 0]);
     }
 

@@ -62,6 +62,20 @@ impl FeatureRecord {
         *slot = status;
     }
 
+    /// The attempt ended: stages that never ran are skipped. A rollback
+    /// stays pending where `rollback_awaited` (the destination has yet to
+    /// report it).
+    pub fn skip_unrun(&mut self, rollback_awaited: bool) {
+        for stage in [Stage::Prepare, Stage::Finish, Stage::Release] {
+            if matches!(self.stage(stage), StepStatus::Pending | StepStatus::Running) {
+                self.set_stage(stage, StepStatus::Skipped);
+            }
+        }
+        if self.rollback == StepStatus::Pending && !rollback_awaited {
+            self.rollback = StepStatus::Skipped;
+        }
+    }
+
     /// Record a stage's result; the first failure's detail becomes `error`.
     pub fn record(&mut self, stage: Stage, result: &Result<String, String>) {
         match result {
@@ -151,7 +165,10 @@ impl MigrationRecord {
 
     /// The running phase, if any.
     pub fn running_phase(&self) -> Option<Phase> {
-        self.phases.iter().find(|p| p.status == StepStatus::Running).map(|p| p.phase)
+        self.phases
+            .iter()
+            .find(|p| p.status == StepStatus::Running)
+            .map(|p| p.phase)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -302,7 +319,12 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
     fn from(r: &proto::MigrationRecord) -> Self {
         let mut phases: Vec<PhaseRecord> = Phase::ALL
             .iter()
-            .map(|&phase| PhaseRecord { phase, status: StepStatus::Pending, duration_ms: 0, started_at: None })
+            .map(|&phase| PhaseRecord {
+                phase,
+                status: StepStatus::Pending,
+                duration_ms: 0,
+                started_at: None,
+            })
             .collect();
         for p in &r.phases {
             let phase = phase_from_proto(p.phase);

@@ -36,7 +36,9 @@ pub enum SourceRecovery {
 pub fn source_recovery(state: &SourceState) -> SourceRecovery {
     match state {
         SourceState::Preparing => SourceRecovery::Forget,
-        SourceState::Transferring { .. } | SourceState::Aborting { .. } => SourceRecovery::CancelAndResume,
+        SourceState::Transferring { .. } | SourceState::Aborting { .. } => {
+            SourceRecovery::CancelAndResume
+        }
         SourceState::FinishSent | SourceState::Unresolved => SourceRecovery::Resolve,
         SourceState::Confirming { .. } => SourceRecovery::FinishConfirm,
         SourceState::Done => SourceRecovery::Nothing,
@@ -74,26 +76,42 @@ mod tests {
 
     #[test]
     fn source_after_finish_sent_resolves_and_never_resumes_on_its_own() {
-        assert_eq!(source_recovery(&SourceState::FinishSent), SourceRecovery::Resolve);
-        assert_eq!(source_recovery(&SourceState::Unresolved), SourceRecovery::Resolve);
+        assert_eq!(
+            source_recovery(&SourceState::FinishSent),
+            SourceRecovery::Resolve
+        );
+        assert_eq!(
+            source_recovery(&SourceState::Unresolved),
+            SourceRecovery::Resolve
+        );
     }
 
     #[test]
     fn source_before_finish_resumes_or_forgets() {
-        assert_eq!(source_recovery(&SourceState::Preparing), SourceRecovery::Forget);
         assert_eq!(
-            source_recovery(&SourceState::Transferring { address: "sim://x".into() }),
+            source_recovery(&SourceState::Preparing),
+            SourceRecovery::Forget
+        );
+        assert_eq!(
+            source_recovery(&SourceState::Transferring {
+                address: "sim://x".into()
+            }),
             SourceRecovery::CancelAndResume
         );
         assert_eq!(
-            source_recovery(&SourceState::Aborting { outcome: Outcome::Aborted }),
+            source_recovery(&SourceState::Aborting {
+                outcome: Outcome::Aborted
+            }),
             SourceRecovery::CancelAndResume
         );
     }
 
     #[test]
     fn source_confirm_is_redone() {
-        assert_eq!(source_recovery(&SourceState::Confirming { committed: true }), SourceRecovery::FinishConfirm);
+        assert_eq!(
+            source_recovery(&SourceState::Confirming { committed: true }),
+            SourceRecovery::FinishConfirm
+        );
         assert_eq!(source_recovery(&SourceState::Done), SourceRecovery::Nothing);
     }
 
@@ -105,13 +123,23 @@ mod tests {
             DestinationState::Prepared,
             DestinationState::Finishing { next: 1 },
         ] {
-            assert_eq!(destination_recovery(&state), DestinationRecovery::KillAndRollBack, "{state:?}");
+            assert_eq!(
+                destination_recovery(&state),
+                DestinationRecovery::KillAndRollBack,
+                "{state:?}"
+            );
         }
     }
 
     #[test]
     fn destination_committed_keeps_running() {
-        assert_eq!(destination_recovery(&DestinationState::Committed), DestinationRecovery::KeepRunning);
-        assert_eq!(destination_recovery(&DestinationState::RolledBack), DestinationRecovery::Nothing);
+        assert_eq!(
+            destination_recovery(&DestinationState::Committed),
+            DestinationRecovery::KeepRunning
+        );
+        assert_eq!(
+            destination_recovery(&DestinationState::RolledBack),
+            DestinationRecovery::Nothing
+        );
     }
 }

@@ -19,8 +19,8 @@ use super::cookies::{self, read_stage_result};
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
-    Millis, Mode, Outcome, PROTOCOL_VERSION, Phase, PeerError, RunOn, Stage, StageOutcome, StepStatus, Timing,
-    TransferStats, VmSpec,
+    Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError, Phase, RunOn, Stage, StageOutcome,
+    StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -29,15 +29,21 @@ pub enum SourceState {
     /// C1 sent; waiting for the destination's Prepare.
     Preparing,
     /// Perform: the hypervisor is transferring the guest.
-    Transferring { address: String },
+    Transferring {
+        address: String,
+    },
     /// Ending before the commit point: cancel, resume here, tell the peer.
-    Aborting { outcome: Outcome },
+    Aborting {
+        outcome: Outcome,
+    },
     /// C3 sent: the destination may commit at any moment.
     FinishSent,
     /// Finish got no answer: asking the destination with Resolve.
     Unresolved,
     /// Confirm: kill here and release (committed) or resume here.
-    Confirming { committed: bool },
+    Confirming {
+        committed: bool,
+    },
     Done,
 }
 
@@ -58,9 +64,15 @@ pub enum SourceInput {
     ResolveReplied(Result<Resolution, PeerError>),
     /// `Ok(known)`: the destination answered, and still knows the attempt.
     HeartbeatReplied(Result<bool, PeerError>),
-    StageDone { feature: usize, stage: Stage, result: StageOutcome },
+    StageDone {
+        feature: usize,
+        stage: Stage,
+        result: StageOutcome,
+    },
     /// The destination told us it aborted the attempt.
-    PeerAborted { reason: String },
+    PeerAborted {
+        reason: String,
+    },
     Timer,
 }
 
@@ -69,18 +81,29 @@ pub enum SourceAction {
     /// Write this snapshot to the journal before doing what follows.
     Journal(Box<SourceAttempt>),
     SendPrepare(proto::Cookie1),
-    StartTransfer { address: String },
+    StartTransfer {
+        address: String,
+    },
     /// Stop the transfer and wait until it has stopped.
     CancelTransfer,
     SendFinish(proto::Cookie3),
-    SendAbort { reason: String },
+    SendAbort {
+        reason: String,
+    },
     SendResolve,
     SendHeartbeat,
     ResumeGuest,
     KillGuest,
-    RunStage { feature: usize, stage: Stage },
+    RunStage {
+        feature: usize,
+        stage: Stage,
+    },
     /// A release failed: its state stays on this host until a retry succeeds.
-    RecordPending { feature: usize, stage: Stage, error: String },
+    RecordPending {
+        feature: usize,
+        stage: Stage,
+        error: String,
+    },
     /// The attempt has an outcome: unlock the VM (not sent for `Unresolved`).
     Finished(Outcome),
 }
@@ -143,9 +166,19 @@ impl SourceAttempt {
             committed: false,
             phases: Phase::ALL
                 .iter()
-                .map(|&phase| PhaseRecord { phase, status: StepStatus::Pending, duration_ms: 0, started_at: None })
+                .map(|&phase| PhaseRecord {
+                    phase,
+                    status: StepStatus::Pending,
+                    duration_ms: 0,
+                    started_at: None,
+                })
                 .collect(),
-            features: params.vm.features.iter().map(|f| FeatureRecord::new(&f.name, f.required)).collect(),
+            features: params
+                .vm
+                .features
+                .iter()
+                .map(|f| FeatureRecord::new(&f.name, f.required))
+                .collect(),
             transfer: None,
             started_at_ms: params.started_at_ms,
             updated_at_ms: now,
@@ -173,7 +206,13 @@ impl SourceAttempt {
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
         attempt.record.start_phase(Phase::Prepare, now);
-        let c1 = cookies::cookie1(&attempt.attempt_id, &attempt.migration_id, &attempt.host, &attempt.vm, attempt.mode);
+        let c1 = cookies::cookie1(
+            &attempt.attempt_id,
+            &attempt.migration_id,
+            &attempt.host,
+            &attempt.vm,
+            attempt.mode,
+        );
         let actions = vec![attempt.journal(), SourceAction::SendPrepare(c1)];
         (attempt, actions)
     }
@@ -213,7 +252,11 @@ impl SourceAttempt {
     }
 
     /// The operator's forced decision for an unresolved attempt.
-    pub fn force_resolve(&mut self, now: Millis, run_on: RunOn) -> Result<Vec<SourceAction>, String> {
+    pub fn force_resolve(
+        &mut self,
+        now: Millis,
+        run_on: RunOn,
+    ) -> Result<Vec<SourceAction>, String> {
         if self.state != SourceState::Unresolved {
             return Err(format!(
                 "migration {} is not unresolved: only an attempt whose destination cannot answer Resolve can be forced",
@@ -222,9 +265,14 @@ impl SourceAttempt {
         }
         let note = match run_on {
             RunOn::Source => format!("operator forced the guest to run on {}", self.host),
-            RunOn::Destination => format!("operator forced the guest to run on {}", self.destination),
+            RunOn::Destination => {
+                format!("operator forced the guest to run on {}", self.destination)
+            }
         };
-        self.record.error = Some(format!("{note}; {}'s own record of the attempt was never read", self.destination));
+        self.record.error = Some(format!(
+            "{note}; {}'s own record of the attempt was never read",
+            self.destination
+        ));
         Ok(match run_on {
             RunOn::Source => {
                 let mut actions = self.confirm_not_committed(now, None);
@@ -238,7 +286,11 @@ impl SourceAttempt {
     /// The next instant `handle(Timer)` has something to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let liveness = || {
-            let hb = if self.heartbeat_in_flight { Millis::MAX } else { self.heartbeat_due };
+            let hb = if self.heartbeat_in_flight {
+                Millis::MAX
+            } else {
+                self.heartbeat_due
+            };
             hb.min(self.last_peer_contact + self.timing.peer_timeout_ms)
         };
         match &self.state {
@@ -269,21 +321,30 @@ impl SourceAttempt {
             SourceInput::FinishReplied(reply) => self.on_finish_replied(now, reply),
             SourceInput::ResolveReplied(reply) => self.on_resolve_replied(now, reply),
             SourceInput::HeartbeatReplied(reply) => self.on_heartbeat_replied(now, reply),
-            SourceInput::StageDone { feature, stage, result } => self.on_stage_done(now, feature, stage, result),
+            SourceInput::StageDone {
+                feature,
+                stage,
+                result,
+            } => self.on_stage_done(now, feature, stage, result),
             SourceInput::PeerAborted { reason } => match self.state {
-                SourceState::Preparing | SourceState::Transferring { .. } => self.end_before_commit(
-                    now,
-                    Outcome::Failed,
-                    format!("{} aborted the attempt: {reason}", self.destination),
-                    false,
-                ),
+                SourceState::Preparing | SourceState::Transferring { .. } => self
+                    .end_before_commit(
+                        now,
+                        Outcome::Failed,
+                        format!("{} aborted the attempt: {reason}", self.destination),
+                        false,
+                    ),
                 _ => Vec::new(),
             },
             SourceInput::Timer => self.on_timer(now),
         }
     }
 
-    fn on_prepare_replied(&mut self, now: Millis, reply: Result<proto::Cookie2, PeerError>) -> Vec<SourceAction> {
+    fn on_prepare_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<proto::Cookie2, PeerError>,
+    ) -> Vec<SourceAction> {
         if self.state != SourceState::Preparing {
             return Vec::new();
         }
@@ -301,23 +362,35 @@ impl SourceAttempt {
         self.apply_stage_results(Stage::Prepare, &c2.prepare);
         self.apply_stage_results(Stage::Rollback, &c2.rollback);
         if !c2.accepted {
-            let error = if c2.error.is_empty() { format!("{} did not prepare", self.destination) } else { c2.error };
+            let error = if c2.error.is_empty() {
+                format!("{} did not prepare", self.destination)
+            } else {
+                c2.error
+            };
             return self.end_before_commit(now, Outcome::Failed, error, false);
         }
         self.record.end_phase(Phase::Prepare, StepStatus::Ok, now);
         self.record.start_phase(Phase::Perform, now);
         self.last_progress_at = now;
         let address = c2.incoming_address;
-        self.state = SourceState::Transferring { address: address.clone() };
+        self.state = SourceState::Transferring {
+            address: address.clone(),
+        };
         vec![self.journal(), SourceAction::StartTransfer { address }]
     }
 
-    fn on_transfer_done(&mut self, now: Millis, result: Result<TransferStats, String>) -> Vec<SourceAction> {
+    fn on_transfer_done(
+        &mut self,
+        now: Millis,
+        result: Result<TransferStats, String>,
+    ) -> Vec<SourceAction> {
         if !matches!(self.state, SourceState::Transferring { .. }) {
             return Vec::new();
         }
         match result {
-            Err(e) => self.end_before_commit(now, Outcome::Failed, format!("transfer failed: {e}"), true),
+            Err(e) => {
+                self.end_before_commit(now, Outcome::Failed, format!("transfer failed: {e}"), true)
+            }
             Ok(stats) => {
                 // The guest is paused here now. From the moment C3 leaves, the
                 // destination may commit: journal that first.
@@ -336,8 +409,15 @@ impl SourceAttempt {
         }
     }
 
-    fn on_finish_replied(&mut self, now: Millis, reply: Result<proto::Cookie4, PeerError>) -> Vec<SourceAction> {
-        if !matches!(self.state, SourceState::FinishSent | SourceState::Unresolved) {
+    fn on_finish_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<proto::Cookie4, PeerError>,
+    ) -> Vec<SourceAction> {
+        if !matches!(
+            self.state,
+            SourceState::FinishSent | SourceState::Unresolved
+        ) {
             return Vec::new();
         }
         match reply {
@@ -345,20 +425,34 @@ impl SourceAttempt {
                 self.last_peer_contact = now;
                 self.apply_cookie4(now, c4)
             }
-            Err(e) => self.become_unresolved(now, format!("no answer to Finish from {}: {}", self.destination, e.message())),
+            Err(e) => self.become_unresolved(
+                now,
+                format!(
+                    "no answer to Finish from {}: {}",
+                    self.destination,
+                    e.message()
+                ),
+            ),
         }
     }
 
-    fn on_resolve_replied(&mut self, now: Millis, reply: Result<Resolution, PeerError>) -> Vec<SourceAction> {
+    fn on_resolve_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<Resolution, PeerError>,
+    ) -> Vec<SourceAction> {
         if self.state != SourceState::Unresolved {
             return Vec::new();
         }
         self.resolve_in_flight = false;
         match reply {
-            Ok(Resolution::Committed(c4)) | Ok(Resolution::NotCommitted(c4)) => self.apply_cookie4(now, c4),
+            Ok(Resolution::Committed(c4)) | Ok(Resolution::NotCommitted(c4)) => {
+                self.apply_cookie4(now, c4)
+            }
             Ok(Resolution::Pending) | Err(_) => {
                 self.resolve_due = now + self.resolve_backoff;
-                self.resolve_backoff = (self.resolve_backoff * 2).min(self.timing.resolve_backoff_max_ms);
+                self.resolve_backoff =
+                    (self.resolve_backoff * 2).min(self.timing.resolve_backoff_max_ms);
                 Vec::new()
             }
         }
@@ -371,12 +465,20 @@ impl SourceAttempt {
             self.record.error = None;
             self.confirm_committed(now, None)
         } else {
-            let error = if c4.error.is_empty() { format!("{} did not commit", self.destination) } else { c4.error };
+            let error = if c4.error.is_empty() {
+                format!("{} did not commit", self.destination)
+            } else {
+                c4.error
+            };
             self.confirm_not_committed(now, Some(error))
         }
     }
 
-    fn on_heartbeat_replied(&mut self, now: Millis, reply: Result<bool, PeerError>) -> Vec<SourceAction> {
+    fn on_heartbeat_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<bool, PeerError>,
+    ) -> Vec<SourceAction> {
         self.heartbeat_in_flight = false;
         match reply {
             Ok(known) => {
@@ -384,7 +486,10 @@ impl SourceAttempt {
                 // Before Prepare has replied the destination may not have seen C1
                 // yet, so only a transferring attempt can be "gone".
                 if !known && matches!(self.state, SourceState::Transferring { .. }) {
-                    let error = format!("{} no longer knows this attempt (it aborted it)", self.destination);
+                    let error = format!(
+                        "{} no longer knows this attempt (it aborted it)",
+                        self.destination
+                    );
                     return self.end_before_commit(now, Outcome::Failed, error, false);
                 }
                 Vec::new()
@@ -393,7 +498,13 @@ impl SourceAttempt {
         }
     }
 
-    fn on_stage_done(&mut self, now: Millis, feature: usize, stage: Stage, result: StageOutcome) -> Vec<SourceAction> {
+    fn on_stage_done(
+        &mut self,
+        now: Millis,
+        feature: usize,
+        stage: Stage,
+        result: StageOutcome,
+    ) -> Vec<SourceAction> {
         let SourceState::Confirming { committed: true } = self.state else {
             return Vec::new();
         };
@@ -405,7 +516,11 @@ impl SourceAttempt {
             record.record(Stage::Release, &result);
         }
         if let Err(error) = result {
-            actions.push(SourceAction::RecordPending { feature, stage: Stage::Release, error });
+            actions.push(SourceAction::RecordPending {
+                feature,
+                stage: Stage::Release,
+                error,
+            });
         }
         self.release_next += 1;
         actions.extend(self.next_release(now));
@@ -418,7 +533,10 @@ impl SourceAttempt {
             SourceState::Preparing | SourceState::Transferring { .. } | SourceState::FinishSent => {
                 if now >= self.last_peer_contact + self.timing.peer_timeout_ms {
                     let silence = now - self.last_peer_contact;
-                    let error = format!("lost contact with {}: no answer for {silence} ms", self.destination);
+                    let error = format!(
+                        "lost contact with {}: no answer for {silence} ms",
+                        self.destination
+                    );
                     return if self.state == SourceState::FinishSent {
                         self.become_unresolved(now, error)
                     } else {
@@ -428,7 +546,10 @@ impl SourceAttempt {
                 if let SourceState::Transferring { .. } = self.state
                     && now >= self.last_progress_at + self.timing.stall_timeout_ms
                 {
-                    let error = format!("transfer made no progress for {} ms", now - self.last_progress_at);
+                    let error = format!(
+                        "transfer made no progress for {} ms",
+                        now - self.last_progress_at
+                    );
                     return self.end_before_commit(now, Outcome::Failed, error, true);
                 }
                 if !self.heartbeat_in_flight && now >= self.heartbeat_due {
@@ -437,11 +558,9 @@ impl SourceAttempt {
                     actions.push(SourceAction::SendHeartbeat);
                 }
             }
-            SourceState::Unresolved => {
-                if !self.resolve_in_flight && now >= self.resolve_due {
-                    self.resolve_in_flight = true;
-                    actions.push(SourceAction::SendResolve);
-                }
+            SourceState::Unresolved if !self.resolve_in_flight && now >= self.resolve_due => {
+                self.resolve_in_flight = true;
+                actions.push(SourceAction::SendResolve);
             }
             _ => {}
         }
@@ -449,13 +568,24 @@ impl SourceAttempt {
     }
 
     /// Every way an attempt ends before the commit point: the guest runs here.
-    fn end_before_commit(&mut self, now: Millis, outcome: Outcome, error: String, tell_peer: bool) -> Vec<SourceAction> {
+    fn end_before_commit(
+        &mut self,
+        now: Millis,
+        outcome: Outcome,
+        error: String,
+        tell_peer: bool,
+    ) -> Vec<SourceAction> {
         let transferring = matches!(self.state, SourceState::Transferring { .. });
         let phase = self.record.running_phase().unwrap_or(Phase::Prepare);
         self.record.fail_from(phase, now);
         self.record.outcome = Some(outcome);
         self.record.error = Some(error.clone());
         self.record.running_on = self.host.clone();
+        for f in &mut self.record.features {
+            // What the destination prepared (or may have) it rolls back and reports.
+            let awaited = matches!(f.prepare, StepStatus::Ok | StepStatus::Running);
+            f.skip_unrun(awaited);
+        }
         self.state = SourceState::Aborting { outcome };
         let mut actions = vec![self.journal()];
         if transferring {
@@ -510,7 +640,10 @@ impl SourceAttempt {
             if let Some(record) = self.record.features.get_mut(self.release_next) {
                 record.release = StepStatus::Running;
             }
-            return vec![SourceAction::RunStage { feature: self.release_next, stage: Stage::Release }];
+            return vec![SourceAction::RunStage {
+                feature: self.release_next,
+                stage: Stage::Release,
+            }];
         }
         let degraded = self
             .record
@@ -518,7 +651,14 @@ impl SourceAttempt {
             .iter()
             .any(|f| f.prepare == StepStatus::Failed || f.finish == StepStatus::Failed)
             || self.record.error.is_some();
-        let outcome = if degraded { Outcome::Degraded } else { Outcome::Succeeded };
+        let outcome = if degraded {
+            Outcome::Degraded
+        } else {
+            Outcome::Succeeded
+        };
+        for f in &mut self.record.features {
+            f.skip_unrun(false);
+        }
         if degraded && self.record.error.is_none() {
             self.record.error = self.first_feature_error();
         }
@@ -541,8 +681,16 @@ impl SourceAttempt {
         self.record.end_phase(Phase::Confirm, StepStatus::Ok, now);
         self.record.running_on = self.host.clone();
         self.record.outcome = Some(Outcome::Failed);
+        for f in &mut self.record.features {
+            f.skip_unrun(false);
+        }
         self.state = SourceState::Done;
-        vec![journal, SourceAction::ResumeGuest, self.journal(), SourceAction::Finished(Outcome::Failed)]
+        vec![
+            journal,
+            SourceAction::ResumeGuest,
+            self.journal(),
+            SourceAction::Finished(Outcome::Failed),
+        ]
     }
 
     fn first_feature_error(&self) -> Option<String> {
@@ -562,6 +710,18 @@ impl SourceAttempt {
                     record.error = Some(detail.to_string());
                 }
             }
+        }
+    }
+
+    /// The destination reported the rollback it did after this attempt was
+    /// aborted: show it in the record (the attempt itself is over).
+    pub fn apply_peer_rollback(&mut self, c4: &proto::Cookie4) {
+        if c4.attempt_id != self.attempt_id || c4.committed {
+            return;
+        }
+        self.apply_stage_results(Stage::Rollback, &c4.rollback);
+        for f in &mut self.record.features {
+            f.skip_unrun(false);
         }
     }
 
@@ -589,14 +749,19 @@ impl SourceAttempt {
                     .clone()
                     .unwrap_or_else(|| format!("{} restarted during Perform", self.host));
                 // Put the state back to transferring so the transfer is cancelled.
-                self.state = SourceState::Transferring { address: String::new() };
+                self.state = SourceState::Transferring {
+                    address: String::new(),
+                };
                 self.end_before_commit(now, outcome, error, true)
             }
             SourceRecovery::Resolve => {
                 self.state = SourceState::FinishSent;
                 self.become_unresolved(
                     now,
-                    format!("{} restarted after sending Finish to {}", self.host, self.destination),
+                    format!(
+                        "{} restarted after sending Finish to {}",
+                        self.host, self.destination
+                    ),
                 )
             }
             SourceRecovery::FinishConfirm => match self.state {

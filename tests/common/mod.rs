@@ -19,7 +19,10 @@ pub struct HostSpec {
 }
 
 pub fn host(name: &'static str, config: impl Into<String>) -> HostSpec {
-    HostSpec { name, config: config.into() }
+    HostSpec {
+        name,
+        config: config.into(),
+    }
 }
 
 pub struct Host {
@@ -38,10 +41,15 @@ pub struct Cluster {
 
 /// Settings every test agent shares: short heartbeats so lost peers are
 /// noticed in about a second.
-pub const TIMING: &str = "heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 600000\n";
+pub const TIMING: &str =
+    "heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 600000\n";
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Cluster {
@@ -52,7 +60,10 @@ impl Cluster {
         let mut text = String::new();
         for spec in &specs {
             let port = free_port();
-            text.push_str(&format!("[[host]]\nname = \"{}\"\naddress = \"http://127.0.0.1:{port}\"\n\n", spec.name));
+            text.push_str(&format!(
+                "[[host]]\nname = \"{}\"\naddress = \"http://127.0.0.1:{port}\"\n\n",
+                spec.name
+            ));
             let config_path = dir.path().join(format!("{}.toml", spec.name));
             let config = format!(
                 "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{TIMING}\n{}\n",
@@ -69,7 +80,11 @@ impl Cluster {
             });
         }
         std::fs::write(&inventory, text).unwrap();
-        let mut cluster = Cluster { dir, inventory, hosts };
+        let mut cluster = Cluster {
+            dir,
+            inventory,
+            hosts,
+        };
         for name in specs.iter().map(|s| s.name) {
             cluster.start_agent(name);
         }
@@ -81,17 +96,27 @@ impl Cluster {
     }
 
     fn host_mut(&mut self, name: &str) -> &mut Host {
-        self.hosts.iter_mut().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+        self.hosts
+            .iter_mut()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
     }
 
     pub fn host(&self, name: &str) -> &Host {
-        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
     }
 
     /// Start (or restart) a host's agent and wait until it accepts connections.
     pub fn start_agent(&mut self, name: &str) {
         let host = self.host_mut(name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log_path).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&host.log_path)
+            .unwrap();
         let child = Command::new(TERN)
             .args(["agent", "--config"])
             .arg(&host.config_path)
@@ -103,15 +128,20 @@ impl Cluster {
             .unwrap();
         host.child = Some(child);
         let port = host.port;
-        wait_until(Duration::from_secs(20), &format!("agent {name} to listen"), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        wait_until(
+            Duration::from_secs(20),
+            &format!("agent {name} to listen"),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
     }
 
     /// Send a signal to a host's agent (`libc::SIGKILL`, `SIGINT`, `SIGSTOP`, …).
     pub fn signal(&mut self, name: &str, signal: i32) {
         let host = self.host_mut(name);
-        let child = host.child.as_ref().unwrap_or_else(|| panic!("agent {name} is not running"));
+        let child = host
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("agent {name} is not running"));
         unsafe {
             libc::kill(child.id() as i32, signal);
         }
@@ -127,7 +157,10 @@ impl Cluster {
     /// Wait for an agent to exit on its own (after SIGINT, say); returns its exit status.
     pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> std::process::ExitStatus {
         let host = self.host_mut(name);
-        let mut child = host.child.take().unwrap_or_else(|| panic!("agent {name} is not running"));
+        let mut child = host
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("agent {name} is not running"));
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -161,14 +194,21 @@ impl Cluster {
     pub fn tern_json(&self, args: &[&str]) -> (i32, Value) {
         let out = self.tern(args);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_else(|| {
-            panic!(
-                "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.code().unwrap_or(-1), serde_json::from_str(line).unwrap())
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        (
+            out.status.code().unwrap_or(-1),
+            serde_json::from_str(line).unwrap(),
+        )
     }
 
     pub fn status(&self) -> Value {
@@ -177,7 +217,16 @@ impl Cluster {
 
     /// Start a migration without waiting; returns its id.
     pub fn start_migration(&self, vm: &str, to: &str, mode: &str) -> String {
-        let (code, record) = self.tern_json(&["migrate", vm, "--to", to, "--mode", mode, "--no-wait", "--json"]);
+        let (code, record) = self.tern_json(&[
+            "migrate",
+            vm,
+            "--to",
+            to,
+            "--mode",
+            mode,
+            "--no-wait",
+            "--json",
+        ]);
         assert_eq!(code, 0, "migrate --no-wait failed: {record}");
         record["id"].as_str().unwrap().to_string()
     }
@@ -195,18 +244,30 @@ impl Cluster {
 
     /// Wait until the migration's running phase is `phase` (e.g. "perform").
     pub fn wait_phase(&self, id: &str, phase: &str) {
-        wait_until(Duration::from_secs(20), &format!("migration {id} to reach {phase}"), || {
-            let m = self.migration(id);
-            m["phases"].as_array().unwrap().iter().any(|p| p["phase"] == phase && p["status"] == "running")
-        });
+        wait_until(
+            Duration::from_secs(20),
+            &format!("migration {id} to reach {phase}"),
+            || {
+                let m = self.migration(id);
+                m["phases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["phase"] == phase && p["status"] == "running")
+            },
+        );
     }
 
     pub fn wait_outcome(&self, id: &str) -> Value {
         let mut record = Value::Null;
-        wait_until(Duration::from_secs(30), &format!("migration {id} to end"), || {
-            record = self.migration(id);
-            !record["outcome"].is_null()
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("migration {id} to end"),
+            || {
+                record = self.migration(id);
+                !record["outcome"].is_null()
+            },
+        );
         record
     }
 
@@ -223,7 +284,12 @@ impl Cluster {
             .unwrap()
             .iter()
             .filter(|v| v["name"] == vm)
-            .map(|v| (v["host"].as_str().unwrap().to_string(), v["state"].as_str().unwrap().to_string()))
+            .map(|v| {
+                (
+                    v["host"].as_str().unwrap().to_string(),
+                    v["state"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
 
@@ -241,7 +307,10 @@ impl Cluster {
 
     pub fn pending_rollbacks(&self, host: &str) -> Vec<Value> {
         let status = self.status();
-        host_of(&status, host)["pending_rollbacks"].as_array().unwrap().clone()
+        host_of(&status, host)["pending_rollbacks"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
@@ -285,13 +354,21 @@ pub fn feature<'a>(record: &'a Value, name: &str) -> &'a Value {
 }
 
 pub fn phase<'a>(record: &'a Value, name: &str) -> &'a Value {
-    record["phases"].as_array().unwrap().iter().find(|p| p["phase"] == name).unwrap()
+    record["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == name)
+        .unwrap()
 }
 
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
