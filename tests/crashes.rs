@@ -275,3 +275,50 @@ fn destination_lost_during_perform_resumes_the_source_within_the_peer_timeout() 
         "outcome {took} ms after the destination was killed: {record}"
     );
 }
+
+/// The destination is gone for good after Finish was sent and the source
+/// restarted: the attempt stays unresolved, and only the operator's forced
+/// decision (`tern resolve --run-on source`) runs the guest again.
+#[test]
+fn operator_forces_an_unresolved_attempt_back_to_the_source_when_the_destination_is_gone() {
+    let mut cluster = pair(256, "latency_ms = 3000");
+    let id = cluster.start_migration("web-01", "hv-b", "safe");
+    cluster.wait_phase(&id, "finish");
+    cluster.kill("hv-a");
+    cluster.kill("hv-b");
+    cluster.start_agent("hv-a");
+    wait_until(
+        Duration::from_secs(20),
+        "the attempt to be unresolved",
+        || cluster.migration(&id)["outcome"] == "unresolved",
+    );
+    // Unresolved never resumes on its own.
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "paused".to_string())]
+    );
+
+    // Without --yes and with no terminal, the CLI refuses and changes nothing.
+    let refused = cluster.tern(&["resolve", &id, "--run-on", "source"]);
+    assert_eq!(refused.status.code(), Some(64));
+    assert_eq!(cluster.migration(&id)["outcome"], "unresolved");
+
+    let forced = cluster.tern(&["resolve", &id, "--run-on", "source", "--yes"]);
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert_eq!(forced.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("two hosts at once"),
+        "the warning must say what can go wrong: {stderr}"
+    );
+    let record = cluster.migration(&id);
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "hv-a");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("operator forced"),
+        "{record}"
+    );
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
+}

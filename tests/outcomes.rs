@@ -176,3 +176,41 @@ fn clean_migration_succeeds_and_moves_the_association_to_the_destination() {
         "source kept its association"
     );
 }
+
+/// A failed migration is retried as a new attempt of the same migration,
+/// first on the same host (still failing), then on another host.
+#[test]
+fn retry_on_the_same_host_and_then_another_host_are_new_attempts_of_one_migration() {
+    let cluster = Cluster::start(vec![
+        host("hv-a", format!("{}{}", port_profile(""), vm("web-01", 256))),
+        host("hv-b", port_profile("fail = [\"finish\"]")),
+        host("hv-c", port_profile("")),
+    ]);
+    let (code, first) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--json"]);
+    assert_eq!(code, 1, "{first}");
+    let id = first["id"].as_str().unwrap();
+
+    let (code, again) = cluster.tern_json(&["retry", id, "--json"]);
+    assert_eq!(code, 1, "{again}");
+    assert_eq!(again["id"], id);
+    assert_eq!(again["attempt"], 2);
+    assert_eq!(again["destination"], "hv-b");
+    assert_eq!(again["running_on"], "hv-a");
+
+    let (code, moved) = cluster.tern_json(&["retry", id, "--to", "hv-c", "--json"]);
+    assert_eq!(code, 0, "{moved}");
+    assert_eq!(moved["id"], id);
+    assert_eq!(moved["attempt"], 3);
+    assert_eq!(moved["destination"], "hv-c");
+    assert_eq!(moved["outcome"], "succeeded");
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-c"]);
+    assert!(cluster.feature_state("hv-b", "web-01").is_empty());
+    assert!(cluster.feature_state("hv-a", "web-01").is_empty());
+
+    // A migration that succeeded cannot be retried.
+    let refused = cluster.tern(&["retry", id]);
+    assert_eq!(refused.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only a failed or aborted migration")
+    );
+}
