@@ -92,6 +92,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set the fault injection of a simulated feature driver on one host
+    /// (demo, drills): the settings given replace the ones in force.
+    Fault {
+        host: String,
+        /// The feature, e.g. port-profile.
+        feature: String,
+        /// Stages that fail: prepare, finish, rollback, release.
+        #[arg(long, value_delimiter = ',', value_name = "STAGE,...")]
+        fail: Vec<String>,
+        /// Probability (0 to 1) that a prepare or finish stage fails.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// Added to every stage.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Rollbacks and releases fail too.
+        #[arg(long)]
+        fail_rollback: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -238,6 +257,23 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
         }
         Command::Status { json } => cli::status(inventory, json).await,
         Command::Watch { json } => cli::watch(inventory, json).await,
+        Command::Fault {
+            host,
+            feature,
+            fail,
+            fail_rate,
+            latency_ms,
+            fail_rollback,
+        } => {
+            let faults = tern::proto::FaultSettings {
+                feature,
+                fail,
+                fail_rate,
+                latency_ms,
+                fail_rollback,
+            };
+            cli::fault(inventory, &host, faults).await
+        }
     }
 }
 

@@ -214,3 +214,36 @@ fn retry_on_the_same_host_and_then_another_host_are_new_attempts_of_one_migratio
         String::from_utf8_lossy(&refused.stderr).contains("only a failed or aborted migration")
     );
 }
+
+/// `tern fault` changes a simulated driver's faults at run time: a drill
+/// breaks the destination's switch, then repairs it.
+#[test]
+fn fault_command_breaks_and_repairs_a_switch_at_run_time() {
+    let cluster = two_hosts("");
+    let bad = cluster.tern(&["fault", "hv-b", "port-profile", "--fail", "bogus"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bogus"));
+    let unknown = cluster.tern(&["fault", "hv-b", "vtpm", "--fail", "finish"]);
+    assert_eq!(unknown.status.code(), Some(64));
+
+    let broken = cluster.tern(&["fault", "hv-b", "port-profile", "--fail", "finish"]);
+    assert_eq!(
+        broken.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    let (code, failed) = cluster.tern_json(&["migrate", "web-01", "--to", "hv-b", "--json"]);
+    assert_eq!(code, 1, "{failed}");
+
+    let repaired = cluster.tern(&["fault", "hv-b", "port-profile"]);
+    assert_eq!(repaired.status.code(), Some(0));
+    let (code, moved) = cluster.tern_json(&["retry", failed["id"].as_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{moved}");
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
+}
