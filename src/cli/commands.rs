@@ -277,6 +277,33 @@ pub fn check_confirmation(vm: &str, typed: &str) -> Result<(), CliError> {
     }
 }
 
+/// `tern fault HOST FEATURE ...`: replace a simulated driver's fault injection.
+pub async fn fault(inventory: &Path, host: &str, faults: proto::FaultSettings) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    let entry = cluster.check_host(host)?;
+    let agent = Agent::connect(entry).await?;
+    let request = proto::SetFaultsRequest {
+        faults: Some(faults.clone()),
+    };
+    let reply = agent
+        .call(|mut c| async move { c.set_faults(request).await })
+        .await?;
+    let now = reply
+        .faults
+        .iter()
+        .find(|f| f.feature == faults.feature)
+        .unwrap_or(&faults);
+    println!(
+        "{host}: {} faults now: fail = [{}], fail_rate = {}, latency_ms = {}, fail_rollback = {}",
+        now.feature,
+        now.fail.join(", "),
+        now.fail_rate,
+        now.latency_ms,
+        now.fail_rollback
+    );
+    Ok(exit::SUCCEEDED)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,31 +334,4 @@ mod tests {
         let err = check_confirmation("web-01", "yes\n").unwrap_err();
         assert_eq!(err.code, 64);
     }
-}
-
-/// `tern fault HOST FEATURE ...`: replace a simulated driver's fault injection.
-pub async fn fault(inventory: &Path, host: &str, faults: proto::FaultSettings) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
-    let entry = cluster.check_host(host)?;
-    let agent = Agent::connect(entry).await?;
-    let request = proto::SetFaultsRequest {
-        faults: Some(faults.clone()),
-    };
-    let reply = agent
-        .call(|mut c| async move { c.set_faults(request).await })
-        .await?;
-    let now = reply
-        .faults
-        .iter()
-        .find(|f| f.feature == faults.feature)
-        .unwrap_or(&faults);
-    println!(
-        "{host}: {} faults now: fail = [{}], fail_rate = {}, latency_ms = {}, fail_rollback = {}",
-        now.feature,
-        now.fail.join(", "),
-        now.fail_rate,
-        now.latency_ms,
-        now.fail_rollback
-    );
-    Ok(exit::SUCCEEDED)
 }
