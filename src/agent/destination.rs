@@ -3,7 +3,6 @@
 //! RPCs wait on it for their cookies.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -132,16 +131,8 @@ impl Executor {
             if attempt.is_finished() {
                 break;
             }
-            let command = match attempt.poll_timeout() {
-                Some(at) => {
-                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
-                    tokio::select! {
-                        c = rx.recv() => c,
-                        _ = tokio::time::sleep(wait) => Some(Command::Input(DestinationInput::Timer)),
-                    }
-                }
-                None => rx.recv().await,
-            };
+            let timer = || Command::Input(DestinationInput::Timer);
+            let command = super::next_command(&mut rx, attempt.poll_timeout(), timer).await;
             let Some(command) = command else { break };
             let now = now_ms();
             match command {

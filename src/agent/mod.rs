@@ -39,6 +39,23 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The next command for an attempt task: from its channel, or `timer()` once
+/// the state machine's deadline (unix ms) has passed.
+async fn next_command<C>(
+    rx: &mut mpsc::UnboundedReceiver<C>,
+    deadline: Option<u64>,
+    timer: impl FnOnce() -> C,
+) -> Option<C> {
+    let Some(at) = deadline else {
+        return rx.recv().await;
+    };
+    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+    tokio::select! {
+        c = rx.recv() => c,
+        _ = tokio::time::sleep(wait) => Some(timer()),
+    }
+}
+
 /// Everything one agent owns. Shared by the gRPC services and attempt tasks.
 pub struct Agent {
     pub name: String,

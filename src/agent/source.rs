@@ -136,16 +136,8 @@ impl Executor {
             if attempt.is_done() {
                 break;
             }
-            let command = match attempt.poll_timeout() {
-                Some(at) => {
-                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
-                    tokio::select! {
-                        c = rx.recv() => c,
-                        _ = tokio::time::sleep(wait) => Some(Command::Input(SourceInput::Timer)),
-                    }
-                }
-                None => rx.recv().await,
-            };
+            let timer = || Command::Input(SourceInput::Timer);
+            let command = super::next_command(&mut rx, attempt.poll_timeout(), timer).await;
             let Some(command) = command else { break };
             let now = now_ms();
             match command {
