@@ -210,22 +210,21 @@ impl Executor {
                 });
             }
             DestinationAction::RunStage { feature, stage } => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
-                let (spec, attempt_id, migration_id) = (
-                    attempt.vm.clone(),
-                    attempt.attempt_id.clone(),
-                    attempt.migration_id.clone(),
+                let tx = self.tx.clone();
+                agent.spawn_stage(
+                    &attempt.vm,
+                    feature,
+                    stage,
+                    &attempt.attempt_id,
+                    &attempt.migration_id,
+                    move |result| {
+                        let _ = tx.send(Command::Input(DestinationInput::StageDone {
+                            feature,
+                            stage,
+                            result,
+                        }));
+                    },
                 );
-                tokio::spawn(async move {
-                    let result = agent
-                        .run_stage(&spec, feature, stage, &attempt_id, &migration_id)
-                        .await;
-                    let _ = tx.send(Command::Input(DestinationInput::StageDone {
-                        feature,
-                        stage,
-                        result,
-                    }));
-                });
             }
             DestinationAction::ResumeGuest => {
                 agent.guest_action(&vm, &attempt.migration_id, true).await

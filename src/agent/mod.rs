@@ -454,6 +454,29 @@ impl Agent {
         result
     }
 
+    /// Run a feature stage in the background and hand its result to `report`
+    /// (which feeds it back to the attempt's state machine).
+    fn spawn_stage(
+        self: &Arc<Self>,
+        vm: &crate::protocol::VmSpec,
+        feature: usize,
+        stage: crate::protocol::Stage,
+        attempt_id: &str,
+        migration_id: &str,
+        report: impl FnOnce(crate::protocol::StageOutcome) + Send + 'static,
+    ) {
+        let agent = self.clone();
+        let (vm, attempt_id, migration_id) =
+            (vm.clone(), attempt_id.to_string(), migration_id.to_string());
+        tokio::spawn(async move {
+            report(
+                agent
+                    .run_stage(&vm, feature, stage, &attempt_id, &migration_id)
+                    .await,
+            );
+        });
+    }
+
     /// A rollback or release failed: keep it, visible, until a retry works.
     fn record_pending(
         &self,

@@ -13,9 +13,11 @@ use tracing::Instrument;
 use super::peers::{peer_error, with_deadline};
 use super::{Agent, now_ms};
 use crate::proto;
+use crate::proto::peer_client::PeerClient;
 use crate::protocol::cookies;
 use crate::protocol::source::{Resolution, SourceAction, SourceAttempt, SourceInput};
 use crate::protocol::{Millis, PeerError, RunOn};
+use tonic::transport::Channel;
 
 enum Command {
     Input(SourceInput),
@@ -198,6 +200,36 @@ impl Executor {
         let _ = done.send(true);
     }
 
+    fn peer_deadline(&self) -> Duration {
+        Duration::from_millis(self.agent.timing.peer_timeout_ms)
+    }
+
+    /// Call the destination in the background and feed its answer (or why
+    /// there was none) back to the attempt as `input(reply)`.
+    fn call_peer<T, F, Fut>(
+        &self,
+        peer: &str,
+        input: fn(Result<T, PeerError>) -> SourceInput,
+        call: F,
+    ) where
+        T: Send + 'static,
+        F: FnOnce(PeerClient<Channel>, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, PeerError>> + Send,
+    {
+        let (client, tx, peer) = (
+            self.agent.peers.client(peer),
+            self.tx.clone(),
+            peer.to_string(),
+        );
+        tokio::spawn(async move {
+            let reply = match client {
+                Ok(client) => call(client, peer).await,
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(Command::Input(input(reply)));
+        });
+    }
+
     async fn execute(&mut self, attempt: &SourceAttempt, action: SourceAction) {
         let agent = &self.agent;
         let vm = attempt.vm.name.clone();
@@ -213,23 +245,23 @@ impl Executor {
                 }
             }
             SourceAction::SendPrepare(c1) => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let reply = match agent.peers.client(&peer) {
-                        Err(e) => Err(e),
-                        Ok(mut client) => client
-                            .prepare(proto::PrepareRequest {
-                                cookie1: c1.encode_to_vec(),
-                            })
+                let request = proto::PrepareRequest {
+                    cookie1: c1.encode_to_vec(),
+                };
+                // Prepare runs every feature's prepare stage: no deadline,
+                // heartbeats notice a lost peer instead.
+                self.call_peer(
+                    &peer,
+                    SourceInput::PrepareReplied,
+                    move |mut client, peer| async move {
+                        let reply = client
+                            .prepare(request)
                             .await
-                            .map_err(|s| peer_error(&peer, s))
-                            .and_then(|r| {
-                                cookies::decode::<proto::Cookie2>("C2", &r.into_inner().cookie2)
-                                    .map_err(|e| PeerError::Refused(e.to_string()))
-                            }),
-                    };
-                    let _ = tx.send(Command::Input(SourceInput::PrepareReplied(reply)));
-                });
+                            .map_err(|s| peer_error(&peer, s))?;
+                        cookies::decode::<proto::Cookie2>("C2", &reply.into_inner().cookie2)
+                            .map_err(|e| PeerError::Refused(e.to_string()))
+                    },
+                );
             }
             SourceAction::StartTransfer { address } => {
                 let (progress_tx, mut progress_rx) = mpsc::channel(64);
@@ -264,23 +296,23 @@ impl Executor {
                 }
             }
             SourceAction::SendFinish(c3) => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let reply = match agent.peers.client(&peer) {
-                        Err(e) => Err(e),
-                        Ok(mut client) => client
-                            .finish(proto::FinishRequest {
-                                cookie3: c3.encode_to_vec(),
-                            })
+                let request = proto::FinishRequest {
+                    cookie3: c3.encode_to_vec(),
+                };
+                // Finish runs every feature's finish stage: no deadline; a
+                // lost peer makes the attempt unresolved instead.
+                self.call_peer(
+                    &peer,
+                    SourceInput::FinishReplied,
+                    move |mut client, peer| async move {
+                        let reply = client
+                            .finish(request)
                             .await
-                            .map_err(|s| peer_error(&peer, s))
-                            .and_then(|r| {
-                                cookies::decode::<proto::Cookie4>("C4", &r.into_inner().cookie4)
-                                    .map_err(|e| PeerError::Unreachable(e.to_string()))
-                            }),
-                    };
-                    let _ = tx.send(Command::Input(SourceInput::FinishReplied(reply)));
-                });
+                            .map_err(|s| peer_error(&peer, s))?;
+                        cookies::decode::<proto::Cookie4>("C4", &reply.into_inner().cookie4)
+                            .map_err(|e| PeerError::Unreachable(e.to_string()))
+                    },
+                );
             }
             SourceAction::SendAbort { reason } => {
                 let request = proto::PeerAbortRequest {
@@ -292,64 +324,55 @@ impl Executor {
                 agent.notify_abort(peer, request);
             }
             SourceAction::SendResolve => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
-                let attempt_id = attempt.attempt_id.clone();
-                tokio::spawn(async move {
-                    let reply = match agent.peers.client(&peer) {
-                        Err(e) => Err(e),
-                        Ok(mut client) => {
-                            let deadline = Duration::from_millis(agent.timing.peer_timeout_ms);
-                            with_deadline(
-                                &peer,
-                                deadline,
-                                client.resolve(proto::ResolveRequest { attempt_id }),
-                            )
+                let request = proto::ResolveRequest {
+                    attempt_id: attempt.attempt_id.clone(),
+                };
+                let deadline = self.peer_deadline();
+                self.call_peer(
+                    &peer,
+                    SourceInput::ResolveReplied,
+                    move |mut client, peer| async move {
+                        with_deadline(&peer, deadline, client.resolve(request))
                             .await
                             .and_then(resolution)
-                        }
-                    };
-                    let _ = tx.send(Command::Input(SourceInput::ResolveReplied(reply)));
-                });
+                    },
+                );
             }
             SourceAction::SendHeartbeat => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
                 let attempt_id = attempt.attempt_id.clone();
-                tokio::spawn(async move {
-                    let reply = match agent.peers.client(&peer) {
-                        Err(e) => Err(e),
-                        Ok(mut client) => {
-                            let request = proto::HeartbeatRequest {
-                                from_host: agent.name.clone(),
-                                attempt_ids: vec![attempt_id.clone()],
-                            };
-                            let deadline = Duration::from_millis(agent.timing.peer_timeout_ms);
-                            with_deadline(&peer, deadline, client.heartbeat(request))
-                                .await
-                                .map(|r| !r.gone.contains(&attempt_id))
-                        }
-                    };
-                    let _ = tx.send(Command::Input(SourceInput::HeartbeatReplied(reply)));
-                });
+                let request = proto::HeartbeatRequest {
+                    from_host: agent.name.clone(),
+                    attempt_ids: vec![attempt_id.clone()],
+                };
+                let deadline = self.peer_deadline();
+                self.call_peer(
+                    &peer,
+                    SourceInput::HeartbeatReplied,
+                    move |mut client, peer| async move {
+                        let reply =
+                            with_deadline(&peer, deadline, client.heartbeat(request)).await?;
+                        Ok(!reply.gone.contains(&attempt_id))
+                    },
+                );
             }
             SourceAction::ResumeGuest => agent.guest_action(&vm, &attempt.migration_id, true).await,
             SourceAction::KillGuest => agent.guest_action(&vm, &attempt.migration_id, false).await,
             SourceAction::RunStage { feature, stage } => {
-                let (agent, tx) = (agent.clone(), self.tx.clone());
-                let (spec, attempt_id, migration_id) = (
-                    attempt.vm.clone(),
-                    attempt.attempt_id.clone(),
-                    attempt.migration_id.clone(),
+                let tx = self.tx.clone();
+                agent.spawn_stage(
+                    &attempt.vm,
+                    feature,
+                    stage,
+                    &attempt.attempt_id,
+                    &attempt.migration_id,
+                    move |result| {
+                        let _ = tx.send(Command::Input(SourceInput::StageDone {
+                            feature,
+                            stage,
+                            result,
+                        }));
+                    },
                 );
-                tokio::spawn(async move {
-                    let result = agent
-                        .run_stage(&spec, feature, stage, &attempt_id, &migration_id)
-                        .await;
-                    let _ = tx.send(Command::Input(SourceInput::StageDone {
-                        feature,
-                        stage,
-                        result,
-                    }));
-                });
             }
             SourceAction::RecordPending {
                 feature,

@@ -255,7 +255,7 @@ impl DestinationAttempt {
             }
             _ => {
                 self.notify_source = notify_source;
-                Ok(self.roll_back(format!("aborted: {reason}"), false))
+                Ok(self.roll_back(format!("aborted: {reason}")))
             }
         }
     }
@@ -294,7 +294,7 @@ impl DestinationAttempt {
                         self.incoming_address = address;
                         self.state = DestinationState::Preparing { next: 0 };
                         if let Some(reason) = self.abort_requested.clone() {
-                            return self.roll_back(format!("aborted: {reason}"), false);
+                            return self.roll_back(format!("aborted: {reason}"));
                         }
                         self.next_prepare()
                     }
@@ -320,10 +320,9 @@ impl DestinationAttempt {
                 }
                 match result {
                     Ok(()) => self.next_finish(0),
-                    Err(e) => self.roll_back(
-                        format!("the transfer did not arrive on {}: {e}", self.host),
-                        true,
-                    ),
+                    Err(e) => {
+                        self.roll_back(format!("the transfer did not arrive on {}: {e}", self.host))
+                    }
                 }
             }
             DestinationInput::Heartbeat => {
@@ -367,13 +366,10 @@ impl DestinationAttempt {
         self.state = DestinationState::Finishing { next: 0 };
         let mut actions = vec![self.journal()];
         if c3.status != proto::TransferStatus::Completed as i32 {
-            actions.extend(self.roll_back(
-                format!(
-                    "the source reported the transfer did not complete (status {})",
-                    c3.status
-                ),
-                true,
-            ));
+            actions.extend(self.roll_back(format!(
+                "the source reported the transfer did not complete (status {})",
+                c3.status
+            )));
             return actions;
         }
         let stats = c3.stats.as_ref().map(stats_from_proto).unwrap_or_default();
@@ -404,7 +400,7 @@ impl DestinationAttempt {
         match stage {
             Stage::Prepare => {
                 if let Some(reason) = self.abort_requested.clone() {
-                    return self.roll_back(format!("aborted: {reason}"), false);
+                    return self.roll_back(format!("aborted: {reason}"));
                 }
                 if let Err(detail) = &result
                     && is_blocking(self.mode, spec_required)
@@ -413,7 +409,7 @@ impl DestinationAttempt {
                         "required feature {name} failed prepare on {}: {detail}",
                         self.host
                     );
-                    return self.roll_back(error, false);
+                    return self.roll_back(error);
                 }
                 self.state = DestinationState::Preparing { next: feature + 1 };
                 self.next_prepare()
@@ -426,7 +422,7 @@ impl DestinationAttempt {
                         "required feature {name} failed finish on {}: {detail}",
                         self.host
                     );
-                    return self.roll_back(error, true);
+                    return self.roll_back(error);
                 }
                 self.next_finish(feature + 1)
             }
@@ -502,8 +498,7 @@ impl DestinationAttempt {
 
     /// Decide never to commit: journal it, kill the incoming guest, and undo
     /// exactly the features whose stages succeeded, last first.
-    fn roll_back(&mut self, error: String, in_finish: bool) -> Vec<DestinationAction> {
-        let _ = in_finish;
+    fn roll_back(&mut self, error: String) -> Vec<DestinationAction> {
         if self.error.is_none() || !error.starts_with("aborted") {
             self.error = Some(error);
         }
@@ -609,10 +604,7 @@ impl DestinationAttempt {
                     }
                 }
                 self.notify_source = true;
-                self.roll_back(
-                    format!("{} restarted before the commit point", self.host),
-                    false,
-                )
+                self.roll_back(format!("{} restarted before the commit point", self.host))
             }
             DestinationRecovery::ContinueRollback => {
                 let queue = rollback_set(&self.features, true);
