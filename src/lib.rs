@@ -17,3 +17,4 @@ pub mod demo;
 pub mod features;
 pub mod hypervisor;
 pub mod protocol;
+pub mod simulation;

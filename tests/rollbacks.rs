@@ -160,3 +160,45 @@ fn operator_rollback_while_the_fault_persists_exits_1_and_keeps_the_entry_with_m
         "the association is still there"
     );
 }
+
+/// Found by the simulator: a pending rollback left by an earlier attempt ran
+/// after a later attempt had brought the VM to the same host, and tore down
+/// the later attempt's port. Prepare now waits until the pending rollback is
+/// gone, and says so.
+#[test]
+fn migrating_to_a_host_with_a_pending_rollback_of_the_vm_is_refused_until_it_is_cleared() {
+    let cluster = failing_rollback_pair();
+    let id = migrate_with_failed_rollback(&cluster);
+    // The switch works again for new attempts, but the old entry is still pending.
+    set_port_profile_faults(&cluster, "hv-b", vec![], false);
+
+    let (code, record) = cluster.tern_json(&["retry", &id, "--mode", "fast", "--json"]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("pending rollback of port-profile") && error.contains("tern rollback"),
+        "the refusal should name the pending rollback and the fix: {error}"
+    );
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
+
+    let (code, text) = tern_rollback(&cluster, &id);
+    assert_eq!(code, 0, "tern rollback {id}: {text}");
+    let (code, record) = cluster.tern_json(&["retry", &id, "--mode", "fast", "--json"]);
+    assert_eq!(code, 0, "{record}");
+    assert_eq!(record["outcome"], "succeeded", "{record}");
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-b".to_string(), "running".to_string())]
+    );
+    assert_eq!(
+        cluster.feature_state("hv-b", "web-01").len(),
+        1,
+        "the new attempt's association must be in place on hv-b"
+    );
+    assert!(cluster.pending_rollbacks("hv-b").is_empty());
+}

@@ -32,6 +32,8 @@ enum Command {
 pub struct Handle {
     tx: mpsc::UnboundedSender<Command>,
     done: watch::Receiver<bool>,
+    /// The VM arriving: a new attempt of it waits until this one has ended.
+    pub vm: String,
 }
 
 const ENDED: &str = "the attempt has already ended";
@@ -88,6 +90,7 @@ pub fn start(
     let handle = Handle {
         tx: tx.clone(),
         done,
+        vm: attempt.vm.name.clone(),
     };
     agent
         .state()

@@ -11,10 +11,12 @@ use super::{Agent, destination, now_ms, source};
 use crate::hypervisor::GuestState;
 use crate::proto;
 use crate::protocol::cookies::{self, CookieError};
-use crate::protocol::destination::{DestinationAttempt, FreeCapacity, PrepareRefusal};
+use crate::protocol::destination::{
+    DestinationAttempt, FreeCapacity, Leftover, PrepareRefusal, busy_with,
+};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt};
-use crate::protocol::{Mode, Outcome, RunOn};
+use crate::protocol::{Mode, Outcome, RunOn, Stage};
 
 /// A request the agent turned down, by gRPC status kind.
 #[derive(Debug, thiserror::Error)]
@@ -293,17 +295,52 @@ impl Agent {
                 )));
             }
         }
+        let pending = self.journal().pending().unwrap_or_default();
+        let running: Vec<String> = {
+            let state = self.state();
+            let releasing = state
+                .locks
+                .get(&incoming.vm.name)
+                .and_then(|m| state.sources.get(m))
+                .map(|h| h.attempt_id.clone());
+            state
+                .destinations
+                .iter()
+                .filter(|(_, h)| h.vm == incoming.vm.name)
+                .map(|(id, _)| id.clone())
+                .chain(releasing)
+                .collect()
+        };
+        let leftovers: Vec<Leftover> = pending
+            .iter()
+            .filter(|p| p.vm == incoming.vm.name)
+            .filter_map(|p| {
+                Some(Leftover::Pending {
+                    attempt_id: &p.attempt_id,
+                    feature: &p.feature,
+                    stage: Stage::parse(&p.stage)?,
+                })
+            })
+            .chain(
+                running
+                    .iter()
+                    .map(|id| Leftover::Running { attempt_id: id }),
+            )
+            .collect();
+        let busy = busy_with(&incoming.vm.name, &self.name, &leftovers);
         let (attempt, actions) = DestinationAttempt::prepare(
             incoming,
             &self.name,
             free,
             already_here,
+            busy,
             self.timing,
             now_ms(),
         )
         .map_err(|r| match r {
             PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
             PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
+            PrepareRefusal::Busy(m) => Refusal::FailedPrecondition(m),
         })?;
         destination::start(self, attempt, actions, Some(tx));
         rx.await

@@ -10,10 +10,8 @@ use super::journal::Pending;
 use super::{Agent, now_ms};
 use crate::features::StageContext;
 use crate::proto;
+use crate::protocol::policy::retry_backoff;
 use crate::protocol::{FeatureSpec, Stage};
-
-/// The longest wait between two automatic retries.
-const MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
 
 pub fn to_proto(p: Pending) -> proto::PendingRollback {
     proto::PendingRollback {
@@ -114,10 +112,7 @@ async fn run(agent: &Arc<Agent>, pending: Vec<Pending>) -> (Vec<Pending>, Vec<Pe
             }
             Err(error) => {
                 p.tries += 1;
-                let backoff = agent
-                    .rollback_retry_ms
-                    .saturating_mul(1 << p.tries.min(16))
-                    .min(MAX_BACKOFF_MS);
+                let backoff = retry_backoff(agent.rollback_retry_ms, p.tries);
                 p.next_try_ms = now_ms() + backoff;
                 p.error = error;
                 if let Err(e) = agent.journal().put_pending(&p) {

@@ -125,6 +125,19 @@ impl ExecHook {
         // terminal's Ctrl-C (meant for the agent) away from the hook.
         #[cfg(unix)]
         command.process_group(0);
+        // A hook must not act after its agent died (SIGKILL, crash): a
+        // restarted agent rolls back what the dead one started, and a late
+        // hook would redo it behind the rollback's back.
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
 
         let mut child = command
             .spawn()

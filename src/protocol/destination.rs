@@ -17,6 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::cookies::{Incoming, stage_result};
+use super::mutations::{Mutation, planted};
 use super::policy::{is_blocking, rollback_set};
 use super::record::{FeatureRecord, stats_from_proto};
 use super::recovery::{DestinationRecovery, destination_recovery};
@@ -105,6 +106,45 @@ pub enum PrepareRefusal {
     NoCapacity(String),
     #[error("{0}")]
     AlreadyHere(String),
+    /// An earlier attempt's feature state for this VM is still being undone
+    /// here; a new attempt now would have its state undone behind its back.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// What an earlier attempt of a VM still has on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover<'a> {
+    /// A rollback or release that failed and waits for a retry.
+    Pending {
+        attempt_id: &'a str,
+        feature: &'a str,
+        stage: Stage,
+    },
+    /// An attempt still running here: rolling back as a destination, or
+    /// releasing as a source.
+    Running { attempt_id: &'a str },
+}
+
+/// Why Prepare of `vm` must wait, if anything is left here from an earlier
+/// attempt of it: a pending rollback that ran after a new attempt set the VM
+/// up here would silently tear down the new attempt's state.
+pub fn busy_with(vm: &str, host: &str, leftovers: &[Leftover<'_>]) -> Option<String> {
+    let first = leftovers.first()?;
+    Some(match *first {
+        Leftover::Pending {
+            attempt_id,
+            feature,
+            stage,
+        } => format!(
+            "{vm} still has a pending {stage} of {feature} on {host} from attempt {attempt_id}; \
+             run `tern rollback` for it (or wait for its retry), then migrate again"
+        ),
+        Leftover::Running { attempt_id } => format!(
+            "attempt {attempt_id} of {vm} is still undoing or releasing its features on {host}; \
+             migrate again once it has ended"
+        ),
+    })
 }
 
 /// Free capacity on the destination when C1 arrives.
@@ -133,6 +173,11 @@ pub struct DestinationAttempt {
     abort_requested: Option<String>,
     /// Whether the source must be told when the rollback ends.
     notify_source: bool,
+    /// Committed and the guest's CPUs were started: only then is the attempt
+    /// closed in the journal. A crash between the commit and the resume
+    /// leaves it open, and recovery resumes the guest.
+    #[serde(default)]
+    guest_resumed: bool,
 }
 
 impl DestinationAttempt {
@@ -143,10 +188,14 @@ impl DestinationAttempt {
         host: &str,
         free: FreeCapacity,
         already_here: bool,
+        busy: Option<String>,
         timing: Timing,
         now: Millis,
     ) -> Result<(DestinationAttempt, Vec<DestinationAction>), PrepareRefusal> {
         let vm = incoming.vm;
+        if let Some(busy) = busy {
+            return Err(PrepareRefusal::Busy(busy));
+        }
         if already_here {
             return Err(PrepareRefusal::AlreadyHere(format!(
                 "a guest named {} already exists on {host}",
@@ -179,6 +228,7 @@ impl DestinationAttempt {
             last_source_contact: now,
             abort_requested: None,
             notify_source: false,
+            guest_resumed: false,
         };
         let actions = vec![attempt.journal(), DestinationAction::StartIncoming];
         Ok((attempt, actions))
@@ -192,11 +242,14 @@ impl DestinationAttempt {
         self.state == DestinationState::Committed
     }
 
+    /// Nothing is left to do: rolled back, or committed with the guest
+    /// running.
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self.state,
-            DestinationState::Committed | DestinationState::RolledBack
-        )
+        match self.state {
+            DestinationState::Committed => self.guest_resumed,
+            DestinationState::RolledBack => true,
+            _ => false,
+        }
     }
 
     /// A stage is in flight and its result must be awaited before rolling back.
@@ -211,7 +264,7 @@ impl DestinationAttempt {
         // An abort is already decided and waits for the stage in flight:
         // there is nothing left to time out (a past deadline would make the
         // caller's timer fire in a busy loop).
-        if self.abort_requested.is_some() {
+        if self.abort_requested.is_some() || planted(Mutation::IgnoreLostPeer) {
             return None;
         }
         match self.state {
@@ -266,10 +319,14 @@ impl DestinationAttempt {
     pub fn resolve(&mut self, now: Millis) -> (Option<bool>, Vec<DestinationAction>) {
         match self.state {
             DestinationState::Committed => (Some(true), Vec::new()),
+            DestinationState::Finishing { .. } if planted(Mutation::CommitAfterNotCommitted) => {
+                (Some(false), Vec::new())
+            }
             DestinationState::Finishing { .. } => (None, Vec::new()),
             DestinationState::RollingBack { .. } | DestinationState::RolledBack => {
                 (Some(false), Vec::new())
             }
+            _ if planted(Mutation::CommitAfterNotCommitted) => (Some(false), Vec::new()),
             _ => {
                 let actions = self
                     .abort(
@@ -333,7 +390,10 @@ impl DestinationAttempt {
                 let Some(deadline) = self.poll_timeout() else {
                     return Vec::new();
                 };
-                if now < deadline || self.abort_requested.is_some() {
+                if now < deadline
+                    || self.abort_requested.is_some()
+                    || planted(Mutation::IgnoreLostPeer)
+                {
                     return Vec::new();
                 }
                 let reason = format!(
@@ -485,12 +545,16 @@ impl DestinationAttempt {
                 },
             ];
         }
-        // The commit point: journal it, then start the guest's CPUs.
+        // The commit point: journal it, then start the guest's CPUs, then
+        // close the attempt.
         self.state = DestinationState::Committed;
         self.waiter = Waiter::Nobody;
+        let commit = self.journal();
+        self.guest_resumed = true;
         vec![
-            self.journal(),
+            commit,
             DestinationAction::ResumeGuest,
+            self.journal(),
             DestinationAction::ReplyFinish(self.cookie4()),
             DestinationAction::Finished { committed: true },
         ]
@@ -613,7 +677,14 @@ impl DestinationAttempt {
                 actions.extend(self.roll_back_next());
                 actions
             }
-            DestinationRecovery::KeepRunning => vec![DestinationAction::ResumeGuest],
+            DestinationRecovery::KeepRunning => {
+                self.guest_resumed = true;
+                vec![
+                    DestinationAction::ResumeGuest,
+                    self.journal(),
+                    DestinationAction::Finished { committed: true },
+                ]
+            }
             DestinationRecovery::Nothing => Vec::new(),
         }
     }

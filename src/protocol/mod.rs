@@ -17,6 +17,7 @@
 
 pub mod cookies;
 pub mod destination;
+pub mod mutations;
 pub mod policy;
 pub mod record;
 pub mod recovery;
@@ -64,7 +65,7 @@ impl Phase {
 
 /// A feature stage. `Prepare`, `Finish` and `Rollback` run on the destination,
 /// `Release` on the source after commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     Prepare,

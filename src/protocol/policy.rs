@@ -1,7 +1,8 @@
 //! The two rules every feature stage is judged by: whether its failure blocks
 //! the attempt, and which features a rollback must undo.
 
-use super::{Mode, StepStatus};
+use super::mutations::{Mutation, planted};
+use super::{Millis, Mode, StepStatus};
 use crate::protocol::record::FeatureRecord;
 
 /// A stage is blocking when the mode is safe and the feature is required.
@@ -22,7 +23,20 @@ pub fn rollback_set(features: &[FeatureRecord], include_in_flight: bool) -> Vec<
         .rev()
         .filter(|&i| counts(features[i].prepare) || counts(features[i].finish))
         .filter(|&i| features[i].rollback != StepStatus::Ok)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .filter(|&i| !(planted(Mutation::RollbackOneTooFew) && i == 0))
         .collect()
+}
+
+/// The longest wait between two automatic retries of a pending rollback.
+pub const MAX_RETRY_BACKOFF_MS: Millis = 5 * 60 * 1000;
+
+/// How long to wait before retrying a pending rollback that has failed
+/// `tries` times: doubling from `base`, capped at five minutes.
+pub fn retry_backoff(base: Millis, tries: u32) -> Millis {
+    base.saturating_mul(1 << tries.min(16))
+        .min(MAX_RETRY_BACKOFF_MS)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::cookies::{self, read_stage_result};
+use super::mutations::{Mutation, planted};
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
@@ -291,7 +292,12 @@ impl SourceAttempt {
             } else {
                 self.heartbeat_due
             };
-            hb.min(self.last_peer_contact + self.timing.peer_timeout_ms)
+            let lost = if planted(Mutation::IgnoreLostPeer) {
+                Millis::MAX
+            } else {
+                self.last_peer_contact + self.timing.peer_timeout_ms
+            };
+            hb.min(lost)
         };
         match &self.state {
             SourceState::Preparing | SourceState::FinishSent => Some(liveness()),
@@ -425,6 +431,9 @@ impl SourceAttempt {
                 self.last_peer_contact = now;
                 self.apply_cookie4(now, c4)
             }
+            Err(e) if planted(Mutation::ResumeOnUnknownOutcome) => {
+                self.confirm_not_committed(now, Some(e.message().to_string()))
+            }
             Err(e) => self.become_unresolved(
                 now,
                 format!(
@@ -531,7 +540,9 @@ impl SourceAttempt {
         let mut actions = Vec::new();
         match self.state {
             SourceState::Preparing | SourceState::Transferring { .. } | SourceState::FinishSent => {
-                if now >= self.last_peer_contact + self.timing.peer_timeout_ms {
+                if now >= self.last_peer_contact + self.timing.peer_timeout_ms
+                    && !planted(Mutation::IgnoreLostPeer)
+                {
                     let silence = now - self.last_peer_contact;
                     let error = format!(
                         "lost contact with {}: no answer for {silence} ms",

@@ -617,6 +617,7 @@ impl World {
                     DST,
                     self.sc.free,
                     false,
+                    None,
                     Timing::default(),
                     self.now,
                 ) {
@@ -2047,9 +2048,16 @@ fn resolve_not_committed_is_journaled_before_answer() {
     let sc = Scenario::new(Mode::Safe, &[true]);
     let c1 = cookies::cookie1("m1.1", "m1", SRC, &sc.vm(), Mode::Safe);
     let incoming = check_cookie1(&c1, |_| true).expect("C1");
-    let (mut dst, _) =
-        DestinationAttempt::prepare(incoming, DST, sc.free, false, Timing::default(), START)
-            .expect("prepared");
+    let (mut dst, _) = DestinationAttempt::prepare(
+        incoming,
+        DST,
+        sc.free,
+        false,
+        None,
+        Timing::default(),
+        START,
+    )
+    .expect("prepared");
     dst.handle(
         START,
         DestinationInput::IncomingStarted(Ok("sim://x".into())),
@@ -2269,7 +2277,17 @@ fn check_recovery_table(r: &Recovered) {
                 }
                 DestinationState::RollingBack { .. } => assert!(kills && !resumes, "{actions:?}"),
                 DestinationState::Committed => {
-                    assert_eq!(actions, &vec![DestinationAction::ResumeGuest])
+                    assert!(
+                        matches!(
+                            actions.as_slice(),
+                            [
+                                DestinationAction::ResumeGuest,
+                                DestinationAction::Journal(j),
+                                DestinationAction::Finished { committed: true }
+                            ] if j.is_finished()
+                        ),
+                        "{actions:?}"
+                    )
                 }
                 DestinationState::RolledBack => assert!(actions.is_empty(), "{actions:?}"),
             }
@@ -2506,4 +2524,87 @@ fn incoming_transfer_that_does_not_arrive_fails_in_finish_even_in_fast_mode() {
     assert_eq!(w.src.record.phase(Phase::Finish).status, StepStatus::Failed);
     assert_eq!(w.dst_rollbacks(), vec![1, 0]);
     assert_eq!(w.src_guest, Guest::Running);
+}
+
+// ---- found by the simulator (src/simulation/) -------------------------------------
+
+/// The destination journaled `Committed` and died before starting the
+/// guest's CPUs: the journal row must stay open and recovery must resume it.
+#[test]
+fn committed_destination_that_died_before_resuming_resumes_the_guest_after_restart() {
+    let w = run(Scenario::new(Mode::Safe, &[true]));
+    let committed = w
+        .dst_log
+        .iter()
+        .find_map(|a| match a {
+            DestinationAction::Journal(j) if j.state == DestinationState::Committed => {
+                Some(j.clone())
+            }
+            _ => None,
+        })
+        .expect("a commit was journaled");
+    assert!(
+        !committed.is_finished(),
+        "the commit snapshot written before ResumeGuest must stay open in the journal"
+    );
+    let mut recovered = *committed;
+    let actions = recovered.recover(START + 10_000);
+    assert!(
+        matches!(actions.first(), Some(DestinationAction::ResumeGuest)),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, DestinationAction::Journal(j) if j.is_finished())),
+        "the attempt is closed once the guest runs: {actions:?}"
+    );
+    assert!(recovered.is_finished());
+    // And the normal path closes it right after the resume.
+    let resume = w
+        .dst_log
+        .iter()
+        .position(|a| matches!(a, DestinationAction::ResumeGuest))
+        .expect("resumed");
+    assert!(
+        matches!(&w.dst_log[resume + 1], DestinationAction::Journal(j) if j.is_finished()),
+        "{:?}",
+        &w.dst_log[resume..]
+    );
+}
+
+/// A pending rollback or release of a VM on a host, or an attempt of it still
+/// undoing its features there, makes a new Prepare of that VM wait: the old
+/// rollback would otherwise tear down the new attempt's state.
+#[test]
+fn prepare_is_refused_while_an_earlier_attempt_of_the_vm_still_has_state_to_undo_here() {
+    use super::destination::{Leftover, PrepareRefusal, busy_with};
+    let leftovers = [Leftover::Pending {
+        attempt_id: "m-1.1",
+        feature: "port-profile",
+        stage: Stage::Rollback,
+    }];
+    let busy = busy_with("web-01", DST, &leftovers).expect("busy");
+    assert!(busy.contains("pending rollback of port-profile"), "{busy}");
+    assert!(busy.contains("tern rollback"), "{busy}");
+    let running = [Leftover::Running {
+        attempt_id: "m-1.1",
+    }];
+    let busy_running = busy_with("web-01", DST, &running).expect("busy");
+    assert!(busy_running.contains("m-1.1"), "{busy_running}");
+    assert_eq!(busy_with("web-01", DST, &[]), None);
+
+    let sc = Scenario::new(Mode::Safe, &[true]);
+    let c1 = super::cookies::cookie1("m-2.1", "m-2", SRC, &sc.vm(), Mode::Safe);
+    let incoming = check_cookie1(&c1, |_| true).expect("C1");
+    let refused = DestinationAttempt::prepare(
+        incoming,
+        DST,
+        sc.free,
+        false,
+        Some(busy.clone()),
+        Timing::default(),
+        START,
+    );
+    assert_eq!(refused.err(), Some(PrepareRefusal::Busy(busy)));
 }

@@ -1,0 +1,175 @@
+//! A seed's cluster and fault profile: how many hosts and VMs, which features
+//! each VM needs, how hostile the network is, how often agents crash, which
+//! switch misbehaves. Every number is drawn from the seed.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::protocol::{FeatureSpec, Millis, Stage, VmSpec};
+
+/// The feature names a simulated VM may need (drivers do not matter here:
+/// every simulated feature is a port on the host's simulated switch).
+pub const FEATURES: [&str; 4] = ["port-profile", "tap", "disk", "hook"];
+
+/// When faults and operator actions stop, and the cluster must settle.
+pub const CHAOS_MS: Millis = 60_000;
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub seed: u64,
+    pub hosts: Vec<HostSpec>,
+    /// Each VM and the host it boots on.
+    pub vms: Vec<(VmSpec, usize)>,
+    pub net: NetFaults,
+    /// Chance that an agent crashes at one journal write.
+    pub crash_per_write: f64,
+    /// At most this many crashes at journal writes.
+    pub max_write_crashes: u32,
+    /// SIGKILLs at random moments during the chaos window.
+    pub kills: u32,
+    /// SIGTERMs (graceful stops) at random moments.
+    pub stops: u32,
+    pub partitions: u32,
+    /// Operator actions during the chaos window.
+    pub operator_actions: u32,
+    /// Whether a transfer outlives the agent that started it (QEMU does; the
+    /// embedded simulated hypervisor runs inside the agent and does not).
+    pub transfers_survive_crash: bool,
+    /// Chance that a transfer stalls (no progress, never completes).
+    pub stall: f64,
+    /// Chance that a transfer fails part way.
+    pub transfer_fails: f64,
+    /// Chance that an incoming guest does not start.
+    pub incoming_fails: f64,
+    /// Chance that a stage takes seconds instead of milliseconds.
+    pub slow_stage: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// Features this host knows (a VM with a mandatory unknown one is refused).
+    pub knows: Vec<&'static str>,
+    /// Chance per feature stage of failing, by stage: prepare, finish,
+    /// rollback, release.
+    pub fail: [f64; 4],
+    /// A feature whose finish stage always fails here (a switch that rejects
+    /// ASSOCIATE), if any.
+    pub broken: Option<&'static str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetFaults {
+    pub loss: f64,
+    pub duplicate: f64,
+    /// One-way delay: uniform in `min..=max` ms (so messages reorder).
+    pub delay: (Millis, Millis),
+}
+
+pub fn stage_index(stage: Stage) -> usize {
+    match stage {
+        Stage::Prepare => 0,
+        Stage::Finish => 1,
+        Stage::Rollback => 2,
+        Stage::Release => 3,
+    }
+}
+
+fn pick<T: Copy>(rng: &mut StdRng, xs: &[T]) -> T {
+    xs[rng.random_range(0..xs.len())]
+}
+
+impl Scenario {
+    pub fn from_seed(seed: u64) -> Scenario {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x7e57_5eed);
+        let n_hosts = rng.random_range(3..=5);
+        let hosts = (0..n_hosts)
+            .map(|i| {
+                let mut knows: Vec<&'static str> = FEATURES.to_vec();
+                // Now and then a host lacks a feature some VM may require.
+                if rng.random_bool(0.1) {
+                    knows.retain(|f| *f != "disk");
+                }
+                let fail_rate = pick(&mut rng, &[0.0, 0.0, 0.05, 0.2, 0.5]);
+                HostSpec {
+                    name: format!("hv-{}", (b'a' + i as u8) as char),
+                    // Sometimes too small for the bigger VMs.
+                    memory_mib: pick(&mut rng, &[65_536, 65_536, 65_536, 6_144]),
+                    vcpus: 64,
+                    knows,
+                    fail: [
+                        fail_rate,
+                        fail_rate,
+                        pick(&mut rng, &[0.0, 0.1, 0.5]),
+                        pick(&mut rng, &[0.0, 0.1, 0.5]),
+                    ],
+                    broken: rng
+                        .random_bool(0.25)
+                        .then(|| pick(&mut rng, &FEATURES[..2])),
+                }
+            })
+            .collect::<Vec<_>>();
+        let n_vms = rng.random_range(2..=6);
+        let vms = (0..n_vms)
+            .map(|i| {
+                let n_features = rng.random_range(0..=3);
+                let mut names = FEATURES.to_vec();
+                let features = (0..n_features)
+                    .map(|_| {
+                        let name = names.remove(rng.random_range(0..names.len()));
+                        FeatureSpec {
+                            name: name.to_string(),
+                            driver: "sim".into(),
+                            required: rng.random_bool(0.6),
+                        }
+                    })
+                    .collect();
+                let vm = VmSpec {
+                    name: format!("vm-{i:02}"),
+                    memory_mib: pick(&mut rng, &[512, 2048, 4096, 8192]),
+                    vcpus: rng.random_range(1..=4),
+                    dirty_rate_mib_s: 0,
+                    features,
+                };
+                (vm, rng.random_range(0..n_hosts))
+            })
+            .collect();
+        let calm = rng.random_bool(0.1);
+        let net = if calm {
+            NetFaults {
+                loss: 0.0,
+                duplicate: 0.0,
+                delay: (1, 2),
+            }
+        } else {
+            NetFaults {
+                loss: pick(&mut rng, &[0.0, 0.01, 0.03, 0.1]),
+                duplicate: pick(&mut rng, &[0.0, 0.01, 0.05]),
+                delay: (1, pick(&mut rng, &[5, 50, 300, 1500])),
+            }
+        };
+        Scenario {
+            seed,
+            hosts,
+            vms,
+            net,
+            crash_per_write: if calm {
+                0.0
+            } else {
+                pick(&mut rng, &[0.0, 0.005, 0.02, 0.05])
+            },
+            max_write_crashes: rng.random_range(1..=4),
+            kills: if calm { 0 } else { rng.random_range(0..=2) },
+            stops: if calm { 0 } else { rng.random_range(0..=1) },
+            partitions: if calm { 0 } else { rng.random_range(0..=3) },
+            operator_actions: rng.random_range(8..=30),
+            transfers_survive_crash: rng.random_bool(0.5),
+            stall: pick(&mut rng, &[0.0, 0.0, 0.05]),
+            transfer_fails: pick(&mut rng, &[0.0, 0.0, 0.05]),
+            incoming_fails: pick(&mut rng, &[0.0, 0.0, 0.05]),
+            slow_stage: pick(&mut rng, &[0.0, 0.02, 0.1]),
+        }
+    }
+}
