@@ -322,3 +322,45 @@ fn operator_forces_an_unresolved_attempt_back_to_the_source_when_the_destination
     );
     assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
 }
+
+/// Found by the simulator: a hook started by an agent that then died could
+/// finish after the restarted agent had rolled its stage back, redoing what
+/// the rollback undid. A hook now dies with its agent.
+#[test]
+fn a_hook_still_running_when_its_agent_is_killed_dies_with_it() {
+    let markers = tempfile::tempdir().unwrap();
+    let dir = markers.path().display();
+    let hook = format!(
+        "[features.slow-hook]\ndriver = \"exec\"\ntimeout_ms = 60000\ncommand = [\"/bin/sh\", \"-c\", \"touch {dir}/started-$TERN_STAGE; sleep 3; touch {dir}/finished-$TERN_STAGE\"]\n\n"
+    );
+    let mut cluster = Cluster::start(vec![
+        host(
+            "hv-a",
+            format!(
+                "{hook}[[vm]]\nname = \"web-01\"\nmemory_mib = 256\nvcpus = 1\nfeatures = [{{ name = \"slow-hook\", required = false }}]\n\n"
+            ),
+        ),
+        host("hv-b", hook.clone()),
+    ]);
+    let id = cluster.start_migration("web-01", "hv-b", "fast");
+    let started = markers.path().join("started-prepare");
+    wait_until(
+        Duration::from_secs(20),
+        "the prepare hook to start on hv-b",
+        || started.exists(),
+    );
+    cluster.kill("hv-b");
+    // Longer than the hook's own sleep: a surviving hook would have finished.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !markers.path().join("finished-prepare").exists(),
+        "the hook outlived the agent that ran it"
+    );
+    cluster.start_agent("hv-b");
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
+}

@@ -385,8 +385,19 @@ impl Agent {
             .values()
             .find(|h| h.attempt_id == attempt_id)
             .cloned();
-        if let Some(handle) = source {
-            handle.peer_aborted(reason);
+        // An attempt this host is (or was) the source of: the destination
+        // aborted it, and reports how it rolled back.
+        let ended_here = source.is_none()
+            && self
+                .journal()
+                .source_attempt(attempt_id)
+                .ok()
+                .flatten()
+                .is_some();
+        if source.is_some() || ended_here {
+            if let Some(handle) = source {
+                handle.peer_aborted(reason);
+            }
             if let Ok(c4) = cookies::decode::<proto::Cookie4>("C4", cookie4) {
                 let agent = self.clone();
                 tokio::spawn(async move { agent.record_peer_rollback(c4).await });

@@ -1124,12 +1124,11 @@ impl World {
         let Some(call) = self.calls.get(&rpc) else {
             return;
         };
-        let (to, kind) = (call.callee, call.kind);
+        let to = call.callee;
         if self.epoch(to) != Some(to_epoch) {
             // The process the connection went to is gone.
             return;
         }
-        let from = self.hosts[call.caller].name.clone();
         match request {
             Request::Prepare(bytes) => self.serve_prepare(to, rpc, &bytes),
             Request::Finish(bytes) => self.serve_finish(to, rpc, &bytes),
@@ -1137,7 +1136,7 @@ impl World {
                 attempt_id,
                 reason,
                 cookie4,
-            } => self.serve_abort(to, rpc, &attempt_id, &reason, &cookie4, &from),
+            } => self.serve_abort(to, rpc, &attempt_id, &reason, &cookie4),
             Request::Resolve { attempt_id } => self.serve_resolve(to, rpc, &attempt_id),
             Request::Heartbeat { attempt_id } => {
                 // Agent::heartbeat: known while a live attempt task has it.
@@ -1153,7 +1152,6 @@ impl World {
                 self.send_reply(rpc, Reply::Heartbeat(Ok(known)));
             }
         }
-        let _ = kind;
     }
 
     // ---- the destination agent's RPCs (operations.rs) ------------------------
@@ -1278,15 +1276,7 @@ impl World {
         self.send_reply(rpc, Reply::Finish(reply));
     }
 
-    fn serve_abort(
-        &mut self,
-        h: usize,
-        rpc: u64,
-        attempt_id: &str,
-        reason: &str,
-        cookie4: &[u8],
-        from: &str,
-    ) {
+    fn serve_abort(&mut self, h: usize, rpc: u64, attempt_id: &str, reason: &str, cookie4: &[u8]) {
         let now = self.now;
         // This host is the source of the attempt: its peer aborted.
         let source = self.hosts[h].agent.as_ref().and_then(|a| {
@@ -1295,12 +1285,7 @@ impl World {
                 .find(|(_, s)| s.attempt_id == attempt_id)
                 .map(|(m, _)| m.clone())
         });
-        let is_source = source.is_some()
-            || self.hosts[h]
-                .journal
-                .sources
-                .get(attempt_id)
-                .is_some_and(|a| a.destination == from);
+        let is_source = source.is_some() || self.hosts[h].journal.sources.contains_key(attempt_id);
         if is_source {
             if let Some(m) = source {
                 let input = SourceInput::PeerAborted {
