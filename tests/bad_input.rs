@@ -454,3 +454,29 @@ fn malformed_inventory_makes_status_exit_64_naming_the_file() {
         }
     }
 }
+
+/// Found by the simulator: a Prepare repeated after its attempt had ended
+/// prepared it a second time, overwriting the journaled rollback.
+#[test]
+fn a_repeated_prepare_after_the_attempt_rolled_back_is_refused_and_changes_nothing() {
+    let cluster = two_hosts();
+    let c1 = tern::protocol::cookies::cookie1(
+        "m-twice1.1",
+        "m-twice1",
+        "hv-a",
+        &incoming_vm("db-09"),
+        Mode::Safe,
+    );
+    call_prepare(&cluster, "hv-b", &c1).expect("the first Prepare is accepted");
+    // No source heartbeats this attempt: hv-b gives up after its peer timeout.
+    wait_until(
+        Duration::from_secs(20),
+        "hv-b to roll back the orphaned attempt",
+        || cluster.guests_of("db-09").is_empty(),
+    );
+    let status = call_prepare(&cluster, "hv-b", &c1)
+        .expect_err("a repeated Prepare of an ended attempt was accepted");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("m-twice1.1"), "{status:?}");
+    assert_nothing_incoming(&cluster, "hv-b", "db-09");
+}

@@ -12,7 +12,7 @@ use crate::hypervisor::GuestState;
 use crate::proto;
 use crate::protocol::cookies::{self, CookieError};
 use crate::protocol::destination::{
-    DestinationAttempt, FreeCapacity, Leftover, PrepareRefusal, busy_with,
+    DestinationAttempt, FreeCapacity, Known, Leftover, PrepareRefusal, busy_with, check_new_attempt,
 };
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt};
@@ -280,21 +280,20 @@ impl Agent {
         };
         let already_here = guests.iter().any(|g| g.spec.name == incoming.vm.name);
         let (tx, rx) = oneshot::channel();
-        {
+        let journaled = self
+            .journal()
+            .destination_attempt(&incoming.attempt_id)
+            .map_err(|e| Refusal::Unavailable(format!("cannot read the journal: {e}")))?
+            .is_some();
+        let known = {
             let state = self.state();
-            if state.tombstones.contains(&incoming.attempt_id) {
-                return Err(Refusal::FailedPrecondition(format!(
-                    "attempt {} was aborted",
-                    incoming.attempt_id
-                )));
+            Known {
+                aborted: state.tombstones.contains(&incoming.attempt_id),
+                running: state.destinations.contains_key(&incoming.attempt_id),
+                journaled,
             }
-            if state.destinations.contains_key(&incoming.attempt_id) {
-                return Err(Refusal::AlreadyExists(format!(
-                    "attempt {} is already here",
-                    incoming.attempt_id
-                )));
-            }
-        }
+        };
+        check_new_attempt(&incoming.attempt_id, &self.name, known).map_err(prepare_refusal)?;
         let pending = self.journal().pending().unwrap_or_default();
         let running: Vec<String> = {
             let state = self.state();
@@ -337,11 +336,7 @@ impl Agent {
             self.timing,
             now_ms(),
         )
-        .map_err(|r| match r {
-            PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
-            PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
-            PrepareRefusal::Busy(m) => Refusal::FailedPrecondition(m),
-        })?;
+        .map_err(prepare_refusal)?;
         destination::start(self, attempt, actions, Some(tx));
         rx.await
             .map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
@@ -548,6 +543,14 @@ impl Agent {
             host: self.name.clone(),
             gone,
         }
+    }
+}
+
+fn prepare_refusal(r: PrepareRefusal) -> Refusal {
+    match r {
+        PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
+        PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
+        PrepareRefusal::Aborted(m) | PrepareRefusal::Busy(m) => Refusal::FailedPrecondition(m),
     }
 }
 

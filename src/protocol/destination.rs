@@ -106,10 +106,47 @@ pub enum PrepareRefusal {
     NoCapacity(String),
     #[error("{0}")]
     AlreadyHere(String),
+    /// The source aborted the attempt before its C1 arrived.
+    #[error("{0}")]
+    Aborted(String),
     /// An earlier attempt's feature state for this VM is still being undone
     /// here; a new attempt now would have its state undone behind its back.
     #[error("{0}")]
     Busy(String),
+}
+
+/// What this host already knows of an attempt whose C1 arrives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Its source told us it aborted before C1 arrived.
+    pub aborted: bool,
+    /// It is running here now.
+    pub running: bool,
+    /// It is in the journal: it ran here before (and has ended).
+    pub journaled: bool,
+}
+
+/// A C1 is only ever prepared once: a late or repeated Prepare of an attempt
+/// that was aborted, is running, or already ended here is refused (preparing
+/// it again would overwrite its journaled decision, and a late Finish could
+/// then commit a guest whose source already resumed).
+pub fn check_new_attempt(attempt_id: &str, host: &str, known: Known) -> Result<(), PrepareRefusal> {
+    if known.aborted {
+        return Err(PrepareRefusal::Aborted(format!(
+            "attempt {attempt_id} was aborted"
+        )));
+    }
+    if known.running {
+        return Err(PrepareRefusal::AlreadyHere(format!(
+            "attempt {attempt_id} is already here"
+        )));
+    }
+    if known.journaled {
+        return Err(PrepareRefusal::AlreadyHere(format!(
+            "attempt {attempt_id} already ran on {host} and has ended; a repeated Prepare is refused"
+        )));
+    }
+    Ok(())
 }
 
 /// What an earlier attempt of a VM still has on this host.

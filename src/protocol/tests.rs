@@ -2608,3 +2608,37 @@ fn prepare_is_refused_while_an_earlier_attempt_of_the_vm_still_has_state_to_undo
     );
     assert_eq!(refused.err(), Some(PrepareRefusal::Busy(busy)));
 }
+
+/// A duplicated Prepare that arrived after its attempt had rolled back
+/// started the attempt again and overwrote its journaled decision; a late
+/// Finish could then have committed it behind the resumed source's back.
+#[test]
+fn a_repeated_prepare_of_an_attempt_that_ended_here_is_refused() {
+    use super::destination::{Known, PrepareRefusal, check_new_attempt};
+    assert_eq!(check_new_attempt("m-1.1", DST, Known::default()), Ok(()));
+    let ended = Known {
+        journaled: true,
+        ..Known::default()
+    };
+    match check_new_attempt("m-1.1", DST, ended) {
+        Err(PrepareRefusal::AlreadyHere(m)) => assert!(m.contains("already ran"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let running = Known {
+        running: true,
+        ..Known::default()
+    };
+    assert!(matches!(
+        check_new_attempt("m-1.1", DST, running),
+        Err(PrepareRefusal::AlreadyHere(_))
+    ));
+    let aborted = Known {
+        aborted: true,
+        journaled: true,
+        ..Known::default()
+    };
+    assert!(matches!(
+        check_new_attempt("m-1.1", DST, aborted),
+        Err(PrepareRefusal::Aborted(_))
+    ));
+}

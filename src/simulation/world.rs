@@ -19,8 +19,8 @@ use super::scenario::{CHAOS_MS, Scenario, stage_index};
 use crate::proto;
 use crate::protocol::cookies::{self, check_cookie1};
 use crate::protocol::destination::{
-    DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity,
-    Leftover, busy_with,
+    DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity, Known,
+    Leftover, busy_with, check_new_attempt,
 };
 use crate::protocol::policy::retry_backoff;
 use crate::protocol::record::MigrationRecord;
@@ -1184,17 +1184,16 @@ impl World {
         };
         let already_here = host.guests.contains_key(&incoming.vm.name);
         let agent = self.agent_mut(h);
-        let (tombstoned, live) = (
-            agent.tombstones.contains(&incoming.attempt_id),
-            agent.destinations.contains_key(&incoming.attempt_id),
-        );
-        if tombstoned {
-            let why = format!("attempt {} was aborted", incoming.attempt_id);
-            return refuse(self, why);
-        }
-        if live {
-            let why = format!("attempt {} is already here", incoming.attempt_id);
-            return refuse(self, why);
+        let known = Known {
+            aborted: agent.tombstones.contains(&incoming.attempt_id),
+            running: agent.destinations.contains_key(&incoming.attempt_id),
+            journaled: self.hosts[h]
+                .journal
+                .destinations
+                .contains_key(&incoming.attempt_id),
+        };
+        if let Err(refusal) = check_new_attempt(&incoming.attempt_id, &self.hosts[h].name, known) {
+            return refuse(self, refusal.to_string());
         }
         let name = self.hosts[h].name.clone();
         let running: Vec<String> = self.hosts[h]
