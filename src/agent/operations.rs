@@ -12,7 +12,8 @@ use crate::hypervisor::GuestState;
 use crate::proto;
 use crate::protocol::cookies::{self, CookieError};
 use crate::protocol::destination::{
-    DestinationAttempt, FreeCapacity, Known, Leftover, PrepareRefusal, busy_with, check_new_attempt,
+    DestinationAttempt, FreeCapacity, Known, Leftover, PrepareRefusal, busy_with,
+    check_new_attempt, resolve_from_journal,
 };
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt};
@@ -280,11 +281,7 @@ impl Agent {
         };
         let already_here = guests.iter().any(|g| g.spec.name == incoming.vm.name);
         let (tx, rx) = oneshot::channel();
-        let journaled = self
-            .journal()
-            .destination_attempt(&incoming.attempt_id)
-            .map_err(|e| Refusal::Unavailable(format!("cannot read the journal: {e}")))?
-            .is_some();
+        let journaled = self.journaled_destination(&incoming.attempt_id)?.is_some();
         let known = {
             let state = self.state();
             Known {
@@ -351,11 +348,7 @@ impl Agent {
             return Ok(c4);
         }
         // Already decided (or never here): answer from the journal.
-        let journaled = self
-            .journal()
-            .destination_attempt(&c3.attempt_id)
-            .ok()
-            .flatten();
+        let journaled = self.journaled_destination(&c3.attempt_id)?;
         match journaled {
             Some(attempt) => Ok(attempt.cookie4()),
             None => Err(Refusal::NotFound(format!(
@@ -413,8 +406,7 @@ impl Agent {
                     )
                     .await;
                     let cookie4 = self
-                        .journal()
-                        .destination_attempt(attempt_id)
+                        .journaled_destination(attempt_id)
                         .ok()
                         .flatten()
                         .filter(|a| a.is_finished())
@@ -433,23 +425,23 @@ impl Agent {
                 },
             },
             None => {
-                let journaled = self
-                    .journal()
-                    .destination_attempt(attempt_id)
-                    .ok()
-                    .flatten();
-                match journaled {
-                    Some(a) if a.is_committed() => proto::PeerAbortReply {
+                match self.journaled_destination(attempt_id) {
+                    Err(e) => proto::PeerAbortReply {
+                        aborted: false,
+                        detail: e.to_string(),
+                        cookie4: Vec::new(),
+                    },
+                    Ok(Some(a)) if a.is_committed() => proto::PeerAbortReply {
                         aborted: false,
                         detail: format!("attempt {attempt_id} has committed on {}", self.name),
                         cookie4: Vec::new(),
                     },
-                    Some(a) => proto::PeerAbortReply {
+                    Ok(Some(a)) => proto::PeerAbortReply {
                         aborted: true,
                         detail: "already rolled back".into(),
                         cookie4: prost::Message::encode_to_vec(&a.cookie4()),
                     },
-                    None => {
+                    Ok(None) => {
                         // Prepare may still be on its way: make sure it is refused.
                         self.state().tombstones.insert(attempt_id.to_string());
                         proto::PeerAbortReply {
@@ -500,24 +492,19 @@ impl Agent {
         };
         let (committed, c4) = match answer {
             Some(answer) => answer,
-            None => match self
-                .journal()
-                .destination_attempt(attempt_id)
-                .ok()
-                .flatten()
-            {
-                Some(attempt) => (Some(attempt.is_committed()), attempt.cookie4()),
-                // Never journaled here, so never committed here.
-                None => {
-                    self.state().tombstones.insert(attempt_id.to_string());
-                    let c4 = proto::Cookie4 {
-                        protocol_version: crate::protocol::PROTOCOL_VERSION,
-                        attempt_id: attempt_id.to_string(),
-                        committed: false,
-                        error: format!("{} has no record of attempt {attempt_id}", self.name),
-                        ..Default::default()
-                    };
-                    (Some(false), c4)
+            None => match self.journaled_destination(attempt_id) {
+                Ok(journaled) => {
+                    if journaled.is_none() {
+                        self.state().tombstones.insert(attempt_id.to_string());
+                    }
+                    let (committed, c4) =
+                        resolve_from_journal(&self.name, attempt_id, journaled.as_ref());
+                    (Some(committed), c4)
+                }
+                // Unknown: the source asks again later.
+                Err(e) => {
+                    tracing::error!("Resolve of {attempt_id}: {e}");
+                    (None, proto::Cookie4::default())
                 }
             },
         };
@@ -530,6 +517,18 @@ impl Agent {
             resolution: resolution as i32,
             cookie4: prost::Message::encode_to_vec(&c4),
         }
+    }
+
+    /// This host's journaled record of a destination attempt. A journal
+    /// that cannot be read is an error, never "not here": answering "not
+    /// committed" for an attempt that did commit would run the guest twice.
+    fn journaled_destination(
+        &self,
+        attempt_id: &str,
+    ) -> Result<Option<DestinationAttempt>, Refusal> {
+        self.journal().destination_attempt(attempt_id).map_err(|e| {
+            Refusal::Unavailable(format!("{} cannot read its journal: {e}", self.name))
+        })
     }
 
     pub fn heartbeat(&self, attempt_ids: &[String]) -> proto::HeartbeatReply {

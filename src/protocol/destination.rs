@@ -149,6 +149,29 @@ pub fn check_new_attempt(attempt_id: &str, host: &str, known: Known) -> Result<(
     Ok(())
 }
 
+/// Resolve for an attempt with no running task here, from the journal:
+/// `(committed, C4)`. An attempt the journal never saw never committed here,
+/// and never will (the caller tombstones it so a late C1 is refused).
+pub fn resolve_from_journal(
+    host: &str,
+    attempt_id: &str,
+    journaled: Option<&DestinationAttempt>,
+) -> (bool, proto::Cookie4) {
+    match journaled {
+        Some(attempt) => (attempt.is_committed(), attempt.cookie4()),
+        None => (
+            false,
+            proto::Cookie4 {
+                protocol_version: PROTOCOL_VERSION,
+                attempt_id: attempt_id.to_string(),
+                committed: false,
+                error: format!("{host} has no record of attempt {attempt_id}"),
+                ..Default::default()
+            },
+        ),
+    }
+}
+
 /// What an earlier attempt of a VM still has on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leftover<'a> {

@@ -15,19 +15,19 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::Report;
-use super::scenario::{CHAOS_MS, Scenario, stage_index};
+use super::scenario::{CHAOS_MS, HostSpec, Scenario, stage_index};
 use crate::proto;
 use crate::protocol::cookies::{self, check_cookie1};
 use crate::protocol::destination::{
     DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity, Known,
-    Leftover, busy_with, check_new_attempt,
+    Leftover, busy_with, check_new_attempt, resolve_from_journal,
 };
 use crate::protocol::policy::retry_backoff;
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{
     AttemptParams, Resolution, SourceAction, SourceAttempt, SourceInput, SourceState,
 };
-use crate::protocol::{Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError, Stage, Timing, VmSpec};
+use crate::protocol::{Millis, Mode, Outcome, PeerError, Stage, Timing, VmSpec};
 
 /// The simulated time after which a run that has not settled is a violation.
 const SETTLE_LIMIT_MS: Millis = CHAOS_MS + 2 * 3_600_000;
@@ -95,11 +95,8 @@ pub(super) struct Agent {
 
 pub(super) struct Host {
     pub name: String,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    pub knows: Vec<&'static str>,
-    pub fail: [f64; 4],
-    pub broken: Option<&'static str>,
+    /// Capacity, known features and how its switch misbehaves.
+    pub spec: HostSpec,
     /// `None` while the agent process is not running.
     pub agent: Option<Agent>,
     next_epoch: u32,
@@ -330,11 +327,7 @@ impl World {
             .iter()
             .map(|h| Host {
                 name: h.name.clone(),
-                memory_mib: h.memory_mib,
-                vcpus: h.vcpus,
-                knows: h.knows.clone(),
-                fail: h.fail,
-                broken: h.broken,
+                spec: h.clone(),
                 agent: None,
                 next_epoch: 0,
                 journal: Journal::default(),
@@ -536,17 +529,10 @@ impl World {
                 let actions = a.handle(now, SourceInput::Timer);
                 let idle = actions.is_empty();
                 self.exec_source(h, &id, actions);
-                if idle
-                    && let Some(a) = self.source_mut(h, &id)
-                    && a.poll_timeout().is_some_and(|t| t <= now)
-                {
-                    let state = a.state.clone();
-                    self.violation(format!(
-                        "source timer of {id} on {} spins in {state:?}",
-                        self.hosts[h].name
-                    ));
-                    self.stop_agent_quietly(h);
-                }
+                let after = self
+                    .source_mut(h, &id)
+                    .map(|a| (a.poll_timeout(), format!("{:?}", a.state)));
+                self.check_timer_moved(idle, h, &id, after);
             }
             Timer::Destination(h, id) => {
                 let now = self.now;
@@ -556,17 +542,10 @@ impl World {
                 let actions = a.handle(now, DestinationInput::Timer);
                 let idle = actions.is_empty();
                 self.exec_destination(h, &id, actions);
-                if idle
-                    && let Some(a) = self.destination_mut(h, &id)
-                    && a.poll_timeout().is_some_and(|t| t <= now)
-                {
-                    let state = a.state.clone();
-                    self.violation(format!(
-                        "destination timer of {id} on {} spins in {state:?}",
-                        self.hosts[h].name
-                    ));
-                    self.stop_agent_quietly(h);
-                }
+                let after = self
+                    .destination_mut(h, &id)
+                    .map(|a| (a.poll_timeout(), format!("{:?}", a.state)));
+                self.check_timer_moved(idle, h, &id, after);
             }
             Timer::Pending(h) => {
                 let now = self.now;
@@ -587,10 +566,26 @@ impl World {
         }
     }
 
-    /// A spinning timer would loop for ever: take the agent out of the run
-    /// (the violation is already recorded).
-    fn stop_agent_quietly(&mut self, h: usize) {
-        self.hosts[h].agent = None;
+    /// A timer that fired and did nothing must have moved its deadline on,
+    /// or it would fire again at once, for ever. Such an agent is taken out
+    /// of the run once the violation is recorded.
+    fn check_timer_moved(
+        &mut self,
+        idle: bool,
+        h: usize,
+        id: &str,
+        after: Option<(Option<Millis>, String)>,
+    ) {
+        let Some((Some(deadline), state)) = after else {
+            return;
+        };
+        if idle && deadline <= self.now {
+            self.violation(format!(
+                "the timer of {id} on {} spins in {state}",
+                self.hosts[h].name
+            ));
+            self.hosts[h].agent = None;
+        }
     }
 
     // ---- agents: start, crash, stop ------------------------------------------
@@ -1170,7 +1165,7 @@ impl World {
             Ok(c1) => c1,
             Err(e) => return refuse(self, e.to_string()),
         };
-        let knows = self.hosts[h].knows.clone();
+        let knows = self.hosts[h].spec.knows.clone();
         let incoming = match check_cookie1(&c1, |f| knows.contains(&f)) {
             Ok(i) => i,
             Err(e) => return refuse(self, e.to_string()),
@@ -1179,8 +1174,8 @@ impl World {
         let used_memory: u64 = host.guests.values().map(|g| g.spec.memory_mib).sum();
         let used_vcpus: u32 = host.guests.values().map(|g| g.spec.vcpus).sum();
         let free = FreeCapacity {
-            memory_mib: host.memory_mib.saturating_sub(used_memory),
-            vcpus: host.vcpus.saturating_sub(used_vcpus),
+            memory_mib: host.spec.memory_mib.saturating_sub(used_memory),
+            vcpus: host.spec.vcpus.saturating_sub(used_vcpus),
         };
         let already_here = host.guests.contains_key(&incoming.vm.name);
         let agent = self.agent_mut(h);
@@ -1352,24 +1347,13 @@ impl World {
                 .expect("a destination attempt");
             (answer, c4)
         } else {
-            match self.hosts[h].journal.destinations.get(attempt_id) {
-                Some(a) => (Some(a.is_committed()), a.cookie4()),
-                None => {
-                    // Never journaled here, so never committed here.
-                    self.agent_mut(h).tombstones.insert(attempt_id.to_string());
-                    let c4 = proto::Cookie4 {
-                        protocol_version: PROTOCOL_VERSION,
-                        attempt_id: attempt_id.to_string(),
-                        committed: false,
-                        error: format!(
-                            "{} has no record of attempt {attempt_id}",
-                            self.hosts[h].name
-                        ),
-                        ..Default::default()
-                    };
-                    (Some(false), c4)
-                }
+            let journaled = self.hosts[h].journal.destinations.get(attempt_id).cloned();
+            if journaled.is_none() {
+                self.agent_mut(h).tombstones.insert(attempt_id.to_string());
             }
+            let name = &self.hosts[h].name;
+            let (committed, c4) = resolve_from_journal(name, attempt_id, journaled.as_ref());
+            (Some(committed), c4)
         };
         let resolution = match answer {
             (Some(true), c4) => Resolution::Committed(c4),
@@ -1467,11 +1451,11 @@ impl World {
     fn stage_result(&mut self, h: usize, feature: &str, stage: Stage) -> Result<String, String> {
         let host = &self.hosts[h];
         let name = host.name.clone();
-        if stage == Stage::Finish && host.broken == Some(feature) {
+        if stage == Stage::Finish && host.spec.broken == Some(feature) {
             self.fault(|| format!("{name} switch rejects {feature} finish"));
             return Err(format!("switch on {name} rejected ASSOCIATE of {feature}"));
         }
-        let mut p = host.fail[stage_index(stage)];
+        let mut p = host.spec.fail[stage_index(stage)];
         // After the chaos window rollbacks and releases work, so pending
         // ones can clear and the cluster settles.
         if !self.chaos() && matches!(stage, Stage::Rollback | Stage::Release) {
@@ -2311,9 +2295,9 @@ impl World {
                 "{}: agent {} fail {:?} broken {:?} knows {:?}",
                 host.name,
                 if host.agent.is_some() { "up" } else { "down" },
-                host.fail,
-                host.broken,
-                host.knows
+                host.spec.fail,
+                host.spec.broken,
+                host.spec.knows
             );
             for (name, g) in &host.guests {
                 let _ = writeln!(s, "  guest {name}: {:?}", g.state);
