@@ -29,6 +29,9 @@ pub struct Scenario {
     pub kills: u32,
     /// SIGTERMs (graceful stops) at random moments.
     pub stops: u32,
+    /// SIGSTOPs: the agent freezes (its connections stay open, nothing it
+    /// does moves) for a while, then carries on as if nothing happened.
+    pub freezes: u32,
     pub partitions: u32,
     /// Operator actions during the chaos window.
     pub operator_actions: u32,
@@ -163,6 +166,7 @@ impl Scenario {
             max_write_crashes: rng.random_range(1..=4),
             kills: if calm { 0 } else { rng.random_range(0..=2) },
             stops: if calm { 0 } else { rng.random_range(0..=1) },
+            freezes: if calm { 0 } else { rng.random_range(0..=2) },
             partitions: if calm { 0 } else { rng.random_range(0..=3) },
             operator_actions: rng.random_range(8..=30),
             transfers_survive_crash: rng.random_bool(0.5),

@@ -104,6 +104,8 @@ pub(super) struct Host {
     pub guests: BTreeMap<String, Guest>,
     /// Ports on this host's switch: (VM, feature).
     pub switch: BTreeSet<(String, String)>,
+    /// SIGSTOPped until then: what it would do waits.
+    frozen_until: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +270,10 @@ enum Event {
     Kill {
         host: usize,
     },
+    Freeze {
+        host: usize,
+        ms: Millis,
+    },
     Stop {
         host: usize,
     },
@@ -333,6 +339,7 @@ impl World {
                 journal: Journal::default(),
                 guests: BTreeMap::new(),
                 switch: BTreeSet::new(),
+                frozen_until: 0,
             })
             .collect();
         let mut world = World {
@@ -395,6 +402,12 @@ impl World {
             let host = self.rng.random_range(0..n);
             self.push_at(at, Event::Stop { host });
         }
+        for _ in 0..sc.freezes {
+            let at = self.rng.random_range(0..CHAOS_MS);
+            let host = self.rng.random_range(0..n);
+            let ms = self.rng.random_range(500..20_000);
+            self.push_at(at, Event::Freeze { host, ms });
+        }
         for _ in 0..sc.partitions {
             let at = self.rng.random_range(0..CHAOS_MS);
             let a = self.rng.random_range(0..n);
@@ -440,10 +453,45 @@ impl World {
         } else {
             let ((t, _), event) = self.queue.pop_first().expect("an event");
             self.now = self.now.max(t);
-            self.handle_event(event);
+            match self.target(&event) {
+                // A frozen process does nothing until it is thawed.
+                Some(h) if self.hosts[h].frozen_until > self.now => {
+                    let at = self.hosts[h].frozen_until;
+                    self.push_at(at, event);
+                }
+                _ => self.handle_event(event),
+            }
         }
         self.check_step();
         true
+    }
+
+    /// The agent process an event needs to run, if any.
+    fn target(&self, event: &Event) -> Option<usize> {
+        match event {
+            Event::Deliver { rpc, .. } => self.calls.get(rpc).map(|c| c.callee),
+            Event::Reply { rpc, .. } | Event::Deadline { rpc } => {
+                self.calls.get(rpc).map(|c| c.caller)
+            }
+            Event::Stage { host, .. }
+            | Event::IncomingStarted { host, .. }
+            | Event::IncomingCompleted { host, .. }
+            | Event::TransferEnded { host, .. }
+            | Event::AbortReplyDeadline { host, .. }
+            | Event::Stop { host }
+            | Event::StopDeadline { host, .. } => Some(*host),
+            // The embedded hypervisor runs inside the agent; QEMU does not.
+            Event::TransferTick { transfer } if !self.scenario.transfers_survive_crash => {
+                self.transfers.get(transfer).map(|t| t.from)
+            }
+            Event::TransferTick { .. }
+            | Event::Operator
+            | Event::Kill { .. }
+            | Event::Freeze { .. }
+            | Event::Restart { .. }
+            | Event::Partition { .. }
+            | Event::Heal { .. } => None,
+        }
     }
 
     fn push_at(&mut self, at: Millis, event: Event) {
@@ -497,23 +545,23 @@ impl World {
         };
         for (h, host) in self.hosts.iter().enumerate() {
             let Some(agent) = &host.agent else { continue };
+            // A frozen agent's timers fire when it is thawed.
+            let thaw = host.frozen_until;
             for (id, a) in &agent.sources {
                 if let Some(t) = a.poll_timeout() {
-                    consider(t, Timer::Source(h, id.clone()));
+                    consider(t.max(thaw), Timer::Source(h, id.clone()));
                 }
             }
             for (id, a) in &agent.destinations {
                 if let Some(t) = a.poll_timeout() {
-                    consider(t, Timer::Destination(h, id.clone()));
+                    consider(t.max(thaw), Timer::Destination(h, id.clone()));
                 }
             }
             if !agent.stopping
                 && let Some(t) = host.journal.pending.values().map(|p| p.next_try).min()
             {
-                consider(
-                    t.div_ceil(PENDING_POLL_MS) * PENDING_POLL_MS,
-                    Timer::Pending(h),
-                );
+                let t = t.div_ceil(PENDING_POLL_MS) * PENDING_POLL_MS;
+                consider(t.max(thaw), Timer::Pending(h));
             }
         }
         best
@@ -591,6 +639,7 @@ impl World {
     // ---- agents: start, crash, stop ------------------------------------------
 
     fn start_agent(&mut self, h: usize) {
+        self.hosts[h].frozen_until = 0;
         let epoch = self.hosts[h].next_epoch;
         self.hosts[h].next_epoch += 1;
         self.hosts[h].agent = Some(Agent {
@@ -800,6 +849,15 @@ impl World {
             .get_mut(attempt_id)
     }
 
+    /// The agent, if it is running and not frozen: what an operator's
+    /// command can reach.
+    fn answering(&self, h: usize) -> Option<&Agent> {
+        let host = &self.hosts[h];
+        (host.frozen_until <= self.now)
+            .then_some(host.agent.as_ref())
+            .flatten()
+    }
+
     fn epoch(&self, h: usize) -> Option<u32> {
         self.hosts[h].agent.as_ref().map(|a| a.epoch)
     }
@@ -917,6 +975,13 @@ impl World {
             }
             Event::Operator => self.operator(),
             Event::Kill { host } => self.crash(host, "SIGKILL"),
+            Event::Freeze { host, ms } => {
+                if self.hosts[host].agent.is_some() && self.hosts[host].frozen_until <= self.now {
+                    let name = self.hosts[host].name.clone();
+                    self.fault(|| format!("{name} agent frozen (SIGSTOP) for {ms} ms"));
+                    self.hosts[host].frozen_until = self.now + ms;
+                }
+            }
             Event::Stop { host } => self.stop(host),
             Event::StopDeadline { host, epoch } => {
                 if self.epoch(host) == Some(epoch) {
@@ -2092,7 +2157,7 @@ impl World {
             .hosts
             .iter()
             .enumerate()
-            .filter_map(|(h, host)| host.agent.as_ref().map(|a| (h, a)))
+            .filter_map(|(h, _)| self.answering(h).map(|a| (h, a)))
             .flat_map(|(h, a)| a.sources.keys().map(move |m| (h, m.clone())))
             .collect();
         if live.is_empty() {
@@ -2118,7 +2183,7 @@ impl World {
             .hosts
             .iter()
             .enumerate()
-            .filter_map(|(h, host)| host.agent.as_ref().map(|a| (h, a)))
+            .filter_map(|(h, _)| self.answering(h).map(|a| (h, a)))
             .flat_map(|(h, a)| a.migrations.values().map(move |r| (h, r.clone())))
             .filter(|(_, r)| matches!(r.outcome, Some(Outcome::Failed | Outcome::Aborted)))
             .collect();
@@ -2146,7 +2211,7 @@ impl World {
     /// on a host now (rollbacks::run_for_migration).
     fn operator_rollback(&mut self) {
         let pending: Vec<(usize, String)> = (0..self.hosts.len())
-            .filter(|&h| self.hosts[h].agent.is_some())
+            .filter(|&h| self.answering(h).is_some())
             .flat_map(|h| {
                 self.hosts[h]
                     .journal
@@ -2187,7 +2252,7 @@ impl World {
         mode: Mode,
         existing: Option<&MigrationRecord>,
     ) -> Result<String, String> {
-        let Some(agent) = &self.hosts[h].agent else {
+        let Some(agent) = self.answering(h) else {
             return Err(format!("{} is not answering", self.hosts[h].name));
         };
         if agent.stopping {
