@@ -1,7 +1,8 @@
 //! Long simulation campaigns: `cargo run --release --example simulate -- --seeds N`.
 //!
-//! Runs seeds `start..start+N` (or one `--seed S`, with its trace), prints every
-//! failing seed with the command that reruns it, and ends with one line:
+//! Runs seeds `start..start+N` (or one `--seed S`, with its trace), prints the
+//! trace of the first failing seed and every failing seed's broken invariants
+//! with the command that reruns it, and ends with one line:
 //! `seeds: N, steps: …, faults: …, violations: V`. Exits 1 when anything broke.
 //! With `--features mutations`, `--plant NAME` plants a known mistake in the
 //! protocol code first (the run must then fail).
@@ -159,6 +160,13 @@ fn main() -> ExitCode {
         .into_inner()
         .expect("totals");
     failed.sort_by_key(|r| r.seed);
+    // The first failing seed with its whole trace, the rest in a line each.
+    if let Some(first) = failed.first() {
+        let traced = run_seed_with(first.seed, true, args.plant).expect("planted");
+        for line in &traced.trace {
+            println!("{line}");
+        }
+    }
     for report in failed.iter().take(20) {
         print_failure(report, args.plant);
     }
