@@ -201,7 +201,12 @@ pub fn rollback_reply(host: &str, reply: &proto::RollbackReply) -> String {
         let _ = writeln!(out, "{host}: nothing pending");
     }
     for p in &reply.done {
-        let _ = writeln!(out, "{host}: done: {}", pending_rollback_line(p));
+        // The old error no longer applies: the run just succeeded.
+        let done = proto::PendingRollback {
+            error: String::new(),
+            ..p.clone()
+        };
+        let _ = writeln!(out, "{host}: done: {}", pending_rollback_line(&done));
     }
     for p in &reply.still_pending {
         let _ = writeln!(out, "{host}: still pending: {}", pending_rollback_line(p));

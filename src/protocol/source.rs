@@ -361,7 +361,14 @@ impl SourceAttempt {
                 // Unreachable: the destination may have prepared something; the
                 // Abort tells it to drop it (or it drops it when heartbeats stop).
                 let tell = matches!(e, PeerError::Unreachable(_));
-                let error = format!("{} refused Prepare: {}", self.destination, e.message());
+                let error = match &e {
+                    PeerError::Refused(why) => {
+                        format!("{} refused Prepare: {why}", self.destination)
+                    }
+                    PeerError::Unreachable(why) => {
+                        format!("no answer to Prepare from {}: {why}", self.destination)
+                    }
+                };
                 return self.end_before_commit(now, Outcome::Failed, error, tell);
             }
         };
