@@ -119,6 +119,15 @@ pub struct AgentConfig {
     pub features: BTreeMap<String, toml::Table>,
 }
 
+/// The longest timer an agent config may set, in milliseconds: one day.
+const MAX_TIMER_MS: u64 = 86_400_000;
+/// The largest guest or host: 16 TiB and 4,096 vCPUs.
+const MAX_MEMORY_MIB: u64 = 16 * 1024 * 1024;
+const MAX_VCPUS: u32 = 4096;
+/// How much faster (or slower) than real time the simulated hypervisor may run.
+const MIN_SPEED: f64 = 0.001;
+const MAX_SPEED: f64 = 1_000_000.0;
+
 fn default_heartbeat() -> u64 {
     1000
 }
@@ -238,6 +247,21 @@ impl AgentConfig {
                 ),
             ));
         }
+        // The agent adds these to the clock and doubles some: an absurd value
+        // would overflow at run time instead of being refused here.
+        for (key, value) in [
+            ("heartbeat_interval_ms", config.heartbeat_interval_ms),
+            ("peer_timeout_ms", config.peer_timeout_ms),
+            ("stall_timeout_ms", config.stall_timeout_ms),
+            ("rollback_retry_ms", config.rollback_retry_ms),
+        ] {
+            if value > MAX_TIMER_MS {
+                return Err(invalid(
+                    path,
+                    format!("{key} = {value}: must be at most {MAX_TIMER_MS} (one day)"),
+                ));
+            }
+        }
         match config.hypervisor.kind.as_str() {
             "sim" => {}
             "qemu" => {
@@ -259,10 +283,19 @@ impl AgentConfig {
                 "[hypervisor] bandwidth_mib_s must be greater than 0",
             ));
         }
-        if !(config.hypervisor.speed > 0.0 && config.hypervisor.speed.is_finite()) {
+        if !(MIN_SPEED..=MAX_SPEED).contains(&config.hypervisor.speed) {
             return Err(invalid(
                 path,
-                "[hypervisor] speed must be a positive number",
+                format!(
+                    "[hypervisor] speed = {}: must be between {MIN_SPEED} and {MAX_SPEED}",
+                    config.hypervisor.speed
+                ),
+            ));
+        }
+        if config.hypervisor.memory_mib > MAX_MEMORY_MIB || config.hypervisor.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                path,
+                format!("[hypervisor] offers at most {MAX_MEMORY_MIB} MiB and {MAX_VCPUS} vCPUs"),
             ));
         }
         // Driver settings are checked now, so a typo stops the agent before
@@ -304,6 +337,16 @@ fn check_vm(
         return Err(invalid(
             path,
             format!("[[vm]] {}: vcpus must be at least 1", vm.name),
+        ));
+    }
+    // Capacity is summed over guests: an absurd size would overflow.
+    if vm.memory_mib > MAX_MEMORY_MIB || vm.vcpus > MAX_VCPUS {
+        return Err(invalid(
+            path,
+            format!(
+                "[[vm]] {}: at most {MAX_MEMORY_MIB} MiB and {MAX_VCPUS} vCPUs",
+                vm.name
+            ),
         ));
     }
     let mut seen = HashSet::new();
