@@ -49,8 +49,12 @@ impl From<Refusal> for tonic::Status {
     }
 }
 
+/// 48 random bits: ids are made by every source independently, and an
+/// attempt id seen twice by a destination is refused (a repeated Prepare),
+/// so they must not collide over a cluster's life (about 0.2 % chance of
+/// any collision in a million migrations).
 fn new_migration_id() -> String {
-    format!("m-{:06x}", rand::random::<u32>() & 0xff_ffff)
+    format!("m-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
 impl Agent {
@@ -117,7 +121,13 @@ impl Agent {
         }
         let (migration_id, attempt, started_at_ms) = match existing {
             Some(record) => (record.id.clone(), record.attempt + 1, record.started_at_ms),
-            None => (new_migration_id(), 1, now_ms()),
+            None => {
+                let mut id = new_migration_id();
+                while self.migration(&id).is_some() {
+                    id = new_migration_id();
+                }
+                (id, 1, now_ms())
+            }
         };
         let now = now_ms();
         let (attempt, actions) = {

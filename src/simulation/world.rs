@@ -2144,12 +2144,13 @@ impl World {
         let to = (h + self.rng.random_range(1..n)) % n;
         let mode = self.mode();
         let destination = self.hosts[to].name.clone();
-        let result = self.start_migration(h, &vm, &destination, mode, None);
         self.note(format!(
-            "operator: migrate {vm} {} -> {destination} ({mode:?}): {}",
-            self.hosts[h].name,
-            result.unwrap_or_else(|e| format!("refused: {e}"))
+            "operator: migrate {vm} {} -> {destination} ({mode:?})",
+            self.hosts[h].name
         ));
+        if let Err(e) = self.start_migration(h, &vm, &destination, mode, None) {
+            self.note(format!("operator: refused: {e}"));
+        }
     }
 
     fn operator_abort(&mut self) {
@@ -2199,12 +2200,13 @@ impl World {
             self.hosts[to].name.clone()
         };
         let mode = self.mode();
-        let result = self.start_migration(h, &record.vm, &destination, mode, Some(&record));
         self.note(format!(
-            "operator: retry {} on {destination} ({mode:?}): {}",
-            record.id,
-            result.unwrap_or_else(|e| format!("refused: {e}"))
+            "operator: retry {} on {destination} ({mode:?})",
+            record.id
         ));
+        if let Err(e) = self.start_migration(h, &record.vm, &destination, mode, Some(&record)) {
+            self.note(format!("operator: refused: {e}"));
+        }
     }
 
     /// `tern rollback MIGRATION`: re-run that migration's pending rollbacks
