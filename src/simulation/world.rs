@@ -597,19 +597,7 @@ impl World {
             }
             Timer::Pending(h) => {
                 let now = self.now;
-                let due: Vec<_> = self.hosts[h]
-                    .journal
-                    .pending
-                    .iter()
-                    .filter(|(_, p)| p.next_try <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for key in due {
-                    if self.hosts[h].agent.is_none() {
-                        return;
-                    }
-                    self.retry_pending(h, &key);
-                }
+                self.retry_pending_where(h, |p| p.next_try <= now);
             }
         }
     }
@@ -1608,6 +1596,24 @@ impl World {
         })
     }
 
+    /// Run each of a host's pending entries that `which` picks once, unless
+    /// the agent dies on the way.
+    fn retry_pending_where(&mut self, h: usize, which: impl Fn(&Pending) -> bool) {
+        let keys: Vec<_> = self.hosts[h]
+            .journal
+            .pending
+            .iter()
+            .filter(|(_, p)| which(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if self.hosts[h].agent.is_none() {
+                return;
+            }
+            self.retry_pending(h, &key);
+        }
+    }
+
     /// rollbacks.rs: run one pending rollback or release again.
     fn retry_pending(&mut self, h: usize, key: &(String, String, Stage)) {
         let Some(p) = self.hosts[h].journal.pending.get(key).cloned() else {
@@ -2230,19 +2236,7 @@ impl World {
             "operator: rollback {migration_id} on {}",
             self.hosts[h].name
         ));
-        let keys: Vec<_> = self.hosts[h]
-            .journal
-            .pending
-            .iter()
-            .filter(|(_, p)| p.migration_id == migration_id)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            if self.hosts[h].agent.is_none() {
-                return;
-            }
-            self.retry_pending(h, &key);
-        }
+        self.retry_pending_where(h, |p| p.migration_id == migration_id);
     }
 
     /// Agent::start_migration (and retry, with `existing`).
