@@ -364,3 +364,39 @@ fn a_hook_still_running_when_its_agent_is_killed_dies_with_it() {
         vec![("hv-a".to_string(), "running".to_string())]
     );
 }
+
+/// Found modelling the journal for the simulator: an agent that could not
+/// write its journal logged it and carried on, so it could resume a guest
+/// after a commit it had not recorded. It now stops at once, as if it had
+/// crashed before the write (exit 74), and recovers after a restart.
+#[test]
+fn an_agent_that_cannot_write_its_journal_stops_instead_of_acting() {
+    let mut cluster = pair(256, "");
+    let journal = cluster.path().join("hv-b-state").join("journal.db");
+    let lock = rusqlite::Connection::open(&journal).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "hv-a", "{record}");
+    let status = cluster.wait_exit("hv-b", Duration::from_secs(20));
+    assert_eq!(status.code(), Some(74), "hv-b exited with {status:?}");
+    assert!(
+        cluster.log("hv-b").contains("cannot write the journal"),
+        "{}",
+        cluster.log("hv-b")
+    );
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    cluster.start_agent("hv-b");
+    assert_eq!(
+        cluster.guests_of("web-01"),
+        vec![("hv-a".to_string(), "running".to_string())]
+    );
+    assert!(cluster.feature_state("hv-b", "web-01").is_empty());
+    assert!(cluster.pending_rollbacks("hv-b").is_empty());
+}

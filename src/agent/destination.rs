@@ -184,11 +184,7 @@ impl Executor {
         match action {
             DestinationAction::Journal(snapshot) => {
                 if let Err(e) = agent.journal().put_destination(&snapshot) {
-                    agent.log(
-                        "error",
-                        &attempt.migration_id,
-                        format!("cannot write the journal: {e}"),
-                    );
+                    agent.journal_failed(&attempt.migration_id, e);
                 }
             }
             DestinationAction::StartIncoming => {

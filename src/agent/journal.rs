@@ -61,9 +61,16 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 ";
 
+/// How long a write waits for a lock held by another process.
+pub const JOURNAL_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Journal {
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let db = Connection::open(state_dir.join("journal.db"))?;
+        // Another process reading the journal (a backup, an operator's
+        // sqlite3) may hold a lock for a moment; a write that still fails
+        // after this stops the agent (Agent::journal_failed).
+        db.busy_timeout(JOURNAL_BUSY_TIMEOUT)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode survives a crash of the process (not of the OS),
         // which is the failure the recovery table is about.

@@ -32,6 +32,9 @@ use journal::Journal;
 
 /// Milliseconds since the unix epoch: the clock the agent passes to the
 /// protocol's state machines.
+/// The agent's exit code when its journal cannot be written (EX_IOERR).
+pub const JOURNAL_FAILED_EXIT: i32 = 74;
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -503,7 +506,7 @@ impl Agent {
             next_try_ms: now_ms() + self.rollback_retry_ms,
         };
         if let Err(e) = self.journal().put_pending(&pending) {
-            tracing::error!("cannot record pending {stage} of {name}: {e}");
+            self.journal_failed(migration_id, e);
         }
         self.log(
             "error",
@@ -513,6 +516,21 @@ impl Agent {
                 self.name, vm.name
             ),
         );
+    }
+
+    /// A journal write failed: the agent stops at once, as if it had crashed
+    /// before the write, instead of acting on a decision it could not
+    /// record (a commit it cannot prove after a restart, a rollback that
+    /// would vanish). Its supervisor restarts it, and recovery carries on
+    /// from the last record that was written.
+    fn journal_failed(&self, migration_id: &str, error: journal::JournalError) -> ! {
+        let text = format!(
+            "cannot write the journal ({error}): stopping {} now; restart it to recover its attempts",
+            self.name
+        );
+        self.log("error", migration_id, text.clone());
+        eprintln!("tern agent {}: {text}", self.name);
+        std::process::exit(JOURNAL_FAILED_EXIT);
     }
 
     /// Resume or kill a guest for an attempt, logging a failure and

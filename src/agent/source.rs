@@ -237,11 +237,7 @@ impl Executor {
         match action {
             SourceAction::Journal(snapshot) => {
                 if let Err(e) = agent.journal().put_source(&snapshot) {
-                    agent.log(
-                        "error",
-                        &attempt.migration_id,
-                        format!("cannot write the journal: {e}"),
-                    );
+                    agent.journal_failed(&attempt.migration_id, e);
                 }
             }
             SourceAction::SendPrepare(c1) => {

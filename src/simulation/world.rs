@@ -1478,7 +1478,9 @@ impl World {
     }
 
     /// A journal write, which may be where the agent crashes: before the
-    /// write is durable (it is lost) or just after. `true` if it crashed.
+    /// write is durable (it is lost; this is also what a write that fails
+    /// does, since the agent then exits: Agent::journal_failed) or just
+    /// after. `true` if it crashed.
     fn journal_write(&mut self, h: usize, write: impl FnOnce(&mut Journal)) -> bool {
         let crash = self.chaos()
             && self.write_crashes < self.scenario.max_write_crashes
