@@ -46,7 +46,13 @@ impl World {
     /// Once nothing is left to happen.
     pub(super) fn check_settled(&mut self) {
         let mut found = Vec::new();
-        let up: Vec<bool> = self.hosts.iter().map(|h| h.agent.is_some()).collect();
+        // A host lost for good is left out: its guests, its switch and its
+        // journal went with it. What the live hosts hold must still add up.
+        let up: Vec<bool> = self
+            .hosts
+            .iter()
+            .map(|h| h.agent.is_some() || h.lost)
+            .collect();
         if up.iter().any(|u| !u) {
             found.push("an agent is still down after the chaos window".to_string());
         }
@@ -72,6 +78,7 @@ impl World {
                 [h] => {
                     runs_on.insert(vm.clone(), *h);
                 }
+                [] if self.lost_vms.contains(vm) => {} // lost with its host
                 [] => found.push(format!("{vm} runs nowhere")),
                 _ => {} // reported by check_step
             }
@@ -89,7 +96,7 @@ impl World {
         }
 
         // (2) feature state only where the VM runs, or listed as pending.
-        for (h, host) in self.hosts.iter().enumerate() {
+        for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
             for (vm, feature) in &host.switch {
                 if runs_on.get(vm) == Some(&h) {
                     continue;
@@ -110,16 +117,15 @@ impl World {
         // ... and none lost where it runs: every feature the latest attempt
         // that brought the VM here (or the boot) set up is still there.
         for (vm, &h) in &runs_on {
+            // The destination's own journal says what it set up: the
+            // source's record may never have heard (a source lost for good).
             let arrived = self
                 .begun
                 .iter()
                 .rev()
-                .filter_map(|(s, v, id)| {
-                    (v == vm)
-                        .then(|| self.hosts[*s].journal.sources.get(id))
-                        .flatten()
-                })
-                .find(|a| a.record.committed && a.destination == self.hosts[h].name);
+                .filter(|(_, v, _)| v == vm)
+                .find_map(|(_, _, id)| self.hosts[h].journal.destinations.get(id))
+                .filter(|d| d.is_committed());
             let spec = &self
                 .scenario
                 .vms
@@ -130,7 +136,6 @@ impl World {
             for (i, f) in spec.features.iter().enumerate() {
                 let expected = match arrived {
                     Some(a) => a
-                        .record
                         .features
                         .get(i)
                         .is_some_and(|r| r.finish == StepStatus::Ok),
@@ -151,7 +156,7 @@ impl World {
         }
 
         // (3) every attempt has an outcome and is over on both sides.
-        for host in &self.hosts {
+        for host in self.hosts.iter().filter(|h| !h.lost) {
             for a in host.journal.sources.values() {
                 match a.record.outcome {
                     None => found.push(format!(
@@ -180,8 +185,12 @@ impl World {
         }
 
         // (4) the journals agree, with each other and with the guests.
-        for host in &self.hosts {
+        let lost = |name: &str| self.hosts.iter().any(|h| h.name == name && h.lost);
+        for host in self.hosts.iter().filter(|h| !h.lost) {
             for d in host.journal.destinations.values() {
+                if lost(&d.source) {
+                    continue;
+                }
                 let Some(s) = self
                     .hosts
                     .iter()
@@ -225,6 +234,9 @@ impl World {
                 }
             }
             for s in host.journal.sources.values() {
+                if lost(&s.destination) {
+                    continue;
+                }
                 let moved = matches!(
                     s.record.outcome,
                     Some(Outcome::Succeeded | Outcome::Degraded)
@@ -255,6 +267,9 @@ impl World {
             let (Some(latest), Some(&h)) = (latest, runs_on.get(vm)) else {
                 continue;
             };
+            if lost(&latest.host) {
+                continue;
+            }
             if latest.record.running_on != self.hosts[h].name {
                 found.push(format!(
                     "{vm} runs on {} but its latest attempt {} says {}",

@@ -33,6 +33,14 @@ pub struct Scenario {
     /// does moves) for a while, then carries on as if nothing happened.
     pub freezes: u32,
     pub partitions: u32,
+    /// A host lost for good (power, hardware) at some moment of the chaos:
+    /// its agent and its guests are gone and never come back, and after the
+    /// chaos the operator forces its unresolved attempts back to their
+    /// sources.
+    pub lose_host: Option<usize>,
+    /// Lose it the first time a Finish reaches it (the worst moment: the
+    /// source cannot know whether it committed) rather than at random.
+    pub lose_on_finish: bool,
     /// Operator actions during the chaos window.
     pub operator_actions: u32,
     /// Whether a transfer outlives the agent that started it (QEMU does; the
@@ -168,6 +176,8 @@ impl Scenario {
             stops: if calm { 0 } else { rng.random_range(0..=1) },
             freezes: if calm { 0 } else { rng.random_range(0..=2) },
             partitions: if calm { 0 } else { rng.random_range(0..=3) },
+            lose_host: (!calm && rng.random_bool(0.1)).then(|| rng.random_range(0..n_hosts)),
+            lose_on_finish: rng.random_bool(0.5),
             operator_actions: rng.random_range(8..=30),
             transfers_survive_crash: rng.random_bool(0.5),
             stall: pick(&mut rng, &[0.0, 0.0, 0.05]),

@@ -27,7 +27,7 @@ use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{
     AttemptParams, Resolution, SourceAction, SourceAttempt, SourceInput, SourceState,
 };
-use crate::protocol::{Millis, Mode, Outcome, PeerError, Stage, Timing, VmSpec};
+use crate::protocol::{Millis, Mode, Outcome, PeerError, RunOn, Stage, Timing, VmSpec};
 
 /// The simulated time after which a run that has not settled is a violation.
 const SETTLE_LIMIT_MS: Millis = CHAOS_MS + 2 * 3_600_000;
@@ -106,6 +106,8 @@ pub(super) struct Host {
     pub switch: BTreeSet<(String, String)>,
     /// SIGSTOPped until then: what it would do waits.
     frozen_until: Millis,
+    /// Lost for good: no agent, no guests, never restarted.
+    pub lost: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -274,6 +276,12 @@ enum Event {
         host: usize,
         ms: Millis,
     },
+    Lose {
+        host: usize,
+    },
+    /// The operator forces every unresolved attempt whose destination was
+    /// lost back to its source (`tern resolve ID --run-on source`).
+    ForceLost,
     Stop {
         host: usize,
     },
@@ -313,6 +321,10 @@ pub struct World {
     pub(super) said_not_committed: BTreeSet<String>,
     /// Attempts whose source sent Finish (the commit point is out of its hands).
     finish_sent: BTreeSet<String>,
+    /// Attempts the operator forced to run on their source.
+    forced: BTreeSet<String>,
+    /// VMs that were running on a host when it was lost for good.
+    pub(super) lost_vms: BTreeSet<String>,
     /// Every attempt Begin accepted, in order: (source host, vm, attempt id).
     pub(super) begun: Vec<(usize, String, String)>,
     pub(super) steps: u64,
@@ -340,6 +352,7 @@ impl World {
                 guests: BTreeMap::new(),
                 switch: BTreeSet::new(),
                 frozen_until: 0,
+                lost: false,
             })
             .collect();
         let mut world = World {
@@ -358,6 +371,8 @@ impl World {
             write_crashes: 0,
             said_not_committed: BTreeSet::new(),
             finish_sent: BTreeSet::new(),
+            forced: BTreeSet::new(),
+            lost_vms: BTreeSet::new(),
             begun: Vec::new(),
             steps: 0,
             faults: 0,
@@ -407,6 +422,14 @@ impl World {
             let host = self.rng.random_range(0..n);
             let ms = self.rng.random_range(500..20_000);
             self.push_at(at, Event::Freeze { host, ms });
+        }
+        if let Some(host) = sc.lose_host {
+            if !sc.lose_on_finish {
+                let at = self.rng.random_range(0..CHAOS_MS);
+                self.push_at(at, Event::Lose { host });
+            }
+            self.push_at(CHAOS_MS + 30_000, Event::ForceLost);
+            self.push_at(CHAOS_MS + 90_000, Event::ForceLost);
         }
         for _ in 0..sc.partitions {
             let at = self.rng.random_range(0..CHAOS_MS);
@@ -488,6 +511,8 @@ impl World {
             | Event::Operator
             | Event::Kill { .. }
             | Event::Freeze { .. }
+            | Event::Lose { .. }
+            | Event::ForceLost
             | Event::Restart { .. }
             | Event::Partition { .. }
             | Event::Heal { .. } => None,
@@ -734,6 +759,64 @@ impl World {
         self.push(delay, Event::Restart { host: h });
     }
 
+    /// The host is gone for good, with its guests; nothing of it answers.
+    fn lose(&mut self, h: usize) {
+        if self.hosts[h].lost {
+            return;
+        }
+        let name = self.hosts[h].name.clone();
+        self.fault(|| format!("{name} is lost for good, with its guests"));
+        self.crash_quiet(h);
+        let host = &mut self.hosts[h];
+        host.lost = true;
+        // A running or paused copy was the VM (an incoming one was not yet).
+        for (vm, g) in std::mem::take(&mut host.guests) {
+            if g.state != GuestState::Incoming {
+                self.lost_vms.insert(vm);
+            }
+        }
+        for t in self.transfers.values_mut() {
+            if (t.from == h || t.to == h) && t.state == TransferState::Active {
+                t.state = TransferState::Stopped;
+            }
+        }
+    }
+
+    /// What an operator does once a host is known to be gone: force each
+    /// attempt left unresolved towards it to run on its source.
+    fn force_lost(&mut self) {
+        let now = self.now;
+        for h in 0..self.hosts.len() {
+            let Some(agent) = self.answering(h) else {
+                continue;
+            };
+            let stuck: Vec<String> = agent
+                .sources
+                .iter()
+                .filter(|(_, a)| a.state == SourceState::Unresolved)
+                .filter(|(_, a)| {
+                    self.host_index(&a.destination)
+                        .is_some_and(|d| self.hosts[d].lost)
+                })
+                .map(|(m, _)| m.clone())
+                .collect();
+            for m in stuck {
+                let Some(a) = self.source_mut(h, &m) else {
+                    continue;
+                };
+                let id = a.attempt_id.clone();
+                match a.force_resolve(now, RunOn::Source) {
+                    Ok(actions) => {
+                        self.note(format!("operator: resolve {m} --run-on source"));
+                        self.forced.insert(id);
+                        self.exec_source(h, &m, actions);
+                    }
+                    Err(e) => self.violation(format!("forcing {m} was refused: {e}")),
+                }
+            }
+        }
+    }
+
     fn connection_reset(&mut self, rpc: u64) {
         let Some(call) = self.calls.get(&rpc) else {
             return;
@@ -976,8 +1059,10 @@ impl World {
                     self.exit(host);
                 }
             }
+            Event::Lose { host } => self.lose(host),
+            Event::ForceLost => self.force_lost(),
             Event::Restart { host } => {
-                if self.hosts[host].agent.is_none() {
+                if self.hosts[host].agent.is_none() && !self.hosts[host].lost {
                     self.start_agent(host);
                 }
             }
@@ -1298,6 +1383,11 @@ impl World {
             }
         };
         let id = c3.attempt_id.clone();
+        if self.scenario.lose_on_finish && self.scenario.lose_host == Some(h) && self.chaos() {
+            // Lost while carrying Finish out: it may commit first, or not.
+            let after = self.rng.random_range(0..100);
+            self.push(after, Event::Lose { host: h });
+        }
         if self.destination_mut(h, &id).is_some() {
             self.agent_mut(h)
                 .finish_waiters
@@ -1773,7 +1863,7 @@ impl World {
     /// destination's durable "never commits" (or an operator's forced
     /// decision, which the simulator does not take) allows it.
     fn resume_on_source(&mut self, h: usize, vm: &str, attempt_id: &str) {
-        if self.finish_sent.contains(attempt_id) {
+        if self.finish_sent.contains(attempt_id) && !self.forced.contains(attempt_id) {
             let dst = self.hosts[h]
                 .journal
                 .sources
@@ -2357,7 +2447,11 @@ impl World {
                 s,
                 "{}: agent {} fail {:?} broken {:?} knows {:?}",
                 host.name,
-                if host.agent.is_some() { "up" } else { "down" },
+                match (host.lost, host.agent.is_some()) {
+                    (true, _) => "lost for good",
+                    (false, true) => "up",
+                    (false, false) => "down",
+                },
                 host.spec.fail,
                 host.spec.broken,
                 host.spec.knows
