@@ -323,6 +323,22 @@ pub fn locate_vm(vm: &str, answers: &[(String, Vec<proto::Vm>)]) -> VmLocation {
     }
 }
 
+/// The reachable hosts other than `except` where `vm`'s CPUs are running.
+pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<String> {
+    let answers = join_all(reachable(links).map(|agent| async move {
+        let reply = agent
+            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
+            .await
+            .ok()?;
+        let running = reply.vms.iter().any(|v| {
+            v.name == vm && proto::GuestState::try_from(v.state) == Ok(proto::GuestState::Running)
+        });
+        (running && agent.name != except).then(|| agent.name.clone())
+    }))
+    .await;
+    answers.into_iter().flatten().collect()
+}
+
 /// The host `vm` runs on, asking every agent at once.
 pub async fn find_vm_host(cluster: &Cluster, links: &[Link], vm: &str) -> Result<String, CliError> {
     let answers = join_all(links.iter().map(|link| async move {

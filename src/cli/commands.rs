@@ -6,7 +6,9 @@ use std::path::Path;
 
 use futures::future::join_all;
 
-use super::client::{Agent, Cluster, Link, find_migration, find_vm_host, reachable};
+use super::client::{
+    Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
+};
 use super::output::{record_summary, rollback_reply, started_line};
 use super::{CliError, CliResult, exit, exit_code_for_outcome};
 use crate::proto;
@@ -205,6 +207,14 @@ pub async fn resolve(inventory: &Path, id: &str, run_on: RunOn, yes: bool) -> Cl
     let cluster = Cluster::load(inventory)?;
     let links = cluster.connect_all().await;
     let (owner, record) = find_migration(&links, id).await?;
+    if run_on == RunOn::Source {
+        // The destination may have committed and the VM moved on since: its
+        // running copy is the VM, and the paused one on the source is stale.
+        let elsewhere = running_elsewhere(&links, &record.vm, &record.source).await;
+        if let Some(refusal) = refuse_forcing_to_source(id, &record, &elsewhere) {
+            return Err(CliError::new(exit::FAILED, refusal));
+        }
+    }
     eprintln!(
         "{}",
         resolve_warning(id, run_on, &record.source, &record.destination)
@@ -224,6 +234,26 @@ pub async fn resolve(inventory: &Path, id: &str, run_on: RunOn, yes: bool) -> Cl
         .await?;
     print!("{}", record_summary(&MigrationRecord::from(&record)));
     Ok(exit::SUCCEEDED)
+}
+
+/// Forcing an unresolved attempt back to its source while the VM runs on
+/// another host would run it twice: say so, and what to do instead.
+pub fn refuse_forcing_to_source(
+    id: &str,
+    record: &proto::MigrationRecord,
+    running_on: &[String],
+) -> Option<String> {
+    if running_on.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "refusing: {vm} is running on {hosts}, so {dst} committed and the VM has moved on; forcing it to run on \
+         {src} would run it twice. To discard the stale paused copy on {src}: tern resolve {id} --run-on destination",
+        vm = record.vm,
+        hosts = running_on.join(", "),
+        dst = record.destination,
+        src = record.source,
+    ))
 }
 
 /// What can go wrong when forcing `run_on`, in the operator's terms.
@@ -307,6 +337,29 @@ pub async fn fault(inventory: &Path, host: &str, faults: proto::FaultSettings) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the simulator: an operator forcing an unresolved attempt
+    /// back to its source after the destination had committed and the VM
+    /// had moved on to a third host ran it twice.
+    #[test]
+    fn forcing_to_the_source_is_refused_while_the_vm_runs_on_another_host() {
+        let record = proto::MigrationRecord {
+            id: "m-1".into(),
+            vm: "web-01".into(),
+            source: "hv-a".into(),
+            destination: "hv-b".into(),
+            ..Default::default()
+        };
+        assert_eq!(refuse_forcing_to_source("m-1", &record, &[]), None);
+        let refusal =
+            refuse_forcing_to_source("m-1", &record, &["hv-c".to_string()]).expect("refused");
+        assert!(refusal.contains("web-01 is running on hv-c"), "{refusal}");
+        assert!(refusal.contains("would run it twice"), "{refusal}");
+        assert!(
+            refusal.contains("tern resolve m-1 --run-on destination"),
+            "{refusal}"
+        );
+    }
 
     #[test]
     fn the_resolve_warning_for_the_source_says_the_guest_may_run_twice() {

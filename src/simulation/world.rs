@@ -280,7 +280,9 @@ enum Event {
         host: usize,
     },
     /// The operator forces every unresolved attempt whose destination was
-    /// lost back to its source (`tern resolve ID --run-on source`).
+    /// lost (`tern resolve ID`): back to its source, or, if the VM runs on
+    /// another host already, to the destination side (the stale paused copy
+    /// on the source is discarded).
     ForceLost,
     Stop {
         host: usize,
@@ -783,7 +785,8 @@ impl World {
     }
 
     /// What an operator does once a host is known to be gone: force each
-    /// attempt left unresolved towards it to run on its source.
+    /// attempt left unresolved towards it to run on its source, unless the
+    /// VM already runs elsewhere.
     fn force_lost(&mut self) {
         let now = self.now;
         for h in 0..self.hosts.len() {
@@ -804,10 +807,30 @@ impl World {
                 let Some(a) = self.source_mut(h, &m) else {
                     continue;
                 };
+                let vm = a.vm.name.clone();
+                // `tern resolve --run-on source` refuses while the VM runs on
+                // another reachable host (the destination committed and the
+                // VM moved on): the stale paused copy is discarded instead.
+                let elsewhere = (0..self.hosts.len()).any(|o| {
+                    o != h
+                        && self.answering(o).is_some()
+                        && self.hosts[o]
+                            .guests
+                            .get(&vm)
+                            .is_some_and(|g| g.state == GuestState::Running)
+                });
+                let run_on = if elsewhere {
+                    RunOn::Destination
+                } else {
+                    RunOn::Source
+                };
+                let Some(a) = self.source_mut(h, &m) else {
+                    continue;
+                };
                 let id = a.attempt_id.clone();
-                match a.force_resolve(now, RunOn::Source) {
+                match a.force_resolve(now, run_on) {
                     Ok(actions) => {
-                        self.note(format!("operator: resolve {m} --run-on source"));
+                        self.note(format!("operator: resolve {m} --run-on {run_on:?}"));
                         self.forced.insert(id);
                         self.exec_source(h, &m, actions);
                     }
@@ -2389,7 +2412,12 @@ impl World {
         let mut outcomes = BTreeMap::new();
         for host in &self.hosts {
             for a in host.journal.sources.values() {
-                let name = a.record.outcome.map(Outcome::as_str).unwrap_or("none");
+                // A lost source's journal went with it: its last word is moot.
+                let name = match a.record.outcome {
+                    _ if host.lost => "lost with its source",
+                    Some(outcome) => outcome.as_str(),
+                    None => "none",
+                };
                 *outcomes.entry(name).or_insert(0) += 1;
             }
         }
