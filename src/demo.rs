@@ -188,8 +188,24 @@ fn host_letter(i: usize) -> String {
 
 /// `tern demo --headless`: start the cluster, say where it is, run until
 /// interrupted.
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+/// Run the demo cluster: with the console on it (until the operator quits),
+/// or headless until Ctrl-C.
+pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow::Result<()> {
     let cluster = Cluster::start(&options).await?;
+    if !options.headless {
+        if options.traffic {
+            cluster.spawn_traffic();
+        }
+        let result = crate::console::run(crate::console::Options {
+            cluster: "demo".into(),
+            inventory: cluster.inventory.clone(),
+            theme,
+            read_only,
+        })
+        .await;
+        cluster.stop().await;
+        return result;
+    }
     println!(
         "Tern demo cluster: {} agents, {} VMs",
         cluster.agents.len(),
@@ -209,9 +225,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     );
     if options.traffic {
         cluster.spawn_traffic();
-    }
-    if !options.headless {
-        println!("(the console is not in this build yet; running headless)");
     }
     println!("Ctrl-C stops the cluster.");
     wait_for_interrupt().await;

@@ -13,6 +13,7 @@ pub mod proto {
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod features;
 pub mod hypervisor;

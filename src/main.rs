@@ -28,6 +28,17 @@ struct Cli {
     command: Option<Command>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct ConsoleArgs {
+    /// A built-in theme (default, light, high-contrast, deuteranopia) or a
+    /// TOML file overriding some of default's keys. NO_COLOR is honoured.
+    #[arg(long, value_name = "NAME|FILE", default_value = "default")]
+    theme: String,
+    /// No key that changes anything on an agent.
+    #[arg(long)]
+    read_only: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a host agent.
@@ -35,7 +46,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// An embedded cluster of simulated hosts.
+    /// An embedded cluster of simulated hosts, with the console on it.
     Demo {
         #[arg(long, default_value_t = 4)]
         hosts: usize,
@@ -44,6 +55,13 @@ enum Command {
         /// No console: run the cluster only.
         #[arg(long)]
         headless: bool,
+        #[command(flatten)]
+        console: ConsoleArgs,
+    },
+    /// The operations console on the inventory's agents.
+    Console {
+        #[command(flatten)]
+        console: ConsoleArgs,
     },
     /// Start a migration and, by default, wait for its outcome.
     Migrate {
@@ -181,12 +199,26 @@ async fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Demo {
         hosts: 4,
         vms: 32,
-        headless: true,
+        headless: false,
+        console: ConsoleArgs {
+            theme: "default".into(),
+            read_only: false,
+        },
     });
-    init_logging(matches!(
-        command,
-        Command::Agent { .. } | Command::Demo { .. }
-    ));
+    // The console draws on the terminal: its logs go to a file.
+    let _log_guard = match &command {
+        Command::Console { .. }
+        | Command::Demo {
+            headless: false, ..
+        } => tern::console::init_logging(),
+        _ => {
+            init_logging(matches!(
+                command,
+                Command::Agent { .. } | Command::Demo { .. }
+            ));
+            None
+        }
+    };
     match run(&cli.inventory, command).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -218,12 +250,34 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             hosts,
             vms,
             headless,
+            console,
         } => {
-            tern::demo::run(DemoOptions {
-                hosts,
-                vms,
-                headless,
-                traffic: true,
+            tern::demo::run(
+                DemoOptions {
+                    hosts,
+                    vms,
+                    headless,
+                    traffic: true,
+                },
+                console.theme,
+                console.read_only,
+            )
+            .await
+            .map_err(failed)?;
+            Ok(exit::SUCCEEDED)
+        }
+        Command::Console { console } => {
+            let loaded = tern::config::Inventory::load(inventory)
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let cluster = inventory
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "cluster".into());
+            tern::console::run(tern::console::Options {
+                cluster,
+                inventory: loaded,
+                theme: console.theme,
+                read_only: console.read_only,
             })
             .await
             .map_err(failed)?;
@@ -305,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn no_subcommand_parses_to_none_and_runs_the_headless_demo() {
+    fn no_subcommand_parses_to_none_and_runs_the_demo_with_its_console() {
         assert!(parse(&[]).command.is_none());
     }
 
@@ -339,7 +393,8 @@ mod tests {
             Some(Command::Demo {
                 hosts: 4,
                 vms: 32,
-                headless: false
+                headless: false,
+                ..
             })
         ));
         assert!(matches!(
@@ -347,7 +402,8 @@ mod tests {
             Some(Command::Demo {
                 hosts: 2,
                 vms: 5,
-                headless: true
+                headless: true,
+                ..
             })
         ));
         assert_eq!(

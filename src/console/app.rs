@@ -1,0 +1,912 @@
+//! The console's state and `update`: messages and key presses in, commands
+//! out. Pure: views draw an [`App`], the terminal loop carries out the
+//! [`Command`]s; nothing here does IO.
+
+use std::collections::BTreeSet;
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::keymap::{Action, action_for};
+use super::msg::{Command, Msg};
+use super::state::{ClusterState, Link, LogEntry, MigrationView};
+use crate::proto;
+use crate::protocol::Mode;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum View {
+    /// Hosts above, migrations below.
+    Overview,
+    Vms,
+    Events,
+    /// One migration, by id.
+    Detail(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    Hosts,
+    Migrations,
+}
+
+/// A destination offered by the picker, and why it cannot be chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub host: String,
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dialog {
+    /// A dangerous action waits for `y` (or enter); `m` switches the mode
+    /// when the action has one.
+    Confirm {
+        title: String,
+        lines: Vec<String>,
+        commands: Vec<Command>,
+        mode: Option<Mode>,
+    },
+    /// Where to retry (or start) a migration: every host, with why not.
+    Picker {
+        title: String,
+        vm: String,
+        /// The migration to retry, or `None` for a new one from `from`.
+        retry: Option<String>,
+        from: String,
+        choices: Vec<Choice>,
+        selected: usize,
+        mode: Mode,
+    },
+    /// Which VM a new migration moves.
+    ChooseVm {
+        vms: Vec<(String, String)>,
+        selected: usize,
+    },
+    Help,
+    Message(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    Filter,
+    Command,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub kind: InputKind,
+    pub text: String,
+}
+
+pub struct App {
+    /// Always current.
+    pub live: ClusterState,
+    /// What is shown while frozen (`f`).
+    pub frozen: Option<ClusterState>,
+    pub view: View,
+    pub focus: Focus,
+    pub host_row: usize,
+    pub migration_row: usize,
+    pub marked: BTreeSet<String>,
+    pub filter: String,
+    pub input: Option<Input>,
+    pub dialog: Option<Dialog>,
+    /// The mode new actions start with.
+    pub default_mode: Mode,
+    pub read_only: bool,
+    pub theme: String,
+    /// The last command's result, or a refusal, for the status line.
+    pub status: Option<(String, bool)>,
+    /// Rows a half page moves (set by the terminal loop from the table height).
+    pub page_rows: usize,
+    pub quit: bool,
+    /// Something changed since the last frame.
+    pub dirty: bool,
+}
+
+impl App {
+    pub fn new(state: ClusterState, read_only: bool, theme: &str) -> App {
+        App {
+            live: state,
+            frozen: None,
+            view: View::Overview,
+            focus: Focus::Migrations,
+            host_row: 0,
+            migration_row: 0,
+            marked: BTreeSet::new(),
+            filter: String::new(),
+            input: None,
+            dialog: None,
+            default_mode: Mode::Safe,
+            read_only,
+            theme: theme.to_string(),
+            status: None,
+            page_rows: 10,
+            quit: false,
+            dirty: true,
+        }
+    }
+
+    /// What the views draw: the frozen copy while frozen.
+    pub fn state(&self) -> &ClusterState {
+        self.frozen.as_ref().unwrap_or(&self.live)
+    }
+
+    /// The migrations table's rows, filtered.
+    pub fn rows(&self) -> Vec<&MigrationView> {
+        let filter = Filter::parse(&self.filter);
+        self.state()
+            .ordered_migrations()
+            .into_iter()
+            .filter(|m| filter.matches(m))
+            .collect()
+    }
+
+    pub fn selected_migration(&self) -> Option<&MigrationView> {
+        if let View::Detail(id) = &self.view {
+            return self.state().migrations.get(id);
+        }
+        self.rows().get(self.migration_row).copied()
+    }
+
+    pub fn selected_host(&self) -> Option<&str> {
+        self.state()
+            .hosts
+            .get(self.host_row)
+            .map(|h| h.name.as_str())
+    }
+
+    fn say(&mut self, text: impl Into<String>, error: bool) {
+        self.status = Some((text.into(), error));
+    }
+}
+
+/// Fold one message into the app; what it asks the agents to do comes back.
+pub fn update(app: &mut App, msg: Msg) -> Vec<Command> {
+    match msg {
+        Msg::Event(event) => {
+            app.live.apply(event);
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
+        Msg::Connected { host } => {
+            app.live.connected(&host);
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
+        Msg::Lost {
+            host,
+            since_ms,
+            error,
+        } => {
+            app.live.lost(&host, since_ms, &error);
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
+        Msg::Tick { now_ms } => {
+            app.live.now_ms = now_ms;
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
+        Msg::Resize => {
+            app.dirty = true;
+            Vec::new()
+        }
+        Msg::Done { what, result } => {
+            let (text, error) = match result {
+                Ok(detail) => (format!("{what}: {detail}"), false),
+                Err(e) => (format!("{what} failed: {e}"), true),
+            };
+            app.live.events.push_back(LogEntry {
+                host: "console".into(),
+                line: proto::LogLine {
+                    at_ms: app.live.now_ms,
+                    level: if error { "error" } else { "info" }.into(),
+                    migration_id: String::new(),
+                    text: text.clone(),
+                },
+            });
+            app.say(text, error);
+            app.dirty = true;
+            Vec::new()
+        }
+        Msg::Key(key) => {
+            app.dirty = true;
+            on_key(app, key)
+        }
+    }
+}
+
+fn on_key(app: &mut App, key: KeyEvent) -> Vec<Command> {
+    if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+        app.quit = true;
+        return vec![Command::Quit];
+    }
+    if app.input.is_some() {
+        return on_input(app, key);
+    }
+    if app.dialog.is_some() {
+        return on_dialog(app, key);
+    }
+    let Some(action) = action_for(key, app.read_only) else {
+        return Vec::new();
+    };
+    on_action(app, action)
+}
+
+fn on_action(app: &mut App, action: Action) -> Vec<Command> {
+    match action {
+        Action::Quit => {
+            app.quit = true;
+            return vec![Command::Quit];
+        }
+        Action::Help => app.dialog = Some(Dialog::Help),
+        Action::Back => match app.view {
+            View::Overview => {
+                app.marked.clear();
+                app.filter.clear();
+            }
+            _ => app.view = View::Overview,
+        },
+        Action::Freeze => {
+            app.frozen = match app.frozen.take() {
+                Some(_) => None,
+                None => Some(app.live.clone()),
+            };
+        }
+        Action::ToggleMode => {
+            app.default_mode = other_mode(app.default_mode);
+            app.say(
+                format!("new actions default to {} mode", app.default_mode.as_str()),
+                false,
+            );
+        }
+        Action::Filter => {
+            app.input = Some(Input {
+                kind: InputKind::Filter,
+                text: app.filter.clone(),
+            })
+        }
+        Action::CommandLine => {
+            app.input = Some(Input {
+                kind: InputKind::Command,
+                text: String::new(),
+            })
+        }
+        Action::FocusNext | Action::FocusPrev => {
+            app.focus = match app.focus {
+                Focus::Hosts => Focus::Migrations,
+                Focus::Migrations => Focus::Hosts,
+            };
+            app.view = View::Overview;
+        }
+        Action::Down => move_by(app, 1),
+        Action::Up => move_by(app, -1),
+        Action::PageDown => move_by(app, (app.page_rows / 2).max(1) as isize),
+        Action::PageUp => move_by(app, -((app.page_rows / 2).max(1) as isize)),
+        Action::Top => move_by(app, isize::MIN / 2),
+        Action::Bottom => move_by(app, isize::MAX / 2),
+        Action::Open => {
+            if let Some(m) = app.selected_migration() {
+                app.view = View::Detail(m.record.id.clone());
+            }
+        }
+        Action::Mark => {
+            if let Some(id) = app.selected_migration().map(|m| m.record.id.clone()) {
+                if !app.marked.remove(&id) {
+                    app.marked.insert(id);
+                }
+                move_by(app, 1);
+            }
+        }
+        Action::Abort => abort(app),
+        Action::Retry => retry(app),
+        Action::RetryElsewhere => pick_destination(app),
+        Action::Rollback => rollback(app),
+        Action::NewMigration => new_migration(app),
+        Action::Evacuate => {
+            let host = app.selected_host().unwrap_or("this host").to_string();
+            app.dialog = Some(Dialog::Message(format!(
+                "Evacuating {host} needs agents that run evacuations as jobs, which come with a later \
+                 release. Until then, move its VMs one by one with n (new migration)."
+            )));
+        }
+    }
+    Vec::new()
+}
+
+fn other_mode(mode: Mode) -> Mode {
+    match mode {
+        Mode::Fast => Mode::Safe,
+        Mode::Safe => Mode::Fast,
+    }
+}
+
+fn move_by(app: &mut App, delta: isize) {
+    let (row, len) = match (&app.view, app.focus) {
+        (View::Overview, Focus::Hosts) => (&mut app.host_row, app.live.hosts.len()),
+        _ => {
+            let len = app.rows().len();
+            (&mut app.migration_row, len)
+        }
+    };
+    if len == 0 {
+        *row = 0;
+        return;
+    }
+    let next = (*row as isize)
+        .saturating_add(delta)
+        .clamp(0, len as isize - 1);
+    *row = next as usize;
+}
+
+/// The marked migrations, or else the selected one.
+fn targets(app: &App) -> Vec<proto::MigrationRecord> {
+    let state = app.state();
+    if !app.marked.is_empty() {
+        return app
+            .marked
+            .iter()
+            .filter_map(|id| state.migrations.get(id))
+            .map(|m| m.record.clone())
+            .collect();
+    }
+    app.selected_migration()
+        .map(|m| vec![m.record.clone()])
+        .unwrap_or_default()
+}
+
+fn outcome(record: &proto::MigrationRecord) -> proto::Outcome {
+    proto::Outcome::try_from(record.outcome).unwrap_or(proto::Outcome::None)
+}
+
+/// The phase a migration is in (or ended in), lower case.
+pub fn current_phase(record: &proto::MigrationRecord) -> &'static str {
+    let running = record
+        .phases
+        .iter()
+        .find(|p| p.status == proto::StepStatus::Running as i32)
+        .or_else(|| {
+            record
+                .phases
+                .iter()
+                .find(|p| p.status == proto::StepStatus::Failed as i32)
+        });
+    match running.map(|p| proto::Phase::try_from(p.phase)) {
+        Some(Ok(proto::Phase::Begin)) => "begin",
+        Some(Ok(proto::Phase::Prepare)) => "prepare",
+        Some(Ok(proto::Phase::Perform)) => "perform",
+        Some(Ok(proto::Phase::Finish)) => "finish",
+        Some(Ok(proto::Phase::Confirm)) => "confirm",
+        _ => "begin",
+    }
+}
+
+fn abort(app: &mut App) {
+    let running: Vec<_> = targets(app)
+        .into_iter()
+        .filter(|r| outcome(r) == proto::Outcome::None)
+        .collect();
+    if running.is_empty() {
+        app.say("nothing to abort: select a running migration", true);
+        return;
+    }
+    let lines = running
+        .iter()
+        .map(|r| {
+            let phase = current_phase(r);
+            let what = if r.committed || phase == "confirm" {
+                format!("past the commit point: {} will refuse", r.source)
+            } else if phase == "finish" {
+                "Finish may already be on the destination: the abort may be refused".to_string()
+            } else {
+                format!(
+                    "{} keeps running on {}; {} rolls back",
+                    r.vm, r.source, r.destination
+                )
+            };
+            format!(
+                "{} {} → {} in {phase}: {what}",
+                r.vm, r.source, r.destination
+            )
+        })
+        .collect();
+    let commands = running
+        .iter()
+        .map(|r| Command::Abort {
+            host: r.source.clone(),
+            id: r.id.clone(),
+        })
+        .collect();
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Abort {} migration(s)?", running.len()),
+        lines,
+        commands,
+        mode: None,
+    });
+}
+
+fn retry(app: &mut App) {
+    let failed: Vec<_> = targets(app)
+        .into_iter()
+        .filter(|r| matches!(outcome(r), proto::Outcome::Failed | proto::Outcome::Aborted))
+        .collect();
+    if failed.is_empty() {
+        app.say(
+            "nothing to retry: select a failed or aborted migration",
+            true,
+        );
+        return;
+    }
+    let mode = app.default_mode;
+    let lines = failed
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} → {} again (attempt {}); last error: {}",
+                r.vm,
+                r.source,
+                r.destination,
+                r.attempt + 1,
+                if r.error.is_empty() { "none" } else { &r.error }
+            )
+        })
+        .collect();
+    let commands = failed
+        .iter()
+        .map(|r| Command::Retry {
+            host: r.source.clone(),
+            id: r.id.clone(),
+            destination: None,
+            mode,
+        })
+        .collect();
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Retry {} migration(s) on the same host?", failed.len()),
+        lines,
+        commands,
+        mode: Some(mode),
+    });
+}
+
+/// Every host, and why it cannot take `vm` now (none: it can).
+pub fn destinations(state: &ClusterState, vm: &str, required: &[String]) -> Vec<Choice> {
+    let memory = state
+        .vms
+        .iter()
+        .find(|((_, name), _)| name == vm)
+        .map(|(_, v)| (v.memory_mib, v.vcpus))
+        .unwrap_or_default();
+    let runs_on = state.vm_host(vm);
+    state
+        .hosts
+        .iter()
+        .map(|h| {
+            let refusal = if runs_on == Some(h.name.as_str()) {
+                Some(format!("{vm} runs here"))
+            } else if !matches!(h.link, Link::Connected) {
+                Some("not connected".to_string())
+            } else {
+                match &h.info {
+                    None => Some("no report from its agent yet".to_string()),
+                    Some(info) if info.draining => Some("draining".to_string()),
+                    Some(info) => {
+                        let free = info.memory_total_mib.saturating_sub(info.memory_used_mib);
+                        let free_cpus = info.vcpus_total.saturating_sub(info.vcpus_used);
+                        let missing: Vec<&str> = required
+                            .iter()
+                            .filter(|f| !info.features.contains(f))
+                            .map(String::as_str)
+                            .collect();
+                        if free < memory.0 {
+                            Some(format!("{} MiB free, {vm} needs {}", free, memory.0))
+                        } else if free_cpus < memory.1 {
+                            Some(format!("{free_cpus} vCPUs free, {vm} needs {}", memory.1))
+                        } else if !missing.is_empty() {
+                            Some(format!("lacks required {}", missing.join(", ")))
+                        } else {
+                            None
+                        }
+                    }
+                }
+            };
+            Choice {
+                host: h.name.clone(),
+                refusal,
+            }
+        })
+        .collect()
+}
+
+fn picker(
+    app: &mut App,
+    title: String,
+    vm: String,
+    retry: Option<String>,
+    from: String,
+    required: Vec<String>,
+) {
+    let choices = destinations(app.state(), &vm, &required);
+    let selected = choices
+        .iter()
+        .position(|c| c.refusal.is_none())
+        .unwrap_or(0);
+    app.dialog = Some(Dialog::Picker {
+        title,
+        vm,
+        retry,
+        from,
+        choices,
+        selected,
+        mode: app.default_mode,
+    });
+}
+
+fn pick_destination(app: &mut App) {
+    let Some(record) = app.selected_migration().map(|m| m.record.clone()) else {
+        app.say("select a failed migration first", true);
+        return;
+    };
+    if !matches!(
+        outcome(&record),
+        proto::Outcome::Failed | proto::Outcome::Aborted
+    ) {
+        app.say(
+            format!(
+                "{} has not failed: only a failed or aborted migration can be retried",
+                record.id
+            ),
+            true,
+        );
+        return;
+    }
+    let required = record
+        .features
+        .iter()
+        .filter(|f| f.required)
+        .map(|f| f.name.clone())
+        .collect();
+    picker(
+        app,
+        format!("Retry {} ({}) on another host", record.id, record.vm),
+        record.vm.clone(),
+        Some(record.id.clone()),
+        record.source.clone(),
+        required,
+    );
+}
+
+fn rollback(app: &mut App) {
+    let Some(record) = app.selected_migration().map(|m| m.record.clone()) else {
+        app.say("select a migration with pending rollbacks first", true);
+        return;
+    };
+    let hosts: Vec<String> = app
+        .state()
+        .hosts
+        .iter()
+        .filter(|h| {
+            h.info.as_ref().is_some_and(|i| {
+                i.pending_rollbacks
+                    .iter()
+                    .any(|p| p.migration_id == record.id)
+            })
+        })
+        .map(|h| h.name.clone())
+        .collect();
+    if hosts.is_empty() {
+        app.say(format!("{} has no pending rollbacks", record.id), true);
+        return;
+    }
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Run the pending rollbacks of {} now?", record.id),
+        lines: hosts
+            .iter()
+            .map(|h| format!("on {h}: undo what {} left there", record.vm))
+            .collect(),
+        commands: hosts
+            .into_iter()
+            .map(|host| Command::Rollback {
+                host,
+                id: record.id.clone(),
+            })
+            .collect(),
+        mode: None,
+    });
+}
+
+fn new_migration(app: &mut App) {
+    let mut vms: Vec<(String, String)> = app
+        .state()
+        .vms
+        .iter()
+        .filter(|(_, v)| v.state == proto::GuestState::Running as i32)
+        .map(|((host, name), _)| (name.clone(), host.clone()))
+        .collect();
+    vms.sort();
+    if vms.is_empty() {
+        app.say("no running VM to migrate", true);
+        return;
+    }
+    app.dialog = Some(Dialog::ChooseVm { vms, selected: 0 });
+}
+
+fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
+    let Some(dialog) = app.dialog.take() else {
+        return Vec::new();
+    };
+    match dialog {
+        Dialog::Help | Dialog::Message(_) => {
+            if key.code == KeyCode::Char('q') {
+                app.quit = true;
+                return vec![Command::Quit];
+            }
+            Vec::new()
+        }
+        Dialog::Confirm {
+            title,
+            lines,
+            mut commands,
+            mode,
+        } => match key.code {
+            KeyCode::Char('y') | KeyCode::Enter => {
+                for c in &mut commands {
+                    if let (
+                        Command::Retry { mode: m, .. } | Command::Start { mode: m, .. },
+                        Some(chosen),
+                    ) = (c, mode)
+                    {
+                        *m = chosen;
+                    }
+                }
+                app.marked.clear();
+                app.say(format!("sent: {}", describe_all(&commands)), false);
+                commands
+            }
+            KeyCode::Char('m') if mode.is_some() => {
+                app.dialog = Some(Dialog::Confirm {
+                    title,
+                    lines,
+                    commands,
+                    mode: mode.map(other_mode),
+                });
+                Vec::new()
+            }
+            KeyCode::Char('n') | KeyCode::Esc => Vec::new(),
+            _ => {
+                app.dialog = Some(Dialog::Confirm {
+                    title,
+                    lines,
+                    commands,
+                    mode,
+                });
+                Vec::new()
+            }
+        },
+        Dialog::Picker {
+            title,
+            vm,
+            retry,
+            from,
+            choices,
+            mut selected,
+            mut mode,
+        } => {
+            match key.code {
+                KeyCode::Esc | KeyCode::Char('q') => return Vec::new(),
+                KeyCode::Char('j') | KeyCode::Down => {
+                    selected = (selected + 1).min(choices.len().saturating_sub(1))
+                }
+                KeyCode::Char('k') | KeyCode::Up => selected = selected.saturating_sub(1),
+                KeyCode::Char('m') => mode = other_mode(mode),
+                KeyCode::Enter => match choices.get(selected) {
+                    Some(Choice {
+                        host,
+                        refusal: None,
+                    }) => {
+                        let command = match retry {
+                            Some(id) => Command::Retry {
+                                host: from,
+                                id,
+                                destination: Some(host.clone()),
+                                mode,
+                            },
+                            None => Command::Start {
+                                host: from,
+                                vm,
+                                destination: host.clone(),
+                                mode,
+                            },
+                        };
+                        app.say(format!("sent: {}", command.describe()), false);
+                        return vec![command];
+                    }
+                    Some(Choice {
+                        host,
+                        refusal: Some(why),
+                    }) => app.say(format!("{host} cannot take {vm}: {why}"), true),
+                    None => {}
+                },
+                _ => {}
+            }
+            app.dialog = Some(Dialog::Picker {
+                title,
+                vm,
+                retry,
+                from,
+                choices,
+                selected,
+                mode,
+            });
+            Vec::new()
+        }
+        Dialog::ChooseVm { vms, mut selected } => {
+            match key.code {
+                KeyCode::Esc | KeyCode::Char('q') => return Vec::new(),
+                KeyCode::Char('j') | KeyCode::Down => {
+                    selected = (selected + 1).min(vms.len().saturating_sub(1))
+                }
+                KeyCode::Char('k') | KeyCode::Up => selected = selected.saturating_sub(1),
+                KeyCode::Enter => {
+                    if let Some((vm, host)) = vms.get(selected).cloned() {
+                        let required = app
+                            .state()
+                            .vms
+                            .get(&(host.clone(), vm.clone()))
+                            .map(|v| {
+                                v.features
+                                    .iter()
+                                    .filter(|f| f.required)
+                                    .map(|f| f.name.clone())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        picker(
+                            app,
+                            format!("Migrate {vm} from {host} to"),
+                            vm,
+                            None,
+                            host,
+                            required,
+                        );
+                        return Vec::new();
+                    }
+                }
+                _ => {}
+            }
+            app.dialog = Some(Dialog::ChooseVm { vms, selected });
+            Vec::new()
+        }
+    }
+}
+
+fn describe_all(commands: &[Command]) -> String {
+    commands
+        .iter()
+        .map(Command::describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn on_input(app: &mut App, key: KeyEvent) -> Vec<Command> {
+    let Some(mut input) = app.input.take() else {
+        return Vec::new();
+    };
+    match key.code {
+        KeyCode::Esc => {
+            if input.kind == InputKind::Filter {
+                app.filter.clear();
+            }
+        }
+        KeyCode::Enter => match input.kind {
+            InputKind::Filter => {
+                app.filter = input.text.trim().to_string();
+                app.migration_row = 0;
+            }
+            InputKind::Command => return run_command(app, input.text.trim()),
+        },
+        KeyCode::Backspace => {
+            input.text.pop();
+            app.input = Some(input);
+        }
+        KeyCode::Char(c) => {
+            input.text.push(c);
+            if input.kind == InputKind::Filter {
+                // Live filtering as the operator types.
+                app.filter = input.text.trim().to_string();
+                app.migration_row = 0;
+            }
+            app.input = Some(input);
+        }
+        _ => app.input = Some(input),
+    }
+    Vec::new()
+}
+
+fn run_command(app: &mut App, line: &str) -> Vec<Command> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("q" | "quit"), _) => {
+            app.quit = true;
+            return vec![Command::Quit];
+        }
+        (Some("hosts"), _) => {
+            app.view = View::Overview;
+            app.focus = Focus::Hosts;
+        }
+        (Some("migrations" | "m"), _) => {
+            app.view = View::Overview;
+            app.focus = Focus::Migrations;
+        }
+        (Some("vms"), _) => app.view = View::Vms,
+        (Some("events"), _) => app.view = View::Events,
+        (Some("theme"), Some(name)) => app.theme = name.to_string(),
+        (Some("theme"), None) => app.say(":theme needs a name", true),
+        (Some(other), _) => app.say(
+            format!(
+                "unknown command :{other} (try :hosts :migrations :vms :events :theme NAME :q)"
+            ),
+            true,
+        ),
+        (None, _) => {}
+    }
+    Vec::new()
+}
+
+/// `/` filters: words match anywhere; `field:value` matches a field
+/// (`state`, `host`, `vm`, `mode`, `id`).
+#[derive(Debug, Default)]
+pub struct Filter {
+    terms: Vec<(Option<String>, String)>,
+}
+
+impl Filter {
+    pub fn parse(text: &str) -> Filter {
+        Filter {
+            terms: text
+                .split_whitespace()
+                .map(|w| match w.split_once(':') {
+                    Some((field, value)) if !field.is_empty() => {
+                        (Some(field.to_lowercase()), value.to_lowercase())
+                    }
+                    _ => (None, w.to_lowercase()),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn matches(&self, m: &MigrationView) -> bool {
+        let r = &m.record;
+        let state = match outcome(r) {
+            proto::Outcome::None => "running",
+            proto::Outcome::Succeeded => "succeeded",
+            proto::Outcome::Degraded => "degraded",
+            proto::Outcome::Failed => "failed",
+            proto::Outcome::Aborted => "aborted",
+            proto::Outcome::Unresolved => "unresolved",
+        };
+        let mode = match proto::Mode::try_from(r.mode) {
+            Ok(proto::Mode::Fast) => "fast",
+            _ => "safe",
+        };
+        self.terms.iter().all(|(field, value)| {
+            let has = |s: &str| s.to_lowercase().contains(value.as_str());
+            match field.as_deref() {
+                Some("state" | "outcome" | "s") => state.starts_with(value.as_str()),
+                Some("host" | "h") => has(&r.source) || has(&r.destination),
+                Some("src" | "source") => has(&r.source),
+                Some("dst" | "destination") => has(&r.destination),
+                Some("vm") => has(&r.vm),
+                Some("mode") => mode == value,
+                Some("id") => has(&r.id),
+                _ => {
+                    has(&r.id)
+                        || has(&r.vm)
+                        || has(&r.source)
+                        || has(&r.destination)
+                        || has(&r.error)
+                        || state.contains(value.as_str())
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,335 @@
+//! Every key the console answers to, declared once. The same table drives
+//! the key handler, the hint bar, the help screen and read-only mode (which
+//! drops every dangerous action), so they can never disagree (k9s does the
+//! same).
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Abort,
+    Retry,
+    RetryElsewhere,
+    Rollback,
+    ToggleMode,
+    NewMigration,
+    Evacuate,
+    Filter,
+    CommandLine,
+    FocusNext,
+    FocusPrev,
+    Down,
+    Up,
+    Top,
+    Bottom,
+    PageDown,
+    PageUp,
+    Open,
+    Back,
+    Freeze,
+    Mark,
+    Help,
+    Quit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    pub code: KeyCode,
+    pub ctrl: bool,
+}
+
+const fn ch(c: char) -> Key {
+    Key {
+        code: KeyCode::Char(c),
+        ctrl: false,
+    }
+}
+
+const fn ctrl(c: char) -> Key {
+    Key {
+        code: KeyCode::Char(c),
+        ctrl: true,
+    }
+}
+
+const fn code(code: KeyCode) -> Key {
+    Key { code, ctrl: false }
+}
+
+pub struct Binding {
+    pub keys: &'static [Key],
+    /// How the hint bar and help show the keys.
+    pub shown: &'static str,
+    pub action: Action,
+    /// A word for the hint bar (empty: not in the hint bar).
+    pub hint: &'static str,
+    pub help: &'static str,
+    /// Changes something on an agent: gone in read-only mode.
+    pub dangerous: bool,
+}
+
+pub const KEYMAP: &[Binding] = &[
+    Binding {
+        keys: &[ch('a')],
+        shown: "a",
+        action: Action::Abort,
+        hint: "abort",
+        help: "abort the selected (or marked) migrations, after a confirmation",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('r')],
+        shown: "r",
+        action: Action::Retry,
+        hint: "retry",
+        help: "retry the selected (or marked) failed migrations on the same host",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('d')],
+        shown: "d",
+        action: Action::RetryElsewhere,
+        hint: "other host",
+        help: "retry the selected failed migration on another destination (a picker)",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('b')],
+        shown: "b",
+        action: Action::Rollback,
+        hint: "rollback",
+        help: "run the selected migration's pending rollbacks now",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('m')],
+        shown: "m",
+        action: Action::ToggleMode,
+        hint: "mode",
+        help: "switch the default mode for new actions between fast and safe",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('n')],
+        shown: "n",
+        action: Action::NewMigration,
+        hint: "new",
+        help: "start a new migration (VM, destination, mode)",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('e')],
+        shown: "e",
+        action: Action::Evacuate,
+        hint: "evacuate",
+        help: "evacuate the selected host (agents gain evacuations in a later release)",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('/')],
+        shown: "/",
+        action: Action::Filter,
+        hint: "filter",
+        help: "filter rows: text, or field:value (state:failed host:hv-b vm:web mode:safe)",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch(':')],
+        shown: ":",
+        action: Action::CommandLine,
+        hint: "",
+        help: "a command: :hosts :migrations :vms :events :theme NAME :q",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[code(KeyCode::Tab)],
+        shown: "tab",
+        action: Action::FocusNext,
+        hint: "",
+        help: "focus the next panel",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[code(KeyCode::BackTab)],
+        shown: "shift-tab",
+        action: Action::FocusPrev,
+        hint: "",
+        help: "focus the previous panel",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('j'), code(KeyCode::Down)],
+        shown: "j/↓",
+        action: Action::Down,
+        hint: "",
+        help: "down",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('k'), code(KeyCode::Up)],
+        shown: "k/↑",
+        action: Action::Up,
+        hint: "",
+        help: "up",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('g'), code(KeyCode::Home)],
+        shown: "g",
+        action: Action::Top,
+        hint: "",
+        help: "first row",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('G'), code(KeyCode::End)],
+        shown: "G",
+        action: Action::Bottom,
+        hint: "",
+        help: "last row",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ctrl('d'), code(KeyCode::PageDown)],
+        shown: "ctrl-d",
+        action: Action::PageDown,
+        hint: "",
+        help: "half a page down",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ctrl('u'), code(KeyCode::PageUp)],
+        shown: "ctrl-u",
+        action: Action::PageUp,
+        hint: "",
+        help: "half a page up",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[code(KeyCode::Enter)],
+        shown: "enter",
+        action: Action::Open,
+        hint: "detail",
+        help: "open the selected migration",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[code(KeyCode::Esc)],
+        shown: "esc",
+        action: Action::Back,
+        hint: "",
+        help: "back (never quits)",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('f')],
+        shown: "f",
+        action: Action::Freeze,
+        hint: "freeze",
+        help: "freeze the live view (agents keep running; unfreeze to catch up)",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch(' ')],
+        shown: "space",
+        action: Action::Mark,
+        hint: "mark",
+        help: "mark the row for a bulk abort or retry",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('?')],
+        shown: "?",
+        action: Action::Help,
+        hint: "help",
+        help: "this help",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('q')],
+        shown: "q",
+        action: Action::Quit,
+        hint: "quit",
+        help: "quit the console (agents keep running)",
+        dangerous: false,
+    },
+];
+
+/// The action a key press asks for; dangerous ones are gone in read-only mode.
+pub fn action_for(key: KeyEvent, read_only: bool) -> Option<Action> {
+    let pressed = Key {
+        code: key.code,
+        ctrl: key.modifiers.contains(KeyModifiers::CONTROL),
+    };
+    KEYMAP
+        .iter()
+        .filter(|b| !(read_only && b.dangerous))
+        .find(|b| b.keys.contains(&pressed))
+        .map(|b| b.action)
+}
+
+/// The bindings shown in the hint bar, in table order.
+pub fn hints(read_only: bool) -> impl Iterator<Item = &'static Binding> {
+    KEYMAP
+        .iter()
+        .filter(move |b| !(b.hint.is_empty() || read_only && b.dangerous))
+}
+
+/// Every binding, for the help screen.
+pub fn help(read_only: bool) -> impl Iterator<Item = &'static Binding> {
+    KEYMAP.iter().filter(move |b| !(read_only && b.dangerous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(c: char) -> KeyEvent {
+        KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn no_key_is_bound_twice() {
+        let mut seen = Vec::new();
+        for b in KEYMAP {
+            for k in b.keys {
+                assert!(!seen.contains(k), "{k:?} is bound twice");
+                seen.push(*k);
+            }
+        }
+    }
+
+    #[test]
+    fn read_only_mode_drops_every_dangerous_action_from_keys_hints_and_help() {
+        for b in KEYMAP.iter().filter(|b| b.dangerous) {
+            for k in b.keys {
+                let event = KeyEvent::new(
+                    k.code,
+                    if k.ctrl {
+                        KeyModifiers::CONTROL
+                    } else {
+                        KeyModifiers::NONE
+                    },
+                );
+                assert_eq!(action_for(event, false), Some(b.action));
+                assert_eq!(action_for(event, true), None, "{:?}", b.action);
+            }
+            assert!(!hints(true).any(|h| h.action == b.action));
+            assert!(!help(true).any(|h| h.action == b.action));
+        }
+        assert_eq!(action_for(key('q'), true), Some(Action::Quit));
+        assert_eq!(action_for(key('?'), true), Some(Action::Help));
+    }
+
+    #[test]
+    fn ctrl_d_pages_down_and_d_retries_elsewhere() {
+        assert_eq!(
+            action_for(
+                KeyEvent::new(KeyCode::Char('d'), KeyModifiers::CONTROL),
+                false
+            ),
+            Some(Action::PageDown)
+        );
+        assert_eq!(action_for(key('d'), false), Some(Action::RetryElsewhere));
+    }
+}

@@ -1,0 +1,176 @@
+//! `tern console`: the operations dashboard. Agent clients turn each agent's
+//! Watch stream into [`Msg`]s on one channel; [`app::update`] folds messages
+//! and key presses into the state and returns [`Command`]s; views only draw.
+
+pub mod app;
+pub mod client;
+pub mod keymap;
+pub mod msg;
+pub mod state;
+pub mod theme;
+pub mod views;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyEventKind};
+use tokio::sync::mpsc;
+
+pub use msg::{Command, Msg};
+
+use crate::config::Inventory;
+
+/// At most about 30 frames a second; nothing is drawn while nothing changes.
+const FRAME: Duration = Duration::from_millis(33);
+
+pub struct Options {
+    pub cluster: String,
+    pub inventory: Inventory,
+    pub theme: String,
+    pub read_only: bool,
+}
+
+/// Where the console logs (never to the terminal it draws on):
+/// `$XDG_STATE_HOME/tern/console.log`, else `~/.local/state/tern/console.log`.
+pub fn log_path() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("tern").join("console.log")
+}
+
+/// Send tracing to the log file. The guard flushes it when dropped.
+pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let path = log_path();
+    let dir = path.parent()?;
+    std::fs::create_dir_all(dir).ok()?;
+    let file = tracing_appender::rolling::never(dir, "console.log");
+    let (writer, guard) = tracing_appender::non_blocking(file);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_env_filter(filter)
+        .try_init();
+    Some(guard)
+}
+
+fn now_ms() -> u64 {
+    crate::agent::now_ms()
+}
+
+/// Run the console until the operator quits.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let mut current_theme = options.theme.clone();
+    let no_color = theme::no_color_requested();
+    let mut theme = theme::Theme::resolve(Some(&current_theme), no_color)?;
+    let hosts: Vec<String> = options
+        .inventory
+        .host
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    let mut app = app::App::new(
+        state::ClusterState::new(&options.cluster, &hosts),
+        options.read_only,
+        &current_theme,
+    );
+    app.live.now_ms = now_ms();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let watchers = client::spawn_watchers(&options.inventory, tx.clone());
+    spawn_keyboard(tx.clone());
+    let ticks = tx.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            if ticks.send(Msg::Tick { now_ms: now_ms() }).is_err() {
+                return;
+            }
+        }
+    });
+
+    // ratatui::init installs a panic hook that restores the terminal.
+    let mut terminal = ratatui::init();
+    let mut last_frame = Instant::now() - FRAME;
+    let result: anyhow::Result<()> = async {
+        loop {
+            if app.dirty && last_frame.elapsed() >= FRAME {
+                let size = terminal.size()?;
+                app.page_rows = size.height.saturating_sub(12) as usize;
+                terminal.draw(|frame| views::draw(frame, &app, &theme))?;
+                app.dirty = false;
+                last_frame = Instant::now();
+            }
+            let wait = if app.dirty {
+                FRAME.saturating_sub(last_frame.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = tokio::time::sleep(wait) => continue,
+            };
+            let Some(msg) = msg else { break };
+            let mut commands = app::update(&mut app, msg);
+            // Fold whatever else is queued before drawing again.
+            while let Ok(more) = rx.try_recv() {
+                commands.extend(app::update(&mut app, more));
+            }
+            for command in commands {
+                if command == Command::Quit {
+                    continue;
+                }
+                let (inventory, tx) = (options.inventory.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(client::execute(&inventory, command).await);
+                });
+            }
+            if app.quit {
+                break;
+            }
+            // `:theme NAME` changed the name: load it, or keep the old one.
+            if app.theme != current_theme {
+                match theme::Theme::resolve(Some(&app.theme), no_color) {
+                    Ok(t) => {
+                        theme = t;
+                        current_theme = app.theme.clone();
+                    }
+                    Err(e) => {
+                        app.status = Some((format!("theme: {e}"), true));
+                        app.theme = current_theme.clone();
+                    }
+                }
+                app.dirty = true;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    ratatui::restore();
+    ticker.abort();
+    for w in watchers {
+        w.abort();
+    }
+    result
+}
+
+/// Key presses and resizes come from a blocking read on their own thread.
+fn spawn_keyboard(tx: mpsc::UnboundedSender<Msg>) {
+    std::thread::spawn(move || {
+        loop {
+            let msg = match event::read() {
+                Ok(Event::Key(key)) if key.kind == KeyEventKind::Press => Msg::Key(key),
+                Ok(Event::Resize(..)) => Msg::Resize,
+                Ok(_) => continue,
+                Err(_) => return,
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,379 @@
+//! What the console knows of the cluster, folded from the agents' Watch
+//! streams: hosts and whether they are reachable, VMs, migrations with
+//! their transfer history, and the event log. Pure: no IO, no clock reads.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::proto;
+
+/// How many events the log keeps.
+pub const EVENT_LOG: usize = 2_000;
+/// How many transfer samples a migration keeps for its sparklines.
+pub const SAMPLES: usize = 120;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Link {
+    Connecting,
+    Connected,
+    /// Unreachable since `since_ms` (unix ms).
+    Lost {
+        since_ms: u64,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub name: String,
+    pub link: Link,
+    /// The agent's last GetHost-style report, once connected.
+    pub info: Option<proto::Host>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MigrationView {
+    pub record: proto::MigrationRecord,
+    /// Earlier attempts of the same migration, oldest first.
+    pub history: Vec<proto::MigrationRecord>,
+    /// Transfer rate samples, bytes/s.
+    pub rate: VecDeque<u64>,
+    /// Dirty-page rate samples, bytes/s.
+    pub dirty: VecDeque<u64>,
+    /// (unix ms, bytes transferred) of the last progress report.
+    last_sample: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub host: String,
+    pub line: proto::LogLine,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub cluster: String,
+    /// In inventory order.
+    pub hosts: Vec<HostView>,
+    /// Every guest each host reports, by (host, VM).
+    pub vms: BTreeMap<(String, String), proto::Vm>,
+    pub migrations: BTreeMap<String, MigrationView>,
+    pub events: VecDeque<LogEntry>,
+    pub now_ms: u64,
+}
+
+impl ClusterState {
+    pub fn new(cluster: &str, hosts: &[String]) -> ClusterState {
+        ClusterState {
+            cluster: cluster.to_string(),
+            hosts: hosts
+                .iter()
+                .map(|name| HostView {
+                    name: name.clone(),
+                    link: Link::Connecting,
+                    info: None,
+                })
+                .collect(),
+            ..ClusterState::default()
+        }
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostView> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    fn host_mut(&mut self, name: &str) -> &mut HostView {
+        if let Some(i) = self.hosts.iter().position(|h| h.name == name) {
+            return &mut self.hosts[i];
+        }
+        self.hosts.push(HostView {
+            name: name.to_string(),
+            link: Link::Connecting,
+            info: None,
+        });
+        self.hosts.last_mut().expect("just pushed")
+    }
+
+    pub fn connected(&mut self, host: &str) {
+        self.host_mut(host).link = Link::Connected;
+    }
+
+    pub fn lost(&mut self, host: &str, since_ms: u64, error: &str) {
+        self.host_mut(host).link = Link::Lost {
+            since_ms,
+            error: error.to_string(),
+        };
+    }
+
+    /// Fold one agent event in.
+    pub fn apply(&mut self, event: proto::Event) {
+        let host = event.host.clone();
+        let Some(kind) = event.kind else { return };
+        use proto::event::Kind;
+        match kind {
+            Kind::Snapshot(snapshot) => {
+                self.host_mut(&host).info = snapshot.host;
+                self.vms.retain(|(h, _), _| h != &host);
+                for vm in snapshot.vms {
+                    self.vms.insert((host.clone(), vm.name.clone()), vm);
+                }
+                for record in snapshot.migrations {
+                    self.record(record);
+                }
+            }
+            Kind::Migration(record) => self.record(record),
+            Kind::Progress(progress) => {
+                let Some(m) = self.migrations.get_mut(&progress.migration_id) else {
+                    return;
+                };
+                if m.record.attempt_id != progress.attempt_id {
+                    return;
+                }
+                if let Some(stats) = progress.stats {
+                    m.sample(self.now_ms, &stats);
+                    m.record.transfer = Some(stats);
+                }
+            }
+            Kind::HostChanged(info) => self.host_mut(&host).info = Some(info),
+            Kind::Vm(vm) => {
+                self.vms.insert((host, vm.name.clone()), vm);
+            }
+            Kind::VmRemoved(name) => {
+                self.vms.remove(&(host, name));
+            }
+            Kind::Log(line) => {
+                if self.events.len() == EVENT_LOG {
+                    self.events.pop_front();
+                }
+                self.events.push_back(LogEntry { host, line });
+            }
+        }
+    }
+
+    /// A migration's latest record: a new attempt pushes the last one into
+    /// the history.
+    fn record(&mut self, record: proto::MigrationRecord) {
+        let m = self.migrations.entry(record.id.clone()).or_default();
+        if !m.record.attempt_id.is_empty() && m.record.attempt_id != record.attempt_id {
+            if record.attempt < m.record.attempt {
+                // An older attempt reported late: history only.
+                if !m.history.iter().any(|h| h.attempt_id == record.attempt_id) {
+                    m.history.push(record);
+                    m.history.sort_by_key(|h| h.attempt);
+                }
+                return;
+            }
+            let previous = std::mem::take(&mut m.record);
+            m.history.push(previous);
+            m.rate.clear();
+            m.dirty.clear();
+            m.last_sample = None;
+        }
+        m.record = record;
+    }
+
+    /// Where a VM runs (or is paused): the host whose copy is not incoming.
+    pub fn vm_host(&self, vm: &str) -> Option<&str> {
+        self.vms
+            .iter()
+            .find(|((_, name), v)| {
+                name == vm
+                    && matches!(
+                        proto::GuestState::try_from(v.state),
+                        Ok(proto::GuestState::Running | proto::GuestState::Paused)
+                    )
+            })
+            .map(|((host, _), _)| host.as_str())
+    }
+
+    /// Migrations in the order the table shows them: running first, then
+    /// unresolved, failed, and the rest; newest first within each.
+    pub fn ordered_migrations(&self) -> Vec<&MigrationView> {
+        let mut all: Vec<&MigrationView> = self.migrations.values().collect();
+        all.sort_by_key(|m| {
+            (
+                outcome_rank(m.record.outcome),
+                std::cmp::Reverse(m.record.started_at_ms),
+                m.record.id.clone(),
+            )
+        });
+        all
+    }
+}
+
+/// Running, then what needs an operator, then the rest.
+pub fn outcome_rank(outcome: i32) -> u8 {
+    match proto::Outcome::try_from(outcome) {
+        Ok(proto::Outcome::None) => 0,
+        Ok(proto::Outcome::Unresolved) => 1,
+        Ok(proto::Outcome::Failed) => 2,
+        Ok(proto::Outcome::Degraded) => 3,
+        Ok(proto::Outcome::Aborted) => 4,
+        _ => 5,
+    }
+}
+
+impl MigrationView {
+    /// The hypervisor reports its own rates; a report with none (0) is
+    /// measured from the bytes moved since the last one.
+    fn sample(&mut self, now_ms: u64, stats: &proto::TransferStats) {
+        let measured = self.last_sample.and_then(|(at, transferred)| {
+            (now_ms > at).then(|| {
+                let dt = (now_ms - at) as f64 / 1000.0;
+                (stats.bytes_transferred.saturating_sub(transferred) as f64 / dt) as u64
+            })
+        });
+        let rate = match stats.rate_bytes_s {
+            0 => measured,
+            r => Some(r),
+        };
+        if let Some(rate) = rate {
+            push_capped(&mut self.rate, rate);
+            push_capped(&mut self.dirty, stats.dirty_rate_bytes_s);
+        }
+        self.last_sample = Some((now_ms, stats.bytes_transferred));
+    }
+
+    /// The latest transfer rate, bytes/s.
+    pub fn current_rate(&self) -> Option<u64> {
+        self.rate.back().copied()
+    }
+}
+
+fn push_capped(samples: &mut VecDeque<u64>, value: u64) {
+    if samples.len() == SAMPLES {
+        samples.pop_front();
+    }
+    samples.push_back(value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, attempt: u32, outcome: proto::Outcome) -> proto::MigrationRecord {
+        proto::MigrationRecord {
+            id: id.into(),
+            vm: "web-01".into(),
+            source: "hv-a".into(),
+            destination: "hv-b".into(),
+            attempt,
+            attempt_id: format!("{id}.{attempt}"),
+            outcome: outcome as i32,
+            ..Default::default()
+        }
+    }
+
+    fn event(host: &str, kind: proto::event::Kind) -> proto::Event {
+        proto::Event {
+            host: host.into(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_replaces_what_the_host_reported_before() {
+        let mut s = ClusterState::new("demo", &["hv-a".into(), "hv-b".into()]);
+        let vm = |name: &str| proto::Vm {
+            name: name.into(),
+            state: proto::GuestState::Running as i32,
+            ..Default::default()
+        };
+        s.apply(event(
+            "hv-a",
+            proto::event::Kind::Snapshot(proto::Snapshot {
+                host: None,
+                vms: vec![vm("web-01"), vm("db-01")],
+                migrations: vec![],
+            }),
+        ));
+        s.apply(event(
+            "hv-a",
+            proto::event::Kind::Snapshot(proto::Snapshot {
+                host: None,
+                vms: vec![vm("db-01")],
+                migrations: vec![],
+            }),
+        ));
+        assert_eq!(s.vm_host("db-01"), Some("hv-a"));
+        assert_eq!(s.vm_host("web-01"), None);
+    }
+
+    #[test]
+    fn a_new_attempt_keeps_the_previous_one_in_the_history() {
+        let mut s = ClusterState::new("demo", &["hv-a".into()]);
+        let m = |r| event("hv-a", proto::event::Kind::Migration(r));
+        s.apply(m(record("m-1", 1, proto::Outcome::Failed)));
+        s.apply(m(record("m-1", 2, proto::Outcome::None)));
+        // A late report of attempt 1 does not replace attempt 2.
+        s.apply(m(record("m-1", 1, proto::Outcome::Failed)));
+        let view = &s.migrations["m-1"];
+        assert_eq!(view.record.attempt, 2);
+        assert_eq!(view.history.len(), 1);
+        assert_eq!(view.history[0].attempt, 1);
+    }
+
+    #[test]
+    fn running_migrations_come_first_then_unresolved_then_failed() {
+        let mut s = ClusterState::new("demo", &["hv-a".into()]);
+        for (id, outcome) in [
+            ("m-ok", proto::Outcome::Succeeded),
+            ("m-failed", proto::Outcome::Failed),
+            ("m-running", proto::Outcome::None),
+            ("m-unresolved", proto::Outcome::Unresolved),
+        ] {
+            s.apply(event(
+                "hv-a",
+                proto::event::Kind::Migration(record(id, 1, outcome)),
+            ));
+        }
+        let order: Vec<&str> = s
+            .ordered_migrations()
+            .iter()
+            .map(|m| m.record.id.as_str())
+            .collect();
+        assert_eq!(order, ["m-running", "m-unresolved", "m-failed", "m-ok"]);
+    }
+
+    #[test]
+    fn progress_samples_the_transfer_rate() {
+        let mut s = ClusterState::new("demo", &["hv-a".into()]);
+        s.apply(event(
+            "hv-a",
+            proto::event::Kind::Migration(record("m-1", 1, proto::Outcome::None)),
+        ));
+        let progress = |transferred| {
+            event(
+                "hv-a",
+                proto::event::Kind::Progress(proto::Progress {
+                    migration_id: "m-1".into(),
+                    attempt_id: "m-1.1".into(),
+                    stats: Some(proto::TransferStats {
+                        bytes_transferred: transferred,
+                        ..Default::default()
+                    }),
+                }),
+            )
+        };
+        s.now_ms = 1_000;
+        s.apply(progress(0));
+        s.now_ms = 1_500;
+        s.apply(progress(50_000_000));
+        assert_eq!(s.migrations["m-1"].current_rate(), Some(100_000_000));
+    }
+
+    #[test]
+    fn the_event_log_is_bounded() {
+        let mut s = ClusterState::new("demo", &["hv-a".into()]);
+        for i in 0..EVENT_LOG + 10 {
+            s.apply(event(
+                "hv-a",
+                proto::event::Kind::Log(proto::LogLine {
+                    at_ms: i as u64,
+                    ..Default::default()
+                }),
+            ));
+        }
+        assert_eq!(s.events.len(), EVENT_LOG);
+        assert_eq!(s.events[0].line.at_ms, 10);
+    }
+}

@@ -1,0 +1,222 @@
+//! One migration: its phases, the feature × stage matrix, the transfer with
+//! sparklines, its attempts and its events.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, Wrap};
+
+use super::super::app::App;
+use super::super::theme::Theme;
+use super::{bytes, duration, outcome, step};
+use crate::proto;
+
+pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
+    let Some(m) = app.state().migrations.get(id) else {
+        frame.render_widget(
+            Paragraph::new(format!("no migration {id} (esc to go back)")).style(theme.error),
+            area,
+        );
+        return;
+    };
+    let r = &m.record;
+    let [summary, middle, bottom] = Layout::vertical([
+        Constraint::Length(4),
+        Constraint::Min(8),
+        Constraint::Length(8),
+    ])
+    .areas(area);
+    let (style, symbol, label) = outcome(theme, r.outcome);
+    let mut head = vec![Line::from(vec![
+        Span::styled(format!(" {symbol} {label} "), style),
+        Span::styled(format!(" {} ", r.vm), theme.title),
+        Span::raw(format!(
+            "{} → {}  {}  attempt {}  id {}  running on {}",
+            r.source,
+            r.destination,
+            match proto::Mode::try_from(r.mode) {
+                Ok(proto::Mode::Fast) => "fast",
+                _ => "safe",
+            },
+            r.attempt,
+            r.id,
+            r.running_on
+        )),
+    ])];
+    if !r.error.is_empty() {
+        head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
+    }
+    frame.render_widget(
+        Paragraph::new(head).wrap(Wrap { trim: true }).block(
+            Block::default()
+                .borders(Borders::BOTTOM)
+                .border_style(theme.border),
+        ),
+        summary,
+    );
+
+    let [phases_area, features_area] =
+        Layout::horizontal([Constraint::Length(24), Constraint::Min(40)]).areas(middle);
+    let names = ["begin", "prepare", "perform", "finish", "confirm"];
+    let phase_rows = r.phases.iter().map(|p| {
+        let (style, symbol) = step(theme, p.status);
+        Row::new(vec![
+            Cell::from(Span::styled(symbol, style)),
+            Cell::from(names.get(p.phase as usize).copied().unwrap_or("?")),
+            Cell::from(if p.duration_ms > 0 {
+                duration(p.duration_ms)
+            } else {
+                String::new()
+            }),
+        ])
+    });
+    frame.render_widget(
+        Table::new(
+            phase_rows,
+            [
+                Constraint::Length(2),
+                Constraint::Length(9),
+                Constraint::Length(8),
+            ],
+        )
+        .block(
+            Block::default()
+                .borders(Borders::ALL)
+                .border_style(theme.border)
+                .title(Span::styled(" phases ", theme.title)),
+        ),
+        phases_area,
+    );
+    let feature_rows = r.features.iter().map(|f| {
+        let cell = |status: i32| {
+            let (style, symbol) = step(theme, status);
+            Cell::from(Span::styled(symbol, style))
+        };
+        Row::new(vec![
+            Cell::from(f.name.clone()),
+            Cell::from(if f.required { "yes" } else { "no" }),
+            cell(f.prepare),
+            cell(f.finish),
+            cell(f.rollback),
+            cell(f.release),
+            Cell::from(Span::styled(
+                if f.error.is_empty() {
+                    f.detail.clone()
+                } else {
+                    f.error.clone()
+                },
+                if f.error.is_empty() {
+                    theme.dim
+                } else {
+                    theme.error
+                },
+            )),
+        ])
+    });
+    frame.render_widget(
+        Table::new(
+            feature_rows,
+            [
+                Constraint::Length(14),
+                Constraint::Length(8),
+                Constraint::Length(8),
+                Constraint::Length(7),
+                Constraint::Length(9),
+                Constraint::Length(8),
+                Constraint::Min(10),
+            ],
+        )
+        .header(
+            Row::new([
+                "FEATURE", "REQUIRED", "PREPARE", "FINISH", "ROLLBACK", "RELEASE", "ERROR",
+            ])
+            .style(theme.header),
+        )
+        .block(
+            Block::default()
+                .borders(Borders::ALL)
+                .border_style(theme.border)
+                .title(Span::styled(" features ", theme.title)),
+        ),
+        features_area,
+    );
+
+    let [transfer_area, history_area] =
+        Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(bottom);
+    let t = r.transfer.unwrap_or_default();
+    let [stats, rate, dirty] = Layout::vertical([
+        Constraint::Length(2),
+        Constraint::Length(3),
+        Constraint::Length(3),
+    ])
+    .areas(transfer_area);
+    frame.render_widget(
+        Paragraph::new(vec![
+            Line::raw(format!(
+                " moved {} of {}, {} left, iteration {}, expected downtime {}",
+                bytes(t.bytes_transferred),
+                bytes(t.bytes_total),
+                bytes(t.bytes_remaining),
+                t.iteration,
+                duration(t.expected_downtime_ms)
+            )),
+            Line::styled(
+                format!(
+                    " rate {}/s, dirtying {}/s",
+                    bytes(t.rate_bytes_s),
+                    bytes(t.dirty_rate_bytes_s)
+                ),
+                theme.dim,
+            ),
+        ]),
+        stats,
+    );
+    let rate_data: Vec<u64> = m.rate.iter().copied().collect();
+    let dirty_data: Vec<u64> = m.dirty.iter().copied().collect();
+    frame.render_widget(
+        Sparkline::default()
+            .block(Block::default().title(Span::styled(" rate ", theme.dim)))
+            .data(&rate_data)
+            .style(theme.sparkline_rate),
+        rate,
+    );
+    frame.render_widget(
+        Sparkline::default()
+            .block(Block::default().title(Span::styled(" dirty rate ", theme.dim)))
+            .data(&dirty_data)
+            .style(theme.sparkline_dirty),
+        dirty,
+    );
+    let mut lines: Vec<Line> = m
+        .history
+        .iter()
+        .chain(std::iter::once(r))
+        .map(|h| {
+            let (style, symbol, label) = outcome(theme, h.outcome);
+            Line::from(vec![
+                Span::styled(format!(" {symbol} #{} {label} ", h.attempt), style),
+                Span::raw(format!("→ {} ", h.destination)),
+                Span::styled(h.error.clone(), theme.dim),
+            ])
+        })
+        .collect();
+    lines.push(Line::default());
+    lines.extend(
+        app.state()
+            .events
+            .iter()
+            .rev()
+            .filter(|e| e.line.migration_id == r.id)
+            .take(4)
+            .map(|e| Line::styled(format!(" {}: {}", e.host, e.line.text), theme.dim)),
+    );
+    frame.render_widget(
+        Paragraph::new(lines).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .border_style(theme.border)
+                .title(Span::styled(" attempts and events ", theme.title)),
+        ),
+        history_area,
+    );
+}

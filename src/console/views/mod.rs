@@ -1,0 +1,203 @@
+//! Drawing only: every function here reads an [`App`] and writes a frame.
+//! Tables build rows for the visible window only, so ten thousand
+//! migrations cost what a screenful does.
+
+mod detail;
+mod dialogs;
+mod tables;
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+
+use super::app::{App, InputKind, View};
+use super::keymap;
+use super::state::Link;
+use super::theme::Theme;
+use crate::proto;
+
+pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
+    let [header, body, status, hints] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    draw_header(frame, header, app, theme);
+    match &app.view {
+        View::Overview => {
+            let hosts = (app.state().hosts.len() as u16 + 3)
+                .min(body.height / 3)
+                .max(4);
+            let [top, bottom] =
+                Layout::vertical([Constraint::Length(hosts), Constraint::Min(3)]).areas(body);
+            tables::hosts(frame, top, app, theme);
+            tables::migrations(frame, bottom, app, theme);
+        }
+        View::Vms => tables::vms(frame, body, app, theme),
+        View::Events => tables::events(frame, body, app, theme),
+        View::Detail(id) => detail::draw(frame, body, app, theme, id),
+    }
+    draw_status(frame, status, app, theme);
+    draw_hints(frame, hints, app, theme);
+    dialogs::draw(frame, app, theme);
+}
+
+fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let state = app.state();
+    let connected = state
+        .hosts
+        .iter()
+        .filter(|h| h.link == Link::Connected)
+        .count();
+    let mut counts = [0usize; 6];
+    let mut phases = [0usize; 5];
+    for m in state.migrations.values() {
+        let o = proto::Outcome::try_from(m.record.outcome).unwrap_or(proto::Outcome::None);
+        counts[o as usize] += 1;
+        if o == proto::Outcome::None
+            && let Some(p) = m
+                .record
+                .phases
+                .iter()
+                .find(|p| p.status == proto::StepStatus::Running as i32)
+        {
+            phases[(p.phase as usize).min(4)] += 1;
+        }
+    }
+    let agents_style = if connected == state.hosts.len() {
+        theme.connected
+    } else {
+        theme.lost
+    };
+    let mut spans = vec![
+        Span::styled(format!(" tern · {} ", state.cluster), theme.title),
+        Span::styled(
+            format!(" agents {connected}/{} ", state.hosts.len()),
+            agents_style,
+        ),
+        Span::raw(" "),
+    ];
+    let names = ["begin", "prepare", "perform", "finish", "confirm"];
+    for (name, n) in names.iter().zip(phases) {
+        if n > 0 {
+            spans.push(Span::styled(format!("{name} {n} "), theme.running));
+        }
+    }
+    for (i, style, label) in [
+        (
+            proto::Outcome::Unresolved as usize,
+            theme.unresolved,
+            "unresolved",
+        ),
+        (proto::Outcome::Failed as usize, theme.failed, "failed"),
+        (
+            proto::Outcome::Degraded as usize,
+            theme.degraded,
+            "degraded",
+        ),
+        (proto::Outcome::Aborted as usize, theme.aborted, "aborted"),
+        (proto::Outcome::Succeeded as usize, theme.succeeded, "ok"),
+    ] {
+        if counts[i] > 0 {
+            spans.push(Span::styled(format!("{label} {} ", counts[i]), style));
+        }
+    }
+    spans.push(Span::styled(
+        format!(" mode: {} ", app.default_mode.as_str()),
+        theme.header,
+    ));
+    if app.frozen.is_some() {
+        spans.push(Span::styled(" ❄ FROZEN (f) ", theme.warning));
+    }
+    if app.read_only {
+        spans.push(Span::styled(" read-only ", theme.dim));
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)).style(theme.header), area);
+}
+
+fn draw_status(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let line = if let Some(input) = &app.input {
+        let prompt = match input.kind {
+            InputKind::Filter => "/",
+            InputKind::Command => ":",
+        };
+        Line::from(vec![
+            Span::styled(prompt, theme.key),
+            Span::raw(input.text.clone()),
+            Span::styled("█", theme.dim),
+        ])
+    } else if let Some((text, error)) = &app.status {
+        Line::styled(text.clone(), if *error { theme.error } else { theme.hint })
+    } else if !app.filter.is_empty() {
+        Line::from(vec![
+            Span::styled("filter: ", theme.dim),
+            Span::raw(app.filter.clone()),
+            Span::styled("  (esc clears)", theme.dim),
+        ])
+    } else {
+        Line::default()
+    };
+    frame.render_widget(Paragraph::new(line), area);
+}
+
+fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let mut spans = Vec::new();
+    for b in keymap::hints(app.read_only) {
+        spans.push(Span::styled(format!(" {} ", b.shown), theme.key));
+        spans.push(Span::styled(format!("{} ", b.hint), theme.hint));
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)), area);
+}
+
+/// Bytes as the operator reads them.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A duration in ms as `850ms`, `12s`, `3m05s`, `2h10m`.
+pub fn duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}s", ms / 1000),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// The style and symbol of a step's status.
+pub fn step(theme: &Theme, status: i32) -> (Style, &'static str) {
+    match proto::StepStatus::try_from(status) {
+        Ok(proto::StepStatus::Ok) => (theme.done, "✓"),
+        Ok(proto::StepStatus::Running) => (theme.running, "●"),
+        Ok(proto::StepStatus::Failed) => (theme.failed, "✗"),
+        Ok(proto::StepStatus::Skipped) => (theme.skipped, "–"),
+        _ => (theme.pending, "·"),
+    }
+}
+
+/// The style and symbol of an outcome (`None`: still running).
+pub fn outcome(theme: &Theme, outcome: i32) -> (Style, &'static str, &'static str) {
+    match proto::Outcome::try_from(outcome) {
+        Ok(proto::Outcome::Succeeded) => (theme.succeeded, "✓", "succeeded"),
+        Ok(proto::Outcome::Degraded) => (theme.degraded, "!", "degraded"),
+        Ok(proto::Outcome::Failed) => (theme.failed, "✗", "failed"),
+        Ok(proto::Outcome::Aborted) => (theme.aborted, "⊘", "aborted"),
+        Ok(proto::Outcome::Unresolved) => (theme.unresolved, "?", "UNRESOLVED"),
+        _ => (theme.running, "●", "running"),
+    }
+}

@@ -1,0 +1,395 @@
+//! The hosts, migrations, VMs and events tables.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Rect};
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Row, Table, TableState};
+
+use super::super::app::{App, Focus, current_phase};
+use super::super::state::{Link, MigrationView};
+use super::super::theme::Theme;
+use super::{bytes, duration, outcome, step};
+use crate::proto;
+
+/// The first row to show so that `selected` is visible in `height` rows.
+pub fn window(selected: usize, len: usize, height: usize) -> std::ops::Range<usize> {
+    let height = height.max(1);
+    let start = selected
+        .saturating_sub(height - 1)
+        .min(len.saturating_sub(height));
+    start..(start + height).min(len)
+}
+
+fn block<'a>(title: String, focused: bool, theme: &Theme) -> Block<'a> {
+    Block::default()
+        .borders(Borders::ALL)
+        .border_style(if focused { theme.title } else { theme.border })
+        .title(Span::styled(title, theme.title))
+}
+
+pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let state = app.state();
+    let focused = app.focus == Focus::Hosts;
+    let height = area.height.saturating_sub(3) as usize;
+    let range = window(app.host_row, state.hosts.len(), height);
+    let rows = state.hosts[range.clone()].iter().map(|h| {
+        let (link_style, link) = match &h.link {
+            Link::Connected => (theme.connected, "● connected".to_string()),
+            Link::Connecting => (theme.dim, "… connecting".to_string()),
+            Link::Lost { since_ms, .. } => (
+                theme.lost,
+                format!(
+                    "⨯ lost {}",
+                    duration(state.now_ms.saturating_sub(*since_ms))
+                ),
+            ),
+        };
+        let vms = state.vms.keys().filter(|(host, _)| host == &h.name).count();
+        let moving_out = state
+            .migrations
+            .values()
+            .filter(|m| m.record.outcome == 0 && m.record.source == h.name)
+            .count();
+        let moving_in = state
+            .migrations
+            .values()
+            .filter(|m| m.record.outcome == 0 && m.record.destination == h.name)
+            .count();
+        let (memory, pending, draining) = match &h.info {
+            Some(i) => (
+                format!(
+                    "{}/{}",
+                    bytes(i.memory_used_mib << 20),
+                    bytes(i.memory_total_mib << 20)
+                ),
+                i.pending_rollbacks.len(),
+                i.draining,
+            ),
+            None => ("?".into(), 0, false),
+        };
+        Row::new(vec![
+            Cell::from(h.name.clone()),
+            Cell::from(Span::styled(link, link_style)),
+            Cell::from(vms.to_string()),
+            Cell::from(memory),
+            Cell::from(format!("↑{moving_out} ↓{moving_in}")),
+            Cell::from(if pending > 0 {
+                Span::styled(format!("⚠ {pending} pending"), theme.warning)
+            } else {
+                Span::raw("")
+            }),
+            Cell::from(if draining {
+                Span::styled("draining", theme.draining)
+            } else {
+                Span::raw("")
+            }),
+        ])
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(12),
+            Constraint::Length(16),
+            Constraint::Length(4),
+            Constraint::Length(22),
+            Constraint::Length(9),
+            Constraint::Length(14),
+            Constraint::Length(9),
+        ],
+    )
+    .header(
+        Row::new(["HOST", "AGENT", "VMS", "MEMORY", "OUT IN", "ROLLBACKS", ""]).style(theme.header),
+    )
+    .block(block(
+        format!(" hosts ({}) ", state.hosts.len()),
+        focused,
+        theme,
+    ))
+    .row_highlight_style(if focused {
+        theme.selected
+    } else {
+        Style::default()
+    });
+    let mut table_state = TableState::default();
+    if focused && !state.hosts.is_empty() {
+        table_state.select(Some(app.host_row - range.start));
+    }
+    frame.render_stateful_widget(table, area, &mut table_state);
+}
+
+/// `port-profile ✗ finish` for the first failing feature, else a count.
+pub fn feature_summary(record: &proto::MigrationRecord) -> (String, bool) {
+    for f in &record.features {
+        for (stage, status) in [
+            ("prepare", f.prepare),
+            ("finish", f.finish),
+            ("rollback", f.rollback),
+            ("release", f.release),
+        ] {
+            if status == proto::StepStatus::Failed as i32 {
+                return (format!("{} ✗ {stage}", f.name), true);
+            }
+        }
+    }
+    match record.features.len() {
+        0 => ("no features".into(), false),
+        n => (
+            format!("{n} feature{}", if n == 1 { "" } else { "s" }),
+            false,
+        ),
+    }
+}
+
+fn pipeline<'a>(record: &proto::MigrationRecord, theme: &Theme) -> Line<'a> {
+    let mut spans = Vec::new();
+    for phase in 0..5 {
+        let status = record
+            .phases
+            .iter()
+            .find(|p| p.phase == phase)
+            .map_or(proto::StepStatus::Pending as i32, |p| p.status);
+        let (style, symbol) = step(theme, status);
+        spans.push(Span::styled(symbol, style));
+    }
+    Line::from(spans)
+}
+
+fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme) -> Row<'a> {
+    let r = &m.record;
+    let (style, symbol, _) = outcome(theme, r.outcome);
+    let mark = if app.marked.contains(&r.id) { "+" } else { " " };
+    let progress = r
+        .transfer
+        .and_then(|t| (t.bytes_transferred * 100).checked_div(t.bytes_total))
+        .map_or(String::new(), |pct| format!("{pct:>3}%"));
+    let rate = m
+        .current_rate()
+        .filter(|_| r.outcome == 0)
+        .map_or(String::new(), |b| format!("{}/s", bytes(b)));
+    let elapsed = if r.started_at_ms > 0 {
+        let end = if r.outcome == 0 {
+            app.state().now_ms.max(r.updated_at_ms)
+        } else {
+            r.updated_at_ms
+        };
+        duration(end.saturating_sub(r.started_at_ms))
+    } else {
+        String::new()
+    };
+    let (features, failing) = feature_summary(r);
+    let mode = match proto::Mode::try_from(r.mode) {
+        Ok(proto::Mode::Fast) => "fast",
+        _ => "safe",
+    };
+    Row::new(vec![
+        Cell::from(Span::styled(format!("{mark}{symbol}"), style)),
+        Cell::from(r.vm.clone()),
+        Cell::from(format!("{} → {}", r.source, r.destination)),
+        Cell::from(mode),
+        Cell::from(pipeline(r, theme)),
+        Cell::from(progress),
+        Cell::from(rate),
+        Cell::from(elapsed),
+        Cell::from(Span::styled(
+            features,
+            if failing { theme.failed } else { theme.dim },
+        )),
+        Cell::from(if r.outcome == 0 {
+            Span::styled(current_phase(r), theme.running)
+        } else {
+            Span::styled(r.error.clone(), theme.dim)
+        }),
+    ])
+    .style(if app.marked.contains(&r.id) {
+        theme.marked
+    } else {
+        Style::default()
+    })
+}
+
+pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let rows = app.rows();
+    let focused = app.focus == Focus::Migrations;
+    let height = area.height.saturating_sub(3) as usize;
+    let range = window(app.migration_row, rows.len(), height);
+    let visible = rows[range.clone()]
+        .iter()
+        .map(|m| migration_row(app, m, theme));
+    let title = if app.filter.is_empty() {
+        format!(" migrations ({}) ", rows.len())
+    } else {
+        format!(
+            " migrations ({} of {}, /{}) ",
+            rows.len(),
+            app.state().migrations.len(),
+            app.filter
+        )
+    };
+    let table = Table::new(
+        visible,
+        [
+            Constraint::Length(3),
+            Constraint::Length(10),
+            Constraint::Length(15),
+            Constraint::Length(4),
+            Constraint::Length(6),
+            Constraint::Length(5),
+            Constraint::Length(11),
+            Constraint::Length(7),
+            Constraint::Length(24),
+            Constraint::Min(10),
+        ],
+    )
+    .header(
+        Row::new([
+            "",
+            "VM",
+            "FROM → TO",
+            "MODE",
+            "PHASES",
+            "DONE",
+            "RATE",
+            "TIME",
+            "FEATURES",
+            "",
+        ])
+        .style(theme.header),
+    )
+    .block(block(title, focused, theme))
+    .row_highlight_style(if focused {
+        theme.selected
+    } else {
+        Style::default()
+    });
+    let mut table_state = TableState::default();
+    if focused && !rows.is_empty() {
+        table_state.select(Some(app.migration_row.min(rows.len() - 1) - range.start));
+    }
+    frame.render_stateful_widget(table, area, &mut table_state);
+}
+
+pub fn vms(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let state = app.state();
+    let height = area.height.saturating_sub(3) as usize;
+    let all: Vec<_> = state.vms.iter().collect();
+    let range = window(0, all.len(), height);
+    let rows = all[range].iter().map(|((host, name), vm)| {
+        let (style, label) = match proto::GuestState::try_from(vm.state) {
+            Ok(proto::GuestState::Running) => (theme.done, "● running"),
+            Ok(proto::GuestState::Paused) => (theme.warning, "‖ paused"),
+            Ok(proto::GuestState::Incoming) => (theme.running, "↓ incoming"),
+            _ => (theme.dim, "○ stopped"),
+        };
+        Row::new(vec![
+            Cell::from(name.clone()),
+            Cell::from(host.clone()),
+            Cell::from(Span::styled(label, style)),
+            Cell::from(bytes(vm.memory_mib << 20)),
+            Cell::from(vm.vcpus.to_string()),
+            Cell::from(
+                vm.features
+                    .iter()
+                    .map(|f| format!("{}{}", f.name, if f.required { "*" } else { "" }))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            Cell::from(vm.migration_id.clone()),
+        ])
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(12),
+            Constraint::Length(10),
+            Constraint::Length(11),
+            Constraint::Length(10),
+            Constraint::Length(5),
+            Constraint::Min(20),
+            Constraint::Length(16),
+        ],
+    )
+    .header(
+        Row::new([
+            "VM",
+            "HOST",
+            "STATE",
+            "MEMORY",
+            "VCPU",
+            "FEATURES (* required)",
+            "MIGRATION",
+        ])
+        .style(theme.header),
+    )
+    .block(block(format!(" vms ({}) ", all.len()), true, theme));
+    frame.render_widget(table, area);
+}
+
+pub fn events(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
+    let state = app.state();
+    let height = area.height.saturating_sub(2) as usize;
+    let lines: Vec<Line> = state
+        .events
+        .iter()
+        .rev()
+        .take(height)
+        .map(|e| {
+            let style = match e.line.level.as_str() {
+                "error" => theme.error,
+                "warn" => theme.warning,
+                _ => Style::default(),
+            };
+            Line::from(vec![
+                Span::styled(format!("{:<8} ", e.host), theme.dim),
+                Span::styled(format!("{:<14} ", e.line.migration_id), theme.dim),
+                Span::styled(e.line.text.clone(), style),
+            ])
+        })
+        .collect();
+    let widget = ratatui::widgets::Paragraph::new(lines).block(block(
+        format!(" events ({}, newest first) ", state.events.len()),
+        true,
+        theme,
+    ));
+    frame.render_widget(widget, area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_keeps_the_selection_visible_and_builds_only_visible_rows() {
+        assert_eq!(window(0, 10_000, 20), 0..20);
+        assert_eq!(window(19, 10_000, 20), 0..20);
+        assert_eq!(window(20, 10_000, 20), 1..21);
+        assert_eq!(window(9_999, 10_000, 20), 9_980..10_000);
+        assert_eq!(window(3, 5, 20), 0..5);
+        assert_eq!(window(0, 0, 20), 0..0);
+    }
+
+    #[test]
+    fn the_feature_summary_names_the_failing_feature_and_stage() {
+        let record = proto::MigrationRecord {
+            features: vec![
+                proto::FeatureRecord {
+                    name: "tap".into(),
+                    prepare: proto::StepStatus::Ok as i32,
+                    finish: proto::StepStatus::Ok as i32,
+                    ..Default::default()
+                },
+                proto::FeatureRecord {
+                    name: "port-profile".into(),
+                    prepare: proto::StepStatus::Ok as i32,
+                    finish: proto::StepStatus::Failed as i32,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            feature_summary(&record),
+            ("port-profile ✗ finish".to_string(), true)
+        );
+    }
+}
