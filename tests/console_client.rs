@@ -37,23 +37,39 @@ struct Cluster {
     hosts: Vec<Host>,
 }
 
-/// A port nobody listens on (yet).
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("its address")
+/// What a host of a test cluster is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// Runs web-01 when started.
+    Source,
+    /// Runs no VM when started.
+    Spare,
+    /// Listed in the inventory, never started: its address is port 1, which
+    /// no test binds, so it refuses for the whole test.
+    Down,
 }
 
 const VM: &str = "[[vm]]\nname = \"web-01\"\nmemory_mib = 64\nvcpus = 1\ndirty_rate_mib_s = 0\n\
                   features = [{ name = \"port-profile\", required = true }]\n";
 
 impl Cluster {
-    /// Write the inventory and agent configs for `hosts` (name, whether it
-    /// starts with web-01); start none of them.
-    fn new(hosts: &[(&str, bool)]) -> Cluster {
+    /// Write the inventory and agent configs for `hosts`; start none of them.
+    fn new(hosts: &[(&str, Role)]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let addrs: Vec<SocketAddr> = hosts.iter().map(|_| free_addr()).collect();
+        // Hold every port until all are chosen, so no two hosts share one.
+        let ports: Vec<std::net::TcpListener> = hosts
+            .iter()
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+            .collect();
+        let addrs: Vec<SocketAddr> = hosts
+            .iter()
+            .zip(&ports)
+            .map(|((_, role), port)| match role {
+                Role::Down => SocketAddr::from(([127, 0, 0, 1], 1)),
+                _ => port.local_addr().expect("a bound port's address"),
+            })
+            .collect();
+        drop(ports);
         let inventory_text: String = hosts
             .iter()
             .zip(&addrs)
@@ -67,13 +83,13 @@ impl Cluster {
         let hosts = hosts
             .iter()
             .zip(addrs)
-            .map(|((name, with_vm), addr)| {
+            .map(|((name, role), addr)| {
                 let config = format!(
                     "name = \"{name}\"\nlisten = \"{addr}\"\nstate_dir = \"{name}\"\ninventory = \"cluster.toml\"\n\
                      heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\n\
                      [hypervisor]\nkind = \"sim\"\nbandwidth_mib_s = 1024\n\
                      [features.port-profile]\nswitch = \"sim\"\n{}",
-                    if *with_vm { VM } else { "" }
+                    if *role == Role::Source { VM } else { "" }
                 );
                 let config_path = dir.path().join(format!("{name}.toml"));
                 std::fs::write(&config_path, config).expect("write an agent config");
@@ -242,7 +258,7 @@ fn unix_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_agent_is_reported_once_per_outage_and_its_return_brings_a_fresh_snapshot() {
-    let mut cluster = Cluster::new(&[("hv-a", true)]);
+    let mut cluster = Cluster::new(&[("hv-a", Role::Source)]);
     let (tx, mut rx) = unbounded_channel();
     let first_try = unix_ms();
     let _watchers = spawn_watchers(&cluster.inventory, tx);
@@ -294,8 +310,11 @@ async fn a_lost_agent_is_reported_once_per_outage_and_its_return_brings_a_fresh_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_the_agents_and_refusals_come_back_readable() {
-    // hv-c is in the inventory but never runs.
-    let mut cluster = Cluster::new(&[("hv-a", true), ("hv-b", false), ("hv-c", false)]);
+    let mut cluster = Cluster::new(&[
+        ("hv-a", Role::Source),
+        ("hv-b", Role::Spare),
+        ("hv-c", Role::Down),
+    ]);
     cluster.start("hv-a");
     cluster.start("hv-b");
     let (tx, mut rx) = unbounded_channel();
@@ -380,7 +399,7 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_end_when_the_console_stops_listening() {
-    let mut cluster = Cluster::new(&[("hv-a", true), ("hv-c", false)]);
+    let mut cluster = Cluster::new(&[("hv-a", Role::Source), ("hv-c", Role::Down)]);
     cluster.start("hv-a");
     let (tx, mut rx) = unbounded_channel();
     let watchers = spawn_watchers(&cluster.inventory, tx);

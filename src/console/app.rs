@@ -910,3 +910,541 @@ impl Filter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::event::Kind;
+
+    fn key(c: char) -> Msg {
+        Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+    }
+
+    fn code(code: KeyCode) -> Msg {
+        Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+    }
+
+    fn ctrl(c: char) -> Msg {
+        Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL))
+    }
+
+    fn phases(running: usize, failed: bool) -> Vec<proto::PhaseRecord> {
+        (0..5)
+            .map(|i| proto::PhaseRecord {
+                phase: i as i32,
+                status: if i < running {
+                    proto::StepStatus::Ok
+                } else if i == running && failed {
+                    proto::StepStatus::Failed
+                } else if i == running {
+                    proto::StepStatus::Running
+                } else {
+                    proto::StepStatus::Pending
+                } as i32,
+                duration_ms: 0,
+            })
+            .collect()
+    }
+
+    fn host(name: &str, draining: bool, memory_used: u64, features: &[&str]) -> proto::Host {
+        proto::Host {
+            name: name.into(),
+            memory_total_mib: 65_536,
+            memory_used_mib: memory_used,
+            vcpus_total: 64,
+            features: features.iter().map(|f| f.to_string()).collect(),
+            draining,
+            ..Default::default()
+        }
+    }
+
+    fn vm(name: &str) -> proto::Vm {
+        proto::Vm {
+            name: name.into(),
+            state: proto::GuestState::Running as i32,
+            memory_mib: 2048,
+            vcpus: 2,
+            features: vec![proto::FeatureRef {
+                name: "port-profile".into(),
+                required: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn migration(
+        id: &str,
+        vm: &str,
+        src: &str,
+        dst: &str,
+        outcome: proto::Outcome,
+    ) -> proto::MigrationRecord {
+        let running = outcome == proto::Outcome::None;
+        proto::MigrationRecord {
+            id: id.into(),
+            vm: vm.into(),
+            source: src.into(),
+            destination: dst.into(),
+            attempt: 1,
+            attempt_id: format!("{id}.1"),
+            outcome: outcome as i32,
+            mode: proto::Mode::Safe as i32,
+            phases: if running {
+                phases(2, false)
+            } else if outcome == proto::Outcome::Failed {
+                phases(3, true)
+            } else {
+                phases(5, false)
+            },
+            features: vec![proto::FeatureRecord {
+                name: "port-profile".into(),
+                required: true,
+                prepare: proto::StepStatus::Ok as i32,
+                finish: if outcome == proto::Outcome::Failed {
+                    proto::StepStatus::Failed
+                } else {
+                    proto::StepStatus::Ok
+                } as i32,
+                ..Default::default()
+            }],
+            error: if outcome == proto::Outcome::Failed {
+                format!("required feature port-profile failed finish on {dst}")
+            } else {
+                String::new()
+            },
+            started_at_ms: 1_000,
+            ..Default::default()
+        }
+    }
+
+    /// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b;
+    /// db-01 failed hv-b → hv-c with a pending rollback on hv-c; app-01 moved.
+    fn fixture() -> App {
+        let names: Vec<String> = ["hv-a", "hv-b", "hv-c", "hv-d", "hv-e"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut app = App::new(ClusterState::new("test", &names), false, "default");
+        let snapshot = |h: proto::Host, vms: Vec<proto::Vm>, migrations| {
+            Msg::Event(proto::Event {
+                host: h.name.clone(),
+                kind: Some(Kind::Snapshot(proto::Snapshot {
+                    host: Some(h),
+                    vms,
+                    migrations,
+                })),
+            })
+        };
+        let mut hv_c = host("hv-c", false, 0, &["port-profile"]);
+        hv_c.pending_rollbacks.push(proto::PendingRollback {
+            migration_id: "m-fail".into(),
+            vm: "db-01".into(),
+            feature: "port-profile".into(),
+            stage: "rollback".into(),
+            ..Default::default()
+        });
+        for msg in [
+            snapshot(
+                host("hv-a", false, 0, &["port-profile"]),
+                vec![vm("web-01")],
+                vec![
+                    migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::None),
+                    migration("m-ok", "app-01", "hv-a", "hv-c", proto::Outcome::Succeeded),
+                ],
+            ),
+            snapshot(
+                host("hv-b", false, 0, &["port-profile"]),
+                vec![vm("db-01")],
+                vec![migration(
+                    "m-fail",
+                    "db-01",
+                    "hv-b",
+                    "hv-c",
+                    proto::Outcome::Failed,
+                )],
+            ),
+            snapshot(hv_c, vec![vm("app-01")], vec![]),
+            snapshot(host("hv-e", true, 0, &["port-profile"]), vec![], vec![]),
+        ] {
+            update(&mut app, msg);
+        }
+        for h in ["hv-a", "hv-b", "hv-c", "hv-e"] {
+            update(&mut app, Msg::Connected { host: h.into() });
+        }
+        update(
+            &mut app,
+            Msg::Lost {
+                host: "hv-d".into(),
+                since_ms: 0,
+                error: "connection refused".into(),
+            },
+        );
+        app
+    }
+
+    fn press(app: &mut App, keys: &[Msg]) -> Vec<Command> {
+        keys.iter().flat_map(|k| update(app, k.clone())).collect()
+    }
+
+    fn select(app: &mut App, id: &str) {
+        app.migration_row = app
+            .rows()
+            .iter()
+            .position(|m| m.record.id == id)
+            .expect("in the table");
+    }
+
+    #[test]
+    fn rows_are_running_then_failed_then_the_rest() {
+        let app = fixture();
+        let ids: Vec<&str> = app.rows().iter().map(|m| m.record.id.as_str()).collect();
+        assert_eq!(ids, ["m-run", "m-fail", "m-ok"]);
+    }
+
+    #[test]
+    fn a_confirms_an_abort_naming_the_vm_the_phase_and_what_happens() {
+        let mut app = fixture();
+        assert!(press(&mut app, &[key('a')]).is_empty());
+        let Some(Dialog::Confirm { lines, .. }) = &app.dialog else {
+            panic!("{:?}", app.dialog)
+        };
+        assert!(lines[0].contains("web-01"), "{lines:?}");
+        assert!(lines[0].contains("perform"), "{lines:?}");
+        assert!(lines[0].contains("keeps running on hv-a"), "{lines:?}");
+        assert_eq!(
+            press(&mut app, &[key('y')]),
+            [Command::Abort {
+                host: "hv-a".into(),
+                id: "m-run".into()
+            }]
+        );
+        assert!(app.dialog.is_none());
+    }
+
+    #[test]
+    fn n_or_esc_cancels_a_confirmation_and_sends_nothing() {
+        let mut app = fixture();
+        assert!(press(&mut app, &[key('a'), key('n')]).is_empty());
+        assert!(app.dialog.is_none());
+        assert!(press(&mut app, &[key('a'), code(KeyCode::Esc)]).is_empty());
+        assert!(app.dialog.is_none());
+    }
+
+    #[test]
+    fn r_retries_on_the_same_host_in_the_mode_chosen_in_the_dialog() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        let commands = press(&mut app, &[key('r'), key('m'), key('y')]);
+        assert_eq!(
+            commands,
+            [Command::Retry {
+                host: "hv-b".into(),
+                id: "m-fail".into(),
+                destination: None,
+                mode: Mode::Fast,
+            }]
+        );
+    }
+
+    #[test]
+    fn retry_on_another_host_takes_two_keys_from_the_failed_row() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        let commands = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        assert_eq!(
+            commands,
+            [Command::Retry {
+                host: "hv-b".into(),
+                id: "m-fail".into(),
+                destination: Some("hv-a".into()),
+                mode: Mode::Safe,
+            }]
+        );
+    }
+
+    #[test]
+    fn the_picker_says_why_each_ineligible_host_cannot_take_the_vm() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        press(&mut app, &[key('d')]);
+        let Some(Dialog::Picker {
+            choices, selected, ..
+        }) = &app.dialog
+        else {
+            panic!("{:?}", app.dialog)
+        };
+        let why = |h: &str| {
+            choices
+                .iter()
+                .find(|c| c.host == h)
+                .and_then(|c| c.refusal.clone())
+        };
+        assert_eq!(why("hv-a"), None);
+        assert_eq!(why("hv-b").as_deref(), Some("db-01 runs here"));
+        assert_eq!(why("hv-d").as_deref(), Some("not connected"));
+        assert_eq!(why("hv-e").as_deref(), Some("draining"));
+        assert_eq!(
+            choices[*selected].host, "hv-a",
+            "the first eligible host is preselected"
+        );
+        // Moving onto an ineligible host and pressing enter sends nothing and says why.
+        let commands = press(&mut app, &[key('j'), code(KeyCode::Enter)]);
+        assert!(commands.is_empty());
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("runs here"))
+        );
+    }
+
+    #[test]
+    fn a_host_without_room_or_a_required_feature_is_not_eligible() {
+        let mut app = fixture();
+        let hosts = &mut app.live.hosts;
+        let c = hosts.iter_mut().find(|h| h.name == "hv-c").unwrap();
+        c.info.as_mut().unwrap().memory_used_mib = 65_000;
+        let a = hosts.iter_mut().find(|h| h.name == "hv-a").unwrap();
+        a.info.as_mut().unwrap().features.clear();
+        let choices = destinations(&app.live, "db-01", &["port-profile".into()]);
+        let why = |h: &str| {
+            choices
+                .iter()
+                .find(|c| c.host == h)
+                .unwrap()
+                .refusal
+                .clone()
+        };
+        assert_eq!(why("hv-a").as_deref(), Some("lacks required port-profile"));
+        assert_eq!(
+            why("hv-c").as_deref(),
+            Some("536 MiB free, db-01 needs 2048")
+        );
+    }
+
+    #[test]
+    fn b_runs_the_pending_rollbacks_on_the_hosts_that_list_them() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        assert_eq!(
+            press(&mut app, &[key('b'), key('y')]),
+            [Command::Rollback {
+                host: "hv-c".into(),
+                id: "m-fail".into()
+            }]
+        );
+        select(&mut app, "m-ok");
+        assert!(press(&mut app, &[key('b')]).is_empty());
+        assert!(app.dialog.is_none(), "nothing pending: no dialog");
+    }
+
+    #[test]
+    fn m_switches_the_default_mode_for_new_actions() {
+        let mut app = fixture();
+        assert_eq!(app.default_mode, Mode::Safe);
+        press(&mut app, &[key('m')]);
+        assert_eq!(app.default_mode, Mode::Fast);
+        select(&mut app, "m-fail");
+        let commands = press(&mut app, &[key('r'), key('y')]);
+        assert!(matches!(
+            &commands[0],
+            Command::Retry {
+                mode: Mode::Fast,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn n_starts_a_new_migration_choosing_vm_then_destination() {
+        let mut app = fixture();
+        // VMs sorted by name: app-01 (hv-c), db-01 (hv-b), web-01 (hv-a).
+        let commands = press(
+            &mut app,
+            &[
+                key('n'),
+                key('j'),
+                code(KeyCode::Enter),
+                code(KeyCode::Enter),
+            ],
+        );
+        assert_eq!(
+            commands,
+            [Command::Start {
+                host: "hv-b".into(),
+                vm: "db-01".into(),
+                destination: "hv-a".into(),
+                mode: Mode::Safe,
+            }]
+        );
+    }
+
+    #[test]
+    fn e_says_evacuations_come_later() {
+        let mut app = fixture();
+        assert!(press(&mut app, &[key('e')]).is_empty());
+        assert!(matches!(&app.dialog, Some(Dialog::Message(m)) if m.contains("later")));
+    }
+
+    #[test]
+    fn slash_filters_by_text_and_field_value_and_esc_clears() {
+        let mut app = fixture();
+        let typed: Vec<Msg> = "state:failed".chars().map(key).collect();
+        press(&mut app, &[key('/')]);
+        press(&mut app, &typed);
+        press(&mut app, &[code(KeyCode::Enter)]);
+        let ids: Vec<String> = app.rows().iter().map(|m| m.record.id.clone()).collect();
+        assert_eq!(ids, ["m-fail"]);
+        app.filter = "host:hv-a web".into();
+        let ids: Vec<String> = app.rows().iter().map(|m| m.record.id.clone()).collect();
+        assert_eq!(ids, ["m-run"]);
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert!(app.filter.is_empty());
+        assert_eq!(app.rows().len(), 3);
+    }
+
+    #[test]
+    fn colon_commands_switch_views_and_themes_and_quit() {
+        let mut app = fixture();
+        let run = |app: &mut App, line: &str| {
+            let mut keys = vec![key(':')];
+            keys.extend(line.chars().map(key));
+            keys.push(code(KeyCode::Enter));
+            press(app, &keys)
+        };
+        run(&mut app, "vms");
+        assert_eq!(app.view, View::Vms);
+        run(&mut app, "events");
+        assert_eq!(app.view, View::Events);
+        run(&mut app, "hosts");
+        assert_eq!(
+            (app.view.clone(), app.focus),
+            (View::Overview, Focus::Hosts)
+        );
+        run(&mut app, "theme light");
+        assert_eq!(app.theme, "light");
+        run(&mut app, "nonsense");
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains(":nonsense"))
+        );
+        assert_eq!(run(&mut app, "q"), [Command::Quit]);
+        assert!(app.quit);
+    }
+
+    #[test]
+    fn navigation_keys_move_within_the_focused_table() {
+        let mut app = fixture();
+        press(&mut app, &[key('j')]);
+        assert_eq!(app.migration_row, 1);
+        press(&mut app, &[code(KeyCode::Down), code(KeyCode::Down)]);
+        assert_eq!(app.migration_row, 2, "stops at the last row");
+        press(&mut app, &[key('k')]);
+        assert_eq!(app.migration_row, 1);
+        press(&mut app, &[key('g')]);
+        assert_eq!(app.migration_row, 0);
+        press(&mut app, &[key('G')]);
+        assert_eq!(app.migration_row, 2);
+        app.page_rows = 4;
+        press(&mut app, &[ctrl('u')]);
+        assert_eq!(app.migration_row, 0);
+        press(&mut app, &[ctrl('d')]);
+        assert_eq!(app.migration_row, 2);
+        press(&mut app, &[code(KeyCode::Tab), key('j'), key('j')]);
+        assert_eq!((app.focus, app.host_row), (Focus::Hosts, 2));
+        press(&mut app, &[code(KeyCode::BackTab)]);
+        assert_eq!(app.focus, Focus::Migrations);
+    }
+
+    #[test]
+    fn enter_opens_the_detail_and_esc_goes_back_without_quitting() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        press(&mut app, &[code(KeyCode::Enter)]);
+        assert_eq!(app.view, View::Detail("m-fail".into()));
+        assert!(press(&mut app, &[code(KeyCode::Esc)]).is_empty());
+        assert_eq!(app.view, View::Overview);
+        assert!(!app.quit);
+    }
+
+    #[test]
+    fn f_freezes_what_is_shown_while_the_live_state_moves_on() {
+        let mut app = fixture();
+        press(&mut app, &[key('f')]);
+        let late = migration("m-late", "web-01", "hv-a", "hv-c", proto::Outcome::None);
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: "hv-a".into(),
+                kind: Some(Kind::Migration(late)),
+            }),
+        );
+        assert!(!app.state().migrations.contains_key("m-late"));
+        assert!(app.live.migrations.contains_key("m-late"));
+        press(&mut app, &[key('f')]);
+        assert!(app.state().migrations.contains_key("m-late"));
+    }
+
+    #[test]
+    fn space_marks_rows_for_a_bulk_abort_or_retry() {
+        let mut app = fixture();
+        let late = migration("m-two", "db-01", "hv-b", "hv-a", proto::Outcome::None);
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: "hv-b".into(),
+                kind: Some(Kind::Migration(late)),
+            }),
+        );
+        press(&mut app, &[key(' '), key(' ')]);
+        assert_eq!(app.marked.len(), 2);
+        let commands = press(&mut app, &[key('a'), key('y')]);
+        assert_eq!(commands.len(), 2, "{commands:?}");
+        assert!(app.marked.is_empty(), "a sent bulk action clears the marks");
+    }
+
+    #[test]
+    fn q_quits_and_question_mark_opens_help() {
+        let mut app = fixture();
+        press(&mut app, &[key('?')]);
+        assert_eq!(app.dialog, Some(Dialog::Help));
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert_eq!(app.dialog, None);
+        assert_eq!(press(&mut app, &[key('q')]), [Command::Quit]);
+        assert!(app.quit);
+    }
+
+    #[test]
+    fn read_only_mode_sends_nothing_that_changes_an_agent() {
+        let mut app = fixture();
+        app.read_only = true;
+        select(&mut app, "m-fail");
+        for c in ['a', 'r', 'd', 'b', 'n', 'e'] {
+            assert!(press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]).is_empty());
+            assert_eq!(app.dialog, None, "{c} opened a dialog in read-only mode");
+        }
+    }
+
+    #[test]
+    fn a_finished_command_lands_in_the_status_line_and_the_event_log() {
+        let mut app = fixture();
+        update(
+            &mut app,
+            Msg::Done {
+                what: "abort m-run".into(),
+                result: Err("past the commit point".into()),
+            },
+        );
+        assert_eq!(
+            app.status,
+            Some(("abort m-run failed: past the commit point".into(), true))
+        );
+        assert!(
+            app.live
+                .events
+                .back()
+                .is_some_and(|e| e.line.level == "error")
+        );
+    }
+}

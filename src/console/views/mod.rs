@@ -19,6 +19,11 @@ use super::theme::Theme;
 use crate::proto;
 
 pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
+    // A theme with its own background (light) paints the whole screen.
+    frame.render_widget(
+        ratatui::widgets::Block::default().style(theme.base),
+        frame.area(),
+    );
     let [header, body, status, hints] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(3),
@@ -111,7 +116,10 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         theme.header,
     ));
     if app.frozen.is_some() {
-        spans.push(Span::styled(" ❄ FROZEN (f) ", theme.warning));
+        spans.push(Span::styled(
+            format!(" {} FROZEN (f) ", theme.symbols.frozen),
+            theme.frozen,
+        ));
     }
     if app.read_only {
         spans.push(Span::styled(" read-only ", theme.dim));
@@ -179,25 +187,28 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
-/// The style and symbol of a step's status.
+/// The style and symbol of a step's status (a proto `StepStatus`).
 pub fn step(theme: &Theme, status: i32) -> (Style, &'static str) {
+    let s = &theme.symbols;
     match proto::StepStatus::try_from(status) {
-        Ok(proto::StepStatus::Ok) => (theme.done, "✓"),
-        Ok(proto::StepStatus::Running) => (theme.running, "●"),
-        Ok(proto::StepStatus::Failed) => (theme.failed, "✗"),
-        Ok(proto::StepStatus::Skipped) => (theme.skipped, "–"),
-        _ => (theme.pending, "·"),
+        Ok(proto::StepStatus::Ok) => (theme.done, s.done),
+        Ok(proto::StepStatus::Running) => (theme.running, s.running),
+        Ok(proto::StepStatus::Failed) => (theme.failed, s.failed),
+        Ok(proto::StepStatus::Skipped) => (theme.skipped, s.skipped),
+        _ => (theme.pending, s.pending),
     }
 }
 
-/// The style and symbol of an outcome (`None`: still running).
+/// The style, symbol and name of an outcome (a proto `Outcome`; none:
+/// still running).
 pub fn outcome(theme: &Theme, outcome: i32) -> (Style, &'static str, &'static str) {
+    let s = &theme.symbols;
     match proto::Outcome::try_from(outcome) {
-        Ok(proto::Outcome::Succeeded) => (theme.succeeded, "✓", "succeeded"),
-        Ok(proto::Outcome::Degraded) => (theme.degraded, "!", "degraded"),
-        Ok(proto::Outcome::Failed) => (theme.failed, "✗", "failed"),
-        Ok(proto::Outcome::Aborted) => (theme.aborted, "⊘", "aborted"),
-        Ok(proto::Outcome::Unresolved) => (theme.unresolved, "?", "UNRESOLVED"),
-        _ => (theme.running, "●", "running"),
+        Ok(proto::Outcome::Succeeded) => (theme.succeeded, s.succeeded, "succeeded"),
+        Ok(proto::Outcome::Degraded) => (theme.degraded, s.degraded, "degraded"),
+        Ok(proto::Outcome::Failed) => (theme.failed, s.failed, "failed"),
+        Ok(proto::Outcome::Aborted) => (theme.aborted, s.aborted, "aborted"),
+        Ok(proto::Outcome::Unresolved) => (theme.unresolved, s.unresolved, "UNRESOLVED"),
+        _ => (theme.running, s.running, "running"),
     }
 }

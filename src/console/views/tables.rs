@@ -24,7 +24,11 @@ pub fn window(selected: usize, len: usize, height: usize) -> std::ops::Range<usi
 fn block<'a>(title: String, focused: bool, theme: &Theme) -> Block<'a> {
     Block::default()
         .borders(Borders::ALL)
-        .border_style(if focused { theme.title } else { theme.border })
+        .border_style(if focused {
+            theme.border_focused
+        } else {
+            theme.border
+        })
         .title(Span::styled(title, theme.title))
 }
 
@@ -35,12 +39,19 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let range = window(app.host_row, state.hosts.len(), height);
     let rows = state.hosts[range.clone()].iter().map(|h| {
         let (link_style, link) = match &h.link {
-            Link::Connected => (theme.connected, "● connected".to_string()),
-            Link::Connecting => (theme.dim, "… connecting".to_string()),
+            Link::Connected => (
+                theme.connected,
+                format!("{} connected", theme.symbols.connected),
+            ),
+            Link::Connecting => (
+                theme.connecting,
+                format!("{} connecting", theme.symbols.connecting),
+            ),
             Link::Lost { since_ms, .. } => (
                 theme.lost,
                 format!(
-                    "⨯ lost {}",
+                    "{} lost {}",
+                    theme.symbols.lost,
                     duration(state.now_ms.saturating_sub(*since_ms))
                 ),
             ),
@@ -158,7 +169,11 @@ fn pipeline<'a>(record: &proto::MigrationRecord, theme: &Theme) -> Line<'a> {
 fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme) -> Row<'a> {
     let r = &m.record;
     let (style, symbol, _) = outcome(theme, r.outcome);
-    let mark = if app.marked.contains(&r.id) { "+" } else { " " };
+    let mark = if app.marked.contains(&r.id) {
+        theme.symbols.marked
+    } else {
+        " "
+    };
     let progress = r
         .transfer
         .and_then(|t| (t.bytes_transferred * 100).checked_div(t.bytes_total))
