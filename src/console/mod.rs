@@ -4,6 +4,8 @@
 
 pub mod app;
 pub mod client;
+#[cfg(test)]
+mod fixture;
 pub mod keymap;
 pub mod msg;
 pub mod state;

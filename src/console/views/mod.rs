@@ -5,6 +5,8 @@
 mod detail;
 mod dialogs;
 mod tables;
+#[cfg(test)]
+mod tests;
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};

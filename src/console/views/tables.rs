@@ -166,7 +166,11 @@ fn pipeline<'a>(record: &proto::MigrationRecord, theme: &Theme) -> Line<'a> {
     Line::from(spans)
 }
 
-fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme) -> Row<'a> {
+/// Below this width the table drops mode, progress, rate and time, so the
+/// route and the failing feature stay readable.
+const WIDE: u16 = 110;
+
+fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) -> Row<'a> {
     let r = &m.record;
     let (style, symbol, _) = outcome(theme, r.outcome);
     let mark = if app.marked.contains(&r.id) {
@@ -197,15 +201,19 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme) -> Row<'a> {
         Ok(proto::Mode::Fast) => "fast",
         _ => "safe",
     };
-    Row::new(vec![
+    let mut cells = vec![
         Cell::from(Span::styled(format!("{mark}{symbol}"), style)),
         Cell::from(r.vm.clone()),
         Cell::from(format!("{} → {}", r.source, r.destination)),
-        Cell::from(mode),
-        Cell::from(pipeline(r, theme)),
-        Cell::from(progress),
-        Cell::from(rate),
-        Cell::from(elapsed),
+    ];
+    if wide {
+        cells.push(Cell::from(mode));
+    }
+    cells.push(Cell::from(pipeline(r, theme)));
+    if wide {
+        cells.extend([Cell::from(progress), Cell::from(rate), Cell::from(elapsed)]);
+    }
+    cells.extend([
         Cell::from(Span::styled(
             features,
             if failing { theme.failed } else { theme.dim },
@@ -215,8 +223,8 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme) -> Row<'a> {
         } else {
             Span::styled(r.error.clone(), theme.dim)
         }),
-    ])
-    .style(if app.marked.contains(&r.id) {
+    ]);
+    Row::new(cells).style(if app.marked.contains(&r.id) {
         theme.marked
     } else {
         Style::default()
@@ -230,7 +238,7 @@ pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let range = window(app.migration_row, rows.len(), height);
     let visible = rows[range.clone()]
         .iter()
-        .map(|m| migration_row(app, m, theme));
+        .map(|m| migration_row(app, m, theme, area.width >= WIDE));
     let title = if app.filter.is_empty() {
         format!(" migrations ({}) ", rows.len())
     } else {
@@ -241,42 +249,54 @@ pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             app.filter
         )
     };
-    let table = Table::new(
-        visible,
-        [
-            Constraint::Length(3),
-            Constraint::Length(10),
-            Constraint::Length(15),
-            Constraint::Length(4),
-            Constraint::Length(6),
-            Constraint::Length(5),
-            Constraint::Length(11),
-            Constraint::Length(7),
-            Constraint::Length(24),
-            Constraint::Min(10),
-        ],
-    )
-    .header(
-        Row::new([
-            "",
-            "VM",
-            "FROM → TO",
-            "MODE",
-            "PHASES",
-            "DONE",
-            "RATE",
-            "TIME",
-            "FEATURES",
-            "",
-        ])
-        .style(theme.header),
-    )
-    .block(block(title, focused, theme))
-    .row_highlight_style(if focused {
-        theme.selected
+    let (widths, header): (Vec<Constraint>, Vec<&str>) = if area.width >= WIDE {
+        (
+            vec![
+                Constraint::Length(3),
+                Constraint::Length(10),
+                Constraint::Length(15),
+                Constraint::Length(4),
+                Constraint::Length(6),
+                Constraint::Length(5),
+                Constraint::Length(11),
+                Constraint::Length(7),
+                Constraint::Length(24),
+                Constraint::Min(10),
+            ],
+            vec![
+                "",
+                "VM",
+                "FROM → TO",
+                "MODE",
+                "PHASES",
+                "DONE",
+                "RATE",
+                "TIME",
+                "FEATURES",
+                "",
+            ],
+        )
     } else {
-        Style::default()
-    });
+        (
+            vec![
+                Constraint::Length(3),
+                Constraint::Length(9),
+                Constraint::Length(13),
+                Constraint::Length(6),
+                Constraint::Length(23),
+                Constraint::Min(8),
+            ],
+            vec!["", "VM", "FROM → TO", "PHASES", "FEATURES", ""],
+        )
+    };
+    let table = Table::new(visible, widths)
+        .header(Row::new(header).style(theme.header))
+        .block(block(title, focused, theme))
+        .row_highlight_style(if focused {
+            theme.selected
+        } else {
+            Style::default()
+        });
     let mut table_state = TableState::default();
     if focused && !rows.is_empty() {
         table_state.select(Some(app.migration_row.min(rows.len() - 1) - range.start));

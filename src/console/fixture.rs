@@ -1,0 +1,183 @@
+//! A small cluster in known states, shared by the console's update tests
+//! and view snapshots: five hosts (hv-d lost, hv-e draining), a migration in
+//! Perform, a safe-mode failure with a pending rollback, and a success.
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::app::{App, update};
+use super::msg::Msg;
+use super::state::ClusterState;
+use crate::proto;
+use crate::proto::event::Kind;
+
+pub fn key(c: char) -> Msg {
+    Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+}
+
+pub fn code(code: KeyCode) -> Msg {
+    Msg::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+pub fn ctrl(c: char) -> Msg {
+    Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL))
+}
+
+pub fn phases(running: usize, failed: bool) -> Vec<proto::PhaseRecord> {
+    (0..5)
+        .map(|i| proto::PhaseRecord {
+            phase: i as i32,
+            status: if i < running {
+                proto::StepStatus::Ok
+            } else if i == running && failed {
+                proto::StepStatus::Failed
+            } else if i == running {
+                proto::StepStatus::Running
+            } else {
+                proto::StepStatus::Pending
+            } as i32,
+            duration_ms: 0,
+        })
+        .collect()
+}
+
+pub fn host(name: &str, draining: bool, memory_used: u64, features: &[&str]) -> proto::Host {
+    proto::Host {
+        name: name.into(),
+        memory_total_mib: 65_536,
+        memory_used_mib: memory_used,
+        vcpus_total: 64,
+        features: features.iter().map(|f| f.to_string()).collect(),
+        draining,
+        ..Default::default()
+    }
+}
+
+pub fn vm(name: &str) -> proto::Vm {
+    proto::Vm {
+        name: name.into(),
+        state: proto::GuestState::Running as i32,
+        memory_mib: 2048,
+        vcpus: 2,
+        features: vec![proto::FeatureRef {
+            name: "port-profile".into(),
+            required: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+pub fn migration(
+    id: &str,
+    vm: &str,
+    src: &str,
+    dst: &str,
+    outcome: proto::Outcome,
+) -> proto::MigrationRecord {
+    let running = outcome == proto::Outcome::None;
+    proto::MigrationRecord {
+        id: id.into(),
+        vm: vm.into(),
+        source: src.into(),
+        destination: dst.into(),
+        attempt: 1,
+        attempt_id: format!("{id}.1"),
+        outcome: outcome as i32,
+        mode: proto::Mode::Safe as i32,
+        phases: if running {
+            phases(2, false)
+        } else if outcome == proto::Outcome::Failed {
+            phases(3, true)
+        } else {
+            phases(5, false)
+        },
+        features: vec![proto::FeatureRecord {
+            name: "port-profile".into(),
+            required: true,
+            prepare: proto::StepStatus::Ok as i32,
+            finish: if outcome == proto::Outcome::Failed {
+                proto::StepStatus::Failed
+            } else {
+                proto::StepStatus::Ok
+            } as i32,
+            ..Default::default()
+        }],
+        error: if outcome == proto::Outcome::Failed {
+            format!("required feature port-profile failed finish on {dst}")
+        } else {
+            String::new()
+        },
+        started_at_ms: 1_000,
+        running_on: if outcome == proto::Outcome::Succeeded {
+            dst.into()
+        } else {
+            src.into()
+        },
+        ..Default::default()
+    }
+}
+
+/// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b;
+/// db-01 failed hv-b → hv-c with a pending rollback on hv-c; app-01 moved.
+pub fn fixture() -> App {
+    let names: Vec<String> = ["hv-a", "hv-b", "hv-c", "hv-d", "hv-e"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut app = App::new(ClusterState::new("test", &names), false, "default");
+    let snapshot = |h: proto::Host, vms: Vec<proto::Vm>, migrations| {
+        Msg::Event(proto::Event {
+            host: h.name.clone(),
+            kind: Some(Kind::Snapshot(proto::Snapshot {
+                host: Some(h),
+                vms,
+                migrations,
+            })),
+        })
+    };
+    let mut hv_c = host("hv-c", false, 0, &["port-profile"]);
+    hv_c.pending_rollbacks.push(proto::PendingRollback {
+        migration_id: "m-fail".into(),
+        vm: "db-01".into(),
+        feature: "port-profile".into(),
+        stage: "rollback".into(),
+        ..Default::default()
+    });
+    for msg in [
+        snapshot(
+            host("hv-a", false, 0, &["port-profile"]),
+            vec![vm("web-01")],
+            vec![
+                migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::None),
+                migration("m-ok", "app-01", "hv-a", "hv-c", proto::Outcome::Succeeded),
+            ],
+        ),
+        snapshot(
+            host("hv-b", false, 0, &["port-profile"]),
+            vec![vm("db-01")],
+            vec![migration(
+                "m-fail",
+                "db-01",
+                "hv-b",
+                "hv-c",
+                proto::Outcome::Failed,
+            )],
+        ),
+        snapshot(hv_c, vec![vm("app-01")], vec![]),
+        snapshot(host("hv-e", true, 0, &["port-profile"]), vec![], vec![]),
+    ] {
+        update(&mut app, msg);
+    }
+    for h in ["hv-a", "hv-b", "hv-c", "hv-e"] {
+        update(&mut app, Msg::Connected { host: h.into() });
+    }
+    update(
+        &mut app,
+        Msg::Lost {
+            host: "hv-d".into(),
+            since_ms: 0,
+            error: "connection refused".into(),
+        },
+    );
+    app
+}

@@ -1,0 +1,204 @@
+//! Snapshots of every screen and dialog at 120×40 and 80×24 from the fixture
+//! cluster (text; `cargo insta review` or INSTA_UPDATE=always accepts new
+//! ones), and the colours of the cells that carry meaning, which text
+//! snapshots cannot see.
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::buffer::Buffer;
+use ratatui::crossterm::event::KeyCode;
+use ratatui::style::Style;
+
+use super::draw;
+use crate::console::app::{App, update};
+use crate::console::fixture::*;
+use crate::console::msg::Msg;
+use crate::console::theme::Theme;
+
+const SIZES: [(u16, u16); 2] = [(120, 40), (80, 24)];
+
+fn render(app: &App, theme: &Theme, (w, h): (u16, u16)) -> Terminal<TestBackend> {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).expect("a test terminal");
+    terminal
+        .draw(|frame| draw(frame, app, theme))
+        .expect("drawn");
+    terminal
+}
+
+fn app_after(keys: &[Msg]) -> App {
+    let mut app = fixture();
+    app.live.now_ms = 12_000;
+    for k in keys {
+        update(&mut app, k.clone());
+    }
+    app
+}
+
+/// Every screen and dialog, by name, and the keys that lead to it.
+fn screens() -> Vec<(&'static str, Vec<Msg>)> {
+    vec![
+        ("overview", vec![]),
+        ("detail_failed", vec![key('j'), code(KeyCode::Enter)]),
+        (
+            "vms",
+            vec![key(':'), key('v'), key('m'), key('s'), code(KeyCode::Enter)],
+        ),
+        (
+            "events",
+            vec![
+                key(':'),
+                key('e'),
+                key('v'),
+                key('e'),
+                key('n'),
+                key('t'),
+                key('s'),
+                code(KeyCode::Enter),
+            ],
+        ),
+        ("hosts_focused", vec![code(KeyCode::Tab), key('j')]),
+        ("help", vec![key('?')]),
+        ("abort_confirm", vec![key('a')]),
+        ("retry_confirm", vec![key('j'), key('r')]),
+        ("picker", vec![key('j'), key('d')]),
+        ("new_migration", vec![key('n')]),
+        ("evacuate", vec![key('e')]),
+        (
+            "filter",
+            vec![
+                key('/'),
+                key('s'),
+                key('t'),
+                key('a'),
+                key('t'),
+                key('e'),
+                key(':'),
+                key('f'),
+            ],
+        ),
+        ("frozen_marked", vec![key('f'), key(' ')]),
+    ]
+}
+
+#[test]
+fn every_screen_and_dialog_at_both_sizes() {
+    let theme = Theme::named("default").expect("default theme");
+    for (name, keys) in screens() {
+        let app = app_after(&keys);
+        for size in SIZES {
+            let terminal = render(&app, &theme, size);
+            insta::assert_snapshot!(format!("{name}_{}x{}", size.0, size.1), terminal.backend());
+        }
+    }
+}
+
+/// The first cell whose symbol starts `text` on a row that contains it.
+fn find(buffer: &Buffer, text: &str) -> (u16, u16) {
+    let area = buffer.area;
+    for y in 0..area.height {
+        let row: String = (0..area.width)
+            .map(|x| buffer[(x, y)].symbol().to_string())
+            .collect();
+        if let Some(byte) = row.find(text) {
+            let x = row[..byte].chars().count() as u16;
+            return (x, y);
+        }
+    }
+    panic!("{text:?} is not on the screen");
+}
+
+fn fg(buffer: &Buffer, at: (u16, u16)) -> Option<ratatui::style::Color> {
+    buffer[at].style().fg
+}
+
+fn same_colour(buffer: &Buffer, at: (u16, u16), style: Style, what: &str) {
+    assert_eq!(fg(buffer, at), style.fg, "{what} at {at:?}");
+}
+
+#[test]
+fn the_cells_that_carry_meaning_have_their_colours() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = app_after(&[]);
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    // The failing feature and stage in the failed row, in the failure colour.
+    same_colour(
+        buffer,
+        find(buffer, "port-profile ✗ finish"),
+        theme.failed,
+        "failing feature",
+    );
+    // A lost agent, and a connected one.
+    same_colour(buffer, find(buffer, "⨯ lost"), theme.lost, "lost agent");
+    same_colour(
+        buffer,
+        find(buffer, "● connected"),
+        theme.connected,
+        "connected agent",
+    );
+    // The pending rollback warning on hv-c.
+    same_colour(
+        buffer,
+        find(buffer, "⚠ 1 pending"),
+        theme.warning,
+        "pending rollback",
+    );
+    // The draining host.
+    same_colour(
+        buffer,
+        find(buffer, "draining"),
+        theme.draining,
+        "draining host",
+    );
+    // The selected row is drawn with the cursor style (modifiers, e.g. reversed).
+    let (x, y) = find(buffer, "web-01");
+    let selected = buffer[(x, y)].style();
+    assert!(
+        selected.add_modifier.contains(theme.selected.add_modifier)
+            && (theme.selected.bg.is_none() || selected.bg == theme.selected.bg),
+        "the cursor row is not drawn in the selected style: {selected:?}"
+    );
+}
+
+#[test]
+fn a_safe_mode_failure_shows_its_cause_and_failed_stage_in_the_detail() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = app_after(&[key('j'), code(KeyCode::Enter)]);
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    same_colour(
+        buffer,
+        find(
+            buffer,
+            "cause: required feature port-profile failed finish on hv-c",
+        ),
+        theme.error,
+        "the cause",
+    );
+    same_colour(
+        buffer,
+        find(buffer, "✗ failed"),
+        theme.failed,
+        "the outcome",
+    );
+}
+
+#[test]
+fn no_color_leaves_state_readable_by_symbol() {
+    let theme = Theme::named("default").expect("default").without_colors();
+    let app = app_after(&[]);
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    for y in 0..buffer.area.height {
+        for x in 0..buffer.area.width {
+            let style = buffer[(x, y)].style();
+            assert!(
+                style.fg.is_none_or(|c| c == ratatui::style::Color::Reset)
+                    && style.bg.is_none_or(|c| c == ratatui::style::Color::Reset),
+                "a colour at ({x}, {y}) under NO_COLOR: {style:?}"
+            );
+        }
+    }
+    find(buffer, "port-profile ✗ finish");
+    find(buffer, "⨯ lost");
+}
