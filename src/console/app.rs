@@ -517,6 +517,8 @@ pub fn destinations(state: &ClusterState, vm: &str, required: &[String]) -> Vec<
         .collect()
 }
 
+/// Offer every host; the cursor starts on the first eligible one that is
+/// not where the last attempt failed (`avoid`).
 fn picker(
     app: &mut App,
     title: String,
@@ -524,11 +526,14 @@ fn picker(
     retry: Option<String>,
     from: String,
     required: Vec<String>,
+    avoid: Option<&str>,
 ) {
     let choices = destinations(app.state(), &vm, &required);
+    let eligible = |c: &&Choice| c.refusal.is_none();
     let selected = choices
         .iter()
-        .position(|c| c.refusal.is_none())
+        .position(|c| eligible(&c) && Some(c.host.as_str()) != avoid)
+        .or_else(|| choices.iter().position(|c| eligible(&c)))
         .unwrap_or(0);
     app.dialog = Some(Dialog::Picker {
         title,
@@ -572,6 +577,7 @@ fn pick_destination(app: &mut App) {
         Some(record.id.clone()),
         record.source.clone(),
         required,
+        Some(&record.destination),
     );
 }
 
@@ -767,6 +773,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                             None,
                             host,
                             required,
+                            None,
                         );
                         return Vec::new();
                     }
@@ -1029,6 +1036,19 @@ mod tests {
             app.status
                 .as_ref()
                 .is_some_and(|(s, e)| *e && s.contains("runs here"))
+        );
+    }
+
+    #[test]
+    fn the_picker_does_not_start_on_the_host_where_the_attempt_just_failed() {
+        let mut app = fixture();
+        let failed = app.live.migrations.get_mut("m-fail").unwrap();
+        failed.record.destination = "hv-a".into();
+        select(&mut app, "m-fail");
+        let commands = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        assert!(
+            matches!(&commands[..], [Command::Retry { destination: Some(d), .. }] if d == "hv-c"),
+            "{commands:?}"
         );
     }
 
