@@ -20,10 +20,13 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         return;
     };
     let r = &m.record;
+    // Phases and features take what they need; the transfer and the
+    // attempts get the rest.
+    let matrix = (r.features.len().max(5) as u16) + 3;
     let [summary, middle, bottom] = Layout::vertical([
         Constraint::Length(4),
+        Constraint::Length(matrix),
         Constraint::Min(8),
-        Constraint::Length(8),
     ])
     .areas(area);
     let (style, symbol, label) = outcome(theme, r.outcome);

@@ -75,47 +75,68 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             phases[(p.phase as usize).min(4)] += 1;
         }
     }
-    let agents_style = if connected == state.hosts.len() {
-        theme.connected
-    } else {
-        theme.lost
-    };
+    // Everything on the header bar keeps its colours (readable on it in
+    // every theme); states stand out by symbol and weight.
+    let bold = theme.header.add_modifier(ratatui::style::Modifier::BOLD);
+    let sym = &theme.symbols;
+    let all_up = connected == state.hosts.len();
     let mut spans = vec![
-        Span::styled(format!(" tern · {} ", state.cluster), theme.title),
+        Span::styled(format!(" tern · {} ", state.cluster), bold),
         Span::styled(
-            format!(" agents {connected}/{} ", state.hosts.len()),
-            agents_style,
+            format!(
+                " {} agents {connected}/{} ",
+                if all_up { sym.connected } else { sym.lost },
+                state.hosts.len()
+            ),
+            if all_up { theme.header } else { bold },
         ),
-        Span::raw(" "),
     ];
     let names = ["begin", "prepare", "perform", "finish", "confirm"];
     for (name, n) in names.iter().zip(phases) {
         if n > 0 {
-            spans.push(Span::styled(format!("{name} {n} "), theme.running));
+            spans.push(Span::styled(
+                format!(" {} {name} {n}", sym.running),
+                theme.header,
+            ));
         }
     }
-    for (i, style, label) in [
+    for (i, symbol, label, loud) in [
         (
             proto::Outcome::Unresolved as usize,
-            theme.unresolved,
+            sym.unresolved,
             "unresolved",
+            true,
         ),
-        (proto::Outcome::Failed as usize, theme.failed, "failed"),
+        (proto::Outcome::Failed as usize, sym.failed, "failed", true),
         (
             proto::Outcome::Degraded as usize,
-            theme.degraded,
+            sym.degraded,
             "degraded",
+            false,
         ),
-        (proto::Outcome::Aborted as usize, theme.aborted, "aborted"),
-        (proto::Outcome::Succeeded as usize, theme.succeeded, "ok"),
+        (
+            proto::Outcome::Aborted as usize,
+            sym.aborted,
+            "aborted",
+            false,
+        ),
+        (
+            proto::Outcome::Succeeded as usize,
+            sym.succeeded,
+            "ok",
+            false,
+        ),
     ] {
         if counts[i] > 0 {
-            spans.push(Span::styled(format!("{label} {} ", counts[i]), style));
+            spans.push(Span::styled(
+                format!("  {symbol} {label} {}", counts[i]),
+                if loud { bold } else { theme.header },
+            ));
         }
     }
     spans.push(Span::styled(
-        format!(" mode: {} ", app.default_mode.as_str()),
-        theme.header,
+        format!("   mode: {} ", app.default_mode.as_str()),
+        bold,
     ));
     if app.frozen.is_some() {
         spans.push(Span::styled(
@@ -124,7 +145,7 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         ));
     }
     if app.read_only {
-        spans.push(Span::styled(" read-only ", theme.dim));
+        spans.push(Span::styled(" read-only ", bold));
     }
     frame.render_widget(Paragraph::new(Line::from(spans)).style(theme.header), area);
 }
@@ -156,7 +177,12 @@ fn draw_status(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 
 fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let mut spans = Vec::new();
-    for b in keymap::hints(app.read_only) {
+    // Help and quit first: on a narrow terminal the end of the bar is cut.
+    let first =
+        |b: &&keymap::Binding| !matches!(b.action, keymap::Action::Help | keymap::Action::Quit);
+    let mut hints: Vec<_> = keymap::hints(app.read_only).collect();
+    hints.sort_by_key(first);
+    for b in hints {
         spans.push(Span::styled(format!(" {} ", b.shown), theme.key));
         spans.push(Span::styled(format!("{} ", b.hint), theme.hint));
     }

@@ -1,0 +1,196 @@
+//! The real `tern console` in a pseudo-terminal against real agent
+//! processes: an operator aborts a running migration and retries a failed
+//! one on another host by keystrokes, and both the screen and the agents'
+//! state say it worked.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+
+use common::*;
+
+const COLS: u16 = 120;
+const ROWS: u16 = 40;
+
+/// The console in a pty; a thread feeds its output to a terminal emulator.
+struct Screen {
+    parser: Arc<Mutex<vt100::Parser>>,
+    writer: Box<dyn Write + Send>,
+    child: Box<dyn portable_pty::Child + Send + Sync>,
+    _state: tempfile::TempDir,
+}
+
+impl Screen {
+    fn open(cluster: &Cluster) -> Screen {
+        let pty = native_pty_system()
+            .openpty(PtySize {
+                rows: ROWS,
+                cols: COLS,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .expect("a pseudo-terminal");
+        let state = tempfile::tempdir().unwrap();
+        let mut command = CommandBuilder::new(TERN);
+        command.args(["console", "--inventory"]);
+        command.arg(&cluster.inventory);
+        command.env("XDG_STATE_HOME", state.path());
+        command.env("TERM", "xterm-256color");
+        let child = pty
+            .slave
+            .spawn_command(command)
+            .expect("tern console starts");
+        drop(pty.slave);
+        let mut reader = pty.master.try_clone_reader().unwrap();
+        let writer = pty.master.take_writer().unwrap();
+        let parser = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
+        let feed = parser.clone();
+        std::thread::spawn(move || {
+            let _master = pty.master;
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                feed.lock().unwrap().process(&buf[..n]);
+            }
+        });
+        Screen {
+            parser,
+            writer,
+            child,
+            _state: state,
+        }
+    }
+
+    fn text(&self) -> String {
+        self.parser.lock().unwrap().screen().contents()
+    }
+
+    fn wait_for(&self, what: &str, mut ok: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.text();
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the screen:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn keys(&mut self, keys: &str) {
+        self.writer.write_all(keys.as_bytes()).unwrap();
+        self.writer.flush().unwrap();
+        // Let the console fold each batch before the next.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// hv-a runs web-01 (4 GiB over a 256 MiB/s link: a long Perform) and
+/// db-01; hv-b's switch rejects ASSOCIATE; hv-c is healthy.
+fn cluster() -> Cluster {
+    Cluster::start(vec![
+        host(
+            "hv-a",
+            format!(
+                "{}{}{}{}",
+                port_profile(""),
+                vm("web-01", 4096),
+                vm("db-01", 256),
+                link(256)
+            ),
+        ),
+        host("hv-b", port_profile("fail = [\"finish\"]")),
+        host("hv-c", port_profile("")),
+    ])
+}
+
+#[test]
+fn an_operator_aborts_and_retries_elsewhere_by_keystrokes() {
+    let cluster = cluster();
+    // A safe-mode failure to retry, and a long migration to abort.
+    let (code, failed) = cluster.tern_json(&[
+        "migrate", "db-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
+    assert_eq!(code, 1, "{failed}");
+    let failed_id = failed["id"].as_str().unwrap().to_string();
+    let running_id = cluster.start_migration("web-01", "hv-c", "fast");
+    cluster.wait_phase(&running_id, "perform");
+
+    let mut screen = Screen::open(&cluster);
+    let text = screen.wait_for("both migrations on screen", |t| {
+        t.contains("web-01") && t.contains("perform") && t.contains("port-profile ✗ finish")
+    });
+    assert!(text.contains("agents 3/3"), "{text}");
+
+    // Running migrations come first: web-01's row is selected. a, then y.
+    screen.keys("a");
+    screen.wait_for("the abort confirmation", |t| {
+        t.contains("Abort 1 migration(s)?") && t.contains("web-01 keeps running on hv-a")
+    });
+    screen.keys("y");
+    let record = cluster.wait_outcome(&running_id);
+    assert_eq!(record["outcome"], "aborted", "{record}");
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-a".to_string()]);
+    screen.wait_for("the abort's result in the status line", |t| {
+        t.contains(&format!("abort {running_id}"))
+    });
+
+    // The failed row is now first (failed before aborted). d, then enter:
+    // the picker starts on hv-c, not hv-b where the attempt failed.
+    screen.keys("g");
+    screen.keys("d");
+    screen.wait_for("the destination picker", |t| {
+        t.contains("on another host") && t.contains("db-01 runs here")
+    });
+    screen.keys("\r");
+    screen.wait_for("the retry's result", |t| {
+        t.contains(&format!("retry {failed_id} on hv-c"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = cluster.migration(&failed_id);
+        if record["outcome"] == "succeeded" {
+            assert_eq!(record["attempt"], 2, "{record}");
+            assert_eq!(record["destination"], "hv-c", "{record}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the retry did not succeed: {record}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.running_on("db-01"), vec!["hv-c".to_string()]);
+    assert!(cluster.feature_state("hv-b", "db-01").is_empty());
+    screen.wait_for("the succeeded retry on screen", |t| {
+        t.lines()
+            .any(|l| l.contains("db-01") && l.contains("hv-a → hv-c"))
+    });
+
+    // q quits and gives the terminal back.
+    screen.keys("q");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = screen.child.try_wait().unwrap() {
+            assert!(status.success(), "tern console exited with {status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "q did not quit the console");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
