@@ -141,7 +141,7 @@ fn record(i: usize, attempt: u32) -> proto::MigrationRecord {
         vm: vm_name(source, k),
         source: host_name(source),
         destination: host_name(destination),
-        mode: if shape == Shape::Degraded || i % 3 == 0 {
+        mode: if shape == Shape::Degraded || i.is_multiple_of(3) {
             proto::Mode::Fast
         } else {
             proto::Mode::Safe
@@ -234,7 +234,7 @@ fn host_info(i: usize) -> proto::Host {
                 state: "associated".into(),
             })
             .collect(),
-        pending_rollbacks: if i % 50 == 0 {
+        pending_rollbacks: if i.is_multiple_of(50) {
             vec![proto::PendingRollback {
                 attempt_id: format!("{}.1", migration_id(i)),
                 migration_id: migration_id(i),
@@ -266,10 +266,12 @@ fn cluster() -> App {
         update(&mut app, Msg::Connected { host: name.clone() });
         let mut vms: Vec<proto::Vm> = (0..VMS_PER_HOST)
             .map(|k| {
-                let migration = (k * HOSTS + h < MIGRATIONS
-                    && shape(k * HOSTS + h) == Shape::Running)
-                    .then(|| migration_id(k * HOSTS + h))
-                    .unwrap_or_default();
+                let i = k * HOSTS + h;
+                let migration = if i < MIGRATIONS && shape(i) == Shape::Running {
+                    migration_id(i)
+                } else {
+                    String::new()
+                };
                 vm(h, vm_name(h, k), proto::GuestState::Running, migration)
             })
             .collect();

@@ -171,6 +171,24 @@ impl ClusterState {
         m.record = record;
     }
 
+    /// How many guests `host` reports.
+    pub fn vm_count(&self, host: &str) -> usize {
+        self.vms
+            .range((host.to_string(), String::new())..)
+            .take_while(|((h, _), _)| h == host)
+            .count()
+    }
+
+    /// Running migrations out of and into each host, in one pass.
+    pub fn moving(&self) -> BTreeMap<&str, (usize, usize)> {
+        let mut moving: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for m in self.migrations.values().filter(|m| m.record.outcome == 0) {
+            moving.entry(&m.record.source).or_default().0 += 1;
+            moving.entry(&m.record.destination).or_default().1 += 1;
+        }
+        moving
+    }
+
     /// Where a VM runs (or is paused): the host whose copy is not incoming.
     pub fn vm_host(&self, vm: &str) -> Option<&str> {
         self.vms
@@ -189,12 +207,18 @@ impl ClusterState {
     /// unresolved, failed, and the rest; newest first within each.
     pub fn ordered_migrations(&self) -> Vec<&MigrationView> {
         let mut all: Vec<&MigrationView> = self.migrations.values().collect();
-        all.sort_by_key(|m| {
+        // A borrowed key: cloning the id per comparison was half a frame
+        // with 10,000 migrations (benches/console.rs).
+        let key = |m: &MigrationView| {
             (
                 outcome_rank(m.record.outcome),
                 std::cmp::Reverse(m.record.started_at_ms),
-                m.record.id.clone(),
             )
+        };
+        all.sort_unstable_by(|a, b| {
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| a.record.id.cmp(&b.record.id))
         });
         all
     }

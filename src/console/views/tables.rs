@@ -37,6 +37,7 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let focused = app.focus == Focus::Hosts;
     let height = area.height.saturating_sub(3) as usize;
     let range = window(app.host_row, state.hosts.len(), height);
+    let moving = state.moving();
     let rows = state.hosts[range.clone()].iter().map(|h| {
         let (link_style, link) = match &h.link {
             Link::Connected => (
@@ -56,17 +57,8 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 ),
             ),
         };
-        let vms = state.vms.keys().filter(|(host, _)| host == &h.name).count();
-        let moving_out = state
-            .migrations
-            .values()
-            .filter(|m| m.record.outcome == 0 && m.record.source == h.name)
-            .count();
-        let moving_in = state
-            .migrations
-            .values()
-            .filter(|m| m.record.outcome == 0 && m.record.destination == h.name)
-            .count();
+        let vms = state.vm_count(&h.name);
+        let (moving_out, moving_in) = moving.get(h.name.as_str()).copied().unwrap_or_default();
         let (memory, pending, draining) = match &h.info {
             Some(i) => (
                 format!(
