@@ -141,11 +141,36 @@ impl App {
             .collect()
     }
 
+    /// How many rows the migrations table has.
+    pub fn row_count(&self) -> usize {
+        if self.filter.is_empty() {
+            self.state().migrations.len()
+        } else {
+            self.rows().len()
+        }
+    }
+
+    /// The rows in `range`: without a filter only those are looked at, so a
+    /// frame costs a screenful whatever the number of migrations.
+    pub fn rows_in(&self, range: std::ops::Range<usize>) -> Vec<&MigrationView> {
+        if self.filter.is_empty() {
+            return self
+                .state()
+                .ordered()
+                .skip(range.start)
+                .take(range.len())
+                .collect();
+        }
+        let rows = self.rows();
+        rows[range.start.min(rows.len())..range.end.min(rows.len())].to_vec()
+    }
+
     pub fn selected_migration(&self) -> Option<&MigrationView> {
         if let View::Detail(id) = &self.view {
             return self.state().migrations.get(id);
         }
-        self.rows().get(self.migration_row).copied()
+        let row = self.migration_row;
+        self.rows_in(row..row + 1).into_iter().next()
     }
 
     pub fn selected_host(&self) -> Option<&str> {
@@ -325,7 +350,7 @@ fn move_by(app: &mut App, delta: isize) {
     let (row, len) = match (&app.view, app.focus) {
         (View::Overview, Focus::Hosts) => (&mut app.host_row, app.live.hosts.len()),
         _ => {
-            let len = app.rows().len();
+            let len = app.row_count();
             (&mut app.migration_row, len)
         }
     };

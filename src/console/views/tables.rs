@@ -224,19 +224,19 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
 }
 
 pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
-    let rows = app.rows();
+    let count = app.row_count();
     let focused = app.focus == Focus::Migrations;
     let height = area.height.saturating_sub(3) as usize;
-    let range = window(app.migration_row, rows.len(), height);
-    let visible = rows[range.clone()]
+    let range = window(app.migration_row, count, height);
+    let shown = app.rows_in(range.clone());
+    let visible = shown
         .iter()
         .map(|m| migration_row(app, m, theme, area.width >= WIDE));
     let title = if app.filter.is_empty() {
-        format!(" migrations ({}) ", rows.len())
+        format!(" migrations ({count}) ")
     } else {
         format!(
-            " migrations ({} of {}, /{}) ",
-            rows.len(),
+            " migrations ({count} of {}, /{}) ",
             app.state().migrations.len(),
             app.filter
         )
@@ -290,8 +290,8 @@ pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             Style::default()
         });
     let mut table_state = TableState::default();
-    if focused && !rows.is_empty() {
-        table_state.select(Some(app.migration_row.min(rows.len() - 1) - range.start));
+    if focused && count > 0 {
+        table_state.select(Some(app.migration_row.min(count - 1) - range.start));
     }
     frame.render_stateful_widget(table, area, &mut table_state);
 }
