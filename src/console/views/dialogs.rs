@@ -75,24 +75,23 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let cursor = if i == *selected { "▸" } else { " " };
-                    let line = match &c.refusal {
-                        None => Line::from(vec![
-                            Span::raw(format!(" {cursor} ")),
-                            Span::styled(format!("✓ {:<12}", c.host), theme.done),
-                            Span::styled("eligible", theme.dim),
-                        ]),
-                        Some(why) => Line::from(vec![
-                            Span::raw(format!(" {cursor} ")),
-                            Span::styled(format!("✗ {:<12}", c.host), theme.dim),
-                            Span::styled(why.clone(), theme.dim),
-                        ]),
+                    let (symbol, style, why) = match &c.refusal {
+                        None => (theme.symbols.done, theme.done, "eligible"),
+                        Some(why) => (theme.symbols.failed, theme.dim, why.as_str()),
                     };
+                    // The cursor line is one solid bar: the spans' own
+                    // colours would fight its background.
                     if i == *selected {
-                        line.style(theme.selected)
-                    } else {
-                        line
+                        return Line::styled(
+                            format!(" {} {symbol} {:<12}{why}", theme.symbols.selected, c.host),
+                            theme.selected,
+                        );
                     }
+                    Line::from(vec![
+                        Span::raw("   "),
+                        Span::styled(format!("{symbol} {:<12}", c.host), style),
+                        Span::styled(why.to_string(), theme.dim),
+                    ])
                 })
                 .collect();
             body.push(Line::default());
