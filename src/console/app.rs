@@ -450,11 +450,27 @@ fn abort(app: &mut App) {
     });
 }
 
+/// A retry starts from the migration's source; if the VM has since moved
+/// (another migration took it), say so instead of sending a doomed request.
+fn moved_since(state: &ClusterState, record: &proto::MigrationRecord) -> Option<String> {
+    let now = state.vm_host(&record.vm)?;
+    (now != record.source).then(|| {
+        format!(
+            "{} now runs on {now}, not on {} where {} started: start a new migration (n) instead",
+            record.vm, record.source, record.id
+        )
+    })
+}
+
 fn retry(app: &mut App) {
     let failed: Vec<_> = targets(app)
         .into_iter()
         .filter(|r| matches!(outcome(r), proto::Outcome::Failed | proto::Outcome::Aborted))
         .collect();
+    if let Some(moved) = failed.iter().find_map(|r| moved_since(app.state(), r)) {
+        app.say(moved, true);
+        return;
+    }
     if failed.is_empty() {
         app.say(
             "nothing to retry: select a failed or aborted migration",
@@ -587,6 +603,10 @@ fn pick_destination(app: &mut App) {
             ),
             true,
         );
+        return;
+    }
+    if let Some(moved) = moved_since(app.state(), &record) {
+        app.say(moved, true);
         return;
     }
     let required = record
@@ -1075,6 +1095,30 @@ mod tests {
             matches!(&commands[..], [Command::Retry { destination: Some(d), .. }] if d == "hv-c"),
             "{commands:?}"
         );
+    }
+
+    #[test]
+    fn a_retry_of_a_vm_that_has_moved_on_since_says_so_and_sends_nothing() {
+        let mut app = fixture();
+        // db-01 failed hv-b → hv-c, and has since moved to hv-a.
+        let vm = app
+            .live
+            .vms
+            .remove(&("hv-b".into(), "db-01".into()))
+            .unwrap();
+        app.live.vms.insert(("hv-a".into(), "db-01".into()), vm);
+        select(&mut app, "m-fail");
+        for k in ['r', 'd'] {
+            assert!(press(&mut app, &[key(k), key('y'), code(KeyCode::Enter)]).is_empty());
+            assert_eq!(app.dialog, None);
+            assert!(
+                app.status
+                    .as_ref()
+                    .is_some_and(|(s, e)| *e && s.contains("db-01 now runs on hv-a")),
+                "{:?}",
+                app.status
+            );
+        }
     }
 
     #[test]
