@@ -5,14 +5,7 @@ use std::fmt::Write as _;
 
 use crate::proto;
 use crate::protocol::record::MigrationRecord;
-use crate::protocol::{Mode, Phase, StepStatus, TransferStats};
-
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Fast => "fast",
-        Mode::Safe => "safe",
-    }
-}
+use crate::protocol::{Phase, StepStatus, TransferStats};
 
 pub fn phase_name(phase: Phase) -> &'static str {
     match phase {
@@ -42,7 +35,7 @@ pub fn started_line(record: &MigrationRecord) -> String {
         record.vm,
         record.source,
         record.destination,
-        mode_name(record.mode)
+        record.mode.as_str()
     );
     if record.attempt > 1 {
         let _ = write!(line, ", attempt {}", record.attempt);
@@ -114,7 +107,7 @@ pub fn record_summary(record: &MigrationRecord) -> String {
         record.vm,
         record.source,
         record.destination,
-        mode_name(record.mode),
+        record.mode.as_str(),
         record.attempt
     );
     let running_on = if record.running_on.is_empty() {

@@ -6,7 +6,7 @@ use futures::future::join_all;
 use serde::Serialize;
 
 use super::client::{Agent, Cluster, Link};
-use super::output::{mode_name, state_summary, table};
+use super::output::{state_summary, table};
 use super::{CliError, CliResult, exit};
 use crate::config::HostEntry;
 use crate::proto;
@@ -358,7 +358,7 @@ pub fn human(status: &StatusJson) -> String {
                 m.id.clone(),
                 m.vm.clone(),
                 format!("{} -> {}", m.source, m.destination),
-                mode_name(m.mode).to_string(),
+                m.mode.as_str().to_string(),
                 m.attempt.to_string(),
                 state_summary(m),
                 m.error.clone().unwrap_or_default(),

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::client::{Agent, Cluster};
-use super::output::{mode_name, state_summary, transfer_line};
+use super::output::{state_summary, transfer_line};
 use super::status::{HostAnswer, HostJson, StatusJson, VmJson};
 use super::{CliResult, exit};
 use crate::config::HostEntry;
@@ -138,7 +138,7 @@ impl WatchLine {
                     m.vm,
                     m.source,
                     m.destination,
-                    mode_name(m.mode),
+                    m.mode.as_str(),
                     m.attempt,
                     state_summary(m)
                 );

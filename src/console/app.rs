@@ -9,8 +9,10 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use super::keymap::{Action, action_for};
 use super::msg::{Command, Msg};
 use super::state::{ClusterState, Link, LogEntry, MigrationView};
+use crate::cli::output::phase_name;
 use crate::proto;
-use crate::protocol::Mode;
+use crate::protocol::record::{mode_from_proto, outcome_from_proto, phase_from_proto};
+use crate::protocol::{Mode, Outcome};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum View {
@@ -94,6 +96,9 @@ pub struct App {
     pub default_mode: Mode,
     pub read_only: bool,
     pub theme: String,
+    /// Where the console logs, for the help screen (read once at start,
+    /// not on every frame).
+    pub log_path: String,
     /// The last command's result, or a refusal, for the status line.
     pub status: Option<(String, bool)>,
     /// Rows a half page moves (set by the terminal loop from the table height).
@@ -119,6 +124,7 @@ impl App {
             default_mode: Mode::Safe,
             read_only,
             theme: theme.to_string(),
+            log_path: String::new(),
             status: None,
             page_rows: 10,
             quit: false,
@@ -396,14 +402,13 @@ pub fn current_phase(record: &proto::MigrationRecord) -> &'static str {
                 .iter()
                 .find(|p| p.status == proto::StepStatus::Failed as i32)
         });
-    match running.map(|p| proto::Phase::try_from(p.phase)) {
-        Some(Ok(proto::Phase::Begin)) => "begin",
-        Some(Ok(proto::Phase::Prepare)) => "prepare",
-        Some(Ok(proto::Phase::Perform)) => "perform",
-        Some(Ok(proto::Phase::Finish)) => "finish",
-        Some(Ok(proto::Phase::Confirm)) => "confirm",
-        _ => "begin",
-    }
+    phase_name(phase_from_proto(running.map_or(0, |p| p.phase)))
+}
+
+/// A proto record's mode, as the operator reads it (unspecified reads safe,
+/// the default).
+pub fn mode_of(record: &proto::MigrationRecord) -> &'static str {
+    mode_from_proto(record.mode).unwrap_or(Mode::Safe).as_str()
 }
 
 fn abort(app: &mut App) {
@@ -928,18 +933,8 @@ impl Filter {
 
     pub fn matches(&self, m: &MigrationView) -> bool {
         let r = &m.record;
-        let state = match outcome(r) {
-            proto::Outcome::None => "running",
-            proto::Outcome::Succeeded => "succeeded",
-            proto::Outcome::Degraded => "degraded",
-            proto::Outcome::Failed => "failed",
-            proto::Outcome::Aborted => "aborted",
-            proto::Outcome::Unresolved => "unresolved",
-        };
-        let mode = match proto::Mode::try_from(r.mode) {
-            Ok(proto::Mode::Fast) => "fast",
-            _ => "safe",
-        };
+        let state = outcome_from_proto(r.outcome).map_or("running", Outcome::as_str);
+        let mode = mode_of(r);
         self.terms.iter().all(|(field, value)| {
             let has = |s: &str| s.to_lowercase().contains(value.as_str());
             match field.as_deref() {

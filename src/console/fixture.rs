@@ -125,6 +125,7 @@ pub fn fixture() -> App {
         .map(|s| s.to_string())
         .collect();
     let mut app = App::new(ClusterState::new("test", &names), false, "default");
+    app.log_path = "/var/lib/tern-test/console.log".into();
     let snapshot = |h: proto::Host, vms: Vec<proto::Vm>, migrations| {
         Msg::Event(proto::Event {
             host: h.name.clone(),

@@ -81,6 +81,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &current_theme,
     );
     app.live.now_ms = now_ms();
+    app.log_path = log_path().display().to_string();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watchers = client::spawn_watchers(&options.inventory, tx.clone());
     spawn_keyboard(tx.clone());

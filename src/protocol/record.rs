@@ -224,7 +224,7 @@ fn outcome_to_proto(o: Option<Outcome>) -> proto::Outcome {
     }
 }
 
-fn outcome_from_proto(o: i32) -> Option<Outcome> {
+pub fn outcome_from_proto(o: i32) -> Option<Outcome> {
     match proto::Outcome::try_from(o).unwrap_or(proto::Outcome::None) {
         proto::Outcome::None => None,
         proto::Outcome::Succeeded => Some(Outcome::Succeeded),
@@ -235,7 +235,7 @@ fn outcome_from_proto(o: i32) -> Option<Outcome> {
     }
 }
 
-fn phase_from_proto(p: i32) -> Phase {
+pub fn phase_from_proto(p: i32) -> Phase {
     match proto::Phase::try_from(p).unwrap_or(proto::Phase::Begin) {
         proto::Phase::Begin => Phase::Begin,
         proto::Phase::Prepare => Phase::Prepare,

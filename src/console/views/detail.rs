@@ -6,10 +6,11 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, Wrap};
 
-use super::super::app::App;
+use super::super::app::{App, mode_of};
 use super::super::theme::Theme;
 use super::{bytes, duration, outcome, step};
-use crate::proto;
+use crate::cli::output::phase_name;
+use crate::protocol::record::phase_from_proto;
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     let Some(m) = app.state().migrations.get(id) else {
@@ -37,10 +38,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             "{} → {}  {}  attempt {}  id {}  running on {}",
             r.source,
             r.destination,
-            match proto::Mode::try_from(r.mode) {
-                Ok(proto::Mode::Fast) => "fast",
-                _ => "safe",
-            },
+            mode_of(r),
             r.attempt,
             r.id,
             r.running_on
@@ -60,12 +58,11 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
 
     let [phases_area, features_area] =
         Layout::horizontal([Constraint::Length(24), Constraint::Min(40)]).areas(middle);
-    let names = ["begin", "prepare", "perform", "finish", "confirm"];
     let phase_rows = r.phases.iter().map(|p| {
         let (style, symbol) = step(theme, p.status);
         Row::new(vec![
             Cell::from(Span::styled(symbol, style)),
-            Cell::from(names.get(p.phase as usize).copied().unwrap_or("?")),
+            Cell::from(phase_name(phase_from_proto(p.phase))),
             Cell::from(if p.duration_ms > 0 {
                 duration(p.duration_ms)
             } else {

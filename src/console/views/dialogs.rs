@@ -139,11 +139,7 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                 .collect();
             body.push(Line::default());
             body.push(Line::styled(
-                format!(
-                    " theme {} · logs in {}",
-                    app.theme,
-                    super::super::log_path().display()
-                ),
+                format!(" theme {} · logs in {}", app.theme, app.log_path),
                 theme.dim,
             ));
             body.push(Line::styled(" esc closes", theme.dim));

@@ -18,7 +18,9 @@ use super::app::{App, InputKind, View};
 use super::keymap;
 use super::state::Link;
 use super::theme::Theme;
+use crate::cli::output::phase_name;
 use crate::proto;
+use crate::protocol::Phase;
 
 pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
     // A theme with its own background (light) paints the whole screen.
@@ -91,8 +93,8 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             if all_up { theme.header } else { bold },
         ),
     ];
-    let names = ["begin", "prepare", "perform", "finish", "confirm"];
-    for (name, n) in names.iter().zip(phases) {
+    for (phase, n) in Phase::ALL.into_iter().zip(phases) {
+        let name = phase_name(phase);
         if n > 0 {
             spans.push(Span::styled(
                 format!(" {} {name} {n}", sym.running),

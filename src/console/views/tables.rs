@@ -6,7 +6,7 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Row, Table, TableState};
 
-use super::super::app::{App, Focus, current_phase};
+use super::super::app::{App, Focus, current_phase, mode_of};
 use super::super::state::{Link, MigrationView};
 use super::super::theme::Theme;
 use super::{bytes, duration, outcome, step};
@@ -189,10 +189,7 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
         String::new()
     };
     let (features, failing) = feature_summary(r);
-    let mode = match proto::Mode::try_from(r.mode) {
-        Ok(proto::Mode::Fast) => "fast",
-        _ => "safe",
-    };
+    let mode = mode_of(r);
     let mut cells = vec![
         Cell::from(Span::styled(format!("{mark}{symbol}"), style)),
         Cell::from(r.vm.clone()),
