@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 pub use msg::{Command, Msg};
 
+use crate::agent::now_ms;
 use crate::config::Inventory;
 
 /// At most about 30 frames a second; nothing is drawn while nothing changes.
@@ -58,10 +59,6 @@ pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
         .with_env_filter(filter)
         .try_init();
     Some(guard)
-}
-
-fn now_ms() -> u64 {
-    crate::agent::now_ms()
 }
 
 /// Run the console until the operator quits.

@@ -711,11 +711,18 @@ impl World {
     /// The agent process dies: its memory, its in-process transfers and the
     /// connections it was serving go with it.
     fn crash(&mut self, h: usize, why: &str) {
+        if self.hosts[h].agent.is_some() {
+            let name = self.hosts[h].name.clone();
+            self.fault(|| format!("{name} agent dies: {why}"));
+        }
+        self.end_process(h);
+    }
+
+    /// The agent process is gone (a crash, or an exit after SIGTERM).
+    fn end_process(&mut self, h: usize) {
         let Some(agent) = self.hosts[h].agent.take() else {
             return;
         };
-        let name = self.hosts[h].name.clone();
-        self.fault(|| format!("{name} agent dies: {why}"));
         // Stages in flight die with the agent (the simulated switch runs in
         // it; exec hooks get SIGKILL with their parent): each either reached
         // the switch before the crash or never will.
@@ -768,7 +775,7 @@ impl World {
         }
         let name = self.hosts[h].name.clone();
         self.fault(|| format!("{name} is lost for good, with its guests"));
-        self.crash_quiet(h);
+        self.end_process(h);
         let host = &mut self.hosts[h];
         host.lost = true;
         // A running or paused copy was the VM (an incoming one was not yet).
@@ -916,13 +923,7 @@ impl World {
         let name = self.hosts[h].name.clone();
         self.note(format!("{name} agent exits"));
         // Attempts past the commit point are left to recovery after a restart.
-        self.crash_quiet(h);
-    }
-
-    fn crash_quiet(&mut self, h: usize) {
-        let faults = self.faults;
-        self.crash(h, "exit");
-        self.faults = faults;
+        self.end_process(h);
     }
 
     // ---- accessors -----------------------------------------------------------

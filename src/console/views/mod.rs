@@ -20,7 +20,8 @@ use super::state::Link;
 use super::theme::Theme;
 use crate::cli::output::phase_name;
 use crate::proto;
-use crate::protocol::Phase;
+use crate::protocol::record::{outcome_from_proto, status_from_proto};
+use crate::protocol::{Outcome, Phase};
 
 pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
     // A theme with its own background (light) paints the whole screen.
@@ -205,26 +206,16 @@ pub fn duration(ms: u64) -> String {
 
 /// The style and symbol of a step's status (a proto `StepStatus`).
 pub fn step(theme: &Theme, status: i32) -> (Style, &'static str) {
-    let s = &theme.symbols;
-    match proto::StepStatus::try_from(status) {
-        Ok(proto::StepStatus::Ok) => (theme.done, s.done),
-        Ok(proto::StepStatus::Running) => (theme.running, s.running),
-        Ok(proto::StepStatus::Failed) => (theme.failed, s.failed),
-        Ok(proto::StepStatus::Skipped) => (theme.skipped, s.skipped),
-        _ => (theme.pending, s.pending),
-    }
+    let status = status_from_proto(status);
+    (theme.step(status), theme.symbols.step(status))
 }
 
 /// The style, symbol and name of an outcome (a proto `Outcome`; none:
-/// still running).
+/// still running). Unresolved is spelled in capitals: it needs an operator.
 pub fn outcome(theme: &Theme, outcome: i32) -> (Style, &'static str, &'static str) {
-    let s = &theme.symbols;
-    match proto::Outcome::try_from(outcome) {
-        Ok(proto::Outcome::Succeeded) => (theme.succeeded, s.succeeded, "succeeded"),
-        Ok(proto::Outcome::Degraded) => (theme.degraded, s.degraded, "degraded"),
-        Ok(proto::Outcome::Failed) => (theme.failed, s.failed, "failed"),
-        Ok(proto::Outcome::Aborted) => (theme.aborted, s.aborted, "aborted"),
-        Ok(proto::Outcome::Unresolved) => (theme.unresolved, s.unresolved, "UNRESOLVED"),
-        _ => (theme.running, s.running, "running"),
+    match outcome_from_proto(outcome) {
+        Some(Outcome::Unresolved) => (theme.unresolved, theme.symbols.unresolved, "UNRESOLVED"),
+        Some(o) => (theme.outcome(o), theme.symbols.outcome(o), o.as_str()),
+        None => (theme.running, theme.symbols.running, "running"),
     }
 }
