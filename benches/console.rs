@@ -137,6 +137,7 @@ fn record(i: usize, attempt: u32) -> proto::MigrationRecord {
     let total = (4_096 + (i as u64 % 8) * 4_096) << 20;
     let started = START_MS + i as u64 * 250;
     proto::MigrationRecord {
+        cookies: Vec::new(),
         id: id.clone(),
         vm: vm_name(source, k),
         source: host_name(source),

@@ -327,6 +327,10 @@ fn write_cookie_seeds() {
         started_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_002_000,
         committed: true,
+        cookies: vec![
+            proto::CookieRecord::from(&cookies::describe(&c1)),
+            proto::CookieRecord::from(&cookies::describe(&c4_not_committed)),
+        ],
     };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
         ("c1-safe.bin", c1.encode_to_vec()),

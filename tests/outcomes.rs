@@ -163,6 +163,18 @@ fn clean_migration_succeeds_and_moves_the_association_to_the_destination() {
         transfer["bytes_transferred"], transfer["bytes_total"],
         "{record}"
     );
+    // The four cookies as the source saw them, across the real gRPC hops.
+    let cookies: Vec<&str> = record["cookies"]
+        .as_array()
+        .expect("cookies in the record")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["C1", "C2", "C3", "C4"], "{record}");
+    assert_eq!(
+        record["cookies"][3]["summary"],
+        "committed; finish port-profile ok"
+    );
     assert_eq!(
         cluster.guests_of("web-01"),
         vec![("hv-b".to_string(), "running".to_string())]

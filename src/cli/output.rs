@@ -17,16 +17,6 @@ pub fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
-pub fn status_name(status: StepStatus) -> &'static str {
-    match status {
-        StepStatus::Pending => "pending",
-        StepStatus::Running => "running",
-        StepStatus::Ok => "ok",
-        StepStatus::Failed => "failed",
-        StepStatus::Skipped => "skipped",
-    }
-}
-
 /// The line `migrate` and `retry` print to stderr once the agent accepted.
 pub fn started_line(record: &MigrationRecord) -> String {
     let mut line = format!(
@@ -139,7 +129,7 @@ pub fn record_summary(record: &MigrationRecord) -> String {
             };
             vec![
                 phase_name(p.phase).to_string(),
-                status_name(p.status).to_string(),
+                p.status.as_str().to_string(),
                 duration,
             ]
         })
@@ -153,10 +143,10 @@ pub fn record_summary(record: &MigrationRecord) -> String {
                 out,
                 "    {} ({required}): prepare {}, finish {}, rollback {}, release {}",
                 f.name,
-                status_name(f.prepare),
-                status_name(f.finish),
-                status_name(f.rollback),
-                status_name(f.release)
+                f.prepare.as_str(),
+                f.finish.as_str(),
+                f.rollback.as_str(),
+                f.release.as_str()
             );
             if let Some(error) = &f.error {
                 let _ = writeln!(out, "      error: {error}");

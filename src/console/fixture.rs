@@ -108,6 +108,7 @@ pub fn migration(
             String::new()
         },
         started_at_ms: 1_000,
+        cookies: cookies(id, vm, src, dst, outcome),
         running_on: if outcome == proto::Outcome::Succeeded {
             dst.into()
         } else {
@@ -115,6 +116,79 @@ pub fn migration(
         },
         ..Default::default()
     }
+}
+
+/// The cookies an attempt with this outcome exchanged, built and described
+/// by the protocol's own code.
+fn cookies(
+    id: &str,
+    vm: &str,
+    src: &str,
+    dst: &str,
+    outcome: proto::Outcome,
+) -> Vec<proto::CookieRecord> {
+    use crate::protocol::cookies::{cookie1, describe, stage_result};
+    use crate::protocol::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
+    let spec = VmSpec {
+        name: vm.into(),
+        memory_mib: 2048,
+        vcpus: 2,
+        dirty_rate_mib_s: 50,
+        features: vec![FeatureSpec {
+            name: "port-profile".into(),
+            driver: String::new(),
+            required: true,
+        }],
+    };
+    let attempt_id = format!("{id}.1");
+    let failed = outcome == proto::Outcome::Failed;
+    let mut out = vec![describe(&cookie1(&attempt_id, id, src, &spec, Mode::Safe))];
+    if outcome != proto::Outcome::None {
+        out.push(describe(&proto::Cookie2 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: attempt_id.clone(),
+            incoming_address: format!("{dst}:49152"),
+            prepare: vec![stage_result("port-profile", StepStatus::Ok, "")],
+            accepted: true,
+            ..Default::default()
+        }));
+        out.push(describe(&proto::Cookie3 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: attempt_id.clone(),
+            status: proto::TransferStatus::Completed as i32,
+            stats: Some(proto::TransferStats {
+                bytes_transferred: 2_300 << 20,
+                iteration: 4,
+                expected_downtime_ms: 21,
+                ..Default::default()
+            }),
+        }));
+        out.push(describe(&proto::Cookie4 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id,
+            committed: !failed,
+            finish: vec![stage_result(
+                "port-profile",
+                if failed {
+                    StepStatus::Failed
+                } else {
+                    StepStatus::Ok
+                },
+                "",
+            )],
+            rollback: if failed {
+                vec![stage_result("port-profile", StepStatus::Failed, "")]
+            } else {
+                vec![]
+            },
+            error: if failed {
+                format!("required feature port-profile failed finish on {dst}")
+            } else {
+                String::new()
+            },
+        }));
+    }
+    out.iter().map(proto::CookieRecord::from).collect()
 }
 
 /// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b;

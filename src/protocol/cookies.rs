@@ -5,7 +5,7 @@ use prost::Message;
 
 use super::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 use crate::proto;
-use crate::protocol::record::{mode_from_proto, status_from_proto, status_to_proto};
+use crate::protocol::record::{CookieRecord, mode_from_proto, status_from_proto, status_to_proto};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CookieError {
@@ -158,6 +158,108 @@ pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
             })
             .collect(),
     }
+}
+
+/// A cookie decoded for an operator: its name, size and what it says.
+pub fn describe<T: Message + Described>(cookie: &T) -> CookieRecord {
+    CookieRecord {
+        name: T::NAME.to_string(),
+        version: cookie.version(),
+        bytes: cookie.encoded_len() as u64,
+        summary: cookie.summary(),
+    }
+}
+
+/// A cookie that can say what it carries in one line.
+pub trait Described: Versioned {
+    const NAME: &'static str;
+    fn summary(&self) -> String;
+    fn version(&self) -> u32 {
+        self.protocol_version()
+    }
+}
+
+impl Described for proto::Cookie1 {
+    const NAME: &'static str = "C1";
+    fn summary(&self) -> String {
+        let mode = mode_from_proto(self.mode).map_or("no mode", |m| m.as_str());
+        let mut out = match &self.vm {
+            Some(vm) => format!("{} {} MiB {} vCPU {mode}", vm.name, vm.memory_mib, vm.vcpus),
+            None => format!("no VM {mode}"),
+        };
+        if !self.mandatory_features.is_empty() {
+            out.push_str(&format!(
+                ", mandatory {}",
+                self.mandatory_features.join(" ")
+            ));
+        }
+        out
+    }
+}
+
+impl Described for proto::Cookie2 {
+    const NAME: &'static str = "C2";
+    fn summary(&self) -> String {
+        let mut out = if self.accepted {
+            format!("accepted, incoming {}", self.incoming_address)
+        } else if self.error.is_empty() {
+            "refused".to_string()
+        } else {
+            format!("refused: {}", self.error)
+        };
+        push_stages(&mut out, "prepare", &self.prepare);
+        push_stages(&mut out, "rollback", &self.rollback);
+        out
+    }
+}
+
+impl Described for proto::Cookie3 {
+    const NAME: &'static str = "C3";
+    fn summary(&self) -> String {
+        let status = match proto::TransferStatus::try_from(self.status) {
+            Ok(proto::TransferStatus::Completed) => "completed",
+            Ok(proto::TransferStatus::Failed) => "failed",
+            Ok(proto::TransferStatus::Cancelled) => "cancelled",
+            _ => "unknown status",
+        };
+        match &self.stats {
+            Some(s) => format!(
+                "transfer {status}, {} MiB, {} iterations, expected downtime {} ms",
+                s.bytes_transferred >> 20,
+                s.iteration,
+                s.expected_downtime_ms
+            ),
+            None => format!("transfer {status}"),
+        }
+    }
+}
+
+impl Described for proto::Cookie4 {
+    const NAME: &'static str = "C4";
+    fn summary(&self) -> String {
+        let mut out = if self.committed {
+            "committed".to_string()
+        } else if self.error.is_empty() {
+            "not committed".to_string()
+        } else {
+            format!("not committed: {}", self.error)
+        };
+        push_stages(&mut out, "finish", &self.finish);
+        push_stages(&mut out, "rollback", &self.rollback);
+        out
+    }
+}
+
+/// ", prepare port-profile ok, tap failed" for a list of stage results.
+fn push_stages(out: &mut String, stage: &str, results: &[proto::StageResult]) {
+    if results.is_empty() {
+        return;
+    }
+    let each: Vec<String> = results
+        .iter()
+        .map(|r| format!("{} {}", r.feature, status_from_proto(r.status).as_str()))
+        .collect();
+    out.push_str(&format!("; {stage} {}", each.join(", ")));
 }
 
 /// One stage result for a cookie.

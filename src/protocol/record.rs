@@ -112,6 +112,33 @@ pub struct MigrationRecord {
     pub transfer: Option<TransferStats>,
     pub started_at_ms: Millis,
     pub updated_at_ms: Millis,
+    /// The cookies this attempt exchanged so far, C1 first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cookies: Vec<CookieRecord>,
+}
+
+/// One cookie of an attempt, decoded for an operator
+/// ([`super::cookies::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CookieRecord {
+    /// "C1" .. "C4".
+    pub name: String,
+    pub version: u32,
+    /// Its size on the wire.
+    pub bytes: u64,
+    /// What it says, in one line.
+    pub summary: String,
+}
+
+impl From<&CookieRecord> for proto::CookieRecord {
+    fn from(c: &CookieRecord) -> Self {
+        proto::CookieRecord {
+            name: c.name.clone(),
+            version: c.version,
+            bytes: c.bytes,
+            summary: c.summary.clone(),
+        }
+    }
 }
 
 impl MigrationRecord {
@@ -311,6 +338,7 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
             started_at_ms: r.started_at_ms,
             updated_at_ms: r.updated_at_ms,
             committed: r.committed,
+            cookies: r.cookies.iter().map(proto::CookieRecord::from).collect(),
         }
     }
 }
@@ -360,6 +388,16 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
             transfer: r.transfer.as_ref().map(stats_from_proto),
             started_at_ms: r.started_at_ms,
             updated_at_ms: r.updated_at_ms,
+            cookies: r
+                .cookies
+                .iter()
+                .map(|c| CookieRecord {
+                    name: c.name.clone(),
+                    version: c.version,
+                    bytes: c.bytes,
+                    summary: c.summary.clone(),
+                })
+                .collect(),
         }
     }
 }

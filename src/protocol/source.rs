@@ -183,6 +183,7 @@ impl SourceAttempt {
             transfer: None,
             started_at_ms: params.started_at_ms,
             updated_at_ms: now,
+            cookies: Vec::new(),
         };
         let mut attempt = SourceAttempt {
             attempt_id,
@@ -214,6 +215,7 @@ impl SourceAttempt {
             &attempt.vm,
             attempt.mode,
         );
+        attempt.record.cookies.push(cookies::describe(&c1));
         let actions = vec![attempt.journal(), SourceAction::SendPrepare(c1)];
         (attempt, actions)
     }
@@ -372,6 +374,7 @@ impl SourceAttempt {
                 return self.end_before_commit(now, Outcome::Failed, error, tell);
             }
         };
+        self.record.cookies.push(cookies::describe(&c2));
         self.apply_stage_results(Stage::Prepare, &c2.prepare);
         self.apply_stage_results(Stage::Rollback, &c2.rollback);
         if !c2.accepted {
@@ -417,6 +420,7 @@ impl SourceAttempt {
                     status: proto::TransferStatus::Completed as i32,
                     stats: Some(super::record::stats_to_proto(&stats)),
                 };
+                self.record.cookies.push(cookies::describe(&c3));
                 vec![self.journal(), SourceAction::SendFinish(c3)]
             }
         }
@@ -475,6 +479,7 @@ impl SourceAttempt {
     }
 
     fn apply_cookie4(&mut self, now: Millis, c4: proto::Cookie4) -> Vec<SourceAction> {
+        self.record.cookies.push(cookies::describe(&c4));
         self.apply_stage_results(Stage::Finish, &c4.finish);
         self.apply_stage_results(Stage::Rollback, &c4.rollback);
         if c4.committed {

@@ -1414,6 +1414,59 @@ fn safe_mode_resumes_source_when_associate_fails_in_finish() {
 }
 
 #[test]
+fn the_record_keeps_each_cookie_the_source_sent_or_received() {
+    let names = |w: &World| -> Vec<String> {
+        w.src
+            .record
+            .cookies
+            .iter()
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let w = run(Scenario::new(Mode::Safe, &[true]));
+    assert_eq!(names(&w), ["C1", "C2", "C3", "C4"]);
+    let c = &w.src.record.cookies;
+    assert!(
+        c.iter()
+            .all(|c| c.version == PROTOCOL_VERSION && c.bytes > 0),
+        "{c:?}"
+    );
+    assert!(
+        c[0].summary.contains("safe, mandatory feat-0"),
+        "{}",
+        c[0].summary
+    );
+    assert!(
+        c[1].summary.starts_with("accepted, incoming "),
+        "{}",
+        c[1].summary
+    );
+    assert!(
+        c[2].summary.starts_with("transfer completed"),
+        "{}",
+        c[2].summary
+    );
+    assert!(
+        c[3].summary.starts_with("committed; finish feat-0 ok"),
+        "{}",
+        c[3].summary
+    );
+
+    // A finish failure: C4 says why the destination did not commit.
+    let w = run(Scenario::new(Mode::Safe, &[true]).failing(0, Stage::Finish));
+    assert_eq!(names(&w), ["C1", "C2", "C3", "C4"]);
+    let c4 = &w.src.record.cookies[3].summary;
+    assert!(c4.starts_with("not committed: "), "{c4}");
+    assert!(c4.contains("finish feat-0 failed"), "{c4}");
+    assert!(c4.contains("rollback feat-0 ok"), "{c4}");
+
+    // A prepare failure ends at C2.
+    let w = run(Scenario::new(Mode::Safe, &[true]).failing(0, Stage::Prepare));
+    assert_eq!(names(&w), ["C1", "C2"]);
+    assert!(w.src.record.cookies[1].summary.starts_with("refused"));
+}
+
+#[test]
 fn fast_mode_commits_despite_failed_finish_and_reports_degraded() {
     let w = run(Scenario::new(Mode::Fast, &[true, false]).failing(0, Stage::Finish));
     assert_eq!(w.src.record.outcome, Some(Outcome::Degraded));

@@ -1,5 +1,5 @@
 //! One migration: its phases, the feature × stage matrix, the transfer with
-//! sparklines, its attempts and its events.
+//! sparklines, the cookies, its attempts and its events.
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -144,10 +144,11 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     let [transfer_area, history_area] =
         Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(bottom);
     let t = r.transfer.unwrap_or_default();
-    let [stats, rate, dirty] = Layout::vertical([
+    let [stats, rate, dirty, cookies_area] = Layout::vertical([
         Constraint::Length(2),
         Constraint::Length(3),
         Constraint::Length(3),
+        Constraint::Min(0),
     ])
     .areas(transfer_area);
     frame.render_widget(
@@ -186,6 +187,33 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             .data(&dirty_data)
             .style(theme.sparkline_dirty),
         dirty,
+    );
+    // The cookies as the source saw them: what each phase told the next.
+    let cookie_lines: Vec<Line> = r
+        .cookies
+        .iter()
+        .map(|c| {
+            Line::from(vec![
+                Span::styled(format!(" {} ", c.name), theme.title),
+                Span::styled(format!("v{} {:>5} ", c.version, bytes(c.bytes)), theme.dim),
+                Span::raw(c.summary.clone()),
+            ])
+        })
+        .collect();
+    frame.render_widget(
+        Paragraph::new(if cookie_lines.is_empty() {
+            vec![Line::styled(" none yet", theme.dim)]
+        } else {
+            cookie_lines
+        })
+        .wrap(Wrap { trim: false })
+        .block(
+            Block::default()
+                .borders(Borders::TOP)
+                .border_style(theme.border)
+                .title(Span::styled(" cookies ", theme.title)),
+        ),
+        cookies_area,
     );
     let mut lines: Vec<Line> = m
         .history
