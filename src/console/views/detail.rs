@@ -154,18 +154,18 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     frame.render_widget(
         Paragraph::new(vec![
             Line::raw(format!(
-                " moved {} of {}, {} left, iteration {}, expected downtime {}",
+                " moved {} of {}, {} left, iteration {}",
                 bytes(t.bytes_transferred),
                 bytes(t.bytes_total),
                 bytes(t.bytes_remaining),
                 t.iteration,
-                duration(t.expected_downtime_ms)
             )),
             Line::styled(
                 format!(
-                    " rate {}/s, dirtying {}/s",
+                    " rate {}/s, dirtying {}/s, expected downtime {}",
                     bytes(t.rate_bytes_s),
-                    bytes(t.dirty_rate_bytes_s)
+                    bytes(t.dirty_rate_bytes_s),
+                    duration(t.expected_downtime_ms)
                 ),
                 theme.dim,
             ),
