@@ -97,6 +97,7 @@ fn transfer(total: u64, done_per_mille: u64) -> proto::TransferStats {
         iteration: 1 + (done_per_mille / 400) as u32,
         expected_downtime_ms: 120,
         elapsed_ms: done_per_mille * 10,
+        ..Default::default()
     }
 }
 

@@ -72,6 +72,7 @@ pub fn sample_vm() -> VmSpec {
                 required: false,
             },
         ],
+        qemu: None,
     }
 }
 

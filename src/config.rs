@@ -146,7 +146,7 @@ fn default_rollback_retry() -> u64 {
 pub struct HypervisorConfig {
     #[serde(default = "default_kind")]
     pub kind: String,
-    /// sim: link speed.
+    /// sim: link speed. qemu: the migration's max-bandwidth.
     #[serde(default = "default_bandwidth")]
     pub bandwidth_mib_s: u64,
     /// sim: how many times faster than real time a transfer runs.
@@ -160,6 +160,26 @@ pub struct HypervisorConfig {
     pub memory_mib: u64,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    /// qemu: the emulator to run.
+    #[serde(default = "default_qemu_binary")]
+    pub binary: String,
+    /// qemu: "auto" (KVM when /dev/kvm opens, TCG otherwise), "kvm" or "tcg".
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// qemu: the machine type, the same on every host of the cluster.
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// qemu: the address incoming migrations listen on, which sources must
+    /// reach. Defaults to the IP of `listen`.
+    #[serde(default)]
+    pub migration_address: Option<String>,
+    /// qemu: the auto-converge capability (throttle a guest that dirties
+    /// memory faster than the link carries it).
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+    /// qemu: parallel migration channels; 0 keeps one stream (multifd off).
+    #[serde(default)]
+    pub multifd_channels: u32,
 }
 
 fn default_kind() -> String {
@@ -180,6 +200,18 @@ fn default_memory() -> u64 {
 fn default_vcpus() -> u32 {
     256
 }
+fn default_qemu_binary() -> String {
+    "qemu-system-x86_64".into()
+}
+fn default_accel() -> String {
+    "auto".into()
+}
+fn default_machine() -> String {
+    "pc".into()
+}
+fn default_true() -> bool {
+    true
+}
 
 impl Default for HypervisorConfig {
     fn default() -> Self {
@@ -190,6 +222,12 @@ impl Default for HypervisorConfig {
             downtime_limit_ms: default_downtime(),
             memory_mib: default_memory(),
             vcpus: default_vcpus(),
+            binary: default_qemu_binary(),
+            accel: default_accel(),
+            machine: default_machine(),
+            migration_address: None,
+            auto_converge: true,
+            multifd_channels: 0,
         }
     }
 }
@@ -264,12 +302,7 @@ impl AgentConfig {
         }
         match config.hypervisor.kind.as_str() {
             "sim" => {}
-            "qemu" => {
-                return Err(invalid(
-                    path,
-                    "[hypervisor] kind = \"qemu\" is not available in this build yet",
-                ));
-            }
+            "qemu" => check_qemu(path, &config)?,
             other => {
                 return Err(invalid(
                     path,
@@ -321,6 +354,84 @@ impl AgentConfig {
             peer_timeout_ms: self.peer_timeout_ms,
             stall_timeout_ms: self.stall_timeout_ms,
             ..Timing::default()
+        }
+    }
+}
+
+/// The qemu backend's settings, checked before the agent starts anything.
+fn check_qemu(path: &Path, config: &AgentConfig) -> Result<(), ConfigError> {
+    let h = &config.hypervisor;
+    if !["auto", "kvm", "tcg"].contains(&h.accel.as_str()) {
+        return Err(invalid(
+            path,
+            format!(
+                "[hypervisor] accel = {:?}: expected \"auto\", \"kvm\" or \"tcg\"",
+                h.accel
+            ),
+        ));
+    }
+    if h.binary.trim().is_empty() || h.machine.trim().is_empty() {
+        return Err(invalid(
+            path,
+            "[hypervisor] binary and machine must not be empty",
+        ));
+    }
+    if h.multifd_channels > 255 {
+        return Err(invalid(
+            path,
+            format!(
+                "[hypervisor] multifd_channels = {}: must be at most 255",
+                h.multifd_channels
+            ),
+        ));
+    }
+    if h.downtime_limit_ms > 2_000_000 {
+        return Err(invalid(
+            path,
+            "[hypervisor] downtime_limit_ms must be at most 2000000 (QEMU's limit)",
+        ));
+    }
+    match &h.migration_address {
+        Some(address) => {
+            if address.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    path,
+                    format!("[hypervisor] migration_address = {address:?} is not an IP address"),
+                ));
+            }
+        }
+        None => {
+            // `listen` was checked to be an address:port already.
+            let ip = config
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .map_err(|_| invalid(path, "listen is not an address:port"))?;
+            if ip.is_unspecified() {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "listen = {:?} does not say which address sources reach this host's \
+                         migrations on: set [hypervisor] migration_address",
+                        config.listen
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// The address incoming QEMU migrations listen on.
+    pub fn migration_address(&self) -> String {
+        match &self.hypervisor.migration_address {
+            Some(address) => address.clone(),
+            None => self
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| "127.0.0.1".into()),
         }
     }
 }
@@ -381,4 +492,94 @@ fn check_feature_ref(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QEMU_AGENT: &str = "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\n\
+        state_dir = \"s\"\ninventory = \"cluster.toml\"\n[hypervisor]\nkind = \"qemu\"\n";
+
+    fn parse(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(Path::new("hv-a.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_example_config_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for file in [
+            "hv-a.toml",
+            "hv-b.toml",
+            "qemu/qemu-a.toml",
+            "qemu/qemu-b.toml",
+        ] {
+            let path = root.join(file);
+            let config = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            Inventory::load(&config.inventory).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        let qemu = AgentConfig::load(&root.join("qemu/qemu-a.toml")).unwrap();
+        assert_eq!(qemu.hypervisor.kind, "qemu");
+        let guest = qemu.vm[0]
+            .qemu
+            .as_ref()
+            .expect("the example VM boots a kernel");
+        assert_eq!(guest.append, "ws=32");
+    }
+
+    #[test]
+    fn qemu_defaults_and_migration_address() {
+        let config = parse(QEMU_AGENT).unwrap();
+        let h = &config.hypervisor;
+        assert_eq!(
+            (h.binary.as_str(), h.accel.as_str(), h.machine.as_str()),
+            ("qemu-system-x86_64", "auto", "pc")
+        );
+        assert!(h.auto_converge);
+        assert_eq!(h.multifd_channels, 0);
+        // Incoming migrations listen where the agent does, unless told.
+        assert_eq!(config.migration_address(), "10.0.0.1");
+        let config = parse(&format!("{QEMU_AGENT}migration_address = \"10.9.0.1\"\n")).unwrap();
+        assert_eq!(config.migration_address(), "10.9.0.1");
+    }
+
+    #[test]
+    fn bad_qemu_settings_are_refused_by_name() {
+        let cases = [
+            ("accel = \"xen\"\n", "accel = \"xen\": expected"),
+            (
+                "migration_address = \"hv-b\"\n",
+                "migration_address = \"hv-b\" is not an IP",
+            ),
+            (
+                "multifd_channels = 300\n",
+                "multifd_channels = 300: must be at most 255",
+            ),
+            ("binary = \"\"\n", "binary and machine must not be empty"),
+        ];
+        for (setting, expected) in cases {
+            let err = parse(&format!("{QEMU_AGENT}{setting}")).unwrap_err();
+            assert!(err.starts_with("hv-a.toml is not valid: "), "{err}");
+            assert!(err.contains(expected), "{setting}: {err}");
+        }
+        // Listening on every address does not say where sources connect.
+        let err = parse(&QEMU_AGENT.replace("10.0.0.1:7701", "0.0.0.0:7701")).unwrap_err();
+        assert!(err.contains("set [hypervisor] migration_address"), "{err}");
+    }
+
+    #[test]
+    fn a_vm_boots_what_its_qemu_table_says() {
+        let text = format!(
+            "{QEMU_AGENT}[[vm]]\nname = \"g\"\nmemory_mib = 64\nvcpus = 1\n\
+             qemu = {{ kernel = \"/k.elf\", append = \"ws=8\", args = [\"-device\", \"x\"] }}\n"
+        );
+        let config = parse(&text).unwrap();
+        let q = config.vm[0].qemu.clone().unwrap();
+        assert_eq!(
+            (q.kernel.as_str(), q.append.as_str(), q.args.len()),
+            ("/k.elf", "ws=8", 2)
+        );
+        let err = parse(&text.replace("append", "apend")).unwrap_err();
+        assert!(err.contains("apend"), "{err}");
+    }
 }

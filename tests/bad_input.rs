@@ -136,6 +136,7 @@ fn incoming_vm(name: &str) -> VmSpec {
             driver: String::new(),
             required: true,
         }],
+        qemu: None,
     }
 }
 

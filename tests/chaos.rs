@@ -174,6 +174,8 @@ fn start_cluster(proxy: &mut Proxy) -> Cluster {
             log_path: dir.path().join(format!("{name}.log")),
             port: ports[name],
             child: None,
+            netns: None,
+            ip: "127.0.0.1".into(),
         });
     }
     drop(reserved);
@@ -181,6 +183,7 @@ fn start_cluster(proxy: &mut Proxy) -> Cluster {
         dir,
         inventory,
         hosts,
+        cli_netns: None,
     };
     for name in HOSTS {
         cluster.start_agent(name);

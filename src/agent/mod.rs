@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{AgentConfig, Inventory};
 use crate::features::registry::FeatureRegistry;
+use crate::hypervisor::qemu::{QemuHypervisor, QemuSettings};
 use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
@@ -128,12 +129,25 @@ impl Agent {
             })?;
         let features = FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(StartError::Config)?;
-        let hypervisor = SimHypervisor::open(
-            &config.state_dir,
-            SimSettings::from_config(&config.hypervisor),
-            &config.vm,
-        )
-        .map_err(|e| StartError::Hypervisor(e.to_string()))?;
+        let hypervisor: Arc<dyn Hypervisor> = match config.hypervisor.kind.as_str() {
+            "qemu" => Arc::new(
+                QemuHypervisor::open(
+                    &config.state_dir,
+                    QemuSettings::from_config(config),
+                    &config.vm,
+                )
+                .await
+                .map_err(|e| StartError::Hypervisor(e.to_string()))?,
+            ),
+            _ => Arc::new(
+                SimHypervisor::open(
+                    &config.state_dir,
+                    SimSettings::from_config(&config.hypervisor),
+                    &config.vm,
+                )
+                .map_err(|e| StartError::Hypervisor(e.to_string()))?,
+            ),
+        };
         let journal = Journal::open(&config.state_dir)?;
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
@@ -142,7 +156,7 @@ impl Agent {
             address,
             timing: config.timing(),
             rollback_retry_ms: config.rollback_retry_ms,
-            hypervisor: Arc::new(hypervisor),
+            hypervisor,
             features,
             journal: Mutex::new(journal),
             events,

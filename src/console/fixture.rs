@@ -139,6 +139,7 @@ fn cookies(
             driver: String::new(),
             required: true,
         }],
+        qemu: None,
     };
     let attempt_id = format!("{id}.1");
     let failed = outcome == proto::Outcome::Failed;

@@ -407,6 +407,8 @@ impl PreCopy {
             iteration: self.iteration,
             expected_downtime_ms: self.millis_at_link_speed(remaining),
             elapsed_ms: scale(self.transferred, 1000, self.bandwidth),
+            setup_time_ms: 0,
+            downtime_ms: 0,
         }
     }
 }
@@ -553,8 +555,11 @@ impl Hypervisor for SimHypervisor {
                 let _ = progress.try_send(copy.stats());
             }
             if copy.stop_and_copy {
+                // The simulated guest was paused for exactly the final copy.
+                let downtime_ms = copy.millis_at_link_speed(downtime_bytes);
                 let done = TransferStats {
-                    expected_downtime_ms: copy.millis_at_link_speed(downtime_bytes),
+                    expected_downtime_ms: downtime_ms,
+                    downtime_ms,
                     ..copy.stats()
                 };
                 let _ = progress.try_send(done);
@@ -642,6 +647,7 @@ mod tests {
             vcpus: 2,
             dirty_rate_mib_s,
             features: Vec::new(),
+            qemu: None,
         }
     }
 

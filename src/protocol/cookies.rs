@@ -139,6 +139,11 @@ pub fn vm_to_proto(vm: &VmSpec) -> proto::VmSpec {
                 required: f.required,
             })
             .collect(),
+        qemu: vm.qemu.as_ref().map(|q| proto::QemuGuest {
+            kernel: q.kernel.clone(),
+            append: q.append.clone(),
+            args: q.args.clone(),
+        }),
     }
 }
 
@@ -157,6 +162,11 @@ pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
                 required: f.required,
             })
             .collect(),
+        qemu: vm.qemu.as_ref().map(|q| super::QemuGuest {
+            kernel: q.kernel.clone(),
+            append: q.append.clone(),
+            args: q.args.clone(),
+        }),
     }
 }
 
@@ -298,6 +308,7 @@ mod tests {
                     required: false,
                 },
             ],
+            qemu: None,
         }
     }
 

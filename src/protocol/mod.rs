@@ -190,6 +190,26 @@ pub struct VmSpec {
     pub dirty_rate_mib_s: u64,
     #[serde(default)]
     pub features: Vec<FeatureSpec>,
+    /// How the qemu backend starts this guest; the same on every host, so
+    /// it travels in C1 with the rest of the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuGuest>,
+}
+
+/// What a QEMU guest boots and which devices it has beyond memory and vCPUs.
+/// Paths must be valid on every host the guest may move to (shared storage).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuGuest {
+    /// A kernel for `-kernel` (e.g. a multiboot ELF).
+    #[serde(default)]
+    pub kernel: String,
+    /// Its command line, for `-append`.
+    #[serde(default)]
+    pub append: String,
+    /// More QEMU arguments, appended as given (drives, NICs).
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 /// Transfer progress as the hypervisor reports it.
@@ -203,6 +223,12 @@ pub struct TransferStats {
     pub iteration: u32,
     pub expected_downtime_ms: u64,
     pub elapsed_ms: u64,
+    /// Time before the first byte moved (QEMU's setup-time); 0 if unknown.
+    #[serde(default)]
+    pub setup_time_ms: u64,
+    /// How long the guest was really paused, once the transfer completed; 0 if unknown.
+    #[serde(default)]
+    pub downtime_ms: u64,
 }
 
 /// How the operator forced an unresolved attempt.

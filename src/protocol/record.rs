@@ -282,6 +282,8 @@ pub fn stats_to_proto(s: &TransferStats) -> proto::TransferStats {
         iteration: s.iteration,
         expected_downtime_ms: s.expected_downtime_ms,
         elapsed_ms: s.elapsed_ms,
+        setup_time_ms: s.setup_time_ms,
+        downtime_ms: s.downtime_ms,
     }
 }
 
@@ -295,6 +297,8 @@ pub fn stats_from_proto(s: &proto::TransferStats) -> TransferStats {
         iteration: s.iteration,
         expected_downtime_ms: s.expected_downtime_ms,
         elapsed_ms: s.elapsed_ms,
+        setup_time_ms: s.setup_time_ms,
+        downtime_ms: s.downtime_ms,
     }
 }
 

@@ -144,6 +144,7 @@ impl Scenario {
                     required,
                 })
                 .collect(),
+            qemu: None,
         }
     }
 }

@@ -143,6 +143,7 @@ impl Scenario {
                     vcpus: rng.random_range(1..=4),
                     dirty_rate_mib_s: 0,
                     features,
+                    qemu: None,
                 };
                 (vm, rng.random_range(0..n_hosts))
             })

@@ -2,6 +2,9 @@
 //! `tern` command line the way an operator would.
 #![allow(dead_code)]
 
+/// The test guest for real QEMU migrations (guest/tern-guest.S).
+pub mod guest;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,12 +34,17 @@ pub struct Host {
     pub log_path: PathBuf,
     pub port: u16,
     pub child: Option<Child>,
+    /// The network namespace the agent runs in, if not the test's own.
+    pub netns: Option<String>,
+    pub ip: String,
 }
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub inventory: PathBuf,
     pub hosts: Vec<Host>,
+    /// Where `tern` commands run: the first host's namespace, if any.
+    pub cli_netns: Option<String>,
 }
 
 /// Settings every test agent shares: short heartbeats so lost peers are
@@ -54,19 +62,39 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(specs: Vec<HostSpec>) -> Cluster {
+        Cluster::start_with(specs, &[], TIMING)
+    }
+
+    /// Agents in network namespaces the test created: host i runs in
+    /// `namespaces[i].0` and listens on `namespaces[i].1`; `tern` commands
+    /// run in the first. `timing` replaces [`TIMING`].
+    pub fn start_in_namespaces(
+        specs: Vec<HostSpec>,
+        namespaces: &[(&str, &str)],
+        timing: &str,
+    ) -> Cluster {
+        assert_eq!(specs.len(), namespaces.len(), "one namespace per host");
+        Cluster::start_with(specs, namespaces, timing)
+    }
+
+    fn start_with(specs: Vec<HostSpec>, namespaces: &[(&str, &str)], timing: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let inventory = dir.path().join("cluster.toml");
         let mut hosts = Vec::new();
         let mut text = String::new();
-        for spec in &specs {
+        for (i, spec) in specs.iter().enumerate() {
+            let (netns, ip) = match namespaces.get(i) {
+                Some((ns, ip)) => (Some(ns.to_string()), ip.to_string()),
+                None => (None, "127.0.0.1".to_string()),
+            };
             let port = free_port();
             text.push_str(&format!(
-                "[[host]]\nname = \"{}\"\naddress = \"http://127.0.0.1:{port}\"\n\n",
+                "[[host]]\nname = \"{}\"\naddress = \"http://{ip}:{port}\"\n\n",
                 spec.name
             ));
             let config_path = dir.path().join(format!("{}.toml", spec.name));
             let config = format!(
-                "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{TIMING}\n{}\n",
+                "name = \"{name}\"\nlisten = \"{ip}:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{timing}\n{}\n",
                 spec.config,
                 name = spec.name
             );
@@ -77,12 +105,15 @@ impl Cluster {
                 config_path,
                 port,
                 child: None,
+                netns,
+                ip,
             });
         }
         std::fs::write(&inventory, text).unwrap();
         let mut cluster = Cluster {
             dir,
             inventory,
+            cli_netns: hosts.first().and_then(|h| h.netns.clone()),
             hosts,
         };
         for name in specs.iter().map(|s| s.name) {
@@ -117,7 +148,11 @@ impl Cluster {
             .append(true)
             .open(&host.log_path)
             .unwrap();
-        let child = Command::new(TERN)
+        let listening_before = std::fs::read_to_string(&host.log_path)
+            .unwrap_or_default()
+            .matches("agent listening")
+            .count();
+        let child = in_netns(host.netns.as_deref(), TERN)
             .args(["agent", "--config"])
             .arg(&host.config_path)
             .env("RUST_LOG", "info")
@@ -128,10 +163,23 @@ impl Cluster {
             .unwrap();
         host.child = Some(child);
         let port = host.port;
+        let in_namespace = host.netns.is_some();
+        let log_path = host.log_path.clone();
         wait_until(
             Duration::from_secs(20),
             &format!("agent {name} to listen"),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || {
+                if in_namespace {
+                    // Not reachable from here: its log says when it listens.
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .matches("agent listening")
+                        .count()
+                        > listening_before
+                } else {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                }
+            },
         );
     }
 
@@ -180,7 +228,7 @@ impl Cluster {
 
     /// Run `tern ARGS` against this cluster's inventory.
     pub fn tern(&self, args: &[&str]) -> Output {
-        Command::new(TERN)
+        in_netns(self.cli_netns.as_deref(), TERN)
             .args(args)
             .env("TERN_INVENTORY", &self.inventory)
             .env("RUST_LOG", "warn")
@@ -360,6 +408,19 @@ pub fn phase<'a>(record: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|p| p["phase"] == name)
         .unwrap()
+}
+
+/// `program`, run in network namespace `netns` when there is one (`ip
+/// netns exec` execs it, so the child's pid is the program's).
+pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, program]);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
