@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -267,23 +267,34 @@ impl QemuHypervisor {
         })?;
         self.follow_log(name, false);
         // Reap it when it exits; while the agent runs nothing else waits on it.
-        let exited = Arc::new(Mutex::new(None));
+        let (exit_tx, mut exited) = tokio::sync::watch::channel(None);
         {
-            let exited = exited.clone();
             let vm = name.clone();
             tokio::spawn(async move {
                 if let Ok(status) = child.wait().await {
                     tracing::info!(vm, "QEMU exited: {status}");
-                    *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                    let _ = exit_tx.send(Some(status));
                 }
             });
         }
-        let qmp = match Qmp::connect_within(&socket, START_TIMEOUT).await {
+        // QEMU may fail before it opens its socket, or just after (a missing
+        // kernel): whichever comes first, its exit or QMP, decides.
+        let connected = tokio::select! {
+            connected = Qmp::connect_within(&socket, START_TIMEOUT) => connected,
+            _ = exited.wait_for(|status| status.is_some()) => Err(QmpError::Closed),
+        };
+        let qmp = match connected {
             Ok(qmp) => qmp,
             Err(e) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    exited.wait_for(|status| status.is_some()),
+                )
+                .await;
                 let _ = self.kill_by_pidfile(name);
-                let status = *exited.lock().unwrap_or_else(|p| p.into_inner());
+                let status = *exited.borrow();
                 let why = last_lines(&log, 3);
+                self.remove_files(name);
                 return Err(failed(match status {
                     Some(status) => format!("QEMU for {name} exited at start ({status}): {why}"),
                     None => format!("QEMU for {name} did not open QMP: {e}; {why}"),
@@ -726,5 +737,258 @@ impl Hypervisor for QemuHypervisor {
             }
             Err(_) => Some(cached),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::qmp::qemu_binary_for_tests;
+    use super::*;
+
+    fn settings(binary: &Path) -> QemuSettings {
+        QemuSettings {
+            binary: binary.display().to_string(),
+            accel: resolve_accel("auto"),
+            machine: "pc".into(),
+            migration_address: "127.0.0.1".into(),
+            max_bandwidth_bytes_s: 1 << 30,
+            downtime_limit_ms: 300,
+            auto_converge: true,
+            multifd_channels: 0,
+            capacity: HostCapacity {
+                memory_mib: 4096,
+                vcpus: 8,
+            },
+        }
+    }
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            memory_mib: 64,
+            vcpus: 1,
+            dirty_rate_mib_s: 0,
+            features: vec![],
+            qemu: None,
+        }
+    }
+
+    /// Kills every QEMU a test started, whatever happens to the test.
+    struct Reaper(Vec<PathBuf>);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let Ok(entries) = std::fs::read_dir(dir.join("qemu")) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "pid")
+                        && let Ok(pid) = std::fs::read_to_string(e.path())
+                        && let Ok(pid) = pid.trim().parse::<i32>()
+                    {
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn query_migrate_becomes_transfer_stats() {
+        // What QEMU 7.2 answered mid-migration on this machine.
+        let info: MigrationInfo = serde_json::from_str(
+            r#"{"expected-downtime": 3904, "status": "active", "setup-time": 4,
+                "total-time": 4013, "ram": {"total": 67641344, "dirty-sync-count": 2,
+                "page-size": 4096, "remaining": 57475072, "mbps": 134.28432,
+                "transferred": 68823617, "dirty-pages-rate": 4082, "normal": 16768}}"#,
+        )
+        .unwrap();
+        let s = transfer_stats(&info);
+        assert_eq!(
+            (s.bytes_total, s.bytes_transferred, s.bytes_remaining),
+            (67_641_344, 68_823_617, 57_475_072)
+        );
+        assert_eq!(s.rate_bytes_s, 16_785_540); // 134.28432 Mbit/s
+        assert_eq!(s.dirty_rate_bytes_s, 4082 * 4096);
+        assert_eq!(s.iteration, 2);
+        assert_eq!(
+            (s.expected_downtime_ms, s.elapsed_ms, s.setup_time_ms),
+            (3904, 4013, 4)
+        );
+        assert_eq!(s.downtime_ms, 0, "not known until completed");
+        // Completed: the real downtime.
+        let done: MigrationInfo = serde_json::from_str(
+            r#"{"status": "completed", "setup-time": 4, "downtime": 46, "total-time": 4985,
+                "ram": {"remaining": 0, "transferred": 190499081, "total": 67641344}}"#,
+        )
+        .unwrap();
+        let s = transfer_stats(&done);
+        assert_eq!(
+            (s.downtime_ms, s.expected_downtime_ms, s.bytes_remaining),
+            (46, 46, 0)
+        );
+        // A fresh guest answers {}.
+        assert_eq!(
+            transfer_stats(&MigrationInfo::default()),
+            TransferStats::default()
+        );
+    }
+
+    #[test]
+    fn run_states_map_to_guest_states() {
+        assert_eq!(guest_state("running", false), GuestState::Running);
+        assert_eq!(guest_state("inmigrate", true), GuestState::Incoming);
+        assert_eq!(guest_state("postmigrate", false), GuestState::Paused);
+        assert_eq!(guest_state("paused", false), GuestState::Paused);
+        // Arrived but not resumed yet: still the incoming copy.
+        assert_eq!(guest_state("paused", true), GuestState::Incoming);
+    }
+
+    #[test]
+    fn the_command_line_carries_the_spec_and_the_incoming_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = QemuHypervisor {
+            settings: settings(Path::new("/usr/bin/qemu-system-x86_64")),
+            dir: dir.path().to_path_buf(),
+            guests: Mutex::new(BTreeMap::new()),
+            file: Mutex::new(()),
+        };
+        let mut vm = spec("web-01");
+        vm.vcpus = 2;
+        vm.qemu = Some(crate::protocol::QemuGuest {
+            kernel: "/k.elf".into(),
+            append: "ws=8".into(),
+            args: vec!["-device".into(), "virtio-rng-pci".into()],
+        });
+        let args = h.arguments(&vm, false).join(" ");
+        assert!(args.contains("-m 64 -smp 2"), "{args}");
+        assert!(args.contains("-kernel /k.elf -append ws=8"), "{args}");
+        assert!(args.ends_with("-device virtio-rng-pci"), "{args}");
+        assert!(!args.contains("-incoming"), "{args}");
+        let args = h.arguments(&vm, true).join(" ");
+        assert!(args.ends_with("-incoming defer -S"), "{args}");
+    }
+
+    #[tokio::test]
+    async fn a_guest_migrates_between_two_hosts_and_a_restart_re_attaches() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let _reaper = Reaper(vec![a.path().into(), b.path().into()]);
+        let src = QemuHypervisor::open(a.path(), settings(&binary), &[spec("g")])
+            .await
+            .unwrap();
+        let dst = QemuHypervisor::open(b.path(), settings(&binary), &[])
+            .await
+            .unwrap();
+        assert_eq!(src.status("g").await, Some(GuestState::Running));
+
+        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        assert!(address.starts_with("tcp:127.0.0.1:"), "{address}");
+        assert_eq!(dst.status("g").await, Some(GuestState::Incoming));
+        // A second incoming copy of the same guest is refused.
+        assert_eq!(
+            dst.start_incoming(&spec("g"), "m1.2").await,
+            Err(HypervisorError::AlreadyExists("g".into()))
+        );
+
+        let (tx, mut rx) = mpsc::channel(64);
+        let stats = src.transfer_out("g", &address, tx).await.unwrap();
+        assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
+        assert_eq!(stats.bytes_remaining, 0);
+        assert!(rx.recv().await.is_some(), "progress was reported");
+        assert_eq!(src.status("g").await, Some(GuestState::Paused));
+
+        dst.complete_incoming("g", &stats).await.unwrap();
+        assert_eq!(dst.status("g").await, Some(GuestState::Incoming));
+        dst.resume("g").await.unwrap();
+        assert_eq!(dst.status("g").await, Some(GuestState::Running));
+        src.kill("g").await.unwrap();
+        assert_eq!(src.status("g").await, None);
+        src.kill("g").await.unwrap(); // idempotent
+
+        // The agent goes away; QEMU stays; a new one re-attaches.
+        let pid = std::fs::read_to_string(b.path().join("qemu/g.pid")).unwrap();
+        drop(dst);
+        let dst = QemuHypervisor::open(b.path(), settings(&binary), &[spec("seed-ignored")])
+            .await
+            .unwrap();
+        let guests = dst.guests().await;
+        assert_eq!(guests.len(), 1, "{guests:?}");
+        assert_eq!(
+            (guests[0].spec.name.as_str(), guests[0].state),
+            ("g", GuestState::Running)
+        );
+        assert_eq!(
+            std::fs::read_to_string(b.path().join("qemu/g.pid")).unwrap(),
+            pid
+        );
+        dst.kill("g").await.unwrap();
+        assert!(dst.guests().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_transfer_leaves_the_source_running() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let _reaper = Reaper(vec![a.path().into(), b.path().into()]);
+        // 64 MiB at 4 MiB/s: long enough to cancel in the middle.
+        let slow = QemuSettings {
+            max_bandwidth_bytes_s: 4 << 20,
+            ..settings(&binary)
+        };
+        let src = Arc::new(
+            QemuHypervisor::open(a.path(), slow, &[spec("g")])
+                .await
+                .unwrap(),
+        );
+        let dst = QemuHypervisor::open(b.path(), settings(&binary), &[])
+            .await
+            .unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let transfer = {
+            let src = src.clone();
+            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+        };
+        rx.recv().await.expect("progress before the cancel");
+        src.cancel_transfer("g").await.unwrap();
+        assert_eq!(
+            transfer.await.unwrap(),
+            Err(HypervisorError::Cancelled("g".into()))
+        );
+        assert_eq!(src.status("g").await, Some(GuestState::Running));
+        dst.kill("g").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_qemu_that_cannot_start_says_why() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let a = tempfile::tempdir().unwrap();
+        let _reaper = Reaper(vec![a.path().into()]);
+        let mut bad = spec("g");
+        bad.qemu = Some(crate::protocol::QemuGuest {
+            kernel: "/nonexistent/kernel.elf".into(),
+            ..Default::default()
+        });
+        let err = match QemuHypervisor::open(a.path(), settings(&binary), &[bad]).await {
+            Ok(_) => panic!("a missing kernel must stop the start"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("QEMU for g exited at start"), "{err}");
+        assert!(
+            err.contains("/nonexistent/kernel.elf"),
+            "QEMU's own words: {err}"
+        );
     }
 }

@@ -1,0 +1,485 @@
+//! Real QEMU guests migrated by real agents: the test guest
+//! (guest/tern-guest.S) fills its RAM and keeps rewriting a working set,
+//! printing its page counter to the serial port (`state_dir/qemu/VM.serial`)
+//! about ten times a second. The counter advances only where the guest's
+//! CPUs run, so a test tells which copy is alive by watching both files.
+//!
+//! Without `qemu-system-x86_64` these tests print that they were skipped;
+//! with `TERN_REQUIRE_QEMU=1` (as in CI) a missing QEMU is a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use common::{Cluster, HostSpec, guest, host, wait_until};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// One test at a time: each runs two busy guests, and two cores shared by
+/// several would starve the agents' timers.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The QEMU binary and this test's turn, or None (after saying so) when the
+/// tests must skip.
+fn qemu_or_skip(test: &str) -> Option<(PathBuf, MutexGuard<'static, ()>)> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(QEMU))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "{test}: {QEMU} is not installed and TERN_REQUIRE_QEMU=1 \
+             (apt-get install -y qemu-system-x86)"
+        );
+        eprintln!("{test}: skipped: {QEMU} not found (set TERN_REQUIRE_QEMU=1 to fail instead)");
+    }
+    let turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    found.map(|qemu| (qemu, turn))
+}
+
+/// TCG unless `TERN_TEST_ACCEL` says otherwise: under nested KVM (as on CI
+/// machines) every first touch of a guest page is an expensive exit, and the
+/// guest's RAM fill runs at a few MiB/s, while TCG fills it in a second.
+fn accel() -> String {
+    std::env::var("TERN_TEST_ACCEL").unwrap_or_else(|_| "tcg".into())
+}
+
+/// The test guest, assembled once per test binary.
+fn guest_elf() -> &'static Path {
+    static ELF: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, elf) = ELF.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let elf = guest::build(dir.path()).unwrap_or_else(|e| panic!("building the guest: {e}"));
+        (dir, elf)
+    });
+    elf
+}
+
+/// A QEMU host's config: top-level timers, then `[hypervisor]`, then `extra`
+/// (VMs, features).
+fn qemu_host(name: &'static str, bandwidth_mib_s: u64, top: &str, extra: &str) -> HostSpec {
+    host(
+        name,
+        format!(
+            "{top}\n[hypervisor]\nkind = \"qemu\"\naccel = \"{}\"\nbandwidth_mib_s = {bandwidth_mib_s}\n\
+             downtime_limit_ms = 300\nmemory_mib = 8192\nvcpus = 8\n\n{extra}",
+            accel()
+        ),
+    )
+}
+
+/// A `[[vm]]` running the test guest, with a required port-profile.
+fn guest_vm(name: &str, memory_mib: u64, working_set_mib: u64) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\n\
+         features = [{{ name = \"port-profile\", required = true }}]\n\
+         qemu = {{ kernel = \"{}\", append = \"{}\" }}\n\n",
+        guest_elf().display(),
+        guest::cmdline(working_set_mib)
+    )
+}
+
+fn port_profile(extra: &str) -> String {
+    format!("[features.port-profile]\nswitch = \"sim\"\n{extra}\n\n")
+}
+
+/// The test VM's memory: every page of it is written before it migrates.
+const GUEST_MIB: u64 = 128;
+
+/// Two QEMU hosts, qa running `g1` (128 MiB, 8 MiB working set).
+fn two_hosts(bandwidth_mib_s: u64, top: &str, qb_features: &str) -> QemuCluster {
+    QemuCluster(Cluster::start(vec![
+        qemu_host(
+            "qa",
+            bandwidth_mib_s,
+            top,
+            &(guest_vm("g1", GUEST_MIB, 8) + &port_profile("")),
+        ),
+        qemu_host("qb", bandwidth_mib_s, top, &port_profile(qb_features)),
+    ]))
+}
+
+/// A cluster whose QEMU processes are killed with it: they outlive their
+/// agents by design.
+struct QemuCluster(Cluster);
+
+impl std::ops::Deref for QemuCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for QemuCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
+}
+
+impl Drop for QemuCluster {
+    fn drop(&mut self) {
+        for h in &self.0.hosts {
+            for pid in qemu_pids(&self.0, &h.name) {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+fn qemu_dir(cluster: &Cluster, host: &str) -> PathBuf {
+    cluster.path().join(format!("{host}-state")).join("qemu")
+}
+
+/// The pids of QEMU processes whose pidfile is in this host's state_dir.
+fn qemu_pids(cluster: &Cluster, host: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(qemu_dir(cluster, host)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| t.trim().parse().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect()
+}
+
+/// The last counter the guest printed on this host's serial file, if any.
+/// A guest that left the host keeps its output as `VM.serial.prev`.
+fn counter(cluster: &Cluster, host: &str, vm: &str) -> Option<u64> {
+    let dir = qemu_dir(cluster, host);
+    let text = std::fs::read_to_string(dir.join(format!("{vm}.serial")))
+        .or_else(|_| std::fs::read_to_string(dir.join(format!("{vm}.serial.prev"))))
+        .ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("tern-guest: count "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The guest's counter advances on `host` (it runs there).
+fn assert_runs_on(cluster: &Cluster, host: &str, vm: &str) {
+    let before = counter(cluster, host, vm);
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{vm}'s counter to advance on {host} (from {before:?})"),
+        || {
+            let now = counter(cluster, host, vm);
+            now.is_some() && now > before
+        },
+    );
+}
+
+/// The guest's counter stands still on `host` (its CPUs do not run there).
+fn assert_still_on(cluster: &Cluster, host: &str, vm: &str) {
+    let before = counter(cluster, host, vm);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        counter(cluster, host, vm),
+        before,
+        "{vm}'s counter moved on {host}, where it should not run"
+    );
+}
+
+/// Wait until the guest has filled its RAM, so a migration carries it all.
+fn wait_ready(cluster: &Cluster, host: &str, vm: &str) {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{vm} on {host} to fill its RAM"),
+        || counter(cluster, host, vm).is_some(),
+    );
+}
+
+/// The guests each host's agent reports: (host, state).
+fn guests(cluster: &Cluster, vm: &str) -> Vec<(String, String)> {
+    cluster.guests_of(vm)
+}
+
+#[test]
+fn migration_moves_the_running_guest_and_its_memory() {
+    let Some(_turn) = qemu_or_skip("migration_moves_the_running_guest_and_its_memory") else {
+        return;
+    };
+    let cluster = two_hosts(1024, "", "");
+    wait_ready(&cluster, "qa", "g1");
+    assert_runs_on(&cluster, "qa", "g1");
+    let (code, record) = cluster.tern_json(&["migrate", "g1", "--to", "qb", "--json"]);
+    assert_eq!(code, 0, "{record}");
+    assert_eq!(record["outcome"], "succeeded", "{record}");
+    let transfer = &record["transfer"];
+    // The guest wrote every page: the whole of its RAM crossed the wire.
+    assert!(
+        transfer["bytes_transferred"].as_u64().unwrap() >= GUEST_MIB << 20,
+        "{record}"
+    );
+    assert!(transfer["iteration"].as_u64().unwrap() >= 1, "{record}");
+    assert!(transfer["downtime_ms"].as_u64().unwrap() > 0, "{record}");
+    assert_eq!(guests(&cluster, "g1"), [("qb".into(), "running".into())]);
+    assert_runs_on(&cluster, "qb", "g1");
+    // The source's copy stopped where the destination's went on, and its
+    // QEMU is gone.
+    assert_still_on(&cluster, "qa", "g1");
+    assert!(counter(&cluster, "qb", "g1") > counter(&cluster, "qa", "g1"));
+    assert!(qemu_pids(&cluster, "qa").is_empty());
+}
+
+#[test]
+fn safe_mode_finish_failure_resumes_the_source() {
+    let Some(_turn) = qemu_or_skip("safe_mode_finish_failure_resumes_the_source") else {
+        return;
+    };
+    let cluster = two_hosts(1024, "", "fail = [\"finish\"]");
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) =
+        cluster.tern_json(&["migrate", "g1", "--to", "qb", "--mode", "safe", "--json"]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "qa", "{record}");
+    // The memory moved, then Finish failed: the source resumed.
+    assert!(record["transfer"]["bytes_transferred"].as_u64().unwrap() >= GUEST_MIB << 20);
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    // The incoming QEMU was killed.
+    wait_until(Duration::from_secs(5), "qb's QEMU to exit", || {
+        qemu_pids(&cluster, "qb").is_empty()
+    });
+}
+
+/// A migration slow enough to act on in the middle of Perform: 128 MiB at
+/// 8 MiB/s lasts about 16 s.
+fn slow_pair(top: &str) -> (QemuCluster, String) {
+    let cluster = two_hosts(8, top, "");
+    wait_ready(&cluster, "qa", "g1");
+    let id = cluster.start_migration("g1", "qb", "safe");
+    cluster.wait_phase(&id, "perform");
+    // Data is flowing.
+    wait_until(Duration::from_secs(10), "bytes to move", || {
+        cluster.migration(&id)["transfer"]["bytes_transferred"]
+            .as_u64()
+            .unwrap_or(0)
+            > 4 << 20
+    });
+    (cluster, id)
+}
+
+#[test]
+fn abort_in_perform_cancels_and_resumes_the_source() {
+    let Some(_turn) = qemu_or_skip("abort_in_perform_cancels_and_resumes_the_source") else {
+        return;
+    };
+    let (cluster, id) = slow_pair("");
+    let out = cluster.tern(&["abort", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "aborted", "{record}");
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    wait_until(Duration::from_secs(5), "qb's QEMU to exit", || {
+        qemu_pids(&cluster, "qb").is_empty()
+    });
+}
+
+#[test]
+fn destination_qemu_killed_in_perform_fails_and_resumes_the_source() {
+    let Some(_turn) =
+        qemu_or_skip("destination_qemu_killed_in_perform_fails_and_resumes_the_source")
+    else {
+        return;
+    };
+    let (cluster, id) = slow_pair("");
+    let pids = qemu_pids(&cluster, "qb");
+    assert_eq!(pids.len(), 1, "one incoming QEMU on qb");
+    unsafe {
+        libc::kill(pids[0], libc::SIGKILL);
+    }
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "qa", "{record}");
+    let error = record["error"].as_str().unwrap_or("");
+    assert!(error.contains("transfer failed"), "{record}");
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+}
+
+#[test]
+fn destination_agent_killed_in_perform_resumes_the_source() {
+    let Some(_turn) = qemu_or_skip("destination_agent_killed_in_perform_resumes_the_source") else {
+        return;
+    };
+    let (mut cluster, id) = slow_pair("");
+    cluster.kill("qb");
+    // The source gives the silent peer up (peer_timeout 1.5 s) and resumes.
+    let record = cluster.wait_outcome(&id);
+    assert!(
+        ["failed", "aborted"].contains(&record["outcome"].as_str().unwrap()),
+        "{record}"
+    );
+    assert_eq!(record["running_on"], "qa", "{record}");
+    assert_runs_on(&cluster, "qa", "g1");
+    // The restarted destination agent finds its incoming QEMU and drops it.
+    cluster.start_agent("qb");
+    wait_until(Duration::from_secs(15), "qb's incoming QEMU to go", || {
+        qemu_pids(&cluster, "qb").is_empty()
+    });
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+}
+
+#[test]
+fn a_restarted_agent_re_attaches_to_its_running_guests() {
+    let Some(_turn) = qemu_or_skip("a_restarted_agent_re_attaches_to_its_running_guests") else {
+        return;
+    };
+    let mut cluster = two_hosts(1024, "", "");
+    wait_ready(&cluster, "qa", "g1");
+    let before = qemu_pids(&cluster, "qa");
+    assert_eq!(before.len(), 1);
+    cluster.kill("qa");
+    // The guest keeps running without its agent.
+    assert_runs_on(&cluster, "qa", "g1");
+    cluster.start_agent("qa");
+    assert_eq!(qemu_pids(&cluster, "qa"), before, "the same QEMU process");
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert!(cluster.log("qa").contains("re-attached to QEMU"));
+    // And it is fully usable: it migrates.
+    let (code, record) = cluster.tern_json(&["migrate", "g1", "--to", "qb", "--json"]);
+    assert_eq!(code, 0, "{record}");
+    assert_runs_on(&cluster, "qb", "g1");
+}
+
+// ---- the link cut between two network namespaces ----------------------------
+
+/// Two namespaces joined by a veth pair, removed on drop.
+struct Namespaces {
+    names: [String; 2],
+}
+
+impl Namespaces {
+    /// `tern-qa-PID` at 10.201.0.1/24 and `tern-qb-PID` at 10.201.0.2/24.
+    fn create() -> Result<Namespaces, String> {
+        let pid = std::process::id();
+        let names = [format!("tern-qa-{pid}"), format!("tern-qb-{pid}")];
+        let ns = Namespaces { names };
+        let [a, b] = &ns.names;
+        let (va, vb) = (
+            format!("tqa{}", pid % 100_000),
+            format!("tqb{}", pid % 100_000),
+        );
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        ip(&[
+            "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
+        ])?;
+        ip(&["-n", a, "addr", "add", "10.201.0.1/24", "dev", &va])?;
+        ip(&["-n", b, "addr", "add", "10.201.0.2/24", "dev", &vb])?;
+        for (n, v) in [(a, &va), (b, &vb)] {
+            ip(&["-n", n, "link", "set", v, "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        Ok(ns)
+    }
+
+    /// Take qa's end of the link down (or up again).
+    fn link(&self, up: bool) {
+        let v = format!("tqa{}", std::process::id() % 100_000);
+        ip(&[
+            "-n",
+            &self.names[0],
+            "link",
+            "set",
+            &v,
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[test]
+fn a_cut_link_stalls_the_transfer_and_the_source_resumes() {
+    let test = "a_cut_link_stalls_the_transfer_and_the_source_resumes";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let ns = match Namespaces::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            assert!(
+                std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "{test}: cannot create network namespaces: {e}"
+            );
+            eprintln!("{test}: skipped: cannot create network namespaces: {e}");
+            return;
+        }
+    };
+    // Heartbeats would also notice the cut; a long peer timeout leaves it to
+    // the stall detector, which is what this test is about.
+    let top = "stall_timeout_ms = 2000\n";
+    let cluster = QemuCluster(Cluster::start_in_namespaces(
+        vec![
+            qemu_host(
+                "qa",
+                8,
+                top,
+                &(guest_vm("g1", GUEST_MIB, 8) + &port_profile("")),
+            ),
+            qemu_host("qb", 8, top, &port_profile("")),
+        ],
+        &[
+            (ns.names[0].as_str(), "10.201.0.1"),
+            (ns.names[1].as_str(), "10.201.0.2"),
+        ],
+        "heartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
+    ));
+    wait_ready(&cluster, "qa", "g1");
+    let id = cluster.start_migration("g1", "qb", "safe");
+    cluster.wait_phase(&id, "perform");
+    wait_until(Duration::from_secs(10), "bytes to move", || {
+        cluster.migration(&id)["transfer"]["bytes_transferred"]
+            .as_u64()
+            .unwrap_or(0)
+            > 4 << 20
+    });
+    ns.link(false);
+    let record = cluster.wait_outcome(&id);
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "qa", "{record}");
+    let error = record["error"].as_str().unwrap_or("");
+    assert!(error.contains("no progress"), "{record}");
+    assert_runs_on(&cluster, "qa", "g1");
+    ns.link(true);
+}
