@@ -18,7 +18,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -39,6 +40,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the incoming side may take to load what the source sent after
 /// the source reported the transfer complete.
 const INCOMING_TIMEOUT: Duration = Duration::from_secs(60);
+/// `query-migrate` states of a migration still under way.
+const MIGRATING: [&str; 6] = [
+    "setup",
+    "active",
+    "pre-switchover",
+    "device",
+    "postcopy-active",
+    "wait-unplug",
+];
 /// How long `quit` may take before the process is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -104,6 +114,9 @@ struct Instance {
     held: Held,
     qmp: Qmp,
     state: GuestState,
+    /// Set when the QMP connection closes: QEMU exited (the guest powered
+    /// off, crashed, or someone killed it) without us killing it.
+    gone: Arc<AtomicBool>,
 }
 
 pub struct QemuHypervisor {
@@ -219,7 +232,16 @@ impl QemuHypervisor {
                     let state = guest_state(&status.status, held.incoming);
                     tracing::info!(vm = name, status = status.status, "re-attached to QEMU");
                     self.follow_log(&name, true);
-                    self.lock().insert(name, Instance { held, qmp, state });
+                    let gone = watch_exit(&name, &qmp);
+                    self.lock().insert(
+                        name,
+                        Instance {
+                            held,
+                            qmp,
+                            state,
+                            gone,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -315,6 +337,7 @@ impl QemuHypervisor {
                 },
                 qmp: qmp.clone(),
                 state,
+                gone: watch_exit(name, &qmp),
             },
         );
         Ok(qmp)
@@ -421,6 +444,34 @@ impl QemuHypervisor {
         Ok(())
     }
 
+    /// Forget the guests whose QEMU exited on its own: they no longer run here.
+    fn prune(&self) {
+        let gone: Vec<String> = {
+            let mut guests = self.lock();
+            let names: Vec<String> = guests
+                .iter()
+                .filter(|(_, i)| i.gone.load(Ordering::Acquire))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &names {
+                guests.remove(name);
+            }
+            names
+        };
+        for vm in &gone {
+            tracing::warn!(
+                vm,
+                "the QEMU of {vm} exited; it no longer runs on this host"
+            );
+            self.remove_files(vm);
+        }
+        if !gone.is_empty()
+            && let Err(e) = self.save()
+        {
+            tracing::error!("{e}");
+        }
+    }
+
     /// Remove a gone guest's socket and pidfile; its log and serial output
     /// are kept as `NAME.log.prev` and `NAME.serial.prev` for a post-mortem.
     fn remove_files(&self, vm: &str) {
@@ -454,6 +505,26 @@ impl QemuHypervisor {
             .await
             .map_err(qemu_error)
     }
+}
+
+/// A flag set once `qmp` closes, i.e. once QEMU exited.
+fn watch_exit(vm: &str, qmp: &Qmp) -> Arc<AtomicBool> {
+    let gone = Arc::new(AtomicBool::new(false));
+    let mut events = qmp.events();
+    let (flag, vm) = (gone.clone(), vm.to_string());
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) if event.event == "SHUTDOWN" => {
+                    tracing::info!(vm, "QEMU is shutting down: {}", event.data);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        flag.store(true, Ordering::Release);
+    });
+    gone
 }
 
 /// Our guest state from QEMU's run state.
@@ -529,6 +600,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn guests(&self) -> Vec<Guest> {
+        self.prune();
         self.lock()
             .values()
             .map(|i| Guest {
@@ -691,6 +763,28 @@ impl Hypervisor for QemuHypervisor {
 
     async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
         let qmp = self.qmp(vm)?;
+        // This copy is to run: an outgoing migration still going (one a
+        // restarted agent's recovery found) must not complete and pause it.
+        let mut cancelled = false;
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        loop {
+            let info = qmp.query_migrate().await.map_err(qemu_error)?;
+            let status = info.status.unwrap_or_default();
+            if !MIGRATING.contains(&status.as_str()) && status != "cancelling" {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "the migration of {vm} is still {status} after migrate_cancel"
+                )));
+            }
+            if !cancelled && status != "cancelling" {
+                tracing::warn!(vm, "cancelling an outgoing migration ({status}) to resume");
+                qmp.migrate_cancel().await.map_err(qemu_error)?;
+                cancelled = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let status = qmp.query_status().await.map_err(qemu_error)?;
         if status.status != "running" {
             qmp.cont().await.map_err(qemu_error)?;
@@ -726,13 +820,12 @@ impl Hypervisor for QemuHypervisor {
         match qmp.query_status().await {
             Ok(status) => Some(guest_state(&status.status, incoming)),
             Err(QmpError::Closed) => {
-                // Gone: the process died under us.
-                tracing::warn!(vm, "the QEMU of {vm} is gone");
-                self.lock().remove(vm);
-                self.remove_files(vm);
-                if let Err(e) = self.save() {
-                    tracing::error!(vm, "{e}");
+                // Gone: the process died under us. The exit watcher has
+                // flagged it, or is about to.
+                if let Some(i) = self.lock().get(vm) {
+                    i.gone.store(true, Ordering::Release);
                 }
+                self.prune();
                 None
             }
             Err(_) => Some(cached),
@@ -967,6 +1060,60 @@ mod tests {
         );
         assert_eq!(src.status("g").await, Some(GuestState::Running));
         dst.kill("g").await.unwrap();
+
+        // A migration left running by an agent that went away (its transfer
+        // task is gone) is cancelled by resume, so it cannot complete later
+        // and pause the guest.
+        let address = dst.start_incoming(&spec("g"), "m1.2").await.unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let abandoned = {
+            let src = src.clone();
+            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+        };
+        rx.recv().await.expect("progress");
+        abandoned.abort();
+        src.resume("g").await.unwrap();
+        let info = src.qmp("g").unwrap().query_migrate().await.unwrap();
+        assert_eq!(info.status.as_deref(), Some("cancelled"), "{info:?}");
+        assert_eq!(src.status("g").await, Some(GuestState::Running));
+        dst.kill("g").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_qemu_that_dies_on_its_own_is_no_longer_listed() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let a = tempfile::tempdir().unwrap();
+        let _reaper = Reaper(vec![a.path().into()]);
+        let h = QemuHypervisor::open(a.path(), settings(&binary), &[spec("g"), spec("h")])
+            .await
+            .unwrap();
+        let pid: i32 = std::fs::read_to_string(a.path().join("qemu/g.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.guests().await.len() != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "g still listed: {:?}",
+                h.guests().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.guests().await[0].spec.name, "h");
+        assert_eq!(h.status("g").await, None);
+        assert!(!a.path().join("qemu/g.qmp").exists());
+        assert!(a.path().join("qemu/g.log.prev").exists(), "its log is kept");
+        // The list on disk agrees: a restart does not look for it.
+        let list = std::fs::read_to_string(a.path().join("qemu/guests.json")).unwrap();
+        assert!(!list.contains("\"g\""), "{list}");
+        h.kill("h").await.unwrap();
     }
 
     #[tokio::test]
