@@ -215,9 +215,9 @@ fn migration_moves_the_running_guest_and_its_memory() {
     assert_eq!(code, 0, "{record}");
     assert_eq!(record["outcome"], "succeeded", "{record}");
     let transfer = &record["transfer"];
-    // The guest wrote every page: the whole of its RAM crossed the wire.
+    // The guest wrote every page above 2 MiB: its RAM crossed the wire.
     assert!(
-        transfer["bytes_transferred"].as_u64().unwrap() >= GUEST_MIB << 20,
+        transfer["bytes_transferred"].as_u64().unwrap() >= (GUEST_MIB - 2) << 20,
         "{record}"
     );
     assert!(transfer["iteration"].as_u64().unwrap() >= 1, "{record}");
@@ -244,7 +244,7 @@ fn safe_mode_finish_failure_resumes_the_source() {
     assert_eq!(record["outcome"], "failed", "{record}");
     assert_eq!(record["running_on"], "qa", "{record}");
     // The memory moved, then Finish failed: the source resumed.
-    assert!(record["transfer"]["bytes_transferred"].as_u64().unwrap() >= GUEST_MIB << 20);
+    assert!(record["transfer"]["bytes_transferred"].as_u64().unwrap() >= (GUEST_MIB - 2) << 20);
     assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
     assert_runs_on(&cluster, "qa", "g1");
     // The incoming QEMU was killed.

@@ -7,6 +7,11 @@
 //! qemu-system-x86_64 -m 256 -kernel ELF -append "ws=16" -display none -nodefaults
 //! ```
 //!
+//! On its serial port (COM1) the guest prints a line at boot, one when ready,
+//! then [`COUNT_LINE_PREFIX`] and the counter about ten times a second while
+//! its vCPU runs, for tests whose QMP socket belongs to someone else.
+//! Migrate it after it is ready: the initial fill is written once only.
+//!
 //! Only std, so a test or a benchmark can include it on its own with
 //! `#[path = "common/guest.rs"] mod guest;`.
 #![allow(dead_code)]
@@ -25,6 +30,9 @@ pub const RAM_MIB_ADDR: u64 = 0x7010;
 pub const WORKING_SET_MIB_ADDR: u64 = 0x7018;
 /// Working-set pass in progress: 1, 2, …; 0 until the guest is ready (u64).
 pub const PASS_ADDR: u64 = 0x7020;
+
+/// Serial lines `"tern-guest: count N"` carry the counter (decimal).
+pub const COUNT_LINE_PREFIX: &str = "tern-guest: count ";
 
 /// Assemble and link the test guest into `dir`, returning the ELF's path.
 /// Errors name the tool and its stderr.
