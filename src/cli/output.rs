@@ -75,15 +75,27 @@ pub fn bytes(n: u64) -> String {
 
 pub fn transfer_line(stats: &TransferStats) -> String {
     format!(
-        "{} of {} sent, {} left, {}/s, iteration {}, expected downtime {} ms, {} ms elapsed",
+        "{} of {} sent, {} left, {}/s, iteration {}, {}, {} ms elapsed",
         bytes(stats.bytes_transferred),
         bytes(stats.bytes_total),
         bytes(stats.bytes_remaining),
         bytes(stats.rate_bytes_s),
         stats.iteration,
-        stats.expected_downtime_ms,
+        downtime_text(stats.downtime_ms, stats.expected_downtime_ms, |ms| {
+            format!("{ms} ms")
+        }),
         stats.elapsed_ms
     )
+}
+
+/// "downtime 46 ms" once the hypervisor measured it, else "expected
+/// downtime 300 ms"; `show` formats a duration.
+pub fn downtime_text(downtime_ms: u64, expected_ms: u64, show: impl Fn(u64) -> String) -> String {
+    if downtime_ms > 0 {
+        format!("downtime {}", show(downtime_ms))
+    } else {
+        format!("expected downtime {}", show(expected_ms))
+    }
 }
 
 /// The full human summary of a record: outcome, where the VM runs, every

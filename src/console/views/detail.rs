@@ -9,7 +9,7 @@ use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, W
 use super::super::app::{App, mode_of};
 use super::super::theme::Theme;
 use super::{bytes, duration, outcome, step};
-use crate::cli::output::phase_name;
+use crate::cli::output::{downtime_text, phase_name};
 use crate::protocol::record::phase_from_proto;
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
@@ -162,10 +162,10 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             )),
             Line::styled(
                 format!(
-                    " rate {}/s, dirtying {}/s, expected downtime {}",
+                    " rate {}/s, dirtying {}/s, {}",
                     bytes(t.rate_bytes_s),
                     bytes(t.dirty_rate_bytes_s),
-                    duration(t.expected_downtime_ms)
+                    downtime_text(t.downtime_ms, t.expected_downtime_ms, duration)
                 ),
                 theme.dim,
             ),
