@@ -4,10 +4,9 @@
 //! `sim` is the embedded default (the demo and the tests); its guests outlive
 //! an agent crash the way QEMU processes do, because their state is kept in
 //! the agent's `state_dir`. `qemu` runs real guests, one QEMU process each,
-//! over QMP (`qmp`).
+//! over QMP (`qemu::qmp`).
 
 pub mod qemu;
-pub mod qmp;
 pub mod sim;
 
 use async_trait::async_trait;

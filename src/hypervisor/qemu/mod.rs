@@ -16,6 +16,8 @@
 //! complete, and the guest's CPUs start only on `resume` (`cont`). Abort is
 //! `migrate_cancel`, resume the source, kill the incoming QEMU.
 
+pub mod qmp;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +30,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
-use super::qmp::{MigrationInfo, Qmp, QmpError};
+use self::qmp::{MigrationInfo, Qmp, QmpError};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
 use crate::config::AgentConfig;
 use crate::protocol::{TransferStats, VmSpec};
@@ -837,7 +839,7 @@ impl Hypervisor for QemuHypervisor {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::qmp::qemu_binary_for_tests;
+    use super::qmp::qemu_binary_for_tests;
     use super::*;
 
     fn settings(binary: &Path) -> QemuSettings {
