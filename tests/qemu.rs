@@ -255,19 +255,25 @@ fn safe_mode_finish_failure_resumes_the_source() {
 
 /// A migration slow enough to act on in the middle of Perform: 128 MiB at
 /// 8 MiB/s lasts about 16 s.
-fn slow_pair(top: &str) -> (QemuCluster, String) {
-    let cluster = two_hosts(8, top, "");
-    wait_ready(&cluster, "qa", "g1");
+fn slow_pair() -> (QemuCluster, String) {
+    let cluster = two_hosts(8, "", "");
+    let id = migrate_g1_until_data_flows(&cluster);
+    (cluster, id)
+}
+
+/// Once g1 filled its RAM, start moving it qa → qb and return when the
+/// first MiBs have crossed.
+fn migrate_g1_until_data_flows(cluster: &Cluster) -> String {
+    wait_ready(cluster, "qa", "g1");
     let id = cluster.start_migration("g1", "qb", "safe");
     cluster.wait_phase(&id, "perform");
-    // Data is flowing.
     wait_until(Duration::from_secs(10), "bytes to move", || {
         cluster.migration(&id)["transfer"]["bytes_transferred"]
             .as_u64()
             .unwrap_or(0)
             > 4 << 20
     });
-    (cluster, id)
+    id
 }
 
 #[test]
@@ -275,7 +281,7 @@ fn abort_in_perform_cancels_and_resumes_the_source() {
     let Some(_turn) = qemu_or_skip("abort_in_perform_cancels_and_resumes_the_source") else {
         return;
     };
-    let (cluster, id) = slow_pair("");
+    let (cluster, id) = slow_pair();
     let out = cluster.tern(&["abort", &id]);
     assert!(
         out.status.success(),
@@ -298,7 +304,7 @@ fn destination_qemu_killed_in_perform_fails_and_resumes_the_source() {
     else {
         return;
     };
-    let (cluster, id) = slow_pair("");
+    let (cluster, id) = slow_pair();
     let pids = qemu_pids(&cluster, "qb");
     assert_eq!(pids.len(), 1, "one incoming QEMU on qb");
     unsafe {
@@ -318,7 +324,7 @@ fn destination_agent_killed_in_perform_resumes_the_source() {
     let Some(_turn) = qemu_or_skip("destination_agent_killed_in_perform_resumes_the_source") else {
         return;
     };
-    let (mut cluster, id) = slow_pair("");
+    let (mut cluster, id) = slow_pair();
     cluster.kill("qb");
     // The source gives the silent peer up (peer_timeout 1.5 s) and resumes.
     let record = cluster.wait_outcome(&id);
@@ -465,15 +471,7 @@ fn a_cut_link_stalls_the_transfer_and_the_source_resumes() {
         ],
         "heartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
     ));
-    wait_ready(&cluster, "qa", "g1");
-    let id = cluster.start_migration("g1", "qb", "safe");
-    cluster.wait_phase(&id, "perform");
-    wait_until(Duration::from_secs(10), "bytes to move", || {
-        cluster.migration(&id)["transfer"]["bytes_transferred"]
-            .as_u64()
-            .unwrap_or(0)
-            > 4 << 20
-    });
+    let id = migrate_g1_until_data_flows(&cluster);
     ns.link(false);
     let record = cluster.wait_outcome(&id);
     assert_eq!(record["outcome"], "failed", "{record}");
