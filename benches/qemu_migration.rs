@@ -18,13 +18,14 @@
 //!   untimed, before the timed hop. Without that the script's migrations
 //!   took 3.4 times as long as Tern's (QEMU's total-time p50 3.1 s against
 //!   0.9 s), mostly because of the host effect below;
-//! - it was then stopped for a few seconds: the script's guest boots and
-//!   fills its RAM while Tern's runs, and from then until the script ends
-//!   Tern's guest is stopped (SIGSTOP) so that it does not compete for the
-//!   CPUs. A guest stopped for seconds migrates more slowly afterwards
-//!   (total-time p50 499 ms against 435 ms after a 3 s stop here), so the
-//!   script stops its own guest as long (`--stop-ms`: how long Tern's was
-//!   stopped during the previous run);
+//! - it was then stopped for a second or two: the script's guest boots,
+//!   fills its RAM and makes its warm-up hop while Tern's runs; from then
+//!   until the script ends (its timed migration) Tern's guest is stopped
+//!   (SIGSTOP) so that it does not compete for the CPUs. A guest stopped for
+//!   seconds migrates more slowly afterwards (total-time p50 499 ms against
+//!   435 ms after a 3 s stop here), so the script stops its own guest as
+//!   long after the warm-up hop (`--stop-ms`: how long Tern's was stopped
+//!   during the previous run);
 //! - then it ran for half a second, and the last QEMU to exit (freeing its
 //!   RAM) did so about half a second before the measured migration.
 //!
@@ -491,10 +492,10 @@ impl Cluster {
 
 // ---- the direct QMP script --------------------------------------------------
 
-/// One run of the script. Its fresh guest boots and fills its RAM while
-/// Tern's guest still runs; `on_ready` is called once the script's guest is
-/// ready, just before the script goes on to its (untimed) warm-up hop and
-/// its timed migration.
+/// One run of the script. Its fresh guest boots, fills its RAM, makes its
+/// warm-up hop and is stopped for `stop` while Tern's guest still runs;
+/// `on_ready` is called just before the script goes on to its timed
+/// migration.
 fn direct(
     settings: &Settings,
     elf: &Path,
@@ -819,7 +820,7 @@ fn main() {
     let mut runs = 0;
     // How long Tern's guest was stopped during the script's last run; the
     // script stops its own guest as long, so that both have the same history.
-    let mut stopped = Duration::from_millis(2500);
+    let mut stopped = Duration::from_millis(1500);
     let mut stops = Vec::new();
     for round in 1..=settings.rounds {
         for _ in 0..2 {

@@ -12,12 +12,12 @@ both ends (`configure_migration()`), the same 100 ms `query-migrate` poll.
 
 1. Untimed: starts the source QEMU running the guest and waits until the
    guest says "ready" on its serial port (every page of its RAM holds
-   data). With --go-on-stdin it then prints {"ready": true} and waits for a
-   line "go". With --warm-up 1 it lets the guest run --settle-ms and
-   migrates it once, the same way as step 2, so that the timed migration
-   starts from a guest that arrived by migration (as Tern's do after their
-   first); with --stop-ms N the guest is then stopped (SIGSTOP) for N ms
-   before the warm-up's source exits, like a guest paused meanwhile. Then it
+   data). With --warm-up 1 it lets the guest run --settle-ms and migrates it
+   once, the same way as step 2, so that the timed migration starts from a
+   guest that arrived by migration (as Tern's do after their first); with
+   --stop-ms N that guest is then stopped (SIGSTOP) for N ms, like a guest
+   paused meanwhile. With --go-on-stdin it then prints {"ready": true} and
+   waits for a line "go" (the warm-up's source exits after that). Then it
    lets the guest run --settle-ms.
 2. Timed from here: starts the destination QEMU with `-incoming defer -S`,
    sets the capabilities and parameters on both, `migrate-incoming` on port 0
@@ -212,25 +212,39 @@ def migrate(args, started):
     started.append(source)
     source.connect()
     wait_ready(source, timeout=120)
-    if args.go_on_stdin:
-        print(json.dumps({"ready": True}), flush=True)
-        if sys.stdin.readline().strip() != "go":
-            raise QmpError("stdin closed before \"go\"")
     if args.warm_up:
         # Untimed: the timed migration then starts from a guest that arrived
         # by migration, like every Tern migration after the first.
         time.sleep(args.settle_ms / 1000.0)
-        _, source = hop(args, source, "warm-up", started, stop_ms=args.stop_ms)
+
+        def before_quit(destination):
+            if args.stop_ms > 0:
+                os.kill(destination.process.pid, signal.SIGSTOP)
+                time.sleep(args.stop_ms / 1000.0)
+                os.kill(destination.process.pid, signal.SIGCONT)
+            go(args)
+
+        _, source = hop(args, source, "warm-up", started, before_quit)
+    else:
+        go(args)
     time.sleep(args.settle_ms / 1000.0)
     result, _ = hop(args, source, "destination", started)
     return result
 
 
-def hop(args, source, role, started, stop_ms=0):
+def go(args):
+    """With --go-on-stdin: say so and wait for "go"."""
+    if args.go_on_stdin:
+        print(json.dumps({"ready": True}), flush=True)
+        if sys.stdin.readline().strip() != "go":
+            raise QmpError('stdin closed before "go"')
+
+
+def hop(args, source, role, started, before_quit=None):
     """One migration from `source` to a new QEMU named `role`, timed from
     starting that QEMU to the source's exit; returns (result, destination).
-    With `stop_ms`, the destination's guest is stopped (SIGSTOP) that long
-    after `cont`, before the source exits and frees its memory."""
+    `before_quit(destination)` runs after `cont`, before the source exits
+    and frees its memory (for the warm-up hop, which is not timed)."""
     src = source.qmp
 
     # ---- timed from here ----
@@ -284,10 +298,8 @@ def hop(args, source, role, started, stop_ms=0):
         time.sleep(0.01)
     t_incoming = time.monotonic()
     dst.execute("cont")
-    if stop_ms > 0:
-        os.kill(destination.process.pid, signal.SIGSTOP)
-        time.sleep(stop_ms / 1000.0)
-        os.kill(destination.process.pid, signal.SIGCONT)
+    if before_quit is not None:
+        before_quit(destination)
     try:
         src.execute("quit")
     except (QmpError, OSError):
@@ -333,7 +345,7 @@ def main():
     p.add_argument("--stop-ms", type=int, default=0,
                    help="with --warm-up: SIGSTOP the guest this long after the warm-up hop")
     p.add_argument("--go-on-stdin", action="store_true",
-                   help='once the guest is ready, print {"ready": true} and wait for "go" on stdin')
+                   help='before the timed part, print {"ready": true} and wait for "go" on stdin')
     p.add_argument("--settle-ms", type=int, default=0, help="let the ready guest run this long first")
     p.add_argument("--poll-ms", type=int, default=100, help="source query-migrate interval")
     p.add_argument("--dir", required=True, help="for sockets, pidfiles, logs, serial output")
