@@ -253,6 +253,7 @@ fn host_info(i: usize) -> proto::Host {
         faults: Vec::new(),
         draining: i % 100 == 7,
         hypervisor: "sim".into(),
+        ..Default::default()
     }
 }
 
@@ -301,6 +302,7 @@ fn cluster() -> App {
                     host: Some(host_info(h)),
                     vms,
                     migrations,
+                    evacuations: Vec::new(),
                 }),
             ),
         );

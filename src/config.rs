@@ -110,6 +110,14 @@ pub struct AgentConfig {
     /// First wait before a failed rollback is retried; doubles up to 5 minutes.
     #[serde(default = "default_rollback_retry")]
     pub rollback_retry_ms: u64,
+    /// Migrations this host sources at once (evacuations and operators'
+    /// alike); one more is refused. oVirt's vdsm defaults to 2.
+    #[serde(default = "default_limit")]
+    pub max_outgoing: u32,
+    /// Migrations this host receives at once; one more is refused as
+    /// "destination busy", which an evacuation waits out.
+    #[serde(default = "default_limit")]
+    pub max_incoming: u32,
     #[serde(default)]
     pub hypervisor: HypervisorConfig,
     #[serde(default)]
@@ -140,6 +148,11 @@ fn default_stall_timeout() -> u64 {
 fn default_rollback_retry() -> u64 {
     2000
 }
+fn default_limit() -> u32 {
+    2
+}
+/// The most concurrent migrations a host may be configured to source or receive.
+const MAX_LIMIT: u32 = 256;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -297,6 +310,17 @@ impl AgentConfig {
                 return Err(invalid(
                     path,
                     format!("{key} = {value}: must be at most {MAX_TIMER_MS} (one day)"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("max_outgoing", config.max_outgoing),
+            ("max_incoming", config.max_incoming),
+        ] {
+            if !(1..=MAX_LIMIT).contains(&value) {
+                return Err(invalid(
+                    path,
+                    format!("{key} = {value}: must be between 1 and {MAX_LIMIT}"),
                 ));
             }
         }
@@ -565,6 +589,31 @@ mod tests {
         // Listening on every address does not say where sources connect.
         let err = parse(&QEMU_AGENT.replace("10.0.0.1:7701", "0.0.0.0:7701")).unwrap_err();
         assert!(err.contains("set [hypervisor] migration_address"), "{err}");
+    }
+
+    #[test]
+    fn migration_limits_default_to_two_and_refuse_zero() {
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        let config = parse(&sim).unwrap();
+        assert_eq!((config.max_outgoing, config.max_incoming), (2, 2));
+        let top = sim.replace(
+            "[hypervisor]",
+            "max_outgoing = 5\nmax_incoming = 1\n[hypervisor]",
+        );
+        let config = parse(&top).unwrap();
+        assert_eq!((config.max_outgoing, config.max_incoming), (5, 1));
+        for (key, value) in [
+            ("max_outgoing", 0),
+            ("max_incoming", 0),
+            ("max_incoming", 1000),
+        ] {
+            let text = sim.replace("[hypervisor]", &format!("{key} = {value}\n[hypervisor]"));
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.contains(&format!("{key} = {value}: must be between 1 and 256")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

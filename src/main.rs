@@ -74,6 +74,37 @@ enum Command {
         #[command(flatten)]
         report: ReportArgs,
     },
+    /// Move every VM off a host, retrying failed ones elsewhere; the host is
+    /// marked draining. By default wait until the evacuation has ended.
+    Evacuate {
+        host: String,
+        #[arg(long, value_enum, default_value_t = ModeArg::Safe)]
+        mode: ModeArg,
+        /// Migrations at once; the host's max_outgoing when omitted.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        concurrency: u32,
+        /// Attempts per VM, each on another host (a busy host's refusal
+        /// does not count).
+        #[arg(long, default_value_t = 3)]
+        max_attempts: u32,
+        /// Hosts that must not receive any of the VMs.
+        #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
+        exclude: Vec<String>,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Pause, resume or cancel an evacuation.
+    Evacuation {
+        #[arg(value_enum)]
+        action: EvacuationAction,
+        id: String,
+        /// With cancel: abort the attempts in flight that have not committed
+        /// (by default they finish).
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Let a drained host receive migrations again.
+    Undrain { host: String },
     /// Abort a migration before its commit point.
     Abort { id: String },
     /// Start a new attempt of a failed or aborted migration.
@@ -165,6 +196,13 @@ impl From<ModeArg> for Mode {
             ModeArg::Safe => Mode::Safe,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EvacuationAction {
+    Pause,
+    Resume,
+    Cancel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -289,6 +327,43 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             mode,
             report,
         } => cli::migrate(inventory, &vm, &to, mode.into(), report.into()).await,
+        Command::Evacuate {
+            host,
+            mode,
+            concurrency,
+            max_attempts,
+            exclude,
+            report,
+        } => {
+            let report = Report::from(report);
+            cli::evacuate::evacuate(
+                inventory,
+                cli::evacuate::EvacuateArgs {
+                    host,
+                    mode: mode.into(),
+                    concurrency,
+                    max_attempts,
+                    exclude,
+                    wait: report.wait,
+                    json: report.json,
+                },
+            )
+            .await
+        }
+        Command::Evacuation { action, id, abort } => {
+            use tern::agent::evacuation::job::Control;
+            let control = match (action, abort) {
+                (EvacuationAction::Pause, false) => Control::Pause,
+                (EvacuationAction::Resume, false) => Control::Resume,
+                (EvacuationAction::Cancel, false) => Control::Cancel,
+                (EvacuationAction::Cancel, true) => Control::CancelAbort,
+                (_, true) => {
+                    return Err(CliError::usage("--abort goes with cancel only"));
+                }
+            };
+            cli::evacuate::control(inventory, &id, control).await
+        }
+        Command::Undrain { host } => cli::evacuate::undrain(inventory, &host).await,
         Command::Abort { id } => cli::abort(inventory, &id).await,
         Command::Retry {
             id,
@@ -583,6 +658,74 @@ mod tests {
         assert_eq!(parse_error(&["teleport"]), ErrorKind::InvalidSubcommand);
         assert_eq!(
             parse_error(&["status", "--yaml"]),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn evacuate_takes_the_issue_s_choices() {
+        let Some(Command::Evacuate {
+            host,
+            mode,
+            concurrency,
+            max_attempts,
+            exclude,
+            report,
+        }) = parse(&[
+            "evacuate",
+            "hv-a",
+            "--mode",
+            "fast",
+            "--concurrency",
+            "4",
+            "--max-attempts",
+            "5",
+            "--exclude",
+            "hv-b,hv-c",
+            "--exclude",
+            "hv-d",
+            "--json",
+        ])
+        .command
+        else {
+            panic!("not evacuate");
+        };
+        assert_eq!(host, "hv-a");
+        assert_eq!(mode, ModeArg::Fast);
+        assert_eq!((concurrency, max_attempts), (4, 5));
+        assert_eq!(exclude, ["hv-b", "hv-c", "hv-d"]);
+        assert!(report.json && !report.no_wait);
+        // Defaults: safe, the host's limit, 3 attempts, nothing excluded.
+        let Some(Command::Evacuate {
+            mode,
+            concurrency,
+            max_attempts,
+            exclude,
+            ..
+        }) = parse(&["evacuate", "hv-a"]).command
+        else {
+            panic!("not evacuate");
+        };
+        assert_eq!((mode, concurrency, max_attempts), (ModeArg::Safe, 0, 3));
+        assert!(exclude.is_empty());
+        assert!(matches!(
+            parse(&["evacuation", "cancel", "e-1", "--abort"]).command,
+            Some(Command::Evacuation {
+                action: EvacuationAction::Cancel,
+                abort: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["undrain", "hv-a"]).command,
+            Some(Command::Undrain { .. })
+        ));
+        assert_eq!(
+            parse_error(&["evacuation", "stop", "e-1"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse_error(&["evacuate", "hv-a", "--concurrency", "-1"]),
             ErrorKind::UnknownArgument
         );
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::evacuation::job::Evacuation;
 use crate::protocol::destination::DestinationAttempt;
 use crate::protocol::source::SourceAttempt;
 
@@ -58,6 +59,15 @@ CREATE TABLE IF NOT EXISTS pending (
     tries INTEGER NOT NULL,
     next_try_ms INTEGER NOT NULL,
     PRIMARY KEY (attempt_id, feature, stage)
+);
+CREATE TABLE IF NOT EXISTS evacuation (
+    id TEXT PRIMARY KEY,
+    open INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flag (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 ";
 
@@ -218,5 +228,42 @@ impl Journal {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_evacuation(&self, job: &Evacuation) -> Result<(), JournalError> {
+        let body = serde_json::to_string(job).expect("evacuations serialize");
+        self.db.execute(
+            "INSERT INTO evacuation (id, open, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET open = excluded.open, body = excluded.body",
+            params![job.id, !job.state.is_over(), body],
+        )?;
+        Ok(())
+    }
+
+    /// Every evacuation of this host, oldest first.
+    pub fn evacuations(&self) -> Result<Vec<Evacuation>, JournalError> {
+        self.load(
+            "evacuation",
+            "SELECT id, body FROM evacuation ORDER BY rowid",
+        )
+    }
+
+    pub fn set_draining(&self, draining: bool) -> Result<(), JournalError> {
+        self.db.execute(
+            "INSERT INTO flag (name, value) VALUES ('draining', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![draining],
+        )?;
+        Ok(())
+    }
+
+    pub fn draining(&self) -> Result<bool, JournalError> {
+        Ok(self
+            .db
+            .query_row("SELECT value FROM flag WHERE name = 'draining'", [], |r| {
+                r.get::<_, bool>(0)
+            })
+            .optional()?
+            .unwrap_or(false))
     }
 }

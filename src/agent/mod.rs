@@ -5,6 +5,7 @@
 //! committed before it exits.
 
 mod destination;
+pub mod evacuation;
 pub mod journal;
 mod operations;
 mod peers;
@@ -67,6 +68,9 @@ pub struct Agent {
     pub inventory: Inventory,
     pub timing: Timing,
     pub rollback_retry_ms: u64,
+    /// Migrations this host sources, and receives, at once.
+    pub max_outgoing: u32,
+    pub max_incoming: u32,
     pub hypervisor: Arc<dyn Hypervisor>,
     pub features: FeatureRegistry,
     journal: Mutex<Journal>,
@@ -91,6 +95,12 @@ struct State {
     tombstones: HashSet<String>,
     /// Peer calls that must reach the other side before the agent exits.
     notifications: Vec<JoinHandle<()>>,
+    /// Every evacuation of this host, journaled.
+    evacuations: BTreeMap<String, evacuation::job::Evacuation>,
+    /// Wakes a running evacuation's task after an operator changed it.
+    evacuation_wakers: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// No incoming migrations (set by an evacuation, cleared by undrain).
+    draining: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +166,8 @@ impl Agent {
             address,
             timing: config.timing(),
             rollback_retry_ms: config.rollback_retry_ms,
+            max_outgoing: config.max_outgoing,
+            max_incoming: config.max_incoming,
             hypervisor,
             features,
             journal: Mutex::new(journal),
@@ -245,6 +257,21 @@ impl Agent {
         self.state().migrations.values().cloned().collect()
     }
 
+    /// Migrations this host sources that have no outcome yet.
+    pub fn outgoing(&self) -> usize {
+        let state = self.state();
+        state
+            .locks
+            .values()
+            .filter(|m| state.migrations.get(*m).is_none_or(|r| r.outcome.is_none()))
+            .count()
+    }
+
+    /// Migrations this host receives that have not ended here.
+    pub fn incoming(&self) -> usize {
+        self.state().destinations.len()
+    }
+
     async fn vm_info(&self, name: &str) -> Option<proto::Vm> {
         let guests = self.hypervisor.guests().await;
         let guest = guests.into_iter().find(|g| g.spec.name == name)?;
@@ -313,8 +340,12 @@ impl Agent {
                     fail_rollback: f.fail_rollback,
                 })
                 .collect(),
-            draining: false,
+            draining: self.is_draining(),
             hypervisor: self.hypervisor.kind().to_string(),
+            max_outgoing: self.max_outgoing,
+            max_incoming: self.max_incoming,
+            outgoing: self.outgoing() as u32,
+            incoming: self.incoming() as u32,
         }
     }
 
@@ -336,7 +367,7 @@ impl Agent {
             tracing::warn!(attempt = %attempt.attempt_id, state = ?attempt.state, "recovering destination attempt");
             destination::recover(self, attempt, now);
         }
-        Ok(())
+        self.recover_evacuations()
     }
 
     /// Abort every attempt that has not committed, tell the peers, wait for

@@ -143,6 +143,17 @@ impl Agent {
                     "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
                 )));
             }
+            let outgoing = state
+                .locks
+                .values()
+                .filter(|m| state.migrations.get(*m).is_none_or(|r| r.outcome.is_none()))
+                .count();
+            if outgoing >= self.max_outgoing as usize {
+                return Err(Refusal::ResourceExhausted(format!(
+                    "{} already sources {outgoing} migrations (max_outgoing = {}); wait for one to end",
+                    self.name, self.max_outgoing
+                )));
+            }
             let params = AttemptParams {
                 migration_id: migration_id.clone(),
                 attempt,
@@ -276,6 +287,12 @@ impl Agent {
                 self.name
             )));
         }
+        if self.is_draining() {
+            return Err(Refusal::FailedPrecondition(format!(
+                "{} is draining and accepts no incoming migrations (`tern undrain {}` ends that)",
+                self.name, self.name
+            )));
+        }
         let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
         let incoming =
             cookies::check_cookie1(&c1, |f| self.features.knows(f)).map_err(cookie_refusal)?;
@@ -301,6 +318,15 @@ impl Agent {
             }
         };
         check_new_attempt(&incoming.attempt_id, &self.name, known).map_err(prepare_refusal)?;
+        let receiving = self.incoming();
+        if receiving >= self.max_incoming as usize {
+            return Err(Refusal::ResourceExhausted(format!(
+                "{}: {} already receives {receiving} migrations (max_incoming = {})",
+                super::evacuation::job::BUSY,
+                self.name,
+                self.max_incoming
+            )));
+        }
         let pending = self.journal().pending().unwrap_or_default();
         let running: Vec<String> = {
             let state = self.state();

@@ -110,6 +110,9 @@ impl peer_server::Peer for PeerService {
             vcpus_total: host.vcpus_total,
             vcpus_used: host.vcpus_used,
             features: host.features,
+            draining: host.draining,
+            incoming: host.incoming,
+            max_incoming: host.max_incoming,
         }))
     }
 }
@@ -147,6 +150,7 @@ impl console_server::Console for ConsoleService {
                         host: Some(agent.host_info().await),
                         vms: agent.vms().await,
                         migrations: agent.migrations().iter().map(Into::into).collect(),
+                        evacuations: agent.evacuations().iter().map(|e| e.to_proto()).collect(),
                     })),
                 }
             };
@@ -261,11 +265,67 @@ impl console_server::Console for ConsoleService {
 
     async fn evacuate(
         &self,
-        _: Request<proto::EvacuateRequest>,
-    ) -> Result<Response<proto::EvacuateReply>, Status> {
-        Err(Status::unimplemented(
-            "evacuations are not available in this build yet",
-        ))
+        request: Request<proto::EvacuateRequest>,
+    ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        let request = request.into_inner();
+        let job = self
+            .0
+            .evacuate(super::evacuation::Request {
+                mode: mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe),
+                concurrency: request.concurrency,
+                max_attempts: request.max_attempts,
+                exclude: request.exclude,
+            })
+            .await?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn control_evacuation(
+        &self,
+        request: Request<proto::ControlEvacuationRequest>,
+    ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        use super::evacuation::job::Control;
+        let request = request.into_inner();
+        let control = match proto::EvacuationControl::try_from(request.control) {
+            Ok(proto::EvacuationControl::Pause) => Control::Pause,
+            Ok(proto::EvacuationControl::Resume) => Control::Resume,
+            Ok(proto::EvacuationControl::Cancel) => Control::Cancel,
+            Ok(proto::EvacuationControl::CancelAbort) => Control::CancelAbort,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "control must be pause, resume, cancel or cancel-abort",
+                ));
+            }
+        };
+        let job = self.0.control_evacuation(&request.id, control)?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn get_evacuation(
+        &self,
+        request: Request<proto::EvacuationRef>,
+    ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        let id = request.into_inner().id;
+        let job = self
+            .0
+            .evacuation(&id)
+            .ok_or_else(|| Status::not_found(format!("no evacuation {id} on {}", self.0.name)))?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn wait_evacuation(
+        &self,
+        request: Request<proto::EvacuationRef>,
+    ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        let job = self.0.wait_evacuation(&request.into_inner().id).await?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn undrain(
+        &self,
+        _: Request<proto::UndrainRequest>,
+    ) -> Result<Response<proto::Host>, Status> {
+        Ok(Response::new(self.0.undrain().await?))
     }
 
     async fn list_vms(

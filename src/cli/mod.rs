@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod evacuate;
 pub mod output;
 pub mod status;
 pub mod watch;

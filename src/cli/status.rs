@@ -450,6 +450,7 @@ mod tests {
                 }],
                 draining: false,
                 hypervisor: "sim".into(),
+                ..Default::default()
             },
             vms: vec![proto::Vm {
                 name: "web-01".into(),

@@ -47,6 +47,7 @@ pub struct WatchLine {
 pub enum WatchEvent {
     Snapshot(StatusJson),
     Migration(MigrationRecord),
+    Evacuation(Box<crate::agent::evacuation::job::Evacuation>),
     Progress {
         migration_id: String,
         attempt_id: String,
@@ -90,6 +91,7 @@ impl WatchLine {
                 WatchEvent::Snapshot(StatusJson::from_answers(&[(entry.clone(), Ok(answer))]))
             }
             Kind::Migration(m) => WatchEvent::Migration(MigrationRecord::from(m)),
+            Kind::Evacuation(e) => WatchEvent::Evacuation(Box::new(e.into())),
             Kind::Progress(p) => WatchEvent::Progress {
                 migration_id: p.migration_id.clone(),
                 attempt_id: p.attempt_id.clone(),
@@ -147,6 +149,20 @@ impl WatchLine {
                     line.push_str(error);
                 }
                 line
+            }
+            WatchEvent::Evacuation(e) => {
+                let c = e.counts();
+                format!(
+                    "{host}: evacuation {} of {} {}: {} moved, {} in flight, {} failed, {} pending of {}",
+                    e.id,
+                    e.host,
+                    e.state.as_str(),
+                    c.moved,
+                    c.in_flight,
+                    c.failed,
+                    c.pending,
+                    c.total
+                )
             }
             WatchEvent::Progress {
                 migration_id,
@@ -361,6 +377,7 @@ mod tests {
                 ..Default::default()
             }],
             migrations: vec![],
+            evacuations: vec![],
         };
         let value = json_of(&line(Kind::Snapshot(snapshot)));
         assert_eq!(value["type"], "snapshot");

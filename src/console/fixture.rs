@@ -208,6 +208,7 @@ pub fn fixture() -> App {
                 host: Some(h),
                 vms,
                 migrations,
+                evacuations: Vec::new(),
             })),
         })
     };

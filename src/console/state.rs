@@ -58,6 +58,8 @@ pub struct ClusterState {
     /// Every guest each host reports, by (host, VM).
     pub vms: BTreeMap<(String, String), proto::Vm>,
     pub migrations: BTreeMap<String, MigrationView>,
+    /// Every evacuation the agents report, by id.
+    pub evacuations: BTreeMap<String, proto::EvacuationRecord>,
     /// The table's order, kept as records change (progress does not move a
     /// row), so a frame reads only the rows it shows.
     order: BTreeSet<OrderKey>,
@@ -123,8 +125,14 @@ impl ClusterState {
                 for record in snapshot.migrations {
                     self.record(record);
                 }
+                for evacuation in snapshot.evacuations {
+                    self.evacuations.insert(evacuation.id.clone(), evacuation);
+                }
             }
             Kind::Migration(record) => self.record(record),
+            Kind::Evacuation(evacuation) => {
+                self.evacuations.insert(evacuation.id.clone(), evacuation);
+            }
             Kind::Progress(progress) => {
                 let Some(m) = self.migrations.get_mut(&progress.migration_id) else {
                     return;
@@ -349,6 +357,7 @@ mod tests {
                 host: None,
                 vms: vec![vm("web-01"), vm("db-01")],
                 migrations: vec![],
+                evacuations: vec![],
             }),
         ));
         s.apply(event(
@@ -357,6 +366,7 @@ mod tests {
                 host: None,
                 vms: vec![vm("db-01")],
                 migrations: vec![],
+                evacuations: vec![],
             }),
         ));
         assert_eq!(s.vm_host("db-01"), Some("hv-a"));

@@ -240,7 +240,7 @@ pub fn status_from_proto(s: i32) -> StepStatus {
     }
 }
 
-fn outcome_to_proto(o: Option<Outcome>) -> proto::Outcome {
+pub fn outcome_to_proto(o: Option<Outcome>) -> proto::Outcome {
     match o {
         None => proto::Outcome::None,
         Some(Outcome::Succeeded) => proto::Outcome::Succeeded,
