@@ -313,6 +313,15 @@ impl console_server::Console for ConsoleService {
         Ok(Response::new(job.to_proto()))
     }
 
+    async fn list_evacuations(
+        &self,
+        _: Request<proto::ListEvacuationsRequest>,
+    ) -> Result<Response<proto::ListEvacuationsReply>, Status> {
+        Ok(Response::new(proto::ListEvacuationsReply {
+            evacuations: self.0.evacuations().iter().map(|e| e.to_proto()).collect(),
+        }))
+    }
+
     async fn wait_evacuation(
         &self,
         request: Request<proto::EvacuationRef>,

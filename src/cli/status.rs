@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::client::{Agent, Cluster, Link};
 use super::output::{state_summary, table};
 use super::{CliError, CliResult, exit};
+use crate::agent::evacuation::job::Evacuation;
 use crate::config::HostEntry;
 use crate::proto;
 use crate::protocol::record::MigrationRecord;
@@ -24,6 +25,11 @@ pub struct HostJson {
     pub vcpus_used: u32,
     /// Evacuating: no new migrations to it.
     pub draining: bool,
+    /// Migrations it sources and receives now, and its limits.
+    pub outgoing: u32,
+    pub max_outgoing: u32,
+    pub incoming: u32,
+    pub max_incoming: u32,
     pub features: Vec<String>,
     pub feature_state: Vec<FeatureStateJson>,
     pub pending_rollbacks: Vec<PendingRollbackJson>,
@@ -86,6 +92,8 @@ pub struct StatusJson {
     pub hosts: Vec<HostJson>,
     pub vms: Vec<VmJson>,
     pub migrations: Vec<MigrationRecord>,
+    /// Every evacuation, oldest first.
+    pub evacuations: Vec<Evacuation>,
 }
 
 impl From<&proto::Host> for HostJson {
@@ -100,6 +108,10 @@ impl From<&proto::Host> for HostJson {
             vcpus_total: h.vcpus_total,
             vcpus_used: h.vcpus_used,
             draining: h.draining,
+            outgoing: h.outgoing,
+            max_outgoing: h.max_outgoing,
+            incoming: h.incoming,
+            max_incoming: h.max_incoming,
             features: h.features.clone(),
             feature_state: h
                 .feature_state
@@ -153,6 +165,10 @@ impl HostJson {
             vcpus_total: 0,
             vcpus_used: 0,
             draining: false,
+            outgoing: 0,
+            max_outgoing: 0,
+            incoming: 0,
+            max_incoming: 0,
             features: Vec::new(),
             feature_state: Vec::new(),
             pending_rollbacks: Vec::new(),
@@ -198,6 +214,7 @@ pub struct HostAnswer {
     pub host: proto::Host,
     pub vms: Vec<proto::Vm>,
     pub migrations: Vec<proto::MigrationRecord>,
+    pub evacuations: Vec<proto::EvacuationRecord>,
 }
 
 impl StatusJson {
@@ -209,6 +226,7 @@ impl StatusJson {
             hosts: Vec::new(),
             vms: Vec::new(),
             migrations: Vec::new(),
+            evacuations: Vec::new(),
         };
         for (entry, answer) in answers {
             match answer {
@@ -233,6 +251,9 @@ impl StatusJson {
                             None => status.migrations.push(record),
                         }
                     }
+                    status
+                        .evacuations
+                        .extend(answer.evacuations.iter().map(Evacuation::from));
                 }
                 Err(e) => status.hosts.push(HostJson::unreachable(entry, &e.message)),
             }
@@ -242,20 +263,29 @@ impl StatusJson {
                 .cmp(&b.started_at_ms)
                 .then_with(|| a.id.cmp(&b.id))
         });
+        status.evacuations.sort_by(|a, b| {
+            a.started_at_ms
+                .cmp(&b.started_at_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         status
     }
 }
 
 async fn ask(agent: &Agent) -> Result<HostAnswer, CliError> {
-    let (host, vms, migrations) = tokio::try_join!(
+    let (host, vms, migrations, evacuations) = tokio::try_join!(
         agent.call(|mut c| async move { c.get_host(proto::GetHostRequest {}).await }),
         agent.call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await }),
         agent.call(|mut c| async move { c.list_migrations(proto::ListMigrationsRequest {}).await }),
+        agent.call(
+            |mut c| async move { c.list_evacuations(proto::ListEvacuationsRequest {}).await }
+        ),
     )?;
     Ok(HostAnswer {
         host,
         vms: vms.vms,
         migrations: migrations.migrations,
+        evacuations: evacuations.evacuations,
     })
 }
 
@@ -311,6 +341,12 @@ pub fn human(status: &StatusJson) -> String {
             let mut notes = Vec::new();
             if h.draining {
                 notes.push("draining".to_string());
+            }
+            if h.outgoing > 0 || h.incoming > 0 {
+                notes.push(format!(
+                    "migrations out {}/{}, in {}/{}",
+                    h.outgoing, h.max_outgoing, h.incoming, h.max_incoming
+                ));
             }
             if !h.pending_rollbacks.is_empty() {
                 notes.push(format!("{} pending rollback(s)", h.pending_rollbacks.len()));
@@ -400,6 +436,30 @@ pub fn human(status: &StatusJson) -> String {
             &migrations,
         ));
     }
+    if !status.evacuations.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .evacuations
+            .iter()
+            .map(|e| {
+                let c = e.counts();
+                vec![
+                    e.id.clone(),
+                    e.host.clone(),
+                    e.mode.as_str().to_string(),
+                    e.state.as_str().to_string(),
+                    format!(
+                        "{}/{} moved, {} in flight, {} failed, {} pending",
+                        c.moved, c.total, c.in_flight, c.failed, c.pending
+                    ),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["EVACUATION", "HOST", "MODE", "STATE", "VMS"],
+            &rows,
+        ));
+    }
     out
 }
 
@@ -477,6 +537,19 @@ mod tests {
                 error: "port-profile failed to finish on hv-b".into(),
                 ..Default::default()
             }],
+            evacuations: vec![proto::EvacuationRecord {
+                id: "e-1".into(),
+                host: "hv-a".into(),
+                mode: proto::Mode::Safe as i32,
+                state: proto::EvacuationState::Running as i32,
+                vms: vec![proto::EvacuationVm {
+                    vm: "web-01".into(),
+                    state: proto::EvacuationVmState::Pending as i32,
+                    waiting: "hv-c draining".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
         }
     }
 
@@ -505,6 +578,10 @@ mod tests {
                 "vcpus_total": 32,
                 "vcpus_used": 2,
                 "draining": false,
+                "outgoing": 0,
+                "max_outgoing": 0,
+                "incoming": 0,
+                "max_incoming": 0,
                 "features": ["port-profile"],
                 "feature_state": [{"feature": "port-profile", "vm": "web-01", "state": "associated"}],
                 "pending_rollbacks": [{
@@ -515,6 +592,19 @@ mod tests {
                             "fail_rollback": false}]
             })
         );
+    }
+
+    #[test]
+    fn status_json_lists_evacuations_with_their_vms() {
+        let value = serde_json::to_value(fixture()).expect("serialize");
+        let e = &value["evacuations"][0];
+        assert_eq!(
+            (e["id"].as_str(), e["state"].as_str()),
+            (Some("e-1"), Some("running"))
+        );
+        assert_eq!(e["vms"][0]["name"], "web-01");
+        assert_eq!(e["vms"][0]["state"], "pending");
+        assert_eq!(e["vms"][0]["waiting"], "hv-c draining");
     }
 
     #[test]
@@ -597,6 +687,9 @@ web-01  hv-a  running  2048 MiB  2      -          port-profile*
 
 MIGRATION  VM     ROUTE         MODE  ATTEMPT  STATE   ERROR
 m-1        db-01  hv-a -> hv-b  safe  1        failed  port-profile failed to finish on hv-b
+
+EVACUATION  HOST  MODE  STATE    VMS
+e-1         hv-a  safe  running  0/1 moved, 0 in flight, 0 failed, 1 pending
 ";
         assert_eq!(text, expected);
     }

@@ -87,6 +87,7 @@ impl WatchLine {
                     host: s.host.clone().unwrap_or_default(),
                     vms: s.vms.clone(),
                     migrations: s.migrations.clone(),
+                    evacuations: s.evacuations.clone(),
                 };
                 WatchEvent::Snapshot(StatusJson::from_answers(&[(entry.clone(), Ok(answer))]))
             }

@@ -56,8 +56,11 @@ impl Agent {
         self.state().evacuations.get(id).cloned()
     }
 
+    /// Oldest first.
     pub fn evacuations(&self) -> Vec<Evacuation> {
-        self.state().evacuations.values().cloned().collect()
+        let mut all: Vec<Evacuation> = self.state().evacuations.values().cloned().collect();
+        all.sort_by(|a, b| a.started_at_ms.cmp(&b.started_at_ms).then(a.id.cmp(&b.id)));
+        all
     }
 
     pub fn is_draining(&self) -> bool {
