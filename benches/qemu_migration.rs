@@ -1,9 +1,17 @@
 //! Tern against plain QMP: the same live migration of a real QEMU guest,
-//! driven once by Tern (two `tern agent` processes on loopback, timed around
-//! `tern migrate VM --to HOST --json`) and once directly over QMP by
-//! `benches/qmp-migrate.py`, with the same QEMU command line, capabilities
-//! and parameters. Target: Tern's median wall time at most 1.05 × the direct
-//! one.
+//! driven once by Tern (two `tern agent` processes on loopback, asked over
+//! the Console API: StartMigration, then WaitMigration) and once directly
+//! over QMP by `benches/qmp-migrate.py`, with the same QEMU command line,
+//! capabilities and parameters. Target: Tern's median wall time at most
+//! 1.05 × the direct one.
+//!
+//! Both are timed from inside an already connected client: the script from
+//! starting the destination QEMU to the source QEMU's exit, Tern from
+//! StartMigration (the source agent's Begin) to WaitMigration's answer,
+//! which comes once Confirm has quit the source QEMU. What the `tern
+//! migrate` command adds as a process (start-up, connecting to every
+//! agent, finding the VM's host: 10–20 ms on loopback) is left out, as the
+//! script's own start-up and QMP connection are.
 //!
 //! The guest is `guest/tern-guest.S` with 512 MiB of RAM, all of it written,
 //! rewriting a 64 MiB working set as fast as its vCPU can. Each round runs,
@@ -41,7 +49,7 @@
 //! The report gives, per method, the wall time, QEMU's total-time, and
 //! their difference: what the method adds around QEMU's own migration
 //! (starting the destination, connecting, polling, switching over, the
-//! source's exit; for Tern also the CLI, gRPC and the journal). The
+//! source's exit; for Tern also gRPC, the peer RPCs and the journal). The
 //! transfer itself depends on CPU contention and varies by seconds between
 //! samples on a loaded machine, so the overhead is the steadier comparison:
 //! the report also gives the ratio Tern would have if both transfers took
@@ -71,12 +79,14 @@ mod guest;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern::proto::console_client::ConsoleClient;
+use tonic::transport::Channel;
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const QEMU: &str = "qemu-system-x86_64";
@@ -270,30 +280,14 @@ impl Watchdog {
     }
 }
 
-/// Run a command to its end, killing it after `timeout`.
-fn run(command: &mut Command, timeout: Duration) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", command.get_program()));
-    let watchdog = Watchdog::start(child.id() as i32, timeout);
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        !watchdog.stop(),
-        "{:?} did not finish within {timeout:?}",
-        command.get_program()
-    );
-    output
-}
-
 // ---- the Tern cluster -------------------------------------------------------
 
 struct Cluster {
     dir: tempfile::TempDir,
-    inventory: PathBuf,
     agents: Vec<(String, Child, u16)>,
+    runtime: tokio::runtime::Runtime,
+    /// One open Console connection per agent, made on first use.
+    clients: Mutex<std::collections::HashMap<String, ConsoleClient<Channel>>>,
 }
 
 impl Drop for Cluster {
@@ -337,8 +331,13 @@ impl Cluster {
         std::fs::write(&inventory, text).unwrap();
         let mut cluster = Cluster {
             dir,
-            inventory,
             agents: Vec::new(),
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime"),
+            clients: Mutex::new(std::collections::HashMap::new()),
         };
         for (name, port) in hosts {
             let vm = if name == "qa" {
@@ -384,6 +383,20 @@ impl Cluster {
 
     fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    async fn client(&self, name: &str, port: u16) -> ConsoleClient<Channel> {
+        if let Some(client) = self.clients.lock().unwrap().get(name) {
+            return client.clone();
+        }
+        let client = ConsoleClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap_or_else(|e| panic!("connecting to agent {name}: {e}"));
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), client.clone());
+        client
     }
 
     fn wait_listening(&mut self, name: &str, port: u16) {
@@ -443,32 +456,50 @@ impl Cluster {
         }
     }
 
-    /// `tern migrate VM --to TO --json`, timed.
+    /// A migration to `to` over the Console API, timed in this process like
+    /// the script times itself: from StartMigration (the source agent's
+    /// Begin) until WaitMigration answers, which is after Confirm has quit
+    /// the source QEMU. The connection to the agent is already open, as the
+    /// script's QMP connection to its source is; what `tern migrate` adds
+    /// as a process (start-up, connecting, finding the VM's host) is left
+    /// out for both.
     fn migrate(&self, to: &str) -> Sample {
-        let mut command = Command::new(TERN);
-        command
-            .args(["migrate", VM, "--to", to, "--json"])
-            .env("TERN_INVENTORY", &self.inventory)
-            .env("RUST_LOG", "warn");
-        let started = Instant::now();
-        let out = run(&mut command, MIGRATION_TIMEOUT);
-        let wall = started.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let record: Value = stdout
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "tern migrate printed no record (exit {:?})\nstdout: {stdout}\nstderr: {}",
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
+        use tern::proto;
+        let from = self
+            .agents
+            .iter()
+            .find(|(name, _, _)| name != to)
+            .map(|(name, _, port)| (name.clone(), *port))
+            .expect("two agents");
+        let (wall, record) = self.runtime.block_on(async {
+            let mut client = self.client(&from.0, from.1).await;
+            let started = Instant::now();
+            let record = client
+                .start_migration(proto::StartMigrationRequest {
+                    vm: VM.into(),
+                    destination: to.into(),
+                    mode: proto::Mode::Safe as i32,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("StartMigration {VM} to {to}: {}", e.message()))
+                .into_inner();
+            let finished = tokio::time::timeout(
+                MIGRATION_TIMEOUT,
+                client.wait_migration(proto::MigrationRef { id: record.id }),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the migration to {to} did not end within {MIGRATION_TIMEOUT:?}")
+            })
+            .unwrap_or_else(|e| panic!("WaitMigration: {}", e.message()))
+            .into_inner();
+            (started.elapsed(), finished)
+        });
+        let record = serde_json::to_value(tern::protocol::record::MigrationRecord::from(&record))
+            .expect("records serialize");
         assert!(
-            out.status.success() && record["outcome"] == "succeeded",
-            "tern migrate to {to} did not succeed: {record}"
+            record["outcome"] == "succeeded",
+            "the migration to {to} did not succeed: {record}"
         );
         let transfer = &record["transfer"];
         let phase = |name: &str| {
@@ -764,7 +795,7 @@ fn report(settings: &Settings, tern: &[Sample], direct: &[Sample]) {
         .collect();
     println!(
         "tern phases p50 (ms): {}; outside the phases {unattributed:.0} \
-         (CLI, StartMigration, WaitMigration, the source's exit in Confirm)",
+         (the RPCs, and the source QEMU's exit in Confirm)",
         phases.join(", ")
     );
     let steps: Vec<String> = STEPS

@@ -804,10 +804,7 @@ impl Hypervisor for QemuHypervisor {
             tracing::warn!(vm, "QEMU did not quit; killing it");
         }
         // Whether it quit or not, make sure: the pid is checked to be QEMU.
-        let deadline = Instant::now() + QUIT_TIMEOUT;
-        while !instance.qmp.is_closed() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _ = tokio::time::timeout(QUIT_TIMEOUT, instance.qmp.closed()).await;
         self.kill_by_pidfile(vm)?;
         self.remove_files(vm);
         self.save()

@@ -567,6 +567,15 @@ impl Qmp {
         self.inner.router.is_closed()
     }
 
+    /// Resolves once the connection is gone: QEMU exited or was killed.
+    pub async fn closed(&self) {
+        let mut events = self.events();
+        while !matches!(
+            events.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ) {}
+    }
+
     pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
         self.execute("query-status", None).await
     }
@@ -1075,6 +1084,10 @@ mod tests {
     async fn qemu_closing_fails_pending_and_later_calls() {
         let (_dir, qmp, mut fake) = connected().await;
         let mut events = qmp.events();
+        let closed = tokio::spawn({
+            let qmp = qmp.clone();
+            async move { qmp.closed().await }
+        });
         let server = async {
             let _command = fake.command().await;
             drop(fake);
@@ -1084,6 +1097,11 @@ mod tests {
         })
         .await;
         assert_eq!(pending.expect_err("closed"), QmpError::Closed);
+        within("closed() to resolve", closed)
+            .await
+            .expect("no panic");
+        // And at once for a caller that comes later.
+        within("closed() after the close", qmp.closed()).await;
         assert!(qmp.is_closed());
         assert_eq!(
             within("a later call", qmp.query_migrate())
