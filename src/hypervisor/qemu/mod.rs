@@ -685,6 +685,10 @@ impl Hypervisor for QemuHypervisor {
                 }
                 Err(e) => return Err(qemu_error(e)),
             };
+            let mut info = info;
+            if info.status.as_deref() == Some("completed") {
+                info = qmp.settled_completion(info).await;
+            }
             let mut stats = transfer_stats(&info);
             if stats.elapsed_ms == 0 {
                 stats.elapsed_ms = started.elapsed().as_millis() as u64;

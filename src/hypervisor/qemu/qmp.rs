@@ -584,6 +584,25 @@ impl Qmp {
         self.execute("query-migrate", None).await
     }
 
+    /// `info` as QEMU reports it once it has worked out the downtime. QEMU
+    /// marks a migration completed a moment before it computes the downtime
+    /// and total time (7.2's `migration_calculate_complete`): a
+    /// `query-migrate` in between says 0 for both. Ask again, for up to
+    /// 100 ms; keep what there is if the figures do not come.
+    pub async fn settled_completion(&self, mut info: MigrationInfo) -> MigrationInfo {
+        for _ in 0..20 {
+            if info.downtime.unwrap_or(0) > 0 || info.status.as_deref() != Some("completed") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            match self.query_migrate().await {
+                Ok(again) if again.status.as_deref() == Some("completed") => info = again,
+                _ => break,
+            }
+        }
+        info
+    }
+
     /// Source: start migrating to `uri` (e.g. "tcp:10.0.0.2:4444"). Returns
     /// once started; follow it with [`Qmp::query_migrate`] or `MIGRATION`
     /// events.
@@ -1078,6 +1097,37 @@ mod tests {
         let stop = within("STOP", events.recv()).await.expect("event");
         assert_eq!(stop.event, "STOP");
         assert_eq!(stop.data, Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_completion_is_asked_again_until_it_has_its_downtime() {
+        let (_dir, qmp, mut fake) = connected().await;
+        let early: MigrationInfo =
+            serde_json::from_value(json!({"status": "completed", "downtime": 0, "total-time": 0}))
+                .expect("info");
+        let server = async {
+            let first = fake.command().await;
+            assert_eq!(first["execute"], "query-migrate");
+            fake.reply(&first, json!({"status": "completed", "downtime": 0}))
+                .await;
+            let second = fake.command().await;
+            fake.reply(
+                &second,
+                json!({"status": "completed", "downtime": 46, "total-time": 4985}),
+            )
+            .await;
+        };
+        let (settled, ()) = within("settling", async {
+            tokio::join!(qmp.settled_completion(early), server)
+        })
+        .await;
+        assert_eq!(
+            (settled.downtime, settled.total_time),
+            (Some(46), Some(4985))
+        );
+        // Already settled: no question asked.
+        let done = within("settled", qmp.settled_completion(settled.clone())).await;
+        assert_eq!(done.downtime, Some(46));
     }
 
     #[tokio::test]
