@@ -1,14 +1,17 @@
 //! `cargo run --example screenshots`: the console's screenshots, taken from a
 //! real demo cluster.
 //!
-//! It starts the embedded demo (4 agents, 32 VMs, random migrations) on
-//! loopback, feeds a console [`App`] from the agents' Watch streams exactly
+//! It starts the embedded demo (4 agents, 32 VMs, the last host being
+//! evacuated, random migrations) on loopback, feeds a console [`App`] from the agents' Watch streams exactly
 //! as `tern console` does, drives it by key presses to chosen moments, and
 //! draws each moment at 120×40 on ratatui's `TestBackend`. The buffer becomes
 //! an SVG (a rectangle per run of cell background, each glyph at its cell)
 //! that resvg rasterises with DejaVu Sans Mono (Debian's `fonts-dejavu-core`)
 //! into `screenshots/*.png`:
 //!
+//! - `evacuation.png`: the evacuations view (`E`) while the demo's last host
+//!   is evacuated, on a VM whose attempt failed if one has (else one in
+//!   flight);
 //! - `overview.png`: hosts and migrations, some of them in Perform;
 //! - `safe-failure.png`: the detail of a safe-mode migration that failed on
 //!   the flaky switch of the demo's last rack, with its feature matrix;
@@ -63,10 +66,13 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let demo_dir = cluster.dir.clone();
+    let evacuation = cluster.evacuate_last_host().await?;
     cluster.spawn_traffic();
     println!(
-        "demo cluster: {} agents, 32 VMs, random migrations",
-        cluster.agents.len()
+        "demo cluster: {} agents, 32 VMs, random migrations; evacuating {} ({})",
+        cluster.agents.len(),
+        evacuation.host,
+        evacuation.id
     );
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -125,6 +131,25 @@ async fn take_all(
     rx: &mut UnboundedReceiver<Msg>,
     shots: &Shots,
 ) -> anyhow::Result<()> {
+    // The demo's evacuation, while some VMs have moved and others are on
+    // their way: first, before it is over.
+    println!("waiting for the evacuation to be under way…");
+    pump(app, rx, "an evacuation with VMs moved and moving", |app| {
+        evacuation_under_way(app)
+    })
+    .await?;
+    keys(app, "E");
+    anyhow::ensure!(
+        app.view == View::Evacuations,
+        "E did not open the evacuations view"
+    );
+    let row = telling_vm(app).unwrap_or(0);
+    for _ in 0..row {
+        keys(app, "j");
+    }
+    shots.take(app, &shots.dark, "evacuation")?;
+    press(app, KeyCode::Esc);
+
     // A safe-mode failure on the flaky rack, while others are in Perform:
     // the overview then shows both at once.
     println!("waiting for a safe-mode failure and migrations in Perform…");
@@ -289,6 +314,35 @@ fn safe_failure(app: &App) -> Option<String> {
                     .any(|f| f.prepare == failed || f.finish == failed)
         })
         .map(|m| m.record.id.clone())
+}
+
+fn evacuation_vms(app: &App) -> &[proto::EvacuationVm] {
+    app.live
+        .evacuations
+        .values()
+        .next()
+        .map_or(&[], |e| e.vms.as_slice())
+}
+
+/// Some of the evacuation's VMs moved and another is in flight.
+fn evacuation_under_way(app: &App) -> bool {
+    let vms = evacuation_vms(app);
+    let count =
+        |state: proto::EvacuationVmState| vms.iter().filter(|v| v.state == state as i32).count();
+    count(proto::EvacuationVmState::Moved) >= 2 && count(proto::EvacuationVmState::InFlight) >= 1
+}
+
+/// The row of the VM whose story tells most: one with a failed attempt,
+/// else one in flight.
+fn telling_vm(app: &App) -> Option<usize> {
+    let vms = evacuation_vms(app);
+    let failed = proto::Outcome::Failed as i32;
+    vms.iter()
+        .position(|v| v.attempts.iter().any(|a| a.outcome == failed))
+        .or_else(|| {
+            vms.iter()
+                .position(|v| v.state == proto::EvacuationVmState::InFlight as i32)
+        })
 }
 
 fn draw(app: &App, theme: &Theme) -> anyhow::Result<Buffer> {

@@ -1,8 +1,8 @@
 //! The embedded demo cluster: real agents serving real gRPC on loopback
 //! ports, each with the simulated hypervisor and a simulated switch. The last
 //! rack's switch is flaky (a quarter of its ASSOCIATEs and PREASSOCIATEs
-//! fail), and a traffic generator keeps migrations moving so there is always
-//! something to watch.
+//! fail), the last host is being evacuated from the start, and a traffic
+//! generator keeps migrations moving so there is always something to watch.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 
+use crate::agent::evacuation::{self, job::Evacuation};
 use crate::agent::{self, Agent};
 use crate::config::{AgentConfig, Inventory};
 use crate::protocol::Mode;
@@ -107,60 +108,103 @@ impl Cluster {
             agents.push(agent);
             stops.push(stop_tx);
         }
-        Ok(Cluster {
+        let cluster = Cluster {
             dir,
             inventory_path,
             inventory,
             agents,
             stops,
             servers,
-        })
+        };
+        cluster.wait_until_serving().await?;
+        Ok(cluster)
+    }
+
+    /// Until every agent answers over gRPC. An agent recovers its journal
+    /// when it starts serving, and that recovery resets what was changed
+    /// before it (an evacuation's drain), so nothing may act on the agents
+    /// until then.
+    async fn wait_until_serving(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for entry in &self.inventory.host {
+            loop {
+                let answered =
+                    match crate::cli::client::Agent::connect(entry).await {
+                        Ok(agent) => agent
+                            .call(|mut c| async move {
+                                c.get_host(crate::proto::GetHostRequest {}).await
+                            })
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    };
+                if answered {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "agent {} did not answer within 10 s",
+                    entry.name
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evacuate the last host in safe mode, as `tern evacuate` would, so
+    /// the console has an evacuation to show from the start. Its VMs go to
+    /// the other hosts, some of them on the flaky rack.
+    pub async fn evacuate_last_host(&self) -> anyhow::Result<Evacuation> {
+        let agent = self
+            .agents
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("the demo cluster has no agents"))?;
+        let job = agent
+            .evacuate(evacuation::Request {
+                mode: Mode::Safe,
+                concurrency: 0,
+                max_attempts: 0,
+                exclude: Vec::new(),
+            })
+            .await?;
+        Ok(job)
     }
 
     /// Keep migrations moving: every couple of seconds, move a random idle VM
-    /// to a random other host in a random mode.
+    /// to a random other host in a random mode. Only between hosts that take
+    /// it now: a draining host sources and receives nothing here (its
+    /// evacuation moves its VMs), and a host at its `max_outgoing` or
+    /// `max_incoming` is skipped, so the console is not filled with refusals.
     pub fn spawn_traffic(&self) {
         let agents = self.agents.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                let source = {
-                    let mut rng = rand::rng();
-                    agents.choose(&mut rng).cloned()
-                };
-                let Some(source) = source else { return };
-                if source.is_stopping() {
+                if agents.iter().any(|a| a.is_stopping()) {
                     return;
                 }
-                let vms: Vec<String> = source
-                    .vms()
-                    .await
-                    .into_iter()
-                    .filter(|v| {
-                        v.migration_id.is_empty()
-                            && v.state == crate::proto::GuestState::Running as i32
-                    })
-                    .map(|v| v.name)
-                    .collect();
-                let (vm, destination, mode) = {
-                    let mut rng = rand::rng();
-                    let Some(vm) = vms.choose(&mut rng).cloned() else {
-                        continue;
-                    };
-                    let others: Vec<&Arc<Agent>> =
-                        agents.iter().filter(|a| a.name != source.name).collect();
-                    let Some(destination) = others.choose(&mut rng).map(|a| a.name.clone()) else {
-                        continue;
-                    };
-                    let mode = if rng.random_bool(0.5) {
-                        Mode::Safe
-                    } else {
-                        Mode::Fast
-                    };
-                    (vm, destination, mode)
+                let Some(step) = next_move(&agents).await else {
+                    continue;
                 };
-                if let Err(e) = source.start_migration(&vm, &destination, mode, None).await {
-                    tracing::debug!("demo traffic: {e}");
+                // Left: races with an evacuation or another migration
+                // (draining since, at a limit since, VM taken). Expected, and
+                // quiet; anything else is worth a line in the log.
+                let started = step
+                    .source
+                    .start_migration(&step.vm, &step.destination, step.mode, None)
+                    .await;
+                if let Err(e) = started {
+                    let status = tonic::Status::from(e);
+                    match status.code() {
+                        tonic::Code::FailedPrecondition
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::AlreadyExists
+                        | tonic::Code::Unavailable => {
+                            tracing::debug!("demo traffic: {}", status.message())
+                        }
+                        _ => tracing::warn!("demo traffic: {}", status.message()),
+                    }
                 }
             }
         });
@@ -175,6 +219,56 @@ impl Cluster {
             let _ = server.await;
         }
     }
+}
+
+/// One migration the traffic generator starts.
+struct Move {
+    source: Arc<Agent>,
+    vm: String,
+    destination: String,
+    mode: Mode,
+}
+
+/// A random idle VM on a host that may source a migration now, to a random
+/// host that may receive one now; `None` when no such pair exists.
+async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
+    let sources: Vec<&Arc<Agent>> = agents
+        .iter()
+        .filter(|a| !a.is_draining() && a.outgoing() < a.max_outgoing as usize)
+        .collect();
+    let source = {
+        let mut rng = rand::rng();
+        Arc::clone(sources.choose(&mut rng)?)
+    };
+    let vms: Vec<String> = source
+        .vms()
+        .await
+        .into_iter()
+        .filter(|v| {
+            v.migration_id.is_empty() && v.state == crate::proto::GuestState::Running as i32
+        })
+        .map(|v| v.name)
+        .collect();
+    let mut rng = rand::rng();
+    let vm = vms.choose(&mut rng)?.clone();
+    let destinations: Vec<&Arc<Agent>> = agents
+        .iter()
+        .filter(|a| {
+            a.name != source.name && !a.is_draining() && a.incoming() < a.max_incoming as usize
+        })
+        .collect();
+    let destination = destinations.choose(&mut rng)?.name.clone();
+    let mode = if rng.random_bool(0.5) {
+        Mode::Safe
+    } else {
+        Mode::Fast
+    };
+    Some(Move {
+        source,
+        vm,
+        destination,
+        mode,
+    })
 }
 
 fn host_letter(i: usize) -> String {
@@ -192,6 +286,10 @@ fn host_letter(i: usize) -> String {
 /// or headless until Ctrl-C.
 pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow::Result<()> {
     let cluster = Cluster::start(&options).await?;
+    let evacuation = cluster.evacuate_last_host().await;
+    if let Err(e) = &evacuation {
+        tracing::warn!("demo: could not start the evacuation: {e}");
+    }
     if !options.headless {
         if options.traffic {
             cluster.spawn_traffic();
@@ -213,6 +311,16 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
     );
     for host in &cluster.inventory.host {
         println!("  {:<8} {}", host.name, host.address);
+    }
+    if let Ok(job) = &evacuation {
+        println!(
+            "evacuating {} ({} mode, {} VMs) as {}: `tern evacuation pause {}` pauses it",
+            job.host,
+            job.mode.as_str(),
+            job.vms.len(),
+            job.id,
+            job.id
+        );
     }
     println!("inventory: {}", cluster.inventory_path.display());
     println!(
@@ -246,5 +354,50 @@ async fn wait_for_interrupt() {
             }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demo_evacuates_its_last_host_and_its_traffic_keeps_off_it() {
+        let cluster = Cluster::start(&DemoOptions {
+            hosts: 3,
+            vms: 9,
+            headless: true,
+            traffic: false,
+        })
+        .await
+        .expect("the demo cluster starts");
+        let job = cluster
+            .evacuate_last_host()
+            .await
+            .expect("the last host takes the evacuation");
+        let last = cluster.agents.last().expect("three agents");
+        assert_eq!(job.host, last.name);
+        assert_eq!(job.mode, Mode::Safe);
+        assert_eq!(job.vms.len(), 3);
+        assert!(last.is_draining());
+        // Still draining once every agent has settled: nothing reset it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(last.is_draining());
+        for _ in 0..200 {
+            if let Some(step) = next_move(&cluster.agents).await {
+                assert_ne!(
+                    step.source.name, last.name,
+                    "a draining host sources nothing"
+                );
+                assert_ne!(
+                    step.destination, last.name,
+                    "a draining host receives nothing"
+                );
+                assert_ne!(step.source.name, step.destination);
+            }
+        }
+        let dir = cluster.dir.clone();
+        cluster.stop().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

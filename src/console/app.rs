@@ -6,9 +6,10 @@ use std::collections::BTreeSet;
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-use super::keymap::{Action, action_for};
+use super::keymap::{Action, Context, action_for};
 use super::msg::{Command, Msg};
-use super::state::{ClusterState, Link, LogEntry, MigrationView};
+use super::state::{ClusterState, Link, LogEntry, MigrationView, evacuation_over};
+use crate::agent::evacuation::DEFAULT_MAX_ATTEMPTS;
 use crate::cli::output::phase_name;
 use crate::proto;
 use crate::protocol::record::{mode_from_proto, outcome_from_proto, phase_from_proto};
@@ -22,6 +23,8 @@ pub enum View {
     Events,
     /// One migration, by id.
     Detail(String),
+    /// Evacuations, newest first, and the selected one's VMs.
+    Evacuations,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +66,143 @@ pub enum Dialog {
         vms: Vec<(String, String)>,
         selected: usize,
     },
+    /// The choices of `tern evacuate HOST`.
+    Evacuate(EvacuateForm),
+    /// How to cancel an evacuation: let its attempts in flight finish, or
+    /// abort them.
+    CancelEvacuation {
+        host: String,
+        id: String,
+        in_flight: usize,
+        /// Already cancelling (letting attempts finish): only aborting is left.
+        cancelling: bool,
+    },
     Help,
     Message(String),
+}
+
+/// The evacuate dialog: one row per choice, the hosts to leave out last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvacuateForm {
+    pub host: String,
+    /// VMs on the host now (what the evacuation will move).
+    pub vms: usize,
+    pub mode: Mode,
+    /// 0: the host's `max_outgoing`.
+    pub concurrency: u32,
+    /// The host's `max_outgoing`, when its agent has reported it.
+    pub max_outgoing: Option<u32>,
+    pub max_attempts: u32,
+    pub exclude: Vec<Exclusion>,
+    /// The cursor: [`EvacuateForm::MODE`], [`EvacuateForm::CONCURRENCY`],
+    /// [`EvacuateForm::MAX_ATTEMPTS`], then one row per other host.
+    pub row: usize,
+    /// Digits are being typed on the cursor's row (a key other than a digit
+    /// or backspace ends that).
+    pub typing: bool,
+}
+
+/// Another host, whether the evacuation must leave it out, and what the
+/// console knows against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exclusion {
+    pub host: String,
+    pub excluded: bool,
+    pub note: Option<String>,
+}
+
+/// The agent's own bounds (src/agent/evacuation): asking for more is refused.
+const MAX_CONCURRENCY: u32 = 256;
+const MAX_ATTEMPTS: u32 = 100;
+
+impl EvacuateForm {
+    pub const MODE: usize = 0;
+    pub const CONCURRENCY: usize = 1;
+    pub const MAX_ATTEMPTS: usize = 2;
+    /// The first host row.
+    pub const HOSTS: usize = 3;
+
+    fn rows(&self) -> usize {
+        Self::HOSTS + self.exclude.len()
+    }
+
+    /// Left (`-1`) or right (`+1`) on the cursor's row.
+    fn adjust(&mut self, by: i64) {
+        match self.row {
+            Self::MODE => self.mode = other_mode(self.mode),
+            Self::CONCURRENCY => {
+                self.concurrency =
+                    (i64::from(self.concurrency) + by).clamp(0, i64::from(MAX_CONCURRENCY)) as u32
+            }
+            Self::MAX_ATTEMPTS => {
+                self.max_attempts =
+                    (i64::from(self.max_attempts) + by).clamp(1, i64::from(MAX_ATTEMPTS)) as u32
+            }
+            _ => self.toggle(),
+        }
+    }
+
+    /// Space: switch the mode or leave a host out (or in).
+    fn toggle(&mut self) {
+        match self.row {
+            Self::MODE => self.mode = other_mode(self.mode),
+            row if row >= Self::HOSTS => {
+                if let Some(e) = self.exclude.get_mut(row - Self::HOSTS) {
+                    e.excluded = !e.excluded;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A digit typed on a number row: the first replaces the number (typing
+    /// 5 over 3 means 5, not 35), the next ones append; backspace takes the
+    /// last one off.
+    fn type_digit(&mut self, digit: Option<u32>) {
+        let fresh = !self.typing;
+        let edit = |n: u32, max: u32| -> u32 {
+            match digit {
+                Some(d) if fresh => d.min(max),
+                Some(d) => n.saturating_mul(10).saturating_add(d).min(max),
+                None => n / 10,
+            }
+        };
+        match self.row {
+            Self::CONCURRENCY => self.concurrency = edit(self.concurrency, MAX_CONCURRENCY),
+            Self::MAX_ATTEMPTS => self.max_attempts = edit(self.max_attempts, MAX_ATTEMPTS),
+            _ => return,
+        }
+        self.typing = true;
+    }
+
+    /// What the request leaves out, in inventory order.
+    pub fn excluded(&self) -> Vec<String> {
+        self.exclude
+            .iter()
+            .filter(|e| e.excluded)
+            .map(|e| e.host.clone())
+            .collect()
+    }
+
+    /// The request, or why it cannot be sent.
+    pub fn command(&self) -> Result<Command, String> {
+        if !self.exclude.is_empty() && self.exclude.iter().all(|e| e.excluded) {
+            return Err(format!(
+                "every other host is left out: {}'s VMs would have nowhere to go",
+                self.host
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err("max attempts must be at least 1".into());
+        }
+        Ok(Command::Evacuate {
+            host: self.host.clone(),
+            mode: self.mode,
+            concurrency: self.concurrency,
+            max_attempts: self.max_attempts,
+            exclude: self.excluded(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +226,14 @@ pub struct App {
     pub focus: Focus,
     pub host_row: usize,
     pub migration_row: usize,
+    /// The evacuation the evacuations view shows; `None`: the newest.
+    pub evacuation: Option<String>,
+    /// The cursor in that evacuation's VM table.
+    pub evacuation_vm_row: usize,
+    /// Whether the cursor is in the evacuations list (tab), not the VMs.
+    pub evacuation_list_focused: bool,
+    /// Where esc leaves a migration's detail for.
+    pub detail_from: View,
     pub marked: BTreeSet<String>,
     pub filter: String,
     pub input: Option<Input>,
@@ -117,6 +263,10 @@ impl App {
             focus: Focus::Migrations,
             host_row: 0,
             migration_row: 0,
+            evacuation: None,
+            evacuation_vm_row: 0,
+            evacuation_list_focused: false,
+            detail_from: View::Overview,
             marked: BTreeSet::new(),
             filter: String::new(),
             input: None,
@@ -175,6 +325,10 @@ impl App {
         if let View::Detail(id) = &self.view {
             return self.state().migrations.get(id);
         }
+        if self.view == View::Evacuations {
+            let vm = self.selected_evacuation_vm()?;
+            return self.state().migrations.get(&vm.migration_id);
+        }
         let row = self.migration_row;
         self.rows_in(row..row + 1).into_iter().next()
     }
@@ -184,6 +338,31 @@ impl App {
             .hosts
             .get(self.host_row)
             .map(|h| h.name.as_str())
+    }
+
+    /// The evacuation the evacuations view shows: the chosen one while it
+    /// exists, else the newest.
+    pub fn selected_evacuation(&self) -> Option<&proto::EvacuationRecord> {
+        let state = self.state();
+        self.evacuation
+            .as_ref()
+            .and_then(|id| state.evacuations.get(id))
+            .or_else(|| state.ordered_evacuations().into_iter().next())
+    }
+
+    pub fn selected_evacuation_vm(&self) -> Option<&proto::EvacuationVm> {
+        let vms = &self.selected_evacuation()?.vms;
+        vms.get(self.evacuation_vm_row.min(vms.len().saturating_sub(1)))
+    }
+
+    /// What the hint bar offers keys for.
+    pub fn context(&self) -> Context {
+        match (&self.view, self.focus) {
+            (View::Overview, Focus::Hosts) => Context::Hosts,
+            (View::Overview | View::Detail(_), _) => Context::Migrations,
+            (View::Evacuations, _) => Context::Evacuations,
+            (View::Vms | View::Events, _) => Context::Lists,
+        }
     }
 
     fn say(&mut self, text: impl Into<String>, error: bool) {
@@ -276,6 +455,9 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
                 app.marked.clear();
                 app.filter.clear();
             }
+            View::Detail(_) => {
+                app.view = std::mem::replace(&mut app.detail_from, View::Overview);
+            }
             _ => app.view = View::Overview,
         },
         Action::Freeze => {
@@ -303,6 +485,9 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
                 text: String::new(),
             })
         }
+        Action::FocusNext | Action::FocusPrev if app.view == View::Evacuations => {
+            app.evacuation_list_focused = !app.evacuation_list_focused;
+        }
         Action::FocusNext | Action::FocusPrev => {
             app.focus = match app.focus {
                 Focus::Hosts => Focus::Migrations,
@@ -316,11 +501,10 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::PageUp => move_by(app, -((app.page_rows / 2).max(1) as isize)),
         Action::Top => move_by(app, isize::MIN / 2),
         Action::Bottom => move_by(app, isize::MAX / 2),
-        Action::Open => {
-            if let Some(m) = app.selected_migration() {
-                app.view = View::Detail(m.record.id.clone());
-            }
+        Action::Open if app.view == View::Evacuations && app.evacuation_list_focused => {
+            app.evacuation_list_focused = false;
         }
+        Action::Open => open_detail(app),
         Action::Mark => {
             if let Some(id) = app.selected_migration().map(|m| m.record.id.clone()) {
                 if !app.marked.remove(&id) {
@@ -334,15 +518,258 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::RetryElsewhere => pick_destination(app),
         Action::Rollback => rollback(app),
         Action::NewMigration => new_migration(app),
-        Action::Evacuate => {
-            let host = app.selected_host().unwrap_or("this host").to_string();
-            app.dialog = Some(Dialog::Message(format!(
-                "Evacuating {host} needs agents that run evacuations as jobs, which come with a later \
-                 release. Until then, move its VMs one by one with n (new migration)."
-            )));
-        }
+        Action::Evacuate => evacuate(app),
+        Action::Undrain => undrain(app),
+        Action::Evacuations => show_evacuations(app),
+        Action::PauseResume => return pause_or_resume(app),
+        Action::CancelEvacuation => cancel_evacuation(app),
     }
     Vec::new()
+}
+
+/// Drill into the selected migration; from the evacuations view, the
+/// selected VM's, and esc comes back there.
+fn open_detail(app: &mut App) {
+    let Some(id) = app.selected_migration().map(|m| m.record.id.clone()) else {
+        if app.view == View::Evacuations
+            && let Some(vm) = app.selected_evacuation_vm()
+        {
+            let why = match vm.waiting.as_str() {
+                "" => "it has no migration yet".to_string(),
+                waiting => waiting.to_string(),
+            };
+            app.say(format!("{}: {why}", vm.vm), false);
+        }
+        return;
+    };
+    app.detail_from = match app.view {
+        View::Evacuations => View::Evacuations,
+        _ => View::Overview,
+    };
+    app.view = View::Detail(id);
+}
+
+fn show_evacuations(app: &mut App) {
+    app.view = View::Evacuations;
+    app.evacuation_list_focused = false;
+    if app.state().evacuations.is_empty() {
+        app.say(
+            "no evacuations yet: select a host (tab) and press e to start one",
+            false,
+        );
+    }
+}
+
+/// Host actions act on the hosts table's cursor; anywhere else the cursor
+/// may not be on screen, so the first press only shows the hosts.
+fn host_for(app: &mut App, what: &str, key: char) -> Option<String> {
+    if app.view == View::Overview && app.focus == Focus::Hosts {
+        return app.selected_host().map(str::to_string);
+    }
+    app.view = View::Overview;
+    app.focus = Focus::Hosts;
+    app.say(
+        format!("choose the host to {what} (j/k), then press {key} again"),
+        false,
+    );
+    None
+}
+
+fn evacuate(app: &mut App) {
+    let Some(host) = host_for(app, "evacuate", 'e') else {
+        return;
+    };
+    let state = app.state();
+    let Some(view) = state.host(&host) else {
+        return;
+    };
+    if let Link::Lost { error, .. } = &view.link {
+        app.say(
+            format!("cannot evacuate {host}: its agent is unreachable ({error})"),
+            true,
+        );
+        return;
+    }
+    if let Some(active) = state.active_evacuation(&host) {
+        let moved = active
+            .vms
+            .iter()
+            .filter(|v| v.state == proto::EvacuationVmState::Moved as i32)
+            .count();
+        let text = format!(
+            "{host} is already being evacuated by {} ({} of {} moved): E shows it",
+            active.id,
+            moved,
+            active.vms.len()
+        );
+        app.say(text, true);
+        return;
+    }
+    let vms = state
+        .vms
+        .iter()
+        .filter(|((h, _), v)| *h == host && v.state != proto::GuestState::Incoming as i32)
+        .count();
+    let exclude = state
+        .hosts
+        .iter()
+        .filter(|h| h.name != host)
+        .map(|h| Exclusion {
+            host: h.name.clone(),
+            excluded: false,
+            note: match (&h.link, &h.info) {
+                (Link::Lost { .. }, _) => Some("unreachable".into()),
+                (Link::Connecting, _) | (_, None) => Some("not connected yet".into()),
+                (_, Some(info)) if info.draining => Some("draining: takes nothing".into()),
+                _ => None,
+            },
+        })
+        .collect();
+    let max_outgoing = view
+        .info
+        .as_ref()
+        .map(|i| i.max_outgoing)
+        .filter(|n| *n > 0);
+    app.dialog = Some(Dialog::Evacuate(EvacuateForm {
+        host,
+        vms,
+        mode: app.default_mode,
+        concurrency: 0,
+        max_outgoing,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        exclude,
+        row: EvacuateForm::MODE,
+        typing: false,
+    }));
+}
+
+/// Undrain the host whose evacuation is shown, or the hosts table's.
+fn undrain(app: &mut App) {
+    let host = if app.view == View::Evacuations {
+        app.selected_evacuation().map(|e| e.host.clone())
+    } else {
+        host_for(app, "undrain", 'u')
+    };
+    let Some(host) = host else {
+        return;
+    };
+    let state = app.state();
+    if let Some(active) = state.active_evacuation(&host) {
+        let text = format!(
+            "{host} is still being evacuated by {}: cancel it first (c in the evacuations view)",
+            active.id
+        );
+        app.say(text, true);
+        return;
+    }
+    let draining = state
+        .host(&host)
+        .and_then(|h| h.info.as_ref())
+        .map(|i| i.draining);
+    if draining == Some(false) {
+        app.say(format!("{host} is not draining"), true);
+        return;
+    }
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Undrain {host}?"),
+        lines: vec![format!(
+            "{host} accepts incoming migrations again: new migrations and other hosts' evacuations may place VMs on it"
+        )],
+        commands: vec![Command::Undrain { host }],
+        mode: None,
+    });
+}
+
+/// The evacuation `p` and `c` act on: the one the evacuations view shows.
+fn evacuation_target(app: &mut App, key: char) -> Option<proto::EvacuationRecord> {
+    if app.view != View::Evacuations {
+        app.say(
+            format!("{key} acts on the evacuation shown in the evacuations view: press E"),
+            true,
+        );
+        return None;
+    }
+    let found = app.selected_evacuation().cloned();
+    if found.is_none() {
+        app.say("no evacuation to act on", true);
+    }
+    found
+}
+
+fn evacuation_state(e: &proto::EvacuationRecord) -> proto::EvacuationState {
+    proto::EvacuationState::try_from(e.state).unwrap_or(proto::EvacuationState::Running)
+}
+
+/// Pause a running evacuation, resume a paused one. The control is chosen
+/// from what is shown: if that is stale, the agent refuses it and says why.
+fn pause_or_resume(app: &mut App) -> Vec<Command> {
+    let Some(e) = evacuation_target(app, 'p') else {
+        return Vec::new();
+    };
+    let control = match evacuation_state(&e) {
+        proto::EvacuationState::Paused => proto::EvacuationControl::Resume,
+        proto::EvacuationState::Running | proto::EvacuationState::Unspecified => {
+            proto::EvacuationControl::Pause
+        }
+        other => {
+            app.say(
+                format!(
+                    "evacuation {} is {}: nothing to pause or resume",
+                    e.id,
+                    evacuation_state_name(other)
+                ),
+                true,
+            );
+            return Vec::new();
+        }
+    };
+    let command = Command::ControlEvacuation {
+        host: e.host,
+        id: e.id,
+        control,
+    };
+    app.say(format!("sent: {}", command.describe()), false);
+    vec![command]
+}
+
+fn cancel_evacuation(app: &mut App) {
+    let Some(e) = evacuation_target(app, 'c') else {
+        return;
+    };
+    let state = evacuation_state(&e);
+    if evacuation_over(&e) || (state == proto::EvacuationState::Cancelling && e.abort_in_flight) {
+        app.say(
+            format!(
+                "evacuation {} is {}: nothing to cancel",
+                e.id,
+                evacuation_state_name(state)
+            ),
+            true,
+        );
+        return;
+    }
+    let in_flight = e
+        .vms
+        .iter()
+        .filter(|v| v.state == proto::EvacuationVmState::InFlight as i32)
+        .count();
+    app.dialog = Some(Dialog::CancelEvacuation {
+        host: e.host,
+        id: e.id,
+        in_flight,
+        cancelling: state == proto::EvacuationState::Cancelling,
+    });
+}
+
+/// An evacuation's state as the operator reads it.
+pub fn evacuation_state_name(state: proto::EvacuationState) -> &'static str {
+    match state {
+        proto::EvacuationState::Running | proto::EvacuationState::Unspecified => "running",
+        proto::EvacuationState::Paused => "paused",
+        proto::EvacuationState::Cancelling => "cancelling",
+        proto::EvacuationState::Cancelled => "cancelled",
+        proto::EvacuationState::Done => "done",
+    }
 }
 
 fn other_mode(mode: Mode) -> Mode {
@@ -353,7 +780,31 @@ fn other_mode(mode: Mode) -> Mode {
 }
 
 fn move_by(app: &mut App, delta: isize) {
+    if app.view == View::Evacuations && app.evacuation_list_focused {
+        let ids: Vec<String> = app
+            .state()
+            .ordered_evacuations()
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        let current = app
+            .selected_evacuation()
+            .and_then(|e| ids.iter().position(|id| *id == e.id))
+            .unwrap_or(0);
+        let next = (current as isize)
+            .saturating_add(delta)
+            .clamp(0, ids.len().saturating_sub(1) as isize) as usize;
+        if let Some(id) = ids.get(next)
+            && next != current
+        {
+            app.evacuation = Some(id.clone());
+            app.evacuation_vm_row = 0;
+        }
+        return;
+    }
+    let vm_count = app.selected_evacuation().map_or(0, |e| e.vms.len());
     let (row, len) = match (&app.view, app.focus) {
+        (View::Evacuations, _) => (&mut app.evacuation_vm_row, vm_count),
         (View::Overview, Focus::Hosts) => (&mut app.host_row, app.live.hosts.len()),
         _ => {
             let len = app.row_count();
@@ -833,6 +1284,70 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
             app.dialog = Some(Dialog::ChooseVm { vms, selected });
             Vec::new()
         }
+        Dialog::Evacuate(mut form) => {
+            match key.code {
+                KeyCode::Esc | KeyCode::Char('q') => return Vec::new(),
+                KeyCode::Char('j') | KeyCode::Down | KeyCode::Tab => {
+                    form.row = (form.row + 1).min(form.rows() - 1)
+                }
+                KeyCode::Char('k') | KeyCode::Up | KeyCode::BackTab => {
+                    form.row = form.row.saturating_sub(1)
+                }
+                KeyCode::Char('h' | '-') | KeyCode::Left => form.adjust(-1),
+                KeyCode::Char('l' | '+') | KeyCode::Right => form.adjust(1),
+                KeyCode::Char(' ') => form.toggle(),
+                KeyCode::Char('m') => form.mode = other_mode(form.mode),
+                KeyCode::Char(c) if c.is_ascii_digit() => form.type_digit(c.to_digit(10)),
+                KeyCode::Backspace => form.type_digit(None),
+                KeyCode::Enter | KeyCode::Char('y') => match form.command() {
+                    Ok(command) => {
+                        app.say(format!("sent: {}", command.describe()), false);
+                        // Show it: the agent's first report of the new
+                        // evacuation makes it the newest.
+                        app.view = View::Evacuations;
+                        app.evacuation = None;
+                        app.evacuation_vm_row = 0;
+                        app.evacuation_list_focused = false;
+                        return vec![command];
+                    }
+                    Err(why) => app.say(why, true),
+                },
+                _ => {}
+            }
+            // Any key but a digit or backspace ends the typing of a number.
+            if !matches!(key.code, KeyCode::Char('0'..='9') | KeyCode::Backspace) {
+                form.typing = false;
+            }
+            app.dialog = Some(Dialog::Evacuate(form));
+            Vec::new()
+        }
+        Dialog::CancelEvacuation {
+            host,
+            id,
+            in_flight,
+            cancelling,
+        } => {
+            let control = match key.code {
+                KeyCode::Esc | KeyCode::Char('n' | 'q') => return Vec::new(),
+                KeyCode::Char('a') => Some(proto::EvacuationControl::CancelAbort),
+                KeyCode::Char('f' | 'y') | KeyCode::Enter if !cancelling => {
+                    Some(proto::EvacuationControl::Cancel)
+                }
+                _ => None,
+            };
+            let Some(control) = control else {
+                app.dialog = Some(Dialog::CancelEvacuation {
+                    host,
+                    id,
+                    in_flight,
+                    cancelling,
+                });
+                return Vec::new();
+            };
+            let command = Command::ControlEvacuation { host, id, control };
+            app.say(format!("sent: {}", command.describe()), false);
+            vec![command]
+        }
     }
 }
 
@@ -895,12 +1410,13 @@ fn run_command(app: &mut App, line: &str) -> Vec<Command> {
             app.focus = Focus::Migrations;
         }
         (Some("vms"), _) => app.view = View::Vms,
+        (Some("evacuations" | "evacuation" | "evac"), _) => show_evacuations(app),
         (Some("events"), _) => app.view = View::Events,
         (Some("theme"), Some(name)) => app.theme = name.to_string(),
         (Some("theme"), None) => app.say(":theme needs a name", true),
         (Some(other), _) => app.say(
             format!(
-                "unknown command :{other} (try :hosts :migrations :vms :events :theme NAME :q)"
+                "unknown command :{other} (try :hosts :migrations :vms :events :evacuations :theme NAME :q)"
             ),
             true,
         ),
@@ -1197,11 +1713,381 @@ mod tests {
         );
     }
 
+    fn evacuate_form(app: &App) -> &EvacuateForm {
+        match &app.dialog {
+            Some(Dialog::Evacuate(form)) => form,
+            other => panic!("no evacuate dialog: {other:?}"),
+        }
+    }
+
+    fn typed(text: &str) -> Vec<Msg> {
+        text.chars().map(key).collect()
+    }
+
     #[test]
-    fn e_says_evacuations_come_later() {
+    fn e_on_a_host_offers_the_cli_defaults_and_sends_them() {
+        let mut app = fixture();
+        assert!(press(&mut app, &[code(KeyCode::Tab), key('e')]).is_empty());
+        let form = evacuate_form(&app);
+        assert_eq!(form.host, "hv-a");
+        assert_eq!(form.mode, Mode::Safe);
+        assert_eq!(form.concurrency, 0, "0: the host's max_outgoing");
+        assert_eq!(form.max_outgoing, Some(2), "shown as the number it means");
+        assert_eq!(form.max_attempts, 3);
+        let hosts: Vec<(&str, bool)> = form
+            .exclude
+            .iter()
+            .map(|e| (e.host.as_str(), e.excluded))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("hv-b", false),
+                ("hv-c", false),
+                ("hv-d", false),
+                ("hv-e", false)
+            ]
+        );
+        assert_eq!(
+            press(&mut app, &[code(KeyCode::Enter)]),
+            [Command::Evacuate {
+                host: "hv-a".into(),
+                mode: Mode::Safe,
+                concurrency: 0,
+                max_attempts: 3,
+                exclude: vec![],
+            }]
+        );
+        assert_eq!(app.dialog, None);
+        assert_eq!(
+            app.view,
+            View::Evacuations,
+            "the view it will show up in opens at once"
+        );
+        assert_eq!(app.evacuation, None, "following the newest");
+    }
+
+    #[test]
+    fn the_evacuate_dialog_choices_become_the_request() {
+        let mut app = fixture();
+        press(&mut app, &[code(KeyCode::Tab), key('e')]);
+        // Mode: fast. Concurrency: two to the right. Max attempts: typed.
+        press(
+            &mut app,
+            &[key('l'), key('j'), key('l'), key('l'), key('j')],
+        );
+        press(&mut app, &typed("5"));
+        // Leave out hv-b and hv-d.
+        press(
+            &mut app,
+            &[key('j'), key(' '), key('j'), key('j'), key(' ')],
+        );
+        let form = evacuate_form(&app);
+        assert_eq!(form.excluded(), ["hv-b", "hv-d"]);
+        assert_eq!(
+            press(&mut app, &[code(KeyCode::Enter)]),
+            [Command::Evacuate {
+                host: "hv-a".into(),
+                mode: Mode::Fast,
+                concurrency: 2,
+                max_attempts: 5,
+                exclude: vec!["hv-b".into(), "hv-d".into()],
+            }]
+        );
+    }
+
+    #[test]
+    fn numbers_in_the_evacuate_dialog_stay_within_what_the_agent_accepts() {
+        let mut app = fixture();
+        press(&mut app, &[code(KeyCode::Tab), key('e'), key('j')]);
+        press(&mut app, &[key('h'), key('h')]);
+        assert_eq!(evacuate_form(&app).concurrency, 0);
+        press(&mut app, &typed("9999"));
+        assert_eq!(evacuate_form(&app).concurrency, MAX_CONCURRENCY);
+        press(
+            &mut app,
+            &[code(KeyCode::Backspace), code(KeyCode::Backspace)],
+        );
+        assert_eq!(evacuate_form(&app).concurrency, 2);
+        press(
+            &mut app,
+            &[key('j'), key('h'), key('h'), key('h'), key('h')],
+        );
+        assert_eq!(evacuate_form(&app).max_attempts, 1);
+        // Typed digits replace the number first, then append to it.
+        press(&mut app, &typed("12"));
+        assert_eq!(evacuate_form(&app).max_attempts, 12);
+        press(&mut app, &[key('k'), key('j')]);
+        press(&mut app, &typed("4"));
+        assert_eq!(evacuate_form(&app).max_attempts, 4);
+    }
+
+    #[test]
+    fn leaving_out_every_other_host_is_refused_in_the_dialog() {
+        let mut app = fixture();
+        press(
+            &mut app,
+            &[code(KeyCode::Tab), key('e'), key('j'), key('j')],
+        );
+        for _ in 0..4 {
+            press(&mut app, &[key('j'), key(' ')]);
+        }
+        assert!(press(&mut app, &[code(KeyCode::Enter)]).is_empty());
+        assert!(
+            matches!(app.dialog, Some(Dialog::Evacuate(_))),
+            "still open"
+        );
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("nowhere to go")),
+            "{:?}",
+            app.status
+        );
+    }
+
+    #[test]
+    fn e_outside_the_hosts_table_first_shows_the_hosts() {
         let mut app = fixture();
         assert!(press(&mut app, &[key('e')]).is_empty());
-        assert!(matches!(&app.dialog, Some(Dialog::Message(m)) if m.contains("later")));
+        assert_eq!(app.dialog, None);
+        assert_eq!(
+            (app.view.clone(), app.focus),
+            (View::Overview, Focus::Hosts)
+        );
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, _)| s.contains("choose the host to evacuate"))
+        );
+    }
+
+    #[test]
+    fn e_on_a_host_that_is_being_evacuated_or_unreachable_says_so() {
+        let mut app = fixture();
+        press(&mut app, &[code(KeyCode::Tab), key('G'), key('e')]);
+        assert_eq!(app.dialog, None);
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("already being evacuated by e-run")),
+            "{:?}",
+            app.status
+        );
+        press(&mut app, &[key('k'), key('e')]);
+        assert_eq!(app.dialog, None);
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("hv-d: its agent is unreachable")),
+            "{:?}",
+            app.status
+        );
+    }
+
+    #[test]
+    fn big_e_shows_the_newest_evacuation_and_tab_moves_to_the_others() {
+        let mut app = fixture();
+        press(&mut app, &[key('E')]);
+        assert_eq!(app.view, View::Evacuations);
+        assert_eq!(
+            app.selected_evacuation().map(|e| e.id.as_str()),
+            Some("e-run")
+        );
+        press(&mut app, &[key('j'), key('j')]);
+        assert_eq!(
+            app.selected_evacuation_vm().map(|v| v.vm.as_str()),
+            Some("cache-02")
+        );
+        press(&mut app, &[code(KeyCode::Tab), key('j')]);
+        assert_eq!(
+            app.selected_evacuation().map(|e| e.id.as_str()),
+            Some("e-old")
+        );
+        assert_eq!(
+            app.evacuation_vm_row, 0,
+            "a new evacuation starts at its top"
+        );
+        press(&mut app, &[code(KeyCode::Enter)]);
+        assert!(!app.evacuation_list_focused, "enter goes into its VMs");
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert_eq!(app.view, View::Overview);
+    }
+
+    #[test]
+    fn enter_on_an_evacuated_vm_opens_its_migration_and_esc_comes_back() {
+        let mut app = fixture();
+        let m = migration(
+            "m-cache-02",
+            "cache-02",
+            "hv-e",
+            "hv-a",
+            proto::Outcome::None,
+        );
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: "hv-e".into(),
+                kind: Some(Kind::Migration(m)),
+            }),
+        );
+        press(
+            &mut app,
+            &[key('E'), key('j'), key('j'), code(KeyCode::Enter)],
+        );
+        assert_eq!(app.view, View::Detail("m-cache-02".into()));
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert_eq!(app.view, View::Evacuations);
+        // A VM that has not started has nothing to open, and says why.
+        press(&mut app, &[key('j'), code(KeyCode::Enter)]);
+        assert_eq!(app.view, View::Evacuations);
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, _)| s.starts_with("web-04: no host can take it now")),
+            "{:?}",
+            app.status
+        );
+    }
+
+    #[test]
+    fn p_pauses_a_running_evacuation_and_resumes_a_paused_one() {
+        let mut app = fixture();
+        assert_eq!(
+            press(&mut app, &[key('E'), key('p')]),
+            [Command::ControlEvacuation {
+                host: "hv-e".into(),
+                id: "e-run".into(),
+                control: proto::EvacuationControl::Pause,
+            }]
+        );
+        app.live.evacuations.get_mut("e-run").unwrap().state =
+            proto::EvacuationState::Paused as i32;
+        assert_eq!(
+            press(&mut app, &[key('p')]),
+            [Command::ControlEvacuation {
+                host: "hv-e".into(),
+                id: "e-run".into(),
+                control: proto::EvacuationControl::Resume,
+            }]
+        );
+        // The cancelled one has nothing to pause.
+        press(&mut app, &[code(KeyCode::Tab), key('j')]);
+        assert!(press(&mut app, &[key('p')]).is_empty());
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("cancelled"))
+        );
+    }
+
+    #[test]
+    fn p_and_c_outside_the_evacuations_view_say_where_they_work() {
+        let mut app = fixture();
+        for k in ['p', 'c'] {
+            assert!(press(&mut app, &[key(k)]).is_empty());
+            assert_eq!(app.dialog, None);
+            assert!(
+                app.status
+                    .as_ref()
+                    .is_some_and(|(s, e)| *e && s.contains("press E"))
+            );
+        }
+    }
+
+    #[test]
+    fn c_asks_whether_to_let_attempts_in_flight_finish_or_abort_them() {
+        let mut app = fixture();
+        press(&mut app, &[key('E'), key('c')]);
+        assert_eq!(
+            app.dialog,
+            Some(Dialog::CancelEvacuation {
+                host: "hv-e".into(),
+                id: "e-run".into(),
+                in_flight: 1,
+                cancelling: false,
+            })
+        );
+        let control = |commands: Vec<Command>| match &commands[..] {
+            [Command::ControlEvacuation { host, id, control }] => {
+                assert_eq!((host.as_str(), id.as_str()), ("hv-e", "e-run"));
+                *control
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            control(press(&mut app, &[key('f')])),
+            proto::EvacuationControl::Cancel
+        );
+        assert_eq!(
+            control(press(&mut app, &[key('c'), code(KeyCode::Enter)])),
+            proto::EvacuationControl::Cancel
+        );
+        assert_eq!(
+            control(press(&mut app, &[key('c'), key('a')])),
+            proto::EvacuationControl::CancelAbort
+        );
+        assert!(press(&mut app, &[key('c'), code(KeyCode::Esc)]).is_empty());
+        assert_eq!(app.dialog, None);
+    }
+
+    #[test]
+    fn a_cancelling_evacuation_can_only_still_abort_its_attempts() {
+        let mut app = fixture();
+        app.live.evacuations.get_mut("e-run").unwrap().state =
+            proto::EvacuationState::Cancelling as i32;
+        press(&mut app, &[key('E'), key('c')]);
+        assert!(
+            press(&mut app, &[code(KeyCode::Enter)]).is_empty(),
+            "enter is not an answer here"
+        );
+        assert!(matches!(
+            press(&mut app, &[key('a')])[..],
+            [Command::ControlEvacuation {
+                control: proto::EvacuationControl::CancelAbort,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn u_undrains_a_drained_host_after_a_confirmation() {
+        let mut app = fixture();
+        // hv-e is still being evacuated: undraining it is refused here.
+        press(&mut app, &[code(KeyCode::Tab), key('G'), key('u')]);
+        assert_eq!(app.dialog, None);
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("still being evacuated by e-run"))
+        );
+        app.live.evacuations.get_mut("e-run").unwrap().state = proto::EvacuationState::Done as i32;
+        press(&mut app, &[key('u')]);
+        assert!(
+            matches!(&app.dialog, Some(Dialog::Confirm { title, .. }) if title == "Undrain hv-e?")
+        );
+        assert_eq!(
+            press(&mut app, &[key('y')]),
+            [Command::Undrain {
+                host: "hv-e".into()
+            }]
+        );
+        // From the evacuations view, u undrains the evacuated host.
+        press(&mut app, &[key('E'), key('u')]);
+        assert_eq!(
+            press(&mut app, &[key('y')]),
+            [Command::Undrain {
+                host: "hv-e".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn u_on_a_host_that_is_not_draining_says_so() {
+        let mut app = fixture();
+        assert!(press(&mut app, &[code(KeyCode::Tab), key('u')]).is_empty());
+        assert_eq!(app.dialog, None);
+        assert_eq!(app.status, Some(("hv-a is not draining".into(), true)));
     }
 
     #[test]
@@ -1234,6 +2120,8 @@ mod tests {
         assert_eq!(app.view, View::Vms);
         run(&mut app, "events");
         assert_eq!(app.view, View::Events);
+        run(&mut app, "evacuations");
+        assert_eq!(app.view, View::Evacuations);
         run(&mut app, "hosts");
         assert_eq!(
             (app.view.clone(), app.focus),
@@ -1338,8 +2226,23 @@ mod tests {
         let mut app = fixture();
         app.read_only = true;
         select(&mut app, "m-fail");
-        for c in ['a', 'r', 'd', 'b', 'n', 'e'] {
+        for c in ['a', 'r', 'd', 'b', 'n', 'e', 'u'] {
             assert!(press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]).is_empty());
+            assert_eq!(app.dialog, None, "{c} opened a dialog in read-only mode");
+        }
+        press(&mut app, &[code(KeyCode::Tab), key('G')]);
+        for c in ['e', 'u'] {
+            assert!(press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]).is_empty());
+            assert_eq!(app.dialog, None, "{c} on a host in read-only mode");
+        }
+        // The evacuations view itself only reads: it opens.
+        press(&mut app, &[key('E')]);
+        assert_eq!(app.view, View::Evacuations);
+        for c in ['p', 'c', 'u'] {
+            assert!(
+                press(&mut app, &[key(c), key('f'), key('a'), key('y')]).is_empty(),
+                "{c} sent a command in read-only mode"
+            );
             assert_eq!(app.dialog, None, "{c} opened a dialog in read-only mode");
         }
     }

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 
 use super::msg::{Command, Msg};
+use crate::agent::evacuation::job::{Evacuation, JobState};
 use crate::agent::now_ms;
 use crate::cli::client::{Agent, status_error};
 use crate::cli::output::{pending_rollback_line, started_line, state_summary};
@@ -264,7 +265,85 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
                 started_line(&MigrationRecord::from(&record))
             ))
         }
+        Command::Evacuate {
+            host,
+            mode,
+            concurrency,
+            max_attempts,
+            exclude,
+        } => {
+            let agent = connect(inventory, &host).await?;
+            let request = proto::EvacuateRequest {
+                mode: mode_to_proto(mode) as i32,
+                concurrency,
+                max_attempts,
+                exclude,
+            };
+            let record = agent
+                .call(|mut c| async move { c.evacuate(request).await })
+                .await
+                .map_err(|e| e.message)?;
+            Ok(evacuation_started_line(&Evacuation::from(&record)))
+        }
+        Command::ControlEvacuation { host, id, control } => {
+            let agent = connect(inventory, &host).await?;
+            let request = proto::ControlEvacuationRequest {
+                id,
+                control: control as i32,
+            };
+            let record = agent
+                .call(|mut c| async move { c.control_evacuation(request).await })
+                .await
+                .map_err(|e| e.message)?;
+            Ok(evacuation_line(&Evacuation::from(&record)))
+        }
+        Command::Undrain { host } => {
+            let agent = connect(inventory, &host).await?;
+            agent
+                .call(|mut c| async move { c.undrain(proto::UndrainRequest {}).await })
+                .await
+                .map_err(|e| e.message)?;
+            Ok(format!("{host} accepts incoming migrations again"))
+        }
     }
+}
+
+/// What an agent said when it took an evacuation on.
+fn evacuation_started_line(job: &Evacuation) -> String {
+    format!(
+        "evacuation {} of {} started: {} VMs, {} mode, {} at a time, up to {} attempts each; {} is draining",
+        job.id,
+        job.host,
+        job.vms.len(),
+        job.mode.as_str(),
+        job.concurrency,
+        job.max_attempts,
+        job.host
+    )
+}
+
+/// An evacuation's state and counts in a line.
+fn evacuation_line(job: &Evacuation) -> String {
+    let c = job.counts();
+    let mut line = format!(
+        "evacuation {} of {} {}: {} moved, {} in flight, {} failed, {} pending of {}",
+        job.id,
+        job.host,
+        job.state.as_str(),
+        c.moved,
+        c.in_flight,
+        c.failed,
+        c.pending,
+        c.total
+    );
+    if job.state == JobState::Cancelling && c.in_flight > 0 {
+        line.push_str(if job.abort_in_flight {
+            "; aborting the attempts in flight"
+        } else {
+            "; the attempts in flight may finish"
+        });
+    }
+    line
 }
 
 /// A fresh connection per command: commands come at the operator's pace,

@@ -1,6 +1,8 @@
 //! A small cluster in known states, shared by the console's update tests
 //! and view snapshots: five hosts (hv-d lost, hv-e draining), a migration in
-//! Perform, a safe-mode failure with a pending rollback, and a success.
+//! Perform, a safe-mode failure with a pending rollback, a success, and two
+//! evacuations: hv-e's running (some VMs moved, one in flight, one failed on
+//! port-profile, some pending) and an older cancelled one of hv-c.
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
@@ -48,6 +50,8 @@ pub fn host(name: &str, draining: bool, memory_used: u64, features: &[&str]) -> 
         vcpus_total: 64,
         features: features.iter().map(|f| f.to_string()).collect(),
         draining,
+        max_outgoing: 2,
+        max_incoming: 2,
         ..Default::default()
     }
 }
@@ -192,6 +196,158 @@ fn cookies(
     out.iter().map(proto::CookieRecord::from).collect()
 }
 
+fn attempt(
+    n: u32,
+    destination: &str,
+    outcome: proto::Outcome,
+    failed_feature: &str,
+    error: &str,
+) -> proto::EvacuationAttempt {
+    proto::EvacuationAttempt {
+        attempt: n,
+        destination: destination.into(),
+        outcome: outcome as i32,
+        failed_feature: failed_feature.into(),
+        error: error.into(),
+        busy: false,
+        interrupted: false,
+        started_at_ms: 2_000 + u64::from(n) * 1_000,
+        ended_at_ms: if outcome == proto::Outcome::None {
+            0
+        } else {
+            2_500 + u64::from(n) * 1_000
+        },
+    }
+}
+
+fn evacuation_vm(
+    name: &str,
+    memory_mib: u64,
+    state: proto::EvacuationVmState,
+    host: &str,
+    attempts: Vec<proto::EvacuationAttempt>,
+    waiting: &str,
+) -> proto::EvacuationVm {
+    proto::EvacuationVm {
+        vm: name.into(),
+        memory_mib,
+        vcpus: 2,
+        state: state as i32,
+        migration_id: if attempts.is_empty() {
+            String::new()
+        } else {
+            format!("m-{name}")
+        },
+        host: host.into(),
+        degraded: false,
+        waiting: waiting.into(),
+        attempts,
+        required: vec!["port-profile".into()],
+    }
+}
+
+/// hv-e's evacuation, running in safe mode, leaving out the lost hv-d: two
+/// VMs moved, cache-02 in flight to hv-a after port-profile failed it on
+/// hv-c, db-03 out of attempts, three pending.
+pub fn evacuation() -> proto::EvacuationRecord {
+    use proto::EvacuationVmState::{Failed, InFlight, Moved, Pending};
+    use proto::Outcome::{Failed as Fail, None as Running, Succeeded};
+    let finish = |h: &str| format!("required feature port-profile failed finish on {h}");
+    proto::EvacuationRecord {
+        id: "e-run".into(),
+        host: "hv-e".into(),
+        mode: proto::Mode::Safe as i32,
+        concurrency: 2,
+        max_attempts: 2,
+        exclude: vec!["hv-d".into()],
+        state: proto::EvacuationState::Running as i32,
+        vms: vec![
+            evacuation_vm(
+                "db-07",
+                8192,
+                Moved,
+                "hv-a",
+                vec![attempt(1, "hv-a", Succeeded, "", "")],
+                "",
+            ),
+            evacuation_vm(
+                "db-03",
+                6144,
+                Failed,
+                "hv-e",
+                vec![
+                    attempt(1, "hv-c", Fail, "port-profile", &finish("hv-c")),
+                    attempt(2, "hv-b", Fail, "port-profile", &finish("hv-b")),
+                ],
+                "",
+            ),
+            evacuation_vm(
+                "cache-02",
+                4096,
+                InFlight,
+                "hv-a",
+                vec![
+                    attempt(1, "hv-c", Fail, "port-profile", &finish("hv-c")),
+                    attempt(2, "hv-a", Running, "", ""),
+                ],
+                "",
+            ),
+            evacuation_vm(
+                "web-04",
+                2048,
+                Pending,
+                "hv-e",
+                vec![],
+                "no host can take it now: hv-a at its incoming limit (2); hv-b has 1024 MiB \
+                 free, needs 2048; hv-c has 1536 MiB free, needs 2048; hv-d excluded",
+            ),
+            evacuation_vm("web-08", 2048, Pending, "hv-e", vec![], ""),
+            evacuation_vm(
+                "batch-01",
+                1024,
+                Moved,
+                "hv-b",
+                vec![attempt(1, "hv-b", Succeeded, "", "")],
+                "",
+            ),
+            evacuation_vm("batch-05", 1024, Pending, "hv-e", vec![], ""),
+        ],
+        started_at_ms: 2_000,
+        updated_at_ms: 5_000,
+        ended_at_ms: 0,
+        abort_in_flight: false,
+    }
+}
+
+/// An older evacuation of hv-c, cancelled before it was done.
+pub fn cancelled_evacuation() -> proto::EvacuationRecord {
+    use proto::EvacuationVmState::{Cancelled, Moved};
+    proto::EvacuationRecord {
+        id: "e-old".into(),
+        host: "hv-c".into(),
+        mode: proto::Mode::Fast as i32,
+        concurrency: 1,
+        max_attempts: 3,
+        exclude: vec![],
+        state: proto::EvacuationState::Cancelled as i32,
+        vms: vec![
+            evacuation_vm(
+                "app-03",
+                2048,
+                Moved,
+                "hv-b",
+                vec![attempt(1, "hv-b", proto::Outcome::Succeeded, "", "")],
+                "",
+            ),
+            evacuation_vm("app-02", 1024, Cancelled, "hv-c", vec![], ""),
+        ],
+        started_at_ms: 500,
+        updated_at_ms: 900,
+        ended_at_ms: 900,
+        abort_in_flight: false,
+    }
+}
+
 /// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b;
 /// db-01 failed hv-b → hv-c with a pending rollback on hv-c; app-01 moved.
 pub fn fixture() -> App {
@@ -201,14 +357,14 @@ pub fn fixture() -> App {
         .collect();
     let mut app = App::new(ClusterState::new("test", &names), false, "default");
     app.log_path = "/var/lib/tern-test/console.log".into();
-    let snapshot = |h: proto::Host, vms: Vec<proto::Vm>, migrations| {
+    let snapshot = |h: proto::Host, vms: Vec<proto::Vm>, migrations, evacuations| {
         Msg::Event(proto::Event {
             host: h.name.clone(),
             kind: Some(Kind::Snapshot(proto::Snapshot {
                 host: Some(h),
                 vms,
                 migrations,
-                evacuations: Vec::new(),
+                evacuations,
             })),
         })
     };
@@ -228,6 +384,7 @@ pub fn fixture() -> App {
                 migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::None),
                 migration("m-ok", "app-01", "hv-a", "hv-c", proto::Outcome::Succeeded),
             ],
+            vec![],
         ),
         snapshot(
             host("hv-b", false, 0, &["port-profile"]),
@@ -239,9 +396,20 @@ pub fn fixture() -> App {
                 "hv-c",
                 proto::Outcome::Failed,
             )],
+            vec![],
         ),
-        snapshot(hv_c, vec![vm("app-01")], vec![]),
-        snapshot(host("hv-e", true, 0, &["port-profile"]), vec![], vec![]),
+        snapshot(
+            hv_c,
+            vec![vm("app-01")],
+            vec![],
+            vec![cancelled_evacuation()],
+        ),
+        snapshot(
+            host("hv-e", true, 0, &["port-profile"]),
+            vec![],
+            vec![],
+            vec![evacuation()],
+        ),
     ] {
         update(&mut app, msg);
     }

@@ -14,6 +14,10 @@ pub enum Action {
     ToggleMode,
     NewMigration,
     Evacuate,
+    Undrain,
+    Evacuations,
+    PauseResume,
+    CancelEvacuation,
     Filter,
     CommandLine,
     FocusNext,
@@ -56,6 +60,26 @@ const fn code(code: KeyCode) -> Key {
     Key { code, ctrl: false }
 }
 
+/// What the operator is looking at, for the hint bar: it offers the keys
+/// that act on what is there (every key works everywhere; one that has
+/// nothing to act on says so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// The migrations table, or one migration's detail.
+    Migrations,
+    /// The hosts table.
+    Hosts,
+    /// The evacuations view.
+    Evacuations,
+    /// The VMs or events list.
+    Lists,
+}
+
+use Context::{Evacuations, Hosts, Lists, Migrations};
+
+/// In the hint bar wherever it is.
+const EVERYWHERE: &[Context] = &[Migrations, Hosts, Evacuations, Lists];
+
 pub struct Binding {
     pub keys: &'static [Key],
     /// How the hint bar and help show the keys.
@@ -63,6 +87,8 @@ pub struct Binding {
     pub action: Action,
     /// A word for the hint bar (empty: not in the hint bar).
     pub hint: &'static str,
+    /// Where the hint bar offers it.
+    pub hint_in: &'static [Context],
     pub help: &'static str,
     /// Changes something on an agent: gone in read-only mode.
     pub dangerous: bool,
@@ -74,6 +100,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "a",
         action: Action::Abort,
         hint: "abort",
+        hint_in: &[Migrations],
         help: "abort the selected (or marked) migrations, after a confirmation",
         dangerous: true,
     },
@@ -82,6 +109,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "r",
         action: Action::Retry,
         hint: "retry",
+        hint_in: &[Migrations],
         help: "retry the selected (or marked) failed migrations on the same host",
         dangerous: true,
     },
@@ -89,7 +117,8 @@ pub const KEYMAP: &[Binding] = &[
         keys: &[ch('d')],
         shown: "d",
         action: Action::RetryElsewhere,
-        hint: "other host",
+        hint: "elsewhere",
+        hint_in: &[Migrations],
         help: "retry the selected failed migration on another destination (a picker)",
         dangerous: true,
     },
@@ -98,6 +127,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "b",
         action: Action::Rollback,
         hint: "rollback",
+        hint_in: &[Migrations],
         help: "run the selected migration's pending rollbacks now",
         dangerous: true,
     },
@@ -106,6 +136,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "m",
         action: Action::ToggleMode,
         hint: "mode",
+        hint_in: &[Migrations, Hosts],
         help: "switch the default mode for new actions between fast and safe",
         dangerous: false,
     },
@@ -114,6 +145,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "n",
         action: Action::NewMigration,
         hint: "new",
+        hint_in: &[Migrations, Hosts],
         help: "start a new migration (VM, destination, mode)",
         dangerous: true,
     },
@@ -122,7 +154,44 @@ pub const KEYMAP: &[Binding] = &[
         shown: "e",
         action: Action::Evacuate,
         hint: "evacuate",
-        help: "evacuate the selected host (agents gain evacuations in a later release)",
+        hint_in: &[Hosts],
+        help: "evacuate the selected host: mode, concurrency, attempts, hosts to leave out",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('u')],
+        shown: "u",
+        action: Action::Undrain,
+        hint: "undrain",
+        hint_in: &[Hosts, Evacuations],
+        help: "let the selected draining host (or the evacuated one) take migrations again",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('E')],
+        shown: "E",
+        action: Action::Evacuations,
+        hint: "evacuations",
+        hint_in: &[Migrations, Hosts, Lists],
+        help: "the evacuations: progress, every VM's attempts, why one waits or failed",
+        dangerous: false,
+    },
+    Binding {
+        keys: &[ch('p')],
+        shown: "p",
+        action: Action::PauseResume,
+        hint: "pause/resume",
+        hint_in: &[Evacuations],
+        help: "pause the selected evacuation, or resume it (attempts in flight go on)",
+        dangerous: true,
+    },
+    Binding {
+        keys: &[ch('c')],
+        shown: "c",
+        action: Action::CancelEvacuation,
+        hint: "cancel",
+        hint_in: &[Evacuations],
+        help: "cancel the selected evacuation: let attempts in flight finish, or abort them",
         dangerous: true,
     },
     Binding {
@@ -130,6 +199,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "/",
         action: Action::Filter,
         hint: "filter",
+        hint_in: &[Migrations],
         help: "filter rows: text, or field:value (state:failed host:hv-b vm:web mode:safe)",
         dangerous: false,
     },
@@ -138,7 +208,8 @@ pub const KEYMAP: &[Binding] = &[
         shown: ":",
         action: Action::CommandLine,
         hint: "",
-        help: "a command: :hosts :migrations :vms :events :theme NAME :q",
+        hint_in: EVERYWHERE,
+        help: "a command: :hosts :migrations :vms :events :evacuations :theme NAME :q",
         dangerous: false,
     },
     Binding {
@@ -146,6 +217,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "tab",
         action: Action::FocusNext,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "focus the next panel",
         dangerous: false,
     },
@@ -154,6 +226,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "shift-tab",
         action: Action::FocusPrev,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "focus the previous panel",
         dangerous: false,
     },
@@ -162,6 +235,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "j/↓",
         action: Action::Down,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "down",
         dangerous: false,
     },
@@ -170,6 +244,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "k/↑",
         action: Action::Up,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "up",
         dangerous: false,
     },
@@ -178,6 +253,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "g",
         action: Action::Top,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "first row",
         dangerous: false,
     },
@@ -186,6 +262,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "G",
         action: Action::Bottom,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "last row",
         dangerous: false,
     },
@@ -194,6 +271,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "ctrl-d",
         action: Action::PageDown,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "half a page down",
         dangerous: false,
     },
@@ -202,6 +280,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "ctrl-u",
         action: Action::PageUp,
         hint: "",
+        hint_in: EVERYWHERE,
         help: "half a page up",
         dangerous: false,
     },
@@ -209,15 +288,17 @@ pub const KEYMAP: &[Binding] = &[
         keys: &[code(KeyCode::Enter)],
         shown: "enter",
         action: Action::Open,
-        hint: "detail",
-        help: "open the selected migration",
+        hint: "open",
+        hint_in: &[Migrations, Evacuations],
+        help: "open the selected migration (in evacuations: the selected VM's)",
         dangerous: false,
     },
     Binding {
         keys: &[code(KeyCode::Esc)],
         shown: "esc",
         action: Action::Back,
-        hint: "",
+        hint: "back",
+        hint_in: &[Evacuations, Lists],
         help: "back (never quits)",
         dangerous: false,
     },
@@ -226,6 +307,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "f",
         action: Action::Freeze,
         hint: "freeze",
+        hint_in: EVERYWHERE,
         help: "freeze the live view (agents keep running; unfreeze to catch up)",
         dangerous: false,
     },
@@ -234,6 +316,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "space",
         action: Action::Mark,
         hint: "mark",
+        hint_in: &[Migrations],
         help: "mark the row for a bulk abort or retry",
         dangerous: false,
     },
@@ -242,6 +325,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "?",
         action: Action::Help,
         hint: "help",
+        hint_in: EVERYWHERE,
         help: "this help",
         dangerous: false,
     },
@@ -250,6 +334,7 @@ pub const KEYMAP: &[Binding] = &[
         shown: "q",
         action: Action::Quit,
         hint: "quit",
+        hint_in: EVERYWHERE,
         help: "quit the console (agents keep running)",
         dangerous: false,
     },
@@ -268,11 +353,11 @@ pub fn action_for(key: KeyEvent, read_only: bool) -> Option<Action> {
         .map(|b| b.action)
 }
 
-/// The bindings shown in the hint bar, in table order.
-pub fn hints(read_only: bool) -> impl Iterator<Item = &'static Binding> {
-    KEYMAP
-        .iter()
-        .filter(move |b| !(b.hint.is_empty() || read_only && b.dangerous))
+/// The bindings the hint bar offers in `context`, in table order.
+pub fn hints(read_only: bool, context: Context) -> impl Iterator<Item = &'static Binding> {
+    KEYMAP.iter().filter(move |b| {
+        !(b.hint.is_empty() || read_only && b.dangerous) && b.hint_in.contains(&context)
+    })
 }
 
 /// Every binding, for the help screen.
@@ -314,7 +399,9 @@ mod tests {
                 assert_eq!(action_for(event, false), Some(b.action));
                 assert_eq!(action_for(event, true), None, "{:?}", b.action);
             }
-            assert!(!hints(true).any(|h| h.action == b.action));
+            for context in EVERYWHERE {
+                assert!(!hints(true, *context).any(|h| h.action == b.action));
+            }
             assert!(!help(true).any(|h| h.action == b.action));
         }
         assert_eq!(action_for(key('q'), true), Some(Action::Quit));
@@ -331,5 +418,21 @@ mod tests {
             Some(Action::PageDown)
         );
         assert_eq!(action_for(key('d'), false), Some(Action::RetryElsewhere));
+    }
+
+    #[test]
+    fn every_key_with_a_hint_is_offered_somewhere_and_help_and_quit_everywhere() {
+        for b in KEYMAP.iter().filter(|b| !b.hint.is_empty()) {
+            assert!(!b.hint_in.is_empty(), "{:?} is never offered", b.action);
+        }
+        for context in EVERYWHERE {
+            let offered: Vec<Action> = hints(false, *context).map(|b| b.action).collect();
+            assert!(offered.contains(&Action::Help) && offered.contains(&Action::Quit));
+        }
+        let evacuations: Vec<Action> = hints(false, Evacuations).map(|b| b.action).collect();
+        assert!(evacuations.contains(&Action::PauseResume));
+        assert!(evacuations.contains(&Action::CancelEvacuation));
+        let hosts: Vec<Action> = hints(false, Hosts).map(|b| b.action).collect();
+        assert!(hosts.contains(&Action::Evacuate) && hosts.contains(&Action::Undrain));
     }
 }

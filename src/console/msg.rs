@@ -64,6 +64,25 @@ pub enum Command {
         destination: String,
         mode: Mode,
     },
+    /// Move every VM off `host`: a job its agent owns.
+    Evacuate {
+        host: String,
+        mode: Mode,
+        /// 0: the host's `max_outgoing`.
+        concurrency: u32,
+        max_attempts: u32,
+        exclude: Vec<String>,
+    },
+    /// Pause, resume or cancel evacuation `id` of `host`.
+    ControlEvacuation {
+        host: String,
+        id: String,
+        control: proto::EvacuationControl,
+    },
+    /// `host` accepts incoming migrations again.
+    Undrain {
+        host: String,
+    },
     Quit,
 }
 
@@ -88,6 +107,36 @@ impl Command {
                 mode,
                 ..
             } => format!("migrate {vm} to {destination} ({})", mode.as_str()),
+            Command::Evacuate {
+                host,
+                mode,
+                concurrency,
+                max_attempts,
+                exclude,
+            } => {
+                let mut line = format!("evacuate {host} ({}", mode.as_str());
+                if *concurrency > 0 {
+                    line.push_str(&format!(", {concurrency} at a time"));
+                }
+                line.push_str(&format!(", {max_attempts} attempts"));
+                if !exclude.is_empty() {
+                    line.push_str(&format!(", not to {}", exclude.join(" ")));
+                }
+                line.push(')');
+                line
+            }
+            Command::ControlEvacuation { id, control, .. } => match control {
+                proto::EvacuationControl::Pause => format!("pause evacuation {id}"),
+                proto::EvacuationControl::Resume => format!("resume evacuation {id}"),
+                proto::EvacuationControl::Cancel => {
+                    format!("cancel evacuation {id} (attempts in flight finish)")
+                }
+                proto::EvacuationControl::CancelAbort => {
+                    format!("cancel evacuation {id} (aborting attempts in flight)")
+                }
+                proto::EvacuationControl::Unspecified => format!("change evacuation {id}"),
+            },
+            Command::Undrain { host } => format!("undrain {host}"),
             Command::Quit => "quit".into(),
         }
     }

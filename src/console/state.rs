@@ -230,6 +230,26 @@ impl ClusterState {
             .map(|((host, _), _)| host.as_str())
     }
 
+    /// Evacuations newest first (a handful per host at most: sorted per
+    /// call).
+    pub fn ordered_evacuations(&self) -> Vec<&proto::EvacuationRecord> {
+        let mut all: Vec<&proto::EvacuationRecord> = self.evacuations.values().collect();
+        all.sort_by(|a, b| {
+            b.started_at_ms
+                .cmp(&a.started_at_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        all
+    }
+
+    /// The evacuation of `host` that has not ended, if any (an agent runs
+    /// one at a time).
+    pub fn active_evacuation(&self, host: &str) -> Option<&proto::EvacuationRecord> {
+        self.evacuations
+            .values()
+            .find(|e| e.host == host && !evacuation_over(e))
+    }
+
     /// Migrations in the order the table shows them: running first, then
     /// unresolved, failed, and the rest; newest first within each.
     pub fn ordered_migrations(&self) -> Vec<&MigrationView> {
@@ -260,6 +280,14 @@ impl ClusterState {
         keyed.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         keyed.into_iter().map(|(_, _, _, m)| m).collect()
     }
+}
+
+/// Whether an evacuation has ended (done or cancelled).
+pub fn evacuation_over(e: &proto::EvacuationRecord) -> bool {
+    matches!(
+        proto::EvacuationState::try_from(e.state),
+        Ok(proto::EvacuationState::Done | proto::EvacuationState::Cancelled)
+    )
 }
 
 /// Where a migration sorts: outcome rank, newest first, then id.

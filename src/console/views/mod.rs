@@ -4,6 +4,7 @@
 
 mod detail;
 mod dialogs;
+mod evacuations;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -50,6 +51,7 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
         View::Vms => tables::vms(frame, body, app, theme),
         View::Events => tables::events(frame, body, app, theme),
         View::Detail(id) => detail::draw(frame, body, app, theme, id),
+        View::Evacuations => evacuations::draw(frame, body, app, theme),
     }
     draw_status(frame, status, app, theme);
     draw_hints(frame, hints, app, theme);
@@ -183,7 +185,7 @@ fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     // Help and quit first: on a narrow terminal the end of the bar is cut.
     let first =
         |b: &&keymap::Binding| !matches!(b.action, keymap::Action::Help | keymap::Action::Quit);
-    let mut hints: Vec<_> = keymap::hints(app.read_only).collect();
+    let mut hints: Vec<_> = keymap::hints(app.read_only, app.context()).collect();
     hints.sort_by_key(first);
     for b in hints {
         spans.push(Span::styled(format!(" {} ", b.shown), theme.key));

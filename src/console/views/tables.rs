@@ -58,8 +58,17 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             ),
         };
         let vms = state.vm_count(&h.name);
+        // In flight from the migrations the console follows (a host's own
+        // counts only move with its next report); the limits are the host's.
         let (moving_out, moving_in) = moving.get(h.name.as_str()).copied().unwrap_or_default();
-        let (memory, pending, draining) = match &h.info {
+        let limit = |n: u32| {
+            if n > 0 {
+                format!("/{n}")
+            } else {
+                String::new()
+            }
+        };
+        let (memory, pending, draining, limits) = match &h.info {
             Some(i) => (
                 format!(
                     "{}/{}",
@@ -68,25 +77,45 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 ),
                 i.pending_rollbacks.len(),
                 i.draining,
+                (limit(i.max_outgoing), limit(i.max_incoming)),
             ),
-            None => ("?".into(), 0, false),
+            None => ("?".into(), 0, false, Default::default()),
         };
+        let mut drain = Vec::new();
+        if draining {
+            drain.push(Span::styled("draining", theme.draining));
+        }
+        if let Some(e) = state.active_evacuation(&h.name) {
+            let moved = e
+                .vms
+                .iter()
+                .filter(|v| v.state == proto::EvacuationVmState::Moved as i32)
+                .count();
+            let what = match proto::EvacuationState::try_from(e.state) {
+                Ok(proto::EvacuationState::Paused) => "evacuation paused",
+                Ok(proto::EvacuationState::Cancelling) => "cancelling",
+                _ => "evacuating",
+            };
+            drain.push(Span::styled(
+                format!(" · {what} {moved} of {}", e.vms.len()),
+                theme.draining,
+            ));
+        }
         Row::new(vec![
             Cell::from(h.name.clone()),
             Cell::from(Span::styled(link, link_style)),
             Cell::from(vms.to_string()),
             Cell::from(memory),
-            Cell::from(format!("↑{moving_out} ↓{moving_in}")),
+            Cell::from(format!(
+                "↑{moving_out}{} ↓{moving_in}{}",
+                limits.0, limits.1
+            )),
             Cell::from(if pending > 0 {
                 Span::styled(format!("⚠ {pending} pending"), theme.warning)
             } else {
                 Span::raw("")
             }),
-            Cell::from(if draining {
-                Span::styled("draining", theme.draining)
-            } else {
-                Span::raw("")
-            }),
+            Cell::from(Line::from(drain)),
         ])
     });
     let table = Table::new(
@@ -96,9 +125,9 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             Constraint::Length(16),
             Constraint::Length(4),
             Constraint::Length(22),
-            Constraint::Length(9),
-            Constraint::Length(14),
-            Constraint::Length(9),
+            Constraint::Length(10),
+            Constraint::Length(13),
+            Constraint::Min(9),
         ],
     )
     .header(

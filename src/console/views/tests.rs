@@ -62,7 +62,25 @@ fn screens() -> Vec<(&'static str, Vec<Msg>)> {
         ("retry_confirm", vec![key('j'), key('r')]),
         ("picker", vec![key('j'), key('d')]),
         ("new_migration", vec![key('n')]),
-        ("evacuate", vec![key('e')]),
+        ("evacuate", vec![code(KeyCode::Tab), key('e')]),
+        (
+            "evacuate_choices",
+            vec![
+                code(KeyCode::Tab),
+                key('e'),
+                key('l'),
+                key('j'),
+                key('j'),
+                key('j'),
+                key(' '),
+            ],
+        ),
+        ("evacuations", vec![key('E'), key('j')]),
+        (
+            "evacuations_list",
+            vec![key('E'), code(KeyCode::Tab), key('j')],
+        ),
+        ("cancel_evacuation", vec![key('E'), key('c')]),
         (
             "filter",
             vec![
@@ -206,4 +224,48 @@ fn no_color_leaves_state_readable_by_symbol() {
     }
     find(buffer, "port-profile ✗ finish");
     find(buffer, "⨯ lost");
+}
+
+#[test]
+fn an_evacuation_failure_shows_its_feature_and_cause_in_their_colours() {
+    let theme = Theme::named("default").expect("default theme");
+    // The cursor on the first VM, so the failed one's row keeps its colours.
+    let app = app_after(&[key('E')]);
+    // And on the failed one (second, largest first), for its story.
+    let on_failed = app_after(&[key('E'), key('j')]);
+    for size in SIZES {
+        let story = render(&on_failed, &theme, size);
+        same_colour(
+            story.backend().buffer(),
+            find(
+                story.backend().buffer(),
+                "gave up: out of attempts (2 of 2)",
+            ),
+            theme.error,
+            "why it gave up",
+        );
+        let terminal = render(&app, &theme, size);
+        let buffer = terminal.backend().buffer();
+        let (x, y) = find(buffer, "✗ failed    db-03");
+        same_colour(buffer, (x, y), theme.failed, "the failed VM's state");
+        same_colour(
+            buffer,
+            find_below(buffer, "port-profile", y),
+            theme.failed,
+            "the failing feature in its row",
+        );
+        // Each part of the gauge has its glyph and colour.
+        for (glyph, style, what) in [
+            ("█", theme.succeeded, "moved"),
+            ("▓", theme.running, "in flight"),
+            ("✗✗", theme.failed, "failed"),
+            ("░", theme.pending, "pending"),
+        ] {
+            same_colour(buffer, find(buffer, glyph), style, what);
+        }
+        find(
+            buffer,
+            "2 moved · 1 in flight · 1 failed · 3 pending · 7 VMs",
+        );
+    }
 }
