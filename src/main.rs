@@ -81,8 +81,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ModeArg::Safe)]
         mode: ModeArg,
         /// Migrations at once; the host's max_outgoing when omitted.
-        #[arg(long, default_value_t = 0, hide_default_value = true)]
-        concurrency: u32,
+        #[arg(long)]
+        concurrency: Option<u32>,
         /// Attempts per VM, each on another host (a busy host's refusal
         /// does not count).
         #[arg(long, default_value_t = 3)]
@@ -692,7 +692,7 @@ mod tests {
         };
         assert_eq!(host, "hv-a");
         assert_eq!(mode, ModeArg::Fast);
-        assert_eq!((concurrency, max_attempts), (4, 5));
+        assert_eq!((concurrency, max_attempts), (Some(4), 5));
         assert_eq!(exclude, ["hv-b", "hv-c", "hv-d"]);
         assert!(report.json && !report.no_wait);
         // Defaults: safe, the host's limit, 3 attempts, nothing excluded.
@@ -706,7 +706,7 @@ mod tests {
         else {
             panic!("not evacuate");
         };
-        assert_eq!((mode, concurrency, max_attempts), (ModeArg::Safe, 0, 3));
+        assert_eq!((mode, concurrency, max_attempts), (ModeArg::Safe, None, 3));
         assert!(exclude.is_empty());
         assert!(matches!(
             parse(&["evacuation", "cancel", "e-1", "--abort"]).command,

@@ -103,6 +103,27 @@ struct State {
     draining: bool,
 }
 
+impl State {
+    /// Every VM lock and every live source attempt task, but unresolved
+    /// attempts (their guest is paused, nothing moves). Locks alone miss
+    /// one: a VM's lock goes before its outcome is published, and a retry's
+    /// lock points at the last attempt's ended record until the new one is
+    /// published; tasks alone miss an attempt being started, whose task is
+    /// registered after its lock.
+    fn outgoing(&self) -> usize {
+        self.locks
+            .values()
+            .chain(self.sources.keys())
+            .filter(|m| {
+                self.migrations
+                    .get(*m)
+                    .is_none_or(|r| r.outcome != Some(crate::protocol::Outcome::Unresolved))
+            })
+            .collect::<HashSet<_>>()
+            .len()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -257,14 +278,9 @@ impl Agent {
         self.state().migrations.values().cloned().collect()
     }
 
-    /// Migrations this host sources that have no outcome yet.
+    /// Migrations this host sources now: what `max_outgoing` limits.
     pub fn outgoing(&self) -> usize {
-        let state = self.state();
-        state
-            .locks
-            .values()
-            .filter(|m| state.migrations.get(*m).is_none_or(|r| r.outcome.is_none()))
-            .count()
+        self.state().outgoing()
     }
 
     /// Migrations this host receives that have not ended here.

@@ -49,6 +49,12 @@ impl From<Refusal> for tonic::Status {
     }
 }
 
+/// Held from a Prepare's check of `max_incoming` until its attempt is
+/// registered (`destination::start` takes the state lock itself, so the two
+/// cannot share it). Shared by the agents of one process (the demo runs
+/// several); held only for that synchronous step.
+static ADMITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// 48 random bits: ids are made by every source independently, and an
 /// attempt id seen twice by a destination is refused (a repeated Prepare),
 /// so they must not collide over a cluster's life (about 0.2 % chance of
@@ -143,11 +149,7 @@ impl Agent {
                     "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
                 )));
             }
-            let outgoing = state
-                .locks
-                .values()
-                .filter(|m| state.migrations.get(*m).is_none_or(|r| r.outcome.is_none()))
-                .count();
+            let outgoing = state.outgoing();
             if outgoing >= self.max_outgoing as usize {
                 return Err(Refusal::ResourceExhausted(format!(
                     "{} already sources {outgoing} migrations (max_outgoing = {}); wait for one to end",
@@ -318,6 +320,9 @@ impl Agent {
             }
         };
         check_new_attempt(&incoming.attempt_id, &self.name, known).map_err(prepare_refusal)?;
+        // From the count to the new attempt's registration, one Prepare at
+        // a time: otherwise two arriving together both pass the check.
+        let admitting = ADMITTING.lock().unwrap_or_else(|e| e.into_inner());
         let receiving = self.incoming();
         if receiving >= self.max_incoming as usize {
             return Err(Refusal::ResourceExhausted(format!(
@@ -371,6 +376,7 @@ impl Agent {
         )
         .map_err(prepare_refusal)?;
         destination::start(self, attempt, actions, Some(tx));
+        drop(admitting);
         rx.await
             .map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
     }

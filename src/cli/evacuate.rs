@@ -20,8 +20,8 @@ const POLL: Duration = Duration::from_millis(300);
 pub struct EvacuateArgs {
     pub host: String,
     pub mode: Mode,
-    /// 0: the host's max_outgoing.
-    pub concurrency: u32,
+    /// `None`: the host's max_outgoing.
+    pub concurrency: Option<u32>,
     pub max_attempts: u32,
     pub exclude: Vec<String>,
     pub wait: bool,
@@ -36,6 +36,17 @@ async fn connect(cluster: &Cluster, host: &str) -> Result<Agent, CliError> {
 /// `tern evacuate HOST`: start the job, then (unless `--no-wait`) print
 /// each VM as it settles, and the whole evacuation at the end.
 pub async fn evacuate(inventory: &Path, args: EvacuateArgs) -> CliResult {
+    // 0 means "the default" on the wire; typed by an operator it is a mistake.
+    if args.concurrency == Some(0) {
+        return Err(CliError::usage(
+            "concurrency 0: must be at least 1 (leave it out for the host's max_outgoing)",
+        ));
+    }
+    if args.max_attempts == 0 {
+        return Err(CliError::usage(
+            "max attempts 0: must be at least 1 (the default is 3)",
+        ));
+    }
     let cluster = Cluster::load(inventory)?;
     for host in &args.exclude {
         cluster.check_host(host)?;
@@ -49,7 +60,7 @@ pub async fn evacuate(inventory: &Path, args: EvacuateArgs) -> CliResult {
     let agent = connect(&cluster, &args.host).await?;
     let request = proto::EvacuateRequest {
         mode: mode_to_proto(args.mode) as i32,
-        concurrency: args.concurrency,
+        concurrency: args.concurrency.unwrap_or(0),
         max_attempts: args.max_attempts,
         exclude: args.exclude.clone(),
     };

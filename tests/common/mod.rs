@@ -222,6 +222,12 @@ impl Cluster {
         }
     }
 
+    /// The gRPC address of a host's agent, as the inventory lists it.
+    pub fn address(&self, name: &str) -> String {
+        let host = self.host(name);
+        format!("http://{}:{}", host.ip, host.port)
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(&self.host(name).log_path).unwrap_or_default()
     }

@@ -10,9 +10,9 @@ use crate::proto;
 use crate::protocol::record::{MigrationRecord, mode_to_proto, outcome_to_proto};
 use crate::protocol::{Millis, Mode, Outcome, StepStatus};
 
-/// A destination that refused Prepare with this in its reason is busy (at
-/// its incoming limit, or still undoing an earlier attempt for the VM): the
-/// evacuation waits and tries the same host again, without counting it.
+/// A destination that refused Prepare with this in its reason is at its
+/// `max_incoming`: the evacuation waits and tries the same host again,
+/// without counting it.
 pub const BUSY: &str = "destination busy";
 
 /// How long a VM waits before trying a busy destination again.
@@ -82,6 +82,10 @@ pub struct AttemptEntry {
     pub error: Option<String>,
     /// Refused as busy: waited out, not counted against max_attempts.
     pub busy: bool,
+    /// Cut short by the source agent's own stop or restart: the VM and the
+    /// destination had nothing to do with it, so it is not counted either.
+    #[serde(default)]
+    pub interrupted: bool,
     pub started_at_ms: Millis,
     pub ended_at_ms: Option<Millis>,
 }
@@ -144,7 +148,7 @@ impl JobVm {
     pub fn counted_attempts(&self) -> u32 {
         self.attempts
             .iter()
-            .filter(|a| !a.busy && a.outcome.is_some())
+            .filter(|a| !a.busy && !a.interrupted && a.outcome.is_some())
             .count() as u32
     }
 
@@ -153,7 +157,11 @@ impl JobVm {
         let mut hosts: Vec<String> = self
             .attempts
             .iter()
-            .filter(|a| !a.busy && matches!(a.outcome, Some(Outcome::Failed | Outcome::Aborted)))
+            .filter(|a| {
+                !a.busy
+                    && !a.interrupted
+                    && matches!(a.outcome, Some(Outcome::Failed | Outcome::Aborted))
+            })
             .map(|a| a.destination.clone())
             .collect();
         hosts.dedup();
@@ -327,6 +335,7 @@ impl Evacuation {
             failed_feature: None,
             error: None,
             busy: false,
+            interrupted: false,
             started_at_ms: now,
             ended_at_ms: None,
         });
@@ -391,6 +400,12 @@ impl Evacuation {
             .map(|f| f.name.clone());
         entry.busy = matches!(outcome, Outcome::Failed)
             && record.error.as_deref().is_some_and(|e| e.contains(BUSY));
+        // The texts the source's own shutdown and restart recovery give.
+        entry.interrupted = matches!(outcome, Outcome::Aborted)
+            && record.error.as_deref().is_some_and(|e| {
+                e.contains(&format!("agent {source} is shutting down"))
+                    || e.contains(&format!("{source} restarted"))
+            });
         let verdict = match outcome {
             Outcome::Succeeded | Outcome::Degraded => {
                 v.state = VmState::Moved;
@@ -411,10 +426,14 @@ impl Evacuation {
                 ))
             }
             Outcome::Failed | Outcome::Aborted => {
-                v.host = source;
+                v.host = source.clone();
                 if mode_cancelling {
                     v.state = VmState::Cancelled;
                     Verdict::Cancelled
+                } else if entry.interrupted {
+                    v.state = VmState::Pending;
+                    v.waiting = Some(format!("{source} stopped during the attempt; trying again"));
+                    Verdict::RetryElsewhere
                 } else if entry.busy {
                     v.state = VmState::Pending;
                     v.retry_host = Some(record.destination.clone());
@@ -546,6 +565,7 @@ fn vm_to_proto(v: &JobVm) -> proto::EvacuationVm {
                 busy: a.busy,
                 started_at_ms: a.started_at_ms,
                 ended_at_ms: a.ended_at_ms.unwrap_or(0),
+                interrupted: a.interrupted,
             })
             .collect(),
     }
@@ -603,6 +623,7 @@ impl From<&proto::EvacuationRecord> for Evacuation {
                             failed_feature: non_empty(&a.failed_feature),
                             error: non_empty(&a.error),
                             busy: a.busy,
+                            interrupted: a.interrupted,
                             started_at_ms: a.started_at_ms,
                             ended_at_ms: (a.ended_at_ms != 0).then_some(a.ended_at_ms),
                         })
@@ -781,6 +802,57 @@ mod tests {
         );
         assert!(j.vms[0].attempts[0].busy);
         assert_eq!(j.state, JobState::Done);
+    }
+
+    #[test]
+    fn an_attempt_cut_short_by_the_sources_own_stop_is_not_counted() {
+        let mut j = job(&[("a", 1024)], 2, 1);
+        j.started(0, "m-a", 1, "hv-b", 1001);
+        let stopped = ended(
+            "m-a",
+            1,
+            "hv-b",
+            Outcome::Aborted,
+            None,
+            "agent hv-a is shutting down",
+        );
+        assert_eq!(
+            j.attempt_ended(0, &stopped, 1100),
+            Some(Verdict::RetryElsewhere)
+        );
+        assert!(j.vms[0].attempts[0].interrupted);
+        assert_eq!(j.vms[0].counted_attempts(), 0);
+        assert!(
+            !j.avoid(0).contains(&"hv-b".to_string()),
+            "hv-b did nothing wrong"
+        );
+        j.started(0, "m-a", 2, "hv-b", 1200);
+        let restarted = ended(
+            "m-a",
+            2,
+            "hv-b",
+            Outcome::Aborted,
+            None,
+            "hv-a restarted during Perform",
+        );
+        assert_eq!(
+            j.attempt_ended(0, &restarted, 1300),
+            Some(Verdict::RetryElsewhere)
+        );
+        // Another host's stop is the destination's failure, and counts.
+        j.started(0, "m-a", 3, "hv-b", 1400);
+        let theirs = ended(
+            "m-a",
+            3,
+            "hv-b",
+            Outcome::Aborted,
+            None,
+            "agent hv-b is shutting down",
+        );
+        assert!(matches!(
+            j.attempt_ended(0, &theirs, 1500),
+            Some(Verdict::Failed(_))
+        ));
     }
 
     #[test]

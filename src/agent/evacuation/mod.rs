@@ -14,7 +14,7 @@
 pub mod job;
 pub mod placement;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ use placement::{Candidate, Unfit};
 const CAPACITY_DEADLINE: Duration = Duration::from_secs(1);
 /// How often VMs that wait for room are looked at again.
 const RECHECK: Duration = Duration::from_secs(1);
+/// How soon a pass is made again when this host's `max_outgoing` stopped
+/// it: an attempt that just published its outcome leaves the count a
+/// moment later, without an event of its own.
+const RECHECK_OUTGOING: Duration = Duration::from_millis(20);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const MAX_MAX_ATTEMPTS: u32 = 100;
 const MAX_CONCURRENCY: u32 = 256;
@@ -290,8 +294,13 @@ impl Agent {
         let mut open = Vec::new();
         {
             let mut state = self.state();
-            state.draining = draining;
+            // An evacuation started before recovery ran (an in-process
+            // agent, the demo) is already here, draining and running.
+            state.draining |= draining;
             for job in jobs {
+                if state.evacuations.contains_key(&job.id) {
+                    continue;
+                }
                 if !job.state.is_over() {
                     open.push(job.id.clone());
                 }
@@ -355,7 +364,7 @@ impl Agent {
                 // Journaled as it is: the next start of the agent resumes it.
                 return;
             }
-            self.evacuation_pass(id, &mut aborted).await;
+            let blocked = self.evacuation_pass(id, &mut aborted).await;
             let Some(job) = self.evacuation(id) else {
                 return;
             };
@@ -381,7 +390,7 @@ impl Agent {
                 && job.vms.iter().any(|v| v.state == VmState::Pending);
             let recheck = async {
                 if waiting {
-                    tokio::time::sleep(RECHECK).await
+                    tokio::time::sleep(if blocked { RECHECK_OUTGOING } else { RECHECK }).await
                 } else {
                     std::future::pending().await
                 }
@@ -406,9 +415,10 @@ impl Agent {
     }
 
     /// One pass: outcomes, aborts, then new attempts.
-    async fn evacuation_pass(self: &Arc<Self>, id: &str, aborted: &mut HashSet<String>) {
+    /// True when this host's `max_outgoing` kept a ready VM from starting.
+    async fn evacuation_pass(self: &Arc<Self>, id: &str, aborted: &mut HashSet<String>) -> bool {
         let Some(job) = self.evacuation(id) else {
-            return;
+            return false;
         };
         // The outcomes of the attempts in flight.
         for (i, vm) in job.vms.iter().enumerate() {
@@ -431,7 +441,7 @@ impl Agent {
             }
         }
         let Some(job) = self.evacuation(id) else {
-            return;
+            return false;
         };
         if job.state == JobState::Cancelling && job.abort_in_flight {
             for vm in job.vms.iter().filter(|v| v.state == VmState::InFlight) {
@@ -453,8 +463,9 @@ impl Agent {
             }
         }
         if job.may_start() && !job.ready(now_ms()).is_empty() {
-            self.start_next(id).await;
+            return self.start_next(id).await;
         }
+        false
     }
 
     fn log_verdict(
@@ -487,8 +498,32 @@ impl Agent {
     }
 
     /// Start attempts for the ready VMs while the limits allow.
-    async fn start_next(self: &Arc<Self>, id: &str) {
+    /// True when this host's `max_outgoing` stopped it.
+    async fn start_next(self: &Arc<Self>, id: &str) -> bool {
+        if self.outgoing() >= self.max_outgoing as usize {
+            return true;
+        }
         let mut hosts = self.candidates().await;
+        // This host's own attempts occupy their destination until their
+        // outcome is published, whatever the destination answered: it may
+        // not have seen Prepare yet, or may have ended its part before
+        // Confirm. Counting only its answer started one more than
+        // max_incoming from here.
+        let mut own: HashMap<String, u32> = HashMap::new();
+        {
+            let state = self.state();
+            for migration in state.sources.keys() {
+                if let Some(r) = state.migrations.get(migration)
+                    && r.outcome != Some(crate::protocol::Outcome::Unresolved)
+                {
+                    *own.entry(r.destination.clone()).or_default() += 1;
+                }
+            }
+        }
+        for host in &mut hosts {
+            let sent = own.get(&host.name).copied().unwrap_or(0);
+            host.incoming = host.incoming.max(sent);
+        }
         let here: HashSet<String> = self
             .hypervisor
             .guests()
@@ -497,18 +532,23 @@ impl Agent {
             .map(|g| g.spec.name)
             .collect();
         let Some(job) = self.evacuation(id) else {
-            return;
+            return false;
         };
         for i in job.ready(now_ms()) {
             // Re-read: an operator may have paused it meanwhile.
             let Some(job) = self.evacuation(id) else {
-                return;
+                return false;
             };
-            if !job.may_start() || self.outgoing() >= self.max_outgoing as usize {
-                return;
+            if !job.may_start() {
+                return false;
+            }
+            if self.outgoing() >= self.max_outgoing as usize {
+                return true;
             }
             let vm = &job.vms[i];
-            if let Some(holder) = self.state().locks.get(&vm.name).cloned() {
+            // Not in the `if let`: its guard would be held through the block.
+            let holder = self.state().locks.get(&vm.name).cloned();
+            if let Some(holder) = holder {
                 self.adopt_or_wait(id, i, &holder, job.started_at_ms);
                 continue;
             }
@@ -580,7 +620,7 @@ impl Agent {
                     });
                 }
                 // The host's outgoing limit, reached by someone else's migration.
-                Err(Refusal::ResourceExhausted(_)) => return,
+                Err(Refusal::ResourceExhausted(_)) => return true,
                 Err(Refusal::AlreadyExists(why))
                 | Err(Refusal::FailedPrecondition(why))
                 | Err(Refusal::NotFound(why))
@@ -590,9 +630,10 @@ impl Agent {
                         Ok(())
                     });
                 }
-                Err(Refusal::Unavailable(_)) => return,
+                Err(Refusal::Unavailable(_)) => return false,
             }
         }
+        false
     }
 
     /// A pending VM is locked by a migration: ours if it started after the
