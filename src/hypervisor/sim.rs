@@ -223,18 +223,22 @@ impl SimHypervisor {
     }
 
     /// Sleep one tick of real time, or less if the transfer is cancelled.
+    /// Wait until `until` (or a cancel), then say whether to go on.
     async fn tick(
         &self,
         vm: &str,
         control: &TransferControl,
-        real: Duration,
+        until: tokio::time::Instant,
     ) -> Result<(), HypervisorError> {
-        if !real.is_zero() {
+        if until > tokio::time::Instant::now() {
             tokio::select! {
                 biased;
                 () = control.wake.notified() => {}
-                () = tokio::time::sleep(real) => {}
+                () = tokio::time::sleep_until(until) => {}
             }
+        } else {
+            // Behind schedule: catch up, but let other tasks run.
+            tokio::task::yield_now().await;
         }
         if control.cancelled.load(Ordering::Acquire) {
             return Err(HypervisorError::Cancelled(vm.to_string()));
@@ -413,6 +417,35 @@ impl PreCopy {
     }
 }
 
+/// How long [`SimHypervisor::transfer_out`] takes to move `spec` in
+/// simulated time, computed from the same pre-copy model without sleeping:
+/// every byte it sends, iterations and stop-and-copy included, at link
+/// speed. Divide by `settings.speed` for real time (which a running transfer
+/// only exceeds by its sleeps' overshoot). `None` when the transfer would
+/// fail for want of bandwidth.
+pub fn transfer_duration(spec: &VmSpec, settings: &SimSettings) -> Option<Duration> {
+    let mut copy = PreCopy::new(spec, settings);
+    if copy.bandwidth == 0 && copy.memory > 0 {
+        return None;
+    }
+    loop {
+        if copy.should_stop_and_copy() {
+            copy.stop_and_copy = true;
+        }
+        copy.send(copy.left_in_iteration());
+        if copy.stop_and_copy {
+            break;
+        }
+        copy.next_iteration();
+    }
+    if copy.transferred == 0 {
+        return Some(Duration::ZERO);
+    }
+    Some(Duration::from_secs_f64(
+        copy.transferred as f64 / copy.bandwidth as f64,
+    ))
+}
+
 /// `value * mul / div` without overflow, rounded down; zero if `div` is zero.
 fn scale(value: u64, mul: u64, div: u64) -> u64 {
     if div == 0 {
@@ -522,6 +555,10 @@ impl Hypervisor for SimHypervisor {
         let tick_bytes =
             (copy.bandwidth as f64 * speed * TICK.as_millis() as f64 / 1000.0).max(1.0) as u64;
         let mut downtime_bytes = 0;
+        // Ticks sleep until a deadline that advances by each tick's share of
+        // real time, so timer slack does not pile up over a transfer (it
+        // made transfers about 3 % longer than the model says).
+        let mut deadline = tokio::time::Instant::now();
         loop {
             if !copy.stop_and_copy && copy.should_stop_and_copy() {
                 if control.cancelled.load(Ordering::Acquire) {
@@ -542,8 +579,8 @@ impl Hypervisor for SimHypervisor {
             }
             while copy.left_in_iteration() > 0 {
                 let chunk = copy.left_in_iteration().min(tick_bytes);
-                let real = Duration::from_secs_f64(chunk as f64 / copy.bandwidth as f64 / speed);
-                self.tick(vm, control, real).await?;
+                deadline += Duration::from_secs_f64(chunk as f64 / copy.bandwidth as f64 / speed);
+                self.tick(vm, control, deadline).await?;
                 if !self.guest_exists(vm) {
                     return Err(HypervisorError::Failed(format!(
                         "guest {vm} was killed during its transfer"
@@ -717,6 +754,68 @@ mod tests {
         assert_eq!(stats.expected_downtime_ms, 63); // far beyond the 10 ms limit
         assert!(reports.iter().all(|r| r.iteration <= MAX_ITERATIONS));
         assert_eq!(hv.status("db").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn transfer_duration_matches_what_the_transfer_takes() {
+        // 256 MiB, then the 16 MiB it dirtied: 272 MiB at 1 GiB/s.
+        assert_eq!(
+            transfer_duration(&vm("web", 256, 64), &settings(1024, 30)),
+            Some(Duration::from_micros(265_625))
+        );
+        assert_eq!(
+            transfer_duration(&vm("empty", 0, 100), &settings(0, 30)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            transfer_duration(&vm("web", 256, 0), &settings(0, 30)),
+            None
+        );
+        // Converging in one, several or the forced last iteration: the same
+        // bytes and simulated time as the transfer itself.
+        for (memory_mib, dirty_rate_mib_s, downtime_limit_ms) in [
+            (512, 0, 300),
+            (8192, 64, 300),
+            (3000, 700, 50),
+            (64, 2048, 10),
+        ] {
+            let settings = settings(1024, downtime_limit_ms);
+            let spec = vm("web", memory_mib, dirty_rate_mib_s);
+            let hv = sim(settings, std::slice::from_ref(&spec));
+            let (result, _) = transfer(&hv, "web").await;
+            let stats = result.expect("transfer completes");
+            let expected = transfer_duration(&spec, &settings).expect("bandwidth");
+            assert_eq!(
+                expected.as_millis(),
+                u128::from(stats.elapsed_ms),
+                "{spec:?}"
+            );
+            let bytes = expected.as_secs_f64() * (1024 * MIB) as f64;
+            assert!(
+                (bytes - stats.bytes_transferred as f64).abs() < 2.0,
+                "{spec:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn transfer_lasts_its_duration_divided_by_speed() {
+        // 256 MiB at 1 GiB/s and 2x: 125 ms of real time.
+        let settings = SimSettings {
+            speed: 2.0,
+            ..settings(1024, 300)
+        };
+        let spec = vm("web", 256, 0);
+        let hv = sim(settings, std::slice::from_ref(&spec));
+        let started = Instant::now();
+        transfer(&hv, "web").await.0.expect("transfer completes");
+        let took = started.elapsed();
+        let expected = transfer_duration(&spec, &settings)
+            .expect("bandwidth")
+            .div_f64(settings.speed);
+        assert_eq!(expected, Duration::from_millis(125));
+        assert!(took >= expected, "{took:?} < {expected:?}");
+        assert!(took < expected * 2, "{took:?}");
     }
 
     #[tokio::test]
