@@ -258,13 +258,24 @@ impl Agent {
 
     /// Wait until the migration's latest attempt has an outcome.
     pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
-        let mut events = self.subscribe();
-        loop {
+        self.wait_until(|| {
             let record = self
                 .migration(id)
                 .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
-            if record.outcome.is_some() {
-                return Ok(record);
+            Ok(record.outcome.is_some().then_some(record))
+        })
+        .await
+    }
+
+    /// Look again after every event until `ready` has an answer.
+    pub(super) async fn wait_until<T>(
+        &self,
+        mut ready: impl FnMut() -> Result<Option<T>, Refusal>,
+    ) -> Result<T, Refusal> {
+        let mut events = self.subscribe();
+        loop {
+            if let Some(answer) = ready()? {
+                return Ok(answer);
             }
             match events.recv().await {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -160,17 +160,7 @@ pub fn progress_lines(before: &Evacuation, after: &Evacuation) -> Vec<String> {
         }
     }
     if before.state != after.state {
-        let c = after.counts();
-        lines.push(format!(
-            "evacuation {} {}: {} moved, {} in flight, {} failed, {} pending of {}",
-            after.id,
-            after.state.as_str(),
-            c.moved,
-            c.in_flight,
-            c.failed,
-            c.pending,
-            c.total
-        ));
+        lines.push(after.headline());
     }
     lines
 }
@@ -205,19 +195,8 @@ fn print_job(job: &Evacuation, json: bool) -> Result<(), CliError> {
 
 /// The evacuation as a table: one row per VM, its last attempt's story.
 pub fn summary(job: &Evacuation) -> String {
-    let c = job.counts();
-    let mut out = format!(
-        "evacuation {} of {}: {} — {} moved, {} in flight, {} failed, {} pending, {} cancelled, of {}\n",
-        job.id,
-        job.host,
-        job.state.as_str(),
-        c.moved,
-        c.in_flight,
-        c.failed,
-        c.pending,
-        c.cancelled,
-        c.total
-    );
+    let mut out = job.headline();
+    out.push('\n');
     let rows: Vec<Vec<String>> = job
         .vms
         .iter()
@@ -406,8 +385,12 @@ mod tests {
         assert_eq!(cancelled.state, JobState::Cancelled);
         assert_eq!(exit_code(&cancelled), exit::FAILED);
         assert!(
+            summary(&cancelled).starts_with(
+                "evacuation e-1 of hv-a cancelled: 1 moved, 0 in flight, 0 failed, 0 pending, \
+                 1 cancelled of 2\n"
+            ),
+            "{}",
             summary(&cancelled)
-                .contains("1 moved, 0 in flight, 0 failed, 0 pending, 1 cancelled, of 2")
         );
     }
 }

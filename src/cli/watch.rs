@@ -151,20 +151,7 @@ impl WatchLine {
                 }
                 line
             }
-            WatchEvent::Evacuation(e) => {
-                let c = e.counts();
-                format!(
-                    "{host}: evacuation {} of {} {}: {} moved, {} in flight, {} failed, {} pending of {}",
-                    e.id,
-                    e.host,
-                    e.state.as_str(),
-                    c.moved,
-                    c.in_flight,
-                    c.failed,
-                    c.pending,
-                    c.total
-                )
-            }
+            WatchEvent::Evacuation(e) => format!("{host}: {}", e.headline()),
             WatchEvent::Progress {
                 migration_id,
                 transfer,

@@ -324,19 +324,8 @@ fn evacuation_started_line(job: &Evacuation) -> String {
 
 /// An evacuation's state and counts in a line.
 fn evacuation_line(job: &Evacuation) -> String {
-    let c = job.counts();
-    let mut line = format!(
-        "evacuation {} of {} {}: {} moved, {} in flight, {} failed, {} pending of {}",
-        job.id,
-        job.host,
-        job.state.as_str(),
-        c.moved,
-        c.in_flight,
-        c.failed,
-        c.pending,
-        c.total
-    );
-    if job.state == JobState::Cancelling && c.in_flight > 0 {
+    let mut line = job.headline();
+    if job.state == JobState::Cancelling && job.in_flight() > 0 {
         line.push_str(if job.abort_in_flight {
             "; aborting the attempts in flight"
         } else {

@@ -282,6 +282,28 @@ impl Evacuation {
         c
     }
 
+    /// "evacuation e-1 of hv-a running: 3 moved, 2 in flight, 0 failed,
+    /// 5 pending of 10": what the CLI, `tern watch` and the console say.
+    pub fn headline(&self) -> String {
+        let c = self.counts();
+        let cancelled = if c.cancelled > 0 {
+            format!(", {} cancelled", c.cancelled)
+        } else {
+            String::new()
+        };
+        format!(
+            "evacuation {} of {} {}: {} moved, {} in flight, {} failed, {} pending{cancelled} of {}",
+            self.id,
+            self.host,
+            self.state.as_str(),
+            c.moved,
+            c.in_flight,
+            c.failed,
+            c.pending,
+            c.total
+        )
+    }
+
     pub fn in_flight(&self) -> usize {
         self.vms
             .iter()

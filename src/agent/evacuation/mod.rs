@@ -229,24 +229,13 @@ impl Agent {
 
     /// Wait until an evacuation has ended.
     pub async fn wait_evacuation(&self, id: &str) -> Result<Evacuation, Refusal> {
-        let mut events = self.subscribe();
-        loop {
+        self.wait_until(|| {
             let job = self
                 .evacuation(id)
                 .ok_or_else(|| not_found(&self.name, id))?;
-            if job.state.is_over() {
-                return Ok(job);
-            }
-            match events.recv().await {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(Refusal::Unavailable(format!(
-                        "agent {} is stopping",
-                        self.name
-                    )));
-                }
-            }
-        }
+            Ok(job.state.is_over().then_some(job))
+        })
+        .await
     }
 
     /// Accept incoming migrations again.
