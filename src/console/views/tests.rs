@@ -269,3 +269,27 @@ fn an_evacuation_failure_shows_its_feature_and_cause_in_their_colours() {
         );
     }
 }
+
+#[test]
+fn the_cancel_question_counts_the_attempts_in_flight_as_they_are_now() {
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_after(&[key('E'), key('c')]);
+    let terminal = render(&app, &theme, (120, 40));
+    find(
+        terminal.backend().buffer(),
+        "What of the attempt in flight?",
+    );
+    // The attempt ends while the question is on screen.
+    let mut ended = evacuation();
+    for vm in &mut ended.vms {
+        if vm.state == crate::proto::EvacuationVmState::InFlight as i32 {
+            vm.state = crate::proto::EvacuationVmState::Moved as i32;
+        }
+    }
+    app.live.evacuations.insert(ended.id.clone(), ended);
+    let terminal = render(&app, &theme, (120, 40));
+    find(
+        terminal.backend().buffer(),
+        "Nothing is in flight: the VMs left stay on hv-e.",
+    );
+}
