@@ -79,12 +79,17 @@ impl Handle {
 }
 
 /// Start the task of a new attempt; `prepared` receives C2.
+/// Register the attempt and run it. With `limit`, an attempt that would
+/// make more than `limit` arriving at once is not: `Err(arriving)`. The
+/// count and the registration are one step, so Prepares that arrive
+/// together cannot all pass.
 pub fn start(
     agent: &Arc<Agent>,
     attempt: DestinationAttempt,
     actions: Vec<DestinationAction>,
     prepared: Option<oneshot::Sender<proto::Cookie2>>,
-) -> Handle {
+    limit: Option<usize>,
+) -> Result<Handle, usize> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done_tx, done) = watch::channel(false);
     let handle = Handle {
@@ -92,10 +97,16 @@ pub fn start(
         done,
         vm: attempt.vm.name.clone(),
     };
-    agent
-        .state()
-        .destinations
-        .insert(attempt.attempt_id.clone(), handle.clone());
+    {
+        let mut state = agent.state();
+        let arriving = state.destinations.len();
+        if limit.is_some_and(|limit| arriving >= limit) {
+            return Err(arriving);
+        }
+        state
+            .destinations
+            .insert(attempt.attempt_id.clone(), handle.clone());
+    }
     let executor = Executor {
         agent: agent.clone(),
         tx,
@@ -104,12 +115,13 @@ pub fn start(
     };
     let span = tracing::info_span!("incoming", id = %attempt.attempt_id, vm = %attempt.vm.name);
     tokio::spawn(executor.run(attempt, actions, rx, done_tx).instrument(span));
-    handle
+    Ok(handle)
 }
 
 pub fn recover(agent: &Arc<Agent>, mut attempt: DestinationAttempt, now: Millis) {
     let actions = attempt.recover(now);
-    start(agent, attempt, actions, None);
+    // Recovered attempts were admitted before the restart.
+    let _ = start(agent, attempt, actions, None, None);
 }
 
 struct Executor {

@@ -49,12 +49,6 @@ impl From<Refusal> for tonic::Status {
     }
 }
 
-/// Held from a Prepare's check of `max_incoming` until its attempt is
-/// registered (`destination::start` takes the state lock itself, so the two
-/// cannot share it). Shared by the agents of one process (the demo runs
-/// several); held only for that synchronous step.
-static ADMITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// 48 random bits: ids are made by every source independently, and an
 /// attempt id seen twice by a destination is refused (a repeated Prepare),
 /// so they must not collide over a cluster's life (about 0.2 % chance of
@@ -331,18 +325,6 @@ impl Agent {
             }
         };
         check_new_attempt(&incoming.attempt_id, &self.name, known).map_err(prepare_refusal)?;
-        // From the count to the new attempt's registration, one Prepare at
-        // a time: otherwise two arriving together both pass the check.
-        let admitting = ADMITTING.lock().unwrap_or_else(|e| e.into_inner());
-        let receiving = self.incoming();
-        if receiving >= self.max_incoming as usize {
-            return Err(Refusal::ResourceExhausted(format!(
-                "{}: {} already receives {receiving} migrations (max_incoming = {})",
-                super::evacuation::job::BUSY,
-                self.name,
-                self.max_incoming
-            )));
-        }
         let pending = self.journal().pending().unwrap_or_default();
         let running: Vec<String> = {
             let state = self.state();
@@ -386,8 +368,23 @@ impl Agent {
             now_ms(),
         )
         .map_err(prepare_refusal)?;
-        destination::start(self, attempt, actions, Some(tx));
-        drop(admitting);
+        // Counted and registered in one step (`start`): Prepares arriving
+        // together cannot all pass.
+        destination::start(
+            self,
+            attempt,
+            actions,
+            Some(tx),
+            Some(self.max_incoming as usize),
+        )
+        .map_err(|receiving| {
+            Refusal::ResourceExhausted(format!(
+                "{}: {} already receives {receiving} migrations (max_incoming = {})",
+                super::evacuation::job::BUSY,
+                self.name,
+                self.max_incoming
+            ))
+        })?;
         rx.await
             .map_err(|_| Refusal::Unavailable(format!("agent {} dropped the attempt", self.name)))
     }
