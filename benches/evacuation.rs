@@ -72,14 +72,13 @@
 //! on a panic, on SIGINT, SIGTERM or SIGHUP, and (by `PR_SET_PDEATHSIG`)
 //! when this process dies any other way.
 
+mod common;
+
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tern::agent::evacuation::job::{Evacuation, VmState};
@@ -87,6 +86,8 @@ use tern::config::AgentConfig;
 use tern::hypervisor::sim::{SimSettings, transfer_duration};
 use tern::protocol::Phase;
 use tern::protocol::record::MigrationRecord;
+
+use common::{Folder, Watchdog, env_u64, free_port, kill_everything, live};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const TARGET_RATIO: f64 = 1.10;
@@ -126,16 +127,6 @@ impl Settings {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?}: expected a whole number")),
-        Err(_) => default,
-    }
-}
-
 fn env_f64(name: &str, default: f64) -> f64 {
     match std::env::var(name) {
         Ok(text) => text
@@ -146,59 +137,7 @@ fn env_f64(name: &str, default: f64) -> f64 {
     }
 }
 
-// ---- cleanup: at the end, on a panic, on a signal ---------------------------
-
-/// Processes that must not outlive the benchmark, and the current folder.
-struct Live {
-    pids: Vec<i32>,
-    dir: Option<PathBuf>,
-}
-
-static LIVE: Mutex<Live> = Mutex::new(Live {
-    pids: Vec::new(),
-    dir: None,
-});
-
-fn live() -> std::sync::MutexGuard<'static, Live> {
-    LIVE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn kill_everything() {
-    for pid in live().pids.drain(..) {
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-}
-
-static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(signal: libc::c_int) {
-    SIGNALLED.store(signal, Ordering::SeqCst);
-}
-
-/// On SIGINT, SIGTERM or SIGHUP: kill everything, remove the folder, exit.
-fn handle_signals() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-    std::thread::spawn(|| {
-        loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let signal = SIGNALLED.load(Ordering::SeqCst);
-            if signal != 0 {
-                eprintln!("evacuation: signal {signal}: stopping everything");
-                kill_everything();
-                if let Some(dir) = live().dir.take() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                std::process::exit(128 + signal);
-            }
-        }
-    });
-}
+// ---- commands that die with this process ------------------------------------
 
 /// A `tern` command that dies with this process, however it dies.
 fn tern_command() -> Command {
@@ -246,7 +185,7 @@ fn vm_mix(n: usize) -> Vec<VmMix> {
 }
 
 struct Cluster {
-    dir: tempfile::TempDir,
+    dir: Folder,
     inventory: PathBuf,
     source_config: PathBuf,
     agents: Vec<Child>,
@@ -259,42 +198,19 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        live().dir = None;
-        if std::env::var_os("TERN_BENCH_KEEP").is_some() {
-            self.dir.disable_cleanup(true);
-            println!("evacuation: kept {}", self.dir.path().display());
-        }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Cluster {
     /// The source with every VM of the mix and the destinations, empty.
     fn start(settings: &Settings, vms: &[VmMix]) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("tern-bench-evacuation-")
-            .tempdir()
-            .unwrap();
-        live().dir = Some(dir.path().to_path_buf());
+        let dir = Folder::create("evacuation", "tern-bench-evacuation-");
         let mut hosts = vec![(SOURCE.to_string(), free_port())];
         for d in 1..=DESTINATIONS {
             hosts.push((format!("hv-d{d}"), free_port()));
         }
         let inventory = dir.path().join("cluster.toml");
-        let text: String = hosts
-            .iter()
-            .map(|(name, port)| {
-                format!("[[host]]\nname = \"{name}\"\naddress = \"http://127.0.0.1:{port}\"\n\n")
-            })
-            .collect();
-        std::fs::write(&inventory, text).unwrap();
+        common::write_inventory(&inventory, &hosts);
         let mut cluster = Cluster {
             source_config: dir.path().join(format!("{SOURCE}.toml")),
             dir,
@@ -325,31 +241,12 @@ impl Cluster {
                 settings.bandwidth_mib_s,
                 settings.speed
             );
-            let path = cluster.path().join(format!("{name}.toml"));
-            std::fs::write(&path, config).unwrap();
-            let log = std::fs::File::create(cluster.path().join(format!("{name}.log"))).unwrap();
-            let child = tern_command()
-                .args(["agent", "--config"])
-                .arg(&path)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start agent {name}: {e}"));
-            live().pids.push(child.id() as i32);
+            std::fs::write(cluster.path().join(format!("{name}.toml")), config).unwrap();
+            let child = common::start_agent(tern_command(), cluster.dir.path(), name);
             cluster.agents.push(child);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (name, port) in &hosts {
-            while TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "agent {name} did not listen within 30 s; its log: {}",
-                    cluster.path().join(format!("{name}.log")).display()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        for ((name, port), child) in hosts.iter().zip(&mut cluster.agents) {
+            common::wait_listening(name, *port, child, cluster.dir.path());
         }
         cluster
     }
@@ -371,19 +268,9 @@ impl Cluster {
             .unwrap();
         let pid = child.id() as i32;
         live().pids.push(pid);
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        let watchdog = std::thread::spawn(move || {
-            let expired = wait.recv_timeout(timeout).is_err();
-            if expired {
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-            expired
-        });
+        let watchdog = Watchdog::start(pid, timeout);
         let output = child.wait_with_output().unwrap();
-        let _ = done.send(());
-        let expired = watchdog.join().unwrap();
+        let expired = watchdog.stop();
         live().pids.retain(|p| *p != pid);
         assert!(!expired, "tern {args:?} did not finish within {timeout:?}");
         output
@@ -816,7 +703,7 @@ fn report(settings: &Settings, samples: &[Sample]) {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    handle_signals();
+    common::handle_signals("evacuation");
     let settings = Settings::from_env(bench);
     let mut samples = Vec::new();
     for number in 1..=settings.runs {

@@ -73,20 +73,21 @@
 //! design) and the script's process group are killed at the end, on a panic,
 //! and on SIGINT, SIGTERM or SIGHUP.
 
+mod common;
 #[path = "../tests/common/guest.rs"]
 mod guest;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tern::proto::console_client::ConsoleClient;
 use tonic::transport::Channel;
+
+use common::{Folder, Watchdog, env_u64, free_port, kill_everything, live};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const QEMU: &str = "qemu-system-x86_64";
@@ -143,58 +144,7 @@ impl Settings {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?}: expected a whole number")),
-        Err(_) => default,
-    }
-}
-
-// ---- cleanup: at the end, on a panic, on a signal ---------------------------
-
-/// What must not outlive the benchmark.
-struct Live {
-    dir: Option<PathBuf>,
-    agents: Vec<i32>,
-    /// Process groups of running scripts (their QEMU processes are in them).
-    groups: Vec<i32>,
-}
-
-static LIVE: Mutex<Live> = Mutex::new(Live {
-    dir: None,
-    agents: Vec::new(),
-    groups: Vec::new(),
-});
-
-fn live() -> std::sync::MutexGuard<'static, Live> {
-    LIVE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// SIGKILL the agents, the scripts' process groups, then every QEMU with a
-/// pidfile under the benchmark's folder.
-fn kill_everything() {
-    let mut live = live();
-    for pid in live.agents.drain(..) {
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-    for group in live.groups.drain(..) {
-        unsafe {
-            libc::kill(-group, libc::SIGKILL);
-        }
-    }
-    if let Some(dir) = &live.dir {
-        for pid in qemu_pids(dir) {
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
+// ---- cleanup: QEMU outlives its agent ---------------------------------------
 
 /// Live QEMU processes whose pidfile is in `dir/*/` or `dir/*/qemu/`.
 fn qemu_pids(dir: &Path) -> Vec<i32> {
@@ -222,68 +172,10 @@ fn is_qemu(pid: i32) -> bool {
             .is_some_and(|name| name.starts_with("qemu-system"))
 }
 
-static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(signal: libc::c_int) {
-    SIGNALLED.store(signal, Ordering::SeqCst);
-}
-
-/// On SIGINT, SIGTERM or SIGHUP: kill everything, remove the folder, exit.
-fn handle_signals() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-    std::thread::spawn(|| {
-        loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let signal = SIGNALLED.load(Ordering::SeqCst);
-            if signal != 0 {
-                eprintln!("qemu_migration: signal {signal}: stopping everything");
-                kill_everything();
-                if let Some(dir) = live().dir.take() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                std::process::exit(128 + signal);
-            }
-        }
-    });
-}
-
-/// Kills a process (or, given a negative pid, a process group) unless
-/// stopped within its timeout.
-struct Watchdog {
-    done: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<bool>,
-}
-
-impl Watchdog {
-    fn start(target: i32, timeout: Duration) -> Watchdog {
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let expired = wait.recv_timeout(timeout).is_err();
-            if expired {
-                unsafe {
-                    libc::kill(target, libc::SIGKILL);
-                }
-            }
-            expired
-        });
-        Watchdog { done, thread }
-    }
-
-    /// Whether it had expired.
-    fn stop(self) -> bool {
-        let _ = self.done.send(());
-        self.thread.join().unwrap()
-    }
-}
-
 // ---- the Tern cluster -------------------------------------------------------
 
 struct Cluster {
-    dir: tempfile::TempDir,
+    dir: Folder,
     agents: Vec<(String, Child, u16)>,
     runtime: tokio::runtime::Runtime,
     /// One open Console connection per agent, made on first use.
@@ -296,39 +188,15 @@ impl Drop for Cluster {
         for (_, child, _) in &mut self.agents {
             let _ = child.wait();
         }
-        live().dir = None;
-        if std::env::var_os("TERN_BENCH_KEEP").is_some() {
-            self.dir.disable_cleanup(true);
-            println!("qemu_migration: kept {}", self.dir.path().display());
-        }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Cluster {
     /// Agents qa (running the guest) and qb, with the benchmark's settings.
     fn start(settings: &Settings, elf: &Path) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("tern-bench-qemu-")
-            .tempdir()
-            .unwrap();
-        live().dir = Some(dir.path().to_path_buf());
+        let dir = Folder::create("qemu_migration", "tern-bench-qemu-");
         let hosts = [("qa", free_port()), ("qb", free_port())];
-        let inventory = dir.path().join("cluster.toml");
-        let text: String = hosts
-            .iter()
-            .map(|(name, port)| {
-                format!("[[host]]\nname = \"{name}\"\naddress = \"http://127.0.0.1:{port}\"\n\n")
-            })
-            .collect();
-        std::fs::write(&inventory, text).unwrap();
+        common::write_inventory(&dir.path().join("cluster.toml"), &hosts);
         let mut cluster = Cluster {
             dir,
             agents: Vec::new(),
@@ -361,22 +229,11 @@ impl Cluster {
                 settings.auto_converge,
                 settings.multifd_channels,
             );
-            let path = cluster.dir.path().join(format!("{name}.toml"));
-            std::fs::write(&path, config).unwrap();
-            let log =
-                std::fs::File::create(cluster.dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new(TERN)
-                .args(["agent", "--config"])
-                .arg(&path)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {TERN}: {e}"));
-            live().agents.push(child.id() as i32);
+            std::fs::write(cluster.path().join(format!("{name}.toml")), config).unwrap();
+            let child = common::start_agent(Command::new(TERN), cluster.dir.path(), name);
             cluster.agents.push((name.to_string(), child, port));
-            cluster.wait_listening(name, port);
+            let (_, child, _) = cluster.agents.last_mut().unwrap();
+            common::wait_listening(name, port, child, cluster.dir.path());
         }
         cluster
     }
@@ -399,24 +256,8 @@ impl Cluster {
         client
     }
 
-    fn wait_listening(&mut self, name: &str, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let (_, child, _) = self.agents.iter_mut().find(|a| a.0 == name).unwrap();
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("agent {name} exited ({status}):\n{}", self.log(name));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent {name} did not listen within 30 s:\n{}",
-                self.log(name)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default()
+        common::agent_log(self.path(), name)
     }
 
     fn qemu_file(&self, host: &str, ext: &str) -> PathBuf {
@@ -832,7 +673,8 @@ fn main() {
             return;
         }
     }
-    handle_signals();
+    live().strays = qemu_pids;
+    common::handle_signals("qemu_migration");
     let settings = Settings::from_env(bench);
     let build = tempfile::tempdir().unwrap();
     let elf = guest::build(build.path()).unwrap_or_else(|e| panic!("building the guest: {e}"));
