@@ -142,6 +142,8 @@ pub fn progress_lines(before: &Evacuation, after: &Evacuation) -> Vec<String> {
                 let mut line = format!("  {} {} on {}", vm.name, outcome.as_str(), a.destination);
                 if a.busy {
                     line.push_str(" (busy, trying it again)");
+                } else if a.interrupted {
+                    line.push_str(" (cut short by this host's stop; not counted)");
                 } else if let Some(feature) = &a.failed_feature {
                     line.push_str(&format!(" ({feature})"));
                 }

@@ -90,6 +90,14 @@ pub struct AttemptEntry {
     pub ended_at_ms: Option<Millis>,
 }
 
+impl AttemptEntry {
+    /// Whether it counts against max_attempts (once it has an outcome):
+    /// neither a busy destination's refusal nor this host's own stop does.
+    pub fn counts(&self) -> bool {
+        !self.busy && !self.interrupted
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobVm {
     pub name: String,
@@ -148,7 +156,7 @@ impl JobVm {
     pub fn counted_attempts(&self) -> u32 {
         self.attempts
             .iter()
-            .filter(|a| !a.busy && !a.interrupted && a.outcome.is_some())
+            .filter(|a| a.counts() && a.outcome.is_some())
             .count() as u32
     }
 
@@ -157,11 +165,7 @@ impl JobVm {
         let mut hosts: Vec<String> = self
             .attempts
             .iter()
-            .filter(|a| {
-                !a.busy
-                    && !a.interrupted
-                    && matches!(a.outcome, Some(Outcome::Failed | Outcome::Aborted))
-            })
+            .filter(|a| a.counts() && matches!(a.outcome, Some(Outcome::Failed | Outcome::Aborted)))
             .map(|a| a.destination.clone())
             .collect();
         hosts.dedup();

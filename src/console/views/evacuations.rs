@@ -120,9 +120,9 @@ fn attempt_look(theme: &Theme, a: &AttemptEntry) -> (Style, &'static str, &'stat
     }
 }
 
-/// Attempts that count against max attempts (a busy destination does not).
+/// Attempts that count against max attempts, the running one included.
 fn counted(vm: &JobVm) -> usize {
-    vm.attempts.iter().filter(|a| !a.busy).count()
+    vm.attempts.iter().filter(|a| a.counts()).count()
 }
 
 fn list(
@@ -465,6 +465,12 @@ fn story<'a>(app: &App, vm: &JobVm, job: &Evacuation, theme: &Theme) -> Vec<Line
             if a.busy {
                 spans.push(Span::styled(
                     "  waited and tried again (not counted)",
+                    theme.dim,
+                ));
+            }
+            if a.interrupted {
+                spans.push(Span::styled(
+                    "  cut short by the source's own stop (not counted)",
                     theme.dim,
                 ));
             }
