@@ -68,16 +68,7 @@ pub async fn evacuate(inventory: &Path, args: EvacuateArgs) -> CliResult {
         .call(|mut c| async move { c.evacuate(request).await })
         .await?;
     let job = Evacuation::from(&started);
-    eprintln!(
-        "evacuation {} of {} started: {} VMs, {} mode, {} at a time, up to {} attempts each; {} is draining",
-        job.id,
-        job.host,
-        job.vms.len(),
-        job.mode.as_str(),
-        job.concurrency,
-        job.max_attempts,
-        job.host
-    );
+    eprintln!("{}", job.started_line());
     if !args.wait {
         print_job(&job, args.json)?;
         return Ok(exit::SUCCEEDED);

@@ -283,7 +283,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
                 .call(|mut c| async move { c.evacuate(request).await })
                 .await
                 .map_err(|e| e.message)?;
-            Ok(evacuation_started_line(&Evacuation::from(&record)))
+            Ok(Evacuation::from(&record).started_line())
         }
         Command::ControlEvacuation { host, id, control } => {
             let agent = connect(inventory, &host).await?;
@@ -306,20 +306,6 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             Ok(format!("{host} accepts incoming migrations again"))
         }
     }
-}
-
-/// What an agent said when it took an evacuation on.
-fn evacuation_started_line(job: &Evacuation) -> String {
-    format!(
-        "evacuation {} of {} started: {} VMs, {} mode, {} at a time, up to {} attempts each; {} is draining",
-        job.id,
-        job.host,
-        job.vms.len(),
-        job.mode.as_str(),
-        job.concurrency,
-        job.max_attempts,
-        job.host
-    )
 }
 
 /// An evacuation's state and counts in a line.

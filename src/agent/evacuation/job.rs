@@ -286,6 +286,20 @@ impl Evacuation {
         c
     }
 
+    /// What an agent took on, in a line.
+    pub fn started_line(&self) -> String {
+        format!(
+            "evacuation {} of {} started: {} VMs, {} mode, {} at a time, up to {} attempts each; {} is draining",
+            self.id,
+            self.host,
+            self.vms.len(),
+            self.mode.as_str(),
+            self.concurrency,
+            self.max_attempts,
+            self.host
+        )
+    }
+
     /// "evacuation e-1 of hv-a running: 3 moved, 2 in flight, 0 failed,
     /// 5 pending of 10": what the CLI, `tern watch` and the console say.
     pub fn headline(&self) -> String {

@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState, Wrap};
 
 use super::super::app::{App, current_phase};
 use super::super::theme::Theme;
@@ -35,7 +35,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                     theme.dim,
                 ),
             ])
-            .block(panel(" evacuations ".into(), true, theme)),
+            .block(super::tables::block(" evacuations ".into(), true, theme)),
             area,
         );
         return;
@@ -69,21 +69,10 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         frame.render_widget(
             Paragraph::new(story)
                 .wrap(Wrap { trim: false })
-                .block(panel(title, false, theme)),
+                .block(super::tables::block(title, false, theme)),
             story_area,
         );
     }
-}
-
-fn panel<'a>(title: String, focused: bool, theme: &Theme) -> Block<'a> {
-    Block::default()
-        .borders(Borders::ALL)
-        .border_style(if focused {
-            theme.border_focused
-        } else {
-            theme.border
-        })
-        .title(Span::styled(title, theme.title))
 }
 
 /// The style, symbol and name of an evacuation's state.
@@ -180,7 +169,7 @@ fn list(
             Constraint::Min(8),
         ],
     )
-    .block(panel(
+    .block(super::tables::block(
         format!(" evacuations ({}, newest first) ", all.len()),
         focused,
         theme,
@@ -199,7 +188,7 @@ fn list(
 
 fn evacuation(frame: &mut Frame, area: Rect, app: &App, job: &Evacuation, theme: &Theme) {
     let focused = !app.evacuation_list_focused;
-    let block = panel(
+    let block = super::tables::block(
         format!(" evacuation {} of {} ", job.id, job.host),
         focused,
         theme,

@@ -21,7 +21,8 @@ pub fn window(selected: usize, len: usize, height: usize) -> std::ops::Range<usi
     start..(start + height).min(len)
 }
 
-fn block<'a>(title: String, focused: bool, theme: &Theme) -> Block<'a> {
+/// A bordered panel, its border brighter when it has the focus.
+pub(super) fn block<'a>(title: String, focused: bool, theme: &Theme) -> Block<'a> {
     Block::default()
         .borders(Borders::ALL)
         .border_style(if focused {
