@@ -120,14 +120,9 @@ struct Settings {
 
 impl Settings {
     fn from_env(bench: bool) -> Settings {
-        let accel = std::env::var("TERN_BENCH_ACCEL").unwrap_or_else(|_| {
-            let kvm = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok();
-            if kvm { "kvm" } else { "tcg" }.to_string()
-        });
+        // The agents' own rule for "auto": KVM when /dev/kvm opens.
+        let accel = std::env::var("TERN_BENCH_ACCEL")
+            .unwrap_or_else(|_| tern::hypervisor::qemu::resolve_accel("auto"));
         Settings {
             rounds: if bench {
                 env_u64("TERN_BENCH_ROUNDS", 5).max(1) as usize
