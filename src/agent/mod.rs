@@ -101,6 +101,8 @@ struct State {
     evacuation_wakers: HashMap<String, Arc<tokio::sync::Notify>>,
     /// No incoming migrations (set by an evacuation, cleared by undrain).
     draining: bool,
+    /// Hosts that did not answer `Capacity` lately: not asked again for a while.
+    unanswered: evacuation::Unanswered,
 }
 
 impl State {

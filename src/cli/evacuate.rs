@@ -152,7 +152,8 @@ pub fn progress_lines(before: &Evacuation, after: &Evacuation) -> Vec<String> {
             ));
         }
     }
-    if before.state != after.state {
+    // The end is said by the summary that follows.
+    if before.state != after.state && !after.state.is_over() {
         lines.push(after.headline());
     }
     lines

@@ -36,6 +36,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// it: an attempt that just published its outcome leaves the count a
 /// moment later, without an event of its own.
 const RECHECK_OUTGOING: Duration = Duration::from_millis(20);
+/// How long a host that did not answer `Capacity` is not asked again: a
+/// host that is down would otherwise hold every pass for
+/// [`CAPACITY_DEADLINE`].
+const UNANSWERED_FOR_MS: u64 = 5000;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const MAX_MAX_ATTEMPTS: u32 = 100;
 const MAX_CONCURRENCY: u32 = 256;
@@ -650,24 +654,32 @@ impl Agent {
     }
 
     /// Every other host's capacity, asked at once; a host that does not
-    /// answer within [`CAPACITY_DEADLINE`] is unreachable for this pass.
+    /// answer within [`CAPACITY_DEADLINE`] is unreachable, and is not asked
+    /// again for [`UNANSWERED_FOR_MS`].
     async fn candidates(&self) -> Vec<Candidate> {
+        let now = now_ms();
         let asks = self
             .inventory
             .host
             .iter()
             .filter(|h| h.name != self.name)
             .map(|h| async move {
-                let reply = match self.peers.client(&h.name) {
-                    Ok(mut client) => {
-                        super::peers::with_deadline(
-                            &h.name,
-                            CAPACITY_DEADLINE,
-                            client.capacity(proto::CapacityRequest {}),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
+                let skip = self.state().unanswered.skip(&h.name, now);
+                let reply = match (skip, self.peers.client(&h.name)) {
+                    (Some(why), _) => Err(crate::protocol::PeerError::Unreachable(why)),
+                    (None, Err(e)) => Err(e),
+                    (None, Ok(mut client)) => super::peers::with_deadline(
+                        &h.name,
+                        CAPACITY_DEADLINE,
+                        client.capacity(proto::CapacityRequest {}),
+                    )
+                    .await
+                    .inspect(|_| self.state().unanswered.record(&h.name, Ok(()), now_ms()))
+                    .inspect_err(|e| {
+                        self.state()
+                            .unanswered
+                            .record(&h.name, Err(e.message()), now_ms())
+                    }),
                 };
                 match reply {
                     Ok(c) => Candidate {
@@ -700,6 +712,66 @@ impl Agent {
     }
 }
 
+/// Hosts that did not answer `Capacity` lately: until when (unix ms) they
+/// are taken as unreachable without asking, and why.
+#[derive(Debug, Default)]
+pub struct Unanswered(HashMap<String, (u64, String)>);
+
+impl Unanswered {
+    /// Why `host` is not asked at `now`, if it is not.
+    fn skip(&self, host: &str, now: u64) -> Option<String> {
+        let (until, why) = self.0.get(host)?;
+        (now < *until).then(|| {
+            format!(
+                "{why}; not asked again for {} s",
+                (until - now).div_ceil(1000)
+            )
+        })
+    }
+
+    /// What `host` answered at `now`.
+    fn record(&mut self, host: &str, answer: Result<(), &str>, now: u64) {
+        match answer {
+            Ok(()) => {
+                self.0.remove(host);
+            }
+            Err(why) => {
+                self.0
+                    .insert(host.to_string(), (now + UNANSWERED_FOR_MS, why.to_string()));
+            }
+        }
+    }
+}
+
 fn not_found(host: &str, id: &str) -> Refusal {
     Refusal::NotFound(format!("no evacuation {id} on {host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_that_did_not_answer_is_not_asked_again_for_a_while() {
+        let mut quiet = Unanswered::default();
+        assert_eq!(quiet.skip("hv-c", 1000), None);
+        quiet.record("hv-c", Err("hv-c did not answer within 1000 ms"), 1000);
+        assert_eq!(
+            quiet.skip("hv-c", 1500).as_deref(),
+            Some("hv-c did not answer within 1000 ms; not asked again for 5 s")
+        );
+        assert_eq!(
+            quiet.skip("hv-b", 1500),
+            None,
+            "only the host that was silent"
+        );
+        assert_eq!(
+            quiet.skip("hv-c", 1000 + UNANSWERED_FOR_MS),
+            None,
+            "asked again later"
+        );
+        quiet.record("hv-c", Err("refused"), 2000);
+        quiet.record("hv-c", Ok(()), 2100);
+        assert_eq!(quiet.skip("hv-c", 2200), None, "an answer clears it");
+    }
 }
