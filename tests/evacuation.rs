@@ -1216,3 +1216,28 @@ fn evacuate_with_zero_max_attempts_or_concurrency_is_refused() {
         &["concurrency 0"],
     );
 }
+
+/// A host that is down without refusing connections (its port accepts and
+/// never answers, like a hung machine) neither receives a VM nor holds the
+/// evacuation up: it is unreachable for placement, and not asked again
+/// for a while after it did not answer.
+#[test]
+fn a_host_that_never_answers_neither_receives_vms_nor_stops_the_evacuation() {
+    let (mut cluster, names) = slow_cluster(0.2);
+    let port = cluster.host("hv-c").port;
+    cluster.kill("hv-c");
+    // Connections complete in the listen backlog; nothing ever speaks.
+    let _blackhole = std::net::TcpListener::bind(("127.0.0.1", port)).expect("hv-c's port");
+    let (code, job, progress) = evacuate(&cluster, &["hv-a"]);
+    assert_eq!(code, 0, "every VM moved cleanly\n{progress}");
+    let c = job.counts();
+    assert_eq!(
+        (c.total, c.moved, c.failed),
+        (names.len(), names.len(), 0),
+        "{job:?}"
+    );
+    for vm in &job.vms {
+        assert_eq!(vm.host, "hv-b", "{vm:?}");
+        assert_eq!(vm.attempts.len(), 1, "never tried on hv-c: {vm:?}");
+    }
+}
