@@ -1036,9 +1036,12 @@ mod tests {
         };
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let _reaper = Reaper(vec![a.path().into(), b.path().into()]);
-        // 64 MiB at 4 MiB/s: long enough to cancel in the middle.
+        // The guest's RAM is untouched: its zero pages go as a few bytes
+        // each, about 400 KB for 64 MiB. At 32 KiB/s that still takes over
+        // ten seconds, long enough to cancel in the middle (at 4 MiB/s it
+        // sometimes completed before the cancel arrived).
         let slow = QemuSettings {
-            max_bandwidth_bytes_s: 4 << 20,
+            max_bandwidth_bytes_s: 32 << 10,
             ..settings(&binary)
         };
         let src = Arc::new(
