@@ -34,12 +34,14 @@ use ratatui::style::{Color, Modifier};
 use resvg::{tiny_skia, usvg};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use tern::agent::evacuation::job::{Evacuation, VmState};
 use tern::console::app::{self, App, Dialog, View};
 use tern::console::state::ClusterState;
 use tern::console::theme::Theme;
 use tern::console::{Msg, client, views};
 use tern::demo::{Cluster, DemoOptions};
 use tern::proto;
+use tern::protocol::Outcome;
 
 const COLS: u16 = 120;
 const ROWS: u16 = 40;
@@ -316,33 +318,29 @@ fn safe_failure(app: &App) -> Option<String> {
         .map(|m| m.record.id.clone())
 }
 
-fn evacuation_vms(app: &App) -> &[proto::EvacuationVm] {
-    app.live
-        .evacuations
-        .values()
-        .next()
-        .map_or(&[], |e| e.vms.as_slice())
+fn evacuation(app: &App) -> Option<&Evacuation> {
+    app.live.evacuations.values().next()
 }
 
 /// Some of the evacuation's VMs moved and another is in flight.
 fn evacuation_under_way(app: &App) -> bool {
-    let vms = evacuation_vms(app);
-    let count =
-        |state: proto::EvacuationVmState| vms.iter().filter(|v| v.state == state as i32).count();
-    count(proto::EvacuationVmState::Moved) >= 2 && count(proto::EvacuationVmState::InFlight) >= 1
+    evacuation(app).is_some_and(|e| {
+        let c = e.counts();
+        c.moved >= 2 && c.in_flight >= 1
+    })
 }
 
 /// The row of the VM whose story tells most: one with a failed attempt,
 /// else one in flight.
 fn telling_vm(app: &App) -> Option<usize> {
-    let vms = evacuation_vms(app);
-    let failed = proto::Outcome::Failed as i32;
+    let vms = &evacuation(app)?.vms;
     vms.iter()
-        .position(|v| v.attempts.iter().any(|a| a.outcome == failed))
-        .or_else(|| {
-            vms.iter()
-                .position(|v| v.state == proto::EvacuationVmState::InFlight as i32)
+        .position(|v| {
+            v.attempts
+                .iter()
+                .any(|a| a.outcome == Some(Outcome::Failed))
         })
+        .or_else(|| vms.iter().position(|v| v.state == VmState::InFlight))
 }
 
 fn draw(app: &App, theme: &Theme) -> anyhow::Result<Buffer> {

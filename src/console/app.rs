@@ -8,8 +8,9 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::keymap::{Action, Context, action_for};
 use super::msg::{Command, Msg};
-use super::state::{ClusterState, Link, LogEntry, MigrationView, evacuation_over};
+use super::state::{ClusterState, Link, LogEntry, MigrationView};
 use crate::agent::evacuation::DEFAULT_MAX_ATTEMPTS;
+use crate::agent::evacuation::job::{Evacuation, JobState, JobVm};
 use crate::cli::output::phase_name;
 use crate::proto;
 use crate::protocol::record::{mode_from_proto, outcome_from_proto, phase_from_proto};
@@ -70,10 +71,11 @@ pub enum Dialog {
     Evacuate(EvacuateForm),
     /// How to cancel an evacuation: let its attempts in flight finish, or
     /// abort them.
+    /// The attempts in flight are counted when drawn, from the evacuation
+    /// as it is then.
     CancelEvacuation {
         host: String,
         id: String,
-        in_flight: usize,
         /// Already cancelling (letting attempts finish): only aborting is left.
         cancelling: bool,
     },
@@ -327,7 +329,7 @@ impl App {
         }
         if self.view == View::Evacuations {
             let vm = self.selected_evacuation_vm()?;
-            return self.state().migrations.get(&vm.migration_id);
+            return self.state().migrations.get(vm.migration_id.as_deref()?);
         }
         let row = self.migration_row;
         self.rows_in(row..row + 1).into_iter().next()
@@ -342,7 +344,7 @@ impl App {
 
     /// The evacuation the evacuations view shows: the chosen one while it
     /// exists, else the newest.
-    pub fn selected_evacuation(&self) -> Option<&proto::EvacuationRecord> {
+    pub fn selected_evacuation(&self) -> Option<&Evacuation> {
         let state = self.state();
         self.evacuation
             .as_ref()
@@ -350,7 +352,7 @@ impl App {
             .or_else(|| state.ordered_evacuations().into_iter().next())
     }
 
-    pub fn selected_evacuation_vm(&self) -> Option<&proto::EvacuationVm> {
+    pub fn selected_evacuation_vm(&self) -> Option<&JobVm> {
         let vms = &self.selected_evacuation()?.vms;
         vms.get(self.evacuation_vm_row.min(vms.len().saturating_sub(1)))
     }
@@ -534,11 +536,11 @@ fn open_detail(app: &mut App) {
         if app.view == View::Evacuations
             && let Some(vm) = app.selected_evacuation_vm()
         {
-            let why = match vm.waiting.as_str() {
-                "" => "it has no migration yet".to_string(),
-                waiting => waiting.to_string(),
-            };
-            app.say(format!("{}: {why}", vm.vm), false);
+            let why = vm
+                .waiting
+                .clone()
+                .unwrap_or_else(|| "it has no migration yet".to_string());
+            app.say(format!("{}: {why}", vm.name), false);
         }
         return;
     };
@@ -591,16 +593,10 @@ fn evacuate(app: &mut App) {
         return;
     }
     if let Some(active) = state.active_evacuation(&host) {
-        let moved = active
-            .vms
-            .iter()
-            .filter(|v| v.state == proto::EvacuationVmState::Moved as i32)
-            .count();
+        let c = active.counts();
         let text = format!(
             "{host} is already being evacuated by {} ({} of {} moved): E shows it",
-            active.id,
-            moved,
-            active.vms.len()
+            active.id, c.moved, c.total
         );
         app.say(text, true);
         return;
@@ -681,7 +677,7 @@ fn undrain(app: &mut App) {
 }
 
 /// The evacuation `p` and `c` act on: the one the evacuations view shows.
-fn evacuation_target(app: &mut App, key: char) -> Option<proto::EvacuationRecord> {
+fn evacuation_target(app: &mut App, key: char) -> Option<Evacuation> {
     if app.view != View::Evacuations {
         app.say(
             format!("{key} acts on the evacuation shown in the evacuations view: press E"),
@@ -696,27 +692,21 @@ fn evacuation_target(app: &mut App, key: char) -> Option<proto::EvacuationRecord
     found
 }
 
-fn evacuation_state(e: &proto::EvacuationRecord) -> proto::EvacuationState {
-    proto::EvacuationState::try_from(e.state).unwrap_or(proto::EvacuationState::Running)
-}
-
 /// Pause a running evacuation, resume a paused one. The control is chosen
 /// from what is shown: if that is stale, the agent refuses it and says why.
 fn pause_or_resume(app: &mut App) -> Vec<Command> {
     let Some(e) = evacuation_target(app, 'p') else {
         return Vec::new();
     };
-    let control = match evacuation_state(&e) {
-        proto::EvacuationState::Paused => proto::EvacuationControl::Resume,
-        proto::EvacuationState::Running | proto::EvacuationState::Unspecified => {
-            proto::EvacuationControl::Pause
-        }
+    let control = match e.state {
+        JobState::Paused => proto::EvacuationControl::Resume,
+        JobState::Running => proto::EvacuationControl::Pause,
         other => {
             app.say(
                 format!(
                     "evacuation {} is {}: nothing to pause or resume",
                     e.id,
-                    evacuation_state_name(other)
+                    other.as_str()
                 ),
                 true,
             );
@@ -736,40 +726,22 @@ fn cancel_evacuation(app: &mut App) {
     let Some(e) = evacuation_target(app, 'c') else {
         return;
     };
-    let state = evacuation_state(&e);
-    if evacuation_over(&e) || (state == proto::EvacuationState::Cancelling && e.abort_in_flight) {
+    if e.state.is_over() || (e.state == JobState::Cancelling && e.abort_in_flight) {
         app.say(
             format!(
                 "evacuation {} is {}: nothing to cancel",
                 e.id,
-                evacuation_state_name(state)
+                e.state.as_str()
             ),
             true,
         );
         return;
     }
-    let in_flight = e
-        .vms
-        .iter()
-        .filter(|v| v.state == proto::EvacuationVmState::InFlight as i32)
-        .count();
     app.dialog = Some(Dialog::CancelEvacuation {
         host: e.host,
         id: e.id,
-        in_flight,
-        cancelling: state == proto::EvacuationState::Cancelling,
+        cancelling: e.state == JobState::Cancelling,
     });
-}
-
-/// An evacuation's state as the operator reads it.
-pub fn evacuation_state_name(state: proto::EvacuationState) -> &'static str {
-    match state {
-        proto::EvacuationState::Running | proto::EvacuationState::Unspecified => "running",
-        proto::EvacuationState::Paused => "paused",
-        proto::EvacuationState::Cancelling => "cancelling",
-        proto::EvacuationState::Cancelled => "cancelled",
-        proto::EvacuationState::Done => "done",
-    }
 }
 
 fn other_mode(mode: Mode) -> Mode {
@@ -1324,7 +1296,6 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
         Dialog::CancelEvacuation {
             host,
             id,
-            in_flight,
             cancelling,
         } => {
             let control = match key.code {
@@ -1339,7 +1310,6 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                 app.dialog = Some(Dialog::CancelEvacuation {
                     host,
                     id,
-                    in_flight,
                     cancelling,
                 });
                 return Vec::new();
@@ -1896,7 +1866,7 @@ mod tests {
         );
         press(&mut app, &[key('j'), key('j')]);
         assert_eq!(
-            app.selected_evacuation_vm().map(|v| v.vm.as_str()),
+            app.selected_evacuation_vm().map(|v| v.name.as_str()),
             Some("cache-02")
         );
         press(&mut app, &[code(KeyCode::Tab), key('j')]);
@@ -1961,8 +1931,7 @@ mod tests {
                 control: proto::EvacuationControl::Pause,
             }]
         );
-        app.live.evacuations.get_mut("e-run").unwrap().state =
-            proto::EvacuationState::Paused as i32;
+        app.live.evacuations.get_mut("e-run").unwrap().state = JobState::Paused;
         assert_eq!(
             press(&mut app, &[key('p')]),
             [Command::ControlEvacuation {
@@ -2004,10 +1973,10 @@ mod tests {
             Some(Dialog::CancelEvacuation {
                 host: "hv-e".into(),
                 id: "e-run".into(),
-                in_flight: 1,
                 cancelling: false,
             })
         );
+        // The dialog counts the attempt in flight when drawn (views/tests.rs).
         let control = |commands: Vec<Command>| match &commands[..] {
             [Command::ControlEvacuation { host, id, control }] => {
                 assert_eq!((host.as_str(), id.as_str()), ("hv-e", "e-run"));
@@ -2034,8 +2003,7 @@ mod tests {
     #[test]
     fn a_cancelling_evacuation_can_only_still_abort_its_attempts() {
         let mut app = fixture();
-        app.live.evacuations.get_mut("e-run").unwrap().state =
-            proto::EvacuationState::Cancelling as i32;
+        app.live.evacuations.get_mut("e-run").unwrap().state = JobState::Cancelling;
         press(&mut app, &[key('E'), key('c')]);
         assert!(
             press(&mut app, &[code(KeyCode::Enter)]).is_empty(),
@@ -2061,7 +2029,7 @@ mod tests {
                 .as_ref()
                 .is_some_and(|(s, e)| *e && s.contains("still being evacuated by e-run"))
         );
-        app.live.evacuations.get_mut("e-run").unwrap().state = proto::EvacuationState::Done as i32;
+        app.live.evacuations.get_mut("e-run").unwrap().state = JobState::Done;
         press(&mut app, &[key('u')]);
         assert!(
             matches!(&app.dialog, Some(Dialog::Confirm { title, .. }) if title == "Undrain hv-e?")

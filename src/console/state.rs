@@ -5,6 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::agent::evacuation::job::Evacuation;
 use crate::proto;
 
 /// How many events the log keeps.
@@ -59,7 +60,8 @@ pub struct ClusterState {
     pub vms: BTreeMap<(String, String), proto::Vm>,
     pub migrations: BTreeMap<String, MigrationView>,
     /// Every evacuation the agents report, by id.
-    pub evacuations: BTreeMap<String, proto::EvacuationRecord>,
+    /// Converted once, as they arrive: views read them every frame.
+    pub evacuations: BTreeMap<String, Evacuation>,
     /// The table's order, kept as records change (progress does not move a
     /// row), so a frame reads only the rows it shows.
     order: BTreeSet<OrderKey>,
@@ -125,13 +127,15 @@ impl ClusterState {
                 for record in snapshot.migrations {
                     self.record(record);
                 }
-                for evacuation in snapshot.evacuations {
-                    self.evacuations.insert(evacuation.id.clone(), evacuation);
+                for evacuation in &snapshot.evacuations {
+                    self.evacuations
+                        .insert(evacuation.id.clone(), Evacuation::from(evacuation));
                 }
             }
             Kind::Migration(record) => self.record(record),
             Kind::Evacuation(evacuation) => {
-                self.evacuations.insert(evacuation.id.clone(), evacuation);
+                self.evacuations
+                    .insert(evacuation.id.clone(), Evacuation::from(&evacuation));
             }
             Kind::Progress(progress) => {
                 let Some(m) = self.migrations.get_mut(&progress.migration_id) else {
@@ -232,8 +236,8 @@ impl ClusterState {
 
     /// Evacuations newest first (a handful per host at most: sorted per
     /// call).
-    pub fn ordered_evacuations(&self) -> Vec<&proto::EvacuationRecord> {
-        let mut all: Vec<&proto::EvacuationRecord> = self.evacuations.values().collect();
+    pub fn ordered_evacuations(&self) -> Vec<&Evacuation> {
+        let mut all: Vec<&Evacuation> = self.evacuations.values().collect();
         all.sort_by(|a, b| {
             b.started_at_ms
                 .cmp(&a.started_at_ms)
@@ -244,10 +248,10 @@ impl ClusterState {
 
     /// The evacuation of `host` that has not ended, if any (an agent runs
     /// one at a time).
-    pub fn active_evacuation(&self, host: &str) -> Option<&proto::EvacuationRecord> {
+    pub fn active_evacuation(&self, host: &str) -> Option<&Evacuation> {
         self.evacuations
             .values()
-            .find(|e| e.host == host && !evacuation_over(e))
+            .find(|e| e.host == host && !e.state.is_over())
     }
 
     /// Migrations in the order the table shows them: running first, then
@@ -280,14 +284,6 @@ impl ClusterState {
         keyed.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
         keyed.into_iter().map(|(_, _, _, m)| m).collect()
     }
-}
-
-/// Whether an evacuation has ended (done or cancelled).
-pub fn evacuation_over(e: &proto::EvacuationRecord) -> bool {
-    matches!(
-        proto::EvacuationState::try_from(e.state),
-        Ok(proto::EvacuationState::Done | proto::EvacuationState::Cancelled)
-    )
 }
 
 /// Where a migration sorts: outcome rank, newest first, then id.

@@ -10,7 +10,6 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 use super::super::app::{App, Dialog, EvacuateForm};
 use super::super::keymap;
 use super::super::theme::Theme;
-use crate::proto;
 
 fn centered(area: Rect, width: u16, height: u16) -> Rect {
     let [row] = Layout::vertical([Constraint::Length(height.min(area.height))])
@@ -140,22 +139,11 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
         Dialog::CancelEvacuation {
             host,
             id,
-            in_flight,
             cancelling,
         } => {
             let key = |k: &str| Span::styled(format!(" {k:<8}"), theme.key);
             // As it is now: attempts may have ended since the dialog opened.
-            let in_flight = &app
-                .live
-                .evacuations
-                .get(id)
-                .map(|e| {
-                    e.vms
-                        .iter()
-                        .filter(|v| v.state == proto::EvacuationVmState::InFlight as i32)
-                        .count()
-                })
-                .unwrap_or(*in_flight);
+            let in_flight = &app.live.evacuations.get(id).map_or(0, |e| e.in_flight());
             let (them, attempts) = match in_flight {
                 1 => ("it", "the attempt in flight".to_string()),
                 n => ("them", format!("the {n} attempts in flight")),

@@ -40,12 +40,12 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         );
         return;
     };
-    let job = Evacuation::from(record);
+    let job = record;
     let vm = job
         .vms
         .get(app.evacuation_vm_row.min(job.vms.len().saturating_sub(1)));
     let list_height = all.len().min(LIST_ROWS) as u16 + 2;
-    let story = vm.map(|v| story(app, v, &job, theme)).unwrap_or_default();
+    let story = vm.map(|v| story(app, v, job, theme)).unwrap_or_default();
     let story_height = wrapped_height(&story, area.width.saturating_sub(2))
         .clamp(1, 8)
         .min(usize::from(area.height / 3)) as u16
@@ -57,7 +57,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     ])
     .areas(area);
     list(frame, list_area, app, &all, &job.id, theme);
-    evacuation(frame, job_area, app, &job, theme);
+    evacuation(frame, job_area, app, job, theme);
     if let Some(vm) = vm {
         let title = match &vm.migration_id {
             Some(id) if state.migrations.contains_key(id) => {
@@ -114,20 +114,12 @@ fn counted(vm: &JobVm) -> usize {
     vm.attempts.iter().filter(|a| a.counts()).count()
 }
 
-fn list(
-    frame: &mut Frame,
-    area: Rect,
-    app: &App,
-    all: &[&proto::EvacuationRecord],
-    shown: &str,
-    theme: &Theme,
-) {
+fn list(frame: &mut Frame, area: Rect, app: &App, all: &[&Evacuation], shown: &str, theme: &Theme) {
     let focused = app.evacuation_list_focused;
     let selected = all.iter().position(|e| e.id == shown).unwrap_or(0);
     let range = window(selected, all.len(), area.height.saturating_sub(2) as usize);
     let now = app.state().now_ms;
-    let rows = all[range.clone()].iter().map(|record| {
-        let job = Evacuation::from(*record);
+    let rows = all[range.clone()].iter().map(|job| {
         let c = job.counts();
         let (style, symbol) = job_state(theme, job.state);
         let mark = if job.id == shown {

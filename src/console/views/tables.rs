@@ -10,6 +10,7 @@ use super::super::app::{App, Focus, current_phase, mode_of};
 use super::super::state::{Link, MigrationView};
 use super::super::theme::Theme;
 use super::{bytes, duration, outcome, step};
+use crate::agent::evacuation::job::JobState;
 use crate::proto;
 
 /// The first row to show so that `selected` is visible in `height` rows.
@@ -87,18 +88,14 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             drain.push(Span::styled("draining", theme.draining));
         }
         if let Some(e) = state.active_evacuation(&h.name) {
-            let moved = e
-                .vms
-                .iter()
-                .filter(|v| v.state == proto::EvacuationVmState::Moved as i32)
-                .count();
-            let what = match proto::EvacuationState::try_from(e.state) {
-                Ok(proto::EvacuationState::Paused) => "evacuation paused",
-                Ok(proto::EvacuationState::Cancelling) => "cancelling",
+            let c = e.counts();
+            let what = match e.state {
+                JobState::Paused => "evacuation paused",
+                JobState::Cancelling => "cancelling",
                 _ => "evacuating",
             };
             drain.push(Span::styled(
-                format!(" · {what} {moved} of {}", e.vms.len()),
+                format!(" · {what} {} of {}", c.moved, c.total),
                 theme.draining,
             ));
         }

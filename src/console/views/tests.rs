@@ -286,7 +286,9 @@ fn the_cancel_question_counts_the_attempts_in_flight_as_they_are_now() {
             vm.state = crate::proto::EvacuationVmState::Moved as i32;
         }
     }
-    app.live.evacuations.insert(ended.id.clone(), ended);
+    app.live
+        .evacuations
+        .insert(ended.id.clone(), (&ended).into());
     let terminal = render(&app, &theme, (120, 40));
     find(
         terminal.backend().buffer(),
