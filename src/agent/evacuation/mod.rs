@@ -36,9 +36,9 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// it: an attempt that just published its outcome leaves the count a
 /// moment later, without an event of its own.
 const RECHECK_OUTGOING: Duration = Duration::from_millis(20);
-/// How long a host that did not answer `Capacity` is not asked again: a
-/// host that is down would otherwise hold every pass for
-/// [`CAPACITY_DEADLINE`].
+/// How long a host that did not answer `Capacity` within its deadline is
+/// not asked again: a host that is down without refusing connections would
+/// otherwise hold every pass for [`CAPACITY_DEADLINE`].
 const UNANSWERED_FOR_MS: u64 = 5000;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const MAX_MAX_ATTEMPTS: u32 = 100;
@@ -362,20 +362,15 @@ impl Agent {
                 return;
             };
             if job.state.is_over() {
-                let c = job.counts();
+                let degraded = job.vms.iter().filter(|v| v.degraded).count();
                 self.log(
-                    if c.failed > 0 { "warn" } else { "info" },
+                    if job.counts().failed > 0 {
+                        "warn"
+                    } else {
+                        "info"
+                    },
                     "",
-                    format!(
-                        "evacuation {id} of {} {}: {} moved ({} degraded), {} failed, {} cancelled, of {}",
-                        self.name,
-                        job.state.as_str(),
-                        c.moved,
-                        job.vms.iter().filter(|v| v.degraded).count(),
-                        c.failed,
-                        c.cancelled,
-                        c.total
-                    ),
+                    format!("{}; {degraded} degraded", job.headline()),
                 );
                 return;
             }
@@ -407,8 +402,7 @@ impl Agent {
         }
     }
 
-    /// One pass: outcomes, aborts, then new attempts.
-    /// True when this host's `max_outgoing` kept a ready VM from starting.
+    /// One pass: outcomes, aborts, then new attempts. True when this host's `max_outgoing` kept a ready VM from starting.
     async fn evacuation_pass(self: &Arc<Self>, id: &str, aborted: &mut HashSet<String>) -> bool {
         let Some(job) = self.evacuation(id) else {
             return false;
@@ -668,18 +662,23 @@ impl Agent {
                 let reply = match (skip, self.peers.client(&h.name)) {
                     (Some(why), _) => Err(crate::protocol::PeerError::Unreachable(why)),
                     (None, Err(e)) => Err(e),
-                    (None, Ok(mut client)) => super::peers::with_deadline(
-                        &h.name,
-                        CAPACITY_DEADLINE,
-                        client.capacity(proto::CapacityRequest {}),
-                    )
-                    .await
-                    .inspect(|_| self.state().unanswered.record(&h.name, Ok(()), now_ms()))
-                    .inspect_err(|e| {
-                        self.state()
-                            .unanswered
-                            .record(&h.name, Err(e.message()), now_ms())
-                    }),
+                    (None, Ok(mut client)) => {
+                        let asked = std::time::Instant::now();
+                        let reply = super::peers::with_deadline(
+                            &h.name,
+                            CAPACITY_DEADLINE,
+                            client.capacity(proto::CapacityRequest {}),
+                        )
+                        .await;
+                        // Only silence is remembered: a refused connection
+                        // costs nothing to try again next pass.
+                        let answer = match &reply {
+                            Err(e) if asked.elapsed() >= CAPACITY_DEADLINE => Err(e.message()),
+                            _ => Ok(()),
+                        };
+                        self.state().unanswered.record(&h.name, answer, now_ms());
+                        reply
+                    }
                 };
                 match reply {
                     Ok(c) => Candidate {
