@@ -108,48 +108,14 @@ impl Cluster {
             agents.push(agent);
             stops.push(stop_tx);
         }
-        let cluster = Cluster {
+        Ok(Cluster {
             dir,
             inventory_path,
             inventory,
             agents,
             stops,
             servers,
-        };
-        cluster.wait_until_serving().await?;
-        Ok(cluster)
-    }
-
-    /// Until every agent answers over gRPC. An agent recovers its journal
-    /// when it starts serving, and that recovery resets what was changed
-    /// before it (an evacuation's drain), so nothing may act on the agents
-    /// until then.
-    async fn wait_until_serving(&self) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for entry in &self.inventory.host {
-            loop {
-                let answered =
-                    match crate::cli::client::Agent::connect(entry).await {
-                        Ok(agent) => agent
-                            .call(|mut c| async move {
-                                c.get_host(crate::proto::GetHostRequest {}).await
-                            })
-                            .await
-                            .is_ok(),
-                        Err(_) => false,
-                    };
-                if answered {
-                    break;
-                }
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "agent {} did not answer within 10 s",
-                    entry.name
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Ok(())
+        })
     }
 
     /// Evacuate the last host in safe mode, as `tern evacuate` would, so
