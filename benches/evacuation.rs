@@ -81,7 +81,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tern::agent::evacuation::job::{Evacuation, VmState};
+use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::config::AgentConfig;
 use tern::hypervisor::sim::{SimSettings, transfer_duration};
 use tern::protocol::Phase;

@@ -34,7 +34,7 @@ use ratatui::style::{Color, Modifier};
 use resvg::{tiny_skia, usvg};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use tern::agent::evacuation::job::{Evacuation, VmState};
+use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::console::app::{self, App, Dialog, View};
 use tern::console::state::ClusterState;
 use tern::console::theme::Theme;

@@ -118,6 +118,24 @@ pub struct AgentConfig {
     /// "destination busy", which an evacuation waits out.
     #[serde(default = "default_limit")]
     pub max_incoming: u32,
+    /// How long a feature stage may take before its effect is taken as
+    /// unknown (it fails, and a rollback undoes it too).
+    #[serde(default = "default_stage_timeout")]
+    pub stage_timeout_ms: u64,
+    /// How long resume, kill, status and cancelling a transfer may take.
+    #[serde(default = "default_guest_op_timeout")]
+    pub guest_op_timeout_ms: u64,
+    /// How long starting the incoming guest may take (QEMU can take 15 s).
+    #[serde(default = "default_incoming_timeout")]
+    pub incoming_start_timeout_ms: u64,
+    /// How long the incoming transfer may take to arrive once the source
+    /// reports it complete.
+    #[serde(default = "default_incoming_timeout")]
+    pub incoming_complete_timeout_ms: u64,
+    /// How long a stopping agent waits for attempts past Finish to end
+    /// before it exits (the rest is journaled; its next start finishes it).
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
     #[serde(default)]
     pub hypervisor: HypervisorConfig,
     #[serde(default)]
@@ -150,6 +168,18 @@ fn default_rollback_retry() -> u64 {
 }
 fn default_limit() -> u32 {
     2
+}
+fn default_stage_timeout() -> u64 {
+    60_000
+}
+fn default_guest_op_timeout() -> u64 {
+    30_000
+}
+fn default_incoming_timeout() -> u64 {
+    60_000
+}
+fn default_stop_grace() -> u64 {
+    10_000
 }
 /// The most concurrent migrations a host may be configured to source or receive.
 const MAX_LIMIT: u32 = 256;
@@ -305,7 +335,15 @@ impl AgentConfig {
             ("peer_timeout_ms", config.peer_timeout_ms),
             ("stall_timeout_ms", config.stall_timeout_ms),
             ("rollback_retry_ms", config.rollback_retry_ms),
+            ("stage_timeout_ms", config.stage_timeout_ms),
+            ("guest_op_timeout_ms", config.guest_op_timeout_ms),
+            ("incoming_start_timeout_ms", config.incoming_start_timeout_ms),
+            ("incoming_complete_timeout_ms", config.incoming_complete_timeout_ms),
+            ("stop_grace_ms", config.stop_grace_ms),
         ] {
+            if value == 0 && key != "rollback_retry_ms" && key != "stall_timeout_ms" {
+                return Err(invalid(path, format!("{key} must be greater than 0")));
+            }
             if value > MAX_TIMER_MS {
                 return Err(invalid(
                     path,
@@ -370,6 +408,18 @@ impl AgentConfig {
             }
         }
         Ok(config)
+    }
+
+    /// The deadlines the host core holds hypervisor calls and stages to.
+    pub fn deadlines(&self) -> crate::host::Deadlines {
+        crate::host::Deadlines {
+            stage_ms: self.stage_timeout_ms,
+            guest_op_ms: self.guest_op_timeout_ms,
+            incoming_start_ms: self.incoming_start_timeout_ms,
+            incoming_complete_ms: self.incoming_complete_timeout_ms,
+            stop_grace_ms: self.stop_grace_ms,
+            ..crate::host::Deadlines::default()
+        }
     }
 
     pub fn timing(&self) -> Timing {

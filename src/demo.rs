@@ -12,7 +12,7 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 
-use crate::agent::evacuation::{self, job::Evacuation};
+use crate::host::{EvacuationRequest, Evacuation};
 use crate::agent::{self, Agent};
 use crate::config::{AgentConfig, Inventory};
 use crate::protocol::Mode;
@@ -127,7 +127,7 @@ impl Cluster {
             .last()
             .ok_or_else(|| anyhow::anyhow!("the demo cluster has no agents"))?;
         let job = agent
-            .evacuate(evacuation::Request {
+            .evacuate(EvacuationRequest {
                 mode: Mode::Safe,
                 concurrency: 0,
                 max_attempts: 0,
@@ -158,7 +158,7 @@ impl Cluster {
                 // quiet; anything else is worth a line in the log.
                 let started = step
                     .source
-                    .start_migration(&step.vm, &step.destination, step.mode, None)
+                    .start_migration(&step.vm, &step.destination, step.mode)
                     .await;
                 if let Err(e) = started {
                     let status = tonic::Status::from(e);
@@ -198,9 +198,15 @@ struct Move {
 /// A random idle VM on a host that may source a migration now, to a random
 /// host that may receive one now; `None` when no such pair exists.
 async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
+    let mut traffic = Vec::new();
+    for a in agents {
+        traffic.push(a.traffic().await);
+    }
     let sources: Vec<&Arc<Agent>> = agents
         .iter()
-        .filter(|a| !a.is_draining() && a.outgoing() < a.max_outgoing as usize)
+        .zip(&traffic)
+        .filter(|(a, t)| !t.draining && t.outgoing < a.max_outgoing as usize)
+        .map(|(a, _)| a)
         .collect();
     let source = {
         let mut rng = rand::rng();
@@ -219,9 +225,11 @@ async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
     let vm = vms.choose(&mut rng)?.clone();
     let destinations: Vec<&Arc<Agent>> = agents
         .iter()
-        .filter(|a| {
-            a.name != source.name && !a.is_draining() && a.incoming() < a.max_incoming as usize
+        .zip(&traffic)
+        .filter(|(a, t)| {
+            a.name != source.name && !t.draining && t.incoming < a.max_incoming as usize
         })
+        .map(|(a, _)| a)
         .collect();
     let destination = destinations.choose(&mut rng)?.name.clone();
     let mode = if rng.random_bool(0.5) {

@@ -1,7 +1,9 @@
 //! Tern: live migration of QEMU guests between hosts.
 //!
-//! `protocol` is the five-phase protocol as pure state machines; `agent` runs it
-//! over gRPC with real IO; `features` and `hypervisor` are what it acts on;
+//! `protocol` is the five-phase protocol as pure state machines; `host` is
+//! what one host decides around them, also sans-IO; `agent` carries the host
+//! core's actions out with real IO (gRPC, SQLite, the hypervisor), and
+//! `simulation` with simulated ones; `features` and `hypervisor` are what it acts on;
 //! `cli` is the client side of the command line; `demo` the embedded cluster.
 
 pub mod proto {
@@ -16,6 +18,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod features;
+pub mod host;
 pub mod hypervisor;
 pub mod protocol;
-pub mod simulation;
+// TEMP pub mod simulation;

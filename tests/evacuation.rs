@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use tern::agent::evacuation::job::{Evacuation, JobState, VmState};
+use tern::host::evacuation::job::{Evacuation, JobState, VmState};
 use tern::proto;
 use tern::proto::console_client::ConsoleClient;
 use tern::protocol::Outcome;
@@ -201,7 +201,7 @@ fn migrations_from(status: &Value, source: &str) -> usize {
         .count()
 }
 
-fn vm_of<'a>(job: &'a Evacuation, name: &str) -> &'a tern::agent::evacuation::job::JobVm {
+fn vm_of<'a>(job: &'a Evacuation, name: &str) -> &'a tern::host::evacuation::job::JobVm {
     job.vms
         .iter()
         .find(|v| v.name == name)

@@ -1,13 +1,18 @@
-//! The write-ahead journal: every attempt's state is written here before the
-//! agent acts on it, so a restarted agent can recover each open attempt by the
-//! recovery table. SQLite in `state_dir/journal.db`, WAL mode: a write is
-//! durable against a crash of the agent process once `put_*` returns.
+//! The write-ahead journal: the host core's [`Entry`]s, written before the
+//! agent acts on them, so a restarted agent recovers every open attempt by
+//! the recovery table. SQLite in `state_dir/journal.db`, WAL mode.
+//!
+//! A write survives a crash of the agent process once [`Journal::write`]
+//! returns. A `durable` write also survives a power loss of the host: it is
+//! committed with `synchronous=FULL`, which syncs the WAL, and with it every
+//! write before it. The core marks durable exactly the decisions another
+//! host acts on, so most writes skip the sync.
 
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::evacuation::job::Evacuation;
+use crate::host::{Entry, Evacuation, JournalImage, Pending, Work};
 use crate::protocol::destination::DestinationAttempt;
 use crate::protocol::source::SourceAttempt;
 
@@ -23,30 +28,20 @@ pub enum JournalError {
     },
 }
 
-/// A failed rollback or release whose feature state is still on this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
-    pub attempt_id: String,
-    pub migration_id: String,
-    pub vm: String,
-    pub feature: String,
-    pub stage: String,
-    pub error: String,
-    pub tries: u32,
-    pub next_try_ms: u64,
-}
-
 pub struct Journal {
     db: Connection,
+    /// Whether the connection is in `synchronous=FULL` now.
+    full: bool,
 }
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS attempt (
-    id TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
     side TEXT NOT NULL,
     migration_id TEXT NOT NULL,
     open INTEGER NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    PRIMARY KEY (id, side)
 );
 CREATE INDEX IF NOT EXISTS attempt_open ON attempt(open);
 CREATE TABLE IF NOT EXISTS pending (
@@ -59,6 +54,9 @@ CREATE TABLE IF NOT EXISTS pending (
     tries INTEGER NOT NULL,
     next_try_ms INTEGER NOT NULL,
     PRIMARY KEY (attempt_id, feature, stage)
+);
+CREATE TABLE IF NOT EXISTS tombstone (
+    attempt_id TEXT PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS evacuation (
     id TEXT PRIMARY KEY,
@@ -79,21 +77,54 @@ impl Journal {
         let db = Connection::open(state_dir.join("journal.db"))?;
         // Another process reading the journal (a backup, an operator's
         // sqlite3) may hold a lock for a moment; a write that still fails
-        // after this stops the agent (Agent::journal_failed).
+        // after this stops the agent (the shell's journal_failed).
         db.busy_timeout(JOURNAL_BUSY_TIMEOUT)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
-        // NORMAL in WAL mode survives a crash of the process (not of the OS),
-        // which is the failure the recovery table is about.
         db.pragma_update(None, "synchronous", "NORMAL")?;
+        migrate_attempt_key(&db)?;
         db.execute_batch(SCHEMA)?;
-        Ok(Journal { db })
+        Ok(Journal { db, full: false })
+    }
+
+    /// Carry out one journal write of the host core.
+    pub fn write(&mut self, entry: &Entry, durable: bool) -> Result<(), JournalError> {
+        if durable != self.full {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            self.db.pragma_update(None, "synchronous", mode)?;
+            self.full = durable;
+        }
+        match entry {
+            Entry::Source(a) => self.put_source(a),
+            Entry::Destination(a) => self.put_destination(a),
+            Entry::Pending(p) => self.put_pending(p),
+            Entry::PendingDone {
+                attempt_id,
+                feature,
+                work,
+            } => {
+                self.db.execute(
+                    "DELETE FROM pending WHERE attempt_id = ?1 AND feature = ?2 AND stage = ?3",
+                    params![attempt_id, feature, work],
+                )?;
+                Ok(())
+            }
+            Entry::Tombstone(id) => {
+                self.db.execute(
+                    "INSERT OR IGNORE INTO tombstone (attempt_id) VALUES (?1)",
+                    [id],
+                )?;
+                Ok(())
+            }
+            Entry::Evacuation(job) => self.put_evacuation(job),
+            Entry::Draining(d) => self.set_flag("draining", *d),
+        }
     }
 
     pub fn put_source(&self, attempt: &SourceAttempt) -> Result<(), JournalError> {
         let body = serde_json::to_string(attempt).expect("attempts serialize");
         self.db.execute(
             "INSERT INTO attempt (id, side, migration_id, open, body) VALUES (?1, 'source', ?2, ?3, ?4)
-             ON CONFLICT(id) DO UPDATE SET open = excluded.open, body = excluded.body",
+             ON CONFLICT(id, side) DO UPDATE SET open = excluded.open, body = excluded.body",
             params![attempt.attempt_id, attempt.migration_id, !attempt.is_done(), body],
         )?;
         Ok(())
@@ -103,44 +134,154 @@ impl Journal {
         let body = serde_json::to_string(attempt).expect("attempts serialize");
         self.db.execute(
             "INSERT INTO attempt (id, side, migration_id, open, body) VALUES (?1, 'destination', ?2, ?3, ?4)
-             ON CONFLICT(id) DO UPDATE SET open = excluded.open, body = excluded.body",
+             ON CONFLICT(id, side) DO UPDATE SET open = excluded.open, body = excluded.body",
             params![attempt.attempt_id, attempt.migration_id, !attempt.is_finished(), body],
         )?;
         Ok(())
     }
 
-    /// Every source attempt, oldest first (for migration records and recovery).
-    pub fn source_attempts(&self) -> Result<Vec<SourceAttempt>, JournalError> {
-        self.load(
-            "source",
-            "SELECT id, body FROM attempt WHERE side = 'source' ORDER BY rowid",
-        )
+    fn put_pending(&self, p: &Pending) -> Result<(), JournalError> {
+        self.db.execute(
+            "INSERT INTO pending (attempt_id, feature, stage, migration_id, vm, error, tries, next_try_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(attempt_id, feature, stage) DO UPDATE SET error = excluded.error,
+                 tries = excluded.tries, next_try_ms = excluded.next_try_ms",
+            params![
+                p.attempt_id,
+                p.feature,
+                p.work.as_str(),
+                p.migration_id,
+                p.vm,
+                p.error,
+                p.tries,
+                p.next_try_ms
+            ],
+        )?;
+        Ok(())
     }
 
+    fn put_evacuation(&self, job: &Evacuation) -> Result<(), JournalError> {
+        let body = serde_json::to_string(job).expect("evacuations serialize");
+        self.db.execute(
+            "INSERT INTO evacuation (id, open, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET open = excluded.open, body = excluded.body",
+            params![job.id, !job.state.is_over(), body],
+        )?;
+        Ok(())
+    }
+
+    fn set_flag(&self, name: &str, value: bool) -> Result<(), JournalError> {
+        self.db.execute(
+            "INSERT INTO flag (name, value) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, JournalError> {
+        Ok(self
+            .db
+            .query_row("SELECT value FROM flag WHERE name = ?1", [name], |r| {
+                r.get::<_, bool>(0)
+            })
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Whether this host's configured guests were booted once already: a
+    /// hypervisor that lost its list of guests must not boot them again
+    /// (they may have moved away since).
+    pub fn booted(&self) -> Result<bool, JournalError> {
+        self.flag("booted")
+    }
+
+    pub fn set_booted(&self) -> Result<(), JournalError> {
+        self.set_flag("booted", true)
+    }
+
+    /// Everything the host core starts from. A row that cannot be read is
+    /// skipped and named in `unreadable`, so one bad row does not keep the
+    /// agent from starting; a journal that cannot be read at all is an error.
+    pub fn load(&self) -> Result<JournalImage, JournalError> {
+        let mut image = JournalImage::default();
+        for (side, id, body) in self.rows(
+            "SELECT side, id, body FROM attempt ORDER BY rowid",
+        )? {
+            match side.as_str() {
+                "source" => match serde_json::from_str::<SourceAttempt>(&body) {
+                    Ok(a) => image.sources.push(a),
+                    Err(e) => image.unreadable.push(format!("source attempt {id}: {e}")),
+                },
+                "destination" => match serde_json::from_str::<DestinationAttempt>(&body) {
+                    Ok(a) => image.destinations.push(a),
+                    Err(e) => image
+                        .unreadable
+                        .push(format!("destination attempt {id}: {e}")),
+                },
+                other => image
+                    .unreadable
+                    .push(format!("attempt {id} of unknown side {other:?}")),
+            }
+        }
+        for (id, _, body) in self.rows("SELECT id, '', body FROM evacuation ORDER BY rowid")? {
+            match serde_json::from_str::<Evacuation>(&body) {
+                Ok(job) => image.evacuations.push(job),
+                Err(e) => image.unreadable.push(format!("evacuation {id}: {e}")),
+            }
+        }
+        image.pending = self.pending()?;
+        let mut stmt = self.db.prepare("SELECT attempt_id FROM tombstone")?;
+        image.tombstones = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        image.draining = self.flag("draining")?;
+        Ok(image)
+    }
+
+    fn rows(&self, sql: &str) -> Result<Vec<(String, String, String)>, JournalError> {
+        let mut stmt = self.db.prepare(sql)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Pending work; a row naming work this build does not know is kept
+    /// as a rollback (the oldest meaning of the table).
+    pub fn pending(&self) -> Result<Vec<Pending>, JournalError> {
+        let mut stmt = self.db.prepare(
+            "SELECT attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let stage: String = r.get(4)?;
+            Ok(Pending {
+                attempt_id: r.get(0)?,
+                migration_id: r.get(1)?,
+                vm: r.get(2)?,
+                feature: r.get(3)?,
+                work: Work::parse(&stage)
+                    .unwrap_or(Work::Stage(crate::protocol::Stage::Rollback)),
+                error: r.get(5)?,
+                tries: r.get(6)?,
+                next_try_ms: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Destination attempts this host has not finished.
     pub fn open_destination_attempts(&self) -> Result<Vec<DestinationAttempt>, JournalError> {
-        self.load(
+        self.load_side(
             "destination",
             "SELECT id, body FROM attempt WHERE side = 'destination' AND open = 1 ORDER BY rowid",
         )
     }
 
-    pub fn source_attempt(&self, id: &str) -> Result<Option<SourceAttempt>, JournalError> {
-        let body: Option<String> = self
-            .db
-            .query_row(
-                "SELECT body FROM attempt WHERE id = ?1 AND side = 'source'",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        body.map(|b| {
-            serde_json::from_str(&b).map_err(|source| JournalError::Corrupt {
-                what: "source",
-                id: id.into(),
-                source,
-            })
-        })
-        .transpose()
+    /// Every source attempt, oldest first.
+    pub fn source_attempts(&self) -> Result<Vec<SourceAttempt>, JournalError> {
+        self.load_side(
+            "source",
+            "SELECT id, body FROM attempt WHERE side = 'source' ORDER BY rowid",
+        )
     }
 
     pub fn destination_attempt(
@@ -165,7 +306,7 @@ impl Journal {
         .transpose()
     }
 
-    fn load<T: serde::de::DeserializeOwned>(
+    fn load_side<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         sql: &str,
@@ -185,85 +326,142 @@ impl Journal {
         }
         Ok(out)
     }
+}
 
-    /// Record (or refresh) a pending rollback; a repeated failure keeps its tries.
-    pub fn put_pending(&self, p: &Pending) -> Result<(), JournalError> {
-        self.db.execute(
-            "INSERT INTO pending (attempt_id, feature, stage, migration_id, vm, error, tries, next_try_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(attempt_id, feature, stage) DO UPDATE SET error = excluded.error,
-                 tries = excluded.tries, next_try_ms = excluded.next_try_ms",
-            params![p.attempt_id, p.feature, p.stage, p.migration_id, p.vm, p.error, p.tries, p.next_try_ms],
-        )?;
-        Ok(())
-    }
-
-    pub fn remove_pending(
-        &self,
-        attempt_id: &str,
-        feature: &str,
-        stage: &str,
-    ) -> Result<(), JournalError> {
-        self.db.execute(
-            "DELETE FROM pending WHERE attempt_id = ?1 AND feature = ?2 AND stage = ?3",
-            params![attempt_id, feature, stage],
-        )?;
-        Ok(())
-    }
-
-    pub fn pending(&self) -> Result<Vec<Pending>, JournalError> {
-        let mut stmt = self.db.prepare(
-            "SELECT attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Pending {
-                attempt_id: r.get(0)?,
-                migration_id: r.get(1)?,
-                vm: r.get(2)?,
-                feature: r.get(3)?,
-                stage: r.get(4)?,
-                error: r.get(5)?,
-                tries: r.get(6)?,
-                next_try_ms: r.get(7)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn put_evacuation(&self, job: &Evacuation) -> Result<(), JournalError> {
-        let body = serde_json::to_string(job).expect("evacuations serialize");
-        self.db.execute(
-            "INSERT INTO evacuation (id, open, body) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET open = excluded.open, body = excluded.body",
-            params![job.id, !job.state.is_over(), body],
-        )?;
-        Ok(())
-    }
-
-    /// Every evacuation of this host, oldest first.
-    pub fn evacuations(&self) -> Result<Vec<Evacuation>, JournalError> {
-        self.load(
-            "evacuation",
-            "SELECT id, body FROM evacuation ORDER BY rowid",
+/// Journals written before the source and destination rows of an attempt
+/// had a key each (`PRIMARY KEY (id)`): copy them into the new table, so a
+/// Prepare reusing a finished source attempt's id cannot overwrite it.
+fn migrate_attempt_key(db: &Connection) -> Result<(), JournalError> {
+    let sql: Option<String> = db
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'attempt'",
+            [],
+            |r| r.get(0),
         )
+        .optional()?;
+    let Some(sql) = sql else {
+        return Ok(());
+    };
+    if sql.contains("PRIMARY KEY (id, side)") {
+        return Ok(());
     }
+    db.execute_batch(
+        "BEGIN;
+         ALTER TABLE attempt RENAME TO attempt_v1;
+         DROP INDEX IF EXISTS attempt_open;
+         CREATE TABLE attempt (
+             id TEXT NOT NULL,
+             side TEXT NOT NULL,
+             migration_id TEXT NOT NULL,
+             open INTEGER NOT NULL,
+             body TEXT NOT NULL,
+             PRIMARY KEY (id, side)
+         );
+         INSERT INTO attempt (id, side, migration_id, open, body)
+             SELECT id, side, migration_id, open, body FROM attempt_v1 ORDER BY rowid;
+         DROP TABLE attempt_v1;
+         COMMIT;",
+    )?;
+    Ok(())
+}
 
-    pub fn set_draining(&self, draining: bool) -> Result<(), JournalError> {
-        self.db.execute(
-            "INSERT INTO flag (name, value) VALUES ('draining', ?1)
-             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            params![draining],
-        )?;
-        Ok(())
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    pub fn draining(&self) -> Result<bool, JournalError> {
-        Ok(self
+    #[test]
+    fn an_unreadable_row_is_skipped_and_named_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal
             .db
-            .query_row("SELECT value FROM flag WHERE name = 'draining'", [], |r| {
-                r.get::<_, bool>(0)
+            .execute(
+                "INSERT INTO attempt (id, side, migration_id, open, body) VALUES ('m-1.1', 'source', 'm-1', 1, '{not json')",
+                [],
+            )
+            .unwrap();
+        let image = journal.load().unwrap();
+        assert!(image.sources.is_empty());
+        assert_eq!(image.unreadable.len(), 1);
+        assert!(
+            image.unreadable[0].starts_with("source attempt m-1.1: "),
+            "{:?}",
+            image.unreadable
+        );
+    }
+
+    #[test]
+    fn source_and_destination_rows_of_one_id_are_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        for side in ["source", "destination"] {
+            journal
+                .db
+                .execute(
+                    "INSERT INTO attempt (id, side, migration_id, open, body) VALUES ('m-1.1', ?1, 'm-1', 0, ?2)",
+                    params![side, format!("{side} body")],
+                )
+                .unwrap();
+        }
+        let n: i64 = journal
+            .db
+            .query_row("SELECT count(*) FROM attempt", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2, "a destination row must not overwrite the source row");
+    }
+
+    #[test]
+    fn an_old_journal_gets_the_two_part_key_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Connection::open(dir.path().join("journal.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE attempt (id TEXT PRIMARY KEY, side TEXT NOT NULL, migration_id TEXT NOT NULL,
+                     open INTEGER NOT NULL, body TEXT NOT NULL);
+                 INSERT INTO attempt VALUES ('m-1.1', 'source', 'm-1', 0, 'old');",
+            )
+            .unwrap();
+        }
+        let journal = Journal::open(dir.path()).unwrap();
+        let body: String = journal
+            .db
+            .query_row("SELECT body FROM attempt WHERE id = 'm-1.1' AND side = 'source'", [], |r| {
+                r.get(0)
             })
-            .optional()?
-            .unwrap_or(false))
+            .unwrap();
+        assert_eq!(body, "old");
+        journal
+            .db
+            .execute(
+                "INSERT INTO attempt (id, side, migration_id, open, body) VALUES ('m-1.1', 'destination', 'm-1', 0, 'new')",
+                [],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn tombstones_and_pending_work_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut journal = Journal::open(dir.path()).unwrap();
+            journal
+                .write(&Entry::Tombstone("m-9.1".into()), true)
+                .unwrap();
+            let pending = Pending {
+                attempt_id: "m-2.1".into(),
+                migration_id: "m-2".into(),
+                vm: "web-01".into(),
+                feature: String::new(),
+                work: Work::Resume,
+                error: "QEMU said no".into(),
+                tries: 1,
+                next_try_ms: 5,
+            };
+            journal.write(&Entry::Pending(pending), true).unwrap();
+        }
+        let image = Journal::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(image.tombstones, ["m-9.1"]);
+        assert_eq!(image.pending.len(), 1);
+        assert_eq!(image.pending[0].work, Work::Resume);
     }
 }

@@ -1,42 +1,42 @@
-//! The host agent: owns the VMs on its host, its journal, and the migrations
-//! it sources. It serves the Console and Peer gRPC services, runs the
-//! protocol's state machines with real IO (one task per attempt), retries
-//! pending rollbacks, and on SIGINT, SIGTERM or SIGHUP aborts what has not
-//! committed before it exits.
+//! The host agent: a thin shell that carries out the host core's actions
+//! with real IO. One task owns the [`HostCore`] and the SQLite journal and
+//! feeds the core its inputs in order: requests from the gRPC services,
+//! answers of peers, of the hypervisor and of the feature drivers, timers
+//! and the stop signal. Every call the core asks for runs in its own task
+//! and comes back as an input, so the core never waits on IO: a slow QEMU
+//! start does not keep a heartbeat from being heard.
 
-mod destination;
-pub mod evacuation;
 pub mod journal;
-mod operations;
 mod peers;
-mod rollbacks;
 mod service;
-mod source;
+mod shell;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{AgentConfig, Inventory};
 use crate::features::registry::FeatureRegistry;
+use crate::host::{
+    self, Control, Evacuation, EvacuationRequest, HostCore, PeerCall, PeerResponse, Refusal,
+    Request, Response,
+};
 use crate::hypervisor::qemu::{QemuHypervisor, QemuSettings};
 use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
-use crate::protocol::Timing;
 use crate::protocol::record::MigrationRecord;
+use crate::protocol::{Mode, RunOn, Timing};
 
-use journal::Journal;
+pub use peers::{BUSY, REFUSAL_KEY, peer_error, with_deadline};
 
-/// Milliseconds since the unix epoch: the clock the agent passes to the
-/// protocol's state machines.
 /// The agent's exit code when its journal cannot be written (EX_IOERR).
 pub const JOURNAL_FAILED_EXIT: i32 = 74;
 
+/// Milliseconds since the unix epoch: the clock the agent gives the core.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -44,86 +44,45 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The next command for an attempt task: from its channel, or `timer()` once
-/// the state machine's deadline (unix ms) has passed.
-async fn next_command<C>(
-    rx: &mut mpsc::UnboundedReceiver<C>,
-    deadline: Option<u64>,
-    timer: impl FnOnce() -> C,
-) -> Option<C> {
-    let Some(at) = deadline else {
-        return rx.recv().await;
-    };
-    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
-    tokio::select! {
-        c = rx.recv() => c,
-        _ = tokio::time::sleep(wait) => Some(timer()),
-    }
+/// What the core's task takes in.
+enum Msg {
+    Input(host::Input),
+    Request {
+        request: Request,
+        reply: oneshot::Sender<host::Reply>,
+    },
+    /// Read the core's state (status, snapshots); never changes it.
+    Query(Box<dyn FnOnce(&HostCore) + Send>),
 }
 
-/// Everything one agent owns. Shared by the gRPC services and attempt tasks.
+/// A host's traffic now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub draining: bool,
+    pub outgoing: usize,
+    pub incoming: usize,
+}
+
+/// Everything one agent owns. Shared by the gRPC services and the tasks
+/// that carry out the core's calls.
 pub struct Agent {
     pub name: String,
     pub address: String,
     pub inventory: Inventory,
     pub timing: Timing,
-    pub rollback_retry_ms: u64,
     /// Migrations this host sources, and receives, at once.
     pub max_outgoing: u32,
     pub max_incoming: u32,
     pub hypervisor: Arc<dyn Hypervisor>,
     pub features: FeatureRegistry,
-    journal: Mutex<Journal>,
     events: broadcast::Sender<proto::Event>,
-    state: Mutex<State>,
-    peers: peers::Peers,
-    /// Set once the agent is stopping: no new attempts start.
+    core: mpsc::UnboundedSender<Msg>,
+    /// Set once the agent is told to stop.
     stopping: watch::Sender<bool>,
-}
-
-#[derive(Default)]
-struct State {
-    /// The latest attempt of every migration this host sourced.
-    migrations: BTreeMap<String, MigrationRecord>,
-    /// Live source attempts, by migration id.
-    sources: HashMap<String, source::Handle>,
-    /// Live destination attempts, by attempt id.
-    destinations: HashMap<String, destination::Handle>,
-    /// VM name -> migration id holding its lock (one attempt per VM).
-    locks: HashMap<String, String>,
-    /// Attempts aborted here before their Prepare arrived: refuse it later.
-    tombstones: HashSet<String>,
-    /// Peer calls that must reach the other side before the agent exits.
-    notifications: Vec<JoinHandle<()>>,
-    /// Every evacuation of this host, journaled.
-    evacuations: BTreeMap<String, evacuation::job::Evacuation>,
-    /// Wakes a running evacuation's task after an operator changed it.
-    evacuation_wakers: HashMap<String, Arc<tokio::sync::Notify>>,
-    /// No incoming migrations (set by an evacuation, cleared by undrain).
-    draining: bool,
-    /// Hosts that did not answer `Capacity` lately: not asked again for a while.
-    unanswered: evacuation::Unanswered,
-}
-
-impl State {
-    /// Every VM lock and every live source attempt task, but unresolved
-    /// attempts (their guest is paused, nothing moves). Locks alone miss
-    /// one: a VM's lock goes before its outcome is published, and a retry's
-    /// lock points at the last attempt's ended record until the new one is
-    /// published; tasks alone miss an attempt being started, whose task is
-    /// registered after its lock.
-    fn outgoing(&self) -> usize {
-        self.locks
-            .values()
-            .chain(self.sources.keys())
-            .filter(|m| {
-                self.migrations
-                    .get(*m)
-                    .is_none_or(|r| r.outcome != Some(crate::protocol::Outcome::Unresolved))
-            })
-            .collect::<HashSet<_>>()
-            .len()
-    }
+    /// Set once the core has nothing left to wait for.
+    exited: watch::Sender<bool>,
+    peers: peers::Peers,
+    next_req: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +101,9 @@ pub enum StartError {
 }
 
 impl Agent {
-    /// Open the journal and the hypervisor, and build the feature drivers.
+    /// Open the journal and the hypervisor, build the feature drivers, and
+    /// start the core's task, which first recovers what the journal left
+    /// open. Requests made before `serve` wait for that.
     pub async fn open(
         config: &AgentConfig,
         inventory: Inventory,
@@ -162,45 +123,76 @@ impl Agent {
             })?;
         let features = FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(StartError::Config)?;
+        let journal = journal::Journal::open(&config.state_dir)?;
+        // The configured guests are booted once in the host's life: a
+        // hypervisor that lost its list must not boot them again.
+        let seed: &[crate::protocol::VmSpec] = if journal.booted()? {
+            &[]
+        } else {
+            &config.vm
+        };
         let hypervisor: Arc<dyn Hypervisor> = match config.hypervisor.kind.as_str() {
             "qemu" => Arc::new(
-                QemuHypervisor::open(
-                    &config.state_dir,
-                    QemuSettings::from_config(config),
-                    &config.vm,
-                )
-                .await
-                .map_err(|e| StartError::Hypervisor(e.to_string()))?,
+                QemuHypervisor::open(&config.state_dir, QemuSettings::from_config(config), seed)
+                    .await
+                    .map_err(|e| StartError::Hypervisor(e.to_string()))?,
             ),
             _ => Arc::new(
                 SimHypervisor::open(
                     &config.state_dir,
                     SimSettings::from_config(&config.hypervisor),
-                    &config.vm,
+                    seed,
                 )
                 .map_err(|e| StartError::Hypervisor(e.to_string()))?,
             ),
         };
-        let journal = Journal::open(&config.state_dir)?;
+        journal.set_booted()?;
+        let image = journal.load()?;
+        let capacity = hypervisor.capacity();
+        let core = HostCore::new(host::Config {
+            name: config.name.clone(),
+            hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
+            features: features
+                .names()
+                .into_iter()
+                .map(|n| {
+                    let driver = features
+                        .get(&n)
+                        .map(|d| d.driver().to_string())
+                        .unwrap_or_default();
+                    (n, driver)
+                })
+                .collect(),
+            capacity,
+            timing: config.timing(),
+            deadlines: config.deadlines(),
+            max_outgoing: config.max_outgoing,
+            max_incoming: config.max_incoming,
+            rollback_retry_ms: config.rollback_retry_ms,
+            id_salt: rand::random(),
+        });
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
+        let (exited, _) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
         let agent = Arc::new(Agent {
             name: config.name.clone(),
             address,
             timing: config.timing(),
-            rollback_retry_ms: config.rollback_retry_ms,
             max_outgoing: config.max_outgoing,
             max_incoming: config.max_incoming,
             hypervisor,
             features,
-            journal: Mutex::new(journal),
             events,
-            state: Mutex::new(State::default()),
+            core: tx,
+            stopping,
+            exited,
             peers: peers::Peers::new(inventory.clone()),
             inventory,
-            stopping,
+            next_req: AtomicU64::new(1),
         });
         agent.adopt_guests().await;
+        shell::spawn(agent.clone(), core, journal, image, rx);
         Ok(agent)
     }
 
@@ -219,14 +211,6 @@ impl Agent {
         }
     }
 
-    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
-        self.journal.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }
@@ -242,67 +226,246 @@ impl Agent {
         });
     }
 
-    fn log(&self, level: &str, migration_id: &str, text: String) {
-        match level {
-            "error" => tracing::error!(migration = migration_id, "{text}"),
-            "warn" => tracing::warn!(migration = migration_id, "{text}"),
-            _ => tracing::info!(migration = migration_id, "{text}"),
+    /// Hand a request to the core and wait for its answer.
+    pub async fn request(&self, request: Request) -> host::Reply {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || Refusal::Unavailable(format!("agent {} has stopped", self.name));
+        self.core
+            .send(Msg::Request { request, reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Read the core's state.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&HostCore) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let read = Box::new(move |core: &HostCore| {
+            let _ = tx.send(read(core));
+        });
+        self.core.send(Msg::Query(read)).ok()?;
+        rx.await.ok()
+    }
+
+    fn next_req(&self) -> u64 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn guests(&self) -> Vec<crate::hypervisor::Guest> {
+        self.hypervisor.guests().await
+    }
+
+    // ---- what the Console service asks ---------------------------------------
+
+    pub async fn start_migration(
+        &self,
+        vm: &str,
+        destination: &str,
+        mode: Mode,
+    ) -> Result<MigrationRecord, Refusal> {
+        let guests = self.guests().await;
+        migration(
+            self.request(Request::StartMigration {
+                vm: vm.to_string(),
+                destination: destination.to_string(),
+                mode,
+                guests,
+            })
+            .await,
+        )
+    }
+
+    pub async fn retry(
+        &self,
+        id: &str,
+        destination: Option<&str>,
+        mode: Option<Mode>,
+    ) -> Result<MigrationRecord, Refusal> {
+        let guests = self.guests().await;
+        migration(
+            self.request(Request::Retry {
+                id: id.to_string(),
+                destination: destination.map(str::to_string),
+                mode,
+                guests,
+            })
+            .await,
+        )
+    }
+
+    pub async fn abort(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        migration(self.request(Request::Abort { id: id.to_string() }).await)
+    }
+
+    pub async fn force_resolve(&self, id: &str, run_on: RunOn) -> Result<MigrationRecord, Refusal> {
+        migration(
+            self.request(Request::Force {
+                id: id.to_string(),
+                run_on,
+            })
+            .await,
+        )
+    }
+
+    /// Run a migration's pending work on this host now: (done, still pending).
+    pub async fn run_pending(
+        &self,
+        migration_id: &str,
+    ) -> Result<(Vec<host::Pending>, Vec<host::Pending>), Refusal> {
+        match self
+            .request(Request::RunPending {
+                migration_id: migration_id.to_string(),
+            })
+            .await?
+        {
+            Response::Pending { done, still } => Ok((done, still)),
+            other => Err(unexpected(other)),
         }
-        self.emit(proto::event::Kind::Log(proto::LogLine {
-            at_ms: now_ms(),
-            level: level.to_string(),
-            migration_id: migration_id.to_string(),
-            text,
-        }));
     }
 
-    /// Publish a VM's current state (or its removal) after the hypervisor changed it.
-    async fn publish_vm(&self, vm: &str) {
-        match self.vm_info(vm).await {
-            Some(info) => self.emit(proto::event::Kind::Vm(info)),
-            None => self.emit(proto::event::Kind::VmRemoved(vm.to_string())),
+    pub async fn evacuate(&self, request: EvacuationRequest) -> Result<Evacuation, Refusal> {
+        let guests = self.guests().await;
+        evacuation(self.request(Request::Evacuate { request, guests }).await)
+    }
+
+    pub async fn control_evacuation(
+        &self,
+        id: &str,
+        control: Control,
+    ) -> Result<Evacuation, Refusal> {
+        evacuation(
+            self.request(Request::ControlEvacuation {
+                id: id.to_string(),
+                control,
+            })
+            .await,
+        )
+    }
+
+    pub async fn undrain(&self) -> Result<proto::Host, Refusal> {
+        self.request(Request::Undrain).await?;
+        Ok(self.host_info().await)
+    }
+
+    /// A Peer service call, answered by the core.
+    pub async fn peer(&self, call: PeerCall) -> Result<PeerResponse, Refusal> {
+        let guests = match call {
+            PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests().await,
+            _ => Vec::new(),
+        };
+        match self.request(Request::Peer { call, guests }).await? {
+            Response::Peer(r) => Ok(r),
+            other => Err(unexpected(other)),
         }
-        self.emit(proto::event::Kind::HostChanged(self.host_info().await));
     }
 
-    fn publish_migration(&self, record: &MigrationRecord) {
-        self.state()
-            .migrations
-            .insert(record.id.clone(), record.clone());
-        self.emit(proto::event::Kind::Migration(record.into()));
+    /// Whether this host drains, and its migrations out and in now.
+    pub async fn traffic(&self) -> Traffic {
+        self.query(|core| Traffic {
+            draining: core.is_draining(),
+            outgoing: core.outgoing(),
+            incoming: core.incoming(),
+        })
+        .await
+        .unwrap_or_default()
     }
 
-    pub fn migration(&self, id: &str) -> Option<MigrationRecord> {
-        self.state().migrations.get(id).cloned()
+    pub async fn migration(&self, id: &str) -> Option<MigrationRecord> {
+        let id = id.to_string();
+        self.query(move |core| core.migration(&id).cloned())
+            .await
+            .flatten()
     }
 
-    pub fn migrations(&self) -> Vec<MigrationRecord> {
-        self.state().migrations.values().cloned().collect()
+    pub async fn migrations(&self) -> Vec<MigrationRecord> {
+        self.query(|core| core.migrations().cloned().collect())
+            .await
+            .unwrap_or_default()
     }
 
-    /// Migrations this host sources now: what `max_outgoing` limits.
-    pub fn outgoing(&self) -> usize {
-        self.state().outgoing()
+    pub async fn evacuation(&self, id: &str) -> Option<Evacuation> {
+        let id = id.to_string();
+        self.query(move |core| core.evacuation(&id).cloned())
+            .await
+            .flatten()
     }
 
-    /// Migrations this host receives that have not ended here.
-    pub fn incoming(&self) -> usize {
-        self.state().destinations.len()
+    /// Oldest first.
+    pub async fn evacuations(&self) -> Vec<Evacuation> {
+        self.query(|core| core.evacuations().into_iter().cloned().collect())
+            .await
+            .unwrap_or_default()
     }
 
-    async fn vm_info(&self, name: &str) -> Option<proto::Vm> {
-        let guests = self.hypervisor.guests().await;
-        let guest = guests.into_iter().find(|g| g.spec.name == name)?;
-        Some(self.to_vm(guest))
+    /// Wait until the migration's latest attempt has an outcome.
+    pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        self.wait_until(|| async {
+            let record = self
+                .migration(id)
+                .await
+                .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+            Ok(record.outcome.is_some().then_some(record))
+        })
+        .await
     }
 
-    fn to_vm(&self, guest: crate::hypervisor::Guest) -> proto::Vm {
-        let migration_id = self
-            .state()
-            .locks
-            .get(&guest.spec.name)
-            .cloned()
+    /// Wait until an evacuation has ended.
+    pub async fn wait_evacuation(&self, id: &str) -> Result<Evacuation, Refusal> {
+        self.wait_until(|| async {
+            let job = self
+                .evacuation(id)
+                .await
+                .ok_or_else(|| Refusal::NotFound(format!("no evacuation {id} on {}", self.name)))?;
+            Ok(job.state.is_over().then_some(job))
+        })
+        .await
+    }
+
+    /// Look again after every event until `ready` has an answer.
+    async fn wait_until<T, F, Fut>(&self, mut ready: F) -> Result<T, Refusal>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, Refusal>>,
+    {
+        let mut events = self.subscribe();
+        loop {
+            if let Some(answer) = ready().await? {
+                return Ok(answer);
+            }
+            match events.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(Refusal::Unavailable(format!(
+                        "agent {} is stopping",
+                        self.name
+                    )));
+                }
+            }
+        }
+    }
+
+    pub async fn vms(&self) -> Vec<proto::Vm> {
+        let guests = self.guests().await;
+        let names: Vec<String> = guests.iter().map(|g| g.spec.name.clone()).collect();
+        let locks = self
+            .query(move |core| {
+                names
+                    .iter()
+                    .map(|n| core.lock_of(n).unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .await
             .unwrap_or_default();
+        guests
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| self.to_vm(g, locks.get(i).cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    fn to_vm(&self, guest: crate::hypervisor::Guest, migration_id: String) -> proto::Vm {
         proto::Vm {
             name: guest.spec.name.clone(),
             host: self.name.clone(),
@@ -318,22 +481,30 @@ impl Agent {
         }
     }
 
-    pub async fn vms(&self) -> Vec<proto::Vm> {
-        let guests = self.hypervisor.guests().await;
-        guests.into_iter().map(|g| self.to_vm(g)).collect()
-    }
-
     pub async fn host_info(&self) -> proto::Host {
         let capacity = self.hypervisor.capacity();
-        let guests = self.hypervisor.guests().await;
-        let pending = self.journal().pending().unwrap_or_default();
+        let guests = self.guests().await;
+        let memory_used_mib = guests.iter().map(|g| g.spec.memory_mib).sum();
+        let vcpus_used = guests.iter().map(|g| g.spec.vcpus).sum();
+        let state = self
+            .query(|core| {
+                (
+                    core.pending().cloned().collect::<Vec<_>>(),
+                    core.is_draining(),
+                    core.outgoing() as u32,
+                    core.incoming() as u32,
+                    core.warnings().to_vec(),
+                )
+            })
+            .await;
+        let (pending, draining, outgoing, incoming, warnings) = state.unwrap_or_default();
         proto::Host {
             name: self.name.clone(),
             address: self.address.clone(),
             memory_total_mib: capacity.memory_mib,
-            memory_used_mib: guests.iter().map(|g| g.spec.memory_mib).sum(),
+            memory_used_mib,
             vcpus_total: capacity.vcpus,
-            vcpus_used: guests.iter().map(|g| g.spec.vcpus).sum(),
+            vcpus_used,
             features: self.features.names(),
             feature_state: self
                 .features
@@ -345,7 +516,7 @@ impl Agent {
                     state: s.state,
                 })
                 .collect(),
-            pending_rollbacks: pending.into_iter().map(rollbacks::to_proto).collect(),
+            pending_rollbacks: pending.into_iter().map(pending_to_proto).collect(),
             faults: self
                 .features
                 .faults()
@@ -358,70 +529,54 @@ impl Agent {
                     fail_rollback: f.fail_rollback,
                 })
                 .collect(),
-            draining: self.is_draining(),
+            draining,
             hypervisor: self.hypervisor.kind().to_string(),
             max_outgoing: self.max_outgoing,
             max_incoming: self.max_incoming,
-            outgoing: self.outgoing() as u32,
-            incoming: self.incoming() as u32,
+            outgoing,
+            incoming,
+            warnings,
         }
     }
 
-    /// Recover every attempt the journal left open, by the recovery table.
-    fn recover(self: &Arc<Self>) -> Result<(), journal::JournalError> {
-        let sources = self.journal().source_attempts()?;
-        let destinations = self.journal().open_destination_attempts()?;
-        let now = now_ms();
-        for attempt in sources {
-            let record = attempt.record.clone();
-            if attempt.is_done() {
-                self.state().migrations.insert(record.id.clone(), record);
-                continue;
-            }
-            tracing::warn!(attempt = %attempt.attempt_id, state = ?attempt.state, "recovering source attempt");
-            source::recover(self, attempt, now);
-        }
-        for attempt in destinations {
-            tracing::warn!(attempt = %attempt.attempt_id, state = ?attempt.state, "recovering destination attempt");
-            destination::recover(self, attempt, now);
-        }
-        self.recover_evacuations()
-    }
-
-    /// Abort every attempt that has not committed, tell the peers, wait for
-    /// the source guests to run again and the peers to have heard.
-    pub async fn shut_down(self: &Arc<Self>) {
+    /// Tell the core to stop (abort what has not committed, tell the peers,
+    /// wait bounded for the rest) and wait until it has.
+    pub async fn shut_down(&self) {
         self.stopping.send_replace(true);
-        let reason = format!("agent {} is shutting down", self.name);
-        let (sources, destinations): (Vec<_>, Vec<_>) = {
-            let state = self.state();
-            (
-                state.sources.values().cloned().collect(),
-                state.destinations.values().cloned().collect(),
-            )
-        };
-        // Attempts past the commit point are carried through (and recovered
-        // by Resolve after a restart); wait a bounded time for the rest.
-        let mut aborted = Vec::new();
-        for handle in &sources {
-            if handle.abort(&reason).await.is_ok() {
-                aborted.push(handle.done());
-            }
-        }
-        for handle in &destinations {
-            let _ = handle.abort(&reason, true).await;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        for done in aborted {
-            let _ = tokio::time::timeout_at(deadline, done).await;
-        }
-        for handle in &destinations {
-            let _ = tokio::time::timeout_at(deadline, handle.done()).await;
-        }
-        let notifications = std::mem::take(&mut self.state().notifications);
-        for n in notifications {
-            let _ = tokio::time::timeout_at(deadline, n).await;
-        }
+        let _ = self.core.send(Msg::Input(host::Input::Stop));
+        let mut exited = self.exited.subscribe();
+        let _ = exited.wait_for(|e| *e).await.map(|_| ());
+    }
+}
+
+pub fn pending_to_proto(p: host::Pending) -> proto::PendingRollback {
+    proto::PendingRollback {
+        attempt_id: p.attempt_id,
+        migration_id: p.migration_id,
+        vm: p.vm,
+        feature: p.feature,
+        stage: p.work.as_str().to_string(),
+        error: p.error,
+        tries: p.tries,
+        next_try_at_ms: p.next_try_ms,
+    }
+}
+
+fn unexpected(r: Response) -> Refusal {
+    Refusal::Unavailable(format!("unexpected answer from the host core: {r:?}"))
+}
+
+fn migration(reply: host::Reply) -> Result<MigrationRecord, Refusal> {
+    match reply? {
+        Response::Migration(record) => Ok(*record),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn evacuation(reply: host::Reply) -> Result<Evacuation, Refusal> {
+    match reply? {
+        Response::Evacuation(job) => Ok(job),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -447,15 +602,23 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     mut stop: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
-    agent.recover()?;
-    rollbacks::spawn_retry_loop(&agent);
     let addr = listener.local_addr()?;
     tracing::info!(host = %agent.name, %addr, "agent listening");
-    let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(service::serve(agent.clone(), listener, server_stop_rx));
-    let _ = stop.recv().await;
-    tracing::info!(host = %agent.name, "stopping: aborting uncommitted attempts");
-    agent.shut_down().await;
+    let mut exited = agent.exited.subscribe();
+    let core_gone = async move {
+        let _ = exited.wait_for(|e| *e).await;
+    };
+    let told = tokio::select! {
+        _ = stop.recv() => true,
+        // The core ended on its own: a server without a core only refuses.
+        () = core_gone => false,
+    };
+    if told {
+        tracing::info!(host = %agent.name, "stopping: aborting uncommitted attempts");
+        agent.shut_down().await;
+    }
     let _ = server_stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     tracing::info!(host = %agent.name, "stopped");
@@ -476,171 +639,5 @@ async fn wait_for_signal() {
         _ = int.recv() => {}
         _ = term.recv() => {}
         _ = hup.recv() => {}
-    }
-}
-
-impl Agent {
-    /// Run one feature stage for a VM on this host.
-    async fn run_stage(
-        &self,
-        vm: &crate::protocol::VmSpec,
-        feature: usize,
-        stage: crate::protocol::Stage,
-        attempt_id: &str,
-        migration_id: &str,
-    ) -> crate::protocol::StageOutcome {
-        let Some(spec) = vm.features.get(feature) else {
-            return Err(format!("VM {} has no feature #{feature}", vm.name));
-        };
-        let Some(driver) = self.features.get(&spec.name) else {
-            return Err(format!(
-                "feature {} is not configured on {}",
-                spec.name, self.name
-            ));
-        };
-        let ctx = crate::features::StageContext {
-            host: self.name.clone(),
-            vm: vm.name.clone(),
-            feature: spec.clone(),
-            stage,
-            attempt_id: attempt_id.to_string(),
-            migration_id: migration_id.to_string(),
-        };
-        let result = crate::features::run_stage(driver.as_ref(), &ctx).await;
-        if let Err(detail) = &result {
-            self.log(
-                "warn",
-                migration_id,
-                format!(
-                    "{} {stage} failed on {} for {}: {detail}",
-                    spec.name, self.name, vm.name
-                ),
-            );
-        }
-        result
-    }
-
-    /// Run a feature stage in the background and hand its result to `report`
-    /// (which feeds it back to the attempt's state machine).
-    fn spawn_stage(
-        self: &Arc<Self>,
-        vm: &crate::protocol::VmSpec,
-        feature: usize,
-        stage: crate::protocol::Stage,
-        attempt_id: &str,
-        migration_id: &str,
-        report: impl FnOnce(crate::protocol::StageOutcome) + Send + 'static,
-    ) {
-        let agent = self.clone();
-        let (vm, attempt_id, migration_id) =
-            (vm.clone(), attempt_id.to_string(), migration_id.to_string());
-        tokio::spawn(async move {
-            report(
-                agent
-                    .run_stage(&vm, feature, stage, &attempt_id, &migration_id)
-                    .await,
-            );
-        });
-    }
-
-    /// A rollback or release failed: keep it, visible, until a retry works.
-    fn record_pending(
-        &self,
-        vm: &crate::protocol::VmSpec,
-        feature: usize,
-        stage: crate::protocol::Stage,
-        attempt_id: &str,
-        migration_id: &str,
-        error: String,
-    ) {
-        let name = vm
-            .features
-            .get(feature)
-            .map(|f| f.name.clone())
-            .unwrap_or_default();
-        let pending = journal::Pending {
-            attempt_id: attempt_id.to_string(),
-            migration_id: migration_id.to_string(),
-            vm: vm.name.clone(),
-            feature: name.clone(),
-            stage: stage.as_str().to_string(),
-            error: error.clone(),
-            tries: 1,
-            next_try_ms: now_ms() + self.rollback_retry_ms,
-        };
-        if let Err(e) = self.journal().put_pending(&pending) {
-            self.journal_failed(migration_id, e);
-        }
-        self.log(
-            "error",
-            migration_id,
-            format!(
-                "{name} {stage} failed on {} for {}; left pending: {error}",
-                self.name, vm.name
-            ),
-        );
-    }
-
-    /// A journal write failed: the agent stops at once, as if it had crashed
-    /// before the write, instead of acting on a decision it could not
-    /// record (a commit it cannot prove after a restart, a rollback that
-    /// would vanish). Its supervisor restarts it, and recovery carries on
-    /// from the last record that was written.
-    fn journal_failed(&self, migration_id: &str, error: journal::JournalError) -> ! {
-        let text = format!(
-            "cannot write the journal ({error}): stopping {} now; restart it to recover its attempts",
-            self.name
-        );
-        self.log("error", migration_id, text.clone());
-        eprintln!("tern agent {}: {text}", self.name);
-        std::process::exit(JOURNAL_FAILED_EXIT);
-    }
-
-    /// Resume or kill a guest for an attempt, logging a failure and
-    /// publishing the VM's new state either way.
-    async fn guest_action(&self, vm: &str, migration_id: &str, resume: bool) {
-        let (verb, result) = if resume {
-            ("resume", self.hypervisor.resume(vm).await)
-        } else {
-            ("kill", self.hypervisor.kill(vm).await)
-        };
-        if let Err(e) = result {
-            self.log(
-                "error",
-                migration_id,
-                format!("cannot {verb} {vm} on {}: {e}", self.name),
-            );
-        }
-        self.publish_vm(vm).await;
-    }
-
-    /// Tell a peer that an attempt is aborted, in the background but tracked
-    /// so that shutdown waits for it. A destination answers once it has
-    /// rolled back, with its rollback results, which go into our record.
-    fn notify_abort(self: &Arc<Self>, peer: String, request: proto::PeerAbortRequest) {
-        let agent = self.clone();
-        self.track(tokio::spawn(async move {
-            let Ok(mut client) = agent.peers.client(&peer) else {
-                return;
-            };
-            let deadline = Duration::from_millis(agent.timing.peer_timeout_ms);
-            match peers::with_deadline(&peer, deadline, client.abort(request)).await {
-                Ok(reply) => {
-                    if let Ok(c4) =
-                        crate::protocol::cookies::decode::<proto::Cookie4>("C4", &reply.cookie4)
-                    {
-                        agent.record_peer_rollback(c4).await;
-                    }
-                }
-                Err(e) => tracing::warn!("telling {peer} about the abort: {}", e.message()),
-            }
-        }));
-    }
-
-    /// Keep a peer notification running past the attempt; shutdown waits for it.
-    fn track(&self, task: JoinHandle<()>) {
-        let mut state = self.state();
-        state.notifications.retain(|t| !t.is_finished());
-        state.notifications.push(task);
     }
 }

@@ -1,5 +1,6 @@
 //! Calls to other agents' Peer service. Channels are made lazily, one per
-//! host, and reused; every call has a deadline so nothing waits on TCP.
+//! host, and reused; a call has the deadline the host core gave it, so
+//! nothing waits on TCP.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,8 +9,15 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Inventory;
+use crate::host::{PeerCall, PeerResponse};
 use crate::proto::peer_client::PeerClient;
 use crate::protocol::PeerError;
+
+/// The metadata key a refusal's kind travels in, next to its status code.
+pub const REFUSAL_KEY: &str = "tern-refusal";
+/// Its value for a "not now" refusal (a destination at its limit, or still
+/// undoing an earlier attempt of the VM).
+pub const BUSY: &str = "busy";
 
 pub struct Peers {
     inventory: Inventory,
@@ -43,13 +51,57 @@ impl Peers {
         channels.insert(host.to_string(), channel.clone());
         Ok(PeerClient::new(channel))
     }
+
+    /// Make one call, within `deadline` if there is one.
+    pub async fn call(
+        &self,
+        host: &str,
+        request: PeerCall,
+        deadline: Option<Duration>,
+    ) -> Result<PeerResponse, PeerError> {
+        let mut client = self.client(host)?;
+        let call = async move {
+            Ok::<_, tonic::Status>(match request {
+                PeerCall::Prepare(r) => PeerResponse::Prepare(client.prepare(r).await?.into_inner()),
+                PeerCall::Finish(r) => PeerResponse::Finish(client.finish(r).await?.into_inner()),
+                PeerCall::Abort(r) => PeerResponse::Abort(client.abort(r).await?.into_inner()),
+                PeerCall::Resolve(r) => PeerResponse::Resolve(client.resolve(r).await?.into_inner()),
+                PeerCall::Heartbeat(r) => {
+                    PeerResponse::Heartbeat(client.heartbeat(r).await?.into_inner())
+                }
+                PeerCall::Capacity(r) => {
+                    PeerResponse::Capacity(client.capacity(r).await?.into_inner())
+                }
+            })
+        };
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout(d, call).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(PeerError::Unreachable(format!(
+                        "{host} did not answer within {} ms",
+                        d.as_millis()
+                    )));
+                }
+            },
+            None => call.await,
+        };
+        result.map_err(|status| peer_error(host, status))
+    }
 }
 
 /// Whether a failed call may have taken effect on the peer: a status the
 /// peer's service produced is an answer; a transport failure is not.
 pub fn peer_error(host: &str, status: tonic::Status) -> PeerError {
     use tonic::Code::*;
+    let busy = status
+        .metadata()
+        .get(REFUSAL_KEY)
+        .is_some_and(|v| v.as_bytes() == BUSY.as_bytes());
     match status.code() {
+        ResourceExhausted | FailedPrecondition if busy => {
+            PeerError::Busy(status.message().to_string())
+        }
         InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition
         | ResourceExhausted | OutOfRange | Unimplemented | Aborted => {
             PeerError::Refused(status.message().to_string())
@@ -58,7 +110,7 @@ pub fn peer_error(host: &str, status: tonic::Status) -> PeerError {
     }
 }
 
-/// Run a peer call with a deadline; a timeout is an unreachable peer.
+/// Run a call with a deadline; a timeout is an unreachable peer.
 pub async fn with_deadline<T>(
     host: &str,
     deadline: Duration,

@@ -10,8 +10,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use super::Agent;
-use super::rollbacks;
 use crate::features::Faults;
+use crate::host::{PeerCall, PeerResponse, Refusal};
 use crate::proto::{self, console_server, peer_server};
 use crate::protocol::record::mode_from_proto;
 use crate::protocol::{RunOn, Stage};
@@ -45,75 +45,85 @@ pub async fn serve(
 
 struct PeerService(Arc<Agent>);
 
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        match r {
+            Refusal::InvalidArgument(m) => Status::invalid_argument(m),
+            Refusal::NotFound(m) => Status::not_found(m),
+            Refusal::AlreadyExists(m) => Status::already_exists(m),
+            Refusal::FailedPrecondition(m) => Status::failed_precondition(m),
+            Refusal::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Refusal::Busy(m) => {
+                // The kind travels as metadata: a peer must not have to
+                // read the text to know it may try again later.
+                let mut status = Status::resource_exhausted(m);
+                status
+                    .metadata_mut()
+                    .insert(super::REFUSAL_KEY, super::BUSY.parse().expect("ASCII"));
+                status
+            }
+            Refusal::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
+
+/// Hand a Peer call to the core and take out the answer it must be.
+macro_rules! peer_call {
+    ($agent:expr, $call:ident, $request:expr) => {
+        match $agent.peer(PeerCall::$call($request.into_inner())).await? {
+            PeerResponse::$call(reply) => Ok(Response::new(reply)),
+            other => Err(Status::internal(format!(
+                "the host core answered {} with {other:?}",
+                stringify!($call)
+            ))),
+        }
+    };
+}
+
 #[tonic::async_trait]
 impl peer_server::Peer for PeerService {
     async fn prepare(
         &self,
         request: Request<proto::PrepareRequest>,
     ) -> Result<Response<proto::PrepareReply>, Status> {
-        let c2 = self.0.prepare(&request.into_inner().cookie1).await?;
-        Ok(Response::new(proto::PrepareReply {
-            cookie2: prost::Message::encode_to_vec(&c2),
-        }))
+        peer_call!(self.0, Prepare, request)
     }
 
     async fn finish(
         &self,
         request: Request<proto::FinishRequest>,
     ) -> Result<Response<proto::FinishReply>, Status> {
-        let c4 = self.0.finish(&request.into_inner().cookie3).await?;
-        Ok(Response::new(proto::FinishReply {
-            cookie4: prost::Message::encode_to_vec(&c4),
-        }))
+        peer_call!(self.0, Finish, request)
     }
 
     async fn abort(
         &self,
         request: Request<proto::PeerAbortRequest>,
     ) -> Result<Response<proto::PeerAbortReply>, Status> {
-        let request = request.into_inner();
-        tracing::warn!(attempt = %request.attempt_id, from = %request.from_host, "peer abort: {}", request.reason);
-        Ok(Response::new(
-            self.0
-                .peer_abort(&request.attempt_id, &request.reason, &request.cookie4)
-                .await,
-        ))
+        let r = request.get_ref();
+        tracing::warn!(attempt = %r.attempt_id, from = %r.from_host, "peer abort: {}", r.reason);
+        peer_call!(self.0, Abort, request)
     }
 
     async fn resolve(
         &self,
         request: Request<proto::ResolveRequest>,
     ) -> Result<Response<proto::ResolveReply>, Status> {
-        Ok(Response::new(
-            self.0.resolve(&request.into_inner().attempt_id).await,
-        ))
+        peer_call!(self.0, Resolve, request)
     }
 
     async fn heartbeat(
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
-        Ok(Response::new(
-            self.0.heartbeat(&request.into_inner().attempt_ids),
-        ))
+        peer_call!(self.0, Heartbeat, request)
     }
 
     async fn capacity(
         &self,
-        _: Request<proto::CapacityRequest>,
+        request: Request<proto::CapacityRequest>,
     ) -> Result<Response<proto::CapacityReply>, Status> {
-        let host = self.0.host_info().await;
-        Ok(Response::new(proto::CapacityReply {
-            host: host.name,
-            memory_total_mib: host.memory_total_mib,
-            memory_used_mib: host.memory_used_mib,
-            vcpus_total: host.vcpus_total,
-            vcpus_used: host.vcpus_used,
-            features: host.features,
-            draining: host.draining,
-            incoming: host.incoming,
-            max_incoming: host.max_incoming,
-        }))
+        peer_call!(self.0, Capacity, request)
     }
 }
 
@@ -149,8 +159,13 @@ impl console_server::Console for ConsoleService {
                     kind: Some(proto::event::Kind::Snapshot(proto::Snapshot {
                         host: Some(agent.host_info().await),
                         vms: agent.vms().await,
-                        migrations: agent.migrations().iter().map(Into::into).collect(),
-                        evacuations: agent.evacuations().iter().map(|e| e.to_proto()).collect(),
+                        migrations: agent.migrations().await.iter().map(Into::into).collect(),
+                        evacuations: agent
+                            .evacuations()
+                            .await
+                            .iter()
+                            .map(|e| e.to_proto())
+                            .collect(),
                     })),
                 }
             };
@@ -180,7 +195,7 @@ impl console_server::Console for ConsoleService {
         let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
         let record = self
             .0
-            .start_migration(&request.vm, &request.destination, mode, None)
+            .start_migration(&request.vm, &request.destination, mode)
             .await?;
         Ok(Response::new((&record).into()))
     }
@@ -201,6 +216,7 @@ impl console_server::Console for ConsoleService {
         let record = self
             .0
             .migration(&id)
+            .await
             .ok_or_else(|| Status::not_found(format!("no migration {id} on {}", self.0.name)))?;
         Ok(Response::new((&record).into()))
     }
@@ -209,7 +225,7 @@ impl console_server::Console for ConsoleService {
         &self,
         _: Request<proto::ListMigrationsRequest>,
     ) -> Result<Response<proto::ListMigrationsReply>, Status> {
-        let migrations = self.0.migrations().iter().map(Into::into).collect();
+        let migrations = self.0.migrations().await.iter().map(Into::into).collect();
         Ok(Response::new(proto::ListMigrationsReply { migrations }))
     }
 
@@ -238,10 +254,10 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::RollbackReply>, Status> {
-        let (done, still) = rollbacks::run_for_migration(&self.0, &request.into_inner().id).await;
+        let (done, still) = self.0.run_pending(&request.into_inner().id).await?;
         Ok(Response::new(proto::RollbackReply {
-            done: done.into_iter().map(rollbacks::to_proto).collect(),
-            still_pending: still.into_iter().map(rollbacks::to_proto).collect(),
+            done: done.into_iter().map(super::pending_to_proto).collect(),
+            still_pending: still.into_iter().map(super::pending_to_proto).collect(),
         }))
     }
 
@@ -270,7 +286,7 @@ impl console_server::Console for ConsoleService {
         let request = request.into_inner();
         let job = self
             .0
-            .evacuate(super::evacuation::Request {
+            .evacuate(crate::host::EvacuationRequest {
                 mode: mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe),
                 concurrency: request.concurrency,
                 max_attempts: request.max_attempts,
@@ -284,7 +300,7 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::ControlEvacuationRequest>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
-        use super::evacuation::job::Control;
+        use crate::host::Control;
         let request = request.into_inner();
         let control = match proto::EvacuationControl::try_from(request.control) {
             Ok(proto::EvacuationControl::Pause) => Control::Pause,
@@ -297,7 +313,7 @@ impl console_server::Console for ConsoleService {
                 ));
             }
         };
-        let job = self.0.control_evacuation(&request.id, control)?;
+        let job = self.0.control_evacuation(&request.id, control).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -309,6 +325,7 @@ impl console_server::Console for ConsoleService {
         let job = self
             .0
             .evacuation(&id)
+            .await
             .ok_or_else(|| Status::not_found(format!("no evacuation {id} on {}", self.0.name)))?;
         Ok(Response::new(job.to_proto()))
     }
@@ -318,7 +335,13 @@ impl console_server::Console for ConsoleService {
         _: Request<proto::ListEvacuationsRequest>,
     ) -> Result<Response<proto::ListEvacuationsReply>, Status> {
         Ok(Response::new(proto::ListEvacuationsReply {
-            evacuations: self.0.evacuations().iter().map(|e| e.to_proto()).collect(),
+            evacuations: self
+                .0
+                .evacuations()
+                .await
+                .iter()
+                .map(|e| e.to_proto())
+                .collect(),
         }))
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::client::{Agent, Cluster, Link, reachable};
 use super::{CliError, CliResult, exit};
-use crate::agent::evacuation::job::{Control, Evacuation, JobState, VmState};
+use crate::host::evacuation::job::{Control, Evacuation, JobState, VmState};
 use crate::proto;
 use crate::protocol::Mode;
 use crate::protocol::record::mode_to_proto;
@@ -304,7 +304,7 @@ pub async fn undrain(inventory: &Path, host: &str) -> CliResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::evacuation::job::JobVm;
+    use crate::host::evacuation::job::JobVm;
     use crate::protocol::Outcome;
     use crate::protocol::record::MigrationRecord;
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::client::{Agent, Cluster, Link};
 use super::output::{state_summary, table};
 use super::{CliError, CliResult, exit};
-use crate::agent::evacuation::job::Evacuation;
+use crate::host::evacuation::job::Evacuation;
 use crate::config::HostEntry;
 use crate::proto;
 use crate::protocol::record::MigrationRecord;

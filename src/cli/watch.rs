@@ -47,7 +47,7 @@ pub struct WatchLine {
 pub enum WatchEvent {
     Snapshot(StatusJson),
     Migration(MigrationRecord),
-    Evacuation(Box<crate::agent::evacuation::job::Evacuation>),
+    Evacuation(Box<crate::host::evacuation::job::Evacuation>),
     Progress {
         migration_id: String,
         attempt_id: String,

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 
 use super::msg::{Command, Msg};
-use crate::agent::evacuation::job::{Evacuation, JobState};
+use crate::host::evacuation::job::{Evacuation, JobState};
 use crate::agent::now_ms;
 use crate::cli::client::{Agent, status_error};
 use crate::cli::output::{pending_rollback_line, started_line, state_summary};

@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::agent::evacuation::job::Evacuation;
+use crate::host::evacuation::job::Evacuation;
 use crate::proto;
 
 /// How many events the log keeps.

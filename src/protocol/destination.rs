@@ -22,7 +22,8 @@ use super::policy::{is_blocking, rollback_set};
 use super::record::{FeatureRecord, stats_from_proto};
 use super::recovery::{DestinationRecovery, destination_recovery};
 use super::{
-    Millis, Mode, PROTOCOL_VERSION, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
+    GuestOpError, GuestOpResult, GuestProbe, Millis, Mode, PROTOCOL_VERSION, PendingWork, Stage,
+    StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -31,20 +32,16 @@ pub enum DestinationState {
     /// The incoming guest is being started paused.
     Starting,
     /// Running feature `next`'s prepare stage.
-    Preparing {
-        next: usize,
-    },
+    Preparing { next: usize },
     /// C2 sent; waiting for Finish.
     Prepared,
     /// Finish arrived: waiting for the transfer, then feature `next`'s finish.
-    Finishing {
-        next: usize,
-    },
+    Finishing { next: usize },
+    /// The commit point is journaled; the guest's CPUs start next. Until
+    /// the hypervisor says they run, nobody is told "committed".
     Committed,
     /// Undoing the features in `queue` (front first), after killing the guest.
-    RollingBack {
-        queue: Vec<usize>,
-    },
+    RollingBack { queue: Vec<usize> },
     RolledBack,
 }
 
@@ -56,15 +53,37 @@ pub enum Waiter {
     Nobody,
 }
 
+/// The hypervisor call on the guest whose answer the attempt waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Awaiting {
+    #[default]
+    Nothing,
+    Resume,
+    Status,
+    /// A kill before the commit is abandoned (the CPUs never ran).
+    KillAbandoning,
+    /// A kill before the rollback stages run.
+    KillRollingBack,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum DestinationInput {
-    IncomingStarted(Result<String, String>),
+    IncomingStarted(Result<String, GuestOpError>),
     IncomingCompleted(Result<(), String>),
     StageDone {
         feature: usize,
         stage: Stage,
         result: StageOutcome,
     },
+    /// A stage did not answer within its deadline: its effect is unknown.
+    StageTimedOut {
+        feature: usize,
+        stage: Stage,
+        after_ms: Millis,
+    },
+    GuestResumed(GuestOpResult),
+    GuestKilled(GuestOpResult),
+    GuestStatus(GuestProbe),
     Finish(proto::Cookie3),
     Heartbeat,
     Timer,
@@ -80,18 +99,27 @@ pub enum DestinationAction {
         feature: usize,
         stage: Stage,
     },
+    /// `GuestResumed` follows.
     ResumeGuest,
+    /// `GuestKilled` follows.
     KillGuest,
-    /// A rollback failed: the feature's state stays here until a retry works.
+    /// Ask the hypervisor whether the guest runs; `GuestStatus` follows.
+    QueryGuest,
+    /// Something failed that leaves work on this host (a rollback, a kill):
+    /// it stays listed and is retried until it succeeds.
     RecordPending {
-        feature: usize,
-        stage: Stage,
+        work: PendingWork,
         error: String,
     },
     ReplyPrepare(proto::Cookie2),
     ReplyFinish(proto::Cookie4),
     /// We aborted on our own (source lost, agent stopping): tell the source.
     NotifySource {
+        reason: String,
+    },
+    /// Committed, but the guest cannot be run here and may have run: only an
+    /// operator can decide now.
+    GuestLost {
         reason: String,
     },
     Finished {
@@ -149,26 +177,29 @@ pub fn check_new_attempt(attempt_id: &str, host: &str, known: Known) -> Result<(
     Ok(())
 }
 
-/// Resolve for an attempt with no running task here, from the journal:
-/// `(committed, C4)`. An attempt the journal never saw never committed here,
-/// and never will (the caller tombstones it so a late C1 is refused).
-pub fn resolve_from_journal(
-    host: &str,
-    attempt_id: &str,
-    journaled: Option<&DestinationAttempt>,
-) -> (bool, proto::Cookie4) {
-    match journaled {
-        Some(attempt) => (attempt.is_committed(), attempt.cookie4()),
-        None => (
-            false,
-            proto::Cookie4 {
-                protocol_version: PROTOCOL_VERSION,
-                attempt_id: attempt_id.to_string(),
-                committed: false,
-                error: format!("{host} has no record of attempt {attempt_id}"),
-                ..Default::default()
-            },
-        ),
+/// What a destination answers when asked whether an attempt committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The guest runs here.
+    Committed,
+    /// Durably decided: it never commits here.
+    NotCommitted,
+    /// Committed, but the guest cannot run here and may have run.
+    Lost,
+    /// Finish is still being carried out: ask again.
+    Pending,
+}
+
+/// Resolve for an attempt this host has no record of: it never committed
+/// here, and never will (the caller tombstones it, durably, so a late C1 is
+/// refused).
+pub fn unknown_attempt(host: &str, attempt_id: &str) -> proto::Cookie4 {
+    proto::Cookie4 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: attempt_id.to_string(),
+        committed: false,
+        error: format!("{host} has no record of attempt {attempt_id}"),
+        ..Default::default()
     }
 }
 
@@ -238,6 +269,17 @@ pub struct DestinationAttempt {
     /// leaves it open, and recovery resumes the guest.
     #[serde(default)]
     guest_resumed: bool,
+    /// The guest's CPUs may have started although no resume was seen to
+    /// succeed (a resume that did not answer, or a restart after the
+    /// commit): from then on the attempt can never be abandoned on the
+    /// word of a failed resume alone.
+    #[serde(default)]
+    ran_maybe: bool,
+    /// Committed, but the guest cannot be run here and may have run.
+    #[serde(default)]
+    lost: Option<String>,
+    #[serde(skip)]
+    awaiting: Awaiting,
 }
 
 impl DestinationAttempt {
@@ -289,6 +331,9 @@ impl DestinationAttempt {
             abort_requested: None,
             notify_source: false,
             guest_resumed: false,
+            ran_maybe: false,
+            lost: None,
+            awaiting: Awaiting::Nothing,
         };
         let actions = vec![attempt.journal(), DestinationAction::StartIncoming];
         Ok((attempt, actions))
@@ -302,8 +347,28 @@ impl DestinationAttempt {
         self.state == DestinationState::Committed
     }
 
+    /// The guest runs here: the commit is carried out.
+    pub fn guest_runs(&self) -> bool {
+        self.is_committed() && self.guest_resumed
+    }
+
+    /// It will never commit here: an abort is decided, or it rolls back.
+    pub fn decided_not_to_commit(&self) -> bool {
+        self.abort_requested.is_some()
+            || matches!(
+                self.state,
+                DestinationState::RollingBack { .. } | DestinationState::RolledBack
+            )
+    }
+
+    /// Committed, but the guest was lost: why.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
     /// Nothing is left to do: rolled back, or committed with the guest
-    /// running.
+    /// running. A lost attempt stays open: an operator's forced decision
+    /// (an abort from its source) still rolls it back.
     pub fn is_finished(&self) -> bool {
         match self.state {
             DestinationState::Committed => self.guest_resumed,
@@ -338,7 +403,8 @@ impl DestinationAttempt {
     }
 
     /// Abort before Finish arrived. `Err` once Finish is being carried out or
-    /// has committed: the destination decides then, not the source.
+    /// has committed: the destination decides then, not the source. A lost
+    /// commit can still be abandoned: the guest does not run here.
     pub fn abort(
         &mut self,
         now: Millis,
@@ -351,6 +417,11 @@ impl DestinationAttempt {
                 "{} is carrying out Finish for attempt {}; it cannot be aborted now",
                 self.host, self.attempt_id
             )),
+            DestinationState::Committed if self.lost.is_some() && self.awaiting == Awaiting::Nothing => {
+                self.notify_source = notify_source;
+                let lost = self.lost.take().unwrap_or_default();
+                Ok(self.roll_back(format!("aborted: {reason} (the guest was lost here: {lost})"), true))
+            }
             DestinationState::Committed => Err(format!(
                 "attempt {} has committed on {}: the guest runs here",
                 self.attempt_id, self.host
@@ -368,25 +439,39 @@ impl DestinationAttempt {
             }
             _ => {
                 self.notify_source = notify_source;
-                Ok(self.roll_back(format!("aborted: {reason}")))
+                Ok(self.roll_back(format!("aborted: {reason}"), true))
             }
+        }
+    }
+
+    /// What this attempt answers Resolve now, as it stands.
+    pub fn answer(&self) -> Answer {
+        match self.state {
+            DestinationState::Committed if self.lost.is_some() => Answer::Lost,
+            DestinationState::Committed if self.guest_resumed => Answer::Committed,
+            // The CPUs are being started: the answer is not known yet.
+            DestinationState::Committed | DestinationState::Finishing { .. } => Answer::Pending,
+            DestinationState::RollingBack { .. } | DestinationState::RolledBack => {
+                Answer::NotCommitted
+            }
+            _ if self.abort_requested.is_some() => Answer::NotCommitted,
+            _ => Answer::Pending,
         }
     }
 
     /// Resolve: did this attempt commit? "Not committed" is only answered
     /// after the decision never to commit is journaled (the returned actions
     /// start with that journal write).
-    pub fn resolve(&mut self, now: Millis) -> (Option<bool>, Vec<DestinationAction>) {
+    pub fn resolve(&mut self, now: Millis) -> (Answer, Vec<DestinationAction>) {
         match self.state {
-            DestinationState::Committed => (Some(true), Vec::new()),
             DestinationState::Finishing { .. } if planted(Mutation::CommitAfterNotCommitted) => {
-                (Some(false), Vec::new())
+                (Answer::NotCommitted, Vec::new())
             }
-            DestinationState::Finishing { .. } => (None, Vec::new()),
-            DestinationState::RollingBack { .. } | DestinationState::RolledBack => {
-                (Some(false), Vec::new())
-            }
-            _ if planted(Mutation::CommitAfterNotCommitted) => (Some(false), Vec::new()),
+            DestinationState::Committed
+            | DestinationState::Finishing { .. }
+            | DestinationState::RollingBack { .. }
+            | DestinationState::RolledBack => (self.answer(), Vec::new()),
+            _ if planted(Mutation::CommitAfterNotCommitted) => (Answer::NotCommitted, Vec::new()),
             _ => {
                 let actions = self
                     .abort(
@@ -395,7 +480,7 @@ impl DestinationAttempt {
                         false,
                     )
                     .unwrap_or_default();
-                (Some(false), actions)
+                (Answer::NotCommitted, actions)
             }
         }
     }
@@ -411,17 +496,19 @@ impl DestinationAttempt {
                         self.incoming_address = address;
                         self.state = DestinationState::Preparing { next: 0 };
                         if let Some(reason) = self.abort_requested.clone() {
-                            return self.roll_back(format!("aborted: {reason}"));
+                            return self.roll_back(format!("aborted: {reason}"), true);
                         }
                         self.next_prepare()
                     }
                     Err(e) => {
-                        self.error = Some(format!(
+                        let error = format!(
                             "could not start the incoming guest on {}: {e}",
                             self.host
-                        ));
-                        self.state = DestinationState::RollingBack { queue: Vec::new() };
-                        self.roll_back_next()
+                        );
+                        // A start that failed made nothing; one that did not
+                        // answer may have made a guest, which must go.
+                        let kill = matches!(e, GuestOpError::Unknown(_));
+                        self.roll_back(error, kill)
                     }
                 }
             }
@@ -430,18 +517,37 @@ impl DestinationAttempt {
                 stage,
                 result,
             } => self.on_stage_done(feature, stage, result),
+            DestinationInput::StageTimedOut {
+                feature,
+                stage,
+                after_ms,
+            } => {
+                if self.expects_stage(feature, stage) {
+                    self.features[feature].uncertain = true;
+                }
+                let result = Err(format!(
+                    "did not answer within {after_ms} ms; its effect is unknown"
+                ));
+                self.on_stage_done(feature, stage, result)
+            }
             DestinationInput::Finish(c3) => self.on_finish(now, c3),
             DestinationInput::IncomingCompleted(result) => {
-                if self.state != (DestinationState::Finishing { next: 0 }) {
+                if self.state != (DestinationState::Finishing { next: 0 })
+                    || self.features.first().is_some_and(|f| f.finish != StepStatus::Pending)
+                {
                     return Vec::new();
                 }
                 match result {
                     Ok(()) => self.next_finish(0),
-                    Err(e) => {
-                        self.roll_back(format!("the transfer did not arrive on {}: {e}", self.host))
-                    }
+                    Err(e) => self.roll_back(
+                        format!("the transfer did not arrive on {}: {e}", self.host),
+                        true,
+                    ),
                 }
             }
+            DestinationInput::GuestResumed(result) => self.on_resumed(result),
+            DestinationInput::GuestKilled(result) => self.on_killed(result),
+            DestinationInput::GuestStatus(probe) => self.on_status(probe),
             DestinationInput::Heartbeat => {
                 self.last_source_contact = now;
                 Vec::new()
@@ -471,8 +577,16 @@ impl DestinationAttempt {
         match self.state {
             DestinationState::Prepared => {}
             // A repeated Finish gets the answer already given.
-            DestinationState::Committed | DestinationState::RolledBack => {
+            DestinationState::Committed if self.guest_resumed || self.lost.is_some() => {
                 return vec![DestinationAction::ReplyFinish(self.cookie4())];
+            }
+            DestinationState::RolledBack => {
+                return vec![DestinationAction::ReplyFinish(self.cookie4())];
+            }
+            // The CPUs are being started: answered once they run (or not).
+            DestinationState::Committed => {
+                self.waiter = Waiter::Finish;
+                return Vec::new();
             }
             // Finish crossed our own abort: we will never commit. Answer it
             // when the rollback ends, or the source waits for ever.
@@ -486,15 +600,31 @@ impl DestinationAttempt {
         self.state = DestinationState::Finishing { next: 0 };
         let mut actions = vec![self.journal()];
         if c3.status != proto::TransferStatus::Completed as i32 {
-            actions.extend(self.roll_back(format!(
-                "the source reported the transfer did not complete (status {})",
-                c3.status
-            )));
+            actions.extend(self.roll_back(
+                format!(
+                    "the source reported the transfer did not complete (status {})",
+                    c3.status
+                ),
+                true,
+            ));
             return actions;
         }
         let stats = c3.stats.as_ref().map(stats_from_proto).unwrap_or_default();
         actions.push(DestinationAction::CompleteIncoming(stats));
         actions
+    }
+
+    fn expects_stage(&self, feature: usize, stage: Stage) -> bool {
+        match (&self.state, stage) {
+            (DestinationState::Preparing { next }, Stage::Prepare) => *next == feature,
+            (DestinationState::Finishing { next }, Stage::Finish) => {
+                *next == feature && self.features[feature].finish == StepStatus::Running
+            }
+            (DestinationState::RollingBack { queue }, Stage::Rollback) => {
+                self.awaiting == Awaiting::Nothing && queue.first() == Some(&feature)
+            }
+            _ => false,
+        }
     }
 
     fn on_stage_done(
@@ -503,15 +633,7 @@ impl DestinationAttempt {
         stage: Stage,
         result: StageOutcome,
     ) -> Vec<DestinationAction> {
-        let expected = match (&self.state, stage) {
-            (DestinationState::Preparing { next }, Stage::Prepare) => *next == feature,
-            (DestinationState::Finishing { next }, Stage::Finish) => *next == feature,
-            (DestinationState::RollingBack { queue }, Stage::Rollback) => {
-                queue.first() == Some(&feature)
-            }
-            _ => false,
-        };
-        if !expected {
+        if !self.expects_stage(feature, stage) {
             return Vec::new();
         }
         let spec_required = self.vm.features[feature].required;
@@ -520,7 +642,7 @@ impl DestinationAttempt {
         match stage {
             Stage::Prepare => {
                 if let Some(reason) = self.abort_requested.clone() {
-                    return self.roll_back(format!("aborted: {reason}"));
+                    return self.roll_back(format!("aborted: {reason}"), true);
                 }
                 if let Err(detail) = &result
                     && is_blocking(self.mode, spec_required)
@@ -529,7 +651,7 @@ impl DestinationAttempt {
                         "required feature {name} failed prepare on {}: {detail}",
                         self.host
                     );
-                    return self.roll_back(error);
+                    return self.roll_back(error, true);
                 }
                 self.state = DestinationState::Preparing { next: feature + 1 };
                 self.next_prepare()
@@ -542,7 +664,7 @@ impl DestinationAttempt {
                         "required feature {name} failed finish on {}: {detail}",
                         self.host
                     );
-                    return self.roll_back(error);
+                    return self.roll_back(error, true);
                 }
                 self.next_finish(feature + 1)
             }
@@ -550,8 +672,10 @@ impl DestinationAttempt {
                 let mut actions = Vec::new();
                 if let Err(error) = result {
                     actions.push(DestinationAction::RecordPending {
-                        feature,
-                        stage: Stage::Rollback,
+                        work: PendingWork::Stage {
+                            feature,
+                            stage: Stage::Rollback,
+                        },
                         error,
                     });
                 }
@@ -605,24 +729,148 @@ impl DestinationAttempt {
                 },
             ];
         }
-        // The commit point: journal it, then start the guest's CPUs, then
-        // close the attempt.
+        // The commit point: journal it, then start the guest's CPUs. The
+        // answer waits until the hypervisor says they run.
         self.state = DestinationState::Committed;
-        self.waiter = Waiter::Nobody;
-        let commit = self.journal();
-        self.guest_resumed = true;
-        vec![
-            commit,
-            DestinationAction::ResumeGuest,
-            self.journal(),
-            DestinationAction::ReplyFinish(self.cookie4()),
-            DestinationAction::Finished { committed: true },
-        ]
+        self.guest_resumed = false;
+        self.awaiting = Awaiting::Resume;
+        vec![self.journal(), DestinationAction::ResumeGuest]
     }
 
-    /// Decide never to commit: journal it, kill the incoming guest, and undo
-    /// exactly the features whose stages succeeded, last first.
-    fn roll_back(&mut self, error: String) -> Vec<DestinationAction> {
+    /// The guest runs here: close the attempt and answer.
+    fn commit_done(&mut self) -> Vec<DestinationAction> {
+        self.guest_resumed = true;
+        self.awaiting = Awaiting::Nothing;
+        let mut actions = vec![self.journal()];
+        if self.waiter == Waiter::Finish {
+            actions.push(DestinationAction::ReplyFinish(self.cookie4()));
+        }
+        self.waiter = Waiter::Nobody;
+        actions.push(DestinationAction::Finished { committed: true });
+        actions
+    }
+
+    fn on_resumed(&mut self, result: GuestOpResult) -> Vec<DestinationAction> {
+        if self.state != DestinationState::Committed || self.awaiting != Awaiting::Resume {
+            return Vec::new();
+        }
+        match result {
+            Ok(()) => self.commit_done(),
+            // The hypervisor refused: the CPUs never started. The guest
+            // goes, and the source resumes its copy: nothing ran here.
+            Err(GuestOpError::Failed(e)) if !self.ran_maybe => {
+                self.error = Some(format!(
+                    "could not start the guest's CPUs on {}: {e}; the guest was killed there and runs on {} again",
+                    self.host, self.source
+                ));
+                self.awaiting = Awaiting::KillAbandoning;
+                vec![DestinationAction::KillGuest]
+            }
+            // No clear answer: ask whether the CPUs run.
+            Err(e) => {
+                if matches!(e, GuestOpError::Unknown(_)) {
+                    self.ran_maybe = true;
+                }
+                self.error = Some(format!("resuming the guest on {}: {e}", self.host));
+                self.awaiting = Awaiting::Status;
+                vec![DestinationAction::QueryGuest]
+            }
+        }
+    }
+
+    fn on_status(&mut self, probe: GuestProbe) -> Vec<DestinationAction> {
+        if self.state != DestinationState::Committed || self.awaiting != Awaiting::Status {
+            return Vec::new();
+        }
+        match probe {
+            GuestProbe::Running => {
+                self.error = None;
+                self.commit_done()
+            }
+            // There and stopped: once killed, nothing of it can run.
+            GuestProbe::Stopped => {
+                let before = self.error.take().unwrap_or_default();
+                self.error = Some(format!(
+                    "{before}; its CPUs did not start, so it was killed and runs on {} again",
+                    self.source
+                ));
+                self.awaiting = Awaiting::KillAbandoning;
+                vec![DestinationAction::KillGuest]
+            }
+            GuestProbe::Gone => self.become_lost("the guest is gone from this host".into()),
+            GuestProbe::Unknown(e) => {
+                self.become_lost(format!("the hypervisor cannot say whether it runs: {e}"))
+            }
+        }
+    }
+
+    fn on_killed(&mut self, result: GuestOpResult) -> Vec<DestinationAction> {
+        match self.awaiting {
+            Awaiting::KillAbandoning if self.state == DestinationState::Committed => {
+                self.awaiting = Awaiting::Nothing;
+                match result {
+                    Ok(()) => {
+                        let error = self.error.clone().unwrap_or_default();
+                        self.roll_back(error, false)
+                    }
+                    Err(e) if self.ran_maybe => {
+                        self.become_lost(format!("it could not be killed either: {e}"))
+                    }
+                    // Its CPUs never ran and nothing will start them: the
+                    // copy is only in the way, listed until a kill works.
+                    Err(e) => {
+                        let error = self.error.clone().unwrap_or_default();
+                        let mut actions = self.roll_back(error, false);
+                        actions.insert(
+                            1,
+                            DestinationAction::RecordPending {
+                                work: PendingWork::Kill,
+                                error: e.message().to_string(),
+                            },
+                        );
+                        actions
+                    }
+                }
+            }
+            Awaiting::KillRollingBack if matches!(self.state, DestinationState::RollingBack { .. }) => {
+                self.awaiting = Awaiting::Nothing;
+                let mut actions = Vec::new();
+                if let Err(e) = result {
+                    actions.push(DestinationAction::RecordPending {
+                        work: PendingWork::Kill,
+                        error: e.message().to_string(),
+                    });
+                }
+                actions.extend(self.roll_back_next());
+                actions
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Committed, and the guest cannot be run here: it may have run, so the
+    /// source must keep its copy paused until an operator decides.
+    fn become_lost(&mut self, why: String) -> Vec<DestinationAction> {
+        let before = self.error.take();
+        let reason = match before {
+            Some(b) if !b.is_empty() => format!("{b}; {why}"),
+            _ => why,
+        };
+        self.lost = Some(reason.clone());
+        self.error = Some(reason.clone());
+        self.awaiting = Awaiting::Nothing;
+        let mut actions = vec![self.journal(), DestinationAction::GuestLost { reason }];
+        if self.waiter == Waiter::Finish {
+            actions.push(DestinationAction::ReplyFinish(self.cookie4()));
+        }
+        self.waiter = Waiter::Nobody;
+        actions
+    }
+
+    /// Decide never to commit: journal it, kill the incoming guest (unless
+    /// nothing was started, or it is already gone), and undo exactly the
+    /// features whose stages succeeded, last first.
+    fn roll_back(&mut self, error: String, kill: bool) -> Vec<DestinationAction> {
         if self.error.is_none() || !error.starts_with("aborted") {
             self.error = Some(error);
         }
@@ -639,8 +887,14 @@ impl DestinationAttempt {
             self.features[i].rollback = StepStatus::Pending;
         }
         self.state = DestinationState::RollingBack { queue };
-        let mut actions = vec![self.journal(), DestinationAction::KillGuest];
-        actions.extend(self.roll_back_next());
+        let mut actions = vec![self.journal()];
+        if kill {
+            self.awaiting = Awaiting::KillRollingBack;
+            actions.push(DestinationAction::KillGuest);
+        } else {
+            self.awaiting = Awaiting::Nothing;
+            actions.extend(self.roll_back_next());
+        }
         actions
     }
 
@@ -703,11 +957,12 @@ impl DestinationAttempt {
             committed,
             finish: self.results(Stage::Finish),
             rollback: self.results(Stage::Rollback),
-            error: if committed {
+            error: if committed && self.lost.is_none() {
                 String::new()
             } else {
                 self.error.clone().unwrap_or_default()
             },
+            lost: self.lost.is_some(),
         }
     }
 
@@ -715,6 +970,7 @@ impl DestinationAttempt {
     pub fn recover(&mut self, now: Millis) -> Vec<DestinationAction> {
         self.last_source_contact = now;
         self.waiter = Waiter::Nobody;
+        self.awaiting = Awaiting::Nothing;
         match destination_recovery(&self.state) {
             DestinationRecovery::KillAndRollBack => {
                 // A stage that was running when the agent died may have taken
@@ -728,22 +984,24 @@ impl DestinationAttempt {
                     }
                 }
                 self.notify_source = true;
-                self.roll_back(format!("{} restarted before the commit point", self.host))
+                self.roll_back(
+                    format!("{} restarted before the commit point", self.host),
+                    true,
+                )
             }
             DestinationRecovery::ContinueRollback => {
                 let queue = rollback_set(&self.features, true);
                 self.state = DestinationState::RollingBack { queue };
-                let mut actions = vec![DestinationAction::KillGuest];
-                actions.extend(self.roll_back_next());
-                actions
+                self.awaiting = Awaiting::KillRollingBack;
+                vec![DestinationAction::KillGuest]
             }
+            DestinationRecovery::KeepRunning if self.lost.is_some() => Vec::new(),
             DestinationRecovery::KeepRunning => {
-                self.guest_resumed = true;
-                vec![
-                    DestinationAction::ResumeGuest,
-                    self.journal(),
-                    DestinationAction::Finished { committed: true },
-                ]
+                // The CPUs may have started before the restart: from here a
+                // failed resume can only make the guest lost, never abandoned.
+                self.ran_maybe = true;
+                self.awaiting = Awaiting::Resume;
+                vec![DestinationAction::ResumeGuest]
             }
             DestinationRecovery::Nothing => Vec::new(),
         }

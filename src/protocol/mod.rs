@@ -269,6 +269,9 @@ pub enum PeerError {
     /// The peer answered and said no: the request definitely had no effect
     /// beyond what the peer reports.
     Refused(String),
+    /// The peer answered and said "not now": it is at its limit, or still
+    /// undoing an earlier attempt of the VM. Trying again later may work.
+    Busy(String),
     /// No answer (unreachable, timed out, cut): the outcome is unknown.
     Unreachable(String),
 }
@@ -276,8 +279,128 @@ pub enum PeerError {
 impl PeerError {
     pub fn message(&self) -> &str {
         match self {
-            PeerError::Refused(m) | PeerError::Unreachable(m) => m,
+            PeerError::Refused(m) | PeerError::Busy(m) | PeerError::Unreachable(m) => m,
         }
+    }
+}
+
+/// Why a hypervisor call on a guest (start, resume, kill, cancel) did not
+/// succeed. The difference matters at the commit point: a call that failed
+/// did nothing, one that did not answer may still take effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestOpError {
+    /// The hypervisor answered with an error: the call had no effect.
+    Failed(String),
+    /// No answer within its deadline: the effect is unknown.
+    Unknown(String),
+}
+
+impl GuestOpError {
+    pub fn message(&self) -> &str {
+        match self {
+            GuestOpError::Failed(m) | GuestOpError::Unknown(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for GuestOpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// Work an ended attempt left on a host: a stage to undo, or the guest
+/// itself to resume or kill. It stays listed (journaled, in status and the
+/// console) and is retried until it succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingWork {
+    /// A rollback (destination) or release (source) of feature `feature`.
+    Stage { feature: usize, stage: Stage },
+    /// The guest is paused here and must run again.
+    Resume,
+    /// A copy of the guest that must not run is still here.
+    Kill,
+}
+
+/// What the hypervisor says of a guest when asked after a call on it did
+/// not give a clear answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestProbe {
+    /// Its CPUs run.
+    Running,
+    /// It is there, its CPUs stopped.
+    Stopped,
+    /// There is no such guest on the host.
+    Gone,
+    /// The hypervisor did not say.
+    Unknown(String),
+}
+
+/// The result of a hypervisor call on a guest.
+pub type GuestOpResult = Result<(), GuestOpError>;
+
+/// The structured reason an attempt ended the way it did, for clients that
+/// act on it (an evacuation retries a busy destination on the same host
+/// without counting the attempt). Texts are for people, this is for code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The destination was at its limit or still undoing an earlier attempt.
+    DestinationBusy,
+    /// The source agent's own stop or restart cut the attempt short.
+    Interrupted,
+    /// The destination refused Prepare for good.
+    Refused,
+    /// The other agent stopped answering.
+    PeerLost,
+    /// A blocking feature stage failed.
+    Feature,
+    /// The transfer failed or stalled.
+    Transfer,
+    /// An operator aborted or forced it.
+    Operator,
+    /// The hypervisor could not start, resume or kill the guest.
+    Guest,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::DestinationBusy => "destination_busy",
+            Cause::Interrupted => "interrupted",
+            Cause::Refused => "refused",
+            Cause::PeerLost => "peer_lost",
+            Cause::Feature => "feature",
+            Cause::Transfer => "transfer",
+            Cause::Operator => "operator",
+            Cause::Guest => "guest",
+        }
+    }
+}
+
+/// What the guest is doing on the host a record's `running_on` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestCondition {
+    #[default]
+    Running,
+    /// A resume failed: the guest is paused there (a retry is pending).
+    Paused,
+    /// No host can say it runs the guest (its destination lost it).
+    Unknown,
+}
+
+impl GuestCondition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestCondition::Running => "running",
+            GuestCondition::Paused => "paused",
+            GuestCondition::Unknown => "unknown",
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        *self == GuestCondition::Running
     }
 }
 

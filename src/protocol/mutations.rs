@@ -1,5 +1,6 @@
-//! Known mistakes that can be planted in the protocol core, to prove that the
-//! simulator catches them (`--features mutations`; see `src/simulation/`).
+//! Known mistakes that can be planted in the protocol core and the host core,
+//! to prove that the simulator catches them (`--features mutations`; see
+//! `src/simulation/`).
 //!
 //! Without the feature, [`planted`] is a constant `false` and every planted
 //! branch compiles away. With it, a mistake is planted per thread, so one
@@ -19,14 +20,26 @@ pub enum Mutation {
     CommitAfterNotCommitted,
     /// Neither side acts on a lost peer: no peer timeout.
     IgnoreLostPeer,
+    /// The host core takes a failed resume of a committed guest for a
+    /// success (the agent once only logged it).
+    IgnoreFailedResume,
+    /// The host core answers Finish "committed" as soon as the commit is
+    /// journaled, before the hypervisor says the guest's CPUs run.
+    ReplyCommittedBeforeResume,
+    /// The host core lets a decision leave the host (a reply, a call, a
+    /// resume) before the journal write that records it is durable.
+    ReplyBeforeDurable,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::RollbackOneTooFew,
         Mutation::ResumeOnUnknownOutcome,
         Mutation::CommitAfterNotCommitted,
         Mutation::IgnoreLostPeer,
+        Mutation::IgnoreFailedResume,
+        Mutation::ReplyCommittedBeforeResume,
+        Mutation::ReplyBeforeDurable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +48,9 @@ impl Mutation {
             Mutation::ResumeOnUnknownOutcome => "resume-on-unknown-outcome",
             Mutation::CommitAfterNotCommitted => "commit-after-not-committed",
             Mutation::IgnoreLostPeer => "ignore-lost-peer",
+            Mutation::IgnoreFailedResume => "ignore-failed-resume",
+            Mutation::ReplyCommittedBeforeResume => "reply-committed-before-resume",
+            Mutation::ReplyBeforeDurable => "reply-before-durable",
         }
     }
 

@@ -13,15 +13,18 @@ pub fn is_blocking(mode: Mode, required: bool) -> bool {
 
 /// The features a rollback must undo: exactly those with a stage that
 /// succeeded, in reverse order of initialisation (features initialise in spec
-/// order). With `include_in_flight`, a stage that was running when the agent
-/// died also counts: its effect is unknown and stages are idempotent, so
-/// undoing it is the only safe choice.
+/// order). A stage whose effect is unknown also counts, since stages are
+/// idempotent and undoing it is the only safe choice: one that did not answer
+/// within its deadline (`uncertain`), and, with `include_in_flight`, one that
+/// was running when the agent died.
 pub fn rollback_set(features: &[FeatureRecord], include_in_flight: bool) -> Vec<usize> {
     let counts =
         |s: StepStatus| s == StepStatus::Ok || (include_in_flight && s == StepStatus::Running);
     (0..features.len())
         .rev()
-        .filter(|&i| counts(features[i].prepare) || counts(features[i].finish))
+        .filter(|&i| {
+            counts(features[i].prepare) || counts(features[i].finish) || features[i].uncertain
+        })
         .filter(|&i| features[i].rollback != StepStatus::Ok)
         .collect::<Vec<_>>()
         .into_iter()
@@ -83,6 +86,17 @@ mod tests {
         let features = vec![feature(Ok, Pending), feature(Running, Pending)];
         assert_eq!(rollback_set(&features, false), vec![0]);
         assert_eq!(rollback_set(&features, true), vec![1, 0]);
+    }
+
+    #[test]
+    fn a_stage_that_timed_out_is_undone_too() {
+        use StepStatus::*;
+        let mut timed_out = feature(Failed, Skipped);
+        timed_out.uncertain = true;
+        assert_eq!(
+            rollback_set(&[feature(Ok, Ok), timed_out, feature(Failed, Skipped)], false),
+            vec![1, 0]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats};
+use super::{Cause, GuestCondition, Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats};
 use crate::proto;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,10 @@ pub struct FeatureRecord {
     /// The first failure's detail, for an operator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A stage of it did not answer within its deadline: whether it took
+    /// effect is unknown, so a rollback undoes it too (stages are idempotent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uncertain: bool,
 }
 
 impl FeatureRecord {
@@ -40,6 +44,7 @@ impl FeatureRecord {
             rollback: StepStatus::Pending,
             release: StepStatus::Pending,
             error: None,
+            uncertain: false,
         }
     }
 
@@ -115,6 +120,12 @@ pub struct MigrationRecord {
     /// The cookies this attempt exchanged so far, C1 first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cookies: Vec<CookieRecord>,
+    /// Why it ended the way it did, when the agent knows a kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// The guest on `running_on`: running, or paused after a resume failed.
+    #[serde(default, rename = "guest_state", skip_serializing_if = "GuestCondition::is_running")]
+    pub guest: GuestCondition,
 }
 
 /// One cookie of an attempt, decoded for an operator
@@ -262,6 +273,50 @@ pub fn outcome_from_proto(o: i32) -> Option<Outcome> {
     }
 }
 
+pub fn cause_to_proto(c: Option<Cause>) -> proto::Cause {
+    match c {
+        None => proto::Cause::None,
+        Some(Cause::DestinationBusy) => proto::Cause::DestinationBusy,
+        Some(Cause::Interrupted) => proto::Cause::Interrupted,
+        Some(Cause::Refused) => proto::Cause::Refused,
+        Some(Cause::PeerLost) => proto::Cause::PeerLost,
+        Some(Cause::Feature) => proto::Cause::Feature,
+        Some(Cause::Transfer) => proto::Cause::Transfer,
+        Some(Cause::Operator) => proto::Cause::Operator,
+        Some(Cause::Guest) => proto::Cause::Guest,
+    }
+}
+
+pub fn cause_from_proto(c: i32) -> Option<Cause> {
+    match proto::Cause::try_from(c).unwrap_or(proto::Cause::None) {
+        proto::Cause::None => None,
+        proto::Cause::DestinationBusy => Some(Cause::DestinationBusy),
+        proto::Cause::Interrupted => Some(Cause::Interrupted),
+        proto::Cause::Refused => Some(Cause::Refused),
+        proto::Cause::PeerLost => Some(Cause::PeerLost),
+        proto::Cause::Feature => Some(Cause::Feature),
+        proto::Cause::Transfer => Some(Cause::Transfer),
+        proto::Cause::Operator => Some(Cause::Operator),
+        proto::Cause::Guest => Some(Cause::Guest),
+    }
+}
+
+pub fn guest_to_proto(g: GuestCondition) -> proto::GuestCondition {
+    match g {
+        GuestCondition::Running => proto::GuestCondition::Running,
+        GuestCondition::Paused => proto::GuestCondition::Paused,
+        GuestCondition::Unknown => proto::GuestCondition::Unknown,
+    }
+}
+
+pub fn guest_from_proto(g: i32) -> GuestCondition {
+    match proto::GuestCondition::try_from(g).unwrap_or(proto::GuestCondition::Running) {
+        proto::GuestCondition::Running => GuestCondition::Running,
+        proto::GuestCondition::Paused => GuestCondition::Paused,
+        proto::GuestCondition::Unknown => GuestCondition::Unknown,
+    }
+}
+
 pub fn phase_from_proto(p: i32) -> Phase {
     match proto::Phase::try_from(p).unwrap_or(proto::Phase::Begin) {
         proto::Phase::Begin => Phase::Begin,
@@ -343,6 +398,8 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
             updated_at_ms: r.updated_at_ms,
             committed: r.committed,
             cookies: r.cookies.iter().map(proto::CookieRecord::from).collect(),
+            cause: cause_to_proto(r.cause) as i32,
+            guest: guest_to_proto(r.guest) as i32,
         }
     }
 }
@@ -387,6 +444,7 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                     rollback: status_from_proto(f.rollback),
                     release: status_from_proto(f.release),
                     error: (!f.error.is_empty()).then(|| f.error.clone()),
+                    uncertain: false,
                 })
                 .collect(),
             transfer: r.transfer.as_ref().map(stats_from_proto),
@@ -402,6 +460,8 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                     summary: c.summary.clone(),
                 })
                 .collect(),
+            cause: cause_from_proto(r.cause),
+            guest: guest_from_proto(r.guest),
         }
     }
 }

@@ -3,15 +3,18 @@
 //!
 //! ```text
 //!  begin ──► Preparing ──C2──► Transferring ──done──► FinishSent ──C4──► Confirming ──► Done
-//!               │                  │                     │    ▲
-//!               │  abort, peer     │ abort, peer lost,   │    │ Resolve answers
-//!               ▼  lost, refused   ▼ stall, error        ▼    │
-//!             Aborting ─────────────────► Done       Unresolved (never resumes on its own)
+//!               │                  │                     │    ▲            (kill, release
+//!               │  abort, peer     │ abort, peer lost,   │    │ Resolve     or resume)
+//!               ▼  lost, refused   ▼ stall, error        ▼    │ answers
+//!             Aborting ─(cancel, resume)─► Done       Unresolved (never resumes on its own)
 //! ```
 //!
 //! Before Finish is sent every failure ends with the guest resumed here. Once
-//! it is sent, only the destination's answer (Finish's reply or Resolve) or the
-//! operator's forced decision moves the attempt on.
+//! it is sent, only the destination's answer (Finish's reply, Resolve, or its
+//! own abort carrying C4) or the operator's forced decision moves the attempt
+//! on. Every hypervisor call the attempt asks for (cancel the transfer,
+//! resume, kill) is waited for: the attempt only ends once the guest is where
+//! its record says, and a call that fails is recorded, never taken for done.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +23,8 @@ use super::mutations::{Mutation, planted};
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
-    Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError, Phase, RunOn, Stage, StageOutcome,
-    StepStatus, Timing, TransferStats, VmSpec,
+    Cause, GuestCondition, GuestOpResult, Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError,
+    PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -30,12 +33,12 @@ pub enum SourceState {
     /// C1 sent; waiting for the destination's Prepare.
     Preparing,
     /// Perform: the hypervisor is transferring the guest.
-    Transferring {
-        address: String,
-    },
-    /// Ending before the commit point: cancel, resume here, tell the peer.
+    Transferring { address: String },
+    /// Ending before the commit point: stop the transfer, then resume here.
     Aborting {
         outcome: Outcome,
+        #[serde(default)]
+        step: AbortStep,
     },
     /// C3 sent: the destination may commit at any moment.
     FinishSent,
@@ -44,8 +47,30 @@ pub enum SourceState {
     /// Confirm: kill here and release (committed) or resume here.
     Confirming {
         committed: bool,
+        #[serde(default)]
+        step: ConfirmStep,
     },
     Done,
+}
+
+/// Where an attempt that ends before the commit point is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AbortStep {
+    /// Waiting for the transfer to have stopped.
+    #[default]
+    Cancelling,
+    /// Waiting for the guest to run again.
+    Resuming,
+}
+
+/// Where Confirm is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConfirmStep {
+    /// Killing (committed) or resuming (not committed) the guest here.
+    #[default]
+    Guest,
+    /// Running the features' release stages (committed).
+    Releasing,
 }
 
 /// What the destination says about an attempt it was asked to resolve.
@@ -53,7 +78,20 @@ pub enum SourceState {
 pub enum Resolution {
     Committed(proto::Cookie4),
     NotCommitted(proto::Cookie4),
+    /// Committed, but the destination can no longer run the guest.
+    Lost(proto::Cookie4),
     Pending,
+}
+
+/// The destination's answer to an Abort this side sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbortAnswer {
+    pub aborted: bool,
+    /// With `aborted` false: the attempt committed there.
+    pub committed: bool,
+    pub detail: String,
+    /// Its rollback results, once it has rolled back.
+    pub c4: Option<proto::Cookie4>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,18 +99,31 @@ pub enum SourceInput {
     PrepareReplied(Result<proto::Cookie2, PeerError>),
     TransferProgress(TransferStats),
     TransferDone(Result<TransferStats, String>),
+    /// A transfer this attempt cancelled has stopped.
+    TransferStopped,
     FinishReplied(Result<proto::Cookie4, PeerError>),
     ResolveReplied(Result<Resolution, PeerError>),
     /// `Ok(known)`: the destination answered, and still knows the attempt.
     HeartbeatReplied(Result<bool, PeerError>),
+    AbortReplied(Result<AbortAnswer, PeerError>),
+    GuestResumed(GuestOpResult),
+    GuestKilled(GuestOpResult),
     StageDone {
         feature: usize,
         stage: Stage,
         result: StageOutcome,
     },
-    /// The destination told us it aborted the attempt.
+    /// A stage did not answer within its deadline: its effect is unknown.
+    StageTimedOut {
+        feature: usize,
+        stage: Stage,
+        after_ms: Millis,
+    },
+    /// The destination told us it aborted the attempt; with C4, it has
+    /// durably decided never to commit and rolled back.
     PeerAborted {
         reason: String,
+        c4: Option<proto::Cookie4>,
     },
     Timer,
 }
@@ -85,7 +136,7 @@ pub enum SourceAction {
     StartTransfer {
         address: String,
     },
-    /// Stop the transfer and wait until it has stopped.
+    /// Stop the transfer; `TransferStopped` follows once it has stopped.
     CancelTransfer,
     SendFinish(proto::Cookie3),
     SendAbort {
@@ -93,16 +144,18 @@ pub enum SourceAction {
     },
     SendResolve,
     SendHeartbeat,
+    /// `GuestResumed` follows.
     ResumeGuest,
+    /// `GuestKilled` follows.
     KillGuest,
     RunStage {
         feature: usize,
         stage: Stage,
     },
-    /// A release failed: its state stays on this host until a retry succeeds.
+    /// Something failed that leaves work on this host (a release, a resume,
+    /// a kill): it stays listed and is retried until it succeeds.
     RecordPending {
-        feature: usize,
-        stage: Stage,
+        work: PendingWork,
         error: String,
     },
     /// The attempt has an outcome: unlock the VM (not sent for `Unresolved`).
@@ -129,6 +182,9 @@ pub struct SourceAttempt {
     last_progress_at: Millis,
     last_progress_bytes: u64,
     release_next: usize,
+    /// The operator's forced decision, if the attempt was forced.
+    #[serde(default)]
+    forced: Option<RunOn>,
 }
 
 /// Who is starting an attempt, and of what.
@@ -184,6 +240,8 @@ impl SourceAttempt {
             started_at_ms: params.started_at_ms,
             updated_at_ms: now,
             cookies: Vec::new(),
+            cause: None,
+            guest: GuestCondition::Running,
         };
         let mut attempt = SourceAttempt {
             attempt_id,
@@ -204,6 +262,7 @@ impl SourceAttempt {
             last_progress_at: now,
             last_progress_bytes: 0,
             release_next: 0,
+            forced: None,
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -228,11 +287,34 @@ impl SourceAttempt {
         self.state == SourceState::Done
     }
 
+    /// The operator's forced decision, if any.
+    pub fn forced(&self) -> Option<RunOn> {
+        self.forced
+    }
+
+    /// A resume that failed at the end of this attempt worked on a later
+    /// try: the guest runs here again.
+    pub fn guest_runs_again(&mut self, now: Millis) {
+        if self.record.guest == GuestCondition::Paused {
+            self.record.guest = GuestCondition::Running;
+            if let Some(error) = &mut self.record.error {
+                error.push_str(" (the guest was resumed later)");
+            }
+            self.record.updated_at_ms = now;
+        }
+    }
+
     /// Before the commit point, the operator (or a shutting-down agent) may
     /// abort; afterwards the refusal says why and what to do instead.
-    pub fn abort(&mut self, now: Millis, reason: &str) -> Result<Vec<SourceAction>, String> {
+    pub fn abort(
+        &mut self,
+        now: Millis,
+        reason: &str,
+        cause: Cause,
+    ) -> Result<Vec<SourceAction>, String> {
         match &self.state {
             SourceState::Preparing | SourceState::Transferring { .. } => {
+                self.record.cause = Some(cause);
                 Ok(self.end_before_commit(now, Outcome::Aborted, reason.to_string(), true))
             }
             SourceState::Aborting { .. } => Ok(Vec::new()),
@@ -241,11 +323,16 @@ impl SourceAttempt {
                  (the commit point). Migrate the VM back instead.",
                 self.migration_id, self.vm.name, self.destination
             )),
-            SourceState::Confirming { committed: true } => Err(format!(
+            SourceState::Confirming {
+                committed: true, ..
+            } => Err(format!(
                 "cannot abort migration {} of {}: {} committed and the guest runs there. Migrate the VM back instead.",
                 self.migration_id, self.vm.name, self.destination
             )),
-            SourceState::Confirming { committed: false } | SourceState::Done => Err(format!(
+            SourceState::Confirming {
+                committed: false, ..
+            }
+            | SourceState::Done => Err(format!(
                 "migration {} of {} has already ended ({})",
                 self.migration_id,
                 self.vm.name,
@@ -272,14 +359,17 @@ impl SourceAttempt {
                 format!("operator forced the guest to run on {}", self.destination)
             }
         };
+        self.forced = Some(run_on);
+        self.record.cause = Some(Cause::Operator);
         self.record.error = Some(format!(
             "{note}; {}'s own record of the attempt was never read",
             self.destination
         ));
         Ok(match run_on {
             RunOn::Source => {
-                let mut actions = self.confirm_not_committed(now, None);
-                actions.push(SourceAction::SendAbort { reason: note });
+                // Tell the destination first: it must drop its copy.
+                let mut actions = vec![SourceAction::SendAbort { reason: note }];
+                actions.extend(self.confirm_not_committed(now, None));
                 actions
             }
             RunOn::Destination => self.confirm_committed(now, None),
@@ -326,25 +416,84 @@ impl SourceAttempt {
                 Vec::new()
             }
             SourceInput::TransferDone(result) => self.on_transfer_done(now, result),
+            SourceInput::TransferStopped => match self.state {
+                SourceState::Aborting {
+                    outcome,
+                    step: AbortStep::Cancelling,
+                } => {
+                    self.state = SourceState::Aborting {
+                        outcome,
+                        step: AbortStep::Resuming,
+                    };
+                    vec![SourceAction::ResumeGuest]
+                }
+                _ => Vec::new(),
+            },
             SourceInput::FinishReplied(reply) => self.on_finish_replied(now, reply),
             SourceInput::ResolveReplied(reply) => self.on_resolve_replied(now, reply),
             SourceInput::HeartbeatReplied(reply) => self.on_heartbeat_replied(now, reply),
+            SourceInput::AbortReplied(reply) => self.on_abort_replied(now, reply),
+            SourceInput::GuestResumed(result) => self.on_guest_resumed(now, result),
+            SourceInput::GuestKilled(result) => self.on_guest_killed(now, result),
             SourceInput::StageDone {
                 feature,
                 stage,
                 result,
             } => self.on_stage_done(now, feature, stage, result),
-            SourceInput::PeerAborted { reason } => match self.state {
-                SourceState::Preparing | SourceState::Transferring { .. } => self
-                    .end_before_commit(
-                        now,
-                        Outcome::Failed,
-                        format!("{} aborted the attempt: {reason}", self.destination),
-                        false,
-                    ),
+            SourceInput::StageTimedOut {
+                feature,
+                stage,
+                after_ms,
+            } => {
+                if self.expects_release(feature, stage)
+                    && let Some(record) = self.record.features.get_mut(feature)
+                {
+                    record.uncertain = true;
+                }
+                let result = Err(format!(
+                    "did not answer within {after_ms} ms; its effect is unknown"
+                ));
+                self.on_stage_done(now, feature, stage, result)
+            }
+            SourceInput::PeerAborted { reason, c4 } => self.on_peer_aborted(now, reason, c4),
+            SourceInput::Timer => self.on_timer(now),
+        }
+    }
+
+    fn on_peer_aborted(
+        &mut self,
+        now: Millis,
+        reason: String,
+        c4: Option<proto::Cookie4>,
+    ) -> Vec<SourceAction> {
+        match self.state {
+            SourceState::Preparing | SourceState::Transferring { .. } => {
+                if let Some(c4) = &c4 {
+                    self.apply_peer_rollback(c4);
+                }
+                self.end_before_commit(
+                    now,
+                    Outcome::Failed,
+                    format!("{} aborted the attempt: {reason}", self.destination),
+                    false,
+                )
+            }
+            // After Finish was sent only the destination's durable "never
+            // commits" lets the guest resume here: its abort carries it as C4.
+            SourceState::FinishSent | SourceState::Unresolved => match c4 {
+                Some(c4) if c4.attempt_id == self.attempt_id && !c4.committed && !c4.lost => {
+                    self.last_peer_contact = now;
+                    self.apply_cookie4(now, c4)
+                }
                 _ => Vec::new(),
             },
-            SourceInput::Timer => self.on_timer(now),
+            _ => {
+                if let Some(c4) = &c4 {
+                    self.apply_peer_rollback(c4);
+                    return vec![self.journal()];
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -363,17 +512,32 @@ impl SourceAttempt {
                 // Unreachable: the destination may have prepared something; the
                 // Abort tells it to drop it (or it drops it when heartbeats stop).
                 let tell = matches!(e, PeerError::Unreachable(_));
-                let error = match &e {
-                    PeerError::Refused(why) => {
-                        format!("{} refused Prepare: {why}", self.destination)
-                    }
-                    PeerError::Unreachable(why) => {
-                        format!("no answer to Prepare from {}: {why}", self.destination)
-                    }
+                let (cause, error) = match &e {
+                    PeerError::Refused(why) => (
+                        Cause::Refused,
+                        format!("{} refused Prepare: {why}", self.destination),
+                    ),
+                    PeerError::Busy(why) => (
+                        Cause::DestinationBusy,
+                        format!("{} refused Prepare: {why}", self.destination),
+                    ),
+                    PeerError::Unreachable(why) => (
+                        Cause::PeerLost,
+                        format!("no answer to Prepare from {}: {why}", self.destination),
+                    ),
                 };
+                self.record.cause = Some(cause);
                 return self.end_before_commit(now, Outcome::Failed, error, tell);
             }
         };
+        if c2.attempt_id != self.attempt_id {
+            self.record.cause = Some(Cause::Refused);
+            let error = format!(
+                "{} answered Prepare for attempt {:?}, not {}",
+                self.destination, c2.attempt_id, self.attempt_id
+            );
+            return self.end_before_commit(now, Outcome::Failed, error, true);
+        }
         self.record.cookies.push(cookies::describe(&c2));
         self.apply_stage_results(Stage::Prepare, &c2.prepare);
         self.apply_stage_results(Stage::Rollback, &c2.rollback);
@@ -383,6 +547,16 @@ impl SourceAttempt {
             } else {
                 c2.error
             };
+            let feature_failed = self
+                .record
+                .features
+                .iter()
+                .any(|f| f.prepare == StepStatus::Failed);
+            self.record.cause = Some(if feature_failed {
+                Cause::Feature
+            } else {
+                Cause::Guest
+            });
             return self.end_before_commit(now, Outcome::Failed, error, false);
         }
         self.record.end_phase(Phase::Prepare, StepStatus::Ok, now);
@@ -405,6 +579,7 @@ impl SourceAttempt {
         }
         match result {
             Err(e) => {
+                self.record.cause = Some(Cause::Transfer);
                 self.end_before_commit(now, Outcome::Failed, format!("transfer failed: {e}"), true)
             }
             Ok(stats) => {
@@ -414,6 +589,7 @@ impl SourceAttempt {
                 self.record.end_phase(Phase::Perform, StepStatus::Ok, now);
                 self.record.start_phase(Phase::Finish, now);
                 self.state = SourceState::FinishSent;
+                self.last_peer_contact = now;
                 let c3 = proto::Cookie3 {
                     protocol_version: PROTOCOL_VERSION,
                     attempt_id: self.attempt_id.clone(),
@@ -466,24 +642,69 @@ impl SourceAttempt {
         }
         self.resolve_in_flight = false;
         match reply {
-            Ok(Resolution::Committed(c4)) | Ok(Resolution::NotCommitted(c4)) => {
-                self.apply_cookie4(now, c4)
-            }
+            Ok(Resolution::Committed(c4))
+            | Ok(Resolution::NotCommitted(c4))
+            | Ok(Resolution::Lost(c4)) => self.apply_cookie4(now, c4),
             Ok(Resolution::Pending) | Err(_) => {
-                self.resolve_due = now + self.resolve_backoff;
-                self.resolve_backoff =
-                    (self.resolve_backoff * 2).min(self.timing.resolve_backoff_max_ms);
+                self.back_off_resolve(now);
                 Vec::new()
             }
         }
     }
 
+    fn back_off_resolve(&mut self, now: Millis) {
+        self.resolve_due = now + self.resolve_backoff;
+        self.resolve_backoff = (self.resolve_backoff * 2).min(self.timing.resolve_backoff_max_ms);
+    }
+
     fn apply_cookie4(&mut self, now: Millis, c4: proto::Cookie4) -> Vec<SourceAction> {
+        // An answer about another attempt decides nothing about this one.
+        if c4.attempt_id != self.attempt_id {
+            return match self.state {
+                SourceState::FinishSent => self.become_unresolved(
+                    now,
+                    format!(
+                        "{} answered Finish for attempt {:?}, not {}",
+                        self.destination, c4.attempt_id, self.attempt_id
+                    ),
+                ),
+                _ => {
+                    self.back_off_resolve(now);
+                    Vec::new()
+                }
+            };
+        }
+        if c4.lost {
+            // Committed there, but its guest is gone and may have run: our
+            // copy may be stale. Neither side decides alone any more.
+            let error = format!(
+                "{} committed but lost the guest: {}",
+                self.destination,
+                if c4.error.is_empty() {
+                    "no reason given"
+                } else {
+                    &c4.error
+                }
+            );
+            let mut actions = Vec::new();
+            if self.state == SourceState::FinishSent {
+                actions = self.become_unresolved(now, error);
+            } else {
+                self.record.error = Some(format!(
+                    "{error}. The guest stays paused on {}; only an operator can decide (tern resolve).",
+                    self.host
+                ));
+                self.back_off_resolve(now);
+            }
+            self.record.guest = GuestCondition::Unknown;
+            return actions;
+        }
         self.record.cookies.push(cookies::describe(&c4));
         self.apply_stage_results(Stage::Finish, &c4.finish);
         self.apply_stage_results(Stage::Rollback, &c4.rollback);
         if c4.committed {
             self.record.error = None;
+            self.record.cause = None;
             self.confirm_committed(now, None)
         } else {
             let error = if c4.error.is_empty() {
@@ -491,6 +712,14 @@ impl SourceAttempt {
             } else {
                 c4.error
             };
+            if self
+                .record
+                .features
+                .iter()
+                .any(|f| f.finish == StepStatus::Failed && f.required && self.mode == Mode::Safe)
+            {
+                self.record.cause = Some(Cause::Feature);
+            }
             self.confirm_not_committed(now, Some(error))
         }
     }
@@ -511,12 +740,122 @@ impl SourceAttempt {
                         "{} no longer knows this attempt (it aborted it)",
                         self.destination
                     );
+                    self.record.cause = Some(Cause::PeerLost);
                     return self.end_before_commit(now, Outcome::Failed, error, false);
                 }
                 Vec::new()
             }
             Err(_) => Vec::new(),
         }
+    }
+
+    /// The destination answered the Abort this side sent.
+    fn on_abort_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<AbortAnswer, PeerError>,
+    ) -> Vec<SourceAction> {
+        let Ok(answer) = reply else {
+            return Vec::new();
+        };
+        if answer.committed && self.forced == Some(RunOn::Source) && !self.record.committed {
+            // The operator forced the guest back here, but the destination had
+            // committed: the guest now runs on both hosts. Stop ours at once
+            // and say so, in red, with what to check.
+            let ran_here = self.host.clone();
+            let error = format!(
+                "WRONG FORCED DECISION: {} had committed attempt {} ({}), so the guest ran on both {} and {}; \
+                 the copy on {ran_here} was killed at once. Check the guest's disks for writes made from {ran_here}.",
+                self.destination, self.attempt_id, answer.detail, self.host, self.destination
+            );
+            self.record.cause = Some(Cause::Operator);
+            return self.confirm_committed(now, Some(error));
+        }
+        if let Some(c4) = &answer.c4 {
+            self.apply_peer_rollback(c4);
+            return vec![self.journal()];
+        }
+        Vec::new()
+    }
+
+    fn on_guest_resumed(&mut self, now: Millis, result: GuestOpResult) -> Vec<SourceAction> {
+        let outcome = match self.state {
+            SourceState::Aborting {
+                outcome,
+                step: AbortStep::Resuming,
+            } => outcome,
+            SourceState::Confirming {
+                committed: false,
+                step: ConfirmStep::Guest,
+            } => Outcome::Failed,
+            _ => return Vec::new(),
+        };
+        let mut actions = Vec::new();
+        if let Err(e) = result {
+            self.record.guest = GuestCondition::Paused;
+            self.record.cause.get_or_insert(Cause::Guest);
+            let what = format!(
+                "could not resume {} on {}: {e}. The guest is paused there; the resume is retried (tern rollback {} runs it now)",
+                self.vm.name, self.host, self.migration_id
+            );
+            self.record.error = Some(match self.record.error.take() {
+                Some(before) => format!("{before}; {what}"),
+                None => what,
+            });
+            actions.push(SourceAction::RecordPending {
+                work: PendingWork::Resume,
+                error: e.message().to_string(),
+            });
+        }
+        self.record.updated_at_ms = now;
+        self.state = SourceState::Done;
+        actions.push(self.journal());
+        actions.push(SourceAction::Finished(outcome));
+        actions
+    }
+
+    fn on_guest_killed(&mut self, now: Millis, result: GuestOpResult) -> Vec<SourceAction> {
+        if self.state
+            != (SourceState::Confirming {
+                committed: true,
+                step: ConfirmStep::Guest,
+            })
+        {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        if let Err(e) = result {
+            // The stale copy stays here, paused: the move still happened,
+            // but the record must not say all is well.
+            let what = format!(
+                "could not kill the old copy of {} on {}: {e}; it is paused and listed as pending",
+                self.vm.name, self.host
+            );
+            self.record.error = Some(match self.record.error.take() {
+                Some(before) => format!("{before}; {what}"),
+                None => what,
+            });
+            actions.push(SourceAction::RecordPending {
+                work: PendingWork::Kill,
+                error: e.message().to_string(),
+            });
+        }
+        self.state = SourceState::Confirming {
+            committed: true,
+            step: ConfirmStep::Releasing,
+        };
+        actions.extend(self.next_release(now));
+        actions
+    }
+
+    fn expects_release(&self, feature: usize, stage: Stage) -> bool {
+        self.state
+            == SourceState::Confirming {
+                committed: true,
+                step: ConfirmStep::Releasing,
+            }
+            && stage == Stage::Release
+            && feature == self.release_next
     }
 
     fn on_stage_done(
@@ -526,10 +865,7 @@ impl SourceAttempt {
         stage: Stage,
         result: StageOutcome,
     ) -> Vec<SourceAction> {
-        let SourceState::Confirming { committed: true } = self.state else {
-            return Vec::new();
-        };
-        if stage != Stage::Release || feature != self.release_next {
+        if !self.expects_release(feature, stage) {
             return Vec::new();
         }
         let mut actions = Vec::new();
@@ -538,8 +874,10 @@ impl SourceAttempt {
         }
         if let Err(error) = result {
             actions.push(SourceAction::RecordPending {
-                feature,
-                stage: Stage::Release,
+                work: PendingWork::Stage {
+                    feature,
+                    stage: Stage::Release,
+                },
                 error,
             });
         }
@@ -563,6 +901,7 @@ impl SourceAttempt {
                     return if self.state == SourceState::FinishSent {
                         self.become_unresolved(now, error)
                     } else {
+                        self.record.cause = Some(Cause::PeerLost);
                         self.end_before_commit(now, Outcome::Failed, error, true)
                     };
                 }
@@ -573,6 +912,7 @@ impl SourceAttempt {
                         "transfer made no progress for {} ms",
                         now - self.last_progress_at
                     );
+                    self.record.cause = Some(Cause::Transfer);
                     return self.end_before_commit(now, Outcome::Failed, error, true);
                 }
                 if !self.heartbeat_in_flight && now >= self.heartbeat_due {
@@ -590,7 +930,9 @@ impl SourceAttempt {
         actions
     }
 
-    /// Every way an attempt ends before the commit point: the guest runs here.
+    /// Every way an attempt ends before the commit point: the peer is told at
+    /// once, the transfer stopped, and the attempt ends once the guest runs
+    /// here again (or its resume failed, which the record then says).
     fn end_before_commit(
         &mut self,
         now: Millis,
@@ -609,18 +951,21 @@ impl SourceAttempt {
             let awaited = matches!(f.prepare, StepStatus::Ok | StepStatus::Running);
             f.skip_unrun(awaited);
         }
-        self.state = SourceState::Aborting { outcome };
+        let step = if transferring {
+            AbortStep::Cancelling
+        } else {
+            AbortStep::Resuming
+        };
+        self.state = SourceState::Aborting { outcome, step };
         let mut actions = vec![self.journal()];
-        if transferring {
-            actions.push(SourceAction::CancelTransfer);
-        }
-        actions.push(SourceAction::ResumeGuest);
         if tell_peer {
             actions.push(SourceAction::SendAbort { reason: error });
         }
-        self.state = SourceState::Done;
-        actions.push(self.journal());
-        actions.push(SourceAction::Finished(outcome));
+        actions.push(if transferring {
+            SourceAction::CancelTransfer
+        } else {
+            SourceAction::ResumeGuest
+        });
         actions
     }
 
@@ -643,6 +988,8 @@ impl SourceAttempt {
 
     fn confirm_committed(&mut self, now: Millis, error: Option<String>) -> Vec<SourceAction> {
         self.record.committed = true;
+        self.record.outcome = None;
+        self.record.guest = GuestCondition::Running;
         if self.record.phase(Phase::Finish).status == StepStatus::Running {
             self.record.end_phase(Phase::Finish, StepStatus::Ok, now);
         }
@@ -651,11 +998,12 @@ impl SourceAttempt {
         if error.is_some() {
             self.record.error = error;
         }
-        self.state = SourceState::Confirming { committed: true };
+        self.state = SourceState::Confirming {
+            committed: true,
+            step: ConfirmStep::Guest,
+        };
         self.release_next = 0;
-        let mut actions = vec![self.journal(), SourceAction::KillGuest];
-        actions.extend(self.next_release(now));
-        actions
+        vec![self.journal(), SourceAction::KillGuest]
     }
 
     fn next_release(&mut self, now: Millis) -> Vec<SourceAction> {
@@ -698,8 +1046,6 @@ impl SourceAttempt {
         if error.is_some() {
             self.record.error = error;
         }
-        self.state = SourceState::Confirming { committed: false };
-        let journal = self.journal();
         self.record.start_phase(Phase::Confirm, now);
         self.record.end_phase(Phase::Confirm, StepStatus::Ok, now);
         self.record.running_on = self.host.clone();
@@ -707,13 +1053,11 @@ impl SourceAttempt {
         for f in &mut self.record.features {
             f.skip_unrun(false);
         }
-        self.state = SourceState::Done;
-        vec![
-            journal,
-            SourceAction::ResumeGuest,
-            self.journal(),
-            SourceAction::Finished(Outcome::Failed),
-        ]
+        self.state = SourceState::Confirming {
+            committed: false,
+            step: ConfirmStep::Guest,
+        };
+        vec![self.journal(), SourceAction::ResumeGuest]
     }
 
     fn first_feature_error(&self) -> Option<String> {
@@ -743,8 +1087,10 @@ impl SourceAttempt {
             return;
         }
         self.apply_stage_results(Stage::Rollback, &c4.rollback);
-        for f in &mut self.record.features {
-            f.skip_unrun(false);
+        if self.is_done() {
+            for f in &mut self.record.features {
+                f.skip_unrun(false);
+            }
         }
     }
 
@@ -755,16 +1101,22 @@ impl SourceAttempt {
         self.last_peer_contact = now;
         self.heartbeat_due = now;
         match source_recovery(&self.state) {
-            SourceRecovery::Forget => self.end_before_commit(
-                now,
-                Outcome::Aborted,
-                format!("{} restarted before Prepare completed", self.host),
-                true,
-            ),
+            SourceRecovery::Forget => {
+                self.record.cause = Some(Cause::Interrupted);
+                self.end_before_commit(
+                    now,
+                    Outcome::Aborted,
+                    format!("{} restarted before Prepare completed", self.host),
+                    true,
+                )
+            }
             SourceRecovery::CancelAndResume => {
                 let outcome = match self.state {
-                    SourceState::Aborting { outcome } => outcome,
-                    _ => Outcome::Aborted,
+                    SourceState::Aborting { outcome, .. } => outcome,
+                    _ => {
+                        self.record.cause = Some(Cause::Interrupted);
+                        Outcome::Aborted
+                    }
                 };
                 let error = self
                     .record
@@ -788,12 +1140,23 @@ impl SourceAttempt {
                 )
             }
             SourceRecovery::FinishConfirm => match self.state {
-                SourceState::Confirming { committed: true } => {
-                    let mut actions = vec![SourceAction::KillGuest];
-                    actions.extend(self.next_release(now));
-                    actions
+                SourceState::Confirming {
+                    committed: true, ..
+                } => {
+                    // Kill again (idempotent), then the releases not done yet.
+                    self.state = SourceState::Confirming {
+                        committed: true,
+                        step: ConfirmStep::Guest,
+                    };
+                    vec![SourceAction::KillGuest]
                 }
-                _ => self.confirm_not_committed(now, None),
+                _ => {
+                    self.state = SourceState::Confirming {
+                        committed: false,
+                        step: ConfirmStep::Guest,
+                    };
+                    vec![SourceAction::ResumeGuest]
+                }
             },
             SourceRecovery::Nothing => Vec::new(),
         }

@@ -14,7 +14,7 @@ use super::super::app::{App, current_phase};
 use super::super::theme::Theme;
 use super::duration;
 use super::tables::window;
-use crate::agent::evacuation::job::{AttemptEntry, Counts, Evacuation, JobState, JobVm, VmState};
+use crate::host::evacuation::job::{AttemptEntry, Counts, Evacuation, JobState, JobVm, VmState};
 use crate::proto;
 use crate::protocol::Outcome;
 

@@ -10,7 +10,7 @@ use super::super::app::{App, Focus, current_phase, mode_of};
 use super::super::state::{Link, MigrationView};
 use super::super::theme::Theme;
 use super::{bytes, duration, outcome, step};
-use crate::agent::evacuation::job::JobState;
+use crate::host::evacuation::job::JobState;
 use crate::proto;
 
 /// The first row to show so that `selected` is visible in `height` rows.

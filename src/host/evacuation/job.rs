@@ -8,12 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::placement::Need;
 use crate::proto;
 use crate::protocol::record::{MigrationRecord, mode_to_proto, outcome_to_proto};
-use crate::protocol::{Millis, Mode, Outcome, StepStatus};
-
-/// A destination that refused Prepare with this in its reason is at its
-/// `max_incoming`: the evacuation waits and tries the same host again,
-/// without counting it.
-pub const BUSY: &str = "destination busy";
+use crate::protocol::{Cause, Millis, Mode, Outcome, StepStatus};
 
 /// How long a VM waits before trying a busy destination again.
 pub const BUSY_RETRY_MS: u64 = 1000;
@@ -438,14 +433,12 @@ impl Evacuation {
             .iter()
             .find(|f| [f.prepare, f.finish, f.rollback, f.release].contains(&StepStatus::Failed))
             .map(|f| f.name.clone());
+        // A busy destination, or this host's own stop or restart: neither
+        // is the VM's or the destination's fault.
         entry.busy = matches!(outcome, Outcome::Failed)
-            && record.error.as_deref().is_some_and(|e| e.contains(BUSY));
-        // The texts the source's own shutdown and restart recovery give.
-        entry.interrupted = matches!(outcome, Outcome::Aborted)
-            && record.error.as_deref().is_some_and(|e| {
-                e.contains(&format!("agent {source} is shutting down"))
-                    || e.contains(&format!("{source} restarted"))
-            });
+            && record.cause == Some(Cause::DestinationBusy);
+        entry.interrupted = matches!(outcome, Outcome::Aborted | Outcome::Failed)
+            && record.cause == Some(Cause::Interrupted);
         let verdict = match outcome {
             Outcome::Succeeded | Outcome::Degraded => {
                 v.state = VmState::Moved;
@@ -723,6 +716,14 @@ mod tests {
             "port-profile",
             true,
         )];
+        // What the source's record says, as a kind.
+        record.cause = if error.contains("busy") {
+            Some(Cause::DestinationBusy)
+        } else if error.contains("shutting down") || error.contains("restarted") {
+            Some(Cause::Interrupted)
+        } else {
+            None
+        };
         if failed.is_some() {
             record.features[0].finish = StepStatus::Failed;
         }
@@ -812,7 +813,7 @@ mod tests {
             "hv-b",
             Outcome::Failed,
             None,
-            &format!("hv-b refused Prepare: {BUSY}: hv-b already receives 2"),
+            "hv-b refused Prepare: destination busy: hv-b already receives 2",
         );
         assert_eq!(
             j.attempt_ended(0, &busy, 1100),

@@ -1,0 +1,295 @@
+//! The core's task: feeds the [`HostCore`] its inputs one at a time and
+//! carries out its actions. Journal writes happen here, in order, before
+//! anything after them; every other action that waits on something (a peer,
+//! the hypervisor, a driver) runs in a task of its own and comes back as an
+//! input. Queued inputs always go before a due timer (`biased`), so a
+//! heartbeat that arrived is heard before the peer is declared lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use super::journal::Journal;
+use super::{Agent, JOURNAL_FAILED_EXIT, Msg, now_ms};
+use crate::host::{Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpId, OpOutput};
+use crate::proto;
+
+pub(super) fn spawn(
+    agent: Arc<Agent>,
+    core: HostCore,
+    journal: Journal,
+    image: JournalImage,
+    rx: mpsc::UnboundedReceiver<Msg>,
+) {
+    let (publish, publish_rx) = mpsc::unbounded_channel();
+    tokio::spawn(publisher(agent.clone(), publish_rx));
+    let span = tracing::info_span!("host", name = %agent.name);
+    let shell = Shell {
+        agent,
+        core,
+        journal,
+        replies: HashMap::new(),
+        ops: HashMap::new(),
+        publish,
+    };
+    tokio::spawn(shell.run(image, rx).instrument(span));
+}
+
+struct Shell {
+    agent: Arc<Agent>,
+    core: HostCore,
+    journal: Journal,
+    replies: HashMap<u64, oneshot::Sender<crate::host::Reply>>,
+    /// Ops running, to drop one the core gave up on.
+    ops: HashMap<OpId, AbortHandle>,
+    publish: mpsc::UnboundedSender<Event>,
+}
+
+impl Shell {
+    async fn run(mut self, image: JournalImage, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let actions = self.core.recover(now_ms(), image);
+        if self.execute(actions) {
+            return self.exited();
+        }
+        loop {
+            let deadline = self.core.poll_timeout();
+            let msg = match deadline {
+                Some(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    tokio::select! {
+                        biased;
+                        msg = rx.recv() => msg.map(Some),
+                        _ = tokio::time::sleep(wait) => Some(None),
+                    }
+                }
+                None => rx.recv().await.map(Some),
+            };
+            let actions = match msg {
+                None => return self.exited(),
+                Some(None) => self.core.handle(now_ms(), Input::Timer),
+                Some(Some(Msg::Input(input))) => {
+                    if let Input::OpDone { op, .. } = &input {
+                        self.ops.remove(op);
+                    }
+                    self.core.handle(now_ms(), input)
+                }
+                Some(Some(Msg::Request { request, reply })) => {
+                    let req = self.agent.next_req();
+                    self.replies.insert(req, reply);
+                    self.core.handle(now_ms(), Input::Request { req, request })
+                }
+                Some(Some(Msg::Query(read))) => {
+                    read(&self.core);
+                    Vec::new()
+                }
+            };
+            if self.execute(actions) {
+                return self.exited();
+            }
+        }
+    }
+
+    fn exited(self) {
+        self.agent.exited.send_replace(true);
+    }
+
+    /// Carry out the core's actions in order; true once it exited.
+    fn execute(&mut self, actions: Vec<Action>) -> bool {
+        let mut exit = false;
+        for action in actions {
+            match action {
+                Action::Journal { entry, durable } => {
+                    if let Err(e) = self.journal.write(&entry, durable) {
+                        self.journal_failed(&entry, e);
+                    }
+                }
+                Action::Call {
+                    call,
+                    peer,
+                    request,
+                    deadline_ms,
+                } => {
+                    let agent = self.agent.clone();
+                    tokio::spawn(async move {
+                        let deadline = deadline_ms.map(Duration::from_millis);
+                        let reply = agent.peers.call(&peer, request, deadline).await;
+                        let _ = agent
+                            .core
+                            .send(Msg::Input(Input::PeerReplied { call, reply }));
+                    });
+                }
+                Action::Reply { req, reply } => {
+                    if let Some(tx) = self.replies.remove(&req) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Action::Run { op, what } => {
+                    let handle = tokio::spawn(run_op(self.agent.clone(), op, what));
+                    self.ops.insert(op, handle.abort_handle());
+                }
+                Action::Cancel { op } => {
+                    if let Some(handle) = self.ops.remove(&op) {
+                        handle.abort();
+                    }
+                }
+                Action::Emit(event) => {
+                    let _ = self.publish.send(event);
+                }
+                Action::Exit => exit = true,
+            }
+        }
+        exit
+    }
+
+    /// A journal write failed: the agent stops at once, as if it had
+    /// crashed before the write, instead of acting on a decision it could
+    /// not record. Its supervisor restarts it, and recovery carries on from
+    /// the last record that was written.
+    fn journal_failed(&self, entry: &Entry, error: super::journal::JournalError) -> ! {
+        let text = format!(
+            "cannot write the journal ({error}) while recording {}: stopping {} now; restart it to recover its attempts",
+            entry_name(entry),
+            self.agent.name
+        );
+        tracing::error!("{text}");
+        eprintln!("tern agent {}: {text}", self.agent.name);
+        std::process::exit(JOURNAL_FAILED_EXIT);
+    }
+}
+
+fn entry_name(entry: &Entry) -> String {
+    match entry {
+        Entry::Source(a) => format!("source attempt {}", a.attempt_id),
+        Entry::Destination(a) => format!("destination attempt {}", a.attempt_id),
+        Entry::Pending(p) => format!("pending {} of {}", p.work.as_str(), p.vm),
+        Entry::PendingDone { attempt_id, .. } => format!("pending work of {attempt_id} done"),
+        Entry::Tombstone(id) => format!("tombstone of {id}"),
+        Entry::Evacuation(job) => format!("evacuation {}", job.id),
+        Entry::Draining(d) => format!("draining = {d}"),
+    }
+}
+
+/// Carry out one hypervisor call or stage and hand its answer to the core.
+async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
+    let hv = agent.hypervisor.clone();
+    let result: Result<OpOutput, String> = match what {
+        Op::StartIncoming { spec, attempt_id } => hv
+            .start_incoming(&spec, &attempt_id)
+            .await
+            .map(OpOutput::Address)
+            .map_err(|e| e.to_string()),
+        Op::CompleteIncoming { vm, stats } => hv
+            .complete_incoming(&vm, &stats)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(|e| e.to_string()),
+        Op::TransferOut { vm, address } => {
+            let (progress_tx, mut progress_rx) = mpsc::channel(64);
+            let forward = {
+                let core = agent.core.clone();
+                tokio::spawn(async move {
+                    while let Some(stats) = progress_rx.recv().await {
+                        let _ = core.send(Msg::Input(Input::Progress { op, stats }));
+                    }
+                })
+            };
+            let result = hv
+                .transfer_out(&vm, &address, progress_tx)
+                .await
+                .map(OpOutput::Transferred)
+                .map_err(|e| e.to_string());
+            // Progress before the end, never after it.
+            let _ = forward.await;
+            result
+        }
+        Op::CancelTransfer { vm } => hv
+            .cancel_transfer(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(|e| e.to_string()),
+        Op::Resume { vm } => hv
+            .resume(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(|e| e.to_string()),
+        Op::Kill { vm } => hv
+            .kill(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(|e| e.to_string()),
+        Op::Status { vm } => Ok(OpOutput::Status(hv.status(&vm).await)),
+        Op::Stage(ctx) => match agent.features.get(&ctx.feature.name) {
+            Some(driver) => crate::features::run_stage(driver.as_ref(), &ctx)
+                .await
+                .map(OpOutput::Stage),
+            None => Err(format!(
+                "feature {} is not configured on {}",
+                ctx.feature.name, agent.name
+            )),
+        },
+        Op::ListGuests => Ok(OpOutput::Guests(hv.guests().await)),
+    };
+    let _ = agent.core.send(Msg::Input(Input::OpDone { op, result }));
+}
+
+/// Publishes the core's events to watchers, in the order they came.
+async fn publisher(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    use proto::event::Kind;
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Migration(record) => agent.emit(Kind::Migration((&*record).into())),
+            Event::Progress {
+                migration_id,
+                attempt_id,
+                stats,
+            } => agent.emit(Kind::Progress(proto::Progress {
+                migration_id,
+                attempt_id,
+                stats: Some(crate::protocol::record::stats_to_proto(&stats)),
+            })),
+            Event::Log {
+                level,
+                migration_id,
+                text,
+            } => {
+                match level {
+                    Level::Error => tracing::error!(migration = %migration_id, "{text}"),
+                    Level::Warn => tracing::warn!(migration = %migration_id, "{text}"),
+                    Level::Info => tracing::info!(migration = %migration_id, "{text}"),
+                }
+                agent.emit(Kind::Log(proto::LogLine {
+                    at_ms: now_ms(),
+                    level: level.as_str().to_string(),
+                    migration_id,
+                    text,
+                }));
+            }
+            Event::Vm(name) => {
+                let guest = agent
+                    .hypervisor
+                    .guests()
+                    .await
+                    .into_iter()
+                    .find(|g| g.spec.name == name);
+                match guest {
+                    Some(guest) => {
+                        let vm = name.clone();
+                        let lock = agent
+                            .query(move |core| core.lock_of(&vm).unwrap_or_default().to_string())
+                            .await
+                            .unwrap_or_default();
+                        agent.emit(Kind::Vm(agent.to_vm(guest, lock)));
+                    }
+                    None => agent.emit(Kind::VmRemoved(name)),
+                }
+                agent.emit(Kind::HostChanged(agent.host_info().await));
+            }
+            Event::Host => agent.emit(Kind::HostChanged(agent.host_info().await)),
+            Event::Evacuation(job) => agent.emit(Kind::Evacuation(job.to_proto())),
+        }
+    }
+}

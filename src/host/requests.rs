@@ -1,0 +1,588 @@
+//! What consoles and peers ask of the host, with every admission check: an
+//! operator's request, a peer's Prepare, Finish, Abort, Resolve, Heartbeat
+//! and Capacity. A refusal says what was wrong and changes nothing.
+
+use prost::Message;
+
+use super::{
+    Destination, Entry, HostCore, Level, PeerCall, PeerResponse, Refusal, ReqId,
+    Request, Response, Source,
+};
+use crate::hypervisor::{Guest, GuestState};
+use crate::proto;
+use crate::protocol::cookies::{self, CookieError};
+use crate::protocol::destination::{
+    Answer, DestinationAttempt, DestinationInput, FreeCapacity, Known, Leftover, PrepareRefusal,
+    busy_with, check_new_attempt, unknown_attempt,
+};
+use crate::protocol::record::MigrationRecord;
+use crate::protocol::source::{AttemptParams, SourceAttempt, SourceInput};
+use crate::protocol::{Cause, Mode, Outcome, RunOn};
+
+impl HostCore {
+    pub(super) fn on_request(&mut self, req: ReqId, request: Request) {
+        match request {
+            Request::StartMigration {
+                vm,
+                destination,
+                mode,
+                guests,
+            } => {
+                let reply = self
+                    .begin(&vm, &destination, mode, None, &guests)
+                    .map(|r| Response::Migration(Box::new(r)));
+                self.reply(req, reply);
+            }
+            Request::Retry {
+                id,
+                destination,
+                mode,
+                guests,
+            } => {
+                let reply = self
+                    .retry(&id, destination.as_deref(), mode, &guests)
+                    .map(|r| Response::Migration(Box::new(r)));
+                self.reply(req, reply);
+            }
+            Request::Abort { id } => self.operator_abort(req, &id),
+            Request::Force { id, run_on } => self.force(req, &id, run_on),
+            Request::RunPending { migration_id } => self.run_pending_now(req, &migration_id),
+            Request::Evacuate { request, guests } => {
+                let reply = self.evacuate(request, &guests).map(Response::Evacuation);
+                self.reply(req, reply);
+            }
+            Request::ControlEvacuation { id, control } => {
+                let reply = self
+                    .control_evacuation(&id, control)
+                    .map(Response::Evacuation);
+                self.reply(req, reply);
+            }
+            Request::Undrain => {
+                let reply = self.undrain().map(|()| Response::Undrained);
+                self.reply(req, reply);
+            }
+            Request::Peer { call, guests } => match call {
+                PeerCall::Prepare(r) => self.prepare(req, &r.cookie1, &guests),
+                PeerCall::Finish(r) => self.finish(req, &r.cookie3),
+                PeerCall::Abort(r) => self.peer_abort(req, r),
+                PeerCall::Resolve(r) => self.resolve(req, &r.attempt_id),
+                PeerCall::Heartbeat(r) => self.heartbeat(req, &r.attempt_ids),
+                PeerCall::Capacity(_) => {
+                    let reply = self.capacity(&guests);
+                    self.reply(req, Ok(Response::Peer(PeerResponse::Capacity(reply))));
+                }
+            },
+        }
+    }
+
+    // ---- Begin ------------------------------------------------------------------
+
+    /// Begin: validate the VM and the destination, lock the VM, snapshot its
+    /// spec and start the attempt. `existing`: a retry of that migration.
+    pub(super) fn begin(
+        &mut self,
+        vm: &str,
+        destination: &str,
+        mode: Mode,
+        existing: Option<&MigrationRecord>,
+        guests: &[Guest],
+    ) -> Result<MigrationRecord, Refusal> {
+        let name = self.cfg.name.clone();
+        if self.stopping.is_some() {
+            return Err(Refusal::Unavailable(format!(
+                "agent {name} is shutting down"
+            )));
+        }
+        if vm.is_empty() {
+            return Err(Refusal::InvalidArgument(
+                "no VM named in the request".into(),
+            ));
+        }
+        if !self.cfg.hosts.iter().any(|h| h == destination) {
+            return Err(Refusal::NotFound(format!(
+                "no host named {destination:?} in the inventory (hosts: {})",
+                self.cfg.hosts.join(", ")
+            )));
+        }
+        if destination == name {
+            return Err(Refusal::InvalidArgument(format!(
+                "VM {vm} already runs on {destination}"
+            )));
+        }
+        let Some(guest) = guests.iter().find(|g| g.spec.name == vm) else {
+            return Err(Refusal::NotFound(format!("no VM named {vm} on {name}")));
+        };
+        if guest.state == GuestState::Incoming {
+            return Err(Refusal::FailedPrecondition(format!(
+                "VM {vm} is arriving on {name}, not running here"
+            )));
+        }
+        if let Some(holder) = self.locks.get(vm) {
+            let phase = self
+                .sources
+                .get(holder)
+                .map(|s| format!("{:?}", s.attempt.record.current_phase()).to_lowercase())
+                .unwrap_or_default();
+            return Err(Refusal::AlreadyExists(format!(
+                "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
+            )));
+        }
+        let outgoing = self.outgoing();
+        if outgoing >= self.cfg.max_outgoing as usize {
+            return Err(Refusal::ResourceExhausted(format!(
+                "{name} already sources {outgoing} migrations (max_outgoing = {}); wait for one to end",
+                self.cfg.max_outgoing
+            )));
+        }
+        let mut spec = guest.spec.clone();
+        for feature in &mut spec.features {
+            if let Some(driver) = self.cfg.features.get(&feature.name) {
+                feature.driver = driver.clone();
+            }
+        }
+        let now = self.now;
+        let (migration_id, attempt, started_at_ms) = match existing {
+            Some(record) => (record.id.clone(), record.attempt + 1, record.started_at_ms),
+            None => {
+                let sources = &self.sources;
+                let taken: Vec<String> = sources.keys().cloned().collect();
+                let id = self.new_id("m", 12, |id| taken.iter().any(|t| t == id));
+                (id, 1, now)
+            }
+        };
+        let params = AttemptParams {
+            migration_id: migration_id.clone(),
+            attempt,
+            host: name.clone(),
+            destination: destination.to_string(),
+            vm: spec,
+            mode,
+            timing: self.cfg.timing,
+            started_at_ms,
+        };
+        let (attempt, actions) = SourceAttempt::begin(params, now);
+        let record = attempt.record.clone();
+        self.locks.insert(vm.to_string(), migration_id.clone());
+        self.sources.insert(
+            migration_id.clone(),
+            Source {
+                attempt,
+                live: true,
+                transfer: None,
+                cancel: None,
+                waiters: Vec::new(),
+                last_progress_event: 0,
+            },
+        );
+        self.log(
+            Level::Info,
+            &migration_id,
+            format!(
+                "{vm} {name} -> {destination} ({}, attempt {})",
+                mode.as_str(),
+                record.attempt
+            ),
+        );
+        self.source_actions(&migration_id, actions);
+        Ok(record)
+    }
+
+    /// A new attempt of a migration that failed or was aborted.
+    fn retry(
+        &mut self,
+        id: &str,
+        destination: Option<&str>,
+        mode: Option<Mode>,
+        guests: &[Guest],
+    ) -> Result<MigrationRecord, Refusal> {
+        let record = self
+            .migration(id)
+            .cloned()
+            .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.cfg.name)))?;
+        match record.outcome {
+            Some(Outcome::Failed) | Some(Outcome::Aborted)
+                if self.sources.get(id).is_some_and(|s| !s.live) => {}
+            Some(Outcome::Failed) | Some(Outcome::Aborted) | None => {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} is still running"
+                )));
+            }
+            Some(other) => {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} ended {}: only a failed or aborted migration can be retried",
+                    other.as_str()
+                )));
+            }
+        }
+        let destination = destination.unwrap_or(&record.destination).to_string();
+        let mode = mode.unwrap_or(record.mode);
+        self.begin(&record.vm, &destination, mode, Some(&record), guests)
+    }
+
+    fn operator_abort(&mut self, req: ReqId, id: &str) {
+        let now = self.now;
+        let name = self.cfg.name.clone();
+        let Some(s) = self.sources.get_mut(id) else {
+            self.reply(
+                req,
+                Err(Refusal::NotFound(format!("no migration {id} on {name}"))),
+            );
+            return;
+        };
+        if !s.live {
+            let outcome = s.attempt.record.outcome.map(Outcome::as_str);
+            self.reply(
+                req,
+                Err(Refusal::FailedPrecondition(format!(
+                    "migration {id} has already ended ({}); nothing to abort",
+                    outcome.unwrap_or("ending")
+                ))),
+            );
+            return;
+        }
+        match s
+            .attempt
+            .abort(now, "aborted by the operator", Cause::Operator)
+        {
+            Ok(actions) => {
+                s.waiters.push(req);
+                let vm = s.attempt.vm.name.clone();
+                self.log(
+                    Level::Warn,
+                    id,
+                    format!("abort of {vm}: aborted by the operator"),
+                );
+                self.source_actions(id, actions);
+            }
+            Err(refusal) => self.reply(req, Err(Refusal::FailedPrecondition(refusal))),
+        }
+    }
+
+    fn force(&mut self, req: ReqId, id: &str, run_on: RunOn) {
+        let now = self.now;
+        let name = self.cfg.name.clone();
+        let Some(s) = self.sources.get_mut(id) else {
+            self.reply(
+                req,
+                Err(Refusal::NotFound(format!("no migration {id} on {name}"))),
+            );
+            return;
+        };
+        match s.attempt.force_resolve(now, run_on) {
+            Ok(actions) => {
+                s.waiters.push(req);
+                let text = format!(
+                    "operator forces migration {id} of {}: the guest runs on {}",
+                    s.attempt.vm.name,
+                    match run_on {
+                        RunOn::Source => s.attempt.host.clone(),
+                        RunOn::Destination => s.attempt.destination.clone(),
+                    }
+                );
+                self.log(Level::Warn, id, text);
+                self.source_actions(id, actions);
+            }
+            Err(refusal) => self.reply(req, Err(Refusal::FailedPrecondition(refusal))),
+        }
+    }
+
+    // ---- the Peer service, destination side ------------------------------------
+
+    /// Prepare: decode and check C1, count and register the attempt in one
+    /// step, then run it until it has prepared (or refused).
+    fn prepare(&mut self, req: ReqId, cookie1: &[u8], guests: &[Guest]) {
+        match self.admit(cookie1, guests) {
+            Ok((attempt, actions)) => {
+                let id = attempt.attempt_id.clone();
+                self.destinations.insert(
+                    id.clone(),
+                    Destination {
+                        attempt,
+                        prepare_waiter: Some(req),
+                        finish_waiters: Vec::new(),
+                        abort_waiters: Vec::new(),
+                        abort_deadline: None,
+                    },
+                );
+                self.emit(super::Event::Host);
+                self.destination_actions(&id, actions);
+            }
+            Err(refusal) => self.reply(req, Err(refusal)),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        cookie1: &[u8],
+        guests: &[Guest],
+    ) -> Result<
+        (
+            DestinationAttempt,
+            Vec<crate::protocol::destination::DestinationAction>,
+        ),
+        Refusal,
+    > {
+        let name = self.cfg.name.clone();
+        if self.stopping.is_some() {
+            return Err(Refusal::Unavailable(format!(
+                "agent {name} is shutting down"
+            )));
+        }
+        if self.draining {
+            return Err(Refusal::FailedPrecondition(format!(
+                "{name} is draining and accepts no incoming migrations (`tern undrain {name}` ends that)"
+            )));
+        }
+        let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
+        let features = &self.cfg.features;
+        let incoming =
+            cookies::check_cookie1(&c1, |f| features.contains_key(f)).map_err(cookie_refusal)?;
+        let known = Known {
+            aborted: self.tombstones.contains(&incoming.attempt_id),
+            running: self.destinations.contains_key(&incoming.attempt_id),
+            journaled: self.ended.contains_key(&incoming.attempt_id),
+        };
+        check_new_attempt(&incoming.attempt_id, &name, known).map_err(prepare_refusal)?;
+        let vm = incoming.vm.name.clone();
+        // What an earlier attempt of the VM still has here. Pending work on a
+        // feature without a driver here holds nothing that could clash.
+        let releasing = self
+            .locks
+            .get(&vm)
+            .and_then(|m| self.sources.get(m))
+            .filter(|s| s.live)
+            .map(|s| s.attempt.attempt_id.clone());
+        let running: Vec<String> = self
+            .destinations
+            .values()
+            .filter(|d| d.attempt.vm.name == vm)
+            .map(|d| d.attempt.attempt_id.clone())
+            .chain(releasing)
+            .collect();
+        let leftovers: Vec<Leftover> = self
+            .pending
+            .values()
+            .filter(|p| p.vm == vm && p.holds_state(&self.cfg.features))
+            .filter_map(|p| {
+                Some(Leftover::Pending {
+                    attempt_id: &p.attempt_id,
+                    feature: &p.feature,
+                    stage: p.work.stage()?,
+                })
+            })
+            .chain(
+                running
+                    .iter()
+                    .map(|id| Leftover::Running { attempt_id: id }),
+            )
+            .collect();
+        let busy = busy_with(&vm, &name, &leftovers);
+        let arriving = self.destinations.len();
+        if busy.is_none() && arriving >= self.cfg.max_incoming as usize {
+            return Err(Refusal::Busy(format!(
+                "destination busy: {name} already receives {arriving} migrations (max_incoming = {})",
+                self.cfg.max_incoming
+            )));
+        }
+        let load = self.load(guests);
+        let free = FreeCapacity {
+            memory_mib: self.cfg.capacity.memory_mib.saturating_sub(load.memory_used_mib),
+            vcpus: self.cfg.capacity.vcpus.saturating_sub(load.vcpus_used),
+        };
+        let already_here = guests.iter().any(|g| g.spec.name == vm);
+        DestinationAttempt::prepare(
+            incoming,
+            &name,
+            free,
+            already_here,
+            busy,
+            self.cfg.timing,
+            self.now,
+        )
+        .map_err(prepare_refusal)
+    }
+
+    fn finish(&mut self, req: ReqId, cookie3: &[u8]) {
+        let c3: proto::Cookie3 = match cookies::decode("C3", cookie3) {
+            Ok(c3) => c3,
+            Err(e) => return self.reply(req, Err(cookie_refusal(e))),
+        };
+        let id = c3.attempt_id.clone();
+        if let Some(d) = self.destinations.get_mut(&id) {
+            d.finish_waiters.push(req);
+            self.destination_input(&id, DestinationInput::Finish(c3));
+            return;
+        }
+        // Already decided (or never here): answer from what ended here.
+        match self.ended.get(&id) {
+            Some(a) => {
+                let reply = proto::FinishReply {
+                    cookie4: a.cookie4().encode_to_vec(),
+                };
+                self.reply(req, Ok(Response::Peer(PeerResponse::Finish(reply))));
+            }
+            None => {
+                let text = format!("no attempt {id} on {}", self.cfg.name);
+                self.reply(req, Err(Refusal::NotFound(text)));
+            }
+        }
+    }
+
+    /// Either side telling this one that an attempt is over. On the
+    /// destination, the answer waits (bounded) until the rollback is done,
+    /// so a stopping source knows its peer is clean before it exits.
+    fn peer_abort(&mut self, req: ReqId, r: proto::PeerAbortRequest) {
+        let c4 = (!r.cookie4.is_empty())
+            .then(|| cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok())
+            .flatten();
+        // An attempt this host is (or was) the source of: the destination
+        // aborted it, and may report its rollback and its decision.
+        let source = self
+            .sources
+            .iter()
+            .find(|(_, s)| s.attempt.attempt_id == r.attempt_id)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = source {
+            let input = SourceInput::PeerAborted {
+                reason: r.reason.clone(),
+                c4,
+            };
+            self.source_input(&id, input);
+            let reply = proto::PeerAbortReply {
+                aborted: true,
+                detail: String::new(),
+                cookie4: Vec::new(),
+                committed: false,
+            };
+            self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+            return;
+        }
+        let now = self.now;
+        if let Some(d) = self.destinations.get_mut(&r.attempt_id) {
+            match d.attempt.abort(now, &r.reason, false) {
+                Ok(actions) => {
+                    d.abort_waiters.push(req);
+                    let wait = 2 * self.cfg.timing.peer_timeout_ms;
+                    d.abort_deadline.get_or_insert(now + wait);
+                    self.destination_actions(&r.attempt_id, actions);
+                }
+                Err(detail) => {
+                    let committed = d.attempt.is_committed();
+                    let reply = proto::PeerAbortReply {
+                        aborted: false,
+                        detail,
+                        cookie4: Vec::new(),
+                        committed,
+                    };
+                    self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+                }
+            }
+            return;
+        }
+        if let Some(a) = self.ended.get(&r.attempt_id) {
+            let reply = self.abort_reply_of(a);
+            self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+            return;
+        }
+        // Prepare may still be on its way: make sure it is refused, for good.
+        self.tombstone(&r.attempt_id);
+        let reply = proto::PeerAbortReply {
+            aborted: true,
+            detail: "not known here".into(),
+            cookie4: Vec::new(),
+            committed: false,
+        };
+        self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+    }
+
+    fn tombstone(&mut self, attempt_id: &str) {
+        if self.tombstones.insert(attempt_id.to_string()) {
+            self.journal(Entry::Tombstone(attempt_id.to_string()), true);
+        }
+    }
+
+    /// Resolve: did this attempt commit here? "Not committed" leaves only
+    /// once that decision is durable here.
+    fn resolve(&mut self, req: ReqId, attempt_id: &str) {
+        let now = self.now;
+        let (answer, c4) = if let Some(d) = self.destinations.get_mut(attempt_id) {
+            let (answer, actions) = d.attempt.resolve(now);
+            self.destination_actions(attempt_id, actions);
+            let c4 = self
+                .destination_attempt(attempt_id)
+                .map(DestinationAttempt::cookie4)
+                .unwrap_or_default();
+            (answer, c4)
+        } else if let Some(a) = self.ended.get(attempt_id) {
+            (a.answer(), a.cookie4())
+        } else {
+            self.tombstone(attempt_id);
+            (
+                Answer::NotCommitted,
+                unknown_attempt(&self.cfg.name, attempt_id),
+            )
+        };
+        let resolution = match answer {
+            Answer::Committed => proto::Resolution::Committed,
+            Answer::NotCommitted => proto::Resolution::NotCommitted,
+            Answer::Lost => proto::Resolution::Lost,
+            Answer::Pending => proto::Resolution::Pending,
+        };
+        let reply = proto::ResolveReply {
+            resolution: resolution as i32,
+            cookie4: c4.encode_to_vec(),
+        };
+        self.reply(req, Ok(Response::Peer(PeerResponse::Resolve(reply))));
+    }
+
+    /// A heartbeat from the source of some attempts: each live one hears
+    /// from its source; the others are gone.
+    fn heartbeat(&mut self, req: ReqId, attempt_ids: &[String]) {
+        let mut gone = Vec::new();
+        for id in attempt_ids {
+            if self.destinations.contains_key(id) {
+                self.destination_input(id, DestinationInput::Heartbeat);
+            } else {
+                gone.push(id.clone());
+            }
+        }
+        let reply = proto::HeartbeatReply {
+            host: self.cfg.name.clone(),
+            gone,
+        };
+        self.reply(req, Ok(Response::Peer(PeerResponse::Heartbeat(reply))));
+    }
+
+    /// This host's answer to `Capacity`.
+    pub fn capacity(&self, guests: &[Guest]) -> proto::CapacityReply {
+        let load = self.load(guests);
+        proto::CapacityReply {
+            host: self.cfg.name.clone(),
+            memory_total_mib: self.cfg.capacity.memory_mib,
+            memory_used_mib: load.memory_used_mib,
+            vcpus_total: self.cfg.capacity.vcpus,
+            vcpus_used: load.vcpus_used,
+            features: self.cfg.features.keys().cloned().collect(),
+            draining: self.draining,
+            incoming: load.incoming,
+            max_incoming: self.cfg.max_incoming,
+        }
+    }
+
+}
+
+fn prepare_refusal(r: PrepareRefusal) -> Refusal {
+    match r {
+        PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
+        PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
+        PrepareRefusal::Aborted(m) => Refusal::FailedPrecondition(m),
+        PrepareRefusal::Busy(m) => Refusal::Busy(m),
+    }
+}
+
+fn cookie_refusal(e: CookieError) -> Refusal {
+    match e {
+        CookieError::IncompatibleVersion { .. } => Refusal::FailedPrecondition(e.to_string()),
+        _ => Refusal::InvalidArgument(e.to_string()),
+    }
+}
