@@ -21,4 +21,4 @@ pub mod features;
 pub mod host;
 pub mod hypervisor;
 pub mod protocol;
-// TEMP pub mod simulation;
+pub mod simulation;

@@ -15,7 +15,10 @@ use tracing::Instrument;
 
 use super::journal::Journal;
 use super::{Agent, JOURNAL_FAILED_EXIT, Msg, now_ms};
-use crate::host::{Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpId, OpOutput};
+use crate::host::{
+    Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpError, OpId, OpOutput,
+};
+use crate::hypervisor::HypervisorError;
 use crate::proto;
 
 pub(super) fn spawn(
@@ -176,17 +179,17 @@ fn entry_name(entry: &Entry) -> String {
 /// Carry out one hypervisor call or stage and hand its answer to the core.
 async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
     let hv = agent.hypervisor.clone();
-    let result: Result<OpOutput, String> = match what {
+    let result: Result<OpOutput, OpError> = match what {
         Op::StartIncoming { spec, attempt_id } => hv
             .start_incoming(&spec, &attempt_id)
             .await
             .map(OpOutput::Address)
-            .map_err(|e| e.to_string()),
+            .map_err(op_error),
         Op::CompleteIncoming { vm, stats } => hv
             .complete_incoming(&vm, &stats)
             .await
             .map(|()| OpOutput::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(op_error),
         Op::TransferOut { vm, address } => {
             let (progress_tx, mut progress_rx) = mpsc::channel(64);
             let forward = {
@@ -201,7 +204,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
                 .transfer_out(&vm, &address, progress_tx)
                 .await
                 .map(OpOutput::Transferred)
-                .map_err(|e| e.to_string());
+                .map_err(op_error);
             // Progress before the end, never after it.
             let _ = forward.await;
             result
@@ -210,30 +213,38 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .cancel_transfer(&vm)
             .await
             .map(|()| OpOutput::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(op_error),
         Op::Resume { vm } => hv
             .resume(&vm)
             .await
             .map(|()| OpOutput::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(op_error),
         Op::Kill { vm } => hv
             .kill(&vm)
             .await
             .map(|()| OpOutput::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(op_error),
         Op::Status { vm } => Ok(OpOutput::Status(hv.status(&vm).await)),
         Op::Stage(ctx) => match agent.features.get(&ctx.feature.name) {
             Some(driver) => crate::features::run_stage(driver.as_ref(), &ctx)
                 .await
-                .map(OpOutput::Stage),
-            None => Err(format!(
+                .map(OpOutput::Stage)
+                .map_err(OpError::Failed),
+            None => Err(OpError::Failed(format!(
                 "feature {} is not configured on {}",
                 ctx.feature.name, agent.name
-            )),
+            ))),
         },
         Op::ListGuests => Ok(OpOutput::Guests(hv.guests().await)),
     };
     let _ = agent.core.send(Msg::Input(Input::OpDone { op, result }));
+}
+
+fn op_error(e: HypervisorError) -> OpError {
+    match e {
+        HypervisorError::NoSuchGuest(_) => OpError::NoSuchGuest(e.to_string()),
+        other => OpError::Failed(other.to_string()),
+    }
 }
 
 /// Publishes the core's events to watchers, in the order they came.

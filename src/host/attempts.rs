@@ -6,8 +6,8 @@
 use prost::Message;
 
 use super::{
-    Action, CallKind, Entry, Event, HostCore, Internal, Level, Op, OpEntry, OpId, OpKind, OpOutput,
-    Owner, PeerCall, PeerResponse, Response,
+    Action, CallKind, Entry, Event, HostCore, Internal, Level, Op, OpEntry, OpError, OpId, OpKind,
+    OpOutput, Owner, PeerCall, PeerResponse, Response,
 };
 use crate::features::StageContext;
 use crate::hypervisor::GuestState;
@@ -559,7 +559,7 @@ impl HostCore {
 
     // ---- answers from the hypervisor and the drivers -----------------------
 
-    pub(super) fn on_op_done(&mut self, op: OpId, result: Result<OpOutput, String>) {
+    pub(super) fn on_op_done(&mut self, op: OpId, result: Result<OpOutput, OpError>) {
         let Some(entry) = self.ops.remove(&op) else {
             // Timed out already, or never ours: too late.
             return;
@@ -595,13 +595,13 @@ impl HostCore {
                         ))))
                     }
                     (OpKind::StartIncoming, Answered::Result(Err(e))) => {
-                        DestinationInput::IncomingStarted(Err(GuestOpError::Failed(e)))
+                        DestinationInput::IncomingStarted(Err(GuestOpError::Failed(e.to_string())))
                     }
                     (OpKind::StartIncoming, Answered::TimedOut) => {
                         DestinationInput::IncomingStarted(Err(GuestOpError::Unknown(late())))
                     }
                     (OpKind::CompleteIncoming, Answered::Result(r)) => {
-                        DestinationInput::IncomingCompleted(r.map(|_| ()))
+                        DestinationInput::IncomingCompleted(r.map(|_| ()).map_err(|e| e.to_string()))
                     }
                     (OpKind::CompleteIncoming, Answered::TimedOut) => {
                         DestinationInput::IncomingCompleted(Err(late()))
@@ -628,14 +628,15 @@ impl HostCore {
                         Answered::Result(Ok(other)) => {
                             GuestProbe::Unknown(format!("unexpected answer {other:?}"))
                         }
-                        Answered::Result(Err(e)) => GuestProbe::Unknown(e),
+                        Answered::Result(Err(OpError::NoSuchGuest(_))) => GuestProbe::Gone,
+                        Answered::Result(Err(e)) => GuestProbe::Unknown(e.to_string()),
                         Answered::TimedOut => GuestProbe::Unknown(late()),
                     }),
                     (OpKind::Stage { feature, stage }, Answered::Result(r)) => {
                         DestinationInput::StageDone {
                             feature,
                             stage,
-                            result: r.map(stage_detail),
+                            result: r.map(stage_detail).map_err(|e| e.to_string()),
                         }
                     }
                     (OpKind::Stage { feature, stage }, Answered::TimedOut) => {
@@ -652,7 +653,10 @@ impl HostCore {
             Owner::Pending { key, batch } => {
                 let result = match answer {
                     Answered::Result(Ok(out)) => Ok(stage_detail(out)),
-                    Answered::Result(Err(e)) => Err(e),
+                    Answered::Result(Err(OpError::NoSuchGuest(e))) => {
+                        return self.pending_guest_gone(&key, batch, e);
+                    }
+                    Answered::Result(Err(e)) => Err(e.to_string()),
                     Answered::TimedOut => Err(late()),
                 };
                 self.pending_done(&key, batch, result);
@@ -677,7 +681,7 @@ impl HostCore {
         after: Millis,
     ) {
         let detail = match answer {
-            Answered::Result(Err(e)) => e.clone(),
+            Answered::Result(Err(e)) => e.to_string(),
             Answered::TimedOut => format!("did not answer within {after} ms"),
             Answered::Result(Ok(_)) => return,
         };
@@ -720,7 +724,7 @@ impl HostCore {
                     let result = match answer {
                         Answered::Result(Ok(OpOutput::Transferred(stats))) => Ok(stats),
                         Answered::Result(Ok(_)) => Ok(TransferStats::default()),
-                        Answered::Result(Err(e)) => Err(e),
+                        Answered::Result(Err(e)) => Err(e.to_string()),
                         Answered::TimedOut => {
                             Err(format!("the transfer did not end within {after} ms"))
                         }
@@ -731,8 +735,7 @@ impl HostCore {
                 }
             }
             (OpKind::CancelTransfer, answer) => {
-                if let Answered::Result(Err(e)) | Answered::Result(Ok(OpOutput::Stage(e))) = &answer
-                {
+                if let Answered::Result(Err(e)) = &answer {
                     let migration = id.to_string();
                     self.log(
                         Level::Warn,
@@ -764,7 +767,7 @@ impl HostCore {
             (OpKind::Stage { feature, stage }, Answered::Result(r)) => SourceInput::StageDone {
                 feature,
                 stage,
-                result: r.map(stage_detail),
+                result: r.map(stage_detail).map_err(|e| e.to_string()),
             },
             (OpKind::Stage { feature, stage }, Answered::TimedOut) => SourceInput::StageTimedOut {
                 feature,
@@ -930,14 +933,15 @@ impl HostCore {
 
 /// An op's answer, or the absence of one by its deadline.
 enum Answered {
-    Result(Result<OpOutput, String>),
+    Result(Result<OpOutput, OpError>),
     TimedOut,
 }
 
 fn guest_op_result(answer: Answered, after: Millis) -> Result<(), GuestOpError> {
     match answer {
         Answered::Result(Ok(_)) => Ok(()),
-        Answered::Result(Err(e)) => Err(GuestOpError::Failed(e)),
+        Answered::Result(Err(OpError::NoSuchGuest(e))) => Err(GuestOpError::Gone(e)),
+        Answered::Result(Err(OpError::Failed(e))) => Err(GuestOpError::Failed(e)),
         Answered::TimedOut => Err(GuestOpError::Unknown(format!(
             "did not answer within {after} ms"
         ))),

@@ -255,6 +255,35 @@ pub enum OpOutput {
     Guests(Vec<Guest>),
 }
 
+/// Why an [`Op`] did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpError {
+    /// It failed and had no effect.
+    Failed(String),
+    /// The hypervisor has no such guest.
+    NoSuchGuest(String),
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpError::Failed(m) | OpError::NoSuchGuest(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for OpError {
+    fn from(m: String) -> OpError {
+        OpError::Failed(m)
+    }
+}
+
+impl From<&str> for OpError {
+    fn from(m: &str) -> OpError {
+        OpError::Failed(m.to_string())
+    }
+}
+
 /// A journal record.
 #[derive(Debug, Clone)]
 pub enum Entry {
@@ -358,7 +387,7 @@ pub enum Input {
     },
     OpDone {
         op: OpId,
-        result: Result<OpOutput, String>,
+        result: Result<OpOutput, OpError>,
     },
     Progress { op: OpId, stats: TransferStats },
     /// A timer from [`HostCore::poll_timeout`] is due.
@@ -708,11 +737,21 @@ impl HostCore {
         &self.warnings
     }
 
-    /// Migrations this host sources now (unresolved ones move nothing).
+    /// Migrations this host sources now: what `max_outgoing` limits. An
+    /// attempt counts from Begin until its guest stops moving: unresolved
+    /// ones wait with the guest paused, and Confirm only kills or resumes
+    /// here and releases, so neither counts.
     pub fn outgoing(&self) -> usize {
+        use crate::protocol::source::SourceState::*;
         self.sources
             .values()
-            .filter(|s| s.live && s.attempt.state != crate::protocol::source::SourceState::Unresolved)
+            .filter(|s| {
+                s.live
+                    && matches!(
+                        s.attempt.state,
+                        Preparing | Transferring { .. } | FinishSent | Aborting { .. }
+                    )
+            })
             .count()
     }
 

@@ -341,6 +341,34 @@ impl HostCore {
         }
     }
 
+    /// Pending work on a guest the hypervisor no longer has: a kill is done;
+    /// a resume can never be, and is dropped, loudly.
+    pub(super) fn pending_guest_gone(&mut self, key: &Key, batch: Option<u64>, error: String) {
+        let Some(p) = self.pending.get(key).cloned() else {
+            return;
+        };
+        if p.work == Work::Resume {
+            self.log(
+                Level::Error,
+                &p.migration_id,
+                format!(
+                    "{} cannot be resumed on {}: the guest is gone ({error}); nothing left to retry",
+                    p.vm, self.cfg.name
+                ),
+            );
+            if let Some(s) = self.sources.get_mut(&p.migration_id)
+                && s.attempt.attempt_id == p.attempt_id
+            {
+                s.attempt.guest_gone(self.now);
+                let snapshot = Box::new(s.attempt.clone());
+                let record = s.attempt.record.clone();
+                self.journal(Entry::Source(snapshot), false);
+                self.emit(Event::Migration(Box::new(record)));
+            }
+        }
+        self.pending_done(key, batch, Ok(format!("the guest is gone: {error}")));
+    }
+
     /// A guest left paused by a failed resume runs again: its record says so.
     fn guest_resumed_later(&mut self, p: &Pending) {
         let Some(s) = self.sources.get_mut(&p.migration_id) else {

@@ -112,9 +112,42 @@ impl HostCore {
         let Some(guest) = guests.iter().find(|g| g.spec.name == vm) else {
             return Err(Refusal::NotFound(format!("no VM named {vm} on {name}")));
         };
-        if guest.state == GuestState::Incoming {
+        // Arriving: until its attempt here has ended (the guest seen to run,
+        // or rolled back), the guest is not this host's to move.
+        let arriving = self
+            .destinations
+            .values()
+            .find(|d| d.attempt.vm.name == vm)
+            .map(|d| d.attempt.attempt_id.clone());
+        if guest.state == GuestState::Incoming || arriving.is_some() {
             return Err(Refusal::FailedPrecondition(format!(
-                "VM {vm} is arriving on {name}, not running here"
+                "VM {vm} is arriving on {name} (attempt {}), not running here yet",
+                arriving.unwrap_or_default()
+            )));
+        }
+        // A copy that must not run (its kill failed), or a guest left
+        // paused by a failed resume: moving it would move the wrong thing.
+        if let Some(p) = self
+            .pending
+            .values()
+            .find(|p| p.vm == vm && matches!(p.work, super::Work::Kill | super::Work::Resume))
+        {
+            let what = match p.work {
+                super::Work::Kill => "a stale copy that must be killed",
+                _ => "paused after a failed resume",
+            };
+            return Err(Refusal::FailedPrecondition(format!(
+                "VM {vm} on {name} is {what} (pending {} from migration {}: {}); \
+                 `tern rollback {}` runs it now",
+                p.work.as_str(),
+                p.migration_id,
+                p.error,
+                p.migration_id
+            )));
+        }
+        if guest.state != GuestState::Running {
+            return Err(Refusal::FailedPrecondition(format!(
+                "VM {vm} is paused on {name}; only a running guest is migrated"
             )));
         }
         if let Some(holder) = self.locks.get(vm) {
@@ -363,12 +396,16 @@ impl HostCore {
             .pending
             .values()
             .filter(|p| p.vm == vm && p.holds_state(&self.cfg.features))
-            .filter_map(|p| {
-                Some(Leftover::Pending {
+            .map(|p| match p.work.stage() {
+                Some(stage) => Leftover::Pending {
                     attempt_id: &p.attempt_id,
                     feature: &p.feature,
-                    stage: p.work.stage()?,
-                })
+                    stage,
+                },
+                None => Leftover::Guest {
+                    attempt_id: &p.attempt_id,
+                    work: p.work.as_str(),
+                },
             })
             .chain(
                 running
@@ -478,6 +515,26 @@ impl HostCore {
                 }
             }
             return;
+        }
+        // A commit whose guest was lost: the operator decided it runs on
+        // its source after all, so what it set up here goes.
+        if self
+            .ended
+            .get(&r.attempt_id)
+            .is_some_and(|a| a.lost().is_some())
+            && let Some(attempt) = self.ended.remove(&r.attempt_id)
+        {
+            self.destinations.insert(
+                r.attempt_id.clone(),
+                Destination {
+                    attempt,
+                    prepare_waiter: None,
+                    finish_waiters: Vec::new(),
+                    abort_waiters: Vec::new(),
+                    abort_deadline: None,
+                },
+            );
+            return self.peer_abort(req, r);
         }
         if let Some(a) = self.ended.get(&r.attempt_id) {
             let reply = self.abort_reply_of(a);

@@ -22,7 +22,7 @@ use super::policy::{is_blocking, rollback_set};
 use super::record::{FeatureRecord, stats_from_proto};
 use super::recovery::{DestinationRecovery, destination_recovery};
 use super::{
-    GuestOpError, GuestOpResult, GuestProbe, Millis, Mode, PROTOCOL_VERSION, PendingWork, Stage,
+    GuestOpError, GuestOpResult, GuestProbe, KillResult, Millis, Mode, PROTOCOL_VERSION, PendingWork, Stage,
     StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
@@ -215,6 +215,12 @@ pub enum Leftover<'a> {
     /// An attempt still running here: rolling back as a destination, or
     /// releasing as a source.
     Running { attempt_id: &'a str },
+    /// A copy of the guest here still to kill (or to resume): it would take
+    /// the new attempt's guest with it.
+    Guest {
+        attempt_id: &'a str,
+        work: &'a str,
+    },
 }
 
 /// Why Prepare of `vm` must wait, if anything is left here from an earlier
@@ -229,6 +235,10 @@ pub fn busy_with(vm: &str, host: &str, leftovers: &[Leftover<'_>]) -> Option<Str
             stage,
         } => format!(
             "{vm} still has a pending {stage} of {feature} on {host} from attempt {attempt_id}; \
+             run `tern rollback` for it (or wait for its retry), then migrate again"
+        ),
+        Leftover::Guest { attempt_id, work } => format!(
+            "{vm} still has a pending {work} of an old copy on {host} from attempt {attempt_id}; \
              run `tern rollback` for it (or wait for its retry), then migrate again"
         ),
         Leftover::Running { attempt_id } => format!(
@@ -366,12 +376,14 @@ impl DestinationAttempt {
         self.lost.as_deref()
     }
 
-    /// Nothing is left to do: rolled back, or committed with the guest
-    /// running. A lost attempt stays open: an operator's forced decision
-    /// (an abort from its source) still rolls it back.
+    /// Nothing is left to do: rolled back, committed with the guest
+    /// running, or committed and lost (only an operator's forced decision,
+    /// an abort from its source, changes that: it rolls the attempt back).
     pub fn is_finished(&self) -> bool {
         match self.state {
-            DestinationState::Committed => self.guest_resumed,
+            DestinationState::Committed => {
+                self.guest_resumed || (self.lost.is_some() && self.awaiting == Awaiting::Nothing)
+            }
             DestinationState::RolledBack => true,
             _ => false,
         }
@@ -758,7 +770,7 @@ impl DestinationAttempt {
             Ok(()) => self.commit_done(),
             // The hypervisor refused: the CPUs never started. The guest
             // goes, and the source resumes its copy: nothing ran here.
-            Err(GuestOpError::Failed(e)) if !self.ran_maybe => {
+            Err(GuestOpError::Failed(e) | GuestOpError::Gone(e)) if !self.ran_maybe => {
                 self.error = Some(format!(
                     "could not start the guest's CPUs on {}: {e}; the guest was killed there and runs on {} again",
                     self.host, self.source
@@ -805,6 +817,7 @@ impl DestinationAttempt {
     }
 
     fn on_killed(&mut self, result: GuestOpResult) -> Vec<DestinationAction> {
+        let result = result.filter_gone();
         match self.awaiting {
             Awaiting::KillAbandoning if self.state == DestinationState::Committed => {
                 self.awaiting = Awaiting::Nothing;

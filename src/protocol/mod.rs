@@ -293,12 +293,14 @@ pub enum GuestOpError {
     Failed(String),
     /// No answer within its deadline: the effect is unknown.
     Unknown(String),
+    /// The hypervisor has no such guest (it died, or was never there).
+    Gone(String),
 }
 
 impl GuestOpError {
     pub fn message(&self) -> &str {
         match self {
-            GuestOpError::Failed(m) | GuestOpError::Unknown(m) => m,
+            GuestOpError::Failed(m) | GuestOpError::Unknown(m) | GuestOpError::Gone(m) => m,
         }
     }
 }
@@ -338,6 +340,20 @@ pub enum GuestProbe {
 
 /// The result of a hypervisor call on a guest.
 pub type GuestOpResult = Result<(), GuestOpError>;
+
+/// For a kill: a guest that is gone is killed.
+pub trait KillResult {
+    fn filter_gone(self) -> GuestOpResult;
+}
+
+impl KillResult for GuestOpResult {
+    fn filter_gone(self) -> GuestOpResult {
+        match self {
+            Err(GuestOpError::Gone(_)) => Ok(()),
+            other => other,
+        }
+    }
+}
 
 /// The structured reason an attempt ended the way it did, for clients that
 /// act on it (an evacuation retries a busy destination on the same host

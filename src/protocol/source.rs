@@ -23,7 +23,7 @@ use super::mutations::{Mutation, planted};
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
-    Cause, GuestCondition, GuestOpResult, Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError,
+    Cause, GuestCondition, GuestOpError, GuestOpResult, KillResult, Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError,
     PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
@@ -290,6 +290,12 @@ impl SourceAttempt {
     /// The operator's forced decision, if any.
     pub fn forced(&self) -> Option<RunOn> {
         self.forced
+    }
+
+    /// The guest this attempt left paused is gone from the hypervisor.
+    pub fn guest_gone(&mut self, now: Millis) {
+        self.record.guest = GuestCondition::Unknown;
+        self.record.updated_at_ms = now;
     }
 
     /// A resume that failed at the end of this attempt worked on a later
@@ -791,7 +797,20 @@ impl SourceAttempt {
             _ => return Vec::new(),
         };
         let mut actions = Vec::new();
-        if let Err(e) = result {
+        if let Err(GuestOpError::Gone(e)) = &result {
+            // Nothing to resume: the guest died (its host lost power, or
+            // its QEMU exited). The record says so; no retry can help.
+            self.record.guest = GuestCondition::Unknown;
+            self.record.cause.get_or_insert(Cause::Guest);
+            let what = format!(
+                "{} is gone from {}: {e}",
+                self.vm.name, self.host
+            );
+            self.record.error = Some(match self.record.error.take() {
+                Some(before) => format!("{before}; {what}"),
+                None => what,
+            });
+        } else if let Err(e) = result {
             self.record.guest = GuestCondition::Paused;
             self.record.cause.get_or_insert(Cause::Guest);
             let what = format!(
@@ -824,7 +843,8 @@ impl SourceAttempt {
             return Vec::new();
         }
         let mut actions = Vec::new();
-        if let Err(e) = result {
+        // A copy that is gone is as good as killed.
+        if let Err(e) = result.filter_gone() {
             // The stale copy stays here, paused: the move still happened,
             // but the record must not say all is well.
             let what = format!(

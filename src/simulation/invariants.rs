@@ -1,26 +1,35 @@
-//! The invariants of DESIGN.md §2, checked by the simulator after every step
-//! and once the cluster has settled.
+//! The invariants of DESIGN.md §2, and the evacuations', checked by the
+//! simulator after every step and once the cluster has settled.
 //!
 //! 1. A guest's CPUs run on at most one host at any instant; after settling
-//!    on exactly one.
+//!    on exactly one. A copy is never resumed once another copy of the VM
+//!    ran after it was made (checked when a guest resumes, in world.rs):
+//!    that is how a guest ends up running twice against one disk.
 //! 2. After settling, no feature state is left on a host where the VM does
-//!    not run unless it is listed as a pending rollback there; and none of a
+//!    not run unless it is listed as pending work there; and none of a
 //!    VM's features was silently lost where it runs.
-//! 3. Every attempt ends with an outcome or is visibly `unresolved`; an
-//!    unresolved attempt is never resumed on the source without the
-//!    destination's answer (checked when the source resumes, in world.rs),
-//!    and a destination never commits after answering "not committed".
+//! 3. Every attempt ends with an outcome or is visibly `unresolved`, and a
+//!    destination never commits after answering "not committed" (checked
+//!    at its journal write, in world.rs).
 //! 4. Source and destination journals agree on every attempt, and the guest
 //!    runs where the latest attempt's record says.
+//!
+//! Evacuations: no host ever sources more than `max_outgoing` or receives
+//! more than `max_incoming` migrations at once; no VM is placed on a host
+//! the operator excluded, one that already failed it, or one whose last
+//! `Capacity` answer said it drains (or that never answered); every
+//! evacuation of a host that is still there ends, with every VM moved,
+//! listed as failed, or cancelled.
 
 use std::collections::BTreeMap;
 
 use super::world::{GuestState, World};
+use crate::host::evacuation::job::VmState;
 use crate::protocol::destination::DestinationState;
 use crate::protocol::{Mode, Outcome, StepStatus};
 
 impl World {
-    /// After every step: never two running copies.
+    /// After every step: never two running copies, never a host over its limits.
     pub(super) fn check_step(&mut self) {
         let mut running: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for host in &self.hosts {
@@ -30,13 +39,31 @@ impl World {
                 }
             }
         }
-        let twice: Vec<String> = running
+        let mut found: Vec<String> = running
             .into_iter()
             .filter(|(_, hosts)| hosts.len() > 1)
             .map(|(vm, hosts)| format!("{vm} runs on {} at once", hosts.join(" and ")))
             .collect();
-        for v in twice {
-            // Report each double run once.
+        let (out, inc) = (self.scenario.max_outgoing, self.scenario.max_incoming);
+        for host in &self.hosts {
+            let Some(core) = &host.core else { continue };
+            if core.outgoing() > out as usize {
+                found.push(format!(
+                    "{} sources {} migrations at once (max_outgoing = {out})",
+                    host.name,
+                    core.outgoing()
+                ));
+            }
+            if core.incoming() > inc as usize {
+                found.push(format!(
+                    "{} receives {} migrations at once (max_incoming = {inc})",
+                    host.name,
+                    core.incoming()
+                ));
+            }
+        }
+        for v in found {
+            // Report each once.
             if !self.violations.iter().any(|old| old.ends_with(&v)) {
                 self.violation(v);
             }
@@ -48,14 +75,10 @@ impl World {
         let mut found = Vec::new();
         // A host lost for good is left out: its guests, its switch and its
         // journal went with it. What the live hosts hold must still add up.
-        let up: Vec<bool> = self
-            .hosts
-            .iter()
-            .map(|h| h.agent.is_some() || h.lost)
-            .collect();
-        if up.iter().any(|u| !u) {
+        if self.hosts.iter().any(|h| h.core.is_none() && !h.lost) {
             found.push("an agent is still down after the chaos window".to_string());
         }
+        let views: Vec<_> = self.hosts.iter().map(|h| h.disk.view()).collect();
 
         // (1) exactly one running copy of each VM.
         let vms: Vec<String> = self
@@ -78,7 +101,7 @@ impl World {
                 [h] => {
                     runs_on.insert(vm.clone(), *h);
                 }
-                [] if self.lost_vms.contains(vm) => {} // lost with its host
+                [] if self.lost_vms.contains(vm) => {} // died with its host
                 [] => found.push(format!("{vm} runs nowhere")),
                 _ => {} // reported by check_step
             }
@@ -98,11 +121,10 @@ impl World {
         // (2) feature state only where the VM runs, or listed as pending.
         for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
             for (vm, feature) in &host.switch {
-                if runs_on.get(vm) == Some(&h) {
+                if runs_on.get(vm) == Some(&h) || self.lost_vms.contains(vm) {
                     continue;
                 }
-                let pending = host
-                    .journal
+                let pending = views[h]
                     .pending
                     .values()
                     .any(|p| &p.vm == vm && &p.feature == feature);
@@ -124,8 +146,8 @@ impl World {
                 .iter()
                 .rev()
                 .filter(|(_, v, _)| v == vm)
-                .find_map(|(_, _, id)| self.hosts[h].journal.destinations.get(id))
-                .filter(|d| d.is_committed());
+                .find_map(|(_, _, id)| views[h].destinations.get(id))
+                .filter(|d| d.guest_runs());
             let spec = &self
                 .scenario
                 .vms
@@ -139,7 +161,7 @@ impl World {
                         .features
                         .get(i)
                         .is_some_and(|r| r.finish == StepStatus::Ok),
-                    None => true,
+                    None => self.hosts[h].spec.knows.contains(&f.name.as_str()),
                 };
                 let there = self.hosts[h].switch.contains(&(vm.clone(), f.name.clone()));
                 if expected && !there {
@@ -156,8 +178,9 @@ impl World {
         }
 
         // (3) every attempt has an outcome and is over on both sides.
-        for host in self.hosts.iter().filter(|h| !h.lost) {
-            for a in host.journal.sources.values() {
+        let lost = |name: &str| self.hosts.iter().any(|h| h.name == name && h.lost);
+        for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
+            for a in views[h].sources.values() {
                 match a.record.outcome {
                     None => found.push(format!(
                         "{} on {} has no outcome ({:?})",
@@ -174,7 +197,7 @@ impl World {
                     Some(_) => {}
                 }
             }
-            for a in host.journal.destinations.values() {
+            for a in views[h].destinations.values() {
                 if !a.is_finished() {
                     found.push(format!(
                         "{} on {} never finished ({:?})",
@@ -185,22 +208,21 @@ impl World {
         }
 
         // (4) the journals agree, with each other and with the guests.
-        let lost = |name: &str| self.hosts.iter().any(|h| h.name == name && h.lost);
-        for host in self.hosts.iter().filter(|h| !h.lost) {
-            for d in host.journal.destinations.values() {
+        for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
+            for d in views[h].destinations.values() {
                 if lost(&d.source) {
                     continue;
                 }
-                let Some(s) = self
-                    .hosts
-                    .iter()
-                    .find(|x| x.name == d.source)
-                    .and_then(|x| x.journal.sources.get(&d.attempt_id))
-                else {
-                    found.push(format!(
-                        "{} is journaled on {} but not on its source {}",
-                        d.attempt_id, host.name, d.source
-                    ));
+                let source = self.hosts.iter().position(|x| x.name == d.source);
+                let Some(s) = source.and_then(|s| views[s].sources.get(&d.attempt_id)) else {
+                    // A source that lost its power may have lost the
+                    // attempt's unsynced record with its guest.
+                    if !source.is_some_and(|s| self.hosts[s].powered_off) {
+                        found.push(format!(
+                            "{} is journaled on {} but not on its source {}",
+                            d.attempt_id, host.name, d.source
+                        ));
+                    }
                     continue;
                 };
                 let committed = d.state == DestinationState::Committed;
@@ -208,7 +230,8 @@ impl World {
                     s.record.outcome,
                     Some(Outcome::Succeeded | Outcome::Degraded)
                 );
-                if committed != moved || committed != s.record.committed {
+                let forced = s.forced().is_some();
+                if !forced && (committed != moved || committed != s.record.committed) {
                     found.push(format!(
                         "journals disagree on {}: {} says {:?}, {} says {:?} (committed={})",
                         d.attempt_id,
@@ -233,21 +256,20 @@ impl World {
                     }
                 }
             }
-            for s in host.journal.sources.values() {
-                if lost(&s.destination) {
+            for s in views[h].sources.values() {
+                if lost(&s.destination) || s.forced().is_some() {
                     continue;
                 }
                 let moved = matches!(
                     s.record.outcome,
                     Some(Outcome::Succeeded | Outcome::Degraded)
                 );
-                let committed = self
-                    .hosts
-                    .iter()
-                    .find(|x| x.name == s.destination)
-                    .and_then(|x| x.journal.destinations.get(&s.attempt_id))
+                let destination = self.hosts.iter().position(|x| x.name == s.destination);
+                let committed = destination
+                    .and_then(|d| views[d].destinations.get(&s.attempt_id))
                     .is_some_and(|d| d.state == DestinationState::Committed);
-                if moved && !committed {
+                let forgot = destination.is_some_and(|d| self.hosts[d].powered_off);
+                if moved && !committed && !forgot {
                     found.push(format!(
                         "{} ended {:?} on {} but {} has no commit",
                         s.attempt_id, s.record.outcome, host.name, s.destination
@@ -256,14 +278,13 @@ impl World {
             }
         }
         for vm in &vms {
-            // The latest attempt that reached the journal (a crash during
-            // Begin's write leaves none).
+            // The latest attempt that reached the journal.
             let latest = self
                 .begun
                 .iter()
                 .rev()
                 .filter(|(_, v, _)| v == vm)
-                .find_map(|(h, _, id)| self.hosts[*h].journal.sources.get(id));
+                .find_map(|(h, _, id)| views[*h].sources.get(id));
             let (Some(latest), Some(&h)) = (latest, runs_on.get(vm)) else {
                 continue;
             };
@@ -275,6 +296,77 @@ impl World {
                     "{vm} runs on {} but its latest attempt {} says {}",
                     self.hosts[h].name, latest.attempt_id, latest.record.running_on
                 ));
+            }
+        }
+
+        // Evacuations: where VMs were placed, and how every job ended.
+        for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
+            for job in views[h].evacuations.values() {
+                if !job.state.is_over() {
+                    found.push(format!(
+                        "evacuation {} of {} never ended ({})",
+                        job.id,
+                        host.name,
+                        job.state.as_str()
+                    ));
+                }
+                for vm in &job.vms {
+                    if !matches!(
+                        vm.state,
+                        VmState::Moved | VmState::Failed | VmState::Cancelled
+                    ) && job.state.is_over()
+                    {
+                        found.push(format!(
+                            "evacuation {} ended with {} {}",
+                            job.id,
+                            vm.name,
+                            vm.state.as_str()
+                        ));
+                    }
+                    for (k, a) in vm.attempts.iter().enumerate() {
+                        if a.adopted {
+                            continue;
+                        }
+                        if job.exclude.contains(&a.destination) {
+                            found.push(format!(
+                                "evacuation {} placed {} on {}, which the operator excluded",
+                                job.id, vm.name, a.destination
+                            ));
+                        }
+                        let failed_before = vm.attempts[..k].iter().any(|b| {
+                            b.destination == a.destination
+                                && b.counts()
+                                && matches!(b.outcome, Some(Outcome::Failed | Outcome::Aborted))
+                        });
+                        if failed_before {
+                            found.push(format!(
+                                "evacuation {} placed {} on {} again, after it failed there",
+                                job.id, vm.name, a.destination
+                            ));
+                        }
+                        // What the destination last told this host.
+                        let d = self.hosts.iter().position(|x| x.name == a.destination);
+                        let told = self
+                            .capacity_answers
+                            .iter()
+                            .rev()
+                            .find(|&&(asker, host, at, _)| {
+                                asker == h && Some(host) == d && at <= a.started_at_ms
+                            })
+                            .map(|&(_, _, _, draining)| draining);
+                        match told {
+                            Some(false) => {}
+                            Some(true) => found.push(format!(
+                                "evacuation {} placed {} on {}, which said it was draining",
+                                job.id, vm.name, a.destination
+                            )),
+                            None => found.push(format!(
+                                "evacuation {} placed {} on {}, which never answered Capacity",
+                                job.id, vm.name, a.destination
+                            )),
+                        }
+                    }
+                }
             }
         }
         for v in found {

@@ -1,20 +1,26 @@
 //! A deterministic simulator of a Tern cluster, in the style of FoundationDB's
 //! and TigerBeetle's: one thread, one seeded RNG, no tokio, no clock reads.
 //!
-//! It drives the real sans-IO [`SourceAttempt`](crate::protocol::source::SourceAttempt)
-//! and [`DestinationAttempt`](crate::protocol::destination::DestinationAttempt)
-//! machines and their recovery code, and around them models what the agent
-//! does with their actions (journal writes, peer RPCs, hypervisor and switch
-//! calls) on several hosts with several VMs. Faults come from the seed:
+//! Each host runs the very [`HostCore`](crate::host::HostCore) the agent
+//! runs, with the same protocol machines inside; the simulator only carries
+//! the core's actions out with simulated IO (a network, a disk, a
+//! hypervisor, a switch, a clock) and injects the faults. It holds no
+//! decision of the agent's. Faults come from the seed:
 //!
 //! - the network delays, loses, duplicates and reorders messages, and
 //!   partitions hosts for a while;
-//! - agents crash at a journal write (before or after it is durable) or at
-//!   any moment, are stopped by SIGTERM, and restart through the recovery path;
-//! - feature stages fail, are slow, rollbacks fail (and are retried);
-//!   transfers stall or fail; incoming guests fail to start;
-//! - an operator starts migrations (fast or safe), aborts, retries on the same
-//!   or another host, and re-runs pending rollbacks at random moments.
+//! - agents crash at a journal write (before or after it) or at any moment,
+//!   are stopped by SIGTERM or frozen by SIGSTOP, and restart through the
+//!   recovery path; hosts lose their power (the journal loses what was not
+//!   synced, the guests die) or are lost for good;
+//! - the hypervisor's calls fail or never answer (start incoming, resume,
+//!   kill, cancel), an incoming guest takes longer to start than the peer
+//!   timeout; feature stages fail, are slow or never answer, rollbacks fail
+//!   (and are retried); transfers stall or fail;
+//! - an operator starts migrations (fast or safe), aborts, retries on the
+//!   same or another host, re-runs pending work, evacuates hosts (and
+//!   pauses, resumes, cancels and undrains) and forces attempts that cannot
+//!   resolve by themselves.
 //!
 //! After every step and at quiescence the [`invariants`] of DESIGN.md §2 are
 //! checked. The same seed always gives the same run, so a failing seed is
@@ -39,6 +45,8 @@ pub struct Report {
     pub attempts: u64,
     /// Outcomes of the attempts, by name.
     pub outcomes: std::collections::BTreeMap<&'static str, u64>,
+    /// The kinds of fault this seed injected.
+    pub fault_kinds: std::collections::BTreeSet<&'static str>,
     pub violations: Vec<String>,
     /// The run step by step (only when asked for).
     pub trace: Vec<String>,

@@ -54,6 +54,47 @@ pub struct Scenario {
     pub incoming_fails: f64,
     /// Chance that a stage takes seconds instead of milliseconds.
     pub slow_stage: f64,
+    /// How the hypervisor and the drivers misbehave (calls that fail or
+    /// never answer).
+    pub guest: GuestFaults,
+    /// Power losses during the chaos: the host's agent and guests die, and
+    /// its journal loses what was not synced.
+    pub power_losses: u32,
+    /// Evacuations the operator starts during the chaos (and pauses,
+    /// resumes, cancels, undrains).
+    pub evacuations: u32,
+    pub max_outgoing: u32,
+    pub max_incoming: u32,
+}
+
+/// Chances, per call, that a hypervisor call or a stage fails (the
+/// hypervisor answers an error: nothing happened) or never answers (the
+/// host core's deadline must end the wait; what it did is unknown).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GuestFaults {
+    pub resume_fails: f64,
+    pub resume_hangs: f64,
+    pub kill_fails: f64,
+    pub kill_hangs: f64,
+    pub cancel_hangs: f64,
+    pub incoming_fails_late: f64,
+    pub incoming_hangs: f64,
+    /// Starting the incoming guest takes longer than the peer timeout
+    /// (QEMU can take 15 s) while heartbeats and aborts arrive.
+    pub incoming_slow: f64,
+    pub stage_hangs: f64,
+}
+
+impl GuestFaults {
+    pub fn any(&self) -> bool {
+        self.resume_fails + self.resume_hangs + self.kill_fails + self.kill_hangs
+            + self.cancel_hangs
+            + self.incoming_fails_late
+            + self.incoming_hangs
+            + self.incoming_slow
+            + self.stage_hangs
+            > 0.0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +226,33 @@ impl Scenario {
             transfer_fails: pick(&mut rng, &[0.0, 0.0, 0.05]),
             incoming_fails: pick(&mut rng, &[0.0, 0.0, 0.05]),
             slow_stage: pick(&mut rng, &[0.0, 0.02, 0.1]),
+            guest: if !calm && rng.random_bool(0.5) {
+                GuestFaults {
+                    resume_fails: pick(&mut rng, &[0.0, 0.05, 0.2]),
+                    resume_hangs: pick(&mut rng, &[0.0, 0.02, 0.1]),
+                    kill_fails: pick(&mut rng, &[0.0, 0.05, 0.2]),
+                    kill_hangs: pick(&mut rng, &[0.0, 0.02]),
+                    cancel_hangs: pick(&mut rng, &[0.0, 0.05]),
+                    incoming_fails_late: pick(&mut rng, &[0.0, 0.05]),
+                    incoming_hangs: pick(&mut rng, &[0.0, 0.02]),
+                    incoming_slow: pick(&mut rng, &[0.0, 0.1, 0.3]),
+                    stage_hangs: pick(&mut rng, &[0.0, 0.01, 0.05]),
+                }
+            } else {
+                GuestFaults::default()
+            },
+            power_losses: if calm || !rng.random_bool(0.3) {
+                0
+            } else {
+                rng.random_range(1..=2)
+            },
+            evacuations: if rng.random_bool(0.4) {
+                rng.random_range(1..=2)
+            } else {
+                0
+            },
+            max_outgoing: rng.random_range(1..=3),
+            max_incoming: rng.random_range(1..=3),
         }
     }
 }

@@ -1,44 +1,40 @@
-//! The simulated cluster: hosts with their agent process (its live attempts,
-//! locks and tombstones, lost on a crash), their durable journal, and what
-//! outlives the agent (guests in the hypervisor, ports on the switch); the
-//! network between them; the operator; and the event queue on one clock.
+//! The simulated cluster: for each host, the host core of its agent process
+//! (gone while the process is down), its disk (the journal, with the part
+//! not yet synced), and what outlives the agent (guests in the hypervisor,
+//! ports on the switch); the network between hosts; the operator; and the
+//! event queue on one clock.
 //!
-//! The agent model mirrors `src/agent/` (operations.rs for what each RPC
-//! answers, source.rs and destination.rs for how actions are carried out,
-//! rollbacks.rs for pending rollbacks) with the same protocol machines inside.
+//! Everything the agent decides, the world gets from [`HostCore`]: it only
+//! carries the core's actions out with simulated IO, the way
+//! `crate::agent` does with real IO, and injects the faults.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::Report;
 use super::scenario::{CHAOS_MS, HostSpec, Scenario, stage_index};
+use crate::host::{
+    self, Action, Control, Entry, Evacuation, EvacuationRequest, HostCore, Input, JournalImage,
+    Op, OpError, OpId, OpOutput, PeerCall, PeerResponse, Pending, Refusal, Request, Response,
+};
+use crate::hypervisor::{self, HostCapacity};
 use crate::proto;
-use crate::protocol::cookies::{self, check_cookie1};
-use crate::protocol::destination::{
-    DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity, Known,
-    Leftover, busy_with, check_new_attempt, resolve_from_journal,
-};
-use crate::protocol::policy::retry_backoff;
-use crate::protocol::record::MigrationRecord;
-use crate::protocol::source::{
-    AttemptParams, Resolution, SourceAction, SourceAttempt, SourceInput, SourceState,
-};
-use crate::protocol::{Millis, Mode, Outcome, PeerError, RunOn, Stage, Timing, VmSpec};
+use crate::protocol::destination::DestinationAttempt;
+use crate::protocol::source::SourceAttempt;
+use crate::protocol::{Millis, Mode, Outcome, PeerError, RunOn, Stage, Timing, TransferStats, VmSpec};
 
 /// The simulated time after which a run that has not settled is a violation.
 const SETTLE_LIMIT_MS: Millis = CHAOS_MS + 2 * 3_600_000;
 /// A run longer than this many steps is a violation (a livelock).
 const MAX_STEPS: u64 = 400_000;
-/// The agent retries pending rollbacks on this grid (rollbacks.rs polls every 500 ms).
-const PENDING_POLL_MS: Millis = 500;
-/// First wait before a failed rollback is retried (the agent's rollback_retry_ms).
+/// First wait before failed pending work is retried (the agent's rollback_retry_ms).
 const ROLLBACK_RETRY_MS: Millis = 1_000;
-/// How long a stopping agent waits for its aborts before it exits.
-const STOP_GRACE_MS: Millis = 10_000;
+/// When the operator cancels every evacuation still running, so the
+/// cluster can settle.
+const CANCEL_EVACUATIONS_AT: Millis = CHAOS_MS + 20_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum GuestState {
@@ -52,143 +48,152 @@ pub(super) enum GuestState {
 pub(super) struct Guest {
     pub spec: VmSpec,
     pub state: GuestState,
+    /// Which version of the guest's memory this copy holds; 0 for an
+    /// incoming guest nothing arrived in yet. A copy that runs becomes a
+    /// new version: resuming one that is not the latest is a split brain.
+    pub copy: u64,
 }
 
-#[derive(Debug, Clone)]
-pub(super) struct Pending {
-    pub attempt_id: String,
-    pub migration_id: String,
-    pub vm: String,
-    pub feature: String,
-    pub stage: Stage,
-    pub tries: u32,
-    pub next_try: Millis,
-}
-
-/// What survives an agent crash: the SQLite journal.
+/// The journal on a host's disk: what was synced, and what was written
+/// after the last sync (lost with the power, kept by a process crash).
 #[derive(Debug, Clone, Default)]
-pub(super) struct Journal {
-    pub sources: BTreeMap<String, SourceAttempt>,
-    pub destinations: BTreeMap<String, DestinationAttempt>,
-    pub pending: BTreeMap<(String, String, Stage), Pending>,
+pub(super) struct Disk {
+    pub synced: Image,
+    pub tail: Vec<Entry>,
 }
 
-/// One incarnation of the agent process: everything here dies with it.
-#[derive(Debug, Default)]
-pub(super) struct Agent {
-    pub epoch: u32,
-    pub stopping: bool,
-    /// Live source attempts by migration id.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Image {
     pub sources: BTreeMap<String, SourceAttempt>,
-    /// Live destination attempts by attempt id.
     pub destinations: BTreeMap<String, DestinationAttempt>,
-    pub locks: BTreeMap<String, String>,
+    pub pending: BTreeMap<(String, String, String), Pending>,
     pub tombstones: BTreeSet<String>,
-    /// The latest record of every migration this host is the source of.
-    pub migrations: BTreeMap<String, MigrationRecord>,
-    prepare_waiter: BTreeMap<String, u64>,
-    finish_waiters: BTreeMap<String, Vec<u64>>,
-    abort_waiters: BTreeMap<String, Vec<u64>>,
-    /// Abort notifications sent and not yet answered (shutdown waits for them).
-    notifications: BTreeSet<u64>,
+    pub evacuations: BTreeMap<String, Evacuation>,
+    pub draining: bool,
+}
+
+impl Image {
+    fn apply(&mut self, entry: &Entry) {
+        match entry {
+            Entry::Source(a) => {
+                self.sources.insert(a.attempt_id.clone(), (**a).clone());
+            }
+            Entry::Destination(a) => {
+                self.destinations.insert(a.attempt_id.clone(), (**a).clone());
+            }
+            Entry::Pending(p) => {
+                let key = (p.attempt_id.clone(), p.feature.clone(), p.work.as_str().to_string());
+                self.pending.insert(key, p.clone());
+            }
+            Entry::PendingDone {
+                attempt_id,
+                feature,
+                work,
+            } => {
+                self.pending
+                    .remove(&(attempt_id.clone(), feature.clone(), work.clone()));
+            }
+            Entry::Tombstone(id) => {
+                self.tombstones.insert(id.clone());
+            }
+            Entry::Evacuation(job) => {
+                self.evacuations.insert(job.id.clone(), (**job).clone());
+            }
+            Entry::Draining(d) => self.draining = *d,
+        }
+    }
+
+    fn to_journal(&self) -> JournalImage {
+        JournalImage {
+            sources: self.sources.values().cloned().collect(),
+            destinations: self.destinations.values().cloned().collect(),
+            pending: self.pending.values().cloned().collect(),
+            tombstones: self.tombstones.iter().cloned().collect(),
+            evacuations: self.evacuations.values().cloned().collect(),
+            draining: self.draining,
+            unreadable: Vec::new(),
+        }
+    }
+}
+
+impl Disk {
+    fn write(&mut self, entry: Entry, durable: bool) {
+        self.tail.push(entry);
+        if durable {
+            self.sync();
+        }
+    }
+
+    /// A sync writes the WAL out: every write so far is durable.
+    fn sync(&mut self) {
+        for entry in std::mem::take(&mut self.tail) {
+            self.synced.apply(&entry);
+        }
+    }
+
+    /// What a process reading the journal sees.
+    pub fn view(&self) -> Image {
+        let mut image = self.synced.clone();
+        for entry in &self.tail {
+            image.apply(entry);
+        }
+        image
+    }
+
+    /// The power goes: writes after the last sync are lost, but for a
+    /// prefix the OS happened to write out.
+    fn power_loss(&mut self, kept: usize) {
+        let tail = std::mem::take(&mut self.tail);
+        for entry in tail.into_iter().take(kept) {
+            self.synced.apply(&entry);
+        }
+    }
+}
+
+/// Where a request a core is answering came from.
+#[derive(Debug, Clone)]
+enum Inbound {
+    Rpc(u64),
+    Operator(String),
 }
 
 pub(super) struct Host {
     pub name: String,
     /// Capacity, known features and how its switch misbehaves.
     pub spec: HostSpec,
-    /// `None` while the agent process is not running.
-    pub agent: Option<Agent>,
+    /// The agent process's core; `None` while it is not running.
+    pub core: Option<HostCore>,
+    pub epoch: u32,
     next_epoch: u32,
-    pub journal: Journal,
+    stopping: bool,
+    pub disk: Disk,
     pub guests: BTreeMap<String, Guest>,
-    /// Ports on this host's switch: (VM, feature).
+    /// Ports on this host's switch: (VM, feature). The switch is outside
+    /// the host: it outlives the host's power.
     pub switch: BTreeSet<(String, String)>,
     /// SIGSTOPped until then: what it would do waits.
     frozen_until: Millis,
     /// Lost for good: no agent, no guests, never restarted.
     pub lost: bool,
+    /// Lost its power at least once.
+    pub powered_off: bool,
+    /// Requests the core is answering.
+    inbound: BTreeMap<host::ReqId, Inbound>,
+    /// Calls the core made: its call id → the network's rpc.
+    calls: BTreeMap<host::CallId, u64>,
+    /// Answers of running ops, scheduled: op → queue key.
+    ops: BTreeMap<OpId, (Millis, u64)>,
 }
 
-#[derive(Debug, Clone)]
-enum Request {
-    Prepare(Vec<u8>),
-    Finish(Vec<u8>),
-    Abort {
-        attempt_id: String,
-        reason: String,
-        cookie4: Vec<u8>,
-    },
-    Resolve {
-        attempt_id: String,
-    },
-    Heartbeat {
-        attempt_id: String,
-    },
-}
-
-#[derive(Debug, Clone)]
-enum Reply {
-    Prepare(Result<proto::Cookie2, PeerError>),
-    Finish(Result<proto::Cookie4, PeerError>),
-    Resolve(Result<Resolution, PeerError>),
-    Heartbeat(Result<bool, PeerError>),
-    /// Only a destination's answer carries its rollback results.
-    Abort(Option<proto::Cookie4>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Prepare,
-    Finish,
-    Resolve,
-    Heartbeat,
-    Abort,
-}
-
-impl Kind {
-    fn of(request: &Request) -> Kind {
-        match request {
-            Request::Prepare(_) => Kind::Prepare,
-            Request::Finish(_) => Kind::Finish,
-            Request::Abort { .. } => Kind::Abort,
-            Request::Resolve { .. } => Kind::Resolve,
-            Request::Heartbeat { .. } => Kind::Heartbeat,
-        }
-    }
-
-    fn failed(self, error: PeerError) -> Reply {
-        match self {
-            Kind::Prepare => Reply::Prepare(Err(error)),
-            Kind::Finish => Reply::Finish(Err(error)),
-            Kind::Resolve => Reply::Resolve(Err(error)),
-            Kind::Heartbeat => Reply::Heartbeat(Err(error)),
-            Kind::Abort => Reply::Abort(None),
-        }
-    }
-
-    /// The agent calls these with a deadline of peer_timeout (peers.rs);
-    /// Prepare and Finish have none (heartbeats watch the peer instead).
-    fn has_deadline(self) -> bool {
-        matches!(self, Kind::Resolve | Kind::Heartbeat | Kind::Abort)
-    }
-}
-
-/// An RPC in flight: who waits for it, and whether it was answered.
+/// An RPC on the network.
 #[derive(Debug)]
-struct Call {
+struct Rpc {
     caller: usize,
     epoch: u32,
+    call: host::CallId,
     callee: usize,
-    attempt_id: String,
-    kind: Kind,
+    name: &'static str,
     answered: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Source,
-    Destination,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,8 +209,7 @@ struct Transfer {
     from: usize,
     to: usize,
     epoch: u32,
-    migration_id: String,
-    attempt_id: String,
+    op: OpId,
     steps: u32,
     done: u32,
     tick: Millis,
@@ -214,62 +218,54 @@ struct Transfer {
     state: TransferState,
 }
 
+/// What a finished op changes on the host when its answer comes.
+#[derive(Debug, Clone)]
+struct StageEffect {
+    vm: String,
+    feature: String,
+    stage: Stage,
+}
+
 #[derive(Debug)]
 enum Event {
     Deliver {
         rpc: u64,
         to_epoch: u32,
-        request: Request,
+        call: PeerCall,
     },
     Reply {
         rpc: u64,
-        reply: Reply,
+        reply: Result<PeerResponse, PeerError>,
     },
     Deadline {
         rpc: u64,
     },
-    /// A stage, an incoming guest or a transfer finished on a host; the
-    /// effect happened whether or not the agent that asked is still there.
-    Stage {
+    /// An op's answer reaches the core that asked (a stage's effect on the
+    /// switch happens then too).
+    OpDone {
         host: usize,
         epoch: u32,
-        side: Side,
-        id: String,
-        vm: String,
-        feature: usize,
-        name: String,
-        stage: Stage,
-        result: Result<String, String>,
+        op: OpId,
+        result: Result<OpOutput, OpError>,
+        effect: Option<StageEffect>,
     },
-    IncomingStarted {
+    Progress {
         host: usize,
         epoch: u32,
-        attempt_id: String,
-        result: Result<String, String>,
-    },
-    IncomingCompleted {
-        host: usize,
-        epoch: u32,
-        attempt_id: String,
-        result: Result<(), String>,
+        op: OpId,
+        stats: TransferStats,
     },
     TransferTick {
         transfer: u64,
     },
-    TransferEnded {
-        host: usize,
-        epoch: u32,
-        migration_id: String,
-        result: Result<crate::protocol::TransferStats, String>,
-    },
-    /// A PeerAbort on a destination waits (bounded) for the rollback.
-    AbortReplyDeadline {
-        host: usize,
-        epoch: u32,
-        attempt_id: String,
-    },
     Operator,
+    /// Evacuate a host, or change an evacuation.
+    Evacuation,
+    CancelEvacuations,
     Kill {
+        host: usize,
+    },
+    PowerLoss {
         host: usize,
     },
     Freeze {
@@ -279,17 +275,11 @@ enum Event {
     Lose {
         host: usize,
     },
-    /// The operator forces every unresolved attempt whose destination was
-    /// lost (`tern resolve ID`): back to its source, or, if the VM runs on
-    /// another host already, to the destination side (the stale paused copy
-    /// on the source is discarded).
-    ForceLost,
+    /// The operator forces every unresolved attempt that cannot resolve by
+    /// itself (its destination lost for good, or it lost the guest).
+    ForceStuck,
     Stop {
         host: usize,
-    },
-    StopDeadline {
-        host: usize,
-        epoch: u32,
     },
     Restart {
         host: usize,
@@ -312,23 +302,32 @@ pub struct World {
     seq: u64,
     queue: BTreeMap<(Millis, u64), Event>,
     pub(super) hosts: Vec<Host>,
-    calls: BTreeMap<u64, Call>,
+    rpcs: BTreeMap<u64, Rpc>,
     next_rpc: u64,
+    next_req: u64,
     transfers: BTreeMap<u64, Transfer>,
     partitions: BTreeMap<(usize, usize), u32>,
     timing: Timing,
-    next_migration: u64,
     write_crashes: u32,
-    /// Attempts the destination answered "not committed" (Resolve or Finish).
+    /// Attempts a destination answered "not committed" (Resolve or Finish).
     pub(super) said_not_committed: BTreeSet<String>,
-    /// Attempts whose source sent Finish (the commit point is out of its hands).
-    finish_sent: BTreeSet<String>,
-    /// Attempts the operator forced to run on their source.
-    forced: BTreeSet<String>,
-    /// VMs that were running on a host when it was lost for good.
+    /// VMs the operator forced back to their source: that resume may be of
+    /// a stale copy, knowingly.
+    forced_back: BTreeSet<String>,
+    /// The newest version of each VM's memory that ran.
+    latest_copy: BTreeMap<String, u64>,
+    next_copy: u64,
+    /// VMs whose only running copy died: with a host lost for good, or a
+    /// power loss.
     pub(super) lost_vms: BTreeSet<String>,
-    /// Every attempt Begin accepted, in order: (source host, vm, attempt id).
+    /// Every attempt a source journaled, in order: (source host, vm, attempt id).
     pub(super) begun: Vec<(usize, String, String)>,
+    begun_ids: BTreeSet<String>,
+    /// Every `Capacity` answer a core took in: (asker, host, when, said
+    /// it drains), for the placement invariant.
+    pub(super) capacity_answers: Vec<(usize, usize, Millis, bool)>,
+    /// Which kinds of fault this seed actually injected.
+    pub(super) fault_kinds: BTreeSet<&'static str>,
     pub(super) steps: u64,
     pub(super) faults: u64,
     pub(super) violations: Vec<String>,
@@ -348,13 +347,19 @@ impl World {
             .map(|h| Host {
                 name: h.name.clone(),
                 spec: h.clone(),
-                agent: None,
+                core: None,
+                epoch: 0,
                 next_epoch: 0,
-                journal: Journal::default(),
+                stopping: false,
+                disk: Disk::default(),
                 guests: BTreeMap::new(),
                 switch: BTreeSet::new(),
                 frozen_until: 0,
                 lost: false,
+                powered_off: false,
+                inbound: BTreeMap::new(),
+                calls: BTreeMap::new(),
+                ops: BTreeMap::new(),
             })
             .collect();
         let mut world = World {
@@ -364,18 +369,22 @@ impl World {
             seq: 0,
             queue: BTreeMap::new(),
             hosts,
-            calls: BTreeMap::new(),
+            rpcs: BTreeMap::new(),
             next_rpc: 0,
+            next_req: 0,
             transfers: BTreeMap::new(),
             partitions: BTreeMap::new(),
             timing: Timing::default(),
-            next_migration: 0,
             write_crashes: 0,
             said_not_committed: BTreeSet::new(),
-            finish_sent: BTreeSet::new(),
-            forced: BTreeSet::new(),
+            forced_back: BTreeSet::new(),
+            latest_copy: BTreeMap::new(),
+            next_copy: 0,
             lost_vms: BTreeSet::new(),
             begun: Vec::new(),
+            begun_ids: BTreeSet::new(),
+            capacity_answers: Vec::new(),
+            fault_kinds: BTreeSet::new(),
             steps: 0,
             faults: 0,
             violations: Vec::new(),
@@ -383,8 +392,10 @@ impl World {
             trace: Vec::new(),
         };
         for (vm, host) in world.scenario.vms.clone() {
+            let copy = world.fresh_copy(&vm.name);
             let h = &mut world.hosts[host];
-            for f in &vm.features {
+            // A feature holds state only where a driver sets it up.
+            for f in vm.features.iter().filter(|f| h.spec.knows.contains(&f.name.as_str())) {
                 h.switch.insert((vm.name.clone(), f.name.clone()));
             }
             h.guests.insert(
@@ -392,6 +403,7 @@ impl World {
                 Guest {
                     spec: vm,
                     state: GuestState::Running,
+                    copy,
                 },
             );
         }
@@ -402,6 +414,12 @@ impl World {
         world
     }
 
+    fn fresh_copy(&mut self, vm: &str) -> u64 {
+        self.next_copy += 1;
+        self.latest_copy.insert(vm.to_string(), self.next_copy);
+        self.next_copy
+    }
+
     fn schedule_chaos(&mut self) {
         let sc = self.scenario.clone();
         let n = self.hosts.len();
@@ -409,10 +427,27 @@ impl World {
             let at = self.rng.random_range(0..CHAOS_MS);
             self.push_at(at, Event::Operator);
         }
+        for _ in 0..sc.evacuations {
+            let at = self.rng.random_range(0..CHAOS_MS);
+            self.push_at(at, Event::Evacuation);
+            // Pauses, resumes, cancels and undrains around it.
+            for _ in 0..3 {
+                let later = self.rng.random_range(at..CHAOS_MS);
+                self.push_at(later, Event::Evacuation);
+            }
+        }
+        if sc.evacuations > 0 {
+            self.push_at(CANCEL_EVACUATIONS_AT, Event::CancelEvacuations);
+        }
         for _ in 0..sc.kills {
             let at = self.rng.random_range(0..CHAOS_MS);
             let host = self.rng.random_range(0..n);
             self.push_at(at, Event::Kill { host });
+        }
+        for _ in 0..sc.power_losses {
+            let at = self.rng.random_range(0..CHAOS_MS);
+            let host = self.rng.random_range(0..n);
+            self.push_at(at, Event::PowerLoss { host });
         }
         for _ in 0..sc.stops {
             let at = self.rng.random_range(0..CHAOS_MS);
@@ -425,14 +460,14 @@ impl World {
             let ms = self.rng.random_range(500..20_000);
             self.push_at(at, Event::Freeze { host, ms });
         }
-        if let Some(host) = sc.lose_host {
-            if !sc.lose_on_finish {
-                let at = self.rng.random_range(0..CHAOS_MS);
-                self.push_at(at, Event::Lose { host });
-            }
-            self.push_at(CHAOS_MS + 30_000, Event::ForceLost);
-            self.push_at(CHAOS_MS + 90_000, Event::ForceLost);
+        if let Some(host) = sc.lose_host
+            && !sc.lose_on_finish
+        {
+            let at = self.rng.random_range(0..CHAOS_MS);
+            self.push_at(at, Event::Lose { host });
         }
+        self.push_at(CHAOS_MS + 30_000, Event::ForceStuck);
+        self.push_at(CHAOS_MS + 90_000, Event::ForceStuck);
         for _ in 0..sc.partitions {
             let at = self.rng.random_range(0..CHAOS_MS);
             let a = self.rng.random_range(0..n);
@@ -461,20 +496,22 @@ impl World {
     }
 
     /// One event or one timer; `false` when nothing is left to happen.
+    /// At equal times events go first: a message that arrived is handled
+    /// before a timer fires (the agent's loop is biased the same way).
     fn step(&mut self) -> bool {
         let event_at = self.queue.keys().next().map(|&(t, _)| t);
         let timer = self.next_timer();
-        let fire_timer = match (&timer, event_at) {
+        let fire_timer = match (timer, event_at) {
             (None, None) => return false,
-            (Some((t, _)), Some(e)) => *t <= e,
+            (Some((t, _)), Some(e)) => t < e,
             (Some(_), None) => true,
             (None, Some(_)) => false,
         };
         self.steps += 1;
         if fire_timer {
-            let (t, which) = timer.expect("a timer");
+            let (t, h) = timer.expect("a timer");
             self.now = self.now.max(t);
-            self.fire_timer(which);
+            self.fire_timer(h);
         } else {
             let ((t, _), event) = self.queue.pop_first().expect("an event");
             self.now = self.now.max(t);
@@ -482,7 +519,19 @@ impl World {
                 // A frozen process does nothing until it is thawed.
                 Some(h) if self.hosts[h].frozen_until > self.now => {
                     let at = self.hosts[h].frozen_until;
-                    self.push_at(at, event);
+                    let op = match &event {
+                        Event::OpDone { op, epoch, .. } if *epoch == self.hosts[h].epoch => {
+                            Some(*op)
+                        }
+                        _ => None,
+                    };
+                    let key = self.push_at(at, event);
+                    // Still the op's answer: a crash or a cancel must find it.
+                    if let Some(op) = op
+                        && let Some(k) = self.hosts[h].ops.get_mut(&op)
+                    {
+                        *k = key;
+                    }
                 }
                 _ => self.handle_event(event),
             }
@@ -494,40 +543,29 @@ impl World {
     /// The agent process an event needs to run, if any.
     fn target(&self, event: &Event) -> Option<usize> {
         match event {
-            Event::Deliver { rpc, .. } => self.calls.get(rpc).map(|c| c.callee),
+            Event::Deliver { rpc, .. } => self.rpcs.get(rpc).map(|c| c.callee),
             Event::Reply { rpc, .. } | Event::Deadline { rpc } => {
-                self.calls.get(rpc).map(|c| c.caller)
+                self.rpcs.get(rpc).map(|c| c.caller)
             }
-            Event::Stage { host, .. }
-            | Event::IncomingStarted { host, .. }
-            | Event::IncomingCompleted { host, .. }
-            | Event::TransferEnded { host, .. }
-            | Event::AbortReplyDeadline { host, .. }
-            | Event::Stop { host }
-            | Event::StopDeadline { host, .. } => Some(*host),
+            Event::OpDone { host, .. } | Event::Progress { host, .. } | Event::Stop { host } => {
+                Some(*host)
+            }
             // The embedded hypervisor runs inside the agent; QEMU does not.
             Event::TransferTick { transfer } if !self.scenario.transfers_survive_crash => {
                 self.transfers.get(transfer).map(|t| t.from)
             }
-            Event::TransferTick { .. }
-            | Event::Operator
-            | Event::Kill { .. }
-            | Event::Freeze { .. }
-            | Event::Lose { .. }
-            | Event::ForceLost
-            | Event::Restart { .. }
-            | Event::Partition { .. }
-            | Event::Heal { .. } => None,
+            _ => None,
         }
     }
 
-    fn push_at(&mut self, at: Millis, event: Event) {
+    fn push_at(&mut self, at: Millis, event: Event) -> (Millis, u64) {
         self.seq += 1;
         self.queue.insert((at, self.seq), event);
+        (at, self.seq)
     }
 
-    fn push(&mut self, delay: Millis, event: Event) {
-        self.push_at(self.now + delay, event);
+    fn push(&mut self, delay: Millis, event: Event) -> (Millis, u64) {
+        self.push_at(self.now + delay, event)
     }
 
     pub(super) fn violation(&mut self, what: String) {
@@ -543,8 +581,9 @@ impl World {
         }
     }
 
-    fn fault(&mut self, what: impl FnOnce() -> String) {
+    fn fault(&mut self, kind: &'static str, what: impl FnOnce() -> String) {
         self.faults += 1;
+        self.fault_kinds.insert(kind);
         if self.tracing {
             let line = format!("FAULT {}", what());
             self.note(line);
@@ -561,190 +600,112 @@ impl World {
 
     // ---- timers --------------------------------------------------------------
 
-    /// The earliest timer of a running agent: an attempt's `poll_timeout`, or
-    /// the pending-rollback retry.
-    fn next_timer(&self) -> Option<(Millis, Timer)> {
-        let mut best: Option<(Millis, Timer)> = None;
-        let mut consider = |t: Millis, which: Timer| {
-            if best.as_ref().is_none_or(|(b, _)| t < *b) {
-                best = Some((t, which));
-            }
-        };
-        for (h, host) in self.hosts.iter().enumerate() {
-            let Some(agent) = &host.agent else { continue };
-            // A frozen agent's timers fire when it is thawed.
-            let thaw = host.frozen_until;
-            for (id, a) in &agent.sources {
-                if let Some(t) = a.poll_timeout() {
-                    consider(t.max(thaw), Timer::Source(h, id.clone()));
-                }
-            }
-            for (id, a) in &agent.destinations {
-                if let Some(t) = a.poll_timeout() {
-                    consider(t.max(thaw), Timer::Destination(h, id.clone()));
-                }
-            }
-            if !agent.stopping
-                && let Some(t) = host.journal.pending.values().map(|p| p.next_try).min()
-            {
-                let t = t.div_ceil(PENDING_POLL_MS) * PENDING_POLL_MS;
-                consider(t.max(thaw), Timer::Pending(h));
-            }
-        }
-        best
+    /// The earliest timer of a running agent (a frozen one's fire when it
+    /// is thawed).
+    fn next_timer(&self) -> Option<(Millis, usize)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter_map(|(h, host)| {
+                let t = host.core.as_ref()?.poll_timeout()?;
+                Some((t.max(host.frozen_until), h))
+            })
+            .min()
     }
 
-    fn fire_timer(&mut self, which: Timer) {
-        match which {
-            Timer::Source(h, id) => {
-                let now = self.now;
-                let Some(a) = self.source_mut(h, &id) else {
-                    return;
-                };
-                let actions = a.handle(now, SourceInput::Timer);
-                let idle = actions.is_empty();
-                self.exec_source(h, &id, actions);
-                let after = self
-                    .source_mut(h, &id)
-                    .map(|a| (a.poll_timeout(), format!("{:?}", a.state)));
-                self.check_timer_moved(idle, h, &id, after);
-            }
-            Timer::Destination(h, id) => {
-                let now = self.now;
-                let Some(a) = self.destination_mut(h, &id) else {
-                    return;
-                };
-                let actions = a.handle(now, DestinationInput::Timer);
-                let idle = actions.is_empty();
-                self.exec_destination(h, &id, actions);
-                let after = self
-                    .destination_mut(h, &id)
-                    .map(|a| (a.poll_timeout(), format!("{:?}", a.state)));
-                self.check_timer_moved(idle, h, &id, after);
-            }
-            Timer::Pending(h) => {
-                let now = self.now;
-                self.retry_pending_where(h, |p| p.next_try <= now);
-            }
-        }
-    }
-
-    /// A timer that fired and did nothing must have moved its deadline on,
-    /// or it would fire again at once, for ever. Such an agent is taken out
-    /// of the run once the violation is recorded.
-    fn check_timer_moved(
-        &mut self,
-        idle: bool,
-        h: usize,
-        id: &str,
-        after: Option<(Option<Millis>, String)>,
-    ) {
-        let Some((Some(deadline), state)) = after else {
+    fn fire_timer(&mut self, h: usize) {
+        let now = self.now;
+        let Some(core) = self.hosts[h].core.as_mut() else {
             return;
         };
-        if idle && deadline <= self.now {
-            self.violation(format!(
-                "the timer of {id} on {} spins in {state}",
-                self.hosts[h].name
-            ));
-            self.hosts[h].agent = None;
+        let actions = core.handle(now, Input::Timer);
+        let idle = actions.is_empty();
+        self.execute(h, actions);
+        // A timer that fired and did nothing must have moved its deadline
+        // on, or it would fire again at once, for ever. Such an agent is
+        // taken out of the run once the violation is recorded.
+        let after = self.hosts[h].core.as_ref().and_then(|c| c.poll_timeout());
+        if idle && after.is_some_and(|t| t <= self.now) {
+            self.violation(format!("the timer of {} spins", self.hosts[h].name));
+            self.hosts[h].core = None;
         }
     }
 
     // ---- agents: start, crash, stop ------------------------------------------
 
-    fn start_agent(&mut self, h: usize) {
-        self.hosts[h].frozen_until = 0;
-        let epoch = self.hosts[h].next_epoch;
-        self.hosts[h].next_epoch += 1;
-        self.hosts[h].agent = Some(Agent {
-            epoch,
-            ..Agent::default()
-        });
-        if epoch > 0 {
-            self.note(format!(
-                "{} agent restarts (epoch {epoch})",
-                self.hosts[h].name
-            ));
-        }
-        // Agent::recover: done source attempts give the records; open ones
-        // are recovered by the table.
-        let journal = self.hosts[h].journal.clone();
-        let now = self.now;
-        for (_, attempt) in journal.sources {
-            if self.epoch(h) != Some(epoch) {
-                return; // crashed again while recovering
-            }
-            if attempt.is_done() {
-                self.agent_mut(h)
-                    .migrations
-                    .insert(attempt.migration_id.clone(), attempt.record.clone());
-                continue;
-            }
-            let mut attempt = attempt;
-            let from = attempt.state.clone();
-            let actions = attempt.recover(now);
-            self.note(format!(
-                "{} recovers source {} from {from:?}",
-                self.hosts[h].name, attempt.attempt_id
-            ));
-            self.start_source(h, attempt, actions);
-        }
-        for (_, attempt) in journal.destinations {
-            if self.epoch(h) != Some(epoch) {
-                return;
-            }
-            if attempt.is_finished() {
-                continue;
-            }
-            let mut attempt = attempt;
-            let from = attempt.state.clone();
-            let actions = attempt.recover(now);
-            self.note(format!(
-                "{} recovers destination {} from {from:?}",
-                self.hosts[h].name, attempt.attempt_id
-            ));
-            self.start_destination(h, attempt, actions);
+    fn core_config(&self, h: usize, epoch: u32) -> host::Config {
+        let spec = &self.hosts[h].spec;
+        host::Config {
+            name: spec.name.clone(),
+            hosts: self.hosts.iter().map(|x| x.name.clone()).collect(),
+            features: spec
+                .knows
+                .iter()
+                .map(|f| (f.to_string(), "sim".to_string()))
+                .collect(),
+            capacity: HostCapacity {
+                memory_mib: spec.memory_mib,
+                vcpus: spec.vcpus,
+            },
+            timing: self.timing,
+            deadlines: host::Deadlines::default(),
+            max_outgoing: self.scenario.max_outgoing,
+            max_incoming: self.scenario.max_incoming,
+            rollback_retry_ms: ROLLBACK_RETRY_MS,
+            id_salt: self.scenario.seed ^ ((h as u64) << 48) ^ ((epoch as u64) << 32),
         }
     }
 
-    /// The agent process dies: its memory, its in-process transfers and the
-    /// connections it was serving go with it.
+    fn start_agent(&mut self, h: usize) {
+        let epoch = self.hosts[h].next_epoch;
+        let config = self.core_config(h, epoch);
+        let host = &mut self.hosts[h];
+        host.frozen_until = 0;
+        host.next_epoch += 1;
+        host.epoch = epoch;
+        host.stopping = false;
+        let image = host.disk.view().to_journal();
+        let mut core = HostCore::new(config);
+        let actions = core.recover(self.now, image);
+        host.core = Some(core);
+        if epoch > 0 {
+            self.note(format!("{} agent starts (epoch {epoch})", self.hosts[h].name));
+        }
+        self.execute(h, actions);
+    }
+
+    /// The agent process dies: its memory, its in-process transfers, its
+    /// stages and the connections it was serving go with it.
     fn crash(&mut self, h: usize, why: &str) {
-        if self.hosts[h].agent.is_some() {
+        if self.hosts[h].core.is_some() {
             let name = self.hosts[h].name.clone();
-            self.fault(|| format!("{name} agent dies: {why}"));
+            self.fault("agent crash", || format!("{name} agent dies: {why}"));
         }
         self.end_process(h);
     }
 
     /// The agent process is gone (a crash, or an exit after SIGTERM).
     fn end_process(&mut self, h: usize) {
-        let Some(agent) = self.hosts[h].agent.take() else {
+        if self.hosts[h].core.take().is_none() {
             return;
-        };
+        }
+        let host = &mut self.hosts[h];
+        host.inbound.clear();
+        host.calls.clear();
         // Stages in flight die with the agent (the simulated switch runs in
         // it; exec hooks get SIGKILL with their parent): each either reached
-        // the switch before the crash or never will.
-        let in_flight: Vec<(Millis, u64)> = self
-            .queue
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::Stage { host, epoch, .. } if *host == h && *epoch == agent.epoch))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in in_flight {
-            let Some(Event::Stage {
-                vm,
-                name: feature,
-                stage,
-                result,
+        // the switch before the crash or never will. Hypervisor calls have
+        // already done what they do.
+        let ops: Vec<(Millis, u64)> = std::mem::take(&mut host.ops).into_values().collect();
+        for key in ops {
+            if let Some(Event::OpDone {
+                result: Ok(_),
+                effect: Some(effect),
                 ..
             }) = self.queue.remove(&key)
-            else {
-                continue;
-            };
-            if result.is_ok() && self.rng.random_bool(0.5) {
-                self.apply_stage(h, vm, feature, stage);
+                && self.rng.random_bool(0.5)
+            {
+                self.apply_stage(h, &effect);
             }
         }
         if !self.scenario.transfers_survive_crash {
@@ -756,7 +717,7 @@ impl World {
         }
         // Calls to this process break at once.
         let calls: Vec<u64> = self
-            .calls
+            .rpcs
             .iter()
             .filter(|(_, c)| c.callee == h && !c.answered)
             .map(|(&id, _)| id)
@@ -764,8 +725,38 @@ impl World {
         for rpc in calls {
             self.connection_reset(rpc);
         }
-        let delay = self.rng.random_range(50..5_000);
-        self.push(delay, Event::Restart { host: h });
+        if !self.hosts[h].lost {
+            let delay = self.rng.random_range(50..5_000);
+            self.push(delay, Event::Restart { host: h });
+        }
+    }
+
+    /// The power goes: the agent and every guest die, the journal loses
+    /// what was not synced; the host comes back.
+    fn power_loss(&mut self, h: usize) {
+        if self.hosts[h].lost || self.hosts[h].core.is_none() {
+            return;
+        }
+        let name = self.hosts[h].name.clone();
+        self.fault("power loss", || format!("{name} loses its power"));
+        self.end_process(h);
+        let kept = {
+            let n = self.hosts[h].disk.tail.len();
+            self.rng.random_range(0..=n)
+        };
+        let host = &mut self.hosts[h];
+        host.powered_off = true;
+        host.disk.power_loss(kept);
+        for (vm, g) in std::mem::take(&mut host.guests) {
+            if g.state != GuestState::Incoming {
+                self.lost_vms.insert(vm);
+            }
+        }
+        for t in self.transfers.values_mut() {
+            if (t.from == h || t.to == h) && t.state == TransferState::Active {
+                t.state = TransferState::Stopped;
+            }
+        }
     }
 
     /// The host is gone for good, with its guests; nothing of it answers.
@@ -774,10 +765,10 @@ impl World {
             return;
         }
         let name = self.hosts[h].name.clone();
-        self.fault(|| format!("{name} is lost for good, with its guests"));
+        self.fault("host lost", || format!("{name} is lost for good, with its guests"));
+        self.hosts[h].lost = true;
         self.end_process(h);
         let host = &mut self.hosts[h];
-        host.lost = true;
         // A running or paused copy was the VM (an incoming one was not yet).
         for (vm, g) in std::mem::take(&mut host.guests) {
             if g.state != GuestState::Incoming {
@@ -791,170 +782,31 @@ impl World {
         }
     }
 
-    /// What an operator does once a host is known to be gone: force each
-    /// attempt left unresolved towards it to run on its source, unless the
-    /// VM already runs elsewhere.
-    fn force_lost(&mut self) {
-        let now = self.now;
-        for h in 0..self.hosts.len() {
-            let Some(agent) = self.answering(h) else {
-                continue;
-            };
-            let stuck: Vec<String> = agent
-                .sources
-                .iter()
-                .filter(|(_, a)| a.state == SourceState::Unresolved)
-                .filter(|(_, a)| {
-                    self.host_index(&a.destination)
-                        .is_some_and(|d| self.hosts[d].lost)
-                })
-                .map(|(m, _)| m.clone())
-                .collect();
-            for m in stuck {
-                let Some(a) = self.source_mut(h, &m) else {
-                    continue;
-                };
-                let vm = a.vm.name.clone();
-                // `tern resolve --run-on source` refuses while the VM runs on
-                // another reachable host (the destination committed and the
-                // VM moved on): the stale paused copy is discarded instead.
-                let elsewhere = (0..self.hosts.len()).any(|o| {
-                    o != h
-                        && self.answering(o).is_some()
-                        && self.hosts[o]
-                            .guests
-                            .get(&vm)
-                            .is_some_and(|g| g.state == GuestState::Running)
-                });
-                let run_on = if elsewhere {
-                    RunOn::Destination
-                } else {
-                    RunOn::Source
-                };
-                let Some(a) = self.source_mut(h, &m) else {
-                    continue;
-                };
-                let id = a.attempt_id.clone();
-                match a.force_resolve(now, run_on) {
-                    Ok(actions) => {
-                        self.note(format!("operator: resolve {m} --run-on {run_on:?}"));
-                        self.forced.insert(id);
-                        self.exec_source(h, &m, actions);
-                    }
-                    Err(e) => self.violation(format!("forcing {m} was refused: {e}")),
-                }
-            }
+    /// SIGTERM: the core aborts, tells the peers and exits when it says so.
+    fn stop(&mut self, h: usize) {
+        if self.hosts[h].core.is_none() || self.hosts[h].stopping {
+            return;
         }
+        let name = self.hosts[h].name.clone();
+        self.fault("stop", || format!("{name} agent gets SIGTERM"));
+        self.hosts[h].stopping = true;
+        self.input(h, Input::Stop);
     }
 
     fn connection_reset(&mut self, rpc: u64) {
-        let Some(call) = self.calls.get(&rpc) else {
-            return;
-        };
-        let reply = call.kind.failed(unreachable("connection reset"));
+        let reply = Err(unreachable("connection reset"));
         self.push(1, Event::Reply { rpc, reply });
-    }
-
-    /// SIGTERM: abort every uncommitted attempt both ways, tell the peers,
-    /// wait (bounded) and exit (Agent::shut_down).
-    fn stop(&mut self, h: usize) {
-        let Some(agent) = self.hosts[h].agent.as_mut() else {
-            return;
-        };
-        if agent.stopping {
-            return;
-        }
-        agent.stopping = true;
-        let epoch = agent.epoch;
-        let name = self.hosts[h].name.clone();
-        self.fault(|| format!("{name} agent gets SIGTERM"));
-        let reason = format!("agent {name} is shutting down");
-        let (sources, destinations): (Vec<String>, Vec<String>) = {
-            let agent = self.agent_mut(h);
-            (
-                agent.sources.keys().cloned().collect(),
-                agent.destinations.keys().cloned().collect(),
-            )
-        };
-        let now = self.now;
-        for id in sources {
-            if let Some(a) = self.source_mut(h, &id)
-                && let Ok(actions) = a.abort(now, &reason)
-            {
-                self.exec_source(h, &id, actions);
-            }
-        }
-        for id in destinations {
-            if let Some(a) = self.destination_mut(h, &id)
-                && let Ok(actions) = a.abort(now, &reason, true)
-            {
-                self.exec_destination(h, &id, actions);
-            }
-        }
-        if self.epoch(h) != Some(epoch) {
-            return;
-        }
-        self.push(STOP_GRACE_MS, Event::StopDeadline { host: h, epoch });
-        self.maybe_exit(h);
-    }
-
-    /// A stopping agent exits once its aborts are done and its peers told.
-    fn maybe_exit(&mut self, h: usize) {
-        let Some(agent) = &self.hosts[h].agent else {
-            return;
-        };
-        if !agent.stopping {
-            return;
-        }
-        let aborting = agent.sources.values().any(|a| {
-            matches!(
-                a.state,
-                SourceState::Preparing
-                    | SourceState::Transferring { .. }
-                    | SourceState::Aborting { .. }
-            )
-        }) || !agent.destinations.is_empty();
-        if !aborting && agent.notifications.is_empty() {
-            self.exit(h);
-        }
-    }
-
-    fn exit(&mut self, h: usize) {
-        let name = self.hosts[h].name.clone();
-        self.note(format!("{name} agent exits"));
-        // Attempts past the commit point are left to recovery after a restart.
-        self.end_process(h);
     }
 
     // ---- accessors -----------------------------------------------------------
 
-    fn agent_mut(&mut self, h: usize) -> &mut Agent {
-        self.hosts[h].agent.as_mut().expect("a running agent")
-    }
-
-    fn source_mut(&mut self, h: usize, migration_id: &str) -> Option<&mut SourceAttempt> {
-        self.hosts[h].agent.as_mut()?.sources.get_mut(migration_id)
-    }
-
-    fn destination_mut(&mut self, h: usize, attempt_id: &str) -> Option<&mut DestinationAttempt> {
-        self.hosts[h]
-            .agent
-            .as_mut()?
-            .destinations
-            .get_mut(attempt_id)
-    }
-
-    /// The agent, if it is running and not frozen: what an operator's
+    /// The core, if the agent runs and is not frozen: what an operator's
     /// command can reach.
-    fn answering(&self, h: usize) -> Option<&Agent> {
+    pub(super) fn answering(&self, h: usize) -> Option<&HostCore> {
         let host = &self.hosts[h];
         (host.frozen_until <= self.now)
-            .then_some(host.agent.as_ref())
+            .then_some(host.core.as_ref())
             .flatten()
-    }
-
-    fn epoch(&self, h: usize) -> Option<u32> {
-        self.hosts[h].agent.as_ref().map(|a| a.epoch)
     }
 
     fn host_index(&self, name: &str) -> Option<usize> {
@@ -965,134 +817,97 @@ impl World {
         self.partitions.contains_key(&(a.min(b), a.max(b)))
     }
 
+    fn guests_of(&self, h: usize) -> Vec<hypervisor::Guest> {
+        self.hosts[h]
+            .guests
+            .values()
+            .map(|g| hypervisor::Guest {
+                spec: g.spec.clone(),
+                state: match g.state {
+                    GuestState::Running => hypervisor::GuestState::Running,
+                    GuestState::Paused => hypervisor::GuestState::Paused,
+                    GuestState::Incoming => hypervisor::GuestState::Incoming,
+                },
+            })
+            .collect()
+    }
+
+    /// Hand an input to a host's core and carry out what it says.
+    fn input(&mut self, h: usize, input: Input) {
+        let now = self.now;
+        let Some(core) = self.hosts[h].core.as_mut() else {
+            return;
+        };
+        let actions = core.handle(now, input);
+        self.execute(h, actions);
+    }
+
     // ---- events --------------------------------------------------------------
 
     fn handle_event(&mut self, event: Event) {
         match event {
-            Event::Deliver {
-                rpc,
-                to_epoch,
-                request,
-            } => self.deliver(rpc, to_epoch, request),
+            Event::Deliver { rpc, to_epoch, call } => self.deliver(rpc, to_epoch, call),
             Event::Reply { rpc, reply } => self.on_reply(rpc, reply),
             Event::Deadline { rpc } => {
-                if let Some(call) = self.calls.get(&rpc)
-                    && !call.answered
+                if let Some(c) = self.rpcs.get(&rpc).filter(|c| !c.answered) {
+                    let text = format!(
+                        "{} did not answer {} within the deadline",
+                        self.hosts[c.callee].name, c.name
+                    );
+                    self.on_reply(rpc, Err(unreachable(&text)));
+                }
+            }
+            Event::OpDone {
+                host,
+                epoch,
+                op,
+                result,
+                effect,
+            } => {
+                if result.is_ok()
+                    && let Some(effect) = &effect
                 {
-                    let reply = call.kind.failed(unreachable("deadline exceeded"));
-                    self.on_reply(rpc, reply);
+                    self.apply_stage(host, effect);
+                }
+                if self.hosts[host].epoch == epoch && self.hosts[host].core.is_some() {
+                    self.hosts[host].ops.remove(&op);
+                    self.input(host, Input::OpDone { op, result });
                 }
             }
-            Event::Stage {
+            Event::Progress {
                 host,
                 epoch,
-                side,
-                id,
-                vm,
-                feature,
-                name,
-                stage,
-                result,
+                op,
+                stats,
             } => {
-                if result.is_ok() {
-                    self.apply_stage(host, vm, name, stage);
-                }
-                if self.epoch(host) != Some(epoch) {
-                    return;
-                }
-                match side {
-                    Side::Source => {
-                        let input = SourceInput::StageDone {
-                            feature,
-                            stage,
-                            result,
-                        };
-                        self.source_input(host, &id, input);
-                    }
-                    Side::Destination => {
-                        let input = DestinationInput::StageDone {
-                            feature,
-                            stage,
-                            result,
-                        };
-                        self.destination_input(host, &id, input);
-                    }
-                }
-            }
-            Event::IncomingStarted {
-                host,
-                epoch,
-                attempt_id,
-                result,
-            } => {
-                if self.epoch(host) == Some(epoch) {
-                    let input = DestinationInput::IncomingStarted(result);
-                    self.destination_input(host, &attempt_id, input);
-                }
-            }
-            Event::IncomingCompleted {
-                host,
-                epoch,
-                attempt_id,
-                result,
-            } => {
-                if self.epoch(host) == Some(epoch) {
-                    let input = DestinationInput::IncomingCompleted(result);
-                    self.destination_input(host, &attempt_id, input);
+                if self.hosts[host].epoch == epoch {
+                    self.input(host, Input::Progress { op, stats });
                 }
             }
             Event::TransferTick { transfer } => self.transfer_tick(transfer),
-            Event::TransferEnded {
-                host,
-                epoch,
-                migration_id,
-                result,
-            } => {
-                if self.epoch(host) == Some(epoch) {
-                    self.source_input(host, &migration_id, SourceInput::TransferDone(result));
-                }
-            }
-            Event::AbortReplyDeadline {
-                host,
-                epoch,
-                attempt_id,
-            } => {
-                if self.epoch(host) == Some(epoch) {
-                    let waiters = self
-                        .agent_mut(host)
-                        .abort_waiters
-                        .remove(&attempt_id)
-                        .unwrap_or_default();
-                    for rpc in waiters {
-                        self.send_reply(rpc, Reply::Abort(None));
-                    }
-                }
-            }
             Event::Operator => self.operator(),
+            Event::Evacuation => self.operator_evacuation(),
+            Event::CancelEvacuations => self.cancel_evacuations(),
             Event::Kill { host } => self.crash(host, "SIGKILL"),
+            Event::PowerLoss { host } => self.power_loss(host),
             Event::Freeze { host, ms } => {
-                if self.hosts[host].agent.is_some() && self.hosts[host].frozen_until <= self.now {
+                if self.hosts[host].core.is_some() && self.hosts[host].frozen_until <= self.now {
                     let name = self.hosts[host].name.clone();
-                    self.fault(|| format!("{name} agent frozen (SIGSTOP) for {ms} ms"));
+                    self.fault("freeze", || format!("{name} agent frozen (SIGSTOP) for {ms} ms"));
                     self.hosts[host].frozen_until = self.now + ms;
                 }
             }
             Event::Stop { host } => self.stop(host),
-            Event::StopDeadline { host, epoch } => {
-                if self.epoch(host) == Some(epoch) {
-                    self.exit(host);
-                }
-            }
             Event::Lose { host } => self.lose(host),
-            Event::ForceLost => self.force_lost(),
+            Event::ForceStuck => self.force_stuck(),
             Event::Restart { host } => {
-                if self.hosts[host].agent.is_none() && !self.hosts[host].lost {
+                if self.hosts[host].core.is_none() && !self.hosts[host].lost {
                     self.start_agent(host);
                 }
             }
             Event::Partition { a, b, ms } => {
                 let (na, nb) = (self.hosts[a].name.clone(), self.hosts[b].name.clone());
-                self.fault(|| format!("partition {na} | {nb} for {ms} ms"));
+                self.fault("partition", || format!("partition {na} | {nb} for {ms} ms"));
                 *self.partitions.entry((a.min(b), a.max(b))).or_default() += 1;
                 self.push(ms, Event::Heal { a, b });
             }
@@ -1111,9 +926,9 @@ impl World {
     }
 
     /// What a stage that succeeded did to the host's switch.
-    fn apply_stage(&mut self, h: usize, vm: String, feature: String, stage: Stage) {
-        let port = (vm, feature);
-        match stage {
+    fn apply_stage(&mut self, h: usize, effect: &StageEffect) {
+        let port = (effect.vm.clone(), effect.feature.clone());
+        match effect.stage {
             Stage::Prepare | Stage::Finish => {
                 self.hosts[h].switch.insert(port);
             }
@@ -1123,22 +938,111 @@ impl World {
         }
     }
 
-    fn source_input(&mut self, h: usize, migration_id: &str, input: SourceInput) {
-        let now = self.now;
-        let Some(a) = self.source_mut(h, migration_id) else {
+    // ---- carrying out a core's actions (the agent's shell) -------------------
+
+    fn execute(&mut self, h: usize, actions: Vec<Action>) {
+        let Some(epoch) = self.hosts[h].core.as_ref().map(|_| self.hosts[h].epoch) else {
             return;
         };
-        let actions = a.handle(now, input);
-        self.exec_source(h, migration_id, actions);
+        for action in actions {
+            if self.hosts[h].epoch != epoch || self.hosts[h].core.is_none() {
+                return; // it crashed on the way
+            }
+            if self.tracing && !matches!(action, Action::Emit(_)) {
+                let text = describe_action(&action);
+                let line = format!("{} {text}", self.hosts[h].name);
+                self.note(line);
+            }
+            match action {
+                Action::Journal { entry, durable } => {
+                    if self.journal_write(h, entry, durable) {
+                        return;
+                    }
+                }
+                Action::Call {
+                    call,
+                    peer,
+                    request,
+                    deadline_ms,
+                } => self.send(h, call, &peer, request, deadline_ms),
+                Action::Reply { req, reply } => self.answer(h, req, reply),
+                Action::Run { op, what } => self.run_op(h, op, what),
+                Action::Cancel { op } => {
+                    if let Some(key) = self.hosts[h].ops.remove(&op)
+                        && let Some(Event::OpDone {
+                            result: Ok(_),
+                            effect: Some(effect),
+                            ..
+                        }) = self.queue.remove(&key)
+                        && self.rng.random_bool(0.5)
+                    {
+                        // A stage given up on reached the switch, or not.
+                        self.apply_stage(h, &effect);
+                    }
+                }
+                Action::Emit(event) => {
+                    if self.tracing
+                        && let host::Event::Log { level, text, .. } = &event
+                    {
+                        let line = format!("{} log {}: {text}", self.hosts[h].name, level.as_str());
+                        self.note(line);
+                    }
+                }
+                Action::Exit => {
+                    let name = self.hosts[h].name.clone();
+                    self.note(format!("{name} agent exits"));
+                    self.end_process(h);
+                    return;
+                }
+            }
+        }
     }
 
-    fn destination_input(&mut self, h: usize, attempt_id: &str, input: DestinationInput) {
-        let now = self.now;
-        let Some(a) = self.destination_mut(h, attempt_id) else {
-            return;
+    /// A journal write, which may be where the agent crashes: before the
+    /// write (it is lost; this is also what a write that fails does, since
+    /// the agent then exits) or just after. `true` if it crashed.
+    fn journal_write(&mut self, h: usize, entry: Entry, durable: bool) -> bool {
+        let crash = self.chaos()
+            && self.write_crashes < self.scenario.max_write_crashes
+            && self.chance(self.scenario.crash_per_write);
+        if !crash {
+            self.watch_journal(h, &entry);
+            self.hosts[h].disk.write(entry, durable);
+            return false;
+        }
+        self.write_crashes += 1;
+        let written = self.rng.random_bool(0.5);
+        if written {
+            self.watch_journal(h, &entry);
+            self.hosts[h].disk.write(entry, durable);
+        }
+        let why = if written {
+            "crash just after a journal write"
+        } else {
+            "crash during a journal write (not written)"
         };
-        let actions = a.handle(now, input);
-        self.exec_destination(h, attempt_id, actions);
+        self.crash(h, why);
+        true
+    }
+
+    /// What the invariants learn from a journal write.
+    fn watch_journal(&mut self, h: usize, entry: &Entry) {
+        match entry {
+            Entry::Source(a) => {
+                if self.begun_ids.insert(a.attempt_id.clone()) {
+                    self.begun.push((h, a.vm.name.clone(), a.attempt_id.clone()));
+                }
+            }
+            Entry::Destination(a) => {
+                if a.is_committed() && self.said_not_committed.contains(&a.attempt_id) {
+                    self.violation(format!(
+                        "{} commits {} after answering \"not committed\"",
+                        self.hosts[h].name, a.attempt_id
+                    ));
+                }
+            }
+            _ => {}
+        }
     }
 
     // ---- the network ---------------------------------------------------------
@@ -1156,472 +1060,396 @@ impl World {
         }
         if self.chaos() && self.chance(self.scenario.net.loss) {
             let (a, b) = (self.hosts[from].name.clone(), self.hosts[to].name.clone());
-            self.fault(|| format!("message {a} -> {b} lost (connection reset)"));
+            self.fault("message lost", || format!("message {a} -> {b} lost (connection reset)"));
             return true;
         }
         false
     }
 
-    fn call(&mut self, caller: usize, callee: usize, attempt_id: &str, request: Request) {
+    fn send(
+        &mut self,
+        caller: usize,
+        call: host::CallId,
+        peer: &str,
+        request: PeerCall,
+        deadline_ms: Option<Millis>,
+    ) {
         let rpc = self.next_rpc;
         self.next_rpc += 1;
-        let kind = Kind::of(&request);
-        let attempt_id = attempt_id.to_string();
-        let epoch = self.epoch(caller).expect("a running caller");
-        self.calls.insert(
+        let callee = self.host_index(peer).expect("a host of the inventory");
+        let name = request.name();
+        self.rpcs.insert(
             rpc,
-            Call {
+            Rpc {
                 caller,
-                epoch,
+                epoch: self.hosts[caller].epoch,
+                call,
                 callee,
-                attempt_id,
-                kind,
+                name,
                 answered: false,
             },
         );
-        if kind == Kind::Abort {
-            self.agent_mut(caller).notifications.insert(rpc);
+        self.hosts[caller].calls.insert(call, rpc);
+        if let Some(ms) = deadline_ms {
+            self.push(ms, Event::Deadline { rpc });
         }
-        if kind.has_deadline() {
-            let timeout = self.timing.peer_timeout_ms;
-            self.push(timeout, Event::Deadline { rpc });
-        }
-        let Some(to_epoch) = self.epoch(callee) else {
-            let reply = kind.failed(unreachable("connection refused"));
+        if self.hosts[callee].core.is_none() {
+            let reply = Err(unreachable("connection refused"));
             self.push(1, Event::Reply { rpc, reply });
             return;
-        };
+        }
         if self.lost(caller, callee) {
             let after = self.rng.random_range(1..3_000);
-            let reply = kind.failed(unreachable("connection reset"));
+            let reply = Err(unreachable("connection reset"));
             self.push(after, Event::Reply { rpc, reply });
             return;
         }
+        let to_epoch = self.hosts[callee].epoch;
         let d = self.delay();
+        let duplicate = self.chaos() && self.chance(self.scenario.net.duplicate);
+        if duplicate {
+            self.fault("message duplicated", || format!("request {rpc} ({name}) duplicated"));
+            let d2 = self.delay();
+            self.push(
+                d2,
+                Event::Deliver {
+                    rpc,
+                    to_epoch,
+                    call: request.clone(),
+                },
+            );
+        }
         self.push(
             d,
             Event::Deliver {
                 rpc,
                 to_epoch,
-                request: request.clone(),
+                call: request,
             },
         );
-        if self.chaos() && self.chance(self.scenario.net.duplicate) {
-            self.fault(|| format!("request {rpc} ({kind:?}) duplicated"));
-            let d = self.delay();
-            self.push(
-                d,
-                Event::Deliver {
-                    rpc,
-                    to_epoch,
-                    request,
-                },
-            );
-        }
     }
 
-    fn send_reply(&mut self, rpc: u64, reply: Reply) {
-        let Some(call) = self.calls.get(&rpc) else {
+    /// A request reaches a host's core.
+    fn deliver(&mut self, rpc: u64, to_epoch: u32, call: PeerCall) {
+        let Some(c) = self.rpcs.get(&rpc) else {
             return;
         };
-        let (caller, callee, kind) = (call.caller, call.callee, call.kind);
-        if self.lost(callee, caller) {
-            let after = self.rng.random_range(1..3_000);
-            let reply = kind.failed(unreachable("connection reset"));
-            self.push(after, Event::Reply { rpc, reply });
-            return;
+        let to = c.callee;
+        if self.hosts[to].epoch != to_epoch || self.hosts[to].core.is_none() {
+            return; // the process the connection went to is gone
         }
-        let d = self.delay();
-        self.push(d, Event::Reply { rpc, reply });
-    }
-
-    fn on_reply(&mut self, rpc: u64, reply: Reply) {
-        let Some(call) = self.calls.get_mut(&rpc) else {
-            return;
-        };
-        if call.answered {
-            return;
-        }
-        call.answered = true;
-        let (caller, epoch, attempt_id) = (call.caller, call.epoch, call.attempt_id.clone());
-        if self.epoch(caller) != Some(epoch) {
-            return;
-        }
-        if let Reply::Abort(c4) = reply {
-            self.agent_mut(caller).notifications.remove(&rpc);
-            if let Some(c4) = c4 {
-                self.record_peer_rollback(caller, &c4);
-            }
-            self.maybe_exit(caller);
-            return;
-        }
-        // The attempt that made the call, if it is still running.
-        let migration_id = self.hosts[caller].agent.as_ref().and_then(|a| {
-            a.sources
-                .iter()
-                .find(|(_, s)| s.attempt_id == attempt_id)
-                .map(|(m, _)| m.clone())
-        });
-        let Some(migration_id) = migration_id else {
-            return;
-        };
-        let input = match reply {
-            Reply::Prepare(r) => SourceInput::PrepareReplied(r),
-            Reply::Finish(r) => SourceInput::FinishReplied(r),
-            Reply::Resolve(r) => SourceInput::ResolveReplied(r),
-            Reply::Heartbeat(r) => SourceInput::HeartbeatReplied(r),
-            Reply::Abort(_) => unreachable!("handled above"),
-        };
-        self.source_input(caller, &migration_id, input);
-        self.maybe_exit(caller);
-    }
-
-    /// A request reaches a host.
-    fn deliver(&mut self, rpc: u64, to_epoch: u32, request: Request) {
-        let Some(call) = self.calls.get(&rpc) else {
-            return;
-        };
-        let to = call.callee;
-        if self.epoch(to) != Some(to_epoch) {
-            // The process the connection went to is gone.
-            return;
-        }
-        match request {
-            Request::Prepare(bytes) => self.serve_prepare(to, rpc, &bytes),
-            Request::Finish(bytes) => self.serve_finish(to, rpc, &bytes),
-            Request::Abort {
-                attempt_id,
-                reason,
-                cookie4,
-            } => self.serve_abort(to, rpc, &attempt_id, &reason, &cookie4),
-            Request::Resolve { attempt_id } => self.serve_resolve(to, rpc, &attempt_id),
-            Request::Heartbeat { attempt_id } => {
-                // Agent::heartbeat: known while a live attempt task has it.
-                let now = self.now;
-                let known = match self.destination_mut(to, &attempt_id) {
-                    Some(a) => {
-                        let actions = a.handle(now, DestinationInput::Heartbeat);
-                        self.exec_destination(to, &attempt_id, actions);
-                        true
-                    }
-                    None => false,
-                };
-                self.send_reply(rpc, Reply::Heartbeat(Ok(known)));
-            }
-        }
-    }
-
-    // ---- the destination agent's RPCs (operations.rs) ------------------------
-
-    fn serve_prepare(&mut self, h: usize, rpc: u64, bytes: &[u8]) {
-        let refuse = |w: &mut World, why: String| {
-            w.send_reply(rpc, Reply::Prepare(Err(PeerError::Refused(why))));
-        };
-        if self.agent_mut(h).stopping {
-            let name = self.hosts[h].name.clone();
-            let reply = Reply::Prepare(Err(unreachable(&format!("agent {name} is shutting down"))));
-            self.send_reply(rpc, reply);
-            return;
-        }
-        let c1 = match cookies::decode::<proto::Cookie1>("C1", bytes) {
-            Ok(c1) => c1,
-            Err(e) => return refuse(self, e.to_string()),
-        };
-        let knows = self.hosts[h].spec.knows.clone();
-        let incoming = match check_cookie1(&c1, |f| knows.contains(&f)) {
-            Ok(i) => i,
-            Err(e) => return refuse(self, e.to_string()),
-        };
-        let host = &self.hosts[h];
-        let used_memory: u64 = host.guests.values().map(|g| g.spec.memory_mib).sum();
-        let used_vcpus: u32 = host.guests.values().map(|g| g.spec.vcpus).sum();
-        let free = FreeCapacity {
-            memory_mib: host.spec.memory_mib.saturating_sub(used_memory),
-            vcpus: host.spec.vcpus.saturating_sub(used_vcpus),
-        };
-        let already_here = host.guests.contains_key(&incoming.vm.name);
-        let agent = self.agent_mut(h);
-        let known = Known {
-            aborted: agent.tombstones.contains(&incoming.attempt_id),
-            running: agent.destinations.contains_key(&incoming.attempt_id),
-            journaled: self.hosts[h]
-                .journal
-                .destinations
-                .contains_key(&incoming.attempt_id),
-        };
-        if let Err(refusal) = check_new_attempt(&incoming.attempt_id, &self.hosts[h].name, known) {
-            return refuse(self, refusal.to_string());
-        }
-        let name = self.hosts[h].name.clone();
-        let running: Vec<String> = self.hosts[h]
-            .agent
-            .as_ref()
-            .map(|a| {
-                let releasing = a
-                    .locks
-                    .get(&incoming.vm.name)
-                    .and_then(|m| a.sources.get(m))
-                    .map(|s| s.attempt_id.clone());
-                a.destinations
-                    .values()
-                    .filter(|d| d.vm.name == incoming.vm.name)
-                    .map(|d| d.attempt_id.clone())
-                    .chain(releasing)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let leftovers: Vec<Leftover> = self.hosts[h]
-            .journal
-            .pending
-            .values()
-            .filter(|p| p.vm == incoming.vm.name)
-            .map(|p| Leftover::Pending {
-                attempt_id: &p.attempt_id,
-                feature: &p.feature,
-                stage: p.stage,
-            })
-            .chain(
-                running
-                    .iter()
-                    .map(|id| Leftover::Running { attempt_id: id }),
-            )
-            .collect();
-        let busy = busy_with(&incoming.vm.name, &name, &leftovers);
-        let (timing, now) = (self.timing, self.now);
-        match DestinationAttempt::prepare(incoming, &name, free, already_here, busy, timing, now) {
-            Ok((attempt, actions)) => {
-                let id = attempt.attempt_id.clone();
-                self.agent_mut(h).prepare_waiter.insert(id, rpc);
-                self.start_destination(h, attempt, actions);
-            }
-            Err(refusal) => refuse(self, refusal.to_string()),
-        }
-    }
-
-    fn serve_finish(&mut self, h: usize, rpc: u64, bytes: &[u8]) {
-        let c3 = match cookies::decode::<proto::Cookie3>("C3", bytes) {
-            Ok(c3) => c3,
-            Err(e) => {
-                let reply = Reply::Finish(Err(PeerError::Refused(e.to_string())));
-                return self.send_reply(rpc, reply);
-            }
-        };
-        let id = c3.attempt_id.clone();
-        if self.scenario.lose_on_finish && self.scenario.lose_host == Some(h) && self.chaos() {
+        if self.scenario.lose_on_finish
+            && self.scenario.lose_host == Some(to)
+            && matches!(call, PeerCall::Finish(_))
+            && self.chaos()
+        {
             // Lost while carrying Finish out: it may commit first, or not.
             let after = self.rng.random_range(0..100);
-            self.push(after, Event::Lose { host: h });
+            self.push(after, Event::Lose { host: to });
         }
-        if self.destination_mut(h, &id).is_some() {
-            self.agent_mut(h)
-                .finish_waiters
-                .entry(id.clone())
-                .or_default()
-                .push(rpc);
-            self.destination_input(h, &id, DestinationInput::Finish(c3));
-            return;
-        }
-        // Already decided (or never here): answer from the journal.
-        let reply = match self.hosts[h].journal.destinations.get(&id) {
-            Some(a) => Ok(a.cookie4()),
-            None => Err(PeerError::Refused(format!(
-                "no attempt {id} on {}",
-                self.hosts[h].name
-            ))),
+        let guests = match call {
+            PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests_of(to),
+            _ => Vec::new(),
         };
-        if let Ok(c4) = &reply
+        self.next_req += 1;
+        let req = self.next_req;
+        self.hosts[to].inbound.insert(req, Inbound::Rpc(rpc));
+        self.input(
+            to,
+            Input::Request {
+                req,
+                request: Request::Peer { call, guests },
+            },
+        );
+    }
+
+    /// A core answers a request: over the network, or to the operator.
+    fn answer(&mut self, h: usize, req: host::ReqId, reply: host::Reply) {
+        let Some(inbound) = self.hosts[h].inbound.remove(&req) else {
+            return;
+        };
+        match inbound {
+            Inbound::Operator(what) => {
+                let text = match &reply {
+                    Ok(_) => format!("operator: {what}: done"),
+                    Err(e) => format!("operator: {what}: refused: {e}"),
+                };
+                self.note(text);
+            }
+            Inbound::Rpc(rpc) => {
+                let reply = match reply {
+                    Ok(Response::Peer(r)) => {
+                        self.watch_answer(&r);
+                        Ok(r)
+                    }
+                    Ok(other) => Err(PeerError::Refused(format!("not a peer answer: {other:?}"))),
+                    Err(Refusal::Busy(m)) => Err(PeerError::Busy(m)),
+                    Err(Refusal::Unavailable(m)) => Err(unreachable(&m)),
+                    Err(other) => Err(PeerError::Refused(other.to_string())),
+                };
+                let Some(c) = self.rpcs.get(&rpc) else {
+                    return;
+                };
+                let (caller, callee) = (c.caller, c.callee);
+                if self.lost(callee, caller) {
+                    let after = self.rng.random_range(1..3_000);
+                    let reply = Err(unreachable("connection reset"));
+                    self.push(after, Event::Reply { rpc, reply });
+                    return;
+                }
+                let d = self.delay();
+                self.push(d, Event::Reply { rpc, reply });
+            }
+        }
+    }
+
+    /// What the invariants learn from a destination's answer.
+    fn watch_answer(&mut self, r: &PeerResponse) {
+        let c4 = match r {
+            PeerResponse::Finish(f) => crate::protocol::cookies::decode::<proto::Cookie4>("C4", &f.cookie4).ok(),
+            PeerResponse::Resolve(r) if r.resolution == proto::Resolution::NotCommitted as i32 => {
+                crate::protocol::cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok()
+            }
+            _ => None,
+        };
+        if let Some(c4) = c4
             && !c4.committed
         {
-            self.said_not_committed.insert(id);
-        }
-        self.send_reply(rpc, Reply::Finish(reply));
-    }
-
-    fn serve_abort(&mut self, h: usize, rpc: u64, attempt_id: &str, reason: &str, cookie4: &[u8]) {
-        let now = self.now;
-        // This host is the source of the attempt: its peer aborted.
-        let source = self.hosts[h].agent.as_ref().and_then(|a| {
-            a.sources
-                .iter()
-                .find(|(_, s)| s.attempt_id == attempt_id)
-                .map(|(m, _)| m.clone())
-        });
-        let is_source = source.is_some() || self.hosts[h].journal.sources.contains_key(attempt_id);
-        if is_source {
-            if let Some(m) = source {
-                let input = SourceInput::PeerAborted {
-                    reason: reason.to_string(),
-                };
-                self.source_input(h, &m, input);
-            }
-            if let Ok(c4) = cookies::decode::<proto::Cookie4>("C4", cookie4) {
-                self.record_peer_rollback(h, &c4);
-            }
-            self.send_reply(rpc, Reply::Abort(None));
-            return;
-        }
-        if let Some(a) = self.destination_mut(h, attempt_id) {
-            match a.abort(now, reason, false) {
-                Ok(actions) => {
-                    self.agent_mut(h)
-                        .abort_waiters
-                        .entry(attempt_id.to_string())
-                        .or_default()
-                        .push(rpc);
-                    let epoch = self.epoch(h).expect("running");
-                    self.push(
-                        self.timing.peer_timeout_ms * 2,
-                        Event::AbortReplyDeadline {
-                            host: h,
-                            epoch,
-                            attempt_id: attempt_id.to_string(),
-                        },
-                    );
-                    self.exec_destination(h, attempt_id, actions);
-                }
-                Err(_) => self.send_reply(rpc, Reply::Abort(None)),
-            }
-            return;
-        }
-        let journaled = self.hosts[h].journal.destinations.get(attempt_id).cloned();
-        match journaled {
-            Some(a) if a.is_committed() => self.send_reply(rpc, Reply::Abort(None)),
-            Some(a) => self.send_reply(rpc, Reply::Abort(Some(a.cookie4()))),
-            None => {
-                // Prepare may still be on its way: make sure it is refused.
-                self.agent_mut(h).tombstones.insert(attempt_id.to_string());
-                self.send_reply(rpc, Reply::Abort(None));
-            }
+            self.said_not_committed.insert(c4.attempt_id);
         }
     }
 
-    fn serve_resolve(&mut self, h: usize, rpc: u64, attempt_id: &str) {
-        let now = self.now;
-        let answer = if let Some(a) = self.destination_mut(h, attempt_id) {
-            let (answer, actions) = a.resolve(now);
-            // The decision is journaled before the answer leaves.
-            let crashed = self.exec_destination(h, attempt_id, actions);
-            if crashed {
-                return;
-            }
-            let c4 = self
-                .destination_mut(h, attempt_id)
-                .map(|a| a.cookie4())
-                .or_else(|| {
-                    let j = self.hosts[h].journal.destinations.get(attempt_id);
-                    j.map(DestinationAttempt::cookie4)
-                })
-                .expect("a destination attempt");
-            (answer, c4)
-        } else {
-            let journaled = self.hosts[h].journal.destinations.get(attempt_id).cloned();
-            if journaled.is_none() {
-                self.agent_mut(h).tombstones.insert(attempt_id.to_string());
-            }
-            let name = &self.hosts[h].name;
-            let (committed, c4) = resolve_from_journal(name, attempt_id, journaled.as_ref());
-            (Some(committed), c4)
+    fn on_reply(&mut self, rpc: u64, reply: Result<PeerResponse, PeerError>) {
+        let Some(c) = self.rpcs.get_mut(&rpc) else {
+            return;
         };
-        let resolution = match answer {
-            (Some(true), c4) => Resolution::Committed(c4),
-            (Some(false), c4) => {
-                self.said_not_committed.insert(attempt_id.to_string());
-                Resolution::NotCommitted(c4)
-            }
-            (None, _) => Resolution::Pending,
-        };
-        self.note(format!(
-            "{} answers Resolve {attempt_id}: {}",
-            self.hosts[h].name,
-            match &resolution {
-                Resolution::Committed(_) => "committed",
-                Resolution::NotCommitted(_) => "not committed",
-                Resolution::Pending => "pending",
-            }
-        ));
-        self.send_reply(rpc, Reply::Resolve(Ok(resolution)));
-    }
-
-    /// Agent::record_peer_rollback: the destination's rollback results go
-    /// into the source's journaled record.
-    fn record_peer_rollback(&mut self, h: usize, c4: &proto::Cookie4) {
-        let live = self.hosts[h]
-            .agent
-            .as_ref()
-            .is_some_and(|a| a.sources.values().any(|s| s.attempt_id == c4.attempt_id));
-        if live {
+        if c.answered {
             return;
         }
-        let Some(attempt) = self.hosts[h].journal.sources.get_mut(&c4.attempt_id) else {
+        c.answered = true;
+        let (caller, epoch, call) = (c.caller, c.epoch, c.call);
+        if self.hosts[caller].epoch != epoch || self.hosts[caller].core.is_none() {
             return;
-        };
-        attempt.apply_peer_rollback(c4);
-        let record = attempt.record.clone();
-        if let Some(agent) = self.hosts[h].agent.as_mut()
-            && agent
-                .migrations
-                .get(&record.id)
-                .is_some_and(|r| r.attempt_id == record.attempt_id)
+        }
+        self.hosts[caller].calls.remove(&call);
+        if let Ok(PeerResponse::Capacity(c)) = &reply
+            && let Some(callee) = self.host_index(&c.host)
         {
-            agent.migrations.insert(record.id.clone(), record);
+            self.capacity_answers
+                .push((caller, callee, self.now, c.draining));
         }
+        self.input(caller, Input::PeerReplied { call, reply });
     }
 
-    // ---- carrying out actions (source.rs, destination.rs) --------------------
+    // ---- the simulated hypervisor and drivers --------------------------------
 
-    fn start_source(&mut self, h: usize, attempt: SourceAttempt, actions: Vec<SourceAction>) {
-        let id = attempt.migration_id.clone();
-        let agent = self.agent_mut(h);
-        agent
-            .locks
-            .insert(attempt.vm.name.clone(), attempt.migration_id.clone());
-        agent.migrations.insert(id.clone(), attempt.record.clone());
-        agent.sources.insert(id.clone(), attempt);
-        self.exec_source(h, &id, actions);
-    }
-
-    fn start_destination(
+    fn op_done(
         &mut self,
         h: usize,
-        attempt: DestinationAttempt,
-        actions: Vec<DestinationAction>,
+        op: OpId,
+        delay: Millis,
+        result: Result<OpOutput, OpError>,
+        effect: Option<StageEffect>,
     ) {
-        let id = attempt.attempt_id.clone();
-        self.agent_mut(h).destinations.insert(id.clone(), attempt);
-        self.exec_destination(h, &id, actions);
+        let epoch = self.hosts[h].epoch;
+        let key = self.push(
+            delay,
+            Event::OpDone {
+                host: h,
+                epoch,
+                op,
+                result,
+                effect,
+            },
+        );
+        self.hosts[h].ops.insert(op, key);
     }
 
-    /// A journal write, which may be where the agent crashes: before the
-    /// write is durable (it is lost; this is also what a write that fails
-    /// does, since the agent then exits: Agent::journal_failed) or just
-    /// after. `true` if it crashed.
-    fn journal_write(&mut self, h: usize, write: impl FnOnce(&mut Journal)) -> bool {
-        let crash = self.chaos()
-            && self.write_crashes < self.scenario.max_write_crashes
-            && self.chance(self.scenario.crash_per_write);
-        if !crash {
-            write(&mut self.hosts[h].journal);
-            return false;
+    /// The call never answers: the core's deadline has to end the wait.
+    fn hang(&mut self, h: usize, what: &str) {
+        let name = self.hosts[h].name.clone();
+        self.fault("hypervisor or stage hangs", || format!("{what} on {name} never answers"));
+    }
+
+    fn run_op(&mut self, h: usize, op: OpId, what: Op) {
+        let g = self.scenario.guest;
+        let chaos = self.chaos();
+        let quick = self.rng.random_range(1..20);
+        match what {
+            Op::StartIncoming { spec, attempt_id } => {
+                let result = if chaos && self.chance(self.scenario.incoming_fails) {
+                    let id = attempt_id.clone();
+                    self.fault("incoming start fails", || format!("incoming guest of {id} fails to start"));
+                    Err("qemu exited: could not set up the incoming guest".to_string())
+                } else if self.hosts[h].guests.contains_key(&spec.name) {
+                    Err(format!("a guest named {} already exists", spec.name))
+                } else {
+                    self.hosts[h].guests.insert(
+                        spec.name.clone(),
+                        Guest {
+                            spec: spec.clone(),
+                            state: GuestState::Incoming,
+                            copy: 0,
+                        },
+                    );
+                    Ok(OpOutput::Address(format!(
+                        "sim://{}/{attempt_id}",
+                        self.hosts[h].name
+                    )))
+                };
+                if chaos && self.chance(g.incoming_hangs) {
+                    return self.hang(h, &format!("starting the incoming guest of {attempt_id}"));
+                }
+                let mut delay = quick;
+                if chaos && self.chance(g.incoming_slow) {
+                    delay = self.rng.random_range(6_000..20_000);
+                    let id = attempt_id.clone();
+                    self.fault("slow incoming start", || {
+                        format!("the incoming guest of {id} takes {delay} ms to start")
+                    });
+                }
+                let result = match result {
+                    Ok(_) if chaos && self.chance(g.incoming_fails_late) => {
+                        // QEMU exits after it started: the guest is gone.
+                        self.hosts[h].guests.remove(&spec.name);
+                        Err("qemu exited before the incoming migration was set up".into())
+                    }
+                    other => other,
+                };
+                self.op_done(h, op, delay, result.map_err(OpError::Failed), None);
+            }
+            Op::CompleteIncoming { vm, .. } => {
+                let arrived = self.transfers.values().any(|t| {
+                    t.vm == vm && t.to == h && t.state == TransferState::Completed
+                }) && self.hosts[h]
+                    .guests
+                    .get(&vm)
+                    .is_some_and(|g| g.state == GuestState::Incoming && g.copy != 0);
+                let result = if arrived {
+                    Ok(OpOutput::Done)
+                } else {
+                    Err(format!("no complete transfer of {vm} arrived"))
+                };
+                self.op_done(h, op, 1, result.map_err(OpError::Failed), None);
+            }
+            Op::TransferOut { vm, address } => self.start_transfer(h, op, &vm, &address),
+            Op::CancelTransfer { vm } => {
+                for t in self.transfers.values_mut() {
+                    if t.vm == vm && t.from == h && t.state == TransferState::Active {
+                        t.state = TransferState::Stopped;
+                        let (host, epoch, op) = (t.from, t.epoch, t.op);
+                        let key = self.queue_push_transfer_end(host, epoch, op);
+                        self.hosts[h].ops.insert(op, key);
+                        break;
+                    }
+                }
+                if chaos && self.chance(g.cancel_hangs) {
+                    return self.hang(h, &format!("cancelling the transfer of {vm}"));
+                }
+                self.op_done(h, op, 1, Ok(OpOutput::Done), None);
+            }
+            Op::Resume { vm } => {
+                if chaos && self.chance(g.resume_fails) {
+                    self.fault("resume fails", || format!("resume of {vm} fails"));
+                    return self.op_done(h, op, quick, Err("QEMU: cont failed".into()), None);
+                }
+                if chaos && self.chance(g.resume_hangs) {
+                    if self.rng.random_bool(0.5) {
+                        let _ = self.resume_guest(h, &vm);
+                    }
+                    return self.hang(h, &format!("resuming {vm}"));
+                }
+                let result = self.resume_guest(h, &vm);
+                self.op_done(h, op, quick, result, None);
+            }
+            Op::Kill { vm } => {
+                if chaos && self.chance(g.kill_fails) {
+                    self.fault("kill fails", || format!("kill of {vm} fails"));
+                    return self.op_done(h, op, quick, Err("QEMU did not quit".into()), None);
+                }
+                if chaos && self.chance(g.kill_hangs) {
+                    if self.rng.random_bool(0.5) {
+                        self.hosts[h].guests.remove(&vm);
+                    }
+                    return self.hang(h, &format!("killing {vm}"));
+                }
+                self.hosts[h].guests.remove(&vm);
+                self.op_done(h, op, quick, Ok(OpOutput::Done), None);
+            }
+            Op::Status { vm } => {
+                let state = self.hosts[h].guests.get(&vm).map(|g| match g.state {
+                    GuestState::Running => hypervisor::GuestState::Running,
+                    GuestState::Paused => hypervisor::GuestState::Paused,
+                    GuestState::Incoming => hypervisor::GuestState::Incoming,
+                });
+                self.op_done(h, op, 1, Ok(OpOutput::Status(state)), None);
+            }
+            Op::Stage(ctx) => {
+                let result = self.stage_result(h, &ctx.feature.name, ctx.stage);
+                let effect = StageEffect {
+                    vm: ctx.vm.clone(),
+                    feature: ctx.feature.name.clone(),
+                    stage: ctx.stage,
+                };
+                if chaos && self.chance(g.stage_hangs) {
+                    if result.is_ok() && self.rng.random_bool(0.5) {
+                        self.apply_stage(h, &effect);
+                    }
+                    return self.hang(h, &format!("{} {} of {}", ctx.feature.name, ctx.stage, ctx.vm));
+                }
+                let delay = self.stage_latency();
+                self.op_done(
+                    h,
+                    op,
+                    delay,
+                    result.map(OpOutput::Stage).map_err(OpError::Failed),
+                    Some(effect),
+                );
+            }
+            Op::ListGuests => {
+                let guests = self.guests_of(h);
+                self.op_done(h, op, 1, Ok(OpOutput::Guests(guests)), None);
+            }
         }
-        self.write_crashes += 1;
-        let durable = self.rng.random_bool(0.5);
-        if durable {
-            write(&mut self.hosts[h].journal);
-        }
-        let why = if durable {
-            "crash just after a journal write"
-        } else {
-            "crash during a journal write (not durable)"
+    }
+
+    /// The guest's CPUs start. Resuming a copy older than one that ran
+    /// since, or an incoming guest nothing arrived in, is a split brain.
+    fn resume_guest(&mut self, h: usize, vm: &str) -> Result<OpOutput, OpError> {
+        let Some(guest) = self.hosts[h].guests.get(vm).cloned() else {
+            return Err(OpError::NoSuchGuest(format!(
+                "no guest named {vm} on {}",
+                self.hosts[h].name
+            )));
         };
-        self.crash(h, why);
-        true
+        if guest.state == GuestState::Running {
+            return Ok(OpOutput::Done);
+        }
+        let forced = self.forced_back.remove(vm);
+        if guest.copy == 0 {
+            self.violation(format!(
+                "{} resumed the incoming guest {vm}, which never received the transfer",
+                self.hosts[h].name
+            ));
+        } else if self.latest_copy.get(vm) != Some(&guest.copy) && !forced {
+            self.violation(format!(
+                "{} resumed a stale copy of {vm}: another copy ran after it was made",
+                self.hosts[h].name
+            ));
+        }
+        let copy = self.fresh_copy(vm);
+        if let Some(g) = self.hosts[h].guests.get_mut(vm) {
+            g.state = GuestState::Running;
+            g.copy = copy;
+        }
+        Ok(OpOutput::Done)
     }
 
     fn stage_result(&mut self, h: usize, feature: &str, stage: Stage) -> Result<String, String> {
         let host = &self.hosts[h];
         let name = host.name.clone();
         if stage == Stage::Finish && host.spec.broken == Some(feature) {
-            self.fault(|| format!("{name} switch rejects {feature} finish"));
+            self.fault("switch rejects", || format!("{name} switch rejects {feature} finish"));
             return Err(format!("switch on {name} rejected ASSOCIATE of {feature}"));
         }
         let mut p = host.spec.fail[stage_index(stage)];
@@ -1631,7 +1459,7 @@ impl World {
             p = 0.0;
         }
         if self.chance(p) {
-            self.fault(|| format!("{feature} {stage} fails on {name}"));
+            self.fault("stage fails", || format!("{feature} {stage} fails on {name}"));
             return Err(format!("{feature} {stage} failed on {name}"));
         }
         Ok(format!("{stage} done"))
@@ -1639,292 +1467,43 @@ impl World {
 
     fn stage_latency(&mut self) -> Millis {
         if self.chance(self.scenario.slow_stage) {
-            self.fault(|| "slow stage".into());
+            self.fault("slow stage", || "slow stage".into());
             self.rng.random_range(1_000..8_000)
         } else {
             self.rng.random_range(1..50)
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_stage(
-        &mut self,
-        h: usize,
-        side: Side,
-        id: &str,
-        vm: &VmSpec,
-        feature: usize,
-        stage: Stage,
-    ) {
-        let Some(spec) = vm.features.get(feature) else {
-            self.violation(format!(
-                "{stage} of feature #{feature}, which {} lacks",
-                vm.name
-            ));
-            return;
-        };
-        let name = spec.name.clone();
-        let result = self.stage_result(h, &name, stage);
-        let delay = self.stage_latency();
-        let epoch = self.epoch(h).expect("running");
+    fn queue_push_transfer_end(&mut self, host: usize, epoch: u32, op: OpId) -> (Millis, u64) {
         self.push(
-            delay,
-            Event::Stage {
-                host: h,
+            1,
+            Event::OpDone {
+                host,
                 epoch,
-                side,
-                id: id.to_string(),
-                vm: vm.name.clone(),
-                feature,
-                name,
-                stage,
-                result,
+                op,
+                result: Err("the transfer was cancelled".into()),
+                effect: None,
             },
-        );
+        )
     }
 
-    fn record_pending(
-        &mut self,
-        h: usize,
-        attempt_id: &str,
-        migration_id: &str,
-        vm: &VmSpec,
-        feature: usize,
-        stage: Stage,
-    ) -> bool {
-        let name = vm
-            .features
-            .get(feature)
-            .map(|f| f.name.clone())
-            .unwrap_or_default();
-        let pending = Pending {
-            attempt_id: attempt_id.to_string(),
-            migration_id: migration_id.to_string(),
-            vm: vm.name.clone(),
-            feature: name.clone(),
-            stage,
-            tries: 1,
-            next_try: self.now + ROLLBACK_RETRY_MS,
-        };
-        let key = (attempt_id.to_string(), name, stage);
-        self.journal_write(h, |j| {
-            j.pending.insert(key, pending);
-        })
-    }
-
-    /// Run each of a host's pending entries that `which` picks once, unless
-    /// the agent dies on the way.
-    fn retry_pending_where(&mut self, h: usize, which: impl Fn(&Pending) -> bool) {
-        let keys: Vec<_> = self.hosts[h]
-            .journal
-            .pending
-            .iter()
-            .filter(|(_, p)| which(p))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            if self.hosts[h].agent.is_none() {
-                return;
-            }
-            self.retry_pending(h, &key);
-        }
-    }
-
-    /// rollbacks.rs: run one pending rollback or release again.
-    fn retry_pending(&mut self, h: usize, key: &(String, String, Stage)) {
-        let Some(p) = self.hosts[h].journal.pending.get(key).cloned() else {
-            return;
-        };
-        let result = self.stage_result(h, &p.feature, p.stage);
-        match result {
-            Ok(_) => {
-                self.hosts[h]
-                    .switch
-                    .remove(&(p.vm.clone(), p.feature.clone()));
-                self.note(format!(
-                    "{} pending {} of {} for {} done",
-                    self.hosts[h].name, p.stage, p.feature, p.vm
-                ));
-                let key = key.clone();
-                self.journal_write(h, |j| {
-                    j.pending.remove(&key);
-                });
-            }
-            Err(_) => {
-                let tries = p.tries + 1;
-                let next_try = self.now + retry_backoff(ROLLBACK_RETRY_MS, tries);
-                let key = key.clone();
-                self.journal_write(h, |j| {
-                    if let Some(p) = j.pending.get_mut(&key) {
-                        p.tries = tries;
-                        p.next_try = next_try;
-                    }
-                });
-            }
-        }
-    }
-
-    /// Execute a source attempt's actions; `true` if the agent crashed.
-    fn exec_source(&mut self, h: usize, migration_id: &str, actions: Vec<SourceAction>) -> bool {
-        for action in actions {
-            let Some(attempt) = self.source_mut(h, migration_id) else {
-                return true;
+    fn start_transfer(&mut self, from: usize, op: OpId, vm: &str, address: &str) {
+        let to = address
+            .strip_prefix("sim://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|name| self.host_index(name));
+        let running = self.hosts[from]
+            .guests
+            .get(vm)
+            .is_some_and(|g| g.state == GuestState::Running);
+        let Some(to) = to.filter(|_| running) else {
+            let error = if running {
+                format!("no host at {address}")
+            } else {
+                format!("guest {vm} is not running")
             };
-            let (vm, attempt_id, destination) = (
-                attempt.vm.clone(),
-                attempt.attempt_id.clone(),
-                attempt.destination.clone(),
-            );
-            let dst = self.host_index(&destination).expect("a known destination");
-            if self.tracing {
-                let text = match &action {
-                    SourceAction::Journal(s) => format!("journal {:?}", s.state),
-                    other => short(other),
-                };
-                let line = format!("{} src {attempt_id}: {text}", self.hosts[h].name);
-                self.note(line);
-            }
-            match action {
-                SourceAction::Journal(snapshot) => {
-                    let id = attempt_id.clone();
-                    if self.journal_write(h, |j| {
-                        j.sources.insert(id, *snapshot);
-                    }) {
-                        return true;
-                    }
-                }
-                SourceAction::SendPrepare(c1) => {
-                    self.call(h, dst, &attempt_id, Request::Prepare(c1.encode_to_vec()));
-                }
-                SourceAction::StartTransfer { address } => {
-                    if address.is_empty() {
-                        self.violation(format!("{attempt_id}: StartTransfer without an address"));
-                    }
-                    self.start_transfer(h, dst, &vm, migration_id, &attempt_id);
-                }
-                SourceAction::CancelTransfer => {
-                    let epoch = self.epoch(h).expect("running");
-                    for t in self.transfers.values_mut() {
-                        if t.attempt_id == attempt_id && t.state == TransferState::Active {
-                            t.state = TransferState::Stopped;
-                        }
-                    }
-                    // transfer_out returns once the transfer has stopped.
-                    self.push(
-                        1,
-                        Event::TransferEnded {
-                            host: h,
-                            epoch,
-                            migration_id: migration_id.to_string(),
-                            result: Err("cancelled".into()),
-                        },
-                    );
-                }
-                SourceAction::SendFinish(c3) => {
-                    self.finish_sent.insert(attempt_id.clone());
-                    self.call(h, dst, &attempt_id, Request::Finish(c3.encode_to_vec()));
-                }
-                SourceAction::SendAbort { reason } => {
-                    let request = Request::Abort {
-                        attempt_id: attempt_id.clone(),
-                        reason,
-                        cookie4: Vec::new(),
-                    };
-                    self.call(h, dst, &attempt_id, request);
-                }
-                SourceAction::SendResolve => {
-                    let request = Request::Resolve {
-                        attempt_id: attempt_id.clone(),
-                    };
-                    self.call(h, dst, &attempt_id, request);
-                }
-                SourceAction::SendHeartbeat => {
-                    let request = Request::Heartbeat {
-                        attempt_id: attempt_id.clone(),
-                    };
-                    self.call(h, dst, &attempt_id, request);
-                }
-                SourceAction::ResumeGuest => self.resume_on_source(h, &vm.name, &attempt_id),
-                SourceAction::KillGuest => {
-                    self.hosts[h].guests.remove(&vm.name);
-                }
-                SourceAction::RunStage { feature, stage } => {
-                    if stage != Stage::Release {
-                        self.violation(format!("the source ran {stage} for {attempt_id}"));
-                    }
-                    self.run_stage(h, Side::Source, migration_id, &vm, feature, stage);
-                }
-                SourceAction::RecordPending { feature, stage, .. } => {
-                    if self.record_pending(h, &attempt_id, migration_id, &vm, feature, stage) {
-                        return true;
-                    }
-                }
-                SourceAction::Finished(outcome) => {
-                    let agent = self.agent_mut(h);
-                    agent.locks.remove(&vm.name);
-                    self.note(format!("{attempt_id} ends {}", outcome.as_str()));
-                }
-            }
-        }
-        // The task ends with its attempt.
-        let done = self
-            .source_mut(h, migration_id)
-            .is_some_and(|a| a.is_done());
-        if let Some(a) = self.source_mut(h, migration_id) {
-            let record = a.record.clone();
-            self.agent_mut(h)
-                .migrations
-                .insert(migration_id.to_string(), record);
-        }
-        if done {
-            self.agent_mut(h).sources.remove(migration_id);
-            self.maybe_exit(h);
-        }
-        false
-    }
-
-    /// ResumeGuest on the source. After Finish was sent, only the
-    /// destination's durable "never commits" (or an operator's forced
-    /// decision, which the simulator does not take) allows it.
-    fn resume_on_source(&mut self, h: usize, vm: &str, attempt_id: &str) {
-        if self.finish_sent.contains(attempt_id) && !self.forced.contains(attempt_id) {
-            let dst = self.hosts[h]
-                .journal
-                .sources
-                .get(attempt_id)
-                .map(|a| a.destination.clone())
-                .unwrap_or_default();
-            let decided = self
-                .host_index(&dst)
-                .and_then(|d| self.hosts[d].journal.destinations.get(attempt_id))
-                .map(|a| a.state.clone());
-            if !matches!(
-                decided,
-                Some(DestinationState::RollingBack { .. } | DestinationState::RolledBack)
-            ) {
-                self.violation(format!(
-                    "{} resumed {vm} for {attempt_id} after Finish was sent, but {dst}'s journal says {decided:?}",
-                    self.hosts[h].name
-                ));
-            }
-        }
-        match self.hosts[h].guests.get_mut(vm) {
-            Some(g) => g.state = GuestState::Running,
-            None => self.violation(format!(
-                "{} resumed {vm}, which it had killed",
-                self.hosts[h].name
-            )),
-        }
-    }
-
-    fn start_transfer(
-        &mut self,
-        from: usize,
-        to: usize,
-        vm: &VmSpec,
-        migration_id: &str,
-        attempt_id: &str,
-    ) {
+            return self.op_done(from, op, 1, Err(OpError::Failed(error)), None);
+        };
         let id = self.seq;
         self.seq += 1;
         let steps = self.rng.random_range(2..=12);
@@ -1932,22 +1511,21 @@ impl World {
         let fails_at = (self.chaos() && self.chance(self.scenario.transfer_fails))
             .then(|| self.rng.random_range(1..=steps));
         if stalls {
-            self.fault(|| format!("transfer of {attempt_id} stalls"));
+            self.fault("transfer stalls", || format!("transfer of {vm} stalls"));
         }
         if fails_at.is_some() {
-            self.fault(|| format!("transfer of {attempt_id} will fail"));
+            self.fault("transfer fails", || format!("transfer of {vm} will fail"));
         }
         let tick = self.rng.random_range(20..400);
-        let epoch = self.epoch(from).expect("running");
+        let epoch = self.hosts[from].epoch;
         self.transfers.insert(
             id,
             Transfer {
-                vm: vm.name.clone(),
+                vm: vm.to_string(),
                 from,
                 to,
                 epoch,
-                migration_id: migration_id.to_string(),
-                attempt_id: attempt_id.to_string(),
+                op,
                 steps,
                 done: 0,
                 tick,
@@ -1966,29 +1544,18 @@ impl World {
         if t.state != TransferState::Active {
             return;
         }
-        let (from, to, tick) = (t.from, t.to, t.tick);
-        let (vm, migration_id, epoch) = (t.vm.clone(), t.migration_id.clone(), t.epoch);
+        let (from, to, tick, op, epoch) = (t.from, t.to, t.tick, t.op, t.epoch);
+        let vm = t.vm.clone();
         let incoming = self.hosts[to]
             .guests
             .get(&vm)
             .is_some_and(|g| g.state == GuestState::Incoming);
-        let end = |w: &mut World, result| {
-            w.push(
-                1,
-                Event::TransferEnded {
-                    host: from,
-                    epoch,
-                    migration_id: migration_id.clone(),
-                    result,
-                },
-            );
-        };
         if !incoming || t.fails_at == Some(t.done + 1) {
             self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
-            end(
-                self,
-                Err("the destination closed the migration stream".into()),
-            );
+            let error = Err(OpError::Failed(
+                "the destination closed the migration stream".to_string(),
+            ));
+            self.transfer_ended(from, epoch, op, error);
             return;
         }
         if t.stalls || self.partitioned(from, to) {
@@ -1998,7 +1565,7 @@ impl World {
         let t = self.transfers.get_mut(&id).expect("transfer");
         t.done += 1;
         let total = 1u64 << 30;
-        let stats = crate::protocol::TransferStats {
+        let stats = TransferStats {
             bytes_total: total,
             bytes_transferred: total * t.done as u64 / t.steps as u64,
             bytes_remaining: total - total * t.done as u64 / t.steps as u64,
@@ -2007,220 +1574,65 @@ impl World {
         };
         if t.done < t.steps {
             self.push(tick, Event::TransferTick { transfer: id });
-            if self.epoch(from) == Some(epoch) {
-                self.source_input(from, &migration_id, SourceInput::TransferProgress(stats));
-            }
+            self.push(
+                0,
+                Event::Progress {
+                    host: from,
+                    epoch,
+                    op,
+                    stats,
+                },
+            );
             return;
         }
-        // Pre-copy converged: the source guest stops, the last pages go.
+        // Pre-copy converged: the source guest stops, the last pages go, and
+        // the destination holds the same copy.
         t.state = TransferState::Completed;
-        if let Some(g) = self.hosts[from].guests.get_mut(&vm)
-            && g.state == GuestState::Running
-        {
-            g.state = GuestState::Paused;
+        let copy = match self.hosts[from].guests.get_mut(&vm) {
+            Some(g) => {
+                if g.state == GuestState::Running {
+                    g.state = GuestState::Paused;
+                }
+                g.copy
+            }
+            None => 0,
+        };
+        if let Some(g) = self.hosts[to].guests.get_mut(&vm) {
+            g.copy = copy;
         }
-        end(self, Ok(stats));
+        self.transfer_ended(from, epoch, op, Ok(OpOutput::Transferred(stats)));
     }
 
-    /// Execute a destination attempt's actions; `true` if the agent crashed.
-    fn exec_destination(
-        &mut self,
-        h: usize,
-        attempt_id: &str,
-        actions: Vec<DestinationAction>,
-    ) -> bool {
-        for action in actions {
-            let Some(attempt) = self.destination_mut(h, attempt_id) else {
-                return true;
-            };
-            let (vm, source) = (attempt.vm.clone(), attempt.source.clone());
-            let migration_id = attempt.migration_id.clone();
-            let epoch = self.epoch(h).expect("running");
-            if self.tracing {
-                let text = match &action {
-                    DestinationAction::Journal(s) => format!("journal {:?}", s.state),
-                    other => short(other),
-                };
-                let line = format!("{} dst {attempt_id}: {text}", self.hosts[h].name);
-                self.note(line);
-            }
-            match action {
-                DestinationAction::Journal(snapshot) => {
-                    if snapshot.state == DestinationState::Committed
-                        && self.said_not_committed.contains(attempt_id)
-                    {
-                        self.violation(format!(
-                            "{} commits {attempt_id} after answering \"not committed\"",
-                            self.hosts[h].name
-                        ));
-                    }
-                    let id = attempt_id.to_string();
-                    if self.journal_write(h, |j| {
-                        j.destinations.insert(id, *snapshot);
-                    }) {
-                        return true;
-                    }
-                }
-                DestinationAction::StartIncoming => {
-                    let fails = self.chaos() && self.chance(self.scenario.incoming_fails);
-                    let result = if fails {
-                        self.fault(|| format!("incoming guest of {attempt_id} fails to start"));
-                        Err("qemu exited: could not set up the incoming guest".to_string())
-                    } else if self.hosts[h].guests.contains_key(&vm.name) {
-                        Err(format!("a guest named {} already exists", vm.name))
-                    } else {
-                        self.hosts[h].guests.insert(
-                            vm.name.clone(),
-                            Guest {
-                                spec: vm.clone(),
-                                state: GuestState::Incoming,
-                            },
-                        );
-                        Ok(format!("sim://{}/{attempt_id}", self.hosts[h].name))
-                    };
-                    self.push(
-                        1,
-                        Event::IncomingStarted {
-                            host: h,
-                            epoch,
-                            attempt_id: attempt_id.to_string(),
-                            result,
-                        },
-                    );
-                }
-                DestinationAction::CompleteIncoming(_) => {
-                    let arrived = self.transfers.values().any(|t| {
-                        t.attempt_id == attempt_id
-                            && t.to == h
-                            && t.state == TransferState::Completed
-                    }) && self.hosts[h]
-                        .guests
-                        .get(&vm.name)
-                        .is_some_and(|g| g.state == GuestState::Incoming);
-                    let result = if arrived {
-                        Ok(())
-                    } else {
-                        Err(format!("no complete transfer of {} arrived", vm.name))
-                    };
-                    self.push(
-                        1,
-                        Event::IncomingCompleted {
-                            host: h,
-                            epoch,
-                            attempt_id: attempt_id.to_string(),
-                            result,
-                        },
-                    );
-                }
-                DestinationAction::RunStage { feature, stage } => {
-                    if stage == Stage::Release {
-                        self.violation(format!("the destination ran release for {attempt_id}"));
-                    }
-                    self.run_stage(h, Side::Destination, attempt_id, &vm, feature, stage);
-                }
-                DestinationAction::ResumeGuest => match self.hosts[h].guests.get_mut(&vm.name) {
-                    Some(g) => g.state = GuestState::Running,
-                    None => self.violation(format!(
-                        "{} resumed {} for {attempt_id} but has no such guest",
-                        self.hosts[h].name, vm.name
-                    )),
-                },
-                DestinationAction::KillGuest => {
-                    let guest = self.hosts[h].guests.get(&vm.name).map(|g| g.state);
-                    if guest == Some(GuestState::Running) {
-                        self.violation(format!(
-                            "{} killed the running guest {} while rolling back {attempt_id}",
-                            self.hosts[h].name, vm.name
-                        ));
-                    }
-                    if guest == Some(GuestState::Incoming) {
-                        self.hosts[h].guests.remove(&vm.name);
-                    }
-                }
-                DestinationAction::RecordPending { feature, stage, .. } => {
-                    if self.record_pending(h, attempt_id, &migration_id, &vm, feature, stage) {
-                        return true;
-                    }
-                }
-                DestinationAction::ReplyPrepare(c2) => {
-                    if let Some(rpc) = self.agent_mut(h).prepare_waiter.remove(attempt_id) {
-                        self.send_reply(rpc, Reply::Prepare(Ok(c2)));
-                    }
-                }
-                DestinationAction::ReplyFinish(c4) => {
-                    let waiters = self
-                        .agent_mut(h)
-                        .finish_waiters
-                        .remove(attempt_id)
-                        .unwrap_or_default();
-                    if !c4.committed && !waiters.is_empty() {
-                        self.said_not_committed.insert(attempt_id.to_string());
-                    }
-                    for rpc in waiters {
-                        self.send_reply(rpc, Reply::Finish(Ok(c4.clone())));
-                    }
-                }
-                DestinationAction::NotifySource { reason } => {
-                    let Some(s) = self.host_index(&source) else {
-                        continue;
-                    };
-                    let cookie4 = self
-                        .destination_mut(h, attempt_id)
-                        .map(|a| a.cookie4().encode_to_vec())
-                        .unwrap_or_default();
-                    let request = Request::Abort {
-                        attempt_id: attempt_id.to_string(),
-                        reason,
-                        cookie4,
-                    };
-                    self.call(h, s, attempt_id, request);
-                }
-                DestinationAction::Finished { committed } => {
-                    self.note(format!(
-                        "{attempt_id} {} on {}",
-                        if committed {
-                            "committed"
-                        } else {
-                            "rolled back"
-                        },
-                        self.hosts[h].name
-                    ));
-                }
-            }
+    fn transfer_ended(&mut self, from: usize, epoch: u32, op: OpId, result: Result<OpOutput, OpError>) {
+        let key = self.push(
+            1,
+            Event::OpDone {
+                host: from,
+                epoch,
+                op,
+                result,
+                effect: None,
+            },
+        );
+        if self.hosts[from].epoch == epoch {
+            self.hosts[from].ops.insert(op, key);
         }
-        let finished = self
-            .destination_mut(h, attempt_id)
-            .is_some_and(|a| a.is_finished());
-        if finished {
-            // The task ends: answer whoever still waits with the final state.
-            let attempt = self
-                .agent_mut(h)
-                .destinations
-                .remove(attempt_id)
-                .expect("a live attempt");
-            let agent = self.agent_mut(h);
-            let prepare = agent.prepare_waiter.remove(attempt_id);
-            let finish = agent.finish_waiters.remove(attempt_id).unwrap_or_default();
-            let aborts = agent.abort_waiters.remove(attempt_id).unwrap_or_default();
-            if let Some(rpc) = prepare {
-                self.send_reply(rpc, Reply::Prepare(Ok(attempt.cookie2(false))));
-            }
-            if !finish.is_empty() && !attempt.is_committed() {
-                self.said_not_committed.insert(attempt_id.to_string());
-            }
-            for rpc in finish {
-                self.send_reply(rpc, Reply::Finish(Ok(attempt.cookie4())));
-            }
-            for rpc in aborts {
-                let c4 = (!attempt.is_committed()).then(|| attempt.cookie4());
-                self.send_reply(rpc, Reply::Abort(c4));
-            }
-            self.maybe_exit(h);
-        }
-        false
     }
 
-    // ---- the operator ----------------------------------------------------------
+    // ---- the operator --------------------------------------------------------
+
+    /// Hand an operator's request to a host's core.
+    fn ask(&mut self, h: usize, what: String, request: Request) {
+        if self.answering(h).is_none() {
+            self.note(format!("operator: {what}: {} is not answering", self.hosts[h].name));
+            return;
+        }
+        self.note(format!("operator: {what}"));
+        self.next_req += 1;
+        let req = self.next_req;
+        self.hosts[h].inbound.insert(req, Inbound::Operator(what));
+        self.input(h, Input::Request { req, request });
+    }
 
     fn operator(&mut self) {
         let roll = self.rng.random_range(0..100);
@@ -2266,145 +1678,214 @@ impl World {
         let to = (h + self.rng.random_range(1..n)) % n;
         let mode = self.mode();
         let destination = self.hosts[to].name.clone();
-        self.note(format!(
-            "operator: migrate {vm} {} -> {destination} ({mode:?})",
-            self.hosts[h].name
-        ));
-        if let Err(e) = self.start_migration(h, &vm, &destination, mode, None) {
-            self.note(format!("operator: refused: {e}"));
-        }
+        let guests = self.guests_of(h);
+        let what = format!(
+            "migrate {vm} {} -> {destination} ({})",
+            self.hosts[h].name,
+            mode.as_str()
+        );
+        self.ask(
+            h,
+            what,
+            Request::StartMigration {
+                vm,
+                destination,
+                mode,
+                guests,
+            },
+        );
     }
 
     fn operator_abort(&mut self) {
-        let live: Vec<(usize, String)> = self
-            .hosts
-            .iter()
-            .enumerate()
-            .filter_map(|(h, _)| self.answering(h).map(|a| (h, a)))
-            .flat_map(|(h, a)| a.sources.keys().map(move |m| (h, m.clone())))
+        let live: Vec<(usize, String)> = (0..self.hosts.len())
+            .filter_map(|h| self.answering(h).map(|c| (h, c)))
+            .flat_map(|(h, c)| {
+                c.migrations()
+                    .filter(|r| r.outcome.is_none())
+                    .map(move |r| (h, r.id.clone()))
+            })
             .collect();
         if live.is_empty() {
             return;
         }
-        let (h, m) = live[self.rng.random_range(0..live.len())].clone();
-        let now = self.now;
-        let Some(a) = self.source_mut(h, &m) else {
-            return;
-        };
-        let state = a.state.clone();
-        match a.abort(now, "aborted by the operator") {
-            Ok(actions) => {
-                self.note(format!("operator: abort {m} in {state:?}"));
-                self.exec_source(h, &m, actions);
-            }
-            Err(why) => self.note(format!("operator: abort {m} refused: {why}")),
-        }
+        let (h, id) = live[self.rng.random_range(0..live.len())].clone();
+        self.ask(h, format!("abort {id}"), Request::Abort { id });
     }
 
     fn operator_retry(&mut self) {
-        let candidates: Vec<(usize, MigrationRecord)> = self
-            .hosts
-            .iter()
-            .enumerate()
-            .filter_map(|(h, _)| self.answering(h).map(|a| (h, a)))
-            .flat_map(|(h, a)| a.migrations.values().map(move |r| (h, r.clone())))
-            .filter(|(_, r)| matches!(r.outcome, Some(Outcome::Failed | Outcome::Aborted)))
+        let candidates: Vec<(usize, String, String)> = (0..self.hosts.len())
+            .filter_map(|h| self.answering(h).map(|c| (h, c)))
+            .flat_map(|(h, c)| {
+                c.migrations()
+                    .filter(|r| matches!(r.outcome, Some(Outcome::Failed | Outcome::Aborted)))
+                    .map(move |r| (h, r.id.clone(), r.destination.clone()))
+            })
             .collect();
         if candidates.is_empty() {
             return;
         }
-        let (h, record) = candidates[self.rng.random_range(0..candidates.len())].clone();
+        let (h, id, last) = candidates[self.rng.random_range(0..candidates.len())].clone();
         let destination = if self.rng.random_bool(0.5) {
-            record.destination.clone()
+            last
         } else {
             let n = self.hosts.len();
             let to = (h + self.rng.random_range(1..n)) % n;
             self.hosts[to].name.clone()
         };
         let mode = self.mode();
-        self.note(format!(
-            "operator: retry {} on {destination} ({mode:?})",
-            record.id
-        ));
-        if let Err(e) = self.start_migration(h, &record.vm, &destination, mode, Some(&record)) {
-            self.note(format!("operator: refused: {e}"));
-        }
+        let guests = self.guests_of(h);
+        self.ask(
+            h,
+            format!("retry {id} on {destination} ({})", mode.as_str()),
+            Request::Retry {
+                id,
+                destination: Some(destination),
+                mode: Some(mode),
+                guests,
+            },
+        );
     }
 
-    /// `tern rollback MIGRATION`: re-run that migration's pending rollbacks
-    /// on a host now (rollbacks::run_for_migration).
+    /// `tern rollback MIGRATION`: run that migration's pending work on a host now.
     fn operator_rollback(&mut self) {
         let pending: Vec<(usize, String)> = (0..self.hosts.len())
-            .filter(|&h| self.answering(h).is_some())
-            .flat_map(|h| {
-                self.hosts[h]
-                    .journal
-                    .pending
-                    .values()
-                    .map(move |p| (h, p.migration_id.clone()))
-            })
+            .filter_map(|h| self.answering(h).map(|c| (h, c)))
+            .flat_map(|(h, c)| c.pending().map(move |p| (h, p.migration_id.clone())))
             .collect();
         if pending.is_empty() {
             return;
         }
         let (h, migration_id) = pending[self.rng.random_range(0..pending.len())].clone();
-        self.note(format!(
-            "operator: rollback {migration_id} on {}",
-            self.hosts[h].name
-        ));
-        self.retry_pending_where(h, |p| p.migration_id == migration_id);
+        let what = format!("rollback {migration_id} on {}", self.hosts[h].name);
+        self.ask(h, what, Request::RunPending { migration_id });
     }
 
-    /// Agent::start_migration (and retry, with `existing`).
-    fn start_migration(
-        &mut self,
-        h: usize,
-        vm: &str,
-        destination: &str,
-        mode: Mode,
-        existing: Option<&MigrationRecord>,
-    ) -> Result<String, String> {
-        let Some(agent) = self.answering(h) else {
-            return Err(format!("{} is not answering", self.hosts[h].name));
+    /// Evacuate a host, or pause, resume, cancel an evacuation, or undrain.
+    fn operator_evacuation(&mut self) {
+        let n = self.hosts.len();
+        let h = self.rng.random_range(0..n);
+        let Some(core) = self.answering(h) else {
+            return;
         };
-        if agent.stopping {
-            return Err("shutting down".into());
-        }
-        if destination == self.hosts[h].name {
-            return Err("already there".into());
-        }
-        let Some(guest) = self.hosts[h].guests.get(vm) else {
-            return Err(format!("no VM named {vm} here"));
-        };
-        if guest.state == GuestState::Incoming {
-            return Err(format!("{vm} is arriving, not running here"));
-        }
-        if let Some(holder) = agent.locks.get(vm) {
-            return Err(format!("{vm} is already migrating ({holder})"));
-        }
-        let spec = guest.spec.clone();
-        let (migration_id, attempt, started_at_ms) = match existing {
-            Some(r) => (r.id.clone(), r.attempt + 1, r.started_at_ms),
-            None => {
-                self.next_migration += 1;
-                (format!("m-{:04}", self.next_migration), 1, self.now)
+        let active = core
+            .evacuations()
+            .into_iter()
+            .find(|e| !e.state.is_over())
+            .map(|e| e.id.clone());
+        let draining = core.is_draining();
+        match active {
+            None if draining && self.rng.random_bool(0.5) => {
+                self.ask(h, format!("undrain {}", self.hosts[h].name), Request::Undrain);
             }
-        };
-        let params = AttemptParams {
-            migration_id,
-            attempt,
-            host: self.hosts[h].name.clone(),
-            destination: destination.to_string(),
-            vm: spec,
-            mode,
-            timing: self.timing,
-            started_at_ms,
-        };
-        let (attempt, actions) = SourceAttempt::begin(params, self.now);
-        let id = attempt.attempt_id.clone();
-        self.begun.push((h, vm.to_string(), id.clone()));
-        self.start_source(h, attempt, actions);
-        Ok(id)
+            None => {
+                let mode = self.mode();
+                let exclude = if self.rng.random_bool(0.3) {
+                    vec![self.hosts[(h + 1) % n].name.clone()]
+                } else {
+                    Vec::new()
+                };
+                let request = EvacuationRequest {
+                    mode,
+                    concurrency: self.rng.random_range(0..=3),
+                    max_attempts: self.rng.random_range(1..=3),
+                    exclude,
+                };
+                let guests = self.guests_of(h);
+                self.ask(
+                    h,
+                    format!("evacuate {} ({})", self.hosts[h].name, mode.as_str()),
+                    Request::Evacuate { request, guests },
+                );
+            }
+            Some(id) => {
+                let control = match self.rng.random_range(0..4) {
+                    0 => Control::Pause,
+                    1 => Control::Resume,
+                    2 => Control::Cancel,
+                    _ => Control::CancelAbort,
+                };
+                self.ask(
+                    h,
+                    format!("evacuation {control:?} {id}"),
+                    Request::ControlEvacuation { id, control },
+                );
+            }
+        }
+    }
+
+    /// After the chaos, whatever still evacuates is cancelled (an operator
+    /// would, once nothing can take the VMs), so the cluster settles.
+    fn cancel_evacuations(&mut self) {
+        for h in 0..self.hosts.len() {
+            let Some(core) = self.answering(h) else {
+                continue;
+            };
+            let running: Vec<String> = core
+                .evacuations()
+                .into_iter()
+                .filter(|e| !e.state.is_over())
+                .map(|e| e.id.clone())
+                .collect();
+            for id in running {
+                self.ask(
+                    h,
+                    format!("evacuation cancel {id} (after the chaos)"),
+                    Request::ControlEvacuation {
+                        id,
+                        control: Control::Cancel,
+                    },
+                );
+            }
+        }
+        if (0..self.hosts.len()).any(|h| {
+            self.hosts[h].core.is_none() && !self.hosts[h].lost
+                || self.answering(h).is_some_and(|c| {
+                    c.evacuations().iter().any(|e| !e.state.is_over())
+                })
+        }) {
+            self.push(10_000, Event::CancelEvacuations);
+        }
+    }
+
+    /// What an operator does once an attempt cannot resolve by itself (its
+    /// destination is lost for good, or lost the guest): force it to run on
+    /// its source, unless the VM already runs elsewhere.
+    fn force_stuck(&mut self) {
+        for h in 0..self.hosts.len() {
+            let Some(core) = self.answering(h) else {
+                continue;
+            };
+            let stuck: Vec<(String, String, String)> = core
+                .migrations()
+                .filter(|r| r.outcome == Some(Outcome::Unresolved))
+                .filter(|r| {
+                    let lost_host = self
+                        .host_index(&r.destination)
+                        .is_some_and(|d| self.hosts[d].lost);
+                    lost_host || r.guest == crate::protocol::GuestCondition::Unknown
+                })
+                .map(|r| (r.id.clone(), r.vm.clone(), r.destination.clone()))
+                .collect();
+            for (id, vm, destination) in stuck {
+                let elsewhere = (0..self.hosts.len()).any(|o| {
+                    o != h
+                        && self.answering(o).is_some()
+                        && self.hosts[o]
+                            .guests
+                            .get(&vm)
+                            .is_some_and(|g| g.state == GuestState::Running)
+                });
+                let run_on = if elsewhere {
+                    RunOn::Destination
+                } else {
+                    // Knowingly: the copy here may be stale.
+                    self.forced_back.insert(vm.clone());
+                    RunOn::Source
+                };
+                let what = format!("resolve {id} --run-on {run_on:?} ({destination} cannot answer)");
+                self.ask(h, what, Request::Force { id, run_on });
+            }
+        }
     }
 
     // ---- the report ------------------------------------------------------------
@@ -2412,7 +1893,7 @@ impl World {
     pub fn report(&self) -> Report {
         let mut outcomes = BTreeMap::new();
         for host in &self.hosts {
-            for a in host.journal.sources.values() {
+            for a in host.disk.view().sources.values() {
                 // A lost source's journal went with it: its last word is moot.
                 let name = match a.record.outcome {
                     _ if host.lost => "lost with its source",
@@ -2430,6 +1911,7 @@ impl World {
             seed: self.scenario.seed,
             steps: self.steps,
             faults: self.faults,
+            fault_kinds: self.fault_kinds.clone(),
             attempts: self.begun.len() as u64,
             outcomes,
             violations: self.violations.clone(),
@@ -2443,7 +1925,8 @@ impl World {
         let sc = &self.scenario;
         let _ = writeln!(
             s,
-            "scenario: {} hosts, {} VMs, loss {} dup {} delay {:?}, crash/write {} (max {}), kills {}, stops {}, partitions {}, transfers survive crash: {}",
+            "scenario: {} hosts, {} VMs, loss {} dup {} delay {:?}, crash/write {} (max {}), kills {}, stops {}, \
+             power losses {}, partitions {}, evacuations {}, limits out {} in {}, transfers survive crash: {}, guest faults {:?}",
             sc.hosts.len(),
             sc.vms.len(),
             sc.net.loss,
@@ -2453,8 +1936,13 @@ impl World {
             sc.max_write_crashes,
             sc.kills,
             sc.stops,
+            sc.power_losses,
             sc.partitions,
-            sc.transfers_survive_crash
+            sc.evacuations,
+            sc.max_outgoing,
+            sc.max_incoming,
+            sc.transfers_survive_crash,
+            sc.guest
         );
         for (vm, h) in &sc.vms {
             let features: Vec<String> = vm
@@ -2476,7 +1964,7 @@ impl World {
                 s,
                 "{}: agent {} fail {:?} broken {:?} knows {:?}",
                 host.name,
-                match (host.lost, host.agent.is_some()) {
+                match (host.lost, host.core.is_some()) {
                     (true, _) => "lost for good",
                     (false, true) => "up",
                     (false, false) => "down",
@@ -2486,53 +1974,89 @@ impl World {
                 host.spec.knows
             );
             for (name, g) in &host.guests {
-                let _ = writeln!(s, "  guest {name}: {:?}", g.state);
+                let _ = writeln!(s, "  guest {name}: {:?} (copy {})", g.state, g.copy);
             }
             for (vm, f) in &host.switch {
                 let _ = writeln!(s, "  port {vm}/{f}");
             }
-            for p in host.journal.pending.values() {
+            let view = host.disk.view();
+            for p in view.pending.values() {
                 let _ = writeln!(
                     s,
-                    "  pending {} of {} for {} ({})",
-                    p.stage, p.feature, p.vm, p.attempt_id
+                    "  pending {} of {:?} for {} ({})",
+                    p.work.as_str(),
+                    p.feature,
+                    p.vm,
+                    p.attempt_id
                 );
             }
-            for a in host.journal.sources.values() {
+            for a in view.sources.values() {
                 let _ = writeln!(
                     s,
-                    "  source {} {} -> {}: {:?} {:?} running_on={} error={:?}",
+                    "  source {} {} -> {}: {:?} {:?} running_on={} guest={} error={:?}",
                     a.attempt_id,
                     a.vm.name,
                     a.destination,
                     a.state,
                     a.record.outcome,
                     a.record.running_on,
+                    a.record.guest.as_str(),
                     a.record.error
                 );
             }
-            for a in host.journal.destinations.values() {
+            for a in view.destinations.values() {
                 let _ = writeln!(
                     s,
-                    "  destination {} {} from {}: {:?} error={:?}",
-                    a.attempt_id, a.vm.name, a.source, a.state, a.error
+                    "  destination {} {} from {}: {:?} lost={:?} error={:?}",
+                    a.attempt_id,
+                    a.vm.name,
+                    a.source,
+                    a.state,
+                    a.lost(),
+                    a.error
                 );
+            }
+            for e in view.evacuations.values() {
+                let _ = writeln!(s, "  evacuation {}: {}", e.id, e.headline());
             }
         }
         s
     }
+
+
 }
 
-/// Which live timer is due.
-#[derive(Debug, Clone)]
-enum Timer {
-    Source(usize, String),
-    Destination(usize, String),
-    Pending(usize),
+fn describe_action(action: &Action) -> String {
+    let text = match action {
+        Action::Journal { entry, durable } => {
+            let what = match entry {
+                Entry::Source(a) => format!("source {} {:?}", a.attempt_id, a.state),
+                Entry::Destination(a) => format!("destination {} {:?}", a.attempt_id, a.state),
+                Entry::Pending(p) => format!("pending {} {} of {}", p.work.as_str(), p.feature, p.vm),
+                Entry::PendingDone { attempt_id, work, .. } => {
+                    format!("pending {work} of {attempt_id} done")
+                }
+                Entry::Tombstone(id) => format!("tombstone {id}"),
+                Entry::Evacuation(e) => format!("evacuation {} {}", e.id, e.state.as_str()),
+                Entry::Draining(d) => format!("draining {d}"),
+            };
+            format!("journal{} {what}", if *durable { " (sync)" } else { "" })
+        }
+        Action::Call { peer, request, .. } => format!("call {peer} {}", request.name()),
+        Action::Reply { reply, .. } => match reply {
+            Ok(r) => format!("reply {}", short(r)),
+            Err(e) => format!("refuse: {e}"),
+        },
+        Action::Run { op, what } => format!("run #{op} {}", short(what)),
+        Action::Cancel { op } => format!("give up on #{op}"),
+        Action::Emit(_) => "emit".into(),
+        Action::Exit => "exit".into(),
+    };
+    text
 }
 
-fn short(action: &impl std::fmt::Debug) -> String {
-    let text = format!("{action:?}");
+fn short(value: &impl std::fmt::Debug) -> String {
+    let text = format!("{value:?}");
     if text.len() > 90 {
         let mut end = 90;
         while !text.is_char_boundary(end) {

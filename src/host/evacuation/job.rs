@@ -83,6 +83,10 @@ pub struct AttemptEntry {
     pub interrupted: bool,
     pub started_at_ms: Millis,
     pub ended_at_ms: Option<Millis>,
+    /// A migration someone else started, which the evacuation follows
+    /// rather than placed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 impl AttemptEntry {
@@ -373,8 +377,24 @@ impl Evacuation {
             interrupted: false,
             started_at_ms: now,
             ended_at_ms: None,
+            adopted: false,
         });
         self.updated_at_ms = now;
+    }
+
+    /// A migration started otherwise holds the VM: the evacuation follows it.
+    pub fn adopted(
+        &mut self,
+        vm: usize,
+        migration_id: &str,
+        attempt: u32,
+        destination: &str,
+        now: Millis,
+    ) {
+        self.started(vm, migration_id, attempt, destination, now);
+        if let Some(entry) = self.vms[vm].attempts.last_mut() {
+            entry.adopted = true;
+        }
     }
 
     /// A pending VM cannot start now, for `why`; it is looked at again on
@@ -403,6 +423,30 @@ impl Evacuation {
         v.waiting = Some("moved by another migration".into());
         self.updated_at_ms = now;
         self.settle(now);
+    }
+
+    /// Someone retried the VM's migration by hand while the evacuation
+    /// followed it: the attempt it followed ended (failed, or it could not
+    /// have been retried) and the newer one is followed instead.
+    pub fn follow_retry(&mut self, vm: usize, record: &MigrationRecord, now: Millis) -> bool {
+        let v = &mut self.vms[vm];
+        if v.state != VmState::InFlight || v.migration_id.as_deref() != Some(record.id.as_str()) {
+            return false;
+        }
+        let Some(entry) = v.attempts.last_mut() else {
+            return false;
+        };
+        if entry.attempt >= record.attempt {
+            return false;
+        }
+        entry.outcome = Some(Outcome::Failed);
+        entry.ended_at_ms = Some(now);
+        entry.error = Some(format!(
+            "retried by hand as attempt {} of migration {}",
+            record.attempt, record.id
+        ));
+        self.adopted(vm, &record.id, record.attempt, &record.destination, now);
+        true
     }
 
     /// The VM's in-flight attempt has an outcome (its migration record).
@@ -599,6 +643,7 @@ fn vm_to_proto(v: &JobVm) -> proto::EvacuationVm {
                 started_at_ms: a.started_at_ms,
                 ended_at_ms: a.ended_at_ms.unwrap_or(0),
                 interrupted: a.interrupted,
+                adopted: a.adopted,
             })
             .collect(),
     }
@@ -657,6 +702,7 @@ impl From<&proto::EvacuationRecord> for Evacuation {
                             error: non_empty(&a.error),
                             busy: a.busy,
                             interrupted: a.interrupted,
+                            adopted: a.adopted,
                             started_at_ms: a.started_at_ms,
                             ended_at_ms: (a.ended_at_ms != 0).then_some(a.ended_at_ms),
                         })

@@ -74,6 +74,8 @@ struct Gather {
     /// By host, in the inventory's order once complete.
     answers: BTreeMap<String, Candidate>,
     waiting: usize,
+    /// When the guests were asked for.
+    asked_at: Millis,
 }
 
 impl Runs {
@@ -327,6 +329,12 @@ impl HostCore {
             let Some(migration) = vm.migration_id.as_deref() else {
                 continue;
             };
+            if let Some(latest) = self.migration(migration).cloned() {
+                let _ = self.update_evacuation(id, |job, now| {
+                    job.follow_retry(i, &latest, now);
+                    Ok(())
+                });
+            }
             let Some(record) = self
                 .sources
                 .get(migration)
@@ -434,7 +442,10 @@ impl HostCore {
             .collect();
         let owner = Owner::Evacuation(id.to_string());
         let deadline = self.cfg.deadlines.capacity_ms;
-        let mut gather = Gather::default();
+        let mut gather = Gather {
+            asked_at: now,
+            ..Gather::default()
+        };
         let mut asks = Vec::new();
         for host in others {
             match self.evacuations.unanswered.skip(&host, now) {
@@ -554,7 +565,20 @@ impl HostCore {
             .filter_map(|h| gather.answers.get(h).cloned())
             .collect();
         match gather.guests {
-            Some(Ok(guests)) => self.place(id, &mut hosts, guests),
+            Some(Ok(mut guests)) => {
+                // A VM this host moved away since the guests were listed is
+                // not here any more, whatever the list says.
+                let since = gather.asked_at;
+                guests.retain(|g| {
+                    !self.sources.values().any(|s| {
+                        !s.live
+                            && s.attempt.vm.name == g.spec.name
+                            && s.attempt.record.committed
+                            && s.attempt.record.updated_at_ms >= since
+                    })
+                });
+                self.place(id, &mut hosts, guests)
+            }
             _ => self.log(
                 Level::Warn,
                 "",
@@ -694,7 +718,7 @@ impl HostCore {
                     if r.started_at_ms >= since
                         || job.vms[vm].migration_id.as_deref() == Some(holder) =>
                 {
-                    job.started(vm, &r.id, r.attempt, &r.destination, now);
+                    job.adopted(vm, &r.id, r.attempt, &r.destination, now);
                 }
                 _ => job.waiting(
                     vm,
