@@ -353,10 +353,10 @@ mod tests {
         assert_eq!(job.host, last.name);
         assert_eq!(job.mode, Mode::Safe);
         assert_eq!(job.vms.len(), 3);
-        assert!(last.is_draining());
+        assert!(last.traffic().await.draining);
         // Still draining once every agent has settled: nothing reset it.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(last.is_draining());
+        assert!(last.traffic().await.draining);
         for _ in 0..200 {
             if let Some(step) = next_move(&cluster.agents).await {
                 assert_ne!(

@@ -351,7 +351,7 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             .await
         }
         Command::Evacuation { action, id, abort } => {
-            use tern::agent::evacuation::job::Control;
+            use tern::host::Control;
             let control = match (action, abort) {
                 (EvacuationAction::Pause, false) => Control::Pause,
                 (EvacuationAction::Resume, false) => Control::Resume,

@@ -191,6 +191,7 @@ fn cookies(
             } else {
                 String::new()
             },
+            lost: false,
         }));
     }
     out.iter().map(proto::CookieRecord::from).collect()
@@ -211,6 +212,7 @@ fn attempt(
         error: error.into(),
         busy: false,
         interrupted: false,
+        adopted: false,
         started_at_ms: 2_000 + u64::from(n) * 1_000,
         ended_at_ms: if outcome == proto::Outcome::None {
             0

@@ -755,9 +755,21 @@ impl HostCore {
             .count()
     }
 
-    /// Migrations this host receives that have not ended here.
+    /// Migrations this host receives now: what `max_incoming` limits. An
+    /// attempt counts from Prepare until its guest has arrived and its
+    /// features are finished; one rolling back or resuming its guest
+    /// receives nothing more.
     pub fn incoming(&self) -> usize {
-        self.destinations.len()
+        use crate::protocol::destination::DestinationState::*;
+        self.destinations
+            .values()
+            .filter(|d| {
+                matches!(
+                    d.attempt.state,
+                    Starting | Preparing { .. } | Prepared | Finishing { .. }
+                )
+            })
+            .count()
     }
 
     /// Live destination attempts (attempt id, VM).

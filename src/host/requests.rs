@@ -414,7 +414,7 @@ impl HostCore {
             )
             .collect();
         let busy = busy_with(&vm, &name, &leftovers);
-        let arriving = self.destinations.len();
+        let arriving = self.incoming();
         if busy.is_none() && arriving >= self.cfg.max_incoming as usize {
             return Err(Refusal::Busy(format!(
                 "destination busy: {name} already receives {arriving} migrations (max_incoming = {})",

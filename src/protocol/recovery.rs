@@ -100,7 +100,8 @@ mod tests {
         );
         assert_eq!(
             source_recovery(&SourceState::Aborting {
-                outcome: Outcome::Aborted
+                outcome: Outcome::Aborted,
+                step: crate::protocol::source::AbortStep::Resuming,
             }),
             SourceRecovery::CancelAndResume
         );
@@ -109,7 +110,10 @@ mod tests {
     #[test]
     fn source_confirm_is_redone() {
         assert_eq!(
-            source_recovery(&SourceState::Confirming { committed: true }),
+            source_recovery(&SourceState::Confirming {
+                committed: true,
+                step: crate::protocol::source::ConfirmStep::Releasing,
+            }),
             SourceRecovery::FinishConfirm
         );
         assert_eq!(source_recovery(&SourceState::Done), SourceRecovery::Nothing);
