@@ -919,8 +919,9 @@ impl HostCore {
                 };
                 self.source_input(&id, input);
             }
+            Owner::Pending { key, batch } => self.notified(&key, batch, reply),
             // The source of an attempt this host rolled back has heard.
-            Owner::Destination(_) | Owner::Pending { .. } => {}
+            Owner::Destination(_) => {}
             Owner::Evacuation(id) => {
                 let CallKind::Capacity { deadline } = entry.kind else {
                     return;

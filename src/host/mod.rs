@@ -136,6 +136,12 @@ pub enum Request {
     RunPending {
         migration_id: String,
     },
+    /// Drop the migration's pending work on this host, on the operator's
+    /// word (a destination gone for good will never hear a notification;
+    /// a driver removed will never undo its state).
+    ForgetPending {
+        migration_id: String,
+    },
     Evacuate {
         request: EvacuationRequest,
         guests: Vec<Guest>,

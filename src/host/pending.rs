@@ -9,7 +9,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, Event, HostCore, Level, Op, OpKind, Owner, ReqId, Response};
+use super::{
+    CallKind, Entry, Event, HostCore, Level, Op, OpKind, Owner, PeerCall, PeerResponse, ReqId,
+    Response,
+};
+use crate::proto;
 use crate::features::StageContext;
 use crate::protocol::policy::retry_backoff;
 use crate::protocol::{FeatureSpec, Millis, PendingWork, Stage, VmSpec};
@@ -23,6 +27,9 @@ pub enum Work {
     Resume,
     /// Kill a copy of the guest that must not run.
     Kill,
+    /// Tell the destination (named in `feature`) that the operator forced
+    /// the guest to run on this host.
+    Notify,
 }
 
 impl Work {
@@ -32,6 +39,7 @@ impl Work {
             Work::Stage(stage) => stage.as_str(),
             Work::Resume => "resume",
             Work::Kill => "kill",
+            Work::Notify => "notify",
         }
     }
 
@@ -39,6 +47,7 @@ impl Work {
         match s {
             "resume" => Some(Work::Resume),
             "kill" => Some(Work::Kill),
+            "notify" => Some(Work::Notify),
             other => Stage::parse(other).map(Work::Stage),
         }
     }
@@ -57,7 +66,8 @@ pub struct Pending {
     pub attempt_id: String,
     pub migration_id: String,
     pub vm: String,
-    /// The feature, or empty for work on the guest itself.
+    /// The feature; for `Notify`, the host to tell; empty for work on the
+    /// guest itself.
     pub feature: String,
     pub work: Work,
     pub error: String,
@@ -83,6 +93,7 @@ impl Pending {
         match self.work {
             Work::Stage(_) => features.contains_key(&self.feature),
             Work::Resume | Work::Kill => true,
+            Work::Notify => false,
         }
     }
 }
@@ -117,6 +128,14 @@ impl HostCore {
             ),
             PendingWork::Resume => (String::new(), Work::Resume),
             PendingWork::Kill => (String::new(), Work::Kill),
+            PendingWork::Notify => {
+                let destination = self
+                    .sources
+                    .get(migration_id)
+                    .map(|s| s.attempt.destination.clone())
+                    .unwrap_or_default();
+                (destination, Work::Notify)
+            }
         };
         let mut pending = Pending {
             attempt_id: attempt_id.to_string(),
@@ -133,10 +152,10 @@ impl HostCore {
         }
         self.pending.insert(pending.key(), pending.clone());
         self.journal(Entry::Pending(pending), true);
-        let what = if feature.is_empty() {
-            format!("{} of {}", work.as_str(), vm.name)
-        } else {
-            format!("{feature} {} for {}", work.as_str(), vm.name)
+        let what = match work {
+            Work::Notify => format!("telling {feature} that {} runs here", vm.name),
+            _ if feature.is_empty() => format!("{} of {}", work.as_str(), vm.name),
+            _ => format!("{feature} {} for {}", work.as_str(), vm.name),
         };
         self.log(
             Level::Error,
@@ -159,9 +178,9 @@ impl HostCore {
     }
 
     fn pending_in_flight(&self, key: &Key) -> bool {
-        self.ops
-            .values()
-            .any(|o| matches!(&o.owner, Owner::Pending { key: k, .. } if k == key))
+        let mine = |o: &Owner| matches!(o, Owner::Pending { key: k, .. } if k == key);
+        self.ops.values().any(|o| mine(&o.owner))
+            || self.calls.values().any(|c| mine(&c.owner))
             || self
                 .internal
                 .iter()
@@ -213,6 +232,64 @@ impl HostCore {
         for key in keys {
             self.run_pending(key, Some(batch));
         }
+    }
+
+    /// The operator drops a migration's pending work here: what it would
+    /// have undone stays as it is, knowingly. Refused while a run of it is
+    /// in flight.
+    pub(super) fn forget_pending(&mut self, migration_id: &str) -> super::Reply {
+        let keys: Vec<Key> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.migration_id == migration_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Err(super::Refusal::NotFound(format!(
+                "no pending work of migration {migration_id} on {}",
+                self.cfg.name
+            )));
+        }
+        if keys.iter().any(|k| self.pending_in_flight(k)) {
+            return Err(super::Refusal::FailedPrecondition(format!(
+                "pending work of migration {migration_id} is running now; try again when it has answered"
+            )));
+        }
+        let mut forgotten = Vec::new();
+        for key in keys {
+            if let Some(p) = self.pending.remove(&key) {
+                self.journal(
+                    Entry::PendingDone {
+                        attempt_id: p.attempt_id.clone(),
+                        feature: p.feature.clone(),
+                        work: p.work.as_str().to_string(),
+                    },
+                    true,
+                );
+                self.log(
+                    Level::Warn,
+                    migration_id,
+                    format!(
+                        "pending {} {}of {} forgotten on {} by the operator (last error: {})",
+                        p.work.as_str(),
+                        if p.feature.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{} ", p.feature)
+                        },
+                        p.vm,
+                        self.cfg.name,
+                        p.error
+                    ),
+                );
+                forgotten.push(p);
+            }
+        }
+        self.emit(Event::Host);
+        Ok(Response::Pending {
+            done: forgotten,
+            still: Vec::new(),
+        })
     }
 
     fn run_pending(&mut self, key: Key, batch: Option<u64>) {
@@ -268,7 +345,58 @@ impl HostCore {
                 let what = Op::Kill { vm: p.vm.clone() };
                 self.run(owner, OpKind::Kill, what, Some(deadlines.guest_op_ms));
             }
+            Work::Notify => {
+                let request = PeerCall::Abort(proto::PeerAbortRequest {
+                    attempt_id: p.attempt_id.clone(),
+                    reason: format!("the operator forced {} to run on {}", p.vm, self.cfg.name),
+                    from_host: self.cfg.name.clone(),
+                    cookie4: Vec::new(),
+                });
+                let timeout = self.cfg.timing.peer_timeout_ms;
+                self.call(owner, CallKind::Abort, &p.feature, request, Some(timeout));
+            }
         }
+    }
+
+    /// The destination answered a pending notification of a forced decision.
+    pub(super) fn notified(
+        &mut self,
+        key: &Key,
+        batch: Option<u64>,
+        reply: Result<PeerResponse, crate::protocol::PeerError>,
+    ) {
+        let result = match reply {
+            Ok(PeerResponse::Abort(r)) => {
+                if r.committed
+                    && let Some(id) = self
+                        .sources
+                        .iter()
+                        .find(|(_, s)| s.attempt.attempt_id == key.0)
+                        .map(|(id, _)| id.clone())
+                {
+                    // It had committed: the guest ran on both hosts. The
+                    // source attempt stops its copy and says so.
+                    let answer = crate::protocol::source::AbortAnswer {
+                        aborted: false,
+                        committed: true,
+                        detail: r.detail.clone(),
+                        c4: None,
+                    };
+                    self.source_input(
+                        &id,
+                        crate::protocol::source::SourceInput::AbortReplied(Ok(answer)),
+                    );
+                }
+                Ok(if r.committed {
+                    format!("it had committed: {}", r.detail)
+                } else {
+                    "it dropped its copy".to_string()
+                })
+            }
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.message().to_string()),
+        };
+        self.pending_done(key, batch, result);
     }
 
     /// A run of pending work ended.

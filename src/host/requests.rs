@@ -47,6 +47,10 @@ impl HostCore {
             Request::Abort { id } => self.operator_abort(req, &id),
             Request::Force { id, run_on } => self.force(req, &id, run_on),
             Request::RunPending { migration_id } => self.run_pending_now(req, &migration_id),
+            Request::ForgetPending { migration_id } => {
+                let reply = self.forget_pending(&migration_id);
+                self.reply(req, reply);
+            }
             Request::Evacuate { request, guests } => {
                 let reply = self.evacuate(request, &guests).map(Response::Evacuation);
                 self.reply(req, reply);

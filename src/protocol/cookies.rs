@@ -99,8 +99,11 @@ pub fn check_cookie1(
     })
 }
 
-/// C1 for an attempt. Required features are mandatory: a destination that
-/// does not know one could never honour "this VM must not run without it".
+/// C1 for an attempt. In safe mode required features are mandatory: a
+/// destination that does not know one could never honour "this VM must not
+/// run without it". Fast mode blocks on nothing (DESIGN §2): an emergency
+/// move to a host without the driver goes ahead, and the feature's failed
+/// stages make it degraded.
 pub fn cookie1(
     attempt_id: &str,
     migration_id: &str,
@@ -118,7 +121,7 @@ pub fn cookie1(
         mandatory_features: vm
             .features
             .iter()
-            .filter(|f| f.required)
+            .filter(|f| super::policy::is_blocking(mode, f.required))
             .map(|f| f.name.clone())
             .collect(),
     }

@@ -322,6 +322,9 @@ pub enum PendingWork {
     Resume,
     /// A copy of the guest that must not run is still here.
     Kill,
+    /// The destination has not heard that the operator forced the guest
+    /// to run on the source: it must, and say whether it had committed.
+    Notify,
 }
 
 /// What the hypervisor says of a guest when asked after a call on it did

@@ -761,8 +761,17 @@ impl SourceAttempt {
         now: Millis,
         reply: Result<AbortAnswer, PeerError>,
     ) -> Vec<SourceAction> {
-        let Ok(answer) = reply else {
-            return Vec::new();
+        let answer = match reply {
+            Ok(answer) => answer,
+            // A forced decision the destination has not heard of: it may
+            // still hold a copy it thinks it runs. Keep telling it.
+            Err(e) if self.forced == Some(RunOn::Source) && !self.record.committed => {
+                return vec![SourceAction::RecordPending {
+                    work: PendingWork::Notify,
+                    error: e.message().to_string(),
+                }];
+            }
+            Err(_) => return Vec::new(),
         };
         if answer.committed && self.forced == Some(RunOn::Source) && !self.record.committed {
             // The operator forced the guest back here, but the destination had

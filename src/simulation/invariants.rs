@@ -106,9 +106,17 @@ impl World {
                 _ => {} // reported by check_step
             }
             for (h, host) in self.hosts.iter().enumerate() {
+                // A commit that lost its guest keeps what is left of it for
+                // the operator to decide (its source cannot, being gone).
+                let kept_for_the_operator = self.lost_vms.contains(vm)
+                    && views[h]
+                        .destinations
+                        .values()
+                        .any(|d| &d.vm.name == vm && d.lost().is_some());
                 if let Some(g) = host.guests.get(vm)
                     && g.state != GuestState::Running
                     && runs_on.get(vm) != Some(&h)
+                    && !kept_for_the_operator
                 {
                     found.push(format!(
                         "a {:?} copy of {vm} is left on {}",

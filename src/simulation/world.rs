@@ -1855,6 +1855,21 @@ impl World {
             let Some(core) = self.answering(h) else {
                 continue;
             };
+            // Telling a host lost for good that the guest runs here is
+            // pointless: the operator drops that.
+            let unheard: Vec<String> = core
+                .pending()
+                .filter(|p| p.work == host::Work::Notify)
+                .filter(|p| self.host_index(&p.feature).is_some_and(|d| self.hosts[d].lost))
+                .map(|p| p.migration_id.clone())
+                .collect();
+            for migration_id in unheard {
+                let what = format!("rollback {migration_id} --forget (its destination is gone)");
+                self.ask(h, what, Request::ForgetPending { migration_id });
+            }
+            let Some(core) = self.answering(h) else {
+                continue;
+            };
             let stuck: Vec<(String, String, String)> = core
                 .migrations()
                 .filter(|r| r.outcome == Some(Outcome::Unresolved))

@@ -148,6 +148,7 @@ impl JobVm {
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             required: self.required.clone(),
+            preferred: Vec::new(),
         }
     }
 

@@ -637,7 +637,7 @@ impl HostCore {
                 });
                 continue;
             }
-            let need = vm.need();
+            let need = vm.need().in_mode(job.mode);
             let avoid = job.avoid(i);
             // A busy destination is tried again while it can take the VM.
             let retry = vm.retry_host.as_ref().and_then(|name| {

@@ -40,7 +40,22 @@ pub struct Need {
     pub vm: String,
     pub memory_mib: u64,
     pub vcpus: u32,
+    /// Features the destination must have (safe mode).
     pub required: Vec<String>,
+    /// Features the destination should have, but may lack (fast mode,
+    /// which blocks on nothing): a host that has them wins over any that
+    /// does not.
+    pub preferred: Vec<String>,
+}
+
+impl Need {
+    /// In fast mode nothing is required, only preferred.
+    pub fn in_mode(mut self, mode: crate::protocol::Mode) -> Need {
+        if mode == crate::protocol::Mode::Fast {
+            self.preferred.append(&mut self.required);
+        }
+        self
+    }
 }
 
 /// Why a host cannot take a VM.
@@ -112,7 +127,13 @@ fn score(need: &Need, host: &Candidate) -> f64 {
         host.vcpus_total as f64,
     );
     let busy = fraction(host.incoming as f64, host.max_incoming as f64);
-    memory + vcpus - busy
+    // Each term above is at most 1: a missing feature outweighs them all.
+    let missing = need
+        .preferred
+        .iter()
+        .filter(|f| !host.features.contains(f))
+        .count();
+    memory + vcpus - busy - 10.0 * missing as f64
 }
 
 /// The best host for the VM among `hosts`, never one in `avoid`.
@@ -173,7 +194,28 @@ mod tests {
             memory_mib,
             vcpus: 2,
             required: required.iter().map(|s| s.to_string()).collect(),
+            preferred: Vec::new(),
         }
+    }
+
+    #[test]
+    fn fast_mode_prefers_a_host_with_the_feature_but_takes_one_without() {
+        let mut bare = host("hv-c", 16000, 0);
+        bare.features.clear();
+        let has = host("hv-b", 2048, 1);
+        let fast = need(1024, &["port-profile"]).in_mode(crate::protocol::Mode::Fast);
+        assert_eq!(
+            place(&fast, &[bare.clone(), has.clone()], &[]),
+            Ok(1),
+            "the host with the feature wins however much room the other has"
+        );
+        assert_eq!(
+            place(&fast, &[bare.clone()], &[]),
+            Ok(0),
+            "fast mode blocks on nothing: a host without the driver still takes the VM"
+        );
+        let safe = need(1024, &["port-profile"]).in_mode(crate::protocol::Mode::Safe);
+        assert!(place(&safe, &[bare], &[]).unwrap_err().never);
     }
 
     #[test]
