@@ -133,10 +133,11 @@ fn main() -> ExitCode {
     let next = Arc::new(AtomicU64::new(args.start));
     let end = args.start + args.seeds;
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, Vec::<Report>::new())));
+    let kinds = Arc::new(Mutex::new(std::collections::BTreeMap::<&'static str, u64>::new()));
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..args.threads {
-            let (next, totals) = (next.clone(), totals.clone());
+            let (next, totals, kinds) = (next.clone(), totals.clone(), kinds.clone());
             scope.spawn(move || {
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
@@ -144,6 +145,15 @@ fn main() -> ExitCode {
                         return;
                     }
                     let report = run_seed_with(seed, false, args.plant).expect("planted");
+                    {
+                        let mut k = kinds.lock().expect("kinds");
+                        for kind in &report.fault_kinds {
+                            *k.entry(kind).or_insert(0) += 1;
+                        }
+                        if report.evacuations > 0 {
+                            *k.entry("(evacuations)").or_insert(0) += 1;
+                        }
+                    }
                     let mut t = totals.lock().expect("totals");
                     t.0 += 1;
                     t.1 += report.steps;
@@ -175,6 +185,10 @@ fn main() -> ExitCode {
     }
     let violations: usize = failed.iter().map(|r| r.violations.len()).sum();
     eprintln!("({:.1} s)", started.elapsed().as_secs_f64());
+    println!("seeds that include each kind of fault:");
+    for (kind, n) in kinds.lock().expect("kinds").iter() {
+        println!("  {kind}: {n}");
+    }
     println!("seeds: {seeds}, steps: {steps}, faults: {faults}, violations: {violations}");
     if failed.is_empty() {
         ExitCode::SUCCESS

@@ -119,8 +119,18 @@ enum Command {
         #[command(flatten)]
         report: ReportArgs,
     },
-    /// Re-run a migration's pending rollbacks on every host now.
-    Rollback { id: String },
+    /// Re-run a migration's pending work (rollbacks, releases, a resume or a
+    /// kill of its guest, telling a destination) on every host now.
+    Rollback {
+        id: String,
+        /// Drop the pending work instead of running it: what it would have
+        /// undone stays as it is. Asks for the VM name unless --yes.
+        #[arg(long)]
+        forget: bool,
+        /// With --forget: do not ask for the VM name as confirmation.
+        #[arg(long, requires = "forget")]
+        yes: bool,
+    },
     /// Force where an unresolved migration's guest runs. A wrong choice can run
     /// the guest on two hosts at once.
     Resolve {
@@ -380,7 +390,12 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             )
             .await
         }
-        Command::Rollback { id } => cli::rollback(inventory, &id).await,
+        Command::Rollback { id, forget: false, .. } => cli::rollback(inventory, &id).await,
+        Command::Rollback {
+            id,
+            forget: true,
+            yes,
+        } => cli::forget(inventory, &id, yes).await,
         Command::Resolve { id, run_on, yes } => {
             cli::resolve(inventory, &id, run_on.into(), yes).await
         }
@@ -559,7 +574,7 @@ mod tests {
             matches!(parse(&["abort", "m-1"]).command, Some(Command::Abort { id }) if id == "m-1")
         );
         assert!(
-            matches!(parse(&["rollback", "m-1"]).command, Some(Command::Rollback { id }) if id == "m-1")
+            matches!(parse(&["rollback", "m-1"]).command, Some(Command::Rollback { id, forget: false, .. }) if id == "m-1")
         );
         assert_eq!(parse_error(&["abort"]), ErrorKind::MissingRequiredArgument);
     }

@@ -24,7 +24,9 @@
 //!
 //! The run is driven by a seeded RNG: the seed is printed at the start and
 //! `TERN_CHAOS_SEED=N` replays the same choices (the timing of processes and
-//! the network cannot be replayed exactly).
+//! the network cannot be replayed exactly). `TERN_CHAOS_ROUNDS=N` runs N
+//! rounds on fresh clusters with the seed, the seed + 1, … (a longer soak
+//! by hand), each printing its seed first.
 
 mod common;
 #[path = "common/proxy.rs"]
@@ -902,10 +904,35 @@ fn seed() -> u64 {
     }
 }
 
+/// How many rounds to run, each on a fresh cluster with the next seed:
+/// `TERN_CHAOS_ROUNDS=N` makes a longer soak by hand.
+fn rounds() -> u64 {
+    match std::env::var("TERN_CHAOS_ROUNDS") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("TERN_CHAOS_ROUNDS={text:?} is not a number")),
+        Err(_) => 1,
+    }
+}
+
 #[test]
 fn random_migrations_under_crashes_signals_and_a_faulty_network_settle_into_the_invariants() {
-    let seed = seed();
-    eprintln!("chaos seed: {seed} (rerun with TERN_CHAOS_SEED={seed})");
+    let first = seed();
+    let rounds = rounds();
+    for round in 0..rounds {
+        let seed = first.wrapping_add(round);
+        eprintln!(
+            "chaos round {} of {rounds}, seed: {seed} (rerun with TERN_CHAOS_SEED={seed})",
+            round + 1
+        );
+        chaos_round(seed);
+    }
+}
+
+/// One round on a fresh cluster: the chaos, then the cluster must settle
+/// into the invariants.
+fn chaos_round(seed: u64) {
     let began = Instant::now();
     let mut proxy = Proxy::new();
     let cluster = start_cluster(&mut proxy);

@@ -1,8 +1,11 @@
 //! The deterministic simulator (src/simulation/) over 10,000 seeds: every seed
-//! is a cluster of 3–5 hosts and 2–6 VMs under network faults, agent crashes
-//! at journal writes, SIGKILLs and SIGTERMs, failing and slow stages, and an
-//! operator migrating, aborting, retrying and rolling back at random. The
-//! invariants of DESIGN.md §2 are checked after every step and at the end.
+//! is a cluster of 3–5 hosts and 2–6 VMs, each host running the agent's own
+//! host core, under network faults, agent crashes at journal writes,
+//! SIGKILLs, SIGTERMs and SIGSTOPs, power losses that drop the journal's
+//! unsynced tail, hypervisor calls and stages that fail or never answer,
+//! slow incoming starts, and an operator migrating, aborting, retrying,
+//! rolling back and evacuating at random. The invariants of DESIGN.md §2 and
+//! the evacuations' are checked after every step and at the end.
 //!
 //! The integration tests are built with the `mutations` feature (see
 //! Cargo.toml), so the last test can plant known mistakes and prove the
@@ -81,9 +84,17 @@ fn ten_thousand_fault_schedules_keep_the_invariants() {
             *outcomes.entry(*k).or_insert(0u64) += v;
         }
     }
+    let mut kinds: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for r in &passed {
+        for k in &r.fault_kinds {
+            *kinds.entry(k).or_insert(0) += 1;
+        }
+    }
+    let evacuating = passed.iter().filter(|r| r.evacuations > 0).count() as u64;
     println!(
         "seeds: {seeds}, steps: {steps}, faults: {faults}, attempts: {attempts}, outcomes: {outcomes:?}"
     );
+    println!("seeds with each kind of fault: {kinds:?}; seeds with evacuations: {evacuating}");
     assert_eq!(seeds, SEEDS);
     assert!(faults >= 5 * seeds, "only {faults} faults in {seeds} seeds");
     assert!(
@@ -96,6 +107,25 @@ fn ten_thousand_fault_schedules_keep_the_invariants() {
             "the seeds hardly produce {outcome:?} outcomes: {outcomes:?}"
         );
     }
+    // The agent's own edges are reached in a good share of the seeds.
+    for kind in [
+        "power loss",
+        "resume fails",
+        "kill fails",
+        "hypervisor or stage hangs",
+        "slow incoming start",
+        "freeze",
+    ] {
+        let n = kinds.get(kind).copied().unwrap_or(0);
+        assert!(
+            n * 20 >= seeds,
+            "only {n} of {seeds} seeds include {kind:?}: {kinds:?}"
+        );
+    }
+    assert!(
+        evacuating * 5 >= seeds,
+        "only {evacuating} of {seeds} seeds evacuate a host"
+    );
 }
 
 #[test]

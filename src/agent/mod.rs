@@ -325,6 +325,22 @@ impl Agent {
         }
     }
 
+    /// Drop a migration's pending work on this host, on the operator's word.
+    pub async fn forget_pending(
+        &self,
+        migration_id: &str,
+    ) -> Result<(Vec<host::Pending>, Vec<host::Pending>), Refusal> {
+        match self
+            .request(Request::ForgetPending {
+                migration_id: migration_id.to_string(),
+            })
+            .await?
+        {
+            Response::Pending { done, still } => Ok((done, still)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn evacuate(&self, request: EvacuationRequest) -> Result<Evacuation, Refusal> {
         let guests = self.guests().await;
         evacuation(self.request(Request::Evacuate { request, guests }).await)

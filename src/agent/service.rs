@@ -261,6 +261,17 @@ impl console_server::Console for ConsoleService {
         }))
     }
 
+    async fn forget(
+        &self,
+        request: Request<proto::MigrationRef>,
+    ) -> Result<Response<proto::RollbackReply>, Status> {
+        let (done, still) = self.0.forget_pending(&request.into_inner().id).await?;
+        Ok(Response::new(proto::RollbackReply {
+            done: done.into_iter().map(super::pending_to_proto).collect(),
+            still_pending: still.into_iter().map(super::pending_to_proto).collect(),
+        }))
+    }
+
     async fn resolve(
         &self,
         request: Request<proto::ForceResolveRequest>,

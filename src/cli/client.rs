@@ -202,6 +202,20 @@ impl Agent {
 
     /// Rollback; an agent that does not know the migration has nothing to
     /// roll back for it.
+    /// Drop this host's pending work of a migration; nothing pending here is
+    /// an empty answer.
+    pub async fn forget(&self, id: &str) -> Result<proto::RollbackReply, CliError> {
+        let request = proto::MigrationRef { id: id.to_string() };
+        match self
+            .short(|mut c| async move { c.forget(request).await })
+            .await
+        {
+            Ok(reply) => Ok(reply),
+            Err(status) if is_not_found(&status) => Ok(proto::RollbackReply::default()),
+            Err(status) => Err(self.status_error(&status)),
+        }
+    }
+
     pub async fn rollback(&self, id: &str) -> Result<proto::RollbackReply, CliError> {
         let request = proto::MigrationRef { id: id.to_string() };
         match self

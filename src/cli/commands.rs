@@ -9,7 +9,7 @@ use futures::future::join_all;
 use super::client::{
     Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
 };
-use super::output::{record_summary, rollback_reply, started_line};
+use super::output::{pending_rollback_line, record_summary, rollback_reply, started_line};
 use super::{CliError, CliResult, exit, exit_code_for_outcome};
 use crate::proto;
 use crate::protocol::record::{MigrationRecord, mode_to_proto};
@@ -200,6 +200,54 @@ pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
     Ok(exit::SUCCEEDED)
 }
 
+/// `tern rollback ID --forget`: drop a migration's pending work on every
+/// host, after a warning and the VM name as confirmation (unless `--yes`).
+pub async fn forget(inventory: &Path, id: &str, yes: bool) -> CliResult {
+    let cluster = Cluster::load(inventory)?;
+    let links = cluster.connect_all().await;
+    let (_, record) = find_migration(&links, id).await?;
+    eprintln!(
+        "Forgetting the pending work of migration {id} ({}): what it would have undone stays as it is \
+         (a port left associated, a paused copy left running nowhere, a destination never told). Only do this \
+         when the work can never succeed: its host or driver is gone for good.",
+        record.vm
+    );
+    if !yes {
+        confirm_vm_name(&record.vm).await?;
+    }
+    let replies =
+        join_all(reachable(&links).map(|agent| async move { (agent, agent.forget(id).await) }))
+            .await;
+    let mut forgotten = 0;
+    let mut failures = Vec::new();
+    for (agent, reply) in replies {
+        match reply {
+            Ok(reply) => {
+                for p in &reply.done {
+                    forgotten += 1;
+                    println!("{}: forgotten: {}", agent.name, pending_rollback_line(p));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {}", agent.name, e.message)),
+        }
+    }
+    failures.extend(
+        links
+            .iter()
+            .filter_map(|l| l.agent.as_ref().err().map(|e| e.message.clone())),
+    );
+    if !failures.is_empty() {
+        return Err(CliError::new(
+            exit::UNAVAILABLE,
+            format!("not every host could be asked: {}", failures.join("; ")),
+        ));
+    }
+    if forgotten == 0 {
+        println!("nothing pending for migration {id}");
+    }
+    Ok(exit::SUCCEEDED)
+}
+
 /// `tern resolve ID --run-on source|destination`: the operator's forced
 /// decision for an unresolved attempt. It warns what a wrong choice does and
 /// asks for the VM name unless `--yes`.
@@ -262,7 +310,8 @@ pub fn resolve_warning(id: &str, run_on: RunOn, source: &str, destination: &str)
         RunOn::Source => format!(
             "Forcing migration {id} to run on {source}. Only do this if the destination {destination} is gone for \
              good: if its copy of the guest has already resumed, the guest will run on two hosts at once and its \
-             disk and network state will diverge."
+             disk and network state will diverge. {source} keeps telling {destination} until it hears; if \
+             {destination} had committed, the copy on {source} is killed the moment it answers."
         ),
         RunOn::Destination => format!(
             "Forcing migration {id} to run on {destination}. Only do this if you have checked that {destination} \

@@ -25,7 +25,7 @@ use tonic::Code;
 use crate::protocol::Outcome;
 
 pub use client::Cluster;
-pub use commands::{Report, abort, fault, migrate, resolve, retry, rollback};
+pub use commands::{Report, abort, fault, forget, migrate, resolve, retry, rollback};
 pub use status::status;
 pub use watch::watch;
 

@@ -118,6 +118,15 @@ pub fn record_summary(record: &MigrationRecord) -> String {
         record.running_on.as_str()
     };
     let commit = if record.committed { ", committed" } else { "" };
+    let running_on = match record.guest {
+        crate::protocol::GuestCondition::Running => running_on.to_string(),
+        crate::protocol::GuestCondition::Paused => {
+            format!("{running_on} (the guest is PAUSED there: a resume failed)")
+        }
+        crate::protocol::GuestCondition::Unknown => {
+            format!("{running_on}? (no host can say it runs the guest)")
+        }
+    };
     let outcome = match record.outcome {
         Some(outcome) => outcome.as_str().to_string(),
         None => format!("none yet, running {}", state_summary(record)),
@@ -168,12 +177,18 @@ pub fn record_summary(record: &MigrationRecord) -> String {
     out
 }
 
-/// One pending rollback, e.g. `port-profile rollback for web-01 (migration
-/// m-1, attempt a-1), 3 tries: switch timed out`.
+/// One piece of pending work, e.g. `port-profile rollback for web-01
+/// (migration m-1, attempt a-1), 3 tries: switch timed out`, `resume of
+/// web-01 (…)`, `telling hv-b that web-01 runs here (…)`.
 pub fn pending_rollback_line(p: &proto::PendingRollback) -> String {
+    let what = match p.stage.as_str() {
+        "notify" => format!("telling {} that {} runs here", p.feature, p.vm),
+        stage if p.feature.is_empty() => format!("{stage} of {}", p.vm),
+        stage => format!("{} {stage} for {}", p.feature, p.vm),
+    };
     let mut line = format!(
-        "{} {} for {} (migration {}, attempt {})",
-        p.feature, p.stage, p.vm, p.migration_id, p.attempt_id
+        "{what} (migration {}, attempt {})",
+        p.migration_id, p.attempt_id
     );
     if p.tries > 0 {
         let _ = write!(

@@ -34,6 +34,9 @@ pub struct HostJson {
     pub feature_state: Vec<FeatureStateJson>,
     pub pending_rollbacks: Vec<PendingRollbackJson>,
     pub faults: Vec<FaultsJson>,
+    /// What the agent wants an operator to know (unreadable journal rows…).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Why the agent could not be asked; only when `connected` is false.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -147,6 +150,7 @@ impl From<&proto::Host> for HostJson {
                     fail_rollback: f.fail_rollback,
                 })
                 .collect(),
+            warnings: h.warnings.clone(),
             error: None,
         }
     }
@@ -173,6 +177,7 @@ impl HostJson {
             feature_state: Vec::new(),
             pending_rollbacks: Vec::new(),
             faults: Vec::new(),
+            warnings: Vec::new(),
             error: Some(error.to_string()),
         }
     }
@@ -350,6 +355,9 @@ pub fn human(status: &StatusJson) -> String {
             }
             if !h.pending_rollbacks.is_empty() {
                 notes.push(format!("{} pending rollback(s)", h.pending_rollbacks.len()));
+            }
+            for w in &h.warnings {
+                notes.push(format!("WARNING: {w}"));
             }
             vec![
                 h.name.clone(),

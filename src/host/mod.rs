@@ -30,6 +30,8 @@ mod attempts;
 pub mod evacuation;
 mod pending;
 mod requests;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

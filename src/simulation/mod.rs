@@ -47,6 +47,8 @@ pub struct Report {
     pub outcomes: std::collections::BTreeMap<&'static str, u64>,
     /// The kinds of fault this seed injected.
     pub fault_kinds: std::collections::BTreeSet<&'static str>,
+    /// Evacuations its operator started (and the hosts journaled).
+    pub evacuations: u64,
     pub violations: Vec<String>,
     /// The run step by step (only when asked for).
     pub trace: Vec<String>,

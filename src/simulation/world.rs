@@ -1922,11 +1922,17 @@ impl World {
         if self.tracing {
             trace.push(self.describe());
         }
+        let evacuations = self
+            .hosts
+            .iter()
+            .map(|h| h.disk.view().evacuations.len() as u64)
+            .sum();
         Report {
             seed: self.scenario.seed,
             steps: self.steps,
             faults: self.faults,
             fault_kinds: self.fault_kinds.clone(),
+            evacuations,
             attempts: self.begun.len() as u64,
             outcomes,
             violations: self.violations.clone(),

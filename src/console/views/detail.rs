@@ -31,7 +31,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     ])
     .areas(area);
     let (style, symbol, label) = outcome(theme, r.outcome);
-    let mut head = vec![Line::from(vec![
+    let mut spans = vec![
         Span::styled(format!(" {symbol} {label} "), style),
         Span::styled(format!(" {} ", r.vm), theme.title),
         Span::raw(format!(
@@ -43,7 +43,18 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             r.id,
             r.running_on
         )),
-    ])];
+    ];
+    // Where the guest is not simply running, say so in red.
+    match crate::protocol::record::guest_from_proto(r.guest) {
+        crate::protocol::GuestCondition::Running => {}
+        crate::protocol::GuestCondition::Paused => {
+            spans.push(Span::styled(" ✗ guest PAUSED (resume failed)", theme.error));
+        }
+        crate::protocol::GuestCondition::Unknown => {
+            spans.push(Span::styled(" ✗ guest state unknown", theme.error));
+        }
+    }
+    let mut head = vec![Line::from(spans)];
     if !r.error.is_empty() {
         head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
     }

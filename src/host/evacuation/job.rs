@@ -763,10 +763,10 @@ mod tests {
             "port-profile",
             true,
         )];
-        // What the source's record says, as a kind.
+        // What the source's (hv-a's) record says, as a kind.
         record.cause = if error.contains("busy") {
             Some(Cause::DestinationBusy)
-        } else if error.contains("shutting down") || error.contains("restarted") {
+        } else if error.contains("hv-a is shutting down") || error.contains("hv-a restarted") {
             Some(Cause::Interrupted)
         } else {
             None

@@ -1,0 +1,641 @@
+//! Unit tests of the host core, driven input by input: what it asks for and
+//! in which order (journal before acting, durable before answering), and
+//! the decisions that used to live in the agent.
+
+use prost::Message;
+
+use super::*;
+use crate::hypervisor::{Guest, GuestState};
+use crate::protocol::cookies;
+use crate::protocol::destination;
+use crate::protocol::{FeatureSpec, Mode, VmSpec};
+
+const A: &str = "hv-a";
+const B: &str = "hv-b";
+
+fn config(name: &str) -> Config {
+    Config {
+        name: name.into(),
+        hosts: vec![A.into(), B.into(), "hv-c".into()],
+        features: [("port-profile".to_string(), "port-profile".to_string())]
+            .into_iter()
+            .collect(),
+        capacity: HostCapacity {
+            memory_mib: 65_536,
+            vcpus: 64,
+        },
+        timing: Timing::default(),
+        deadlines: Deadlines::default(),
+        max_outgoing: 2,
+        max_incoming: 2,
+        rollback_retry_ms: 1_000,
+        id_salt: 7,
+    }
+}
+
+fn vm(name: &str, features: &[(&str, bool)]) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        memory_mib: 1024,
+        vcpus: 1,
+        dirty_rate_mib_s: 0,
+        features: features
+            .iter()
+            .map(|(f, required)| FeatureSpec {
+                name: f.to_string(),
+                driver: String::new(),
+                required: *required,
+            })
+            .collect(),
+        qemu: None,
+    }
+}
+
+fn running(spec: &VmSpec) -> Guest {
+    Guest {
+        spec: spec.clone(),
+        state: GuestState::Running,
+    }
+}
+
+/// One host core and what it said, with the clock in the test's hands.
+struct Host {
+    core: HostCore,
+    now: Millis,
+    next_req: ReqId,
+    log: Vec<Action>,
+}
+
+impl Host {
+    fn new(name: &str) -> Host {
+        Host::with(config(name))
+    }
+
+    fn with(config: Config) -> Host {
+        let mut core = HostCore::new(config);
+        let log = core.recover(1_000, JournalImage::default());
+        Host {
+            core,
+            now: 1_000,
+            next_req: 0,
+            log,
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Action> {
+        let actions = self.core.handle(self.now, input);
+        self.log.extend(actions.clone());
+        actions
+    }
+
+    fn request(&mut self, request: Request) -> (ReqId, Vec<Action>) {
+        self.next_req += 1;
+        let req = self.next_req;
+        (req, self.input(Input::Request { req, request }))
+    }
+
+    fn at(&mut self, ms: Millis) -> &mut Host {
+        self.now = ms;
+        self
+    }
+
+    fn timer(&mut self) -> Vec<Action> {
+        self.input(Input::Timer)
+    }
+
+    fn op_done(&mut self, op: OpId, result: Result<OpOutput, OpError>) -> Vec<Action> {
+        self.input(Input::OpDone { op, result })
+    }
+}
+
+/// The op the actions ask for that matches.
+fn op_of(actions: &[Action], matches: impl Fn(&Op) -> bool) -> Option<OpId> {
+    actions.iter().find_map(|a| match a {
+        Action::Run { op, what } if matches(what) => Some(*op),
+        _ => None,
+    })
+}
+
+fn reply_to(actions: &[Action], req: ReqId) -> Option<&Reply> {
+    actions.iter().find_map(|a| match a {
+        Action::Reply { req: r, reply } if *r == req => Some(reply),
+        _ => None,
+    })
+}
+
+fn position(actions: &[Action], matches: impl Fn(&Action) -> bool) -> Option<usize> {
+    actions.iter().position(matches)
+}
+
+fn prepare_call(spec: &VmSpec, attempt: &str, mode: Mode) -> Request {
+    let (migration, _) = attempt.split_once('.').expect("an attempt id");
+    let c1 = cookies::cookie1(attempt, migration, A, spec, mode);
+    Request::Peer {
+        call: PeerCall::Prepare(proto::PrepareRequest {
+            cookie1: c1.encode_to_vec(),
+        }),
+        guests: Vec::new(),
+    }
+}
+
+fn abort_call(attempt: &str) -> Request {
+    Request::Peer {
+        call: PeerCall::Abort(proto::PeerAbortRequest {
+            attempt_id: attempt.into(),
+            reason: "aborted by the operator".into(),
+            from_host: A.into(),
+            cookie4: Vec::new(),
+        }),
+        guests: Vec::new(),
+    }
+}
+
+fn resolve_call(attempt: &str) -> Request {
+    Request::Peer {
+        call: PeerCall::Resolve(proto::ResolveRequest {
+            attempt_id: attempt.into(),
+        }),
+        guests: Vec::new(),
+    }
+}
+
+fn heartbeat_call(attempt: &str) -> Request {
+    Request::Peer {
+        call: PeerCall::Heartbeat(proto::HeartbeatRequest {
+            from_host: A.into(),
+            attempt_ids: vec![attempt.into()],
+        }),
+        guests: Vec::new(),
+    }
+}
+
+fn finish_call(attempt: &str) -> Request {
+    let c3 = proto::Cookie3 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.into(),
+        status: proto::TransferStatus::Completed as i32,
+        stats: None,
+    };
+    Request::Peer {
+        call: PeerCall::Finish(proto::FinishRequest {
+            cookie3: c3.encode_to_vec(),
+        }),
+        guests: Vec::new(),
+    }
+}
+
+/// A destination with attempt `m-1.1` of a VM without features prepared:
+/// (host, the Prepare request's id).
+fn prepared_destination() -> (Host, ReqId) {
+    let mut b = Host::new(B);
+    let spec = vm("web-01", &[]);
+    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
+    let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Prepare(_))))),
+        "C2 once the guest started: {actions:?}"
+    );
+    (b, req)
+}
+
+/// Drive a prepared destination through Finish up to its commit: the
+/// actions of the last step (the resume is asked for) and Finish's request id.
+fn finishing(b: &mut Host) -> (ReqId, Vec<Action>) {
+    let (req, actions) = b.request(finish_call("m-1.1"));
+    let complete =
+        op_of(&actions, |o| matches!(o, Op::CompleteIncoming { .. })).expect("waits for the transfer");
+    let actions = b.op_done(complete, Ok(OpOutput::Done));
+    (req, actions)
+}
+
+#[test]
+fn an_abort_right_after_prepare_finds_the_attempt_registered() {
+    let mut b = Host::new(B);
+    let spec = vm("web-01", &[]);
+    // Prepare was admitted and registered in the same step: no gap where
+    // an abort would be answered "not known here" and then be too late.
+    let (_, _) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(abort_call("m-1.1"));
+    assert!(
+        !matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Abort(r)))) if r.detail == "not known here"),
+        "{actions:?}"
+    );
+    assert!(b.core.is_live("m-1.1"), "it rolls back once the start answers");
+}
+
+#[test]
+fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
+    let mut b = Host::new(B);
+    let spec = vm("web-01", &[]);
+    let (_, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
+    // QEMU takes 15 s to start; the source heartbeats every second.
+    for t in (2_000..=16_000).step_by(1_000) {
+        b.at(t).request(heartbeat_call("m-1.1"));
+        let actions = b.timer();
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Call { request: PeerCall::Abort(_), .. })),
+            "declared the source lost at {t} ms although it heard from it: {actions:?}"
+        );
+    }
+    b.at(16_500).op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
+    assert!(b.core.is_live("m-1.1"));
+    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+}
+
+#[test]
+fn a_silent_source_is_declared_lost_after_the_peer_timeout() {
+    let (mut b, _) = prepared_destination();
+    let actions = b.at(1_000 + 5_000 - 1).timer();
+    assert!(actions.is_empty(), "not before the timeout: {actions:?}");
+    let actions = b.at(1_000 + 5_000).timer();
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the incoming guest goes");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Call { request: PeerCall::Abort(_), peer, .. } if peer == A)),
+        "the source is told the destination gave up: {actions:?}"
+    );
+}
+
+#[test]
+fn the_commit_is_durable_before_the_resume_and_answered_only_after_it() {
+    let (mut b, _) = prepared_destination();
+    let (finish, actions) = finishing(&mut b);
+    let commit = position(&actions, |a| {
+        matches!(a, Action::Journal { entry: Entry::Destination(d), durable: true } if d.is_committed())
+    })
+    .expect("the commit is journaled durably");
+    let resume = position(&actions, |a| matches!(a, Action::Run { what: Op::Resume { .. }, .. }))
+        .expect("then the guest is resumed");
+    assert!(commit < resume, "{actions:?}");
+    assert!(
+        reply_to(&actions, finish).is_none(),
+        "nobody hears \"committed\" before the CPUs run: {actions:?}"
+    );
+    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+    let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
+    let actions = b.op_done(op, Ok(OpOutput::Done));
+    let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, finish) else {
+        panic!("Finish answered once the guest runs: {actions:?}");
+    };
+    let c4 = cookies::decode::<proto::Cookie4>("C4", &r.cookie4).expect("a C4");
+    assert!(c4.committed && !c4.lost);
+}
+
+#[test]
+fn a_failed_resume_at_the_commit_kills_the_copy_and_answers_not_committed() {
+    let (mut b, _) = prepared_destination();
+    let (finish, actions) = finishing(&mut b);
+    let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
+    let actions = b.op_done(op, Err(OpError::Failed("QEMU: cont failed".into())));
+    assert!(reply_to(&actions, finish).is_none(), "not before the copy is gone");
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the copy is killed");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    let never = position(&actions, |a| {
+        matches!(a, Action::Journal { entry: Entry::Destination(d), durable: true } if d.decided_not_to_commit())
+    })
+    .expect("\"never commits\" is journaled durably");
+    let answer = position(&actions, |a| matches!(a, Action::Reply { req, .. } if *req == finish))
+        .expect("then Finish is answered");
+    assert!(never < answer, "{actions:?}");
+    let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, finish) else {
+        unreachable!()
+    };
+    let c4 = cookies::decode::<proto::Cookie4>("C4", &r.cookie4).expect("a C4");
+    assert!(!c4.committed, "the source must resume its own copy");
+    assert!(c4.error.contains("cont failed"), "{}", c4.error);
+}
+
+#[test]
+fn a_resume_that_never_answers_ends_in_a_decision_at_its_deadline() {
+    let (mut b, _) = prepared_destination();
+    let (finish, actions) = finishing(&mut b);
+    let resume = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
+    let deadline = b.core.poll_timeout().expect("the resume has a deadline");
+    assert!(deadline <= b.now + Deadlines::default().guest_op_ms);
+    let actions = b.at(deadline).timer();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Cancel { op } if *op == resume)),
+        "the call is given up on: {actions:?}"
+    );
+    let status = op_of(&actions, |o| matches!(o, Op::Status { .. })).expect("asks whether it runs");
+    let actions = b.op_done(
+        status,
+        Ok(OpOutput::Status(Some(GuestState::Incoming))),
+    );
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("a stopped copy is killed");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert!(matches!(
+        reply_to(&actions, finish),
+        Some(Ok(Response::Peer(PeerResponse::Finish(_))))
+    ));
+    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::NotCommitted));
+    // A late answer to the call given up on changes nothing.
+    assert!(b.op_done(resume, Ok(OpOutput::Done)).is_empty());
+}
+
+#[test]
+fn a_commit_whose_guest_is_gone_is_lost_not_committed() {
+    let (mut b, _) = prepared_destination();
+    let (_, actions) = finishing(&mut b);
+    let deadline = b.core.poll_timeout().expect("a deadline");
+    let _ = actions;
+    let actions = b.at(deadline).timer();
+    let status = op_of(&actions, |o| matches!(o, Op::Status { .. })).expect("a status");
+    b.op_done(status, Ok(OpOutput::Status(None)));
+    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Lost));
+}
+
+#[test]
+fn not_committed_leaves_only_after_the_decision_is_durable() {
+    let (mut b, _) = prepared_destination();
+    let (req, actions) = b.request(resolve_call("m-1.1"));
+    let durable = position(&actions, |a| matches!(a, Action::Journal { durable: true, .. }))
+        .expect("the decision is journaled durably");
+    let answer = position(&actions, |a| matches!(a, Action::Reply { req: r, .. } if *r == req))
+        .expect("then answered");
+    assert!(durable < answer, "{actions:?}");
+}
+
+#[test]
+fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
+    let mut b = Host::new(B);
+    let (req, actions) = b.request(resolve_call("m-9.1"));
+    let tombstone = position(&actions, |a| {
+        matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-9.1")
+    })
+    .expect("a durable tombstone");
+    let answer = position(&actions, |a| matches!(a, Action::Reply { req: r, .. } if *r == req))
+        .expect("an answer");
+    assert!(tombstone < answer);
+    // And the late Prepare of it is refused.
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-9.1", Mode::Safe));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::FailedPrecondition(m))) if m.contains("aborted")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_destination_at_its_limit_refuses_as_busy() {
+    let mut b = Host::new(B);
+    for i in 0..2 {
+        let spec = vm(&format!("web-0{i}"), &[]);
+        b.request(prepare_call(&spec, &format!("m-{i}.1"), Mode::Safe));
+    }
+    let (req, actions) = b.request(prepare_call(&vm("web-09", &[]), "m-9.1", Mode::Safe));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("max_incoming = 2")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
+    // A stage deadline shorter than the peer timeout, so it fires first.
+    let mut b = Host::with(Config {
+        deadlines: Deadlines {
+            stage_ms: 2_000,
+            ..Deadlines::default()
+        },
+        ..config(B)
+    });
+    let spec = vm("web-01", &[("port-profile", true)]);
+    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
+    let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
+    let stage = op_of(&actions, |o| matches!(o, Op::Stage(c) if c.stage == Stage::Prepare))
+        .expect("the prepare stage");
+    let deadline = b.core.poll_timeout().expect("the stage has a deadline");
+    let actions = b.at(deadline).timer();
+    assert!(actions.iter().any(|a| matches!(a, Action::Cancel { op } if *op == stage)));
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the guest goes");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert!(
+        op_of(&actions, |o| matches!(o, Op::Stage(c) if c.stage == Stage::Rollback)).is_some(),
+        "the stage whose effect is unknown is undone: {actions:?}"
+    );
+    let _ = req;
+}
+
+#[test]
+fn a_release_with_no_driver_here_has_nothing_to_undo() {
+    let mut a = Host::new(A);
+    let spec = vm("web-01", &[("vtpm", false)]);
+    let (_, actions) = a.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: B.into(),
+        mode: Mode::Fast,
+        guests: vec![running(&spec)],
+    });
+    let prepare = actions
+        .iter()
+        .find_map(|x| match x {
+            Action::Call { call, request: PeerCall::Prepare(_), .. } => Some(*call),
+            _ => None,
+        })
+        .expect("Prepare is called");
+    // hv-b accepted it (fast mode: nothing is mandatory) and prepared nothing.
+    let c2 = proto::Cookie2 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: a.core.migrations().next().unwrap().attempt_id.clone(),
+        incoming_address: "sim://hv-b/x".into(),
+        accepted: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: prepare,
+        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
+            cookie2: c2.encode_to_vec(),
+        })),
+    });
+    let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).expect("a transfer");
+    let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
+    let finish = actions
+        .iter()
+        .find_map(|x| match x {
+            Action::Call { call, request: PeerCall::Finish(_), .. } => Some(*call),
+            _ => None,
+        })
+        .expect("Finish is called");
+    let attempt = c2.attempt_id.clone();
+    let c4 = proto::Cookie4 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt,
+        committed: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: finish,
+        reply: Ok(PeerResponse::Finish(proto::FinishReply {
+            cookie4: c4.encode_to_vec(),
+        })),
+    });
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the old copy goes");
+    let actions = a.op_done(kill, Ok(OpOutput::Done));
+    assert!(
+        op_of(&actions, |o| matches!(o, Op::Stage(_))).is_none(),
+        "no driver is asked: {actions:?}"
+    );
+    assert_eq!(a.core.pending().count(), 0, "nothing is left pending");
+    let record = a.core.migrations().next().unwrap();
+    assert!(record.outcome.is_some(), "{record:?}");
+}
+
+#[test]
+fn begin_refuses_a_vm_still_arriving_here() {
+    let (mut b, _) = prepared_destination();
+    let spec = vm("web-01", &[]);
+    let (req, actions) = b.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: "hv-c".into(),
+        mode: Mode::Safe,
+        // Even if the hypervisor already shows it running.
+        guests: vec![running(&spec)],
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::FailedPrecondition(m))) if m.contains("arriving")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
+    let mut b = Host::new(B);
+    b.core.pending.insert(
+        ("m-0.1".into(), String::new(), "kill".into()),
+        Pending {
+            attempt_id: "m-0.1".into(),
+            migration_id: "m-0".into(),
+            vm: "web-01".into(),
+            feature: String::new(),
+            work: Work::Kill,
+            error: "QEMU did not quit".into(),
+            tries: 1,
+            next_try_ms: 99_999,
+        },
+    );
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-1.1", Mode::Safe));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("pending kill")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn stop_waits_for_an_attempt_past_finish_then_exits() {
+    let mut a = Host::new(A);
+    let spec = vm("web-01", &[]);
+    let (_, actions) = a.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    let prepare = actions
+        .iter()
+        .find_map(|x| match x {
+            Action::Call { call, request: PeerCall::Prepare(_), .. } => Some(*call),
+            _ => None,
+        })
+        .unwrap();
+    let attempt = a.core.migrations().next().unwrap().attempt_id.clone();
+    let c2 = proto::Cookie2 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.clone(),
+        incoming_address: "sim://hv-b/x".into(),
+        accepted: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: prepare,
+        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
+            cookie2: c2.encode_to_vec(),
+        })),
+    });
+    let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).unwrap();
+    let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
+    let finish = actions
+        .iter()
+        .find_map(|x| match x {
+            Action::Call { call, request: PeerCall::Finish(_), .. } => Some(*call),
+            _ => None,
+        })
+        .unwrap();
+    // SIGTERM with Finish sent: nothing to abort, but not a reason to leave.
+    let actions = a.input(Input::Stop);
+    assert!(!actions.iter().any(|x| matches!(x, Action::Exit)), "{actions:?}");
+    let c4 = proto::Cookie4 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt,
+        committed: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: finish,
+        reply: Ok(PeerResponse::Finish(proto::FinishReply {
+            cookie4: c4.encode_to_vec(),
+        })),
+    });
+    assert!(!actions.iter().any(|x| matches!(x, Action::Exit)), "the kill is not done yet");
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).unwrap();
+    let actions = a.op_done(kill, Ok(OpOutput::Done));
+    let done = position(&actions, |x| {
+        matches!(x, Action::Journal { entry: Entry::Source(s), .. } if s.is_done())
+    })
+    .expect("Confirm is journaled done");
+    let exit = position(&actions, |x| matches!(x, Action::Exit)).expect("then it exits");
+    assert!(done < exit);
+}
+
+#[test]
+fn stop_exits_at_its_deadline_with_what_is_open_journaled() {
+    let (mut b, _) = prepared_destination();
+    let (_, _) = finishing(&mut b); // the resume never answers
+    let actions = b.input(Input::Stop);
+    assert!(!actions.iter().any(|x| matches!(x, Action::Exit)));
+    let grace = b.now + Deadlines::default().stop_grace_ms;
+    let actions = b.at(grace).timer();
+    assert!(actions.iter().any(|x| matches!(x, Action::Exit)), "{actions:?}");
+}
+
+#[test]
+fn the_outgoing_limit_holds_and_unresolved_attempts_do_not_count() {
+    let mut a = Host::new(A);
+    let specs: Vec<VmSpec> = (0..3).map(|i| vm(&format!("web-0{i}"), &[])).collect();
+    let guests: Vec<Guest> = specs.iter().map(running).collect();
+    for i in 0..2 {
+        let (req, actions) = a.request(Request::StartMigration {
+            vm: format!("web-0{i}"),
+            destination: B.into(),
+            mode: Mode::Safe,
+            guests: guests.clone(),
+        });
+        assert!(matches!(reply_to(&actions, req), Some(Ok(_))));
+    }
+    let (req, actions) = a.request(Request::StartMigration {
+        vm: "web-02".into(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests,
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::ResourceExhausted(m))) if m.contains("max_outgoing = 2")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn ids_differ_between_hosts_and_restarts() {
+    let mut ids = std::collections::BTreeSet::new();
+    for salt in [1u64, 2, 3] {
+        let mut core = HostCore::new(Config {
+            id_salt: salt,
+            ..config(A)
+        });
+        for _ in 0..100 {
+            assert!(ids.insert(core.new_id("m", 12, |_| false)));
+        }
+    }
+}
