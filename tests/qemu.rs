@@ -253,6 +253,64 @@ fn safe_mode_finish_failure_resumes_the_source() {
     });
 }
 
+/// The destination's QEMU dies after the guest has arrived and the features
+/// finished, right before the commit's `cont`: a hook on qb's finish stage
+/// kills it. The resume fails, so the guest's CPUs never started there:
+/// the destination says "not committed" and the source resumes its own
+/// copy, which goes on counting. Before, the failed resume was only
+/// logged, the destination answered "committed", and the source killed
+/// the only copy left.
+#[test]
+fn the_destination_qemu_dying_before_cont_leaves_the_guest_running_on_the_source() {
+    let Some(_turn) = qemu_or_skip(
+        "the_destination_qemu_dying_before_cont_leaves_the_guest_running_on_the_source",
+    ) else {
+        return;
+    };
+    // The hook finds qb's QEMU of the VM by its pidfile's path on its
+    // command line; on qa it does nothing.
+    let killer = r#"[ "$TERN_STAGE" = finish ] || exit 0
+for p in /proc/[0-9]*; do
+  if grep -aq "qb-state/qemu/$TERN_VM.pid" "$p/cmdline" 2>/dev/null; then kill -9 "${p#/proc/}"; fi
+done
+echo "killed the QEMU of $TERN_VM""#;
+    let hook = |script: &str| {
+        format!(
+            "[features.stop-qemu]\ndriver = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n\n"
+        )
+    };
+    let g1 = guest_vm("g1", GUEST_MIB, 8).replace(
+        "features = [{ name = \"port-profile\", required = true }]",
+        "features = [{ name = \"port-profile\", required = true }, { name = \"stop-qemu\" }]",
+    );
+    let cluster = QemuCluster(Cluster::start(vec![
+        qemu_host("qa", 1024, "", &(g1 + &port_profile("") + &hook("exit 0"))),
+        qemu_host("qb", 1024, "", &(port_profile("") + &hook(killer))),
+    ]));
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) =
+        cluster.tern_json(&["migrate", "g1", "--to", "qb", "--mode", "fast", "--json"]);
+    assert_eq!(code, 1, "the move did not happen: {record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["running_on"], "qa", "{record}");
+    assert_eq!(record["committed"], false, "{record}");
+    let error = record["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("could not start the guest's CPUs on qb"),
+        "the record names the failed resume: {record}"
+    );
+    // The memory had crossed: the failure came at the commit point.
+    assert!(record["transfer"]["bytes_transferred"].as_u64().unwrap() >= (GUEST_MIB - 2) << 20);
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    assert!(qemu_pids(&cluster, "qb").is_empty());
+    let qb = common::host_of(&cluster.status(), "qb").clone();
+    assert!(
+        qb["feature_state"].as_array().unwrap().is_empty(),
+        "qb undid what it set up: {qb}"
+    );
+}
+
 /// A migration slow enough to act on in the middle of Perform: 128 MiB at
 /// 8 MiB/s lasts about 16 s.
 fn slow_pair() -> (QemuCluster, String) {

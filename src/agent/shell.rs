@@ -243,6 +243,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
 fn op_error(e: HypervisorError) -> OpError {
     match e {
         HypervisorError::NoSuchGuest(_) => OpError::NoSuchGuest(e.to_string()),
+        HypervisorError::Unknown(_) => OpError::Unknown(e.to_string()),
         other => OpError::Failed(other.to_string()),
     }
 }

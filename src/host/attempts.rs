@@ -116,7 +116,13 @@ impl HostCore {
                         from_host: self.cfg.name.clone(),
                         attempt_ids: vec![attempt_id],
                     });
-                    self.call(owner, CallKind::Heartbeat, &peer, request, Some(peer_timeout));
+                    self.call(
+                        owner,
+                        CallKind::Heartbeat,
+                        &peer,
+                        request,
+                        Some(peer_timeout),
+                    );
                 }
                 SourceAction::ResumeGuest => {
                     let what = Op::Resume {
@@ -342,7 +348,10 @@ impl HostCore {
                     let (level, text) = if committed {
                         (
                             Level::Info,
-                            format!("{} committed on {}: the guest runs here", vm.name, self.cfg.name),
+                            format!(
+                                "{} committed on {}: the guest runs here",
+                                vm.name, self.cfg.name
+                            ),
                         )
                     } else {
                         (
@@ -418,7 +427,10 @@ impl HostCore {
         if a.is_committed() {
             proto::PeerAbortReply {
                 aborted: false,
-                detail: format!("attempt {} has committed on {}", a.attempt_id, self.cfg.name),
+                detail: format!(
+                    "attempt {} has committed on {}",
+                    a.attempt_id, self.cfg.name
+                ),
                 cookie4: Vec::new(),
                 committed: true,
             }
@@ -482,10 +494,9 @@ impl HostCore {
         if !self.cfg.features.contains_key(&spec.name) {
             let host = &self.cfg.name;
             let result = match stage {
-                Stage::Prepare | Stage::Finish => Err(format!(
-                    "feature {} is not configured on {host}",
-                    spec.name
-                )),
+                Stage::Prepare | Stage::Finish => {
+                    Err(format!("feature {} is not configured on {host}", spec.name))
+                }
                 Stage::Rollback | Stage::Release => Ok(format!(
                     "nothing to undo: {} has no driver on {host}",
                     spec.name
@@ -601,7 +612,9 @@ impl HostCore {
                         DestinationInput::IncomingStarted(Err(GuestOpError::Unknown(late())))
                     }
                     (OpKind::CompleteIncoming, Answered::Result(r)) => {
-                        DestinationInput::IncomingCompleted(r.map(|_| ()).map_err(|e| e.to_string()))
+                        DestinationInput::IncomingCompleted(
+                            r.map(|_| ()).map_err(|e| e.to_string()),
+                        )
                     }
                     (OpKind::CompleteIncoming, Answered::TimedOut) => {
                         DestinationInput::IncomingCompleted(Err(late()))
@@ -854,17 +867,19 @@ impl HostCore {
                     return;
                 }
                 let input = match (entry.kind, reply) {
-                    (CallKind::Prepare, reply) => SourceInput::PrepareReplied(reply.and_then(|r| {
-                        match r {
-                            PeerResponse::Prepare(r) => {
-                                cookies::decode::<proto::Cookie2>("C2", &r.cookie2)
-                                    .map_err(|e| PeerError::Refused(e.to_string()))
+                    (CallKind::Prepare, reply) => {
+                        SourceInput::PrepareReplied(reply.and_then(|r| {
+                            match r {
+                                PeerResponse::Prepare(r) => {
+                                    cookies::decode::<proto::Cookie2>("C2", &r.cookie2)
+                                        .map_err(|e| PeerError::Refused(e.to_string()))
+                                }
+                                other => Err(PeerError::Refused(format!(
+                                    "unexpected answer to Prepare: {other:?}"
+                                ))),
                             }
-                            other => Err(PeerError::Refused(format!(
-                                "unexpected answer to Prepare: {other:?}"
-                            ))),
-                        }
-                    })),
+                        }))
+                    }
                     (CallKind::Finish, reply) => SourceInput::FinishReplied(reply.and_then(|r| {
                         match r {
                             // A C4 that does not decode says nothing: unknown.
@@ -877,33 +892,43 @@ impl HostCore {
                             ))),
                         }
                     })),
-                    (CallKind::Resolve, reply) => SourceInput::ResolveReplied(reply.and_then(|r| {
-                        let PeerResponse::Resolve(r) = r else {
-                            return Err(PeerError::Unreachable("unexpected answer to Resolve".into()));
-                        };
-                        let c4 = || {
-                            cookies::decode::<proto::Cookie4>("C4", &r.cookie4)
-                                .map_err(|e| PeerError::Unreachable(e.to_string()))
-                        };
-                        match proto::Resolution::try_from(r.resolution) {
-                            Ok(proto::Resolution::Committed) => Ok(Resolution::Committed(c4()?)),
-                            Ok(proto::Resolution::NotCommitted) => {
-                                Ok(Resolution::NotCommitted(c4()?))
+                    (CallKind::Resolve, reply) => {
+                        SourceInput::ResolveReplied(reply.and_then(|r| {
+                            let PeerResponse::Resolve(r) = r else {
+                                return Err(PeerError::Unreachable(
+                                    "unexpected answer to Resolve".into(),
+                                ));
+                            };
+                            let c4 = || {
+                                cookies::decode::<proto::Cookie4>("C4", &r.cookie4)
+                                    .map_err(|e| PeerError::Unreachable(e.to_string()))
+                            };
+                            match proto::Resolution::try_from(r.resolution) {
+                                Ok(proto::Resolution::Committed) => {
+                                    Ok(Resolution::Committed(c4()?))
+                                }
+                                Ok(proto::Resolution::NotCommitted) => {
+                                    Ok(Resolution::NotCommitted(c4()?))
+                                }
+                                Ok(proto::Resolution::Lost) => Ok(Resolution::Lost(c4()?)),
+                                Ok(proto::Resolution::Pending) => Ok(Resolution::Pending),
+                                _ => Err(PeerError::Unreachable("unknown resolution".into())),
                             }
-                            Ok(proto::Resolution::Lost) => Ok(Resolution::Lost(c4()?)),
-                            Ok(proto::Resolution::Pending) => Ok(Resolution::Pending),
-                            _ => Err(PeerError::Unreachable("unknown resolution".into())),
-                        }
-                    })),
+                        }))
+                    }
                     (CallKind::Heartbeat, reply) => {
                         SourceInput::HeartbeatReplied(reply.and_then(|r| match r {
                             PeerResponse::Heartbeat(r) => Ok(!r.gone.contains(&attempt_id)),
-                            _ => Err(PeerError::Unreachable("unexpected answer to Heartbeat".into())),
+                            _ => Err(PeerError::Unreachable(
+                                "unexpected answer to Heartbeat".into(),
+                            )),
                         }))
                     }
                     (CallKind::Abort, reply) => SourceInput::AbortReplied(reply.and_then(|r| {
                         let PeerResponse::Abort(r) = r else {
-                            return Err(PeerError::Unreachable("unexpected answer to Abort".into()));
+                            return Err(PeerError::Unreachable(
+                                "unexpected answer to Abort".into(),
+                            ));
                         };
                         let c4 = (!r.cookie4.is_empty())
                             .then(|| cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok())
@@ -943,6 +968,7 @@ fn guest_op_result(answer: Answered, after: Millis) -> Result<(), GuestOpError> 
         Answered::Result(Ok(_)) => Ok(()),
         Answered::Result(Err(OpError::NoSuchGuest(e))) => Err(GuestOpError::Gone(e)),
         Answered::Result(Err(OpError::Failed(e))) => Err(GuestOpError::Failed(e)),
+        Answered::Result(Err(OpError::Unknown(e))) => Err(GuestOpError::Unknown(e)),
         Answered::TimedOut => Err(GuestOpError::Unknown(format!(
             "did not answer within {after} ms"
         ))),

@@ -236,14 +236,31 @@ pub enum PeerResponse {
 /// A hypervisor call or a feature stage.
 #[derive(Debug, Clone)]
 pub enum Op {
-    StartIncoming { spec: VmSpec, attempt_id: String },
-    CompleteIncoming { vm: String, stats: TransferStats },
+    StartIncoming {
+        spec: VmSpec,
+        attempt_id: String,
+    },
+    CompleteIncoming {
+        vm: String,
+        stats: TransferStats,
+    },
     /// Progress comes as [`Input::Progress`] until the end.
-    TransferOut { vm: String, address: String },
-    CancelTransfer { vm: String },
-    Resume { vm: String },
-    Kill { vm: String },
-    Status { vm: String },
+    TransferOut {
+        vm: String,
+        address: String,
+    },
+    CancelTransfer {
+        vm: String,
+    },
+    Resume {
+        vm: String,
+    },
+    Kill {
+        vm: String,
+    },
+    Status {
+        vm: String,
+    },
     Stage(StageContext),
     ListGuests,
 }
@@ -270,12 +287,14 @@ pub enum OpError {
     Failed(String),
     /// The hypervisor has no such guest.
     NoSuchGuest(String),
+    /// The call was made and no answer came back: its effect is unknown.
+    Unknown(String),
 }
 
 impl std::fmt::Display for OpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OpError::Failed(m) | OpError::NoSuchGuest(m) => f.write_str(m),
+            OpError::Failed(m) | OpError::NoSuchGuest(m) | OpError::Unknown(m) => f.write_str(m),
         }
     }
 }
@@ -366,7 +385,10 @@ pub enum Event {
 /// What the core asks its driver to do, in order.
 #[derive(Debug, Clone)]
 pub enum Action {
-    Journal { entry: Entry, durable: bool },
+    Journal {
+        entry: Entry,
+        durable: bool,
+    },
     Call {
         call: CallId,
         peer: String,
@@ -374,11 +396,19 @@ pub enum Action {
         /// The call fails as unreachable if no answer comes by then.
         deadline_ms: Option<Millis>,
     },
-    Reply { req: ReqId, reply: Reply },
-    Run { op: OpId, what: Op },
+    Reply {
+        req: ReqId,
+        reply: Reply,
+    },
+    Run {
+        op: OpId,
+        what: Op,
+    },
     /// Give up on an op that missed its deadline: its answer is no longer
     /// wanted (drop the future; a late answer is ignored anyway).
-    Cancel { op: OpId },
+    Cancel {
+        op: OpId,
+    },
     Emit(Event),
     /// A stopping agent has nothing left to wait for.
     Exit,
@@ -387,7 +417,10 @@ pub enum Action {
 /// What comes in.
 #[derive(Debug, Clone)]
 pub enum Input {
-    Request { req: ReqId, request: Request },
+    Request {
+        req: ReqId,
+        request: Request,
+    },
     /// The answer to [`Action::Call`], or why there was none.
     PeerReplied {
         call: CallId,
@@ -397,7 +430,10 @@ pub enum Input {
         op: OpId,
         result: Result<OpOutput, OpError>,
     },
-    Progress { op: OpId, stats: TransferStats },
+    Progress {
+        op: OpId,
+        stats: TransferStats,
+    },
     /// A timer from [`HostCore::poll_timeout`] is due.
     Timer,
     /// SIGINT, SIGTERM or SIGHUP.
@@ -410,7 +446,10 @@ enum Owner {
     /// A source attempt: migration id, attempt id.
     Source(String, String),
     Destination(String),
-    Pending { key: pending::Key, batch: Option<u64> },
+    Pending {
+        key: pending::Key,
+        batch: Option<u64>,
+    },
     Evacuation(String),
 }
 
@@ -645,8 +684,10 @@ impl HostCore {
     /// Write to the journal. `durable`: the write must survive a power loss
     /// before anything after it happens.
     fn journal(&mut self, entry: Entry, durable: bool) {
-        let durable =
-            durable && !crate::protocol::mutations::planted(crate::protocol::mutations::Mutation::ReplyBeforeDurable);
+        let durable = durable
+            && !crate::protocol::mutations::planted(
+                crate::protocol::mutations::Mutation::ReplyBeforeDurable,
+            );
         self.out.push(Action::Journal { entry, durable });
     }
 
@@ -696,7 +737,11 @@ impl HostCore {
         loop {
             let n = self.next_id();
             let bits = splitmix(self.cfg.id_salt ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let mask = if hex >= 16 { u64::MAX } else { (1u64 << (4 * hex)) - 1 };
+            let mask = if hex >= 16 {
+                u64::MAX
+            } else {
+                (1u64 << (4 * hex)) - 1
+            };
             let id = format!("{prefix}-{:0hex$x}", bits & mask);
             if !taken(&id) {
                 return id;
@@ -844,9 +889,7 @@ impl HostCore {
     pub fn recover(&mut self, now: Millis, image: JournalImage) -> Vec<Action> {
         self.now = self.now.max(now);
         for row in image.unreadable {
-            let text = format!(
-                "journal: a record could not be read and was set aside: {row}"
-            );
+            let text = format!("journal: a record could not be read and was set aside: {row}");
             self.log(Level::Error, "", text.clone());
             self.warnings.push(text);
         }
@@ -971,9 +1014,9 @@ impl HostCore {
             let Some(s) = self.sources.get_mut(&id) else {
                 continue;
             };
-            if let Ok(actions) =
-                s.attempt
-                    .abort(now, &reason, crate::protocol::Cause::Interrupted)
+            if let Ok(actions) = s
+                .attempt
+                .abort(now, &reason, crate::protocol::Cause::Interrupted)
             {
                 self.source_actions(&id, actions);
             }
@@ -1001,17 +1044,15 @@ impl HostCore {
             return;
         }
         use crate::protocol::source::SourceState;
-        let busy = self.sources.values().any(|s| {
-            s.live
-                && !matches!(s.attempt.state, SourceState::Unresolved)
-        }) || self
-            .destinations
+        let busy = self
+            .sources
             .values()
-            .any(|d| d.attempt.lost().is_none())
+            .any(|s| s.live && !matches!(s.attempt.state, SourceState::Unresolved))
             || self
-                .calls
+                .destinations
                 .values()
-                .any(|c| c.kind == CallKind::Abort);
+                .any(|d| d.attempt.lost().is_none())
+            || self.calls.values().any(|c| c.kind == CallKind::Abort);
         if !busy || self.now >= stopping.deadline {
             if busy {
                 self.log(

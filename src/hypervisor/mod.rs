@@ -40,6 +40,10 @@ pub enum HypervisorError {
     Cancelled(String),
     #[error("{0}")]
     Failed(String),
+    /// The call was made and no answer came back (the hypervisor died on
+    /// it): whether it took effect is unknown.
+    #[error("{0} (whether it took effect is unknown)")]
+    Unknown(String),
 }
 
 /// Capacity of the host, for Prepare's check.

@@ -793,7 +793,14 @@ impl Hypervisor for QemuHypervisor {
         }
         let status = qmp.query_status().await.map_err(qemu_error)?;
         if status.status != "running" {
-            qmp.cont().await.map_err(qemu_error)?;
+            // QEMU dying with `cont` sent leaves it unknown whether the
+            // CPUs started: never to be taken for "did nothing".
+            qmp.cont().await.map_err(|e| match e {
+                QmpError::Closed => {
+                    HypervisorError::Unknown(format!("QEMU of {vm} exited while starting its CPUs"))
+                }
+                other => qemu_error(other),
+            })?;
         }
         self.set_state(vm, GuestState::Running);
         Ok(())
