@@ -81,8 +81,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::config::AgentConfig;
+use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::hypervisor::sim::{SimSettings, transfer_duration};
 use tern::protocol::Phase;
 use tern::protocol::record::MigrationRecord;

@@ -34,12 +34,12 @@ use ratatui::style::{Color, Modifier};
 use resvg::{tiny_skia, usvg};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::console::app::{self, App, Dialog, View};
 use tern::console::state::ClusterState;
 use tern::console::theme::Theme;
 use tern::console::{Msg, client, views};
 use tern::demo::{Cluster, DemoOptions};
+use tern::host::evacuation::job::{Evacuation, VmState};
 use tern::proto;
 use tern::protocol::Outcome;
 

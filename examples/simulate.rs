@@ -133,7 +133,9 @@ fn main() -> ExitCode {
     let next = Arc::new(AtomicU64::new(args.start));
     let end = args.start + args.seeds;
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, Vec::<Report>::new())));
-    let kinds = Arc::new(Mutex::new(std::collections::BTreeMap::<&'static str, u64>::new()));
+    let kinds = Arc::new(Mutex::new(
+        std::collections::BTreeMap::<&'static str, u64>::new(),
+    ));
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..args.threads {

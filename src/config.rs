@@ -223,6 +223,29 @@ pub struct HypervisorConfig {
     /// qemu: parallel migration channels; 0 keeps one stream (multifd off).
     #[serde(default)]
     pub multifd_channels: u32,
+    /// sim: `[hypervisor.faults]`, calls that fail, hang or are slow.
+    #[serde(default)]
+    pub faults: SimFaultsConfig,
+}
+
+/// `[hypervisor.faults]`: fault injection in the simulated hypervisor, for
+/// drills and tests. Call names are those of [`crate::hypervisor::sim::SimCall`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimFaultsConfig {
+    /// Calls that fail, changing nothing.
+    #[serde(default)]
+    pub fail: Vec<String>,
+    /// Only the first N calls of each kind in `fail` or `hang` misbehave;
+    /// 0 means every one.
+    #[serde(default)]
+    pub fail_times: u32,
+    /// Calls that never answer, changing nothing.
+    #[serde(default)]
+    pub hang: Vec<String>,
+    /// How long `start_incoming` takes; the guest exists from its start.
+    #[serde(default)]
+    pub start_incoming_latency_ms: u64,
 }
 
 fn default_kind() -> String {
@@ -271,6 +294,7 @@ impl Default for HypervisorConfig {
             migration_address: None,
             auto_converge: true,
             multifd_channels: 0,
+            faults: SimFaultsConfig::default(),
         }
     }
 }
@@ -337,8 +361,14 @@ impl AgentConfig {
             ("rollback_retry_ms", config.rollback_retry_ms),
             ("stage_timeout_ms", config.stage_timeout_ms),
             ("guest_op_timeout_ms", config.guest_op_timeout_ms),
-            ("incoming_start_timeout_ms", config.incoming_start_timeout_ms),
-            ("incoming_complete_timeout_ms", config.incoming_complete_timeout_ms),
+            (
+                "incoming_start_timeout_ms",
+                config.incoming_start_timeout_ms,
+            ),
+            (
+                "incoming_complete_timeout_ms",
+                config.incoming_complete_timeout_ms,
+            ),
             ("stop_grace_ms", config.stop_grace_ms),
         ] {
             if value == 0 && key != "rollback_retry_ms" && key != "stall_timeout_ms" {
@@ -363,7 +393,7 @@ impl AgentConfig {
             }
         }
         match config.hypervisor.kind.as_str() {
-            "sim" => {}
+            "sim" => check_sim_faults(path, &config.hypervisor.faults)?,
             "qemu" => check_qemu(path, &config)?,
             other => {
                 return Err(invalid(
@@ -432,9 +462,57 @@ impl AgentConfig {
     }
 }
 
+/// `[hypervisor.faults]` of the sim backend: every call named must be one
+/// the simulated hypervisor knows, and fail or hang, not both.
+fn check_sim_faults(path: &Path, faults: &SimFaultsConfig) -> Result<(), ConfigError> {
+    use crate::hypervisor::sim::SimCall;
+    let known = || {
+        SimCall::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (key, names) in [("fail", &faults.fail), ("hang", &faults.hang)] {
+        if let Some(unknown) = names.iter().find(|n| SimCall::parse(n).is_none()) {
+            return Err(invalid(
+                path,
+                format!(
+                    "[hypervisor.faults] {key}: unknown call {unknown:?}; known calls: {}",
+                    known()
+                ),
+            ));
+        }
+    }
+    if let Some(both) = faults.fail.iter().find(|n| faults.hang.contains(n)) {
+        return Err(invalid(
+            path,
+            format!(
+                "[hypervisor.faults] {both:?} is in both fail and hang: a call either fails or never answers"
+            ),
+        ));
+    }
+    if faults.start_incoming_latency_ms > MAX_TIMER_MS {
+        return Err(invalid(
+            path,
+            format!(
+                "[hypervisor.faults] start_incoming_latency_ms = {}: must be at most {MAX_TIMER_MS} (one day)",
+                faults.start_incoming_latency_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The qemu backend's settings, checked before the agent starts anything.
 fn check_qemu(path: &Path, config: &AgentConfig) -> Result<(), ConfigError> {
     let h = &config.hypervisor;
+    if h.faults != SimFaultsConfig::default() {
+        return Err(invalid(
+            path,
+            "[hypervisor.faults] is fault injection of the simulated hypervisor: remove it, or set kind = \"sim\"",
+        ));
+    }
     if !["auto", "kvm", "tcg"].contains(&h.accel.as_str()) {
         return Err(invalid(
             path,
@@ -664,6 +742,72 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn sim_faults_are_read_from_the_hypervisor_faults_table() {
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        let config = parse(&sim).unwrap();
+        assert_eq!(config.hypervisor.faults, SimFaultsConfig::default());
+        let text = format!(
+            "{sim}[hypervisor.faults]\nfail = [\"resume\", \"kill\"]\nfail_times = 2\n\
+             hang = [\"complete_incoming\"]\nstart_incoming_latency_ms = 4500\n"
+        );
+        let faults = parse(&text).unwrap().hypervisor.faults;
+        assert_eq!(
+            faults,
+            SimFaultsConfig {
+                fail: vec!["resume".into(), "kill".into()],
+                fail_times: 2,
+                hang: vec!["complete_incoming".into()],
+                start_incoming_latency_ms: 4500,
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_sim_fault_calls_are_refused_naming_the_key_and_the_known_calls() {
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        let known = "known calls: start_incoming, resume, kill, cancel_transfer, complete_incoming";
+        for (setting, expected) in [
+            (
+                "fail = [\"resume\", \"reboot\"]",
+                "[hypervisor.faults] fail: unknown call \"reboot\"",
+            ),
+            (
+                "hang = [\"Resume\"]",
+                "[hypervisor.faults] hang: unknown call \"Resume\"",
+            ),
+        ] {
+            let err = parse(&format!("{sim}[hypervisor.faults]\n{setting}\n")).unwrap_err();
+            assert!(err.starts_with("hv-a.toml is not valid: "), "{err}");
+            assert!(err.contains(expected), "{setting}: {err}");
+            assert!(err.contains(known), "{setting}: {err}");
+        }
+        let cases = [
+            (
+                "fail = [\"kill\"]\nhang = [\"kill\"]",
+                "\"kill\" is in both fail and hang",
+            ),
+            (
+                "start_incoming_latency_ms = 86400001",
+                "start_incoming_latency_ms = 86400001: must be at most 86400000",
+            ),
+            ("fail_rate = 0.5", "unknown field `fail_rate`"),
+        ];
+        for (setting, expected) in cases {
+            let err = parse(&format!("{sim}[hypervisor.faults]\n{setting}\n")).unwrap_err();
+            assert!(err.contains(expected), "{setting}: {err}");
+        }
+        // The real hypervisor cannot be told to misbehave.
+        let err = parse(&format!(
+            "{QEMU_AGENT}[hypervisor.faults]\nfail = [\"resume\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("[hypervisor.faults] is fault injection of the simulated hypervisor"),
+            "{err}"
+        );
     }
 
     #[test]

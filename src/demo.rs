@@ -12,9 +12,9 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 
-use crate::host::{EvacuationRequest, Evacuation};
 use crate::agent::{self, Agent};
 use crate::config::{AgentConfig, Inventory};
+use crate::host::{Evacuation, EvacuationRequest};
 use crate::protocol::Mode;
 
 #[derive(Debug, Clone)]

@@ -390,7 +390,9 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             )
             .await
         }
-        Command::Rollback { id, forget: false, .. } => cli::rollback(inventory, &id).await,
+        Command::Rollback {
+            id, forget: false, ..
+        } => cli::rollback(inventory, &id).await,
         Command::Rollback {
             id,
             forget: true,

@@ -59,7 +59,10 @@ fn cluster(proxy: &mut Proxy) -> Cluster {
                 if *peer == name {
                     (*peer, ports[peer])
                 } else {
-                    (*peer, proxy.add_link(&format!("{name}->{peer}"), ports[peer]))
+                    (
+                        *peer,
+                        proxy.add_link(&format!("{name}->{peer}"), ports[peer]),
+                    )
                 }
             })
             .collect();
@@ -120,11 +123,9 @@ fn a_wrong_forced_run_on_source_is_noticed_and_the_stale_copy_killed() {
         "the source to be unresolved",
         || cluster.migration(&id)["outcome"] == "unresolved",
     );
-    wait_until(
-        Duration::from_secs(15),
-        "hv-b to run the guest",
-        || cluster.running_on("web-01") == ["hv-b"],
-    );
+    wait_until(Duration::from_secs(15), "hv-b to run the guest", || {
+        cluster.running_on("web-01") == ["hv-b"]
+    });
 
     // hv-b's agent dies (its guest keeps running: it outlives its agent,
     // as QEMU does). The operator cannot reach it either, and forces the
@@ -191,9 +192,11 @@ fn a_wrong_forced_run_on_source_is_noticed_and_the_stale_copy_killed() {
         "the stale copy to be gone from hv-a",
         || cluster.guests_of("web-01") == [("hv-b".to_string(), "running".to_string())],
     );
-    wait_until(Duration::from_secs(10), "the notification to be done", || {
-        cluster.pending_rollbacks("hv-a").is_empty()
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the notification to be done",
+        || cluster.pending_rollbacks("hv-a").is_empty(),
+    );
     assert!(
         cluster.log("hv-a").contains("WRONG FORCED DECISION"),
         "hv-a's log says it at error level"

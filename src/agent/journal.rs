@@ -205,9 +205,7 @@ impl Journal {
     /// agent from starting; a journal that cannot be read at all is an error.
     pub fn load(&self) -> Result<JournalImage, JournalError> {
         let mut image = JournalImage::default();
-        for (side, id, body) in self.rows(
-            "SELECT side, id, body FROM attempt ORDER BY rowid",
-        )? {
+        for (side, id, body) in self.rows("SELECT side, id, body FROM attempt ORDER BY rowid")? {
             match side.as_str() {
                 "source" => match serde_json::from_str::<SourceAttempt>(&body) {
                     Ok(a) => image.sources.push(a),
@@ -258,8 +256,7 @@ impl Journal {
                 migration_id: r.get(1)?,
                 vm: r.get(2)?,
                 feature: r.get(3)?,
-                work: Work::parse(&stage)
-                    .unwrap_or(Work::Stage(crate::protocol::Stage::Rollback)),
+                work: Work::parse(&stage).unwrap_or(Work::Stage(crate::protocol::Stage::Rollback)),
                 error: r.get(5)?,
                 tries: r.get(6)?,
                 next_try_ms: r.get(7)?,
@@ -425,9 +422,11 @@ mod tests {
         let journal = Journal::open(dir.path()).unwrap();
         let body: String = journal
             .db
-            .query_row("SELECT body FROM attempt WHERE id = 'm-1.1' AND side = 'source'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT body FROM attempt WHERE id = 'm-1.1' AND side = 'source'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(body, "old");
         journal

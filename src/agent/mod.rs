@@ -126,11 +126,7 @@ impl Agent {
         let journal = journal::Journal::open(&config.state_dir)?;
         // The configured guests are booted once in the host's life: a
         // hypervisor that lost its list must not boot them again.
-        let seed: &[crate::protocol::VmSpec] = if journal.booted()? {
-            &[]
-        } else {
-            &config.vm
-        };
+        let seed: &[crate::protocol::VmSpec] = if journal.booted()? { &[] } else { &config.vm };
         let hypervisor: Arc<dyn Hypervisor> = match config.hypervisor.kind.as_str() {
             "qemu" => Arc::new(
                 QemuHypervisor::open(&config.state_dir, QemuSettings::from_config(config), seed)
@@ -415,14 +411,30 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// Wait until the migration's latest attempt has an outcome.
+    /// Wait until the migration's latest attempt has ended: an outcome, and
+    /// nothing left running for it here (the guest's resume or kill has
+    /// answered, so the record says where the guest is), or unresolved.
     pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
         self.wait_until(|| async {
-            let record = self
-                .migration(id)
+            let key = id.to_string();
+            let (record, live) = self
+                .query(move |core| {
+                    let record = core.migration(&key).cloned();
+                    let live = record
+                        .as_ref()
+                        .is_some_and(|r| core.is_live(&r.attempt_id));
+                    (record, live)
+                })
                 .await
-                .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
-            Ok(record.outcome.is_some().then_some(record))
+                .unwrap_or((None, false));
+            let record =
+                record.ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+            let ended = match record.outcome {
+                Some(crate::protocol::Outcome::Unresolved) => true,
+                Some(_) => !live,
+                None => false,
+            };
+            Ok(ended.then_some(record))
         })
         .await
     }

@@ -62,10 +62,14 @@ impl Peers {
         let mut client = self.client(host)?;
         let call = async move {
             Ok::<_, tonic::Status>(match request {
-                PeerCall::Prepare(r) => PeerResponse::Prepare(client.prepare(r).await?.into_inner()),
+                PeerCall::Prepare(r) => {
+                    PeerResponse::Prepare(client.prepare(r).await?.into_inner())
+                }
                 PeerCall::Finish(r) => PeerResponse::Finish(client.finish(r).await?.into_inner()),
                 PeerCall::Abort(r) => PeerResponse::Abort(client.abort(r).await?.into_inner()),
-                PeerCall::Resolve(r) => PeerResponse::Resolve(client.resolve(r).await?.into_inner()),
+                PeerCall::Resolve(r) => {
+                    PeerResponse::Resolve(client.resolve(r).await?.into_inner())
+                }
                 PeerCall::Heartbeat(r) => {
                     PeerResponse::Heartbeat(client.heartbeat(r).await?.into_inner())
                 }

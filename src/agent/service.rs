@@ -213,11 +213,10 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
         let id = request.into_inner().id;
-        let record = self
-            .0
-            .migration(&id)
-            .await
-            .ok_or_else(|| Status::not_found(format!("no migration {id} on {}", self.0.name)))?;
+        let record =
+            self.0.migration(&id).await.ok_or_else(|| {
+                Status::not_found(format!("no migration {id} on {}", self.0.name))
+            })?;
         Ok(Response::new((&record).into()))
     }
 
@@ -333,11 +332,10 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::EvacuationRef>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
         let id = request.into_inner().id;
-        let job = self
-            .0
-            .evacuation(&id)
-            .await
-            .ok_or_else(|| Status::not_found(format!("no evacuation {id} on {}", self.0.name)))?;
+        let job =
+            self.0.evacuation(&id).await.ok_or_else(|| {
+                Status::not_found(format!("no evacuation {id} on {}", self.0.name))
+            })?;
         Ok(Response::new(job.to_proto()))
     }
 

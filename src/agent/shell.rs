@@ -29,7 +29,7 @@ pub(super) fn spawn(
     rx: mpsc::UnboundedReceiver<Msg>,
 ) {
     let (publish, publish_rx) = mpsc::unbounded_channel();
-    tokio::spawn(publisher(agent.clone(), publish_rx));
+    let publisher = tokio::spawn(publisher(agent.clone(), publish_rx));
     let span = tracing::info_span!("host", name = %agent.name);
     let shell = Shell {
         agent,
@@ -38,6 +38,7 @@ pub(super) fn spawn(
         replies: HashMap::new(),
         ops: HashMap::new(),
         publish,
+        publisher,
     };
     tokio::spawn(shell.run(image, rx).instrument(span));
 }
@@ -50,13 +51,14 @@ struct Shell {
     /// Ops running, to drop one the core gave up on.
     ops: HashMap<OpId, AbortHandle>,
     publish: mpsc::UnboundedSender<Event>,
+    publisher: tokio::task::JoinHandle<()>,
 }
 
 impl Shell {
     async fn run(mut self, image: JournalImage, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let actions = self.core.recover(now_ms(), image);
         if self.execute(actions) {
-            return self.exited();
+            return self.exited(rx).await;
         }
         loop {
             let deadline = self.core.poll_timeout();
@@ -72,7 +74,7 @@ impl Shell {
                 None => rx.recv().await.map(Some),
             };
             let actions = match msg {
-                None => return self.exited(),
+                None => return self.exited(rx).await,
                 Some(None) => self.core.handle(now_ms(), Input::Timer),
                 Some(Some(Msg::Input(input))) => {
                     if let Input::OpDone { op, .. } = &input {
@@ -91,13 +93,44 @@ impl Shell {
                 }
             };
             if self.execute(actions) {
-                return self.exited();
+                return self.exited(rx).await;
             }
         }
     }
 
-    fn exited(self) {
-        self.agent.exited.send_replace(true);
+    /// The core is done: what it said last is published (the attempt that
+    /// ended as the agent stopped is logged and watchers see its record)
+    /// before anyone is told the agent can go.
+    async fn exited(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let Shell {
+            agent,
+            core,
+            publish,
+            mut publisher,
+            ..
+        } = self;
+        drop(publish);
+        // The publisher reads the core's state for what it publishes.
+        let give_up = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                _ = &mut publisher => break,
+                _ = &mut give_up => break,
+                msg = rx.recv() => match msg {
+                    Some(Msg::Query(read)) => read(&core),
+                    Some(Msg::Request { reply, .. }) => {
+                        let _ = reply.send(Err(crate::host::Refusal::Unavailable(format!(
+                            "agent {} is stopping",
+                            agent.name
+                        ))));
+                    }
+                    Some(Msg::Input(_)) => {}
+                    None => break,
+                },
+            }
+        }
+        agent.exited.send_replace(true);
     }
 
     /// Carry out the core's actions in order; true once it exited.

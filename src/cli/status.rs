@@ -8,8 +8,8 @@ use serde::Serialize;
 use super::client::{Agent, Cluster, Link};
 use super::output::{state_summary, table};
 use super::{CliError, CliResult, exit};
-use crate::host::evacuation::job::Evacuation;
 use crate::config::HostEntry;
+use crate::host::evacuation::job::Evacuation;
 use crate::proto;
 use crate::protocol::record::MigrationRecord;
 

@@ -16,11 +16,11 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 
 use super::msg::{Command, Msg};
-use crate::host::evacuation::job::{Evacuation, JobState};
 use crate::agent::now_ms;
 use crate::cli::client::{Agent, status_error};
 use crate::cli::output::{pending_rollback_line, started_line, state_summary};
 use crate::config::{HostEntry, Inventory};
+use crate::host::evacuation::job::{Evacuation, JobState};
 use crate::proto;
 use crate::protocol::record::{MigrationRecord, mode_to_proto};
 

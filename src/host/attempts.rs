@@ -583,7 +583,12 @@ impl HostCore {
     }
 
     fn op_answered(&mut self, op: OpId, entry: OpEntry, answer: Answered) {
-        let after = self.now.saturating_sub(entry.started);
+        // A call that missed its deadline is reported against the limit it
+        // had, not the moment the timer happened to run.
+        let after = match (&answer, entry.deadline) {
+            (Answered::TimedOut, Some(deadline)) => deadline.saturating_sub(entry.started),
+            _ => self.now.saturating_sub(entry.started),
+        };
         if let OpKind::Stage { feature, stage } = entry.kind {
             self.log_stage_failure(&entry.owner, feature, stage, &answer, after);
         }

@@ -13,8 +13,8 @@ use super::{
     CallKind, Entry, Event, HostCore, Level, Op, OpKind, Owner, PeerCall, PeerResponse, ReqId,
     Response,
 };
-use crate::proto;
 use crate::features::StageContext;
+use crate::proto;
 use crate::protocol::policy::retry_backoff;
 use crate::protocol::{FeatureSpec, Millis, PendingWork, Stage, VmSpec};
 
@@ -160,10 +160,7 @@ impl HostCore {
         self.log(
             Level::Error,
             migration_id,
-            format!(
-                "{what} failed on {}; left pending: {error}",
-                self.cfg.name
-            ),
+            format!("{what} failed on {}; left pending: {error}", self.cfg.name),
         );
         self.emit(Event::Host);
     }
@@ -323,7 +320,12 @@ impl HostCore {
                     vm: p.vm.clone(),
                     feature: FeatureSpec {
                         name: p.feature.clone(),
-                        driver: self.cfg.features.get(&p.feature).cloned().unwrap_or_default(),
+                        driver: self
+                            .cfg
+                            .features
+                            .get(&p.feature)
+                            .cloned()
+                            .unwrap_or_default(),
                         required: false,
                     },
                     stage,

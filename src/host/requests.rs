@@ -5,8 +5,8 @@
 use prost::Message;
 
 use super::{
-    Destination, Entry, HostCore, Level, PeerCall, PeerResponse, Refusal, ReqId,
-    Request, Response, Source,
+    Destination, Entry, HostCore, Level, PeerCall, PeerResponse, Refusal, ReqId, Request, Response,
+    Source,
 };
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
@@ -427,7 +427,11 @@ impl HostCore {
         }
         let load = self.load(guests);
         let free = FreeCapacity {
-            memory_mib: self.cfg.capacity.memory_mib.saturating_sub(load.memory_used_mib),
+            memory_mib: self
+                .cfg
+                .capacity
+                .memory_mib
+                .saturating_sub(load.memory_used_mib),
             vcpus: self.cfg.capacity.vcpus.saturating_sub(load.vcpus_used),
         };
         let already_here = guests.iter().any(|g| g.spec.name == vm);
@@ -629,7 +633,6 @@ impl HostCore {
             max_incoming: self.cfg.max_incoming,
         }
     }
-
 }
 
 fn prepare_refusal(r: PrepareRefusal) -> Refusal {

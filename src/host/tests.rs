@@ -193,7 +193,10 @@ fn prepared_destination() -> (Host, ReqId) {
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     assert!(
-        matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Prepare(_))))),
+        matches!(
+            reply_to(&actions, req),
+            Some(Ok(Response::Peer(PeerResponse::Prepare(_))))
+        ),
         "C2 once the guest started: {actions:?}"
     );
     (b, req)
@@ -203,8 +206,8 @@ fn prepared_destination() -> (Host, ReqId) {
 /// actions of the last step (the resume is asked for) and Finish's request id.
 fn finishing(b: &mut Host) -> (ReqId, Vec<Action>) {
     let (req, actions) = b.request(finish_call("m-1.1"));
-    let complete =
-        op_of(&actions, |o| matches!(o, Op::CompleteIncoming { .. })).expect("waits for the transfer");
+    let complete = op_of(&actions, |o| matches!(o, Op::CompleteIncoming { .. }))
+        .expect("waits for the transfer");
     let actions = b.op_done(complete, Ok(OpOutput::Done));
     (req, actions)
 }
@@ -221,7 +224,10 @@ fn an_abort_right_after_prepare_finds_the_attempt_registered() {
         !matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Abort(r)))) if r.detail == "not known here"),
         "{actions:?}"
     );
-    assert!(b.core.is_live("m-1.1"), "it rolls back once the start answers");
+    assert!(
+        b.core.is_live("m-1.1"),
+        "it rolls back once the start answers"
+    );
 }
 
 #[test]
@@ -235,11 +241,18 @@ fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
         b.at(t).request(heartbeat_call("m-1.1"));
         let actions = b.timer();
         assert!(
-            !actions.iter().any(|a| matches!(a, Action::Call { request: PeerCall::Abort(_), .. })),
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Call {
+                    request: PeerCall::Abort(_),
+                    ..
+                }
+            )),
             "declared the source lost at {t} ms although it heard from it: {actions:?}"
         );
     }
-    b.at(16_500).op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
+    b.at(16_500)
+        .op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     assert!(b.core.is_live("m-1.1"));
     assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
 }
@@ -253,7 +266,9 @@ fn a_silent_source_is_declared_lost_after_the_peer_timeout() {
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the incoming guest goes");
     let actions = b.op_done(kill, Ok(OpOutput::Done));
     assert!(
-        actions.iter().any(|a| matches!(a, Action::Call { request: PeerCall::Abort(_), peer, .. } if peer == A)),
+        actions.iter().any(
+            |a| matches!(a, Action::Call { request: PeerCall::Abort(_), peer, .. } if peer == A)
+        ),
         "the source is told the destination gave up: {actions:?}"
     );
 }
@@ -266,8 +281,16 @@ fn the_commit_is_durable_before_the_resume_and_answered_only_after_it() {
         matches!(a, Action::Journal { entry: Entry::Destination(d), durable: true } if d.is_committed())
     })
     .expect("the commit is journaled durably");
-    let resume = position(&actions, |a| matches!(a, Action::Run { what: Op::Resume { .. }, .. }))
-        .expect("then the guest is resumed");
+    let resume = position(&actions, |a| {
+        matches!(
+            a,
+            Action::Run {
+                what: Op::Resume { .. },
+                ..
+            }
+        )
+    })
+    .expect("then the guest is resumed");
     assert!(commit < resume, "{actions:?}");
     assert!(
         reply_to(&actions, finish).is_none(),
@@ -289,15 +312,21 @@ fn a_failed_resume_at_the_commit_kills_the_copy_and_answers_not_committed() {
     let (finish, actions) = finishing(&mut b);
     let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
     let actions = b.op_done(op, Err(OpError::Failed("QEMU: cont failed".into())));
-    assert!(reply_to(&actions, finish).is_none(), "not before the copy is gone");
+    assert!(
+        reply_to(&actions, finish).is_none(),
+        "not before the copy is gone"
+    );
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the copy is killed");
     let actions = b.op_done(kill, Ok(OpOutput::Done));
     let never = position(&actions, |a| {
         matches!(a, Action::Journal { entry: Entry::Destination(d), durable: true } if d.decided_not_to_commit())
     })
     .expect("\"never commits\" is journaled durably");
-    let answer = position(&actions, |a| matches!(a, Action::Reply { req, .. } if *req == finish))
-        .expect("then Finish is answered");
+    let answer = position(
+        &actions,
+        |a| matches!(a, Action::Reply { req, .. } if *req == finish),
+    )
+    .expect("then Finish is answered");
     assert!(never < answer, "{actions:?}");
     let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, finish) else {
         unreachable!()
@@ -316,21 +345,23 @@ fn a_resume_that_never_answers_ends_in_a_decision_at_its_deadline() {
     assert!(deadline <= b.now + Deadlines::default().guest_op_ms);
     let actions = b.at(deadline).timer();
     assert!(
-        actions.iter().any(|a| matches!(a, Action::Cancel { op } if *op == resume)),
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Cancel { op } if *op == resume)),
         "the call is given up on: {actions:?}"
     );
     let status = op_of(&actions, |o| matches!(o, Op::Status { .. })).expect("asks whether it runs");
-    let actions = b.op_done(
-        status,
-        Ok(OpOutput::Status(Some(GuestState::Incoming))),
-    );
+    let actions = b.op_done(status, Ok(OpOutput::Status(Some(GuestState::Incoming))));
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("a stopped copy is killed");
     let actions = b.op_done(kill, Ok(OpOutput::Done));
     assert!(matches!(
         reply_to(&actions, finish),
         Some(Ok(Response::Peer(PeerResponse::Finish(_))))
     ));
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::NotCommitted));
+    assert_eq!(
+        b.core.answer("m-1.1"),
+        Some(destination::Answer::NotCommitted)
+    );
     // A late answer to the call given up on changes nothing.
     assert!(b.op_done(resume, Ok(OpOutput::Done)).is_empty());
 }
@@ -351,10 +382,15 @@ fn a_commit_whose_guest_is_gone_is_lost_not_committed() {
 fn not_committed_leaves_only_after_the_decision_is_durable() {
     let (mut b, _) = prepared_destination();
     let (req, actions) = b.request(resolve_call("m-1.1"));
-    let durable = position(&actions, |a| matches!(a, Action::Journal { durable: true, .. }))
-        .expect("the decision is journaled durably");
-    let answer = position(&actions, |a| matches!(a, Action::Reply { req: r, .. } if *r == req))
-        .expect("then answered");
+    let durable = position(&actions, |a| {
+        matches!(a, Action::Journal { durable: true, .. })
+    })
+    .expect("the decision is journaled durably");
+    let answer = position(
+        &actions,
+        |a| matches!(a, Action::Reply { req: r, .. } if *r == req),
+    )
+    .expect("then answered");
     assert!(durable < answer, "{actions:?}");
 }
 
@@ -366,8 +402,11 @@ fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
         matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-9.1")
     })
     .expect("a durable tombstone");
-    let answer = position(&actions, |a| matches!(a, Action::Reply { req: r, .. } if *r == req))
-        .expect("an answer");
+    let answer = position(
+        &actions,
+        |a| matches!(a, Action::Reply { req: r, .. } if *r == req),
+    )
+    .expect("an answer");
     assert!(tombstone < answer);
     // And the late Prepare of it is refused.
     let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-9.1", Mode::Safe));
@@ -405,15 +444,26 @@ fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
     let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
-    let stage = op_of(&actions, |o| matches!(o, Op::Stage(c) if c.stage == Stage::Prepare))
-        .expect("the prepare stage");
+    let stage = op_of(
+        &actions,
+        |o| matches!(o, Op::Stage(c) if c.stage == Stage::Prepare),
+    )
+    .expect("the prepare stage");
     let deadline = b.core.poll_timeout().expect("the stage has a deadline");
     let actions = b.at(deadline).timer();
-    assert!(actions.iter().any(|a| matches!(a, Action::Cancel { op } if *op == stage)));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Cancel { op } if *op == stage))
+    );
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the guest goes");
     let actions = b.op_done(kill, Ok(OpOutput::Done));
     assert!(
-        op_of(&actions, |o| matches!(o, Op::Stage(c) if c.stage == Stage::Rollback)).is_some(),
+        op_of(
+            &actions,
+            |o| matches!(o, Op::Stage(c) if c.stage == Stage::Rollback)
+        )
+        .is_some(),
         "the stage whose effect is unknown is undone: {actions:?}"
     );
     let _ = req;
@@ -432,7 +482,11 @@ fn a_release_with_no_driver_here_has_nothing_to_undo() {
     let prepare = actions
         .iter()
         .find_map(|x| match x {
-            Action::Call { call, request: PeerCall::Prepare(_), .. } => Some(*call),
+            Action::Call {
+                call,
+                request: PeerCall::Prepare(_),
+                ..
+            } => Some(*call),
             _ => None,
         })
         .expect("Prepare is called");
@@ -455,7 +509,11 @@ fn a_release_with_no_driver_here_has_nothing_to_undo() {
     let finish = actions
         .iter()
         .find_map(|x| match x {
-            Action::Call { call, request: PeerCall::Finish(_), .. } => Some(*call),
+            Action::Call {
+                call,
+                request: PeerCall::Finish(_),
+                ..
+            } => Some(*call),
             _ => None,
         })
         .expect("Finish is called");
@@ -536,7 +594,11 @@ fn stop_waits_for_an_attempt_past_finish_then_exits() {
     let prepare = actions
         .iter()
         .find_map(|x| match x {
-            Action::Call { call, request: PeerCall::Prepare(_), .. } => Some(*call),
+            Action::Call {
+                call,
+                request: PeerCall::Prepare(_),
+                ..
+            } => Some(*call),
             _ => None,
         })
         .unwrap();
@@ -559,13 +621,20 @@ fn stop_waits_for_an_attempt_past_finish_then_exits() {
     let finish = actions
         .iter()
         .find_map(|x| match x {
-            Action::Call { call, request: PeerCall::Finish(_), .. } => Some(*call),
+            Action::Call {
+                call,
+                request: PeerCall::Finish(_),
+                ..
+            } => Some(*call),
             _ => None,
         })
         .unwrap();
     // SIGTERM with Finish sent: nothing to abort, but not a reason to leave.
     let actions = a.input(Input::Stop);
-    assert!(!actions.iter().any(|x| matches!(x, Action::Exit)), "{actions:?}");
+    assert!(
+        !actions.iter().any(|x| matches!(x, Action::Exit)),
+        "{actions:?}"
+    );
     let c4 = proto::Cookie4 {
         protocol_version: crate::protocol::PROTOCOL_VERSION,
         attempt_id: attempt,
@@ -578,12 +647,16 @@ fn stop_waits_for_an_attempt_past_finish_then_exits() {
             cookie4: c4.encode_to_vec(),
         })),
     });
-    assert!(!actions.iter().any(|x| matches!(x, Action::Exit)), "the kill is not done yet");
+    assert!(
+        !actions.iter().any(|x| matches!(x, Action::Exit)),
+        "the kill is not done yet"
+    );
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).unwrap();
     let actions = a.op_done(kill, Ok(OpOutput::Done));
-    let done = position(&actions, |x| {
-        matches!(x, Action::Journal { entry: Entry::Source(s), .. } if s.is_done())
-    })
+    let done = position(
+        &actions,
+        |x| matches!(x, Action::Journal { entry: Entry::Source(s), .. } if s.is_done()),
+    )
     .expect("Confirm is journaled done");
     let exit = position(&actions, |x| matches!(x, Action::Exit)).expect("then it exits");
     assert!(done < exit);
@@ -597,7 +670,10 @@ fn stop_exits_at_its_deadline_with_what_is_open_journaled() {
     assert!(!actions.iter().any(|x| matches!(x, Action::Exit)));
     let grace = b.now + Deadlines::default().stop_grace_ms;
     let actions = b.at(grace).timer();
-    assert!(actions.iter().any(|x| matches!(x, Action::Exit)), "{actions:?}");
+    assert!(
+        actions.iter().any(|x| matches!(x, Action::Exit)),
+        "{actions:?}"
+    );
 }
 
 #[test]

@@ -36,6 +36,15 @@
 //! - `expected_downtime_ms` is `bytes_remaining` at link speed, except in the
 //!   final stats, where it is the downtime the stop-and-copy took;
 //! - `elapsed_ms` is simulated time.
+//!
+//! # Fault injection
+//!
+//! `[hypervisor.faults]` in the agent config ([`SimFaults`]) makes chosen
+//! calls ([`SimCall`]) fail with an error ending in "(injected fault)", or
+//! never answer, in both cases without changing anything; `fail_times`
+//! limits that to the first calls of each kind. `start_incoming` can also be
+//! made slow, as a QEMU that takes seconds to start. The counts are kept in
+//! memory: a restarted agent starts them again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::ErrorKind;
@@ -74,10 +83,19 @@ pub struct SimSettings {
     pub speed: f64,
     pub downtime_limit_ms: u64,
     pub capacity: HostCapacity,
+    pub faults: SimFaults,
 }
 
 impl SimSettings {
+    /// Settings from a checked config: fault names config validation did not
+    /// let through cannot reach here.
     pub fn from_config(config: &HypervisorConfig) -> Self {
+        let calls = |names: &[String]| {
+            names
+                .iter()
+                .filter_map(|n| SimCall::parse(n))
+                .fold(SimCalls::default(), SimCalls::with)
+        };
         SimSettings {
             bandwidth_mib_s: config.bandwidth_mib_s,
             speed: config.speed,
@@ -86,8 +104,82 @@ impl SimSettings {
                 memory_mib: config.memory_mib,
                 vcpus: config.vcpus,
             },
+            faults: SimFaults {
+                fail: calls(&config.faults.fail),
+                hang: calls(&config.faults.hang),
+                fail_times: config.faults.fail_times,
+                start_incoming_latency_ms: config.faults.start_incoming_latency_ms,
+            },
         }
     }
+}
+
+/// A hypervisor call that fault injection can make fail or hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimCall {
+    StartIncoming,
+    Resume,
+    Kill,
+    CancelTransfer,
+    CompleteIncoming,
+}
+
+impl SimCall {
+    pub const ALL: [SimCall; 5] = [
+        SimCall::StartIncoming,
+        SimCall::Resume,
+        SimCall::Kill,
+        SimCall::CancelTransfer,
+        SimCall::CompleteIncoming,
+    ];
+
+    /// As `[hypervisor.faults]` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimCall::StartIncoming => "start_incoming",
+            SimCall::Resume => "resume",
+            SimCall::Kill => "kill",
+            SimCall::CancelTransfer => "cancel_transfer",
+            SimCall::CompleteIncoming => "complete_incoming",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SimCall> {
+        SimCall::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A set of [`SimCall`]s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimCalls(u8);
+
+impl SimCalls {
+    pub fn with(self, call: SimCall) -> SimCalls {
+        SimCalls(self.0 | 1 << call.index())
+    }
+
+    pub fn contains(self, call: SimCall) -> bool {
+        self.0 & 1 << call.index() != 0
+    }
+}
+
+/// What the simulated host does wrong on purpose (`[hypervisor.faults]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimFaults {
+    /// Calls that fail and change nothing.
+    pub fail: SimCalls,
+    /// Calls that never answer and change nothing: their future stays
+    /// pending until the caller drops it.
+    pub hang: SimCalls,
+    /// Only the first N calls of each kind in `fail` or `hang` misbehave;
+    /// 0 means every one.
+    pub fail_times: u32,
+    /// How long `start_incoming` takes; the guest exists from its start.
+    pub start_incoming_latency_ms: u64,
 }
 
 pub struct SimHypervisor {
@@ -101,6 +193,8 @@ struct Inner {
     guests: BTreeMap<String, Guest>,
     /// The transfer running for each VM, to cancel it.
     transfers: HashMap<String, Arc<TransferControl>>,
+    /// Calls of each [`SimCall`] kind that fault injection has seen.
+    calls: [u32; SimCall::ALL.len()],
 }
 
 #[derive(Default)]
@@ -172,6 +266,7 @@ impl SimHypervisor {
             inner: Mutex::new(Inner {
                 guests,
                 transfers: HashMap::new(),
+                calls: [0; SimCall::ALL.len()],
             }),
         }
     }
@@ -216,6 +311,37 @@ impl SimHypervisor {
             guest.state = decide(guest.state)?;
             Ok(())
         })
+    }
+
+    /// Count a call and misbehave as `[hypervisor.faults]` says: fail, or
+    /// never answer. Before the call changes anything.
+    async fn inject(&self, call: SimCall, vm: &str) -> Result<(), HypervisorError> {
+        let faults = self.settings.faults;
+        if !(faults.fail.contains(call) || faults.hang.contains(call)) {
+            return Ok(());
+        }
+        let nth = {
+            let mut inner = self.lock();
+            let count = &mut inner.calls[call.index()];
+            *count = count.saturating_add(1);
+            *count
+        };
+        if faults.fail_times != 0 && nth > faults.fail_times {
+            return Ok(());
+        }
+        if faults.hang.contains(call) {
+            tracing::warn!(
+                vm,
+                call = call.as_str(),
+                "injected fault: the call never answers"
+            );
+            return std::future::pending().await;
+        }
+        tracing::warn!(vm, call = call.as_str(), "injected fault: the call fails");
+        Err(HypervisorError::Failed(format!(
+            "{} {vm} failed (injected fault)",
+            call.as_str()
+        )))
     }
 
     fn guest_exists(&self, vm: &str) -> bool {
@@ -482,6 +608,7 @@ impl Hypervisor for SimHypervisor {
         spec: &VmSpec,
         attempt_id: &str,
     ) -> Result<String, HypervisorError> {
+        self.inject(SimCall::StartIncoming, &spec.name).await?;
         self.change(|guests| {
             if guests.contains_key(&spec.name) {
                 return Err(HypervisorError::AlreadyExists(spec.name.clone()));
@@ -493,6 +620,11 @@ impl Hypervisor for SimHypervisor {
             guests.insert(spec.name.clone(), guest);
             Ok(())
         })?;
+        let latency = self.settings.faults.start_incoming_latency_ms;
+        if latency > 0 {
+            // A slow start, as QEMU's can be: the guest is there already.
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
         Ok(format!("{ADDRESS_SCHEME}{attempt_id}/{}", spec.name))
     }
 
@@ -607,6 +739,7 @@ impl Hypervisor for SimHypervisor {
     }
 
     async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::CancelTransfer, vm).await?;
         if let Some(control) = self.lock().transfers.get(vm) {
             control.cancelled.store(true, Ordering::Release);
             // `notify_one` keeps a permit if the transfer is between two
@@ -621,6 +754,7 @@ impl Hypervisor for SimHypervisor {
         vm: &str,
         _stats: &TransferStats,
     ) -> Result<(), HypervisorError> {
+        self.inject(SimCall::CompleteIncoming, vm).await?;
         // The simulated transfer arrives the instant the source reports it
         // complete; nothing is left to wait for.
         match self.lock().guests.get(vm) {
@@ -644,10 +778,12 @@ impl Hypervisor for SimHypervisor {
     }
 
     async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::Resume, vm).await?;
         self.set_state(vm, |_| Ok(GuestState::Running))
     }
 
     async fn kill(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::Kill, vm).await?;
         self.change(|guests| {
             guests.remove(vm);
             Ok(())
@@ -674,6 +810,7 @@ mod tests {
                 memory_mib: 65_536,
                 vcpus: 64,
             },
+            faults: SimFaults::default(),
         }
     }
 
@@ -1076,5 +1213,220 @@ mod tests {
             Err(error) => error.to_string(),
         };
         assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+
+    fn faulty(faults: SimFaults, seed: &[VmSpec]) -> SimHypervisor {
+        sim(
+            SimSettings {
+                faults,
+                ..settings(1024, 30)
+            },
+            seed,
+        )
+    }
+
+    fn calls(list: &[SimCall]) -> SimCalls {
+        list.iter()
+            .copied()
+            .fold(SimCalls::default(), SimCalls::with)
+    }
+
+    fn injected(call: &str, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{call} {vm} failed (injected fault)"
+        )))
+    }
+
+    #[test]
+    fn settings_from_config_carry_the_faults() {
+        let mut config = HypervisorConfig::default();
+        config.faults.fail = vec!["resume".into(), "start_incoming".into()];
+        config.faults.hang = vec!["kill".into()];
+        config.faults.fail_times = 3;
+        config.faults.start_incoming_latency_ms = 4500;
+        let faults = SimSettings::from_config(&config).faults;
+        assert_eq!(
+            faults,
+            SimFaults {
+                fail: calls(&[SimCall::Resume, SimCall::StartIncoming]),
+                hang: calls(&[SimCall::Kill]),
+                fail_times: 3,
+                start_incoming_latency_ms: 4500,
+            }
+        );
+        assert_eq!(
+            SimSettings::from_config(&HypervisorConfig::default()).faults,
+            SimFaults::default()
+        );
+        for call in SimCall::ALL {
+            assert_eq!(SimCall::parse(call.as_str()), Some(call));
+        }
+        assert_eq!(SimCall::parse("pause"), None);
+    }
+
+    #[tokio::test]
+    async fn every_call_listed_in_fail_fails_and_changes_nothing() {
+        // At 10x, 4 GiB at 1 GiB/s takes 400 ms: still running at the cancel.
+        let hv = Arc::new(sim(
+            SimSettings {
+                speed: 10.0,
+                faults: SimFaults {
+                    fail: calls(&SimCall::ALL),
+                    ..SimFaults::default()
+                },
+                ..settings(1024, 30)
+            },
+            &[vm("web", 4096, 0), vm("db", 256, 0)],
+        ));
+        hv.pause("db").await.expect("pause is not listed");
+
+        assert_eq!(hv.resume("db").await, injected("resume", "db"));
+        assert_eq!(hv.status("db").await, Some(GuestState::Paused));
+        assert_eq!(hv.kill("db").await, injected("kill", "db"));
+        assert_eq!(hv.status("db").await, Some(GuestState::Paused));
+        assert_eq!(
+            hv.start_incoming(&vm("cache", 128, 0), "a1").await,
+            Err(HypervisorError::Failed(
+                "start_incoming cache failed (injected fault)".into()
+            ))
+        );
+        assert_eq!(hv.status("cache").await, None);
+        assert_eq!(
+            hv.complete_incoming("db", &TransferStats::default()).await,
+            injected("complete_incoming", "db")
+        );
+
+        // A cancel that fails leaves the transfer running.
+        let (tx, mut rx) = mpsc::channel(1024);
+        let running = {
+            let hv = hv.clone();
+            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+        };
+        let first = rx.recv().await.expect("a first progress report");
+        assert!(first.bytes_remaining > 0);
+        assert_eq!(
+            hv.cancel_transfer("web").await,
+            injected("cancel_transfer", "web")
+        );
+        let stats = running
+            .await
+            .expect("transfer task")
+            .expect("the transfer was not cancelled");
+        assert_eq!(stats.bytes_remaining, 0);
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+    }
+
+    #[tokio::test]
+    async fn fail_times_fails_only_the_first_calls_of_each_kind() {
+        let hv = faulty(
+            SimFaults {
+                fail: calls(&[SimCall::Resume, SimCall::Kill]),
+                fail_times: 2,
+                ..SimFaults::default()
+            },
+            &[vm("web", 256, 0), vm("db", 256, 0)],
+        );
+        hv.pause("web").await.expect("pause");
+        assert_eq!(hv.resume("web").await, injected("resume", "web"));
+        assert_eq!(hv.resume("web").await, injected("resume", "web"));
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+        hv.resume("web").await.expect("the third resume works");
+        assert_eq!(hv.status("web").await, Some(GuestState::Running));
+        hv.resume("web").await.expect("and every later one");
+        // Each kind is counted on its own: two resumes did not use up the kills.
+        assert_eq!(hv.kill("db").await, injected("kill", "db"));
+        assert_eq!(hv.kill("db").await, injected("kill", "db"));
+        assert_eq!(hv.status("db").await, Some(GuestState::Running));
+        hv.kill("db").await.expect("the third kill works");
+        assert_eq!(hv.status("db").await, None);
+        // Calls not listed are neither hurt nor counted.
+        hv.start_incoming(&vm("cache", 128, 0), "a1")
+            .await
+            .expect("start_incoming is not listed");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_call_never_answers_and_changes_nothing() {
+        let hv = faulty(
+            SimFaults {
+                hang: calls(&[SimCall::Resume, SimCall::StartIncoming]),
+                fail_times: 1,
+                ..SimFaults::default()
+            },
+            &[vm("web", 256, 0)],
+        );
+        hv.pause("web").await.expect("pause");
+        let wait = Duration::from_millis(200);
+        assert!(
+            tokio::time::timeout(wait, hv.resume("web")).await.is_err(),
+            "a hanging resume answered"
+        );
+        assert_eq!(hv.status("web").await, Some(GuestState::Paused));
+        assert!(
+            tokio::time::timeout(wait, hv.start_incoming(&vm("db", 128, 0), "a1"))
+                .await
+                .is_err(),
+            "a hanging start_incoming answered"
+        );
+        assert_eq!(hv.status("db").await, None);
+        // The caller gave up and dropped them; with fail_times = 1 the next
+        // calls answer.
+        hv.resume("web").await.expect("the second resume answers");
+        assert_eq!(hv.status("web").await, Some(GuestState::Running));
+        hv.start_incoming(&vm("db", 128, 0), "a2")
+            .await
+            .expect("the second start answers");
+    }
+
+    #[tokio::test]
+    async fn a_hang_without_fail_times_never_answers_however_often_it_is_called() {
+        let hv = faulty(
+            SimFaults {
+                hang: calls(&[SimCall::Kill]),
+                ..SimFaults::default()
+            },
+            &[vm("web", 256, 0)],
+        );
+        for _ in 0..3 {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), hv.kill("web"))
+                    .await
+                    .is_err(),
+                "a hanging kill answered"
+            );
+        }
+        assert_eq!(hv.status("web").await, Some(GuestState::Running));
+    }
+
+    #[tokio::test]
+    async fn a_slow_incoming_start_holds_the_guest_from_its_start() {
+        let latency = Duration::from_millis(300);
+        let hv = faulty(
+            SimFaults {
+                start_incoming_latency_ms: latency.as_millis() as u64,
+                ..SimFaults::default()
+            },
+            &[],
+        );
+        let started = Instant::now();
+        let address = hv
+            .start_incoming(&vm("db", 128, 0), "a1")
+            .await
+            .expect("start");
+        assert_eq!(address, "sim://a1/db");
+        assert!(started.elapsed() >= latency, "{:?}", started.elapsed());
+
+        // Given up on before it answers, the guest is there anyway, as a
+        // QEMU process would be.
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(50),
+                hv.start_incoming(&vm("cache", 128, 0), "a2")
+            )
+            .await
+            .is_err(),
+            "the start answered before its latency"
+        );
+        assert_eq!(hv.status("cache").await, Some(GuestState::Incoming));
     }
 }

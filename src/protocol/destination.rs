@@ -22,8 +22,8 @@ use super::policy::{is_blocking, rollback_set};
 use super::record::{FeatureRecord, stats_from_proto};
 use super::recovery::{DestinationRecovery, destination_recovery};
 use super::{
-    GuestOpError, GuestOpResult, GuestProbe, KillResult, Millis, Mode, PROTOCOL_VERSION, PendingWork, Stage,
-    StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
+    GuestOpError, GuestOpResult, GuestProbe, KillResult, Millis, Mode, PROTOCOL_VERSION,
+    PendingWork, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -32,16 +32,22 @@ pub enum DestinationState {
     /// The incoming guest is being started paused.
     Starting,
     /// Running feature `next`'s prepare stage.
-    Preparing { next: usize },
+    Preparing {
+        next: usize,
+    },
     /// C2 sent; waiting for Finish.
     Prepared,
     /// Finish arrived: waiting for the transfer, then feature `next`'s finish.
-    Finishing { next: usize },
+    Finishing {
+        next: usize,
+    },
     /// The commit point is journaled; the guest's CPUs start next. Until
     /// the hypervisor says they run, nobody is told "committed".
     Committed,
     /// Undoing the features in `queue` (front first), after killing the guest.
-    RollingBack { queue: Vec<usize> },
+    RollingBack {
+        queue: Vec<usize>,
+    },
     RolledBack,
 }
 
@@ -217,10 +223,7 @@ pub enum Leftover<'a> {
     Running { attempt_id: &'a str },
     /// A copy of the guest here still to kill (or to resume): it would take
     /// the new attempt's guest with it.
-    Guest {
-        attempt_id: &'a str,
-        work: &'a str,
-    },
+    Guest { attempt_id: &'a str, work: &'a str },
 }
 
 /// Why Prepare of `vm` must wait, if anything is left here from an earlier
@@ -429,10 +432,15 @@ impl DestinationAttempt {
                 "{} is carrying out Finish for attempt {}; it cannot be aborted now",
                 self.host, self.attempt_id
             )),
-            DestinationState::Committed if self.lost.is_some() && self.awaiting == Awaiting::Nothing => {
+            DestinationState::Committed
+                if self.lost.is_some() && self.awaiting == Awaiting::Nothing =>
+            {
                 self.notify_source = notify_source;
                 let lost = self.lost.take().unwrap_or_default();
-                Ok(self.roll_back(format!("aborted: {reason} (the guest was lost here: {lost})"), true))
+                Ok(self.roll_back(
+                    format!("aborted: {reason} (the guest was lost here: {lost})"),
+                    true,
+                ))
             }
             DestinationState::Committed => Err(format!(
                 "attempt {} has committed on {}: the guest runs here",
@@ -513,10 +521,8 @@ impl DestinationAttempt {
                         self.next_prepare()
                     }
                     Err(e) => {
-                        let error = format!(
-                            "could not start the incoming guest on {}: {e}",
-                            self.host
-                        );
+                        let error =
+                            format!("could not start the incoming guest on {}: {e}", self.host);
                         // A start that failed made nothing; one that did not
                         // answer may have made a guest, which must go.
                         let kill = matches!(e, GuestOpError::Unknown(_));
@@ -545,7 +551,10 @@ impl DestinationAttempt {
             DestinationInput::Finish(c3) => self.on_finish(now, c3),
             DestinationInput::IncomingCompleted(result) => {
                 if self.state != (DestinationState::Finishing { next: 0 })
-                    || self.features.first().is_some_and(|f| f.finish != StepStatus::Pending)
+                    || self
+                        .features
+                        .first()
+                        .is_some_and(|f| f.finish != StepStatus::Pending)
                 {
                     return Vec::new();
                 }
@@ -845,7 +854,9 @@ impl DestinationAttempt {
                     }
                 }
             }
-            Awaiting::KillRollingBack if matches!(self.state, DestinationState::RollingBack { .. }) => {
+            Awaiting::KillRollingBack
+                if matches!(self.state, DestinationState::RollingBack { .. }) =>
+            {
                 self.awaiting = Awaiting::Nothing;
                 let mut actions = Vec::new();
                 if let Err(e) = result {

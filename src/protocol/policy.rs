@@ -94,7 +94,10 @@ mod tests {
         let mut timed_out = feature(Failed, Skipped);
         timed_out.uncertain = true;
         assert_eq!(
-            rollback_set(&[feature(Ok, Ok), timed_out, feature(Failed, Skipped)], false),
+            rollback_set(
+                &[feature(Ok, Ok), timed_out, feature(Failed, Skipped)],
+                false
+            ),
             vec![1, 0]
         );
     }

@@ -4,7 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cause, GuestCondition, Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats};
+use super::{
+    Cause, GuestCondition, Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats,
+};
 use crate::proto;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,7 +126,11 @@ pub struct MigrationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<Cause>,
     /// The guest on `running_on`: running, or paused after a resume failed.
-    #[serde(default, rename = "guest_state", skip_serializing_if = "GuestCondition::is_running")]
+    #[serde(
+        default,
+        rename = "guest_state",
+        skip_serializing_if = "GuestCondition::is_running"
+    )]
     pub guest: GuestCondition,
 }
 

@@ -23,8 +23,9 @@ use super::mutations::{Mutation, planted};
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
-    Cause, GuestCondition, GuestOpError, GuestOpResult, KillResult, Millis, Mode, Outcome, PROTOCOL_VERSION, PeerError,
-    PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus, Timing, TransferStats, VmSpec,
+    Cause, GuestCondition, GuestOpError, GuestOpResult, KillResult, Millis, Mode, Outcome,
+    PROTOCOL_VERSION, PeerError, PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus,
+    Timing, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -33,7 +34,9 @@ pub enum SourceState {
     /// C1 sent; waiting for the destination's Prepare.
     Preparing,
     /// Perform: the hypervisor is transferring the guest.
-    Transferring { address: String },
+    Transferring {
+        address: String,
+    },
     /// Ending before the commit point: stop the transfer, then resume here.
     Aborting {
         outcome: Outcome,
@@ -811,10 +814,7 @@ impl SourceAttempt {
             // its QEMU exited). The record says so; no retry can help.
             self.record.guest = GuestCondition::Unknown;
             self.record.cause.get_or_insert(Cause::Guest);
-            let what = format!(
-                "{} is gone from {}: {e}",
-                self.vm.name, self.host
-            );
+            let what = format!("{} is gone from {}: {e}", self.vm.name, self.host);
             self.record.error = Some(match self.record.error.take() {
                 Some(before) => format!("{before}; {what}"),
                 None => what,

@@ -87,7 +87,10 @@ pub struct GuestFaults {
 
 impl GuestFaults {
     pub fn any(&self) -> bool {
-        self.resume_fails + self.resume_hangs + self.kill_fails + self.kill_hangs
+        self.resume_fails
+            + self.resume_hangs
+            + self.kill_fails
+            + self.kill_hangs
             + self.cancel_hangs
             + self.incoming_fails_late
             + self.incoming_hangs

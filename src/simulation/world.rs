@@ -17,14 +17,16 @@ use rand::{Rng, SeedableRng};
 use super::Report;
 use super::scenario::{CHAOS_MS, HostSpec, Scenario, stage_index};
 use crate::host::{
-    self, Action, Control, Entry, Evacuation, EvacuationRequest, HostCore, Input, JournalImage,
-    Op, OpError, OpId, OpOutput, PeerCall, PeerResponse, Pending, Refusal, Request, Response,
+    self, Action, Control, Entry, Evacuation, EvacuationRequest, HostCore, Input, JournalImage, Op,
+    OpError, OpId, OpOutput, PeerCall, PeerResponse, Pending, Refusal, Request, Response,
 };
 use crate::hypervisor::{self, HostCapacity};
 use crate::proto;
 use crate::protocol::destination::DestinationAttempt;
 use crate::protocol::source::SourceAttempt;
-use crate::protocol::{Millis, Mode, Outcome, PeerError, RunOn, Stage, Timing, TransferStats, VmSpec};
+use crate::protocol::{
+    Millis, Mode, Outcome, PeerError, RunOn, Stage, Timing, TransferStats, VmSpec,
+};
 
 /// The simulated time after which a run that has not settled is a violation.
 const SETTLE_LIMIT_MS: Millis = CHAOS_MS + 2 * 3_600_000;
@@ -79,10 +81,15 @@ impl Image {
                 self.sources.insert(a.attempt_id.clone(), (**a).clone());
             }
             Entry::Destination(a) => {
-                self.destinations.insert(a.attempt_id.clone(), (**a).clone());
+                self.destinations
+                    .insert(a.attempt_id.clone(), (**a).clone());
             }
             Entry::Pending(p) => {
-                let key = (p.attempt_id.clone(), p.feature.clone(), p.work.as_str().to_string());
+                let key = (
+                    p.attempt_id.clone(),
+                    p.feature.clone(),
+                    p.work.as_str().to_string(),
+                );
                 self.pending.insert(key, p.clone());
             }
             Entry::PendingDone {
@@ -395,7 +402,11 @@ impl World {
             let copy = world.fresh_copy(&vm.name);
             let h = &mut world.hosts[host];
             // A feature holds state only where a driver sets it up.
-            for f in vm.features.iter().filter(|f| h.spec.knows.contains(&f.name.as_str())) {
+            for f in vm
+                .features
+                .iter()
+                .filter(|f| h.spec.knows.contains(&f.name.as_str()))
+            {
                 h.switch.insert((vm.name.clone(), f.name.clone()));
             }
             h.guests.insert(
@@ -669,7 +680,10 @@ impl World {
         let actions = core.recover(self.now, image);
         host.core = Some(core);
         if epoch > 0 {
-            self.note(format!("{} agent starts (epoch {epoch})", self.hosts[h].name));
+            self.note(format!(
+                "{} agent starts (epoch {epoch})",
+                self.hosts[h].name
+            ));
         }
         self.execute(h, actions);
     }
@@ -765,7 +779,9 @@ impl World {
             return;
         }
         let name = self.hosts[h].name.clone();
-        self.fault("host lost", || format!("{name} is lost for good, with its guests"));
+        self.fault("host lost", || {
+            format!("{name} is lost for good, with its guests")
+        });
         self.hosts[h].lost = true;
         self.end_process(h);
         let host = &mut self.hosts[h];
@@ -846,7 +862,11 @@ impl World {
 
     fn handle_event(&mut self, event: Event) {
         match event {
-            Event::Deliver { rpc, to_epoch, call } => self.deliver(rpc, to_epoch, call),
+            Event::Deliver {
+                rpc,
+                to_epoch,
+                call,
+            } => self.deliver(rpc, to_epoch, call),
             Event::Reply { rpc, reply } => self.on_reply(rpc, reply),
             Event::Deadline { rpc } => {
                 if let Some(c) = self.rpcs.get(&rpc).filter(|c| !c.answered) {
@@ -893,7 +913,9 @@ impl World {
             Event::Freeze { host, ms } => {
                 if self.hosts[host].core.is_some() && self.hosts[host].frozen_until <= self.now {
                     let name = self.hosts[host].name.clone();
-                    self.fault("freeze", || format!("{name} agent frozen (SIGSTOP) for {ms} ms"));
+                    self.fault("freeze", || {
+                        format!("{name} agent frozen (SIGSTOP) for {ms} ms")
+                    });
                     self.hosts[host].frozen_until = self.now + ms;
                 }
             }
@@ -1030,7 +1052,8 @@ impl World {
         match entry {
             Entry::Source(a) => {
                 if self.begun_ids.insert(a.attempt_id.clone()) {
-                    self.begun.push((h, a.vm.name.clone(), a.attempt_id.clone()));
+                    self.begun
+                        .push((h, a.vm.name.clone(), a.attempt_id.clone()));
                 }
             }
             Entry::Destination(a) => {
@@ -1060,7 +1083,9 @@ impl World {
         }
         if self.chaos() && self.chance(self.scenario.net.loss) {
             let (a, b) = (self.hosts[from].name.clone(), self.hosts[to].name.clone());
-            self.fault("message lost", || format!("message {a} -> {b} lost (connection reset)"));
+            self.fault("message lost", || {
+                format!("message {a} -> {b} lost (connection reset)")
+            });
             return true;
         }
         false
@@ -1108,7 +1133,9 @@ impl World {
         let d = self.delay();
         let duplicate = self.chaos() && self.chance(self.scenario.net.duplicate);
         if duplicate {
-            self.fault("message duplicated", || format!("request {rpc} ({name}) duplicated"));
+            self.fault("message duplicated", || {
+                format!("request {rpc} ({name}) duplicated")
+            });
             let d2 = self.delay();
             self.push(
                 d2,
@@ -1206,7 +1233,9 @@ impl World {
     /// What the invariants learn from a destination's answer.
     fn watch_answer(&mut self, r: &PeerResponse) {
         let c4 = match r {
-            PeerResponse::Finish(f) => crate::protocol::cookies::decode::<proto::Cookie4>("C4", &f.cookie4).ok(),
+            PeerResponse::Finish(f) => {
+                crate::protocol::cookies::decode::<proto::Cookie4>("C4", &f.cookie4).ok()
+            }
             PeerResponse::Resolve(r) if r.resolution == proto::Resolution::NotCommitted as i32 => {
                 crate::protocol::cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok()
             }
@@ -1268,7 +1297,9 @@ impl World {
     /// The call never answers: the core's deadline has to end the wait.
     fn hang(&mut self, h: usize, what: &str) {
         let name = self.hosts[h].name.clone();
-        self.fault("hypervisor or stage hangs", || format!("{what} on {name} never answers"));
+        self.fault("hypervisor or stage hangs", || {
+            format!("{what} on {name} never answers")
+        });
     }
 
     fn run_op(&mut self, h: usize, op: OpId, what: Op) {
@@ -1279,7 +1310,9 @@ impl World {
             Op::StartIncoming { spec, attempt_id } => {
                 let result = if chaos && self.chance(self.scenario.incoming_fails) {
                     let id = attempt_id.clone();
-                    self.fault("incoming start fails", || format!("incoming guest of {id} fails to start"));
+                    self.fault("incoming start fails", || {
+                        format!("incoming guest of {id} fails to start")
+                    });
                     Err("qemu exited: could not set up the incoming guest".to_string())
                 } else if self.hosts[h].guests.contains_key(&spec.name) {
                     Err(format!("a guest named {} already exists", spec.name))
@@ -1319,12 +1352,14 @@ impl World {
                 self.op_done(h, op, delay, result.map_err(OpError::Failed), None);
             }
             Op::CompleteIncoming { vm, .. } => {
-                let arrived = self.transfers.values().any(|t| {
-                    t.vm == vm && t.to == h && t.state == TransferState::Completed
-                }) && self.hosts[h]
-                    .guests
-                    .get(&vm)
-                    .is_some_and(|g| g.state == GuestState::Incoming && g.copy != 0);
+                let arrived = self
+                    .transfers
+                    .values()
+                    .any(|t| t.vm == vm && t.to == h && t.state == TransferState::Completed)
+                    && self.hosts[h]
+                        .guests
+                        .get(&vm)
+                        .is_some_and(|g| g.state == GuestState::Incoming && g.copy != 0);
                 let result = if arrived {
                     Ok(OpOutput::Done)
                 } else {
@@ -1395,7 +1430,10 @@ impl World {
                     if result.is_ok() && self.rng.random_bool(0.5) {
                         self.apply_stage(h, &effect);
                     }
-                    return self.hang(h, &format!("{} {} of {}", ctx.feature.name, ctx.stage, ctx.vm));
+                    return self.hang(
+                        h,
+                        &format!("{} {} of {}", ctx.feature.name, ctx.stage, ctx.vm),
+                    );
                 }
                 let delay = self.stage_latency();
                 self.op_done(
@@ -1449,7 +1487,9 @@ impl World {
         let host = &self.hosts[h];
         let name = host.name.clone();
         if stage == Stage::Finish && host.spec.broken == Some(feature) {
-            self.fault("switch rejects", || format!("{name} switch rejects {feature} finish"));
+            self.fault("switch rejects", || {
+                format!("{name} switch rejects {feature} finish")
+            });
             return Err(format!("switch on {name} rejected ASSOCIATE of {feature}"));
         }
         let mut p = host.spec.fail[stage_index(stage)];
@@ -1459,7 +1499,9 @@ impl World {
             p = 0.0;
         }
         if self.chance(p) {
-            self.fault("stage fails", || format!("{feature} {stage} fails on {name}"));
+            self.fault("stage fails", || {
+                format!("{feature} {stage} fails on {name}")
+            });
             return Err(format!("{feature} {stage} failed on {name}"));
         }
         Ok(format!("{stage} done"))
@@ -1603,7 +1645,13 @@ impl World {
         self.transfer_ended(from, epoch, op, Ok(OpOutput::Transferred(stats)));
     }
 
-    fn transfer_ended(&mut self, from: usize, epoch: u32, op: OpId, result: Result<OpOutput, OpError>) {
+    fn transfer_ended(
+        &mut self,
+        from: usize,
+        epoch: u32,
+        op: OpId,
+        result: Result<OpOutput, OpError>,
+    ) {
         let key = self.push(
             1,
             Event::OpDone {
@@ -1624,7 +1672,10 @@ impl World {
     /// Hand an operator's request to a host's core.
     fn ask(&mut self, h: usize, what: String, request: Request) {
         if self.answering(h).is_none() {
-            self.note(format!("operator: {what}: {} is not answering", self.hosts[h].name));
+            self.note(format!(
+                "operator: {what}: {} is not answering",
+                self.hosts[h].name
+            ));
             return;
         }
         self.note(format!("operator: {what}"));
@@ -1775,7 +1826,11 @@ impl World {
         let draining = core.is_draining();
         match active {
             None if draining && self.rng.random_bool(0.5) => {
-                self.ask(h, format!("undrain {}", self.hosts[h].name), Request::Undrain);
+                self.ask(
+                    h,
+                    format!("undrain {}", self.hosts[h].name),
+                    Request::Undrain,
+                );
             }
             None => {
                 let mode = self.mode();
@@ -1839,9 +1894,9 @@ impl World {
         }
         if (0..self.hosts.len()).any(|h| {
             self.hosts[h].core.is_none() && !self.hosts[h].lost
-                || self.answering(h).is_some_and(|c| {
-                    c.evacuations().iter().any(|e| !e.state.is_over())
-                })
+                || self
+                    .answering(h)
+                    .is_some_and(|c| c.evacuations().iter().any(|e| !e.state.is_over()))
         }) {
             self.push(10_000, Event::CancelEvacuations);
         }
@@ -1860,7 +1915,10 @@ impl World {
             let unheard: Vec<String> = core
                 .pending()
                 .filter(|p| p.work == host::Work::Notify)
-                .filter(|p| self.host_index(&p.feature).is_some_and(|d| self.hosts[d].lost))
+                .filter(|p| {
+                    self.host_index(&p.feature)
+                        .is_some_and(|d| self.hosts[d].lost)
+                })
                 .map(|p| p.migration_id.clone())
                 .collect();
             for migration_id in unheard {
@@ -1897,7 +1955,8 @@ impl World {
                     self.forced_back.insert(vm.clone());
                     RunOn::Source
                 };
-                let what = format!("resolve {id} --run-on {run_on:?} ({destination} cannot answer)");
+                let what =
+                    format!("resolve {id} --run-on {run_on:?} ({destination} cannot answer)");
                 self.ask(h, what, Request::Force { id, run_on });
             }
         }
@@ -2043,8 +2102,6 @@ impl World {
         }
         s
     }
-
-
 }
 
 fn describe_action(action: &Action) -> String {
@@ -2053,8 +2110,12 @@ fn describe_action(action: &Action) -> String {
             let what = match entry {
                 Entry::Source(a) => format!("source {} {:?}", a.attempt_id, a.state),
                 Entry::Destination(a) => format!("destination {} {:?}", a.attempt_id, a.state),
-                Entry::Pending(p) => format!("pending {} {} of {}", p.work.as_str(), p.feature, p.vm),
-                Entry::PendingDone { attempt_id, work, .. } => {
+                Entry::Pending(p) => {
+                    format!("pending {} {} of {}", p.work.as_str(), p.feature, p.vm)
+                }
+                Entry::PendingDone {
+                    attempt_id, work, ..
+                } => {
                     format!("pending {work} of {attempt_id} done")
                 }
                 Entry::Tombstone(id) => format!("tombstone {id}"),

@@ -480,8 +480,8 @@ impl Evacuation {
             .map(|f| f.name.clone());
         // A busy destination, or this host's own stop or restart: neither
         // is the VM's or the destination's fault.
-        entry.busy = matches!(outcome, Outcome::Failed)
-            && record.cause == Some(Cause::DestinationBusy);
+        entry.busy =
+            matches!(outcome, Outcome::Failed) && record.cause == Some(Cause::DestinationBusy);
         entry.interrupted = matches!(outcome, Outcome::Aborted | Outcome::Failed)
             && record.cause == Some(Cause::Interrupted);
         let verdict = match outcome {

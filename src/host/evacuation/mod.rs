@@ -19,7 +19,9 @@ pub mod placement;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{CallKind, Entry, Event, HostCore, Level, Op, OpKind, Owner, PeerCall, PeerResponse, Refusal};
+use super::{
+    CallKind, Entry, Event, HostCore, Level, Op, OpKind, Owner, PeerCall, PeerResponse, Refusal,
+};
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
 use crate::protocol::{Cause, Millis, Mode, Outcome, PeerError};
@@ -163,7 +165,13 @@ impl HostCore {
                     .filter(|f| f.required)
                     .map(|f| f.name.clone())
                     .collect();
-                JobVm::new(&g.spec.name, g.spec.memory_mib, g.spec.vcpus, required, &name)
+                JobVm::new(
+                    &g.spec.name,
+                    g.spec.memory_mib,
+                    g.spec.vcpus,
+                    required,
+                    &name,
+                )
             })
             .collect();
         let taken: Vec<String> = self.evacuations.jobs.keys().cloned().collect();
@@ -381,7 +389,11 @@ impl HostCore {
             } else {
                 Level::Info
             };
-            self.log(level, "", format!("{}; {degraded} degraded", job.headline()));
+            self.log(
+                level,
+                "",
+                format!("{}; {degraded} degraded", job.headline()),
+            );
             self.evacuations.runs.remove(id);
             return;
         }
@@ -462,7 +474,12 @@ impl HostCore {
         if let Some(run) = self.evacuations.runs.get_mut(id) {
             run.gathering = Some(gather);
         }
-        self.run(owner.clone(), OpKind::ListGuests, Op::ListGuests, Some(deadline));
+        self.run(
+            owner.clone(),
+            OpKind::ListGuests,
+            Op::ListGuests,
+            Some(deadline),
+        );
         for host in asks {
             self.call(
                 owner.clone(),
@@ -594,9 +611,11 @@ impl HostCore {
         // whatever the destination answered: it may not have seen Prepare
         // yet, or may have ended its part before Confirm.
         let mut own: BTreeMap<String, u32> = BTreeMap::new();
-        for s in self.sources.values().filter(|s| {
-            s.live && s.attempt.record.outcome != Some(Outcome::Unresolved)
-        }) {
+        for s in self
+            .sources
+            .values()
+            .filter(|s| s.live && s.attempt.record.outcome != Some(Outcome::Unresolved))
+        {
             *own.entry(s.attempt.destination.clone()).or_default() += 1;
         }
         for host in hosts.iter_mut() {
