@@ -193,7 +193,12 @@ impl Journal {
     /// hypervisor that lost its list of guests must not boot them again
     /// (they may have moved away since).
     pub fn booted(&self) -> Result<bool, JournalError> {
-        self.flag("booted")
+        // A journal written before the flag existed, with attempts in it,
+        // belongs to a host that booted its guests long ago.
+        let used: bool = self
+            .db
+            .query_row("SELECT EXISTS (SELECT 1 FROM attempt)", [], |r| r.get(0))?;
+        Ok(used || self.flag("booted")?)
     }
 
     pub fn set_booted(&self) -> Result<(), JournalError> {
@@ -228,12 +233,26 @@ impl Journal {
                 Err(e) => image.unreadable.push(format!("evacuation {id}: {e}")),
             }
         }
-        image.pending = self.pending()?;
-        let mut stmt = self.db.prepare("SELECT attempt_id FROM tombstone")?;
-        image.tombstones = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<_, _>>()?;
-        image.draining = self.flag("draining")?;
+        let (pending, unreadable) = self.pending_rows()?;
+        image.pending = pending;
+        image.unreadable.extend(unreadable);
+        let mut stmt = self.db.prepare("SELECT rowid, attempt_id FROM tombstone")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)))
+        })?;
+        for row in rows {
+            match row? {
+                (_, Ok(id)) => image.tombstones.push(id),
+                (rowid, Err(e)) => image.unreadable.push(format!("tombstone row {rowid}: {e}")),
+            }
+        }
+        image.draining = match self.flag("draining") {
+            Ok(d) => d,
+            Err(e) => {
+                image.unreadable.push(format!("the draining flag: {e}"));
+                false
+            }
+        };
         Ok(image)
     }
 
@@ -246,23 +265,44 @@ impl Journal {
     /// Pending work; a row naming work this build does not know is kept
     /// as a rollback (the oldest meaning of the table).
     pub fn pending(&self) -> Result<Vec<Pending>, JournalError> {
+        Ok(self.pending_rows()?.0)
+    }
+
+    /// Pending work, and the rows that could not be read.
+    fn pending_rows(&self) -> Result<(Vec<Pending>, Vec<String>), JournalError> {
         let mut stmt = self.db.prepare(
-            "SELECT attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
+            "SELECT rowid, attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
         )?;
         let rows = stmt.query_map([], |r| {
-            let stage: String = r.get(4)?;
-            Ok(Pending {
-                attempt_id: r.get(0)?,
-                migration_id: r.get(1)?,
-                vm: r.get(2)?,
-                feature: r.get(3)?,
-                work: Work::parse(&stage).unwrap_or(Work::Stage(crate::protocol::Stage::Rollback)),
-                error: r.get(5)?,
-                tries: r.get(6)?,
-                next_try_ms: r.get(7)?,
-            })
+            let rowid: i64 = r.get(0)?;
+            let read = || -> rusqlite::Result<Pending> {
+                let stage: String = r.get(5)?;
+                Ok(Pending {
+                    attempt_id: r.get(1)?,
+                    migration_id: r.get(2)?,
+                    vm: r.get(3)?,
+                    feature: r.get(4)?,
+                    work: Work::parse(&stage)
+                        .unwrap_or(Work::Stage(crate::protocol::Stage::Rollback)),
+                    error: r.get(6)?,
+                    tries: r.get(7)?,
+                    next_try_ms: r.get(8)?,
+                })
+            };
+            let what = r
+                .get::<_, String>(1)
+                .map(|attempt| format!("pending work of attempt {attempt} (row {rowid})"))
+                .unwrap_or_else(|_| format!("pending row {rowid}"));
+            Ok(read().map_err(|e| format!("{what}: {e}")))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let (mut pending, mut unreadable) = (Vec::new(), Vec::new());
+        for row in rows {
+            match row? {
+                Ok(p) => pending.push(p),
+                Err(e) => unreadable.push(e),
+            }
+        }
+        Ok((pending, unreadable))
     }
 
     /// Destination attempts this host has not finished.

@@ -610,17 +610,20 @@ fn evacuation(reply: host::Reply) -> Result<Evacuation, Refusal> {
 
 /// Run an agent until it is told to stop (SIGINT, SIGTERM, SIGHUP).
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Signals are caught before anything else: one that comes while the
+    // agent starts is an orderly stop as soon as it has started.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>(1);
+    let signals = listen_for_signals()?;
+    tokio::spawn(async move {
+        wait_for_signal(signals).await;
+        let _ = stop_tx.send(()).await;
+    });
     let inventory = Inventory::load(&config.inventory)?;
     let listen: SocketAddr = config.listen.parse()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let agent = Agent::open(&config, inventory).await?;
-    let (stop_tx, stop_rx) = mpsc::channel::<()>(1);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        let _ = stop_tx.send(()).await;
-    });
     serve(agent, listener, stop_rx).await
 }
 
@@ -653,16 +656,23 @@ pub async fn serve(
     Ok(())
 }
 
-async fn wait_for_signal() {
+type Signals = [tokio::signal::unix::Signal; 3];
+
+/// Install the handlers of SIGINT, SIGTERM and SIGHUP.
+fn listen_for_signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return std::future::pending().await;
+    let install = |kind| {
+        signal(kind).map_err(|e| anyhow::anyhow!("cannot install a signal handler: {e}"))
     };
+    Ok([
+        install(SignalKind::interrupt())?,
+        install(SignalKind::terminate())?,
+        install(SignalKind::hangup())?,
+    ])
+}
+
+async fn wait_for_signal(signals: Signals) {
+    let [mut int, mut term, mut hup] = signals;
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}

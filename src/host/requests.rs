@@ -481,11 +481,18 @@ impl HostCore {
             .then(|| cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok())
             .flatten();
         // An attempt this host is (or was) the source of: the destination
-        // aborted it, and may report its rollback and its decision.
+        // aborted it, and may report its rollback and its decision. Who
+        // sent it says which side it is for, should this host hold both
+        // sides of one attempt id.
+        let for_arriving = self
+            .destinations
+            .get(&r.attempt_id)
+            .is_some_and(|d| d.attempt.source == r.from_host);
         let source = self
             .sources
             .iter()
             .find(|(_, s)| s.attempt.attempt_id == r.attempt_id)
+            .filter(|_| !for_arriving)
             .map(|(id, _)| id.clone());
         if let Some(id) = source {
             let input = SourceInput::PeerAborted {
