@@ -139,6 +139,8 @@ fn record(i: usize, attempt: u32) -> proto::MigrationRecord {
     let started = START_MS + i as u64 * 250;
     proto::MigrationRecord {
         cookies: Vec::new(),
+        cause: 0,
+        guest: 0,
         id: id.clone(),
         vm: vm_name(source, k),
         source: host_name(source),

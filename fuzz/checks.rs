@@ -8,8 +8,10 @@
 //! - [`cookie_decode`]: the bytes as each cookie C1–C4 as an agent receives it
 //!   (`cookies::decode`, `check_cookie1`), then what the agent does with a
 //!   decoded cookie: the conversions of `cookies.rs`/`record.rs`, the protocol
-//!   state machines fed the cookie, and the journal's JSON of their snapshots;
-//!   and the bytes as a console `MigrationRecord` converted and rendered.
+//!   state machines fed the cookie (with hypervisor answers to their guest
+//!   calls that fail, go unanswered or find the guest gone, as the bytes
+//!   say), and the journal's JSON of their snapshots; and the bytes as a
+//!   console `MigrationRecord` converted and rendered.
 //! - [`config_parse`]: the bytes as TOML text (lossy UTF-8) given to
 //!   `AgentConfig::parse` and `Inventory::parse`, and as a list of edits to a
 //!   valid agent config and inventory (structured fuzzing: every edit keeps
@@ -31,12 +33,15 @@ use tern::features::FeatureRegistry;
 use tern::proto;
 use tern::protocol::cookies::{self, CookieError, Incoming, Versioned};
 use tern::protocol::destination::{
-    DestinationAction, DestinationAttempt, DestinationInput, FreeCapacity,
+    Answer, DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity,
 };
 use tern::protocol::record::{self, MigrationRecord, stats_from_proto, stats_to_proto};
-use tern::protocol::source::{AttemptParams, Resolution, SourceAction, SourceAttempt, SourceInput};
+use tern::protocol::source::{
+    AbortAnswer, AttemptParams, Resolution, SourceAction, SourceAttempt, SourceInput, SourceState,
+};
 use tern::protocol::{
-    FeatureSpec, Millis, Mode, PROTOCOL_VERSION, PeerError, Stage, StepStatus, Timing, VmSpec,
+    Cause, FeatureSpec, GuestOpError, GuestOpResult, GuestProbe, Millis, Mode, PROTOCOL_VERSION,
+    PeerError, PendingWork, Stage, StepStatus, Timing, VmSpec,
 };
 
 // ===========================================================================
@@ -100,6 +105,55 @@ impl Stages {
             Err(format!("{stage}: injected by the fuzzer"))
         } else {
             Ok(format!("{stage}: done"))
+        }
+    }
+}
+
+/// How the hypervisor answers the guest calls a state machine makes (start,
+/// resume, kill, query): mostly as asked, and, as the input's bits say,
+/// with a failure, no answer or a guest that is gone, so the fuzzer reaches
+/// what each machine does at the commit point when a call goes wrong.
+#[derive(Debug, Clone, Copy)]
+struct Hypervisor {
+    mask: u64,
+    calls: u32,
+}
+
+impl Hypervisor {
+    fn new(data: &[u8]) -> Self {
+        // Another hash than `Stages`', so stage and guest faults vary apart.
+        let mask = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Hypervisor { mask, calls: 0 }
+    }
+
+    /// Three bits per call: five in eight answers are "done".
+    fn next(&mut self) -> u64 {
+        let pick = (self.mask >> (3 * (self.calls % 21))) & 7;
+        self.calls += 1;
+        pick
+    }
+
+    fn call(&mut self) -> GuestOpResult {
+        match self.next() {
+            5 => Err(GuestOpError::Failed("fuzz: the hypervisor refused".into())),
+            6 => Err(GuestOpError::Unknown("fuzz: no answer".into())),
+            7 => Err(GuestOpError::Gone("fuzz: no such guest".into())),
+            _ => Ok(()),
+        }
+    }
+
+    fn start(&mut self, address: String) -> Result<String, GuestOpError> {
+        self.call().map(|()| address)
+    }
+
+    fn probe(&mut self) -> GuestProbe {
+        match self.next() {
+            0..=3 => GuestProbe::Running,
+            4 | 5 => GuestProbe::Stopped,
+            6 => GuestProbe::Gone,
+            _ => GuestProbe::Unknown("fuzz: QMP did not answer".into()),
         }
     }
 }
@@ -283,7 +337,7 @@ fn cookie4(data: &[u8]) {
     // The destination's report of a rollback after an abort.
     let (mut attempt, _) = SourceAttempt::begin(source_params(Mode::Safe), START);
     attempt
-        .abort(START + 1, "fuzz")
+        .abort(START + 1, "fuzz", Cause::Operator)
         .expect("an attempt in Prepare can be aborted");
     attempt.apply_peer_rollback(&c4);
     journal_round_trip(&attempt);
@@ -334,6 +388,7 @@ pub fn c4_committed() -> proto::Cookie4 {
             .collect(),
         rollback: Vec::new(),
         error: String::new(),
+        lost: false,
     }
 }
 
@@ -351,8 +406,10 @@ where
 
 /// Run a destination attempt for `incoming` the way an agent does: start the
 /// guest, run the prepare stages, answer with C2, take `c3` as Finish, run
-/// the finish stages or roll back, answer with C4. Nothing may panic, every
-/// cookie it builds must decode, and it must settle.
+/// the finish stages, resume the guest (or kill it) and roll back as the
+/// hypervisor's answers make it, answer with C4. Nothing may panic, every
+/// cookie it builds must decode, it must settle, and once settled its
+/// answer to Resolve must agree with where it ended.
 fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
     let vm = incoming.vm.clone();
     // Too little room is refused, not a panic.
@@ -385,6 +442,7 @@ fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
     )
     .expect("prepare with room to spare");
     let mut stages = Stages::new(data);
+    let mut hypervisor = Hypervisor::new(data);
     let mut queue: VecDeque<DestinationAction> = actions.into();
     let mut now = START;
     let mut finish_sent = false;
@@ -398,9 +456,9 @@ fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
                 journal_round_trip(&*snapshot);
                 None
             }
-            DestinationAction::StartIncoming => Some(DestinationInput::IncomingStarted(Ok(
-                format!("sim://{DESTINATION}/{}", vm.name),
-            ))),
+            DestinationAction::StartIncoming => Some(DestinationInput::IncomingStarted(
+                hypervisor.start(format!("sim://{DESTINATION}/{}", vm.name)),
+            )),
             DestinationAction::CompleteIncoming(_) => {
                 Some(DestinationInput::IncomingCompleted(Ok(())))
             }
@@ -427,21 +485,53 @@ fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
                 sent("C4", &c4);
                 None
             }
-            DestinationAction::RecordPending { feature, .. } => {
-                assert!(feature < vm.features.len());
+            DestinationAction::RecordPending { work, .. } => {
+                match work {
+                    PendingWork::Stage { feature, stage } => {
+                        assert!(feature < vm.features.len());
+                        assert_eq!(stage, Stage::Rollback, "a destination only undoes");
+                    }
+                    PendingWork::Kill => {}
+                    other => panic!("a destination recorded a pending {other:?}"),
+                }
                 None
             }
-            DestinationAction::ResumeGuest
-            | DestinationAction::KillGuest
-            | DestinationAction::NotifySource { .. }
-            | DestinationAction::Finished { .. } => None,
+            DestinationAction::ResumeGuest => {
+                Some(DestinationInput::GuestResumed(hypervisor.call()))
+            }
+            DestinationAction::KillGuest => Some(DestinationInput::GuestKilled(hypervisor.call())),
+            DestinationAction::QueryGuest => {
+                Some(DestinationInput::GuestStatus(hypervisor.probe()))
+            }
+            DestinationAction::GuestLost { reason } => {
+                assert!(
+                    attempt.lost().is_some() && attempt.is_committed(),
+                    "{reason}"
+                );
+                None
+            }
+            DestinationAction::NotifySource { .. } | DestinationAction::Finished { .. } => None,
         };
         if let Some(input) = input {
             queue.extend(attempt.handle(now, input));
         }
     }
     assert!(queue.is_empty(), "the destination attempt never settles");
-    if !attempt.is_finished() {
+    if attempt.is_finished() {
+        // What it answers Resolve, and the C4 it would send, say where it ended.
+        let expected = if attempt.lost().is_some() {
+            Answer::Lost
+        } else if attempt.guest_runs() {
+            Answer::Committed
+        } else {
+            assert_eq!(attempt.state, DestinationState::RolledBack);
+            Answer::NotCommitted
+        };
+        assert_eq!(attempt.answer(), expected);
+        let c4 = attempt.cookie4();
+        assert_eq!(c4.committed, attempt.is_committed());
+        assert_eq!(c4.lost, attempt.lost().is_some());
+    } else {
         // Waiting for a Finish that will not come: the source is lost.
         let deadline = attempt
             .poll_timeout()
@@ -478,18 +568,30 @@ enum Finish {
     Resolved(proto::Cookie4),
 }
 
+/// Resolve rounds after which a source that no answer can decide has shown
+/// it keeps asking (the real one asks for ever, with backoff).
+const RESOLVE_ROUNDS: usize = 8;
+
 /// Run a source attempt the way an agent does, with `c2` as the answer to
-/// Prepare and `finish` as the answer to Finish. Nothing may panic, every
-/// journal snapshot must read back, and the attempt must end.
+/// Prepare and `finish` as the answer to Finish, and the hypervisor's
+/// answers to its cancel, resume and kill calls. Nothing may panic and
+/// every journal snapshot must read back. The attempt must end, unless the
+/// destination's answer cannot decide it (a C4 of another attempt, or a
+/// commit the destination lost): then it must stay unresolved, keep asking,
+/// and never resume or kill its guest on its own.
 fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
     let (mut attempt, actions) = SourceAttempt::begin(source_params(mode), START);
     let features = attempt.vm.features.len();
     let mut stages = Stages::new(data);
+    let mut hypervisor = Hypervisor::new(data);
     let mut queue: VecDeque<SourceAction> = actions.into();
     let mut now = START;
+    let mut finish_sent = false;
+    let mut guest_calls_after_finish = 0;
+    let mut resolves = 0;
     for _ in 0..MAX_STEPS {
         let Some(action) = queue.pop_front() else {
-            if attempt.is_done() {
+            if attempt.is_done() || resolves > RESOLVE_ROUNDS {
                 break;
             }
             // Nothing in flight: let the timers run (heartbeats, Resolve).
@@ -520,46 +622,90 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
                     ..Default::default()
                 },
             ))),
+            SourceAction::CancelTransfer => Some(SourceInput::TransferStopped),
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);
+                finish_sent = true;
                 Some(SourceInput::FinishReplied(match finish {
                     Finish::Direct(c4) => Ok(c4.clone()),
                     Finish::Resolved(_) => Err(PeerError::Unreachable("fuzz: reply lost".into())),
                 }))
             }
-            SourceAction::SendResolve => Some(SourceInput::ResolveReplied(Ok(match finish {
-                Finish::Resolved(c4) if c4.committed => Resolution::Committed(c4.clone()),
-                Finish::Resolved(c4) => Resolution::NotCommitted(c4.clone()),
-                Finish::Direct(_) => Resolution::Pending,
-            }))),
+            SourceAction::SendResolve => {
+                resolves += 1;
+                Some(SourceInput::ResolveReplied(Ok(match finish {
+                    Finish::Resolved(c4) if c4.lost => Resolution::Lost(c4.clone()),
+                    Finish::Resolved(c4) if c4.committed => Resolution::Committed(c4.clone()),
+                    Finish::Resolved(c4) => Resolution::NotCommitted(c4.clone()),
+                    Finish::Direct(_) => Resolution::Pending,
+                })))
+            }
+            SourceAction::SendAbort { reason } => {
+                assert!(!reason.is_empty(), "an abort says why");
+                Some(SourceInput::AbortReplied(Ok(AbortAnswer {
+                    aborted: true,
+                    committed: false,
+                    detail: String::new(),
+                    c4: None,
+                })))
+            }
             SourceAction::SendHeartbeat => Some(SourceInput::HeartbeatReplied(Ok(true))),
+            SourceAction::ResumeGuest => {
+                guest_calls_after_finish += usize::from(finish_sent);
+                Some(SourceInput::GuestResumed(hypervisor.call()))
+            }
+            SourceAction::KillGuest => {
+                guest_calls_after_finish += usize::from(finish_sent);
+                Some(SourceInput::GuestKilled(hypervisor.call()))
+            }
             SourceAction::RunStage { feature, stage } => {
                 assert!(feature < features, "stage of feature {feature} run");
+                assert_eq!(stage, Stage::Release, "a source only releases");
                 Some(SourceInput::StageDone {
                     feature,
                     stage,
                     result: stages.outcome(stage),
                 })
             }
-            SourceAction::RecordPending { feature, .. } => {
-                assert!(feature < features);
+            SourceAction::RecordPending { work, .. } => {
+                match work {
+                    PendingWork::Stage { feature, stage } => {
+                        assert!(feature < features);
+                        assert_eq!(stage, Stage::Release);
+                    }
+                    PendingWork::Resume | PendingWork::Kill => {}
+                    PendingWork::Notify => panic!("a pending notify without a forced decision"),
+                }
                 None
             }
-            SourceAction::CancelTransfer
-            | SourceAction::SendAbort { .. }
-            | SourceAction::ResumeGuest
-            | SourceAction::KillGuest
-            | SourceAction::Finished(_) => None,
+            SourceAction::Finished(outcome) => {
+                assert_eq!(attempt.record.outcome, Some(outcome));
+                None
+            }
         };
         if let Some(input) = input {
             queue.extend(attempt.handle(now, input));
         }
     }
-    assert!(
-        attempt.is_done(),
-        "the source attempt never ends: {:?}",
-        attempt.state
-    );
+    let answer = match finish {
+        Finish::Direct(c4) | Finish::Resolved(c4) => c4,
+    };
+    let decides = answer.attempt_id == ATTEMPT_ID && !answer.lost;
+    if finish_sent && !decides {
+        assert_eq!(
+            attempt.state,
+            SourceState::Unresolved,
+            "an answer that decides nothing moved the attempt"
+        );
+        assert!(resolves > RESOLVE_ROUNDS, "the source stopped asking");
+        assert_eq!(guest_calls_after_finish, 0, "the source acted on its own");
+    } else {
+        assert!(
+            attempt.is_done(),
+            "the source attempt never ends: {:?}",
+            attempt.state
+        );
+    }
     let record = &attempt.record;
     assert!(record.outcome.is_some());
     let _ = (

@@ -296,6 +296,8 @@ fn write_cookie_seeds() {
         ..checks::c4_committed()
     };
     let record = proto::MigrationRecord {
+        cause: 0,
+        guest: 0,
         id: checks::MIGRATION_ID.into(),
         vm: "web-01".into(),
         source: checks::SOURCE.into(),

@@ -237,9 +237,7 @@ impl Journal {
         image.pending = pending;
         image.unreadable.extend(unreadable);
         let mut stmt = self.db.prepare("SELECT rowid, attempt_id FROM tombstone")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)))
-        })?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1))))?;
         for row in rows {
             match row? {
                 (_, Ok(id)) => image.tombstones.push(id),

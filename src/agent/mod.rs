@@ -420,15 +420,13 @@ impl Agent {
             let (record, live) = self
                 .query(move |core| {
                     let record = core.migration(&key).cloned();
-                    let live = record
-                        .as_ref()
-                        .is_some_and(|r| core.is_live(&r.attempt_id));
+                    let live = record.as_ref().is_some_and(|r| core.is_live(&r.attempt_id));
                     (record, live)
                 })
                 .await
                 .unwrap_or((None, false));
-            let record =
-                record.ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
+            let record = record
+                .ok_or_else(|| Refusal::NotFound(format!("no migration {id} on {}", self.name)))?;
             let ended = match record.outcome {
                 Some(crate::protocol::Outcome::Unresolved) => true,
                 Some(_) => !live,
@@ -661,9 +659,8 @@ type Signals = [tokio::signal::unix::Signal; 3];
 /// Install the handlers of SIGINT, SIGTERM and SIGHUP.
 fn listen_for_signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let install = |kind| {
-        signal(kind).map_err(|e| anyhow::anyhow!("cannot install a signal handler: {e}"))
-    };
+    let install =
+        |kind| signal(kind).map_err(|e| anyhow::anyhow!("cannot install a signal handler: {e}"));
     Ok([
         install(SignalKind::interrupt())?,
         install(SignalKind::terminate())?,

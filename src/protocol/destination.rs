@@ -291,6 +291,10 @@ pub struct DestinationAttempt {
     /// Committed, but the guest cannot be run here and may have run.
     #[serde(default)]
     lost: Option<String>,
+    /// This incarnation recovered the attempt from the journal: whatever the
+    /// guest's state now, it may have run before the restart.
+    #[serde(skip)]
+    recovered: bool,
     #[serde(skip)]
     awaiting: Awaiting,
 }
@@ -346,6 +350,7 @@ impl DestinationAttempt {
             guest_resumed: false,
             ran_maybe: false,
             lost: None,
+            recovered: false,
             awaiting: Awaiting::Nothing,
         };
         let actions = vec![attempt.journal(), DestinationAction::StartIncoming];
@@ -431,6 +436,13 @@ impl DestinationAttempt {
             DestinationState::Finishing { .. } => Err(format!(
                 "{} is carrying out Finish for attempt {}; it cannot be aborted now",
                 self.host, self.attempt_id
+            )),
+            // Only the source's operator abandons a lost commit (its forced
+            // decision arrives as the source's abort); this host's own
+            // reasons (it stops, it lost its source) do not.
+            DestinationState::Committed if self.lost.is_some() && notify_source => Err(format!(
+                "attempt {} committed on {} and lost its guest: only the operator's forced decision on {} ends it",
+                self.attempt_id, self.host, self.source
             )),
             DestinationState::Committed
                 if self.lost.is_some() && self.awaiting == Awaiting::Nothing =>
@@ -808,6 +820,11 @@ impl DestinationAttempt {
                 self.error = None;
                 self.commit_done()
             }
+            // There and stopped, after a restart: it may have run before the
+            // agent died (and been stopped since). Never abandoned on that.
+            GuestProbe::Stopped if self.recovered => self.become_lost(
+                "after a restart its guest is there but stopped, and may have run before".into(),
+            ),
             // There and stopped: once killed, nothing of it can run.
             GuestProbe::Stopped => {
                 let before = self.error.take().unwrap_or_default();
@@ -1024,6 +1041,7 @@ impl DestinationAttempt {
                 // The CPUs may have started before the restart: from here a
                 // failed resume can only make the guest lost, never abandoned.
                 self.ran_maybe = true;
+                self.recovered = true;
                 self.awaiting = Awaiting::Resume;
                 vec![DestinationAction::ResumeGuest]
             }

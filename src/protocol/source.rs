@@ -695,18 +695,21 @@ impl SourceAttempt {
                     &c4.error
                 }
             );
-            let mut actions = Vec::new();
-            if self.state == SourceState::FinishSent {
-                actions = self.become_unresolved(now, error);
-            } else {
-                self.record.error = Some(format!(
-                    "{error}. The guest stays paused on {}; only an operator can decide (tern resolve).",
-                    self.host
-                ));
-                self.back_off_resolve(now);
-            }
+            let first = self.record.guest != GuestCondition::Unknown;
             self.record.guest = GuestCondition::Unknown;
-            return actions;
+            if self.state == SourceState::FinishSent {
+                return self.become_unresolved(now, error);
+            }
+            self.record.error = Some(format!(
+                "{error}. The guest stays paused on {}; only an operator can decide (tern resolve).",
+                self.host
+            ));
+            self.back_off_resolve(now);
+            return if first {
+                vec![self.journal()]
+            } else {
+                Vec::new()
+            };
         }
         self.record.cookies.push(cookies::describe(&c4));
         self.apply_stage_results(Stage::Finish, &c4.finish);
@@ -819,7 +822,7 @@ impl SourceAttempt {
                 Some(before) => format!("{before}; {what}"),
                 None => what,
             });
-        } else if let Err(e) = result {
+        } else if let Err(e) = &result {
             self.record.guest = GuestCondition::Paused;
             self.record.cause.get_or_insert(Cause::Guest);
             let what = format!(
@@ -834,6 +837,11 @@ impl SourceAttempt {
                 work: PendingWork::Resume,
                 error: e.message().to_string(),
             });
+        }
+        if result.is_ok() {
+            // Running here again (a forced decision resumes a copy whose
+            // state was unknown).
+            self.record.guest = GuestCondition::Running;
         }
         self.record.updated_at_ms = now;
         self.state = SourceState::Done;

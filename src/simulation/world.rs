@@ -1050,19 +1050,17 @@ impl World {
     /// What the invariants learn from a journal write.
     fn watch_journal(&mut self, h: usize, entry: &Entry) {
         match entry {
-            Entry::Source(a) => {
-                if self.begun_ids.insert(a.attempt_id.clone()) {
-                    self.begun
-                        .push((h, a.vm.name.clone(), a.attempt_id.clone()));
-                }
+            Entry::Source(a) if self.begun_ids.insert(a.attempt_id.clone()) => {
+                self.begun
+                    .push((h, a.vm.name.clone(), a.attempt_id.clone()));
             }
-            Entry::Destination(a) => {
-                if a.is_committed() && self.said_not_committed.contains(&a.attempt_id) {
-                    self.violation(format!(
-                        "{} commits {} after answering \"not committed\"",
-                        self.hosts[h].name, a.attempt_id
-                    ));
-                }
+            Entry::Destination(a)
+                if a.is_committed() && self.said_not_committed.contains(&a.attempt_id) =>
+            {
+                self.violation(format!(
+                    "{} commits {} after answering \"not committed\"",
+                    self.hosts[h].name, a.attempt_id
+                ));
             }
             _ => {}
         }
@@ -2105,7 +2103,7 @@ impl World {
 }
 
 fn describe_action(action: &Action) -> String {
-    let text = match action {
+    match action {
         Action::Journal { entry, durable } => {
             let what = match entry {
                 Entry::Source(a) => format!("source {} {:?}", a.attempt_id, a.state),
@@ -2133,8 +2131,7 @@ fn describe_action(action: &Action) -> String {
         Action::Cancel { op } => format!("give up on #{op}"),
         Action::Emit(_) => "emit".into(),
         Action::Exit => "exit".into(),
-    };
-    text
+    }
 }
 
 fn short(value: &impl std::fmt::Debug) -> String {
