@@ -416,7 +416,8 @@ mod tests {
             resolve_warning("m-1", RunOn::Source, "hv-a", "hv-b"),
             "Forcing migration m-1 to run on hv-a. Only do this if the destination hv-b is gone for good: if its \
              copy of the guest has already resumed, the guest will run on two hosts at once and its disk and \
-             network state will diverge."
+             network state will diverge. hv-a keeps telling hv-b until it hears; if hv-b had committed, the \
+             copy on hv-a is killed the moment it answers."
         );
     }
 
