@@ -4,7 +4,13 @@
 //! - `five_phase_attempt`: StartMigration → outcome for a zero-memory
 //!   simulated VM with one port-profile feature (target p50 < 5 ms);
 //! - `abort_to_running`: from the Abort RPC to the guest running on the
-//!   source again, for a VM caught in Perform (target p50 < 100 ms).
+//!   source again, for a VM caught in Perform (target p50 < 100 ms);
+//! - `journal_write`: one journal write of a destination attempt's record,
+//!   lazy (`synchronous = NORMAL`) and durable (`FULL`, the WAL synced), in
+//!   the same run: what each decision the host core marks durable costs. A
+//!   five-phase attempt of a VM with one feature makes three durable writes
+//!   (the source's Finish sent, the destination's write before its prepare
+//!   stage, its commit) of its eleven.
 //!
 //! Criterion reports the mean; the p50 and p99 of every measured attempt are
 //! printed at the end of each group.
@@ -215,11 +221,67 @@ fn abort_to_running(c: &mut Criterion) {
     percentiles("abort_to_running", &samples);
 }
 
+/// One journal write, lazy or durable, of a realistic record.
+fn journal_write(c: &mut Criterion) {
+    use tern::agent::journal::Journal;
+    use tern::host::Entry;
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(dir.path()).unwrap();
+    let vm = tern::protocol::VmSpec {
+        name: "bench-01".into(),
+        memory_mib: 1024,
+        vcpus: 1,
+        dirty_rate_mib_s: 0,
+        features: vec![tern::protocol::FeatureSpec {
+            name: "port-profile".into(),
+            driver: "port-profile".into(),
+            required: true,
+        }],
+        qemu: None,
+    };
+    let c1 =
+        tern::protocol::cookies::cookie1("m-1.1", "m-1", "hv-a", &vm, tern::protocol::Mode::Safe);
+    let incoming = tern::protocol::cookies::check_cookie1(&c1, |_| true).unwrap();
+    let (attempt, _) = tern::protocol::destination::DestinationAttempt::prepare(
+        incoming,
+        "hv-b",
+        tern::protocol::destination::FreeCapacity {
+            memory_mib: 65536,
+            vcpus: 64,
+        },
+        false,
+        None,
+        tern::protocol::Timing::default(),
+        0,
+    )
+    .unwrap();
+    let entry = Entry::Destination(Box::new(attempt));
+    let mut group = c.benchmark_group("journal_write");
+    for (name, durable) in [("lazy", false), ("durable", true)] {
+        let samples = Mutex::new(Vec::new());
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    journal.write(&entry, durable).unwrap();
+                    let took = t0.elapsed();
+                    total += took;
+                    samples.lock().unwrap().push(took);
+                }
+                total
+            })
+        });
+        percentiles(&format!("journal_write/{name}"), &samples);
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1))
 }
 
-criterion_group! { name = benches; config = config(); targets = five_phase_attempt, abort_to_running }
+criterion_group! { name = benches; config = config(); targets = five_phase_attempt, abort_to_running, journal_write }
 criterion_main!(benches);
