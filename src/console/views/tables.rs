@@ -234,10 +234,19 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
             features,
             if failing { theme.failed } else { theme.dim },
         )),
-        Cell::from(if r.outcome == 0 {
-            Span::styled(current_phase(r), theme.running)
-        } else {
-            Span::styled(r.error.clone(), theme.dim)
+        Cell::from(match crate::protocol::record::guest_from_proto(r.guest) {
+            // Where the guest is not simply running, that comes first, in red.
+            crate::protocol::GuestCondition::Paused => Span::styled(
+                format!("guest PAUSED on {}: {}", r.running_on, r.error),
+                theme.error,
+            ),
+            crate::protocol::GuestCondition::Unknown => {
+                Span::styled(format!("guest state unknown: {}", r.error), theme.error)
+            }
+            crate::protocol::GuestCondition::Running if r.outcome == 0 => {
+                Span::styled(current_phase(r), theme.running)
+            }
+            crate::protocol::GuestCondition::Running => Span::styled(r.error.clone(), theme.dim),
         }),
     ]);
     Row::new(cells).style(if app.marked.contains(&r.id) {

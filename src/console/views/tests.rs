@@ -295,3 +295,55 @@ fn the_cancel_question_counts_the_attempts_in_flight_as_they_are_now() {
         "Nothing is in flight: the VMs left stay on hv-e.",
     );
 }
+
+#[test]
+fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_detail() {
+    use crate::console::msg::Msg;
+    use crate::proto;
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_after(&[]);
+    let mut record = migration(
+        "m-paused",
+        "api-01",
+        "hv-d",
+        "hv-e",
+        proto::Outcome::Aborted,
+    );
+    record.running_on = "hv-d".into();
+    record.error =
+        "aborted by the operator; could not resume api-01 on hv-d: QEMU: cont failed".into();
+    record.guest = proto::GuestCondition::Paused as i32;
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-d".into(),
+            kind: Some(proto::event::Kind::Migration(record)),
+        }),
+    );
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    same_colour(
+        buffer,
+        find(buffer, "guest PAUSED on hv-d"),
+        theme.error,
+        "the paused guest in the migrations table",
+    );
+    // Its detail says it in the summary, in red too.
+    let row = app
+        .rows()
+        .iter()
+        .position(|m| m.record.id == "m-paused")
+        .expect("the row is listed");
+    for _ in 0..row {
+        update(&mut app, key('j'));
+    }
+    update(&mut app, code(KeyCode::Enter));
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    same_colour(
+        buffer,
+        find(buffer, "guest PAUSED (resume failed)"),
+        theme.error,
+        "the paused guest in the detail",
+    );
+}
