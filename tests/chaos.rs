@@ -33,7 +33,6 @@ mod common;
 mod proxy;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use common::*;
-use proxy::{Mode, Proxy};
+use proxy::{Mode, Proxy, link_name};
 use tern::agent::journal::Journal;
 
 /// How many random actions one run takes; `TERN_CHAOS_ACTIONS=N` changes it
@@ -112,85 +111,13 @@ fn chaos_timing() -> String {
     timing
 }
 
-fn link_name(from: &str, to: &str) -> String {
-    format!("{from}->{to}")
-}
-
-/// The cluster with every agent→agent connection going through `proxy`: each
-/// agent reads its own inventory, in which its peers' addresses are the proxy
-/// ports of its outgoing links. The CLI's inventory (`cluster.inventory`)
-/// names the agents' real ports.
+/// The cluster with every agent→agent connection going through `proxy`.
 fn start_cluster(proxy: &mut Proxy) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    // The agents' ports stay bound until the proxy has bound its own, so
-    // that the proxy cannot be handed one of them.
-    let reserved: Vec<TcpListener> = HOSTS
-        .iter()
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+    let hosts: Vec<(&str, String)> = host_specs()
+        .into_iter()
+        .map(|(name, faults, vms)| (name, format!("{}{}{vms}", port_profile(faults), link(512))))
         .collect();
-    let ports: BTreeMap<&str, u16> = HOSTS
-        .iter()
-        .zip(&reserved)
-        .map(|(h, l)| (*h, l.local_addr().unwrap().port()))
-        .collect();
-    let inventory_text = |entries: Vec<(&str, u16)>| {
-        entries
-            .into_iter()
-            .map(|(name, port)| {
-                format!("[[host]]\nname = \"{name}\"\naddress = \"http://127.0.0.1:{port}\"\n\n")
-            })
-            .collect::<String>()
-    };
-    let inventory = dir.path().join("cluster.toml");
-    std::fs::write(
-        &inventory,
-        inventory_text(HOSTS.iter().map(|h| (*h, ports[h])).collect()),
-    )
-    .unwrap();
-    let mut hosts = Vec::new();
-    for (name, faults, vms) in host_specs() {
-        let entries = HOSTS
-            .iter()
-            .map(|peer| {
-                if *peer == name {
-                    (*peer, ports[peer])
-                } else {
-                    (*peer, proxy.add_link(&link_name(name, peer), ports[peer]))
-                }
-            })
-            .collect();
-        let peers_inventory = format!("peers-{name}.toml");
-        std::fs::write(dir.path().join(&peers_inventory), inventory_text(entries)).unwrap();
-        let config_path = dir.path().join(format!("{name}.toml"));
-        let config = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"{peers_inventory}\"\n{timing}\n{}{}{vms}",
-            port_profile(faults),
-            link(512),
-            port = ports[name],
-            timing = chaos_timing(),
-        );
-        std::fs::write(&config_path, config).unwrap();
-        hosts.push(Host {
-            name: name.to_string(),
-            config_path,
-            log_path: dir.path().join(format!("{name}.log")),
-            port: ports[name],
-            child: None,
-            netns: None,
-            ip: "127.0.0.1".into(),
-        });
-    }
-    drop(reserved);
-    let mut cluster = Cluster {
-        dir,
-        inventory,
-        hosts,
-        cli_netns: None,
-    };
-    for name in HOSTS {
-        cluster.start_agent(name);
-    }
-    cluster
+    proxy::cluster_behind(proxy, &hosts, &chaos_timing())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,95 +15,31 @@ mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
 use proxy::{Mode, Proxy};
 
-const HOSTS: [&str; 2] = ["hv-a", "hv-b"];
-
 /// hv-a and hv-b with each one's calls to the other through `proxy`
 /// (links "hv-a->hv-b" and "hv-b->hv-a"); the CLI reaches both directly.
+/// The destination's finish stage is slow, so the link can break while it
+/// runs; failed notifications are retried every 300 ms.
 fn cluster(proxy: &mut Proxy) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let reserved: Vec<TcpListener> = HOSTS
-        .iter()
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: BTreeMap<&str, u16> = HOSTS
-        .iter()
-        .zip(&reserved)
-        .map(|(h, l)| (*h, l.local_addr().unwrap().port()))
-        .collect();
-    let inventory_text = |entries: Vec<(&str, u16)>| {
-        entries
-            .into_iter()
-            .map(|(name, port)| {
-                format!("[[host]]\nname = \"{name}\"\naddress = \"http://127.0.0.1:{port}\"\n\n")
-            })
-            .collect::<String>()
-    };
-    let inventory = dir.path().join("cluster.toml");
-    std::fs::write(
-        &inventory,
-        inventory_text(HOSTS.iter().map(|h| (*h, ports[h])).collect()),
+    let hosts = [
+        (
+            "hv-a",
+            format!("{}{}{}", link(1024), port_profile(""), vm("web-01", 256)),
+        ),
+        (
+            "hv-b",
+            format!("{}{}", link(1024), port_profile("latency_ms = 1500")),
+        ),
+    ];
+    proxy::cluster_behind(
+        proxy,
+        &hosts,
+        "heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 300\n",
     )
-    .unwrap();
-    let mut hosts = Vec::new();
-    for name in HOSTS {
-        let entries = HOSTS
-            .iter()
-            .map(|peer| {
-                if *peer == name {
-                    (*peer, ports[peer])
-                } else {
-                    (
-                        *peer,
-                        proxy.add_link(&format!("{name}->{peer}"), ports[peer]),
-                    )
-                }
-            })
-            .collect();
-        let peers = format!("peers-{name}.toml");
-        std::fs::write(dir.path().join(&peers), inventory_text(entries)).unwrap();
-        // The destination's finish stage is slow, so the link can break
-        // while it runs; failed notifications are retried every 300 ms.
-        let features = if name == "hv-b" {
-            port_profile("latency_ms = 1500")
-        } else {
-            format!("{}{}", port_profile(""), vm("web-01", 256))
-        };
-        let config = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"{peers}\"\n\
-             heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 300\n{}{features}",
-            link(1024),
-            port = ports[name],
-        );
-        let config_path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&config_path, config).unwrap();
-        hosts.push(Host {
-            name: name.to_string(),
-            config_path,
-            log_path: dir.path().join(format!("{name}.log")),
-            port: ports[name],
-            child: None,
-            netns: None,
-            ip: "127.0.0.1".into(),
-        });
-    }
-    drop(reserved);
-    let mut cluster = Cluster {
-        dir,
-        inventory,
-        hosts,
-        cli_netns: None,
-    };
-    for name in HOSTS {
-        cluster.start_agent(name);
-    }
-    cluster
 }
 
 #[test]

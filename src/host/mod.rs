@@ -516,6 +516,18 @@ struct Destination {
     abort_deadline: Option<Millis>,
 }
 
+impl Destination {
+    fn new(attempt: DestinationAttempt, prepare_waiter: Option<ReqId>) -> Destination {
+        Destination {
+            attempt,
+            prepare_waiter,
+            finish_waiters: Vec::new(),
+            abort_waiters: Vec::new(),
+            abort_deadline: None,
+        }
+    }
+}
+
 /// A stopping agent.
 #[derive(Debug, Clone, Copy)]
 struct Stopping {
@@ -955,16 +967,8 @@ impl HostCore {
             let id = attempt.attempt_id.clone();
             let migration = attempt.migration_id.clone();
             let from = format!("{:?}", attempt.state);
-            self.destinations.insert(
-                id.clone(),
-                Destination {
-                    attempt,
-                    prepare_waiter: None,
-                    finish_waiters: Vec::new(),
-                    abort_waiters: Vec::new(),
-                    abort_deadline: None,
-                },
-            );
+            self.destinations
+                .insert(id.clone(), Destination::new(attempt, None));
             self.log(
                 Level::Warn,
                 &migration,

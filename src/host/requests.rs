@@ -331,16 +331,8 @@ impl HostCore {
         match self.admit(cookie1, guests) {
             Ok((attempt, actions)) => {
                 let id = attempt.attempt_id.clone();
-                self.destinations.insert(
-                    id.clone(),
-                    Destination {
-                        attempt,
-                        prepare_waiter: Some(req),
-                        finish_waiters: Vec::new(),
-                        abort_waiters: Vec::new(),
-                        abort_deadline: None,
-                    },
-                );
+                self.destinations
+                    .insert(id.clone(), Destination::new(attempt, Some(req)));
                 self.emit(super::Event::Host);
                 self.destination_actions(&id, actions);
             }
@@ -539,16 +531,8 @@ impl HostCore {
             .is_some_and(|a| a.lost().is_some())
             && let Some(attempt) = self.ended.remove(&r.attempt_id)
         {
-            self.destinations.insert(
-                r.attempt_id.clone(),
-                Destination {
-                    attempt,
-                    prepare_waiter: None,
-                    finish_waiters: Vec::new(),
-                    abort_waiters: Vec::new(),
-                    abort_deadline: None,
-                },
-            );
+            self.destinations
+                .insert(r.attempt_id.clone(), Destination::new(attempt, None));
             return self.peer_abort(req, r);
         }
         if let Some(a) = self.ended.get(&r.attempt_id) {

@@ -469,31 +469,21 @@ fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
     let _ = req;
 }
 
-#[test]
-fn a_release_with_no_driver_here_has_nothing_to_undo() {
+/// A source with `spec` migrating to hv-b, driven up to Finish sent:
+/// (host, Finish's call, the attempt id). hv-b accepts and prepares nothing.
+fn source_past_finish(spec: &VmSpec, mode: Mode) -> (Host, CallId, String) {
     let mut a = Host::new(A);
-    let spec = vm("web-01", &[("vtpm", false)]);
     let (_, actions) = a.request(Request::StartMigration {
-        vm: "web-01".into(),
+        vm: spec.name.clone(),
         destination: B.into(),
-        mode: Mode::Fast,
-        guests: vec![running(&spec)],
+        mode,
+        guests: vec![running(spec)],
     });
-    let prepare = actions
-        .iter()
-        .find_map(|x| match x {
-            Action::Call {
-                call,
-                request: PeerCall::Prepare(_),
-                ..
-            } => Some(*call),
-            _ => None,
-        })
-        .expect("Prepare is called");
-    // hv-b accepted it (fast mode: nothing is mandatory) and prepared nothing.
+    let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
+    let attempt = a.core.migrations().next().unwrap().attempt_id.clone();
     let c2 = proto::Cookie2 {
         protocol_version: crate::protocol::PROTOCOL_VERSION,
-        attempt_id: a.core.migrations().next().unwrap().attempt_id.clone(),
+        attempt_id: attempt.clone(),
         incoming_address: "sim://hv-b/x".into(),
         accepted: true,
         ..Default::default()
@@ -506,30 +496,41 @@ fn a_release_with_no_driver_here_has_nothing_to_undo() {
     });
     let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).expect("a transfer");
     let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
-    let finish = actions
-        .iter()
-        .find_map(|x| match x {
-            Action::Call {
-                call,
-                request: PeerCall::Finish(_),
-                ..
-            } => Some(*call),
-            _ => None,
-        })
-        .expect("Finish is called");
-    let attempt = c2.attempt_id.clone();
+    let finish = call_of(&actions, |r| matches!(r, PeerCall::Finish(_))).expect("Finish");
+    (a, finish, attempt)
+}
+
+/// hv-b's answer to Finish: it committed.
+fn committed(a: &mut Host, finish: CallId, attempt: &str) -> Vec<Action> {
     let c4 = proto::Cookie4 {
         protocol_version: crate::protocol::PROTOCOL_VERSION,
-        attempt_id: attempt,
+        attempt_id: attempt.into(),
         committed: true,
         ..Default::default()
     };
-    let actions = a.input(Input::PeerReplied {
+    a.input(Input::PeerReplied {
         call: finish,
         reply: Ok(PeerResponse::Finish(proto::FinishReply {
             cookie4: c4.encode_to_vec(),
         })),
-    });
+    })
+}
+
+/// The call the actions make that matches.
+fn call_of(actions: &[Action], matches: impl Fn(&PeerCall) -> bool) -> Option<CallId> {
+    actions.iter().find_map(|a| match a {
+        Action::Call { call, request, .. } if matches(request) => Some(*call),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_release_with_no_driver_here_has_nothing_to_undo() {
+    // Fast mode: nothing is mandatory, so hv-b took a VM with a feature
+    // neither host has a driver for.
+    let (mut a, finish, attempt) =
+        source_past_finish(&vm("web-01", &[("vtpm", false)]), Mode::Fast);
+    let actions = committed(&mut a, finish, &attempt);
     let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the old copy goes");
     let actions = a.op_done(kill, Ok(OpOutput::Done));
     assert!(
@@ -583,70 +584,14 @@ fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
 
 #[test]
 fn stop_waits_for_an_attempt_past_finish_then_exits() {
-    let mut a = Host::new(A);
-    let spec = vm("web-01", &[]);
-    let (_, actions) = a.request(Request::StartMigration {
-        vm: "web-01".into(),
-        destination: B.into(),
-        mode: Mode::Safe,
-        guests: vec![running(&spec)],
-    });
-    let prepare = actions
-        .iter()
-        .find_map(|x| match x {
-            Action::Call {
-                call,
-                request: PeerCall::Prepare(_),
-                ..
-            } => Some(*call),
-            _ => None,
-        })
-        .unwrap();
-    let attempt = a.core.migrations().next().unwrap().attempt_id.clone();
-    let c2 = proto::Cookie2 {
-        protocol_version: crate::protocol::PROTOCOL_VERSION,
-        attempt_id: attempt.clone(),
-        incoming_address: "sim://hv-b/x".into(),
-        accepted: true,
-        ..Default::default()
-    };
-    let actions = a.input(Input::PeerReplied {
-        call: prepare,
-        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
-            cookie2: c2.encode_to_vec(),
-        })),
-    });
-    let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).unwrap();
-    let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
-    let finish = actions
-        .iter()
-        .find_map(|x| match x {
-            Action::Call {
-                call,
-                request: PeerCall::Finish(_),
-                ..
-            } => Some(*call),
-            _ => None,
-        })
-        .unwrap();
+    let (mut a, finish, attempt) = source_past_finish(&vm("web-01", &[]), Mode::Safe);
     // SIGTERM with Finish sent: nothing to abort, but not a reason to leave.
     let actions = a.input(Input::Stop);
     assert!(
         !actions.iter().any(|x| matches!(x, Action::Exit)),
         "{actions:?}"
     );
-    let c4 = proto::Cookie4 {
-        protocol_version: crate::protocol::PROTOCOL_VERSION,
-        attempt_id: attempt,
-        committed: true,
-        ..Default::default()
-    };
-    let actions = a.input(Input::PeerReplied {
-        call: finish,
-        reply: Ok(PeerResponse::Finish(proto::FinishReply {
-            cookie4: c4.encode_to_vec(),
-        })),
-    });
+    let actions = committed(&mut a, finish, &attempt);
     assert!(
         !actions.iter().any(|x| matches!(x, Action::Exit)),
         "the kill is not done yet"

@@ -761,7 +761,13 @@ impl World {
         let host = &mut self.hosts[h];
         host.powered_off = true;
         host.disk.power_loss(kept);
-        for (vm, g) in std::mem::take(&mut host.guests) {
+        self.guests_die(h);
+    }
+
+    /// Every guest of the host dies, and the transfers to and from it stop.
+    fn guests_die(&mut self, h: usize) {
+        // A running or paused copy was the VM (an incoming one was not yet).
+        for (vm, g) in std::mem::take(&mut self.hosts[h].guests) {
             if g.state != GuestState::Incoming {
                 self.lost_vms.insert(vm);
             }
@@ -784,18 +790,7 @@ impl World {
         });
         self.hosts[h].lost = true;
         self.end_process(h);
-        let host = &mut self.hosts[h];
-        // A running or paused copy was the VM (an incoming one was not yet).
-        for (vm, g) in std::mem::take(&mut host.guests) {
-            if g.state != GuestState::Incoming {
-                self.lost_vms.insert(vm);
-            }
-        }
-        for t in self.transfers.values_mut() {
-            if (t.from == h || t.to == h) && t.state == TransferState::Active {
-                t.state = TransferState::Stopped;
-            }
-        }
+        self.guests_die(h);
     }
 
     /// SIGTERM: the core aborts, tells the peers and exits when it says so.

@@ -305,3 +305,88 @@ async fn pump(
         stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
+
+/// The name of the link for `from`'s calls to `to`.
+pub fn link_name(from: &str, to: &str) -> String {
+    format!("{from}->{to}")
+}
+
+/// A cluster of agents that reach each other only through `proxy`: `from`'s
+/// calls to `to` go through link `from->to`. Each agent reads its own
+/// inventory, in which its peers' addresses are the proxy ports of its
+/// outgoing links; the CLI's inventory (`cluster.inventory`) names the
+/// agents' real ports. `hosts`: each agent's name and the config after its
+/// top lines (`timing` and friends).
+pub fn cluster_behind(
+    proxy: &mut Proxy,
+    hosts: &[(&str, String)],
+    timing: &str,
+) -> crate::common::Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    // The agents' ports stay bound until the proxy has bound its own, so
+    // that the proxy cannot be handed one of them.
+    let reserved: Vec<std::net::TcpListener> = hosts
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: BTreeMap<&str, u16> = hosts
+        .iter()
+        .zip(&reserved)
+        .map(|((h, _), l)| (*h, l.local_addr().unwrap().port()))
+        .collect();
+    let inventory_text = |entries: Vec<(&str, u16)>| {
+        entries
+            .into_iter()
+            .map(|(name, port)| {
+                format!("[[host]]\nname = \"{name}\"\naddress = \"http://127.0.0.1:{port}\"\n\n")
+            })
+            .collect::<String>()
+    };
+    let inventory = dir.path().join("cluster.toml");
+    std::fs::write(
+        &inventory,
+        inventory_text(hosts.iter().map(|(h, _)| (*h, ports[h])).collect()),
+    )
+    .unwrap();
+    let mut agents = Vec::new();
+    for (name, tail) in hosts {
+        let entries = hosts
+            .iter()
+            .map(|(peer, _)| {
+                if peer == name {
+                    (*peer, ports[peer])
+                } else {
+                    (*peer, proxy.add_link(&link_name(name, peer), ports[peer]))
+                }
+            })
+            .collect();
+        let peers = format!("peers-{name}.toml");
+        std::fs::write(dir.path().join(&peers), inventory_text(entries)).unwrap();
+        let config_path = dir.path().join(format!("{name}.toml"));
+        let config = format!(
+            "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"{peers}\"\n{timing}\n{tail}",
+            port = ports[name],
+        );
+        std::fs::write(&config_path, config).unwrap();
+        agents.push(crate::common::Host {
+            name: name.to_string(),
+            config_path,
+            log_path: dir.path().join(format!("{name}.log")),
+            port: ports[name],
+            child: None,
+            netns: None,
+            ip: "127.0.0.1".into(),
+        });
+    }
+    drop(reserved);
+    let mut cluster = crate::common::Cluster {
+        dir,
+        inventory,
+        hosts: agents,
+        cli_netns: None,
+    };
+    for (name, _) in hosts {
+        cluster.start_agent(name);
+    }
+    cluster
+}
