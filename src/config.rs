@@ -228,8 +228,48 @@ pub struct HypervisorConfig {
     pub faults: SimFaultsConfig,
 }
 
+/// A hypervisor call that fault injection can make fail or hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimCall {
+    StartIncoming,
+    Resume,
+    Kill,
+    CancelTransfer,
+    CompleteIncoming,
+}
+
+impl SimCall {
+    pub const ALL: [SimCall; 5] = [
+        SimCall::StartIncoming,
+        SimCall::Resume,
+        SimCall::Kill,
+        SimCall::CancelTransfer,
+        SimCall::CompleteIncoming,
+    ];
+
+    /// As `[hypervisor.faults]` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimCall::StartIncoming => "start_incoming",
+            SimCall::Resume => "resume",
+            SimCall::Kill => "kill",
+            SimCall::CancelTransfer => "cancel_transfer",
+            SimCall::CompleteIncoming => "complete_incoming",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SimCall> {
+        SimCall::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Its place in [`SimCall::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// `[hypervisor.faults]`: fault injection in the simulated hypervisor, for
-/// drills and tests. Call names are those of [`crate::hypervisor::sim::SimCall`].
+/// drills and tests. Call names are those of [`SimCall`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimFaultsConfig {
@@ -465,7 +505,6 @@ impl AgentConfig {
 /// `[hypervisor.faults]` of the sim backend: every call named must be one
 /// the simulated hypervisor knows, and fail or hang, not both.
 fn check_sim_faults(path: &Path, faults: &SimFaultsConfig) -> Result<(), ConfigError> {
-    use crate::hypervisor::sim::SimCall;
     let known = || {
         SimCall::ALL
             .iter()

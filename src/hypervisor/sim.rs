@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
-use crate::config::HypervisorConfig;
+use crate::config::{HypervisorConfig, SimCall};
 use crate::protocol::{TransferStats, VmSpec};
 
 const MIB: u64 = 1024 * 1024;
@@ -111,45 +111,6 @@ impl SimSettings {
                 start_incoming_latency_ms: config.faults.start_incoming_latency_ms,
             },
         }
-    }
-}
-
-/// A hypervisor call that fault injection can make fail or hang.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SimCall {
-    StartIncoming,
-    Resume,
-    Kill,
-    CancelTransfer,
-    CompleteIncoming,
-}
-
-impl SimCall {
-    pub const ALL: [SimCall; 5] = [
-        SimCall::StartIncoming,
-        SimCall::Resume,
-        SimCall::Kill,
-        SimCall::CancelTransfer,
-        SimCall::CompleteIncoming,
-    ];
-
-    /// As `[hypervisor.faults]` names it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SimCall::StartIncoming => "start_incoming",
-            SimCall::Resume => "resume",
-            SimCall::Kill => "kill",
-            SimCall::CancelTransfer => "cancel_transfer",
-            SimCall::CompleteIncoming => "complete_incoming",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<SimCall> {
-        SimCall::ALL.into_iter().find(|c| c.as_str() == name)
-    }
-
-    fn index(self) -> usize {
-        self as usize
     }
 }
 
