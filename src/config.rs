@@ -480,18 +480,6 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// The deadlines the host core holds hypervisor calls and stages to.
-    pub fn deadlines(&self) -> crate::host::Deadlines {
-        crate::host::Deadlines {
-            stage_ms: self.stage_timeout_ms,
-            guest_op_ms: self.guest_op_timeout_ms,
-            incoming_start_ms: self.incoming_start_timeout_ms,
-            incoming_complete_ms: self.incoming_complete_timeout_ms,
-            stop_grace_ms: self.stop_grace_ms,
-            ..crate::host::Deadlines::default()
-        }
-    }
-
     pub fn timing(&self) -> Timing {
         Timing {
             heartbeat_interval_ms: self.heartbeat_interval_ms,

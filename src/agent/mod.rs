@@ -161,7 +161,7 @@ impl Agent {
                 .collect(),
             capacity,
             timing: config.timing(),
-            deadlines: config.deadlines(),
+            deadlines: host::Deadlines::from_config(config),
             max_outgoing: config.max_outgoing,
             max_incoming: config.max_incoming,
             rollback_retry_ms: config.rollback_retry_ms,

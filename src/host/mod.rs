@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::AgentConfig;
 use crate::features::StageContext;
 use crate::hypervisor::{Guest, HostCapacity};
 use crate::proto;
@@ -75,6 +76,21 @@ pub struct Deadlines {
     pub capacity_ms: Millis,
     /// How long a stopping agent waits for its attempts before it exits.
     pub stop_grace_ms: Millis,
+}
+
+impl Deadlines {
+    /// The deadlines an agent's configuration asks for; the Capacity
+    /// deadline of an evacuation pass is not configurable.
+    pub fn from_config(config: &AgentConfig) -> Deadlines {
+        Deadlines {
+            stage_ms: config.stage_timeout_ms,
+            guest_op_ms: config.guest_op_timeout_ms,
+            incoming_start_ms: config.incoming_start_timeout_ms,
+            incoming_complete_ms: config.incoming_complete_timeout_ms,
+            stop_grace_ms: config.stop_grace_ms,
+            ..Deadlines::default()
+        }
+    }
 }
 
 impl Default for Deadlines {
