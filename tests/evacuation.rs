@@ -474,13 +474,21 @@ impl EventLog {
     }
 }
 
+/// Whether a migration record holds one of its hosts' slots: until its
+/// guest's fate is decided (Confirm starts, or it ends or is unresolved).
+fn holds_a_slot(m: &proto::MigrationRecord) -> bool {
+    m.outcome == proto::Outcome::None as i32
+        && m.phases.iter().any(|p| {
+            p.phase == proto::Phase::Confirm as i32 && p.status == proto::StepStatus::Pending as i32
+        })
+}
+
 /// The most migrations in flight at once, from one source agent's stream of
-/// migration records (outcome none: in flight): overall, and per
-/// destination. Attempts refused as busy at Prepare are left out: the
-/// destination never received them.
+/// migration records ([`holds_a_slot`]): overall, and per destination.
+/// Attempts refused as busy at Prepare are left out: the destination never
+/// received them.
 fn peak_concurrency(events: &[proto::Event], source: &str) -> (usize, BTreeMap<String, usize>) {
     use proto::event::Kind;
-    let none = proto::Outcome::None as i32;
     let refused: HashSet<(String, u32)> = events
         .iter()
         .filter(|e| e.host == source)
@@ -500,13 +508,13 @@ fn peak_concurrency(events: &[proto::Event], source: &str) -> (usize, BTreeMap<S
                 in_flight = s
                     .migrations
                     .iter()
-                    .filter(|m| m.outcome == none && m.source == source)
+                    .filter(|m| holds_a_slot(m) && m.source == source)
                     .map(|m| ((m.id.clone(), m.attempt), m.destination.clone()))
                     .collect();
             }
             Some(Kind::Migration(m)) if m.source == source => {
                 let key = (m.id.clone(), m.attempt);
-                if m.outcome == none && !refused.contains(&key) {
+                if holds_a_slot(m) && !refused.contains(&key) {
                     in_flight.insert(key, m.destination.clone());
                 } else {
                     in_flight.remove(&key);

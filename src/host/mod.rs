@@ -819,9 +819,11 @@ impl HostCore {
     }
 
     /// Migrations this host sources now: what `max_outgoing` limits. An
-    /// attempt counts from Begin until its guest stops moving: unresolved
-    /// ones wait with the guest paused, and Confirm only kills or resumes
-    /// here and releases, so neither counts.
+    /// attempt holds a slot from Begin until its guest's fate is decided:
+    /// Confirm only kills or resumes here and releases, and an unresolved
+    /// one waits with its guest paused, so neither counts. A slot once
+    /// freed is never taken back (an unresolved attempt resolves into
+    /// Confirm), so a new attempt admitted into it never overshoots.
     pub fn outgoing(&self) -> usize {
         use crate::protocol::source::SourceState::*;
         self.sources
@@ -837,9 +839,8 @@ impl HostCore {
     }
 
     /// Migrations this host receives now: what `max_incoming` limits. An
-    /// attempt counts from Prepare until its guest has arrived and its
-    /// features are finished; one rolling back or resuming its guest
-    /// receives nothing more.
+    /// attempt holds a slot from Prepare until it commits or rolls back;
+    /// one rolling back or resuming its guest receives nothing more.
     pub fn incoming(&self) -> usize {
         use crate::protocol::destination::DestinationState::*;
         self.destinations

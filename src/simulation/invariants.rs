@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use super::world::{GuestState, World};
 use crate::host::evacuation::job::VmState;
 use crate::protocol::destination::DestinationState;
-use crate::protocol::{Mode, Outcome, StepStatus};
+use crate::protocol::{Mode, Outcome, Phase, StepStatus};
 
 impl World {
     /// After every step: never two running copies, never a host over its limits.
@@ -47,18 +47,42 @@ impl World {
         let (out, inc) = (self.scenario.max_outgoing, self.scenario.max_incoming);
         for host in &self.hosts {
             let Some(core) = &host.core else { continue };
-            if core.outgoing() > out as usize {
+            // Counted from what the operator sees, not by the core's own
+            // count: a migration holds one of its source's slots until its
+            // guest's fate is decided (Confirm starts, it ends, or it is
+            // unresolved, guest paused, waiting for its peer), and one of
+            // its destination's until the guest runs there or the
+            // destination rolls back. A freed slot is never taken back.
+            let sourcing = core
+                .migrations()
+                .filter(|r| {
+                    r.source == host.name
+                        && r.outcome.is_none()
+                        && r.phase(Phase::Confirm).status == StepStatus::Pending
+                })
+                .count();
+            if sourcing > out as usize {
                 found.push(format!(
-                    "{} sources {} migrations at once (max_outgoing = {out})",
-                    host.name,
-                    core.outgoing()
+                    "{} sources {sourcing} migrations at once (max_outgoing = {out})",
+                    host.name
                 ));
             }
-            if core.incoming() > inc as usize {
+            let receiving = core
+                .arriving()
+                .filter_map(|(id, _)| core.destination_attempt(id))
+                .filter(|d| {
+                    !matches!(
+                        d.state,
+                        DestinationState::Committed
+                            | DestinationState::RollingBack { .. }
+                            | DestinationState::RolledBack
+                    )
+                })
+                .count();
+            if receiving > inc as usize {
                 found.push(format!(
-                    "{} receives {} migrations at once (max_incoming = {inc})",
-                    host.name,
-                    core.incoming()
+                    "{} receives {receiving} migrations at once (max_incoming = {inc})",
+                    host.name
                 ));
             }
         }

@@ -142,6 +142,12 @@ impl Cluster {
 
     /// Start (or restart) a host's agent and wait until it accepts connections.
     pub fn start_agent(&mut self, name: &str) {
+        self.start_agent_under(name, &[]);
+    }
+
+    /// Start a host's agent as the last argument of `wrapper` (`strace -f …`,
+    /// say; nothing: the agent itself) and wait until it accepts connections.
+    pub fn start_agent_under(&mut self, name: &str, wrapper: &[&str]) {
         let host = self.host_mut(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -152,7 +158,15 @@ impl Cluster {
             .unwrap_or_default()
             .matches("agent listening")
             .count();
-        let child = in_netns(host.netns.as_deref(), TERN)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = in_netns(host.netns.as_deref(), program);
+                command.args(args).arg(TERN);
+                command
+            }
+            None => in_netns(host.netns.as_deref(), TERN),
+        };
+        let child = command
             .args(["agent", "--config"])
             .arg(&host.config_path)
             .env("RUST_LOG", "info")
