@@ -10,7 +10,7 @@
 //!   the same run: what each decision the host core marks durable costs. A
 //!   five-phase attempt of a VM with one feature makes three durable writes
 //!   (the source's Finish sent, the destination's write before its prepare
-//!   stage, its commit) of its eleven.
+//!   stage, its commit) of about a dozen.
 //!
 //! Criterion reports the mean; the p50 and p99 of every measured attempt are
 //! printed at the end of each group.
