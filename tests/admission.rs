@@ -79,22 +79,7 @@ fn start_again(cluster: &mut Cluster, name: &str) {
             cluster.log(name)
         );
     }
-    wait_connected(cluster);
-}
-
-/// Wait until `tern status` reaches every host again after a restart.
-fn wait_connected(cluster: &Cluster) {
-    wait_until(
-        Duration::from_secs(10),
-        "every host to answer tern status",
-        || {
-            cluster.status()["hosts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|h| h["connected"] == true)
-        },
-    );
+    cluster.wait_connected();
 }
 
 fn state_dir(cluster: &Cluster, name: &str) -> PathBuf {
@@ -104,14 +89,6 @@ fn state_dir(cluster: &Cluster, name: &str) -> PathBuf {
 /// The journal of a stopped agent.
 fn open_journal(cluster: &Cluster, name: &str) -> rusqlite::Connection {
     rusqlite::Connection::open(state_dir(cluster, name).join("journal.db")).unwrap()
-}
-
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
 }
 
 async fn peer_client(cluster: &Cluster, host: &str) -> PeerClient<tonic::transport::Channel> {

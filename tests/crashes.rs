@@ -37,21 +37,6 @@ fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Wait until every host answers `tern status` again.
-fn wait_connected(cluster: &Cluster) {
-    wait_until(
-        Duration::from_secs(10),
-        "every host to be connected",
-        || {
-            cluster.status()["hosts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|h| h["connected"] == true)
-        },
-    );
-}
-
 /// Wait until the VM has settled on exactly one host, `on`, with no other
 /// guest (incoming, paused) of it anywhere.
 fn wait_settled(cluster: &Cluster, vm: &str, on: &str) {
@@ -147,7 +132,7 @@ fn destination_killed_during_perform_and_restarted_leaves_the_vm_on_the_source()
         "an attempt whose destination crashed before Finish must abort or fail: {record}"
     );
     assert_eq!(record["running_on"], "hv-a", "{record}");
-    wait_connected(&cluster);
+    cluster.wait_connected();
     wait_settled(&cluster, "web-01", "hv-a");
     wait_until(
         Duration::from_secs(5),

@@ -251,13 +251,7 @@ fn an_aborted_destination_rolls_back_on_disk_before_it_answers() {
     let (cluster, traces) = traced_pair(64);
     let id = cluster.start_migration("web-01", "hv-b", "safe");
     cluster.wait_phase(&id, "perform");
-    let out = cluster.tern(&["abort", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record = cluster.wait_outcome(&id);
+    let record = cluster.abort_and_wait(&id);
     assert_eq!(record["outcome"], "aborted", "{record}");
     let attempt_id = record["attempt_id"].as_str().unwrap().to_string();
     let [_, destination] = stop_and_read(cluster, &traces);

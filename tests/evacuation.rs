@@ -58,14 +58,6 @@ fn now_ms() -> u64 {
 
 // ---- Talking to agents directly ------------------------------------------
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
-
 async fn console(cluster: &Cluster, host: &str) -> ConsoleClient<Channel> {
     let address = cluster.address(host);
     ConsoleClient::connect(address.clone())

@@ -27,53 +27,6 @@ fn pair(destination: &str) -> Cluster {
     ])
 }
 
-/// A cluster like [`Cluster::start`], whose agents share `timing` instead of
-/// [`TIMING`] (which sets `rollback_retry_ms` too long for a retry to be seen).
-fn start_with_timing(specs: Vec<HostSpec>, timing: &str) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let inventory = dir.path().join("cluster.toml");
-    let mut listed = String::new();
-    let mut hosts = Vec::new();
-    for spec in &specs {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        listed.push_str(&format!(
-            "[[host]]\nname = \"{}\"\naddress = \"http://127.0.0.1:{port}\"\n\n",
-            spec.name
-        ));
-        let config_path = dir.path().join(format!("{}.toml", spec.name));
-        let config = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{timing}\n{}\n",
-            spec.config,
-            name = spec.name
-        );
-        std::fs::write(&config_path, config).unwrap();
-        hosts.push(Host {
-            name: spec.name.to_string(),
-            log_path: dir.path().join(format!("{}.log", spec.name)),
-            config_path,
-            port,
-            child: None,
-            netns: None,
-            ip: "127.0.0.1".to_string(),
-        });
-    }
-    std::fs::write(&inventory, listed).unwrap();
-    let mut cluster = Cluster {
-        dir,
-        inventory,
-        hosts,
-        cli_netns: None,
-    };
-    for spec in &specs {
-        cluster.start_agent(spec.name);
-    }
-    cluster
-}
-
 /// Run `tern ARGS` (with `--json`) and fail the test if it has not exited
 /// within `timeout`: exit code, the last JSON line, and how long it took.
 fn tern_json_within(cluster: &Cluster, args: &[&str], timeout: Duration) -> (i32, Value, Duration) {
@@ -101,24 +54,8 @@ fn tern_json_within(cluster: &Cluster, args: &[&str], timeout: Duration) -> (i32
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = started.elapsed();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_str(line).unwrap(),
-        took,
-    )
+    let (code, record) = last_json(args, &child.wait_with_output().unwrap());
+    (code, record, took)
 }
 
 /// Wait until `vm`'s only guest anywhere runs on `on`.
@@ -220,7 +157,7 @@ fn a_failed_resume_on_the_source_is_shown_paused_and_retried_until_it_runs() {
     // hv-b fails ASSOCIATE: safe mode ends the attempt before the commit
     // point, with web-01 paused on hv-a after its transfer; hv-a's first
     // resume fails, the automatic retry 2 s later works.
-    let cluster = start_with_timing(
+    let cluster = Cluster::start_timed(
         vec![
             host(
                 "hv-a",

@@ -340,13 +340,7 @@ fn abort_in_perform_cancels_and_resumes_the_source() {
         return;
     };
     let (cluster, id) = slow_pair();
-    let out = cluster.tern(&["abort", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record = cluster.wait_outcome(&id);
+    let record = cluster.abort_and_wait(&id);
     assert_eq!(record["outcome"], "aborted", "{record}");
     assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
     assert_runs_on(&cluster, "qa", "g1");

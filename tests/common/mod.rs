@@ -65,6 +65,27 @@ impl Cluster {
         Cluster::start_with(specs, &[], TIMING)
     }
 
+    /// A cluster whose agents share `timing` instead of [`TIMING`] (which
+    /// sets `rollback_retry_ms` too long for a retry to be seen).
+    pub fn start_timed(specs: Vec<HostSpec>, timing: &str) -> Cluster {
+        Cluster::start_with(specs, &[], timing)
+    }
+
+    /// Wait until `tern status` reaches every host (after a restart, say).
+    pub fn wait_connected(&self) {
+        wait_until(
+            Duration::from_secs(10),
+            "every host to answer tern status",
+            || {
+                self.status()["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|h| h["connected"] == true)
+            },
+        );
+    }
+
     /// Agents in network namespaces the test created: host i runs in
     /// `namespaces[i].0` and listens on `namespaces[i].1`; `tern` commands
     /// run in the first. `timing` replaces [`TIMING`].
@@ -260,23 +281,7 @@ impl Cluster {
     /// Run `tern ARGS` (which must include `--json`): exit code and the last
     /// JSON line of stdout.
     pub fn tern_json(&self, args: &[&str]) -> (i32, Value) {
-        let out = self.tern(args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))
-            .unwrap_or_else(|| {
-                panic!(
-                    "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-        (
-            out.status.code().unwrap_or(-1),
-            serde_json::from_str(line).unwrap(),
-        )
+        last_json(args, &self.tern(args))
     }
 
     pub fn status(&self) -> Value {
@@ -324,6 +329,18 @@ impl Cluster {
                     .any(|p| p["phase"] == phase && p["status"] == "running")
             },
         );
+    }
+
+    /// `tern abort ID`, which must be accepted, then the migration's record
+    /// once it has ended.
+    pub fn abort_and_wait(&self, id: &str) -> Value {
+        let out = self.tern(&["abort", id]);
+        assert!(
+            out.status.success(),
+            "tern abort {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_outcome(id)
     }
 
     pub fn wait_outcome(&self, id: &str) -> Value {
@@ -469,4 +486,35 @@ pub fn link(bandwidth_mib_s: u64) -> String {
 /// `[features.port-profile]` on the simulated switch with extra settings.
 pub fn port_profile(extra: &str) -> String {
     format!("[features.port-profile]\nswitch = \"sim\"\n{extra}\n\n")
+}
+
+/// Run `future` to its end on a runtime of its own (for tests that talk
+/// gRPC to agents directly).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// The exit code of `tern ARGS` and the last JSON line it printed; fails the
+/// test, showing what it printed, if there is none.
+pub fn last_json(args: &[&str], out: &Output) -> (i32, Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "tern {args:?} printed no JSON (exit {:?})\nstdout: {stdout}\nstderr: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_str(line).unwrap(),
+    )
 }

@@ -91,6 +91,11 @@ impl Runs {
         all
     }
 
+    /// The pass of evacuation `id` that is gathering answers, if any.
+    fn gathering(&mut self, id: &str) -> Option<&mut Gather> {
+        self.runs.get_mut(id).and_then(|r| r.gathering.as_mut())
+    }
+
     pub(super) fn next_due(&self) -> Option<Millis> {
         self.runs
             .values()
@@ -494,12 +499,7 @@ impl HostCore {
     }
 
     pub(super) fn evacuation_guests(&mut self, id: &str, guests: Option<Vec<Guest>>) {
-        let Some(g) = self
-            .evacuations
-            .runs
-            .get_mut(id)
-            .and_then(|r| r.gathering.as_mut())
-        else {
+        let Some(g) = self.evacuations.gathering(id) else {
             return;
         };
         g.guests = Some(guests.ok_or(()));
@@ -544,12 +544,7 @@ impl HostCore {
                 unreachable(host, e.message().to_string())
             }
         };
-        let Some(g) = self
-            .evacuations
-            .runs
-            .get_mut(id)
-            .and_then(|r| r.gathering.as_mut())
-        else {
+        let Some(g) = self.evacuations.gathering(id) else {
             return;
         };
         g.answers.insert(host.to_string(), candidate);
