@@ -203,7 +203,21 @@ fn traced_pair(bandwidth_mib_s: u64) -> (Cluster, [std::path::PathBuf; 2]) {
 /// Stop both agents and read what each did.
 fn stop_and_read(mut cluster: Cluster, traces: &[std::path::PathBuf; 2]) -> [Vec<Event>; 2] {
     for name in ["hv-a", "hv-b"] {
-        cluster.kill(name);
+        // Kill the agent, not strace: strace then writes out what it holds
+        // and exits on its own.
+        let strace = cluster.host(name).child.as_ref().unwrap().id();
+        let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .unwrap_or_default();
+        for agent in children.split_whitespace() {
+            unsafe {
+                libc::kill(agent.parse().unwrap(), libc::SIGKILL);
+            }
+        }
+        let status = cluster.wait_exit(name, std::time::Duration::from_secs(10));
+        assert!(
+            !children.is_empty(),
+            "strace of {name} ran no agent ({status})"
+        );
     }
     traces
         .clone()

@@ -6,6 +6,7 @@
 pub mod guest;
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -34,6 +35,9 @@ pub struct Host {
     pub log_path: PathBuf,
     pub port: u16,
     pub child: Option<Child>,
+    /// The child leads a process group of its own (a wrapper such as strace
+    /// and the agent it runs): signals go to the whole group.
+    pub group: bool,
     /// The network namespace the agent runs in, if not the test's own.
     pub netns: Option<String>,
     pub ip: String,
@@ -126,6 +130,7 @@ impl Cluster {
                 config_path,
                 port,
                 child: None,
+                group: false,
                 netns,
                 ip,
             });
@@ -181,12 +186,15 @@ impl Cluster {
             .count();
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
+                // In a group of its own, so the agent dies with its wrapper
+                // (a SIGKILLed strace leaves its tracee running).
                 let mut command = in_netns(host.netns.as_deref(), program);
-                command.args(args).arg(TERN);
+                command.args(args).arg(TERN).process_group(0);
                 command
             }
             None => in_netns(host.netns.as_deref(), TERN),
         };
+        host.group = !wrapper.is_empty();
         let child = command
             .args(["agent", "--config"])
             .arg(&host.config_path)
@@ -225,8 +233,10 @@ impl Cluster {
             .child
             .as_ref()
             .unwrap_or_else(|| panic!("agent {name} is not running"));
+        let pid = child.id() as i32;
+        let target = if host.group { -pid } else { pid };
         unsafe {
-            libc::kill(child.id() as i32, signal);
+            libc::kill(target, signal);
         }
     }
 
@@ -403,6 +413,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for host in &mut self.hosts {
             if let Some(mut child) = host.child.take() {
+                if host.group {
+                    unsafe {
+                        libc::kill(-(child.id() as i32), libc::SIGKILL);
+                    }
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }

@@ -374,6 +374,7 @@ pub fn cluster_behind(
             log_path: dir.path().join(format!("{name}.log")),
             port: ports[name],
             child: None,
+            group: false,
             netns: None,
             ip: "127.0.0.1".into(),
         });
