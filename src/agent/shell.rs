@@ -139,7 +139,15 @@ impl Shell {
         for action in actions {
             match action {
                 Action::Journal { entry, durable } => {
-                    if let Err(e) = self.journal.write(&entry, durable) {
+                    // A durable write waits for the disk's sync; a lazy
+                    // one takes microseconds and is not worth handing off.
+                    let journal = &mut self.journal;
+                    let written = if durable {
+                        blocking(|| journal.write(&entry, durable))
+                    } else {
+                        journal.write(&entry, durable)
+                    };
+                    if let Err(e) = written {
                         self.journal_failed(&entry, e);
                     }
                 }
@@ -278,6 +286,18 @@ fn op_error(e: HypervisorError) -> OpError {
         HypervisorError::NoSuchGuest(_) => OpError::NoSuchGuest(e.to_string()),
         HypervisorError::Unknown(_) => OpError::Unknown(e.to_string()),
         other => OpError::Failed(other.to_string()),
+    }
+}
+
+/// Run `f`, which blocks (a synced journal write waits for the disk), without
+/// holding up the other tasks of this worker thread: on a multi-threaded
+/// runtime they move to another while `f` runs. The core task waits for
+/// it either way: its next action may depend on the write.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
