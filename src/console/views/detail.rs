@@ -23,13 +23,6 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     let r = &m.record;
     // Phases and features take what they need; the transfer and the
     // attempts get the rest.
-    let matrix = (r.features.len().max(5) as u16) + 3;
-    let [summary, middle, bottom] = Layout::vertical([
-        Constraint::Length(4),
-        Constraint::Length(matrix),
-        Constraint::Min(8),
-    ])
-    .areas(area);
     let (style, symbol, label) = outcome(theme, r.outcome);
     let mut spans = vec![
         Span::styled(format!(" {symbol} {label} "), style),
@@ -58,14 +51,22 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     if !r.error.is_empty() {
         head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
     }
-    frame.render_widget(
-        Paragraph::new(head).wrap(Wrap { trim: true }).block(
-            Block::default()
-                .borders(Borders::BOTTOM)
-                .border_style(theme.border),
-        ),
-        summary,
+    let head = Paragraph::new(head).wrap(Wrap { trim: true }).block(
+        Block::default()
+            .borders(Borders::BOTTOM)
+            .border_style(theme.border),
     );
+    // The summary gets every line its wrapped text needs, so a long cause
+    // is never cut off on a narrow terminal (up to a third of the screen).
+    let summary_height = (head.line_count(area.width) as u16).clamp(2, (area.height / 3).max(4));
+    let matrix = (r.features.len().max(5) as u16) + 3;
+    let [summary, middle, bottom] = Layout::vertical([
+        Constraint::Length(summary_height),
+        Constraint::Length(matrix),
+        Constraint::Min(8),
+    ])
+    .areas(area);
+    frame.render_widget(head, summary);
 
     let [phases_area, features_area] =
         Layout::horizontal([Constraint::Length(24), Constraint::Min(40)]).areas(middle);

@@ -296,11 +296,11 @@ fn the_cancel_question_counts_the_attempts_in_flight_as_they_are_now() {
     );
 }
 
-#[test]
-fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_detail() {
+/// The fixture with one more migration: api-01 hv-d → hv-e, aborted, its
+/// guest left paused on hv-d, with `error` as its cause.
+fn app_with_paused_guest(error: &str) -> App {
     use crate::console::msg::Msg;
     use crate::proto;
-    let theme = Theme::named("default").expect("default theme");
     let mut app = app_after(&[]);
     let mut record = migration(
         "m-paused",
@@ -310,8 +310,7 @@ fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_det
         proto::Outcome::Aborted,
     );
     record.running_on = "hv-d".into();
-    record.error =
-        "aborted by the operator; could not resume api-01 on hv-d: QEMU: cont failed".into();
+    record.error = error.into();
     record.guest = proto::GuestCondition::Paused as i32;
     update(
         &mut app,
@@ -319,6 +318,44 @@ fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_det
             host: "hv-d".into(),
             kind: Some(proto::event::Kind::Migration(record)),
         }),
+    );
+    app
+}
+
+/// Open the detail of migration `id`.
+fn open(app: &mut App, id: &str) {
+    let row = app
+        .rows()
+        .iter()
+        .position(|m| m.record.id == id)
+        .expect("the row is listed");
+    for _ in 0..row {
+        update(app, key('j'));
+    }
+    update(app, code(KeyCode::Enter));
+}
+
+#[test]
+fn a_long_cause_is_shown_whole_in_the_detail_at_80x24() {
+    let cause = "aborted by the operator; could not resume api-01 on hv-d: QEMU: cont failed: \
+                 the monitor socket closed while the CPUs were being started (the end)";
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_with_paused_guest(cause);
+    open(&mut app, "m-paused");
+    let terminal = render(&app, &theme, (80, 24));
+    let buffer = terminal.backend().buffer();
+    let (_, first) = find(buffer, "cause: aborted by the operator");
+    // Its last words wrap onto a line of their own, below, still drawn.
+    let (_, last) = find_below(buffer, "(the end)", first);
+    assert!(last > first, "the cause wraps onto {last}, after {first}");
+    find_below(buffer, "phases", last);
+}
+
+#[test]
+fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_detail() {
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_with_paused_guest(
+        "aborted by the operator; could not resume api-01 on hv-d: QEMU: cont failed",
     );
     let terminal = render(&app, &theme, (120, 40));
     let buffer = terminal.backend().buffer();
@@ -329,15 +366,7 @@ fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_det
         "the paused guest in the migrations table",
     );
     // Its detail says it in the summary, in red too.
-    let row = app
-        .rows()
-        .iter()
-        .position(|m| m.record.id == "m-paused")
-        .expect("the row is listed");
-    for _ in 0..row {
-        update(&mut app, key('j'));
-    }
-    update(&mut app, code(KeyCode::Enter));
+    open(&mut app, "m-paused");
     let terminal = render(&app, &theme, (120, 40));
     let buffer = terminal.backend().buffer();
     same_colour(
