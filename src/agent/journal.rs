@@ -120,7 +120,7 @@ impl Journal {
         }
     }
 
-    pub fn put_source(&self, attempt: &SourceAttempt) -> Result<(), JournalError> {
+    fn put_source(&self, attempt: &SourceAttempt) -> Result<(), JournalError> {
         let body = serde_json::to_string(attempt).expect("attempts serialize");
         self.db.execute(
             "INSERT INTO attempt (id, side, migration_id, open, body) VALUES (?1, 'source', ?2, ?3, ?4)
@@ -130,7 +130,7 @@ impl Journal {
         Ok(())
     }
 
-    pub fn put_destination(&self, attempt: &DestinationAttempt) -> Result<(), JournalError> {
+    fn put_destination(&self, attempt: &DestinationAttempt) -> Result<(), JournalError> {
         let body = serde_json::to_string(attempt).expect("attempts serialize");
         self.db.execute(
             "INSERT INTO attempt (id, side, migration_id, open, body) VALUES (?1, 'destination', ?2, ?3, ?4)
@@ -260,13 +260,9 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Pending work; a row naming work this build does not know is kept
-    /// as a rollback (the oldest meaning of the table).
-    pub fn pending(&self) -> Result<Vec<Pending>, JournalError> {
-        Ok(self.pending_rows()?.0)
-    }
-
-    /// Pending work, and the rows that could not be read.
+    /// Pending work, and the rows that could not be read. A row naming
+    /// work this build does not know is kept as a rollback (the oldest
+    /// meaning of the table).
     fn pending_rows(&self) -> Result<(Vec<Pending>, Vec<String>), JournalError> {
         let mut stmt = self.db.prepare(
             "SELECT rowid, attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
@@ -308,14 +304,6 @@ impl Journal {
         self.load_side(
             "destination",
             "SELECT id, body FROM attempt WHERE side = 'destination' AND open = 1 ORDER BY rowid",
-        )
-    }
-
-    /// Every source attempt, oldest first.
-    pub fn source_attempts(&self) -> Result<Vec<SourceAttempt>, JournalError> {
-        self.load_side(
-            "source",
-            "SELECT id, body FROM attempt WHERE side = 'source' ORDER BY rowid",
         )
     }
 

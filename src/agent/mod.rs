@@ -29,9 +29,9 @@ use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
 use crate::protocol::record::MigrationRecord;
-use crate::protocol::{Mode, RunOn, Timing};
+use crate::protocol::{Mode, RunOn};
 
-pub use peers::{BUSY, REFUSAL_KEY, peer_error, with_deadline};
+pub use peers::{BUSY, REFUSAL_KEY};
 
 /// The agent's exit code when its journal cannot be written (EX_IOERR).
 pub const JOURNAL_FAILED_EXIT: i32 = 74;
@@ -68,8 +68,6 @@ pub struct Traffic {
 pub struct Agent {
     pub name: String,
     pub address: String,
-    pub inventory: Inventory,
-    pub timing: Timing,
     /// Migrations this host sources, and receives, at once.
     pub max_outgoing: u32,
     pub max_incoming: u32,
@@ -174,7 +172,6 @@ impl Agent {
         let agent = Arc::new(Agent {
             name: config.name.clone(),
             address,
-            timing: config.timing(),
             max_outgoing: config.max_outgoing,
             max_incoming: config.max_incoming,
             hypervisor,
@@ -183,8 +180,7 @@ impl Agent {
             core: tx,
             stopping,
             exited,
-            peers: peers::Peers::new(inventory.clone()),
-            inventory,
+            peers: peers::Peers::new(inventory),
             next_req: AtomicU64::new(1),
         });
         agent.adopt_guests().await;

@@ -32,7 +32,7 @@ impl Peers {
         }
     }
 
-    pub fn client(&self, host: &str) -> Result<PeerClient<Channel>, PeerError> {
+    fn client(&self, host: &str) -> Result<PeerClient<Channel>, PeerError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(host) {
             return Ok(PeerClient::new(channel.clone()));
@@ -96,7 +96,7 @@ impl Peers {
 
 /// Whether a failed call may have taken effect on the peer: a status the
 /// peer's service produced is an answer; a transport failure is not.
-pub fn peer_error(host: &str, status: tonic::Status) -> PeerError {
+fn peer_error(host: &str, status: tonic::Status) -> PeerError {
     use tonic::Code::*;
     let busy = status
         .metadata()
@@ -111,21 +111,5 @@ pub fn peer_error(host: &str, status: tonic::Status) -> PeerError {
             PeerError::Refused(status.message().to_string())
         }
         _ => PeerError::Unreachable(format!("{host} unreachable: {}", status.message())),
-    }
-}
-
-/// Run a call with a deadline; a timeout is an unreachable peer.
-pub async fn with_deadline<T>(
-    host: &str,
-    deadline: Duration,
-    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, PeerError> {
-    match tokio::time::timeout(deadline, call).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(peer_error(host, status)),
-        Err(_) => Err(PeerError::Unreachable(format!(
-            "{host} did not answer within {} ms",
-            deadline.as_millis()
-        ))),
     }
 }

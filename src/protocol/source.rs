@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cookies::{self, read_stage_result};
 use super::mutations::{Mutation, planted};
+use super::policy::is_blocking;
 use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
@@ -728,7 +729,7 @@ impl SourceAttempt {
                 .record
                 .features
                 .iter()
-                .any(|f| f.finish == StepStatus::Failed && f.required && self.mode == Mode::Safe)
+                .any(|f| f.finish == StepStatus::Failed && is_blocking(self.mode, f.required))
             {
                 self.record.cause = Some(Cause::Feature);
             }
