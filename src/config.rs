@@ -136,6 +136,17 @@ pub struct AgentConfig {
     /// before it exits (the rest is journaled; its next start finishes it).
     #[serde(default = "default_stop_grace")]
     pub stop_grace_ms: u64,
+    /// `[tls]`: this agent's identity from the cluster CA. Without it the
+    /// agent serves plaintext, and only on loopback unless `insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve plaintext on a non-loopback address: anyone who reaches the
+    /// port may do anything. Said loudly in the log and in `tern status`.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Whether an admin may change fault injection (`SetFaults`) here.
+    #[serde(default)]
+    pub allow_fault_injection: bool,
     #[serde(default)]
     pub hypervisor: HypervisorConfig,
     #[serde(default)]
@@ -143,6 +154,16 @@ pub struct AgentConfig {
     /// `[features.NAME]`: driver settings on this host, parsed by the driver.
     #[serde(default)]
     pub features: BTreeMap<String, toml::Table>,
+}
+
+/// `[tls]`: the files `tern ca issue --role agent` wrote for this host.
+/// Relative paths are relative to the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The longest timer an agent config may set, in milliseconds: one day.
@@ -352,6 +373,13 @@ impl AgentConfig {
         if config.state_dir.is_relative() {
             config.state_dir = dir.join(&config.state_dir);
         }
+        if let Some(tls) = &mut config.tls {
+            for file in [&mut tls.ca, &mut tls.cert, &mut tls.key] {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
         // A hook's program given as a relative path with a folder in it
         // ("hooks/x.sh") is relative to this file, like every other path here.
         for table in config.features.values_mut() {
@@ -375,6 +403,18 @@ impl AgentConfig {
             return Err(invalid(
                 path,
                 format!("listen = {:?} is not an address:port", config.listen),
+            ));
+        }
+        let listen: std::net::SocketAddr = config.listen.parse().expect("checked above");
+        if config.tls.is_none() && !config.insecure && !listen.ip().is_loopback() {
+            return Err(invalid(
+                path,
+                format!(
+                    "listen = {:?} is not loopback and there is no [tls]: anyone who reaches \
+                     the port could do anything. Give the agent an identity \
+                     (tern ca issue --role agent {}) in [tls], or set insecure = true",
+                    config.listen, config.name
+                ),
             ));
         }
         if config.heartbeat_interval_ms == 0 {
