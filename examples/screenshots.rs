@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watchers = client::spawn_watchers(&cluster.inventory, tx);
+    let watchers = client::spawn_watchers(&cluster.client()?, tx);
     let hosts: Vec<String> = cluster
         .inventory
         .host

@@ -717,8 +717,49 @@ fn check_feature_ref(
 mod tests {
     use super::*;
 
-    const QEMU_AGENT: &str = "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\n\
+    const QEMU_AGENT: &str = "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\ninsecure = true\n\
         state_dir = \"s\"\ninventory = \"cluster.toml\"\n[hypervisor]\nkind = \"qemu\"\n";
+
+    #[test]
+    fn a_network_listen_needs_tls_or_says_insecure() {
+        let plain = "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\nstate_dir = \"s\"\ninventory = \"c.toml\"\n";
+        let err = parse(plain).unwrap_err();
+        assert!(
+            err.contains("is not loopback and there is no [tls]"),
+            "{err}"
+        );
+        assert!(err.contains("tern ca issue --role agent hv-a"), "{err}");
+        assert!(parse(&plain.replace("10.0.0.1", "127.0.0.1")).is_ok());
+        assert!(parse(&plain.replace("10.0.0.1", "[::1]")).is_ok());
+        assert!(
+            parse(&format!("{plain}insecure = true\n"))
+                .unwrap()
+                .insecure
+        );
+        let tls = parse(&format!(
+            "{plain}[tls]\nca = \"id/ca.pem\"\ncert = \"id/cert.pem\"\nkey = \"id/key.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(tls.tls.unwrap().cert, PathBuf::from("id/cert.pem"));
+        let missing = parse(&format!("{plain}[tls]\nca = \"id/ca.pem\"\n")).unwrap_err();
+        assert!(missing.contains("missing field `cert`"), "{missing}");
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hv-a.toml");
+        std::fs::write(
+            &file,
+            "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\nstate_dir = \"s\"\ninventory = \"c.toml\"\n\
+             [tls]\nca = \"id/ca.pem\"\ncert = \"/etc/tern/cert.pem\"\nkey = \"id/key.pem\"\n",
+        )
+        .unwrap();
+        let tls = AgentConfig::load(&file).unwrap().tls.unwrap();
+        assert_eq!(tls.ca, dir.path().join("id/ca.pem"));
+        assert_eq!(tls.cert, PathBuf::from("/etc/tern/cert.pem"));
+        assert_eq!(tls.key, dir.path().join("id/key.pem"));
+    }
 
     fn parse(text: &str) -> Result<AgentConfig, String> {
         AgentConfig::parse(Path::new("hv-a.toml"), text).map_err(|e| e.to_string())

@@ -16,6 +16,9 @@ use crate::agent::{self, Agent};
 use crate::config::{AgentConfig, Inventory};
 use crate::host::{Evacuation, EvacuationRequest};
 use crate::protocol::Mode;
+use crate::trust::Role;
+use crate::trust::ca::{IDENTITY_CA, IDENTITY_CERT, IDENTITY_KEY, IssueRequest};
+use crate::trust::tls::IdentityFiles;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -31,6 +34,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub inventory_path: PathBuf,
     pub inventory: Inventory,
+    /// The operator's identity (an admin of the demo's own CA), as
+    /// `--identity` takes it.
+    pub identity: PathBuf,
     pub agents: Vec<Arc<Agent>>,
     stops: Vec<mpsc::Sender<()>>,
     servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -65,13 +71,32 @@ impl Cluster {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
+        // The demo runs on mutual TLS like a real cluster, from a CA made
+        // for it alone in its folder.
+        let ca_dir = dir.join("ca");
+        let identities = dir.join("identities");
+        crate::trust::ca::init(&ca_dir).map_err(anyhow::Error::msg)?;
+        let issue = |name: &str, role: Role| {
+            crate::trust::ca::issue(
+                &ca_dir,
+                &IssueRequest {
+                    name: name.to_string(),
+                    role,
+                    sans: vec!["127.0.0.1".into()],
+                    days: 2,
+                },
+                &identities,
+            )
+            .map_err(anyhow::Error::msg)
+        };
+        let identity = issue("demo-admin", Role::Admin)?;
         let mut listeners = Vec::new();
         let mut inventory_text = String::new();
         for i in 0..options.hosts {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             inventory_text.push_str(&format!(
-                "[[host]]\nname = \"hv-{}\"\naddress = \"http://{addr}\"\n\n",
+                "[[host]]\nname = \"hv-{}\"\naddress = \"https://{addr}\"\n\n",
                 host_letter(i)
             ));
             listeners.push((listener, addr));
@@ -87,13 +112,18 @@ impl Cluster {
         for (i, (listener, addr)) in listeners.into_iter().enumerate() {
             let name = format!("hv-{}", host_letter(i));
             let flaky = i / RACK_SIZE == racks - 1;
+            let own = issue(&name, Role::Agent)?;
             let mut text = format!(
                 "name = \"{name}\"\nlisten = \"{addr}\"\nstate_dir = \"{name}\"\ninventory = \"cluster.toml\"\n\
-                 heartbeat_interval_ms = 500\npeer_timeout_ms = 3000\n\n\
+                 heartbeat_interval_ms = 500\npeer_timeout_ms = 3000\nallow_fault_injection = true\n\n\
+                 [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
                  [hypervisor]\nkind = \"sim\"\nbandwidth_mib_s = 1024\nspeed = 1.0\nmemory_mib = 65536\nvcpus = 64\n\n\
                  [features.port-profile]\nswitch = \"sim\"\nlatency_ms = 30\n{}\n\
                  [features.hook]\ndriver = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 0\"]\ntimeout_ms = 5000\n\n",
-                if flaky { "fail_rate = 0.25\n" } else { "" }
+                if flaky { "fail_rate = 0.25\n" } else { "" },
+                ca = own.join(IDENTITY_CA).display(),
+                cert = own.join(IDENTITY_CERT).display(),
+                key = own.join(IDENTITY_KEY).display(),
             );
             // Spread the kinds of VM so every host has a mix.
             for v in (0..options.vms).filter(|v| (v + v / options.hosts) % options.hosts == i) {
@@ -112,9 +142,20 @@ impl Cluster {
             dir,
             inventory_path,
             inventory,
+            identity,
             agents,
             stops,
             servers,
+        })
+    }
+
+    /// The cluster as a client sees it: the inventory, and the demo
+    /// admin's identity.
+    pub fn client(&self) -> anyhow::Result<crate::cli::Cluster> {
+        Ok(crate::cli::Cluster {
+            path: self.inventory_path.clone(),
+            inventory: self.inventory.clone(),
+            tls: Some(IdentityFiles::load_dir(&self.identity).map_err(anyhow::Error::msg)?),
         })
     }
 
@@ -270,7 +311,7 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
         }
         let result = crate::console::run(crate::console::Options {
             cluster: "demo".into(),
-            inventory: cluster.inventory.clone(),
+            agents: cluster.client()?,
             theme,
             read_only,
         })
@@ -297,14 +338,14 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
         );
     }
     println!("inventory: {}", cluster.inventory_path.display());
-    println!(
-        "try: TERN_INVENTORY={} tern status",
-        cluster.inventory_path.display()
+    println!("identity:  {} (admin)", cluster.identity.display());
+    let env = format!(
+        "TERN_INVENTORY={} TERN_IDENTITY={}",
+        cluster.inventory_path.display(),
+        cluster.identity.display()
     );
-    println!(
-        "     TERN_INVENTORY={} tern watch",
-        cluster.inventory_path.display()
-    );
+    println!("try: {env} tern status");
+    println!("     {env} tern watch");
     if options.traffic {
         cluster.spawn_traffic();
     }

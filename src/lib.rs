@@ -22,3 +22,4 @@ pub mod host;
 pub mod hypervisor;
 pub mod protocol;
 pub mod simulation;
+pub mod trust;

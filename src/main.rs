@@ -1,7 +1,7 @@
 //! `tern`: argument parsing and dispatch. The commands live in the library:
 //! `tern::agent`, `tern::demo`, and the client commands in `tern::cli`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -23,6 +23,11 @@ struct Cli {
         default_value = "cluster.toml"
     )]
     inventory: PathBuf,
+
+    /// Who you are to the agents of an `https://` inventory: a folder
+    /// `tern ca issue` wrote (ca.pem, cert.pem, key.pem).
+    #[arg(long, global = true, value_name = "DIR", env = "TERN_IDENTITY")]
+    identity: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -151,6 +156,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Who asked the agents for what: every changing request, refusals
+    /// included, across the cluster, oldest first.
+    Audit {
+        /// Only entries this recent: 30s, 10m, 2h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+        since: Option<u64>,
+        /// Only this host's agent.
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster's certificate authority and the identities it issues.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Set the fault injection of a simulated feature driver on one host
     /// (demo, drills): the settings given replace the ones in force.
     Fault {
@@ -170,6 +192,63 @@ enum Command {
         #[arg(long)]
         fail_rollback: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make a cluster CA (ca.pem, and ca-key.pem readable by you alone).
+    Init {
+        #[arg(long, value_name = "DIR", default_value = "tern-ca")]
+        dir: PathBuf,
+    },
+    /// Issue an identity: OUT/NAME/{ca.pem,cert.pem,key.pem}, mode 0600.
+    /// The role and the name live in the certificate.
+    Issue {
+        /// The CA's folder.
+        #[arg(long, value_name = "DIR", default_value = "tern-ca")]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// A person's name, or for an agent its host's inventory name.
+        name: String,
+        /// More host names or IP addresses the certificate is valid for
+        /// (an agent's listen address).
+        #[arg(long, value_delimiter = ',', value_name = "NAME,IP,...")]
+        san: Vec<String>,
+        /// Where the identity's folder is made; the CA's folder if omitted.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = tern::trust::ca::DEFAULT_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// Watch, list, status, audit.
+    Viewer,
+    /// Also migrate, abort, retry, rollback, evacuate, undrain.
+    Operator,
+    /// Also force an unresolved attempt, forget pending work, fault injection.
+    Admin,
+    /// A host agent: the Peer service, as the host its name says.
+    Agent,
+}
+
+impl From<RoleArg> for tern::trust::Role {
+    fn from(role: RoleArg) -> Self {
+        use tern::trust::Role;
+        match role {
+            RoleArg::Viewer => Role::Viewer,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Agent => Role::Agent,
+        }
+    }
+}
+
+fn parse_since(text: &str) -> Result<u64, String> {
+    cli::audit::parse_duration(text)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -267,7 +346,8 @@ async fn main() -> ExitCode {
             None
         }
     };
-    match run(&cli.inventory, command).await {
+    let access = cli::Access::new(cli.inventory, cli.identity);
+    match run(&access, command).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("tern: {e}");
@@ -287,7 +367,7 @@ fn init_logging(daemon: bool) {
         .init();
 }
 
-async fn run(inventory: &Path, command: Command) -> CliResult {
+async fn run(access: &cli::Access, command: Command) -> CliResult {
     match command {
         Command::Agent { config } => {
             let config = AgentConfig::load(&config).map_err(|e| CliError::usage(e.to_string()))?;
@@ -315,15 +395,15 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             Ok(exit::SUCCEEDED)
         }
         Command::Console { console } => {
-            let loaded = tern::config::Inventory::load(inventory)
-                .map_err(|e| CliError::usage(e.to_string()))?;
-            let cluster = inventory
+            let agents = cli::Cluster::load(access)?;
+            let cluster = access
+                .inventory
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "cluster".into());
             tern::console::run(tern::console::Options {
                 cluster,
-                inventory: loaded,
+                agents,
                 theme: console.theme,
                 read_only: console.read_only,
             })
@@ -336,7 +416,7 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             to,
             mode,
             report,
-        } => cli::migrate(inventory, &vm, &to, mode.into(), report.into()).await,
+        } => cli::migrate(access, &vm, &to, mode.into(), report.into()).await,
         Command::Evacuate {
             host,
             mode,
@@ -347,7 +427,7 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
         } => {
             let report = Report::from(report);
             cli::evacuate::evacuate(
-                inventory,
+                access,
                 cli::evacuate::EvacuateArgs {
                     host,
                     mode: mode.into(),
@@ -371,10 +451,10 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
                     return Err(CliError::usage("--abort goes with cancel only"));
                 }
             };
-            cli::evacuate::control(inventory, &id, control).await
+            cli::evacuate::control(access, &id, control).await
         }
-        Command::Undrain { host } => cli::evacuate::undrain(inventory, &host).await,
-        Command::Abort { id } => cli::abort(inventory, &id).await,
+        Command::Undrain { host } => cli::evacuate::undrain(access, &host).await,
+        Command::Abort { id } => cli::abort(access, &id).await,
         Command::Retry {
             id,
             to,
@@ -382,7 +462,7 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
             report,
         } => {
             cli::retry(
-                inventory,
+                access,
                 &id,
                 to.as_deref(),
                 mode.map(Mode::from),
@@ -392,17 +472,24 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
         }
         Command::Rollback {
             id, forget: false, ..
-        } => cli::rollback(inventory, &id).await,
+        } => cli::rollback(access, &id).await,
         Command::Rollback {
             id,
             forget: true,
             yes,
-        } => cli::forget(inventory, &id, yes).await,
-        Command::Resolve { id, run_on, yes } => {
-            cli::resolve(inventory, &id, run_on.into(), yes).await
+        } => cli::forget(access, &id, yes).await,
+        Command::Resolve { id, run_on, yes } => cli::resolve(access, &id, run_on.into(), yes).await,
+        Command::Status { json } => cli::status(access, json).await,
+        Command::Watch { json } => cli::watch(access, json).await,
+        Command::Audit { since, host, json } => {
+            let args = cli::audit::AuditArgs {
+                since_ms: since,
+                host,
+                json,
+            };
+            cli::audit::audit(access, args).await
         }
-        Command::Status { json } => cli::status(inventory, json).await,
-        Command::Watch { json } => cli::watch(inventory, json).await,
+        Command::Ca { command } => ca(command),
         Command::Fault {
             host,
             feature,
@@ -418,9 +505,41 @@ async fn run(inventory: &Path, command: Command) -> CliResult {
                 latency_ms,
                 fail_rollback,
             };
-            cli::fault(inventory, &host, faults).await
+            cli::fault(access, &host, faults).await
         }
     }
+}
+
+/// `tern ca init` and `tern ca issue`: files only, no agent is asked.
+fn ca(command: CaCommand) -> CliResult {
+    match command {
+        CaCommand::Init { dir } => {
+            let cert = tern::trust::ca::init(&dir).map_err(CliError::usage)?;
+            println!(
+                "cluster CA: {} (its key beside it, mode 0600)",
+                cert.display()
+            );
+        }
+        CaCommand::Issue {
+            dir,
+            role,
+            name,
+            san,
+            out,
+            days,
+        } => {
+            let request = tern::trust::ca::IssueRequest {
+                name,
+                role: role.into(),
+                sans: san,
+                days,
+            };
+            let out = out.unwrap_or_else(|| dir.clone());
+            let folder = tern::trust::ca::issue(&dir, &request, &out).map_err(CliError::usage)?;
+            println!("{} ({}) : {}", request.name, request.role, folder.display());
+        }
+    }
+    Ok(exit::SUCCEEDED)
 }
 
 fn failed(e: anyhow::Error) -> CliError {
@@ -474,7 +593,7 @@ mod tests {
     #[test]
     fn agent_needs_a_config_file() {
         assert!(matches!(parse(&["agent", "--config", "hv-a.toml"]).command,
-            Some(Command::Agent { config }) if config == Path::new("hv-a.toml")));
+            Some(Command::Agent { config }) if config == std::path::Path::new("hv-a.toml")));
         assert_eq!(parse_error(&["agent"]), ErrorKind::MissingRequiredArgument);
     }
 

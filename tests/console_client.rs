@@ -108,6 +108,15 @@ impl Cluster {
         }
     }
 
+    /// The agents as the console reaches them (plaintext on loopback).
+    fn agents(&self) -> tern::cli::Cluster {
+        tern::cli::Cluster {
+            path: PathBuf::from("cluster.toml"),
+            inventory: self.inventory.clone(),
+            tls: None,
+        }
+    }
+
     fn host_mut(&mut self, name: &str) -> &mut Host {
         self.hosts
             .iter_mut()
@@ -261,7 +270,7 @@ async fn a_lost_agent_is_reported_once_per_outage_and_its_return_brings_a_fresh_
     let mut cluster = Cluster::new(&[("hv-a", Role::Source)]);
     let (tx, mut rx) = unbounded_channel();
     let first_try = unix_ms();
-    let _watchers = spawn_watchers(&cluster.inventory, tx);
+    let _watchers = spawn_watchers(&cluster.agents(), tx);
 
     // Not started yet: lost since the watcher first tried, said once.
     match next(&mut rx, "hv-a lost before it started").await {
@@ -318,7 +327,7 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
     cluster.start("hv-a");
     cluster.start("hv-b");
     let (tx, mut rx) = unbounded_channel();
-    let _watchers = spawn_watchers(&cluster.inventory, tx);
+    let _watchers = spawn_watchers(&cluster.agents(), tx);
     wait_all(
         &mut rx,
         "the snapshots of hv-a and hv-b",
@@ -327,7 +336,7 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
         }],
     )
     .await;
-    let inventory = &cluster.inventory;
+    let inventory = &cluster.agents();
 
     let start = Command::Start {
         host: "hv-a".into(),
@@ -402,7 +411,7 @@ async fn watchers_end_when_the_console_stops_listening() {
     let mut cluster = Cluster::new(&[("hv-a", Role::Source), ("hv-c", Role::Down)]);
     cluster.start("hv-a");
     let (tx, mut rx) = unbounded_channel();
-    let watchers = spawn_watchers(&cluster.inventory, tx);
+    let watchers = spawn_watchers(&cluster.agents(), tx);
     // One watcher following a live stream, one waiting to retry.
     wait_all(
         &mut rx,

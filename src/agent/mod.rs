@@ -6,6 +6,7 @@
 //! and comes back as an input, so the core never waits on IO: a slow QEMU
 //! start does not keep a heartbeat from being heard.
 
+pub mod audit;
 pub mod journal;
 mod peers;
 mod service;
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::{AgentConfig, Inventory};
+use crate::config::{AgentConfig, Inventory, TlsConfig};
 use crate::features::registry::FeatureRegistry;
 use crate::host::{
     self, Control, Evacuation, EvacuationRequest, HostCore, PeerCall, PeerResponse, Refusal,
@@ -30,6 +31,8 @@ use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::{Mode, RunOn};
+use crate::trust::Role;
+use crate::trust::tls::IdentityFiles;
 
 pub use peers::{BUSY, REFUSAL_KEY};
 
@@ -81,6 +84,17 @@ pub struct Agent {
     exited: watch::Sender<bool>,
     peers: peers::Peers,
     next_req: AtomicU64,
+    /// This agent's identity, when it serves TLS (`[tls]`).
+    pub tls: Option<IdentityFiles>,
+    /// Plaintext on a non-loopback address, as the config allowed.
+    pub insecure: bool,
+    /// Whether an admin may change fault injection here.
+    pub allow_fault_injection: bool,
+    /// Who asked for what: every changing request, refusals included.
+    pub audit: audit::AuditLog,
+    /// The hosts of the inventory: the only names an agent certificate
+    /// calling the Peer service may carry.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +133,35 @@ impl Agent {
                     config.name
                 ))
             })?;
+        let tls = match &config.tls {
+            Some(files) => Some(own_identity(&config.name, files)?),
+            None => None,
+        };
+        if tls.is_some() != address.starts_with("https://") {
+            return Err(StartError::Config(format!(
+                "the inventory lists {} at {address}, but the agent {}: peers and consoles \
+                 would not reach it. Use https:// with [tls], http:// without",
+                config.name,
+                if tls.is_some() {
+                    "serves TLS ([tls] is set)"
+                } else {
+                    "serves plaintext (no [tls])"
+                }
+            )));
+        }
+        if config.insecure && tls.is_none() {
+            tracing::warn!(
+                host = %config.name,
+                listen = %config.listen,
+                "INSECURE: serving plaintext without identities (insecure = true): \
+                 anyone who reaches this port may do anything, and the migration stream is not encrypted"
+            );
+        }
         let features = FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(StartError::Config)?;
         let journal = journal::Journal::open(&config.state_dir)?;
+        let audit = audit::AuditLog::open(&config.state_dir)
+            .map_err(|e| StartError::Config(format!("audit trail: {e}")))?;
         // The configured guests are booted once in the host's life: a
         // hypervisor that lost its list must not boot them again.
         let seed: &[crate::protocol::VmSpec] = if journal.booted()? { &[] } else { &config.vm };
@@ -180,8 +220,13 @@ impl Agent {
             core: tx,
             stopping,
             exited,
-            peers: peers::Peers::new(inventory),
+            hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
+            audit,
+            peers: peers::Peers::new(inventory, tls.clone()),
             next_req: AtomicU64::new(1),
+            tls,
+            insecure: config.insecure && config.tls.is_none(),
+            allow_fault_injection: config.allow_fault_injection,
         });
         agent.adopt_guests().await;
         shell::spawn(agent.clone(), core, journal, image, rx);
@@ -209,6 +254,23 @@ impl Agent {
 
     pub fn subscribe(&self) -> broadcast::Receiver<proto::Event> {
         self.events.subscribe()
+    }
+
+    /// Write one changing request into the audit trail and tell watchers.
+    pub fn record_audit(&self, entry: proto::AuditEntry) {
+        self.audit.record(&entry);
+        self.emit(proto::event::Kind::Audit(entry));
+    }
+
+    /// How callers reach this agent, as `Host.security` says it.
+    pub fn security(&self) -> &'static str {
+        if self.tls.is_some() {
+            "tls"
+        } else if self.insecure {
+            "insecure"
+        } else {
+            "loopback"
+        }
     }
 
     fn emit(&self, kind: proto::event::Kind) {
@@ -357,13 +419,18 @@ impl Agent {
         Ok(self.host_info().await)
     }
 
-    /// A Peer service call, answered by the core.
-    pub async fn peer(&self, call: PeerCall) -> Result<PeerResponse, Refusal> {
+    /// A Peer service call from `from` (the host its certificate names;
+    /// `None` for plaintext), answered by the core.
+    pub async fn peer(
+        &self,
+        call: PeerCall,
+        from: Option<String>,
+    ) -> Result<PeerResponse, Refusal> {
         let guests = match call {
             PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests().await,
             _ => Vec::new(),
         };
-        match self.request(Request::Peer { call, guests }).await? {
+        match self.request(Request::Peer { call, guests, from }).await? {
             Response::Peer(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -519,8 +586,17 @@ impl Agent {
                 )
             })
             .await;
-        let (pending, draining, outgoing, incoming, warnings) = state.unwrap_or_default();
+        let (pending, draining, outgoing, incoming, mut warnings) = state.unwrap_or_default();
+        if self.insecure {
+            warnings.insert(
+                0,
+                "INSECURE: plaintext without identities on a network address (insecure = true): \
+                 anyone who reaches this agent may do anything"
+                    .to_string(),
+            );
+        }
         proto::Host {
+            security: self.security().to_string(),
             name: self.name.clone(),
             address: self.address.clone(),
             memory_total_mib: capacity.memory_mib,
@@ -569,6 +645,22 @@ impl Agent {
         let mut exited = self.exited.subscribe();
         let _ = exited.wait_for(|e| *e).await.map(|_| ());
     }
+}
+
+/// Read the agent's `[tls]` files: the certificate must be an agent's,
+/// issued to this host.
+fn own_identity(name: &str, files: &TlsConfig) -> Result<IdentityFiles, StartError> {
+    let loaded =
+        IdentityFiles::load(files).map_err(|e| StartError::Config(format!("[tls]: {e}")))?;
+    let id = &loaded.identity;
+    if id.role != Role::Agent || id.name != name {
+        return Err(StartError::Config(format!(
+            "[tls] cert {} belongs to {id}; this agent needs one issued to {name} with the agent role \
+             (tern ca issue --role agent {name})",
+            files.cert.display()
+        )));
+    }
+    Ok(loaded)
 }
 
 pub fn pending_to_proto(p: host::Pending) -> proto::PendingRollback {

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Inventory;
 use crate::host::{PeerCall, PeerResponse};
 use crate::proto::peer_client::PeerClient;
 use crate::protocol::PeerError;
+use crate::trust::tls::{self, IdentityFiles};
 
 /// The metadata key a refusal's kind travels in, next to its status code.
 pub const REFUSAL_KEY: &str = "tern-refusal";
@@ -21,13 +22,16 @@ pub const BUSY: &str = "busy";
 
 pub struct Peers {
     inventory: Inventory,
+    /// This agent's identity, which peers reached over TLS check.
+    tls: Option<IdentityFiles>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Peers {
-    pub fn new(inventory: Inventory) -> Peers {
+    pub fn new(inventory: Inventory, tls: Option<IdentityFiles>) -> Peers {
         Peers {
             inventory,
+            tls,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -41,8 +45,8 @@ impl Peers {
             .inventory
             .host(host)
             .ok_or_else(|| PeerError::Refused(format!("no host named {host} in the inventory")))?;
-        let channel = Endpoint::from_shared(entry.address.clone())
-            .map_err(|e| PeerError::Refused(format!("bad address for {host}: {e}")))?
+        let channel = tls::endpoint(entry, self.tls.as_ref())
+            .map_err(PeerError::Refused)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))

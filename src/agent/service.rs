@@ -15,6 +15,7 @@ use crate::host::{PeerCall, PeerResponse, Refusal};
 use crate::proto::{self, console_server, peer_server};
 use crate::protocol::record::mode_from_proto;
 use crate::protocol::{RunOn, Stage};
+use crate::trust::{Caller, Identity, Role};
 
 pub async fn serve(
     agent: Arc<Agent>,
@@ -28,8 +29,17 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &agent.tls {
+        builder = match builder.tls_config(tls.server()) {
+            Ok(builder) => builder,
+            Err(e) => {
+                tracing::error!("gRPC server of {}: TLS settings refused: {e}", agent.name);
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(console_server::ConsoleServer::new(ConsoleService(
             agent.clone(),
         )))
@@ -44,6 +54,45 @@ pub async fn serve(
 }
 
 struct PeerService(Arc<Agent>);
+
+/// Who made `request`: the identity in its verified client certificate,
+/// or a plaintext caller on an agent without `[tls]`.
+fn caller<T>(agent: &Agent, request: &Request<T>) -> Result<Caller, Status> {
+    if agent.tls.is_none() {
+        return Ok(Caller::Plaintext);
+    }
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    Identity::from_der(leaf)
+        .map(Caller::Verified)
+        .map_err(Status::unauthenticated)
+}
+
+/// The caller of `request`, if it may do what `needed` may.
+fn authorize<T>(agent: &Agent, request: &Request<T>, needed: Role) -> Result<Caller, Status> {
+    let caller = caller(agent, request)?;
+    caller.check(needed).map_err(Status::permission_denied)?;
+    Ok(caller)
+}
+
+/// A Peer call must come from an agent certificate naming a host of the
+/// inventory.
+fn authorize_peer<T>(agent: &Agent, request: &Request<T>) -> Result<Caller, Status> {
+    let caller = authorize(agent, request, Role::Agent)?;
+    if let Some(host) = caller.host()
+        && !agent.hosts.iter().any(|h| h == host)
+    {
+        return Err(Status::permission_denied(format!(
+            "{host} is not a host of {}'s inventory",
+            agent.name
+        )));
+    }
+    Ok(caller)
+}
 
 impl From<Refusal> for Status {
     fn from(r: Refusal) -> Status {
@@ -63,21 +112,113 @@ impl From<Refusal> for Status {
                 status
             }
             Refusal::Unavailable(m) => Status::unavailable(m),
+            Refusal::PermissionDenied(m) => Status::permission_denied(m),
         }
     }
 }
 
+/// A changing request on its way: who asked, for what, on what. Its end
+/// goes into the audit trail, refusals included.
+struct Audited<'a> {
+    agent: &'a Agent,
+    who: String,
+    role: String,
+    action: &'static str,
+    target: String,
+}
+
+impl<'a> Audited<'a> {
+    /// Authorize `request` for `needed`; a refusal is audited here.
+    fn begin<T>(
+        agent: &'a Agent,
+        request: &Request<T>,
+        needed: Role,
+        action: &'static str,
+        target: impl Into<String>,
+    ) -> Result<Audited<'a>, Status> {
+        let checked = match needed {
+            Role::Agent => authorize_peer(agent, request),
+            _ => authorize(agent, request, needed),
+        };
+        let caller = caller(agent, request).ok();
+        let (who, role) = caller
+            .as_ref()
+            .map(|c| c.who())
+            .unwrap_or(("(unidentified)", "none"));
+        let audited = Audited {
+            agent,
+            who: who.to_string(),
+            role: role.to_string(),
+            action,
+            target: target.into(),
+        };
+        match checked {
+            Ok(_) => Ok(audited),
+            Err(status) => Err(audited.refused(status)),
+        }
+    }
+
+    fn write(&self, ok: bool, result: String) {
+        self.agent.record_audit(proto::AuditEntry {
+            at_ms: super::now_ms(),
+            host: self.agent.name.clone(),
+            who: self.who.clone(),
+            role: self.role.clone(),
+            action: self.action.to_string(),
+            target: self.target.clone(),
+            ok,
+            result,
+        });
+    }
+
+    fn refused(&self, status: Status) -> Status {
+        self.write(false, format!("{:?}: {}", status.code(), status.message()));
+        status
+    }
+
+    /// Audit the answer and pass it on; `done` says what was done.
+    fn end<R>(
+        self,
+        result: Result<R, Status>,
+        done: impl FnOnce(&R) -> String,
+    ) -> Result<R, Status> {
+        match &result {
+            Ok(reply) => self.write(true, done(reply)),
+            Err(status) => {
+                self.refused(status.clone());
+            }
+        }
+        result
+    }
+}
+
+fn outcome_text(record: &proto::MigrationRecord) -> String {
+    format!("migration {} attempt {}", record.id, record.attempt)
+}
+
 /// Hand a Peer call to the core and take out the answer it must be.
+/// Every call but Heartbeat and Capacity is audited; those two only when
+/// refused (a heartbeat a second per attempt would drown the trail).
 macro_rules! peer_call {
-    ($agent:expr, $call:ident, $request:expr) => {
-        match $agent.peer(PeerCall::$call($request.into_inner())).await? {
-            PeerResponse::$call(reply) => Ok(Response::new(reply)),
-            other => Err(Status::internal(format!(
+    ($agent:expr, $call:ident, $request:expr, $action:expr, $target:expr) => {{
+        let audited = Audited::begin(&$agent, &$request, Role::Agent, $action, $target)?;
+        let from = caller(&$agent, &$request)?.host().map(str::to_string);
+        let answer = match $agent
+            .peer(PeerCall::$call($request.into_inner()), from)
+            .await
+        {
+            Ok(PeerResponse::$call(reply)) => Ok(Response::new(reply)),
+            Ok(other) => Err(Status::internal(format!(
                 "the host core answered {} with {other:?}",
                 stringify!($call)
             ))),
+            Err(refusal) => Err(Status::from(refusal)),
+        };
+        match answer {
+            Ok(reply) if matches!(stringify!($call), "Heartbeat" | "Capacity") => Ok(reply),
+            answer => audited.end(answer, |_| "done".to_string()),
         }
-    };
+    }};
 }
 
 #[tonic::async_trait]
@@ -86,14 +227,22 @@ impl peer_server::Peer for PeerService {
         &self,
         request: Request<proto::PrepareRequest>,
     ) -> Result<Response<proto::PrepareReply>, Status> {
-        peer_call!(self.0, Prepare, request)
+        let target =
+            crate::protocol::cookies::decode::<proto::Cookie1>("C1", &request.get_ref().cookie1)
+                .map(|c1| c1.attempt_id)
+                .unwrap_or_else(|_| "(undecodable C1)".into());
+        peer_call!(self.0, Prepare, request, "peer prepare", target)
     }
 
     async fn finish(
         &self,
         request: Request<proto::FinishRequest>,
     ) -> Result<Response<proto::FinishReply>, Status> {
-        peer_call!(self.0, Finish, request)
+        let target =
+            crate::protocol::cookies::decode::<proto::Cookie3>("C3", &request.get_ref().cookie3)
+                .map(|c3| c3.attempt_id)
+                .unwrap_or_else(|_| "(undecodable C3)".into());
+        peer_call!(self.0, Finish, request, "peer finish", target)
     }
 
     async fn abort(
@@ -102,28 +251,31 @@ impl peer_server::Peer for PeerService {
     ) -> Result<Response<proto::PeerAbortReply>, Status> {
         let r = request.get_ref();
         tracing::warn!(attempt = %r.attempt_id, from = %r.from_host, "peer abort: {}", r.reason);
-        peer_call!(self.0, Abort, request)
+        let target = r.attempt_id.clone();
+        peer_call!(self.0, Abort, request, "peer abort", target)
     }
 
     async fn resolve(
         &self,
         request: Request<proto::ResolveRequest>,
     ) -> Result<Response<proto::ResolveReply>, Status> {
-        peer_call!(self.0, Resolve, request)
+        let target = request.get_ref().attempt_id.clone();
+        peer_call!(self.0, Resolve, request, "peer resolve", target)
     }
 
     async fn heartbeat(
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
-        peer_call!(self.0, Heartbeat, request)
+        let target = request.get_ref().attempt_ids.join(",");
+        peer_call!(self.0, Heartbeat, request, "peer heartbeat", target)
     }
 
     async fn capacity(
         &self,
         request: Request<proto::CapacityRequest>,
     ) -> Result<Response<proto::CapacityReply>, Status> {
-        peer_call!(self.0, Capacity, request)
+        peer_call!(self.0, Capacity, request, "peer capacity", "")
     }
 }
 
@@ -146,8 +298,9 @@ impl console_server::Console for ConsoleService {
 
     async fn watch(
         &self,
-        _: Request<proto::WatchRequest>,
+        request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let agent = self.0.clone();
         // Subscribe before taking the snapshot so no change falls in between.
         let mut events = agent.subscribe();
@@ -191,19 +344,27 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::StartMigrationRequest>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let r = request.get_ref();
+        let target = format!("{} to {}", r.vm, r.destination);
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "migrate", target)?;
         let request = request.into_inner();
-        let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
-        let record = self
-            .0
-            .start_migration(&request.vm, &request.destination, mode)
-            .await?;
-        Ok(Response::new((&record).into()))
+        let answer = async {
+            let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
+            let record = self
+                .0
+                .start_migration(&request.vm, &request.destination, mode)
+                .await?;
+            Ok(Response::new(proto::MigrationRecord::from(&record)))
+        }
+        .await;
+        audited.end(answer, |r| outcome_text(r.get_ref()))
     }
 
     async fn wait_migration(
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let record = self.0.wait_migration(&request.into_inner().id).await?;
         Ok(Response::new((&record).into()))
     }
@@ -212,6 +373,7 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let id = request.into_inner().id;
         let record =
             self.0.migration(&id).await.ok_or_else(|| {
@@ -222,8 +384,9 @@ impl console_server::Console for ConsoleService {
 
     async fn list_migrations(
         &self,
-        _: Request<proto::ListMigrationsRequest>,
+        request: Request<proto::ListMigrationsRequest>,
     ) -> Result<Response<proto::ListMigrationsReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let migrations = self.0.migrations().await.iter().map(Into::into).collect();
         Ok(Response::new(proto::ListMigrationsReply { migrations }))
     }
@@ -232,78 +395,113 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
-        let record = self.0.abort(&request.into_inner().id).await?;
-        Ok(Response::new((&record).into()))
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "abort", &id)?;
+        let answer = self.0.abort(&id).await;
+        let answer = answer.map(|r| Response::new(proto::MigrationRecord::from(&r)));
+        audited.end(answer.map_err(Status::from), |r| outcome_text(r.get_ref()))
     }
 
     async fn retry(
         &self,
         request: Request<proto::RetryRequest>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "retry", &id)?;
         let request = request.into_inner();
-        let destination = (!request.destination.is_empty()).then_some(request.destination.as_str());
-        let record = self
-            .0
-            .retry(&request.id, destination, mode(request.mode)?)
-            .await?;
-        Ok(Response::new((&record).into()))
+        let answer = async {
+            let destination =
+                (!request.destination.is_empty()).then_some(request.destination.as_str());
+            let record = self
+                .0
+                .retry(&request.id, destination, mode(request.mode)?)
+                .await?;
+            Ok(Response::new(proto::MigrationRecord::from(&record)))
+        }
+        .await;
+        audited.end(answer, |r| {
+            let r = r.get_ref();
+            format!("{} to {}", outcome_text(r), r.destination)
+        })
     }
 
     async fn rollback(
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::RollbackReply>, Status> {
-        let (done, still) = self.0.run_pending(&request.into_inner().id).await?;
-        Ok(Response::new(proto::RollbackReply {
-            done: done.into_iter().map(super::pending_to_proto).collect(),
-            still_pending: still.into_iter().map(super::pending_to_proto).collect(),
-        }))
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "rollback", &id)?;
+        let answer = self.0.run_pending(&id).await.map(rollback_reply);
+        audited.end(answer.map_err(Status::from), pending_text)
     }
 
     async fn forget(
         &self,
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::RollbackReply>, Status> {
-        let (done, still) = self.0.forget_pending(&request.into_inner().id).await?;
-        Ok(Response::new(proto::RollbackReply {
-            done: done.into_iter().map(super::pending_to_proto).collect(),
-            still_pending: still.into_iter().map(super::pending_to_proto).collect(),
-        }))
+        // Forgetting asserts the work is not needed, unchecked: an admin's word.
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Admin, "forget", &id)?;
+        let answer = self.0.forget_pending(&id).await.map(rollback_reply);
+        audited.end(answer.map_err(Status::from), pending_text)
     }
 
     async fn resolve(
         &self,
         request: Request<proto::ForceResolveRequest>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Admin, "resolve", &id)?;
         let request = request.into_inner();
-        let run_on = match proto::RunOn::try_from(request.run_on) {
-            Ok(proto::RunOn::Source) => RunOn::Source,
-            Ok(proto::RunOn::Destination) => RunOn::Destination,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "run_on must be source or destination",
-                ));
-            }
-        };
-        let record = self.0.force_resolve(&request.id, run_on).await?;
-        Ok(Response::new((&record).into()))
+        let answer = async {
+            let run_on = match proto::RunOn::try_from(request.run_on) {
+                Ok(proto::RunOn::Source) => RunOn::Source,
+                Ok(proto::RunOn::Destination) => RunOn::Destination,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "run_on must be source or destination",
+                    ));
+                }
+            };
+            let record = self.0.force_resolve(&request.id, run_on).await?;
+            Ok(Response::new(proto::MigrationRecord::from(&record)))
+        }
+        .await;
+        audited.end(answer, |r| {
+            let r = r.get_ref();
+            format!(
+                "{}: runs on {}",
+                outcome_text(r),
+                if request.run_on == proto::RunOn::Source as i32 {
+                    "the source"
+                } else {
+                    "the destination"
+                }
+            )
+        })
     }
 
     async fn evacuate(
         &self,
         request: Request<proto::EvacuateRequest>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        let name = self.0.name.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "evacuate", name)?;
         let request = request.into_inner();
-        let job = self
-            .0
-            .evacuate(crate::host::EvacuationRequest {
-                mode: mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe),
-                concurrency: request.concurrency,
-                max_attempts: request.max_attempts,
-                exclude: request.exclude,
-            })
-            .await?;
-        Ok(Response::new(job.to_proto()))
+        let answer = async {
+            let job = self
+                .0
+                .evacuate(crate::host::EvacuationRequest {
+                    mode: mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe),
+                    concurrency: request.concurrency,
+                    max_attempts: request.max_attempts,
+                    exclude: request.exclude,
+                })
+                .await?;
+            Ok(Response::new(job.to_proto()))
+        }
+        .await;
+        audited.end(answer, |r| format!("evacuation {}", r.get_ref().id))
     }
 
     async fn control_evacuation(
@@ -311,26 +509,43 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::ControlEvacuationRequest>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
         use crate::host::Control;
-        let request = request.into_inner();
-        let control = match proto::EvacuationControl::try_from(request.control) {
-            Ok(proto::EvacuationControl::Pause) => Control::Pause,
-            Ok(proto::EvacuationControl::Resume) => Control::Resume,
-            Ok(proto::EvacuationControl::Cancel) => Control::Cancel,
-            Ok(proto::EvacuationControl::CancelAbort) => Control::CancelAbort,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "control must be pause, resume, cancel or cancel-abort",
-                ));
-            }
+        let control = match proto::EvacuationControl::try_from(request.get_ref().control) {
+            Ok(proto::EvacuationControl::Pause) => Some(Control::Pause),
+            Ok(proto::EvacuationControl::Resume) => Some(Control::Resume),
+            Ok(proto::EvacuationControl::Cancel) => Some(Control::Cancel),
+            Ok(proto::EvacuationControl::CancelAbort) => Some(Control::CancelAbort),
+            _ => None,
         };
-        let job = self.0.control_evacuation(&request.id, control).await?;
-        Ok(Response::new(job.to_proto()))
+        let action = match control {
+            Some(Control::Pause) => "pause evacuation",
+            Some(Control::Resume) => "resume evacuation",
+            Some(Control::Cancel) => "cancel evacuation",
+            Some(Control::CancelAbort) => "cancel evacuation and abort",
+            None => "control evacuation",
+        };
+        let id = request.get_ref().id.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, action, &id)?;
+        let answer = match control {
+            None => Err(Status::invalid_argument(
+                "control must be pause, resume, cancel or cancel-abort",
+            )),
+            Some(control) => self
+                .0
+                .control_evacuation(&id, control)
+                .await
+                .map(|job| Response::new(job.to_proto()))
+                .map_err(Status::from),
+        };
+        audited.end(answer, |r| {
+            format!("evacuation {} {:?}", r.get_ref().id, r.get_ref().state)
+        })
     }
 
     async fn get_evacuation(
         &self,
         request: Request<proto::EvacuationRef>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let id = request.into_inner().id;
         let job =
             self.0.evacuation(&id).await.ok_or_else(|| {
@@ -341,8 +556,9 @@ impl console_server::Console for ConsoleService {
 
     async fn list_evacuations(
         &self,
-        _: Request<proto::ListEvacuationsRequest>,
+        request: Request<proto::ListEvacuationsRequest>,
     ) -> Result<Response<proto::ListEvacuationsReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         Ok(Response::new(proto::ListEvacuationsReply {
             evacuations: self
                 .0
@@ -358,21 +574,28 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::EvacuationRef>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         let job = self.0.wait_evacuation(&request.into_inner().id).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn undrain(
         &self,
-        _: Request<proto::UndrainRequest>,
+        request: Request<proto::UndrainRequest>,
     ) -> Result<Response<proto::Host>, Status> {
-        Ok(Response::new(self.0.undrain().await?))
+        let name = self.0.name.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "undrain", name)?;
+        let answer = self.0.undrain().await.map(Response::new);
+        audited.end(answer.map_err(Status::from), |_| {
+            "accepts incoming migrations".into()
+        })
     }
 
     async fn list_vms(
         &self,
-        _: Request<proto::ListVmsRequest>,
+        request: Request<proto::ListVmsRequest>,
     ) -> Result<Response<proto::ListVmsReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         Ok(Response::new(proto::ListVmsReply {
             vms: self.0.vms().await,
         }))
@@ -380,8 +603,9 @@ impl console_server::Console for ConsoleService {
 
     async fn get_host(
         &self,
-        _: Request<proto::GetHostRequest>,
+        request: Request<proto::GetHostRequest>,
     ) -> Result<Response<proto::Host>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
         Ok(Response::new(self.0.host_info().await))
     }
 
@@ -389,8 +613,45 @@ impl console_server::Console for ConsoleService {
         &self,
         request: Request<proto::SetFaultsRequest>,
     ) -> Result<Response<proto::Host>, Status> {
+        let feature = request
+            .get_ref()
+            .faults
+            .as_ref()
+            .map(|f| f.feature.clone())
+            .unwrap_or_default();
+        let audited = Audited::begin(&self.0, &request, Role::Admin, "set faults", feature)?;
+        if self.0.tls.is_some() && !self.0.allow_fault_injection {
+            let refusal = Status::permission_denied(format!(
+                "fault injection is off on {}: its config must say allow_fault_injection = true",
+                self.0.name
+            ));
+            return Err(audited.refused(refusal));
+        }
+        let answer = self.set_faults_now(request.into_inner()).await;
+        audited.end(answer, |_| "fault injection changed".into())
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
+        let r = request.into_inner();
+        let entries = self
+            .0
+            .audit
+            .list(&self.0.name, r.since_ms, r.limit, &r.target)
+            .map_err(|e| Status::internal(format!("audit trail of {}: {e}", self.0.name)))?;
+        Ok(Response::new(proto::ListAuditReply { entries }))
+    }
+}
+
+impl ConsoleService {
+    async fn set_faults_now(
+        &self,
+        request: proto::SetFaultsRequest,
+    ) -> Result<Response<proto::Host>, Status> {
         let settings = request
-            .into_inner()
             .faults
             .ok_or_else(|| Status::invalid_argument("no fault settings in the request"))?;
         let fail = settings
@@ -415,4 +676,22 @@ impl console_server::Console for ConsoleService {
         self.0.emit(proto::event::Kind::HostChanged(host.clone()));
         Ok(Response::new(host))
     }
+}
+
+fn rollback_reply(
+    (done, still): (Vec<crate::host::Pending>, Vec<crate::host::Pending>),
+) -> Response<proto::RollbackReply> {
+    Response::new(proto::RollbackReply {
+        done: done.into_iter().map(super::pending_to_proto).collect(),
+        still_pending: still.into_iter().map(super::pending_to_proto).collect(),
+    })
+}
+
+fn pending_text(reply: &Response<proto::RollbackReply>) -> String {
+    let r = reply.get_ref();
+    format!(
+        "{} done, {} still pending",
+        r.done.len(),
+        r.still_pending.len()
+    )
 }

@@ -3,17 +3,18 @@
 //! every command needs (where a VM runs, which agent owns a migration).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::join_all;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 use super::{CliError, error_chain, exit_code_for_status, with_causes};
 use crate::config::{HostEntry, Inventory};
 use crate::proto;
 use crate::proto::console_client::ConsoleClient;
+use crate::trust::tls::{self, IdentityFiles};
 
 /// How long to wait for an agent to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,21 +25,68 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// connections is noticed instead of waited on forever.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// The inventory and the path it was read from (error messages name it).
+/// What a command is given to reach the agents: the inventory file, and
+/// the identity folder (`--identity`, `$TERN_IDENTITY`) for `https://` hosts.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub inventory: PathBuf,
+    pub identity: Option<PathBuf>,
+}
+
+impl Access {
+    pub fn new(inventory: impl Into<PathBuf>, identity: Option<PathBuf>) -> Access {
+        Access {
+            inventory: inventory.into(),
+            identity,
+        }
+    }
+}
+
+/// The inventory and the path it was read from (error messages name it),
+/// and who this client is to the agents.
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub path: PathBuf,
     pub inventory: Inventory,
+    pub tls: Option<IdentityFiles>,
 }
 
 impl Cluster {
-    /// Read the inventory; a missing or invalid file is bad input.
-    pub fn load(path: &Path) -> Result<Cluster, CliError> {
+    /// Read the inventory and the identity; a missing or invalid file is bad input.
+    pub fn load(access: &Access) -> Result<Cluster, CliError> {
+        let path = &access.inventory;
         let inventory = Inventory::load(path).map_err(|e| CliError::usage(e.to_string()))?;
+        let tls = match &access.identity {
+            Some(dir) => Some(
+                IdentityFiles::load_dir(dir)
+                    .map_err(|e| CliError::usage(format!("identity {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
+        if tls.is_none()
+            && let Some(entry) = inventory
+                .host
+                .iter()
+                .find(|h| h.address.starts_with("https://"))
+        {
+            return Err(CliError::usage(format!(
+                "{} lists {} at {}, which takes an identity: give --identity DIR (or set \
+                 TERN_IDENTITY) with a folder `tern ca issue` wrote",
+                path.display(),
+                entry.name,
+                entry.address
+            )));
+        }
         Ok(Cluster {
             path: path.to_path_buf(),
             inventory,
+            tls,
         })
+    }
+
+    /// Connect to one host's agent.
+    pub async fn connect(&self, entry: &HostEntry) -> Result<Agent, CliError> {
+        Agent::connect(entry, self.tls.as_ref()).await
     }
 
     pub fn host_names(&self) -> Vec<&str> {
@@ -65,7 +113,7 @@ impl Cluster {
         join_all(self.inventory.host.iter().map(|entry| async move {
             Link {
                 entry: entry.clone(),
-                agent: Agent::connect(entry).await,
+                agent: self.connect(entry).await,
             }
         }))
         .await
@@ -101,16 +149,12 @@ impl Agent {
     /// Connect to `entry`'s agent within [`CONNECT_TIMEOUT`]. No request
     /// timeout is set on the channel: it would cut Watch and WaitMigration,
     /// so short calls get theirs in [`Agent::call`].
-    pub async fn connect(entry: &HostEntry) -> Result<Agent, CliError> {
-        let endpoint = Endpoint::from_shared(entry.address.clone())
-            .map_err(|e| {
-                CliError::usage(format!(
-                    "host {}: address {:?} is not a valid URI: {}",
-                    entry.name,
-                    entry.address,
-                    error_chain(&e)
-                ))
-            })?
+    pub async fn connect(
+        entry: &HostEntry,
+        tls: Option<&IdentityFiles>,
+    ) -> Result<Agent, CliError> {
+        let endpoint = tls::endpoint(entry, tls)
+            .map_err(CliError::usage)?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEP_ALIVE)
             .keep_alive_timeout(KEEP_ALIVE)
@@ -421,7 +465,7 @@ address = "http://127.0.0.1:7703"
 
     #[test]
     fn a_missing_inventory_is_bad_input_naming_the_file() {
-        let err = Cluster::load(Path::new("/nonexistent/cluster.toml")).unwrap_err();
+        let err = Cluster::load(&Access::new("/nonexistent/cluster.toml", None)).unwrap_err();
         assert_eq!(err.code, 64);
         assert!(
             err.message.contains("/nonexistent/cluster.toml"),
@@ -434,7 +478,7 @@ address = "http://127.0.0.1:7703"
     fn an_invalid_inventory_is_bad_input_with_the_parser_message() {
         let (_dir, path) =
             write_inventory("[[host]]\nname = \"hv-a\"\naddress = \"127.0.0.1:7701\"\n");
-        let err = Cluster::load(&path).unwrap_err();
+        let err = Cluster::load(&Access::new(path.clone(), None)).unwrap_err();
         assert_eq!(err.code, 64);
         assert!(
             err.message.contains("must start with http://"),
@@ -446,7 +490,7 @@ address = "http://127.0.0.1:7703"
     #[test]
     fn an_unknown_destination_lists_the_inventory_hosts() {
         let (_dir, path) = write_inventory(THREE_HOSTS);
-        let cluster = Cluster::load(&path).expect("valid inventory");
+        let cluster = Cluster::load(&Access::new(path.clone(), None)).expect("valid inventory");
         assert!(cluster.check_host("hv-b").is_ok());
         let err = cluster.check_host("hv-z").unwrap_err();
         assert_eq!(err.code, 64);
@@ -568,7 +612,7 @@ address = "http://127.0.0.1:7703"
             name: "hv-b".into(),
             address: format!("http://127.0.0.1:{port}"),
         };
-        let err = Agent::connect(&entry).await.unwrap_err();
+        let err = Agent::connect(&entry, None).await.unwrap_err();
         assert_eq!(err.code, 69);
         assert!(
             err.message.starts_with(&format!(

@@ -2,10 +2,10 @@
 //! `retry`, `rollback` and `resolve`.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::Path;
 
 use futures::future::join_all;
 
+use super::client::Access;
 use super::client::{
     Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
 };
@@ -24,14 +24,8 @@ pub struct Report {
 }
 
 /// `tern migrate VM --to HOST`.
-pub async fn migrate(
-    inventory: &Path,
-    vm: &str,
-    to: &str,
-    mode: Mode,
-    report: Report,
-) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn migrate(access: &Access, vm: &str, to: &str, mode: Mode, report: Report) -> CliResult {
+    let cluster = Cluster::load(access)?;
     cluster.check_host(to)?;
     let links = cluster.connect_all().await;
     let source_name = find_vm_host(&cluster, &links, vm).await?;
@@ -52,13 +46,13 @@ pub async fn migrate(
 
 /// `tern retry ID [--to HOST] [--mode M]`: a new attempt, then like `migrate`.
 pub async fn retry(
-    inventory: &Path,
+    access: &Access,
     id: &str,
     to: Option<&str>,
     mode: Option<Mode>,
     report: Report,
 ) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+    let cluster = Cluster::load(access)?;
     if let Some(to) = to {
         cluster.check_host(to)?;
     }
@@ -139,8 +133,8 @@ fn agent_named<'a>(links: &'a [Link], name: &str) -> Result<&'a Agent, CliError>
 }
 
 /// `tern abort ID`: stop a migration before its commit point.
-pub async fn abort(inventory: &Path, id: &str) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn abort(access: &Access, id: &str) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (owner, _) = find_migration(&links, id).await?;
     let request = proto::MigrationRef { id: id.to_string() };
@@ -154,8 +148,8 @@ pub async fn abort(inventory: &Path, id: &str) -> CliResult {
 /// `tern rollback ID`: re-run the pending rollbacks of a migration on every
 /// host now (they stay on the host where they failed). 0 when nothing is
 /// pending any more, 1 when some still are.
-pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn rollback(access: &Access, id: &str) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let replies =
         join_all(reachable(&links).map(|agent| async move { (agent, agent.rollback(id).await) }))
@@ -202,8 +196,8 @@ pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
 
 /// `tern rollback ID --forget`: drop a migration's pending work on every
 /// host, after a warning and the VM name as confirmation (unless `--yes`).
-pub async fn forget(inventory: &Path, id: &str, yes: bool) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn forget(access: &Access, id: &str, yes: bool) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (_, record) = find_migration(&links, id).await?;
     eprintln!(
@@ -251,8 +245,8 @@ pub async fn forget(inventory: &Path, id: &str, yes: bool) -> CliResult {
 /// `tern resolve ID --run-on source|destination`: the operator's forced
 /// decision for an unresolved attempt. It warns what a wrong choice does and
 /// asks for the VM name unless `--yes`.
-pub async fn resolve(inventory: &Path, id: &str, run_on: RunOn, yes: bool) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn resolve(access: &Access, id: &str, run_on: RunOn, yes: bool) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (owner, record) = find_migration(&links, id).await?;
     if run_on == RunOn::Source {
@@ -357,10 +351,10 @@ pub fn check_confirmation(vm: &str, typed: &str) -> Result<(), CliError> {
 }
 
 /// `tern fault HOST FEATURE ...`: replace a simulated driver's fault injection.
-pub async fn fault(inventory: &Path, host: &str, faults: proto::FaultSettings) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn fault(access: &Access, host: &str, faults: proto::FaultSettings) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let entry = cluster.check_host(host)?;
-    let agent = Agent::connect(entry).await?;
+    let agent = cluster.connect(entry).await?;
     let request = proto::SetFaultsRequest {
         faults: Some(faults.clone()),
     };

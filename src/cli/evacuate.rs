@@ -2,9 +2,9 @@
 //! undrain`: evacuations are jobs of the evacuated host's agent; the CLI
 //! starts one, follows it, and prints what became of each VM.
 
-use std::path::Path;
 use std::time::Duration;
 
+use super::client::Access;
 use super::client::{Agent, Cluster, Link, reachable};
 use super::{CliError, CliResult, exit};
 use crate::host::evacuation::job::{Control, Evacuation, JobState, VmState};
@@ -30,12 +30,12 @@ pub struct EvacuateArgs {
 
 async fn connect(cluster: &Cluster, host: &str) -> Result<Agent, CliError> {
     let entry = cluster.check_host(host)?;
-    Agent::connect(entry).await
+    cluster.connect(entry).await
 }
 
 /// `tern evacuate HOST`: start the job, then (unless `--no-wait`) print
 /// each VM as it settles, and the whole evacuation at the end.
-pub async fn evacuate(inventory: &Path, args: EvacuateArgs) -> CliResult {
+pub async fn evacuate(access: &Access, args: EvacuateArgs) -> CliResult {
     // 0 means "the default" on the wire; typed by an operator it is a mistake.
     if args.concurrency == Some(0) {
         return Err(CliError::usage(
@@ -47,7 +47,7 @@ pub async fn evacuate(inventory: &Path, args: EvacuateArgs) -> CliResult {
             "max attempts 0: must be at least 1 (the default is 3)",
         ));
     }
-    let cluster = Cluster::load(inventory)?;
+    let cluster = Cluster::load(access)?;
     for host in &args.exclude {
         cluster.check_host(host)?;
     }
@@ -237,8 +237,8 @@ pub fn summary(job: &Evacuation) -> String {
 }
 
 /// `tern evacuation pause|resume|cancel ID`: sent to the agent that owns it.
-pub async fn control(inventory: &Path, id: &str, control: Control) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn control(access: &Access, id: &str, control: Control) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let owner = find_evacuation(&links, id).await?;
     let request = proto::ControlEvacuationRequest {
@@ -291,8 +291,8 @@ async fn find_evacuation<'a>(links: &'a [Link], id: &str) -> Result<&'a Agent, C
 }
 
 /// `tern undrain HOST`.
-pub async fn undrain(inventory: &Path, host: &str) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn undrain(access: &Access, host: &str) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let agent = connect(&cluster, host).await?;
     agent
         .call(|mut c| async move { c.undrain(proto::UndrainRequest {}).await })

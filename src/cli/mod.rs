@@ -11,6 +11,7 @@
 //! - [`watch`]: `tern watch`, the merged event stream of every agent
 //! - [`output`]: human-readable rendering
 
+pub mod audit;
 pub mod client;
 pub mod commands;
 pub mod evacuate;
@@ -24,7 +25,7 @@ use tonic::Code;
 
 use crate::protocol::Outcome;
 
-pub use client::Cluster;
+pub use client::{Access, Cluster};
 pub use commands::{Report, abort, fault, forget, migrate, resolve, retry, rollback};
 pub use status::status;
 pub use watch::watch;
@@ -44,8 +45,11 @@ pub mod exit {
     pub const UNRESOLVED: u8 = 3;
     /// Bad usage or input: an unknown VM, host or migration, a refused
     /// request (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-    /// PermissionDenied, OutOfRange), or a bad inventory.
+    /// OutOfRange), or a bad inventory or identity.
     pub const USAGE: u8 = 64;
+    /// The identity may not do this: the agent answered PermissionDenied
+    /// (`EX_NOPERM`).
+    pub const NOPERM: u8 = 77;
     /// An agent could not be reached or did not answer in time.
     pub const UNAVAILABLE: u8 = 69;
     /// The operator pressed Ctrl-C while the CLI waited (128 + SIGINT).
@@ -105,8 +109,8 @@ pub fn exit_code_for_status(code: Code) -> u8 {
         | Code::NotFound
         | Code::AlreadyExists
         | Code::FailedPrecondition
-        | Code::PermissionDenied
         | Code::OutOfRange => exit::USAGE,
+        Code::PermissionDenied | Code::Unauthenticated => exit::NOPERM,
         // A cancelled call is one whose connection went away under it.
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => exit::UNAVAILABLE,
         _ => exit::FAILED,
@@ -154,10 +158,15 @@ mod tests {
             Code::NotFound,
             Code::AlreadyExists,
             Code::FailedPrecondition,
-            Code::PermissionDenied,
         ] {
             assert_eq!(exit_code_for_status(code), 64, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_request_the_identity_may_not_make_exits_77() {
+        assert_eq!(exit_code_for_status(Code::PermissionDenied), exit::NOPERM);
+        assert_eq!(exit_code_for_status(Code::Unauthenticated), 77);
     }
 
     #[test]

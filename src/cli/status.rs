@@ -5,6 +5,7 @@
 use futures::future::join_all;
 use serde::Serialize;
 
+use super::client::Access;
 use super::client::{Agent, Cluster, Link};
 use super::output::{state_summary, table};
 use super::{CliError, CliResult, exit};
@@ -307,8 +308,8 @@ pub async fn gather(links: &[Link]) -> Vec<(HostEntry, Result<HostAnswer, CliErr
 }
 
 /// `tern status [--json]`. Exits 0 while any agent answers, 69 when none does.
-pub async fn status(inventory: &std::path::Path, json: bool) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn status(access: &Access, json: bool) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let answers = gather(&links).await;
     let status = StatusJson::from_answers(&answers);

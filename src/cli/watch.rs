@@ -15,13 +15,12 @@
 //! | `disconnected` | `error`, `retry_in_ms`: the stream ended and will be reopened  |
 
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::client::{Agent, Cluster};
+use super::client::{Access, Agent, Cluster};
 use super::output::{state_summary, transfer_line};
 use super::status::{HostAnswer, HostJson, StatusJson, VmJson};
 use super::{CliResult, exit};
@@ -30,6 +29,7 @@ use crate::proto;
 use crate::proto::event::Kind;
 use crate::protocol::TransferStats;
 use crate::protocol::record::{MigrationRecord, stats_from_proto};
+use crate::trust::tls::IdentityFiles;
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -66,6 +66,7 @@ pub enum WatchEvent {
         migration_id: String,
         text: String,
     },
+    Audit(super::audit::AuditJson),
     Disconnected {
         error: String,
         retry_in_ms: u64,
@@ -113,6 +114,7 @@ impl WatchLine {
                 migration_id: l.migration_id.clone(),
                 text: l.text.clone(),
             },
+            Kind::Audit(a) => WatchEvent::Audit(super::audit::AuditJson::from(a)),
         };
         Some(WatchLine { host, event })
     }
@@ -196,6 +198,7 @@ impl WatchLine {
                 text,
                 ..
             } => format!("{host}: {level}: [{migration_id}] {text}"),
+            WatchEvent::Audit(entry) => format!("{host}: audit: {}", entry.line()),
             WatchEvent::Disconnected { error, retry_in_ms } => {
                 format!(
                     "{host}: watch stream lost ({error}); reconnecting in {} s",
@@ -207,14 +210,14 @@ impl WatchLine {
 }
 
 /// `tern watch [--json]`.
-pub async fn watch(inventory: &Path, json: bool) -> CliResult {
-    let cluster = Cluster::load(inventory)?;
+pub async fn watch(access: &Access, json: bool) -> CliResult {
+    let cluster = Cluster::load(access)?;
     let (tx, mut rx) = mpsc::channel::<WatchLine>(1024);
     let tasks: Vec<_> = cluster
         .inventory
         .host
         .iter()
-        .map(|entry| tokio::spawn(follow(entry.clone(), tx.clone())))
+        .map(|entry| tokio::spawn(follow(entry.clone(), cluster.tls.clone(), tx.clone())))
         .collect();
     drop(tx);
     loop {
@@ -240,10 +243,10 @@ pub async fn watch(inventory: &Path, json: bool) -> CliResult {
 }
 
 /// Follow one agent's stream for ever, reopening it after it ends.
-async fn follow(entry: HostEntry, tx: mpsc::Sender<WatchLine>) {
+async fn follow(entry: HostEntry, tls: Option<IdentityFiles>, tx: mpsc::Sender<WatchLine>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let error = match Agent::connect(&entry).await {
+        let error = match Agent::connect(&entry, tls.as_ref()).await {
             Err(e) => e.message,
             Ok(agent) => match agent
                 .call_long(|mut c| async move { c.watch(proto::WatchRequest {}).await })

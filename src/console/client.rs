@@ -17,9 +17,10 @@ use tonic::Streaming;
 
 use super::msg::{Command, Msg};
 use crate::agent::now_ms;
+use crate::cli::Cluster;
 use crate::cli::client::{Agent, status_error};
 use crate::cli::output::{pending_rollback_line, started_line, state_summary};
-use crate::config::{HostEntry, Inventory};
+use crate::config::HostEntry;
 use crate::host::evacuation::job::{Evacuation, JobState};
 use crate::proto;
 use crate::protocol::record::{MigrationRecord, mode_to_proto};
@@ -35,23 +36,24 @@ const STEADY: Duration = MAX_BACKOFF;
 
 /// Follow every inventory host's Watch stream, one task each, until `tx` is
 /// closed (the console quit).
-pub fn spawn_watchers(inventory: &Inventory, tx: UnboundedSender<Msg>) -> Vec<JoinHandle<()>> {
-    inventory
+pub fn spawn_watchers(agents: &Cluster, tx: UnboundedSender<Msg>) -> Vec<JoinHandle<()>> {
+    agents
+        .inventory
         .host
         .iter()
-        .map(|entry| tokio::spawn(watch_host(entry.clone(), tx.clone())))
+        .map(|entry| tokio::spawn(watch_host(agents.clone(), entry.clone(), tx.clone())))
         .collect()
 }
 
 /// One host's watcher: open the stream, pass its events on, and when it
 /// breaks say so once and reopen it with backoff.
-async fn watch_host(entry: HostEntry, tx: UnboundedSender<Msg>) {
+async fn watch_host(agents: Cluster, entry: HostEntry, tx: UnboundedSender<Msg>) {
     let mut link = Link::new(&entry.name, now_ms());
     let mut backoff = FIRST_BACKOFF;
     loop {
         let opened = tokio::select! {
             _ = tx.closed() => return,
-            opened = open_watch(&entry) => opened,
+            opened = open_watch(&agents, &entry) => opened,
         };
         let lost = match opened {
             Err(error) => link.reconnect_failed(now_ms(), error),
@@ -109,8 +111,11 @@ async fn watch_host(entry: HostEntry, tx: UnboundedSender<Msg>) {
 /// like any short call (the agent answers at once and streams afterwards);
 /// the stream itself is not, and the channel's keep-alive pings notice a host
 /// that vanished.
-async fn open_watch(entry: &HostEntry) -> Result<Streaming<proto::Event>, String> {
-    let agent = Agent::connect(entry).await.map_err(|e| e.message)?;
+async fn open_watch(
+    agents: &Cluster,
+    entry: &HostEntry,
+) -> Result<Streaming<proto::Event>, String> {
+    let agent = agents.connect(entry).await.map_err(|e| e.message)?;
     agent
         .call(|mut c| async move { c.watch(proto::WatchRequest {}).await })
         .await
@@ -199,18 +204,18 @@ impl Link {
 /// operators. Connecting and the call are each bounded
 /// ([`crate::cli::client::CONNECT_TIMEOUT`], [`crate::cli::client::REQUEST_TIMEOUT`]),
 /// so the console never waits for ever.
-pub async fn execute(inventory: &Inventory, command: Command) -> Msg {
+pub async fn execute(agents: &Cluster, command: Command) -> Msg {
     Msg::Done {
         what: command.describe(),
-        result: run(inventory, command).await,
+        result: run(agents, command).await,
     }
 }
 
-async fn run(inventory: &Inventory, command: Command) -> Result<String, String> {
+async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
         Command::Abort { host, id } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };
             let record = agent
                 .call(|mut c| async move { c.abort(request).await })
@@ -224,7 +229,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             destination,
             mode,
         } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let request = proto::RetryRequest {
                 id,
                 destination: destination.unwrap_or_default(),
@@ -240,7 +245,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             ))
         }
         Command::Rollback { host, id } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let reply = agent.rollback(&id).await.map_err(|e| e.message)?;
             rollback_result(&agent.name, &id, &reply)
         }
@@ -250,7 +255,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             destination,
             mode,
         } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let request = proto::StartMigrationRequest {
                 vm,
                 destination,
@@ -272,7 +277,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             max_attempts,
             exclude,
         } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let request = proto::EvacuateRequest {
                 mode: mode_to_proto(mode) as i32,
                 concurrency,
@@ -286,7 +291,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             Ok(Evacuation::from(&record).started_line())
         }
         Command::ControlEvacuation { host, id, control } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             let request = proto::ControlEvacuationRequest {
                 id,
                 control: control as i32,
@@ -298,7 +303,7 @@ async fn run(inventory: &Inventory, command: Command) -> Result<String, String> 
             Ok(evacuation_line(&Evacuation::from(&record)))
         }
         Command::Undrain { host } => {
-            let agent = connect(inventory, &host).await?;
+            let agent = connect(agents, &host).await?;
             agent
                 .call(|mut c| async move { c.undrain(proto::UndrainRequest {}).await })
                 .await
@@ -323,15 +328,20 @@ fn evacuation_line(job: &Evacuation) -> String {
 
 /// A fresh connection per command: commands come at the operator's pace,
 /// and a connection kept from an earlier one may have gone stale since.
-async fn connect(inventory: &Inventory, host: &str) -> Result<Agent, String> {
-    let entry = inventory.host(host).ok_or_else(|| {
-        let known: Vec<&str> = inventory.host.iter().map(|h| h.name.as_str()).collect();
+async fn connect(agents: &Cluster, host: &str) -> Result<Agent, String> {
+    let entry = agents.inventory.host(host).ok_or_else(|| {
+        let known: Vec<&str> = agents
+            .inventory
+            .host
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect();
         format!(
             "no host named {host} in the inventory; hosts: {}",
             known.join(", ")
         )
     })?;
-    Agent::connect(entry).await.map_err(|e| e.message)
+    agents.connect(entry).await.map_err(|e| e.message)
 }
 
 /// Abort answers once the attempt has ended: say how, and where the VM runs.

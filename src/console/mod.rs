@@ -21,14 +21,14 @@ use tokio::sync::mpsc;
 pub use msg::{Command, Msg};
 
 use crate::agent::now_ms;
-use crate::config::Inventory;
 
 /// At most about 30 frames a second; nothing is drawn while nothing changes.
 const FRAME: Duration = Duration::from_millis(33);
 
 pub struct Options {
     pub cluster: String,
-    pub inventory: Inventory,
+    /// The inventory's agents and who the console is to them.
+    pub agents: crate::cli::Cluster,
     pub theme: String,
     pub read_only: bool,
 }
@@ -67,6 +67,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let no_color = theme::no_color_requested();
     let mut theme = theme::Theme::resolve(Some(&current_theme), no_color)?;
     let hosts: Vec<String> = options
+        .agents
         .inventory
         .host
         .iter()
@@ -80,7 +81,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     app.live.now_ms = now_ms();
     app.log_path = log_path().display().to_string();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let watchers = client::spawn_watchers(&options.inventory, tx.clone());
+    let watchers = client::spawn_watchers(&options.agents, tx.clone());
     spawn_keyboard(tx.clone());
     let ticks = tx.clone();
     let ticker = tokio::spawn(async move {
@@ -124,9 +125,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if command == Command::Quit {
                     continue;
                 }
-                let (inventory, tx) = (options.inventory.clone(), tx.clone());
+                let (agents, tx) = (options.agents.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let _ = tx.send(client::execute(&inventory, command).await);
+                    let _ = tx.send(client::execute(&agents, command).await);
                 });
             }
             if app.quit {

@@ -156,13 +156,16 @@ impl ClusterState {
             Kind::VmRemoved(name) => {
                 self.vms.remove(&(host, name));
             }
-            Kind::Log(line) => {
-                if self.events.len() == EVENT_LOG {
-                    self.events.pop_front();
-                }
-                self.events.push_back(LogEntry { host, line });
-            }
+            Kind::Log(line) => self.log(host, line),
+            Kind::Audit(entry) => self.log(host, audit_line(&entry)),
         }
+    }
+
+    fn log(&mut self, host: String, line: proto::LogLine) {
+        if self.events.len() == EVENT_LOG {
+            self.events.pop_front();
+        }
+        self.events.push_back(LogEntry { host, line });
     }
 
     /// A migration's latest record: a new attempt pushes the last one into
@@ -341,6 +344,25 @@ fn push_capped(samples: &mut VecDeque<u64>, value: u64) {
         samples.pop_front();
     }
     samples.push_back(value);
+}
+
+/// An audit entry as the event log shows it: who did what to what, and
+/// what came of it. A refusal is a warning.
+pub fn audit_line(entry: &proto::AuditEntry) -> proto::LogLine {
+    let outcome = if entry.ok { "" } else { "refused: " };
+    proto::LogLine {
+        at_ms: entry.at_ms,
+        level: if entry.ok { "info" } else { "warn" }.into(),
+        migration_id: if entry.target.starts_with("m-") {
+            entry.target.clone()
+        } else {
+            String::new()
+        },
+        text: format!(
+            "{} ({}) {} {}: {outcome}{}",
+            entry.who, entry.role, entry.action, entry.target, entry.result
+        ),
+    }
 }
 
 #[cfg(test)]

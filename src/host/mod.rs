@@ -170,10 +170,13 @@ pub enum Request {
     },
     Undrain,
     /// A call of the Peer service. Prepare and Capacity carry the
-    /// hypervisor's guests as they are now.
+    /// hypervisor's guests as they are now. `from`: the host the caller's
+    /// verified certificate names; `None` on a plaintext agent, where any
+    /// caller is trusted as it was before identities.
     Peer {
         call: PeerCall,
         guests: Vec<Guest>,
+        from: Option<String>,
     },
 }
 
@@ -212,6 +215,9 @@ pub enum Refusal {
     Busy(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The caller may not do this: another host's attempt, a role short.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 /// A Peer service call, as it goes over the wire.

@@ -65,17 +65,22 @@ impl HostCore {
                 let reply = self.undrain().map(|()| Response::Undrained);
                 self.reply(req, reply);
             }
-            Request::Peer { call, guests } => match call {
-                PeerCall::Prepare(r) => self.prepare(req, &r.cookie1, &guests),
-                PeerCall::Finish(r) => self.finish(req, &r.cookie3),
-                PeerCall::Abort(r) => self.peer_abort(req, r),
-                PeerCall::Resolve(r) => self.resolve(req, &r.attempt_id),
-                PeerCall::Heartbeat(r) => self.heartbeat(req, &r.attempt_ids),
-                PeerCall::Capacity(_) => {
-                    let reply = self.capacity(&guests);
-                    self.reply(req, Ok(Response::Peer(PeerResponse::Capacity(reply))));
+            Request::Peer { call, guests, from } => {
+                if let Err(refusal) = self.check_peer(&call, from.as_deref()) {
+                    return self.reply(req, Err(refusal));
                 }
-            },
+                match call {
+                    PeerCall::Prepare(r) => self.prepare(req, &r.cookie1, &guests, from),
+                    PeerCall::Finish(r) => self.finish(req, &r.cookie3),
+                    PeerCall::Abort(r) => self.peer_abort(req, r),
+                    PeerCall::Resolve(r) => self.resolve(req, &r.attempt_id),
+                    PeerCall::Heartbeat(r) => self.heartbeat(req, &r.attempt_ids),
+                    PeerCall::Capacity(_) => {
+                        let reply = self.capacity(&guests);
+                        self.reply(req, Ok(Response::Peer(PeerResponse::Capacity(reply))));
+                    }
+                }
+            }
         }
     }
 
@@ -327,8 +332,8 @@ impl HostCore {
 
     /// Prepare: decode and check C1, count and register the attempt in one
     /// step, then run it until it has prepared (or refused).
-    fn prepare(&mut self, req: ReqId, cookie1: &[u8], guests: &[Guest]) {
-        match self.admit(cookie1, guests) {
+    fn prepare(&mut self, req: ReqId, cookie1: &[u8], guests: &[Guest], from: Option<String>) {
+        match self.admit(cookie1, guests, from.as_deref()) {
             Ok((attempt, actions)) => {
                 let id = attempt.attempt_id.clone();
                 self.destinations
@@ -344,6 +349,7 @@ impl HostCore {
         &mut self,
         cookie1: &[u8],
         guests: &[Guest],
+        from: Option<&str>,
     ) -> Result<
         (
             DestinationAttempt,
@@ -366,6 +372,14 @@ impl HostCore {
         let features = &self.cfg.features;
         let incoming =
             cookies::check_cookie1(&c1, |f| features.contains_key(f)).map_err(cookie_refusal)?;
+        if let Some(from) = from
+            && from != incoming.source
+        {
+            return Err(Refusal::PermissionDenied(format!(
+                "{from} may not prepare attempt {} for source {}: a host prepares only its own migrations",
+                incoming.attempt_id, incoming.source
+            )));
+        }
         let known = Known {
             aborted: self.tombstones.contains(&incoming.attempt_id),
             running: self.destinations.contains_key(&incoming.attempt_id),
@@ -607,6 +621,75 @@ impl HostCore {
             gone,
         };
         self.reply(req, Ok(Response::Peer(PeerResponse::Heartbeat(reply))));
+    }
+
+    /// A peer call is accepted only from the host its attempt is with: an
+    /// attempt's Finish, Resolve, Heartbeat and abort come from its source;
+    /// an abort of an attempt this host sources, from its destination. A
+    /// host names itself in Abort and Heartbeat: that must be the host its
+    /// certificate names. Without `from` (plaintext) every call is taken.
+    fn check_peer(&self, call: &PeerCall, from: Option<&str>) -> Result<(), Refusal> {
+        let Some(from) = from else {
+            return Ok(());
+        };
+        let claims = |claimed: &str| {
+            if claimed == from {
+                Ok(())
+            } else {
+                Err(Refusal::PermissionDenied(format!(
+                    "the call says it is from {claimed:?}, but its certificate names {from}"
+                )))
+            }
+        };
+        let arriving_from = |id: &str| -> Result<(), Refusal> {
+            let source = self
+                .destinations
+                .get(id)
+                .map(|d| &d.attempt.source)
+                .or_else(|| self.ended.get(id).map(|a| &a.source));
+            match source {
+                Some(source) if source != from => Err(Refusal::PermissionDenied(format!(
+                    "attempt {id} on {} is {source}'s: {from} may not act on it",
+                    self.cfg.name
+                ))),
+                _ => Ok(()),
+            }
+        };
+        match call {
+            PeerCall::Prepare(_) | PeerCall::Capacity(_) => Ok(()),
+            PeerCall::Finish(r) => {
+                let c3: proto::Cookie3 =
+                    cookies::decode("C3", &r.cookie3).map_err(cookie_refusal)?;
+                arriving_from(&c3.attempt_id)
+            }
+            PeerCall::Resolve(r) => arriving_from(&r.attempt_id),
+            PeerCall::Heartbeat(r) => {
+                claims(&r.from_host)?;
+                r.attempt_ids.iter().try_for_each(|id| arriving_from(id))
+            }
+            PeerCall::Abort(r) => {
+                claims(&r.from_host)?;
+                let arriving = self
+                    .destinations
+                    .get(&r.attempt_id)
+                    .is_some_and(|d| d.attempt.source == from);
+                let sourced_with = self
+                    .sources
+                    .values()
+                    .find(|s| s.attempt.attempt_id == r.attempt_id)
+                    .map(|s| s.attempt.destination.as_str());
+                match sourced_with {
+                    Some(destination) if !arriving && destination != from => {
+                        Err(Refusal::PermissionDenied(format!(
+                            "attempt {} from {} goes to {destination}: {from} may not abort it",
+                            r.attempt_id, self.cfg.name
+                        )))
+                    }
+                    Some(_) => Ok(()),
+                    None => arriving_from(&r.attempt_id),
+                }
+            }
+        }
     }
 
     /// This host's answer to `Capacity`.

@@ -135,6 +135,7 @@ fn prepare_call(spec: &VmSpec, attempt: &str, mode: Mode) -> Request {
             cookie1: c1.encode_to_vec(),
         }),
         guests: Vec::new(),
+        from: Some(A.into()),
     }
 }
 
@@ -147,6 +148,7 @@ fn abort_call(attempt: &str) -> Request {
             cookie4: Vec::new(),
         }),
         guests: Vec::new(),
+        from: Some(A.into()),
     }
 }
 
@@ -156,6 +158,7 @@ fn resolve_call(attempt: &str) -> Request {
             attempt_id: attempt.into(),
         }),
         guests: Vec::new(),
+        from: Some(A.into()),
     }
 }
 
@@ -166,6 +169,7 @@ fn heartbeat_call(attempt: &str) -> Request {
             attempt_ids: vec![attempt.into()],
         }),
         guests: Vec::new(),
+        from: Some(A.into()),
     }
 }
 
@@ -181,6 +185,7 @@ fn finish_call(attempt: &str) -> Request {
             cookie3: c3.encode_to_vec(),
         }),
         guests: Vec::new(),
+        from: Some(A.into()),
     }
 }
 
@@ -659,4 +664,142 @@ fn ids_differ_between_hosts_and_restarts() {
             assert!(ids.insert(core.new_id("m", 12, |_| false)));
         }
     }
+}
+
+// ---- peers bound to their attempts -------------------------------------------
+
+/// `request` as another host's certificate would make it.
+fn from(mut request: Request, host: &str) -> Request {
+    if let Request::Peer { from, .. } = &mut request {
+        *from = Some(host.into());
+    }
+    request
+}
+
+fn denied(actions: &[Action], req: ReqId) -> String {
+    match reply_to(actions, req) {
+        Some(Err(Refusal::PermissionDenied(m))) => m.clone(),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_host_may_not_prepare_a_migration_another_host_sources() {
+    let mut b = Host::new(B);
+    let spec = vm("web-01", &[]);
+    // C1 names hv-a as the source; the certificate says hv-c.
+    let (req, actions) = b.request(from(prepare_call(&spec, "m-1.1", Mode::Safe), "hv-c"));
+    let why = denied(&actions, req);
+    assert!(
+        why.contains("hv-c may not prepare attempt m-1.1 for source hv-a"),
+        "{why}"
+    );
+    assert!(!b.core.is_live("m-1.1"), "nothing was admitted");
+    assert!(
+        op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).is_none(),
+        "no guest started: {actions:?}"
+    );
+}
+
+#[test]
+fn only_the_source_of_an_arriving_attempt_may_finish_abort_resolve_or_heartbeat_it() {
+    let (mut b, _) = prepared_destination();
+    for call in [
+        finish_call("m-1.1"),
+        abort_call("m-1.1"),
+        resolve_call("m-1.1"),
+        heartbeat_call("m-1.1"),
+    ] {
+        let name = match &call {
+            Request::Peer { call, .. } => call.name(),
+            _ => unreachable!(),
+        };
+        let (req, actions) = b.request(from(call, "hv-c"));
+        let why = denied(&actions, req);
+        assert!(
+            why.contains("hv-c") && (why.contains("hv-a") || why.contains("certificate")),
+            "{name}: {why}"
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::Run { .. } | Action::Call { .. })),
+            "{name} from hv-c changed nothing: {actions:?}"
+        );
+        assert!(b.core.is_live("m-1.1"), "{name}: still live");
+    }
+    // Its own source still may.
+    let (req, actions) = b.request(heartbeat_call("m-1.1"));
+    assert!(
+        matches!(
+            reply_to(&actions, req),
+            Some(Ok(Response::Peer(PeerResponse::Heartbeat(r)))) if r.gone.is_empty()
+        ),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_host_naming_another_in_its_call_is_refused() {
+    let (mut b, _) = prepared_destination();
+    // hv-c's certificate, "from hv-a" in the request: a forgery.
+    let mut forged = abort_call("m-1.1");
+    if let Request::Peer { from, .. } = &mut forged {
+        *from = Some("hv-c".into());
+    }
+    let (req, actions) = b.request(forged);
+    let why = denied(&actions, req);
+    assert!(why.contains("says it is from \"hv-a\""), "{why}");
+    assert!(b.core.is_live("m-1.1"));
+}
+
+#[test]
+fn only_its_destination_may_abort_an_attempt_a_source_runs() {
+    let spec = vm("web-01", &[]);
+    let (mut a, _, attempt) = source_past_finish(&spec, Mode::Safe);
+    let abort = |host: &str| {
+        from(
+            Request::Peer {
+                call: PeerCall::Abort(proto::PeerAbortRequest {
+                    attempt_id: attempt.clone(),
+                    reason: "forged".into(),
+                    from_host: host.into(),
+                    cookie4: Vec::new(),
+                }),
+                guests: Vec::new(),
+                from: None,
+            },
+            host,
+        )
+    };
+    let (req, actions) = a.request(abort("hv-c"));
+    let why = denied(&actions, req);
+    assert!(why.contains("goes to hv-b: hv-c may not abort it"), "{why}");
+    assert!(
+        !actions.iter().any(|x| matches!(
+            x,
+            Action::Run {
+                what: Op::Resume { .. },
+                ..
+            }
+        )),
+        "the source did not resume its copy on a forged abort: {actions:?}"
+    );
+}
+
+#[test]
+fn a_plaintext_peer_is_taken_as_before_identities() {
+    let (mut b, _) = prepared_destination();
+    let mut call = heartbeat_call("m-1.1");
+    if let Request::Peer { from, .. } = &mut call {
+        *from = None;
+    }
+    let (req, actions) = b.request(call);
+    assert!(
+        matches!(
+            reply_to(&actions, req),
+            Some(Ok(Response::Peer(PeerResponse::Heartbeat(_))))
+        ),
+        "{actions:?}"
+    );
 }

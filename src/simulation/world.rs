@@ -1154,7 +1154,7 @@ impl World {
         let Some(c) = self.rpcs.get(&rpc) else {
             return;
         };
-        let to = c.callee;
+        let (to, caller) = (c.callee, c.caller);
         if self.hosts[to].epoch != to_epoch || self.hosts[to].core.is_none() {
             return; // the process the connection went to is gone
         }
@@ -1178,7 +1178,11 @@ impl World {
             to,
             Input::Request {
                 req,
-                request: Request::Peer { call, guests },
+                request: Request::Peer {
+                    call,
+                    guests,
+                    from: Some(self.hosts[caller].name.clone()),
+                },
             },
         );
     }
