@@ -38,6 +38,10 @@ pub struct HostJson {
     /// What the agent wants an operator to know (unreadable journal rows…).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// How callers reach the agent: "tls", "loopback" (plaintext on
+    /// loopback) or "insecure" (plaintext on the network); empty when it
+    /// could not be asked.
+    pub security: String,
     /// Why the agent could not be asked; only when `connected` is false.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -152,6 +156,7 @@ impl From<&proto::Host> for HostJson {
                 })
                 .collect(),
             warnings: h.warnings.clone(),
+            security: h.security.clone(),
             error: None,
         }
     }
@@ -179,6 +184,7 @@ impl HostJson {
             pending_rollbacks: Vec::new(),
             faults: Vec::new(),
             warnings: Vec::new(),
+            security: String::new(),
             error: Some(error.to_string()),
         }
     }

@@ -49,6 +49,16 @@ pub struct Cluster {
     pub hosts: Vec<Host>,
     /// Where `tern` commands run: the first host's namespace, if any.
     pub cli_netns: Option<String>,
+    /// With mutual TLS: the cluster CA's folder and the identity `tern`
+    /// commands use (an admin's).
+    pub tls: Option<Tls>,
+}
+
+pub struct Tls {
+    pub ca: PathBuf,
+    /// Where `tern ca issue` writes identities: `identities/NAME`.
+    pub identities: PathBuf,
+    pub admin: PathBuf,
 }
 
 /// Settings every test agent shares: short heartbeats so lost peers are
@@ -66,13 +76,20 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(specs: Vec<HostSpec>) -> Cluster {
-        Cluster::start_with(specs, &[], TIMING)
+        Cluster::start_with(specs, &[], TIMING, false)
+    }
+
+    /// A cluster on mutual TLS: a CA made with `tern ca init`, an agent
+    /// identity per host and an admin identity for `tern` commands, all
+    /// issued with `tern ca issue`; the inventory's addresses are https://.
+    pub fn start_tls(specs: Vec<HostSpec>) -> Cluster {
+        Cluster::start_with(specs, &[], TIMING, true)
     }
 
     /// A cluster whose agents share `timing` instead of [`TIMING`] (which
     /// sets `rollback_retry_ms` too long for a retry to be seen).
     pub fn start_timed(specs: Vec<HostSpec>, timing: &str) -> Cluster {
-        Cluster::start_with(specs, &[], timing)
+        Cluster::start_with(specs, &[], timing, false)
     }
 
     /// Wait until `tern status` reaches every host (after a restart, say).
@@ -99,12 +116,28 @@ impl Cluster {
         timing: &str,
     ) -> Cluster {
         assert_eq!(specs.len(), namespaces.len(), "one namespace per host");
-        Cluster::start_with(specs, namespaces, timing)
+        Cluster::start_with(specs, namespaces, timing, false)
     }
 
-    fn start_with(specs: Vec<HostSpec>, namespaces: &[(&str, &str)], timing: &str) -> Cluster {
+    fn start_with(
+        specs: Vec<HostSpec>,
+        namespaces: &[(&str, &str)],
+        timing: &str,
+        tls: bool,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let inventory = dir.path().join("cluster.toml");
+        let tls = tls.then(|| {
+            let tls = Tls {
+                ca: dir.path().join("ca"),
+                identities: dir.path().join("identities"),
+                admin: dir.path().join("identities").join("admin"),
+            };
+            ca(&["init", "--dir", tls.ca.to_str().unwrap()]);
+            tls.issue("admin", "admin", &[]);
+            tls
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut hosts = Vec::new();
         let mut text = String::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -114,15 +147,22 @@ impl Cluster {
             };
             let port = free_port();
             text.push_str(&format!(
-                "[[host]]\nname = \"{}\"\naddress = \"http://{ip}:{port}\"\n\n",
+                "[[host]]\nname = \"{}\"\naddress = \"{scheme}://{ip}:{port}\"\n\n",
                 spec.name
             ));
             let config_path = dir.path().join(format!("{}.toml", spec.name));
-            let config = format!(
+            let mut config = format!(
                 "name = \"{name}\"\nlisten = \"{ip}:{port}\"\nstate_dir = \"{name}-state\"\ninventory = \"cluster.toml\"\n{timing}\n{}\n",
                 spec.config,
                 name = spec.name
             );
+            if let Some(tls) = &tls {
+                let own = tls.issue(spec.name, "agent", &[&ip]);
+                config.push_str(&format!(
+                    "\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+                    own.display()
+                ));
+            }
             std::fs::write(&config_path, config).unwrap();
             hosts.push(Host {
                 name: spec.name.to_string(),
@@ -141,6 +181,7 @@ impl Cluster {
             inventory,
             cli_netns: hosts.first().and_then(|h| h.netns.clone()),
             hosts,
+            tls,
         };
         for name in specs.iter().map(|s| s.name) {
             cluster.start_agent(name);
@@ -270,22 +311,33 @@ impl Cluster {
     /// The gRPC address of a host's agent, as the inventory lists it.
     pub fn address(&self, name: &str) -> String {
         let host = self.host(name);
-        format!("http://{}:{}", host.ip, host.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", host.ip, host.port)
     }
 
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(&self.host(name).log_path).unwrap_or_default()
     }
 
-    /// Run `tern ARGS` against this cluster's inventory.
+    /// Run `tern ARGS` against this cluster's inventory (as its admin,
+    /// on TLS).
     pub fn tern(&self, args: &[&str]) -> Output {
-        in_netns(self.cli_netns.as_deref(), TERN)
+        self.tern_as(self.tls.as_ref().map(|t| t.admin.as_path()), args)
+    }
+
+    /// Run `tern ARGS` with `identity` (a folder `tern ca issue` wrote).
+    pub fn tern_as(&self, identity: Option<&Path>, args: &[&str]) -> Output {
+        let mut command = in_netns(self.cli_netns.as_deref(), TERN);
+        command
             .args(args)
             .env("TERN_INVENTORY", &self.inventory)
+            .env_remove("TERN_IDENTITY")
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        if let Some(identity) = identity {
+            command.env("TERN_IDENTITY", identity);
+        }
+        command.output().unwrap()
     }
 
     /// Run `tern ARGS` (which must include `--json`): exit code and the last
@@ -532,4 +584,37 @@ pub fn last_json(args: &[&str], out: &Output) -> (i32, Value) {
         out.status.code().unwrap_or(-1),
         serde_json::from_str(line).unwrap(),
     )
+}
+
+/// Run `tern ca ARGS`; it must succeed.
+pub fn ca(args: &[&str]) -> Output {
+    let output = Command::new(TERN).arg("ca").args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "tern ca {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+impl Tls {
+    /// Issue an identity with `tern ca issue`; returns its folder.
+    pub fn issue(&self, name: &str, role: &str, sans: &[&str]) -> PathBuf {
+        let mut args = vec![
+            "issue",
+            "--dir",
+            self.ca.to_str().unwrap(),
+            "--out",
+            self.identities.to_str().unwrap(),
+            "--role",
+            role,
+            name,
+        ];
+        let sans = sans.join(",");
+        if !sans.is_empty() {
+            args.extend(["--san", sans.as_str()]);
+        }
+        ca(&args);
+        self.identities.join(name)
+    }
 }

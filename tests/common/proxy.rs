@@ -385,6 +385,7 @@ pub fn cluster_behind(
         inventory,
         hosts: agents,
         cli_netns: None,
+        tls: None,
     };
     for (name, _) in hosts {
         cluster.start_agent(name);
