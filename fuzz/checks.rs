@@ -622,7 +622,7 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
                     ..Default::default()
                 },
             ))),
-            SourceAction::CancelTransfer => Some(SourceInput::TransferStopped),
+            SourceAction::CancelTransfer => Some(SourceInput::TransferStopped { completed: false }),
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);
                 finish_sent = true;

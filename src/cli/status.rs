@@ -496,6 +496,7 @@ mod tests {
             host: proto::Host {
                 name: "hv-a".into(),
                 address: "http://127.0.0.1:7701".into(),
+                security: "loopback".into(),
                 memory_total_mib: 65536,
                 memory_used_mib: 2048,
                 vcpus_total: 32,
@@ -586,6 +587,7 @@ mod tests {
             json!({
                 "name": "hv-a",
                 "address": "http://127.0.0.1:7701",
+                "security": "loopback",
                 "connected": true,
                 "hypervisor": "sim",
                 "memory_total_mib": 65536,

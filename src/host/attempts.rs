@@ -738,6 +738,12 @@ impl HostCore {
                 if s.transfer == Some(op) {
                     s.transfer = None;
                 }
+                if matches!(
+                    answer,
+                    Answered::Result(Ok(OpOutput::Transferred(_))) | Answered::TimedOut
+                ) {
+                    s.transfer_completed = true;
+                }
                 if matches!(s.attempt.state, SourceState::Transferring { .. }) {
                     let result = match answer {
                         Answered::Result(Ok(OpOutput::Transferred(stats))) => Ok(stats),
@@ -768,7 +774,9 @@ impl HostCore {
                 if matches!(answer, Answered::TimedOut)
                     && let Some(transfer) = s.transfer.take()
                 {
-                    // The transfer did not stop in time: stop waiting for it.
+                    // The transfer did not stop in time: stop waiting for
+                    // it, not knowing whether it completed.
+                    s.transfer_completed = true;
                     self.ops.remove(&transfer);
                     self.out.push(Action::Cancel { op: transfer });
                 }
@@ -811,7 +819,8 @@ impl HostCore {
             }
         );
         if cancelling && s.cancel.is_none() && s.transfer.is_none() {
-            self.source_input(id, SourceInput::TransferStopped);
+            let completed = s.transfer_completed;
+            self.source_input(id, SourceInput::TransferStopped { completed });
         }
     }
 

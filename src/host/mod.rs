@@ -522,6 +522,9 @@ struct Source {
     transfer: Option<OpId>,
     /// Cancelling: the cancel call and the transfer's own end, both awaited.
     cancel: Option<OpId>,
+    /// Cancelling: the transfer ended having moved the whole guest, or was
+    /// given up on without an answer (so it may have).
+    transfer_completed: bool,
     /// Console requests (abort, force) answered when the attempt ends.
     waiters: Vec<ReqId>,
     last_progress_event: Millis,
@@ -952,6 +955,7 @@ impl HostCore {
                         live: false,
                         transfer: None,
                         cancel: None,
+                        transfer_completed: false,
                         waiters: Vec::new(),
                         last_progress_event: 0,
                     },

@@ -212,6 +212,7 @@ impl HostCore {
                 live: true,
                 transfer: None,
                 cancel: None,
+                transfer_completed: false,
                 waiters: Vec::new(),
                 last_progress_event: 0,
             },

@@ -103,8 +103,11 @@ pub enum SourceInput {
     PrepareReplied(Result<proto::Cookie2, PeerError>),
     TransferProgress(TransferStats),
     TransferDone(Result<TransferStats, String>),
-    /// A transfer this attempt cancelled has stopped.
-    TransferStopped,
+    /// A transfer this attempt cancelled has stopped; `completed`: it had
+    /// moved the whole guest first (or whether it had is unknown).
+    TransferStopped {
+        completed: bool,
+    },
     FinishReplied(Result<proto::Cookie4, PeerError>),
     ResolveReplied(Result<Resolution, PeerError>),
     /// `Ok(known)`: the destination answered, and still knows the attempt.
@@ -189,6 +192,11 @@ pub struct SourceAttempt {
     /// The operator's forced decision, if the attempt was forced.
     #[serde(default)]
     forced: Option<RunOn>,
+    /// Ending because the destination said it aborted: should the transfer
+    /// turn out to have completed, the destination is asked before the
+    /// guest runs here again (a forged abort must not make two copies run).
+    #[serde(default)]
+    aborted_by_peer: bool,
 }
 
 /// Who is starting an attempt, and of what.
@@ -267,6 +275,7 @@ impl SourceAttempt {
             last_progress_bytes: 0,
             release_next: 0,
             forced: None,
+            aborted_by_peer: false,
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -426,7 +435,18 @@ impl SourceAttempt {
                 Vec::new()
             }
             SourceInput::TransferDone(result) => self.on_transfer_done(now, result),
-            SourceInput::TransferStopped => match self.state {
+            SourceInput::TransferStopped { completed } => match self.state {
+                SourceState::Aborting {
+                    step: AbortStep::Cancelling,
+                    ..
+                } if completed && self.aborted_by_peer => self.become_unresolved(
+                    now,
+                    format!(
+                        "{} said it aborted the attempt, but the transfer had already completed: \
+                         asking it whether it committed before the guest runs here again",
+                        self.destination
+                    ),
+                ),
                 SourceState::Aborting {
                     outcome,
                     step: AbortStep::Cancelling,
@@ -481,6 +501,7 @@ impl SourceAttempt {
                 if let Some(c4) = &c4 {
                     self.apply_peer_rollback(c4);
                 }
+                self.aborted_by_peer = true;
                 self.end_before_commit(
                     now,
                     Outcome::Failed,

@@ -1104,7 +1104,7 @@ impl World {
                 SourceAction::CancelTransfer => {
                     // Stopping a transfer that already ended stops nothing.
                     self.transfer_active = false;
-                    self.answer_source(HV_MS, SourceInput::TransferStopped);
+                    self.answer_source(HV_MS, SourceInput::TransferStopped { completed: false });
                 }
                 SourceAction::SendFinish(c3) => {
                     self.request(Request::Finish(c3));
@@ -3922,10 +3922,13 @@ fn the_source_ends_only_once_the_transfer_stopped_and_the_guest_resumed() {
             .is_empty()
     );
     assert_eq!(
-        src.handle(now + 1, SourceInput::TransferStopped),
+        src.handle(now + 1, SourceInput::TransferStopped { completed: false }),
         [SourceAction::ResumeGuest]
     );
-    assert!(src.handle(now + 1, SourceInput::TransferStopped).is_empty());
+    assert!(
+        src.handle(now + 1, SourceInput::TransferStopped { completed: false })
+            .is_empty()
+    );
     assert!(!src.is_done());
     assert_eq!(
         src.record.outcome,
@@ -4495,4 +4498,79 @@ fn a_lost_commit_is_journaled_with_the_guest_unknown() {
     assert_eq!(w.src.record.guest, GuestCondition::Unknown);
     let journaled = w.src_journal.as_ref().expect("journaled");
     assert_eq!(journaled.record.guest, GuestCondition::Unknown);
+}
+
+#[test]
+fn a_peer_abort_after_the_transfer_completed_asks_the_destination_before_resuming() {
+    let mut w = World::new(Scenario::new(Mode::Safe, &[true]));
+    w.pause_on = Some(Trigger::TransferStarted);
+    assert!(!w.run());
+    let now = w.now;
+    let mut src = w.src.clone();
+    let actions = src.handle(
+        now,
+        SourceInput::PeerAborted {
+            reason: "forged, or real".into(),
+            c4: None,
+        },
+    );
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Aborting { outcome: Failed, step: Cancelling })",
+            "CancelTransfer"
+        ]
+    );
+    // The hypervisor says the whole guest had gone across: resuming here
+    // now could make a second copy run. The destination is asked.
+    let actions = src.handle(now + 1, SourceInput::TransferStopped { completed: true });
+    assert_eq!(src_names(&actions), ["Journal(Unresolved)"]);
+    assert!(!actions.contains(&SourceAction::ResumeGuest), "{actions:?}");
+    let error = src.record.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("the transfer had already completed"),
+        "{error}"
+    );
+    let actions = src.handle(now + 2, SourceInput::Timer);
+    assert!(actions.contains(&SourceAction::SendResolve), "{actions:?}");
+    // Its word that it never commits lets the guest run here again.
+    let c4 = proto::Cookie4 {
+        attempt_id: src.attempt_id.clone(),
+        ..other_attempts_c4(false, false)
+    };
+    let actions = src.handle(
+        now + 3,
+        SourceInput::ResolveReplied(Ok(Resolution::NotCommitted(c4))),
+    );
+    assert!(actions.contains(&SourceAction::ResumeGuest), "{actions:?}");
+}
+
+#[test]
+fn a_peer_abort_before_the_transfer_completed_resumes_at_once_and_so_does_an_operator_abort() {
+    let mut w = World::new(Scenario::new(Mode::Safe, &[true]));
+    w.pause_on = Some(Trigger::TransferStarted);
+    assert!(!w.run());
+    let now = w.now;
+    let mut peer = w.src.clone();
+    peer.handle(
+        now,
+        SourceInput::PeerAborted {
+            reason: "rolled back".into(),
+            c4: None,
+        },
+    );
+    assert_eq!(
+        peer.handle(now + 1, SourceInput::TransferStopped { completed: false }),
+        [SourceAction::ResumeGuest]
+    );
+    // The operator's abort told the destination itself, which then never
+    // commits: a completed transfer changes nothing.
+    let mut operator = w.src.clone();
+    operator
+        .abort(now, "operator abort", Cause::Operator)
+        .expect("accepted");
+    assert_eq!(
+        operator.handle(now + 1, SourceInput::TransferStopped { completed: true }),
+        [SourceAction::ResumeGuest]
+    );
 }
