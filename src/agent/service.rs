@@ -158,6 +158,11 @@ impl<'a> Audited<'a> {
         }
     }
 
+    /// The request turned out to be about `target` (a new migration's id).
+    fn about(self, target: String) -> Audited<'a> {
+        Audited { target, ..self }
+    }
+
     fn write(&self, ok: bool, result: String) {
         self.agent.record_audit(proto::AuditEntry {
             at_ms: super::now_ms(),
@@ -357,7 +362,21 @@ impl console_server::Console for ConsoleService {
             Ok(Response::new(proto::MigrationRecord::from(&record)))
         }
         .await;
-        audited.end(answer, |r| outcome_text(r.get_ref()))
+        // Once there is a migration, the trail names it (and says the VM).
+        let audited = match &answer {
+            Ok(r) => audited.about(r.get_ref().id.clone()),
+            Err(_) => audited,
+        };
+        audited.end(answer, |r| {
+            let r = r.get_ref();
+            format!(
+                "{} from {} to {}: {}",
+                r.vm,
+                r.source,
+                r.destination,
+                outcome_text(r)
+            )
+        })
     }
 
     async fn wait_migration(

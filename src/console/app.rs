@@ -243,6 +243,9 @@ pub struct App {
     /// The mode new actions start with.
     pub default_mode: Mode,
     pub read_only: bool,
+    /// Who the console is to the agents ("ana (operator)"); `None` on a
+    /// plaintext cluster.
+    pub identity: Option<String>,
     pub theme: String,
     /// Where the console logs, for the help screen (read once at start,
     /// not on every frame).
@@ -275,6 +278,7 @@ impl App {
             dialog: None,
             default_mode: Mode::Safe,
             read_only,
+            identity: None,
             theme: theme.to_string(),
             log_path: String::new(),
             status: None,
@@ -403,6 +407,11 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Command> {
             app.dirty = true;
             Vec::new()
         }
+        Msg::Actions(entries) => {
+            app.live.add_actions(entries);
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
         Msg::Done { what, result } => {
             let (text, error) = match result {
                 Ok(detail) => (format!("{what}: {detail}"), false),
@@ -506,7 +515,7 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::Open if app.view == View::Evacuations && app.evacuation_list_focused => {
             app.evacuation_list_focused = false;
         }
-        Action::Open => open_detail(app),
+        Action::Open => return open_detail(app),
         Action::Mark => {
             if let Some(id) = app.selected_migration().map(|m| m.record.id.clone()) {
                 if !app.marked.remove(&id) {
@@ -531,8 +540,11 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
 
 /// Drill into the selected migration; from the evacuations view, the
 /// selected VM's, and esc comes back there.
-fn open_detail(app: &mut App) {
-    let Some(id) = app.selected_migration().map(|m| m.record.id.clone()) else {
+fn open_detail(app: &mut App) -> Vec<Command> {
+    let Some((id, source)) = app
+        .selected_migration()
+        .map(|m| (m.record.id.clone(), m.record.source.clone()))
+    else {
         if app.view == View::Evacuations
             && let Some(vm) = app.selected_evacuation_vm()
         {
@@ -542,13 +554,15 @@ fn open_detail(app: &mut App) {
                 .unwrap_or_else(|| "it has no migration yet".to_string());
             app.say(format!("{}: {why}", vm.name), false);
         }
-        return;
+        return Vec::new();
     };
     app.detail_from = match app.view {
         View::Evacuations => View::Evacuations,
         _ => View::Overview,
     };
-    app.view = View::Detail(id);
+    app.view = View::Detail(id.clone());
+    // Who started, aborted, retried or forced it: the source's trail.
+    vec![Command::LoadActions { host: source, id }]
 }
 
 fn show_evacuations(app: &mut App) {
@@ -1590,7 +1604,8 @@ mod tests {
         app.live.vms.insert(("hv-a".into(), "db-01".into()), vm);
         select(&mut app, "m-fail");
         for k in ['r', 'd'] {
-            assert!(press(&mut app, &[key(k), key('y'), code(KeyCode::Enter)]).is_empty());
+            let sent = press(&mut app, &[key(k), key('y'), code(KeyCode::Enter)]);
+            assert!(!sent.iter().any(Command::changes_anything), "{sent:?}");
             assert_eq!(app.dialog, None);
             assert!(
                 app.status
@@ -2195,12 +2210,15 @@ mod tests {
         app.read_only = true;
         select(&mut app, "m-fail");
         for c in ['a', 'r', 'd', 'b', 'n', 'e', 'u'] {
-            assert!(press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]).is_empty());
+            // Enter opens the detail, which only reads.
+            let sent = press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]);
+            assert!(!sent.iter().any(Command::changes_anything), "{c}: {sent:?}");
             assert_eq!(app.dialog, None, "{c} opened a dialog in read-only mode");
         }
         press(&mut app, &[code(KeyCode::Tab), key('G')]);
         for c in ['e', 'u'] {
-            assert!(press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]).is_empty());
+            let sent = press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]);
+            assert!(!sent.iter().any(Command::changes_anything), "{c}: {sent:?}");
             assert_eq!(app.dialog, None, "{c} on a host in read-only mode");
         }
         // The evacuations view itself only reads: it opens.

@@ -205,6 +205,9 @@ impl Link {
 /// ([`crate::cli::client::CONNECT_TIMEOUT`], [`crate::cli::client::REQUEST_TIMEOUT`]),
 /// so the console never waits for ever.
 pub async fn execute(agents: &Cluster, command: Command) -> Msg {
+    if let Command::LoadActions { host, id } = &command {
+        return load_actions(agents, host, id).await;
+    }
     Msg::Done {
         what: command.describe(),
         result: run(agents, command).await,
@@ -214,6 +217,7 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
 async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
+        Command::LoadActions { .. } => Ok(String::new()),
         Command::Abort { host, id } => {
             let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };
@@ -311,6 +315,29 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
             Ok(format!("{host} accepts incoming migrations again"))
         }
     }
+}
+
+/// Migration `id`'s audit entries on `host`. Nothing to show is no news:
+/// an agent that cannot say (unreachable, older) leaves the detail as it is.
+async fn load_actions(agents: &Cluster, host: &str, id: &str) -> Msg {
+    let entries = async {
+        let agent = connect(agents, host).await?;
+        let request = proto::ListAuditRequest {
+            since_ms: 0,
+            limit: 100,
+            target: id.to_string(),
+        };
+        agent
+            .call(|mut c| async move { c.list_audit(request).await })
+            .await
+            .map(|r| r.entries)
+            .map_err(|e| e.message)
+    }
+    .await;
+    if let Err(e) = &entries {
+        tracing::info!("who acted on {id}: {e}");
+    }
+    Msg::Actions(entries.unwrap_or_default())
 }
 
 /// An evacuation's state and counts in a line.

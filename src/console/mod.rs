@@ -73,11 +73,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .iter()
         .map(|h| h.name.clone())
         .collect();
+    // The agents refuse what the identity may not do; the console offers
+    // only what it may: a viewer's console is read-only.
+    let identity = options.agents.tls.as_ref().map(|t| t.identity.clone());
+    let viewer = identity
+        .as_ref()
+        .is_some_and(|id| !id.role.may(crate::trust::Role::Operator));
     let mut app = app::App::new(
         state::ClusterState::new(&options.cluster, &hosts),
-        options.read_only,
+        options.read_only || viewer,
         &current_theme,
     );
+    app.identity = identity.map(|id| id.to_string());
     app.live.now_ms = now_ms();
     app.log_path = log_path().display().to_string();
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -38,6 +38,9 @@ pub enum Msg {
         what: String,
         result: Result<String, String>,
     },
+    /// The audit entries of a migration an agent keeps (who started,
+    /// aborted, retried or forced it).
+    Actions(Vec<proto::AuditEntry>),
 }
 
 /// Something `update` asks to be done: an RPC to an agent, or quitting.
@@ -83,10 +86,20 @@ pub enum Command {
     Undrain {
         host: String,
     },
+    /// Read who acted on migration `id` from `host`'s audit trail.
+    LoadActions {
+        host: String,
+        id: String,
+    },
     Quit,
 }
 
 impl Command {
+    /// Whether carrying it out changes anything on an agent.
+    pub fn changes_anything(&self) -> bool {
+        !matches!(self, Command::LoadActions { .. } | Command::Quit)
+    }
+
     /// How the event log names it.
     pub fn describe(&self) -> String {
         match self {
@@ -137,6 +150,7 @@ impl Command {
                 proto::EvacuationControl::Unspecified => format!("change evacuation {id}"),
             },
             Command::Undrain { host } => format!("undrain {host}"),
+            Command::LoadActions { host, id } => format!("read who acted on {id} from {host}"),
             Command::Quit => "quit".into(),
         }
     }

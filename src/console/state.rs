@@ -51,6 +51,9 @@ pub struct LogEntry {
     pub line: proto::LogLine,
 }
 
+/// Operators' actions kept per migration (the newest).
+const ACTIONS_KEPT: usize = 16;
+
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     pub cluster: String,
@@ -66,6 +69,9 @@ pub struct ClusterState {
     /// row), so a frame reads only the rows it shows.
     order: BTreeSet<OrderKey>,
     pub events: VecDeque<LogEntry>,
+    /// Who started, aborted, retried or forced each migration, from the
+    /// agents' audit trails, oldest first.
+    pub actions: BTreeMap<String, Vec<proto::AuditEntry>>,
     pub now_ms: u64,
 }
 
@@ -157,7 +163,29 @@ impl ClusterState {
                 self.vms.remove(&(host, name));
             }
             Kind::Log(line) => self.log(host, line),
-            Kind::Audit(entry) => self.log(host, audit_line(&entry)),
+            Kind::Audit(entry) => {
+                self.log(host, audit_line(&entry));
+                self.add_actions(vec![entry]);
+            }
+        }
+    }
+
+    /// Operators' actions on migrations (their audit entries that were
+    /// carried out), each kept once, oldest first, a few per migration.
+    pub fn add_actions(&mut self, entries: Vec<proto::AuditEntry>) {
+        for entry in entries {
+            if !entry.ok || !entry.target.starts_with("m-") || entry.role == "agent" {
+                continue;
+            }
+            let list = self.actions.entry(entry.target.clone()).or_default();
+            if list.contains(&entry) {
+                continue;
+            }
+            list.push(entry);
+            list.sort_by_key(|e| e.at_ms);
+            if list.len() > ACTIONS_KEPT {
+                list.remove(0);
+            }
         }
     }
 

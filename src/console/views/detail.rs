@@ -51,6 +51,12 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     if !r.error.is_empty() {
         head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
     }
+    if let Some(actions) = app.state().actions.get(id)
+        && !actions.is_empty()
+    {
+        let who: Vec<String> = actions.iter().map(action_text).collect();
+        head.push(Line::styled(format!(" by: {}", who.join("; ")), theme.dim));
+    }
     let head = Paragraph::new(head).wrap(Wrap { trim: true }).block(
         Block::default()
             .borders(Borders::BOTTOM)
@@ -259,4 +265,26 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         ),
         history_area,
     );
+}
+
+/// "started by ana (operator) at 08:12:03" from an audit entry.
+fn action_text(entry: &crate::proto::AuditEntry) -> String {
+    let verb = match entry.action.as_str() {
+        "migrate" => "started",
+        "abort" => "aborted",
+        "retry" => "retried",
+        "resolve" => "forced",
+        "rollback" => "rolled back",
+        "forget" => "forgot pending work",
+        other => other,
+    };
+    let secs = entry.at_ms / 1000;
+    format!(
+        "{verb} by {} ({}) at {:02}:{:02}:{:02}",
+        entry.who,
+        entry.role,
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }

@@ -149,6 +149,9 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             theme.frozen,
         ));
     }
+    if let Some(identity) = &app.identity {
+        spans.push(Span::styled(format!("  {identity} "), theme.header));
+    }
     if app.read_only {
         spans.push(Span::styled(" read-only ", bold));
     }

@@ -376,3 +376,74 @@ fn a_guest_left_paused_by_a_failed_resume_is_shown_in_red_in_the_row_and_the_det
         "the paused guest in the detail",
     );
 }
+
+#[test]
+fn the_detail_says_who_started_and_aborted_a_migration() {
+    use crate::console::msg::{Command, Msg};
+    use crate::proto;
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_with_paused_guest("aborted by the operator");
+    let row = app
+        .rows()
+        .iter()
+        .position(|m| m.record.id == "m-paused")
+        .expect("the row is listed");
+    for _ in 0..row {
+        update(&mut app, key('j'));
+    }
+    // Opening it asks the source for its trail...
+    let commands = update(&mut app, code(KeyCode::Enter));
+    assert_eq!(
+        commands,
+        vec![Command::LoadActions {
+            host: "hv-d".into(),
+            id: "m-paused".into()
+        }]
+    );
+    let entry = |at_ms: u64, who: &str, action: &str, ok: bool| proto::AuditEntry {
+        at_ms,
+        host: "hv-d".into(),
+        who: who.into(),
+        role: "operator".into(),
+        action: action.into(),
+        target: "m-paused".into(),
+        ok,
+        result: String::new(),
+    };
+    // ...and shows who did what; a refused request did nothing and is not
+    // shown as done, and the same entry twice (trail and live) once.
+    update(
+        &mut app,
+        Msg::Actions(vec![
+            entry(3_723_000, "ana", "migrate", true),
+            entry(3_724_000, "vic", "abort", false),
+        ]),
+    );
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-d".into(),
+            kind: Some(proto::event::Kind::Audit(entry(
+                3_725_000, "olga", "abort", true,
+            ))),
+        }),
+    );
+    update(
+        &mut app,
+        Msg::Actions(vec![entry(3_723_000, "ana", "migrate", true)]),
+    );
+    let terminal = render(&app, &theme, (160, 40));
+    let buffer = terminal.backend().buffer();
+    find(
+        buffer,
+        "by: started by ana (operator) at 01:02:03; aborted by olga (operator) at 01:02:05",
+    );
+    assert!(
+        !buffer_text(buffer).contains("vic"),
+        "a refused abort is not shown as done"
+    );
+}
+
+fn buffer_text(buffer: &Buffer) -> String {
+    buffer.content().iter().map(|c| c.symbol()).collect()
+}
