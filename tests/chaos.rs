@@ -108,6 +108,8 @@ fn chaos_timing() -> String {
         .map(|l| format!("{l}\n"))
         .collect();
     timing.push_str("rollback_retry_ms = 300\n");
+    // The drills change the switches' faults with `tern fault`.
+    timing.push_str("allow_fault_injection = true\n");
     timing
 }
 

@@ -7,7 +7,14 @@ use common::*;
 fn two_hosts(destination_port_profile: &str) -> Cluster {
     Cluster::start(vec![
         host("hv-a", format!("{}{}", port_profile(""), vm("web-01", 256))),
-        host("hv-b", port_profile(destination_port_profile)),
+        // `tern fault` drills change hv-b's switch at run time.
+        host(
+            "hv-b",
+            format!(
+                "allow_fault_injection = true\n{}",
+                port_profile(destination_port_profile)
+            ),
+        ),
     ])
 }
 
@@ -258,4 +265,29 @@ fn fault_command_breaks_and_repairs_a_switch_at_run_time() {
     let (code, moved) = cluster.tern_json(&["retry", failed["id"].as_str().unwrap(), "--json"]);
     assert_eq!(code, 0, "{moved}");
     assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
+}
+
+/// Fault injection is a drill tool: an agent whose config does not allow it
+/// refuses it, and its driver keeps its settings.
+#[test]
+fn an_agent_that_does_not_allow_fault_injection_refuses_it() {
+    let cluster = Cluster::start(vec![
+        host("hv-a", format!("{}{}", port_profile(""), vm("web-01", 256))),
+        host("hv-b", port_profile("")),
+    ]);
+    let refused = cluster.tern(&["fault", "hv-a", "port-profile", "--fail", "finish"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(77), "{stderr}");
+    assert!(
+        stderr.contains(
+            "fault injection is off on hv-a: its config must say allow_fault_injection = true"
+        ),
+        "{stderr}"
+    );
+    let faults = host_of(&cluster.status(), "hv-a")["faults"].clone();
+    assert_eq!(
+        faults[0]["fail"],
+        serde_json::json!([]),
+        "unchanged: {faults}"
+    );
 }

@@ -639,7 +639,7 @@ impl console_server::Console for ConsoleService {
             .map(|f| f.feature.clone())
             .unwrap_or_default();
         let audited = Audited::begin(&self.0, &request, Role::Admin, "set faults", feature)?;
-        if self.0.tls.is_some() && !self.0.allow_fault_injection {
+        if !self.0.allow_fault_injection {
             let refusal = Status::permission_denied(format!(
                 "fault injection is off on {}: its config must say allow_fault_injection = true",
                 self.0.name
