@@ -73,32 +73,31 @@ fn find_audit<'a>(entries: &'a [Value], who: &str, action: &str) -> Vec<&'a Valu
         .collect()
 }
 
+/// Ask an agent for its host over `endpoint`: whether it answered.
+fn answers(endpoint: Endpoint) -> Result<(), String> {
+    block_on(async {
+        let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+        ConsoleClient::new(channel)
+            .get_host(proto::GetHostRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{s:?}"))
+    })
+}
+
 #[test]
 fn only_a_certificate_of_the_cluster_ca_gets_in() {
     let cluster = two_hosts();
     let ours = tls(&cluster);
-    // No client certificate: the agent's CA checked, nothing presented.
-    let ca_pem = std::fs::read_to_string(ours.admin.join("ca.pem")).unwrap();
-    let anonymous = block_on(async {
-        let channel = Endpoint::from_shared(cluster.address("hv-a"))
-            .unwrap()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&ca_pem))
-                    .domain_name("hv-a"),
-            )
-            .unwrap()
-            .connect()
-            .await;
-        match channel {
-            Err(e) => Err(format!("{e:?}")),
-            Ok(channel) => ConsoleClient::new(channel)
-                .get_host(proto::GetHostRequest {})
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{s:?}")),
-        }
-    });
+    let ours_pem = std::fs::read_to_string(ours.admin.join("ca.pem")).unwrap();
+    let checking_the_agent = || {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ours_pem))
+            .domain_name("hv-a")
+    };
+    let to_hv_a = || Endpoint::from_shared(cluster.address("hv-a")).unwrap();
+    // No client certificate: the agent checked, nothing presented.
+    let anonymous = answers(to_hv_a().tls_config(checking_the_agent()).unwrap());
     assert!(
         anonymous.is_err(),
         "an agent answered a client without a certificate"
@@ -119,41 +118,41 @@ fn only_a_certificate_of_the_cluster_ca_gets_in() {
         "mallory",
     ]);
     let mallory = other_ids.join("mallory");
-    std::fs::copy(ours.admin.join("ca.pem"), mallory.join("ca.pem")).unwrap();
-    let foreign = block_on(async {
-        match channel_as(&cluster, "hv-a", &mallory).await {
-            Err(e) => Err(e),
-            Ok(channel) => ConsoleClient::new(channel)
-                .get_host(proto::GetHostRequest {})
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{s:?}")),
-        }
-    });
+    let cert = std::fs::read_to_string(mallory.join("cert.pem")).unwrap();
+    let key = std::fs::read_to_string(mallory.join("key.pem")).unwrap();
+    let foreign = answers(
+        to_hv_a()
+            .tls_config(
+                checking_the_agent().identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .unwrap(),
+    );
     assert!(
         foreign.is_err(),
         "an agent answered a certificate from another CA"
     );
-    // The CLI says which agent it could not reach, and why.
+    // The CLI says it could not reach any agent.
+    std::fs::copy(ours.admin.join("ca.pem"), mallory.join("ca.pem")).unwrap();
     let (code, stderr) = code_and_stderr(&cluster.tern_as(Some(&mallory), &["status"]));
     assert_eq!(code, 69, "{stderr}");
     assert!(stderr.contains("no agent"), "{stderr}");
 
     // Plaintext to a TLS agent gets nothing either.
-    let plain = block_on(async {
-        let address = cluster.address("hv-a").replace("https://", "http://");
-        let channel = Endpoint::from_shared(address).unwrap().connect().await;
-        match channel {
-            Err(e) => Err(format!("{e:?}")),
-            Ok(channel) => ConsoleClient::new(channel)
-                .get_host(proto::GetHostRequest {})
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{s:?}")),
-        }
-    });
+    let plain = answers(
+        Endpoint::from_shared(cluster.address("hv-a").replace("https://", "http://")).unwrap(),
+    );
     assert!(plain.is_err(), "a TLS agent answered plaintext");
     // And the cluster's own identity works.
+    assert!(
+        answers(
+            endpoint(
+                &entry(&cluster, "hv-a"),
+                Some(&IdentityFiles::load_dir(&ours.admin).unwrap())
+            )
+            .unwrap()
+        )
+        .is_ok()
+    );
     assert_eq!(cluster.status()["hosts"][0]["security"], "tls");
 }
 
