@@ -343,28 +343,17 @@ fn another_host_may_not_finish_abort_resolve_or_heartbeat_an_attempt_between_two
             finish.message().contains("hv-c may not act on it"),
             "{finish:?}"
         );
-        for claimed in ["hv-b", "hv-c"] {
-            let abort = a
-                .abort(proto::PeerAbortRequest {
-                    attempt_id: attempt.clone(),
-                    reason: "forged".into(),
-                    from_host: claimed.into(),
-                    cookie4: Vec::new(),
-                })
-                .await
-                .unwrap_err();
+        let forged_abort = |claimed: &str| proto::PeerAbortRequest {
+            attempt_id: attempt.clone(),
+            reason: "forged".into(),
+            from_host: claimed.into(),
+            cookie4: Vec::new(),
+        };
+        for (on_source, claimed) in [(true, "hv-b"), (true, "hv-c"), (false, "hv-c")] {
+            let to = if on_source { &mut a } else { &mut b };
+            let abort = to.abort(forged_abort(claimed)).await.unwrap_err();
             assert_eq!(abort.code(), Code::PermissionDenied, "{claimed}: {abort:?}");
         }
-        let abort = b
-            .abort(proto::PeerAbortRequest {
-                attempt_id: attempt.clone(),
-                reason: "forged".into(),
-                from_host: "hv-c".into(),
-                cookie4: Vec::new(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(abort.code(), Code::PermissionDenied, "{abort:?}");
         let heartbeat = b
             .heartbeat(proto::HeartbeatRequest {
                 from_host: "hv-c".into(),
