@@ -1164,6 +1164,28 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_machine_example_is_a_config_its_host_accepts() {
+        let readme = include_str!("../README.md");
+        let block = |marker: &str| {
+            readme
+                .split("```toml\n")
+                .skip(1)
+                .filter_map(|b| b.split("```").next())
+                .find(|b| b.contains(marker))
+                .unwrap_or_else(|| panic!("no toml block with {marker} in README.md"))
+        };
+        let host = block("[hypervisor.storage]").replace("kind = \"qemu\"\n", "");
+        let text = format!(
+            "{QEMU_AGENT}{}{}",
+            host.trim_start_matches("[hypervisor]\n"),
+            block("[vm.qemu]")
+        );
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let q = config.vm[0].qemu.as_ref().unwrap();
+        assert_eq!((q.disks.len(), q.nics.len()), (2, 1));
+    }
+
+    #[test]
     fn kernel_and_storage_folders_are_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hv-b.toml");
