@@ -207,7 +207,7 @@ impl Cluster {
                 format!(
                     "[[vm]]\nname = \"{VM}\"\nmemory_mib = {MEMORY_MIB}\nvcpus = 1\n\
                      qemu = {{ kernel = \"{}\", append = \"{}\" }}\n",
-                    elf.display(),
+                    elf.file_name().unwrap().to_string_lossy(),
                     guest::cmdline(settings.working_set_mib)
                 )
             } else {
@@ -217,12 +217,13 @@ impl Cluster {
                 "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{name}-state\"\n\
                  inventory = \"cluster.toml\"\n\n[hypervisor]\nkind = \"qemu\"\nbinary = \"{QEMU}\"\n\
                  accel = \"{}\"\nbandwidth_mib_s = {}\ndowntime_limit_ms = {}\nauto_converge = {}\n\
-                 multifd_channels = {}\nmemory_mib = 8192\nvcpus = 8\n\n{vm}",
+                 multifd_channels = {}\nmemory_mib = 8192\nvcpus = 8\nkernel_dir = {:?}\n\n{vm}",
                 settings.accel,
                 settings.bandwidth_mib_s,
                 settings.downtime_limit_ms,
                 settings.auto_converge,
                 settings.multifd_channels,
+                elf.parent().unwrap(),
             );
             std::fs::write(cluster.path().join(format!("{name}.toml")), config).unwrap();
             let child = common::start_agent(Command::new(TERN), cluster.dir.path(), name);

@@ -126,6 +126,8 @@ class Qemu:
             "-nodefaults",
             "-no-user-config",
             "-display", "none",
+            # As Tern runs every QEMU (src/hypervisor/qemu/mod.rs, sandbox).
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-pidfile", os.path.join(dir, f"{role}.pid"),
             "-serial", f"file:{self.serial}",

@@ -232,10 +232,13 @@ fn cookie1(data: &[u8]) {
     let Some(c1) = decoded::<proto::Cookie1>("C1", data) else {
         return;
     };
-    if let Some(vm) = &c1.vm {
+    if let Some(vm) = &c1.vm
+        && let Ok(spec) = cookies::vm_from_proto(vm)
+    {
         // The spec round-trips, up to the driver that defaults to the name.
-        let spec = cookies::vm_from_proto(vm);
-        let again = cookies::vm_from_proto(&cookies::vm_to_proto(&spec));
+        let again = cookies::vm_from_proto(&cookies::vm_to_proto(&spec))
+            .expect("a spec read from C1 is written back readable");
+        assert_eq!(again.qemu, spec.qemu, "the machine changed on its way");
         assert_eq!(
             (
                 &again.name,
@@ -267,13 +270,20 @@ fn cookie1(data: &[u8]) {
                 assert!(!incoming.attempt_id.is_empty() && !incoming.migration_id.is_empty());
                 assert!(record::mode_from_proto(c1.mode).is_some());
                 assert!(c1.mandatory_features.iter().all(|f| knows(f)));
-                assert_eq!(incoming.vm, cookies::vm_from_proto(vm));
+                assert_eq!(Ok(&incoming.vm), cookies::vm_from_proto(vm).as_ref());
+                if let Some(machine) = &incoming.vm.qemu {
+                    assert_eq!(machine.check(), Ok(()), "accepted a malformed machine");
+                }
                 assert_eq!(incoming.attempt_id, c1.attempt_id);
                 run_destination(incoming.clone(), &c3_completed(&incoming.attempt_id), data);
             }
             Err(CookieError::Malformed { cookie, reason }) => {
                 assert_eq!(cookie, "C1");
                 assert!(!reason.is_empty());
+            }
+            Err(CookieError::Machine { vm, error }) => {
+                assert_eq!(Some(&vm), c1.vm.as_ref().map(|v| &v.name));
+                assert!(error.field.starts_with("qemu."), "{error}");
             }
             Err(CookieError::UnknownMandatoryFeature(name)) => {
                 assert!(!knows(&name), "{name:?} is known but was refused");
@@ -879,6 +889,14 @@ pub fn check_agent_config(text: &str) {
         assert!(!vm.name.trim().is_empty(), "accepted a [[vm]] with no name");
         assert!(vm.vcpus > 0, "accepted [[vm]] {} with no vCPU", vm.name);
         assert!(names.insert(&vm.name), "accepted [[vm]] {} twice", vm.name);
+        if let Some(machine) = &vm.qemu {
+            assert_eq!(
+                machine.check(),
+                Ok(()),
+                "accepted [[vm]] {} with a malformed machine",
+                vm.name
+            );
+        }
         let mut features = std::collections::HashSet::new();
         for f in &vm.features {
             assert!(

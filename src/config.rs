@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::protocol::machine::{MAX_NAME, MachineError, QemuMachine};
 use crate::protocol::{FeatureSpec, Timing, VmSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +245,21 @@ pub struct HypervisorConfig {
     /// qemu: parallel migration channels; 0 keeps one stream (multifd off).
     #[serde(default)]
     pub multifd_channels: u32,
+    /// qemu: the folder of the kernels a guest may boot, by file name.
+    /// Relative to the config file.
+    #[serde(default)]
+    pub kernel_dir: Option<PathBuf>,
+    /// qemu: `[hypervisor.storage]`, storage id → the folder its disk paths
+    /// are relative to. Relative to the config file.
+    #[serde(default)]
+    pub storage: BTreeMap<String, PathBuf>,
+    /// qemu: `[hypervisor.networks]`, network name → the Linux bridge a
+    /// NIC's tap is attached to.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+    /// qemu: the user QEMU runs as (`-runas`) once it has opened its files.
+    #[serde(default)]
+    pub run_as: Option<String>,
     /// sim: `[hypervisor.faults]`, calls that fail, hang or are slow.
     #[serde(default)]
     pub faults: SimFaultsConfig,
@@ -355,6 +371,10 @@ impl Default for HypervisorConfig {
             migration_address: None,
             auto_converge: true,
             multifd_channels: 0,
+            kernel_dir: None,
+            storage: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            run_as: None,
             faults: SimFaultsConfig::default(),
         }
     }
@@ -372,6 +392,12 @@ impl AgentConfig {
         let dir = path.parent().unwrap_or(Path::new("."));
         if config.state_dir.is_relative() {
             config.state_dir = dir.join(&config.state_dir);
+        }
+        let h = &mut config.hypervisor;
+        for folder in h.kernel_dir.iter_mut().chain(h.storage.values_mut()) {
+            if folder.is_relative() {
+                *folder = dir.join(&*folder);
+            }
         }
         if let Some(tls) = &mut config.tls {
             for file in [&mut tls.ca, &mut tls.cert, &mut tls.key] {
@@ -507,9 +533,17 @@ impl AgentConfig {
         // it creates anything.
         crate::features::FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(|e| invalid(path, e))?;
+        let allowed = MachineAllowList::from_config(&config);
         let mut names = HashSet::new();
         for vm in &config.vm {
             check_vm(path, vm, &config.features)?;
+            if let Some(machine) = &vm.qemu {
+                let checked = match config.hypervisor.kind.as_str() {
+                    "qemu" => allowed.check(machine),
+                    _ => machine.check(),
+                };
+                checked.map_err(|e| invalid(path, format!("[[vm]] {}: {e}", vm.name)))?;
+            }
             if !names.insert(vm.name.as_str()) {
                 return Err(invalid(
                     path,
@@ -610,6 +644,7 @@ fn check_qemu(path: &Path, config: &AgentConfig) -> Result<(), ConfigError> {
             "[hypervisor] downtime_limit_ms must be at most 2000000 (QEMU's limit)",
         ));
     }
+    check_allow_lists(path, h)?;
     match &h.migration_address {
         Some(address) => {
             if address.parse::<std::net::IpAddr>().is_err() {
@@ -639,6 +674,129 @@ fn check_qemu(path: &Path, config: &AgentConfig) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// `kernel_dir`, `[hypervisor.storage]`, `[hypervisor.networks]` and
+/// `run_as`: names a machine can use, and folders, bridges and a user this
+/// host's QEMU is given.
+fn check_allow_lists(path: &Path, h: &HypervisorConfig) -> Result<(), ConfigError> {
+    let plain = |name: &str| {
+        !name.is_empty()
+            && name.len() <= MAX_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    for (table, names) in [
+        ("storage", h.storage.keys().collect::<Vec<_>>()),
+        ("networks", h.networks.keys().collect()),
+    ] {
+        if let Some(bad) = names.into_iter().find(|n| !plain(n)) {
+            return Err(invalid(
+                path,
+                format!(
+                    "[hypervisor.{table}] {bad:?}: a name is 1 to {MAX_NAME} letters, digits, '.', '_' or '-'"
+                ),
+            ));
+        }
+    }
+    for (name, bridge) in &h.networks {
+        // IFNAMSIZ - 1; `ip` and the kernel read nothing else in a name.
+        let ok = !bridge.is_empty()
+            && bridge.len() <= 15
+            && !bridge.contains(['/', ':'])
+            && !bridge.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(invalid(
+                path,
+                format!("[hypervisor.networks] {name} = {bridge:?} is not a Linux bridge's name"),
+            ));
+        }
+    }
+    if let Some(user) = &h.run_as {
+        let ok = !user.is_empty()
+            && !user.starts_with('-')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(invalid(
+                path,
+                format!("[hypervisor] run_as = {user:?} is not a user name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a qemu host lets a guest's machine use, from its `[hypervisor]`:
+/// the kernels of `kernel_dir`, the storage and the networks it names. The
+/// source checks its own `[[vm]]`s against it when its config loads, a
+/// destination every C1 in Prepare before anything starts; a machine that
+/// names anything else is refused naming the field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineAllowList {
+    /// This host's name, for the refusals.
+    pub host: String,
+    pub kernel_dir: Option<PathBuf>,
+    pub storage: BTreeMap<String, PathBuf>,
+    pub networks: BTreeMap<String, String>,
+}
+
+impl MachineAllowList {
+    pub fn from_config(config: &AgentConfig) -> MachineAllowList {
+        let h = &config.hypervisor;
+        MachineAllowList {
+            host: config.name.clone(),
+            kernel_dir: h.kernel_dir.clone(),
+            storage: h.storage.clone(),
+            networks: h.networks.clone(),
+        }
+    }
+
+    /// The machine's shape and the names it uses. Whether the kernel exists
+    /// and where a disk's path leads once symlinks are followed is read from
+    /// the disk, by the qemu hypervisor (`hypervisor::qemu::machine`).
+    pub fn check(&self, machine: &QemuMachine) -> Result<(), MachineError> {
+        machine.check()?;
+        let host = &self.host;
+        if !machine.kernel.is_empty() && self.kernel_dir.is_none() {
+            return Err(MachineError::new(
+                "qemu.kernel",
+                &machine.kernel,
+                format!("cannot be booted on {host}: it has no [hypervisor] kernel_dir"),
+            ));
+        }
+        for (i, disk) in machine.disks.iter().enumerate() {
+            if !self.storage.contains_key(&disk.storage) {
+                return Err(MachineError::new(
+                    format!("qemu.disks[{i}].storage"),
+                    &disk.storage,
+                    format!("is not a storage of {host} ({})", has(self.storage.keys())),
+                ));
+            }
+        }
+        for (i, nic) in machine.nics.iter().enumerate() {
+            if !self.networks.contains_key(&nic.network) {
+                return Err(MachineError::new(
+                    format!("qemu.nics[{i}].network"),
+                    &nic.network,
+                    format!("is not a network of {host} ({})", has(self.networks.keys())),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// "it has: a, b", or "it has none".
+fn has<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "it has none".into()
+    } else {
+        format!("it has: {}", names.join(", "))
+    }
 }
 
 impl AgentConfig {
@@ -784,7 +942,10 @@ mod tests {
             .qemu
             .as_ref()
             .expect("the example VM boots a kernel");
-        assert_eq!(guest.append, "ws=32");
+        assert_eq!(
+            (guest.kernel.as_str(), guest.append.as_str()),
+            ("tern-guest.elf", "ws=32")
+        );
     }
 
     #[test]
@@ -918,19 +1079,165 @@ mod tests {
         );
     }
 
+    /// A qemu host with a kernel folder, two storages and a network.
+    const QEMU_HOST: &str = "name = \"hv-b\"\nlisten = \"10.0.0.2:7701\"\ninsecure = true\n\
+        state_dir = \"s\"\ninventory = \"cluster.toml\"\n[hypervisor]\nkind = \"qemu\"\n\
+        kernel_dir = \"/srv/kernels\"\nrun_as = \"tern-qemu\"\n\
+        [hypervisor.storage]\nimages = \"/srv/images\"\niso = \"/srv/iso\"\n\
+        [hypervisor.networks]\nlan = \"br0\"\n";
+
+    fn with_vm(host: &str, qemu: &str) -> String {
+        format!("{host}[[vm]]\nname = \"web-01\"\nmemory_mib = 64\nvcpus = 1\nqemu = {qemu}\n")
+    }
+
     #[test]
     fn a_vm_boots_what_its_qemu_table_says() {
-        let text = format!(
-            "{QEMU_AGENT}[[vm]]\nname = \"g\"\nmemory_mib = 64\nvcpus = 1\n\
-             qemu = {{ kernel = \"/k.elf\", append = \"ws=8\", args = [\"-device\", \"x\"] }}\n"
+        let text = with_vm(
+            QEMU_HOST,
+            "{ kernel = \"vmlinuz\", append = \"console=ttyS0\", machine = \"q35\", \
+             disks = [{ storage = \"images\", path = \"web-01/root.qcow2\", format = \"qcow2\" }, \
+                      { storage = \"iso\", path = \"debian.iso\", readonly = true }], \
+             nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\" }] }",
         );
         let config = parse(&text).unwrap();
+        let h = &config.hypervisor;
+        assert_eq!(h.kernel_dir.as_deref(), Some(Path::new("/srv/kernels")));
+        assert_eq!(h.storage["iso"], Path::new("/srv/iso"));
+        assert_eq!(h.networks["lan"], "br0");
+        assert_eq!(h.run_as.as_deref(), Some("tern-qemu"));
         let q = config.vm[0].qemu.clone().unwrap();
         assert_eq!(
-            (q.kernel.as_str(), q.append.as_str(), q.args.len()),
-            ("/k.elf", "ws=8", 2)
+            (q.kernel.as_str(), q.append.as_str(), q.machine.as_str()),
+            ("vmlinuz", "console=ttyS0", "q35")
         );
+        assert_eq!(
+            q.disks[0].format,
+            crate::protocol::machine::DiskFormat::Qcow2
+        );
+        // Raw and writable unless said otherwise.
+        assert_eq!(q.disks[1].format, crate::protocol::machine::DiskFormat::Raw);
+        assert_eq!((q.disks[0].readonly, q.disks[1].readonly), (false, true));
+        assert_eq!(q.nics[0].network, "lan");
         let err = parse(&text.replace("append", "apend")).unwrap_err();
         assert!(err.contains("apend"), "{err}");
+    }
+
+    #[test]
+    fn a_vm_naming_what_its_host_lacks_is_refused_by_field() {
+        let cases = [
+            (
+                "{ disks = [{ storage = \"images\", path = \"a.img\" }, { storage = \"scratch\", path = \"b.img\" }] }",
+                "[[vm]] web-01: qemu.disks[1].storage \"scratch\" is not a storage of hv-b (it has: images, iso)",
+            ),
+            (
+                "{ nics = [{ mac = \"52:54:00:12:34:56\", network = \"dmz\" }] }",
+                "[[vm]] web-01: qemu.nics[0].network \"dmz\" is not a network of hv-b (it has: lan)",
+            ),
+            (
+                "{ kernel = \"../../etc/shadow\" }",
+                "[[vm]] web-01: qemu.kernel \"../../etc/shadow\" is a path",
+            ),
+            (
+                "{ disks = [{ storage = \"images\", path = \"/etc/shadow\" }] }",
+                "[[vm]] web-01: qemu.disks[0].path \"/etc/shadow\" is absolute",
+            ),
+            (
+                "{ disks = [{ storage = \"images\", path = \"a.img\", format = \"vmdk\" }] }",
+                "unknown variant `vmdk`, expected `raw` or `qcow2`",
+            ),
+            (
+                "{ kernel = \"vmlinuz\", args = [\"-drive\", \"file=/dev/sda\"] }",
+                "[[vm]] web-01: qemu.args \"-drive file=/dev/sda\" are free QEMU arguments, which no host runs",
+            ),
+        ];
+        for (qemu, expected) in cases {
+            let err = parse(&with_vm(QEMU_HOST, qemu)).unwrap_err();
+            assert!(err.starts_with("hv-a.toml is not valid: "), "{err}");
+            assert!(err.contains(expected), "{qemu}: {err}");
+        }
+        // A host without a kernel folder boots no kernel.
+        let err = parse(&with_vm(QEMU_AGENT, "{ kernel = \"vmlinuz\" }")).unwrap_err();
+        assert!(
+            err.contains("qemu.kernel \"vmlinuz\" cannot be booted on hv-a: it has no [hypervisor] kernel_dir"),
+            "{err}"
+        );
+        let err = parse(&with_vm(
+            QEMU_AGENT,
+            "{ disks = [{ storage = \"images\", path = \"a.img\" }] }",
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("is not a storage of hv-a (it has none)"),
+            "{err}"
+        );
+        // A sim host runs no machine, but its shape is still checked.
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        assert!(parse(&with_vm(&sim, "{ kernel = \"vmlinuz\" }")).is_ok());
+        let err = parse(&with_vm(&sim, "{ kernel = \"/boot/vmlinuz\" }")).unwrap_err();
+        assert!(
+            err.contains("qemu.kernel \"/boot/vmlinuz\" is a path"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_storage_networks_and_run_as_are_refused_by_name() {
+        let cases = [
+            (
+                "[hypervisor.storage]\n\"my images\" = \"/srv\"\n",
+                "[hypervisor.storage] \"my images\": a name is",
+            ),
+            (
+                "[hypervisor.networks]\nlan = \"a-bridge-name-too-long\"\n",
+                "[hypervisor.networks] lan = \"a-bridge-name-too-long\" is not a Linux bridge's name",
+            ),
+            (
+                "[hypervisor.networks]\nlan = \"br0 up\"\n",
+                "is not a Linux bridge's name",
+            ),
+        ];
+        for (table, expected) in cases {
+            let err = parse(&format!("{QEMU_AGENT}{table}")).unwrap_err();
+            assert!(err.contains(expected), "{table}: {err}");
+        }
+        let err = parse(&format!("{QEMU_AGENT}run_as = \"-x\"\n")).unwrap_err();
+        assert!(err.contains("run_as = \"-x\" is not a user name"), "{err}");
+    }
+
+    #[test]
+    fn the_readmes_machine_example_is_a_config_its_host_accepts() {
+        let readme = include_str!("../README.md");
+        let block = |marker: &str| {
+            readme
+                .split("```toml\n")
+                .skip(1)
+                .filter_map(|b| b.split("```").next())
+                .find(|b| b.contains(marker))
+                .unwrap_or_else(|| panic!("no toml block with {marker} in README.md"))
+        };
+        let host = block("[hypervisor.storage]").replace("kind = \"qemu\"\n", "");
+        let text = format!(
+            "{QEMU_AGENT}{}{}",
+            host.trim_start_matches("[hypervisor]\n"),
+            block("[vm.qemu]")
+        );
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let q = config.vm[0].qemu.as_ref().unwrap();
+        assert_eq!((q.disks.len(), q.nics.len()), (2, 1));
+    }
+
+    #[test]
+    fn kernel_and_storage_folders_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hv-b.toml");
+        let text = QEMU_HOST
+            .replace("\"/srv/kernels\"", "\"kernels\"")
+            .replace("\"/srv/images\"", "\"images\"");
+        std::fs::write(&path, text).unwrap();
+        let config = AgentConfig::load(&path).unwrap();
+        let h = &config.hypervisor;
+        assert_eq!(h.kernel_dir, Some(dir.path().join("kernels")));
+        assert_eq!(h.storage["images"], dir.path().join("images"));
+        assert_eq!(h.storage["iso"], Path::new("/srv/iso"));
     }
 }

@@ -14,10 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use prost::Message;
 use serde_json::Value;
 use tern::proto;
-use tern::proto::peer_client::PeerClient;
 use tern::protocol::{FeatureSpec, Mode, VmSpec};
 
 /// hv-a has the port-profile driver and boots web-01 (required port-profile);
@@ -89,32 +87,6 @@ fn state_dir(cluster: &Cluster, name: &str) -> PathBuf {
 /// The journal of a stopped agent.
 fn open_journal(cluster: &Cluster, name: &str) -> rusqlite::Connection {
     rusqlite::Connection::open(state_dir(cluster, name).join("journal.db")).unwrap()
-}
-
-async fn peer_client(cluster: &Cluster, host: &str) -> PeerClient<tonic::transport::Channel> {
-    let address = cluster.address(host);
-    PeerClient::connect(address.clone())
-        .await
-        .unwrap_or_else(|e| panic!("connect to {host} at {address}: {e}"))
-}
-
-const ANSWER_WITHIN: Duration = Duration::from_secs(10);
-
-fn call_prepare(
-    cluster: &Cluster,
-    host: &str,
-    c1: &proto::Cookie1,
-) -> Result<proto::PrepareReply, tonic::Status> {
-    block_on(async {
-        let mut client = peer_client(cluster, host).await;
-        let request = proto::PrepareRequest {
-            cookie1: c1.encode_to_vec(),
-        };
-        tokio::time::timeout(ANSWER_WITHIN, client.prepare(request))
-            .await
-            .expect("Prepare did not answer within 10 s")
-            .map(|r| r.into_inner())
-    })
 }
 
 fn call_resolve(cluster: &Cluster, host: &str, attempt_id: &str) -> proto::ResolveReply {

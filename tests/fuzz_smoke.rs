@@ -240,7 +240,8 @@ fn write_cookie_seeds() {
     use prost::Message;
     use tern::proto;
     use tern::protocol::cookies;
-    use tern::protocol::{Mode, PROTOCOL_VERSION, StepStatus};
+    use tern::protocol::machine::{Disk, DiskFormat, Nic, QemuMachine};
+    use tern::protocol::{Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 
     let c1 = cookies::cookie1(
         checks::ATTEMPT_ID,
@@ -254,6 +255,31 @@ fn write_cookie_seeds() {
         mandatory_features: vec!["port-profile".into(), "vtpm".into()],
         ..c1.clone()
     };
+    let c1_qemu = cookies::cookie1(
+        checks::ATTEMPT_ID,
+        checks::MIGRATION_ID,
+        checks::SOURCE,
+        &VmSpec {
+            qemu: Some(QemuMachine {
+                machine: "q35".into(),
+                kernel: "vmlinuz".into(),
+                append: "console=ttyS0".into(),
+                disks: vec![Disk {
+                    storage: "images".into(),
+                    path: "web-01/root.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    readonly: false,
+                }],
+                nics: vec![Nic {
+                    mac: "52:54:00:12:34:56".into(),
+                    network: "lan".into(),
+                }],
+                legacy_args: Vec::new(),
+            }),
+            ..checks::sample_vm()
+        },
+        Mode::Safe,
+    );
     let c1_other_version = proto::Cookie1 {
         protocol_version: PROTOCOL_VERSION + 1,
         ..c1.clone()
@@ -337,6 +363,7 @@ fn write_cookie_seeds() {
     let seeds: Vec<(&str, Vec<u8>)> = vec![
         ("c1-safe.bin", c1.encode_to_vec()),
         ("c1-fast-unknown-mandatory.bin", c1_unknown.encode_to_vec()),
+        ("c1-qemu-machine.bin", c1_qemu.encode_to_vec()),
         ("c1-other-version.bin", c1_other_version.encode_to_vec()),
         ("c2-accepted.bin", checks::c2_accepted().encode_to_vec()),
         ("c2-refused.bin", c2_refused.encode_to_vec()),

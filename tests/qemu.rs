@@ -4,6 +4,11 @@
 //! about ten times a second. The counter advances only where the guest's
 //! CPUs run, so a test tells which copy is alive by watching both files.
 //!
+//! The guest is a typed machine: its kernel by name in the hosts'
+//! `kernel_dir`, a raw disk in storage `images` (one folder both hosts
+//! share), and, run as root, QEMU drops to `nobody`. Every QEMU runs in its
+//! seccomp sandbox.
+//!
 //! Without `qemu-system-x86_64` these tests print that they were skipped;
 //! with `TERN_REQUIRE_QEMU=1` (as in CI) a missing QEMU is a failure.
 
@@ -15,6 +20,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use common::{Cluster, HostSpec, guest, host, wait_until};
+use tern::hypervisor::qemu::machine::tap_name;
+use tern::protocol::cookies;
+use tern::protocol::machine::{Disk, DiskFormat, Nic, QemuMachine};
+use tern::protocol::{Mode, VmSpec};
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -60,28 +69,86 @@ fn guest_elf() -> &'static Path {
     elf
 }
 
-/// A QEMU host's config: top-level timers, then `[hypervisor]`, then `extra`
+/// The folder of storage `images`, shared by every host of every test (the
+/// guest never writes its disk).
+fn storage() -> &'static Path {
+    static STORAGE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    STORAGE.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// Who QEMU runs as: `nobody` when the tests run as root (QEMU's -runas
+/// needs root to drop it), else the tests' own user.
+fn run_as() -> Option<&'static str> {
+    (unsafe { libc::geteuid() } == 0).then_some("nobody")
+}
+
+/// A QEMU host's config: top-level timers, then `[hypervisor]` (the test
+/// guest's kernel folder, storage `images` and `networks`), then `extra`
 /// (VMs, features).
-fn qemu_host(name: &'static str, bandwidth_mib_s: u64, top: &str, extra: &str) -> HostSpec {
+fn qemu_host_with(
+    name: &'static str,
+    bandwidth_mib_s: u64,
+    top: &str,
+    networks: &str,
+    extra: &str,
+) -> HostSpec {
+    let run_as = run_as()
+        .map(|user| format!("run_as = \"{user}\"\n"))
+        .unwrap_or_default();
     host(
         name,
         format!(
             "{top}\n[hypervisor]\nkind = \"qemu\"\naccel = \"{}\"\nbandwidth_mib_s = {bandwidth_mib_s}\n\
-             downtime_limit_ms = 300\nmemory_mib = 8192\nvcpus = 8\n\n{extra}",
-            accel()
+             downtime_limit_ms = 300\nmemory_mib = 8192\nvcpus = 8\nkernel_dir = {:?}\n{run_as}\
+             [hypervisor.storage]\nimages = {:?}\n[hypervisor.networks]\n{networks}\n{extra}",
+            accel(),
+            guest_elf().parent().unwrap(),
+            storage(),
         ),
     )
 }
 
-/// A `[[vm]]` running the test guest, with a required port-profile.
-fn guest_vm(name: &str, memory_mib: u64, working_set_mib: u64) -> String {
+fn qemu_host(name: &'static str, bandwidth_mib_s: u64, top: &str, extra: &str) -> HostSpec {
+    qemu_host_with(name, bandwidth_mib_s, top, "", extra)
+}
+
+/// The file name of the test guest's kernel in `kernel_dir`.
+fn kernel_name() -> String {
+    guest_elf()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The raw image of `vm`'s disk in storage `images` (made if missing).
+fn disk_image(vm: &str) -> PathBuf {
+    let image = storage().join(format!("{vm}.img"));
+    if !image.exists() {
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(16 << 20))
+            .unwrap();
+    }
+    image
+}
+
+/// A `[[vm]]` running the test guest, with a disk and a required
+/// port-profile, and `more` in its machine (NICs, say).
+fn guest_vm_with(name: &str, memory_mib: u64, working_set_mib: u64, more: &str) -> String {
+    disk_image(name);
     format!(
         "[[vm]]\nname = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\n\
          features = [{{ name = \"port-profile\", required = true }}]\n\
-         qemu = {{ kernel = \"{}\", append = \"{}\" }}\n\n",
-        guest_elf().display(),
+         [vm.qemu]\nkernel = \"{}\"\nappend = \"{}\"\n\
+         disks = [{{ storage = \"images\", path = \"{name}.img\" }}]\n{more}\n",
+        kernel_name(),
         guest::cmdline(working_set_mib)
     )
+}
+
+/// A `[[vm]]` running the test guest, with a disk and a required port-profile.
+fn guest_vm(name: &str, memory_mib: u64, working_set_mib: u64) -> String {
+    guest_vm_with(name, memory_mib, working_set_mib, "")
 }
 
 fn port_profile(extra: &str) -> String {
@@ -128,6 +195,22 @@ impl Drop for QemuCluster {
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
+            }
+            // The taps the agent made for its guests' NICs outlive them too.
+            let list = qemu_dir(&self.0, &h.name).join("guests.json");
+            let held: serde_json::Value = std::fs::read(list)
+                .ok()
+                .and_then(|text| serde_json::from_slice(&text).ok())
+                .unwrap_or_default();
+            let taps = held
+                .as_object()
+                .into_iter()
+                .flat_map(|guests| guests.values())
+                .filter_map(|guest| guest["taps"].as_array())
+                .flatten()
+                .filter_map(|tap| tap.as_str());
+            for tap in taps {
+                let _ = ip(&["link", "del", tap]);
             }
         }
     }
@@ -198,6 +281,82 @@ fn wait_ready(cluster: &Cluster, host: &str, vm: &str) {
     );
 }
 
+/// A host's one QEMU process as the kernel sees it.
+struct QemuProcess {
+    argv: Vec<String>,
+    /// The files it holds open.
+    open: Vec<PathBuf>,
+    /// Its real user id.
+    uid: u32,
+}
+
+fn qemu_process(cluster: &Cluster, host: &str) -> QemuProcess {
+    let pids = qemu_pids(cluster, host);
+    assert_eq!(
+        pids.len(),
+        1,
+        "one QEMU on {host}: {pids:?}; its agent's log:\n{}",
+        cluster.log(host)
+    );
+    let proc = PathBuf::from(format!("/proc/{}", pids[0]));
+    let argv = std::fs::read(proc.join("cmdline"))
+        .unwrap()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let open = std::fs::read_dir(proc.join("fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .collect();
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("a Uid line");
+    QemuProcess { argv, open, uid }
+}
+
+/// What `nobody` is called as a uid, from /etc/passwd.
+fn nobody_uid() -> u32 {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("nobody:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("a nobody user")
+}
+
+/// The destination built its own QEMU: the test guest's kernel from its
+/// kernel_dir, the disk from its storage (open, so QEMU read it), in the
+/// seccomp sandbox, and as `nobody` when run as root.
+fn assert_built_by_its_host(cluster: &Cluster, host: &str, vm: &str) {
+    let qemu = qemu_process(cluster, host);
+    let args = qemu.argv.join(" ");
+    let kernel = guest_elf().canonicalize().unwrap();
+    assert!(
+        args.contains(&format!("-kernel {}", kernel.display())),
+        "{args}"
+    );
+    assert!(args.contains("-sandbox on,obsolete=deny,"), "{args}");
+    assert!(args.contains("spawn=deny,resourcecontrol=deny"), "{args}");
+    let image = disk_image(vm).canonicalize().unwrap();
+    assert!(
+        qemu.open.contains(&image),
+        "{host}'s QEMU does not hold {} open: {:?}",
+        image.display(),
+        qemu.open
+    );
+    if run_as().is_some() {
+        assert!(args.contains("-runas nobody"), "{args}");
+        assert_eq!(qemu.uid, nobody_uid(), "{host}'s QEMU runs as nobody");
+    }
+}
+
 /// The guests each host's agent reports: (host, state).
 fn guests(cluster: &Cluster, vm: &str) -> Vec<(String, String)> {
     cluster.guests_of(vm)
@@ -224,6 +383,7 @@ fn migration_moves_the_running_guest_and_its_memory() {
     assert!(transfer["downtime_ms"].as_u64().unwrap() > 0, "{record}");
     assert_eq!(guests(&cluster, "g1"), [("qb".into(), "running".into())]);
     assert_runs_on(&cluster, "qb", "g1");
+    assert_built_by_its_host(&cluster, "qb", "g1");
     // The source's copy stopped where the destination's went on, and its
     // QEMU is gone.
     assert_still_on(&cluster, "qa", "g1");
@@ -521,7 +681,8 @@ fn a_cut_link_stalls_the_transfer_and_the_source_resumes() {
             (ns.names[0].as_str(), "10.201.0.1"),
             (ns.names[1].as_str(), "10.201.0.2"),
         ],
-        "heartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
+        // Plaintext on the namespaces' addresses: these agents have no [tls].
+        "insecure = true\nheartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
     ));
     let id = migrate_g1_until_data_flows(&cluster);
     ns.link(false);
@@ -532,4 +693,251 @@ fn a_cut_link_stalls_the_transfer_and_the_source_resumes() {
     assert!(error.contains("no progress"), "{record}");
     assert_runs_on(&cluster, "qa", "g1");
     ns.link(true);
+}
+
+// ---- what a destination does not allow ---------------------------------------
+
+/// The processes whose command line names guest `vm`'s QEMU (`guest=VM`).
+fn qemu_processes_of(vm: &str) -> Vec<i32> {
+    let needle = format!("guest={vm}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A C1 for guest `intruder` from qa, with `machine` as its qemu table.
+fn c1_with(machine: QemuMachine, attempt: &str) -> tern::proto::Cookie1 {
+    let vm = VmSpec {
+        name: "intruder".into(),
+        memory_mib: 64,
+        vcpus: 1,
+        dirty_rate_mib_s: 0,
+        features: vec![],
+        qemu: Some(machine),
+    };
+    let (migration, _) = attempt.split_once('.').unwrap();
+    cookies::cookie1(attempt, migration, "qa", &vm, Mode::Fast)
+}
+
+fn raw_disk(storage: &str, path: &str) -> Disk {
+    Disk {
+        storage: storage.into(),
+        path: path.into(),
+        format: DiskFormat::Raw,
+        readonly: false,
+    }
+}
+
+/// A raw `Peer.Prepare`, as a compromised or mistaken source could send it,
+/// whose machine names what qb does not allow: each is refused as
+/// InvalidArgument naming the field, and no QEMU starts (no process, no
+/// file in qb's QEMU folder, no attempt). The same C1 with what qb does
+/// allow starts one, so the check, and nothing else, is what kept it out.
+#[test]
+fn prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu() {
+    let Some(_turn) =
+        qemu_or_skip("prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu")
+    else {
+        return;
+    };
+    let cluster = two_hosts(1024, "", "");
+    let kernel = kernel_name();
+    let cases = [
+        (
+            QemuMachine {
+                kernel: kernel.clone(),
+                disks: vec![raw_disk("scratch", "intruder.img")],
+                ..QemuMachine::default()
+            },
+            "vm intruder: qemu.disks[0].storage \"scratch\" is not a storage of qb (it has: images)",
+        ),
+        (
+            QemuMachine {
+                kernel: "../../etc/shadow".into(),
+                ..QemuMachine::default()
+            },
+            "vm intruder: qemu.kernel \"../../etc/shadow\" is a path",
+        ),
+        (
+            QemuMachine {
+                kernel: kernel.clone(),
+                disks: vec![raw_disk("images", "../../../../etc/shadow")],
+                ..QemuMachine::default()
+            },
+            "vm intruder: qemu.disks[0].path \"../../../../etc/shadow\" leaves its storage",
+        ),
+        (
+            QemuMachine {
+                kernel: "bzImage".into(),
+                ..QemuMachine::default()
+            },
+            "vm intruder: qemu.kernel \"bzImage\" is not a kernel of qb",
+        ),
+        (
+            QemuMachine {
+                kernel: kernel.clone(),
+                nics: vec![Nic {
+                    mac: "52:54:00:00:00:01".into(),
+                    network: "dmz".into(),
+                }],
+                ..QemuMachine::default()
+            },
+            "vm intruder: qemu.nics[0].network \"dmz\" is not a network of qb (it has none)",
+        ),
+    ];
+    for (i, (machine, expected)) in cases.into_iter().enumerate() {
+        let status = common::call_prepare(&cluster, "qb", &c1_with(machine, &format!("m-x.{i}")))
+            .expect_err("qb accepted a machine it does not allow");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(expected),
+            "expected {expected:?}, got {:?}",
+            status.message()
+        );
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(qemu_dir(&cluster, "qb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("intruder."))
+        .collect();
+    assert!(leftovers.is_empty(), "qb made {leftovers:?}");
+    assert!(qemu_pids(&cluster, "qb").is_empty());
+    assert!(qemu_processes_of("intruder").is_empty());
+    assert!(
+        cluster.status()["migrations"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a refused Prepare left an attempt: {}",
+        cluster.status()
+    );
+
+    // The control: what qb allows does start a QEMU (which qb drops again
+    // when no source heartbeats reach it).
+    disk_image("intruder");
+    let allowed = QemuMachine {
+        kernel,
+        append: guest::cmdline(8),
+        disks: vec![raw_disk("images", "intruder.img")],
+        ..QemuMachine::default()
+    };
+    common::call_prepare(&cluster, "qb", &c1_with(allowed, "m-y.1"))
+        .expect("qb refused a machine it allows");
+    assert_eq!(qemu_processes_of("intruder").len(), 1);
+    wait_until(
+        Duration::from_secs(15),
+        "qb to drop the sourceless guest",
+        || qemu_processes_of("intruder").is_empty(),
+    );
+}
+
+// ---- a NIC on a bridge -------------------------------------------------------
+
+/// A Linux bridge for the test, removed on drop.
+struct Bridge(String);
+
+impl Bridge {
+    fn create() -> Result<Bridge, String> {
+        let name = format!("tbr{}", std::process::id() % 100_000);
+        ip(&["link", "add", &name, "type", "bridge"])?;
+        let bridge = Bridge(name);
+        ip(&["link", "set", &bridge.0, "up"])?;
+        Ok(bridge)
+    }
+
+    /// The interfaces attached to it.
+    fn ports(&self) -> Vec<String> {
+        let mut ports: Vec<String> = std::fs::read_dir(format!("/sys/class/net/{}/brif", self.0))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ports.sort();
+        ports
+    }
+}
+
+impl Drop for Bridge {
+    /// Its ports too: the taps of a test that failed half-way.
+    fn drop(&mut self) {
+        for port in self.ports() {
+            let _ = ip(&["link", "del", &port]);
+        }
+        let _ = ip(&["link", "del", &self.0]);
+    }
+}
+
+/// The tap a host's agent makes for `vm`'s first NIC.
+fn tap_of(cluster: &Cluster, host: &str, vm: &str) -> String {
+    tap_name(&qemu_dir(cluster, host).display().to_string(), vm, 0)
+}
+
+/// A guest with a NIC on network `lan` (a bridge on both hosts): its QEMU
+/// gets a tap the agent made on the bridge (no script: the sandbox allows
+/// none), and after the move the tap on the bridge is the destination's,
+/// the source's gone with its QEMU.
+#[test]
+fn a_guest_with_a_nic_moves_its_tap_to_the_destination_bridge() {
+    let test = "a_guest_with_a_nic_moves_its_tap_to_the_destination_bridge";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let bridge = match Bridge::create() {
+        Ok(bridge) => bridge,
+        Err(e) => {
+            assert!(
+                std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "{test}: cannot create a bridge: {e}"
+            );
+            eprintln!("{test}: skipped: cannot create a bridge: {e}");
+            return;
+        }
+    };
+    let networks = format!("lan = \"{}\"\n", bridge.0);
+    let nic = "nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\" }]\n";
+    let cluster = QemuCluster(Cluster::start(vec![
+        qemu_host_with(
+            "qa",
+            1024,
+            "",
+            &networks,
+            &(guest_vm_with("g1", GUEST_MIB, 8, nic) + &port_profile("")),
+        ),
+        qemu_host_with("qb", 1024, "", &networks, &port_profile("")),
+    ]));
+    let (tap_a, tap_b) = (tap_of(&cluster, "qa", "g1"), tap_of(&cluster, "qb", "g1"));
+    assert_eq!(bridge.ports(), [tap_a.as_str()]);
+    let args = qemu_process(&cluster, "qa").argv.join(" ");
+    assert!(
+        args.contains(&format!(
+            "-netdev tap,id=net0,ifname={tap_a},script=no,downscript=no"
+        )),
+        "{args}"
+    );
+    assert!(args.contains("\"mac\":\"52:54:00:12:34:56\""), "{args}");
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) = cluster.tern_json(&["migrate", "g1", "--to", "qb", "--json"]);
+    assert_eq!(code, 0, "{record}");
+    assert_runs_on(&cluster, "qb", "g1");
+    assert_eq!(
+        bridge.ports(),
+        [tap_b.as_str()],
+        "qa's tap went with its QEMU"
+    );
+    assert!(!Path::new("/sys/class/net").join(&tap_a).exists());
+    let args = qemu_process(&cluster, "qb").argv.join(" ");
+    assert!(
+        args.contains(&format!("ifname={tap_b},script=no")),
+        "{args}"
+    );
 }

@@ -413,6 +413,51 @@ mod tests {
         );
     }
 
+    /// A row written before machines were typed (`qemu = { kernel, append,
+    /// args }`) loads: its attempt is recovered like any other, and Begin
+    /// refuses to migrate such a VM again (`QemuMachine::check`).
+    #[test]
+    fn a_row_with_an_untyped_qemu_machine_still_loads() {
+        use crate::protocol::source::{AttemptParams, SourceAttempt};
+        use crate::protocol::{Mode, Timing, VmSpec};
+        let vm = VmSpec {
+            name: "web-01".into(),
+            memory_mib: 512,
+            vcpus: 1,
+            dirty_rate_mib_s: 0,
+            features: vec![],
+            qemu: None,
+        };
+        let params = AttemptParams {
+            migration_id: "m-1".into(),
+            attempt: 1,
+            host: "hv-a".into(),
+            destination: "hv-b".into(),
+            vm,
+            mode: Mode::Safe,
+            timing: Timing::default(),
+            started_at_ms: 1,
+        };
+        let (attempt, _) = SourceAttempt::begin(params, 1);
+        let mut body = serde_json::to_value(&attempt).unwrap();
+        body["vm"]["qemu"] = serde_json::json!({
+            "kernel": "/tmp/tern-guest.elf", "append": "ws=32", "args": ["-drive", "file=/x.img"]
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal
+            .db
+            .execute(
+                "INSERT INTO attempt (id, side, migration_id, open, body) VALUES ('m-1.1', 'source', 'm-1', 1, ?1)",
+                [body.to_string()],
+            )
+            .unwrap();
+        let image = journal.load().unwrap();
+        assert!(image.unreadable.is_empty(), "{:?}", image.unreadable);
+        let machine = image.sources[0].vm.qemu.as_ref().unwrap();
+        assert_eq!(machine.legacy_args, ["-drive", "file=/x.img"]);
+    }
+
     #[test]
     fn source_and_destination_rows_of_one_id_are_kept_apart() {
         let dir = tempfile::tempdir().unwrap();

@@ -420,12 +420,16 @@ impl Agent {
     }
 
     /// A Peer service call from `from` (the host its certificate names;
-    /// `None` for plaintext), answered by the core.
+    /// `None` for plaintext), answered by the core. A Prepare naming a
+    /// machine this host does not allow is refused before the core sees it.
     pub async fn peer(
         &self,
         call: PeerCall,
         from: Option<String>,
     ) -> Result<PeerResponse, Refusal> {
+        if let PeerCall::Prepare(r) = &call {
+            self.check_machine(&r.cookie1)?;
+        }
         let guests = match call {
             PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests().await,
             _ => Vec::new(),
@@ -434,6 +438,28 @@ impl Agent {
             Response::Peer(r) => Ok(r),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Prepare, before the core admits anything: a C1 whose machine this
+    /// host's hypervisor does not allow is refused naming the field, and
+    /// nothing is journaled or started. The check reads this host's kernel
+    /// and storage folders, so it runs here and not in the sans-IO core. A
+    /// C1 that does not decode is left to the core, which refuses it.
+    fn check_machine(&self, cookie1: &[u8]) -> Result<(), Refusal> {
+        let Ok(c1) = crate::protocol::cookies::decode::<proto::Cookie1>("C1", cookie1) else {
+            return Ok(());
+        };
+        let Some(Ok(spec)) = c1.vm.as_ref().map(crate::protocol::cookies::vm_from_proto) else {
+            return Ok(());
+        };
+        self.hypervisor.check_spec(&spec).map_err(|e| {
+            tracing::warn!(
+                vm = spec.name,
+                attempt = c1.attempt_id,
+                "Prepare refused: {e}"
+            );
+            Refusal::InvalidArgument(format!("vm {}: {e}", spec.name))
+        })
     }
 
     /// Whether this host drains, and its migrations out and in now.

@@ -159,6 +159,13 @@ impl HostCore {
                 "VM {vm} is paused on {name}; only a running guest is migrated"
             )));
         }
+        // A machine from before machines were typed (free QEMU arguments, a
+        // kernel's path) would reach the destination without what it named.
+        if let Some(Err(e)) = guest.spec.qemu.as_ref().map(|m| m.check()) {
+            return Err(Refusal::FailedPrecondition(format!(
+                "VM {vm} cannot migrate as it is defined on {name}: {e}"
+            )));
+        }
         if let Some(holder) = self.locks.get(vm) {
             let phase = self
                 .sources

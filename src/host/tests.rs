@@ -803,3 +803,53 @@ fn a_plaintext_peer_is_taken_as_before_identities() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn begin_refuses_a_vm_whose_machine_predates_typed_machines() {
+    let mut a = Host::new(A);
+    let mut spec = vm("web-01", &[]);
+    spec.qemu = Some(crate::protocol::QemuMachine {
+        kernel: "/tmp/tern-guest.elf".into(),
+        legacy_args: vec!["-drive".into(), "file=/x.img".into()],
+        ..Default::default()
+    });
+    let (req, actions) = a.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    match reply_to(&actions, req) {
+        Some(Err(Refusal::FailedPrecondition(m))) => {
+            assert!(
+                m.starts_with("VM web-01 cannot migrate as it is defined on hv-a: qemu.args"),
+                "{m}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(actions.len(), 1, "nothing but the answer: {actions:?}");
+}
+
+#[test]
+fn prepare_refuses_a_malformed_machine_before_anything_starts() {
+    let mut b = Host::new(B);
+    let mut spec = vm("web-01", &[]);
+    spec.qemu = Some(crate::protocol::QemuMachine {
+        kernel: "../../etc/shadow".into(),
+        ..Default::default()
+    });
+    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    match reply_to(&actions, req) {
+        Some(Err(Refusal::InvalidArgument(m))) => {
+            assert!(
+                m.starts_with("vm web-01: qemu.kernel \"../../etc/shadow\" is a path"),
+                "{m}"
+            );
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    // No journal write, no start, no attempt.
+    assert_eq!(actions.len(), 1, "nothing but the answer: {actions:?}");
+    assert!(!b.core.is_live("m-1.1"));
+}

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +60,12 @@ pub trait Hypervisor: Send + Sync {
     fn kind(&self) -> &'static str;
 
     fn capacity(&self) -> HostCapacity;
+
+    /// Destination, Prepare, before anything starts: whether this host can
+    /// run `spec`'s machine as its own config allows (its kernels, storage
+    /// and networks). A refusal names the field. It reads the host's
+    /// folders, which is why the agent asks it and not the sans-IO core.
+    fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError>;
 
     /// Every guest on this host, incoming ones included.
     async fn guests(&self) -> Vec<Guest>;

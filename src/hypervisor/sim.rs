@@ -59,6 +59,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
 use crate::config::{HypervisorConfig, SimCall};
+use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
 
 const MIB: u64 = 1024 * 1024;
@@ -558,6 +559,11 @@ impl Hypervisor for SimHypervisor {
 
     fn capacity(&self) -> HostCapacity {
         self.settings.capacity
+    }
+
+    /// The simulated hypervisor runs no machine: any spec will do.
+    fn check_spec(&self, _spec: &VmSpec) -> Result<(), MachineError> {
+        Ok(())
     }
 
     async fn guests(&self) -> Vec<Guest> {

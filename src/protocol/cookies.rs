@@ -3,6 +3,7 @@
 
 use prost::Message;
 
+use super::machine::{Disk, DiskFormat, MachineError, Nic, QemuMachine};
 use super::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 use crate::proto;
 use crate::protocol::record::{CookieRecord, mode_from_proto, status_from_proto, status_to_proto};
@@ -18,6 +19,9 @@ pub enum CookieError {
     IncompatibleVersion { theirs: u32, ours: u32 },
     #[error("mandatory feature {0:?} is not known on this host")]
     UnknownMandatoryFeature(String),
+    /// The VM's machine is not well formed, whatever host it goes to.
+    #[error("vm {vm}: {error}")]
+    Machine { vm: String, error: MachineError },
 }
 
 /// Decode a cookie and check its protocol version.
@@ -69,8 +73,9 @@ pub struct Incoming {
     pub mode: Mode,
 }
 
-/// Check a decoded C1: a VM spec is present and sane, the mode is set, and
-/// every mandatory feature is one `knows` accepts.
+/// Check a decoded C1: a VM spec is present and sane (its machine well
+/// formed), the mode is set, and every mandatory feature is one `knows`
+/// accepts.
 pub fn check_cookie1(
     c1: &proto::Cookie1,
     knows: impl Fn(&str) -> bool,
@@ -90,11 +95,18 @@ pub fn check_cookie1(
     if let Some(unknown) = c1.mandatory_features.iter().find(|f| !knows(f)) {
         return Err(CookieError::UnknownMandatoryFeature(unknown.clone()));
     }
+    let vm = vm_from_proto(vm)?;
+    if let Some(machine) = &vm.qemu {
+        machine.check().map_err(|error| CookieError::Machine {
+            vm: vm.name.clone(),
+            error,
+        })?;
+    }
     Ok(Incoming {
         attempt_id: c1.attempt_id.clone(),
         migration_id: c1.migration_id.clone(),
         source: c1.source.clone(),
-        vm: vm_from_proto(vm),
+        vm,
         mode,
     })
 }
@@ -142,16 +154,21 @@ pub fn vm_to_proto(vm: &VmSpec) -> proto::VmSpec {
                 required: f.required,
             })
             .collect(),
-        qemu: vm.qemu.as_ref().map(|q| proto::QemuGuest {
-            kernel: q.kernel.clone(),
-            append: q.append.clone(),
-            args: q.args.clone(),
-        }),
+        qemu: vm.qemu.as_ref().map(machine_to_proto),
     }
 }
 
-pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
-    VmSpec {
+/// A VM spec from C1. A disk format this build does not know is refused:
+/// reading an image in the wrong format would hand the guest garbage.
+pub fn vm_from_proto(vm: &proto::VmSpec) -> Result<VmSpec, CookieError> {
+    let qemu = match &vm.qemu {
+        Some(q) => Some(machine_from_proto(q).map_err(|error| CookieError::Machine {
+            vm: vm.name.clone(),
+            error,
+        })?),
+        None => None,
+    };
+    Ok(VmSpec {
         name: vm.name.clone(),
         memory_mib: vm.memory_mib,
         vcpus: vm.vcpus,
@@ -165,12 +182,81 @@ pub fn vm_from_proto(vm: &proto::VmSpec) -> VmSpec {
                 required: f.required,
             })
             .collect(),
-        qemu: vm.qemu.as_ref().map(|q| super::QemuGuest {
-            kernel: q.kernel.clone(),
-            append: q.append.clone(),
-            args: q.args.clone(),
-        }),
+        qemu,
+    })
+}
+
+/// The machine for C1. Free arguments of an old spec are never sent (Begin
+/// refuses such a VM).
+fn machine_to_proto(m: &QemuMachine) -> proto::QemuMachine {
+    proto::QemuMachine {
+        kernel: m.kernel.clone(),
+        append: m.append.clone(),
+        machine: m.machine.clone(),
+        disks: m
+            .disks
+            .iter()
+            .map(|d| proto::Disk {
+                storage: d.storage.clone(),
+                path: d.path.clone(),
+                format: match d.format {
+                    DiskFormat::Raw => proto::DiskFormat::Raw,
+                    DiskFormat::Qcow2 => proto::DiskFormat::Qcow2,
+                } as i32,
+                readonly: d.readonly,
+            })
+            .collect(),
+        nics: m
+            .nics
+            .iter()
+            .map(|n| proto::Nic {
+                mac: n.mac.clone(),
+                network: n.network.clone(),
+            })
+            .collect(),
     }
+}
+
+fn machine_from_proto(m: &proto::QemuMachine) -> Result<QemuMachine, MachineError> {
+    let disks = m
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let format = match proto::DiskFormat::try_from(d.format) {
+                Ok(proto::DiskFormat::Raw) => DiskFormat::Raw,
+                Ok(proto::DiskFormat::Qcow2) => DiskFormat::Qcow2,
+                _ => {
+                    return Err(MachineError::new(
+                        format!("qemu.disks[{i}].format"),
+                        &d.format.to_string(),
+                        "is not a disk format (raw or qcow2)",
+                    ));
+                }
+            };
+            Ok(Disk {
+                storage: d.storage.clone(),
+                path: d.path.clone(),
+                format,
+                readonly: d.readonly,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(QemuMachine {
+        machine: m.machine.clone(),
+        kernel: m.kernel.clone(),
+        append: m.append.clone(),
+        disks,
+        nics: m
+            .nics
+            .iter()
+            .map(|n| Nic {
+                mac: n.mac.clone(),
+                network: n.network.clone(),
+            })
+            .collect(),
+        legacy_args: Vec::new(),
+    })
 }
 
 /// A cookie decoded for an operator: its name, size and what it says.
@@ -324,6 +410,68 @@ mod tests {
         assert_eq!(incoming.mode, Mode::Safe);
         assert_eq!(incoming.vm.features[0].driver, "port-profile");
         assert_eq!(decoded.mandatory_features, vec!["port-profile".to_string()]);
+    }
+
+    fn qemu_spec() -> VmSpec {
+        VmSpec {
+            qemu: Some(QemuMachine {
+                machine: "q35".into(),
+                kernel: "vmlinuz".into(),
+                append: "console=ttyS0".into(),
+                disks: vec![Disk {
+                    storage: "images".into(),
+                    path: "web-01/root.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    readonly: true,
+                }],
+                nics: vec![Nic {
+                    mac: "52:54:00:00:00:01".into(),
+                    network: "lan".into(),
+                }],
+                legacy_args: Vec::new(),
+            }),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn a_typed_machine_round_trips_through_c1() {
+        let c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        let decoded: proto::Cookie1 = decode("C1", &c1.encode_to_vec()).unwrap();
+        let incoming = check_cookie1(&decoded, |_| true).unwrap();
+        assert_eq!(incoming.vm.qemu, qemu_spec().qemu);
+    }
+
+    #[test]
+    fn free_arguments_of_an_old_spec_never_cross_the_network() {
+        let mut vm = qemu_spec();
+        if let Some(q) = &mut vm.qemu {
+            q.legacy_args = vec!["-drive".into(), "file=/dev/sda".into()];
+        }
+        let bytes = cookie1("m1.1", "m1", "hv-a", &vm, Mode::Safe).encode_to_vec();
+        assert!(!String::from_utf8_lossy(&bytes).contains("/dev/sda"));
+    }
+
+    #[test]
+    fn a_malformed_machine_is_refused_naming_the_field() {
+        let mut c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        let q = c1.vm.as_mut().unwrap().qemu.as_mut().unwrap();
+        q.kernel = "../../etc/shadow".into();
+        let err = check_cookie1(&c1, |_| true).unwrap_err();
+        assert!(matches!(err, CookieError::Machine { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("vm web-01: qemu.kernel \"../../etc/shadow\" is a path"),
+            "{err}"
+        );
+        // A disk format this build does not know is not read as raw.
+        let mut c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        c1.vm.as_mut().unwrap().qemu.as_mut().unwrap().disks[0].format = 9;
+        let err = check_cookie1(&c1, |_| true).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "vm web-01: qemu.disks[0].format \"9\" is not a disk format (raw or qcow2)"
+        );
     }
 
     #[test]

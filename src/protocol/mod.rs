@@ -17,6 +17,7 @@
 
 pub mod cookies;
 pub mod destination;
+pub mod machine;
 pub mod mutations;
 pub mod policy;
 pub mod record;
@@ -27,12 +28,17 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
+pub use machine::QemuMachine;
+
 /// Milliseconds on the caller's clock.
 pub type Millis = u64;
 
 /// The protocol version this build speaks. A peer with another major version
-/// is rejected in Prepare.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// is rejected in Prepare. 2: a QEMU guest's machine is typed (kernel by
+/// name, disks by storage, NICs by network) and C1 carries no free QEMU
+/// arguments; a version-1 destination would have read the kernel's name as
+/// a path and dropped the disks.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -190,26 +196,11 @@ pub struct VmSpec {
     pub dirty_rate_mib_s: u64,
     #[serde(default)]
     pub features: Vec<FeatureSpec>,
-    /// How the qemu backend starts this guest; the same on every host, so
-    /// it travels in C1 with the rest of the spec.
+    /// The machine the qemu backend runs this guest as: the same on every
+    /// host, by names each host resolves in its own config, so it travels
+    /// in C1 with the rest of the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub qemu: Option<QemuGuest>,
-}
-
-/// What a QEMU guest boots and which devices it has beyond memory and vCPUs.
-/// Paths must be valid on every host the guest may move to (shared storage).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QemuGuest {
-    /// A kernel for `-kernel` (e.g. a multiboot ELF).
-    #[serde(default)]
-    pub kernel: String,
-    /// Its command line, for `-append`.
-    #[serde(default)]
-    pub append: String,
-    /// More QEMU arguments, appended as given (drives, NICs).
-    #[serde(default)]
-    pub args: Vec<String>,
+    pub qemu: Option<QemuMachine>,
 }
 
 /// Transfer progress as the hypervisor reports it.

@@ -565,6 +565,39 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// A Peer client to `host`'s agent, as another agent would call it.
+pub async fn peer_client(
+    cluster: &Cluster,
+    host: &str,
+) -> tern::proto::peer_client::PeerClient<tonic::transport::Channel> {
+    let address = cluster.address(host);
+    tern::proto::peer_client::PeerClient::connect(address.clone())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {host} at {address}: {e}"))
+}
+
+/// How long a raw Peer call may take to be answered.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// A raw `Peer.Prepare` of `c1` to `host`, as a source would send it.
+pub fn call_prepare(
+    cluster: &Cluster,
+    host: &str,
+    c1: &tern::proto::Cookie1,
+) -> Result<tern::proto::PrepareReply, tonic::Status> {
+    use prost::Message;
+    block_on(async {
+        let mut client = peer_client(cluster, host).await;
+        let request = tern::proto::PrepareRequest {
+            cookie1: c1.encode_to_vec(),
+        };
+        tokio::time::timeout(ANSWER_WITHIN, client.prepare(request))
+            .await
+            .expect("Prepare did not answer within 10 s")
+            .map(|r| r.into_inner())
+    })
+}
+
 /// The exit code of `tern ARGS` and the last JSON line it printed; fails the
 /// test, showing what it printed, if there is none.
 pub fn last_json(args: &[&str], out: &Output) -> (i32, Value) {

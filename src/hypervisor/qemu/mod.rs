@@ -15,7 +15,12 @@
 //! `query-migrate` into progress; Finish waits for the incoming side to
 //! complete, and the guest's CPUs start only on `resume` (`cont`). Abort is
 //! `migrate_cancel`, resume the source, kill the incoming QEMU.
+//!
+//! What a guest boots and its disks and NICs come from its typed machine,
+//! resolved against this host's config (`machine`), and every QEMU runs in
+//! QEMU's seccomp sandbox, as `run_as` when that is set.
 
+pub mod machine;
 pub mod qmp;
 
 use std::collections::BTreeMap;
@@ -30,9 +35,11 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
+use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, MachineAllowList};
+use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
 
 /// How often a transfer's progress is read from QEMU.
@@ -67,6 +74,10 @@ pub struct QemuSettings {
     pub auto_converge: bool,
     pub multifd_channels: u32,
     pub capacity: HostCapacity,
+    /// The kernels, storage and networks a guest's machine may use here.
+    pub allowed: MachineAllowList,
+    /// The user QEMU runs as once it has opened its files.
+    pub run_as: Option<String>,
 }
 
 impl QemuSettings {
@@ -85,7 +96,23 @@ impl QemuSettings {
                 memory_mib: h.memory_mib,
                 vcpus: h.vcpus,
             },
+            allowed: MachineAllowList::from_config(config),
+            run_as: h.run_as.clone(),
         }
+    }
+
+    /// QEMU's seccomp filter: no obsolete system calls, no new processes
+    /// (so no network scripts), no resource control, and no set*id calls
+    /// unless `-runas` must make the one that drops root: QEMU 7.2 installs
+    /// the filter before it changes user, and `elevateprivileges=deny` kills
+    /// it there (LXD passes `allow` for the same reason).
+    fn sandbox(&self) -> String {
+        let elevate = if self.run_as.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
     }
 }
 
@@ -110,6 +137,9 @@ struct Held {
     spec: VmSpec,
     /// Started paused for an incoming migration and not resumed since.
     incoming: bool,
+    /// The taps made for its NICs, removed once it is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    taps: Vec<String>,
 }
 
 struct Instance {
@@ -250,24 +280,36 @@ impl QemuHypervisor {
                         vm = name,
                         "the QEMU of {name} is gone ({e}); it no longer runs on this host"
                     );
-                    self.remove_files(&name);
+                    self.remove_files(&name, &held.taps);
                 }
             }
         }
         self.save()
     }
 
+    /// `spec`'s machine on this host, as its config allows it.
+    fn resolve(&self, spec: &VmSpec) -> Result<Resolved, MachineError> {
+        let s = &self.settings;
+        let seed = self.dir.display().to_string();
+        machine::resolve(&s.allowed, &s.machine, &seed, spec)
+    }
+
     /// Start a QEMU for `spec`: running, or paused for an incoming migration.
+    /// Its machine is resolved (and refused) before anything is made.
     async fn launch(&self, spec: &VmSpec, incoming: bool) -> Result<Qmp, HypervisorError> {
         let name = &spec.name;
         if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
             return Err(failed(format!("{name:?} cannot name a QEMU guest")));
         }
+        let resolved = self
+            .resolve(spec)
+            .map_err(|e| failed(format!("vm {name}: {e}")))?;
+        let taps = resolved.taps();
         let socket = self.path(name, "qmp");
         let log = self.path(name, "log");
         let _ = std::fs::remove_file(&socket);
         let mut command = tokio::process::Command::new(&self.settings.binary);
-        command.args(self.arguments(spec, incoming));
+        command.args(self.arguments(spec, &resolved, incoming));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -283,7 +325,9 @@ impl QemuHypervisor {
             // Its own process group: a ^C meant for the agent, or the
             // agent's death, must not take the guests with it.
             .process_group(0);
+        machine::create_taps(&resolved.nics).map_err(|e| failed(format!("vm {name}: {e}")))?;
         let mut child = command.spawn().map_err(|e| {
+            machine::remove_taps(taps.iter().map(String::as_str));
             failed(format!(
                 "cannot start {} for {name}: {e}",
                 self.settings.binary
@@ -318,7 +362,7 @@ impl QemuHypervisor {
                 let _ = self.kill_by_pidfile(name);
                 let status = *exited.borrow();
                 let why = last_lines(&log, 3);
-                self.remove_files(name);
+                self.remove_files(name, &taps);
                 return Err(failed(match status {
                     Some(status) => format!("QEMU for {name} exited at start ({status}): {why}"),
                     None => format!("QEMU for {name} did not open QMP: {e}; {why}"),
@@ -336,6 +380,7 @@ impl QemuHypervisor {
                 held: Held {
                     spec: spec.clone(),
                     incoming,
+                    taps,
                 },
                 qmp: qmp.clone(),
                 state,
@@ -345,8 +390,8 @@ impl QemuHypervisor {
         Ok(qmp)
     }
 
-    /// QEMU's command line for `spec`.
-    fn arguments(&self, spec: &VmSpec, incoming: bool) -> Vec<String> {
+    /// QEMU's command line for `spec`, its machine resolved on this host.
+    fn arguments(&self, spec: &VmSpec, machine: &Resolved, incoming: bool) -> Vec<String> {
         let s = &self.settings;
         let name = &spec.name;
         let path = |ext: &str| self.path(name, ext).display().to_string();
@@ -354,7 +399,7 @@ impl QemuHypervisor {
             "-name".into(),
             format!("guest={name}"),
             "-machine".into(),
-            format!("{},accel={}", s.machine, s.accel),
+            format!("{},accel={}", machine.machine_type, s.accel),
             "-m".into(),
             spec.memory_mib.to_string(),
             "-smp".into(),
@@ -363,6 +408,8 @@ impl QemuHypervisor {
             "-no-user-config".into(),
             "-display".into(),
             "none".into(),
+            "-sandbox".into(),
+            s.sandbox(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path("qmp")),
             "-pidfile".into(),
@@ -370,15 +417,10 @@ impl QemuHypervisor {
             "-serial".into(),
             format!("file:{}", path("serial")),
         ];
-        if let Some(q) = &spec.qemu {
-            if !q.kernel.is_empty() {
-                args.extend(["-kernel".into(), q.kernel.clone()]);
-                if !q.append.is_empty() {
-                    args.extend(["-append".into(), q.append.clone()]);
-                }
-            }
-            args.extend(q.args.iter().cloned());
+        if let Some(user) = &s.run_as {
+            args.extend(["-runas".into(), user.clone()]);
         }
+        args.extend(machine.arguments());
         if incoming {
             args.extend(["-incoming".into(), "defer".into(), "-S".into()]);
         }
@@ -448,24 +490,24 @@ impl QemuHypervisor {
 
     /// Forget the guests whose QEMU exited on its own: they no longer run here.
     fn prune(&self) {
-        let gone: Vec<String> = {
+        let gone: Vec<(String, Vec<String>)> = {
             let mut guests = self.lock();
             let names: Vec<String> = guests
                 .iter()
                 .filter(|(_, i)| i.gone.load(Ordering::Acquire))
                 .map(|(name, _)| name.clone())
                 .collect();
-            for name in &names {
-                guests.remove(name);
-            }
             names
+                .into_iter()
+                .filter_map(|name| guests.remove(&name).map(|i| (name, i.held.taps)))
+                .collect()
         };
-        for vm in &gone {
+        for (vm, taps) in &gone {
             tracing::warn!(
                 vm,
                 "the QEMU of {vm} exited; it no longer runs on this host"
             );
-            self.remove_files(vm);
+            self.remove_files(vm, taps);
         }
         if !gone.is_empty()
             && let Err(e) = self.save()
@@ -474,9 +516,11 @@ impl QemuHypervisor {
         }
     }
 
-    /// Remove a gone guest's socket and pidfile; its log and serial output
-    /// are kept as `NAME.log.prev` and `NAME.serial.prev` for a post-mortem.
-    fn remove_files(&self, vm: &str) {
+    /// Remove a gone guest's socket, pidfile and taps; its log and serial
+    /// output are kept as `NAME.log.prev` and `NAME.serial.prev` for a
+    /// post-mortem.
+    fn remove_files(&self, vm: &str, taps: &[String]) {
+        machine::remove_taps(taps.iter().map(String::as_str));
         for ext in ["qmp", "pid"] {
             let _ = std::fs::remove_file(self.path(vm, ext));
         }
@@ -599,6 +643,11 @@ impl Hypervisor for QemuHypervisor {
 
     fn capacity(&self) -> HostCapacity {
         self.settings.capacity
+    }
+
+    fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError> {
+        let resolved = self.resolve(spec)?;
+        machine::check_bridges(&resolved, &self.settings.allowed.host)
     }
 
     async fn guests(&self) -> Vec<Guest> {
@@ -817,7 +866,7 @@ impl Hypervisor for QemuHypervisor {
         // Whether it quit or not, make sure: the pid is checked to be QEMU.
         let _ = tokio::time::timeout(QUIT_TIMEOUT, instance.qmp.closed()).await;
         self.kill_by_pidfile(vm)?;
-        self.remove_files(vm);
+        self.remove_files(vm, &instance.held.taps);
         self.save()
     }
 
@@ -849,6 +898,7 @@ mod tests {
 
     use super::qmp::qemu_binary_for_tests;
     use super::*;
+    use crate::protocol::QemuMachine;
 
     fn settings(binary: &Path) -> QemuSettings {
         QemuSettings {
@@ -864,6 +914,11 @@ mod tests {
                 memory_mib: 4096,
                 vcpus: 8,
             },
+            allowed: MachineAllowList {
+                host: "hv-test".into(),
+                ..MachineAllowList::default()
+            },
+            run_as: None,
         }
     }
 
@@ -952,29 +1007,113 @@ mod tests {
         assert_eq!(guest_state("paused", true), GuestState::Incoming);
     }
 
-    #[test]
-    fn the_command_line_carries_the_spec_and_the_incoming_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = QemuHypervisor {
-            settings: settings(Path::new("/usr/bin/qemu-system-x86_64")),
-            dir: dir.path().to_path_buf(),
+    /// Settings whose kernel_dir is `dir/kernels`, holding `k.elf`.
+    fn with_kernels(binary: &Path, dir: &Path) -> QemuSettings {
+        let kernels = dir.join("kernels");
+        std::fs::create_dir_all(&kernels).unwrap();
+        std::fs::write(kernels.join("k.elf"), b"not really a kernel").unwrap();
+        let mut s = settings(binary);
+        s.allowed.kernel_dir = Some(kernels);
+        s
+    }
+
+    fn hypervisor(settings: QemuSettings, dir: &Path) -> QemuHypervisor {
+        QemuHypervisor {
+            settings,
+            dir: dir.to_path_buf(),
             guests: Mutex::new(BTreeMap::new()),
             file: Mutex::new(()),
-        };
+        }
+    }
+
+    #[test]
+    fn the_command_line_carries_the_spec_the_sandbox_and_the_incoming_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hypervisor(
+            with_kernels(Path::new("/usr/bin/qemu-system-x86_64"), dir.path()),
+            dir.path(),
+        );
         let mut vm = spec("web-01");
         vm.vcpus = 2;
-        vm.qemu = Some(crate::protocol::QemuGuest {
-            kernel: "/k.elf".into(),
-            append: "ws=8".into(),
-            args: vec!["-device".into(), "virtio-rng-pci".into()],
+        vm.qemu = Some(QemuMachine {
+            kernel: "k.elf".into(),
+            append: "ws=8 quiet".into(),
+            ..QemuMachine::default()
         });
-        let args = h.arguments(&vm, false).join(" ");
+        let resolved = h.resolve(&vm).unwrap();
+        let argv = h.arguments(&vm, &resolved, false);
+        let args = argv.join(" ");
+        assert!(args.contains("-machine pc,accel="), "{args}");
         assert!(args.contains("-m 64 -smp 2"), "{args}");
-        assert!(args.contains("-kernel /k.elf -append ws=8"), "{args}");
-        assert!(args.ends_with("-device virtio-rng-pci"), "{args}");
+        let kernel = dir.path().canonicalize().unwrap().join("kernels/k.elf");
+        assert!(
+            args.ends_with(&format!("-kernel {} -append ws=8 quiet", kernel.display())),
+            "{args}"
+        );
+        // The kernel's command line is one argument, spaces and all.
+        assert!(argv.contains(&"ws=8 quiet".to_string()), "{argv:?}");
+        assert!(
+            args.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{args}"
+        );
+        assert!(!args.contains("-runas"), "{args}");
         assert!(!args.contains("-incoming"), "{args}");
-        let args = h.arguments(&vm, true).join(" ");
+        let args = h.arguments(&vm, &resolved, true).join(" ");
         assert!(args.ends_with("-incoming defer -S"), "{args}");
+        // The guest's own machine type wins over the host's.
+        vm.qemu.as_mut().unwrap().machine = "q35".into();
+        let args = h.arguments(&vm, &h.resolve(&vm).unwrap(), false).join(" ");
+        assert!(args.contains("-machine q35,accel="), "{args}");
+    }
+
+    #[test]
+    fn run_as_adds_runas_and_lets_qemu_make_its_one_setuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(Path::new("/usr/bin/qemu-system-x86_64"));
+        s.run_as = Some("tern-qemu".into());
+        let h = hypervisor(s, dir.path());
+        let vm = spec("g");
+        let args = h.arguments(&vm, &h.resolve(&vm).unwrap(), false).join(" ");
+        assert!(
+            args.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny \
+                 -qmp"
+            ),
+            "{args}"
+        );
+        assert!(args.contains("-runas tern-qemu"), "{args}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_machine_starts_no_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        // A binary that would leave a mark if it ever ran.
+        let marker = dir.path().join("ran");
+        let fake = dir.path().join("qemu-system-x86_64");
+        std::fs::write(&fake, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+        let mut perms = std::fs::metadata(&fake).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&fake, perms).unwrap();
+        let h = QemuHypervisor::open(dir.path(), with_kernels(&fake, dir.path()), &[])
+            .await
+            .unwrap();
+        let mut vm = spec("g");
+        vm.qemu = Some(QemuMachine {
+            kernel: "../../etc/shadow".into(),
+            ..QemuMachine::default()
+        });
+        let refusal = h.check_spec(&vm).unwrap_err();
+        assert_eq!(refusal.field, "qemu.kernel");
+        let err = h.start_incoming(&vm, "m1.1").await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("vm g: qemu.kernel \"../../etc/shadow\" is a path"),
+            "{err}"
+        );
+        assert!(!marker.exists(), "QEMU was started");
+        assert!(!dir.path().join("qemu/g.log").exists(), "{err}");
+        assert!(h.guests().await.is_empty());
     }
 
     #[tokio::test]
@@ -1136,18 +1275,20 @@ mod tests {
         };
         let a = tempfile::tempdir().unwrap();
         let _reaper = Reaper(vec![a.path().into()]);
+        // A kernel the allow-list admits but QEMU cannot load.
         let mut bad = spec("g");
-        bad.qemu = Some(crate::protocol::QemuGuest {
-            kernel: "/nonexistent/kernel.elf".into(),
-            ..Default::default()
+        bad.qemu = Some(QemuMachine {
+            kernel: "k.elf".into(),
+            ..QemuMachine::default()
         });
-        let err = match QemuHypervisor::open(a.path(), settings(&binary), &[bad]).await {
-            Ok(_) => panic!("a missing kernel must stop the start"),
+        let settings = with_kernels(&binary, a.path());
+        let err = match QemuHypervisor::open(a.path(), settings, &[bad]).await {
+            Ok(_) => panic!("a kernel QEMU cannot load must stop the start"),
             Err(e) => e.to_string(),
         };
         assert!(err.contains("QEMU for g exited at start"), "{err}");
         assert!(
-            err.contains("/nonexistent/kernel.elf"),
+            err.contains("invalid kernel header"),
             "QEMU's own words: {err}"
         );
     }
