@@ -452,3 +452,55 @@ fn an_agent_refuses_a_certificate_that_is_not_its_own() {
         "{stderr}"
     );
 }
+
+/// The genuine source may not put what the destination does not allow in
+/// its C1 either: a typed machine naming a path is refused by field, and
+/// nothing is admitted.
+#[test]
+fn a_c1_naming_what_the_destination_does_not_allow_is_refused_by_field() {
+    use tern::protocol::{Mode, QemuMachine, VmSpec, cookies};
+    let cluster = two_hosts();
+    let hv_a = tls(&cluster).identities.join("hv-a");
+    let vm = VmSpec {
+        name: "intruder".into(),
+        memory_mib: 64,
+        vcpus: 1,
+        dirty_rate_mib_s: 0,
+        features: vec![],
+        qemu: Some(QemuMachine {
+            kernel: "../../etc/shadow".into(),
+            ..QemuMachine::default()
+        }),
+    };
+    let c1 = cookies::cookie1("m-x.1", "m-x", "hv-a", &vm, Mode::Fast);
+    let before = cluster.status();
+    let status = block_on(async {
+        let mut b = PeerClient::new(channel_as(&cluster, "hv-b", &hv_a).await.unwrap());
+        b.prepare(proto::PrepareRequest {
+            cookie1: c1.encode_to_vec(),
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("qemu.kernel \"../../etc/shadow\" is a path"),
+        "{status:?}"
+    );
+    let after = cluster.status();
+    assert_eq!(before["vms"], after["vms"]);
+    assert_eq!(
+        host_of(&before, "hv-b")["incoming"],
+        host_of(&after, "hv-b")["incoming"]
+    );
+    let entries = audit(&cluster);
+    let tried = find_audit(&entries, "hv-a", "peer prepare");
+    assert!(
+        tried
+            .iter()
+            .any(|e| e["ok"] == false && e["target"] == "m-x.1"),
+        "{entries:#?}"
+    );
+}
