@@ -684,6 +684,25 @@ fn a_cut_link_stalls_the_transfer_and_the_source_resumes() {
         // Plaintext on the namespaces' addresses: these agents have no [tls].
         "insecure = true\nheartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
     ));
+    // Plaintext on a network address is said loudly: in the log and in
+    // every `tern status`.
+    let status = cluster.status();
+    for host in ["qa", "qb"] {
+        let h = common::host_of(&status, host);
+        assert_eq!(h["security"], "insecure", "{h}");
+        assert!(
+            h["warnings"][0]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("INSECURE"),
+            "{h}"
+        );
+        assert!(
+            cluster.log(host).contains("INSECURE"),
+            "{}",
+            cluster.log(host)
+        );
+    }
     let id = migrate_g1_until_data_flows(&cluster);
     ns.link(false);
     let record = cluster.wait_outcome(&id);
