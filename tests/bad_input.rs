@@ -183,8 +183,8 @@ fn prepare_with_an_unknown_mandatory_feature_is_invalid_argument_naming_it() {
     let cluster = two_hosts();
     let before = cluster.status();
     let mut c1 = tern::protocol::cookies::cookie1(
-        "m-bad001.1",
-        "m-bad001",
+        "m-000000bad001.1",
+        "m-000000bad001",
         "hv-a",
         &incoming_vm("db-09"),
         Mode::Safe,
@@ -203,8 +203,8 @@ fn prepare_with_another_protocol_version_is_failed_precondition_naming_both() {
     let cluster = two_hosts();
     let before = cluster.status();
     let mut c1 = tern::protocol::cookies::cookie1(
-        "m-bad002.1",
-        "m-bad002",
+        "m-000000bad002.1",
+        "m-000000bad002",
         "hv-a",
         &incoming_vm("db-09"),
         Mode::Safe,
@@ -229,15 +229,15 @@ fn the_same_c1_is_accepted_when_valid() {
     // Control for the two refusals above: the hand-built C1 itself is fine.
     let cluster = two_hosts();
     let c1 = tern::protocol::cookies::cookie1(
-        "m-good01.1",
-        "m-good01",
+        "m-0000000600d1.1",
+        "m-0000000600d1",
         "hv-a",
         &incoming_vm("db-09"),
         Mode::Safe,
     );
     let reply = call_prepare(&cluster, "hv-b", &c1).expect("a valid C1 was refused");
     let c2 = proto::Cookie2::decode(reply.cookie2.as_slice()).unwrap();
-    assert_eq!(c2.attempt_id, "m-good01.1");
+    assert_eq!(c2.attempt_id, "m-0000000600d1.1");
     assert!(
         cluster.guests_of("db-09").iter().any(|(h, _)| h == "hv-b"),
         "{:?}",
@@ -462,8 +462,8 @@ fn malformed_inventory_makes_status_exit_64_naming_the_file() {
 fn a_repeated_prepare_after_the_attempt_rolled_back_is_refused_and_changes_nothing() {
     let cluster = two_hosts();
     let c1 = tern::protocol::cookies::cookie1(
-        "m-twice1.1",
-        "m-twice1",
+        "m-00000000ec01.1",
+        "m-00000000ec01",
         "hv-a",
         &incoming_vm("db-09"),
         Mode::Safe,
@@ -478,6 +478,6 @@ fn a_repeated_prepare_after_the_attempt_rolled_back_is_refused_and_changes_nothi
     let status = call_prepare(&cluster, "hv-b", &c1)
         .expect_err("a repeated Prepare of an ended attempt was accepted");
     assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
-    assert!(status.message().contains("m-twice1.1"), "{status:?}");
+    assert!(status.message().contains("m-00000000ec01.1"), "{status:?}");
     assert_nothing_incoming(&cluster, "hv-b", "db-09");
 }

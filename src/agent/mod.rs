@@ -28,6 +28,7 @@ use crate::hypervisor::qemu::{QemuHypervisor, QemuSettings};
 use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
+use crate::protocol::bounds::{self, IdKind};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::{Mode, RunOn};
 
@@ -411,6 +412,8 @@ impl Agent {
     /// nothing left running for it here (the guest's resume or kill has
     /// answered, so the record says where the guest is), or unresolved.
     pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        bounds::check_id("MigrationRef.id", id, IdKind::Migration)
+            .map_err(|e| Refusal::InvalidArgument(e.to_string()))?;
         self.wait_until(|| async {
             let key = id.to_string();
             let (record, live) = self
@@ -435,6 +438,8 @@ impl Agent {
 
     /// Wait until an evacuation has ended.
     pub async fn wait_evacuation(&self, id: &str) -> Result<Evacuation, Refusal> {
+        bounds::check_id("EvacuationRef.id", id, IdKind::Evacuation)
+            .map_err(|e| Refusal::InvalidArgument(e.to_string()))?;
         self.wait_until(|| async {
             let job = self
                 .evacuation(id)

@@ -13,6 +13,7 @@ use super::Agent;
 use crate::features::Faults;
 use crate::host::{PeerCall, PeerResponse, Refusal};
 use crate::proto::{self, console_server, peer_server};
+use crate::protocol::bounds::{self, IdKind};
 use crate::protocol::record::mode_from_proto;
 use crate::protocol::{RunOn, Stage};
 
@@ -131,6 +132,11 @@ struct ConsoleService(Arc<Agent>);
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
+/// An id in a request that is only looked up (the core checks the others).
+fn check_id(field: &str, id: &str, kind: IdKind) -> Result<(), Status> {
+    bounds::check_id(field, id, kind).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 fn mode(value: i32) -> Result<Option<crate::protocol::Mode>, Status> {
     if value == 0 {
         return Ok(None);
@@ -213,6 +219,7 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::MigrationRef>,
     ) -> Result<Response<proto::MigrationRecord>, Status> {
         let id = request.into_inner().id;
+        check_id("MigrationRef.id", &id, IdKind::Migration)?;
         let record =
             self.0.migration(&id).await.ok_or_else(|| {
                 Status::not_found(format!("no migration {id} on {}", self.0.name))
@@ -332,6 +339,7 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::EvacuationRef>,
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
         let id = request.into_inner().id;
+        check_id("EvacuationRef.id", &id, IdKind::Evacuation)?;
         let job =
             self.0.evacuation(&id).await.ok_or_else(|| {
                 Status::not_found(format!("no evacuation {id} on {}", self.0.name))

@@ -10,8 +10,9 @@ use super::client::{
     Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
 };
 use super::output::{pending_rollback_line, record_summary, rollback_reply, started_line};
-use super::{CliError, CliResult, exit, exit_code_for_outcome};
+use super::{CliError, CliResult, check_id, exit, exit_code_for_outcome};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::record::{MigrationRecord, mode_to_proto};
 use crate::protocol::{Mode, RunOn};
 
@@ -31,6 +32,7 @@ pub async fn migrate(
     mode: Mode,
     report: Report,
 ) -> CliResult {
+    crate::protocol::bounds::check_name("VM", vm).map_err(|e| CliError::usage(e.to_string()))?;
     let cluster = Cluster::load(inventory)?;
     cluster.check_host(to)?;
     let links = cluster.connect_all().await;
@@ -58,6 +60,7 @@ pub async fn retry(
     mode: Option<Mode>,
     report: Report,
 ) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(inventory)?;
     if let Some(to) = to {
         cluster.check_host(to)?;
@@ -140,6 +143,7 @@ fn agent_named<'a>(links: &'a [Link], name: &str) -> Result<&'a Agent, CliError>
 
 /// `tern abort ID`: stop a migration before its commit point.
 pub async fn abort(inventory: &Path, id: &str) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(inventory)?;
     let links = cluster.connect_all().await;
     let (owner, _) = find_migration(&links, id).await?;
@@ -155,6 +159,7 @@ pub async fn abort(inventory: &Path, id: &str) -> CliResult {
 /// host now (they stay on the host where they failed). 0 when nothing is
 /// pending any more, 1 when some still are.
 pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(inventory)?;
     let links = cluster.connect_all().await;
     let replies =
@@ -203,6 +208,7 @@ pub async fn rollback(inventory: &Path, id: &str) -> CliResult {
 /// `tern rollback ID --forget`: drop a migration's pending work on every
 /// host, after a warning and the VM name as confirmation (unless `--yes`).
 pub async fn forget(inventory: &Path, id: &str, yes: bool) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(inventory)?;
     let links = cluster.connect_all().await;
     let (_, record) = find_migration(&links, id).await?;
@@ -252,6 +258,7 @@ pub async fn forget(inventory: &Path, id: &str, yes: bool) -> CliResult {
 /// decision for an unresolved attempt. It warns what a wrong choice does and
 /// asks for the VM name unless `--yes`.
 pub async fn resolve(inventory: &Path, id: &str, run_on: RunOn, yes: bool) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(inventory)?;
     let links = cluster.connect_all().await;
     let (owner, record) = find_migration(&links, id).await?;

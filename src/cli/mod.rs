@@ -113,6 +113,16 @@ pub fn exit_code_for_status(code: Code) -> u8 {
     }
 }
 
+/// An id the operator typed, checked by the rule agents check it by, so a
+/// typo is bad usage before any agent is asked.
+pub fn check_id(
+    what: &str,
+    id: &str,
+    kind: crate::protocol::bounds::IdKind,
+) -> Result<(), CliError> {
+    crate::protocol::bounds::check_id(what, id, kind).map_err(|e| CliError::usage(e.to_string()))
+}
+
 /// The error chain of `err`, outermost first, joined with ": " (tonic's
 /// transport errors say only "transport error" at the top).
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {

@@ -41,6 +41,7 @@ use crate::config::AgentConfig;
 use crate::features::StageContext;
 use crate::hypervisor::{Guest, HostCapacity};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::destination::{Answer, DestinationAttempt};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::SourceAttempt;
@@ -760,8 +761,10 @@ impl HostCore {
         call
     }
 
-    /// A new id, unique on this host: `prefix-` then `hex` hex digits.
-    fn new_id(&mut self, prefix: &str, hex: usize, taken: impl Fn(&str) -> bool) -> String {
+    /// A new id of `kind`, unique on this host: its prefix, `-`, then its
+    /// number of hex digits (the format [`bounds::check_id`] checks).
+    fn new_id(&mut self, kind: IdKind, taken: impl Fn(&str) -> bool) -> String {
+        let (prefix, hex) = kind.format();
         loop {
             let n = self.next_id();
             let bits = splitmix(self.cfg.id_salt ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -790,6 +793,18 @@ impl HostCore {
 
     pub fn migration(&self, id: &str) -> Option<&MigrationRecord> {
         self.sources.get(id).map(|s| &s.attempt.record)
+    }
+
+    /// Whether this host has anything of migration `id`: its record as the
+    /// source, an attempt as the destination, or pending work.
+    pub fn knows_migration(&self, id: &str) -> bool {
+        self.sources.contains_key(id)
+            || self
+                .destinations
+                .values()
+                .any(|d| d.attempt.migration_id == id)
+            || self.ended.values().any(|a| a.migration_id == id)
+            || self.pending.values().any(|p| p.migration_id == id)
     }
 
     /// The migration holding a VM's lock.

@@ -6,6 +6,7 @@ use prost::Message;
 
 use super::*;
 use crate::hypervisor::{Guest, GuestState};
+use crate::protocol::bounds;
 use crate::protocol::cookies;
 use crate::protocol::destination;
 use crate::protocol::{FeatureSpec, Mode, VmSpec};
@@ -189,7 +190,7 @@ fn finish_call(attempt: &str) -> Request {
 fn prepared_destination() -> (Host, ReqId) {
     let mut b = Host::new(B);
     let spec = vm("web-01", &[]);
-    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     assert!(
@@ -205,7 +206,7 @@ fn prepared_destination() -> (Host, ReqId) {
 /// Drive a prepared destination through Finish up to its commit: the
 /// actions of the last step (the resume is asked for) and Finish's request id.
 fn finishing(b: &mut Host) -> (ReqId, Vec<Action>) {
-    let (req, actions) = b.request(finish_call("m-1.1"));
+    let (req, actions) = b.request(finish_call("m-000000000001.1"));
     let complete = op_of(&actions, |o| matches!(o, Op::CompleteIncoming { .. }))
         .expect("waits for the transfer");
     let actions = b.op_done(complete, Ok(OpOutput::Done));
@@ -218,14 +219,14 @@ fn an_abort_right_after_prepare_finds_the_attempt_registered() {
     let spec = vm("web-01", &[]);
     // Prepare was admitted and registered in the same step: no gap where
     // an abort would be answered "not known here" and then be too late.
-    let (_, _) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
-    let (req, actions) = b.request(abort_call("m-1.1"));
+    let (_, _) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
+    let (req, actions) = b.request(abort_call("m-000000000001.1"));
     assert!(
         !matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Abort(r)))) if r.detail == "not known here"),
         "{actions:?}"
     );
     assert!(
-        b.core.is_live("m-1.1"),
+        b.core.is_live("m-000000000001.1"),
         "it rolls back once the start answers"
     );
 }
@@ -234,11 +235,11 @@ fn an_abort_right_after_prepare_finds_the_attempt_registered() {
 fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
     let mut b = Host::new(B);
     let spec = vm("web-01", &[]);
-    let (_, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (_, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     // QEMU takes 15 s to start; the source heartbeats every second.
     for t in (2_000..=16_000).step_by(1_000) {
-        b.at(t).request(heartbeat_call("m-1.1"));
+        b.at(t).request(heartbeat_call("m-000000000001.1"));
         let actions = b.timer();
         assert!(
             !actions.iter().any(|a| matches!(
@@ -253,8 +254,11 @@ fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
     }
     b.at(16_500)
         .op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
-    assert!(b.core.is_live("m-1.1"));
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+    assert!(b.core.is_live("m-000000000001.1"));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Pending)
+    );
 }
 
 #[test]
@@ -296,7 +300,10 @@ fn the_commit_is_durable_before_the_resume_and_answered_only_after_it() {
         reply_to(&actions, finish).is_none(),
         "nobody hears \"committed\" before the CPUs run: {actions:?}"
     );
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Pending)
+    );
     let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
     let actions = b.op_done(op, Ok(OpOutput::Done));
     let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, finish) else {
@@ -359,7 +366,7 @@ fn a_resume_that_never_answers_ends_in_a_decision_at_its_deadline() {
         Some(Ok(Response::Peer(PeerResponse::Finish(_))))
     ));
     assert_eq!(
-        b.core.answer("m-1.1"),
+        b.core.answer("m-000000000001.1"),
         Some(destination::Answer::NotCommitted)
     );
     // A late answer to the call given up on changes nothing.
@@ -375,13 +382,16 @@ fn a_commit_whose_guest_is_gone_is_lost_not_committed() {
     let actions = b.at(deadline).timer();
     let status = op_of(&actions, |o| matches!(o, Op::Status { .. })).expect("a status");
     b.op_done(status, Ok(OpOutput::Status(None)));
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Lost));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Lost)
+    );
 }
 
 #[test]
 fn not_committed_leaves_only_after_the_decision_is_durable() {
     let (mut b, _) = prepared_destination();
-    let (req, actions) = b.request(resolve_call("m-1.1"));
+    let (req, actions) = b.request(resolve_call("m-000000000001.1"));
     let durable = position(&actions, |a| {
         matches!(a, Action::Journal { durable: true, .. })
     })
@@ -397,9 +407,9 @@ fn not_committed_leaves_only_after_the_decision_is_durable() {
 #[test]
 fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
     let mut b = Host::new(B);
-    let (req, actions) = b.request(resolve_call("m-9.1"));
+    let (req, actions) = b.request(resolve_call("m-000000000009.1"));
     let tombstone = position(&actions, |a| {
-        matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-9.1")
+        matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-000000000009.1")
     })
     .expect("a durable tombstone");
     let answer = position(
@@ -409,7 +419,11 @@ fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
     .expect("an answer");
     assert!(tombstone < answer);
     // And the late Prepare of it is refused.
-    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-9.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-01", &[]),
+        "m-000000000009.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::FailedPrecondition(m))) if m.contains("aborted")),
         "{actions:?}"
@@ -421,9 +435,13 @@ fn a_destination_at_its_limit_refuses_as_busy() {
     let mut b = Host::new(B);
     for i in 0..2 {
         let spec = vm(&format!("web-0{i}"), &[]);
-        b.request(prepare_call(&spec, &format!("m-{i}.1"), Mode::Safe));
+        b.request(prepare_call(&spec, &format!("m-{i:012x}.1"), Mode::Safe));
     }
-    let (req, actions) = b.request(prepare_call(&vm("web-09", &[]), "m-9.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-09", &[]),
+        "m-000000000009.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("max_incoming = 2")),
         "{actions:?}"
@@ -441,7 +459,7 @@ fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
         ..config(B)
     });
     let spec = vm("web-01", &[("port-profile", true)]);
-    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     let stage = op_of(
@@ -563,10 +581,10 @@ fn begin_refuses_a_vm_still_arriving_here() {
 fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
     let mut b = Host::new(B);
     b.core.pending.insert(
-        ("m-0.1".into(), String::new(), "kill".into()),
+        ("m-000000000000.1".into(), String::new(), "kill".into()),
         Pending {
-            attempt_id: "m-0.1".into(),
-            migration_id: "m-0".into(),
+            attempt_id: "m-000000000000.1".into(),
+            migration_id: "m-000000000000".into(),
             vm: "web-01".into(),
             feature: String::new(),
             work: Work::Kill,
@@ -575,7 +593,11 @@ fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
             next_try_ms: 99_999,
         },
     );
-    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-01", &[]),
+        "m-000000000001.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("pending kill")),
         "{actions:?}"
@@ -656,7 +678,12 @@ fn ids_differ_between_hosts_and_restarts() {
             ..config(A)
         });
         for _ in 0..100 {
-            assert!(ids.insert(core.new_id("m", 12, |_| false)));
+            let id = core.new_id(IdKind::Migration, |_| false);
+            // Every id a host makes passes the rule requests are checked by.
+            bounds::check_id("id", &id, IdKind::Migration).unwrap();
+            assert!(ids.insert(id));
         }
+        let id = core.new_id(IdKind::Evacuation, |_| false);
+        bounds::check_id("id", &id, IdKind::Evacuation).unwrap();
     }
 }

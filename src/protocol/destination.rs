@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::bounds::{MAX_TEXT_LEN, clip};
 use super::cookies::{Incoming, stage_result};
 use super::mutations::{Mutation, planted};
 use super::policy::{is_blocking, rollback_set};
@@ -984,7 +985,7 @@ impl DestinationAttempt {
             error: if accepted {
                 String::new()
             } else {
-                self.error.clone().unwrap_or_default()
+                clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             rollback: self.results(Stage::Rollback),
         }
@@ -1001,7 +1002,7 @@ impl DestinationAttempt {
             error: if committed && self.lost.is_none() {
                 String::new()
             } else {
-                self.error.clone().unwrap_or_default()
+                clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             lost: self.lost.is_some(),
         }

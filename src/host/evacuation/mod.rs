@@ -24,6 +24,7 @@ use super::{
 };
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::{Cause, Millis, Mode, Outcome, PeerError};
 use job::{Control, Evacuation, JobState, JobVm, Verdict, VmState};
 use placement::{Candidate, Unfit};
@@ -180,7 +181,7 @@ impl HostCore {
             })
             .collect();
         let taken: Vec<String> = self.evacuations.jobs.keys().cloned().collect();
-        let id = self.new_id("e", 8, |id| taken.iter().any(|t| t == id));
+        let id = self.new_id(IdKind::Evacuation, |id| taken.iter().any(|t| t == id));
         let job = Evacuation::new(
             id.clone(),
             &name,
