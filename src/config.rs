@@ -131,6 +131,10 @@ pub struct AgentConfig {
     /// "destination busy", which an evacuation waits out.
     #[serde(default = "default_limit")]
     pub max_incoming: u32,
+    /// Watch streams (consoles, `tern watch`) this agent serves at once;
+    /// one more is refused as ResourceExhausted.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: u32,
     /// How long a feature stage may take before its effect is taken as
     /// unknown (it fails, and a rollback undoes it too).
     #[serde(default = "default_stage_timeout")]
@@ -200,6 +204,11 @@ fn default_rollback_retry() -> u64 {
 fn default_limit() -> u32 {
     2
 }
+fn default_max_watchers() -> u32 {
+    64
+}
+/// The most Watch streams an agent may be configured to serve at once.
+const MAX_WATCHERS: u32 = 4096;
 fn default_stage_timeout() -> u64 {
     60_000
 }
@@ -471,6 +480,15 @@ impl AgentConfig {
                     format!("{key} = {value}: must be at most {MAX_TIMER_MS} (one day)"),
                 ));
             }
+        }
+        if !(1..=MAX_WATCHERS).contains(&config.max_watchers) {
+            return Err(invalid(
+                path,
+                format!(
+                    "max_watchers = {}: must be between 1 and {MAX_WATCHERS}",
+                    config.max_watchers
+                ),
+            ));
         }
         for (key, value) in [
             ("max_outgoing", config.max_outgoing),

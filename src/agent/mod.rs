@@ -82,6 +82,9 @@ pub struct Agent {
     exited: watch::Sender<bool>,
     peers: peers::Peers,
     next_req: AtomicU64,
+    /// Watch streams served now, at most `max_watchers`: each holds a permit.
+    watchers: Arc<tokio::sync::Semaphore>,
+    pub max_watchers: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +110,7 @@ impl Agent {
         config: &AgentConfig,
         inventory: Inventory,
     ) -> Result<Arc<Agent>, StartError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
+        create_state_dir(&config.state_dir).map_err(|source| StartError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
         })?;
@@ -183,6 +186,8 @@ impl Agent {
             exited,
             peers: peers::Peers::new(inventory),
             next_req: AtomicU64::new(1),
+            watchers: Arc::new(tokio::sync::Semaphore::new(config.max_watchers as usize)),
+            max_watchers: config.max_watchers,
         });
         agent.adopt_guests().await;
         shell::spawn(agent.clone(), core, journal, image, rx);
@@ -206,6 +211,12 @@ impl Agent {
 
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
+    }
+
+    /// A slot for one more Watch stream, held until the stream ends; `None`
+    /// when `max_watchers` streams are served already.
+    pub fn watcher_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.watchers.clone().try_acquire_owned().ok()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<proto::Event> {
@@ -574,6 +585,26 @@ impl Agent {
         let mut exited = self.exited.subscribe();
         let _ = exited.wait_for(|e| *e).await.map(|_| ());
     }
+}
+
+/// The state directory holds the journal and the guests' files: only the
+/// agent's user may read it. Created with mode 0700; one that exists with
+/// more is narrowed to 0700.
+fn create_state_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "state_dir {} had mode {mode:o}; narrowing it to 700",
+            path.display()
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 pub fn pending_to_proto(p: host::Pending) -> proto::PendingRollback {

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use super::Agent;
-use crate::features::Faults;
+use crate::features::{Faults, faults};
 use crate::host::{PeerCall, PeerResponse, Refusal};
 use crate::proto::{self, console_server, peer_server};
 use crate::protocol::bounds::{self, IdKind};
@@ -29,12 +29,17 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
+    // Explicit message limits (protocol::bounds says why these values).
+    let console = console_server::ConsoleServer::new(ConsoleService(agent.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(bounds::MAX_REPLY_BYTES);
+    let peer = peer_server::PeerServer::new(PeerService(agent.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(bounds::MAX_REQUEST_BYTES);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(console_server::ConsoleServer::new(ConsoleService(
-            agent.clone(),
-        )))
-        .add_service(peer_server::PeerServer::new(PeerService(agent.clone())))
+        .add_service(console)
+        .add_service(peer)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })
@@ -137,6 +142,10 @@ fn check_id(field: &str, id: &str, kind: IdKind) -> Result<(), Status> {
     bounds::check_id(field, id, kind).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    bounds::check_name(field, name).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 fn mode(value: i32) -> Result<Option<crate::protocol::Mode>, Status> {
     if value == 0 {
         return Ok(None);
@@ -155,10 +164,19 @@ impl console_server::Console for ConsoleService {
         _: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let agent = self.0.clone();
+        let Some(slot) = agent.watcher_slot() else {
+            return Err(Status::resource_exhausted(format!(
+                "{} already serves {} Watch streams, the most it serves at once (max_watchers); \
+                 close a console or a `tern watch` first",
+                agent.name, agent.max_watchers
+            )));
+        };
         // Subscribe before taking the snapshot so no change falls in between.
         let mut events = agent.subscribe();
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
+            // The slot is free again once this task ends.
+            let _slot = slot;
             let snapshot = |agent: Arc<Agent>| async move {
                 proto::Event {
                     host: agent.name.clone(),
@@ -179,7 +197,13 @@ impl console_server::Console for ConsoleService {
                 return;
             }
             loop {
-                let event = match events.recv().await {
+                // A watcher that went away frees its slot at once, not at
+                // the next event.
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = events.recv() => next,
+                };
+                let event = match next {
                     Ok(event) => event,
                     // A slow watcher gets a fresh snapshot instead of a gap.
                     Err(broadcast::error::RecvError::Lagged(_)) => snapshot(agent.clone()).await,
@@ -409,10 +433,13 @@ impl console_server::Console for ConsoleService {
                     .ok_or_else(|| Status::invalid_argument(format!("unknown stage {s:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        check_name("SetFaultsRequest.faults.feature", &settings.feature)?;
         let faults = Faults {
             fail,
             fail_rate: settings.fail_rate,
-            latency_ms: settings.latency_ms,
+            // Clamped: an hour of latency would hold stages (and the agent's
+            // shutdown) far past every deadline. The reply says what holds.
+            latency_ms: settings.latency_ms.min(faults::MAX_LATENCY_MS),
             fail_rollback: settings.fail_rollback,
         };
         self.0

@@ -379,6 +379,12 @@ pub async fn fault(inventory: &Path, host: &str, faults: proto::FaultSettings) -
         .iter()
         .find(|f| f.feature == faults.feature)
         .unwrap_or(&faults);
+    if now.latency_ms < faults.latency_ms {
+        eprintln!(
+            "{host}: latency_ms {} clamped to {}, the most fault injection adds",
+            faults.latency_ms, now.latency_ms
+        );
+    }
     println!(
         "{host}: {} faults now: fail = [{}], fail_rate = {}, latency_ms = {}, fail_rollback = {}",
         now.feature,

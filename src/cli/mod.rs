@@ -10,11 +10,13 @@
 //! - [`status`]: `tern status` and the JSON form of hosts and VMs
 //! - [`watch`]: `tern watch`, the merged event stream of every agent
 //! - [`output`]: human-readable rendering
+//! - [`sanitize`]: text from agents made safe for a terminal
 
 pub mod client;
 pub mod commands;
 pub mod evacuate;
 pub mod output;
+pub mod sanitize;
 pub mod status;
 pub mod watch;
 

@@ -245,10 +245,7 @@ async fn follow(entry: HostEntry, tx: mpsc::Sender<WatchLine>) {
     loop {
         let error = match Agent::connect(&entry).await {
             Err(e) => e.message,
-            Ok(agent) => match agent
-                .call_long(|mut c| async move { c.watch(proto::WatchRequest {}).await })
-                .await
-            {
+            Ok(agent) => match agent.watch().await {
                 Err(e) => e.message,
                 Ok(mut stream) => loop {
                     match stream.message().await {
