@@ -131,6 +131,13 @@ pub struct AgentConfig {
     /// "destination busy", which an evacuation waits out.
     #[serde(default = "default_limit")]
     pub max_incoming: u32,
+    /// Retention: the newest this many closed migrations (and, each
+    /// counted apart, received attempts and evacuations) are kept...
+    #[serde(default = "default_retain_closed")]
+    pub retain_closed: u32,
+    /// ...and none older than this many days.
+    #[serde(default = "default_retain_days")]
+    pub retain_days: u32,
     /// Watch streams (consoles, `tern watch`) this agent serves at once;
     /// one more is refused as ResourceExhausted.
     #[serde(default = "default_max_watchers")]
@@ -204,6 +211,16 @@ fn default_rollback_retry() -> u64 {
 fn default_limit() -> u32 {
     2
 }
+fn default_retain_closed() -> u32 {
+    1000
+}
+fn default_retain_days() -> u32 {
+    30
+}
+/// The most closed records of each kind a host may be configured to keep.
+const MAX_RETAIN_CLOSED: u32 = 1_000_000;
+/// The longest a host may be configured to keep them: a hundred years.
+const MAX_RETAIN_DAYS: u32 = 36_500;
 fn default_max_watchers() -> u32 {
     64
 }
@@ -478,6 +495,17 @@ impl AgentConfig {
                 return Err(invalid(
                     path,
                     format!("{key} = {value}: must be at most {MAX_TIMER_MS} (one day)"),
+                ));
+            }
+        }
+        for (key, value, max) in [
+            ("retain_closed", config.retain_closed, MAX_RETAIN_CLOSED),
+            ("retain_days", config.retain_days, MAX_RETAIN_DAYS),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(invalid(
+                    path,
+                    format!("{key} = {value}: must be between 1 and {max}"),
                 ));
             }
         }

@@ -168,6 +168,7 @@ impl Agent {
             max_incoming: config.max_incoming,
             rollback_retry_ms: config.rollback_retry_ms,
             id_salt: rand::random(),
+            retention: host::Retention::from_config(config),
         });
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
@@ -399,24 +400,11 @@ impl Agent {
             .flatten()
     }
 
-    pub async fn migrations(&self) -> Vec<MigrationRecord> {
-        self.query(|core| core.migrations().cloned().collect())
-            .await
-            .unwrap_or_default()
-    }
-
     pub async fn evacuation(&self, id: &str) -> Option<Evacuation> {
         let id = id.to_string();
         self.query(move |core| core.evacuation(&id).cloned())
             .await
             .flatten()
-    }
-
-    /// Oldest first.
-    pub async fn evacuations(&self) -> Vec<Evacuation> {
-        self.query(|core| core.evacuations().into_iter().cloned().collect())
-            .await
-            .unwrap_or_default()
     }
 
     /// Wait until the migration's latest attempt has ended: an outcome, and
@@ -481,6 +469,100 @@ impl Agent {
                     )));
                 }
             }
+        }
+    }
+
+    /// A page of this host's migrations, by id (ListMigrations).
+    pub async fn migrations_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::MigrationRecord>, String), Refusal> {
+        let after = page_token("ListMigrationsRequest.page_token", token, |t| {
+            bounds::check_id("ListMigrationsRequest.page_token", t, IdKind::Migration)
+        })?;
+        let size = page_size(size);
+        let records = self
+            .query(move |core| {
+                core.migrations_after(after.as_deref(), size + 1)
+                    .into_iter()
+                    .map(|r| (r.id.clone(), proto::MigrationRecord::from(r)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+        Ok(page(records, size))
+    }
+
+    /// A page of this host's evacuations, by id (ListEvacuations).
+    pub async fn evacuations_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::EvacuationRecord>, String), Refusal> {
+        let after = page_token("ListEvacuationsRequest.page_token", token, |t| {
+            bounds::check_id("ListEvacuationsRequest.page_token", t, IdKind::Evacuation)
+        })?;
+        let size = page_size(size);
+        let jobs = self
+            .query(move |core| {
+                core.evacuations_after(after.as_deref(), size + 1)
+                    .into_iter()
+                    .map(|job| (job.id.clone(), job.to_proto()))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+        Ok(page(jobs, size))
+    }
+
+    /// A page of this host's guests, by name (ListVms).
+    pub async fn vms_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::Vm>, String), Refusal> {
+        let after = page_token("ListVmsRequest.page_token", token, |t| {
+            bounds::check_name("ListVmsRequest.page_token", t)
+        })?;
+        let size = page_size(size);
+        let mut vms = self.vms().await;
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let vms = vms
+            .into_iter()
+            .filter(|v| after.as_ref().is_none_or(|a| v.name > *a))
+            .take(size + 1)
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        Ok(page(vms, size))
+    }
+
+    /// The first event of a Watch stream: the host, its VMs, its open
+    /// migrations and evacuations and the most recent closed ones, so that
+    /// it stays the same size however long the host has lived.
+    pub async fn snapshot(&self) -> proto::Snapshot {
+        let (migrations, evacuations) = self
+            .query(|core| {
+                let open = |r: &&MigrationRecord| core.is_live(&r.attempt_id);
+                let migrations: Vec<(bool, proto::MigrationRecord)> = core
+                    .recent_migrations(SNAPSHOT_CLOSED_MIGRATIONS)
+                    .into_iter()
+                    .map(|r| (open(&r), proto::MigrationRecord::from(r)))
+                    .collect();
+                let evacuations: Vec<(bool, proto::EvacuationRecord)> = core
+                    .recent_evacuations(SNAPSHOT_CLOSED_EVACUATIONS)
+                    .into_iter()
+                    .map(|job| (!job.state.is_over(), job.to_proto()))
+                    .collect();
+                (migrations, evacuations)
+            })
+            .await
+            .unwrap_or_default();
+        proto::Snapshot {
+            host: Some(self.host_info().await),
+            vms: self.vms().await,
+            migrations: within_budget(migrations),
+            evacuations: within_budget(evacuations),
         }
     }
 
@@ -607,6 +689,78 @@ fn create_state_dir(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Closed migrations a Watch snapshot carries besides the open ones.
+pub const SNAPSHOT_CLOSED_MIGRATIONS: usize = 500;
+/// Closed evacuations a Watch snapshot carries besides the running ones.
+pub const SNAPSHOT_CLOSED_EVACUATIONS: usize = 20;
+/// The page size of a List call that asks for none, and the most it gets.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+fn page_size(asked: u32) -> usize {
+    let size = match asked {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    size as usize
+}
+
+/// A page token: empty for the first page, else the key the last page
+/// ended at, checked by the rule of its keys.
+fn page_token(
+    field: &str,
+    token: &str,
+    check: impl Fn(&str) -> Result<(), bounds::BoundsError>,
+) -> Result<Option<String>, Refusal> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    check(token).map_err(|e| {
+        Refusal::InvalidArgument(format!("{e} ({field} is the next_page_token of a page)"))
+    })?;
+    Ok(Some(token.to_string()))
+}
+
+/// One page of a List answer from up to `size + 1` keyed items in key
+/// order: at most `size`, and no more than [`bounds::MAX_PAGE_BYTES`]
+/// encoded (one item at least). The token is the last key when more follow.
+fn page<T: prost::Message>(items: Vec<(String, T)>, size: usize) -> (Vec<T>, String) {
+    let more = items.len() > size;
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut last = String::new();
+    for (key, item) in items.into_iter().take(size) {
+        let len = item.encoded_len();
+        if !out.is_empty() && bytes + len > bounds::MAX_PAGE_BYTES {
+            return (out, last);
+        }
+        bytes += len;
+        last = key;
+        out.push(item);
+    }
+    (out, if more { last } else { String::new() })
+}
+
+/// What a snapshot keeps of `(open, item)`s: every open one, and the closed
+/// ones in the order given (newest first) until the first that would pass
+/// [`bounds::MAX_PAGE_BYTES`], so no older one shows where a newer is left out.
+fn within_budget<T: prost::Message>(items: Vec<(bool, T)>) -> Vec<T> {
+    let mut bytes = 0;
+    let mut full = false;
+    items
+        .into_iter()
+        .filter(|(open, item)| {
+            if *open {
+                return true;
+            }
+            bytes += item.encoded_len();
+            full |= bytes > bounds::MAX_PAGE_BYTES;
+            !full
+        })
+        .map(|(_, item)| item)
+        .collect()
+}
+
 pub fn pending_to_proto(p: host::Pending) -> proto::PendingRollback {
     proto::PendingRollback {
         attempt_id: p.attempt_id,
@@ -706,5 +860,66 @@ async fn wait_for_signal(signals: Signals) {
         _ = int.recv() => {}
         _ = term.recv() => {}
         _ = hup.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, bytes: usize) -> (String, proto::Vm) {
+        let vm = proto::Vm {
+            name: name.into(),
+            migration_id: "x".repeat(bytes),
+            ..Default::default()
+        };
+        (name.into(), vm)
+    }
+
+    fn names(vms: &[proto::Vm]) -> Vec<&str> {
+        vms.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_page_stops_at_its_size_or_its_bytes_and_says_where_to_go_on() {
+        // Three asked for, four fetched: more follow, from the third.
+        let items = vec![vm("a", 10), vm("b", 10), vm("c", 10), vm("d", 10)];
+        let (page_, next) = page(items, 3);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a", "b", "c"], "c"));
+        // The last page: no token.
+        let (page_, next) = page(vec![vm("a", 10), vm("b", 10)], 3);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a", "b"], ""));
+        // Bytes end a page early, and its token goes on after what it holds.
+        let big = bounds::MAX_PAGE_BYTES / 2;
+        let items = vec![vm("a", big), vm("b", big), vm("c", 10)];
+        let (page_, next) = page(items, 10);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a"], "a"));
+        // One item too large for a page still goes, alone.
+        let (page_, next) = page(vec![vm("a", 2 * big), vm("b", 10)], 10);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a"], "a"));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_every_open_item_and_closed_ones_within_its_budget() {
+        let big = bounds::MAX_PAGE_BYTES / 2;
+        let items = vec![
+            (true, vm("open-1", big).1),
+            (false, vm("closed-1", big).1),
+            (false, vm("closed-2", big).1),
+            (false, vm("closed-3", 10).1),
+            (true, vm("open-2", big).1),
+        ];
+        // The open ones cost nothing against the budget.
+        assert_eq!(
+            names(&within_budget(items)),
+            ["open-1", "closed-1", "open-2"]
+        );
+    }
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0), DEFAULT_PAGE_SIZE as usize);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(1_000_000), MAX_PAGE_SIZE as usize);
     }
 }

@@ -180,17 +180,7 @@ impl console_server::Console for ConsoleService {
             let snapshot = |agent: Arc<Agent>| async move {
                 proto::Event {
                     host: agent.name.clone(),
-                    kind: Some(proto::event::Kind::Snapshot(proto::Snapshot {
-                        host: Some(agent.host_info().await),
-                        vms: agent.vms().await,
-                        migrations: agent.migrations().await.iter().map(Into::into).collect(),
-                        evacuations: agent
-                            .evacuations()
-                            .await
-                            .iter()
-                            .map(|e| e.to_proto())
-                            .collect(),
-                    })),
+                    kind: Some(proto::event::Kind::Snapshot(agent.snapshot().await)),
                 }
             };
             if tx.send(Ok(snapshot(agent.clone()).await)).await.is_err() {
@@ -253,10 +243,15 @@ impl console_server::Console for ConsoleService {
 
     async fn list_migrations(
         &self,
-        _: Request<proto::ListMigrationsRequest>,
+        request: Request<proto::ListMigrationsRequest>,
     ) -> Result<Response<proto::ListMigrationsReply>, Status> {
-        let migrations = self.0.migrations().await.iter().map(Into::into).collect();
-        Ok(Response::new(proto::ListMigrationsReply { migrations }))
+        let r = request.into_inner();
+        let (migrations, next_page_token) =
+            self.0.migrations_page(r.page_size, &r.page_token).await?;
+        Ok(Response::new(proto::ListMigrationsReply {
+            migrations,
+            next_page_token,
+        }))
     }
 
     async fn abort(
@@ -373,16 +368,14 @@ impl console_server::Console for ConsoleService {
 
     async fn list_evacuations(
         &self,
-        _: Request<proto::ListEvacuationsRequest>,
+        request: Request<proto::ListEvacuationsRequest>,
     ) -> Result<Response<proto::ListEvacuationsReply>, Status> {
+        let r = request.into_inner();
+        let (evacuations, next_page_token) =
+            self.0.evacuations_page(r.page_size, &r.page_token).await?;
         Ok(Response::new(proto::ListEvacuationsReply {
-            evacuations: self
-                .0
-                .evacuations()
-                .await
-                .iter()
-                .map(|e| e.to_proto())
-                .collect(),
+            evacuations,
+            next_page_token,
         }))
     }
 
@@ -403,10 +396,13 @@ impl console_server::Console for ConsoleService {
 
     async fn list_vms(
         &self,
-        _: Request<proto::ListVmsRequest>,
+        request: Request<proto::ListVmsRequest>,
     ) -> Result<Response<proto::ListVmsReply>, Status> {
+        let r = request.into_inner();
+        let (vms, next_page_token) = self.0.vms_page(r.page_size, &r.page_token).await?;
         Ok(Response::new(proto::ListVmsReply {
-            vms: self.0.vms().await,
+            vms,
+            next_page_token,
         }))
     }
 

@@ -232,6 +232,80 @@ impl Agent {
         }
     }
 
+    /// Every VM of the host, following ListVms's pages.
+    pub async fn list_vms(&self) -> Result<Vec<proto::Vm>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListVmsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_vms(request).await })
+                .await?;
+            Ok((reply.vms, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Every migration the host keeps, following ListMigrations's pages.
+    pub async fn list_migrations(&self) -> Result<Vec<proto::MigrationRecord>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListMigrationsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_migrations(request).await })
+                .await?;
+            Ok((reply.migrations, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Every evacuation the host keeps, following ListEvacuations's pages.
+    pub async fn list_evacuations(&self) -> Result<Vec<proto::EvacuationRecord>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListEvacuationsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_evacuations(request).await })
+                .await?;
+            Ok((reply.evacuations, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Ask for pages until the agent says there are no more. Tokens are
+    /// keys in ascending order: one that does not move on is an agent
+    /// error, not a reason to ask for ever.
+    async fn all_pages<T, F, Fut>(&self, mut ask: F) -> Result<Vec<T>, CliError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: Future<Output = Result<(Vec<T>, String), CliError>>,
+    {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (items, next) = ask(token.clone()).await?;
+            all.extend(items);
+            if next.is_empty() {
+                return Ok(all);
+            }
+            if next <= token {
+                return Err(CliError::new(
+                    super::exit::FAILED,
+                    format!(
+                        "agent {} answered page token {next:?} after {token:?}: its pages do not move on",
+                        self.name
+                    ),
+                ));
+            }
+            token = next;
+        }
+    }
+
     /// Rollback; an agent that does not know the migration has nothing to
     /// roll back for it.
     /// Drop this host's pending work of a migration; nothing pending here is
@@ -387,11 +461,8 @@ pub fn locate_vm(vm: &str, answers: &[(String, Vec<proto::Vm>)]) -> VmLocation {
 /// The reachable hosts other than `except` where `vm`'s CPUs are running.
 pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<String> {
     let answers = join_all(reachable(links).map(|agent| async move {
-        let reply = agent
-            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
-            .await
-            .ok()?;
-        let running = reply.vms.iter().any(|v| {
+        let vms = agent.list_vms().await.ok()?;
+        let running = vms.iter().any(|v| {
             v.name == vm && proto::GuestState::try_from(v.state) == Ok(proto::GuestState::Running)
         });
         (running && agent.name != except).then(|| agent.name.clone())
@@ -404,10 +475,8 @@ pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<St
 pub async fn find_vm_host(cluster: &Cluster, links: &[Link], vm: &str) -> Result<String, CliError> {
     let answers = join_all(links.iter().map(|link| async move {
         let agent = link.agent.as_ref().map_err(Clone::clone)?;
-        let reply = agent
-            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
-            .await?;
-        Ok::<_, CliError>((agent.name.clone(), reply.vms))
+        let vms = agent.list_vms().await?;
+        Ok::<_, CliError>((agent.name.clone(), vms))
     }))
     .await;
     let mut listed = Vec::new();

@@ -125,9 +125,9 @@ sanitize_fields! {
     proto::EvacuationRecord { id, host, exclude, vms }
     proto::EvacuationVm { vm, migration_id, host, waiting, attempts, required }
     proto::EvacuationAttempt { destination, failed_feature, error }
-    proto::ListMigrationsReply { migrations }
-    proto::ListEvacuationsReply { evacuations }
-    proto::ListVmsReply { vms }
+    proto::ListMigrationsReply { migrations, next_page_token }
+    proto::ListEvacuationsReply { evacuations, next_page_token }
+    proto::ListVmsReply { vms, next_page_token }
     proto::RollbackReply { done, still_pending }
     proto::Event { host, kind }
 }

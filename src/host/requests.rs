@@ -14,7 +14,7 @@ use crate::protocol::bounds::{self, BoundsError, IdKind};
 use crate::protocol::cookies::{self, CookieError};
 use crate::protocol::destination::{
     Answer, DestinationAttempt, DestinationInput, FreeCapacity, Known, Leftover, PrepareRefusal,
-    busy_with, check_new_attempt, unknown_attempt,
+    busy_with, check_new_attempt, forgotten_commit, unknown_attempt,
 };
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt, SourceInput};
@@ -472,7 +472,8 @@ impl HostCore {
         let known = Known {
             aborted: self.tombstones.contains(&incoming.attempt_id),
             running: self.destinations.contains_key(&incoming.attempt_id),
-            journaled: self.ended.contains_key(&incoming.attempt_id),
+            journaled: self.ended.contains_key(&incoming.attempt_id)
+                || self.committed.contains(&incoming.attempt_id),
         };
         check_new_attempt(&incoming.attempt_id, &name, known).map_err(prepare_refusal)?;
         let vm = incoming.vm.name.clone();
@@ -558,6 +559,12 @@ impl HostCore {
             Some(a) => {
                 let reply = proto::FinishReply {
                     cookie4: a.cookie4().encode_to_vec(),
+                };
+                self.reply(req, Ok(Response::Peer(PeerResponse::Finish(reply))));
+            }
+            None if self.committed.contains(&id) => {
+                let reply = proto::FinishReply {
+                    cookie4: forgotten_commit(&id).encode_to_vec(),
                 };
                 self.reply(req, Ok(Response::Peer(PeerResponse::Finish(reply))));
             }
@@ -647,6 +654,19 @@ impl HostCore {
             self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
             return;
         }
+        if self.committed.contains(&r.attempt_id) {
+            let reply = proto::PeerAbortReply {
+                aborted: false,
+                detail: format!(
+                    "attempt {} committed on {}: the guest runs here",
+                    r.attempt_id, self.cfg.name
+                ),
+                cookie4: forgotten_commit(&r.attempt_id).encode_to_vec(),
+                committed: true,
+            };
+            self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+            return;
+        }
         // Prepare may still be on its way: make sure it is refused, for good.
         self.tombstone(&r.attempt_id);
         let reply = proto::PeerAbortReply {
@@ -678,6 +698,8 @@ impl HostCore {
             (answer, c4)
         } else if let Some(a) = self.ended.get(attempt_id) {
             (a.answer(), a.cookie4())
+        } else if self.committed.contains(attempt_id) {
+            (Answer::Committed, forgotten_commit(attempt_id))
         } else {
             self.tombstone(attempt_id);
             (

@@ -31,6 +31,7 @@ fn config(name: &str) -> Config {
         max_incoming: 2,
         rollback_retry_ms: 1_000,
         id_salt: 7,
+        retention: Retention::default(),
     }
 }
 
@@ -685,5 +686,264 @@ fn ids_differ_between_hosts_and_restarts() {
         }
         let id = core.new_id(IdKind::Evacuation, |_| false);
         bounds::check_id("id", &id, IdKind::Evacuation).unwrap();
+    }
+}
+
+/// Retention that keeps one closed record of each kind.
+fn keep_one() -> Retention {
+    Retention {
+        closed: 1,
+        max_age_ms: retention::DAY_MS,
+    }
+}
+
+fn pruned(actions: &[Action]) -> Option<&Pruned> {
+    actions.iter().find_map(|a| match a {
+        Action::Journal {
+            entry: Entry::Prune(p),
+            ..
+        } => Some(&**p),
+        _ => None,
+    })
+}
+
+/// A migration of `vm` from hv-a to hv-b, committed, killed and released:
+/// its id.
+fn a_migration_ends(a: &mut Host, vm_name: &str) -> String {
+    let spec = vm(vm_name, &[]);
+    let (_, actions) = a.request(Request::StartMigration {
+        vm: vm_name.into(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
+    let (id, attempt) = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Journal {
+                entry: Entry::Source(s),
+                ..
+            } => Some((s.migration_id.clone(), s.attempt_id.clone())),
+            _ => None,
+        })
+        .expect("Begin journals the attempt");
+    let c2 = proto::Cookie2 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.clone(),
+        incoming_address: "sim://hv-b/x".into(),
+        accepted: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: prepare,
+        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
+            cookie2: c2.encode_to_vec(),
+        })),
+    });
+    let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).expect("a transfer");
+    let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
+    let finish = call_of(&actions, |r| matches!(r, PeerCall::Finish(_))).expect("Finish");
+    let actions = committed(a, finish, &attempt);
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the old copy goes");
+    a.op_done(kill, Ok(OpOutput::Done));
+    assert!(!a.core.is_live(&attempt), "{id} ended");
+    id
+}
+
+#[test]
+fn retention_forgets_the_oldest_closed_migrations_here_and_in_the_journal() {
+    let mut a = Host::with(Config {
+        retention: keep_one(),
+        ..config(A)
+    });
+    let first = a.at(2_000).a_migration_ends_now("web-01");
+    let second = a.at(3_000).a_migration_ends_now("web-02");
+    assert_eq!(
+        a.core.migrations().count(),
+        2,
+        "nothing is pruned before asked"
+    );
+    let actions = a.input(Input::Prune);
+    let p = pruned(&actions).expect("a prune is journaled");
+    assert_eq!(p.migrations, std::slice::from_ref(&first));
+    assert!(a.core.migration(&first).is_none());
+    assert!(a.core.migration(&second).is_some(), "the newest is kept");
+    // The kept one is past the age limit a day later.
+    let actions = a.at(3_000 + retention::DAY_MS + 1).input(Input::Prune);
+    assert_eq!(
+        pruned(&actions).expect("pruned by age").migrations,
+        [second]
+    );
+    // Nothing left to forget: nothing is written.
+    assert!(pruned(&a.input(Input::Prune)).is_none());
+}
+
+impl Host {
+    fn a_migration_ends_now(&mut self, vm_name: &str) -> String {
+        a_migration_ends(self, vm_name)
+    }
+}
+
+#[test]
+fn a_forgotten_commit_is_still_answered_committed_and_never_prepared_again() {
+    let (mut b, _) = prepared_destination();
+    let (_, actions) = finishing(&mut b);
+    let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
+    b.op_done(op, Ok(OpOutput::Done));
+    let id = "m-000000000001.1";
+    assert_eq!(b.core.answer(id), Some(destination::Answer::Committed));
+    b.core.cfg.retention = Retention {
+        closed: 0,
+        max_age_ms: retention::DAY_MS,
+    };
+    let actions = b.input(Input::Prune);
+    let p = pruned(&actions).expect("pruned");
+    assert_eq!(
+        (p.committed.as_slice(), p.rolled_back.len()),
+        ([id.to_string()].as_slice(), 0)
+    );
+    assert_eq!(b.core.answer(id), None, "the record is gone");
+
+    let (req, actions) = b.request(resolve_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Resolve(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(r.resolution, proto::Resolution::Committed as i32);
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Journal {
+                entry: Entry::Tombstone(_),
+                ..
+            }
+        )),
+        "a commit is never tombstoned: {actions:?}"
+    );
+    let (req, actions) = b.request(abort_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Abort(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert!(!r.aborted && r.committed, "{r:?}");
+    let (req, actions) = b.request(finish_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    let c4 = cookies::decode::<proto::Cookie4>("C4", &r.cookie4).expect("a C4");
+    assert!(c4.committed);
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), id, Mode::Safe));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::AlreadyExists(m))) if m.contains(id)),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_forgotten_rollback_becomes_a_tombstone() {
+    let (mut b, _) = prepared_destination();
+    let id = "m-000000000001.1";
+    let (_, actions) = b.request(abort_call(id));
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the copy goes");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert!(!b.core.is_live(id), "rolled back: {actions:?}");
+    b.core.cfg.retention = Retention {
+        closed: 0,
+        max_age_ms: retention::DAY_MS,
+    };
+    let p = pruned(&b.input(Input::Prune)).expect("pruned").clone();
+    assert_eq!(p.rolled_back, [id.to_string()]);
+    let (req, actions) = b.request(resolve_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Resolve(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(r.resolution, proto::Resolution::NotCommitted as i32);
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), id, Mode::Safe));
+    assert!(
+        matches!(
+            reply_to(&actions, req),
+            Some(Err(Refusal::FailedPrecondition(_)))
+        ),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn rollback_of_a_migration_never_seen_here_is_not_found() {
+    let (mut b, _) = prepared_destination();
+    let (req, actions) = b.request(Request::RunPending {
+        migration_id: "m-00000000beef".into(),
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::NotFound(m))) if m.contains("m-00000000beef")),
+        "{actions:?}"
+    );
+    // One this host knows, with nothing pending: an empty answer.
+    let (req, actions) = b.request(Request::RunPending {
+        migration_id: "m-000000000001".into(),
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Ok(Response::Pending { done, still })) if done.is_empty() && still.is_empty()),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn ids_and_names_outside_the_rules_are_refused_before_anything_happens() {
+    let mut a = Host::new(A);
+    for request in [
+        Request::Abort {
+            id: "m-1; rm -rf /".into(),
+        },
+        Request::RunPending {
+            migration_id: "m-0123456789ab.1".into(),
+        },
+        Request::StartMigration {
+            vm: "web\u{1b}[2J".into(),
+            destination: B.into(),
+            mode: Mode::Safe,
+            guests: vec![running(&vm("web\u{1b}[2J", &[]))],
+        },
+    ] {
+        let (req, actions) = a.request(request);
+        assert!(
+            matches!(
+                reply_to(&actions, req),
+                Some(Err(Refusal::InvalidArgument(_)))
+            ),
+            "{actions:?}"
+        );
+        assert_eq!(actions.len(), 1, "nothing but the refusal: {actions:?}");
+    }
+}
+
+#[test]
+fn a_prepare_from_itself_an_unknown_host_or_of_its_own_migration_is_refused() {
+    let mut a = Host::new(A);
+    let id = a.a_migration_ends_now("web-01");
+    let attempt = format!("{id}.1");
+    let c1 = |attempt: &str, source: &str| {
+        let (migration, _) = attempt.split_once('.').unwrap();
+        let c1 = cookies::cookie1(attempt, migration, source, &vm("db-01", &[]), Mode::Safe);
+        Request::Peer {
+            call: PeerCall::Prepare(proto::PrepareRequest {
+                cookie1: c1.encode_to_vec(),
+            }),
+            guests: Vec::new(),
+        }
+    };
+    for (request, expected) in [
+        (c1(&attempt, B), "which hv-a sources"),
+        (c1("m-00000000000f.1", A), "C1.source is hv-a itself"),
+        (
+            c1("m-00000000000f.1", "hv-zz"),
+            "C1.source: no host named hv-zz",
+        ),
+    ] {
+        let (req, actions) = a.request(request);
+        let Some(Err(refusal)) = reply_to(&actions, req) else {
+            panic!("{actions:?}");
+        };
+        assert!(refusal.to_string().contains(expected), "{refusal}");
+        assert_eq!(actions.len(), 1, "nothing but the refusal: {actions:?}");
     }
 }

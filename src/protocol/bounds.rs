@@ -39,9 +39,10 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// [`MAX_PAGE_BYTES`].
 pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 /// Where an agent stops filling a page of a list, or the closed migrations
-/// of a Watch snapshot: a quarter of [`MAX_REPLY_BYTES`], leaving room for
-/// the open migrations, the VMs and the host a snapshot always carries.
-pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// of a Watch snapshot: half of the 4 MiB a gRPC client accepts by default,
+/// leaving room for the open migrations, the VMs and the host a snapshot
+/// always carries, so clients other than ours need no larger limit.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 /// A value from outside that breaks a rule: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

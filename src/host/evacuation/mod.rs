@@ -92,6 +92,23 @@ impl Runs {
         all
     }
 
+    /// At most `limit` jobs after the id `after`, by id.
+    pub(super) fn jobs_after(&self, after: Option<&str>, limit: usize) -> Vec<&Evacuation> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        self.jobs
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, job)| job)
+            .collect()
+    }
+
+    /// Forget an evacuation that is over (retention).
+    pub(super) fn forget(&mut self, id: &str) {
+        self.jobs.remove(id);
+        self.runs.remove(id);
+    }
+
     /// The pass of evacuation `id` that is gathering answers, if any.
     fn gathering(&mut self, id: &str) -> Option<&mut Gather> {
         self.runs.get_mut(id).and_then(|r| r.gathering.as_mut())
