@@ -257,7 +257,7 @@ fn abort_to_running(c: &mut Criterion) {
                     .unwrap();
                     loop {
                         let vms = a
-                            .list_vms(proto::ListVmsRequest {})
+                            .list_vms(proto::ListVmsRequest::default())
                             .await
                             .unwrap()
                             .into_inner()

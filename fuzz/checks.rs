@@ -31,7 +31,7 @@ use tern::cli::output::{record_summary, started_line, state_summary};
 use tern::config::{AgentConfig, ConfigError, Inventory};
 use tern::features::FeatureRegistry;
 use tern::proto;
-use tern::protocol::cookies::{self, CookieError, Incoming, Versioned};
+use tern::protocol::cookies::{self, Bounded, CookieError, Incoming, Versioned};
 use tern::protocol::destination::{
     Answer, DestinationAction, DestinationAttempt, DestinationInput, DestinationState, FreeCapacity,
 };
@@ -50,8 +50,8 @@ use tern::protocol::{
 
 /// Fixed ids of the attempts the state machines run; seeds use them, so a
 /// fuzzed cookie can match the attempt it is delivered to.
-pub const MIGRATION_ID: &str = "m1";
-pub const ATTEMPT_ID: &str = "m1.1";
+pub const MIGRATION_ID: &str = "m-0000000000a1";
+pub const ATTEMPT_ID: &str = "m-0000000000a1.1";
 pub const SOURCE: &str = "hv-a";
 pub const DESTINATION: &str = "hv-b";
 const START: Millis = 1_000_000;
@@ -171,7 +171,7 @@ pub fn cookie_decode(data: &[u8]) {
 /// cookie re-encodes to one that decodes the same; errors display.
 fn decoded<T>(label: &'static str, data: &[u8]) -> Option<T>
 where
-    T: Message + Default + Versioned + PartialEq + Debug,
+    T: Message + Default + Versioned + Bounded + PartialEq + Debug,
 {
     let result = cookies::decode::<T>(label, data);
     if let Err(e) = &result {
@@ -190,6 +190,15 @@ where
             assert_eq!(*ours, PROTOCOL_VERSION);
             assert_ne!(theirs, ours, "{label}: our own version refused");
         }
+        (Err(CookieError::OutOfBounds(e)), Ok(raw)) => {
+            assert_eq!(raw.protocol_version(), PROTOCOL_VERSION);
+            assert_eq!(raw.check_bounds(), Err(e.clone()), "{label}: bounds differ");
+            assert!(
+                e.field.starts_with(label),
+                "{label}: the error names {}",
+                e.field
+            );
+        }
         (result, raw) => panic!("{label}: decode gave {result:?} but prost gave {raw:?}"),
     }
     let cookie = result.ok()?;
@@ -202,7 +211,7 @@ where
 /// A cookie an agent built decodes as the cookie it is.
 fn sent<T>(label: &'static str, cookie: &T)
 where
-    T: Message + Default + Versioned + PartialEq + Debug,
+    T: Message + Default + Versioned + Bounded + PartialEq + Debug,
 {
     let back = cookies::decode::<T>(label, &cookie.encode_to_vec())
         .unwrap_or_else(|e| panic!("{label} built by an agent does not decode: {e}"));
@@ -270,6 +279,14 @@ fn cookie1(data: &[u8]) {
                 assert!(!incoming.attempt_id.is_empty() && !incoming.migration_id.is_empty());
                 assert!(record::mode_from_proto(c1.mode).is_some());
                 assert!(c1.mandatory_features.iter().all(|f| knows(f)));
+                let mode = record::mode_from_proto(c1.mode).expect("a mode");
+                assert!(
+                    vm.features
+                        .iter()
+                        .filter(|f| mode == Mode::Safe && f.required)
+                        .all(|f| knows(&f.name)),
+                    "accepted a safe-mode VM whose required feature is not known"
+                );
                 assert_eq!(Ok(&incoming.vm), cookies::vm_from_proto(vm).as_ref());
                 if let Some(machine) = &incoming.vm.qemu {
                     assert_eq!(machine.check(), Ok(()), "accepted a malformed machine");
@@ -287,7 +304,15 @@ fn cookie1(data: &[u8]) {
             }
             Err(CookieError::UnknownMandatoryFeature(name)) => {
                 assert!(!knows(&name), "{name:?} is known but was refused");
-                assert!(c1.mandatory_features.contains(&name));
+                let required_here = c1.mode == proto::Mode::Safe as i32
+                    && c1
+                        .vm
+                        .as_ref()
+                        .is_some_and(|vm| vm.features.iter().any(|f| f.name == name && f.required));
+                assert!(c1.mandatory_features.contains(&name) || required_here);
+            }
+            Err(e @ CookieError::OutOfBounds(_)) => {
+                panic!("check_cookie1 re-checked the bounds decode checked: {e}")
             }
             Err(e @ CookieError::IncompatibleVersion { .. }) => {
                 panic!("check_cookie1 re-checked the version: {e}")

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::protocol::bounds::{self, MAX_MEMORY_MIB, MAX_VCPUS};
 use crate::protocol::machine::{MAX_NAME, MachineError, QemuMachine};
 use crate::protocol::{FeatureSpec, Timing, VmSpec};
 
@@ -71,6 +72,18 @@ impl Inventory {
             if host.name.trim().is_empty() {
                 return Err(invalid(path, "a [[host]] has an empty name"));
             }
+            check_name(path, "[[host]] name", &host.name)?;
+            if host.address.len() > bounds::MAX_ADDRESS_LEN {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "host {}: address is {} bytes, at most {}",
+                        host.name,
+                        host.address.len(),
+                        bounds::MAX_ADDRESS_LEN
+                    ),
+                ));
+            }
             if !seen.insert(host.name.as_str()) {
                 return Err(invalid(path, format!("host {} is listed twice", host.name)));
             }
@@ -119,6 +132,17 @@ pub struct AgentConfig {
     /// "destination busy", which an evacuation waits out.
     #[serde(default = "default_limit")]
     pub max_incoming: u32,
+    /// Retention: the newest this many closed migrations (and, each
+    /// counted apart, received attempts and evacuations) are kept...
+    #[serde(default = "default_retain_closed")]
+    pub retain_closed: u32,
+    /// ...and none older than this many days.
+    #[serde(default = "default_retain_days")]
+    pub retain_days: u32,
+    /// Watch streams (consoles, `tern watch`) this agent serves at once;
+    /// one more is refused as ResourceExhausted.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: u32,
     /// How long a feature stage may take before its effect is taken as
     /// unknown (it fails, and a rollback undoes it too).
     #[serde(default = "default_stage_timeout")]
@@ -169,9 +193,6 @@ pub struct TlsConfig {
 
 /// The longest timer an agent config may set, in milliseconds: one day.
 const MAX_TIMER_MS: u64 = 86_400_000;
-/// The largest guest or host: 16 TiB and 4,096 vCPUs.
-const MAX_MEMORY_MIB: u64 = 16 * 1024 * 1024;
-const MAX_VCPUS: u32 = 4096;
 /// How much faster (or slower) than real time the simulated hypervisor may run.
 const MIN_SPEED: f64 = 0.001;
 const MAX_SPEED: f64 = 1_000_000.0;
@@ -191,6 +212,21 @@ fn default_rollback_retry() -> u64 {
 fn default_limit() -> u32 {
     2
 }
+fn default_retain_closed() -> u32 {
+    1000
+}
+fn default_retain_days() -> u32 {
+    30
+}
+/// The most closed records of each kind a host may be configured to keep.
+const MAX_RETAIN_CLOSED: u32 = 1_000_000;
+/// The longest a host may be configured to keep them: a hundred years.
+const MAX_RETAIN_DAYS: u32 = 36_500;
+fn default_max_watchers() -> u32 {
+    64
+}
+/// The most Watch streams an agent may be configured to serve at once.
+const MAX_WATCHERS: u32 = 4096;
 fn default_stage_timeout() -> u64 {
     60_000
 }
@@ -425,6 +461,7 @@ impl AgentConfig {
         if config.name.trim().is_empty() {
             return Err(invalid(path, "name is empty"));
         }
+        check_name(path, "name", &config.name)?;
         if config.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 path,
@@ -487,6 +524,26 @@ impl AgentConfig {
                 ));
             }
         }
+        for (key, value, max) in [
+            ("retain_closed", config.retain_closed, MAX_RETAIN_CLOSED),
+            ("retain_days", config.retain_days, MAX_RETAIN_DAYS),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(invalid(
+                    path,
+                    format!("{key} = {value}: must be between 1 and {max}"),
+                ));
+            }
+        }
+        if !(1..=MAX_WATCHERS).contains(&config.max_watchers) {
+            return Err(invalid(
+                path,
+                format!(
+                    "max_watchers = {}: must be between 1 and {MAX_WATCHERS}",
+                    config.max_watchers
+                ),
+            ));
+        }
         for (key, value) in [
             ("max_outgoing", config.max_outgoing),
             ("max_incoming", config.max_incoming),
@@ -528,6 +585,9 @@ impl AgentConfig {
                 path,
                 format!("[hypervisor] offers at most {MAX_MEMORY_MIB} MiB and {MAX_VCPUS} vCPUs"),
             ));
+        }
+        for name in config.features.keys() {
+            check_name(path, "[features.NAME]", name)?;
         }
         // Driver settings are checked now, so a typo stops the agent before
         // it creates anything.
@@ -821,24 +881,31 @@ fn check_vm(
     if vm.name.trim().is_empty() {
         return Err(invalid(path, "a [[vm]] has an empty name"));
     }
-    if vm.vcpus == 0 {
-        return Err(invalid(
-            path,
-            format!("[[vm]] {}: vcpus must be at least 1", vm.name),
-        ));
-    }
-    // Capacity is summed over guests: an absurd size would overflow.
-    if vm.memory_mib > MAX_MEMORY_MIB || vm.vcpus > MAX_VCPUS {
-        return Err(invalid(
-            path,
-            format!(
-                "[[vm]] {}: at most {MAX_MEMORY_MIB} MiB and {MAX_VCPUS} vCPUs",
-                vm.name
-            ),
-        ));
-    }
+    check_name(path, "[[vm]] name", &vm.name)?;
+    // Zero is refused; capacity is summed over guests: an absurd size
+    // would overflow.
+    bounds::check_guest_size(&format!("[[vm]] {}", vm.name), vm.memory_mib, vm.vcpus)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    bounds::check_count(
+        &format!("[[vm]] {}: features", vm.name),
+        vm.features.len(),
+        bounds::MAX_FEATURES,
+    )
+    .map_err(|e| invalid(path, e.to_string()))?;
     let mut seen = HashSet::new();
     for feature in &vm.features {
+        check_name(
+            path,
+            &format!("[[vm]] {}: feature name", vm.name),
+            &feature.name,
+        )?;
+        if !feature.driver.is_empty() {
+            check_name(
+                path,
+                &format!("[[vm]] {}: feature driver", vm.name),
+                &feature.driver,
+            )?;
+        }
         check_feature_ref(path, vm, feature, features)?;
         if !seen.insert(feature.name.as_str()) {
             return Err(invalid(
@@ -851,6 +918,11 @@ fn check_vm(
         }
     }
     Ok(())
+}
+
+/// The name rule ([`bounds::check_name`]) for a name in `path`.
+fn check_name(path: &Path, field: &str, value: &str) -> Result<(), ConfigError> {
+    bounds::check_name(field, value).map_err(|e| invalid(path, e.to_string()))
 }
 
 fn check_feature_ref(
@@ -1239,5 +1311,55 @@ mod tests {
         assert_eq!(h.kernel_dir, Some(dir.path().join("kernels")));
         assert_eq!(h.storage["images"], dir.path().join("images"));
         assert_eq!(h.storage["iso"], Path::new("/srv/iso"));
+    }
+
+    #[test]
+    fn names_and_sizes_outside_the_rules_are_refused_by_key() {
+        let sim = "name = \"hv-a\"\nlisten = \"127.0.0.1:7701\"\nstate_dir = \"s\"\n\
+                   inventory = \"cluster.toml\"\n";
+        let vm = |name: &str, memory: u64, vcpus: u32| {
+            format!(
+                "{sim}[features.pp]\ndriver = \"port-profile\"\nswitch = \"sim\"\n\
+                 [[vm]]\nname = \"{name}\"\nmemory_mib = {memory}\nvcpus = {vcpus}\n\
+                 features = [{{ name = \"pp\" }}]\n"
+            )
+        };
+        assert!(parse(&vm("web-01", 256, 2)).is_ok());
+        for (text, expected) in [
+            (
+                vm("web 01", 256, 2),
+                "[[vm]] name \"web 01\" must be 1 to 64 characters",
+            ),
+            (vm("-web", 256, 2), "[[vm]] name \"-web\""),
+            (vm("web-01", 0, 2), "[[vm]] web-01.memory_mib is 0"),
+            (vm("web-01", 256, 0), "[[vm]] web-01.vcpus is 0"),
+            (
+                sim.replace("name = \"hv-a\"", "name = \"hv a\""),
+                "name \"hv a\" must be",
+            ),
+            (
+                format!("{sim}[features.\"p p\"]\ndriver = \"port-profile\"\n"),
+                "[features.NAME] \"p p\" must be",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err();
+            assert!(err.starts_with("hv-a.toml is not valid: "), "{err}");
+            assert!(err.contains(expected), "expected {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn inventory_host_names_follow_the_name_rule() {
+        let path = Path::new("cluster.toml");
+        let ok = "[[host]]\nname = \"hv-a\"\naddress = \"http://127.0.0.1:1\"\n";
+        assert!(Inventory::parse(path, ok).is_ok());
+        let err = Inventory::parse(path, &ok.replace("hv-a", "hv-a\\u001b[31m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[[host]] name \"hv-a\\u{1b}[31m\" must be"),
+            "{err}"
+        );
+        assert!(!err.contains('\u{1b}'), "{err}");
     }
 }

@@ -373,20 +373,23 @@ fn an_unreadable_journal_row_is_skipped_and_reported_and_the_agent_starts() {
 fn a_tombstone_survives_a_restart_and_refuses_a_late_prepare() {
     let mut cluster = driver_on_both();
 
-    let resolved = call_resolve(&cluster, "hv-b", "m-late01.1");
+    let resolved = call_resolve(&cluster, "hv-b", "m-00000001a7e1.1");
     assert_eq!(
         resolved.resolution,
         proto::Resolution::NotCommitted as i32,
         "Resolve of an unknown attempt: {resolved:?}"
     );
-    let aborted = call_abort(&cluster, "hv-b", "m-late02.1", "hv-a");
+    let aborted = call_abort(&cluster, "hv-b", "m-00000001a7e2.1", "hv-a");
     assert!(aborted.aborted, "Abort of an unknown attempt: {aborted:?}");
 
     // A crash, not a clean stop: the tombstones were durable before the answers.
     cluster.kill("hv-b");
     start_again(&mut cluster, "hv-b");
 
-    for (attempt_id, migration_id) in [("m-late01.1", "m-late01"), ("m-late02.1", "m-late02")] {
+    for (attempt_id, migration_id) in [
+        ("m-00000001a7e1.1", "m-00000001a7e1"),
+        ("m-00000001a7e2.1", "m-00000001a7e2"),
+    ] {
         let c1 = tern::protocol::cookies::cookie1(
             attempt_id,
             migration_id,
@@ -415,8 +418,8 @@ fn a_tombstone_survives_a_restart_and_refuses_a_late_prepare() {
 
     // Control: the same C1 with an id hv-b never answered for is prepared.
     let c1 = tern::protocol::cookies::cookie1(
-        "m-fresh1.1",
-        "m-fresh1",
+        "m-000000f7e5e1.1",
+        "m-000000f7e5e1",
         "hv-a",
         &incoming_vm("db-09"),
         Mode::Safe,

@@ -370,13 +370,13 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
     };
     let abort = Command::Abort {
         host: "hv-a".into(),
-        id: "m-nope".into(),
+        id: "m-00000000dead".into(),
     };
     assert_eq!(
         done(execute(inventory, abort).await),
         (
-            "abort m-nope".into(),
-            Err("no migration m-nope on hv-a".into())
+            "abort m-00000000dead".into(),
+            Err("no migration m-00000000dead on hv-a".into())
         )
     );
     let retry = Command::Retry {

@@ -697,7 +697,7 @@ fn simultaneous_prepares_never_exceed_max_incoming() {
                     }],
                     qemu: None,
                 };
-                let migration = format!("m-ghost{i:02}");
+                let migration = format!("m-0000000000{i:02x}");
                 let c1 = tern::protocol::cookies::cookie1(
                     &format!("{migration}.1"),
                     &migration,

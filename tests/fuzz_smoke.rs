@@ -351,7 +351,7 @@ fn write_cookie_seeds() {
             detail: String::new(),
         }],
         transfer: checks::c3_completed(checks::ATTEMPT_ID).stats,
-        attempt_id: "m1.2".into(),
+        attempt_id: "m-0000000000a1.2".into(),
         started_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_002_000,
         committed: true,

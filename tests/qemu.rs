@@ -812,8 +812,12 @@ fn prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu()
         ),
     ];
     for (i, (machine, expected)) in cases.into_iter().enumerate() {
-        let status = common::call_prepare(&cluster, "qb", &c1_with(machine, &format!("m-x.{i}")))
-            .expect_err("qb accepted a machine it does not allow");
+        let status = common::call_prepare(
+            &cluster,
+            "qb",
+            &c1_with(machine, &format!("m-00000000000a.{i}")),
+        )
+        .expect_err("qb accepted a machine it does not allow");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(
             status.message().starts_with(expected),
@@ -848,7 +852,7 @@ fn prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu()
         disks: vec![raw_disk("images", "intruder.img")],
         ..QemuMachine::default()
     };
-    common::call_prepare(&cluster, "qb", &c1_with(allowed, "m-y.1"))
+    common::call_prepare(&cluster, "qb", &c1_with(allowed, "m-00000000000b.1"))
         .expect("qb refused a machine it allows");
     assert_eq!(qemu_processes_of("intruder").len(), 1);
     wait_until(

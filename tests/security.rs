@@ -472,7 +472,13 @@ fn a_c1_naming_what_the_destination_does_not_allow_is_refused_by_field() {
             ..QemuMachine::default()
         }),
     };
-    let c1 = cookies::cookie1("m-x.1", "m-x", "hv-a", &vm, Mode::Fast);
+    let c1 = cookies::cookie1(
+        "m-00000000000a.1",
+        "m-00000000000a",
+        "hv-a",
+        &vm,
+        Mode::Fast,
+    );
     let before = cluster.status();
     let status = block_on(async {
         let mut b = PeerClient::new(channel_as(&cluster, "hv-b", &hv_a).await.unwrap());
@@ -500,7 +506,7 @@ fn a_c1_naming_what_the_destination_does_not_allow_is_refused_by_field() {
     assert!(
         tried
             .iter()
-            .any(|e| e["ok"] == false && e["target"] == "m-x.1"),
+            .any(|e| e["ok"] == false && e["target"] == "m-00000000000a.1"),
         "{entries:#?}"
     );
 }

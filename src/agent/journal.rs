@@ -12,7 +12,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::host::{Entry, Evacuation, JournalImage, Pending, Work};
+use crate::host::{Entry, Evacuation, JournalImage, Pending, Pruned, Retention, Work};
 use crate::protocol::destination::DestinationAttempt;
 use crate::protocol::source::SourceAttempt;
 
@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS attempt (
     PRIMARY KEY (id, side)
 );
 CREATE INDEX IF NOT EXISTS attempt_open ON attempt(open);
+CREATE INDEX IF NOT EXISTS attempt_migration ON attempt(migration_id);
 CREATE TABLE IF NOT EXISTS pending (
     attempt_id TEXT NOT NULL,
     feature TEXT NOT NULL,
@@ -58,6 +59,9 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS tombstone (
     attempt_id TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS committed (
+    attempt_id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS evacuation (
     id TEXT PRIMARY KEY,
     open INTEGER NOT NULL,
@@ -68,6 +72,47 @@ CREATE TABLE IF NOT EXISTS flag (
     value INTEGER NOT NULL
 );
 ";
+
+/// A journal table the host core does not hold in memory, whose closed rows
+/// retention prunes by [`crate::host::retention::beyond`], the rule the core
+/// applies to its own records.
+#[derive(Debug, Clone, Copy)]
+pub struct Retained {
+    pub table: &'static str,
+    /// The column holding when a row closed, in unix milliseconds.
+    pub closed_at: &'static str,
+    /// Which rows are closed (an SQL condition); `1` for all.
+    pub closed: &'static str,
+}
+
+/// The journal's own tables under retention (an audit table goes here).
+pub const RETAINED: &[Retained] = &[];
+
+/// Apply `retention` at `now` to the closed rows of `table`.
+pub fn retain(
+    db: &Connection,
+    table: &Retained,
+    retention: Retention,
+    now: u64,
+) -> Result<usize, JournalError> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {at}, rowid FROM {t} WHERE {closed}",
+        at = table.closed_at,
+        t = table.table,
+        closed = table.closed
+    ))?;
+    let closed = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let doomed = crate::host::retention::beyond(retention, now, closed);
+    let mut delete = db.prepare(&format!("DELETE FROM {} WHERE rowid = ?1", table.table))?;
+    for rowid in &doomed {
+        delete.execute([rowid])?;
+    }
+    Ok(doomed.len())
+}
 
 /// How long a write waits for a lock held by another process.
 pub const JOURNAL_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -117,7 +162,50 @@ impl Journal {
             }
             Entry::Evacuation(job) => self.put_evacuation(job),
             Entry::Draining(d) => self.set_flag("draining", *d),
+            Entry::Prune(p) => self.prune(p),
         }
+    }
+
+    /// Forget what retention forgot, in one transaction: a received
+    /// attempt's row becomes a tombstone or a commit marker at the same
+    /// instant. Then the journal's own tables ([`RETAINED`]) get the same
+    /// rule, and the WAL is checkpointed and truncated, so the file shrinks
+    /// back instead of holding the deleted rows' pages.
+    fn prune(&mut self, p: &Pruned) -> Result<(), JournalError> {
+        let tx = self.db.transaction()?;
+        for id in &p.migrations {
+            tx.execute(
+                "DELETE FROM attempt WHERE side = 'source' AND migration_id = ?1",
+                [id],
+            )?;
+        }
+        for (ids, marker) in [(&p.rolled_back, "tombstone"), (&p.committed, "committed")] {
+            for id in ids {
+                tx.execute(
+                    "DELETE FROM attempt WHERE side = 'destination' AND id = ?1",
+                    [id],
+                )?;
+                tx.execute(
+                    &format!("INSERT OR IGNORE INTO {marker} (attempt_id) VALUES (?1)"),
+                    [id],
+                )?;
+            }
+        }
+        for id in &p.evacuations {
+            tx.execute("DELETE FROM evacuation WHERE id = ?1", [id])?;
+        }
+        for table in RETAINED {
+            retain(&tx, table, p.retention, p.now)?;
+        }
+        tx.commit()?;
+        self.checkpoint()
+    }
+
+    /// Write the WAL into the database and truncate it to nothing.
+    pub fn checkpoint(&self) -> Result<(), JournalError> {
+        self.db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     fn put_source(&self, attempt: &SourceAttempt) -> Result<(), JournalError> {
@@ -243,6 +331,10 @@ impl Journal {
                 (_, Ok(id)) => image.tombstones.push(id),
                 (rowid, Err(e)) => image.unreadable.push(format!("tombstone row {rowid}: {e}")),
             }
+        }
+        let mut stmt = self.db.prepare("SELECT attempt_id FROM committed")?;
+        for id in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            image.committed.push(id?);
         }
         image.draining = match self.flag("draining") {
             Ok(d) => d,
@@ -533,5 +625,94 @@ mod tests {
         assert_eq!(image.tombstones, ["m-9.1"]);
         assert_eq!(image.pending.len(), 1);
         assert_eq!(image.pending[0].work, Work::Resume);
+    }
+
+    fn rows_of(journal: &Journal, sql: &str) -> i64 {
+        journal.db.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_prune_forgets_rows_keeps_markers_and_truncates_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        for (id, side, migration) in [
+            ("m-000000000001.1", "source", "m-000000000001"),
+            ("m-000000000001.2", "source", "m-000000000001"),
+            ("m-000000000002.1", "source", "m-000000000002"),
+            ("m-000000000009.1", "destination", "m-000000000009"),
+            ("m-00000000000a.1", "destination", "m-00000000000a"),
+        ] {
+            journal
+                .db
+                .execute(
+                    "INSERT INTO attempt (id, side, migration_id, open, body) VALUES (?1, ?2, ?3, 0, ?4)",
+                    params![id, side, migration, "x".repeat(100_000)],
+                )
+                .unwrap();
+        }
+        let wal = dir.path().join("journal.db-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        let pruned = Pruned {
+            migrations: vec!["m-000000000001".into()],
+            rolled_back: vec!["m-000000000009.1".into()],
+            committed: vec!["m-00000000000a.1".into()],
+            ..Pruned::default()
+        };
+        journal
+            .write(&Entry::Prune(Box::new(pruned)), false)
+            .unwrap();
+        // Both attempts of the pruned migration go; the other stays.
+        let left: Vec<String> = journal
+            .db
+            .prepare("SELECT id FROM attempt ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["m-000000000002.1"]);
+        let image = journal.load().unwrap();
+        assert_eq!(image.tombstones, ["m-000000000009.1"]);
+        assert_eq!(image.committed, ["m-00000000000a.1"]);
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            0,
+            "the WAL is truncated"
+        );
+    }
+
+    #[test]
+    fn retention_applies_to_a_table_of_the_journal_the_core_does_not_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal
+            .db
+            .execute_batch("CREATE TABLE audit (at_ms INTEGER NOT NULL, open INTEGER NOT NULL);")
+            .unwrap();
+        for (at, open) in [(100, 0), (200, 0), (300, 0), (400, 0), (50, 1)] {
+            journal
+                .db
+                .execute("INSERT INTO audit VALUES (?1, ?2)", [at, open])
+                .unwrap();
+        }
+        let table = Retained {
+            table: "audit",
+            closed_at: "at_ms",
+            closed: "open = 0",
+        };
+        let keep_two = Retention {
+            closed: 2,
+            max_age_ms: 1_000,
+        };
+        assert_eq!(retain(&journal.db, &table, keep_two, 1_000).unwrap(), 2);
+        let rows = |sql| rows_of(&journal, sql);
+        assert_eq!(
+            rows("SELECT count(*) FROM audit WHERE open = 0 AND at_ms >= 300"),
+            2
+        );
+        assert_eq!(rows("SELECT count(*) FROM audit"), 3, "an open row is kept");
+        // Later, the age limit takes the two kept ones too.
+        assert_eq!(retain(&journal.db, &table, keep_two, 1_401).unwrap(), 2);
+        assert_eq!(rows("SELECT count(*) FROM audit"), 1);
     }
 }

@@ -29,6 +29,7 @@ use crate::hypervisor::qemu::{QemuHypervisor, QemuSettings};
 use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
+use crate::protocol::bounds::{self, IdKind};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::{Mode, RunOn};
 use crate::trust::Role;
@@ -95,6 +96,9 @@ pub struct Agent {
     /// The hosts of the inventory: the only names an agent certificate
     /// calling the Peer service may carry.
     pub hosts: Vec<String>,
+    /// Watch streams served now, at most `max_watchers`: each holds a permit.
+    watchers: Arc<tokio::sync::Semaphore>,
+    pub max_watchers: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +124,7 @@ impl Agent {
         config: &AgentConfig,
         inventory: Inventory,
     ) -> Result<Arc<Agent>, StartError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
+        create_state_dir(&config.state_dir).map_err(|source| StartError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
         })?;
@@ -204,6 +208,7 @@ impl Agent {
             max_incoming: config.max_incoming,
             rollback_retry_ms: config.rollback_retry_ms,
             id_salt: rand::random(),
+            retention: host::Retention::from_config(config),
         });
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
@@ -227,6 +232,8 @@ impl Agent {
             tls,
             insecure: config.insecure && config.tls.is_none(),
             allow_fault_injection: config.allow_fault_injection,
+            watchers: Arc::new(tokio::sync::Semaphore::new(config.max_watchers as usize)),
+            max_watchers: config.max_watchers,
         });
         agent.adopt_guests().await;
         shell::spawn(agent.clone(), core, journal, image, rx);
@@ -250,6 +257,12 @@ impl Agent {
 
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
+    }
+
+    /// A slot for one more Watch stream, held until the stream ends; `None`
+    /// when `max_watchers` streams are served already.
+    pub fn watcher_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.watchers.clone().try_acquire_owned().ok()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<proto::Event> {
@@ -480,12 +493,6 @@ impl Agent {
             .flatten()
     }
 
-    pub async fn migrations(&self) -> Vec<MigrationRecord> {
-        self.query(|core| core.migrations().cloned().collect())
-            .await
-            .unwrap_or_default()
-    }
-
     pub async fn evacuation(&self, id: &str) -> Option<Evacuation> {
         let id = id.to_string();
         self.query(move |core| core.evacuation(&id).cloned())
@@ -493,17 +500,12 @@ impl Agent {
             .flatten()
     }
 
-    /// Oldest first.
-    pub async fn evacuations(&self) -> Vec<Evacuation> {
-        self.query(|core| core.evacuations().into_iter().cloned().collect())
-            .await
-            .unwrap_or_default()
-    }
-
     /// Wait until the migration's latest attempt has ended: an outcome, and
     /// nothing left running for it here (the guest's resume or kill has
     /// answered, so the record says where the guest is), or unresolved.
     pub async fn wait_migration(&self, id: &str) -> Result<MigrationRecord, Refusal> {
+        bounds::check_id("MigrationRef.id", id, IdKind::Migration)
+            .map_err(|e| Refusal::InvalidArgument(e.to_string()))?;
         self.wait_until(|| async {
             let key = id.to_string();
             let (record, live) = self
@@ -528,6 +530,8 @@ impl Agent {
 
     /// Wait until an evacuation has ended.
     pub async fn wait_evacuation(&self, id: &str) -> Result<Evacuation, Refusal> {
+        bounds::check_id("EvacuationRef.id", id, IdKind::Evacuation)
+            .map_err(|e| Refusal::InvalidArgument(e.to_string()))?;
         self.wait_until(|| async {
             let job = self
                 .evacuation(id)
@@ -558,6 +562,100 @@ impl Agent {
                     )));
                 }
             }
+        }
+    }
+
+    /// A page of this host's migrations, by id (ListMigrations).
+    pub async fn migrations_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::MigrationRecord>, String), Refusal> {
+        let after = page_token("ListMigrationsRequest.page_token", token, |t| {
+            bounds::check_id("ListMigrationsRequest.page_token", t, IdKind::Migration)
+        })?;
+        let size = page_size(size);
+        let records = self
+            .query(move |core| {
+                core.migrations_after(after.as_deref(), size + 1)
+                    .into_iter()
+                    .map(|r| (r.id.clone(), proto::MigrationRecord::from(r)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+        Ok(page(records, size))
+    }
+
+    /// A page of this host's evacuations, by id (ListEvacuations).
+    pub async fn evacuations_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::EvacuationRecord>, String), Refusal> {
+        let after = page_token("ListEvacuationsRequest.page_token", token, |t| {
+            bounds::check_id("ListEvacuationsRequest.page_token", t, IdKind::Evacuation)
+        })?;
+        let size = page_size(size);
+        let jobs = self
+            .query(move |core| {
+                core.evacuations_after(after.as_deref(), size + 1)
+                    .into_iter()
+                    .map(|job| (job.id.clone(), job.to_proto()))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+        Ok(page(jobs, size))
+    }
+
+    /// A page of this host's guests, by name (ListVms).
+    pub async fn vms_page(
+        &self,
+        size: u32,
+        token: &str,
+    ) -> Result<(Vec<proto::Vm>, String), Refusal> {
+        let after = page_token("ListVmsRequest.page_token", token, |t| {
+            bounds::check_name("ListVmsRequest.page_token", t)
+        })?;
+        let size = page_size(size);
+        let mut vms = self.vms().await;
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let vms = vms
+            .into_iter()
+            .filter(|v| after.as_ref().is_none_or(|a| v.name > *a))
+            .take(size + 1)
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        Ok(page(vms, size))
+    }
+
+    /// The first event of a Watch stream: the host, its VMs, its open
+    /// migrations and evacuations and the most recent closed ones, so that
+    /// it stays the same size however long the host has lived.
+    pub async fn snapshot(&self) -> proto::Snapshot {
+        let (migrations, evacuations) = self
+            .query(|core| {
+                let open = |r: &&MigrationRecord| core.is_live(&r.attempt_id);
+                let migrations: Vec<(bool, proto::MigrationRecord)> = core
+                    .recent_migrations(SNAPSHOT_CLOSED_MIGRATIONS)
+                    .into_iter()
+                    .map(|r| (open(&r), proto::MigrationRecord::from(r)))
+                    .collect();
+                let evacuations: Vec<(bool, proto::EvacuationRecord)> = core
+                    .recent_evacuations(SNAPSHOT_CLOSED_EVACUATIONS)
+                    .into_iter()
+                    .map(|job| (!job.state.is_over(), job.to_proto()))
+                    .collect();
+                (migrations, evacuations)
+            })
+            .await
+            .unwrap_or_default();
+        proto::Snapshot {
+            host: Some(self.host_info().await),
+            vms: self.vms().await,
+            migrations: within_budget(migrations),
+            evacuations: within_budget(evacuations),
         }
     }
 
@@ -689,6 +787,98 @@ fn own_identity(name: &str, files: &TlsConfig) -> Result<IdentityFiles, StartErr
     Ok(loaded)
 }
 
+/// The state directory holds the journal and the guests' files: only the
+/// agent's user may read it. Created with mode 0700; one that exists with
+/// more is narrowed to 0700.
+fn create_state_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "state_dir {} had mode {mode:o}; narrowing it to 700",
+            path.display()
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Closed migrations a Watch snapshot carries besides the open ones.
+pub const SNAPSHOT_CLOSED_MIGRATIONS: usize = 500;
+/// Closed evacuations a Watch snapshot carries besides the running ones.
+pub const SNAPSHOT_CLOSED_EVACUATIONS: usize = 20;
+/// The page size of a List call that asks for none, and the most it gets.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+fn page_size(asked: u32) -> usize {
+    let size = match asked {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    size as usize
+}
+
+/// A page token: empty for the first page, else the key the last page
+/// ended at, checked by the rule of its keys.
+fn page_token(
+    field: &str,
+    token: &str,
+    check: impl Fn(&str) -> Result<(), bounds::BoundsError>,
+) -> Result<Option<String>, Refusal> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    check(token).map_err(|e| {
+        Refusal::InvalidArgument(format!("{e} ({field} is the next_page_token of a page)"))
+    })?;
+    Ok(Some(token.to_string()))
+}
+
+/// One page of a List answer from up to `size + 1` keyed items in key
+/// order: at most `size`, and no more than [`bounds::MAX_PAGE_BYTES`]
+/// encoded (one item at least). The token is the last key when more follow.
+fn page<T: prost::Message>(items: Vec<(String, T)>, size: usize) -> (Vec<T>, String) {
+    let more = items.len() > size;
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut last = String::new();
+    for (key, item) in items.into_iter().take(size) {
+        let len = item.encoded_len();
+        if !out.is_empty() && bytes + len > bounds::MAX_PAGE_BYTES {
+            return (out, last);
+        }
+        bytes += len;
+        last = key;
+        out.push(item);
+    }
+    (out, if more { last } else { String::new() })
+}
+
+/// What a snapshot keeps of `(open, item)`s: every open one, and the closed
+/// ones in the order given (newest first) until the first that would pass
+/// [`bounds::MAX_PAGE_BYTES`], so no older one shows where a newer is left out.
+fn within_budget<T: prost::Message>(items: Vec<(bool, T)>) -> Vec<T> {
+    let mut bytes = 0;
+    let mut full = false;
+    items
+        .into_iter()
+        .filter(|(open, item)| {
+            if *open {
+                return true;
+            }
+            bytes += item.encoded_len();
+            full |= bytes > bounds::MAX_PAGE_BYTES;
+            !full
+        })
+        .map(|(_, item)| item)
+        .collect()
+}
+
 pub fn pending_to_proto(p: host::Pending) -> proto::PendingRollback {
     proto::PendingRollback {
         attempt_id: p.attempt_id,
@@ -788,5 +978,66 @@ async fn wait_for_signal(signals: Signals) {
         _ = int.recv() => {}
         _ = term.recv() => {}
         _ = hup.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, bytes: usize) -> (String, proto::Vm) {
+        let vm = proto::Vm {
+            name: name.into(),
+            migration_id: "x".repeat(bytes),
+            ..Default::default()
+        };
+        (name.into(), vm)
+    }
+
+    fn names(vms: &[proto::Vm]) -> Vec<&str> {
+        vms.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_page_stops_at_its_size_or_its_bytes_and_says_where_to_go_on() {
+        // Three asked for, four fetched: more follow, from the third.
+        let items = vec![vm("a", 10), vm("b", 10), vm("c", 10), vm("d", 10)];
+        let (page_, next) = page(items, 3);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a", "b", "c"], "c"));
+        // The last page: no token.
+        let (page_, next) = page(vec![vm("a", 10), vm("b", 10)], 3);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a", "b"], ""));
+        // Bytes end a page early, and its token goes on after what it holds.
+        let big = bounds::MAX_PAGE_BYTES / 2;
+        let items = vec![vm("a", big), vm("b", big), vm("c", 10)];
+        let (page_, next) = page(items, 10);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a"], "a"));
+        // One item too large for a page still goes, alone.
+        let (page_, next) = page(vec![vm("a", 2 * big), vm("b", 10)], 10);
+        assert_eq!((names(&page_), next.as_str()), (vec!["a"], "a"));
+    }
+
+    #[test]
+    fn a_snapshot_keeps_every_open_item_and_closed_ones_within_its_budget() {
+        let big = bounds::MAX_PAGE_BYTES / 2;
+        let items = vec![
+            (true, vm("open-1", big).1),
+            (false, vm("closed-1", big).1),
+            (false, vm("closed-2", big).1),
+            (false, vm("closed-3", 10).1),
+            (true, vm("open-2", big).1),
+        ];
+        // The open ones cost nothing against the budget.
+        assert_eq!(
+            names(&within_budget(items)),
+            ["open-1", "closed-1", "open-2"]
+        );
+    }
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0), DEFAULT_PAGE_SIZE as usize);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(1_000_000), MAX_PAGE_SIZE as usize);
     }
 }

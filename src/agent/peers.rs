@@ -12,6 +12,7 @@ use crate::config::Inventory;
 use crate::host::{PeerCall, PeerResponse};
 use crate::proto::peer_client::PeerClient;
 use crate::protocol::PeerError;
+use crate::protocol::bounds;
 use crate::trust::tls::{self, IdentityFiles};
 
 /// The metadata key a refusal's kind travels in, next to its status code.
@@ -39,7 +40,7 @@ impl Peers {
     fn client(&self, host: &str) -> Result<PeerClient<Channel>, PeerError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(host) {
-            return Ok(PeerClient::new(channel.clone()));
+            return Ok(peer_client(channel.clone()));
         }
         let entry = self
             .inventory
@@ -53,7 +54,7 @@ impl Peers {
             .keep_alive_timeout(Duration::from_secs(2))
             .connect_lazy();
         channels.insert(host.to_string(), channel.clone());
-        Ok(PeerClient::new(channel))
+        Ok(peer_client(channel))
     }
 
     /// Make one call, within `deadline` if there is one.
@@ -96,6 +97,14 @@ impl Peers {
         };
         result.map_err(|status| peer_error(host, status))
     }
+}
+
+/// A Peer client with explicit message limits both ways
+/// ([`bounds::MAX_REQUEST_BYTES`]: every Peer message is small).
+fn peer_client(channel: Channel) -> PeerClient<Channel> {
+    PeerClient::new(channel)
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(bounds::MAX_REQUEST_BYTES)
 }
 
 /// Whether a failed call may have taken effect on the peer: a status the

@@ -10,9 +10,10 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use super::Agent;
-use crate::features::Faults;
+use crate::features::{Faults, faults};
 use crate::host::{PeerCall, PeerResponse, Refusal};
 use crate::proto::{self, console_server, peer_server};
+use crate::protocol::bounds::{self, IdKind};
 use crate::protocol::record::mode_from_proto;
 use crate::protocol::{RunOn, Stage};
 use crate::trust::{Caller, Identity, Role};
@@ -29,6 +30,13 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
+    // Explicit message limits (protocol::bounds says why these values).
+    let console = console_server::ConsoleServer::new(ConsoleService(agent.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(bounds::MAX_REPLY_BYTES);
+    let peer = peer_server::PeerServer::new(PeerService(agent.clone()))
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(bounds::MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = &agent.tls {
         builder = match builder.tls_config(tls.server()) {
@@ -40,10 +48,8 @@ pub async fn serve(
         };
     }
     let result = builder
-        .add_service(console_server::ConsoleServer::new(ConsoleService(
-            agent.clone(),
-        )))
-        .add_service(peer_server::PeerServer::new(PeerService(agent.clone())))
+        .add_service(console)
+        .add_service(peer)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })
@@ -288,6 +294,15 @@ struct ConsoleService(Arc<Agent>);
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
+/// An id in a request that is only looked up (the core checks the others).
+fn check_id(field: &str, id: &str, kind: IdKind) -> Result<(), Status> {
+    bounds::check_id(field, id, kind).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
+    bounds::check_name(field, name).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 fn mode(value: i32) -> Result<Option<crate::protocol::Mode>, Status> {
     if value == 0 {
         return Ok(None);
@@ -307,31 +322,36 @@ impl console_server::Console for ConsoleService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
         let agent = self.0.clone();
+        let Some(slot) = agent.watcher_slot() else {
+            return Err(Status::resource_exhausted(format!(
+                "{} already serves {} Watch streams, the most it serves at once (max_watchers); \
+                 close a console or a `tern watch` first",
+                agent.name, agent.max_watchers
+            )));
+        };
         // Subscribe before taking the snapshot so no change falls in between.
         let mut events = agent.subscribe();
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
+            // The slot is free again once this task ends.
+            let _slot = slot;
             let snapshot = |agent: Arc<Agent>| async move {
                 proto::Event {
                     host: agent.name.clone(),
-                    kind: Some(proto::event::Kind::Snapshot(proto::Snapshot {
-                        host: Some(agent.host_info().await),
-                        vms: agent.vms().await,
-                        migrations: agent.migrations().await.iter().map(Into::into).collect(),
-                        evacuations: agent
-                            .evacuations()
-                            .await
-                            .iter()
-                            .map(|e| e.to_proto())
-                            .collect(),
-                    })),
+                    kind: Some(proto::event::Kind::Snapshot(agent.snapshot().await)),
                 }
             };
             if tx.send(Ok(snapshot(agent.clone()).await)).await.is_err() {
                 return;
             }
             loop {
-                let event = match events.recv().await {
+                // A watcher that went away frees its slot at once, not at
+                // the next event.
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = events.recv() => next,
+                };
+                let event = match next {
                     Ok(event) => event,
                     // A slow watcher gets a fresh snapshot instead of a gap.
                     Err(broadcast::error::RecvError::Lagged(_)) => snapshot(agent.clone()).await,
@@ -394,6 +414,7 @@ impl console_server::Console for ConsoleService {
     ) -> Result<Response<proto::MigrationRecord>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
         let id = request.into_inner().id;
+        check_id("MigrationRef.id", &id, IdKind::Migration)?;
         let record =
             self.0.migration(&id).await.ok_or_else(|| {
                 Status::not_found(format!("no migration {id} on {}", self.0.name))
@@ -406,8 +427,13 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::ListMigrationsRequest>,
     ) -> Result<Response<proto::ListMigrationsReply>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
-        let migrations = self.0.migrations().await.iter().map(Into::into).collect();
-        Ok(Response::new(proto::ListMigrationsReply { migrations }))
+        let r = request.into_inner();
+        let (migrations, next_page_token) =
+            self.0.migrations_page(r.page_size, &r.page_token).await?;
+        Ok(Response::new(proto::ListMigrationsReply {
+            migrations,
+            next_page_token,
+        }))
     }
 
     async fn abort(
@@ -566,6 +592,7 @@ impl console_server::Console for ConsoleService {
     ) -> Result<Response<proto::EvacuationRecord>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
         let id = request.into_inner().id;
+        check_id("EvacuationRef.id", &id, IdKind::Evacuation)?;
         let job =
             self.0.evacuation(&id).await.ok_or_else(|| {
                 Status::not_found(format!("no evacuation {id} on {}", self.0.name))
@@ -578,14 +605,12 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::ListEvacuationsRequest>,
     ) -> Result<Response<proto::ListEvacuationsReply>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
+        let r = request.into_inner();
+        let (evacuations, next_page_token) =
+            self.0.evacuations_page(r.page_size, &r.page_token).await?;
         Ok(Response::new(proto::ListEvacuationsReply {
-            evacuations: self
-                .0
-                .evacuations()
-                .await
-                .iter()
-                .map(|e| e.to_proto())
-                .collect(),
+            evacuations,
+            next_page_token,
         }))
     }
 
@@ -615,8 +640,11 @@ impl console_server::Console for ConsoleService {
         request: Request<proto::ListVmsRequest>,
     ) -> Result<Response<proto::ListVmsReply>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
+        let r = request.into_inner();
+        let (vms, next_page_token) = self.0.vms_page(r.page_size, &r.page_token).await?;
         Ok(Response::new(proto::ListVmsReply {
-            vms: self.0.vms().await,
+            vms,
+            next_page_token,
         }))
     }
 
@@ -681,10 +709,13 @@ impl ConsoleService {
                     .ok_or_else(|| Status::invalid_argument(format!("unknown stage {s:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        check_name("SetFaultsRequest.faults.feature", &settings.feature)?;
         let faults = Faults {
             fail,
             fail_rate: settings.fail_rate,
-            latency_ms: settings.latency_ms,
+            // Clamped: an hour of latency would hold stages (and the agent's
+            // shutdown) far past every deadline. The reply says what holds.
+            latency_ms: settings.latency_ms.min(faults::MAX_LATENCY_MS),
             fail_rollback: settings.fail_rollback,
         };
         self.0

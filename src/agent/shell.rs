@@ -21,6 +21,9 @@ use crate::host::{
 use crate::hypervisor::HypervisorError;
 use crate::proto;
 
+/// How often the agent applies retention (besides when it starts).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
 pub(super) fn spawn(
     agent: Arc<Agent>,
     core: HostCore,
@@ -30,6 +33,18 @@ pub(super) fn spawn(
 ) {
     let (publish, publish_rx) = mpsc::unbounded_channel();
     let publisher = tokio::spawn(publisher(agent.clone(), publish_rx));
+    // Retention is the core's decision; when to look again is the shell's.
+    let tick = agent.core.clone();
+    tokio::spawn(async move {
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_INTERVAL, PRUNE_INTERVAL);
+        loop {
+            every.tick().await;
+            if tick.send(Msg::Input(Input::Prune)).is_err() {
+                return;
+            }
+        }
+    });
     let span = tracing::info_span!("host", name = %agent.name);
     let shell = Shell {
         agent,
@@ -214,6 +229,12 @@ fn entry_name(entry: &Entry) -> String {
         Entry::Tombstone(id) => format!("tombstone of {id}"),
         Entry::Evacuation(job) => format!("evacuation {}", job.id),
         Entry::Draining(d) => format!("draining = {d}"),
+        Entry::Prune(p) => format!(
+            "retention of {} migrations, {} attempts, {} evacuations",
+            p.migrations.len(),
+            p.rolled_back.len() + p.committed.len(),
+            p.evacuations.len()
+        ),
     }
 }
 

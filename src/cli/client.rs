@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Response, Status, Streaming};
 
+use super::sanitize::{Sanitize, terminal_safe};
 use super::{CliError, error_chain, exit_code_for_status, with_causes};
 use crate::config::{HostEntry, Inventory};
 use crate::proto;
 use crate::proto::console_client::ConsoleClient;
+use crate::protocol::bounds;
 use crate::trust::tls::{self, IdentityFiles};
 
 /// How long to wait for an agent to accept a connection.
@@ -176,15 +178,21 @@ impl Agent {
                 )));
             }
         };
+        // Explicit limits: replies may be as large as an agent sends
+        // (a page of a list, a Watch snapshot), requests are small.
+        let client = ConsoleClient::new(channel)
+            .max_decoding_message_size(bounds::MAX_REPLY_BYTES)
+            .max_encoding_message_size(bounds::MAX_REQUEST_BYTES);
         Ok(Agent {
             name: entry.name.clone(),
             address: entry.address.clone(),
-            client: ConsoleClient::new(channel),
+            client,
         })
     }
 
-    /// A short call, bounded by [`REQUEST_TIMEOUT`].
-    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, CliError>
+    /// A short call, bounded by [`REQUEST_TIMEOUT`]. The answer's text is
+    /// made terminal-safe ([`Sanitize`]), like every answer from an agent.
+    pub async fn call<T: Sanitize, F, Fut>(&self, call: F) -> Result<T, CliError>
     where
         F: FnOnce(ConsoleClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -194,27 +202,51 @@ impl Agent {
             .map_err(|status| self.status_error(&status))
     }
 
-    /// A call that may take as long as a migration (WaitMigration, Watch).
-    pub async fn call_long<T, F, Fut>(&self, call: F) -> Result<T, CliError>
+    /// A call that may take as long as a migration (WaitMigration).
+    pub async fn call_long<T: Sanitize, F, Fut>(&self, call: F) -> Result<T, CliError>
     where
         F: FnOnce(ConsoleClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         call(self.client.clone())
             .await
-            .map(Response::into_inner)
+            .map(|r| sanitized(r.into_inner()))
             .map_err(|status| self.status_error(&status))
+    }
+
+    /// Open the agent's Watch stream (bounded like a short call; the stream
+    /// itself is not). Its events come out terminal-safe.
+    pub async fn watch(&self) -> Result<WatchStream, CliError> {
+        let stream = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.client.clone().watch(proto::WatchRequest {}),
+        )
+        .await
+        {
+            Ok(answer) => answer
+                .map(Response::into_inner)
+                .map_err(|status| self.status_error(&status))?,
+            Err(_) => {
+                return Err(self.status_error(&Status::deadline_exceeded(format!(
+                    "agent {} at {} did not open its Watch stream within {} s",
+                    self.name,
+                    self.address,
+                    REQUEST_TIMEOUT.as_secs()
+                ))));
+            }
+        };
+        Ok(WatchStream(stream))
     }
 
     /// A short call with the raw status, for callers that treat some codes
     /// as answers. Running out of time is DeadlineExceeded.
-    async fn short<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    async fn short<T: Sanitize, F, Fut>(&self, call: F) -> Result<T, Status>
     where
         F: FnOnce(ConsoleClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         match tokio::time::timeout(REQUEST_TIMEOUT, call(self.client.clone())).await {
-            Ok(answer) => answer.map(Response::into_inner),
+            Ok(answer) => answer.map(|r| sanitized(r.into_inner())),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "agent {} at {} did not answer within {} s",
                 self.name,
@@ -241,6 +273,80 @@ impl Agent {
             Ok(record) => Ok(Some(record)),
             Err(status) if is_not_found(&status) => Ok(None),
             Err(status) => Err(self.status_error(&status)),
+        }
+    }
+
+    /// Every VM of the host, following ListVms's pages.
+    pub async fn list_vms(&self) -> Result<Vec<proto::Vm>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListVmsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_vms(request).await })
+                .await?;
+            Ok((reply.vms, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Every migration the host keeps, following ListMigrations's pages.
+    pub async fn list_migrations(&self) -> Result<Vec<proto::MigrationRecord>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListMigrationsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_migrations(request).await })
+                .await?;
+            Ok((reply.migrations, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Every evacuation the host keeps, following ListEvacuations's pages.
+    pub async fn list_evacuations(&self) -> Result<Vec<proto::EvacuationRecord>, CliError> {
+        self.all_pages(|token| async move {
+            let request = proto::ListEvacuationsRequest {
+                page_size: 0,
+                page_token: token,
+            };
+            let reply = self
+                .call(|mut c| async move { c.list_evacuations(request).await })
+                .await?;
+            Ok((reply.evacuations, reply.next_page_token))
+        })
+        .await
+    }
+
+    /// Ask for pages until the agent says there are no more. Tokens are
+    /// keys in ascending order: one that does not move on is an agent
+    /// error, not a reason to ask for ever.
+    async fn all_pages<T, F, Fut>(&self, mut ask: F) -> Result<Vec<T>, CliError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: Future<Output = Result<(Vec<T>, String), CliError>>,
+    {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (items, next) = ask(token.clone()).await?;
+            all.extend(items);
+            if next.is_empty() {
+                return Ok(all);
+            }
+            if next <= token {
+                return Err(CliError::new(
+                    super::exit::FAILED,
+                    format!(
+                        "agent {} answered page token {next:?} after {token:?}: its pages do not move on",
+                        self.name
+                    ),
+                ));
+            }
+            token = next;
         }
     }
 
@@ -273,6 +379,21 @@ impl Agent {
     }
 }
 
+fn sanitized<T: Sanitize>(mut answer: T) -> T {
+    answer.sanitize();
+    answer
+}
+
+/// An agent's Watch stream, its events terminal-safe.
+pub struct WatchStream(Streaming<proto::Event>);
+
+impl WatchStream {
+    /// The next event; `None` when the agent ended the stream.
+    pub async fn message(&mut self) -> Result<Option<proto::Event>, Status> {
+        Ok(self.0.message().await?.map(sanitized))
+    }
+}
+
 /// The agent answered NotFound (as opposed to a proxy or transport saying so).
 fn is_not_found(status: &Status) -> bool {
     status.code() == Code::NotFound && !is_transport_failure(status)
@@ -292,7 +413,7 @@ fn is_transport_failure(status: &Status) -> bool {
 pub fn status_error(host: &str, address: &str, status: &Status) -> CliError {
     if is_transport_failure(status) {
         let detail = with_causes(
-            status.message().to_string(),
+            terminal_safe(status.message()).into_owned(),
             std::error::Error::source(status),
         );
         return CliError::unavailable(format!(
@@ -302,7 +423,7 @@ pub fn status_error(host: &str, address: &str, status: &Status) -> CliError {
     let message = if status.message().is_empty() {
         format!("agent {host} answered {:?} with no message", status.code())
     } else {
-        status.message().to_string()
+        terminal_safe(status.message()).into_owned()
     };
     CliError::new(exit_code_for_status(status.code()), message)
 }
@@ -384,11 +505,8 @@ pub fn locate_vm(vm: &str, answers: &[(String, Vec<proto::Vm>)]) -> VmLocation {
 /// The reachable hosts other than `except` where `vm`'s CPUs are running.
 pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<String> {
     let answers = join_all(reachable(links).map(|agent| async move {
-        let reply = agent
-            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
-            .await
-            .ok()?;
-        let running = reply.vms.iter().any(|v| {
+        let vms = agent.list_vms().await.ok()?;
+        let running = vms.iter().any(|v| {
             v.name == vm && proto::GuestState::try_from(v.state) == Ok(proto::GuestState::Running)
         });
         (running && agent.name != except).then(|| agent.name.clone())
@@ -401,10 +519,8 @@ pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<St
 pub async fn find_vm_host(cluster: &Cluster, links: &[Link], vm: &str) -> Result<String, CliError> {
     let answers = join_all(links.iter().map(|link| async move {
         let agent = link.agent.as_ref().map_err(Clone::clone)?;
-        let reply = agent
-            .call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await })
-            .await?;
-        Ok::<_, CliError>((agent.name.clone(), reply.vms))
+        let vms = agent.list_vms().await?;
+        Ok::<_, CliError>((agent.name.clone(), vms))
     }))
     .await;
     let mut listed = Vec::new();
@@ -569,6 +685,13 @@ address = "http://127.0.0.1:7703"
             err.message,
             "migration m-1 has passed the commit point; it cannot be aborted"
         );
+    }
+
+    #[test]
+    fn an_agent_status_message_loses_its_escape_sequences() {
+        let status = Status::not_found("no migration m-1 \u{1b}]0;pwned\u{7}on hv-a\u{1b}[2K");
+        let err = status_error("hv-a", "http://127.0.0.1:7701", &status);
+        assert_eq!(err.message, "no migration m-1 on hv-a");
     }
 
     #[test]

@@ -10,8 +10,9 @@ use super::client::{
     Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
 };
 use super::output::{pending_rollback_line, record_summary, rollback_reply, started_line};
-use super::{CliError, CliResult, exit, exit_code_for_outcome};
+use super::{CliError, CliResult, check_id, exit, exit_code_for_outcome};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::record::{MigrationRecord, mode_to_proto};
 use crate::protocol::{Mode, RunOn};
 
@@ -25,6 +26,7 @@ pub struct Report {
 
 /// `tern migrate VM --to HOST`.
 pub async fn migrate(access: &Access, vm: &str, to: &str, mode: Mode, report: Report) -> CliResult {
+    crate::protocol::bounds::check_name("VM", vm).map_err(|e| CliError::usage(e.to_string()))?;
     let cluster = Cluster::load(access)?;
     cluster.check_host(to)?;
     let links = cluster.connect_all().await;
@@ -52,6 +54,7 @@ pub async fn retry(
     mode: Option<Mode>,
     report: Report,
 ) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
     if let Some(to) = to {
         cluster.check_host(to)?;
@@ -134,6 +137,7 @@ fn agent_named<'a>(links: &'a [Link], name: &str) -> Result<&'a Agent, CliError>
 
 /// `tern abort ID`: stop a migration before its commit point.
 pub async fn abort(access: &Access, id: &str) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (owner, _) = find_migration(&links, id).await?;
@@ -149,6 +153,7 @@ pub async fn abort(access: &Access, id: &str) -> CliResult {
 /// host now (they stay on the host where they failed). 0 when nothing is
 /// pending any more, 1 when some still are.
 pub async fn rollback(access: &Access, id: &str) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let replies =
@@ -197,6 +202,7 @@ pub async fn rollback(access: &Access, id: &str) -> CliResult {
 /// `tern rollback ID --forget`: drop a migration's pending work on every
 /// host, after a warning and the VM name as confirmation (unless `--yes`).
 pub async fn forget(access: &Access, id: &str, yes: bool) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (_, record) = find_migration(&links, id).await?;
@@ -246,6 +252,7 @@ pub async fn forget(access: &Access, id: &str, yes: bool) -> CliResult {
 /// decision for an unresolved attempt. It warns what a wrong choice does and
 /// asks for the VM name unless `--yes`.
 pub async fn resolve(access: &Access, id: &str, run_on: RunOn, yes: bool) -> CliResult {
+    check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (owner, record) = find_migration(&links, id).await?;
@@ -366,6 +373,12 @@ pub async fn fault(access: &Access, host: &str, faults: proto::FaultSettings) ->
         .iter()
         .find(|f| f.feature == faults.feature)
         .unwrap_or(&faults);
+    if now.latency_ms < faults.latency_ms {
+        eprintln!(
+            "{host}: latency_ms {} clamped to {}, the most fault injection adds",
+            faults.latency_ms, now.latency_ms
+        );
+    }
     println!(
         "{host}: {} faults now: fail = [{}], fail_rate = {}, latency_ms = {}, fail_rollback = {}",
         now.feature,

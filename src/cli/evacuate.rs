@@ -238,6 +238,11 @@ pub fn summary(job: &Evacuation) -> String {
 
 /// `tern evacuation pause|resume|cancel ID`: sent to the agent that owns it.
 pub async fn control(access: &Access, id: &str, control: Control) -> CliResult {
+    super::check_id(
+        "evacuation ID",
+        id,
+        crate::protocol::bounds::IdKind::Evacuation,
+    )?;
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let owner = find_evacuation(&links, id).await?;

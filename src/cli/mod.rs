@@ -10,12 +10,14 @@
 //! - [`status`]: `tern status` and the JSON form of hosts and VMs
 //! - [`watch`]: `tern watch`, the merged event stream of every agent
 //! - [`output`]: human-readable rendering
+//! - [`sanitize`]: text from agents made safe for a terminal
 
 pub mod audit;
 pub mod client;
 pub mod commands;
 pub mod evacuate;
 pub mod output;
+pub mod sanitize;
 pub mod status;
 pub mod watch;
 
@@ -115,6 +117,16 @@ pub fn exit_code_for_status(code: Code) -> u8 {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => exit::UNAVAILABLE,
         _ => exit::FAILED,
     }
+}
+
+/// An id the operator typed, checked by the rule agents check it by, so a
+/// typo is bad usage before any agent is asked.
+pub fn check_id(
+    what: &str,
+    id: &str,
+    kind: crate::protocol::bounds::IdKind,
+) -> Result<(), CliError> {
+    crate::protocol::bounds::check_id(what, id, kind).map_err(|e| CliError::usage(e.to_string()))
 }
 
 /// The error chain of `err`, outermost first, joined with ": " (tonic's

@@ -287,17 +287,15 @@ impl StatusJson {
 async fn ask(agent: &Agent) -> Result<HostAnswer, CliError> {
     let (host, vms, migrations, evacuations) = tokio::try_join!(
         agent.call(|mut c| async move { c.get_host(proto::GetHostRequest {}).await }),
-        agent.call(|mut c| async move { c.list_vms(proto::ListVmsRequest {}).await }),
-        agent.call(|mut c| async move { c.list_migrations(proto::ListMigrationsRequest {}).await }),
-        agent.call(
-            |mut c| async move { c.list_evacuations(proto::ListEvacuationsRequest {}).await }
-        ),
+        agent.list_vms(),
+        agent.list_migrations(),
+        agent.list_evacuations(),
     )?;
     Ok(HostAnswer {
         host,
-        vms: vms.vms,
-        migrations: migrations.migrations,
-        evacuations: evacuations.evacuations,
+        vms,
+        migrations,
+        evacuations,
     })
 }
 

@@ -248,10 +248,7 @@ async fn follow(entry: HostEntry, tls: Option<IdentityFiles>, tx: mpsc::Sender<W
     loop {
         let error = match Agent::connect(&entry, tls.as_ref()).await {
             Err(e) => e.message,
-            Ok(agent) => match agent
-                .call_long(|mut c| async move { c.watch(proto::WatchRequest {}).await })
-                .await
-            {
+            Ok(agent) => match agent.watch().await {
                 Err(e) => e.message,
                 Ok(mut stream) => loop {
                     match stream.message().await {

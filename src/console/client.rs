@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
-use tonic::Streaming;
 
 use super::msg::{Command, Msg};
 use crate::agent::now_ms;
 use crate::cli::Cluster;
-use crate::cli::client::{Agent, status_error};
+use crate::cli::client::{Agent, WatchStream, status_error};
 use crate::cli::output::{pending_rollback_line, started_line, state_summary};
 use crate::config::HostEntry;
 use crate::host::evacuation::job::{Evacuation, JobState};
@@ -111,15 +110,9 @@ async fn watch_host(agents: Cluster, entry: HostEntry, tx: UnboundedSender<Msg>)
 /// like any short call (the agent answers at once and streams afterwards);
 /// the stream itself is not, and the channel's keep-alive pings notice a host
 /// that vanished.
-async fn open_watch(
-    agents: &Cluster,
-    entry: &HostEntry,
-) -> Result<Streaming<proto::Event>, String> {
+async fn open_watch(agents: &Cluster, entry: &HostEntry) -> Result<WatchStream, String> {
     let agent = agents.connect(entry).await.map_err(|e| e.message)?;
-    agent
-        .call(|mut c| async move { c.watch(proto::WatchRequest {}).await })
-        .await
-        .map_err(|e| e.message)
+    agent.watch().await.map_err(|e| e.message)
 }
 
 /// What a watcher has told the console about its host's connection, so that

@@ -11,6 +11,9 @@
 //! | `TERN_HOST`      | this host                               |
 //! | `TERN_FEATURE`   | the feature's name                      |
 //!
+//! Nothing else of the agent's environment is passed on but `PATH`, set to
+//! [`HOOK_PATH`]; the values hold only `A-Z a-z 0-9 . _ -`.
+//!
 //! Exit status 0 is success, and the last line of stdout is the detail shown
 //! to the operator; anything else is a failure, explained by the last line of
 //! stderr. The hook runs in its own process group, and a hook that overruns
@@ -109,14 +112,19 @@ impl ExecHook {
             .map_err(|fault| format!("hook {program} ({stage}) not run: {fault}"))?;
 
         let mut command = tokio::process::Command::new(program);
+        // Nothing of the agent's environment leaks into the hook (its
+        // TERN_* settings, a proxy, LD_PRELOAD): a fixed PATH and the
+        // values below, each made of name and id characters only.
         command
             .args(&self.command[1..])
-            .env("TERN_VM", &ctx.vm)
+            .env_clear()
+            .env("PATH", HOOK_PATH)
+            .env("TERN_VM", hook_value(&ctx.vm))
             .env("TERN_STAGE", stage.as_str())
-            .env("TERN_ATTEMPT", &ctx.attempt_id)
-            .env("TERN_MIGRATION", &ctx.migration_id)
-            .env("TERN_HOST", &ctx.host)
-            .env("TERN_FEATURE", &self.name)
+            .env("TERN_ATTEMPT", hook_value(&ctx.attempt_id))
+            .env("TERN_MIGRATION", hook_value(&ctx.migration_id))
+            .env("TERN_HOST", hook_value(&ctx.host))
+            .env("TERN_FEATURE", hook_value(&self.name))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,6 +186,26 @@ impl ExecHook {
             })
         }
     }
+}
+
+/// The only PATH a hook sees.
+pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A value for a hook's environment: names and ids are checked by the name
+/// and id rules where they come in, and this keeps a hook safe regardless:
+/// only `A-Z a-z 0-9 . _ -` (anything else becomes `_`), at most 128 bytes.
+fn hook_value(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect()
 }
 
 /// Kills the hook's process group when dropped while armed.
@@ -340,6 +368,42 @@ mod tests {
             seen,
             "web-01 finish att-7 mig-3 hv-b hook arg1\nweb-01 release att-7 mig-3 hv-b hook arg1\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hook_sees_only_a_fixed_path_and_sanitised_tern_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let prog = script(dir.path(), "env.sh", "env > \"$1\"");
+        let h = hook(&[prog.to_str().unwrap(), out.to_str().unwrap()], "");
+        let mut odd = ctx(Stage::Prepare);
+        odd.vm = "web 01;$(reboot)\u{1b}[2J".into();
+        // SAFETY: set before the hook starts; no other thread of this test
+        // reads the variable.
+        unsafe { std::env::set_var("TERN_LEAK_CHECK", "from-the-agent") };
+        run_stage(&h, &odd).await.unwrap();
+        let seen = std::fs::read_to_string(&out).unwrap();
+        let mut names: Vec<&str> = seen
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_")
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "PATH",
+                "TERN_ATTEMPT",
+                "TERN_FEATURE",
+                "TERN_HOST",
+                "TERN_MIGRATION",
+                "TERN_STAGE",
+                "TERN_VM"
+            ],
+            "{seen}"
+        );
+        assert!(seen.contains(&format!("PATH={HOOK_PATH}\n")), "{seen}");
+        assert!(seen.contains("TERN_VM=web_01___reboot___2J\n"), "{seen}");
     }
 
     #[tokio::test]

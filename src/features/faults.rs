@@ -21,8 +21,19 @@ pub const FAULT_KEYS: [&str; 4] = ["fail", "fail_rate", "latency_ms", "fail_roll
 #[error("injected fault ({0})")]
 pub struct InjectedFault(String);
 
+/// The longest latency fault injection adds to a stage: a minute, the
+/// default stage deadline. `SetFaults` clamps to it; a config beyond it is
+/// refused.
+pub const MAX_LATENCY_MS: u64 = 60_000;
+
 /// Check faults an operator or a config asked for.
 pub fn validate(faults: &Faults) -> Result<(), String> {
+    if faults.latency_ms > MAX_LATENCY_MS {
+        return Err(format!(
+            "latency_ms = {}: must be at most {MAX_LATENCY_MS}",
+            faults.latency_ms
+        ));
+    }
     // `contains` is false for NaN, which must be rejected too.
     if !(0.0..=1.0).contains(&faults.fail_rate) {
         return Err(format!(
@@ -137,6 +148,15 @@ impl FaultInjector {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latency_beyond_a_minute_is_refused_in_config() {
+        let table: toml::Table = "latency_ms = 60001".parse().unwrap();
+        let err = faults_from_settings(&table).unwrap_err();
+        assert_eq!(err, "latency_ms = 60001: must be at most 60000");
+        let table: toml::Table = "latency_ms = 60000".parse().unwrap();
+        assert_eq!(faults_from_settings(&table).unwrap().latency_ms, 60_000);
+    }
+
     use super::*;
 
     fn table(text: &str) -> toml::Table {

@@ -30,6 +30,7 @@ mod attempts;
 pub mod evacuation;
 mod pending;
 mod requests;
+pub mod retention;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +42,7 @@ use crate::config::AgentConfig;
 use crate::features::StageContext;
 use crate::hypervisor::{Guest, HostCapacity};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::destination::{Answer, DestinationAttempt};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::SourceAttempt;
@@ -49,6 +51,7 @@ use crate::protocol::{Millis, Mode, RunOn, Stage, Timing, TransferStats, VmSpec}
 pub use evacuation::Request as EvacuationRequest;
 pub use evacuation::job::{Control, Evacuation};
 pub use pending::{Pending, Work};
+pub use retention::{Pruned, Retention};
 
 /// A request's id, chosen by the driver; its answer is an [`Action::Reply`]
 /// with the same id.
@@ -125,6 +128,8 @@ pub struct Config {
     /// one host, do not make the same ones (the agent draws it at random;
     /// the simulator from its seed).
     pub id_salt: u64,
+    /// How many closed records are kept, and how long ([`retention`]).
+    pub retention: Retention,
 }
 
 /// What a console, the CLI or a peer asks of this host.
@@ -349,6 +354,8 @@ pub enum Entry {
     Tombstone(String),
     Evacuation(Box<Evacuation>),
     Draining(bool),
+    /// Closed records retention forgot ([`retention`]).
+    Prune(Box<Pruned>),
 }
 
 /// Everything the journal held when the agent started.
@@ -359,6 +366,8 @@ pub struct JournalImage {
     pub destinations: Vec<DestinationAttempt>,
     pub pending: Vec<Pending>,
     pub tombstones: Vec<String>,
+    /// Received attempts that committed, whose records retention forgot.
+    pub committed: Vec<String>,
     pub evacuations: Vec<Evacuation>,
     pub draining: bool,
     /// Rows the journal could not read: kept aside, and reported.
@@ -458,6 +467,10 @@ pub enum Input {
     },
     /// A timer from [`HostCore::poll_timeout`] is due.
     Timer,
+    /// Time to forget the closed records beyond retention (the agent sends
+    /// it every ten minutes; it is no timer of the core's, so a simulated
+    /// cluster still settles).
+    Prune,
     /// SIGINT, SIGTERM or SIGHUP.
     Stop,
 }
@@ -573,6 +586,9 @@ pub struct HostCore {
     /// VM → the migration holding its lock (one attempt per VM).
     locks: BTreeMap<String, String>,
     tombstones: BTreeSet<String>,
+    /// Received attempts that committed, whose records were forgotten: still
+    /// answered as committed.
+    committed: BTreeSet<String>,
     pending: BTreeMap<pending::Key, Pending>,
     /// Runs of pending work an operator asked for: what is left, who waits.
     batches: BTreeMap<u64, pending::Batch>,
@@ -618,6 +634,7 @@ impl HostCore {
             ended: BTreeMap::new(),
             locks: BTreeMap::new(),
             tombstones: BTreeSet::new(),
+            committed: BTreeSet::new(),
             pending: BTreeMap::new(),
             batches: BTreeMap::new(),
             evacuations: evacuation::Runs::default(),
@@ -650,6 +667,11 @@ impl HostCore {
             Input::OpDone { op, result } => self.on_op_done(op, result),
             Input::Progress { op, stats } => self.on_progress(op, stats),
             Input::Timer => self.on_timer(),
+            Input::Prune => {
+                if self.stopping.is_none() {
+                    self.prune();
+                }
+            }
             Input::Stop => self.on_stop(),
         }
         self.drain_internal();
@@ -769,8 +791,10 @@ impl HostCore {
         call
     }
 
-    /// A new id, unique on this host: `prefix-` then `hex` hex digits.
-    fn new_id(&mut self, prefix: &str, hex: usize, taken: impl Fn(&str) -> bool) -> String {
+    /// A new id of `kind`, unique on this host: its prefix, `-`, then its
+    /// number of hex digits (the format [`bounds::check_id`] checks).
+    fn new_id(&mut self, kind: IdKind, taken: impl Fn(&str) -> bool) -> String {
+        let (prefix, hex) = kind.format();
         loop {
             let n = self.next_id();
             let bits = splitmix(self.cfg.id_salt ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -801,6 +825,45 @@ impl HostCore {
         self.sources.get(id).map(|s| &s.attempt.record)
     }
 
+    /// A page of [`HostCore::migrations`] in id order: at most `limit`
+    /// records after the id `after`.
+    pub fn migrations_after(&self, after: Option<&str>, limit: usize) -> Vec<&MigrationRecord> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        self.sources
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, s)| &s.attempt.record)
+            .collect()
+    }
+
+    /// What a Watch snapshot shows: every migration still open here, then
+    /// the `closed` most recently updated of the others, newest first.
+    pub fn recent_migrations(&self, closed: usize) -> Vec<&MigrationRecord> {
+        let (open, mut ended): (Vec<&Source>, Vec<&Source>) =
+            self.sources.values().partition(|s| s.live);
+        ended.sort_by(|a, b| {
+            let key = |s: &Source| (s.attempt.record.updated_at_ms, s.attempt.record.id.clone());
+            key(b).cmp(&key(a))
+        });
+        open.into_iter()
+            .chain(ended.into_iter().take(closed))
+            .map(|s| &s.attempt.record)
+            .collect()
+    }
+
+    /// Whether this host has anything of migration `id`: its record as the
+    /// source, an attempt as the destination, or pending work.
+    pub fn knows_migration(&self, id: &str) -> bool {
+        self.sources.contains_key(id)
+            || self
+                .destinations
+                .values()
+                .any(|d| d.attempt.migration_id == id)
+            || self.ended.values().any(|a| a.migration_id == id)
+            || self.pending.values().any(|p| p.migration_id == id)
+    }
+
     /// The migration holding a VM's lock.
     pub fn lock_of(&self, vm: &str) -> Option<&str> {
         self.locks.get(vm).map(String::as_str)
@@ -817,6 +880,27 @@ impl HostCore {
     /// Oldest first.
     pub fn evacuations(&self) -> Vec<&Evacuation> {
         self.evacuations.jobs()
+    }
+
+    /// A page of the evacuations, by id: at most `limit` after `after`.
+    pub fn evacuations_after(&self, after: Option<&str>, limit: usize) -> Vec<&Evacuation> {
+        self.evacuations.jobs_after(after, limit)
+    }
+
+    /// What a Watch snapshot shows: every evacuation not over, then the
+    /// `closed` that ended last, newest first.
+    pub fn recent_evacuations(&self, closed: usize) -> Vec<&Evacuation> {
+        let (open, mut ended): (Vec<&Evacuation>, Vec<&Evacuation>) = self
+            .evacuations
+            .jobs()
+            .into_iter()
+            .partition(|job| !job.state.is_over());
+        ended.sort_by_key(|job| {
+            std::cmp::Reverse((job.ended_at_ms.unwrap_or(job.updated_at_ms), job.id.clone()))
+        });
+        open.into_iter()
+            .chain(ended.into_iter().take(closed))
+            .collect()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -932,6 +1016,7 @@ impl HostCore {
             self.warnings.push(text);
         }
         self.tombstones.extend(image.tombstones);
+        self.committed.extend(image.committed);
         for p in image.pending {
             self.pending.insert(p.key(), p);
         }
@@ -1010,6 +1095,7 @@ impl HostCore {
         }
         let jobs = image.evacuations;
         self.recover_evacuations(jobs);
+        self.prune();
         self.drain_internal();
         self.emit(Event::Host);
         std::mem::take(&mut self.out)

@@ -207,13 +207,21 @@ impl HostCore {
             .map(|(k, _)| k.clone())
             .collect();
         if keys.is_empty() {
-            self.reply(
-                req,
+            // Nothing to run: fine for a migration this host knows, an
+            // error for one it has never heard of (a typo must not look
+            // like "all done").
+            let reply = if self.knows_migration(migration_id) {
                 Ok(Response::Pending {
                     done: Vec::new(),
                     still: Vec::new(),
-                }),
-            );
+                })
+            } else {
+                Err(super::Refusal::NotFound(format!(
+                    "no migration {migration_id} on {}",
+                    self.cfg.name
+                )))
+            };
+            self.reply(req, reply);
             return;
         }
         let batch = self.next_id();

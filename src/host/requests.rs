@@ -10,17 +10,98 @@ use super::{
 };
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
+use crate::protocol::bounds::{self, BoundsError, IdKind};
 use crate::protocol::cookies::{self, CookieError};
 use crate::protocol::destination::{
     Answer, DestinationAttempt, DestinationInput, FreeCapacity, Known, Leftover, PrepareRefusal,
-    busy_with, check_new_attempt, unknown_attempt,
+    busy_with, check_new_attempt, forgotten_commit, unknown_attempt,
 };
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt, SourceInput};
 use crate::protocol::{Cause, Mode, Outcome, RunOn};
 
+/// The names and ids in a request, checked by the rules every host applies
+/// ([`bounds`]) before anything is looked up. Cookies are checked when they
+/// are decoded ([`cookies::decode`]).
+fn check_request(request: &Request) -> Result<(), BoundsError> {
+    use bounds::{MAX_EXCLUDED_HOSTS, MAX_HEARTBEAT_IDS, MAX_TEXT_LEN, check_count, check_text};
+    use bounds::{check_id, check_name};
+    match request {
+        Request::StartMigration {
+            vm, destination, ..
+        } => {
+            check_name("StartMigrationRequest.vm", vm)?;
+            check_name("StartMigrationRequest.destination", destination)
+        }
+        Request::Retry {
+            id, destination, ..
+        } => {
+            check_id("RetryRequest.id", id, IdKind::Migration)?;
+            match destination {
+                Some(d) => check_name("RetryRequest.destination", d),
+                None => Ok(()),
+            }
+        }
+        Request::Abort { id } => check_id("MigrationRef.id", id, IdKind::Migration),
+        Request::Force { id, .. } => check_id("ForceResolveRequest.id", id, IdKind::Migration),
+        Request::RunPending { migration_id } | Request::ForgetPending { migration_id } => {
+            check_id("MigrationRef.id", migration_id, IdKind::Migration)
+        }
+        Request::Evacuate { request, .. } => {
+            check_count(
+                "EvacuateRequest.exclude",
+                request.exclude.len(),
+                MAX_EXCLUDED_HOSTS,
+            )?;
+            for (i, host) in request.exclude.iter().enumerate() {
+                check_name(&format!("EvacuateRequest.exclude[{i}]"), host)?;
+            }
+            Ok(())
+        }
+        Request::ControlEvacuation { id, .. } => {
+            check_id("ControlEvacuationRequest.id", id, IdKind::Evacuation)
+        }
+        Request::Undrain => Ok(()),
+        Request::Peer { call, .. } => match call {
+            PeerCall::Prepare(_) | PeerCall::Finish(_) | PeerCall::Capacity(_) => Ok(()),
+            PeerCall::Abort(r) => {
+                check_id(
+                    "PeerAbortRequest.attempt_id",
+                    &r.attempt_id,
+                    IdKind::Attempt,
+                )?;
+                check_name("PeerAbortRequest.from_host", &r.from_host)?;
+                check_text("PeerAbortRequest.reason", &r.reason, MAX_TEXT_LEN)
+            }
+            PeerCall::Resolve(r) => {
+                check_id("ResolveRequest.attempt_id", &r.attempt_id, IdKind::Attempt)
+            }
+            PeerCall::Heartbeat(r) => {
+                check_name("HeartbeatRequest.from_host", &r.from_host)?;
+                check_count(
+                    "HeartbeatRequest.attempt_ids",
+                    r.attempt_ids.len(),
+                    MAX_HEARTBEAT_IDS,
+                )?;
+                for (i, id) in r.attempt_ids.iter().enumerate() {
+                    check_id(
+                        &format!("HeartbeatRequest.attempt_ids[{i}]"),
+                        id,
+                        IdKind::Attempt,
+                    )?;
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
 impl HostCore {
     pub(super) fn on_request(&mut self, req: ReqId, request: Request) {
+        if let Err(e) = check_request(&request) {
+            self.reply(req, Err(Refusal::InvalidArgument(e.to_string())));
+            return;
+        }
         match request {
             Request::StartMigration {
                 vm,
@@ -195,7 +276,7 @@ impl HostCore {
             None => {
                 let sources = &self.sources;
                 let taken: Vec<String> = sources.keys().cloned().collect();
-                let id = self.new_id("m", 12, |id| taken.iter().any(|t| t == id));
+                let id = self.new_id(IdKind::Migration, |id| taken.iter().any(|t| t == id));
                 (id, 1, now)
             }
         };
@@ -388,10 +469,33 @@ impl HostCore {
                 incoming.attempt_id, incoming.source
             )));
         }
+        if incoming.source == name {
+            return Err(Refusal::InvalidArgument(format!(
+                "C1.source is {name} itself: a host never receives its own migration"
+            )));
+        }
+        if !self.cfg.hosts.contains(&incoming.source) {
+            return Err(Refusal::InvalidArgument(format!(
+                "C1.source: no host named {} in the inventory of {name} (hosts: {})",
+                incoming.source,
+                self.cfg.hosts.join(", ")
+            )));
+        }
+        // An id of a migration this host sources: only a confused or
+        // forged C1 names it, and preparing it would give this host both
+        // sides of one attempt.
+        if let Some(s) = self.sources.get(&incoming.migration_id) {
+            return Err(Refusal::AlreadyExists(format!(
+                "attempt {} belongs to migration {}, which {name} sources (its attempt {} is {name}'s); \
+                 a host never receives its own migration",
+                incoming.attempt_id, incoming.migration_id, s.attempt.attempt_id
+            )));
+        }
         let known = Known {
             aborted: self.tombstones.contains(&incoming.attempt_id),
             running: self.destinations.contains_key(&incoming.attempt_id),
-            journaled: self.ended.contains_key(&incoming.attempt_id),
+            journaled: self.ended.contains_key(&incoming.attempt_id)
+                || self.committed.contains(&incoming.attempt_id),
         };
         check_new_attempt(&incoming.attempt_id, &name, known).map_err(prepare_refusal)?;
         let vm = incoming.vm.name.clone();
@@ -480,6 +584,12 @@ impl HostCore {
                 };
                 self.reply(req, Ok(Response::Peer(PeerResponse::Finish(reply))));
             }
+            None if self.committed.contains(&id) => {
+                let reply = proto::FinishReply {
+                    cookie4: forgotten_commit(&id).encode_to_vec(),
+                };
+                self.reply(req, Ok(Response::Peer(PeerResponse::Finish(reply))));
+            }
             None => {
                 let text = format!("no attempt {id} on {}", self.cfg.name);
                 self.reply(req, Err(Refusal::NotFound(text)));
@@ -491,9 +601,13 @@ impl HostCore {
     /// destination, the answer waits (bounded) until the rollback is done,
     /// so a stopping source knows its peer is clean before it exits.
     fn peer_abort(&mut self, req: ReqId, r: proto::PeerAbortRequest) {
-        let c4 = (!r.cookie4.is_empty())
-            .then(|| cookies::decode::<proto::Cookie4>("C4", &r.cookie4).ok())
-            .flatten();
+        let c4 = match (!r.cookie4.is_empty())
+            .then(|| cookies::decode::<proto::Cookie4>("C4", &r.cookie4))
+            .transpose()
+        {
+            Ok(c4) => c4,
+            Err(e) => return self.reply(req, Err(cookie_refusal(e))),
+        };
         // An attempt this host is (or was) the source of: the destination
         // aborted it, and may report its rollback and its decision. Who
         // sent it says which side it is for, should this host hold both
@@ -562,6 +676,19 @@ impl HostCore {
             self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
             return;
         }
+        if self.committed.contains(&r.attempt_id) {
+            let reply = proto::PeerAbortReply {
+                aborted: false,
+                detail: format!(
+                    "attempt {} committed on {}: the guest runs here",
+                    r.attempt_id, self.cfg.name
+                ),
+                cookie4: forgotten_commit(&r.attempt_id).encode_to_vec(),
+                committed: true,
+            };
+            self.reply(req, Ok(Response::Peer(PeerResponse::Abort(reply))));
+            return;
+        }
         // Prepare may still be on its way: make sure it is refused, for good.
         self.tombstone(&r.attempt_id);
         let reply = proto::PeerAbortReply {
@@ -593,6 +720,8 @@ impl HostCore {
             (answer, c4)
         } else if let Some(a) = self.ended.get(attempt_id) {
             (a.answer(), a.cookie4())
+        } else if self.committed.contains(attempt_id) {
+            (Answer::Committed, forgotten_commit(attempt_id))
         } else {
             self.tombstone(attempt_id);
             (

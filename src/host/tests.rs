@@ -6,6 +6,7 @@ use prost::Message;
 
 use super::*;
 use crate::hypervisor::{Guest, GuestState};
+use crate::protocol::bounds;
 use crate::protocol::cookies;
 use crate::protocol::destination;
 use crate::protocol::{FeatureSpec, Mode, VmSpec};
@@ -30,6 +31,7 @@ fn config(name: &str) -> Config {
         max_incoming: 2,
         rollback_retry_ms: 1_000,
         id_salt: 7,
+        retention: Retention::default(),
     }
 }
 
@@ -194,7 +196,7 @@ fn finish_call(attempt: &str) -> Request {
 fn prepared_destination() -> (Host, ReqId) {
     let mut b = Host::new(B);
     let spec = vm("web-01", &[]);
-    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     assert!(
@@ -210,7 +212,7 @@ fn prepared_destination() -> (Host, ReqId) {
 /// Drive a prepared destination through Finish up to its commit: the
 /// actions of the last step (the resume is asked for) and Finish's request id.
 fn finishing(b: &mut Host) -> (ReqId, Vec<Action>) {
-    let (req, actions) = b.request(finish_call("m-1.1"));
+    let (req, actions) = b.request(finish_call("m-000000000001.1"));
     let complete = op_of(&actions, |o| matches!(o, Op::CompleteIncoming { .. }))
         .expect("waits for the transfer");
     let actions = b.op_done(complete, Ok(OpOutput::Done));
@@ -223,14 +225,14 @@ fn an_abort_right_after_prepare_finds_the_attempt_registered() {
     let spec = vm("web-01", &[]);
     // Prepare was admitted and registered in the same step: no gap where
     // an abort would be answered "not known here" and then be too late.
-    let (_, _) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
-    let (req, actions) = b.request(abort_call("m-1.1"));
+    let (_, _) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
+    let (req, actions) = b.request(abort_call("m-000000000001.1"));
     assert!(
         !matches!(reply_to(&actions, req), Some(Ok(Response::Peer(PeerResponse::Abort(r)))) if r.detail == "not known here"),
         "{actions:?}"
     );
     assert!(
-        b.core.is_live("m-1.1"),
+        b.core.is_live("m-000000000001.1"),
         "it rolls back once the start answers"
     );
 }
@@ -239,11 +241,11 @@ fn an_abort_right_after_prepare_finds_the_attempt_registered() {
 fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
     let mut b = Host::new(B);
     let spec = vm("web-01", &[]);
-    let (_, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (_, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     // QEMU takes 15 s to start; the source heartbeats every second.
     for t in (2_000..=16_000).step_by(1_000) {
-        b.at(t).request(heartbeat_call("m-1.1"));
+        b.at(t).request(heartbeat_call("m-000000000001.1"));
         let actions = b.timer();
         assert!(
             !actions.iter().any(|a| matches!(
@@ -258,8 +260,11 @@ fn heartbeats_heard_while_the_incoming_guest_starts_keep_the_source_alive() {
     }
     b.at(16_500)
         .op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
-    assert!(b.core.is_live("m-1.1"));
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+    assert!(b.core.is_live("m-000000000001.1"));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Pending)
+    );
 }
 
 #[test]
@@ -301,7 +306,10 @@ fn the_commit_is_durable_before_the_resume_and_answered_only_after_it() {
         reply_to(&actions, finish).is_none(),
         "nobody hears \"committed\" before the CPUs run: {actions:?}"
     );
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Pending));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Pending)
+    );
     let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
     let actions = b.op_done(op, Ok(OpOutput::Done));
     let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, finish) else {
@@ -364,7 +372,7 @@ fn a_resume_that_never_answers_ends_in_a_decision_at_its_deadline() {
         Some(Ok(Response::Peer(PeerResponse::Finish(_))))
     ));
     assert_eq!(
-        b.core.answer("m-1.1"),
+        b.core.answer("m-000000000001.1"),
         Some(destination::Answer::NotCommitted)
     );
     // A late answer to the call given up on changes nothing.
@@ -380,13 +388,16 @@ fn a_commit_whose_guest_is_gone_is_lost_not_committed() {
     let actions = b.at(deadline).timer();
     let status = op_of(&actions, |o| matches!(o, Op::Status { .. })).expect("a status");
     b.op_done(status, Ok(OpOutput::Status(None)));
-    assert_eq!(b.core.answer("m-1.1"), Some(destination::Answer::Lost));
+    assert_eq!(
+        b.core.answer("m-000000000001.1"),
+        Some(destination::Answer::Lost)
+    );
 }
 
 #[test]
 fn not_committed_leaves_only_after_the_decision_is_durable() {
     let (mut b, _) = prepared_destination();
-    let (req, actions) = b.request(resolve_call("m-1.1"));
+    let (req, actions) = b.request(resolve_call("m-000000000001.1"));
     let durable = position(&actions, |a| {
         matches!(a, Action::Journal { durable: true, .. })
     })
@@ -402,9 +413,9 @@ fn not_committed_leaves_only_after_the_decision_is_durable() {
 #[test]
 fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
     let mut b = Host::new(B);
-    let (req, actions) = b.request(resolve_call("m-9.1"));
+    let (req, actions) = b.request(resolve_call("m-000000000009.1"));
     let tombstone = position(&actions, |a| {
-        matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-9.1")
+        matches!(a, Action::Journal { entry: Entry::Tombstone(id), durable: true } if id == "m-000000000009.1")
     })
     .expect("a durable tombstone");
     let answer = position(
@@ -414,7 +425,11 @@ fn an_unknown_attempt_is_tombstoned_durably_before_the_answer() {
     .expect("an answer");
     assert!(tombstone < answer);
     // And the late Prepare of it is refused.
-    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-9.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-01", &[]),
+        "m-000000000009.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::FailedPrecondition(m))) if m.contains("aborted")),
         "{actions:?}"
@@ -426,9 +441,13 @@ fn a_destination_at_its_limit_refuses_as_busy() {
     let mut b = Host::new(B);
     for i in 0..2 {
         let spec = vm(&format!("web-0{i}"), &[]);
-        b.request(prepare_call(&spec, &format!("m-{i}.1"), Mode::Safe));
+        b.request(prepare_call(&spec, &format!("m-{i:012x}.1"), Mode::Safe));
     }
-    let (req, actions) = b.request(prepare_call(&vm("web-09", &[]), "m-9.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-09", &[]),
+        "m-000000000009.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("max_incoming = 2")),
         "{actions:?}"
@@ -446,7 +465,7 @@ fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
         ..config(B)
     });
     let spec = vm("web-01", &[("port-profile", true)]);
-    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).expect("a start");
     let actions = b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
     let stage = op_of(
@@ -568,10 +587,10 @@ fn begin_refuses_a_vm_still_arriving_here() {
 fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
     let mut b = Host::new(B);
     b.core.pending.insert(
-        ("m-0.1".into(), String::new(), "kill".into()),
+        ("m-000000000000.1".into(), String::new(), "kill".into()),
         Pending {
-            attempt_id: "m-0.1".into(),
-            migration_id: "m-0".into(),
+            attempt_id: "m-000000000000.1".into(),
+            migration_id: "m-000000000000".into(),
             vm: "web-01".into(),
             feature: String::new(),
             work: Work::Kill,
@@ -580,7 +599,11 @@ fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
             next_try_ms: 99_999,
         },
     );
-    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(
+        &vm("web-01", &[]),
+        "m-000000000001.1",
+        Mode::Safe,
+    ));
     assert!(
         matches!(reply_to(&actions, req), Some(Err(Refusal::Busy(m))) if m.contains("pending kill")),
         "{actions:?}"
@@ -661,8 +684,274 @@ fn ids_differ_between_hosts_and_restarts() {
             ..config(A)
         });
         for _ in 0..100 {
-            assert!(ids.insert(core.new_id("m", 12, |_| false)));
+            let id = core.new_id(IdKind::Migration, |_| false);
+            // Every id a host makes passes the rule requests are checked by.
+            bounds::check_id("id", &id, IdKind::Migration).unwrap();
+            assert!(ids.insert(id));
         }
+        let id = core.new_id(IdKind::Evacuation, |_| false);
+        bounds::check_id("id", &id, IdKind::Evacuation).unwrap();
+    }
+}
+
+/// Retention that keeps one closed record of each kind.
+fn keep_one() -> Retention {
+    Retention {
+        closed: 1,
+        max_age_ms: retention::DAY_MS,
+    }
+}
+
+fn pruned(actions: &[Action]) -> Option<&Pruned> {
+    actions.iter().find_map(|a| match a {
+        Action::Journal {
+            entry: Entry::Prune(p),
+            ..
+        } => Some(&**p),
+        _ => None,
+    })
+}
+
+/// A migration of `vm` from hv-a to hv-b, committed, killed and released:
+/// its id.
+fn a_migration_ends(a: &mut Host, vm_name: &str) -> String {
+    let spec = vm(vm_name, &[]);
+    let (_, actions) = a.request(Request::StartMigration {
+        vm: vm_name.into(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
+    let (id, attempt) = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Journal {
+                entry: Entry::Source(s),
+                ..
+            } => Some((s.migration_id.clone(), s.attempt_id.clone())),
+            _ => None,
+        })
+        .expect("Begin journals the attempt");
+    let c2 = proto::Cookie2 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.clone(),
+        incoming_address: "sim://hv-b/x".into(),
+        accepted: true,
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: prepare,
+        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
+            cookie2: c2.encode_to_vec(),
+        })),
+    });
+    let transfer = op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).expect("a transfer");
+    let actions = a.op_done(transfer, Ok(OpOutput::Transferred(Default::default())));
+    let finish = call_of(&actions, |r| matches!(r, PeerCall::Finish(_))).expect("Finish");
+    let actions = committed(a, finish, &attempt);
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the old copy goes");
+    a.op_done(kill, Ok(OpOutput::Done));
+    assert!(!a.core.is_live(&attempt), "{id} ended");
+    id
+}
+
+#[test]
+fn retention_forgets_the_oldest_closed_migrations_here_and_in_the_journal() {
+    let mut a = Host::with(Config {
+        retention: keep_one(),
+        ..config(A)
+    });
+    let first = a.at(2_000).a_migration_ends_now("web-01");
+    let second = a.at(3_000).a_migration_ends_now("web-02");
+    assert_eq!(
+        a.core.migrations().count(),
+        2,
+        "nothing is pruned before asked"
+    );
+    let actions = a.input(Input::Prune);
+    let p = pruned(&actions).expect("a prune is journaled");
+    assert_eq!(p.migrations, std::slice::from_ref(&first));
+    assert!(a.core.migration(&first).is_none());
+    assert!(a.core.migration(&second).is_some(), "the newest is kept");
+    // The kept one is past the age limit a day later.
+    let actions = a.at(3_000 + retention::DAY_MS + 1).input(Input::Prune);
+    assert_eq!(
+        pruned(&actions).expect("pruned by age").migrations,
+        [second]
+    );
+    // Nothing left to forget: nothing is written.
+    assert!(pruned(&a.input(Input::Prune)).is_none());
+}
+
+impl Host {
+    fn a_migration_ends_now(&mut self, vm_name: &str) -> String {
+        a_migration_ends(self, vm_name)
+    }
+}
+
+#[test]
+fn a_forgotten_commit_is_still_answered_committed_and_never_prepared_again() {
+    let (mut b, _) = prepared_destination();
+    let (_, actions) = finishing(&mut b);
+    let op = op_of(&actions, |o| matches!(o, Op::Resume { .. })).expect("a resume");
+    b.op_done(op, Ok(OpOutput::Done));
+    let id = "m-000000000001.1";
+    assert_eq!(b.core.answer(id), Some(destination::Answer::Committed));
+    b.core.cfg.retention = Retention {
+        closed: 0,
+        max_age_ms: retention::DAY_MS,
+    };
+    let actions = b.input(Input::Prune);
+    let p = pruned(&actions).expect("pruned");
+    assert_eq!(
+        (p.committed.as_slice(), p.rolled_back.len()),
+        ([id.to_string()].as_slice(), 0)
+    );
+    assert_eq!(b.core.answer(id), None, "the record is gone");
+
+    let (req, actions) = b.request(resolve_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Resolve(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(r.resolution, proto::Resolution::Committed as i32);
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Journal {
+                entry: Entry::Tombstone(_),
+                ..
+            }
+        )),
+        "a commit is never tombstoned: {actions:?}"
+    );
+    let (req, actions) = b.request(abort_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Abort(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert!(!r.aborted && r.committed, "{r:?}");
+    let (req, actions) = b.request(finish_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Finish(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    let c4 = cookies::decode::<proto::Cookie4>("C4", &r.cookie4).expect("a C4");
+    assert!(c4.committed);
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), id, Mode::Safe));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::AlreadyExists(m))) if m.contains(id)),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_forgotten_rollback_becomes_a_tombstone() {
+    let (mut b, _) = prepared_destination();
+    let id = "m-000000000001.1";
+    let (_, actions) = b.request(abort_call(id));
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the copy goes");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert!(!b.core.is_live(id), "rolled back: {actions:?}");
+    b.core.cfg.retention = Retention {
+        closed: 0,
+        max_age_ms: retention::DAY_MS,
+    };
+    let p = pruned(&b.input(Input::Prune)).expect("pruned").clone();
+    assert_eq!(p.rolled_back, [id.to_string()]);
+    let (req, actions) = b.request(resolve_call(id));
+    let Some(Ok(Response::Peer(PeerResponse::Resolve(r)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(r.resolution, proto::Resolution::NotCommitted as i32);
+    let (req, actions) = b.request(prepare_call(&vm("web-01", &[]), id, Mode::Safe));
+    assert!(
+        matches!(
+            reply_to(&actions, req),
+            Some(Err(Refusal::FailedPrecondition(_)))
+        ),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn rollback_of_a_migration_never_seen_here_is_not_found() {
+    let (mut b, _) = prepared_destination();
+    let (req, actions) = b.request(Request::RunPending {
+        migration_id: "m-00000000beef".into(),
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::NotFound(m))) if m.contains("m-00000000beef")),
+        "{actions:?}"
+    );
+    // One this host knows, with nothing pending: an empty answer.
+    let (req, actions) = b.request(Request::RunPending {
+        migration_id: "m-000000000001".into(),
+    });
+    assert!(
+        matches!(reply_to(&actions, req), Some(Ok(Response::Pending { done, still })) if done.is_empty() && still.is_empty()),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn ids_and_names_outside_the_rules_are_refused_before_anything_happens() {
+    let mut a = Host::new(A);
+    for request in [
+        Request::Abort {
+            id: "m-1; rm -rf /".into(),
+        },
+        Request::RunPending {
+            migration_id: "m-0123456789ab.1".into(),
+        },
+        Request::StartMigration {
+            vm: "web\u{1b}[2J".into(),
+            destination: B.into(),
+            mode: Mode::Safe,
+            guests: vec![running(&vm("web\u{1b}[2J", &[]))],
+        },
+    ] {
+        let (req, actions) = a.request(request);
+        assert!(
+            matches!(
+                reply_to(&actions, req),
+                Some(Err(Refusal::InvalidArgument(_)))
+            ),
+            "{actions:?}"
+        );
+        assert_eq!(actions.len(), 1, "nothing but the refusal: {actions:?}");
+    }
+}
+
+#[test]
+fn a_prepare_from_itself_an_unknown_host_or_of_its_own_migration_is_refused() {
+    let mut a = Host::new(A);
+    let id = a.a_migration_ends_now("web-01");
+    let attempt = format!("{id}.1");
+    let c1 = |attempt: &str, source: &str| {
+        let (migration, _) = attempt.split_once('.').unwrap();
+        let c1 = cookies::cookie1(attempt, migration, source, &vm("db-01", &[]), Mode::Safe);
+        Request::Peer {
+            call: PeerCall::Prepare(proto::PrepareRequest {
+                cookie1: c1.encode_to_vec(),
+            }),
+            guests: Vec::new(),
+            // Plaintext: what is checked here is the C1 itself.
+            from: None,
+        }
+    };
+    for (request, expected) in [
+        (c1(&attempt, B), "which hv-a sources"),
+        (c1("m-00000000000f.1", A), "C1.source is hv-a itself"),
+        (
+            c1("m-00000000000f.1", "hv-zz"),
+            "C1.source: no host named hv-zz",
+        ),
+    ] {
+        let (req, actions) = a.request(request);
+        let Some(Err(refusal)) = reply_to(&actions, req) else {
+            panic!("{actions:?}");
+        };
+        assert!(refusal.to_string().contains(expected), "{refusal}");
+        assert_eq!(actions.len(), 1, "nothing but the refusal: {actions:?}");
     }
 }
 
@@ -688,13 +977,16 @@ fn a_host_may_not_prepare_a_migration_another_host_sources() {
     let mut b = Host::new(B);
     let spec = vm("web-01", &[]);
     // C1 names hv-a as the source; the certificate says hv-c.
-    let (req, actions) = b.request(from(prepare_call(&spec, "m-1.1", Mode::Safe), "hv-c"));
+    let (req, actions) = b.request(from(
+        prepare_call(&spec, "m-000000000001.1", Mode::Safe),
+        "hv-c",
+    ));
     let why = denied(&actions, req);
     assert!(
-        why.contains("hv-c may not prepare attempt m-1.1 for source hv-a"),
+        why.contains("hv-c may not prepare attempt m-000000000001.1 for source hv-a"),
         "{why}"
     );
-    assert!(!b.core.is_live("m-1.1"), "nothing was admitted");
+    assert!(!b.core.is_live("m-000000000001.1"), "nothing was admitted");
     assert!(
         op_of(&actions, |o| matches!(o, Op::StartIncoming { .. })).is_none(),
         "no guest started: {actions:?}"
@@ -705,10 +997,10 @@ fn a_host_may_not_prepare_a_migration_another_host_sources() {
 fn only_the_source_of_an_arriving_attempt_may_finish_abort_resolve_or_heartbeat_it() {
     let (mut b, _) = prepared_destination();
     for call in [
-        finish_call("m-1.1"),
-        abort_call("m-1.1"),
-        resolve_call("m-1.1"),
-        heartbeat_call("m-1.1"),
+        finish_call("m-000000000001.1"),
+        abort_call("m-000000000001.1"),
+        resolve_call("m-000000000001.1"),
+        heartbeat_call("m-000000000001.1"),
     ] {
         let name = match &call {
             Request::Peer { call, .. } => call.name(),
@@ -726,10 +1018,10 @@ fn only_the_source_of_an_arriving_attempt_may_finish_abort_resolve_or_heartbeat_
                 .any(|a| matches!(a, Action::Run { .. } | Action::Call { .. })),
             "{name} from hv-c changed nothing: {actions:?}"
         );
-        assert!(b.core.is_live("m-1.1"), "{name}: still live");
+        assert!(b.core.is_live("m-000000000001.1"), "{name}: still live");
     }
     // Its own source still may.
-    let (req, actions) = b.request(heartbeat_call("m-1.1"));
+    let (req, actions) = b.request(heartbeat_call("m-000000000001.1"));
     assert!(
         matches!(
             reply_to(&actions, req),
@@ -743,14 +1035,14 @@ fn only_the_source_of_an_arriving_attempt_may_finish_abort_resolve_or_heartbeat_
 fn a_host_naming_another_in_its_call_is_refused() {
     let (mut b, _) = prepared_destination();
     // hv-c's certificate, "from hv-a" in the request: a forgery.
-    let mut forged = abort_call("m-1.1");
+    let mut forged = abort_call("m-000000000001.1");
     if let Request::Peer { from, .. } = &mut forged {
         *from = Some("hv-c".into());
     }
     let (req, actions) = b.request(forged);
     let why = denied(&actions, req);
     assert!(why.contains("says it is from \"hv-a\""), "{why}");
-    assert!(b.core.is_live("m-1.1"));
+    assert!(b.core.is_live("m-000000000001.1"));
 }
 
 #[test]
@@ -790,7 +1082,7 @@ fn only_its_destination_may_abort_an_attempt_a_source_runs() {
 #[test]
 fn a_plaintext_peer_is_taken_as_before_identities() {
     let (mut b, _) = prepared_destination();
-    let mut call = heartbeat_call("m-1.1");
+    let mut call = heartbeat_call("m-000000000001.1");
     if let Request::Peer { from, .. } = &mut call {
         *from = None;
     }
@@ -839,7 +1131,7 @@ fn prepare_refuses_a_malformed_machine_before_anything_starts() {
         kernel: "../../etc/shadow".into(),
         ..Default::default()
     });
-    let (req, actions) = b.request(prepare_call(&spec, "m-1.1", Mode::Safe));
+    let (req, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
     match reply_to(&actions, req) {
         Some(Err(Refusal::InvalidArgument(m))) => {
             assert!(
@@ -851,5 +1143,5 @@ fn prepare_refuses_a_malformed_machine_before_anything_starts() {
     }
     // No journal write, no start, no attempt.
     assert_eq!(actions.len(), 1, "nothing but the answer: {actions:?}");
-    assert!(!b.core.is_live("m-1.1"));
+    assert!(!b.core.is_live("m-000000000001.1"));
 }

@@ -1,8 +1,13 @@
 //! Cookies C1–C4: building them, decoding them, and the checks a receiver
-//! makes before acting on one (protocol version, mandatory features).
+//! makes before acting on one (protocol version, the bounds of every
+//! string, list and size in it, mandatory features).
 
 use prost::Message;
 
+use super::bounds::{
+    self, BoundsError, IdKind, MAX_ADDRESS_LEN, MAX_FEATURES, MAX_QEMU_BYTES, MAX_TEXT_LEN,
+    check_count, check_id, check_name, check_text,
+};
 use super::machine::{Disk, DiskFormat, MachineError, Nic, QemuMachine};
 use super::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 use crate::proto;
@@ -22,10 +27,14 @@ pub enum CookieError {
     /// The VM's machine is not well formed, whatever host it goes to.
     #[error("vm {vm}: {error}")]
     Machine { vm: String, error: MachineError },
+    /// A string, list or size beyond what a receiver accepts.
+    #[error("{0}")]
+    OutOfBounds(#[from] BoundsError),
 }
 
-/// Decode a cookie and check its protocol version.
-pub fn decode<T: Message + Default + Versioned>(
+/// Decode a cookie, check its protocol version, then the bounds of every
+/// string, list and size in it ([`Bounded`]).
+pub fn decode<T: Message + Default + Versioned + Bounded>(
     cookie: &'static str,
     bytes: &[u8],
 ) -> Result<T, CookieError> {
@@ -40,7 +49,111 @@ pub fn decode<T: Message + Default + Versioned>(
             ours: PROTOCOL_VERSION,
         });
     }
+    message.check_bounds()?;
     Ok(message)
+}
+
+/// A cookie whose strings, lists and sizes can be checked against what a
+/// receiver accepts. Each field is named in the error as `C1.vm.name`.
+pub trait Bounded {
+    fn check_bounds(&self) -> Result<(), BoundsError>;
+}
+
+impl Bounded for proto::Cookie1 {
+    fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_id("C1.migration_id", &self.migration_id, IdKind::Migration)?;
+        check_id("C1.attempt_id", &self.attempt_id, IdKind::Attempt)?;
+        if self.attempt_id.split_once('.').map(|(m, _)| m) != Some(self.migration_id.as_str()) {
+            return Err(BoundsError {
+                field: "C1.attempt_id".into(),
+                problem: format!(
+                    "{} is not an attempt of migration {}",
+                    bounds::shown(&self.attempt_id),
+                    self.migration_id
+                ),
+            });
+        }
+        check_name("C1.source", &self.source)?;
+        if let Some(vm) = &self.vm {
+            check_vm_spec("C1.vm", vm)?;
+        }
+        check_count(
+            "C1.mandatory_features",
+            self.mandatory_features.len(),
+            MAX_FEATURES,
+        )?;
+        for (i, name) in self.mandatory_features.iter().enumerate() {
+            check_name(&format!("C1.mandatory_features[{i}]"), name)?;
+        }
+        Ok(())
+    }
+}
+
+/// A VM spec from a peer: its name, sizes, features and QEMU part.
+fn check_vm_spec(field: &str, vm: &proto::VmSpec) -> Result<(), BoundsError> {
+    check_name(&format!("{field}.name"), &vm.name)?;
+    bounds::check_guest_size(field, vm.memory_mib, vm.vcpus)?;
+    check_count(
+        &format!("{field}.features"),
+        vm.features.len(),
+        MAX_FEATURES,
+    )?;
+    for (i, f) in vm.features.iter().enumerate() {
+        check_name(&format!("{field}.features[{i}].name"), &f.name)?;
+        if !f.driver.is_empty() {
+            check_name(&format!("{field}.features[{i}].driver"), &f.driver)?;
+        }
+    }
+    if let Some(qemu) = &vm.qemu {
+        let len = qemu.encoded_len();
+        if len > MAX_QEMU_BYTES {
+            return Err(BoundsError {
+                field: format!("{field}.qemu"),
+                problem: format!("is {len} bytes encoded; at most {MAX_QEMU_BYTES} are accepted"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Stage results from a peer: at most one per feature, each naming a
+/// feature and a detail of bounded size.
+fn check_stage_results(field: &str, results: &[proto::StageResult]) -> Result<(), BoundsError> {
+    check_count(field, results.len(), MAX_FEATURES)?;
+    for (i, r) in results.iter().enumerate() {
+        check_name(&format!("{field}[{i}].feature"), &r.feature)?;
+        check_text(&format!("{field}[{i}].detail"), &r.detail, MAX_TEXT_LEN)?;
+    }
+    Ok(())
+}
+
+impl Bounded for proto::Cookie2 {
+    fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_id("C2.attempt_id", &self.attempt_id, IdKind::Attempt)?;
+        check_text(
+            "C2.incoming_address",
+            &self.incoming_address,
+            MAX_ADDRESS_LEN,
+        )?;
+        check_stage_results("C2.prepare", &self.prepare)?;
+        check_text("C2.error", &self.error, MAX_TEXT_LEN)?;
+        check_stage_results("C2.rollback", &self.rollback)
+    }
+}
+
+impl Bounded for proto::Cookie3 {
+    fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_id("C3.attempt_id", &self.attempt_id, IdKind::Attempt)
+    }
+}
+
+impl Bounded for proto::Cookie4 {
+    fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_id("C4.attempt_id", &self.attempt_id, IdKind::Attempt)?;
+        check_stage_results("C4.finish", &self.finish)?;
+        check_stage_results("C4.rollback", &self.rollback)?;
+        check_text("C4.error", &self.error, MAX_TEXT_LEN)
+    }
 }
 
 pub trait Versioned {
@@ -75,7 +188,11 @@ pub struct Incoming {
 
 /// Check a decoded C1: a VM spec is present and sane (its machine well
 /// formed), the mode is set, and every mandatory feature is one `knows`
-/// accepts.
+/// accepts. The receiver works out which features are mandatory itself,
+/// from each feature's `required` and the mode (the rule [`cookie1`]
+/// follows): a source that left a required feature out of
+/// `mandatory_features` cannot make a destination without its driver accept
+/// a VM that must not run without it. What the list names is mandatory too.
 pub fn check_cookie1(
     c1: &proto::Cookie1,
     knows: impl Fn(&str) -> bool,
@@ -92,8 +209,14 @@ pub fn check_cookie1(
         return Err(malformed("no attempt or migration id"));
     }
     let mode = mode_from_proto(c1.mode).ok_or_else(|| malformed("no mode"))?;
-    if let Some(unknown) = c1.mandatory_features.iter().find(|f| !knows(f)) {
-        return Err(CookieError::UnknownMandatoryFeature(unknown.clone()));
+    let derived = vm
+        .features
+        .iter()
+        .filter(|f| super::policy::is_blocking(mode, f.required))
+        .map(|f| f.name.as_str());
+    let listed = c1.mandatory_features.iter().map(String::as_str);
+    if let Some(unknown) = derived.chain(listed).find(|f| !knows(f)) {
+        return Err(CookieError::UnknownMandatoryFeature(unknown.to_string()));
     }
     let vm = vm_from_proto(vm)?;
     if let Some(machine) = &vm.qemu {
@@ -362,11 +485,13 @@ fn push_stages(out: &mut String, stage: &str, results: &[proto::StageResult]) {
 }
 
 /// One stage result for a cookie.
+/// The detail is clipped to what a peer accepts ([`MAX_TEXT_LEN`]): a
+/// driver's text (a hook's last line) may be longer.
 pub fn stage_result(feature: &str, status: StepStatus, detail: &str) -> proto::StageResult {
     proto::StageResult {
         feature: feature.to_string(),
         status: status_to_proto(status) as i32,
-        detail: detail.to_string(),
+        detail: bounds::clip(detail, MAX_TEXT_LEN),
     }
 }
 
@@ -378,6 +503,9 @@ pub fn read_stage_result(r: &proto::StageResult) -> (StepStatus, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIGRATION: &str = "m-0000000000a1";
+    const ATTEMPT: &str = "m-0000000000a1.1";
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -403,7 +531,7 @@ mod tests {
 
     #[test]
     fn cookie1_round_trips_through_bytes() {
-        let c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        let c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
         let decoded: proto::Cookie1 = decode("C1", &c1.encode_to_vec()).unwrap();
         let incoming = check_cookie1(&decoded, |_| true).unwrap();
         assert_eq!(incoming.vm.name, "web-01");
@@ -436,7 +564,13 @@ mod tests {
 
     #[test]
     fn a_typed_machine_round_trips_through_c1() {
-        let c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        let c1 = cookie1(
+            "m-000000000001.1",
+            "m-000000000001",
+            "hv-a",
+            &qemu_spec(),
+            Mode::Safe,
+        );
         let decoded: proto::Cookie1 = decode("C1", &c1.encode_to_vec()).unwrap();
         let incoming = check_cookie1(&decoded, |_| true).unwrap();
         assert_eq!(incoming.vm.qemu, qemu_spec().qemu);
@@ -448,13 +582,26 @@ mod tests {
         if let Some(q) = &mut vm.qemu {
             q.legacy_args = vec!["-drive".into(), "file=/dev/sda".into()];
         }
-        let bytes = cookie1("m1.1", "m1", "hv-a", &vm, Mode::Safe).encode_to_vec();
+        let bytes = cookie1(
+            "m-000000000001.1",
+            "m-000000000001",
+            "hv-a",
+            &vm,
+            Mode::Safe,
+        )
+        .encode_to_vec();
         assert!(!String::from_utf8_lossy(&bytes).contains("/dev/sda"));
     }
 
     #[test]
     fn a_malformed_machine_is_refused_naming_the_field() {
-        let mut c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        let mut c1 = cookie1(
+            "m-000000000001.1",
+            "m-000000000001",
+            "hv-a",
+            &qemu_spec(),
+            Mode::Safe,
+        );
         let q = c1.vm.as_mut().unwrap().qemu.as_mut().unwrap();
         q.kernel = "../../etc/shadow".into();
         let err = check_cookie1(&c1, |_| true).unwrap_err();
@@ -465,7 +612,13 @@ mod tests {
             "{err}"
         );
         // A disk format this build does not know is not read as raw.
-        let mut c1 = cookie1("m1.1", "m1", "hv-a", &qemu_spec(), Mode::Safe);
+        let mut c1 = cookie1(
+            "m-000000000001.1",
+            "m-000000000001",
+            "hv-a",
+            &qemu_spec(),
+            Mode::Safe,
+        );
         c1.vm.as_mut().unwrap().qemu.as_mut().unwrap().disks[0].format = 9;
         let err = check_cookie1(&c1, |_| true).unwrap_err().to_string();
         assert_eq!(
@@ -476,7 +629,7 @@ mod tests {
 
     #[test]
     fn unknown_mandatory_feature_is_rejected_by_name() {
-        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        let mut c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
         c1.mandatory_features.push("vtpm".into());
         let err = check_cookie1(&c1, |f| f == "port-profile").unwrap_err();
         assert_eq!(err, CookieError::UnknownMandatoryFeature("vtpm".into()));
@@ -485,13 +638,13 @@ mod tests {
 
     #[test]
     fn non_required_features_are_not_mandatory() {
-        let c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Fast);
+        let c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Fast);
         assert!(check_cookie1(&c1, |f| f == "port-profile").is_ok());
     }
 
     #[test]
     fn incompatible_version_is_rejected() {
-        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        let mut c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
         c1.protocol_version = PROTOCOL_VERSION + 1;
         let err = decode::<proto::Cookie1>("C1", &c1.encode_to_vec()).unwrap_err();
         assert_eq!(
@@ -511,7 +664,7 @@ mod tests {
 
     #[test]
     fn cookie_without_vm_or_mode_is_malformed() {
-        let mut c1 = cookie1("m1.1", "m1", "hv-a", &spec(), Mode::Safe);
+        let mut c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
         c1.mode = 0;
         assert!(matches!(
             check_cookie1(&c1, |_| true),
@@ -522,5 +675,126 @@ mod tests {
             check_cookie1(&c1, |_| true),
             Err(CookieError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn a_required_feature_left_out_of_the_mandatory_list_is_still_mandatory() {
+        let mut c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
+        c1.mandatory_features.clear();
+        let err = check_cookie1(&c1, |f| f == "hook").unwrap_err();
+        assert_eq!(
+            err,
+            CookieError::UnknownMandatoryFeature("port-profile".into())
+        );
+        // Fast mode blocks on nothing: the same VM is accepted there.
+        let mut c1 = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Fast);
+        c1.mandatory_features.clear();
+        assert!(check_cookie1(&c1, |f| f == "hook").is_ok());
+    }
+
+    fn bounds_error(c1: &proto::Cookie1) -> String {
+        match decode::<proto::Cookie1>("C1", &c1.encode_to_vec()) {
+            Err(CookieError::OutOfBounds(e)) => e.to_string(),
+            other => panic!("expected a bounds error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_string_list_and_size_of_c1_is_checked_by_field() {
+        let good = cookie1(ATTEMPT, MIGRATION, "hv-a", &spec(), Mode::Safe);
+        assert!(decode::<proto::Cookie1>("C1", &good.encode_to_vec()).is_ok());
+        type Change = Box<dyn Fn(&mut proto::Cookie1)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c| c.vm.as_mut().unwrap().name = "web 01".into()),
+                "C1.vm.name \"web 01\"",
+            ),
+            (
+                Box::new(|c| c.vm.as_mut().unwrap().memory_mib = 0),
+                "C1.vm.memory_mib is 0",
+            ),
+            (
+                Box::new(|c| c.vm.as_mut().unwrap().vcpus = 0),
+                "C1.vm.vcpus is 0",
+            ),
+            (
+                Box::new(|c| c.source = "hv-a\u{1b}]0;x\u{7}".into()),
+                "C1.source \"hv-a\\u{1b}]0;x\\u{7}\"",
+            ),
+            (
+                Box::new(|c| c.attempt_id = "m-0000000000a1.x".into()),
+                "C1.attempt_id",
+            ),
+            (
+                Box::new(|c| c.attempt_id = "m-0000000000b2.1".into()),
+                "is not an attempt of migration m-0000000000a1",
+            ),
+            (
+                Box::new(|c| c.migration_id = "../../etc".into()),
+                "C1.migration_id",
+            ),
+            (
+                Box::new(|c| c.vm.as_mut().unwrap().features[1].name = "x".repeat(65)),
+                "C1.vm.features[1].name",
+            ),
+            (
+                Box::new(|c| {
+                    let f = c.vm.as_ref().unwrap().features[0].clone();
+                    c.vm.as_mut().unwrap().features = vec![f; MAX_FEATURES + 1];
+                }),
+                "C1.vm.features has 65 entries; at most 64",
+            ),
+            (
+                Box::new(|c| {
+                    c.vm.as_mut().unwrap().qemu = Some(proto::QemuMachine {
+                        append: "a".repeat(MAX_QEMU_BYTES),
+                        ..Default::default()
+                    })
+                }),
+                "C1.vm.qemu is",
+            ),
+            (
+                Box::new(|c| c.mandatory_features.push("".into())),
+                "C1.mandatory_features[1]",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut c1 = good.clone();
+            change(&mut c1);
+            let err = bounds_error(&c1);
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn texts_and_lists_in_c2_and_c4_are_capped_and_our_own_are_clipped_to_fit() {
+        let long = "x".repeat(MAX_TEXT_LEN + 1);
+        let mut c4 = proto::Cookie4 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: ATTEMPT.into(),
+            committed: true,
+            finish: vec![stage_result("port-profile", StepStatus::Ok, &long)],
+            ..Default::default()
+        };
+        // Built by stage_result, the detail was clipped: it passes.
+        assert!(decode::<proto::Cookie4>("C4", &c4.encode_to_vec()).is_ok());
+        c4.finish[0].detail = long.clone();
+        let err = decode::<proto::Cookie4>("C4", &c4.encode_to_vec()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("C4.finish[0].detail is 4097 bytes"),
+            "{err}"
+        );
+        let c2 = proto::Cookie2 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: ATTEMPT.into(),
+            error: long,
+            ..Default::default()
+        };
+        let err = decode::<proto::Cookie2>("C2", &c2.encode_to_vec()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("C2.error is 4097 bytes"),
+            "{err}"
+        );
     }
 }

@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::bounds::{MAX_TEXT_LEN, clip};
 use super::cookies::{Incoming, stage_result};
 use super::mutations::{Mutation, planted};
 use super::policy::{is_blocking, rollback_set};
@@ -209,6 +210,18 @@ pub fn unknown_attempt(host: &str, attempt_id: &str) -> proto::Cookie4 {
     }
 }
 
+/// Resolve, Finish or Abort for an attempt that committed here and whose
+/// record retention has since forgotten (only the fact of the commit is
+/// kept): it committed. The stages' results are gone with the record.
+pub fn forgotten_commit(attempt_id: &str) -> proto::Cookie4 {
+    proto::Cookie4 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: attempt_id.to_string(),
+        committed: true,
+        ..Default::default()
+    }
+}
+
 /// What an earlier attempt of a VM still has on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leftover<'a> {
@@ -377,6 +390,12 @@ impl DestinationAttempt {
                 self.state,
                 DestinationState::RollingBack { .. } | DestinationState::RolledBack
             )
+    }
+
+    /// When this host last heard from the attempt's source (Prepare, a
+    /// heartbeat, Finish): for a finished attempt, about when it ended.
+    pub fn last_heard_ms(&self) -> Millis {
+        self.last_source_contact
     }
 
     /// Committed, but the guest was lost: why.
@@ -984,7 +1003,7 @@ impl DestinationAttempt {
             error: if accepted {
                 String::new()
             } else {
-                self.error.clone().unwrap_or_default()
+                clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             rollback: self.results(Stage::Rollback),
         }
@@ -1001,7 +1020,7 @@ impl DestinationAttempt {
             error: if committed && self.lost.is_none() {
                 String::new()
             } else {
-                self.error.clone().unwrap_or_default()
+                clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             lost: self.lost.is_some(),
         }

@@ -360,7 +360,7 @@ impl World {
     fn new(sc: Scenario) -> World {
         let n = sc.required.len();
         let params = AttemptParams {
-            migration_id: "m1".into(),
+            migration_id: "m-0000000000a1".into(),
             attempt: 1,
             host: SRC.into(),
             destination: DST.into(),
@@ -1864,7 +1864,7 @@ fn feature_record(w: &World, i: usize) -> &super::record::FeatureRecord {
 fn c3() -> proto::Cookie3 {
     proto::Cookie3 {
         protocol_version: PROTOCOL_VERSION,
-        attempt_id: "m1.1".into(),
+        attempt_id: "m-0000000000a1.1".into(),
         status: proto::TransferStatus::Completed as i32,
         stats: None,
     }
@@ -2632,7 +2632,13 @@ fn resolve_not_committed_is_journaled_before_answer() {
 
     // A stage in flight: the decision is journaled at once, acted on later.
     let sc = Scenario::new(Mode::Safe, &[true]);
-    let c1 = cookies::cookie1("m1.1", "m1", SRC, &sc.vm(), Mode::Safe);
+    let c1 = cookies::cookie1(
+        "m-0000000000a1.1",
+        "m-0000000000a1",
+        SRC,
+        &sc.vm(),
+        Mode::Safe,
+    );
     let incoming = check_cookie1(&c1, |_| true).expect("C1");
     let (mut dst, _) = DestinationAttempt::prepare(
         incoming,
@@ -3975,7 +3981,7 @@ fn the_source_ends_only_once_the_transfer_stopped_and_the_guest_resumed() {
 fn fresh_source(mode: Mode) -> SourceAttempt {
     let (src, _) = SourceAttempt::begin(
         AttemptParams {
-            migration_id: "m1".into(),
+            migration_id: "m-0000000000a1".into(),
             attempt: 1,
             host: SRC.into(),
             destination: DST.into(),
@@ -4219,7 +4225,7 @@ fn after_a_forced_run_on_source_an_abort_answer_saying_committed_kills_the_sourc
     assert_eq!(w.src.record.cause, Some(Cause::Operator));
     let error = w.src.record.error.clone().unwrap_or_default();
     assert!(
-        error.starts_with("WRONG FORCED DECISION: hv-b had committed attempt m1.1")
+        error.starts_with("WRONG FORCED DECISION: hv-b had committed attempt m-0000000000a1.1")
             && error.contains("ran on both hv-a and hv-b")
             && error.contains("was killed at once"),
         "{error}"

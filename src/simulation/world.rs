@@ -70,6 +70,7 @@ pub(super) struct Image {
     pub destinations: BTreeMap<String, DestinationAttempt>,
     pub pending: BTreeMap<(String, String, String), Pending>,
     pub tombstones: BTreeSet<String>,
+    pub committed: BTreeSet<String>,
     pub evacuations: BTreeMap<String, Evacuation>,
     pub draining: bool,
 }
@@ -107,6 +108,18 @@ impl Image {
                 self.evacuations.insert(job.id.clone(), (**job).clone());
             }
             Entry::Draining(d) => self.draining = *d,
+            Entry::Prune(p) => {
+                self.sources
+                    .retain(|_, a| !p.migrations.contains(&a.migration_id));
+                for id in p.rolled_back.iter().chain(&p.committed) {
+                    self.destinations.remove(id);
+                }
+                self.tombstones.extend(p.rolled_back.iter().cloned());
+                self.committed.extend(p.committed.iter().cloned());
+                for id in &p.evacuations {
+                    self.evacuations.remove(id);
+                }
+            }
         }
     }
 
@@ -116,6 +129,7 @@ impl Image {
             destinations: self.destinations.values().cloned().collect(),
             pending: self.pending.values().cloned().collect(),
             tombstones: self.tombstones.iter().cloned().collect(),
+            committed: self.committed.iter().cloned().collect(),
             evacuations: self.evacuations.values().cloned().collect(),
             draining: self.draining,
             unreadable: Vec::new(),
@@ -664,6 +678,7 @@ impl World {
             max_incoming: self.scenario.max_incoming,
             rollback_retry_ms: ROLLBACK_RETRY_MS,
             id_salt: self.scenario.seed ^ ((h as u64) << 48) ^ ((epoch as u64) << 32),
+            retention: host::Retention::default(),
         }
     }
 
@@ -2118,6 +2133,12 @@ fn describe_action(action: &Action) -> String {
                 Entry::Tombstone(id) => format!("tombstone {id}"),
                 Entry::Evacuation(e) => format!("evacuation {} {}", e.id, e.state.as_str()),
                 Entry::Draining(d) => format!("draining {d}"),
+                Entry::Prune(p) => format!(
+                    "prune {} migrations, {} attempts, {} evacuations",
+                    p.migrations.len(),
+                    p.rolled_back.len() + p.committed.len(),
+                    p.evacuations.len()
+                ),
             };
             format!("journal{} {what}", if *durable { " (sync)" } else { "" })
         }

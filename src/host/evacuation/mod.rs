@@ -24,6 +24,7 @@ use super::{
 };
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
+use crate::protocol::bounds::IdKind;
 use crate::protocol::{Cause, Millis, Mode, Outcome, PeerError};
 use job::{Control, Evacuation, JobState, JobVm, Verdict, VmState};
 use placement::{Candidate, Unfit};
@@ -89,6 +90,23 @@ impl Runs {
         let mut all: Vec<&Evacuation> = self.jobs.values().collect();
         all.sort_by(|a, b| a.started_at_ms.cmp(&b.started_at_ms).then(a.id.cmp(&b.id)));
         all
+    }
+
+    /// At most `limit` jobs after the id `after`, by id.
+    pub(super) fn jobs_after(&self, after: Option<&str>, limit: usize) -> Vec<&Evacuation> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        self.jobs
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, job)| job)
+            .collect()
+    }
+
+    /// Forget an evacuation that is over (retention).
+    pub(super) fn forget(&mut self, id: &str) {
+        self.jobs.remove(id);
+        self.runs.remove(id);
     }
 
     /// The pass of evacuation `id` that is gathering answers, if any.
@@ -180,7 +198,7 @@ impl HostCore {
             })
             .collect();
         let taken: Vec<String> = self.evacuations.jobs.keys().cloned().collect();
-        let id = self.new_id("e", 8, |id| taken.iter().any(|t| t == id));
+        let id = self.new_id(IdKind::Evacuation, |id| taken.iter().any(|t| t == id));
         let job = Evacuation::new(
             id.clone(),
             &name,
