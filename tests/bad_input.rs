@@ -1103,7 +1103,17 @@ fn one_watch_stream_past_max_watchers_is_resource_exhausted_and_a_closed_one_fre
 
 #[test]
 fn fault_latency_is_clamped_and_the_state_dir_is_private() {
-    let cluster = two_hosts();
+    let cluster = Cluster::start(vec![
+        host(
+            "hv-a",
+            format!(
+                "allow_fault_injection = true\n{}{}",
+                port_profile(""),
+                vm("web-01", 256)
+            ),
+        ),
+        host("hv-b", port_profile("")),
+    ]);
     let out = cluster.tern(&["fault", "hv-a", "port-profile", "--latency-ms", "86400000"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
