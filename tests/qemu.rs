@@ -815,7 +815,7 @@ fn prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu()
         let status = common::call_prepare(
             &cluster,
             "qb",
-            &c1_with(machine, &format!("m-00000000000a.{i}")),
+            &c1_with(machine, &format!("m-00000000000a.{}", i + 1)),
         )
         .expect_err("qb accepted a machine it does not allow");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
