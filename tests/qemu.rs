@@ -291,6 +291,12 @@ struct QemuProcess {
 }
 
 fn qemu_process(cluster: &Cluster, host: &str) -> QemuProcess {
+    // An agent accepts connections before it has booted its guests: give
+    // a starting QEMU the time to write its pid file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while qemu_pids(cluster, host).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pids = qemu_pids(cluster, host);
     assert_eq!(
         pids.len(),

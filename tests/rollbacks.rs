@@ -10,9 +10,13 @@ use serde_json::Value;
 fn failing_rollback_pair() -> Cluster {
     Cluster::start(vec![
         host("hv-a", format!("{}{}", port_profile(""), vm("web-01", 256))),
+        // The tests repair hv-b's switch with `tern fault`.
         host(
             "hv-b",
-            port_profile("fail = [\"finish\"]\nfail_rollback = true"),
+            format!(
+                "allow_fault_injection = true\n{}",
+                port_profile("fail = [\"finish\"]\nfail_rollback = true")
+            ),
         ),
     ])
 }
