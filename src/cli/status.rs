@@ -488,6 +488,7 @@ mod tests {
         HostEntry {
             name: name.into(),
             address: format!("http://127.0.0.1:{port}"),
+            migration_address: None,
         }
     }
 

@@ -703,6 +703,7 @@ impl Hypervisor for QemuHypervisor {
     async fn transfer_out(
         &self,
         vm: &str,
+        _destination: &str,
         address: &str,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
@@ -1141,7 +1142,7 @@ mod tests {
         );
 
         let (tx, mut rx) = mpsc::channel(64);
-        let stats = src.transfer_out("g", &address, tx).await.unwrap();
+        let stats = src.transfer_out("g", "hv-b", &address, tx).await.unwrap();
         assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
         assert_eq!(stats.bytes_remaining, 0);
         assert!(rx.recv().await.is_some(), "progress was reported");
@@ -1202,7 +1203,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let transfer = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
         };
         rx.recv().await.expect("progress before the cancel");
         src.cancel_transfer("g").await.unwrap();
@@ -1220,7 +1221,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let abandoned = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
         };
         rx.recv().await.expect("progress");
         abandoned.abort();
