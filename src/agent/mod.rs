@@ -677,8 +677,6 @@ impl Agent {
     }
 }
 
-/// Read the agent's `[tls]` files: the certificate must be an agent's,
-/// issued to this host.
 /// host → the host its incoming addresses must name (see
 /// `protocol::address`): the inventory's migration address on QEMU; on the
 /// simulated hypervisor, whose addresses are `sim://HOST/…`, the host's name.
@@ -698,6 +696,8 @@ fn migration_hosts(inventory: &Inventory, kind: &str) -> BTreeMap<String, String
         .collect()
 }
 
+/// Read the agent's `[tls]` files: the certificate must be an agent's,
+/// issued to this host.
 fn own_identity(name: &str, files: &TlsConfig) -> Result<IdentityFiles, StartError> {
     let loaded =
         IdentityFiles::load(files).map_err(|e| StartError::Config(format!("[tls]: {e}")))?;
