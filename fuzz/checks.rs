@@ -588,6 +588,7 @@ fn source_params(mode: Mode) -> AttemptParams {
         attempt: 1,
         host: SOURCE.into(),
         destination: DESTINATION.into(),
+        incoming_host: DESTINATION.into(),
         vm: sample_vm(),
         mode,
         timing: Timing::default(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::protocol::address::{AddressError, normal_host, url_host};
 use crate::protocol::bounds::{self, MAX_MEMORY_MIB, MAX_VCPUS};
 use crate::protocol::machine::{MAX_NAME, MachineError, QemuMachine};
 use crate::protocol::{FeatureSpec, Timing, VmSpec};
@@ -55,6 +56,23 @@ pub struct HostEntry {
     pub name: String,
     /// e.g. `http://127.0.0.1:7701`
     pub address: String,
+    /// The IP address this host's incoming migrations listen on (its
+    /// agent's `[hypervisor] migration_address`), when it is not the host
+    /// of `address`. A source sends a guest's memory nowhere else.
+    #[serde(default)]
+    pub migration_address: Option<String>,
+}
+
+impl HostEntry {
+    /// The host an incoming address of this host must name, normalised
+    /// (`protocol::address`): `migration_address`, else the host of
+    /// `address`.
+    pub fn migration_host(&self) -> Result<String, AddressError> {
+        match &self.migration_address {
+            Some(address) => normal_host(address),
+            None => url_host(&self.address),
+        }
+    }
 }
 
 impl Inventory {
@@ -95,6 +113,21 @@ impl Inventory {
                         host.name, host.address
                     ),
                 ));
+            }
+            if let Err(e) = url_host(&host.address) {
+                return Err(invalid(path, format!("host {}: address {e}", host.name)));
+            }
+            if let Some(address) = &host.migration_address {
+                let ip = normal_host(address).map(|h| h.parse::<std::net::IpAddr>());
+                if !matches!(ip, Ok(Ok(_))) {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "host {}: migration_address = {address:?} is not an IP address",
+                            host.name
+                        ),
+                    ));
+                }
             }
         }
         Ok(inventory)
@@ -949,6 +982,49 @@ mod tests {
 
     const QEMU_AGENT: &str = "name = \"hv-a\"\nlisten = \"10.0.0.1:7701\"\ninsecure = true\n\
         state_dir = \"s\"\ninventory = \"cluster.toml\"\n[hypervisor]\nkind = \"qemu\"\n";
+
+    fn inventory(text: &str) -> Result<Inventory, String> {
+        Inventory::parse(Path::new("cluster.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_hosts_migration_address_defaults_to_the_host_of_its_address() {
+        let inv = inventory(
+            "[[host]]\nname = \"hv-a\"\naddress = \"https://HV-A.example:7701\"\n\
+             [[host]]\nname = \"hv-b\"\naddress = \"https://10.0.0.2:7701\"\n\
+             migration_address = \"10.9.0.2\"\n\
+             [[host]]\nname = \"hv-c\"\naddress = \"http://[::1]:7703\"\n\
+             [[host]]\nname = \"hv-d\"\naddress = \"https://hv-d:7704\"\n\
+             migration_address = \"[fd00::0:4]\"\n",
+        )
+        .unwrap();
+        let hosts: Vec<String> = inv
+            .host
+            .iter()
+            .map(|h| h.migration_host().unwrap())
+            .collect();
+        assert_eq!(hosts, ["hv-a.example", "10.9.0.2", "::1", "fd00::4"]);
+    }
+
+    #[test]
+    fn a_migration_address_that_is_not_an_ip_address_is_refused() {
+        let host = "[[host]]\nname = \"hv-b\"\naddress = \"https://10.0.0.2:7701\"\n";
+        for bad in ["hv-b", "10.0.0.2:4444", "[10.0.0.2]", "", "tcp:10.0.0.2:1"] {
+            let err = inventory(&format!("{host}migration_address = {bad:?}\n")).unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    "host hv-b: migration_address = {bad:?} is not an IP address"
+                )),
+                "{bad:?}: {err}"
+            );
+        }
+        let err =
+            inventory("[[host]]\nname = \"hv-b\"\naddress = \"https://:7701\"\n").unwrap_err();
+        assert!(
+            err.contains("host hv-b: address \"https://:7701\" is not a URL"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_network_listen_needs_tls_or_says_insecure() {

@@ -9,8 +9,13 @@
 //! share), and, run as root, QEMU drops to `nobody`. Every QEMU runs in its
 //! seccomp sandbox.
 //!
-//! Without `qemu-system-x86_64` these tests print that they were skipped;
-//! with `TERN_REQUIRE_QEMU=1` (as in CI) a missing QEMU is a failure.
+//! Two tests watch the migration stream on loopback with tcpdump, to show
+//! that with `[tls]` it is TLS on the wire (and, as the control, that the
+//! same capture sees a plaintext one).
+//!
+//! Without `qemu-system-x86_64` (or tcpdump, for those two) these tests
+//! print that they were skipped; with `TERN_REQUIRE_QEMU=1` (as in CI) a
+//! missing QEMU or tcpdump is a failure.
 
 mod common;
 
@@ -969,4 +974,350 @@ fn a_guest_with_a_nic_moves_its_tap_to_the_destination_bridge() {
         args.contains(&format!("ifname={tap_b},script=no")),
         "{args}"
     );
+}
+
+// ---- the migration stream on the wire ----------------------------------------
+
+/// The first eight bytes of QEMU's plaintext migration stream: its magic
+/// `QEVM` (QEMU_VM_FILE_MAGIC) and format version 3. Eight bytes, because
+/// four random ones turn up in 128 MiB of ciphertext about once in thirty
+/// runs, and eight never do.
+const STREAM_HEADER: [u8; 8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3];
+
+/// What the test guest leaves in a page above its working set: every
+/// dword holds the page's address. Four of them, little-endian, for the
+/// page at 100 MiB: the guest's memory as plaintext would carry it.
+fn guest_page_bytes() -> Vec<u8> {
+    (100u32 << 20).to_le_bytes().repeat(4)
+}
+
+/// tcpdump, or None (after saying so) when the test must skip; with
+/// `TERN_REQUIRE_QEMU=1` (CI, whose `.ci/run` installs it) a missing
+/// tcpdump is a failure.
+fn tcpdump_or_skip(test: &str) -> Option<PathBuf> {
+    let found = ["/usr/bin/tcpdump", "/usr/sbin/tcpdump", "/sbin/tcpdump"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "{test}: tcpdump is not installed and TERN_REQUIRE_QEMU=1 (apt-get install -y tcpdump)"
+        );
+        eprintln!("{test}: skipped: tcpdump not found (set TERN_REQUIRE_QEMU=1 to fail instead)");
+    }
+    found
+}
+
+/// tcpdump writing every TCP packet on loopback, whole, into a file.
+struct Capture {
+    child: std::process::Child,
+    pcap: PathBuf,
+    log: PathBuf,
+}
+
+impl Capture {
+    fn start(tcpdump: &Path, dir: &Path) -> Capture {
+        let (pcap, log) = (dir.join("lo.pcap"), dir.join("tcpdump.log"));
+        let child = Command::new(tcpdump)
+            .args(["-i", "lo", "-n", "-s", "0", "-B", "65536", "-U", "-w"])
+            .arg(&pcap)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let capture = Capture { child, pcap, log };
+        wait_until(Duration::from_secs(10), "tcpdump to listen", || {
+            capture.said().contains("listening on lo")
+        });
+        capture
+    }
+
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stop it (tcpdump flushes on SIGINT) and read back what it saw:
+    /// every direction of every TCP connection, and what tcpdump said.
+    fn finish(mut self) -> (Vec<Flow>, String) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        self.child.wait().unwrap();
+        let flows = flows(&std::fs::read(&self.pcap).unwrap());
+        (flows, self.said())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One direction of one TCP connection: its payload in sequence order.
+struct Flow {
+    from_port: u16,
+    to_port: u16,
+    bytes: Vec<u8>,
+    /// Stretches of the sequence space the capture does not hold.
+    holes: usize,
+}
+
+impl Flow {
+    fn contains(&self, needle: &[u8]) -> bool {
+        self.bytes.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+/// The TCP flows of a pcap file of loopback (Ethernet frames, IPv4).
+fn flows(pcap: &[u8]) -> Vec<Flow> {
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let be16 = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let be32 = |b: &[u8], i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    assert!(
+        matches!(u32_at(pcap, 0), 0xa1b2c3d4 | 0xa1b23c4d),
+        "not a little-endian pcap file"
+    );
+    assert_eq!(u32_at(pcap, 20), 1, "loopback is captured as Ethernet");
+    // (from, to) ports → first sequence number, and payload by offset.
+    type Key = (u16, u16);
+    let mut start: std::collections::HashMap<Key, u32> = Default::default();
+    let mut segments: std::collections::HashMap<Key, std::collections::BTreeMap<u32, &[u8]>> =
+        Default::default();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let (caught, sent) = (
+            u32_at(pcap, at + 8) as usize,
+            u32_at(pcap, at + 12) as usize,
+        );
+        let frame = &pcap[at + 16..at + 16 + caught];
+        at += 16 + caught;
+        assert_eq!(caught, sent, "tcpdump cut a packet short");
+        if be16(frame, 12) != 0x0800 || frame[14 + 9] != 6 {
+            continue; // not IPv4, or not TCP
+        }
+        let ip = &frame[14..];
+        let ip_header = usize::from(ip[0] & 0x0f) * 4;
+        let ip_len = usize::from(be16(ip, 2));
+        let tcp = &ip[ip_header..ip_len];
+        let key = (be16(tcp, 0), be16(tcp, 2));
+        let seq = be32(tcp, 4);
+        let syn = tcp[13] & 0x02 != 0;
+        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        let first = *start
+            .entry(key)
+            .or_insert(if syn { seq.wrapping_add(1) } else { seq });
+        if !payload.is_empty() {
+            segments
+                .entry(key)
+                .or_default()
+                .entry(seq.wrapping_sub(first))
+                .or_insert(payload);
+        }
+    }
+    segments
+        .into_iter()
+        .map(|((from_port, to_port), parts)| {
+            let (mut bytes, mut holes) = (Vec::new(), 0);
+            for (offset, part) in parts {
+                let offset = offset as usize;
+                if offset > bytes.len() {
+                    holes += 1;
+                    bytes.resize(offset, 0);
+                }
+                let skip = bytes.len() - offset;
+                if skip < part.len() {
+                    bytes.extend_from_slice(&part[skip..]);
+                }
+            }
+            Flow {
+                from_port,
+                to_port,
+                bytes,
+                holes,
+            }
+        })
+        .collect()
+}
+
+/// Migrate g1 from qa to qb while tcpdump watches loopback: the stream
+/// from qa's QEMU (the one flow that carried the guest's memory), the
+/// other flows (qb's answers on that connection among them, if it sent
+/// any), and what tcpdump said.
+fn capture_migration(cluster: &Cluster, tcpdump: &Path) -> (Flow, Vec<Flow>, String) {
+    wait_ready(cluster, "qa", "g1");
+    let capture = Capture::start(tcpdump, cluster.path());
+    let (code, record) = cluster.tern_json(&["migrate", "g1", "--to", "qb", "--json"]);
+    let (mut flows, said) = capture.finish();
+    assert_eq!(code, 0, "{record}");
+    assert_runs_on(cluster, "qb", "g1");
+    let memory = (GUEST_MIB - 2) << 20;
+    let big: Vec<usize> = (0..flows.len())
+        .filter(|&i| flows[i].bytes.len() as u64 >= memory)
+        .collect();
+    assert_eq!(big.len(), 1, "one flow carried the guest; tcpdump: {said}");
+    let stream = flows.swap_remove(big[0]);
+    // It went to the port qb named in C2.
+    let c2 = record["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "C2")
+        .and_then(|c| c["summary"].as_str())
+        .unwrap_or_default();
+    let port = c2
+        .split_whitespace()
+        .find_map(|word| word.trim_end_matches(';').strip_prefix("tcp:127.0.0.1:"))
+        .and_then(|port| port.parse::<u16>().ok());
+    assert_eq!(port, Some(stream.to_port), "C2: {c2}");
+    assert_eq!(
+        stream.holes, 0,
+        "the capture missed part of the migration; tcpdump: {said}"
+    );
+    (stream, flows, said)
+}
+
+/// The control for the test below: the same capture of a migration
+/// without `[tls]` does see QEMU's stream header at its start and the
+/// guest's memory in it, so that test can fail.
+#[test]
+fn without_tls_the_capture_sees_the_plaintext_stream_and_the_guests_memory() {
+    let test = "without_tls_the_capture_sees_the_plaintext_stream_and_the_guests_memory";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let Some(tcpdump) = tcpdump_or_skip(test) else {
+        return;
+    };
+    let cluster = two_hosts(64, "", "");
+    let (stream, _, _) = capture_migration(&cluster, &tcpdump);
+    assert!(
+        stream.bytes.starts_with(&STREAM_HEADER),
+        "{:02x?}",
+        &stream.bytes[..16]
+    );
+    assert!(stream.contains(&guest_page_bytes()));
+}
+
+/// Two agents with identities from the cluster CA (`Cluster::start_tls`)
+/// migrate the test guest over QEMU's TLS: on the wire, both directions of
+/// the migration connection begin with a TLS handshake record (0x16 0x03),
+/// and no flow on loopback carries QEMU's stream header or the guest's
+/// memory in the clear. QEMU runs as nobody, reading its copy of the
+/// host's identity, which nobody else can read.
+#[test]
+fn with_tls_the_migration_stream_is_tls_on_the_wire() {
+    let test = "with_tls_the_migration_stream_is_tls_on_the_wire";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let Some(tcpdump) = tcpdump_or_skip(test) else {
+        return;
+    };
+    let cluster = QemuCluster(Cluster::start_tls(vec![
+        qemu_host(
+            "qa",
+            64,
+            "",
+            &(guest_vm("g1", GUEST_MIB, 8) + &port_profile("")),
+        ),
+        qemu_host("qb", 64, "", &port_profile("")),
+    ]));
+    let (stream, others, said) = capture_migration(&cluster, &tcpdump);
+    // TLS makes qb's QEMU talk back on the connection (a plaintext
+    // destination sends nothing).
+    let answer = others
+        .iter()
+        .find(|f| (f.from_port, f.to_port) == (stream.to_port, stream.from_port))
+        .expect("qb's QEMU answered on the migration connection");
+    for (flow, side) in [(&stream, "qa's QEMU"), (answer, "qb's QEMU")] {
+        assert_eq!(
+            flow.bytes.get(..2),
+            Some(&[0x16, 0x03][..]),
+            "{side} began with {:02x?}, not a TLS handshake record",
+            &flow.bytes[..flow.bytes.len().min(16)]
+        );
+    }
+    for flow in others.iter().chain([&stream]) {
+        assert!(
+            !flow.contains(&STREAM_HEADER),
+            "port {} -> {} carries QEMU's plaintext stream header; tcpdump: {said}",
+            flow.from_port,
+            flow.to_port
+        );
+        assert!(
+            !flow.contains(&guest_page_bytes()),
+            "port {} -> {} carries the guest's memory in the clear",
+            flow.from_port,
+            flow.to_port
+        );
+    }
+    // Not even QEMU's four-byte magic where the plaintext stream starts.
+    assert!(!stream.bytes[..64 << 10].windows(4).any(|w| w == b"QEVM"));
+    // QEMU's copy of the identity: the folder and files are its user's alone.
+    for host in ["qa", "qb"] {
+        let tls = qemu_dir(&cluster, host).join("tls");
+        for file in ["ca-cert.pem", "server-key.pem", "client-key.pem"] {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(tls.join(file)).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o400, "{host} {file}");
+            if run_as().is_some() {
+                assert_eq!(meta.uid(), nobody_uid(), "{host} {file}");
+            }
+        }
+    }
+}
+
+/// qa's inventory says qb's migration address is 127.0.0.2, but qb's QEMU
+/// listens on 127.0.0.1: qa refuses qb's C2 before sending anything, says
+/// which two addresses disagree, and qb, told to abort, drops its incoming
+/// QEMU. The guest never stopped running on qa.
+#[test]
+fn a_destination_naming_an_address_outside_its_migration_address_gets_nothing() {
+    let test = "a_destination_naming_an_address_outside_its_migration_address_gets_nothing";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let mut cluster = two_hosts(1024, "", "");
+    wait_ready(&cluster, "qa", "g1");
+    // qa reads the inventory at start: restart it on one that says so. Its
+    // QEMU outlives it and is re-attached.
+    let inventory = std::fs::read_to_string(&cluster.inventory).unwrap();
+    let qb = format!("name = \"qb\"\naddress = \"{}\"\n", cluster.address("qb"));
+    assert!(inventory.contains(&qb), "{inventory}");
+    let moved = inventory.replace(&qb, &format!("{qb}migration_address = \"127.0.0.2\"\n"));
+    cluster.kill("qa");
+    std::fs::write(&cluster.inventory, moved).unwrap();
+    cluster.start_agent("qa");
+    assert_runs_on(&cluster, "qa", "g1");
+
+    let (code, record) = cluster.tern_json(&["migrate", "g1", "--to", "qb", "--json"]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("tcp:127.0.0.1:") && error.contains("127.0.0.2"),
+        "the error names both addresses: {error}"
+    );
+    assert_eq!(
+        common::phase(&record, "prepare")["status"],
+        "failed",
+        "{record}"
+    );
+    assert_eq!(
+        common::phase(&record, "perform")["status"],
+        "skipped",
+        "{record}"
+    );
+    assert!(record["transfer"].is_null(), "nothing was sent: {record}");
+    wait_until(
+        Duration::from_secs(10),
+        "qb to drop its incoming QEMU",
+        || qemu_pids(&cluster, "qb").is_empty(),
+    );
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
 }

@@ -33,6 +33,7 @@ fn entry(cluster: &Cluster, name: &str) -> HostEntry {
     HostEntry {
         name: name.into(),
         address: cluster.address(name),
+        migration_address: None,
     }
 }
 

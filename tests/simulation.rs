@@ -3,7 +3,8 @@
 //! host core, under network faults, agent crashes at journal writes,
 //! SIGKILLs, SIGTERMs and SIGSTOPs, power losses that drop the journal's
 //! unsynced tail, hypervisor calls and stages that fail or never answer,
-//! slow incoming starts, and an operator migrating, aborting, retrying,
+//! slow incoming starts, destinations naming another host's incoming
+//! address, and an operator migrating, aborting, retrying,
 //! rolling back and evacuating at random. The invariants of DESIGN.md §2 and
 //! the evacuations' are checked after every step and at the end.
 //!
@@ -115,6 +116,7 @@ fn ten_thousand_fault_schedules_keep_the_invariants() {
         "hypervisor or stage hangs",
         "slow incoming start",
         "freeze",
+        "wrong incoming address",
     ] {
         let n = kinds.get(kind).copied().unwrap_or(0);
         assert!(

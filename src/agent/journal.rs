@@ -525,6 +525,7 @@ mod tests {
             attempt: 1,
             host: "hv-a".into(),
             destination: "hv-b".into(),
+            incoming_host: "hv-b".into(),
             vm,
             mode: Mode::Safe,
             timing: Timing::default(),

@@ -12,6 +12,7 @@ mod peers;
 mod service;
 mod shell;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use crate::hypervisor::qemu::{QemuHypervisor, QemuSettings};
 use crate::hypervisor::sim::{SimHypervisor, SimSettings};
 use crate::hypervisor::{GuestState, Hypervisor};
 use crate::proto;
+use crate::protocol::address;
 use crate::protocol::bounds::{self, IdKind};
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::{Mode, RunOn};
@@ -178,6 +180,7 @@ impl Agent {
             _ => Arc::new(
                 SimHypervisor::open(
                     &config.state_dir,
+                    &config.name,
                     SimSettings::from_config(&config.hypervisor),
                     seed,
                 )
@@ -190,6 +193,7 @@ impl Agent {
         let core = HostCore::new(host::Config {
             name: config.name.clone(),
             hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
+            migration_hosts: migration_hosts(&inventory, hypervisor.kind()),
             features: features
                 .names()
                 .into_iter()
@@ -769,6 +773,25 @@ impl Agent {
         let mut exited = self.exited.subscribe();
         let _ = exited.wait_for(|e| *e).await.map(|_| ());
     }
+}
+
+/// host → the host its incoming addresses must name (see
+/// `protocol::address`): the inventory's migration address on QEMU; on the
+/// simulated hypervisor, whose addresses are `sim://HOST/…`, the host's name.
+fn migration_hosts(inventory: &Inventory, kind: &str) -> BTreeMap<String, String> {
+    inventory
+        .host
+        .iter()
+        .map(|h| {
+            let expected = match kind {
+                "sim" => address::normal_host(&h.name),
+                _ => h.migration_host(),
+            };
+            // An inventory that parsed has a host in every address; a name
+            // no address can carry leaves a host no address matches.
+            (h.name.clone(), expected.unwrap_or_default())
+        })
+        .collect()
 }
 
 /// Read the agent's `[tls]` files: the certificate must be an agent's,

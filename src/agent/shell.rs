@@ -252,7 +252,11 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .await
             .map(|()| OpOutput::Done)
             .map_err(op_error),
-        Op::TransferOut { vm, address } => {
+        Op::TransferOut {
+            vm,
+            destination,
+            address,
+        } => {
             let (progress_tx, mut progress_rx) = mpsc::channel(64);
             let forward = {
                 let core = agent.core.clone();
@@ -263,7 +267,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
                 })
             };
             let result = hv
-                .transfer_out(&vm, &address, progress_tx)
+                .transfer_out(&vm, &destination, &address, progress_tx)
                 .await
                 .map(OpOutput::Transferred)
                 .map_err(op_error);

@@ -734,6 +734,7 @@ address = "http://127.0.0.1:7703"
         let entry = HostEntry {
             name: "hv-b".into(),
             address: format!("http://127.0.0.1:{port}"),
+            migration_address: None,
         };
         let err = Agent::connect(&entry, None).await.unwrap_err();
         assert_eq!(err.code, 69);

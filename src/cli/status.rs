@@ -486,6 +486,7 @@ mod tests {
         HostEntry {
             name: name.into(),
             address: format!("http://127.0.0.1:{port}"),
+            migration_address: None,
         }
     }
 

@@ -295,6 +295,7 @@ mod tests {
         HostEntry {
             name: "hv-a".into(),
             address: "http://127.0.0.1:7701".into(),
+            migration_address: None,
         }
     }
 

@@ -69,6 +69,7 @@ impl HostCore {
                 SourceAction::StartTransfer { address } => {
                     let what = Op::TransferOut {
                         vm: vm.name.clone(),
+                        destination: peer.clone(),
                         address,
                     };
                     let op = self.run(owner, OpKind::TransferOut, what, None);

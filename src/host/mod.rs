@@ -115,6 +115,11 @@ pub struct Config {
     pub name: String,
     /// Every host of the inventory, in its order.
     pub hosts: Vec<String>,
+    /// host → the host (normalised, `protocol::address`) its incoming
+    /// addresses must name: the inventory's `migration_address`, or the
+    /// host's name on the simulated hypervisor. A source sends a guest to
+    /// no other.
+    pub migration_hosts: BTreeMap<String, String>,
     /// The features this host has drivers for: name → driver.
     pub features: BTreeMap<String, String>,
     pub capacity: HostCapacity,
@@ -274,6 +279,8 @@ pub enum Op {
     /// Progress comes as [`Input::Progress`] until the end.
     TransferOut {
         vm: String,
+        /// The destination host: with TLS, its certificate must name it.
+        destination: String,
         address: String,
     },
     CancelTransfer {

@@ -199,6 +199,11 @@ impl HostCore {
                 "VM {vm} already runs on {destination}"
             )));
         }
+        let Some(incoming_host) = self.cfg.migration_hosts.get(destination).cloned() else {
+            return Err(Refusal::FailedPrecondition(format!(
+                "{name} knows no migration address for {destination}"
+            )));
+        };
         let Some(guest) = guests.iter().find(|g| g.spec.name == vm) else {
             return Err(Refusal::NotFound(format!("no VM named {vm} on {name}")));
         };
@@ -285,6 +290,7 @@ impl HostCore {
             attempt,
             host: name.clone(),
             destination: destination.to_string(),
+            incoming_host,
             vm: spec,
             mode,
             timing: self.cfg.timing,

@@ -18,6 +18,10 @@ fn config(name: &str) -> Config {
     Config {
         name: name.into(),
         hosts: vec![A.into(), B.into(), "hv-c".into()],
+        migration_hosts: [A, B, "hv-c"]
+            .into_iter()
+            .map(|h| (h.to_string(), h.to_string()))
+            .collect(),
         features: [("port-profile".to_string(), "port-profile".to_string())]
             .into_iter()
             .collect(),
@@ -1144,4 +1148,109 @@ fn prepare_refuses_a_malformed_machine_before_anything_starts() {
     // No journal write, no start, no attempt.
     assert_eq!(actions.len(), 1, "nothing but the answer: {actions:?}");
     assert!(!b.core.is_live("m-000000000001.1"));
+}
+
+/// hv-a with hv-b's migration address at 10.0.0.2, after it asked hv-b to
+/// prepare `web-01`: (host, the Prepare call, the attempt id).
+fn source_waiting_for_c2_from_10_0_0_2() -> (Host, CallId, String) {
+    let mut cfg = config(A);
+    cfg.migration_hosts.insert(B.into(), "10.0.0.2".into());
+    let mut a = Host::with(cfg);
+    let spec = vm("web-01", &[]);
+    let (_, actions) = a.request(Request::StartMigration {
+        vm: spec.name.clone(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
+    let attempt = a.core.migrations().next().unwrap().attempt_id.clone();
+    (a, prepare, attempt)
+}
+
+/// hv-b's answer to `call`, Prepare: accepted, incoming at `address`.
+fn c2_reply(call: CallId, attempt: &str, address: &str) -> Input {
+    let c2 = proto::Cookie2 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.into(),
+        incoming_address: address.into(),
+        accepted: true,
+        ..Default::default()
+    };
+    Input::PeerReplied {
+        call,
+        reply: Ok(PeerResponse::Prepare(proto::PrepareReply {
+            cookie2: c2.encode_to_vec(),
+        })),
+    }
+}
+
+#[test]
+fn a_c2_naming_another_hosts_address_is_refused_before_any_transfer() {
+    let (mut a, prepare, attempt) = source_waiting_for_c2_from_10_0_0_2();
+    let actions = a.input(c2_reply(prepare, &attempt, "tcp:10.0.0.9:49152"));
+    assert!(
+        op_of(&actions, |o| matches!(o, Op::TransferOut { .. })).is_none(),
+        "nothing is sent: {actions:?}"
+    );
+    let abort = actions.iter().find_map(|a| match a {
+        Action::Call {
+            request: PeerCall::Abort(r),
+            ..
+        } => Some(r.clone()),
+        _ => None,
+    });
+    let abort = abort.expect("hv-b is told to abort");
+    assert_eq!(abort.attempt_id, attempt);
+    assert!(op_of(&actions, |o| matches!(o, Op::Resume { .. })).is_some());
+    let record = a.core.migrations().next().unwrap().clone();
+    assert_eq!(record.outcome, Some(crate::protocol::Outcome::Failed));
+    let error = record.error.unwrap_or_default();
+    assert!(
+        error.contains("tcp:10.0.0.9:49152") && error.contains("10.0.0.2"),
+        "{error}"
+    );
+    assert_eq!(abort.reason, error);
+}
+
+#[test]
+fn a_c2_naming_the_destinations_own_address_starts_the_transfer_to_it() {
+    let (mut a, prepare, attempt) = source_waiting_for_c2_from_10_0_0_2();
+    let actions = a.input(c2_reply(prepare, &attempt, "tcp:10.0.0.2:49152"));
+    let transfer = actions.iter().find_map(|a| match a {
+        Action::Run {
+            what:
+                Op::TransferOut {
+                    destination,
+                    address,
+                    ..
+                },
+            ..
+        } => Some((destination.clone(), address.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        transfer,
+        Some((B.to_string(), "tcp:10.0.0.2:49152".to_string()))
+    );
+}
+
+#[test]
+fn a_destination_without_a_known_migration_address_is_refused_at_begin() {
+    let mut cfg = config(A);
+    cfg.migration_hosts.remove(B);
+    let mut a = Host::with(cfg);
+    let spec = vm("web-01", &[]);
+    let (req, actions) = a.request(Request::StartMigration {
+        vm: spec.name.clone(),
+        destination: B.into(),
+        mode: Mode::Safe,
+        guests: vec![running(&spec)],
+    });
+    let reply = reply_to(&actions, req).expect("an answer");
+    assert!(
+        matches!(reply, Err(Refusal::FailedPrecondition(why)) if why.contains("no migration address for hv-b")),
+        "{reply:?}"
+    );
+    assert!(call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).is_none());
 }

@@ -78,11 +78,13 @@ pub trait Hypervisor: Send + Sync {
         attempt_id: &str,
     ) -> Result<String, HypervisorError>;
 
-    /// Source, Perform: transfer the guest to `address`, sending progress on
-    /// `progress`. On success the guest is left paused here.
+    /// Source, Perform: transfer the guest to `address` on host
+    /// `destination`, sending progress on `progress`. On success the guest
+    /// is left paused here.
     async fn transfer_out(
         &self,
         vm: &str,
+        destination: &str,
         address: &str,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError>;

@@ -145,6 +145,9 @@ pub struct SimFaults {
 }
 
 pub struct SimHypervisor {
+    /// The host this hypervisor runs on: its incoming addresses name it
+    /// (`sim://HOST/ATTEMPT/VM`), as a QEMU's name its IP address.
+    host: String,
     settings: SimSettings,
     /// `None` for an in-memory hypervisor.
     state_file: Option<PathBuf>,
@@ -178,6 +181,7 @@ impl SimHypervisor {
     /// QEMU processes it left behind.
     pub fn open(
         state_dir: &Path,
+        host: &str,
         settings: SimSettings,
         seed: &[VmSpec],
     ) -> Result<Self, HypervisorError> {
@@ -204,13 +208,17 @@ impl SimHypervisor {
                 )));
             }
         };
-        Ok(SimHypervisor::new(settings, Some(path), guests))
+        Ok(SimHypervisor::new(host, settings, Some(path), guests))
     }
 
     /// A simulated host that keeps nothing on disk, for unit tests and
     /// benchmarks. The `seed` guests start running.
-    pub fn in_memory(settings: SimSettings, seed: &[VmSpec]) -> Result<Self, HypervisorError> {
-        Ok(SimHypervisor::new(settings, None, seed_guests(seed)?))
+    pub fn in_memory(
+        host: &str,
+        settings: SimSettings,
+        seed: &[VmSpec],
+    ) -> Result<Self, HypervisorError> {
+        Ok(SimHypervisor::new(host, settings, None, seed_guests(seed)?))
     }
 
     pub fn settings(&self) -> &SimSettings {
@@ -218,11 +226,13 @@ impl SimHypervisor {
     }
 
     fn new(
+        host: &str,
         settings: SimSettings,
         state_file: Option<PathBuf>,
         guests: BTreeMap<String, Guest>,
     ) -> Self {
         SimHypervisor {
+            host: host.to_string(),
             settings,
             state_file,
             inner: Mutex::new(Inner {
@@ -592,12 +602,16 @@ impl Hypervisor for SimHypervisor {
             // A slow start, as QEMU's can be: the guest is there already.
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        Ok(format!("{ADDRESS_SCHEME}{attempt_id}/{}", spec.name))
+        Ok(format!(
+            "{ADDRESS_SCHEME}{}/{attempt_id}/{}",
+            self.host, spec.name
+        ))
     }
 
     async fn transfer_out(
         &self,
         vm: &str,
+        _destination: &str,
         address: &str,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
@@ -793,7 +807,7 @@ mod tests {
     }
 
     fn sim(settings: SimSettings, seed: &[VmSpec]) -> SimHypervisor {
-        SimHypervisor::in_memory(settings, seed).expect("seed has unique names")
+        SimHypervisor::in_memory("hv-test", settings, seed).expect("seed has unique names")
     }
 
     async fn transfer(
@@ -801,7 +815,9 @@ mod tests {
         name: &str,
     ) -> (Result<TransferStats, HypervisorError>, Vec<TransferStats>) {
         let (tx, mut rx) = mpsc::channel(1024);
-        let result = hv.transfer_out(name, &format!("sim://a1/{name}"), tx).await;
+        let result = hv
+            .transfer_out(name, "hv-b", &format!("sim://hv-b/a1/{name}"), tx)
+            .await;
         let mut reports = Vec::new();
         while let Ok(stats) = rx.try_recv() {
             reports.push(stats);
@@ -935,7 +951,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let running = {
             let hv = hv.clone();
-            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+            tokio::spawn(async move {
+                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
+                    .await
+            })
         };
         let first = rx.recv().await.expect("a first progress report");
         assert_eq!(first.iteration, 1);
@@ -967,7 +986,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let running = {
             let hv = hv.clone();
-            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+            tokio::spawn(async move {
+                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
+                    .await
+            })
         };
         rx.recv().await.expect("a first progress report");
         hv.cancel_transfer("web").await.expect("cancel");
@@ -1075,7 +1097,7 @@ mod tests {
             .start_incoming(&vm("db", 512, 0), "a1")
             .await
             .expect("new guest");
-        assert_eq!(address, "sim://a1/db");
+        assert_eq!(address, "sim://hv-test/a1/db");
         assert_eq!(hv.status("db").await, Some(GuestState::Incoming));
     }
 
@@ -1114,6 +1136,7 @@ mod tests {
         {
             let hv = SimHypervisor::open(
                 dir.path(),
+                "hv-test",
                 settings(1024, 30),
                 &[vm("web", 256, 0), vm("db", 512, 0)],
             )
@@ -1123,7 +1146,8 @@ mod tests {
                 .await
                 .expect("incoming");
         }
-        let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[]).expect("reopen");
+        let hv =
+            SimHypervisor::open(dir.path(), "hv-test", settings(1024, 30), &[]).expect("reopen");
         let states: Vec<(String, GuestState)> = hv
             .guests()
             .await
@@ -1144,12 +1168,18 @@ mod tests {
     #[tokio::test]
     async fn transfer_pause_is_persisted() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv =
-            SimHypervisor::open(dir.path(), settings(1024, 30), &[vm("web", 64, 0)]).expect("open");
+        let hv = SimHypervisor::open(
+            dir.path(),
+            "hv-test",
+            settings(1024, 30),
+            &[vm("web", 64, 0)],
+        )
+        .expect("open");
         let (result, _) = transfer(&hv, "web").await;
         result.expect("converges");
         drop(hv);
-        let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[]).expect("reopen");
+        let hv =
+            SimHypervisor::open(dir.path(), "hv-test", settings(1024, 30), &[]).expect("reopen");
         assert_eq!(hv.status("web").await, Some(GuestState::Paused));
     }
 
@@ -1157,12 +1187,18 @@ mod tests {
     async fn seed_is_ignored_after_first_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let hv = SimHypervisor::open(dir.path(), settings(1024, 30), &[vm("web", 256, 0)])
-                .expect("first open");
+            let hv = SimHypervisor::open(
+                dir.path(),
+                "hv-test",
+                settings(1024, 30),
+                &[vm("web", 256, 0)],
+            )
+            .expect("first open");
             hv.kill("web").await.expect("kill");
         }
         let hv = SimHypervisor::open(
             dir.path(),
+            "hv-test",
             settings(1024, 30),
             &[vm("web", 256, 0), vm("db", 512, 0)],
         )
@@ -1175,7 +1211,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(STATE_FILE);
         std::fs::write(&path, b"{\"guests\": [").expect("write");
-        let error = match SimHypervisor::open(dir.path(), settings(1024, 30), &[]) {
+        let error = match SimHypervisor::open(dir.path(), "hv-test", settings(1024, 30), &[]) {
             Ok(_) => panic!("a corrupt file must not open"),
             Err(error) => error.to_string(),
         };
@@ -1267,7 +1303,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1024);
         let running = {
             let hv = hv.clone();
-            tokio::spawn(async move { hv.transfer_out("web", "sim://a1/web", tx).await })
+            tokio::spawn(async move {
+                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
+                    .await
+            })
         };
         let first = rx.recv().await.expect("a first progress report");
         assert!(first.bytes_remaining > 0);
@@ -1380,7 +1419,7 @@ mod tests {
             .start_incoming(&vm("db", 128, 0), "a1")
             .await
             .expect("start");
-        assert_eq!(address, "sim://a1/db");
+        assert_eq!(address, "sim://hv-test/a1/db");
         assert!(started.elapsed() >= latency, "{:?}", started.elapsed());
 
         // Given up on before it answers, the guest is there anyway, as a

@@ -15,6 +15,7 @@
 //! | Finish  | destination | [`destination`]   |
 //! | Confirm | source      | [`source`]        |
 
+pub mod address;
 pub mod bounds;
 pub mod cookies;
 pub mod destination;

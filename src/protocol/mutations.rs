@@ -29,10 +29,13 @@ pub enum Mutation {
     /// The host core lets a decision leave the host (a reply, a call, a
     /// resume) before the journal write that records it is durable.
     ReplyBeforeDurable,
+    /// The source transfers the guest to whatever address C2 names, not
+    /// only to the destination's own migration address.
+    AcceptAnyIncomingAddress,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 8] = [
         Mutation::RollbackOneTooFew,
         Mutation::ResumeOnUnknownOutcome,
         Mutation::CommitAfterNotCommitted,
@@ -40,6 +43,7 @@ impl Mutation {
         Mutation::IgnoreFailedResume,
         Mutation::ReplyCommittedBeforeResume,
         Mutation::ReplyBeforeDurable,
+        Mutation::AcceptAnyIncomingAddress,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Mutation {
             Mutation::IgnoreFailedResume => "ignore-failed-resume",
             Mutation::ReplyCommittedBeforeResume => "reply-committed-before-resume",
             Mutation::ReplyBeforeDurable => "reply-before-durable",
+            Mutation::AcceptAnyIncomingAddress => "accept-any-incoming-address",
         }
     }
 

@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::address::check_incoming;
 use super::cookies::{self, read_stage_result};
 use super::mutations::{Mutation, planted};
 use super::policy::is_blocking;
@@ -175,6 +176,12 @@ pub struct SourceAttempt {
     pub migration_id: String,
     pub host: String,
     pub destination: String,
+    /// The host the destination's incoming address must name (normalised,
+    /// see [`super::address`]): its migration address in the inventory.
+    /// Empty in attempts journaled before it existed, which no address
+    /// matches.
+    #[serde(default)]
+    pub incoming_host: String,
     pub vm: VmSpec,
     pub mode: Mode,
     pub state: SourceState,
@@ -206,6 +213,9 @@ pub struct AttemptParams {
     pub attempt: u32,
     pub host: String,
     pub destination: String,
+    /// The host the destination's incoming address must name, normalised
+    /// ([`super::address::normal_host`]).
+    pub incoming_host: String,
     pub vm: VmSpec,
     pub mode: Mode,
     pub timing: Timing,
@@ -260,6 +270,7 @@ impl SourceAttempt {
             migration_id: params.migration_id,
             host: params.host,
             destination: params.destination,
+            incoming_host: params.incoming_host,
             vm: params.vm,
             mode: params.mode,
             state: SourceState::Preparing,
@@ -589,6 +600,16 @@ impl SourceAttempt {
                 Cause::Guest
             });
             return self.end_before_commit(now, Outcome::Failed, error, false);
+        }
+        // The guest's memory goes only to the destination's own migration
+        // address: a forged or confused C2 is refused before anything is
+        // sent, and the destination is told to drop what it prepared.
+        if let Err(error) =
+            check_incoming(&c2.incoming_address, &self.destination, &self.incoming_host)
+            && !planted(Mutation::AcceptAnyIncomingAddress)
+        {
+            self.record.cause = Some(Cause::Refused);
+            return self.end_before_commit(now, Outcome::Failed, error, true);
         }
         self.record.end_phase(Phase::Prepare, StepStatus::Ok, now);
         self.record.start_phase(Phase::Perform, now);

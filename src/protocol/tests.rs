@@ -364,6 +364,7 @@ impl World {
             attempt: 1,
             host: SRC.into(),
             destination: DST.into(),
+            incoming_host: DST.into(),
             vm: sc.vm(),
             mode: sc.mode,
             timing: Timing::default(),
@@ -3957,6 +3958,7 @@ fn the_source_ends_only_once_the_transfer_stopped_and_the_guest_resumed() {
             attempt: 1,
             host: SRC.into(),
             destination: DST.into(),
+            incoming_host: DST.into(),
             vm: Scenario::new(Mode::Safe, &[true]).vm(),
             mode: Mode::Safe,
             timing: Timing::default(),
@@ -3979,12 +3981,18 @@ fn the_source_ends_only_once_the_transfer_stopped_and_the_guest_resumed() {
 }
 
 fn fresh_source(mode: Mode) -> SourceAttempt {
+    source_expecting(mode, DST)
+}
+
+/// A source in Prepare whose destination's migration host is `incoming_host`.
+fn source_expecting(mode: Mode, incoming_host: &str) -> SourceAttempt {
     let (src, _) = SourceAttempt::begin(
         AttemptParams {
             migration_id: "m-0000000000a1".into(),
             attempt: 1,
             host: SRC.into(),
             destination: DST.into(),
+            incoming_host: incoming_host.into(),
             vm: Scenario::new(mode, &[true]).vm(),
             mode,
             timing: Timing::default(),
@@ -4015,6 +4023,79 @@ fn a_busy_destination_fails_prepare_with_its_own_cause_and_nothing_to_undo() {
         expected.push("ResumeGuest");
         assert_eq!(src_names(&actions), expected, "{error:?}");
         assert_eq!(src.record.cause, Some(cause));
+    }
+}
+
+#[test]
+fn a_c2_naming_an_address_outside_the_destination_starts_no_transfer() {
+    let c2 = |attempt: &str, address: &str| proto::Cookie2 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: attempt.into(),
+        incoming_address: address.into(),
+        accepted: true,
+        ..Default::default()
+    };
+    for (expected, address) in [
+        ("10.0.0.2", "tcp:10.0.0.9:49152"),
+        ("10.0.0.2", "tcp:[fd00::2]:49152"),
+        ("10.0.0.2", "tcp:hv-b:49152"),
+        ("10.0.0.2", "exec:nc 10.0.0.2 49152"),
+        ("10.0.0.2", "tcp:10.0.0.2:49152,to=49200"),
+        ("fd00::2", "tcp:[fd00::9]:49152"),
+        ("hv-b", "sim://hv-c/m1.1/web"),
+        ("hv-b", ""),
+    ] {
+        let mut src = source_expecting(Mode::Safe, expected);
+        let c2 = c2(&src.attempt_id, address);
+        let actions = src.handle(START + 1, SourceInput::PrepareReplied(Ok(c2)));
+        // Nothing is sent; the destination is told to drop what it prepared.
+        assert_eq!(
+            src_names(&actions),
+            [
+                "Journal(Aborting { outcome: Failed, step: Resuming })",
+                "SendAbort",
+                "ResumeGuest",
+            ],
+            "{address:?}"
+        );
+        assert_eq!(src.record.cause, Some(Cause::Refused));
+        assert_eq!(src.record.outcome, Some(Outcome::Failed));
+        let error = src.record.error.clone().unwrap_or_default();
+        assert!(
+            error.contains(expected) && (address.is_empty() || error.contains(address)),
+            "the error names both addresses: {error}"
+        );
+        let reason = actions.iter().find_map(|a| match a {
+            SourceAction::SendAbort { reason } => Some(reason.clone()),
+            _ => None,
+        });
+        assert_eq!(reason.as_deref(), Some(error.as_str()));
+        assert_eq!(
+            src.record
+                .phases
+                .iter()
+                .find(|p| p.phase == Phase::Prepare)
+                .map(|p| p.status),
+            Some(StepStatus::Failed),
+        );
+    }
+    // The destination's own host, on any port, in any spelling, is accepted.
+    for (expected, address) in [
+        ("10.0.0.2", "tcp:10.0.0.2:49152"),
+        ("10.0.0.2", "tcp:10.0.0.2:1"),
+        ("fd00::2", "tcp:[fd00:0::2]:4444"),
+        ("hv-b", "sim://hv-b/m1.1/web"),
+    ] {
+        let mut src = source_expecting(Mode::Safe, expected);
+        let c2 = c2(&src.attempt_id, address);
+        let actions = src.handle(START + 1, SourceInput::PrepareReplied(Ok(c2)));
+        assert!(
+            actions.contains(&SourceAction::StartTransfer {
+                address: address.into()
+            }),
+            "{address:?}: {:?}",
+            src_names(&actions)
+        );
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Scenario {
     pub transfer_fails: f64,
     /// Chance that an incoming guest does not start.
     pub incoming_fails: f64,
+    /// Chance that a destination names another host's address in C2 (a
+    /// confused or forged destination): the source must send nothing.
+    pub wrong_address: f64,
     /// Chance that a stage takes seconds instead of milliseconds.
     pub slow_stage: f64,
     /// How the hypervisor and the drivers misbehave (calls that fail or
@@ -256,6 +259,9 @@ impl Scenario {
             },
             max_outgoing: rng.random_range(1..=3),
             max_incoming: rng.random_range(1..=3),
+            // Drawn last, so the schedules of every other fault stay as
+            // they were before it existed.
+            wrong_address: pick(&mut rng, &[0.0, 0.0, 0.05]),
         }
     }
 }

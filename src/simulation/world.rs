@@ -663,6 +663,12 @@ impl World {
         host::Config {
             name: spec.name.clone(),
             hosts: self.hosts.iter().map(|x| x.name.clone()).collect(),
+            // The simulated hypervisor's addresses name the host.
+            migration_hosts: self
+                .hosts
+                .iter()
+                .map(|x| (x.name.clone(), x.name.clone()))
+                .collect(),
             features: spec
                 .knows
                 .iter()
@@ -1337,9 +1343,17 @@ impl World {
                             copy: 0,
                         },
                     );
+                    let mut named = h;
+                    if chaos && self.chance(self.scenario.wrong_address) {
+                        named = (h + self.rng.random_range(1..self.hosts.len())) % self.hosts.len();
+                        let (id, other) = (attempt_id.clone(), self.hosts[named].name.clone());
+                        self.fault("wrong incoming address", || {
+                            format!("the incoming guest of {id} names {other}'s address")
+                        });
+                    }
                     Ok(OpOutput::Address(format!(
                         "sim://{}/{attempt_id}",
-                        self.hosts[h].name
+                        self.hosts[named].name
                     )))
                 };
                 if chaos && self.chance(g.incoming_hangs) {
@@ -1379,7 +1393,11 @@ impl World {
                 };
                 self.op_done(h, op, 1, result.map_err(OpError::Failed), None);
             }
-            Op::TransferOut { vm, address } => self.start_transfer(h, op, &vm, &address),
+            Op::TransferOut {
+                vm,
+                destination,
+                address,
+            } => self.start_transfer(h, op, &vm, &destination, &address),
             Op::CancelTransfer { vm } => {
                 for t in self.transfers.values_mut() {
                     if t.vm == vm && t.from == h && t.state == TransferState::Active {
@@ -1541,11 +1559,26 @@ impl World {
         )
     }
 
-    fn start_transfer(&mut self, from: usize, op: OpId, vm: &str, address: &str) {
+    fn start_transfer(
+        &mut self,
+        from: usize,
+        op: OpId,
+        vm: &str,
+        destination: &str,
+        address: &str,
+    ) {
         let to = address
             .strip_prefix("sim://")
             .and_then(|rest| rest.split('/').next())
             .and_then(|name| self.host_index(name));
+        if let Some(to) = to.filter(|&to| self.hosts[to].name != destination) {
+            let (source, other) = (self.hosts[from].name.clone(), self.hosts[to].name.clone());
+            self.violation(format!(
+                "{source} sends the memory of {vm} to {other} ({address}), not to its destination {destination}"
+            ));
+            let error = Err(OpError::Failed(format!("{address} is not {destination}")));
+            return self.op_done(from, op, 1, error, None);
+        }
         let running = self.hosts[from]
             .guests
             .get(vm)

@@ -6,6 +6,7 @@
 pub mod guest;
 
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -126,6 +127,10 @@ impl Cluster {
         tls: bool,
     ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        // Searchable, not listable: a QEMU that dropped root (tests/qemu.rs
+        // runs it as nobody) reads its migration TLS credentials from the
+        // agent's state_dir in here, and every folder above must let it in.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let inventory = dir.path().join("cluster.toml");
         let tls = tls.then(|| {
             let tls = Tls {

@@ -19,6 +19,14 @@
 //! What a guest boots and its disks and NICs come from its typed machine,
 //! resolved against this host's config (`machine`), and every QEMU runs in
 //! QEMU's seccomp sandbox, as `run_as` when that is set.
+//!
+//! With `[tls]` the migration stream is TLS too: both ends load the host's
+//! own certificate into a `tls-creds-x509` object (the destination as the
+//! server, verifying its peer against the cluster CA; the source as the
+//! client, checking that the destination's certificate names the
+//! destination host) and name it in the `tls-creds` migration parameter.
+//! QEMU reads those files after it dropped to `run_as`, so it reads a copy
+//! in `state_dir/qemu/tls` that only that user can read ([`write_tls_dir`]).
 
 pub mod machine;
 pub mod qmp;
@@ -38,7 +46,7 @@ use tokio::sync::mpsc;
 use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
-use crate::config::{AgentConfig, MachineAllowList};
+use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
 use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
 
@@ -60,6 +68,12 @@ const MIGRATING: [&str; 6] = [
 ];
 /// How long `quit` may take before the process is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// QEMU's TLS credentials objects: incoming migrations listen as the TLS
+/// server, outgoing ones connect as the client.
+const TLS_INCOMING: &str = "tern-tls-incoming";
+const TLS_OUTGOING: &str = "tern-tls-outgoing";
+/// The folder of QEMU's copy of the host's identity, in `state_dir/qemu`.
+const TLS_DIR: &str = "tls";
 
 /// The qemu settings of an agent config.
 #[derive(Debug, Clone)]
@@ -78,6 +92,9 @@ pub struct QemuSettings {
     pub allowed: MachineAllowList,
     /// The user QEMU runs as once it has opened its files.
     pub run_as: Option<String>,
+    /// The host's identity (`[tls]`): with it the migration stream is TLS,
+    /// each end proving itself with the host's own certificate.
+    pub tls: Option<TlsConfig>,
 }
 
 impl QemuSettings {
@@ -98,6 +115,7 @@ impl QemuSettings {
             },
             allowed: MachineAllowList::from_config(config),
             run_as: h.run_as.clone(),
+            tls: config.tls.clone(),
         }
     }
 
@@ -154,6 +172,8 @@ struct Instance {
 pub struct QemuHypervisor {
     settings: QemuSettings,
     dir: PathBuf,
+    /// QEMU's copy of the host's identity, with `[tls]`.
+    tls_dir: Option<PathBuf>,
     guests: Mutex<BTreeMap<String, Instance>>,
     /// Serialises changes to `guests.json`.
     file: Mutex<()>,
@@ -170,9 +190,14 @@ impl QemuHypervisor {
         let dir = state_dir.join("qemu");
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+        let tls_dir = match &settings.tls {
+            Some(files) => Some(write_tls_dir(&dir, files, settings.run_as.as_deref())?),
+            None => None,
+        };
         let hypervisor = QemuHypervisor {
             settings,
             dir,
+            tls_dir,
             guests: Mutex::new(BTreeMap::new()),
             file: Mutex::new(()),
         };
@@ -530,8 +555,10 @@ impl QemuHypervisor {
     }
 
     /// Capabilities and parameters from config, set on both ends (multifd
-    /// must be on both).
-    async fn configure_migration(&self, qmp: &Qmp) -> Result<(), HypervisorError> {
+    /// must be on both), and the stream's TLS: with `[tls]` this end's
+    /// credentials, loaded afresh, without it none (a QEMU that an earlier
+    /// run gave credentials must not keep using them).
+    async fn configure_migration(&self, qmp: &Qmp, end: End<'_>) -> Result<(), HypervisorError> {
         let s = &self.settings;
         qmp.migrate_set_capabilities(&[
             ("auto-converge", s.auto_converge),
@@ -547,9 +574,214 @@ impl QemuHypervisor {
         if s.multifd_channels > 0 {
             parameters["multifd-channels"] = json!(s.multifd_channels);
         }
+        let (creds, hostname) = match &self.tls_dir {
+            Some(dir) => (self.load_tls(qmp, dir, &end).await?, end.hostname()),
+            None => ("", ""),
+        };
+        parameters["tls-creds"] = json!(creds);
+        parameters["tls-hostname"] = json!(hostname);
         qmp.migrate_set_parameters(parameters)
             .await
             .map_err(qemu_error)
+    }
+
+    /// (Re)create this end's `tls-creds-x509` object from `dir`; returns
+    /// its id. The destination verifies the source's certificate against
+    /// the cluster CA (`verify-peer`); a client always verifies the server.
+    async fn load_tls(
+        &self,
+        qmp: &Qmp,
+        dir: &Path,
+        end: &End<'_>,
+    ) -> Result<&'static str, HypervisorError> {
+        let (id, endpoint) = match end {
+            End::Incoming => (TLS_INCOMING, "server"),
+            End::Outgoing { .. } => (TLS_OUTGOING, "client"),
+        };
+        // An earlier migration of this QEMU left its object; the files may
+        // have been renewed since.
+        if let Err(QmpError::Closed) = qmp.object_del(id).await {
+            return Err(qemu_error(QmpError::Closed));
+        }
+        qmp.object_add(json!({
+            "qom-type": "tls-creds-x509",
+            "id": id,
+            "dir": dir.display().to_string(),
+            "endpoint": endpoint,
+            "verify-peer": true,
+        }))
+        .await
+        .map_err(|e| {
+            let user = self.settings.run_as.as_deref().unwrap_or("root");
+            failed(format!(
+                "QEMU (running as {user}) cannot load the migration TLS credentials in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        Ok(id)
+    }
+}
+
+/// Which end of a migration a QEMU is being set up as.
+enum End<'a> {
+    Incoming,
+    /// Sending to host `destination`, whose certificate must name it.
+    Outgoing {
+        destination: &'a str,
+    },
+}
+
+impl End<'_> {
+    /// `tls-hostname`: the name the destination's certificate must carry.
+    fn hostname(&self) -> &str {
+        match self {
+            End::Incoming => "",
+            End::Outgoing { destination } => destination,
+        }
+    }
+}
+
+/// The file names QEMU's `tls-creds-x509` reads in its `dir`.
+const TLS_FILES: [&str; 5] = [
+    "ca-cert.pem",
+    "server-cert.pem",
+    "server-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+];
+
+/// Write QEMU's copy of the host's identity into `qemu_dir/tls`: the
+/// cluster CA, and the host's certificate and key as both the server's and
+/// the client's (an agent's certificate is issued for both). The folder
+/// (0700) and its files (0400) belong to `run_as`, or to root: the key is
+/// never readable by anyone else. Rewritten at every start, so a renewed
+/// certificate is used. With `run_as`, QEMU reads these files after it
+/// dropped root, so every folder above must let that user through; an
+/// agent whose migrations would all fail on that refuses to start.
+fn write_tls_dir(
+    qemu_dir: &Path,
+    files: &TlsConfig,
+    run_as: Option<&str>,
+) -> Result<PathBuf, HypervisorError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+    let user = run_as.map(UserIds::of).transpose().map_err(failed)?;
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| failed(format!("[tls]: cannot read {}: {e}", path.display())))
+    };
+    let (ca, cert, key) = (read(&files.ca)?, read(&files.cert)?, read(&files.key)?);
+    let contents: [&[u8]; 5] = [&ca, &cert, &key, &cert, &key];
+    let dir = qemu_dir.join(TLS_DIR);
+    let staging = qemu_dir.join(format!("{TLS_DIR}.new"));
+    let write = || -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+        for (name, content) in TLS_FILES.iter().zip(contents) {
+            let path = staging.join(name);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&path)?;
+            file.write_all(content)?;
+            file.sync_all()?;
+            if let Some(u) = &user {
+                std::os::unix::fs::chown(&path, Some(u.uid), Some(u.gid))?;
+            }
+        }
+        if let Some(u) = &user {
+            std::os::unix::fs::chown(&staging, Some(u.uid), Some(u.gid))?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::rename(&staging, &dir)
+    };
+    write().map_err(|e| failed(format!("cannot write {}: {e}", dir.display())))?;
+    if let (Some(name), Some(u)) = (run_as, &user)
+        && let Some(blocked) = u.blocked_on(&dir)
+    {
+        return Err(failed(format!(
+            "QEMU runs as {name} and reads its migration TLS credentials from {}, but {name} \
+             cannot enter {}: let it through (chmod o+x), or put state_dir where it can",
+            dir.display(),
+            blocked.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// A user as `-runas` makes QEMU: its uid, primary gid and groups.
+struct UserIds {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+impl UserIds {
+    fn of(user: &str) -> Result<UserIds, String> {
+        let unknown = || format!("[hypervisor] run_as = {user:?}: no such user on this host");
+        let name = std::ffi::CString::new(user).map_err(|_| unknown())?;
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: getpwnam_r writes into `pwd` and `buf`, both alive and
+        // of the sizes given, and sets `found` to `&pwd` or null.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc != 0 || found.is_null() {
+            return Err(unknown());
+        }
+        let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
+        let mut groups: Vec<libc::gid_t> = vec![0; 64];
+        loop {
+            let mut n = groups.len() as libc::c_int;
+            // SAFETY: `groups` holds `n` entries; getgrouplist writes at
+            // most that many and sets `n` to how many the user has.
+            let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+            let n = n.max(0) as usize;
+            if rc >= 0 {
+                groups.truncate(n);
+                break;
+            }
+            if n <= groups.len() {
+                // Not a size problem: only the primary group is known.
+                groups = vec![gid];
+                break;
+            }
+            groups.resize(n, 0);
+        }
+        Ok(UserIds { uid, gid, groups })
+    }
+
+    /// The first folder above `path` this user may not enter, if any.
+    fn blocked_on(&self, path: &Path) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        path.ancestors().skip(1).find_map(|folder| {
+            let meta = std::fs::metadata(folder).ok()?;
+            let mode = meta.mode();
+            let through = if meta.uid() == self.uid {
+                mode & 0o100 != 0
+            } else if self.groups.contains(&meta.gid()) {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            (!through).then(|| folder.to_path_buf())
+        })
     }
 }
 
@@ -672,7 +904,7 @@ impl Hypervisor for QemuHypervisor {
         let qmp = self.launch(spec, true).await?;
         self.save()?;
         let listen = async {
-            self.configure_migration(&qmp).await?;
+            self.configure_migration(&qmp, End::Incoming).await?;
             let address = &self.settings.migration_address;
             let host = if address.contains(':') {
                 format!("[{address}]")
@@ -703,6 +935,7 @@ impl Hypervisor for QemuHypervisor {
     async fn transfer_out(
         &self,
         vm: &str,
+        destination: &str,
         address: &str,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
@@ -719,7 +952,8 @@ impl Hypervisor for QemuHypervisor {
                 status.status
             )));
         }
-        self.configure_migration(&qmp).await?;
+        self.configure_migration(&qmp, End::Outgoing { destination })
+            .await?;
         qmp.migrate(address).await.map_err(qemu_error)?;
         let started = Instant::now();
         let mut ticker = tokio::time::interval(POLL);
@@ -919,6 +1153,7 @@ mod tests {
                 ..MachineAllowList::default()
             },
             run_as: None,
+            tls: None,
         }
     }
 
@@ -1021,6 +1256,7 @@ mod tests {
         QemuHypervisor {
             settings,
             dir: dir.to_path_buf(),
+            tls_dir: None,
             guests: Mutex::new(BTreeMap::new()),
             file: Mutex::new(()),
         }
@@ -1141,7 +1377,7 @@ mod tests {
         );
 
         let (tx, mut rx) = mpsc::channel(64);
-        let stats = src.transfer_out("g", &address, tx).await.unwrap();
+        let stats = src.transfer_out("g", "hv-b", &address, tx).await.unwrap();
         assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
         assert_eq!(stats.bytes_remaining, 0);
         assert!(rx.recv().await.is_some(), "progress was reported");
@@ -1175,6 +1411,183 @@ mod tests {
         assert!(dst.guests().await.is_empty());
     }
 
+    /// `[tls]` files of agent `name`, issued by the CA in `dir/ca` (made
+    /// on first use) with 127.0.0.1 among its names.
+    fn identity(dir: &Path, name: &str) -> TlsConfig {
+        use crate::trust::ca;
+        let ca_dir = dir.join("ca");
+        if !ca_dir.join(ca::CA_CERT).exists() {
+            ca::init(&ca_dir).unwrap();
+        }
+        let request = ca::IssueRequest {
+            name: name.into(),
+            role: crate::trust::Role::Agent,
+            sans: vec!["127.0.0.1".into()],
+            days: 30,
+        };
+        let folder = ca::issue(&ca_dir, &request, &dir.join("ids")).unwrap();
+        TlsConfig {
+            ca: folder.join(ca::IDENTITY_CA),
+            cert: folder.join(ca::IDENTITY_CERT),
+            key: folder.join(ca::IDENTITY_KEY),
+        }
+    }
+
+    #[test]
+    fn qemus_copy_of_the_identity_is_readable_by_its_user_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let files = identity(dir.path(), "hv-a");
+        let qemu_dir = dir.path().join("state/qemu");
+        std::fs::create_dir_all(&qemu_dir).unwrap();
+        let root = unsafe { libc::geteuid() } == 0;
+        let run_as = root.then_some("nobody");
+        if root {
+            // The folders above must let nobody through.
+            for d in [dir.path(), &dir.path().join("state"), &qemu_dir] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+            }
+        }
+        let tls = write_tls_dir(&qemu_dir, &files, run_as).unwrap();
+        assert_eq!(tls, qemu_dir.join("tls"));
+        let owner = run_as.map(|u| UserIds::of(u).unwrap().uid);
+        let meta = std::fs::metadata(&tls).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        if let Some(uid) = owner {
+            assert_eq!(meta.uid(), uid);
+        }
+        let cert = std::fs::read(&files.cert).unwrap();
+        let key = std::fs::read(&files.key).unwrap();
+        for (name, content) in [
+            ("ca-cert.pem", std::fs::read(&files.ca).unwrap()),
+            ("server-cert.pem", cert.clone()),
+            ("server-key.pem", key.clone()),
+            ("client-cert.pem", cert),
+            ("client-key.pem", key),
+        ] {
+            let path = tls.join(name);
+            assert_eq!(std::fs::read(&path).unwrap(), content, "{name}");
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o400, "{name} is not world-readable");
+            if let Some(uid) = owner {
+                assert_eq!(meta.uid(), uid, "{name} belongs to QEMU's user");
+            }
+        }
+        // A second start rewrites it (a renewed certificate is used).
+        std::fs::write(tls.join("stale"), b"x").unwrap();
+        write_tls_dir(&qemu_dir, &files, run_as).unwrap();
+        assert!(!tls.join("stale").exists());
+        assert!(!qemu_dir.join("tls.new").exists());
+    }
+
+    #[test]
+    fn a_run_as_user_that_cannot_reach_the_credentials_stops_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can make QEMU another user
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let files = identity(dir.path(), "hv-a");
+        let state = dir.path().join("state");
+        let qemu_dir = state.join("qemu");
+        std::fs::create_dir_all(&qemu_dir).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = write_tls_dir(&qemu_dir, &files, Some("nobody"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("nobody cannot enter {}", state.display())),
+            "{err}"
+        );
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+        write_tls_dir(&qemu_dir, &files, Some("nobody")).unwrap();
+        let err = write_tls_dir(&qemu_dir, &files, Some("no-such-user-here"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such user"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn with_tls_a_guest_goes_only_to_a_tls_destination_whose_certificate_names_it() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let (a, b, ids) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let _reaper = Reaper(vec![a.path().into(), b.path().into()]);
+        let with_tls = |name: &str| QemuSettings {
+            tls: Some(identity(ids.path(), name)),
+            ..settings(&binary)
+        };
+        let src = QemuHypervisor::open(a.path(), with_tls("hv-a"), &[spec("g")])
+            .await
+            .unwrap();
+        let dst = QemuHypervisor::open(b.path(), with_tls("hv-b"), &[])
+            .await
+            .unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        let qmp = dst.qmp("g").unwrap();
+        let params: serde_json::Value =
+            qmp.execute("query-migrate-parameters", None).await.unwrap();
+        assert_eq!(params["tls-creds"], TLS_INCOMING, "{params}");
+
+        // A certificate that does not name the host the source meant is
+        // refused: hv-b's is not hv-c's.
+        let (tx, _rx) = mpsc::channel(64);
+        let err = src
+            .transfer_out("g", "hv-c", &address, tx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Certificate does not match the hostname hv-c"),
+            "{err}"
+        );
+        assert_eq!(src.status("g").await, Some(GuestState::Running));
+        dst.kill("g").await.unwrap();
+
+        let address = dst.start_incoming(&spec("g"), "m1.2").await.unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let stats = src.transfer_out("g", "hv-b", &address, tx).await.unwrap();
+        assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
+        let params: serde_json::Value = src
+            .qmp("g")
+            .unwrap()
+            .execute("query-migrate-parameters", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (&params["tls-creds"], &params["tls-hostname"]),
+            (&json!(TLS_OUTGOING), &json!("hv-b")),
+            "{params}"
+        );
+        dst.complete_incoming("g", &stats).await.unwrap();
+        dst.resume("g").await.unwrap();
+        assert_eq!(dst.status("g").await, Some(GuestState::Running));
+        src.kill("g").await.unwrap();
+
+        // A destination without TLS gets nothing from a source with it.
+        let plain = tempfile::tempdir().unwrap();
+        let _reaper = Reaper(vec![plain.path().into()]);
+        let back = QemuHypervisor::open(plain.path(), settings(&binary), &[])
+            .await
+            .unwrap();
+        let address = back.start_incoming(&spec("g"), "m2.1").await.unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let err = dst
+            .transfer_out("g", "hv-a", &address, tx)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+        assert_eq!(dst.status("g").await, Some(GuestState::Running));
+        back.kill("g").await.unwrap();
+        dst.kill("g").await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_cancelled_transfer_leaves_the_source_running() {
         let Some(binary) = qemu_binary_for_tests() else {
@@ -1202,7 +1615,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let transfer = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
         };
         rx.recv().await.expect("progress before the cancel");
         src.cancel_transfer("g").await.unwrap();
@@ -1220,7 +1633,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let abandoned = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", &address, tx).await })
+            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
         };
         rx.recv().await.expect("progress");
         abandoned.abort();

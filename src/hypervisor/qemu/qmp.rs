@@ -645,6 +645,17 @@ impl Qmp {
         self.run("migrate-set-parameters", parameters).await
     }
 
+    /// `object-add` with `arguments` (`qom-type`, `id` and the object's
+    /// properties), e.g. a `tls-creds-x509`.
+    pub async fn object_add(&self, arguments: Value) -> Result<(), QmpError> {
+        self.run("object-add", arguments).await
+    }
+
+    /// `object-del` of the object `id`.
+    pub async fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        self.run("object-del", json!({ "id": id })).await
+    }
+
     /// Resume a paused guest.
     pub async fn cont(&self) -> Result<(), QmpError> {
         self.execute::<IgnoredAny>("cont", None).await.map(drop)
