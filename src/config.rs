@@ -169,9 +169,12 @@ pub struct AgentConfig {
     /// counted apart, received attempts and evacuations) are kept...
     #[serde(default = "default_retain_closed")]
     pub retain_closed: u32,
-    /// ...and none older than this many days.
+    /// ...and none older than this many days (audit entries neither).
     #[serde(default = "default_retain_days")]
     pub retain_days: u32,
+    /// The newest this many audit entries are kept.
+    #[serde(default = "default_retain_audit")]
+    pub retain_audit: u32,
     /// Watch streams (consoles, `tern watch`) this agent serves at once;
     /// one more is refused as ResourceExhausted.
     #[serde(default = "default_max_watchers")]
@@ -250,6 +253,9 @@ fn default_retain_closed() -> u32 {
 }
 fn default_retain_days() -> u32 {
     30
+}
+fn default_retain_audit() -> u32 {
+    100_000
 }
 /// The most closed records of each kind a host may be configured to keep.
 const MAX_RETAIN_CLOSED: u32 = 1_000_000;
@@ -560,6 +566,7 @@ impl AgentConfig {
         for (key, value, max) in [
             ("retain_closed", config.retain_closed, MAX_RETAIN_CLOSED),
             ("retain_days", config.retain_days, MAX_RETAIN_DAYS),
+            ("retain_audit", config.retain_audit, MAX_RETAIN_CLOSED * 10),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(

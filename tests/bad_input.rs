@@ -1135,6 +1135,12 @@ fn fault_latency_is_clamped_and_the_state_dir_is_private() {
     let dir = cluster.path().join("hv-a-state");
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{} has mode {mode:o}", dir.display());
+    // Its databases are its user's alone too, whatever the umask.
+    for file in ["journal.db", "journal.db-wal", "audit.db", "audit.db-wal"] {
+        let path = dir.join(file);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
+    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! (the certificate's name and role), on what, when, and what came of it,
 //! refusals included. SQLite in `state_dir/audit.db`, apart from the
 //! journal so that a busy trail never holds up a migration's durable
-//! writes. The newest [`KEEP`] entries are kept.
+//! writes. Entries beyond the agent's `retain_audit` or older than its
+//! `retain_days` are pruned (at start and every [`PRUNE_EVERY`] writes),
+//! and the WAL checkpointed after.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,20 +13,31 @@ use rusqlite::{Connection, params};
 
 use crate::proto;
 
-/// How many entries an agent keeps; older ones are pruned as new ones come.
-pub const KEEP: u64 = 100_000;
+/// What the trail keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    /// The newest this many entries...
+    pub entries: u64,
+    /// ...none older than this.
+    pub max_age_ms: u64,
+}
+
+/// Writes between two prunes.
+pub const PRUNE_EVERY: u64 = 1000;
 /// How many entries a list returns when the caller sets no limit.
 pub const DEFAULT_LIMIT: u32 = 1000;
 
 pub struct AuditLog {
     db: Mutex<Connection>,
+    keep: Keep,
     /// Entries written since the last prune.
     since_prune: Mutex<u64>,
 }
 
 impl AuditLog {
-    pub fn open(state_dir: &Path) -> Result<AuditLog, rusqlite::Error> {
+    pub fn open(state_dir: &Path, keep: Keep, now_ms: u64) -> Result<AuditLog, rusqlite::Error> {
         let db = Connection::open(state_dir.join("audit.db"))?;
+        super::make_private(&state_dir.join("audit.db"));
         db.busy_timeout(std::time::Duration::from_secs(2))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
@@ -41,8 +54,10 @@ impl AuditLog {
             CREATE INDEX IF NOT EXISTS audit_at ON audit(at_ms);
             CREATE INDEX IF NOT EXISTS audit_target ON audit(target);",
         )?;
+        prune(&db, keep, now_ms)?;
         Ok(AuditLog {
             db: Mutex::new(db),
+            keep,
             since_prune: Mutex::new(0),
         })
     }
@@ -73,9 +88,9 @@ impl AuditLog {
         }
         let mut since = self.since_prune.lock().unwrap_or_else(|p| p.into_inner());
         *since += 1;
-        if *since >= 1000 {
+        if *since >= PRUNE_EVERY {
             *since = 0;
-            if let Err(e) = prune(&db, KEEP) {
+            if let Err(e) = prune(&db, self.keep, entry.at_ms) {
                 tracing::error!("audit trail: cannot prune: {e}");
             }
         }
@@ -115,12 +130,17 @@ impl AuditLog {
     }
 }
 
-/// Keep the newest `keep` entries.
-fn prune(db: &Connection, keep: u64) -> Result<(), rusqlite::Error> {
-    db.execute(
-        "DELETE FROM audit WHERE rowid <= (SELECT MAX(rowid) FROM audit) - ?1",
-        [keep as i64],
+/// Keep the newest `keep.entries` entries, none older than
+/// `keep.max_age_ms`; give the space back to the file system.
+fn prune(db: &Connection, keep: Keep, now_ms: u64) -> Result<(), rusqlite::Error> {
+    let oldest = now_ms.saturating_sub(keep.max_age_ms) as i64;
+    let dropped = db.execute(
+        "DELETE FROM audit WHERE rowid <= (SELECT MAX(rowid) FROM audit) - ?1 OR at_ms < ?2",
+        params![keep.entries as i64, oldest],
     )?;
+    if dropped > 0 {
+        db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
     Ok(())
 }
 
@@ -148,7 +168,7 @@ mod tests {
     #[test]
     fn entries_come_back_oldest_first_filtered_and_limited() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), KEEP_ALL, 0).unwrap();
         for (at, target) in [(10, "m-1"), (20, "m-2"), (30, "m-1"), (40, "m-3")] {
             log.record(&entry(at, target, at != 30));
         }
@@ -167,18 +187,36 @@ mod tests {
         assert_eq!(about.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [10, 30]);
     }
 
+    const KEEP_ALL: Keep = Keep {
+        entries: u64::MAX >> 1,
+        max_age_ms: u64::MAX,
+    };
+
     #[test]
-    fn pruning_keeps_the_newest_entries() {
+    fn pruning_keeps_the_newest_entries_and_none_too_old() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), KEEP_ALL, 0).unwrap();
         for at in 0..50 {
             log.record(&entry(at, "m", true));
         }
-        prune(&log.db.lock().unwrap(), 5).unwrap();
+        let by_count = Keep {
+            entries: 5,
+            max_age_ms: u64::MAX,
+        };
+        prune(&log.db.lock().unwrap(), by_count, 49).unwrap();
         let kept = log.list("hv-a", 0, 100, "").unwrap();
         assert_eq!(
             kept.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
             [45, 46, 47, 48, 49]
         );
+        // Reopened a while later: the entries past their age are gone.
+        drop(log);
+        let by_age = Keep {
+            entries: 1000,
+            max_age_ms: 100,
+        };
+        let log = AuditLog::open(dir.path(), by_age, 148).unwrap();
+        let kept = log.list("hv-a", 0, 100, "").unwrap();
+        assert_eq!(kept.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [48, 49]);
     }
 }

@@ -120,6 +120,7 @@ pub const JOURNAL_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 impl Journal {
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let db = Connection::open(state_dir.join("journal.db"))?;
+        super::make_private(&state_dir.join("journal.db"));
         // Another process reading the journal (a backup, an operator's
         // sqlite3) may hold a lock for a moment; a write that still fails
         // after this stops the agent (the shell's journal_failed).

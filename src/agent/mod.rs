@@ -126,7 +126,14 @@ impl Agent {
         config: &AgentConfig,
         inventory: Inventory,
     ) -> Result<Arc<Agent>, StartError> {
-        create_state_dir(&config.state_dir).map_err(|source| StartError::StateDir {
+        // QEMU running as another user reads its migration TLS credentials
+        // under state_dir after it dropped root: it must be let through
+        // (not let list it). Every file of the agent's own is 0600.
+        let qemu_reads_tls = config.hypervisor.kind == "qemu"
+            && config.hypervisor.run_as.is_some()
+            && config.tls.is_some();
+        let mode = if qemu_reads_tls { 0o711 } else { 0o700 };
+        create_state_dir(&config.state_dir, mode).map_err(|source| StartError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
         })?;
@@ -166,8 +173,15 @@ impl Agent {
         let features = FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(StartError::Config)?;
         let journal = journal::Journal::open(&config.state_dir)?;
-        let audit = audit::AuditLog::open(&config.state_dir)
-            .map_err(|e| StartError::Config(format!("audit trail: {e}")))?;
+        let audit = audit::AuditLog::open(
+            &config.state_dir,
+            audit::Keep {
+                entries: u64::from(config.retain_audit),
+                max_age_ms: u64::from(config.retain_days) * crate::host::retention::DAY_MS,
+            },
+            now_ms(),
+        )
+        .map_err(|e| StartError::Config(format!("audit trail: {e}")))?;
         // The configured guests are booted once in the host's life: a
         // hypervisor that lost its list must not boot them again.
         let seed: &[crate::protocol::VmSpec] = if journal.booted()? { &[] } else { &config.vm };
@@ -811,23 +825,40 @@ fn own_identity(name: &str, files: &TlsConfig) -> Result<IdentityFiles, StartErr
 }
 
 /// The state directory holds the journal and the guests' files: only the
-/// agent's user may read it. Created with mode 0700; one that exists with
-/// more is narrowed to 0700.
-fn create_state_dir(path: &std::path::Path) -> std::io::Result<()> {
+/// agent's user may read it. Created with mode 0700 (0711 when QEMU, as
+/// another user, must pass through it); one that exists otherwise is set so.
+fn create_state_dir(path: &std::path::Path, wanted: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(wanted)
         .create(path)?;
     let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode != wanted {
         tracing::warn!(
-            "state_dir {} had mode {mode:o}; narrowing it to 700",
+            "state_dir {} had mode {mode:o}; setting it to {wanted:o}",
             path.display()
         );
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted))?;
     }
     Ok(())
+}
+
+/// Make a SQLite database of the agent's own, and its -wal and -shm files,
+/// readable by its user alone: SQLite creates them by the umask.
+pub fn make_private(db: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        if !path.exists() {
+            continue;
+        }
+        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!("cannot make {} private: {e}", path.display());
+        }
+    }
 }
 
 /// Closed migrations a Watch snapshot carries besides the open ones.

@@ -254,10 +254,18 @@ impl Cluster {
         let port = host.port;
         let in_namespace = host.netns.is_some();
         let log_path = host.log_path.clone();
+        let child = host.child.as_mut().expect("just started");
         wait_until(
             Duration::from_secs(20),
             &format!("agent {name} to listen"),
             || {
+                // An agent that refused to start says why in its log.
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "agent {name} exited ({status}) before it listened; its log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
                 if in_namespace {
                     // Not reachable from here: its log says when it listens.
                     std::fs::read_to_string(&log_path)
