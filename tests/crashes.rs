@@ -357,6 +357,9 @@ fn a_hook_still_running_when_its_agent_is_killed_dies_with_it() {
 #[test]
 fn an_agent_that_cannot_write_its_journal_stops_instead_of_acting() {
     let mut cluster = pair(256, "");
+    // An agent listens before it has opened its journal: wait until it
+    // answers, so the lock below meets a migration, not the agent's start.
+    cluster.wait_connected();
     let journal = cluster.path().join("hv-b-state").join("journal.db");
     let lock = rusqlite::Connection::open(&journal).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -368,7 +371,12 @@ fn an_agent_that_cannot_write_its_journal_stops_instead_of_acting() {
     assert_eq!(record["outcome"], "failed", "{record}");
     assert_eq!(record["running_on"], "hv-a", "{record}");
     let status = cluster.wait_exit("hv-b", Duration::from_secs(20));
-    assert_eq!(status.code(), Some(74), "hv-b exited with {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(74),
+        "hv-b exited with {status:?}; its log:\n{}",
+        cluster.log("hv-b")
+    );
     assert!(
         cluster.log("hv-b").contains("cannot write the journal"),
         "{}",
