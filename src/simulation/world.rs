@@ -1973,7 +1973,7 @@ impl World {
             let Some(core) = self.answering(h) else {
                 continue;
             };
-            let stuck: Vec<(String, String, String)> = core
+            let stuck: Vec<(String, String, String, String)> = core
                 .migrations()
                 .filter(|r| r.outcome == Some(Outcome::Unresolved))
                 .filter(|r| {
@@ -1982,9 +1982,12 @@ impl World {
                         .is_some_and(|d| self.hosts[d].lost);
                     lost_host || r.guest == crate::protocol::GuestCondition::Unknown
                 })
-                .map(|r| (r.id.clone(), r.vm.clone(), r.destination.clone()))
+                .map(|r| {
+                    let attempt = r.attempt_id.clone();
+                    (r.id.clone(), attempt, r.vm.clone(), r.destination.clone())
+                })
                 .collect();
-            for (id, vm, destination) in stuck {
+            for (id, attempt, vm, destination) in stuck {
                 let elsewhere = (0..self.hosts.len()).any(|o| {
                     o != h
                         && self.answering(o).is_some()
@@ -1996,8 +1999,15 @@ impl World {
                 let run_on = if elsewhere {
                     RunOn::Destination
                 } else {
-                    // Knowingly: the copy here may be stale.
+                    // Knowingly: the copy here may be stale. The VM may
+                    // have moved on since and its copy there died (a power
+                    // loss): this decision is then the latest word on
+                    // where it runs, whatever attempts came after.
                     self.forced_back.insert(vm.clone());
+                    if let Some(at) = self.begun.iter().position(|(_, _, a)| *a == attempt) {
+                        let entry = self.begun.remove(at);
+                        self.begun.push(entry);
+                    }
                     RunOn::Source
                 };
                 let what =
