@@ -289,7 +289,7 @@ impl Agent {
 
     /// Write one changing request into the audit trail and tell watchers.
     pub fn record_audit(&self, entry: proto::AuditEntry) {
-        self.audit.record(&entry);
+        shell::blocking(|| self.audit.record(&entry));
         self.emit(proto::event::Kind::Audit(entry));
     }
 

@@ -127,6 +127,9 @@ impl From<Refusal> for Status {
 /// goes into the audit trail, refusals included.
 struct Audited<'a> {
     agent: &'a Agent,
+    /// Who asked, as far as the request says (a refused TLS caller whose
+    /// certificate could not be read is unidentified).
+    caller: Option<Caller>,
     who: String,
     role: String,
     action: &'static str,
@@ -151,10 +154,12 @@ impl<'a> Audited<'a> {
             .as_ref()
             .map(|c| c.who())
             .unwrap_or(("(unidentified)", "none"));
+        let (who, role) = (who.to_string(), role.to_string());
         let audited = Audited {
             agent,
-            who: who.to_string(),
-            role: role.to_string(),
+            caller,
+            who,
+            role,
             action,
             target: target.into(),
         };
@@ -213,7 +218,11 @@ fn outcome_text(record: &proto::MigrationRecord) -> String {
 macro_rules! peer_call {
     ($agent:expr, $call:ident, $request:expr, $action:expr, $target:expr) => {{
         let audited = Audited::begin(&$agent, &$request, Role::Agent, $action, $target)?;
-        let from = caller(&$agent, &$request)?.host().map(str::to_string);
+        let from = audited
+            .caller
+            .as_ref()
+            .and_then(|c| c.host())
+            .map(str::to_string);
         let answer = match $agent
             .peer(PeerCall::$call($request.into_inner()), from)
             .await
@@ -684,11 +693,13 @@ impl console_server::Console for ConsoleService {
     ) -> Result<Response<proto::ListAuditReply>, Status> {
         authorize(&self.0, &request, Role::Viewer)?;
         let r = request.into_inner();
-        let entries = self
-            .0
-            .audit
-            .list(&self.0.name, r.since_ms, r.limit, &r.target)
-            .map_err(|e| Status::internal(format!("audit trail of {}: {e}", self.0.name)))?;
+        let agent = &self.0;
+        let entries = super::shell::blocking(|| {
+            agent
+                .audit
+                .list(&agent.name, r.since_ms, r.limit, &r.target)
+        })
+        .map_err(|e| Status::internal(format!("audit trail of {}: {e}", self.0.name)))?;
         Ok(Response::new(proto::ListAuditReply { entries }))
     }
 }

@@ -318,7 +318,7 @@ fn op_error(e: HypervisorError) -> OpError {
 /// holding up the other tasks of this worker thread: on a multi-threaded
 /// runtime they move to another while `f` runs. The core task waits for
 /// it either way: its next action may depend on the write.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
+pub(super) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
