@@ -350,7 +350,12 @@ impl QemuHypervisor {
             // Its own process group: a ^C meant for the agent, or the
             // agent's death, must not take the guests with it.
             .process_group(0);
-        machine::create_taps(&resolved.nics).map_err(|e| failed(format!("vm {name}: {e}")))?;
+        // `ip` runs a few processes: off the async workers.
+        let nics = resolved.nics.clone();
+        tokio::task::spawn_blocking(move || machine::create_taps(&nics))
+            .await
+            .map_err(|e| failed(format!("vm {name}: creating its taps: {e}")))?
+            .map_err(|e| failed(format!("vm {name}: {e}")))?;
         let mut child = command.spawn().map_err(|e| {
             machine::remove_taps(taps.iter().map(String::as_str));
             failed(format!(
