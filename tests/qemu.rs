@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use common::{Cluster, HostSpec, guest, host, wait_until};
-use tern::hypervisor::qemu::machine::tap_name;
+use tern::hypervisor::qemu::machine::{ip, tap_name};
 use tern::protocol::cookies;
 use tern::protocol::machine::{Disk, DiskFormat, Nic, QemuMachine};
 use tern::protocol::{Mode, VmSpec};
@@ -639,22 +639,6 @@ impl Drop for Namespaces {
         for n in &self.names {
             let _ = ip(&["netns", "del", n]);
         }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

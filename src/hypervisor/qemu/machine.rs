@@ -276,7 +276,7 @@ pub fn remove_taps<'a>(taps: impl IntoIterator<Item = &'a str>) {
 }
 
 /// Run `ip ARGS`: its stderr on failure.
-fn ip(args: &[&str]) -> Result<(), String> {
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()
