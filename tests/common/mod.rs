@@ -212,7 +212,8 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no host {name}"))
     }
 
-    /// Start (or restart) a host's agent and wait until it accepts connections.
+    /// Start (or restart) a host's agent and wait until it serves (its journal
+    /// open, its guests booted).
     pub fn start_agent(&mut self, name: &str) {
         self.start_agent_under(name, &[]);
     }
@@ -266,16 +267,16 @@ impl Cluster {
                         std::fs::read_to_string(&log_path).unwrap_or_default()
                     );
                 }
-                if in_namespace {
-                    // Not reachable from here: its log says when it listens.
-                    std::fs::read_to_string(&log_path)
-                        .unwrap_or_default()
-                        .matches("agent listening")
-                        .count()
-                        > listening_before
-                } else {
-                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                }
+                // The agent binds its port before it opens its journal and
+                // boots its guests; its log says when it serves.
+                let serving = std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .matches("agent listening")
+                    .count()
+                    > listening_before;
+                // In a namespace it is not reachable from here.
+                serving
+                    && (in_namespace || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
             },
         );
     }
