@@ -57,21 +57,7 @@ fn percent(stats: &TransferStats) -> u64 {
     (done.saturating_mul(100) / stats.bytes_total.max(1)).min(100)
 }
 
-/// Bytes as an operator reads them: `512 B`, `3.4 MiB`, `2.0 GiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use crate::protocol::convergence::bytes;
 
 pub fn transfer_line(stats: &TransferStats) -> String {
     format!(

@@ -1,0 +1,304 @@
+//! Will a pre-copy transfer finish, and when? A model fed the progress
+//! samples the hypervisor reports, in the sans-IO style of the rest of the
+//! protocol: no clock reads, no IO. It judges by rates, not by the
+//! remaining bytes alone: at the start of every pre-copy pass the pages the
+//! guest dirtied during the last one are added back, so "remaining" goes
+//! up before it goes down, and a naive progress bar runs backwards.
+//!
+//! The verdict, over the newest samples of a short window:
+//! - `stalled`: nothing moved for [`STALL_MS`];
+//! - `not converging`: the guest dirties memory at least as fast as the
+//!   link carries it, so no pass leaves less to send than the one before;
+//! - `slow`: it converges, but its net progress is a small part of the
+//!   link (under [`SLOW_SHARE`]), so the end is far and fragile;
+//! - `converging`: otherwise, with an ETA.
+//!
+//! Each verdict comes with its reason in an operator's words
+//! ("dirtying 1.4 GiB/s, link 1.1 GiB/s").
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Millis, TransferStats};
+
+/// Samples older than this (by the hypervisor's elapsed time) leave the window.
+pub const WINDOW_MS: Millis = 10_000;
+/// No byte sent for this long is a stall.
+pub const STALL_MS: Millis = 3_000;
+/// Net progress under this share of the link is slow.
+pub const SLOW_SHARE: f64 = 0.1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Converging,
+    Slow,
+    NotConverging,
+    Stalled,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Converging => "converging",
+            Verdict::Slow => "slow",
+            Verdict::NotConverging => "not converging",
+            Verdict::Stalled => "stalled",
+        }
+    }
+}
+
+/// The model's answer: the verdict, when the transfer should end (for a
+/// transfer that converges), and why, in an operator's words.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outlook {
+    pub verdict: Verdict,
+    /// From the newest sample to the switchover, if it converges.
+    pub eta_ms: Option<Millis>,
+    pub reason: String,
+}
+
+/// The newest samples of one transfer.
+#[derive(Debug, Clone, Default)]
+pub struct Convergence {
+    samples: VecDeque<TransferStats>,
+}
+
+impl Convergence {
+    /// Take in a progress sample. Samples come in the order of their
+    /// `elapsed_ms`; one from before the newest is ignored.
+    pub fn observe(&mut self, stats: TransferStats) {
+        if self
+            .samples
+            .back()
+            .is_some_and(|last| stats.elapsed_ms < last.elapsed_ms)
+        {
+            return;
+        }
+        self.samples.push_back(stats);
+        let newest = stats.elapsed_ms;
+        // Keep one sample at or before the window's start, so the window
+        // spans it whole.
+        while self.samples.len() > 2 && newest - self.samples[1].elapsed_ms >= WINDOW_MS {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The outlook, given the pause the final pass may cause; `None` before
+    /// there are two samples to compare.
+    pub fn outlook(&self, downtime_limit_ms: Millis) -> Option<Outlook> {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        let span_ms = last.elapsed_ms.saturating_sub(first.elapsed_ms);
+        if self.samples.len() < 2 || span_ms == 0 {
+            return None;
+        }
+        let sent = last
+            .bytes_transferred
+            .saturating_sub(first.bytes_transferred);
+        // Since the last byte moved: from the first sample that had sent
+        // as much as the newest.
+        let still_ms = self
+            .samples
+            .iter()
+            .find(|s| s.bytes_transferred >= last.bytes_transferred)
+            .map(|s| last.elapsed_ms - s.elapsed_ms)
+            .unwrap_or(0);
+        if still_ms >= STALL_MS {
+            return Some(Outlook {
+                verdict: Verdict::Stalled,
+                eta_ms: None,
+                reason: format!(
+                    "nothing sent for {} s ({} left)",
+                    still_ms / 1000,
+                    bytes(last.bytes_remaining)
+                ),
+            });
+        }
+        if sent == 0 {
+            return None;
+        }
+        // The link's rate as measured over the window; the guest's dirty
+        // rate as the hypervisor last measured it (it knows only after a
+        // pass, so 0 on the first).
+        let link = sent as f64 * 1000.0 / span_ms as f64;
+        let dirty = self
+            .samples
+            .iter()
+            .map(|s| s.dirty_rate_bytes_s)
+            .max()
+            .unwrap_or(0) as f64;
+        let rates = format!(
+            "dirtying {}/s, link {}/s",
+            bytes(dirty as u64),
+            bytes(link as u64)
+        );
+        let net = link - dirty;
+        if net <= 0.0 {
+            return Some(Outlook {
+                verdict: Verdict::NotConverging,
+                eta_ms: None,
+                reason: format!("{rates}: each pass leaves as much to send as the last"),
+            });
+        }
+        // The final pass starts once what is left fits in the pause.
+        let final_pass = link * downtime_limit_ms as f64 / 1000.0;
+        let to_go = (last.bytes_remaining as f64 - final_pass).max(0.0);
+        let eta_ms = (to_go / net * 1000.0) as Millis;
+        let verdict = if net < SLOW_SHARE * link {
+            Verdict::Slow
+        } else {
+            Verdict::Converging
+        };
+        Some(Outlook {
+            verdict,
+            eta_ms: Some(eta_ms),
+            reason: format!(
+                "{rates}: {} left, net {}/s",
+                bytes(last.bytes_remaining),
+                bytes(net as u64)
+            ),
+        })
+    }
+}
+
+/// Bytes as an operator reads them: `512 B`, `3.4 MiB`, `2.0 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// A sample at `t` ms: `sent` and `left` in MiB, dirty rate in MiB/s.
+    fn at(t: Millis, sent: u64, left: u64, dirty: u64) -> TransferStats {
+        TransferStats {
+            bytes_total: 4 * GIB,
+            bytes_transferred: sent * MIB,
+            bytes_remaining: left * MIB,
+            rate_bytes_s: 1,
+            dirty_rate_bytes_s: dirty * MIB,
+            elapsed_ms: t,
+            ..Default::default()
+        }
+    }
+
+    fn outlook(trace: &[TransferStats]) -> Outlook {
+        let mut c = Convergence::default();
+        for s in trace {
+            c.observe(*s);
+        }
+        c.outlook(300).expect("enough samples")
+    }
+
+    #[test]
+    fn one_sample_says_nothing_yet() {
+        let mut c = Convergence::default();
+        assert_eq!(c.outlook(300), None);
+        c.observe(at(0, 0, 4096, 0));
+        assert_eq!(c.outlook(300), None);
+    }
+
+    #[test]
+    fn a_first_pass_at_full_speed_converges_with_an_eta() {
+        // 1 GiB/s, nothing dirtied yet: 4 GiB, 1 sent after 1 s.
+        let o = outlook(&[at(0, 0, 4096, 0), at(1000, 1024, 3072, 0)]);
+        assert_eq!(o.verdict, Verdict::Converging);
+        // 3 GiB left less the 300 ms final pass (0.3 GiB), at 1 GiB/s.
+        assert_eq!(o.eta_ms, Some(2700));
+        assert!(o.reason.contains("link 1.0 GiB/s"), "{}", o.reason);
+    }
+
+    #[test]
+    fn remaining_that_goes_up_at_a_new_pass_is_not_taken_for_failure() {
+        // Pass 1 ends with 100 MiB left; pass 2 starts with what the guest
+        // dirtied meanwhile (remaining jumps to 600 MiB), then drains.
+        let trace = [
+            at(0, 0, 4096, 0),
+            at(1000, 1024, 3072, 0),
+            at(3900, 3996, 100, 0),
+            at(4000, 4096, 600, 150),
+            at(5000, 5120, 100, 150),
+        ];
+        let o = outlook(&trace);
+        assert_eq!(o.verdict, Verdict::Converging, "{}", o.reason);
+        assert!(o.eta_ms.is_some());
+        assert!(o.reason.contains("dirtying 150.0 MiB/s"), "{}", o.reason);
+    }
+
+    #[test]
+    fn a_guest_that_dirties_faster_than_the_link_never_converges() {
+        let trace = [
+            at(0, 0, 4096, 0),
+            at(4000, 4400, 800, 1400),
+            at(5000, 5500, 900, 1400),
+            at(6000, 6600, 950, 1400),
+        ];
+        let o = outlook(&trace);
+        assert_eq!(o.verdict, Verdict::NotConverging);
+        assert_eq!(o.eta_ms, None);
+        assert!(
+            o.reason.starts_with("dirtying 1.4 GiB/s, link 1.1 GiB/s"),
+            "{}",
+            o.reason
+        );
+    }
+
+    #[test]
+    fn a_small_net_progress_is_slow() {
+        // 1 GiB/s link, 960 MiB/s dirtied: 64 MiB/s net.
+        let trace = [at(0, 0, 2048, 960), at(1000, 1024, 1984, 960)];
+        let o = outlook(&trace);
+        assert_eq!(o.verdict, Verdict::Slow, "{}", o.reason);
+        assert!(o.eta_ms.is_some_and(|eta| eta > 20_000), "{o:?}");
+    }
+
+    #[test]
+    fn nothing_sent_for_seconds_is_a_stall() {
+        let mut trace = vec![at(0, 0, 4096, 0), at(1000, 512, 3584, 0)];
+        for t in [2000, 3000, 4000] {
+            let mut s = at(t, 512, 3584, 0);
+            s.rate_bytes_s = 0;
+            trace.push(s);
+        }
+        let o = outlook(&trace);
+        assert_eq!(o.verdict, Verdict::Stalled, "{}", o.reason);
+        assert_eq!(o.reason, "nothing sent for 3 s (3.5 GiB left)");
+    }
+
+    #[test]
+    fn old_samples_leave_the_window_and_late_ones_are_ignored() {
+        let mut c = Convergence::default();
+        // Slow for a long time (a dirtying guest)...
+        for t in 0..20 {
+            c.observe(at(t * 1000, t * 100, 4000, 1000));
+        }
+        // ...then the guest calms down: the verdict follows within the window.
+        for t in 20..32 {
+            c.observe(at(t * 1000, 2000 + (t - 20) * 1024, 2000, 100));
+        }
+        assert_eq!(c.outlook(300).unwrap().verdict, Verdict::Converging);
+        let before = c.outlook(300);
+        c.observe(at(5000, 0, 4096, 9999));
+        assert_eq!(
+            c.outlook(300),
+            before,
+            "a sample from the past changes nothing"
+        );
+    }
+}
