@@ -81,15 +81,16 @@ fn caller<T>(agent: &Agent, request: &Request<T>) -> Result<Caller, Status> {
 /// The caller of `request`, if it may do what `needed` may.
 fn authorize<T>(agent: &Agent, request: &Request<T>, needed: Role) -> Result<Caller, Status> {
     let caller = caller(agent, request)?;
-    caller.check(needed).map_err(Status::permission_denied)?;
+    permit(agent, &caller, needed)?;
     Ok(caller)
 }
 
-/// A Peer call must come from an agent certificate naming a host of the
-/// inventory.
-fn authorize_peer<T>(agent: &Agent, request: &Request<T>) -> Result<Caller, Status> {
-    let caller = authorize(agent, request, Role::Agent)?;
-    if let Some(host) = caller.host()
+/// Whether `caller` may do what `needed` may. A Peer call (the agent
+/// role) must also come from a certificate naming a host of the inventory.
+fn permit(agent: &Agent, caller: &Caller, needed: Role) -> Result<(), Status> {
+    caller.check(needed).map_err(Status::permission_denied)?;
+    if needed == Role::Agent
+        && let Some(host) = caller.host()
         && !agent.hosts.iter().any(|h| h == host)
     {
         return Err(Status::permission_denied(format!(
@@ -97,7 +98,7 @@ fn authorize_peer<T>(agent: &Agent, request: &Request<T>) -> Result<Caller, Stat
             agent.name
         )));
     }
-    Ok(caller)
+    Ok(())
 }
 
 impl From<Refusal> for Status {
@@ -145,11 +146,13 @@ impl<'a> Audited<'a> {
         action: &'static str,
         target: impl Into<String>,
     ) -> Result<Audited<'a>, Status> {
-        let checked = match needed {
-            Role::Agent => authorize_peer(agent, request),
-            _ => authorize(agent, request, needed),
+        // The certificate is read once: who asked, then whether they may.
+        let caller = caller(agent, request);
+        let checked = match &caller {
+            Ok(c) => permit(agent, c, needed),
+            Err(status) => Err(status.clone()),
         };
-        let caller = caller(agent, request).ok();
+        let caller = caller.ok();
         let (who, role) = caller
             .as_ref()
             .map(|c| c.who())

@@ -143,17 +143,25 @@ pub async fn audit(access: &Access, args: AuditArgs) -> CliResult {
 
 /// `2026-12-05 08:12:03` (UTC) for a time in milliseconds since the epoch.
 fn format_time(at_ms: u64) -> String {
-    let at = time::OffsetDateTime::from_unix_timestamp((at_ms / 1000) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let at = utc(at_ms);
     format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        "{:04}-{:02}-{:02} {}",
         at.year(),
         u8::from(at.month()),
         at.day(),
-        at.hour(),
-        at.minute(),
-        at.second()
+        clock(at_ms)
     )
+}
+
+/// `08:12:03` (UTC), the time of day of a time in milliseconds since the epoch.
+pub fn clock(at_ms: u64) -> String {
+    let at = utc(at_ms);
+    format!("{:02}:{:02}:{:02}", at.hour(), at.minute(), at.second())
+}
+
+fn utc(at_ms: u64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp((at_ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 #[cfg(test)]

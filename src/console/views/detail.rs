@@ -278,13 +278,10 @@ fn action_text(entry: &crate::proto::AuditEntry) -> String {
         "forget" => "forgot pending work",
         other => other,
     };
-    let secs = entry.at_ms / 1000;
     format!(
-        "{verb} by {} ({}) at {:02}:{:02}:{:02}",
+        "{verb} by {} ({}) at {}",
         entry.who,
         entry.role,
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
+        crate::cli::audit::clock(entry.at_ms)
     )
 }
