@@ -18,7 +18,7 @@ use super::{Agent, JOURNAL_FAILED_EXIT, Msg, now_ms};
 use crate::host::{
     Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpError, OpId, OpOutput,
 };
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{HypervisorError, TransferPlan};
 use crate::proto;
 
 /// How often the agent applies retention (besides when it starts).
@@ -243,7 +243,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
     let hv = agent.hypervisor.clone();
     let result: Result<OpOutput, OpError> = match what {
         Op::StartIncoming { spec, attempt_id } => hv
-            .start_incoming(&spec, &attempt_id)
+            .start_incoming(&spec, &attempt_id, false)
             .await
             .map(OpOutput::Address)
             .map_err(op_error),
@@ -267,7 +267,13 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
                 })
             };
             let result = hv
-                .transfer_out(&vm, &destination, &address, progress_tx)
+                .transfer_out(
+                    &vm,
+                    &destination,
+                    &address,
+                    TransferPlan::default(),
+                    progress_tx,
+                )
                 .await
                 .map(OpOutput::Transferred)
                 .map_err(op_error);

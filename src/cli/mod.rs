@@ -99,7 +99,7 @@ pub fn exit_code_for_outcome(outcome: Outcome) -> u8 {
     match outcome {
         Outcome::Succeeded => exit::SUCCEEDED,
         Outcome::Degraded => exit::DEGRADED,
-        Outcome::Failed | Outcome::Aborted => exit::FAILED,
+        Outcome::Failed | Outcome::Aborted | Outcome::Lost => exit::FAILED,
         Outcome::Unresolved => exit::UNRESOLVED,
     }
 }

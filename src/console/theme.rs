@@ -304,7 +304,8 @@ impl Theme {
             Outcome::Degraded => self.degraded,
             Outcome::Failed => self.failed,
             Outcome::Aborted => self.aborted,
-            Outcome::Unresolved => self.unresolved,
+            // Loudest: reverse video, like an attempt that needs an operator.
+            Outcome::Unresolved | Outcome::Lost => self.unresolved,
         }
     }
 }
@@ -421,6 +422,7 @@ impl Symbols {
             Outcome::Failed => self.failed,
             Outcome::Aborted => self.aborted,
             Outcome::Unresolved => self.unresolved,
+            Outcome::Lost => self.lost,
         }
     }
 }

@@ -16,6 +16,17 @@ use tokio::sync::mpsc;
 use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
 
+/// What a migration's completion policy asks of the hypervisor for one
+/// transfer (the rest comes from the host's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransferPlan {
+    /// The transfer may be switched to post-copy ([`Hypervisor::start_postcopy`]):
+    /// both ends enable it before it begins.
+    pub postcopy: bool,
+    /// The longest pause of the final pre-copy pass, in ms; 0: the host's config.
+    pub downtime_limit_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GuestState {
@@ -70,24 +81,52 @@ pub trait Hypervisor: Send + Sync {
     /// Every guest on this host, incoming ones included.
     async fn guests(&self) -> Vec<Guest>;
 
-    /// Destination, Prepare: create the guest paused, ready to receive.
-    /// Returns the address the source transfers to.
+    /// Destination, Prepare: create the guest paused, ready to receive
+    /// (with `postcopy`, ready for a switchover to post-copy too). Returns
+    /// the address the source transfers to.
     async fn start_incoming(
         &self,
         spec: &VmSpec,
         attempt_id: &str,
+        postcopy: bool,
     ) -> Result<String, HypervisorError>;
 
     /// Source, Perform: transfer the guest to `address` on host
     /// `destination`, sending progress on `progress`. On success the guest
-    /// is left paused here.
+    /// is left paused here. After a switchover to post-copy it returns
+    /// once the last page has gone; while post-copy is paused by a broken
+    /// link it waits (its progress says so) for [`Self::resume_postcopy`].
     async fn transfer_out(
         &self,
         vm: &str,
         destination: &str,
         address: &str,
+        plan: TransferPlan,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError>;
+
+    /// Source: switch the transfer in progress to post-copy. Returns once
+    /// the guest is stopped here and its device state has gone: from then
+    /// the destination can run it, and this copy must never run again.
+    /// `Failed`: it did not switch (the guest still runs here); `Unknown`:
+    /// whether it did is unknown.
+    async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError>;
+
+    /// Destination: wait until the incoming guest can run here: the source
+    /// switched its transfer to post-copy, or the whole guest arrived. An
+    /// error: the transfer ended before either (cancelled, or the source
+    /// went away), so the guest never ran anywhere but on the source.
+    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError>;
+
+    /// Destination, post-copy paused by a broken link: listen for the
+    /// source again. Returns the fresh address to resume the transfer to.
+    async fn recover_incoming(&self, vm: &str, attempt_id: &str)
+    -> Result<String, HypervisorError>;
+
+    /// Source, post-copy paused: resume the transfer to the destination's
+    /// fresh `address`. Returns once the hypervisor took the request; the
+    /// progress of `transfer_out` shows post-copy running again.
+    async fn resume_postcopy(&self, vm: &str, address: &str) -> Result<(), HypervisorError>;
 
     /// Stop a transfer in progress; `transfer_out` then returns `Cancelled`.
     /// The guest is left as it was (running, or paused if the transfer had
@@ -95,7 +134,9 @@ pub trait Hypervisor: Send + Sync {
     async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError>;
 
     /// Destination, Finish: wait until the incoming transfer described by
-    /// `stats` has arrived. The guest stays paused.
+    /// `stats` has arrived. The guest stays paused. After a switchover to
+    /// post-copy (the guest may run): wait until the last page has arrived;
+    /// an error then means the guest cannot get the rest of its memory.
     async fn complete_incoming(
         &self,
         vm: &str,

@@ -57,7 +57,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
-use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
+use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, TransferPlan};
 use crate::config::{HypervisorConfig, SimCall};
 use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
@@ -511,6 +511,7 @@ impl PreCopy {
             elapsed_ms: scale(self.transferred, 1000, self.bandwidth),
             setup_time_ms: 0,
             downtime_ms: 0,
+            ..TransferStats::default()
         }
     }
 }
@@ -584,6 +585,7 @@ impl Hypervisor for SimHypervisor {
         &self,
         spec: &VmSpec,
         attempt_id: &str,
+        _postcopy: bool,
     ) -> Result<String, HypervisorError> {
         self.inject(SimCall::StartIncoming, &spec.name).await?;
         self.change(|guests| {
@@ -613,6 +615,7 @@ impl Hypervisor for SimHypervisor {
         vm: &str,
         _destination: &str,
         address: &str,
+        _plan: TransferPlan,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
         if !address.starts_with(ADDRESS_SCHEME) {
@@ -730,6 +733,38 @@ impl Hypervisor for SimHypervisor {
         Ok(())
     }
 
+    async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn recover_incoming(
+        &self,
+        vm: &str,
+        _attempt_id: &str,
+    ) -> Result<String, HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn resume_postcopy(&self, vm: &str, _address: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
     async fn complete_incoming(
         &self,
         vm: &str,
@@ -816,7 +851,13 @@ mod tests {
     ) -> (Result<TransferStats, HypervisorError>, Vec<TransferStats>) {
         let (tx, mut rx) = mpsc::channel(1024);
         let result = hv
-            .transfer_out(name, "hv-b", &format!("sim://hv-b/a1/{name}"), tx)
+            .transfer_out(
+                name,
+                "hv-b",
+                &format!("sim://hv-b/a1/{name}"),
+                TransferPlan::default(),
+                tx,
+            )
             .await;
         let mut reports = Vec::new();
         while let Ok(stats) = rx.try_recv() {
@@ -952,8 +993,14 @@ mod tests {
         let running = {
             let hv = hv.clone();
             tokio::spawn(async move {
-                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
-                    .await
+                hv.transfer_out(
+                    "web",
+                    "hv-b",
+                    "sim://hv-b/a1/web",
+                    TransferPlan::default(),
+                    tx,
+                )
+                .await
             })
         };
         let first = rx.recv().await.expect("a first progress report");
@@ -987,8 +1034,14 @@ mod tests {
         let running = {
             let hv = hv.clone();
             tokio::spawn(async move {
-                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
-                    .await
+                hv.transfer_out(
+                    "web",
+                    "hv-b",
+                    "sim://hv-b/a1/web",
+                    TransferPlan::default(),
+                    tx,
+                )
+                .await
             })
         };
         rx.recv().await.expect("a first progress report");
@@ -1088,13 +1141,13 @@ mod tests {
     async fn start_incoming_refuses_existing_guest() {
         let hv = sim(settings(1024, 30), &[vm("web", 256, 0)]);
         assert_eq!(
-            hv.start_incoming(&vm("web", 256, 0), "a1").await,
+            hv.start_incoming(&vm("web", 256, 0), "a1", false).await,
             Err(HypervisorError::AlreadyExists("web".into()))
         );
         assert_eq!(hv.status("web").await, Some(GuestState::Running));
 
         let address = hv
-            .start_incoming(&vm("db", 512, 0), "a1")
+            .start_incoming(&vm("db", 512, 0), "a1", false)
             .await
             .expect("new guest");
         assert_eq!(address, "sim://hv-test/a1/db");
@@ -1104,7 +1157,7 @@ mod tests {
     #[tokio::test]
     async fn incoming_guest_stays_paused_until_resumed() {
         let hv = sim(settings(1024, 30), &[]);
-        hv.start_incoming(&vm("db", 512, 0), "a1")
+        hv.start_incoming(&vm("db", 512, 0), "a1", false)
             .await
             .expect("start");
         hv.complete_incoming("db", &TransferStats::default())
@@ -1142,7 +1195,7 @@ mod tests {
             )
             .expect("first open");
             hv.pause("web").await.expect("pause");
-            hv.start_incoming(&vm("cache", 128, 0), "a1")
+            hv.start_incoming(&vm("cache", 128, 0), "a1", false)
                 .await
                 .expect("incoming");
         }
@@ -1288,7 +1341,7 @@ mod tests {
         assert_eq!(hv.kill("db").await, injected("kill", "db"));
         assert_eq!(hv.status("db").await, Some(GuestState::Paused));
         assert_eq!(
-            hv.start_incoming(&vm("cache", 128, 0), "a1").await,
+            hv.start_incoming(&vm("cache", 128, 0), "a1", false).await,
             Err(HypervisorError::Failed(
                 "start_incoming cache failed (injected fault)".into()
             ))
@@ -1304,8 +1357,14 @@ mod tests {
         let running = {
             let hv = hv.clone();
             tokio::spawn(async move {
-                hv.transfer_out("web", "hv-b", "sim://hv-b/a1/web", tx)
-                    .await
+                hv.transfer_out(
+                    "web",
+                    "hv-b",
+                    "sim://hv-b/a1/web",
+                    TransferPlan::default(),
+                    tx,
+                )
+                .await
             })
         };
         let first = rx.recv().await.expect("a first progress report");
@@ -1346,7 +1405,7 @@ mod tests {
         hv.kill("db").await.expect("the third kill works");
         assert_eq!(hv.status("db").await, None);
         // Calls not listed are neither hurt nor counted.
-        hv.start_incoming(&vm("cache", 128, 0), "a1")
+        hv.start_incoming(&vm("cache", 128, 0), "a1", false)
             .await
             .expect("start_incoming is not listed");
     }
@@ -1369,7 +1428,7 @@ mod tests {
         );
         assert_eq!(hv.status("web").await, Some(GuestState::Paused));
         assert!(
-            tokio::time::timeout(wait, hv.start_incoming(&vm("db", 128, 0), "a1"))
+            tokio::time::timeout(wait, hv.start_incoming(&vm("db", 128, 0), "a1", false))
                 .await
                 .is_err(),
             "a hanging start_incoming answered"
@@ -1379,7 +1438,7 @@ mod tests {
         // calls answer.
         hv.resume("web").await.expect("the second resume answers");
         assert_eq!(hv.status("web").await, Some(GuestState::Running));
-        hv.start_incoming(&vm("db", 128, 0), "a2")
+        hv.start_incoming(&vm("db", 128, 0), "a2", false)
             .await
             .expect("the second start answers");
     }
@@ -1416,7 +1475,7 @@ mod tests {
         );
         let started = Instant::now();
         let address = hv
-            .start_incoming(&vm("db", 128, 0), "a1")
+            .start_incoming(&vm("db", 128, 0), "a1", false)
             .await
             .expect("start");
         assert_eq!(address, "sim://hv-test/a1/db");
@@ -1427,7 +1486,7 @@ mod tests {
         assert!(
             tokio::time::timeout(
                 Duration::from_millis(50),
-                hv.start_incoming(&vm("cache", 128, 0), "a2")
+                hv.start_incoming(&vm("cache", 128, 0), "a2", false)
             )
             .await
             .is_err(),

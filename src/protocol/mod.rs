@@ -153,6 +153,8 @@ pub enum Outcome {
     Aborted,
     /// The source cannot yet learn whether the destination committed.
     Unresolved,
+    /// The destination died during post-copy: no host holds the whole guest.
+    Lost,
 }
 
 impl Outcome {
@@ -163,6 +165,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Aborted => "aborted",
             Outcome::Unresolved => "unresolved",
+            Outcome::Lost => "lost",
         }
     }
 }
@@ -223,6 +226,41 @@ pub struct TransferStats {
     /// How long the guest was really paused, once the transfer completed; 0 if unknown.
     #[serde(default)]
     pub downtime_ms: u64,
+    /// Pre-copy, post-copy, or post-copy paused by a broken link.
+    #[serde(default)]
+    pub stage: TransferStage,
+    /// Post-copy: the pages the destination asked for because its guest
+    /// touched them before they arrived.
+    #[serde(default)]
+    pub postcopy_requests: u64,
+}
+
+/// Where a transfer is. Pre-copy copies memory while the guest runs on the
+/// source; after the switchover (post-copy) the guest runs on the
+/// destination and pulls the pages still on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferStage {
+    #[default]
+    Precopy,
+    Postcopy,
+    /// The link broke after the switchover: both sides wait, the guest
+    /// stopped, until the transfer is recovered.
+    PostcopyPaused,
+}
+
+impl TransferStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferStage::Precopy => "pre-copy",
+            TransferStage::Postcopy => "post-copy",
+            TransferStage::PostcopyPaused => "post-copy paused",
+        }
+    }
+
+    pub fn is_postcopy(self) -> bool {
+        self != TransferStage::Precopy
+    }
 }
 
 /// How the operator forced an unresolved attempt.

@@ -265,6 +265,7 @@ pub fn outcome_to_proto(o: Option<Outcome>) -> proto::Outcome {
         Some(Outcome::Failed) => proto::Outcome::Failed,
         Some(Outcome::Aborted) => proto::Outcome::Aborted,
         Some(Outcome::Unresolved) => proto::Outcome::Unresolved,
+        Some(Outcome::Lost) => proto::Outcome::Lost,
     }
 }
 
@@ -276,6 +277,7 @@ pub fn outcome_from_proto(o: i32) -> Option<Outcome> {
         proto::Outcome::Failed => Some(Outcome::Failed),
         proto::Outcome::Aborted => Some(Outcome::Aborted),
         proto::Outcome::Unresolved => Some(Outcome::Unresolved),
+        proto::Outcome::Lost => Some(Outcome::Lost),
     }
 }
 
@@ -345,6 +347,12 @@ pub fn stats_to_proto(s: &TransferStats) -> proto::TransferStats {
         elapsed_ms: s.elapsed_ms,
         setup_time_ms: s.setup_time_ms,
         downtime_ms: s.downtime_ms,
+        stage: match s.stage {
+            super::TransferStage::Precopy => proto::TransferStage::Precopy,
+            super::TransferStage::Postcopy => proto::TransferStage::Postcopy,
+            super::TransferStage::PostcopyPaused => proto::TransferStage::PostcopyPaused,
+        } as i32,
+        postcopy_requests: s.postcopy_requests,
     }
 }
 
@@ -360,6 +368,12 @@ pub fn stats_from_proto(s: &proto::TransferStats) -> TransferStats {
         elapsed_ms: s.elapsed_ms,
         setup_time_ms: s.setup_time_ms,
         downtime_ms: s.downtime_ms,
+        stage: match proto::TransferStage::try_from(s.stage) {
+            Ok(proto::TransferStage::Postcopy) => super::TransferStage::Postcopy,
+            Ok(proto::TransferStage::PostcopyPaused) => super::TransferStage::PostcopyPaused,
+            _ => super::TransferStage::Precopy,
+        },
+        postcopy_requests: s.postcopy_requests,
     }
 }
 

@@ -493,6 +493,15 @@ impl Evacuation {
                     degraded: v.degraded,
                 }
             }
+            Outcome::Lost => {
+                // Never retried: no host holds the whole guest.
+                v.state = VmState::Failed;
+                v.host = String::new();
+                Verdict::Failed(format!(
+                    "{} lost: its destination {} died during post-copy (migration {})",
+                    v.name, record.destination, record.id
+                ))
+            }
             Outcome::Unresolved => {
                 // Never retried: the guest may be on either host until an
                 // operator resolves it.

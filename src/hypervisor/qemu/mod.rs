@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 
 use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
-use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError};
+use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, TransferPlan};
 use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
 use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStats, VmSpec};
@@ -839,6 +839,7 @@ pub fn transfer_stats(info: &MigrationInfo) -> TransferStats {
         elapsed_ms: info.total_time.unwrap_or(0),
         setup_time_ms: info.setup_time.unwrap_or(0),
         downtime_ms: info.downtime.unwrap_or(0),
+        ..TransferStats::default()
     }
 }
 
@@ -902,6 +903,7 @@ impl Hypervisor for QemuHypervisor {
         &self,
         spec: &VmSpec,
         _attempt_id: &str,
+        _postcopy: bool,
     ) -> Result<String, HypervisorError> {
         if self.lock().contains_key(&spec.name) {
             return Err(HypervisorError::AlreadyExists(spec.name.clone()));
@@ -942,6 +944,7 @@ impl Hypervisor for QemuHypervisor {
         vm: &str,
         destination: &str,
         address: &str,
+        _plan: TransferPlan,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
         if !address.starts_with("tcp:") {
@@ -1011,6 +1014,38 @@ impl Hypervisor for QemuHypervisor {
             Err(QmpError::Closed) => Ok(()),
             Err(e) => Err(qemu_error(e)),
         }
+    }
+
+    async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn recover_incoming(
+        &self,
+        vm: &str,
+        _attempt_id: &str,
+    ) -> Result<String, HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
+    }
+
+    async fn resume_postcopy(&self, vm: &str, _address: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "{vm}: post-copy is not supported by the {} hypervisor yet",
+            self.kind()
+        )))
     }
 
     async fn complete_incoming(
@@ -1347,7 +1382,11 @@ mod tests {
         });
         let refusal = h.check_spec(&vm).unwrap_err();
         assert_eq!(refusal.field, "qemu.kernel");
-        let err = h.start_incoming(&vm, "m1.1").await.unwrap_err().to_string();
+        let err = h
+            .start_incoming(&vm, "m1.1", false)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("vm g: qemu.kernel \"../../etc/shadow\" is a path"),
             "{err}"
@@ -1372,17 +1411,20 @@ mod tests {
             .unwrap();
         assert_eq!(src.status("g").await, Some(GuestState::Running));
 
-        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.1", false).await.unwrap();
         assert!(address.starts_with("tcp:127.0.0.1:"), "{address}");
         assert_eq!(dst.status("g").await, Some(GuestState::Incoming));
         // A second incoming copy of the same guest is refused.
         assert_eq!(
-            dst.start_incoming(&spec("g"), "m1.2").await,
+            dst.start_incoming(&spec("g"), "m1.2", false).await,
             Err(HypervisorError::AlreadyExists("g".into()))
         );
 
         let (tx, mut rx) = mpsc::channel(64);
-        let stats = src.transfer_out("g", "hv-b", &address, tx).await.unwrap();
+        let stats = src
+            .transfer_out("g", "hv-b", &address, TransferPlan::default(), tx)
+            .await
+            .unwrap();
         assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
         assert_eq!(stats.bytes_remaining, 0);
         assert!(rx.recv().await.is_some(), "progress was reported");
@@ -1534,7 +1576,7 @@ mod tests {
         let dst = QemuHypervisor::open(b.path(), with_tls("hv-b"), &[])
             .await
             .unwrap();
-        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.1", false).await.unwrap();
         let qmp = dst.qmp("g").unwrap();
         let params: serde_json::Value =
             qmp.execute("query-migrate-parameters", None).await.unwrap();
@@ -1544,7 +1586,7 @@ mod tests {
         // refused: hv-b's is not hv-c's.
         let (tx, _rx) = mpsc::channel(64);
         let err = src
-            .transfer_out("g", "hv-c", &address, tx)
+            .transfer_out("g", "hv-c", &address, TransferPlan::default(), tx)
             .await
             .unwrap_err();
         assert!(
@@ -1555,9 +1597,12 @@ mod tests {
         assert_eq!(src.status("g").await, Some(GuestState::Running));
         dst.kill("g").await.unwrap();
 
-        let address = dst.start_incoming(&spec("g"), "m1.2").await.unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.2", false).await.unwrap();
         let (tx, _rx) = mpsc::channel(64);
-        let stats = src.transfer_out("g", "hv-b", &address, tx).await.unwrap();
+        let stats = src
+            .transfer_out("g", "hv-b", &address, TransferPlan::default(), tx)
+            .await
+            .unwrap();
         assert!(stats.bytes_total >= 64 << 20, "{stats:?}");
         let params: serde_json::Value = src
             .qmp("g")
@@ -1581,10 +1626,13 @@ mod tests {
         let back = QemuHypervisor::open(plain.path(), settings(&binary), &[])
             .await
             .unwrap();
-        let address = back.start_incoming(&spec("g"), "m2.1").await.unwrap();
+        let address = back
+            .start_incoming(&spec("g"), "m2.1", false)
+            .await
+            .unwrap();
         let (tx, _rx) = mpsc::channel(64);
         let err = dst
-            .transfer_out("g", "hv-a", &address, tx)
+            .transfer_out("g", "hv-a", &address, TransferPlan::default(), tx)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("TLS handshake failed"), "{err}");
@@ -1616,11 +1664,14 @@ mod tests {
         let dst = QemuHypervisor::open(b.path(), settings(&binary), &[])
             .await
             .unwrap();
-        let address = dst.start_incoming(&spec("g"), "m1.1").await.unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.1", false).await.unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let transfer = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
+            tokio::spawn(async move {
+                src.transfer_out("g", "hv-b", &address, TransferPlan::default(), tx)
+                    .await
+            })
         };
         rx.recv().await.expect("progress before the cancel");
         src.cancel_transfer("g").await.unwrap();
@@ -1634,11 +1685,14 @@ mod tests {
         // A migration left running by an agent that went away (its transfer
         // task is gone) is cancelled by resume, so it cannot complete later
         // and pause the guest.
-        let address = dst.start_incoming(&spec("g"), "m1.2").await.unwrap();
+        let address = dst.start_incoming(&spec("g"), "m1.2", false).await.unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let abandoned = {
             let src = src.clone();
-            tokio::spawn(async move { src.transfer_out("g", "hv-b", &address, tx).await })
+            tokio::spawn(async move {
+                src.transfer_out("g", "hv-b", &address, TransferPlan::default(), tx)
+                    .await
+            })
         };
         rx.recv().await.expect("progress");
         abandoned.abort();
