@@ -123,6 +123,7 @@ async fn pair(vm_memory_mib: u64, bandwidth_mib_s: u64, tls: bool) -> Pair {
 async fn start(client: &mut ConsoleClient<Channel>, to: &str) -> proto::MigrationRecord {
     loop {
         let request = proto::StartMigrationRequest {
+            completion: None,
             vm: "bench-01".into(),
             destination: to.into(),
             mode: proto::Mode::Safe as i32,

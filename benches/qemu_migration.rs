@@ -313,6 +313,7 @@ impl Cluster {
             let started = Instant::now();
             let record = client
                 .start_migration(proto::StartMigrationRequest {
+                    completion: None,
                     vm: VM.into(),
                     destination: to.into(),
                     mode: proto::Mode::Safe as i32,

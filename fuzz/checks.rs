@@ -591,6 +591,7 @@ fn source_params(mode: Mode) -> AttemptParams {
         incoming_host: DESTINATION.into(),
         vm: sample_vm(),
         mode,
+        completion: Default::default(),
         timing: Timing::default(),
         started_at_ms: START,
     }

@@ -170,6 +170,7 @@ impl Cluster {
         let job = agent
             .evacuate(EvacuationRequest {
                 mode: Mode::Safe,
+                completion: Default::default(),
                 concurrency: 0,
                 max_attempts: 0,
                 exclude: Vec::new(),
@@ -199,7 +200,7 @@ impl Cluster {
                 // quiet; anything else is worth a line in the log.
                 let started = step
                     .source
-                    .start_migration(&step.vm, &step.destination, step.mode)
+                    .start_migration(&step.vm, &step.destination, step.mode, Default::default())
                     .await;
                 if let Err(e) = started {
                     let status = tonic::Status::from(e);

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tern::cli::{self, CliError, CliResult, Report, exit};
 use tern::config::AgentConfig;
 use tern::demo::DemoOptions;
+use tern::protocol::completion::{CompletionRequest, Postcopy, WhenSpent};
 use tern::protocol::{Mode, RunOn};
 
 /// Live migration of QEMU guests between hosts.
@@ -77,6 +78,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ModeArg::Safe)]
         mode: ModeArg,
         #[command(flatten)]
+        completion: CompletionArgs,
+        #[command(flatten)]
         report: ReportArgs,
     },
     /// Move every VM off a host, retrying failed ones elsewhere; the host is
@@ -95,6 +98,8 @@ enum Command {
         /// Hosts that must not receive any of the VMs.
         #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
         exclude: Vec<String>,
+        #[command(flatten)]
+        completion: CompletionArgs,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -121,6 +126,9 @@ enum Command {
         /// The same mode as the last attempt when omitted.
         #[arg(long, value_enum)]
         mode: Option<ModeArg>,
+        /// Left out: the last attempt's (the new mode's default if the mode changes).
+        #[command(flatten)]
+        completion: CompletionArgs,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -249,6 +257,59 @@ impl From<RoleArg> for tern::trust::Role {
 
 fn parse_since(text: &str) -> Result<u64, String> {
     cli::audit::parse_duration(text)
+}
+
+/// How a migration is made to finish (`migrate`, `retry`, `evacuate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::Args)]
+struct CompletionArgs {
+    /// Seconds of transfer per GiB of guest memory before the policy acts;
+    /// 0 for no budget [default: 150]
+    #[arg(long, value_name = "S")]
+    completion_timeout_per_gib: Option<u64>,
+    /// When to switch to post-copy: never; auto, when pre-copy cannot
+    /// converge or the budget is spent; now [default: auto in fast mode,
+    /// never in safe mode]
+    #[arg(long, value_enum)]
+    postcopy: Option<PostcopyArg>,
+    /// The longest pause of the final pre-copy pass [default: the source
+    /// host's downtime_limit_ms]
+    #[arg(long, value_name = "MS")]
+    downtime_limit_ms: Option<u64>,
+    /// What a spent budget does without post-copy: abort (the guest keeps
+    /// running on the source) or continue [default: abort]
+    #[arg(long, value_enum, value_name = "ACTION")]
+    when_budget_spent: Option<WhenSpentArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PostcopyArg {
+    Never,
+    Auto,
+    Now,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WhenSpentArg {
+    Abort,
+    Continue,
+}
+
+impl From<CompletionArgs> for CompletionRequest {
+    fn from(args: CompletionArgs) -> Self {
+        CompletionRequest {
+            timeout_per_gib_s: args.completion_timeout_per_gib,
+            postcopy: args.postcopy.map(|p| match p {
+                PostcopyArg::Never => Postcopy::Never,
+                PostcopyArg::Auto => Postcopy::Auto,
+                PostcopyArg::Now => Postcopy::Now,
+            }),
+            downtime_limit_ms: args.downtime_limit_ms,
+            when_spent: args.when_budget_spent.map(|w| match w {
+                WhenSpentArg::Abort => WhenSpent::Abort,
+                WhenSpentArg::Continue => WhenSpent::Continue,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -415,14 +476,26 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             vm,
             to,
             mode,
+            completion,
             report,
-        } => cli::migrate(access, &vm, &to, mode.into(), report.into()).await,
+        } => {
+            cli::migrate(
+                access,
+                &vm,
+                &to,
+                mode.into(),
+                completion.into(),
+                report.into(),
+            )
+            .await
+        }
         Command::Evacuate {
             host,
             mode,
             concurrency,
             max_attempts,
             exclude,
+            completion,
             report,
         } => {
             let report = Report::from(report);
@@ -431,6 +504,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
                 cli::evacuate::EvacuateArgs {
                     host,
                     mode: mode.into(),
+                    completion: completion.into(),
                     concurrency,
                     max_attempts,
                     exclude,
@@ -459,6 +533,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             id,
             to,
             mode,
+            completion,
             report,
         } => {
             cli::retry(
@@ -466,6 +541,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
                 &id,
                 to.as_deref(),
                 mode.map(Mode::from),
+                completion.into(),
                 report.into(),
             )
             .await
@@ -629,11 +705,16 @@ mod tests {
             vm,
             to,
             mode,
+            completion,
             report,
         }) = parse(&["migrate", "web-01", "--to", "hv-b"]).command
         else {
             panic!("not migrate");
         };
+        assert!(
+            CompletionRequest::from(completion).is_empty(),
+            "the mode's policy unless asked"
+        );
         assert_eq!(
             (vm.as_str(), to.as_str(), mode),
             ("web-01", "hv-b", ModeArg::Safe)
@@ -644,6 +725,41 @@ mod tests {
                 wait: true,
                 json: false
             }
+        );
+    }
+
+    #[test]
+    fn migrate_takes_a_completion_policy() {
+        let Some(Command::Migrate { completion, .. }) = parse(&[
+            "migrate",
+            "web-01",
+            "--to",
+            "hv-b",
+            "--postcopy",
+            "never",
+            "--completion-timeout-per-gib",
+            "20",
+            "--downtime-limit-ms",
+            "500",
+            "--when-budget-spent",
+            "continue",
+        ])
+        .command
+        else {
+            panic!("not migrate");
+        };
+        assert_eq!(
+            CompletionRequest::from(completion),
+            CompletionRequest {
+                timeout_per_gib_s: Some(20),
+                postcopy: Some(Postcopy::Never),
+                downtime_limit_ms: Some(500),
+                when_spent: Some(WhenSpent::Continue),
+            }
+        );
+        assert_eq!(
+            parse_error(&["migrate", "web-01", "--to", "hv-b", "--postcopy", "maybe"]),
+            ErrorKind::InvalidValue
         );
     }
 
@@ -707,6 +823,7 @@ mod tests {
             to,
             mode,
             report,
+            ..
         }) = parse(&["retry", "m-1"]).command
         else {
             panic!("not retry");
@@ -807,6 +924,7 @@ mod tests {
             max_attempts,
             exclude,
             report,
+            ..
         }) = parse(&[
             "evacuate",
             "hv-a",

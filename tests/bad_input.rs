@@ -676,6 +676,7 @@ fn four_mib_strings_are_refused_by_size_and_long_ones_by_field() {
         let result = console(&cluster, "hv-a")
             .await
             .start_migration(proto::StartMigrationRequest {
+                completion: None,
                 vm: four_mib.clone(),
                 destination: "hv-b".into(),
                 mode: 0,
@@ -710,6 +711,7 @@ fn four_mib_strings_are_refused_by_size_and_long_ones_by_field() {
         let result = console(&cluster, "hv-a")
             .await
             .start_migration(proto::StartMigrationRequest {
+                completion: None,
                 vm: one_mib.clone(),
                 destination: "hv-b".into(),
                 mode: 0,
@@ -750,6 +752,7 @@ fn four_mib_strings_are_refused_by_size_and_long_ones_by_field() {
         let result = console(&cluster, "hv-a")
             .await
             .start_migration(proto::StartMigrationRequest {
+                completion: None,
                 vm: "web\u{1b}]0;owned\u{7}".into(),
                 destination: "hv-b".into(),
                 mode: 0,

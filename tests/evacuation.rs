@@ -1150,6 +1150,7 @@ fn bad_evacuation_requests_are_refused_and_change_nothing() {
         console(&cluster, "hv-a")
             .await
             .evacuate(proto::EvacuateRequest {
+                completion: None,
                 mode: proto::Mode::Safe as i32,
                 concurrency: 0,
                 max_attempts: 0,

@@ -324,6 +324,10 @@ fn write_cookie_seeds() {
     let record = proto::MigrationRecord {
         cause: 0,
         guest: 0,
+        completion: None,
+        convergence: None,
+        completion_note: String::new(),
+        recovery: None,
         id: checks::MIGRATION_ID.into(),
         vm: "web-01".into(),
         source: checks::SOURCE.into(),

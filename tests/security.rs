@@ -281,6 +281,7 @@ fn identities_may_use_only_their_own_service() {
         let mut console = ConsoleClient::new(channel_as(&cluster, "hv-a", &hv_a).await.unwrap());
         let status = console
             .start_migration(proto::StartMigrationRequest {
+                completion: None,
                 vm: "web-01".into(),
                 destination: "hv-b".into(),
                 mode: 0,

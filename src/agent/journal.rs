@@ -529,6 +529,7 @@ mod tests {
             incoming_host: "hv-b".into(),
             vm,
             mode: Mode::Safe,
+            completion: Default::default(),
             timing: Timing::default(),
             started_at_ms: 1,
         };

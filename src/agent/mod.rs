@@ -12,6 +12,7 @@ mod peers;
 mod service;
 mod shell;
 
+use crate::protocol::completion::CompletionRequest;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -349,6 +350,7 @@ impl Agent {
         vm: &str,
         destination: &str,
         mode: Mode,
+        completion: CompletionRequest,
     ) -> Result<MigrationRecord, Refusal> {
         let guests = self.guests().await;
         migration(
@@ -356,6 +358,7 @@ impl Agent {
                 vm: vm.to_string(),
                 destination: destination.to_string(),
                 mode,
+                completion,
                 guests,
             })
             .await,
@@ -367,6 +370,7 @@ impl Agent {
         id: &str,
         destination: Option<&str>,
         mode: Option<Mode>,
+        completion: CompletionRequest,
     ) -> Result<MigrationRecord, Refusal> {
         let guests = self.guests().await;
         migration(
@@ -374,6 +378,7 @@ impl Agent {
                 id: id.to_string(),
                 destination: destination.map(str::to_string),
                 mode,
+                completion,
                 guests,
             })
             .await,

@@ -1,6 +1,7 @@
 //! The gRPC services, kept thin: decode and check the request, hand it to the
 //! agent, map the answer to a status an operator can act on.
 
+use crate::protocol::record::completion_request_from_proto;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -389,7 +390,12 @@ impl console_server::Console for ConsoleService {
             let mode = mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe);
             let record = self
                 .0
-                .start_migration(&request.vm, &request.destination, mode)
+                .start_migration(
+                    &request.vm,
+                    &request.destination,
+                    mode,
+                    completion_request_from_proto(request.completion.as_ref()),
+                )
                 .await?;
             Ok(Response::new(proto::MigrationRecord::from(&record)))
         }
@@ -471,7 +477,12 @@ impl console_server::Console for ConsoleService {
                 (!request.destination.is_empty()).then_some(request.destination.as_str());
             let record = self
                 .0
-                .retry(&request.id, destination, mode(request.mode)?)
+                .retry(
+                    &request.id,
+                    destination,
+                    mode(request.mode)?,
+                    completion_request_from_proto(request.completion.as_ref()),
+                )
                 .await?;
             Ok(Response::new(proto::MigrationRecord::from(&record)))
         }
@@ -550,6 +561,7 @@ impl console_server::Console for ConsoleService {
                 .0
                 .evacuate(crate::host::EvacuationRequest {
                     mode: mode(request.mode)?.unwrap_or(crate::protocol::Mode::Safe),
+                    completion: completion_request_from_proto(request.completion.as_ref()),
                     concurrency: request.concurrency,
                     max_attempts: request.max_attempts,
                     exclude: request.exclude,

@@ -13,7 +13,8 @@ use super::output::{pending_rollback_line, record_summary, rollback_reply, start
 use super::{CliError, CliResult, check_id, exit, exit_code_for_outcome};
 use crate::proto;
 use crate::protocol::bounds::IdKind;
-use crate::protocol::record::{MigrationRecord, mode_to_proto};
+use crate::protocol::completion::{Completion, CompletionRequest};
+use crate::protocol::record::{MigrationRecord, completion_request_to_proto, mode_to_proto};
 use crate::protocol::{Mode, RunOn};
 
 /// How `migrate` and `retry` report: wait for the outcome or not, JSON or
@@ -25,12 +26,23 @@ pub struct Report {
 }
 
 /// `tern migrate VM --to HOST`.
-pub async fn migrate(access: &Access, vm: &str, to: &str, mode: Mode, report: Report) -> CliResult {
+pub async fn migrate(
+    access: &Access,
+    vm: &str,
+    to: &str,
+    mode: Mode,
+    completion: CompletionRequest,
+    report: Report,
+) -> CliResult {
     crate::protocol::bounds::check_name("VM", vm).map_err(|e| CliError::usage(e.to_string()))?;
     let cluster = Cluster::load(access)?;
     cluster.check_host(to)?;
     let links = cluster.connect_all().await;
     let source_name = find_vm_host(&cluster, &links, vm).await?;
+    completion
+        .over(Completion::for_mode(mode))
+        .check()
+        .map_err(CliError::usage)?;
     if source_name == to {
         return Err(CliError::usage(format!("VM {vm} already runs on {to}")));
     }
@@ -39,6 +51,7 @@ pub async fn migrate(access: &Access, vm: &str, to: &str, mode: Mode, report: Re
         vm: vm.to_string(),
         destination: to.to_string(),
         mode: mode_to_proto(mode) as i32,
+        completion: completion_request_to_proto(&completion),
     };
     let record = source
         .call(|mut c| async move { c.start_migration(request).await })
@@ -52,6 +65,7 @@ pub async fn retry(
     id: &str,
     to: Option<&str>,
     mode: Option<Mode>,
+    completion: CompletionRequest,
     report: Report,
 ) -> CliResult {
     check_id("migration ID", id, IdKind::Migration)?;
@@ -65,6 +79,7 @@ pub async fn retry(
         id: id.to_string(),
         destination: to.unwrap_or_default().to_string(),
         mode: mode.map(mode_to_proto).unwrap_or(proto::Mode::Unspecified) as i32,
+        completion: completion_request_to_proto(&completion),
     };
     let record = owner
         .call(|mut c| async move { c.retry(request).await })

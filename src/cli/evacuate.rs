@@ -10,7 +10,8 @@ use super::{CliError, CliResult, exit};
 use crate::host::evacuation::job::{Control, Evacuation, JobState, VmState};
 use crate::proto;
 use crate::protocol::Mode;
-use crate::protocol::record::mode_to_proto;
+use crate::protocol::completion::{Completion, CompletionRequest};
+use crate::protocol::record::{completion_request_to_proto, mode_to_proto};
 
 /// How often a waiting `tern evacuate` asks for progress.
 const POLL: Duration = Duration::from_millis(300);
@@ -20,6 +21,8 @@ const POLL: Duration = Duration::from_millis(300);
 pub struct EvacuateArgs {
     pub host: String,
     pub mode: Mode,
+    /// Over the mode's default.
+    pub completion: CompletionRequest,
     /// `None`: the host's max_outgoing.
     pub concurrency: Option<u32>,
     pub max_attempts: u32,
@@ -47,6 +50,10 @@ pub async fn evacuate(access: &Access, args: EvacuateArgs) -> CliResult {
             "max attempts 0: must be at least 1 (the default is 3)",
         ));
     }
+    args.completion
+        .over(Completion::for_mode(args.mode))
+        .check()
+        .map_err(CliError::usage)?;
     let cluster = Cluster::load(access)?;
     for host in &args.exclude {
         cluster.check_host(host)?;
@@ -63,6 +70,7 @@ pub async fn evacuate(access: &Access, args: EvacuateArgs) -> CliResult {
         concurrency: args.concurrency.unwrap_or(0),
         max_attempts: args.max_attempts,
         exclude: args.exclude.clone(),
+        completion: completion_request_to_proto(&args.completion),
     };
     let started = agent
         .call(|mut c| async move { c.evacuate(request).await })

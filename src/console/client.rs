@@ -231,6 +231,7 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 id,
                 destination: destination.unwrap_or_default(),
                 mode: mode_to_proto(mode) as i32,
+                completion: None,
             };
             let record = agent
                 .call(|mut c| async move { c.retry(request).await })
@@ -257,6 +258,7 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 vm,
                 destination,
                 mode: mode_to_proto(mode) as i32,
+                completion: None,
             };
             let record = agent
                 .call(|mut c| async move { c.start_migration(request).await })
@@ -280,6 +282,7 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 concurrency,
                 max_attempts,
                 exclude,
+                completion: None,
             };
             let record = agent
                 .call(|mut c| async move { c.evacuate(request).await })

@@ -256,6 +256,7 @@ pub fn evacuation() -> proto::EvacuationRecord {
     use proto::Outcome::{Failed as Fail, None as Running, Succeeded};
     let finish = |h: &str| format!("required feature port-profile failed finish on {h}");
     proto::EvacuationRecord {
+        completion: None,
         id: "e-run".into(),
         host: "hv-e".into(),
         mode: proto::Mode::Safe as i32,
@@ -325,6 +326,7 @@ pub fn evacuation() -> proto::EvacuationRecord {
 pub fn cancelled_evacuation() -> proto::EvacuationRecord {
     use proto::EvacuationVmState::{Cancelled, Moved};
     proto::EvacuationRecord {
+        completion: None,
         id: "e-old".into(),
         host: "hv-c".into(),
         mode: proto::Mode::Fast as i32,

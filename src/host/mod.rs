@@ -34,6 +34,7 @@ pub mod retention;
 #[cfg(test)]
 mod tests;
 
+use crate::protocol::completion::CompletionRequest;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -144,6 +145,8 @@ pub enum Request {
         vm: String,
         destination: String,
         mode: Mode,
+        /// Over the mode's default.
+        completion: CompletionRequest,
         /// The hypervisor's guests as they are now.
         guests: Vec<Guest>,
     },
@@ -151,6 +154,8 @@ pub enum Request {
         id: String,
         destination: Option<String>,
         mode: Option<Mode>,
+        /// Over the last attempt's (the new mode's default if the mode changes).
+        completion: CompletionRequest,
         guests: Vec<Guest>,
     },
     Abort {

@@ -4,6 +4,8 @@
 
 use prost::Message;
 
+use crate::protocol::completion::{Completion, CompletionRequest};
+
 use super::{
     Destination, Entry, HostCore, Level, PeerCall, PeerResponse, Refusal, ReqId, Request, Response,
     Source,
@@ -107,10 +109,12 @@ impl HostCore {
                 vm,
                 destination,
                 mode,
+                completion,
                 guests,
             } => {
+                let completion = completion.over(Completion::for_mode(mode));
                 let reply = self
-                    .begin(&vm, &destination, mode, None, &guests)
+                    .begin(&vm, &destination, mode, completion, None, &guests)
                     .map(|r| Response::Migration(Box::new(r)));
                 self.reply(req, reply);
             }
@@ -118,10 +122,11 @@ impl HostCore {
                 id,
                 destination,
                 mode,
+                completion,
                 guests,
             } => {
                 let reply = self
-                    .retry(&id, destination.as_deref(), mode, &guests)
+                    .retry(&id, destination.as_deref(), mode, completion, &guests)
                     .map(|r| Response::Migration(Box::new(r)));
                 self.reply(req, reply);
             }
@@ -174,10 +179,12 @@ impl HostCore {
         vm: &str,
         destination: &str,
         mode: Mode,
+        completion: Completion,
         existing: Option<&MigrationRecord>,
         guests: &[Guest],
     ) -> Result<MigrationRecord, Refusal> {
         let name = self.cfg.name.clone();
+        completion.check().map_err(Refusal::InvalidArgument)?;
         if self.stopping.is_some() {
             return Err(Refusal::Unavailable(format!(
                 "agent {name} is shutting down"
@@ -293,6 +300,7 @@ impl HostCore {
             incoming_host,
             vm: spec,
             mode,
+            completion,
             timing: self.cfg.timing,
             started_at_ms,
         };
@@ -330,6 +338,7 @@ impl HostCore {
         id: &str,
         destination: Option<&str>,
         mode: Option<Mode>,
+        completion: CompletionRequest,
         guests: &[Guest],
     ) -> Result<MigrationRecord, Refusal> {
         let record = self
@@ -352,8 +361,20 @@ impl HostCore {
             }
         }
         let destination = destination.unwrap_or(&record.destination).to_string();
+        let base = match mode {
+            Some(mode) if mode != record.mode => Completion::for_mode(mode),
+            _ => record.completion,
+        };
+        let completion = completion.over(base);
         let mode = mode.unwrap_or(record.mode);
-        self.begin(&record.vm, &destination, mode, Some(&record), guests)
+        self.begin(
+            &record.vm,
+            &destination,
+            mode,
+            completion,
+            Some(&record),
+            guests,
+        )
     }
 
     fn operator_abort(&mut self, req: ReqId, id: &str) {

@@ -505,6 +505,7 @@ fn source_past_finish(spec: &VmSpec, mode: Mode) -> (Host, CallId, String) {
         vm: spec.name.clone(),
         destination: B.into(),
         mode,
+        completion: Default::default(),
         guests: vec![running(spec)],
     });
     let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
@@ -578,6 +579,7 @@ fn begin_refuses_a_vm_still_arriving_here() {
         vm: "web-01".into(),
         destination: "hv-c".into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         // Even if the hypervisor already shows it running.
         guests: vec![running(&spec)],
     });
@@ -663,6 +665,7 @@ fn the_outgoing_limit_holds_and_unresolved_attempts_do_not_count() {
             vm: format!("web-0{i}"),
             destination: B.into(),
             mode: Mode::Safe,
+            completion: Default::default(),
             guests: guests.clone(),
         });
         assert!(matches!(reply_to(&actions, req), Some(Ok(_))));
@@ -671,6 +674,7 @@ fn the_outgoing_limit_holds_and_unresolved_attempts_do_not_count() {
         vm: "web-02".into(),
         destination: B.into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         guests,
     });
     assert!(
@@ -724,6 +728,7 @@ fn a_migration_ends(a: &mut Host, vm_name: &str) -> String {
         vm: vm_name.into(),
         destination: B.into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         guests: vec![running(&spec)],
     });
     let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
@@ -910,6 +915,7 @@ fn ids_and_names_outside_the_rules_are_refused_before_anything_happens() {
             vm: "web\u{1b}[2J".into(),
             destination: B.into(),
             mode: Mode::Safe,
+            completion: Default::default(),
             guests: vec![running(&vm("web\u{1b}[2J", &[]))],
         },
     ] {
@@ -1113,6 +1119,7 @@ fn begin_refuses_a_vm_whose_machine_predates_typed_machines() {
         vm: "web-01".into(),
         destination: B.into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         guests: vec![running(&spec)],
     });
     match reply_to(&actions, req) {
@@ -1161,6 +1168,7 @@ fn source_waiting_for_c2_from_10_0_0_2() -> (Host, CallId, String) {
         vm: spec.name.clone(),
         destination: B.into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         guests: vec![running(&spec)],
     });
     let prepare = call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).expect("Prepare");
@@ -1245,6 +1253,7 @@ fn a_destination_without_a_known_migration_address_is_refused_at_begin() {
         vm: spec.name.clone(),
         destination: B.into(),
         mode: Mode::Safe,
+        completion: Default::default(),
         guests: vec![running(&spec)],
     });
     let reply = reply_to(&actions, req).expect("an answer");

@@ -60,7 +60,7 @@ pub struct Outlook {
 }
 
 /// The newest samples of one transfer.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Convergence {
     samples: VecDeque<TransferStats>,
 }
@@ -162,6 +162,55 @@ impl Convergence {
     }
 }
 
+/// At most this many points of remaining bytes over time in a record.
+pub const HISTORY_POINTS: usize = 64;
+
+/// What a record shows of a transfer's convergence: the newest outlook and
+/// the remaining bytes over time (by the hypervisor's elapsed time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvergenceView {
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<Millis>,
+    pub reason: String,
+    /// `[elapsed_ms, remaining bytes]`, oldest first, about evenly spaced.
+    #[serde(default)]
+    pub remaining: Vec<[u64; 2]>,
+}
+
+/// Add a sample to a remaining-bytes history, keeping at most
+/// [`HISTORY_POINTS`] about evenly spaced: a point closer to the last than
+/// the span divided by half the points is dropped (but always replaces the
+/// newest, so the end is current), and a full history loses every other
+/// point.
+pub fn record_remaining(history: &mut Vec<[u64; 2]>, elapsed_ms: Millis, remaining: u64) {
+    if let Some(last) = history.last()
+        && elapsed_ms < last[0]
+    {
+        return;
+    }
+    if history.len() >= 2 {
+        let span = history[history.len() - 1][0] - history[0][0];
+        let gap = (span / (HISTORY_POINTS as u64 / 2)).max(1000);
+        let before = history[history.len() - 2][0];
+        if elapsed_ms - before < gap {
+            // Too close to the point before the newest: the newest moves.
+            let n = history.len();
+            history[n - 1] = [elapsed_ms, remaining];
+            return;
+        }
+    }
+    if history.len() >= HISTORY_POINTS {
+        let last = history[history.len() - 1];
+        let kept: Vec<[u64; 2]> = history.iter().copied().step_by(2).collect();
+        *history = kept;
+        if history.last() != Some(&last) {
+            history.push(last);
+        }
+    }
+    history.push([elapsed_ms, remaining]);
+}
+
 /// Bytes as an operator reads them: `512 B`, `3.4 MiB`, `2.0 GiB`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -181,6 +230,36 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_stays_bounded_evenly_spaced_and_current() {
+        let mut history = Vec::new();
+        for t in 0..3_600u64 {
+            // One sample every 100 ms for six minutes.
+            record_remaining(&mut history, t * 100, 1_000_000 - t);
+        }
+        assert!(history.len() <= HISTORY_POINTS, "{}", history.len());
+        assert!(history.len() >= HISTORY_POINTS / 4, "{}", history.len());
+        assert_eq!(history[0], [0, 1_000_000], "the start stays");
+        assert_eq!(
+            *history.last().unwrap(),
+            [359_900, 1_000_000 - 3_599],
+            "the end is current"
+        );
+        let gaps: Vec<u64> = history.windows(2).map(|w| w[1][0] - w[0][0]).collect();
+        let (min, max) = (
+            gaps.iter().min().unwrap(),
+            gaps[..gaps.len() - 1].iter().max().unwrap(),
+        );
+        assert!(
+            max / min.max(&1) <= 8,
+            "about even: gaps from {min} to {max} ms"
+        );
+        // Out of order: ignored.
+        let before = history.clone();
+        record_remaining(&mut history, 10, 5);
+        assert_eq!(history, before);
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

@@ -17,6 +17,7 @@
 
 pub mod address;
 pub mod bounds;
+pub mod completion;
 pub mod convergence;
 pub mod cookies;
 pub mod destination;

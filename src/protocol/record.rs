@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::completion::{Completion, CompletionRequest, Postcopy, WhenSpent};
+use super::convergence::{ConvergenceView, Verdict};
 use super::{
     Cause, GuestCondition, Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats,
 };
@@ -132,6 +134,31 @@ pub struct MigrationRecord {
         skip_serializing_if = "GuestCondition::is_running"
     )]
     pub guest: GuestCondition,
+    /// The completion policy this attempt runs under.
+    #[serde(default)]
+    pub completion: Completion,
+    /// Will pre-copy finish, and when: from the transfer's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<ConvergenceView>,
+    /// What the completion policy did: "switched to post-copy after 12.3 s:
+    /// …", or that the budget is spent and the transfer goes on as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_note: Option<String>,
+    /// Post-copy paused by a broken link: the agents recovering it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryView>,
+}
+
+/// Post-copy paused by a broken link, as an operator sees the recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// Recoveries tried so far.
+    pub tries: u32,
+    /// Why the last one failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next try is due (the source's clock).
+    pub next_at_ms: Millis,
 }
 
 /// One cookie of an attempt, decoded for an operator
@@ -420,6 +447,14 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
             cookies: r.cookies.iter().map(proto::CookieRecord::from).collect(),
             cause: cause_to_proto(r.cause) as i32,
             guest: guest_to_proto(r.guest) as i32,
+            completion: Some(completion_to_proto(&r.completion)),
+            convergence: r.convergence.as_ref().map(convergence_to_proto),
+            completion_note: r.completion_note.clone().unwrap_or_default(),
+            recovery: r.recovery.as_ref().map(|v| proto::PostcopyRecovery {
+                tries: v.tries,
+                error: v.error.clone().unwrap_or_default(),
+                next_at_ms: v.next_at_ms,
+            }),
         }
     }
 }
@@ -482,6 +517,134 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                 .collect(),
             cause: cause_from_proto(r.cause),
             guest: guest_from_proto(r.guest),
+            completion: completion_from_record(r.completion.as_ref()),
+            convergence: r.convergence.as_ref().and_then(convergence_from_proto),
+            completion_note: (!r.completion_note.is_empty()).then(|| r.completion_note.clone()),
+            recovery: r.recovery.as_ref().map(|v| RecoveryView {
+                tries: v.tries,
+                error: (!v.error.is_empty()).then(|| v.error.clone()),
+                next_at_ms: v.next_at_ms,
+            }),
         }
     }
+}
+
+pub fn completion_to_proto(c: &Completion) -> proto::Completion {
+    proto::Completion {
+        timeout_per_gib_s: c.timeout_per_gib_s,
+        postcopy: match c.postcopy {
+            Postcopy::Never => proto::Postcopy::Never,
+            Postcopy::Auto => proto::Postcopy::Auto,
+            Postcopy::Now => proto::Postcopy::Now,
+        } as i32,
+        downtime_limit_ms: c.downtime_limit_ms,
+        when_spent: match c.when_spent {
+            WhenSpent::Abort => proto::WhenSpent::Abort,
+            WhenSpent::Continue => proto::WhenSpent::Continue,
+        } as i32,
+        no_budget: c.timeout_per_gib_s == 0,
+    }
+}
+
+/// A record's policy as an agent sent it (every field explicit there);
+/// absent in a record from before policies: the default.
+pub fn completion_from_record(c: Option<&proto::Completion>) -> Completion {
+    c.map(completion_in_record).unwrap_or_default()
+}
+
+fn completion_in_record(c: &proto::Completion) -> Completion {
+    completion_request_from_proto(Some(c)).over(Completion {
+        timeout_per_gib_s: 0,
+        ..Completion::default()
+    })
+}
+
+/// A request's policy: what it leaves out stays open
+/// ([`CompletionRequest::over`]).
+pub fn completion_request_from_proto(c: Option<&proto::Completion>) -> CompletionRequest {
+    let Some(c) = c else {
+        return CompletionRequest::default();
+    };
+    CompletionRequest {
+        timeout_per_gib_s: if c.no_budget {
+            Some(0)
+        } else {
+            (c.timeout_per_gib_s > 0).then_some(c.timeout_per_gib_s)
+        },
+        postcopy: match proto::Postcopy::try_from(c.postcopy) {
+            Ok(proto::Postcopy::Never) => Some(Postcopy::Never),
+            Ok(proto::Postcopy::Auto) => Some(Postcopy::Auto),
+            Ok(proto::Postcopy::Now) => Some(Postcopy::Now),
+            _ => None,
+        },
+        downtime_limit_ms: (c.downtime_limit_ms > 0).then_some(c.downtime_limit_ms),
+        when_spent: match proto::WhenSpent::try_from(c.when_spent) {
+            Ok(proto::WhenSpent::Abort) => Some(WhenSpent::Abort),
+            Ok(proto::WhenSpent::Continue) => Some(WhenSpent::Continue),
+            _ => None,
+        },
+    }
+}
+
+/// The request a client sends; `None` when it asks for nothing.
+pub fn completion_request_to_proto(c: &CompletionRequest) -> Option<proto::Completion> {
+    (!c.is_empty()).then(|| proto::Completion {
+        timeout_per_gib_s: c.timeout_per_gib_s.unwrap_or(0),
+        no_budget: c.timeout_per_gib_s == Some(0),
+        postcopy: match c.postcopy {
+            None => proto::Postcopy::Unspecified,
+            Some(Postcopy::Never) => proto::Postcopy::Never,
+            Some(Postcopy::Auto) => proto::Postcopy::Auto,
+            Some(Postcopy::Now) => proto::Postcopy::Now,
+        } as i32,
+        downtime_limit_ms: c.downtime_limit_ms.unwrap_or(0),
+        when_spent: match c.when_spent {
+            None => proto::WhenSpent::Unspecified,
+            Some(WhenSpent::Abort) => proto::WhenSpent::Abort,
+            Some(WhenSpent::Continue) => proto::WhenSpent::Continue,
+        } as i32,
+    })
+}
+
+fn verdict_to_proto(v: Verdict) -> proto::Verdict {
+    match v {
+        Verdict::Converging => proto::Verdict::Converging,
+        Verdict::Slow => proto::Verdict::Slow,
+        Verdict::NotConverging => proto::Verdict::NotConverging,
+        Verdict::Stalled => proto::Verdict::Stalled,
+    }
+}
+
+pub fn convergence_to_proto(c: &ConvergenceView) -> proto::Convergence {
+    proto::Convergence {
+        verdict: verdict_to_proto(c.verdict) as i32,
+        has_eta: c.eta_ms.is_some(),
+        eta_ms: c.eta_ms.unwrap_or(0),
+        reason: c.reason.clone(),
+        remaining: c
+            .remaining
+            .iter()
+            .map(|&[elapsed_ms, bytes]| proto::RemainingSample { elapsed_ms, bytes })
+            .collect(),
+    }
+}
+
+pub fn convergence_from_proto(c: &proto::Convergence) -> Option<ConvergenceView> {
+    let verdict = match proto::Verdict::try_from(c.verdict).ok()? {
+        proto::Verdict::Unspecified => return None,
+        proto::Verdict::Converging => Verdict::Converging,
+        proto::Verdict::Slow => Verdict::Slow,
+        proto::Verdict::NotConverging => Verdict::NotConverging,
+        proto::Verdict::Stalled => Verdict::Stalled,
+    };
+    Some(ConvergenceView {
+        verdict,
+        eta_ms: c.has_eta.then_some(c.eta_ms),
+        reason: c.reason.clone(),
+        remaining: c
+            .remaining
+            .iter()
+            .map(|s| [s.elapsed_ms, s.bytes])
+            .collect(),
+    })
 }

@@ -19,6 +19,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::address::check_incoming;
+use super::completion::{self, Completion, DEFAULT_DOWNTIME_LIMIT_MS, Step};
+use super::convergence::{Convergence, ConvergenceView, record_remaining};
 use super::cookies::{self, read_stage_result};
 use super::mutations::{Mutation, planted};
 use super::policy::is_blocking;
@@ -204,6 +206,19 @@ pub struct SourceAttempt {
     /// guest runs here again (a forged abort must not make two copies run).
     #[serde(default)]
     aborted_by_peer: bool,
+    /// When the transfer was started (Perform), for the completion budget.
+    #[serde(default)]
+    transfer_started_at: Millis,
+    /// The budget is spent and the policy said go on: said once.
+    #[serde(default)]
+    overrun_noted: bool,
+    /// The transfer's newest progress samples; rebuilt from new ones after
+    /// a restart.
+    #[serde(skip)]
+    convergence: Convergence,
+    /// Remaining bytes over time, for the record.
+    #[serde(default)]
+    history: Vec<[u64; 2]>,
 }
 
 /// Who is starting an attempt, and of what.
@@ -218,6 +233,7 @@ pub struct AttemptParams {
     pub incoming_host: String,
     pub vm: VmSpec,
     pub mode: Mode,
+    pub completion: Completion,
     pub timing: Timing,
     /// When the migration was first started (unix ms), kept across attempts.
     pub started_at_ms: Millis,
@@ -264,6 +280,10 @@ impl SourceAttempt {
             cookies: Vec::new(),
             cause: None,
             guest: GuestCondition::Running,
+            completion: params.completion,
+            convergence: None,
+            completion_note: None,
+            recovery: None,
         };
         let mut attempt = SourceAttempt {
             attempt_id,
@@ -287,6 +307,10 @@ impl SourceAttempt {
             release_next: 0,
             forced: None,
             aborted_by_peer: false,
+            transfer_started_at: now,
+            overrun_noted: false,
+            convergence: Convergence::default(),
+            history: Vec::new(),
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -423,9 +447,11 @@ impl SourceAttempt {
         };
         match &self.state {
             SourceState::Preparing | SourceState::FinishSent => Some(liveness()),
-            SourceState::Transferring { .. } => {
-                Some(liveness().min(self.last_progress_at + self.timing.stall_timeout_ms))
-            }
+            SourceState::Transferring { .. } => Some(
+                liveness()
+                    .min(self.last_progress_at + self.timing.stall_timeout_ms)
+                    .min(self.budget_due()),
+            ),
             SourceState::Unresolved if !self.resolve_in_flight => Some(self.resolve_due),
             _ => None,
         }
@@ -442,6 +468,8 @@ impl SourceAttempt {
                     }
                     self.record.transfer = Some(stats);
                     self.record.updated_at_ms = now;
+                    self.observe(stats);
+                    return self.apply_policy(now);
                 }
                 Vec::new()
             }
@@ -539,6 +567,77 @@ impl SourceAttempt {
         }
     }
 
+    /// Feed a progress sample to the convergence model and show its outlook.
+    fn observe(&mut self, stats: TransferStats) {
+        self.convergence.observe(stats);
+        let limit = match self.record.completion.downtime_limit_ms {
+            0 => DEFAULT_DOWNTIME_LIMIT_MS,
+            ms => ms,
+        };
+        record_remaining(&mut self.history, stats.elapsed_ms, stats.bytes_remaining);
+        if let Some(o) = self.convergence.outlook(limit) {
+            self.record.convergence = Some(ConvergenceView {
+                verdict: o.verdict,
+                eta_ms: o.eta_ms,
+                reason: o.reason,
+                remaining: self.history.clone(),
+            });
+        } else if let Some(view) = &mut self.record.convergence {
+            view.remaining = self.history.clone();
+        }
+    }
+
+    /// When the completion budget is spent, if the policy still has to act
+    /// on it then.
+    fn budget_due(&self) -> Millis {
+        let policy = &self.record.completion;
+        match policy.budget_ms(self.vm.memory_mib) {
+            Some(budget) if !self.overrun_noted => self.transfer_started_at.saturating_add(budget),
+            _ => Millis::MAX,
+        }
+    }
+
+    /// What the completion policy says of the transfer now.
+    fn apply_policy(&mut self, now: Millis) -> Vec<SourceAction> {
+        let outlook = self
+            .convergence
+            .outlook(match self.record.completion.downtime_limit_ms {
+                0 => DEFAULT_DOWNTIME_LIMIT_MS,
+                ms => ms,
+            });
+        let step = completion::judge(
+            &self.record.completion,
+            self.vm.memory_mib,
+            now.saturating_sub(self.transfer_started_at),
+            outlook.as_ref(),
+            self.overrun_noted,
+        );
+        match step {
+            Step::Keep => Vec::new(),
+            Step::Overrun(note) => {
+                self.overrun_noted = true;
+                self.record.completion_note = Some(note);
+                self.record.updated_at_ms = now;
+                vec![self.journal()]
+            }
+            Step::GiveUp(why) => {
+                self.record.cause = Some(Cause::Transfer);
+                self.end_before_commit(now, Outcome::Failed, why, true)
+            }
+            Step::Switch(why) => self.request_switchover(now, why),
+        }
+    }
+
+    fn request_switchover(&mut self, now: Millis, why: String) -> Vec<SourceAction> {
+        // Post-copy lands in the next commit; until then the policy's
+        // reason is shown and pre-copy goes on.
+        if self.record.completion_note.is_none() {
+            self.record.completion_note = Some(format!("would switch to post-copy: {why}"));
+            self.record.updated_at_ms = now;
+        }
+        Vec::new()
+    }
+
     fn on_prepare_replied(
         &mut self,
         now: Millis,
@@ -614,6 +713,7 @@ impl SourceAttempt {
         self.record.end_phase(Phase::Prepare, StepStatus::Ok, now);
         self.record.start_phase(Phase::Perform, now);
         self.last_progress_at = now;
+        self.transfer_started_at = now;
         let address = c2.incoming_address;
         self.state = SourceState::Transferring {
             address: address.clone(),
@@ -994,6 +1094,14 @@ impl SourceAttempt {
                     );
                     self.record.cause = Some(Cause::Transfer);
                     return self.end_before_commit(now, Outcome::Failed, error, true);
+                }
+                if matches!(self.state, SourceState::Transferring { .. })
+                    && now >= self.budget_due()
+                {
+                    let acted = self.apply_policy(now);
+                    if !acted.is_empty() {
+                        return acted;
+                    }
                 }
                 if !self.heartbeat_in_flight && now >= self.heartbeat_due {
                     self.heartbeat_in_flight = true;

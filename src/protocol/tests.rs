@@ -367,6 +367,7 @@ impl World {
             incoming_host: DST.into(),
             vm: sc.vm(),
             mode: sc.mode,
+            completion: Default::default(),
             timing: Timing::default(),
             started_at_ms: START,
         };
@@ -3961,6 +3962,7 @@ fn the_source_ends_only_once_the_transfer_stopped_and_the_guest_resumed() {
             incoming_host: DST.into(),
             vm: Scenario::new(Mode::Safe, &[true]).vm(),
             mode: Mode::Safe,
+            completion: Default::default(),
             timing: Timing::default(),
             started_at_ms: START,
         },
@@ -3995,6 +3997,7 @@ fn source_expecting(mode: Mode, incoming_host: &str) -> SourceAttempt {
             incoming_host: incoming_host.into(),
             vm: Scenario::new(mode, &[true]).vm(),
             mode,
+            completion: Default::default(),
             timing: Timing::default(),
             started_at_ms: START,
         },

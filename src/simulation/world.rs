@@ -1787,6 +1787,7 @@ impl World {
                 vm,
                 destination,
                 mode,
+                completion: Default::default(),
                 guests,
             },
         );
@@ -1837,6 +1838,7 @@ impl World {
                 id,
                 destination: Some(destination),
                 mode: Some(mode),
+                completion: Default::default(),
                 guests,
             },
         );
@@ -1886,6 +1888,7 @@ impl World {
                 };
                 let request = EvacuationRequest {
                     mode,
+                    completion: Default::default(),
                     concurrency: self.rng.random_range(0..=3),
                     max_attempts: self.rng.random_range(1..=3),
                     exclude,

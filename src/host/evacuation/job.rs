@@ -3,6 +3,8 @@
 //! pause, resume and cancel do. The runner (`super`) gathers capacity,
 //! starts migrations and journals this after every change.
 
+use crate::protocol::completion::Completion;
+use crate::protocol::record::completion_to_proto;
 use serde::{Deserialize, Serialize};
 
 use super::placement::Need;
@@ -217,6 +219,9 @@ pub struct Evacuation {
     pub started_at_ms: Millis,
     pub updated_at_ms: Millis,
     pub ended_at_ms: Option<Millis>,
+    /// The completion policy of every VM's migration.
+    #[serde(default)]
+    pub completion: Completion,
 }
 
 /// What became of an attempt, for the runner to log.
@@ -264,6 +269,7 @@ impl Evacuation {
             started_at_ms: now,
             updated_at_ms: now,
             ended_at_ms: None,
+            completion: Completion::for_mode(mode),
         };
         job.settle(now);
         job
@@ -619,6 +625,7 @@ impl Evacuation {
             updated_at_ms: self.updated_at_ms,
             ended_at_ms: self.ended_at_ms.unwrap_or(0),
             abort_in_flight: self.abort_in_flight,
+            completion: Some(completion_to_proto(&self.completion)),
         }
     }
 }
@@ -682,6 +689,7 @@ impl From<&proto::EvacuationRecord> for Evacuation {
             max_attempts: r.max_attempts,
             exclude: r.exclude.clone(),
             state,
+            completion: crate::protocol::record::completion_from_record(r.completion.as_ref()),
             vms: r
                 .vms
                 .iter()

@@ -17,6 +17,7 @@
 pub mod job;
 pub mod placement;
 
+use crate::protocol::completion::CompletionRequest;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
@@ -43,6 +44,8 @@ const MAX_CONCURRENCY: u32 = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub mode: Mode,
+    /// Over the mode's default.
+    pub completion: CompletionRequest,
     /// 0: the host's `max_outgoing`.
     pub concurrency: u32,
     /// 0: [`DEFAULT_MAX_ATTEMPTS`].
@@ -199,7 +202,7 @@ impl HostCore {
             .collect();
         let taken: Vec<String> = self.evacuations.jobs.keys().cloned().collect();
         let id = self.new_id(IdKind::Evacuation, |id| taken.iter().any(|t| t == id));
-        let job = Evacuation::new(
+        let mut job = Evacuation::new(
             id.clone(),
             &name,
             request.mode,
@@ -209,6 +212,8 @@ impl HostCore {
             vms,
             self.now,
         );
+        job.completion = request.completion.over(job.completion);
+        job.completion.check().map_err(Refusal::InvalidArgument)?;
         // Drain first: from here no migration comes in.
         self.draining = true;
         self.journal(Entry::Draining(true), true);
@@ -716,7 +721,14 @@ impl HostCore {
                 .and_then(|m| self.migration(m))
                 .cloned();
             let name = vm.name.clone();
-            match self.begin(&name, &destination, job.mode, existing.as_ref(), &guests) {
+            match self.begin(
+                &name,
+                &destination,
+                job.mode,
+                job.completion,
+                existing.as_ref(),
+                &guests,
+            ) {
                 Ok(record) => {
                     hosts[chosen].reserve(&need);
                     let _ = self.update_evacuation(id, |job, now| {
