@@ -328,6 +328,7 @@ fn cluster() -> App {
                 event(
                     &r.source,
                     proto::event::Kind::Progress(proto::Progress {
+                        convergence: None,
                         migration_id: r.id.clone(),
                         attempt_id: r.attempt_id.clone(),
                         stats: Some(stats),
@@ -361,6 +362,7 @@ fn stream() -> Vec<Msg> {
                     event(
                         &r.source,
                         proto::event::Kind::Progress(proto::Progress {
+                            convergence: None,
                             migration_id: r.id.clone(),
                             attempt_id: r.attempt_id.clone(),
                             stats: Some(stats),

@@ -342,10 +342,14 @@ async fn publisher(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Event>) {
                 migration_id,
                 attempt_id,
                 stats,
+                convergence,
             } => agent.emit(Kind::Progress(proto::Progress {
                 migration_id,
                 attempt_id,
                 stats: Some(crate::protocol::record::stats_to_proto(&stats)),
+                convergence: convergence
+                    .as_ref()
+                    .map(crate::protocol::record::convergence_to_proto),
             })),
             Event::Log {
                 level,

@@ -110,7 +110,9 @@ macro_rules! sanitize_fields {
 }
 
 sanitize_fields! {
-    proto::MigrationRecord { id, vm, source, destination, running_on, error, features, attempt_id, cookies }
+    proto::MigrationRecord { id, vm, source, destination, running_on, error, features, attempt_id, cookies, convergence, completion_note, recovery }
+    proto::Convergence { reason }
+    proto::PostcopyRecovery { error }
     proto::FeatureRecord { name, error, detail }
     proto::CookieRecord { name, summary }
     proto::Host { name, address, features, feature_state, pending_rollbacks, faults, hypervisor, warnings, security }
@@ -120,7 +122,7 @@ sanitize_fields! {
     proto::Vm { name, host, features, migration_id }
     proto::FeatureRef { name, driver }
     proto::Snapshot { host, vms, migrations, evacuations }
-    proto::Progress { migration_id, attempt_id }
+    proto::Progress { migration_id, attempt_id, convergence }
     proto::LogLine { level, migration_id, text }
     proto::EvacuationRecord { id, host, exclude, vms }
     proto::EvacuationVm { vm, migration_id, host, waiting, attempts, required }

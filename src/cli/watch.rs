@@ -14,6 +14,7 @@
 //! | `log`          | `at_ms`, `level`, `migration_id`, `text`                       |
 //! | `disconnected` | `error`, `retry_in_ms`: the stream ended and will be reopened  |
 
+use crate::protocol::convergence::ConvergenceView;
 use std::io::Write;
 use std::time::Duration;
 
@@ -46,12 +47,14 @@ pub struct WatchLine {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WatchEvent {
     Snapshot(StatusJson),
-    Migration(MigrationRecord),
+    Migration(Box<MigrationRecord>),
     Evacuation(Box<crate::host::evacuation::job::Evacuation>),
     Progress {
         migration_id: String,
         attempt_id: String,
         transfer: Option<TransferStats>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        convergence: Option<ConvergenceView>,
     },
     Host(HostJson),
     Vm {
@@ -92,12 +95,16 @@ impl WatchLine {
                 };
                 WatchEvent::Snapshot(StatusJson::from_answers(&[(entry.clone(), Ok(answer))]))
             }
-            Kind::Migration(m) => WatchEvent::Migration(MigrationRecord::from(m)),
+            Kind::Migration(m) => WatchEvent::Migration(Box::new(MigrationRecord::from(m))),
             Kind::Evacuation(e) => WatchEvent::Evacuation(Box::new(e.into())),
             Kind::Progress(p) => WatchEvent::Progress {
                 migration_id: p.migration_id.clone(),
                 attempt_id: p.attempt_id.clone(),
                 transfer: p.stats.as_ref().map(stats_from_proto),
+                convergence: p
+                    .convergence
+                    .as_ref()
+                    .and_then(crate::protocol::record::convergence_from_proto),
             },
             Kind::HostChanged(h) => WatchEvent::Host(HostJson::from(h)),
             Kind::Vm(v) => {
@@ -157,11 +164,16 @@ impl WatchLine {
             WatchEvent::Progress {
                 migration_id,
                 transfer,
+                convergence,
                 ..
             } => match transfer {
                 Some(stats) => format!(
-                    "{host}: migration {migration_id} transfer: {}",
-                    transfer_line(stats)
+                    "{host}: migration {migration_id} transfer: {}{}",
+                    transfer_line(stats),
+                    convergence
+                        .as_ref()
+                        .map(|c| format!("; {}: {}", c.verdict.as_str(), c.reason))
+                        .unwrap_or_default()
                 ),
                 None => format!("{host}: migration {migration_id} transfer started"),
             },
@@ -379,6 +391,7 @@ mod tests {
     #[test]
     fn progress_log_and_removal_events_carry_their_payload() {
         let progress = proto::Progress {
+            convergence: None,
             migration_id: "m-1".into(),
             attempt_id: "a-1".into(),
             stats: Some(proto::TransferStats {

@@ -522,6 +522,7 @@ mod tests {
             event(
                 "hv-a",
                 proto::event::Kind::Progress(proto::Progress {
+                    convergence: None,
                     migration_id: "m-1".into(),
                     attempt_id: "m-1.1".into(),
                     stats: Some(proto::TransferStats {

@@ -838,16 +838,19 @@ impl HostCore {
         let Some(s) = self.sources.get_mut(&id) else {
             return;
         };
-        s.attempt.handle(now, SourceInput::TransferProgress(stats));
+        let actions = s.attempt.handle(now, SourceInput::TransferProgress(stats));
         if now >= s.last_progress_event + PROGRESS_EVERY_MS {
             s.last_progress_event = now;
             let event = Event::Progress {
                 migration_id: id.clone(),
                 attempt_id: s.attempt.attempt_id.clone(),
                 stats,
+                convergence: s.attempt.record.convergence.clone(),
             };
             self.emit(event);
         }
+        // The completion policy may act on a sample (abort, switch over).
+        self.source_actions(&id, actions);
     }
 
     fn emit_vm_of_source(&mut self, id: &str) {

@@ -412,6 +412,7 @@ pub enum Event {
         migration_id: String,
         attempt_id: String,
         stats: TransferStats,
+        convergence: Option<crate::protocol::convergence::ConvergenceView>,
     },
     Log {
         level: Level,
