@@ -345,6 +345,7 @@ fn cookie3(data: &[u8]) {
         source: SOURCE.into(),
         vm: sample_vm(),
         mode: Mode::Safe,
+        postcopy: false,
     };
     run_destination(incoming.clone(), &c3, data);
     run_destination(
@@ -424,6 +425,7 @@ pub fn c4_committed() -> proto::Cookie4 {
         rollback: Vec::new(),
         error: String::new(),
         lost: false,
+        ready_for_switchover: false,
     }
 }
 
@@ -497,6 +499,7 @@ fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
             DestinationAction::CompleteIncoming(_) => {
                 Some(DestinationInput::IncomingCompleted(Ok(())))
             }
+            DestinationAction::AwaitSwitchover => Some(DestinationInput::SwitchoverArrived(Ok(()))),
             DestinationAction::RunStage { feature, stage } => {
                 assert!(
                     feature < vm.features.len(),
@@ -660,6 +663,7 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
                 },
             ))),
             SourceAction::CancelTransfer => Some(SourceInput::TransferStopped { completed: false }),
+            SourceAction::StartPostcopy => Some(SourceInput::PostcopyStarted(Ok(()))),
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);
                 finish_sent = true;

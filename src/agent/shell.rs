@@ -18,7 +18,7 @@ use super::{Agent, JOURNAL_FAILED_EXIT, Msg, now_ms};
 use crate::host::{
     Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpError, OpId, OpOutput,
 };
-use crate::hypervisor::{HypervisorError, TransferPlan};
+use crate::hypervisor::HypervisorError;
 use crate::proto;
 
 /// How often the agent applies retention (besides when it starts).
@@ -242,8 +242,12 @@ fn entry_name(entry: &Entry) -> String {
 async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
     let hv = agent.hypervisor.clone();
     let result: Result<OpOutput, OpError> = match what {
-        Op::StartIncoming { spec, attempt_id } => hv
-            .start_incoming(&spec, &attempt_id, false)
+        Op::StartIncoming {
+            spec,
+            attempt_id,
+            postcopy,
+        } => hv
+            .start_incoming(&spec, &attempt_id, postcopy)
             .await
             .map(OpOutput::Address)
             .map_err(op_error),
@@ -252,10 +256,21 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .await
             .map(|()| OpOutput::Done)
             .map_err(op_error),
+        Op::AwaitSwitchover { vm } => hv
+            .await_switchover(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(op_error),
+        Op::StartPostcopy { vm } => hv
+            .start_postcopy(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(op_error),
         Op::TransferOut {
             vm,
             destination,
             address,
+            plan,
         } => {
             let (progress_tx, mut progress_rx) = mpsc::channel(64);
             let forward = {
@@ -267,13 +282,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
                 })
             };
             let result = hv
-                .transfer_out(
-                    &vm,
-                    &destination,
-                    &address,
-                    TransferPlan::default(),
-                    progress_tx,
-                )
+                .transfer_out(&vm, &destination, &address, plan, progress_tx)
                 .await
                 .map(OpOutput::Transferred)
                 .map_err(op_error);

@@ -169,6 +169,7 @@ fn cookies(
             }),
         }));
         out.push(describe(&proto::Cookie4 {
+            ready_for_switchover: false,
             protocol_version: PROTOCOL_VERSION,
             attempt_id,
             committed: !failed,

@@ -3,6 +3,7 @@
 //! deadline), an answer or an event; each answer, or a missed deadline, is
 //! routed back to the attempt that waits for it.
 
+use crate::protocol::completion::Postcopy;
 use prost::Message;
 
 use super::{
@@ -67,16 +68,27 @@ impl HostCore {
                     self.call(owner, CallKind::Prepare, &peer, request, None);
                 }
                 SourceAction::StartTransfer { address } => {
+                    let completion = a.record.completion;
                     let what = Op::TransferOut {
                         vm: vm.name.clone(),
                         destination: peer.clone(),
                         address,
+                        plan: crate::hypervisor::TransferPlan {
+                            postcopy: completion.postcopy != Postcopy::Never,
+                            downtime_limit_ms: completion.downtime_limit_ms,
+                        },
                     };
                     let op = self.run(owner, OpKind::TransferOut, what, None);
                     if let Some(s) = self.sources.get_mut(id) {
                         s.transfer = Some(op);
                     }
                     self.emit(Event::Vm(vm.name.clone()));
+                }
+                SourceAction::StartPostcopy => {
+                    let what = Op::StartPostcopy {
+                        vm: vm.name.clone(),
+                    };
+                    self.run(owner, OpKind::StartPostcopy, what, Some(guest_op));
                 }
                 SourceAction::CancelTransfer => {
                     let what = Op::CancelTransfer {
@@ -241,6 +253,7 @@ impl HostCore {
                     let what = Op::StartIncoming {
                         spec: vm.clone(),
                         attempt_id: id.to_string(),
+                        postcopy: d.attempt.postcopy,
                     };
                     self.run(
                         owner,
@@ -260,6 +273,13 @@ impl HostCore {
                         what,
                         Some(deadlines.incoming_complete_ms),
                     );
+                }
+                DestinationAction::AwaitSwitchover => {
+                    // No deadline: only the transfer's end decides.
+                    let what = Op::AwaitSwitchover {
+                        vm: vm.name.clone(),
+                    };
+                    self.run(owner, OpKind::AwaitSwitchover, what, None);
                 }
                 DestinationAction::RunStage { feature, stage } => {
                     self.run_stage(owner, &vm, feature, stage, id, &migration_id);
@@ -625,6 +645,14 @@ impl HostCore {
                     (OpKind::CompleteIncoming, Answered::TimedOut) => {
                         DestinationInput::IncomingCompleted(Err(late()))
                     }
+                    (OpKind::AwaitSwitchover, Answered::Result(r)) => {
+                        DestinationInput::SwitchoverArrived(
+                            r.map(|_| ()).map_err(|e| e.to_string()),
+                        )
+                    }
+                    (OpKind::AwaitSwitchover, Answered::TimedOut) => {
+                        DestinationInput::SwitchoverArrived(Err(late()))
+                    }
                     (OpKind::Resume, answer) => {
                         let result = guest_op_result(answer, after);
                         self.emit_vm_of_destination(&id);
@@ -745,7 +773,7 @@ impl HostCore {
                 ) {
                     s.transfer_completed = true;
                 }
-                if matches!(s.attempt.state, SourceState::Transferring { .. }) {
+                if s.attempt.transfer_runs() {
                     let result = match answer {
                         Answered::Result(Ok(OpOutput::Transferred(stats))) => Ok(stats),
                         Answered::Result(Ok(_)) => Ok(TransferStats::default()),
@@ -786,6 +814,10 @@ impl HostCore {
             (OpKind::Resume, answer) => {
                 self.emit_vm_of_source(id);
                 SourceInput::GuestResumed(guest_op_result(answer, after))
+            }
+            (OpKind::StartPostcopy, answer) => {
+                self.emit_vm_of_source(id);
+                SourceInput::PostcopyStarted(guest_op_result(answer, after))
             }
             (OpKind::Kill, answer) => {
                 self.emit_vm_of_source(id);
@@ -1010,6 +1042,9 @@ fn destination_durable(snapshot: &DestinationAttempt) -> bool {
         | DestinationState::RollingBack { .. }
         | DestinationState::RolledBack => true,
         DestinationState::Committed => !snapshot.guest_runs(),
+        // Ready for the switchover: the source switches on the strength of
+        // it, and a restart must wait for the switchover, never roll back.
+        DestinationState::SwitchoverReady => true,
         DestinationState::Starting
         | DestinationState::Prepared
         | DestinationState::Finishing { .. } => snapshot.decided_not_to_commit(),

@@ -276,6 +276,16 @@ pub enum Op {
     StartIncoming {
         spec: VmSpec,
         attempt_id: String,
+        /// Ready for a switchover to post-copy.
+        postcopy: bool,
+    },
+    /// Destination: wait for the switchover to post-copy.
+    AwaitSwitchover {
+        vm: String,
+    },
+    /// Source: switch the transfer in progress to post-copy.
+    StartPostcopy {
+        vm: String,
     },
     CompleteIncoming {
         vm: String,
@@ -287,6 +297,7 @@ pub enum Op {
         /// The destination host: with TLS, its certificate must name it.
         destination: String,
         address: String,
+        plan: crate::hypervisor::TransferPlan,
     },
     CancelTransfer {
         vm: String,
@@ -506,6 +517,8 @@ enum Owner {
 enum OpKind {
     StartIncoming,
     CompleteIncoming,
+    AwaitSwitchover,
+    StartPostcopy,
     TransferOut,
     CancelTransfer,
     Resume,

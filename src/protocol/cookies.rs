@@ -184,6 +184,8 @@ pub struct Incoming {
     pub source: String,
     pub vm: VmSpec,
     pub mode: Mode,
+    /// The source may switch the transfer to post-copy.
+    pub postcopy: bool,
 }
 
 /// Check a decoded C1: a VM spec is present and sane (its machine well
@@ -231,6 +233,7 @@ pub fn check_cookie1(
         source: c1.source.clone(),
         vm,
         mode,
+        postcopy: c1.postcopy,
     })
 }
 
@@ -259,6 +262,7 @@ pub fn cookie1(
             .filter(|f| super::policy::is_blocking(mode, f.required))
             .map(|f| f.name.clone())
             .collect(),
+        postcopy: false,
     }
 }
 

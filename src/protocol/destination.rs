@@ -39,9 +39,16 @@ pub enum DestinationState {
     /// C2 sent; waiting for Finish.
     Prepared,
     /// Finish arrived: waiting for the transfer, then feature `next`'s finish.
+    /// For post-copy the finish stages run first, while pre-copy goes on.
     Finishing {
         next: usize,
     },
+    /// Post-copy: every blocking finish stage succeeded and the source was
+    /// told it may switch over. Waiting for the hypervisor to say whether
+    /// the switchover arrived (commit) or the transfer ended without it
+    /// (roll back). Never aborted on this host's own account: the source
+    /// may have switched already, and then only this host can run the guest.
+    SwitchoverReady,
     /// The commit point is journaled; the guest's CPUs start next. Until
     /// the hypervisor says they run, nobody is told "committed".
     Committed,
@@ -91,6 +98,9 @@ pub enum DestinationInput {
     GuestResumed(GuestOpResult),
     GuestKilled(GuestOpResult),
     GuestStatus(GuestProbe),
+    /// Post-copy: the switchover arrived (`Ok`), or the transfer ended
+    /// without one (`Err`).
+    SwitchoverArrived(Result<(), String>),
     Finish(proto::Cookie3),
     Heartbeat,
     Timer,
@@ -102,6 +112,8 @@ pub enum DestinationAction {
     StartIncoming,
     /// Wait for the transfer C3 describes to have arrived.
     CompleteIncoming(TransferStats),
+    /// Post-copy: wait for the switchover; `SwitchoverArrived` follows.
+    AwaitSwitchover,
     RunStage {
         feature: usize,
         stage: Stage,
@@ -304,6 +316,14 @@ pub struct DestinationAttempt {
     /// Committed, but the guest cannot be run here and may have run.
     #[serde(default)]
     lost: Option<String>,
+    /// C1 said the source may switch to post-copy: the incoming guest is
+    /// started ready for it.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// This Finish is a post-copy one: the finish stages run before the
+    /// switchover, and the commit waits for it.
+    #[serde(default)]
+    switchover: bool,
     /// This incarnation recovered the attempt from the journal: whatever the
     /// guest's state now, it may have run before the restart.
     #[serde(skip)]
@@ -363,6 +383,8 @@ impl DestinationAttempt {
             guest_resumed: false,
             ran_maybe: false,
             lost: None,
+            postcopy: incoming.postcopy,
+            switchover: false,
             recovered: false,
             awaiting: Awaiting::Nothing,
         };
@@ -456,6 +478,18 @@ impl DestinationAttempt {
                 "{} is carrying out Finish for attempt {}; it cannot be aborted now",
                 self.host, self.attempt_id
             )),
+            // The source aborts only before it switches over: its abort is
+            // safe. This host's own reasons are not: the source may have
+            // switched already, and then only this host can run the guest.
+            DestinationState::SwitchoverReady if notify_source => Err(format!(
+                "{} waits for the switchover of attempt {} to post-copy: the source may have switched \
+                 already, so only the transfer's end decides",
+                self.host, self.attempt_id
+            )),
+            DestinationState::SwitchoverReady => {
+                self.notify_source = false;
+                Ok(self.roll_back(format!("aborted: {reason}"), true))
+            }
             // Only the source's operator abandons a lost commit (its forced
             // decision arrives as the source's abort); this host's own
             // reasons (it stops, it lost its source) do not.
@@ -500,8 +534,11 @@ impl DestinationAttempt {
         match self.state {
             DestinationState::Committed if self.lost.is_some() => Answer::Lost,
             DestinationState::Committed if self.guest_resumed => Answer::Committed,
-            // The CPUs are being started: the answer is not known yet.
-            DestinationState::Committed | DestinationState::Finishing { .. } => Answer::Pending,
+            // The CPUs are being started, or the switchover is awaited: the
+            // answer is not known yet.
+            DestinationState::Committed
+            | DestinationState::Finishing { .. }
+            | DestinationState::SwitchoverReady => Answer::Pending,
             DestinationState::RollingBack { .. } | DestinationState::RolledBack => {
                 Answer::NotCommitted
             }
@@ -520,6 +557,7 @@ impl DestinationAttempt {
             }
             DestinationState::Committed
             | DestinationState::Finishing { .. }
+            | DestinationState::SwitchoverReady
             | DestinationState::RollingBack { .. }
             | DestinationState::RolledBack => (self.answer(), Vec::new()),
             _ if planted(Mutation::CommitAfterNotCommitted) => (Answer::NotCommitted, Vec::new()),
@@ -600,6 +638,21 @@ impl DestinationAttempt {
             DestinationInput::GuestResumed(result) => self.on_resumed(result),
             DestinationInput::GuestKilled(result) => self.on_killed(result),
             DestinationInput::GuestStatus(probe) => self.on_status(probe),
+            DestinationInput::SwitchoverArrived(result) => {
+                if self.state != DestinationState::SwitchoverReady {
+                    return Vec::new();
+                }
+                match result {
+                    Ok(()) => self.commit(),
+                    Err(e) => self.roll_back(
+                        format!(
+                            "the switchover to post-copy did not arrive on {}: {e}",
+                            self.host
+                        ),
+                        true,
+                    ),
+                }
+            }
             DestinationInput::Heartbeat => {
                 self.last_source_contact = now;
                 Vec::new()
@@ -626,7 +679,37 @@ impl DestinationAttempt {
 
     fn on_finish(&mut self, now: Millis, c3: proto::Cookie3) -> Vec<DestinationAction> {
         self.last_source_contact = now;
+        let requested = c3.status == proto::TransferStatus::SwitchoverRequested as i32;
         match self.state {
+            DestinationState::Prepared if requested => {
+                if !self.postcopy {
+                    self.waiter = Waiter::Finish;
+                    self.state = DestinationState::Finishing { next: 0 };
+                    return self.roll_back(
+                        "the source asked for a switchover to post-copy, which its C1 had not announced"
+                            .into(),
+                        true,
+                    );
+                }
+                // Post-copy: the finish stages run now, before the
+                // switchover; the transfer goes on meanwhile.
+                self.waiter = Waiter::Finish;
+                self.switchover = true;
+                self.state = DestinationState::Finishing { next: 0 };
+                let mut actions = vec![self.journal()];
+                actions.extend(self.next_finish(0));
+                return actions;
+            }
+            // Ready, and asked again: the same answer.
+            DestinationState::SwitchoverReady if requested => {
+                return vec![DestinationAction::ReplyFinish(self.cookie4())];
+            }
+            // The source switched over (or its transfer completed): answered
+            // once the switchover's outcome is known.
+            DestinationState::SwitchoverReady => {
+                self.waiter = Waiter::Finish;
+                return Vec::new();
+            }
             DestinationState::Prepared => {}
             // A repeated Finish gets the answer already given.
             DestinationState::Committed if self.guest_resumed || self.lost.is_some() => {
@@ -781,8 +864,24 @@ impl DestinationAttempt {
                 },
             ];
         }
-        // The commit point: journal it, then start the guest's CPUs. The
-        // answer waits until the hypervisor says they run.
+        if self.switchover {
+            // Post-copy: every blocking finish stage succeeded. The source
+            // may switch over now; the commit waits for the switchover.
+            self.state = DestinationState::SwitchoverReady;
+            let mut actions = vec![self.journal()];
+            if self.waiter == Waiter::Finish {
+                actions.push(DestinationAction::ReplyFinish(self.cookie4()));
+            }
+            self.waiter = Waiter::Nobody;
+            actions.push(DestinationAction::AwaitSwitchover);
+            return actions;
+        }
+        self.commit()
+    }
+
+    /// The commit point: journal it, then start the guest's CPUs. The
+    /// answer waits until the hypervisor says they run.
+    fn commit(&mut self) -> Vec<DestinationAction> {
         self.state = DestinationState::Committed;
         self.guest_resumed = false;
         self.awaiting = Awaiting::Resume;
@@ -1023,6 +1122,7 @@ impl DestinationAttempt {
                 clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             lost: self.lost.is_some(),
+            ready_for_switchover: self.state == DestinationState::SwitchoverReady,
         }
     }
 
@@ -1055,6 +1155,9 @@ impl DestinationAttempt {
                 self.awaiting = Awaiting::KillRollingBack;
                 vec![DestinationAction::KillGuest]
             }
+            // The switchover may have arrived while this agent was down:
+            // the hypervisor still knows.
+            DestinationRecovery::AwaitSwitchover => vec![DestinationAction::AwaitSwitchover],
             DestinationRecovery::KeepRunning if self.lost.is_some() => Vec::new(),
             DestinationRecovery::KeepRunning => {
                 // The CPUs may have started before the restart: from here a

@@ -36,10 +36,14 @@ pub enum SourceRecovery {
 pub fn source_recovery(state: &SourceState) -> SourceRecovery {
     match state {
         SourceState::Preparing => SourceRecovery::Forget,
-        SourceState::Transferring { .. } | SourceState::Aborting { .. } => {
-            SourceRecovery::CancelAndResume
+        // Never switched: the guest still runs here (or can again).
+        SourceState::Transferring { .. }
+        | SourceState::SwitchRequested { .. }
+        | SourceState::Aborting { .. } => SourceRecovery::CancelAndResume,
+        // Switching may have switched: only the destination can say.
+        SourceState::Switching | SourceState::FinishSent | SourceState::Unresolved => {
+            SourceRecovery::Resolve
         }
-        SourceState::FinishSent | SourceState::Unresolved => SourceRecovery::Resolve,
         SourceState::Confirming { .. } => SourceRecovery::FinishConfirm,
         SourceState::Done => SourceRecovery::Nothing,
     }
@@ -50,6 +54,10 @@ pub enum DestinationRecovery {
     /// Kill the incoming guest and roll back every feature whose stage
     /// succeeded or was in flight; tell the source.
     KillAndRollBack,
+    /// Post-copy, ready for the switchover: ask the hypervisor whether it
+    /// arrived (commit) or the transfer ended without it (roll back). Never
+    /// killed blindly: the source may have switched over.
+    AwaitSwitchover,
     /// Carry on rolling back what is not rolled back yet.
     ContinueRollback,
     /// Committed: make sure the guest runs.
@@ -63,6 +71,7 @@ pub fn destination_recovery(state: &DestinationState) -> DestinationRecovery {
         | DestinationState::Preparing { .. }
         | DestinationState::Prepared
         | DestinationState::Finishing { .. } => DestinationRecovery::KillAndRollBack,
+        DestinationState::SwitchoverReady => DestinationRecovery::AwaitSwitchover,
         DestinationState::RollingBack { .. } => DestinationRecovery::ContinueRollback,
         DestinationState::Committed => DestinationRecovery::KeepRunning,
         DestinationState::RolledBack => DestinationRecovery::Nothing,

@@ -41,6 +41,15 @@ pub enum SourceState {
     Transferring {
         address: String,
     },
+    /// Post-copy was decided: C3 asked the destination to run its finish
+    /// stages while pre-copy goes on. Still before the commit point.
+    SwitchRequested {
+        address: String,
+    },
+    /// The destination is ready: the hypervisor is switching to post-copy.
+    /// Journaled first: from here the guest never runs here again unless
+    /// the destination says the switchover never reached it.
+    Switching,
     /// Ending before the commit point: stop the transfer, then resume here.
     Aborting {
         outcome: Outcome,
@@ -76,6 +85,9 @@ pub enum ConfirmStep {
     /// Killing (committed) or resuming (not committed) the guest here.
     #[default]
     Guest,
+    /// Committed in post-copy: the destination still pulls pages from this
+    /// copy; it is killed once the last one has gone.
+    Draining,
     /// Running the features' release stages (committed).
     Releasing,
 }
@@ -106,6 +118,8 @@ pub enum SourceInput {
     PrepareReplied(Result<proto::Cookie2, PeerError>),
     TransferProgress(TransferStats),
     TransferDone(Result<TransferStats, String>),
+    /// The hypervisor answered the switch to post-copy.
+    PostcopyStarted(GuestOpResult),
     /// A transfer this attempt cancelled has stopped; `completed`: it had
     /// moved the whole guest first (or whether it had is unknown).
     TransferStopped {
@@ -148,6 +162,8 @@ pub enum SourceAction {
     },
     /// Stop the transfer; `TransferStopped` follows once it has stopped.
     CancelTransfer,
+    /// Switch the transfer to post-copy; `PostcopyStarted` follows.
+    StartPostcopy,
     SendFinish(proto::Cookie3),
     SendAbort {
         reason: String,
@@ -219,6 +235,17 @@ pub struct SourceAttempt {
     /// Remaining bytes over time, for the record.
     #[serde(default)]
     history: Vec<[u64; 2]>,
+    /// The switch to post-copy was asked of the hypervisor: this copy may
+    /// be stale from then on and never runs again on this side's word.
+    #[serde(default)]
+    switched: bool,
+    /// After the switchover: the last page has gone (`Ok`) or the transfer
+    /// failed, leaving the destination without the rest (`Err`).
+    #[serde(default)]
+    drained: Option<Result<(), String>>,
+    /// The guest was lost: the outcome is `lost` whatever else happens.
+    #[serde(default)]
+    lost: bool,
 }
 
 /// Who is starting an attempt, and of what.
@@ -311,6 +338,9 @@ impl SourceAttempt {
             overrun_noted: false,
             convergence: Convergence::default(),
             history: Vec::new(),
+            switched: false,
+            drained: None,
+            lost: false,
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -367,11 +397,23 @@ impl SourceAttempt {
         cause: Cause,
     ) -> Result<Vec<SourceAction>, String> {
         match &self.state {
-            SourceState::Preparing | SourceState::Transferring { .. } => {
+            SourceState::Preparing
+            | SourceState::Transferring { .. }
+            | SourceState::SwitchRequested { .. } => {
                 self.record.cause = Some(cause);
                 Ok(self.end_before_commit(now, Outcome::Aborted, reason.to_string(), true))
             }
+            SourceState::Switching => Err(format!(
+                "cannot abort migration {} of {}: it is switching to post-copy, after which the guest runs on {} \
+                 (the commit point). Migrate the VM back instead.",
+                self.migration_id, self.vm.name, self.destination
+            )),
             SourceState::Aborting { .. } => Ok(Vec::new()),
+            SourceState::FinishSent | SourceState::Unresolved if self.switched => Err(format!(
+                "cannot abort migration {} of {}: it switched to post-copy, so the guest runs on {} \
+                 (the commit point). Migrate the VM back instead.",
+                self.migration_id, self.vm.name, self.destination
+            )),
             SourceState::FinishSent | SourceState::Unresolved => Err(format!(
                 "cannot abort migration {} of {}: Finish was sent to {}, which may already have resumed the guest \
                  (the commit point). Migrate the VM back instead.",
@@ -446,7 +488,9 @@ impl SourceAttempt {
             hb.min(lost)
         };
         match &self.state {
-            SourceState::Preparing | SourceState::FinishSent => Some(liveness()),
+            SourceState::Preparing
+            | SourceState::FinishSent
+            | SourceState::SwitchRequested { .. } => Some(liveness()),
             SourceState::Transferring { .. } => Some(
                 liveness()
                     .min(self.last_progress_at + self.timing.stall_timeout_ms)
@@ -471,9 +515,19 @@ impl SourceAttempt {
                     self.observe(stats);
                     return self.apply_policy(now);
                 }
+                if self.transfer_runs() {
+                    // Pre-copy while the destination gets ready, then the
+                    // pages still to pull after the switchover.
+                    self.record.transfer = Some(stats);
+                    self.record.updated_at_ms = now;
+                    if !self.switched {
+                        self.observe(stats);
+                    }
+                }
                 Vec::new()
             }
             SourceInput::TransferDone(result) => self.on_transfer_done(now, result),
+            SourceInput::PostcopyStarted(result) => self.on_postcopy_started(now, result),
             SourceInput::TransferStopped { completed } => match self.state {
                 SourceState::Aborting {
                     step: AbortStep::Cancelling,
@@ -628,14 +682,142 @@ impl SourceAttempt {
         }
     }
 
-    fn request_switchover(&mut self, now: Millis, why: String) -> Vec<SourceAction> {
-        // Post-copy lands in the next commit; until then the policy's
-        // reason is shown and pre-copy goes on.
-        if self.record.completion_note.is_none() {
-            self.record.completion_note = Some(format!("would switch to post-copy: {why}"));
-            self.record.updated_at_ms = now;
+    /// Whether the transfer this attempt started still runs (as far as
+    /// this side knows): in pre-copy before the commit point, or, after a
+    /// switchover, until the last page has gone.
+    pub fn transfer_runs(&self) -> bool {
+        match self.state {
+            SourceState::Transferring { .. }
+            | SourceState::SwitchRequested { .. }
+            | SourceState::Switching => true,
+            SourceState::FinishSent
+            | SourceState::Unresolved
+            | SourceState::Confirming {
+                committed: true,
+                step: ConfirmStep::Draining,
+            } => self.switched && self.drained.is_none(),
+            _ => false,
         }
-        Vec::new()
+    }
+
+    /// Post-copy: before the switchover every blocking finish stage must
+    /// succeed on the destination, so C3 asks for them now, while pre-copy
+    /// goes on. Until the destination is ready this is still before the
+    /// commit point: any failure ends with the guest running here.
+    fn request_switchover(&mut self, now: Millis, why: String) -> Vec<SourceAction> {
+        let SourceState::Transferring { address } = &self.state else {
+            return Vec::new();
+        };
+        let address = address.clone();
+        let after = now.saturating_sub(self.transfer_started_at);
+        self.record.completion_note = Some(format!(
+            "post-copy after {:.1} s: {why}",
+            after as f64 / 1000.0
+        ));
+        self.record.end_phase(Phase::Perform, StepStatus::Ok, now);
+        self.record.start_phase(Phase::Finish, now);
+        self.state = SourceState::SwitchRequested { address };
+        self.last_peer_contact = now;
+        let c3 = self.cookie3(proto::TransferStatus::SwitchoverRequested);
+        self.record.cookies.push(cookies::describe(&c3));
+        vec![self.journal(), SourceAction::SendFinish(c3)]
+    }
+
+    fn cookie3(&self, status: proto::TransferStatus) -> proto::Cookie3 {
+        proto::Cookie3 {
+            protocol_version: PROTOCOL_VERSION,
+            attempt_id: self.attempt_id.clone(),
+            status: status as i32,
+            stats: Some(super::record::stats_to_proto(
+                &self.record.transfer.unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// The destination answered the request for a switchover.
+    fn on_switchover_answer(
+        &mut self,
+        now: Millis,
+        reply: Result<proto::Cookie4, PeerError>,
+    ) -> Vec<SourceAction> {
+        self.last_peer_contact = now;
+        let c4 = match reply {
+            Ok(c4) if c4.attempt_id == self.attempt_id => c4,
+            Ok(c4) => {
+                self.record.cause = Some(Cause::Refused);
+                let error = format!(
+                    "{} answered the switchover for attempt {:?}, not {}",
+                    self.destination, c4.attempt_id, self.attempt_id
+                );
+                return self.end_before_commit(now, Outcome::Failed, error, true);
+            }
+            Err(e) => {
+                self.record.cause = Some(Cause::PeerLost);
+                let error = format!(
+                    "no answer from {} before the switchover to post-copy: {}",
+                    self.destination,
+                    e.message()
+                );
+                return self.end_before_commit(now, Outcome::Failed, error, true);
+            }
+        };
+        if c4.committed || c4.lost {
+            // Pre-copy completed meanwhile and the destination decided.
+            return self.apply_cookie4(now, c4);
+        }
+        self.record.cookies.push(cookies::describe(&c4));
+        self.apply_stage_results(Stage::Finish, &c4.finish);
+        self.apply_stage_results(Stage::Rollback, &c4.rollback);
+        if !c4.ready_for_switchover {
+            // A blocking finish stage failed there (it rolled back): the
+            // guest never left; it runs here again.
+            let error = if c4.error.is_empty() {
+                format!("{} is not ready for the switchover", self.destination)
+            } else {
+                c4.error
+            };
+            self.record.cause = Some(Cause::Feature);
+            return self.end_before_commit(now, Outcome::Failed, error, false);
+        }
+        // Journaled before the hypervisor is asked: from the switchover on
+        // this copy must never run again.
+        self.state = SourceState::Switching;
+        self.switched = true;
+        self.record.updated_at_ms = now;
+        vec![self.journal(), SourceAction::StartPostcopy]
+    }
+
+    fn on_postcopy_started(&mut self, now: Millis, result: GuestOpResult) -> Vec<SourceAction> {
+        if self.state != SourceState::Switching {
+            return Vec::new();
+        }
+        match result {
+            Ok(()) => {
+                self.state = SourceState::FinishSent;
+                self.last_peer_contact = now;
+                let c3 = self.cookie3(proto::TransferStatus::SwitchedOver);
+                self.record.cookies.push(cookies::describe(&c3));
+                vec![self.journal(), SourceAction::SendFinish(c3)]
+            }
+            // It did not switch: the guest still runs here, the destination
+            // is told to drop what it holds.
+            Err(GuestOpError::Failed(e)) => {
+                self.switched = false;
+                self.record.cause = Some(Cause::Transfer);
+                self.end_before_commit(
+                    now,
+                    Outcome::Failed,
+                    format!("could not switch to post-copy: {e}"),
+                    true,
+                )
+            }
+            // Whether it switched is unknown: only the destination can say
+            // whether the guest reached it.
+            Err(e) => self.become_unresolved(
+                now,
+                format!("switching to post-copy did not answer: {}", e.message()),
+            ),
+        }
     }
 
     fn on_prepare_replied(
@@ -726,8 +908,48 @@ impl SourceAttempt {
         now: Millis,
         result: Result<TransferStats, String>,
     ) -> Vec<SourceAction> {
-        if !matches!(self.state, SourceState::Transferring { .. }) {
-            return Vec::new();
+        if let Ok(stats) = &result
+            && self.transfer_runs()
+        {
+            self.record.transfer = Some(*stats);
+        }
+        match self.state {
+            SourceState::Transferring { .. } => {}
+            // Pre-copy completed while the destination got ready: the guest
+            // is paused here, and the destination commits on its own once
+            // it sees the whole guest. From here it may commit at any moment.
+            SourceState::SwitchRequested { .. } => {
+                return match result {
+                    Ok(_) => {
+                        self.state = SourceState::FinishSent;
+                        self.last_peer_contact = now;
+                        vec![self.journal()]
+                    }
+                    Err(e) => {
+                        self.record.cause = Some(Cause::Transfer);
+                        self.end_before_commit(
+                            now,
+                            Outcome::Failed,
+                            format!("transfer failed: {e}"),
+                            true,
+                        )
+                    }
+                };
+            }
+            _ if self.switched && self.drained.is_none() => {
+                self.drained = Some(result.map(|_| ()));
+                self.record.updated_at_ms = now;
+                if self.state
+                    == (SourceState::Confirming {
+                        committed: true,
+                        step: ConfirmStep::Draining,
+                    })
+                {
+                    return self.after_drain(now);
+                }
+                return vec![self.journal()];
+            }
+            _ => return Vec::new(),
         }
         match result {
             Err(e) => {
@@ -759,6 +981,9 @@ impl SourceAttempt {
         now: Millis,
         reply: Result<proto::Cookie4, PeerError>,
     ) -> Vec<SourceAction> {
+        if matches!(self.state, SourceState::SwitchRequested { .. }) {
+            return self.on_switchover_answer(now, reply);
+        }
         if !matches!(
             self.state,
             SourceState::FinishSent | SourceState::Unresolved
@@ -826,6 +1051,20 @@ impl SourceAttempt {
                 }
             };
         }
+        if c4.lost && self.switched {
+            // After the switchover our copy is stale for sure: the guest is
+            // lost, and nobody needs to decide anything.
+            let error = format!(
+                "LOST: {} committed in post-copy, then lost the guest: {}",
+                self.destination,
+                if c4.error.is_empty() {
+                    "no reason given"
+                } else {
+                    &c4.error
+                }
+            );
+            return self.end_lost(now, error);
+        }
         if c4.lost {
             // Committed there, but its guest is gone and may have run: our
             // copy may be stale. Neither side decides alone any more.
@@ -852,6 +1091,22 @@ impl SourceAttempt {
                 vec![self.journal()]
             } else {
                 Vec::new()
+            };
+        }
+        if c4.ready_for_switchover && !c4.committed {
+            // Ready for a switchover that was not needed: pre-copy completed
+            // meanwhile. Ask again for its decision.
+            self.apply_stage_results(Stage::Finish, &c4.finish);
+            return match self.state {
+                SourceState::FinishSent => {
+                    let c3 = self.cookie3(proto::TransferStatus::Completed);
+                    self.record.cookies.push(cookies::describe(&c3));
+                    vec![SourceAction::SendFinish(c3)]
+                }
+                _ => {
+                    self.back_off_resolve(now);
+                    Vec::new()
+                }
             };
         }
         self.record.cookies.push(cookies::describe(&c4));
@@ -890,7 +1145,12 @@ impl SourceAttempt {
                 self.last_peer_contact = now;
                 // Before Prepare has replied the destination may not have seen C1
                 // yet, so only a transferring attempt can be "gone".
-                if !known && matches!(self.state, SourceState::Transferring { .. }) {
+                if !known
+                    && matches!(
+                        self.state,
+                        SourceState::Transferring { .. } | SourceState::SwitchRequested { .. }
+                    )
+                {
                     let error = format!(
                         "{} no longer knows this attempt (it aborted it)",
                         self.destination
@@ -1069,7 +1329,10 @@ impl SourceAttempt {
     fn on_timer(&mut self, now: Millis) -> Vec<SourceAction> {
         let mut actions = Vec::new();
         match self.state {
-            SourceState::Preparing | SourceState::Transferring { .. } | SourceState::FinishSent => {
+            SourceState::Preparing
+            | SourceState::Transferring { .. }
+            | SourceState::SwitchRequested { .. }
+            | SourceState::FinishSent => {
                 if now >= self.last_peer_contact + self.timing.peer_timeout_ms
                     && !planted(Mutation::IgnoreLostPeer)
                 {
@@ -1128,7 +1391,12 @@ impl SourceAttempt {
         error: String,
         tell_peer: bool,
     ) -> Vec<SourceAction> {
-        let transferring = matches!(self.state, SourceState::Transferring { .. });
+        let transferring = matches!(
+            self.state,
+            SourceState::Transferring { .. }
+                | SourceState::SwitchRequested { .. }
+                | SourceState::Switching
+        );
         let phase = self.record.running_phase().unwrap_or(Phase::Prepare);
         self.record.fail_from(phase, now);
         self.record.outcome = Some(outcome);
@@ -1186,11 +1454,69 @@ impl SourceAttempt {
         if error.is_some() {
             self.record.error = error;
         }
+        self.release_next = 0;
+        if self.switched && self.drained.is_none() {
+            // The destination still pulls pages from this copy.
+            self.state = SourceState::Confirming {
+                committed: true,
+                step: ConfirmStep::Draining,
+            };
+            return vec![self.journal()];
+        }
+        if self.switched {
+            return self.after_drain(now);
+        }
         self.state = SourceState::Confirming {
             committed: true,
             step: ConfirmStep::Guest,
         };
+        vec![self.journal(), SourceAction::KillGuest]
+    }
+
+    /// Post-copy, committed, the transfer over: kill this copy and release,
+    /// or, if the transfer failed, the destination cannot get the rest of
+    /// the guest's memory: it is lost.
+    fn after_drain(&mut self, now: Millis) -> Vec<SourceAction> {
+        if let Some(Err(e)) = self.drained.clone() {
+            return self.end_lost(
+                now,
+                format!(
+                    "LOST: the post-copy transfer to {} failed after the switchover ({e}): \
+                     the guest there cannot get the rest of its memory",
+                    self.destination
+                ),
+            );
+        }
+        self.state = SourceState::Confirming {
+            committed: true,
+            step: ConfirmStep::Guest,
+        };
+        vec![self.journal(), SourceAction::KillGuest]
+    }
+
+    /// The guest is lost: no host holds all of it. The stale copy here is
+    /// killed (it must never run) and the features released; the outcome
+    /// stays `lost`.
+    fn end_lost(&mut self, now: Millis, error: String) -> Vec<SourceAction> {
+        self.lost = true;
+        self.record.committed = true;
+        self.record.guest = GuestCondition::Unknown;
+        self.record.running_on = self.destination.clone();
+        self.record.error = Some(error);
+        self.record.cause = Some(Cause::Guest);
+        for phase in [Phase::Perform, Phase::Finish] {
+            if self.record.phase(phase).status == StepStatus::Running {
+                self.record.end_phase(phase, StepStatus::Failed, now);
+            }
+        }
+        if self.record.phase(Phase::Confirm).status == StepStatus::Pending {
+            self.record.start_phase(Phase::Confirm, now);
+        }
         self.release_next = 0;
+        self.state = SourceState::Confirming {
+            committed: true,
+            step: ConfirmStep::Guest,
+        };
         vec![self.journal(), SourceAction::KillGuest]
     }
 
@@ -1210,7 +1536,9 @@ impl SourceAttempt {
             .iter()
             .any(|f| f.prepare == StepStatus::Failed || f.finish == StepStatus::Failed)
             || self.record.error.is_some();
-        let outcome = if degraded {
+        let outcome = if self.lost {
+            Outcome::Lost
+        } else if degraded {
             Outcome::Degraded
         } else {
             Outcome::Succeeded

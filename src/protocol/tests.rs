@@ -1103,6 +1103,9 @@ impl World {
                     }
                     self.trigger(Trigger::TransferStarted);
                 }
+                SourceAction::StartPostcopy => {
+                    self.violation("the source switched to post-copy unasked".into());
+                }
                 SourceAction::CancelTransfer => {
                     // Stopping a transfer that already ended stops nothing.
                     self.transfer_active = false;
@@ -1220,6 +1223,11 @@ impl World {
                         _ => Ok(()),
                     });
                     self.answer_destination(NET_MS, input);
+                }
+                DestinationAction::AwaitSwitchover => {
+                    self.violation(
+                        "the destination awaits a switchover no source asked for".into(),
+                    );
                 }
                 DestinationAction::RunStage { feature, stage } => {
                     if stage == Stage::Release {
@@ -2846,7 +2854,9 @@ fn check_recovery_table(r: &Recovered, w: &World) {
                     );
                     assert!(killed.is_none(), "{after:?}");
                 }
-                SourceState::Transferring { .. } | SourceState::Aborting { .. } => {
+                SourceState::Transferring { .. }
+                | SourceState::SwitchRequested { .. }
+                | SourceState::Aborting { .. } => {
                     let outcome = match from.state {
                         SourceState::Aborting { outcome, .. } => outcome,
                         _ => Outcome::Aborted,
@@ -2875,7 +2885,7 @@ fn check_recovery_table(r: &Recovered, w: &World) {
                         "{after:?}"
                     );
                 }
-                SourceState::FinishSent | SourceState::Unresolved => {
+                SourceState::Switching | SourceState::FinishSent | SourceState::Unresolved => {
                     assert!(
                         matches!(actions.as_slice(), [SourceAction::Journal(j)] if j.state == SourceState::Unresolved),
                         "never resumes on its own: {actions:?}"
@@ -2939,6 +2949,9 @@ fn check_recovery_table(r: &Recovered, w: &World) {
                 }
                 DestinationState::RollingBack { .. } => {
                     assert_eq!(actions, &vec![DestinationAction::KillGuest]);
+                }
+                DestinationState::SwitchoverReady => {
+                    assert_eq!(actions, &vec![DestinationAction::AwaitSwitchover]);
                 }
                 DestinationState::Committed if from.lost().is_some() => {
                     assert!(actions.is_empty(), "{actions:?}");
@@ -3380,10 +3393,11 @@ fn dst_names(actions: &[DestinationAction]) -> Vec<String> {
             }
             DestinationAction::ReplyFinish(c4) => format!(
                 "ReplyFinish({})",
-                match (c4.committed, c4.lost) {
-                    (true, false) => "committed",
-                    (true, true) => "lost",
-                    (false, _) => "not committed",
+                match (c4.committed, c4.lost, c4.ready_for_switchover) {
+                    (true, false, _) => "committed",
+                    (true, true, _) => "lost",
+                    (false, _, true) => "ready for the switchover",
+                    (false, _, false) => "not committed",
                 }
             ),
             DestinationAction::NotifySource { .. } => "NotifySource".into(),
@@ -4663,4 +4677,572 @@ fn a_peer_abort_before_the_transfer_completed_resumes_at_once_and_so_does_an_ope
         operator.handle(now + 1, SourceInput::TransferStopped { completed: true }),
         [SourceAction::ResumeGuest]
     );
+}
+
+// ---- post-copy on the destination -------------------------------------------
+
+/// A destination that prepared feature 0 of a one-feature VM, in `mode`,
+/// with post-copy announced in C1 or not.
+fn prepared_destination(mode: Mode, postcopy: bool) -> DestinationAttempt {
+    let sc = Scenario::new(mode, &[true]);
+    let mut c1 = cookies::cookie1("m-0000000000a1.1", "m-0000000000a1", SRC, &sc.vm(), mode);
+    c1.postcopy = postcopy;
+    let incoming = check_cookie1(&c1, |_| true).expect("C1");
+    let (mut dst, _) = DestinationAttempt::prepare(
+        incoming,
+        DST,
+        sc.free,
+        false,
+        None,
+        Timing::default(),
+        START,
+    )
+    .expect("prepared");
+    dst.handle(
+        START,
+        DestinationInput::IncomingStarted(Ok("sim://x".into())),
+    );
+    dst.handle(
+        START,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Prepare,
+            result: Ok("preassociated".into()),
+        },
+    );
+    assert_eq!(dst.state, DestinationState::Prepared);
+    dst
+}
+
+fn c3_status(status: proto::TransferStatus) -> proto::Cookie3 {
+    proto::Cookie3 {
+        status: status as i32,
+        ..c3()
+    }
+}
+
+#[test]
+fn post_copy_finish_stages_run_before_the_switchover_and_the_commit_waits_for_it() {
+    let mut dst = prepared_destination(Mode::Safe, true);
+    let actions = dst.handle(
+        START + 1,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchoverRequested)),
+    );
+    // No waiting for the transfer: the finish stages run while it goes on.
+    assert_eq!(
+        dst_names(&actions),
+        [
+            "Journal(Finishing { next: 0 })",
+            "Journal(Finishing { next: 0 })",
+            "RunStage(feat-0 finish)",
+        ]
+    );
+    let actions = dst.handle(
+        START + 2,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Finish,
+            result: Ok("associated".into()),
+        },
+    );
+    assert_eq!(
+        dst_names(&actions),
+        [
+            "Journal(SwitchoverReady)",
+            "ReplyFinish(ready for the switchover)",
+            "AwaitSwitchover",
+        ]
+    );
+    // Resolve before the switchover's outcome: not known, never "not committed".
+    assert_eq!(dst.resolve(START + 3).0, Answer::Pending);
+    // The source says it switched: answered once the guest runs.
+    let actions = dst.handle(
+        START + 4,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchedOver)),
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    let actions = dst.handle(START + 5, DestinationInput::SwitchoverArrived(Ok(())));
+    assert_eq!(dst_names(&actions), ["Journal(Committed)", "ResumeGuest"]);
+    let actions = dst.handle(START + 6, DestinationInput::GuestResumed(Ok(())));
+    assert_eq!(
+        dst_names(&actions),
+        [
+            "Journal(Committed)",
+            "ReplyFinish(committed)",
+            "Finished(committed)"
+        ]
+    );
+}
+
+#[test]
+fn a_safe_mode_finish_failure_before_the_switchover_rolls_back_and_tells_the_source() {
+    let mut dst = prepared_destination(Mode::Safe, true);
+    dst.handle(
+        START + 1,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchoverRequested)),
+    );
+    let actions = dst.handle(
+        START + 2,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Finish,
+            result: Err("ASSOCIATE rejected".into()),
+        },
+    );
+    assert_eq!(
+        dst_names(&actions),
+        ["Journal(RollingBack { queue: [0] })", "KillGuest"]
+    );
+    dst.handle(START + 3, DestinationInput::GuestKilled(Ok(())));
+    let actions = dst.handle(
+        START + 4,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Rollback,
+            result: Ok("disassociated".into()),
+        },
+    );
+    assert_eq!(
+        dst_names(&actions),
+        [
+            "Journal(RolledBack)",
+            "ReplyFinish(not committed)",
+            "Finished(not committed)"
+        ]
+    );
+    assert!(!dst.cookie4().ready_for_switchover);
+}
+
+#[test]
+fn ready_for_the_switchover_the_destination_never_gives_up_on_its_own() {
+    let mut dst = prepared_destination(Mode::Fast, true);
+    dst.handle(
+        START + 1,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchoverRequested)),
+    );
+    dst.handle(
+        START + 2,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Finish,
+            result: Ok("associated".into()),
+        },
+    );
+    assert_eq!(dst.state, DestinationState::SwitchoverReady);
+    // The source went silent, or this agent stops: the source may have
+    // switched over already, so only the transfer's end decides.
+    assert_eq!(dst.poll_timeout(), None);
+    assert!(
+        dst.handle(START + 60_000, DestinationInput::Timer)
+            .is_empty()
+    );
+    let refused = dst.abort(START + 60_001, "agent stopping", true);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("may have switched")),
+        "{refused:?}"
+    );
+    assert_eq!(dst.state, DestinationState::SwitchoverReady);
+    // A restart asks the hypervisor again, never kills.
+    let mut restarted = dst.clone();
+    assert_eq!(
+        restarted.recover(START + 60_002),
+        vec![DestinationAction::AwaitSwitchover]
+    );
+    // The transfer ended without a switchover: nothing ran here.
+    let actions = dst.handle(
+        START + 60_003,
+        DestinationInput::SwitchoverArrived(Err("the source cancelled".into())),
+    );
+    assert_eq!(
+        dst_names(&actions),
+        ["Journal(RollingBack { queue: [0] })", "KillGuest"]
+    );
+}
+
+#[test]
+fn the_source_may_abort_before_it_switches_over() {
+    let mut dst = prepared_destination(Mode::Fast, true);
+    dst.handle(
+        START + 1,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchoverRequested)),
+    );
+    dst.handle(
+        START + 2,
+        DestinationInput::StageDone {
+            feature: 0,
+            stage: Stage::Finish,
+            result: Ok("associated".into()),
+        },
+    );
+    let actions = dst
+        .abort(START + 3, "aborted by the operator", false)
+        .expect("the source's abort before its switchover is taken");
+    assert_eq!(
+        dst_names(&actions),
+        ["Journal(RollingBack { queue: [0] })", "KillGuest"]
+    );
+}
+
+#[test]
+fn a_switchover_c1_did_not_announce_is_refused() {
+    let mut dst = prepared_destination(Mode::Fast, false);
+    let actions = dst.handle(
+        START + 1,
+        DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchoverRequested)),
+    );
+    assert_eq!(
+        dst_names(&actions),
+        ["Journal(RollingBack { queue: [0] })", "KillGuest"]
+    );
+    assert!(
+        dst.cookie4().error.contains("had not announced"),
+        "{}",
+        dst.cookie4().error
+    );
+}
+
+// ---- post-copy and the completion policy on the source -----------------------
+
+use super::completion::{Completion, Postcopy, WhenSpent};
+
+/// A source transferring a one-feature VM (1 GiB) under `completion`.
+fn transferring_source(mode: Mode, completion: Completion) -> SourceAttempt {
+    let mut vm = Scenario::new(mode, &[true]).vm();
+    vm.memory_mib = 1024;
+    let (mut src, _) = SourceAttempt::begin(
+        AttemptParams {
+            migration_id: "m-0000000000a1".into(),
+            attempt: 1,
+            host: SRC.into(),
+            destination: DST.into(),
+            incoming_host: DST.into(),
+            vm,
+            mode,
+            completion,
+            timing: Timing::default(),
+            started_at_ms: START,
+        },
+        START,
+    );
+    let c2 = proto::Cookie2 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: src.attempt_id.clone(),
+        incoming_address: format!("sim://{DST}/m1.1/web"),
+        accepted: true,
+        ..Default::default()
+    };
+    let actions = src.handle(START, SourceInput::PrepareReplied(Ok(c2)));
+    assert!(src_names(&actions).contains(&"StartTransfer".to_string()));
+    src
+}
+
+/// Progress samples of a guest dirtying 300 MiB/s over a 100 MiB/s link.
+fn not_converging(src: &mut SourceAttempt, from: Millis) -> Vec<SourceAction> {
+    not_converging_for(src, from, 4)
+}
+
+/// `count` samples, a second apart, each answered heartbeat with them.
+fn not_converging_for(src: &mut SourceAttempt, from: Millis, count: u64) -> Vec<SourceAction> {
+    let mib = 1 << 20;
+    let mut actions = Vec::new();
+    for i in 0..count {
+        src.handle(from + i * 1000, SourceInput::HeartbeatReplied(Ok(true)));
+        actions.extend(src.handle(
+            from + i * 1000,
+            SourceInput::TransferProgress(TransferStats {
+                bytes_total: 1024 * mib,
+                bytes_transferred: (100 + 100 * i) * mib,
+                bytes_remaining: 900 * mib,
+                dirty_rate_bytes_s: 300 * mib,
+                iteration: 2 + i as u32,
+                elapsed_ms: 1000 + i * 1000,
+                ..Default::default()
+            }),
+        ));
+    }
+    actions
+}
+
+fn c4_from(src: &SourceAttempt, committed: bool, ready: bool) -> proto::Cookie4 {
+    proto::Cookie4 {
+        protocol_version: PROTOCOL_VERSION,
+        attempt_id: src.attempt_id.clone(),
+        committed,
+        ready_for_switchover: ready,
+        finish: vec![cookies::stage_result(
+            "feat-0",
+            StepStatus::Ok,
+            "associated",
+        )],
+        ..Default::default()
+    }
+}
+
+fn sent_c3_status(actions: &[SourceAction]) -> Option<i32> {
+    actions.iter().find_map(|a| match a {
+        SourceAction::SendFinish(c3) => Some(c3.status),
+        _ => None,
+    })
+}
+
+#[test]
+fn auto_switches_over_once_pre_copy_cannot_converge_and_kills_only_after_the_last_page() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    let actions = not_converging(&mut src, START + 1000);
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(SwitchRequested { address: \"sim://hv-b/m1.1/web\" })",
+            "SendFinish"
+        ]
+    );
+    assert_eq!(
+        sent_c3_status(&actions),
+        Some(proto::TransferStatus::SwitchoverRequested as i32)
+    );
+    let note = src.record.completion_note.clone().unwrap_or_default();
+    assert!(note.contains("pre-copy cannot converge"), "{note}");
+    assert!(note.contains("dirtying 300.0 MiB/s"), "{note}");
+    // The destination ran its finish stages and is ready.
+    let actions = src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    assert_eq!(src_names(&actions), ["Journal(Switching)", "StartPostcopy"]);
+    let refusal = src
+        .abort(START + 5001, "operator", Cause::Operator)
+        .unwrap_err();
+    assert!(refusal.contains("switching to post-copy"), "{refusal}");
+    let actions = src.handle(START + 5002, SourceInput::PostcopyStarted(Ok(())));
+    assert_eq!(src_names(&actions), ["Journal(FinishSent)", "SendFinish"]);
+    assert_eq!(
+        sent_c3_status(&actions),
+        Some(proto::TransferStatus::SwitchedOver as i32)
+    );
+    let refusal = src
+        .abort(START + 5003, "operator", Cause::Operator)
+        .unwrap_err();
+    assert!(refusal.contains("switched to post-copy"), "{refusal}");
+    // Committed there; pages are still being pulled from here.
+    let actions = src.handle(
+        START + 5004,
+        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+    );
+    assert_eq!(
+        src_names(&actions),
+        ["Journal(Confirming { committed: true, step: Draining })"]
+    );
+    assert!(src.record.committed);
+    let actions = src.handle(
+        START + 9000,
+        SourceInput::TransferDone(Ok(TransferStats::default())),
+    );
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Confirming { committed: true, step: Guest })",
+            "KillGuest"
+        ]
+    );
+    src.handle(START + 9001, SourceInput::GuestKilled(Ok(())));
+    let actions = src.handle(
+        START + 9002,
+        SourceInput::StageDone {
+            feature: 0,
+            stage: Stage::Release,
+            result: Ok("released".into()),
+        },
+    );
+    assert!(actions.contains(&SourceAction::Finished(Outcome::Succeeded)));
+}
+
+#[test]
+fn a_blocking_finish_failure_before_the_switchover_resumes_the_source() {
+    let policy = Completion {
+        postcopy: Postcopy::Auto,
+        ..Completion::for_mode(Mode::Safe)
+    };
+    let mut src = transferring_source(Mode::Safe, policy);
+    not_converging(&mut src, START + 1000);
+    let mut c4 = c4_from(&src, false, false);
+    c4.finish = vec![cookies::stage_result(
+        "feat-0",
+        StepStatus::Failed,
+        "finish: ASSOCIATE rejected",
+    )];
+    c4.error = "required feature feat-0 failed finish on hv-b: ASSOCIATE rejected".into();
+    let actions = src.handle(START + 5000, SourceInput::FinishReplied(Ok(c4)));
+    // The destination rolled back already: no Abort, the transfer stops,
+    // the guest runs here again.
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Aborting { outcome: Failed, step: Cancelling })",
+            "CancelTransfer"
+        ]
+    );
+    assert_eq!(src.record.cause, Some(Cause::Feature));
+    let actions = src.handle(
+        START + 5001,
+        SourceInput::TransferStopped { completed: false },
+    );
+    assert_eq!(src_names(&actions), ["ResumeGuest"]);
+    let actions = src.handle(START + 5002, SourceInput::GuestResumed(Ok(())));
+    assert!(actions.contains(&SourceAction::Finished(Outcome::Failed)));
+    assert_eq!(src.record.running_on, SRC);
+}
+
+#[test]
+fn a_switch_the_hypervisor_refused_resumes_the_source_and_tells_the_destination() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    let actions = src.handle(
+        START + 5001,
+        SourceInput::PostcopyStarted(Err(GuestOpError::Failed("postcopy-ram is off".into()))),
+    );
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Aborting { outcome: Failed, step: Cancelling })",
+            "SendAbort",
+            "CancelTransfer"
+        ]
+    );
+    // A switch that did not answer: only the destination can say.
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    let actions = src.handle(
+        START + 5001,
+        SourceInput::PostcopyStarted(Err(GuestOpError::Unknown("QMP timed out".into()))),
+    );
+    assert_eq!(src_names(&actions), ["Journal(Unresolved)"]);
+    assert!(!actions.contains(&SourceAction::ResumeGuest));
+}
+
+#[test]
+fn a_destination_that_lost_the_guest_in_post_copy_makes_the_outcome_lost() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    let mut c4 = c4_from(&src, true, false);
+    c4.lost = true;
+    c4.error = "its QEMU exited".into();
+    let actions = src.handle(START + 5002, SourceInput::FinishReplied(Ok(c4)));
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Confirming { committed: true, step: Guest })",
+            "KillGuest"
+        ],
+        "the stale copy here is killed, never resumed"
+    );
+    src.handle(START + 5003, SourceInput::GuestKilled(Ok(())));
+    let actions = src.handle(
+        START + 5004,
+        SourceInput::StageDone {
+            feature: 0,
+            stage: Stage::Release,
+            result: Ok("released".into()),
+        },
+    );
+    assert!(actions.contains(&SourceAction::Finished(Outcome::Lost)));
+    assert_eq!(src.record.outcome, Some(Outcome::Lost));
+    let error = src.record.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("LOST:") && error.contains("QEMU exited"),
+        "{error}"
+    );
+
+    // The post-copy transfer failing after the commit loses it too.
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    src.handle(
+        START + 5002,
+        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+    );
+    let actions = src.handle(
+        START + 5003,
+        SourceInput::TransferDone(Err("the QEMU of web exited".into())),
+    );
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Confirming { committed: true, step: Guest })",
+            "KillGuest"
+        ]
+    );
+    assert!(
+        src.record
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot get the rest of its memory"))
+    );
+}
+
+#[test]
+fn without_post_copy_a_spent_budget_aborts_and_the_guest_stays() {
+    let policy = Completion {
+        timeout_per_gib_s: 20,
+        ..Completion::for_mode(Mode::Safe)
+    };
+    let mut src = transferring_source(Mode::Safe, policy);
+    not_converging_for(&mut src, START + 1000, 19);
+    // Not converging is no reason to give up before the budget is spent.
+    assert!(src.record.outcome.is_none(), "{:?}", src.record.error);
+    let actions = src.handle(START + 19_999, SourceInput::Timer);
+    assert!(
+        !src_names(&actions).iter().any(|a| a.contains("Aborting")),
+        "{actions:?}"
+    );
+    assert!(src.poll_timeout().is_some_and(|t| t <= START + 20_000));
+    src.handle(START + 19_999, SourceInput::HeartbeatReplied(Ok(true)));
+    let actions = src.handle(START + 20_000, SourceInput::Timer);
+    assert_eq!(
+        src_names(&actions)[..3],
+        [
+            "Journal(Aborting { outcome: Failed, step: Cancelling })",
+            "SendAbort",
+            "CancelTransfer"
+        ]
+    );
+    let error = src.record.error.clone().unwrap_or_default();
+    assert!(error.contains("budget of 20 s"), "{error}");
+    assert_eq!(src.record.cause, Some(Cause::Transfer));
+}
+
+#[test]
+fn continue_notes_the_spent_budget_once_and_keeps_transferring() {
+    let policy = Completion {
+        timeout_per_gib_s: 20,
+        when_spent: WhenSpent::Continue,
+        ..Completion::for_mode(Mode::Safe)
+    };
+    let mut src = transferring_source(Mode::Safe, policy);
+    let actions = not_converging(&mut src, START + 19_000);
+    assert_eq!(
+        src_names(&actions),
+        ["Journal(Transferring { address: \"sim://hv-b/m1.1/web\" })"]
+    );
+    let note = src.record.completion_note.clone().unwrap_or_default();
+    assert!(note.contains("going on as asked"), "{note}");
+    assert!(src.record.outcome.is_none());
 }

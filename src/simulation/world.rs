@@ -1325,7 +1325,9 @@ impl World {
         let chaos = self.chaos();
         let quick = self.rng.random_range(1..20);
         match what {
-            Op::StartIncoming { spec, attempt_id } => {
+            Op::StartIncoming {
+                spec, attempt_id, ..
+            } => {
                 let result = if chaos && self.chance(self.scenario.incoming_fails) {
                     let id = attempt_id.clone();
                     self.fault("incoming start fails", || {
@@ -1397,7 +1399,15 @@ impl World {
                 vm,
                 destination,
                 address,
+                ..
             } => self.start_transfer(h, op, &vm, &destination, &address),
+            // Post-copy is not in the simulated world yet: no source asks.
+            Op::AwaitSwitchover { vm } | Op::StartPostcopy { vm } => {
+                let result = Err(OpError::Failed(format!(
+                    "the simulated world has no post-copy for {vm}"
+                )));
+                self.op_done(h, op, quick, result, None);
+            }
             Op::CancelTransfer { vm } => {
                 for t in self.transfers.values_mut() {
                     if t.vm == vm && t.from == h && t.state == TransferState::Active {
