@@ -54,7 +54,10 @@ impl HostCore {
                 SourceAction::Journal(snapshot) => {
                     // Past Finish the destination may commit; a forced
                     // decision is the operator's and must not be lost.
+                    // The switch to post-copy, too: a restart must never
+                    // take it for an attempt that can still resume here.
                     let durable = snapshot.state == SourceState::FinishSent
+                        || snapshot.state == SourceState::Switching
                         || (snapshot.forced().is_some()
                             && matches!(snapshot.state, SourceState::Confirming { .. }));
                     self.journal(Entry::Source(snapshot), durable);

@@ -60,7 +60,7 @@ use tokio::sync::{Notify, mpsc};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, TransferPlan};
 use crate::config::{HypervisorConfig, SimCall};
 use crate::protocol::machine::MachineError;
-use crate::protocol::{TransferStats, VmSpec};
+use crate::protocol::{TransferStage, TransferStats, VmSpec};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -156,6 +156,10 @@ pub struct SimHypervisor {
 
 struct Inner {
     guests: BTreeMap<String, Guest>,
+    /// Each incoming guest's address, for its link.
+    incoming: HashMap<String, String>,
+    /// Guests whose last post-copy-enabled transfer completed.
+    completed: std::collections::HashSet<String>,
     /// The transfer running for each VM, to cancel it.
     transfers: HashMap<String, Arc<TransferControl>>,
     /// Calls of each [`SimCall`] kind that fault injection has seen.
@@ -167,6 +171,60 @@ struct TransferControl {
     /// The truth; `wake` only cuts the current tick short.
     cancelled: AtomicBool,
     wake: Notify,
+    /// Post-copy was enabled for this transfer.
+    postcopy_allowed: bool,
+    /// `start_postcopy` asked for the switch.
+    switch_requested: AtomicBool,
+    /// The transfer switched: the guest is stopped here and the rest of its
+    /// memory goes to the destination, which runs it.
+    switched: AtomicBool,
+    switched_notify: Notify,
+}
+
+/// The simulated migration link between two sim hypervisors on one
+/// machine (the demo's agents, the tests'): a file per transfer that the
+/// source writes its progress into and the destination reads, as a real
+/// destination learns from its incoming stream that the switchover came.
+mod link {
+    use std::path::PathBuf;
+
+    pub const PRECOPY: &str = "precopy";
+    pub const POSTCOPY: &str = "postcopy";
+    pub const COMPLETED: &str = "completed";
+    pub const FAILED: &str = "failed";
+
+    /// The file of the transfer to `address` (`sim://HOST/ATTEMPT/VM`;
+    /// names are checked, so they make a safe file name).
+    pub fn path(address: &str) -> PathBuf {
+        let name: String = address
+            .trim_start_matches(super::ADDRESS_SCHEME)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        std::env::temp_dir().join("tern-sim-links").join(name)
+    }
+
+    pub fn write(address: &str, state: &str) {
+        let path = path(address);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, state);
+    }
+
+    pub fn read(address: &str) -> Option<String> {
+        std::fs::read_to_string(path(address)).ok()
+    }
+
+    pub fn remove(address: &str) {
+        let _ = std::fs::remove_file(path(address));
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -237,6 +295,8 @@ impl SimHypervisor {
             state_file,
             inner: Mutex::new(Inner {
                 guests,
+                incoming: HashMap::new(),
+                completed: Default::default(),
                 transfers: HashMap::new(),
                 calls: [0; SimCall::ALL.len()],
             }),
@@ -585,9 +645,10 @@ impl Hypervisor for SimHypervisor {
         &self,
         spec: &VmSpec,
         attempt_id: &str,
-        _postcopy: bool,
+        postcopy: bool,
     ) -> Result<String, HypervisorError> {
         self.inject(SimCall::StartIncoming, &spec.name).await?;
+        let address = format!("{ADDRESS_SCHEME}{}/{attempt_id}/{}", self.host, spec.name);
         self.change(|guests| {
             if guests.contains_key(&spec.name) {
                 return Err(HypervisorError::AlreadyExists(spec.name.clone()));
@@ -599,15 +660,18 @@ impl Hypervisor for SimHypervisor {
             guests.insert(spec.name.clone(), guest);
             Ok(())
         })?;
+        if postcopy {
+            link::remove(&address);
+            self.lock()
+                .incoming
+                .insert(spec.name.clone(), address.clone());
+        }
         let latency = self.settings.faults.start_incoming_latency_ms;
         if latency > 0 {
             // A slow start, as QEMU's can be: the guest is there already.
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        Ok(format!(
-            "{ADDRESS_SCHEME}{}/{attempt_id}/{}",
-            self.host, spec.name
-        ))
+        Ok(address)
     }
 
     async fn transfer_out(
@@ -615,7 +679,155 @@ impl Hypervisor for SimHypervisor {
         vm: &str,
         _destination: &str,
         address: &str,
-        _plan: TransferPlan,
+        plan: TransferPlan,
+        progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError> {
+        self.lock().completed.remove(vm);
+        let result = self.run_transfer(vm, address, plan, progress).await;
+        if plan.postcopy {
+            // What the destination's end of the link sees: before the
+            // switchover it rolls back; after it, the rest of the guest's
+            // memory is gone with the link.
+            match &result {
+                Ok(_) => {
+                    link::write(address, link::COMPLETED);
+                    // A switch asked from now finds the transfer done.
+                    self.lock().completed.insert(vm.to_string());
+                }
+                Err(_) => link::write(address, link::FAILED),
+            }
+        }
+        result
+    }
+
+    async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::CancelTransfer, vm).await?;
+        if let Some(control) = self.lock().transfers.get(vm) {
+            if control.switched.load(Ordering::Acquire) {
+                return Err(HypervisorError::Failed(format!(
+                    "the transfer of {vm} is in post-copy: it cannot be cancelled (the guest runs on the destination)"
+                )));
+            }
+            control.cancelled.store(true, Ordering::Release);
+            // `notify_one` keeps a permit if the transfer is between two
+            // sleeps, so the wake-up cannot be lost.
+            control.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
+        if self.lock().completed.contains(vm) {
+            // The whole guest went by pre-copy: nothing is left to switch,
+            // and the guest must not run here again all the same.
+            return Ok(());
+        }
+        let control = self.lock().transfers.get(vm).cloned().ok_or_else(|| {
+            HypervisorError::Failed(format!(
+                "no transfer of {vm} is running to switch to post-copy"
+            ))
+        })?;
+        if !control.postcopy_allowed {
+            return Err(HypervisorError::Failed(format!(
+                "the transfer of {vm} was started without post-copy"
+            )));
+        }
+        let switched = control.switched_notify.notified();
+        control.switch_requested.store(true, Ordering::Release);
+        control.wake.notify_one();
+        if !control.switched.load(Ordering::Acquire) {
+            switched.await;
+        }
+        Ok(())
+    }
+
+    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
+        let address = self.lock().incoming.get(vm).cloned().ok_or_else(|| {
+            HypervisorError::Failed(format!("{vm} was not started ready for post-copy here"))
+        })?;
+        loop {
+            if !self.guest_exists(vm) {
+                return Err(HypervisorError::NoSuchGuest(vm.to_string()));
+            }
+            match link::read(&address).as_deref() {
+                Some(link::POSTCOPY | link::COMPLETED) => return Ok(()),
+                Some(link::FAILED) => {
+                    link::remove(&address);
+                    return Err(HypervisorError::Failed(format!(
+                        "the transfer of {vm} ended before the switchover"
+                    )));
+                }
+                _ => tokio::time::sleep(TICK).await,
+            }
+        }
+    }
+
+    async fn recover_incoming(
+        &self,
+        vm: &str,
+        _attempt_id: &str,
+    ) -> Result<String, HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "the sim link of {vm} never breaks: nothing to recover"
+        )))
+    }
+
+    async fn resume_postcopy(&self, vm: &str, _address: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "the sim link of {vm} never breaks: nothing to resume"
+        )))
+    }
+    async fn complete_incoming(
+        &self,
+        vm: &str,
+        _stats: &TransferStats,
+    ) -> Result<(), HypervisorError> {
+        self.inject(SimCall::CompleteIncoming, vm).await?;
+        // The simulated transfer arrives the instant the source reports it
+        // complete; nothing is left to wait for.
+        match self.lock().guests.get(vm) {
+            None => Err(HypervisorError::NoSuchGuest(vm.to_string())),
+            Some(guest) if guest.state == GuestState::Incoming => Ok(()),
+            Some(guest) => Err(HypervisorError::Failed(format!(
+                "guest {vm} is {}, not incoming",
+                state_word(guest.state)
+            ))),
+        }
+    }
+    async fn pause(&self, vm: &str) -> Result<(), HypervisorError> {
+        // An incoming guest is already paused and stays incoming.
+        self.set_state(vm, |state| {
+            Ok(match state {
+                GuestState::Running => GuestState::Paused,
+                other => other,
+            })
+        })
+    }
+
+    async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::Resume, vm).await?;
+        self.set_state(vm, |_| Ok(GuestState::Running))
+    }
+
+    async fn kill(&self, vm: &str) -> Result<(), HypervisorError> {
+        self.inject(SimCall::Kill, vm).await?;
+        self.change(|guests| {
+            guests.remove(vm);
+            Ok(())
+        })
+    }
+
+    async fn status(&self, vm: &str) -> Option<GuestState> {
+        self.lock().guests.get(vm).map(|guest| guest.state)
+    }
+}
+
+impl SimHypervisor {
+    async fn run_transfer(
+        &self,
+        vm: &str,
+        address: &str,
+        plan: TransferPlan,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
         if !address.starts_with(ADDRESS_SCHEME) {
@@ -647,7 +859,10 @@ impl Hypervisor for SimHypervisor {
                     "a transfer of {vm} is already running"
                 )));
             }
-            let control = Arc::new(TransferControl::default());
+            let control = Arc::new(TransferControl {
+                postcopy_allowed: plan.postcopy,
+                ..TransferControl::default()
+            });
             inner.transfers.insert(vm.to_string(), control.clone());
             (
                 spec,
@@ -659,8 +874,15 @@ impl Hypervisor for SimHypervisor {
             )
         };
         let control = &registration.control;
-
-        let mut copy = PreCopy::new(&spec, &self.settings);
+        if plan.postcopy {
+            link::write(address, link::PRECOPY);
+        }
+        let mut settings = self.settings;
+        if plan.downtime_limit_ms > 0 {
+            settings.downtime_limit_ms = plan.downtime_limit_ms;
+        }
+        let mut copy = PreCopy::new(&spec, &settings);
+        let mut stage = TransferStage::Precopy;
         if copy.bandwidth == 0 && copy.memory > 0 {
             return Err(HypervisorError::Failed(format!(
                 "cannot transfer {vm}: the sim link has no bandwidth"
@@ -703,9 +925,28 @@ impl Hypervisor for SimHypervisor {
                     )));
                 }
                 copy.send(chunk);
+                if stage == TransferStage::Precopy
+                    && control.switch_requested.load(Ordering::Acquire)
+                {
+                    // The switchover: the guest stops here, its device
+                    // state goes, and what is still dirty or unsent is
+                    // pulled by the destination, which runs it from now.
+                    self.set_state(vm, |_| Ok(GuestState::Paused))?;
+                    let rest = copy.remaining();
+                    copy.stop_and_copy = true;
+                    copy.iteration_bytes = copy.sent_in_iteration + rest;
+                    downtime_bytes = 0;
+                    stage = TransferStage::Postcopy;
+                    link::write(address, link::POSTCOPY);
+                    control.switched.store(true, Ordering::Release);
+                    control.switched_notify.notify_waiters();
+                }
                 // A full or closed channel is the watcher's problem, never the
                 // transfer's.
-                let _ = progress.try_send(copy.stats());
+                let _ = progress.try_send(TransferStats {
+                    stage,
+                    ..copy.stats()
+                });
             }
             if copy.stop_and_copy {
                 // The simulated guest was paused for exactly the final copy.
@@ -713,101 +954,19 @@ impl Hypervisor for SimHypervisor {
                 let done = TransferStats {
                     expected_downtime_ms: downtime_ms,
                     downtime_ms,
+                    stage,
                     ..copy.stats()
                 };
+                if stage == TransferStage::Precopy {
+                    // A switch asked during the final pass finds it done.
+                    control.switched.store(true, Ordering::Release);
+                    control.switched_notify.notify_waiters();
+                }
                 let _ = progress.try_send(done);
                 return Ok(done);
             }
             copy.next_iteration();
         }
-    }
-
-    async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
-        self.inject(SimCall::CancelTransfer, vm).await?;
-        if let Some(control) = self.lock().transfers.get(vm) {
-            control.cancelled.store(true, Ordering::Release);
-            // `notify_one` keeps a permit if the transfer is between two
-            // sleeps, so the wake-up cannot be lost.
-            control.wake.notify_one();
-        }
-        Ok(())
-    }
-
-    async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
-    }
-
-    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
-    }
-
-    async fn recover_incoming(
-        &self,
-        vm: &str,
-        _attempt_id: &str,
-    ) -> Result<String, HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
-    }
-
-    async fn resume_postcopy(&self, vm: &str, _address: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
-    }
-
-    async fn complete_incoming(
-        &self,
-        vm: &str,
-        _stats: &TransferStats,
-    ) -> Result<(), HypervisorError> {
-        self.inject(SimCall::CompleteIncoming, vm).await?;
-        // The simulated transfer arrives the instant the source reports it
-        // complete; nothing is left to wait for.
-        match self.lock().guests.get(vm) {
-            None => Err(HypervisorError::NoSuchGuest(vm.to_string())),
-            Some(guest) if guest.state == GuestState::Incoming => Ok(()),
-            Some(guest) => Err(HypervisorError::Failed(format!(
-                "guest {vm} is {}, not incoming",
-                state_word(guest.state)
-            ))),
-        }
-    }
-
-    async fn pause(&self, vm: &str) -> Result<(), HypervisorError> {
-        // An incoming guest is already paused and stays incoming.
-        self.set_state(vm, |state| {
-            Ok(match state {
-                GuestState::Running => GuestState::Paused,
-                other => other,
-            })
-        })
-    }
-
-    async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
-        self.inject(SimCall::Resume, vm).await?;
-        self.set_state(vm, |_| Ok(GuestState::Running))
-    }
-
-    async fn kill(&self, vm: &str) -> Result<(), HypervisorError> {
-        self.inject(SimCall::Kill, vm).await?;
-        self.change(|guests| {
-            guests.remove(vm);
-            Ok(())
-        })
-    }
-
-    async fn status(&self, vm: &str) -> Option<GuestState> {
-        self.lock().guests.get(vm).map(|guest| guest.state)
     }
 }
 
@@ -977,6 +1136,113 @@ mod tests {
         assert_eq!(expected, Duration::from_millis(125));
         assert!(took >= expected, "{took:?} < {expected:?}");
         assert!(took < expected * 2, "{took:?}");
+    }
+
+    /// Source and destination sim hypervisors of one post-copy transfer of
+    /// a guest that dirties memory faster than the link carries it.
+    fn postcopy_pair(attempt: &str) -> (Arc<SimHypervisor>, SimHypervisor, String) {
+        let slow = SimSettings {
+            speed: 1.0,
+            ..settings(256, 30)
+        };
+        let src =
+            Arc::new(SimHypervisor::in_memory("hv-a", slow, &[vm("web", 1024, 512)]).unwrap());
+        let dst = SimHypervisor::in_memory("hv-b", slow, &[]).unwrap();
+        (src, dst, attempt.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_post_copy_stops_the_guest_here_and_the_destination_sees_it() {
+        let (src, dst, attempt) = postcopy_pair("m-pc1.1");
+        let address = dst
+            .start_incoming(&vm("web", 1024, 512), &attempt, true)
+            .await
+            .expect("incoming");
+        let (tx, mut rx) = mpsc::channel(1024);
+        let plan = TransferPlan {
+            postcopy: true,
+            downtime_limit_ms: 0,
+        };
+        let running = {
+            let (src, address) = (src.clone(), address.clone());
+            tokio::spawn(async move { src.transfer_out("web", "hv-b", &address, plan, tx).await })
+        };
+        let first = rx.recv().await.expect("progress");
+        assert_eq!(first.stage, TransferStage::Precopy);
+        // Nothing switched yet: the destination waits.
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(150), dst.await_switchover("web")).await;
+        assert!(
+            waiting.is_err(),
+            "the destination must wait for the switchover"
+        );
+        src.start_postcopy("web").await.expect("switched");
+        assert_eq!(src.status("web").await, Some(GuestState::Paused));
+        dst.await_switchover("web")
+            .await
+            .expect("the switchover arrived");
+        let refused = src.cancel_transfer("web").await.unwrap_err();
+        assert!(refused.to_string().contains("post-copy"), "{refused}");
+        let done = running.await.unwrap().expect("the last page went");
+        assert_eq!(done.stage, TransferStage::Postcopy);
+        let mut seen = Vec::new();
+        while let Ok(s) = rx.try_recv() {
+            seen.push(s.stage);
+        }
+        assert!(seen.contains(&TransferStage::Postcopy), "{seen:?}");
+        link::remove(&address);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_that_ends_before_the_switchover_tells_the_destination() {
+        let (src, dst, attempt) = postcopy_pair("m-pc2.1");
+        let address = dst
+            .start_incoming(&vm("web", 1024, 512), &attempt, true)
+            .await
+            .expect("incoming");
+        let (tx, mut rx) = mpsc::channel(1024);
+        let plan = TransferPlan {
+            postcopy: true,
+            downtime_limit_ms: 0,
+        };
+        let running = {
+            let (src, address) = (src.clone(), address.clone());
+            tokio::spawn(async move { src.transfer_out("web", "hv-b", &address, plan, tx).await })
+        };
+        rx.recv().await.expect("progress");
+        src.cancel_transfer("web")
+            .await
+            .expect("cancel before the switchover");
+        assert!(matches!(
+            running.await.unwrap(),
+            Err(HypervisorError::Cancelled(_))
+        ));
+        assert_eq!(src.status("web").await, Some(GuestState::Running));
+        let err = dst.await_switchover("web").await.unwrap_err();
+        assert!(err.to_string().contains("before the switchover"), "{err}");
+        // And without post-copy enabled there is nothing to switch.
+        let (tx, _rx) = mpsc::channel(1024);
+        let running = {
+            let src = src.clone();
+            tokio::spawn(async move {
+                src.transfer_out(
+                    "web",
+                    "hv-b",
+                    "sim://hv-b/m-pc2.2/web",
+                    TransferPlan::default(),
+                    tx,
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = src.start_postcopy("web").await.unwrap_err();
+        assert!(
+            refused.to_string().contains("without post-copy"),
+            "{refused}"
+        );
+        src.cancel_transfer("web").await.unwrap();
+        let _ = running.await;
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::address::check_incoming;
-use super::completion::{self, Completion, DEFAULT_DOWNTIME_LIMIT_MS, Step};
+use super::completion::{self, Completion, DEFAULT_DOWNTIME_LIMIT_MS, Postcopy, Step};
 use super::convergence::{Convergence, ConvergenceView, record_remaining};
 use super::cookies::{self, read_stage_result};
 use super::mutations::{Mutation, planted};
@@ -345,13 +345,14 @@ impl SourceAttempt {
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
         attempt.record.start_phase(Phase::Prepare, now);
-        let c1 = cookies::cookie1(
+        let mut c1 = cookies::cookie1(
             &attempt.attempt_id,
             &attempt.migration_id,
             &attempt.host,
             &attempt.vm,
             attempt.mode,
         );
+        c1.postcopy = attempt.record.completion.postcopy != Postcopy::Never;
         attempt.record.cookies.push(cookies::describe(&c1));
         let actions = vec![attempt.journal(), SourceAction::SendPrepare(c1)];
         (attempt, actions)
@@ -791,7 +792,17 @@ impl SourceAttempt {
         if self.state != SourceState::Switching {
             return Vec::new();
         }
+        // A transfer that completed meanwhile has the whole guest at the
+        // destination, whatever the switch says: ask for the commit.
+        let completed = matches!(self.drained, Some(Ok(())));
         match result {
+            _ if completed => {
+                self.state = SourceState::FinishSent;
+                self.last_peer_contact = now;
+                let c3 = self.cookie3(proto::TransferStatus::Completed);
+                self.record.cookies.push(cookies::describe(&c3));
+                vec![self.journal(), SourceAction::SendFinish(c3)]
+            }
             Ok(()) => {
                 self.state = SourceState::FinishSent;
                 self.last_peer_contact = now;
