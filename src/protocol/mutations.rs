@@ -32,10 +32,13 @@ pub enum Mutation {
     /// The source transfers the guest to whatever address C2 names, not
     /// only to the destination's own migration address.
     AcceptAnyIncomingAddress,
+    /// The source takes the switch to post-copy for one that failed, and
+    /// resumes its copy after the switchover.
+    ResumeAfterSwitchover,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 8] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::RollbackOneTooFew,
         Mutation::ResumeOnUnknownOutcome,
         Mutation::CommitAfterNotCommitted,
@@ -44,6 +47,7 @@ impl Mutation {
         Mutation::ReplyCommittedBeforeResume,
         Mutation::ReplyBeforeDurable,
         Mutation::AcceptAnyIncomingAddress,
+        Mutation::ResumeAfterSwitchover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Mutation {
             Mutation::ReplyCommittedBeforeResume => "reply-committed-before-resume",
             Mutation::ReplyBeforeDurable => "reply-before-durable",
             Mutation::AcceptAnyIncomingAddress => "accept-any-incoming-address",
+            Mutation::ResumeAfterSwitchover => "resume-after-switchover",
         }
     }
 

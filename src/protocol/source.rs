@@ -795,6 +795,12 @@ impl SourceAttempt {
         // A transfer that completed meanwhile has the whole guest at the
         // destination, whatever the switch says: ask for the commit.
         let completed = matches!(self.drained, Some(Ok(())));
+        let result = match result {
+            Ok(()) if planted(Mutation::ResumeAfterSwitchover) => {
+                Err(GuestOpError::Failed("planted".into()))
+            }
+            other => other,
+        };
         match result {
             _ if completed => {
                 self.state = SourceState::FinishSent;

@@ -222,6 +222,13 @@ impl World {
                         "{} on {} is still unresolved after every agent is back",
                         a.attempt_id, host.name
                     )),
+                    // Only a guest that really died is reported lost.
+                    Some(Outcome::Lost) if !self.lost_vms.contains(&a.vm.name) => {
+                        found.push(format!(
+                            "{} on {} reports {} lost, but it is not",
+                            a.attempt_id, host.name, a.vm.name
+                        ))
+                    }
                     Some(_) if !a.is_done() => found.push(format!(
                         "{} on {} has an outcome but is not done ({:?})",
                         a.attempt_id, host.name, a.state
@@ -258,9 +265,10 @@ impl World {
                     continue;
                 };
                 let committed = d.state == DestinationState::Committed;
+                // Lost after a commit: it moved, then died there.
                 let moved = matches!(
                     s.record.outcome,
-                    Some(Outcome::Succeeded | Outcome::Degraded)
+                    Some(Outcome::Succeeded | Outcome::Degraded | Outcome::Lost)
                 );
                 let forced = s.forced().is_some();
                 if !forced && (committed != moved || committed != s.record.committed) {
@@ -292,9 +300,10 @@ impl World {
                 if lost(&s.destination) || s.forced().is_some() {
                     continue;
                 }
+                // Lost after a commit: it moved, then died there.
                 let moved = matches!(
                     s.record.outcome,
-                    Some(Outcome::Succeeded | Outcome::Degraded)
+                    Some(Outcome::Succeeded | Outcome::Degraded | Outcome::Lost)
                 );
                 let destination = self.hosts.iter().position(|x| x.name == s.destination);
                 let committed = destination

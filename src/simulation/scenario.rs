@@ -68,6 +68,13 @@ pub struct Scenario {
     pub evacuations: u32,
     pub max_outgoing: u32,
     pub max_incoming: u32,
+    /// Chance that an operator's migration asks for post-copy (now, or
+    /// auto with a short budget) or for pre-copy with a short budget.
+    pub postcopy: f64,
+    /// Chance that the switch to post-copy fails (nothing happens).
+    pub switch_fails: f64,
+    /// Chance that it never answers (and switched or not).
+    pub switch_hangs: f64,
 }
 
 /// Chances, per call, that a hypervisor call or a stage fails (the
@@ -262,6 +269,9 @@ impl Scenario {
             // Drawn last, so the schedules of every other fault stay as
             // they were before it existed.
             wrong_address: pick(&mut rng, &[0.0, 0.0, 0.05]),
+            postcopy: pick(&mut rng, &[0.0, 0.3, 0.6]),
+            switch_fails: pick(&mut rng, &[0.0, 0.0, 0.1]),
+            switch_hangs: pick(&mut rng, &[0.0, 0.0, 0.05]),
         }
     }
 }

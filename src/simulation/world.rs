@@ -8,6 +8,7 @@
 //! carries the core's actions out with simulated IO, the way
 //! `crate::agent` does with real IO, and injects the faults.
 
+use crate::protocol::completion::{CompletionRequest, Postcopy};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -237,6 +238,12 @@ struct Transfer {
     stalls: bool,
     fails_at: Option<u32>,
     state: TransferState,
+    /// Post-copy was enabled for it (the plan).
+    postcopy: bool,
+    /// It switched to post-copy: the guest's CPUs may run at the
+    /// destination, which pulls the rest from the source. The source's
+    /// copy (this version) must never run again.
+    switched: Option<u64>,
 }
 
 /// What a finished op changes on the host when its answer comes.
@@ -341,6 +348,9 @@ pub struct World {
     /// VMs whose only running copy died: with a host lost for good, or a
     /// power loss.
     pub(super) lost_vms: BTreeSet<String>,
+    /// Destinations' `AwaitSwitchover` calls not answered yet: host, epoch,
+    /// op, VM.
+    switch_waiters: Vec<(usize, u32, OpId, String)>,
     /// Every attempt a source journaled, in order: (source host, vm, attempt id).
     pub(super) begun: Vec<(usize, String, String)>,
     begun_ids: BTreeSet<String>,
@@ -402,6 +412,7 @@ impl World {
             latest_copy: BTreeMap::new(),
             next_copy: 0,
             lost_vms: BTreeSet::new(),
+            switch_waiters: Vec::new(),
             begun: Vec::new(),
             begun_ids: BTreeSet::new(),
             capacity_answers: Vec::new(),
@@ -561,8 +572,71 @@ impl World {
                 _ => self.handle_event(event),
             }
         }
+        self.answer_switch_waiters();
         self.check_step();
         true
+    }
+
+    /// What a destination waiting for the switchover of `vm` learns now:
+    /// it came (or the whole guest did), the transfer ended without it, or
+    /// nothing yet.
+    fn switchover_state(&self, to: usize, vm: &str) -> Option<Result<(), String>> {
+        let Some(t) = self
+            .transfers
+            .values()
+            .filter(|t| t.to == to && t.vm == vm)
+            .last()
+        else {
+            return Some(Err(format!("no transfer of {vm} came")));
+        };
+        if t.switched.is_some() || t.state == TransferState::Completed {
+            return Some(Ok(()));
+        }
+        match t.state {
+            TransferState::Active => None,
+            _ => Some(Err(format!(
+                "the transfer of {vm} ended before the switchover"
+            ))),
+        }
+    }
+
+    fn answer_switch_waiters(&mut self) {
+        if self.switch_waiters.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.switch_waiters);
+        for (h, epoch, op, vm) in waiters {
+            if self.hosts[h].epoch != epoch || self.hosts[h].core.is_none() {
+                continue; // the process that asked is gone
+            }
+            match self.switchover_state(h, &vm) {
+                Some(result) => {
+                    let result = result
+                        .map(|()| OpOutput::Done)
+                        .map_err(OpError::Failed);
+                    self.op_done(h, op, 1, result, None);
+                }
+                None => self.switch_waiters.push((h, epoch, op, vm)),
+            }
+        }
+    }
+
+    /// A switched transfer stopped before the last page went: the guest at
+    /// the destination cannot get the rest of its memory. It is lost.
+    fn postcopy_broken(&mut self, id: u64) {
+        let Some(t) = self.transfers.get(&id) else {
+            return;
+        };
+        if t.switched.is_none() || t.state == TransferState::Completed {
+            return;
+        }
+        let (vm, to) = (t.vm.clone(), t.to);
+        let name = self.hosts[to].name.clone();
+        self.fault("post-copy broken", || {
+            format!("the post-copy transfer of {vm} to {name} broke: the guest is lost")
+        });
+        self.hosts[to].guests.remove(&vm);
+        self.lost_vms.insert(vm);
     }
 
     /// The agent process an event needs to run, if any.
@@ -744,8 +818,15 @@ impl World {
             }
         }
         if !self.scenario.transfers_survive_crash {
-            for t in self.transfers.values_mut() {
-                if t.from == h && t.state == TransferState::Active {
+            let stopped: Vec<u64> = self
+                .transfers
+                .iter()
+                .filter(|(_, t)| t.from == h && t.state == TransferState::Active)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in stopped {
+                self.postcopy_broken(id);
+                if let Some(t) = self.transfers.get_mut(&id) {
                     t.state = TransferState::Stopped;
                 }
             }
@@ -789,12 +870,24 @@ impl World {
     fn guests_die(&mut self, h: usize) {
         // A running or paused copy was the VM (an incoming one was not yet).
         for (vm, g) in std::mem::take(&mut self.hosts[h].guests) {
-            if g.state != GuestState::Incoming {
+            // After a switchover an incoming copy is the VM too.
+            let switched_here = self
+                .transfers
+                .values()
+                .any(|t| t.to == h && t.vm == vm && t.switched.is_some());
+            if g.state != GuestState::Incoming || switched_here {
                 self.lost_vms.insert(vm);
             }
         }
-        for t in self.transfers.values_mut() {
-            if (t.from == h || t.to == h) && t.state == TransferState::Active {
+        let stopped: Vec<u64> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| (t.from == h || t.to == h) && t.state == TransferState::Active)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stopped {
+            self.postcopy_broken(id);
+            if let Some(t) = self.transfers.get_mut(&id) {
                 t.state = TransferState::Stopped;
             }
         }
@@ -1259,8 +1352,10 @@ impl World {
             }
             _ => None,
         };
+        // "Ready for the switchover" is no decision.
         if let Some(c4) = c4
             && !c4.committed
+            && !c4.ready_for_switchover
         {
             self.said_not_committed.insert(c4.attempt_id);
         }
@@ -1399,13 +1494,29 @@ impl World {
                 vm,
                 destination,
                 address,
-                ..
-            } => self.start_transfer(h, op, &vm, &destination, &address),
-            // Post-copy is not in the simulated world yet: no source asks.
-            Op::AwaitSwitchover { vm } | Op::StartPostcopy { vm } => {
-                let result = Err(OpError::Failed(format!(
-                    "the simulated world has no post-copy for {vm}"
-                )));
+                plan,
+            } => self.start_transfer(h, op, &vm, &destination, &address, plan.postcopy),
+            Op::AwaitSwitchover { vm } => {
+                if !self.hosts[h].guests.contains_key(&vm) {
+                    let error = OpError::NoSuchGuest(format!("no guest {vm} here"));
+                    return self.op_done(h, op, 1, Err(error), None);
+                }
+                let epoch = self.hosts[h].epoch;
+                self.switch_waiters.push((h, epoch, op, vm));
+            }
+            Op::StartPostcopy { vm } => {
+                if chaos && self.chance(self.scenario.switch_fails) {
+                    self.fault("switch fails", || format!("switching {vm} to post-copy fails"));
+                    let error = OpError::Failed("QEMU: migrate-start-postcopy failed".into());
+                    return self.op_done(h, op, quick, Err(error), None);
+                }
+                if chaos && self.chance(self.scenario.switch_hangs) {
+                    if self.rng.random_bool(0.5) {
+                        let _ = self.switch_to_postcopy(h, &vm);
+                    }
+                    return self.hang(h, &format!("switching {vm} to post-copy"));
+                }
+                let result = self.switch_to_postcopy(h, &vm);
                 self.op_done(h, op, quick, result, None);
             }
             Op::CancelTransfer { vm } => {
@@ -1504,6 +1615,16 @@ impl World {
             return Ok(OpOutput::Done);
         }
         let forced = self.forced_back.remove(vm);
+        let switched_away = self
+            .transfers
+            .values()
+            .any(|t| t.from == h && t.vm == vm && t.switched == Some(guest.copy));
+        if switched_away && !forced {
+            self.violation(format!(
+                "{} resumed its copy of {vm} after the switchover to post-copy",
+                self.hosts[h].name
+            ));
+        }
         if guest.copy == 0 {
             self.violation(format!(
                 "{} resumed the incoming guest {vm}, which never received the transfer",
@@ -1569,6 +1690,49 @@ impl World {
         )
     }
 
+    /// `migrate-start-postcopy`: the guest stops here, its device state
+    /// goes, and the destination holds this version of it (the pages it
+    /// lacks it pulls from here).
+    fn switch_to_postcopy(&mut self, h: usize, vm: &str) -> Result<OpOutput, OpError> {
+        let latest = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| t.from == h && t.vm == vm)
+            .map(|(&id, _)| id)
+            .last();
+        let Some(id) = latest else {
+            return Err(OpError::Failed(format!("no transfer of {vm} to switch")));
+        };
+        let t = &self.transfers[&id];
+        match t.state {
+            // The whole guest went by pre-copy: nothing left to switch.
+            TransferState::Completed => return Ok(OpOutput::Done),
+            TransferState::Active if !t.postcopy => {
+                return Err(OpError::Failed(format!(
+                    "the transfer of {vm} was started without post-copy"
+                )));
+            }
+            TransferState::Active if t.switched.is_some() => return Ok(OpOutput::Done),
+            TransferState::Active => {}
+            _ => return Err(OpError::Failed(format!("the transfer of {vm} is over"))),
+        }
+        let to = t.to;
+        let copy = match self.hosts[h].guests.get_mut(vm) {
+            Some(g) => {
+                if g.state == GuestState::Running {
+                    g.state = GuestState::Paused;
+                }
+                g.copy
+            }
+            None => return Err(OpError::NoSuchGuest(format!("no guest {vm} here"))),
+        };
+        if let Some(g) = self.hosts[to].guests.get_mut(vm) {
+            g.copy = copy;
+        }
+        self.transfers.get_mut(&id).expect("transfer").switched = Some(copy);
+        Ok(OpOutput::Done)
+    }
+
     fn start_transfer(
         &mut self,
         from: usize,
@@ -1576,6 +1740,7 @@ impl World {
         vm: &str,
         destination: &str,
         address: &str,
+        postcopy: bool,
     ) {
         let to = address
             .strip_prefix("sim://")
@@ -1629,6 +1794,8 @@ impl World {
                 stalls,
                 fails_at,
                 state: TransferState::Active,
+                postcopy,
+                switched: None,
             },
         );
         self.push(tick, Event::TransferTick { transfer: id });
@@ -1643,11 +1810,15 @@ impl World {
         }
         let (from, to, tick, op, epoch) = (t.from, t.to, t.tick, t.op, t.epoch);
         let vm = t.vm.clone();
-        let incoming = self.hosts[to]
+        let switched = t.switched.is_some();
+        // After the switchover the destination's copy may run: it pulls
+        // pages as long as it is there.
+        let receiving = self.hosts[to]
             .guests
             .get(&vm)
-            .is_some_and(|g| g.state == GuestState::Incoming);
-        if !incoming || t.fails_at == Some(t.done + 1) {
+            .is_some_and(|g| switched || g.state == GuestState::Incoming);
+        if !receiving || t.fails_at == Some(t.done + 1) {
+            self.postcopy_broken(id);
             self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
             let error = Err(OpError::Failed(
                 "the destination closed the migration stream".to_string(),
@@ -1667,6 +1838,11 @@ impl World {
             bytes_transferred: total * t.done as u64 / t.steps as u64,
             bytes_remaining: total - total * t.done as u64 / t.steps as u64,
             iteration: t.done,
+            stage: if switched {
+                crate::protocol::TransferStage::Postcopy
+            } else {
+                crate::protocol::TransferStage::Precopy
+            },
             ..Default::default()
         };
         if t.done < t.steps {
@@ -1682,9 +1858,15 @@ impl World {
             );
             return;
         }
+        t.state = TransferState::Completed;
+        if switched {
+            // The last page went: the destination's copy (which may have
+            // run since) is whole.
+            self.transfer_ended(from, epoch, op, Ok(OpOutput::Transferred(stats)));
+            return;
+        }
         // Pre-copy converged: the source guest stops, the last pages go, and
         // the destination holds the same copy.
-        t.state = TransferState::Completed;
         let copy = match self.hosts[from].guests.get_mut(&vm) {
             Some(g) => {
                 if g.state == GuestState::Running {
@@ -1763,6 +1945,25 @@ impl World {
         }
     }
 
+    /// The completion policy an operator asks for: mostly the mode's, now
+    /// and then post-copy at once, auto or pre-copy only with a budget
+    /// short enough to run out (a second per GiB).
+    fn completion(&mut self) -> CompletionRequest {
+        if !self.chance(self.scenario.postcopy) {
+            return CompletionRequest::default();
+        }
+        let postcopy = match self.rng.random_range(0..3) {
+            0 => Postcopy::Now,
+            1 => Postcopy::Auto,
+            _ => Postcopy::Never,
+        };
+        CompletionRequest {
+            postcopy: Some(postcopy),
+            timeout_per_gib_s: Some(1),
+            ..CompletionRequest::default()
+        }
+    }
+
     fn operator_migrate(&mut self) {
         let vms = self.scenario.vms.len();
         let vm = self.scenario.vms[self.rng.random_range(0..vms)]
@@ -1783,12 +1984,14 @@ impl World {
         };
         let to = (h + self.rng.random_range(1..n)) % n;
         let mode = self.mode();
+        let completion = self.completion();
         let destination = self.hosts[to].name.clone();
         let guests = self.guests_of(h);
         let what = format!(
-            "migrate {vm} {} -> {destination} ({})",
+            "migrate {vm} {} -> {destination} ({}{})",
             self.hosts[h].name,
-            mode.as_str()
+            mode.as_str(),
+            describe_completion(&completion)
         );
         self.ask(
             h,
@@ -1797,7 +2000,7 @@ impl World {
                 vm,
                 destination,
                 mode,
-                completion: Default::default(),
+                completion,
                 guests,
             },
         );
@@ -1840,15 +2043,20 @@ impl World {
             self.hosts[to].name.clone()
         };
         let mode = self.mode();
+        let completion = self.completion();
         let guests = self.guests_of(h);
         self.ask(
             h,
-            format!("retry {id} on {destination} ({})", mode.as_str()),
+            format!(
+                "retry {id} on {destination} ({}{})",
+                mode.as_str(),
+                describe_completion(&completion)
+            ),
             Request::Retry {
                 id,
                 destination: Some(destination),
                 mode: Some(mode),
-                completion: Default::default(),
+                completion,
                 guests,
             },
         );
@@ -2220,5 +2428,13 @@ fn short(value: &impl std::fmt::Debug) -> String {
         format!("{}…", &text[..end])
     } else {
         text
+    }
+}
+
+/// ", post-copy now" and the like, for the trace.
+fn describe_completion(c: &CompletionRequest) -> String {
+    match c.postcopy {
+        Some(p) => format!(", post-copy {}, 1 s/GiB", p.as_str()),
+        None => String::new(),
     }
 }
