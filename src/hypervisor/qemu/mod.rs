@@ -16,6 +16,17 @@
 //! complete, and the guest's CPUs start only on `resume` (`cont`). Abort is
 //! `migrate_cancel`, resume the source, kill the incoming QEMU.
 //!
+//! Post-copy, when a transfer's plan allows it: both ends enable
+//! `postcopy-ram` before it begins; `migrate-start-postcopy` stops the guest
+//! on the source and sends its device state; the destination (still
+//! paused: `-S` holds through the switchover) runs it on `cont` and pulls
+//! the pages it touches. A broken link pauses both ends ("postcopy-paused");
+//! `migrate-recover` on the destination and `migrate` with `resume` on the
+//! source reconnect them. Once a source has switched it never runs again:
+//! `resume` and `cancel_transfer` refuse it, because QEMU 7.2 itself would
+//! cancel a post-copy migration and leave the guest stopped on the source
+//! with part of its memory on the destination.
+//!
 //! What a guest boots and its disks and NICs come from its typed machine,
 //! resolved against this host's config (`machine`), and every QEMU runs in
 //! QEMU's seccomp sandbox, as `run_as` when that is set.
@@ -30,6 +41,13 @@
 
 pub mod machine;
 pub mod qmp;
+
+/// The test guest of tests/qemu.rs, for the tests of post-copy: it fills
+/// its RAM, then keeps rewriting a working set, counting pages where its
+/// CPUs run.
+#[cfg(test)]
+#[path = "../../../tests/common/guest.rs"]
+mod test_guest;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +66,7 @@ use self::qmp::{MigrationInfo, Qmp, QmpError};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, TransferPlan};
 use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
 use crate::protocol::machine::MachineError;
-use crate::protocol::{TransferStats, VmSpec};
+use crate::protocol::{TransferStage, TransferStats, VmSpec};
 
 /// How often a transfer's progress is read from QEMU.
 const POLL: Duration = Duration::from_millis(100);
@@ -57,6 +75,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the incoming side may take to load what the source sent after
 /// the source reported the transfer complete.
 const INCOMING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the switch to post-copy may take once QEMU took the request:
+/// its migration thread switches at its next iteration, 7 to 120 ms here.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// `query-migrate` states after a switchover to post-copy, until
+/// "completed": the guest's memory is split between the two ends.
+const POSTCOPY: [&str; 3] = ["postcopy-active", "postcopy-paused", "postcopy-recover"];
 /// `query-migrate` states of a migration still under way.
 const MIGRATING: [&str; 6] = [
     "setup",
@@ -158,6 +182,10 @@ struct Held {
     /// The taps made for its NICs, removed once it is gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     taps: Vec<String>,
+    /// As a source: its transfer switched to post-copy, or was asked to and
+    /// QEMU has not shown that it did not. This copy must never run again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    postcopy: bool,
 }
 
 struct Instance {
@@ -245,6 +273,32 @@ impl QemuHypervisor {
             changed
         };
         if incoming_changed && let Err(e) = self.save() {
+            tracing::error!(vm, "{e}");
+        }
+    }
+
+    /// Whether `vm` holds an incoming guest, and whether, as a source, it
+    /// switched to post-copy (see [`Held::postcopy`]).
+    fn roles(&self, vm: &str) -> Result<(bool, bool), HypervisorError> {
+        self.lock()
+            .get(vm)
+            .map(|i| (i.held.incoming, i.held.postcopy))
+            .ok_or_else(|| HypervisorError::NoSuchGuest(vm.to_string()))
+    }
+
+    /// Record (durably: a restarted agent must refuse to run it too) that
+    /// `vm`'s transfer switched to post-copy from here, or may have.
+    fn set_postcopy(&self, vm: &str, postcopy: bool) {
+        let changed = {
+            let mut guests = self.lock();
+            let Some(instance) = guests.get_mut(vm) else {
+                return;
+            };
+            let changed = instance.held.postcopy != postcopy;
+            instance.held.postcopy = postcopy;
+            changed
+        };
+        if changed && let Err(e) = self.save() {
             tracing::error!(vm, "{e}");
         }
     }
@@ -411,6 +465,7 @@ impl QemuHypervisor {
                     spec: spec.clone(),
                     incoming,
                     taps,
+                    postcopy: false,
                 },
                 qmp: qmp.clone(),
                 state,
@@ -559,22 +614,41 @@ impl QemuHypervisor {
         }
     }
 
-    /// Capabilities and parameters from config, set on both ends (multifd
-    /// must be on both), and the stream's TLS: with `[tls]` this end's
-    /// credentials, loaded afresh, without it none (a QEMU that an earlier
-    /// run gave credentials must not keep using them).
-    async fn configure_migration(&self, qmp: &Qmp, end: End<'_>) -> Result<(), HypervisorError> {
+    /// Capabilities and parameters from config and the transfer's `plan`,
+    /// set on both ends (multifd and post-copy must be on both), and the
+    /// stream's TLS: with `[tls]` this end's credentials, loaded afresh,
+    /// without it none (a QEMU that an earlier run gave credentials must
+    /// not keep using them). Post-copy is set either way, since a QEMU can
+    /// be reused, and only before `migrate-incoming` or `migrate`.
+    async fn configure_migration(
+        &self,
+        qmp: &Qmp,
+        end: End<'_>,
+        plan: TransferPlan,
+    ) -> Result<(), HypervisorError> {
         let s = &self.settings;
         qmp.migrate_set_capabilities(&[
             ("auto-converge", s.auto_converge),
             ("multifd", s.multifd_channels > 0),
             ("events", true),
+            ("postcopy-ram", plan.postcopy),
         ])
         .await
-        .map_err(qemu_error)?;
+        .map_err(|e| self.capability_error(e, plan))?;
+        let downtime_limit = if plan.downtime_limit_ms > 0 {
+            plan.downtime_limit_ms
+        } else {
+            s.downtime_limit_ms
+        };
         let mut parameters = json!({
             "max-bandwidth": s.max_bandwidth_bytes_s,
-            "downtime-limit": s.downtime_limit_ms,
+            // QEMU drops `max-bandwidth` at the switchover to post-copy and
+            // sends the rest as fast as the link goes (0: no limit; 650 Mbit/s
+            // against a 32 Mbit/s cap, measured): the host's cap holds for the
+            // whole transfer. The pages the destination asks for go first
+            // whatever the limit.
+            "max-postcopy-bandwidth": s.max_bandwidth_bytes_s,
+            "downtime-limit": downtime_limit,
         });
         if s.multifd_channels > 0 {
             parameters["multifd-channels"] = json!(s.multifd_channels);
@@ -588,6 +662,91 @@ impl QemuHypervisor {
         qmp.migrate_set_parameters(parameters)
             .await
             .map_err(qemu_error)
+    }
+
+    /// QEMU's refusal of the capabilities, with what it needs for post-copy:
+    /// the destination checks that it may use userfaultfd, which this
+    /// kernel allows only to root unless `vm.unprivileged_userfaultfd` is 1.
+    fn capability_error(&self, e: QmpError, plan: TransferPlan) -> HypervisorError {
+        match e {
+            QmpError::Qemu { desc, .. }
+                if plan.postcopy && desc.contains("Postcopy is not supported") =>
+            {
+                let who = match &self.settings.run_as {
+                    Some(user) => format!(
+                        "QEMU runs as {user}, and userfaultfd is for root only unless the \
+                         sysctl vm.unprivileged_userfaultfd is 1"
+                    ),
+                    None => "post-copy needs userfaultfd from the kernel".into(),
+                };
+                failed(format!(
+                    "QEMU cannot take part in post-copy: {desc} ({who})"
+                ))
+            }
+            e => qemu_error(e),
+        }
+    }
+
+    /// Listen on port 0 of the host's migration address: for a transfer
+    /// (`migrate-incoming`), or to recover a paused post-copy one
+    /// (`migrate-recover`). Returns the address with the port QEMU chose.
+    async fn listen(&self, qmp: &Qmp, recover: bool) -> Result<String, HypervisorError> {
+        let address = &self.settings.migration_address;
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address.clone()
+        };
+        let uri = format!("tcp:{host}:0");
+        if recover {
+            qmp.migrate_recover(&uri).await
+        } else {
+            qmp.migrate_incoming(&uri).await
+        }
+        .map_err(qemu_error)?;
+        // QEMU lists the addresses it listens on newest first (it prepends
+        // each one); after migrate-recover 7.2 lists only the new one.
+        let info = qmp.query_migrate().await.map_err(qemu_error)?;
+        let port = info
+            .socket_address
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|a| a.port)
+            .ok_or_else(|| failed("QEMU did not say which port it listens on".into()))?;
+        Ok(format!("tcp:{host}:{port}"))
+    }
+
+    /// Cancel an outgoing migration still under way, so it cannot complete
+    /// later and pause the guest. Refused if it switched to post-copy, even
+    /// just before the cancel landed: QEMU 7.2 cancels that too.
+    async fn cancel_outgoing(&self, vm: &str, qmp: &Qmp) -> Result<(), HypervisorError> {
+        // MIGRATION events reach this receiver before the reply that
+        // follows them: a switch between two questions is not missed.
+        let mut events = qmp.events();
+        let mut cancelled = false;
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        loop {
+            let info = qmp.query_migrate().await.map_err(qemu_error)?;
+            let status = info.status.unwrap_or_default();
+            if POSTCOPY.contains(&status.as_str()) || switched_in(&mut events) {
+                self.set_postcopy(vm, true);
+                return Err(never_again(vm));
+            }
+            if !MIGRATING.contains(&status.as_str()) && status != "cancelling" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "the migration of {vm} is still {status} after migrate_cancel"
+                )));
+            }
+            if !cancelled && status != "cancelling" {
+                tracing::warn!(vm, "cancelling an outgoing migration ({status}) to resume");
+                qmp.migrate_cancel().await.map_err(qemu_error)?;
+                cancelled = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// (Re)create this end's `tls-creds-x509` object from `dir`; returns
@@ -810,6 +969,53 @@ fn watch_exit(vm: &str, qmp: &Qmp) -> Arc<AtomicBool> {
     gone
 }
 
+/// Whether a MIGRATION event waiting in `events` says post-copy: the
+/// migration switched, whatever `query-migrate` says now.
+fn switched_in(events: &mut tokio::sync::broadcast::Receiver<qmp::QmpEvent>) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut switched = false;
+    loop {
+        match events.try_recv() {
+            Ok(event) => switched |= is_switch(&event),
+            Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return switched,
+        }
+    }
+}
+
+fn is_switch(event: &qmp::QmpEvent) -> bool {
+    event.event == "MIGRATION"
+        && event.data["status"]
+            .as_str()
+            .is_some_and(|status| POSTCOPY.contains(&status))
+}
+
+/// Whether this QEMU's CPUs may be waiting for pages that cannot come: a
+/// destination resumed in post-copy whose link broke. (A source in
+/// post-copy never runs.) Asked briefly: an unanswered question is a no.
+async fn waits_for_pages(qmp: &Qmp) -> bool {
+    let ask = async {
+        let info = qmp.query_migrate().await.ok()?;
+        let paused = matches!(
+            info.status.as_deref(),
+            Some("postcopy-paused" | "postcopy-recover")
+        );
+        Some(paused && qmp.query_status().await.ok()?.running)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ask).await,
+        Ok(Some(true))
+    )
+}
+
+/// The refusal to run a source after its switchover to post-copy.
+fn never_again(vm: &str) -> HypervisorError {
+    failed(format!(
+        "the transfer of {vm} switched to post-copy from this host: only its destination may \
+         run the guest now, and this copy must never run again"
+    ))
+}
+
 /// Our guest state from QEMU's run state.
 fn guest_state(status: &str, incoming: bool) -> GuestState {
     match status {
@@ -828,6 +1034,13 @@ pub fn transfer_stats(info: &MigrationInfo) -> TransferStats {
     } else {
         ram.page_size
     };
+    let stage = match info.status.as_deref() {
+        Some("postcopy-active") => TransferStage::Postcopy,
+        Some("postcopy-paused" | "postcopy-recover") => TransferStage::PostcopyPaused,
+        // Completed after a switchover: pages went in post-copy.
+        Some("completed") if ram.postcopy_bytes > 0 => TransferStage::Postcopy,
+        _ => TransferStage::Precopy,
+    };
     TransferStats {
         bytes_total: ram.total,
         bytes_transferred: ram.transferred,
@@ -839,7 +1052,8 @@ pub fn transfer_stats(info: &MigrationInfo) -> TransferStats {
         elapsed_ms: info.total_time.unwrap_or(0),
         setup_time_ms: info.setup_time.unwrap_or(0),
         downtime_ms: info.downtime.unwrap_or(0),
-        ..TransferStats::default()
+        stage,
+        postcopy_requests: ram.postcopy_requests,
     }
 }
 
@@ -903,32 +1117,20 @@ impl Hypervisor for QemuHypervisor {
         &self,
         spec: &VmSpec,
         _attempt_id: &str,
-        _postcopy: bool,
+        postcopy: bool,
     ) -> Result<String, HypervisorError> {
         if self.lock().contains_key(&spec.name) {
             return Err(HypervisorError::AlreadyExists(spec.name.clone()));
         }
         let qmp = self.launch(spec, true).await?;
         self.save()?;
+        let plan = TransferPlan {
+            postcopy,
+            downtime_limit_ms: 0,
+        };
         let listen = async {
-            self.configure_migration(&qmp, End::Incoming).await?;
-            let address = &self.settings.migration_address;
-            let host = if address.contains(':') {
-                format!("[{address}]")
-            } else {
-                address.clone()
-            };
-            qmp.migrate_incoming(&format!("tcp:{host}:0"))
-                .await
-                .map_err(qemu_error)?;
-            let info = qmp.query_migrate().await.map_err(qemu_error)?;
-            let port = info
-                .socket_address
-                .unwrap_or_default()
-                .into_iter()
-                .find_map(|a| a.port)
-                .ok_or_else(|| failed("QEMU did not say which port it listens on".into()))?;
-            Ok(format!("tcp:{host}:{port}"))
+            self.configure_migration(&qmp, End::Incoming, plan).await?;
+            self.listen(&qmp, false).await
         };
         match listen.await {
             Ok(uri) => Ok(uri),
@@ -944,7 +1146,7 @@ impl Hypervisor for QemuHypervisor {
         vm: &str,
         destination: &str,
         address: &str,
-        _plan: TransferPlan,
+        plan: TransferPlan,
         progress: mpsc::Sender<TransferStats>,
     ) -> Result<TransferStats, HypervisorError> {
         if !address.starts_with("tcp:") {
@@ -960,18 +1162,20 @@ impl Hypervisor for QemuHypervisor {
                 status.status
             )));
         }
-        self.configure_migration(&qmp, End::Outgoing { destination })
+        self.configure_migration(&qmp, End::Outgoing { destination }, plan)
             .await?;
         qmp.migrate(address).await.map_err(qemu_error)?;
         let started = Instant::now();
         let mut ticker = tokio::time::interval(POLL);
+        let mut switched = false;
         loop {
             ticker.tick().await;
             let info = match qmp.query_migrate().await {
                 Ok(info) => info,
                 Err(QmpError::Closed) => {
                     return Err(failed(format!(
-                        "the QEMU of {vm} exited during the transfer"
+                        "the QEMU of {vm} exited during the transfer{}",
+                        if switched { ", in post-copy" } else { "" }
                     )));
                 }
                 Err(e) => return Err(qemu_error(e)),
@@ -984,8 +1188,18 @@ impl Hypervisor for QemuHypervisor {
             if stats.elapsed_ms == 0 {
                 stats.elapsed_ms = started.elapsed().as_millis() as u64;
             }
-            match info.status.as_deref().unwrap_or("none") {
+            let status = info.status.as_deref().unwrap_or("none");
+            if POSTCOPY.contains(&status) && !switched {
+                // Whoever asked for it: the guest stopped here for good.
+                switched = true;
+                self.set_postcopy(vm, true);
+                self.set_state(vm, GuestState::Paused);
+            }
+            match status {
                 "completed" => {
+                    if switched {
+                        stats.stage = TransferStage::Postcopy;
+                    }
                     self.set_state(vm, GuestState::Paused);
                     let _ = progress.try_send(stats);
                     return Ok(stats);
@@ -994,11 +1208,23 @@ impl Hypervisor for QemuHypervisor {
                     let why = info
                         .error_desc
                         .unwrap_or_else(|| "QEMU gave no reason".into());
-                    return Err(failed(format!("QEMU: migration failed: {why}")));
+                    let when = if switched {
+                        " after the switchover"
+                    } else {
+                        ""
+                    };
+                    return Err(failed(format!("QEMU: migration failed{when}: {why}")));
+                }
+                "cancelled" if switched => {
+                    return Err(failed(format!(
+                        "the transfer of {vm} was cancelled after its switchover to post-copy: \
+                         the guest is stopped here and part of its memory is on {destination}"
+                    )));
                 }
                 "cancelled" => return Err(HypervisorError::Cancelled(vm.to_string())),
                 // QEMU pauses the guest for the final pass.
                 "device" | "pre-switchover" => self.set_state(vm, GuestState::Paused),
+                // Post-copy, paused included: it waits for resume_postcopy.
                 _ => {}
             }
             // A full or closed channel is the watcher's problem, never the
@@ -1009,6 +1235,20 @@ impl Hypervisor for QemuHypervisor {
 
     async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
         let qmp = self.qmp(vm)?;
+        let (_, switched) = self.roles(vm)?;
+        let status = match qmp.query_migrate().await {
+            Ok(info) => info.status.unwrap_or_default(),
+            Err(QmpError::Closed) => return Ok(()),
+            Err(e) => return Err(qemu_error(e)),
+        };
+        // QEMU 7.2 would cancel it, leaving the guest stopped here and part
+        // of its memory on the destination.
+        if switched || POSTCOPY.contains(&status.as_str()) {
+            return Err(failed(format!(
+                "the transfer of {vm} switched to post-copy: it cannot be cancelled, the \
+                 guest's memory is split between the two hosts until it completes"
+            )));
+        }
         match qmp.migrate_cancel().await {
             Ok(()) => Ok(()),
             Err(QmpError::Closed) => Ok(()),
@@ -1017,17 +1257,122 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
+        let qmp = self.qmp(vm)?;
+        // From the request on, this copy may have stopped for good: nothing
+        // resumes or cancels it until QEMU shows it did not switch.
+        self.set_postcopy(vm, true);
+        let unknown = |e: QmpError| {
+            HypervisorError::Unknown(format!("switching the transfer of {vm} to post-copy: {e}"))
+        };
+        match qmp.migrate_start_postcopy().await {
+            Ok(()) => {}
+            Err(QmpError::Qemu { desc, .. }) => {
+                self.set_postcopy(vm, false);
+                return Err(failed(format!(
+                    "QEMU did not switch the transfer of {vm} to post-copy: {desc}"
+                )));
+            }
+            Err(e) => return Err(unknown(e)),
+        }
+        let deadline = Instant::now() + SWITCHOVER_TIMEOUT;
+        let mut switching = false;
+        loop {
+            let info = qmp.query_migrate().await.map_err(unknown)?;
+            let status = info.status.as_deref().unwrap_or("none");
+            match status {
+                // Finished in pre-copy first: the guest is stopped here and
+                // all of it has gone.
+                "completed" => {
+                    self.set_state(vm, GuestState::Paused);
+                    return Ok(());
+                }
+                _ if POSTCOPY.contains(&status) && switching => {
+                    self.set_state(vm, GuestState::Paused);
+                    return Ok(());
+                }
+                _ if POSTCOPY.contains(&status) => {
+                    // QEMU says postcopy-active before it stops the guest and
+                    // sends the device state, which it does holding the lock
+                    // every QMP command waits for: query-status answers after
+                    // that. A stream that broke on the device state turns it
+                    // "failed" just after; one more look, a poll later.
+                    let run = qmp.query_status().await.map_err(unknown)?;
+                    switching = run.status != "running";
+                }
+                "failed" | "cancelled" => {
+                    // Before the switchover QEMU starts the guest again; after
+                    // it, the guest stays stopped.
+                    let run = qmp.query_status().await.map_err(unknown)?;
+                    let why = info.error_desc.unwrap_or_else(|| status.to_string());
+                    if run.status == "running" {
+                        self.set_postcopy(vm, false);
+                        return Err(failed(format!(
+                            "the transfer of {vm} ended before its switchover to post-copy \
+                             ({why}); the guest runs here"
+                        )));
+                    }
+                    return Err(HypervisorError::Unknown(format!(
+                        "the transfer of {vm} ended as it switched to post-copy ({why}); \
+                         the guest is {} here",
+                        run.status
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(HypervisorError::Unknown(format!(
+                        "QEMU took the request to switch the transfer of {vm} to post-copy but \
+                         had not switched after {} s (it is {status}); it may still",
+                        SWITCHOVER_TIMEOUT.as_secs()
+                    )));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(if switching { POLL } else { POLL / 5 }).await;
+        }
     }
 
     async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
+        let qmp = self.qmp(vm)?;
+        // Each MIGRATION event, and QEMU's exit, ends a wait early.
+        let mut events = qmp.events();
+        let mut switched = false;
+        loop {
+            let info = match qmp.query_migrate().await {
+                Ok(info) => info,
+                Err(QmpError::Closed) => {
+                    switched |= switched_in(&mut events);
+                    return Err(failed(if switched {
+                        format!(
+                            "the incoming QEMU of {vm} exited just after the switchover to \
+                             post-copy, before its guest ran"
+                        )
+                    } else {
+                        format!(
+                            "the incoming QEMU of {vm} exited before the switchover: the \
+                             source cancelled the transfer or went away"
+                        )
+                    }));
+                }
+                Err(e) => return Err(qemu_error(e)),
+            };
+            let status = info.status.as_deref().unwrap_or("none");
+            match status {
+                "completed" => return Ok(()),
+                _ if POSTCOPY.contains(&status) => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = info.error_desc.unwrap_or_else(|| status.to_string());
+                    return Err(failed(format!(
+                        "the incoming transfer of {vm} ended before the switchover: {why}"
+                    )));
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                event = events.recv() => {
+                    switched |= event.is_ok_and(|e| is_switch(&e));
+                }
+            }
+        }
     }
 
     async fn recover_incoming(
@@ -1035,32 +1380,58 @@ impl Hypervisor for QemuHypervisor {
         vm: &str,
         _attempt_id: &str,
     ) -> Result<String, HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
+        let qmp = self.qmp(vm)?;
+        let info = qmp.query_migrate().await.map_err(qemu_error)?;
+        let status = info.status.as_deref().unwrap_or("none");
+        if status != "postcopy-paused" {
+            return Err(failed(format!(
+                "cannot recover the incoming transfer of {vm}: it is {status}, not paused in \
+                 post-copy"
+            )));
+        }
+        self.listen(&qmp, true).await
     }
 
-    async fn resume_postcopy(&self, vm: &str, _address: &str) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Failed(format!(
-            "{vm}: post-copy is not supported by the {} hypervisor yet",
-            self.kind()
-        )))
+    async fn resume_postcopy(&self, vm: &str, address: &str) -> Result<(), HypervisorError> {
+        if !address.starts_with("tcp:") {
+            return Err(failed(format!(
+                "QEMU cannot resume the transfer of {vm} to {address}: not a tcp: address"
+            )));
+        }
+        let qmp = self.qmp(vm)?;
+        let info = qmp.query_migrate().await.map_err(qemu_error)?;
+        let status = info.status.as_deref().unwrap_or("none");
+        if status != "postcopy-paused" {
+            return Err(failed(format!(
+                "cannot resume the transfer of {vm}: it is {status}, not paused in post-copy"
+            )));
+        }
+        qmp.migrate_resume(address).await.map_err(|e| match e {
+            QmpError::Closed => HypervisorError::Unknown(format!(
+                "the QEMU of {vm} exited as it was asked to resume its transfer"
+            )),
+            e => qemu_error(e),
+        })
     }
 
     async fn complete_incoming(
         &self,
         vm: &str,
-        _stats: &TransferStats,
+        stats: &TransferStats,
     ) -> Result<(), HypervisorError> {
         let qmp = self.qmp(vm)?;
+        // After a switchover the rest arrives at the link's pace, and a
+        // paused post-copy waits for the link: no deadline then.
+        let mut postcopy = stats.stage.is_postcopy();
         let deadline = Instant::now() + INCOMING_TIMEOUT;
         loop {
             let info = qmp.query_migrate().await.map_err(|e| match e {
                 QmpError::Closed => failed(format!("the incoming QEMU of {vm} exited")),
                 e => qemu_error(e),
             })?;
-            match info.status.as_deref().unwrap_or("none") {
+            let status = info.status.as_deref().unwrap_or("none");
+            postcopy |= POSTCOPY.contains(&status);
+            match status {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
                     let why = info
@@ -1068,7 +1439,7 @@ impl Hypervisor for QemuHypervisor {
                         .unwrap_or_else(|| "QEMU gave no reason".into());
                     return Err(failed(format!("QEMU: incoming migration failed: {why}")));
                 }
-                _ if Instant::now() > deadline => {
+                _ if !postcopy && Instant::now() > deadline => {
                     return Err(failed(format!(
                         "the incoming QEMU of {vm} did not complete within {} s",
                         INCOMING_TIMEOUT.as_secs()
@@ -1092,30 +1463,44 @@ impl Hypervisor for QemuHypervisor {
 
     async fn resume(&self, vm: &str) -> Result<(), HypervisorError> {
         let qmp = self.qmp(vm)?;
-        // This copy is to run: an outgoing migration still going (one a
-        // restarted agent's recovery found) must not complete and pause it.
-        let mut cancelled = false;
-        let deadline = Instant::now() + QUIT_TIMEOUT;
-        loop {
-            let info = qmp.query_migrate().await.map_err(qemu_error)?;
-            let status = info.status.unwrap_or_default();
-            if !MIGRATING.contains(&status.as_str()) && status != "cancelling" {
-                break;
-            }
-            if Instant::now() > deadline {
+        let (incoming, switched) = self.roles(vm)?;
+        let status = qmp
+            .query_migrate()
+            .await
+            .map_err(qemu_error)?
+            .status
+            .unwrap_or_default();
+        let postcopy = POSTCOPY.contains(&status.as_str());
+        if incoming {
+            // Post-copy: the commit point; the guest runs here while its
+            // last pages arrive. Pre-copy: only once all of it has.
+            if MIGRATING.contains(&status.as_str()) && !postcopy {
                 return Err(failed(format!(
-                    "the migration of {vm} is still {status} after migrate_cancel"
+                    "the incoming transfer of {vm} has not arrived yet (it is {status})"
                 )));
             }
-            if !cancelled && status != "cancelling" {
-                tracing::warn!(vm, "cancelling an outgoing migration ({status}) to resume");
-                qmp.migrate_cancel().await.map_err(qemu_error)?;
-                cancelled = true;
+        } else if postcopy {
+            // The destination of a post-copy transfer runs already; its
+            // source never may.
+            let run = qmp.query_status().await.map_err(qemu_error)?;
+            if run.status != "running" {
+                self.set_postcopy(vm, true);
+                return Err(never_again(vm));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            // This copy is to run: an outgoing migration still going (one a
+            // restarted agent's recovery found) must not complete and pause it.
+            self.cancel_outgoing(vm, &qmp).await?;
         }
-        let status = qmp.query_status().await.map_err(qemu_error)?;
-        if status.status != "running" {
+        let run = qmp.query_status().await.map_err(qemu_error)?;
+        if run.status == "running" && switched {
+            // QEMU starts a source again only if it never switched.
+            self.set_postcopy(vm, false);
+        }
+        if run.status != "running" {
+            if switched {
+                return Err(never_again(vm));
+            }
             // QEMU dying with `cont` sent leaves it unknown whether the
             // CPUs started: never to be taken for "did nothing".
             qmp.cont().await.map_err(|e| match e {
@@ -1133,9 +1518,20 @@ impl Hypervisor for QemuHypervisor {
         let Some(instance) = self.lock().remove(vm) else {
             return Ok(());
         };
-        let quit = tokio::time::timeout(QUIT_TIMEOUT, instance.qmp.quit()).await;
-        if !matches!(quit, Ok(Ok(()))) {
-            tracing::warn!(vm, "QEMU did not quit; killing it");
+        if waits_for_pages(&instance.qmp).await {
+            // QEMU stops the CPUs to quit, and one waiting for a page that
+            // cannot come waits forever: `quit` never answers, and SIGTERM
+            // does nothing either (QEMU 7.2).
+            tracing::warn!(
+                vm,
+                "QEMU's post-copy is paused with its CPUs started; killing it"
+            );
+            self.kill_by_pidfile(vm)?;
+        } else {
+            let quit = tokio::time::timeout(QUIT_TIMEOUT, instance.qmp.quit()).await;
+            if !matches!(quit, Ok(Ok(()))) {
+                tracing::warn!(vm, "QEMU did not quit; killing it");
+            }
         }
         // Whether it quit or not, make sure: the pid is checked to be QEMU.
         let _ = tokio::time::timeout(QUIT_TIMEOUT, instance.qmp.closed()).await;
@@ -1280,6 +1676,326 @@ mod tests {
         assert_eq!(guest_state("paused", false), GuestState::Paused);
         // Arrived but not resumed yet: still the incoming copy.
         assert_eq!(guest_state("paused", true), GuestState::Incoming);
+    }
+
+    #[test]
+    fn post_copy_states_become_transfer_stages() {
+        // What QEMU 7.2 answered on the source during post-copy here.
+        let active: MigrationInfo = serde_json::from_str(
+            r#"{"expected-downtime": 31695, "status": "postcopy-active", "total-time": 1828,
+                "ram": {"total": 134750208, "postcopy-requests": 1, "remaining": 130990080,
+                "postcopy-bytes": 1674471, "transferred": 8015449, "page-size": 4096}}"#,
+        )
+        .unwrap();
+        let s = transfer_stats(&active);
+        assert_eq!(s.stage, TransferStage::Postcopy);
+        assert_eq!(s.postcopy_requests, 1);
+        assert_eq!(s.bytes_remaining, 130_990_080);
+        for status in ["postcopy-paused", "postcopy-recover"] {
+            let paused: MigrationInfo = serde_json::from_value(json!({
+                "status": status,
+                "ram": {"postcopy-requests": 7, "postcopy-bytes": 406311, "remaining": 132255744},
+            }))
+            .unwrap();
+            let s = transfer_stats(&paused);
+            assert_eq!(s.stage, TransferStage::PostcopyPaused, "{status}");
+            assert_eq!(s.postcopy_requests, 7, "{status}");
+        }
+        // Completed: after a switchover if pages went in post-copy.
+        let done: MigrationInfo = serde_json::from_str(
+            r#"{"status": "completed", "downtime": 1, "ram": {"postcopy-requests": 40,
+                "postcopy-bytes": 132595339, "remaining": 0}}"#,
+        )
+        .unwrap();
+        let s = transfer_stats(&done);
+        assert_eq!(
+            (s.stage, s.postcopy_requests),
+            (TransferStage::Postcopy, 40)
+        );
+        for status in ["setup", "active", "device", "completed", "failed"] {
+            let info: MigrationInfo =
+                serde_json::from_value(json!({"status": status, "ram": {"remaining": 5}})).unwrap();
+            assert_eq!(
+                transfer_stats(&info).stage,
+                TransferStage::Precopy,
+                "{status}"
+            );
+        }
+    }
+
+    /// A QMP server scripted by `answer`: each command gets `Some(reply)`
+    /// (`{"error": …}` for an error, anything else as the return value), or
+    /// `None` to close the connection without replying. Every command is
+    /// kept, in order.
+    async fn fake_qemu(
+        dir: &Path,
+        answer: impl Fn(&serde_json::Value) -> Option<serde_json::Value> + Send + 'static,
+    ) -> (Qmp, Arc<Mutex<Vec<serde_json::Value>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let path = dir.join("fake.qmp");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let greeting =
+                json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}}});
+            write
+                .write_all(format!("{greeting}\n").as_bytes())
+                .await
+                .unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let command: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let reply = if command["execute"] == "qmp_capabilities" {
+                    Some(json!({}))
+                } else {
+                    log.lock().unwrap().push(command.clone());
+                    answer(&command)
+                };
+                let Some(reply) = reply else { return };
+                let message = match reply.get("error") {
+                    Some(_) => json!({"error": reply["error"], "id": command["id"]}),
+                    None => json!({"return": reply, "id": command["id"]}),
+                };
+                write
+                    .write_all(format!("{message}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        (Qmp::connect(&path).await.unwrap(), seen)
+    }
+
+    /// A hypervisor holding guest "g" (incoming or not) behind `qmp`.
+    fn holding(dir: &Path, qmp: Qmp, incoming: bool) -> QemuHypervisor {
+        let h = hypervisor(settings(Path::new("/nonexistent/qemu")), dir);
+        let gone = Arc::new(AtomicBool::new(false));
+        h.lock().insert(
+            "g".into(),
+            Instance {
+                held: Held {
+                    spec: spec("g"),
+                    incoming,
+                    taps: vec![],
+                    postcopy: false,
+                },
+                qmp,
+                state: if incoming {
+                    GuestState::Incoming
+                } else {
+                    GuestState::Running
+                },
+                gone,
+            },
+        );
+        h
+    }
+
+    fn names(seen: &Mutex<Vec<serde_json::Value>>) -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|c| c["execute"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn capability(command: &serde_json::Value, name: &str) -> Option<bool> {
+        command["arguments"]["capabilities"]
+            .as_array()?
+            .iter()
+            .find(|c| c["capability"] == name)?["state"]
+            .as_bool()
+    }
+
+    #[tokio::test]
+    async fn post_copy_is_enabled_only_when_asked_and_the_plan_sets_the_downtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, seen) = fake_qemu(dir.path(), |_| Some(json!({}))).await;
+        let h = hypervisor(settings(Path::new("/nonexistent/qemu")), dir.path());
+        let plans = [
+            TransferPlan {
+                postcopy: true,
+                downtime_limit_ms: 0,
+            },
+            TransferPlan {
+                postcopy: false,
+                downtime_limit_ms: 1200,
+            },
+        ];
+        for plan in plans {
+            h.configure_migration(
+                &qmp,
+                End::Outgoing {
+                    destination: "hv-b",
+                },
+                plan,
+            )
+            .await
+            .unwrap();
+        }
+        h.configure_migration(&qmp, End::Incoming, TransferPlan::default())
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let commands: Vec<&serde_json::Value> = seen
+            .iter()
+            .filter(|c| c["execute"] != "object-del")
+            .collect();
+        assert_eq!(commands.len(), 6, "{commands:#?}");
+        let (caps, params): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = commands
+            .into_iter()
+            .partition(|c| c["execute"] == "migrate-set-capabilities");
+        assert_eq!(
+            caps.iter()
+                .map(|c| capability(c, "postcopy-ram"))
+                .collect::<Vec<_>>(),
+            [Some(true), Some(false), Some(false)],
+            "set, and cleared on a reused QEMU"
+        );
+        assert!(caps.iter().all(|c| capability(c, "events") == Some(true)));
+        let downtime: Vec<_> = params
+            .iter()
+            .map(|p| p["arguments"]["downtime-limit"].as_u64())
+            .collect();
+        assert_eq!(
+            downtime,
+            [Some(300), Some(1200), Some(300)],
+            "0: the config's"
+        );
+        for p in &params {
+            assert_eq!(
+                p["arguments"]["max-postcopy-bandwidth"], p["arguments"]["max-bandwidth"],
+                "the host's cap holds after a switchover"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_cannot_do_post_copy_says_what_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, _seen) = fake_qemu(dir.path(), |command| {
+            Some(match capability(command, "postcopy-ram") {
+                Some(true) => {
+                    json!({"error": {"class": "GenericError", "desc": "Postcopy is not supported"}})
+                }
+                _ => json!({}),
+            })
+        })
+        .await;
+        let mut s = settings(Path::new("/nonexistent/qemu"));
+        s.run_as = Some("nobody".into());
+        let h = hypervisor(s, dir.path());
+        let plan = TransferPlan {
+            postcopy: true,
+            downtime_limit_ms: 0,
+        };
+        let err = h
+            .configure_migration(&qmp, End::Incoming, plan)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Postcopy is not supported"), "{err}");
+        assert!(err.contains("vm.unprivileged_userfaultfd"), "{err}");
+        h.configure_migration(&qmp, End::Incoming, TransferPlan::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn resume_postcopy_reconnects_with_resume_only_when_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Arc::new(Mutex::new("postcopy-paused"));
+        let now = status.clone();
+        let (qmp, seen) = fake_qemu(dir.path(), move |command| {
+            Some(match command["execute"].as_str() {
+                Some("query-migrate") => json!({"status": *now.lock().unwrap()}),
+                _ => json!({}),
+            })
+        })
+        .await;
+        let h = holding(dir.path(), qmp, false);
+        h.resume_postcopy("g", "tcp:127.0.0.1:40053").await.unwrap();
+        let migrate = seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(migrate["execute"], "migrate");
+        assert_eq!(
+            migrate["arguments"],
+            json!({"uri": "tcp:127.0.0.1:40053", "resume": true})
+        );
+
+        let err = h.resume_postcopy("g", "unix:/x").await.unwrap_err();
+        assert!(err.to_string().contains("not a tcp: address"), "{err}");
+        for state in ["postcopy-active", "active", "completed"] {
+            *status.lock().unwrap() = state;
+            seen.lock().unwrap().clear();
+            let err = h
+                .resume_postcopy("g", "tcp:127.0.0.1:40053")
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, HypervisorError::Failed(t) if t.contains(&format!("it is {state}, not paused"))),
+                "{err:?}"
+            );
+            assert_eq!(names(&seen), ["query-migrate"], "no migrate sent");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_switch_qemu_refuses_did_not_happen_and_one_without_answer_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, _seen) = fake_qemu(dir.path(), |command| {
+            Some(match command["execute"].as_str() {
+                Some("migrate-start-postcopy") => json!({"error": {"class": "GenericError",
+                    "desc": "Enable postcopy with migrate_set_capability before the start of migration"}}),
+                _ => json!({}),
+            })
+        })
+        .await;
+        let h = holding(dir.path(), qmp, false);
+        let err = h.start_postcopy("g").await.unwrap_err();
+        assert!(
+            matches!(&err, HypervisorError::Failed(t) if t.contains("Enable postcopy")),
+            "{err:?}"
+        );
+        assert_eq!(h.roles("g").unwrap(), (false, false), "free to run again");
+
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, seen) = fake_qemu(dir.path(), |command| {
+            (command["execute"] != "migrate-start-postcopy").then(|| json!({}))
+        })
+        .await;
+        let h = holding(dir.path(), qmp, false);
+        let err = h.start_postcopy("g").await.unwrap_err();
+        assert!(matches!(err, HypervisorError::Unknown(_)), "{err:?}");
+        assert_eq!(names(&seen), ["migrate-start-postcopy"]);
+        assert_eq!(h.roles("g").unwrap(), (false, true), "may have switched");
+    }
+
+    #[tokio::test]
+    async fn a_transfer_in_post_copy_is_neither_cancelled_nor_resumed_at_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, seen) = fake_qemu(dir.path(), |command| {
+            Some(match command["execute"].as_str() {
+                Some("query-migrate") => json!({"status": "postcopy-active"}),
+                Some("query-status") => json!({"status": "finish-migrate", "running": false}),
+                _ => json!({}),
+            })
+        })
+        .await;
+        let h = holding(dir.path(), qmp, false);
+        let err = h.cancel_transfer("g").await.unwrap_err().to_string();
+        assert!(err.contains("cannot be cancelled"), "{err}");
+        let err = h.resume("g").await.unwrap_err().to_string();
+        assert!(err.contains("must never run again"), "{err}");
+        let sent = names(&seen);
+        assert!(
+            !sent.iter().any(|c| c == "migrate_cancel" || c == "cont"),
+            "{sent:?}"
+        );
+        // Recorded in guests.json: a restarted agent refuses it too.
+        let list = std::fs::read_to_string(dir.path().join("guests.json")).unwrap();
+        assert!(list.contains("\"postcopy\": true"), "{list}");
     }
 
     /// Settings whose kernel_dir is `dir/kernels`, holding `k.elf`.
@@ -1763,5 +2479,414 @@ mod tests {
             err.contains("invalid kernel header"),
             "QEMU's own words: {err}"
         );
+    }
+
+    use super::test_guest as guest;
+
+    /// One post-copy test at a time: each runs a busy TCG guest on each end
+    /// of a slow link, and two cores shared by more would stretch them.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Two hosts on loopback for the test guest (64 MiB, rewriting
+    /// `working_set_mib`), its kernel in each one's kernel_dir, under TCG
+    /// (nested KVM is slow here) and a 16 MiB/s cap so a transfer lasts
+    /// seconds, post-copy included. The source runs "g", filled and ready.
+    struct Pair {
+        src: Arc<QemuHypervisor>,
+        dst: Arc<QemuHypervisor>,
+        spec: VmSpec,
+        // Before the folders it reads the pidfiles in (fields drop in order).
+        _reaper: Reaper,
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+    }
+
+    async fn pair(binary: &Path, working_set_mib: u64) -> Pair {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let reaper = Reaper(vec![a.path().into(), b.path().into()]);
+        let host = |dir: &Path| {
+            let kernels = dir.join("kernels");
+            std::fs::create_dir_all(&kernels).unwrap();
+            guest::build(&kernels).unwrap_or_else(|e| panic!("building the test guest: {e}"));
+            let mut s = settings(binary);
+            s.allowed.kernel_dir = Some(kernels);
+            s.accel = "tcg".into();
+            s.max_bandwidth_bytes_s = 16 << 20;
+            s
+        };
+        let mut spec = spec("g");
+        spec.qemu = Some(QemuMachine {
+            kernel: "tern-guest.elf".into(),
+            append: guest::cmdline(working_set_mib),
+            ..QemuMachine::default()
+        });
+        let src = QemuHypervisor::open(a.path(), host(a.path()), std::slice::from_ref(&spec))
+            .await
+            .unwrap();
+        let dst = QemuHypervisor::open(b.path(), host(b.path()), &[])
+            .await
+            .unwrap();
+        let qmp = src.qmp("g").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read_u64(&qmp, guest::READY_ADDR).await != 1 {
+            assert!(Instant::now() < deadline, "the test guest never got ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Pair {
+            src: Arc::new(src),
+            dst: Arc::new(dst),
+            spec,
+            _reaper: reaper,
+            _dirs: (a, b),
+        }
+    }
+
+    async fn read_u64(qmp: &Qmp, address: u64) -> u64 {
+        let reply = qmp
+            .human_monitor_command(&format!("xp /1gx {address:#x}"))
+            .await
+            .unwrap();
+        guest::parse_xp(&reply).unwrap_or_else(|| panic!("xp said {reply:?}"))
+    }
+
+    /// Whether the guest's page counter moves on this QEMU.
+    async fn guest_runs(qmp: &Qmp) -> bool {
+        let before = read_u64(qmp, guest::COUNTER_ADDR).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        read_u64(qmp, guest::COUNTER_ADDR).await != before
+    }
+
+    async fn run_state(qmp: &Qmp) -> String {
+        qmp.query_status().await.unwrap().status
+    }
+
+    async fn migration_status(qmp: &Qmp) -> String {
+        qmp.query_migrate()
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+
+    /// Wait (up to 10 s) until `qmp`'s migration is `status`.
+    async fn until_status(qmp: &Qmp, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = migration_status(qmp).await;
+            if now == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still {now}, never {status}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The next progress report at `stage` with bytes sent and bytes to go
+    /// (up to 10 s).
+    async fn progress_at(
+        rx: &mut mpsc::Receiver<TransferStats>,
+        stage: TransferStage,
+    ) -> TransferStats {
+        let wait = async {
+            loop {
+                let stats = rx.recv().await.expect("the transfer reports");
+                if stats.stage == stage && stats.bytes_transferred > 0 && stats.bytes_remaining > 0
+                {
+                    return stats;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no progress at {stage:?}"))
+    }
+
+    const POSTCOPY_PLAN: TransferPlan = TransferPlan {
+        postcopy: true,
+        downtime_limit_ms: 0,
+    };
+
+    type Transfer = tokio::task::JoinHandle<Result<TransferStats, HypervisorError>>;
+
+    /// Start a post-copy transfer of "g" and switch it once under way.
+    /// Returns the transfer and its progress.
+    async fn switched(p: &Pair) -> (Transfer, mpsc::Receiver<TransferStats>) {
+        let address = p.dst.start_incoming(&p.spec, "m1.1", true).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let transfer = {
+            let (src, address) = (p.src.clone(), address.clone());
+            tokio::spawn(async move {
+                src.transfer_out("g", "hv-b", &address, POSTCOPY_PLAN, tx)
+                    .await
+            })
+        };
+        progress_at(&mut rx, TransferStage::Precopy).await;
+        let waiting = {
+            let dst = p.dst.clone();
+            tokio::spawn(async move { dst.await_switchover("g").await.map(|()| Instant::now()) })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "no switchover yet");
+        let asked = Instant::now();
+        p.src.start_postcopy("g").await.unwrap();
+        println!("start_postcopy returned in {:?}", asked.elapsed());
+        // The source stopped for good.
+        let src = p.src.qmp("g").unwrap();
+        let state = run_state(&src).await;
+        assert!(
+            state == "finish-migrate" || state == "postmigrate",
+            "the source is {state}"
+        );
+        assert_eq!(p.src.status("g").await, Some(GuestState::Paused));
+        let seen = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the destination saw the switchover")
+            .unwrap()
+            .unwrap();
+        println!(
+            "await_switchover returned {:?} after the request",
+            seen - asked
+        );
+        (transfer, rx)
+    }
+
+    /// The commit point: after the switchover the destination still holds
+    /// the guest paused (`-S`) until `resume`, which works in post-copy.
+    async fn commit(p: &Pair) {
+        let dst = p.dst.qmp("g").unwrap();
+        assert_eq!(migration_status(&dst).await, "postcopy-active");
+        for _ in 0..3 {
+            let state = run_state(&dst).await;
+            println!("destination after the switchover: {state}");
+            assert!(
+                state == "paused" || state == "postmigrate",
+                "QEMU started the CPUs on its own: {state}"
+            );
+            assert_eq!(p.dst.status("g").await, Some(GuestState::Incoming));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p.dst.resume("g").await.unwrap();
+        assert_eq!(run_state(&dst).await, "running");
+        assert_eq!(migration_status(&dst).await, "postcopy-active");
+        assert!(guest_runs(&dst).await, "the guest runs on the destination");
+    }
+
+    #[tokio::test]
+    async fn a_transfer_switched_to_post_copy_completes_on_the_destination() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let _turn = TURN.lock().await;
+        let p = pair(&binary, 16).await;
+        let (transfer, mut rx) = switched(&p).await;
+        // The source refuses what would strand the guest.
+        let err = p.src.cancel_transfer("g").await.unwrap_err().to_string();
+        assert!(err.contains("cannot be cancelled"), "{err}");
+        let err = p.src.resume("g").await.unwrap_err().to_string();
+        assert!(err.contains("must never run again"), "{err}");
+        let src = p.src.qmp("g").unwrap();
+        assert_eq!(migration_status(&src).await, "postcopy-active");
+        progress_at(&mut rx, TransferStage::Postcopy).await;
+
+        commit(&p).await;
+        let finished = Instant::now();
+        let stats = transfer.await.unwrap().unwrap();
+        println!(
+            "post-copy finished {:?} after the resume: {stats:?}",
+            finished.elapsed()
+        );
+        assert_eq!(stats.stage, TransferStage::Postcopy);
+        assert_eq!(stats.bytes_remaining, 0);
+        p.dst.complete_incoming("g", &stats).await.unwrap();
+        let dst = p.dst.qmp("g").unwrap();
+        assert!(guest_runs(&dst).await, "the guest runs on the destination");
+        assert!(!guest_runs(&src).await, "and not on the source");
+        assert_eq!(p.dst.status("g").await, Some(GuestState::Running));
+        // The completed source still must not run.
+        let err = p.src.resume("g").await.unwrap_err().to_string();
+        assert!(err.contains("must never run again"), "{err}");
+        p.src.kill("g").await.unwrap();
+        p.dst.kill("g").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_broken_link_in_post_copy_is_recovered_and_the_transfer_completes() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let _turn = TURN.lock().await;
+        let p = pair(&binary, 16).await;
+        let (transfer, mut rx) = switched(&p).await;
+        commit(&p).await;
+        let (src, dst) = (p.src.qmp("g").unwrap(), p.dst.qmp("g").unwrap());
+        // Nothing to recover or resume while the link holds.
+        let err = p.dst.recover_incoming("g", "m1.1").await.unwrap_err();
+        assert!(err.to_string().contains("not paused"), "{err}");
+        let err = p
+            .src
+            .resume_postcopy("g", "tcp:127.0.0.1:1")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not paused"), "{err}");
+
+        let broken = Instant::now();
+        src.migrate_pause().await.unwrap();
+        until_status(&src, "postcopy-paused").await;
+        until_status(&dst, "postcopy-paused").await;
+        println!(
+            "both ends paused {:?} after migrate-pause",
+            broken.elapsed()
+        );
+        progress_at(&mut rx, TransferStage::PostcopyPaused).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!transfer.is_finished(), "transfer_out waits while paused");
+        println!(
+            "the destination's run state while paused: {}, its guest runs: {}",
+            run_state(&dst).await,
+            guest_runs(&dst).await
+        );
+
+        let address = p.dst.recover_incoming("g", "m1.1").await.unwrap();
+        let port = address.strip_prefix("tcp:127.0.0.1:").expect(&address);
+        assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{address}");
+        println!("migrate-recover listens at {address}");
+        let resumed = Instant::now();
+        p.src.resume_postcopy("g", &address).await.unwrap();
+        progress_at(&mut rx, TransferStage::Postcopy).await;
+        println!(
+            "post-copy running again {:?} after resume",
+            resumed.elapsed()
+        );
+        let stats = transfer.await.unwrap().unwrap();
+        println!("completed {:?} after resume: {stats:?}", resumed.elapsed());
+        assert_eq!(stats.stage, TransferStage::Postcopy);
+        p.dst.complete_incoming("g", &stats).await.unwrap();
+        assert!(guest_runs(&dst).await, "the guest runs on the destination");
+        assert!(!guest_runs(&src).await, "and not on the source");
+        p.src.kill("g").await.unwrap();
+        p.dst.kill("g").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_source_killed_in_post_copy_dies_and_its_stranded_destination_is_killed_at_once() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let _turn = TURN.lock().await;
+        let p = pair(&binary, 16).await;
+        let (transfer, _rx) = switched(&p).await;
+        commit(&p).await;
+        let killing = Instant::now();
+        p.src.kill("g").await.unwrap();
+        println!("source killed in {:?}", killing.elapsed());
+        assert_eq!(p.src.status("g").await, None);
+        let err = transfer.await.unwrap().unwrap_err().to_string();
+        assert!(
+            err.contains("exited during the transfer, in post-copy"),
+            "{err}"
+        );
+        let dst = p.dst.qmp("g").unwrap();
+        until_status(&dst, "postcopy-paused").await;
+        // Its CPUs wait for pages that cannot come: QEMU cannot quit.
+        let killing = Instant::now();
+        p.dst.kill("g").await.unwrap();
+        let took = killing.elapsed();
+        println!("stranded destination killed in {took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert!(dst.is_closed());
+        assert_eq!(p.dst.status("g").await, None);
+    }
+
+    #[tokio::test]
+    async fn without_post_copy_a_transfer_migrates_as_before_and_cannot_switch() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let _turn = TURN.lock().await;
+        // A small working set: pre-copy converges at 16 MiB/s.
+        let p = pair(&binary, 1).await;
+        let address = p.dst.start_incoming(&p.spec, "m1.1", false).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let transfer = {
+            let (src, address) = (p.src.clone(), address.clone());
+            tokio::spawn(async move {
+                src.transfer_out("g", "hv-b", &address, TransferPlan::default(), tx)
+                    .await
+            })
+        };
+        progress_at(&mut rx, TransferStage::Precopy).await;
+        let src = p.src.qmp("g").unwrap();
+        let caps: serde_json::Value = src
+            .execute("query-migrate-capabilities", None)
+            .await
+            .unwrap();
+        assert!(
+            caps.as_array()
+                .unwrap()
+                .contains(&json!({"capability": "postcopy-ram", "state": false})),
+            "{caps}"
+        );
+        let err = p.src.start_postcopy("g").await.unwrap_err();
+        assert!(
+            matches!(&err, HypervisorError::Failed(t) if t.contains("Enable postcopy")),
+            "{err:?}"
+        );
+        assert_eq!(migration_status(&src).await, "active");
+        assert!(guest_runs(&src).await, "the guest still runs on the source");
+        assert_eq!(p.src.status("g").await, Some(GuestState::Running));
+        // The destination sees no switchover: the transfer just completes.
+        let stats = transfer.await.unwrap().unwrap();
+        assert_eq!(stats.stage, TransferStage::Precopy);
+        p.dst.await_switchover("g").await.unwrap();
+        p.dst.complete_incoming("g", &stats).await.unwrap();
+        let dst = p.dst.qmp("g").unwrap();
+        assert_eq!(run_state(&dst).await, "paused");
+        // Pre-copy: the source may still be resumed (a rollback).
+        p.src.resume("g").await.unwrap();
+        assert!(guest_runs(&src).await);
+        p.src.kill("g").await.unwrap();
+        p.dst.resume("g").await.unwrap();
+        assert!(guest_runs(&dst).await, "the guest runs on the destination");
+        p.dst.kill("g").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_destination_whose_source_went_away_fails_its_wait_for_the_switchover() {
+        let Some(binary) = qemu_binary_for_tests() else {
+            return;
+        };
+        let _turn = TURN.lock().await;
+        let p = pair(&binary, 16).await;
+        let address = p.dst.start_incoming(&p.spec, "m1.1", true).await.unwrap();
+        let waiting = {
+            let dst = p.dst.clone();
+            tokio::spawn(async move { dst.await_switchover("g").await })
+        };
+        let (tx, mut rx) = mpsc::channel(1024);
+        let transfer = {
+            let src = p.src.clone();
+            tokio::spawn(async move {
+                src.transfer_out("g", "hv-b", &address, POSTCOPY_PLAN, tx)
+                    .await
+            })
+        };
+        progress_at(&mut rx, TransferStage::Precopy).await;
+        assert!(!waiting.is_finished());
+        p.src.cancel_transfer("g").await.unwrap();
+        assert_eq!(
+            transfer.await.unwrap(),
+            Err(HypervisorError::Cancelled("g".into()))
+        );
+        let err = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends with the incoming QEMU")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("exited before the switchover"),
+            "{err}"
+        );
+        assert!(guest_runs(&p.src.qmp("g").unwrap()).await);
+        p.src.kill("g").await.unwrap();
+        p.dst.kill("g").await.unwrap();
     }
 }

@@ -100,7 +100,10 @@ pub struct StatusInfo {
 #[serde(rename_all = "kebab-case", default)]
 pub struct MigrationInfo {
     /// "none" "setup" "active" "completed" "failed" "cancelling" "cancelled"
-    /// "pre-switchover" "device" "postcopy-active" "wait-unplug" …
+    /// "pre-switchover" "device" "wait-unplug", and after a switchover to
+    /// post-copy "postcopy-active", "postcopy-paused" (the link broke; both
+    /// ends wait) and "postcopy-recover" (reconnecting). On a destination
+    /// it is the incoming migration's.
     pub status: Option<String>,
     /// Source side, from "setup" on.
     pub ram: Option<RamStats>,
@@ -148,7 +151,10 @@ pub struct RamStats {
     /// Bytes sent before the guest was paused, and while it was.
     pub precopy_bytes: u64,
     pub downtime_bytes: u64,
+    /// Bytes sent since the switchover to post-copy.
     pub postcopy_bytes: u64,
+    /// Pages the destination asked for out of turn, after the switchover,
+    /// because its guest touched them before they arrived.
     pub postcopy_requests: u64,
     pub multifd_bytes: u64,
 }
@@ -615,7 +621,41 @@ impl Qmp {
         self.run("migrate-incoming", json!({ "uri": uri })).await
     }
 
-    /// Source: abandon the migration; the guest keeps running here.
+    /// Source, migration under way with `postcopy-ram` on both ends: switch
+    /// to post-copy. QEMU only takes note; the migration thread switches at
+    /// its next iteration (status "postcopy-active").
+    pub async fn migrate_start_postcopy(&self) -> Result<(), QmpError> {
+        self.execute::<IgnoredAny>("migrate-start-postcopy", None)
+            .await
+            .map(drop)
+    }
+
+    /// Either end, in post-copy: break the migration stream as a broken
+    /// link would, leaving both ends "postcopy-paused".
+    pub async fn migrate_pause(&self) -> Result<(), QmpError> {
+        self.execute::<IgnoredAny>("migrate-pause", None)
+            .await
+            .map(drop)
+    }
+
+    /// Destination, "postcopy-paused": listen on `uri` for the source to
+    /// resume. With port 0, [`Qmp::query_migrate`] tells the port chosen
+    /// (its `socket-address`, newest first).
+    pub async fn migrate_recover(&self, uri: &str) -> Result<(), QmpError> {
+        self.run("migrate-recover", json!({ "uri": uri })).await
+    }
+
+    /// Source, "postcopy-paused": reconnect to the destination's `uri` (from
+    /// its `migrate-recover`) and go on with post-copy. QEMU connects in the
+    /// background: an address nobody listens on leaves it paused.
+    pub async fn migrate_resume(&self, uri: &str) -> Result<(), QmpError> {
+        self.run("migrate", json!({ "uri": uri, "resume": true }))
+            .await
+    }
+
+    /// Source: abandon the migration; the guest keeps running here. Not
+    /// after a switchover to post-copy: QEMU 7.2 cancels that too, but
+    /// leaves the guest stopped, part of its memory on the destination.
     pub async fn migrate_cancel(&self) -> Result<(), QmpError> {
         self.execute::<IgnoredAny>("migrate_cancel", None)
             .await
@@ -1330,6 +1370,100 @@ mod tests {
         let address = &destination.socket_address.expect("address")[0];
         assert_eq!(address.kind, "inet");
         assert_eq!(address.port.as_deref(), Some("44441"));
+    }
+
+    #[tokio::test]
+    async fn post_copy_commands_send_qemus_names_and_arguments() {
+        let (_dir, qmp, mut fake) = connected().await;
+        let server = async {
+            let mut commands = Vec::new();
+            for _ in 0..4 {
+                let command = fake.command().await;
+                fake.reply(&command, json!({})).await;
+                commands.push(command);
+            }
+            commands
+        };
+        let (results, commands) = within("four commands", async {
+            tokio::join!(
+                async {
+                    [
+                        qmp.migrate_start_postcopy().await,
+                        qmp.migrate_pause().await,
+                        qmp.migrate_recover("tcp:127.0.0.1:0").await,
+                        qmp.migrate_resume("tcp:127.0.0.1:40053").await,
+                    ]
+                },
+                server
+            )
+        })
+        .await;
+        for result in results {
+            result.expect("accepted");
+        }
+        let sent: Vec<(&Value, Option<&Value>)> = commands
+            .iter()
+            .map(|c| (&c["execute"], c.get("arguments")))
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                (&json!("migrate-start-postcopy"), None),
+                (&json!("migrate-pause"), None),
+                (
+                    &json!("migrate-recover"),
+                    Some(&json!({"uri": "tcp:127.0.0.1:0"}))
+                ),
+                (
+                    &json!("migrate"),
+                    Some(&json!({"uri": "tcp:127.0.0.1:40053", "resume": true}))
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_switch_to_post_copy_is_qemus_error() {
+        let (_dir, qmp, mut fake) = connected().await;
+        let server = async {
+            let command = fake.command().await;
+            fake.send(json!({"id": command["id"], "error": {
+                "class": "GenericError",
+                "desc": "Enable postcopy with migrate_set_capability before the start of migration",
+            }}))
+            .await;
+        };
+        let (result, ()) = within("the refusal", async {
+            tokio::join!(qmp.migrate_start_postcopy(), server)
+        })
+        .await;
+        assert!(
+            matches!(result, Err(QmpError::Qemu { desc, .. }) if desc.starts_with("Enable postcopy")),
+        );
+    }
+
+    /// Replies recorded from QEMU 7.2 (Debian 12) during post-copy: a
+    /// 128 MiB guest rewriting 16 MiB, `max-postcopy-bandwidth` 4 MiB/s.
+    #[test]
+    fn migration_info_decodes_qemu_7_2_post_copy_replies() {
+        let active: MigrationInfo = serde_json::from_str(r#"{"expected-downtime": 31695, "status": "postcopy-active", "setup-time": 0, "total-time": 1828, "ram": {"total": 134750208, "postcopy-requests": 1, "dirty-sync-count": 2, "multifd-bytes": 0, "pages-per-second": 1019, "downtime-bytes": 0, "page-size": 4096, "remaining": 130990080, "postcopy-bytes": 1674471, "mbps": 33.48356435643564, "transferred": 8015449, "dirty-sync-missed-zero-copy": 0, "precopy-bytes": 6340978, "duplicate": 475, "dirty-pages-rate": 1003, "skipped": 0, "normal-bytes": 7995392, "normal": 1952}}"#).expect("postcopy-active");
+        assert_eq!(active.status.as_deref(), Some("postcopy-active"));
+        let ram = active.ram.expect("ram");
+        assert_eq!(
+            (ram.postcopy_requests, ram.postcopy_bytes, ram.precopy_bytes),
+            (1, 1_674_471, 6_340_978)
+        );
+        assert_eq!(ram.remaining, 130_990_080);
+
+        let paused: MigrationInfo = serde_json::from_str(r#"{"expected-downtime": 300, "status": "postcopy-paused", "setup-time": 2, "total-time": 1104, "ram": {"total": 134750208, "postcopy-requests": 0, "dirty-sync-count": 2, "multifd-bytes": 0, "pages-per-second": 1030, "downtime-bytes": 0, "page-size": 4096, "remaining": 132255744, "postcopy-bytes": 406311, "mbps": 33.818400000000004, "transferred": 4633689, "dirty-sync-missed-zero-copy": 0, "precopy-bytes": 4227378, "duplicate": 475, "dirty-pages-rate": 993, "skipped": 0, "normal-bytes": 4620288, "normal": 1128}}"#).expect("postcopy-paused");
+        assert_eq!(paused.status.as_deref(), Some("postcopy-paused"));
+        assert_eq!(paused.ram.expect("ram").postcopy_bytes, 406_311);
+
+        // The destination after migrate-recover on port 0: the new port.
+        let recovering: MigrationInfo = serde_json::from_str(r#"{"status": "postcopy-paused", "socket-address": [{"port": "35275", "ipv4": true, "host": "127.0.0.1", "type": "inet"}]}"#).expect("destination");
+        assert_eq!(recovering.ram, None);
+        let address = &recovering.socket_address.expect("address")[0];
+        assert_eq!(address.port.as_deref(), Some("35275"));
     }
 
     async fn connect_to(qemu: &TestQemu) -> Qmp {
