@@ -499,7 +499,9 @@ fn run_destination(incoming: Incoming, c3: &proto::Cookie3, data: &[u8]) {
             DestinationAction::CompleteIncoming(_) => {
                 Some(DestinationInput::IncomingCompleted(Ok(())))
             }
-            DestinationAction::AwaitSwitchover => Some(DestinationInput::SwitchoverArrived(Ok(()))),
+            DestinationAction::AwaitSwitchover => {
+                Some(DestinationInput::SwitchoverArrived(Ok(true)))
+            }
             DestinationAction::RunStage { feature, stage } => {
                 assert!(
                     feature < vm.features.len(),
@@ -664,6 +666,7 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
             ))),
             SourceAction::CancelTransfer => Some(SourceInput::TransferStopped { completed: false }),
             SourceAction::StartPostcopy => Some(SourceInput::PostcopyStarted(Ok(()))),
+            SourceAction::WatchTransfer => None,
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);
                 finish_sent = true;

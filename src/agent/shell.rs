@@ -259,7 +259,7 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
         Op::AwaitSwitchover { vm } => hv
             .await_switchover(&vm)
             .await
-            .map(|()| OpOutput::Done)
+            .map(OpOutput::Arrived)
             .map_err(op_error),
         Op::StartPostcopy { vm } => hv
             .start_postcopy(&vm)
@@ -272,23 +272,18 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             address,
             plan,
         } => {
-            let (progress_tx, mut progress_rx) = mpsc::channel(64);
-            let forward = {
-                let core = agent.core.clone();
-                tokio::spawn(async move {
-                    while let Some(stats) = progress_rx.recv().await {
-                        let _ = core.send(Msg::Input(Input::Progress { op, stats }));
-                    }
-                })
-            };
-            let result = hv
-                .transfer_out(&vm, &destination, &address, plan, progress_tx)
-                .await
-                .map(OpOutput::Transferred)
-                .map_err(op_error);
-            // Progress before the end, never after it.
-            let _ = forward.await;
-            result
+            with_progress(&agent, op, |tx| {
+                let hv = hv.clone();
+                async move { hv.transfer_out(&vm, &destination, &address, plan, tx).await }
+            })
+            .await
+        }
+        Op::WatchTransfer { vm, destination } => {
+            with_progress(&agent, op, |tx| {
+                let hv = hv.clone();
+                async move { hv.watch_transfer(&vm, &destination, tx).await }
+            })
+            .await
         }
         Op::CancelTransfer { vm } => hv
             .cancel_transfer(&vm)
@@ -319,6 +314,31 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
         Op::ListGuests => Ok(OpOutput::Guests(hv.guests().await)),
     };
     let _ = agent.core.send(Msg::Input(Input::OpDone { op, result }));
+}
+
+/// Run a transfer (`run` gets the progress channel), forwarding its
+/// progress to the core, every report before the end.
+async fn with_progress<F, Fut>(agent: &Arc<Agent>, op: OpId, run: F) -> Result<OpOutput, OpError>
+where
+    F: FnOnce(mpsc::Sender<crate::protocol::TransferStats>) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::protocol::TransferStats, HypervisorError>>,
+{
+    let (progress_tx, mut progress_rx) = mpsc::channel(64);
+    let forward = {
+        let core = agent.core.clone();
+        tokio::spawn(async move {
+            while let Some(stats) = progress_rx.recv().await {
+                let _ = core.send(Msg::Input(Input::Progress { op, stats }));
+            }
+        })
+    };
+    let result = run(progress_tx)
+        .await
+        .map(OpOutput::Transferred)
+        .map_err(op_error);
+    // Progress before the end, never after it.
+    let _ = forward.await;
+    result
 }
 
 fn op_error(e: HypervisorError) -> OpError {

@@ -87,6 +87,16 @@ impl HostCore {
                     }
                     self.emit(Event::Vm(vm.name.clone()));
                 }
+                SourceAction::WatchTransfer => {
+                    let what = Op::WatchTransfer {
+                        vm: vm.name.clone(),
+                        destination: peer.clone(),
+                    };
+                    let op = self.run(owner, OpKind::TransferOut, what, None);
+                    if let Some(s) = self.sources.get_mut(id) {
+                        s.transfer = Some(op);
+                    }
+                }
                 SourceAction::StartPostcopy => {
                     let what = Op::StartPostcopy {
                         vm: vm.name.clone(),
@@ -650,7 +660,8 @@ impl HostCore {
                     }
                     (OpKind::AwaitSwitchover, Answered::Result(r)) => {
                         DestinationInput::SwitchoverArrived(
-                            r.map(|_| ()).map_err(|e| e.to_string()),
+                            r.map(|out| matches!(out, OpOutput::Arrived(true)))
+                                .map_err(|e| e.to_string()),
                         )
                     }
                     (OpKind::AwaitSwitchover, Answered::TimedOut) => {

@@ -299,6 +299,12 @@ pub enum Op {
         address: String,
         plan: crate::hypervisor::TransferPlan,
     },
+    /// After a restart, follow the transfer the hypervisor still runs;
+    /// answered like `TransferOut`.
+    WatchTransfer {
+        vm: String,
+        destination: String,
+    },
     CancelTransfer {
         vm: String,
     },
@@ -323,6 +329,9 @@ pub enum OpOutput {
     Address(String),
     /// TransferOut: the final statistics.
     Transferred(TransferStats),
+    /// AwaitSwitchover: `true` switched to post-copy, `false` the whole
+    /// guest arrived by pre-copy.
+    Arrived(bool),
     /// Status: the guest's state, or `None` if there is no such guest.
     Status(Option<crate::hypervisor::GuestState>),
     /// A stage's detail.
@@ -951,7 +960,12 @@ impl HostCore {
                 s.live
                     && matches!(
                         s.attempt.state,
-                        Preparing | Transferring { .. } | FinishSent | Aborting { .. }
+                        Preparing
+                            | Transferring { .. }
+                            | SwitchRequested { .. }
+                            | Switching
+                            | FinishSent
+                            | Aborting { .. }
                     )
             })
             .count()
@@ -967,7 +981,7 @@ impl HostCore {
             .filter(|d| {
                 matches!(
                     d.attempt.state,
-                    Starting | Preparing { .. } | Prepared | Finishing { .. }
+                    Starting | Preparing { .. } | Prepared | Finishing { .. } | SwitchoverReady
                 )
             })
             .count()

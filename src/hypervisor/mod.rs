@@ -113,10 +113,12 @@ pub trait Hypervisor: Send + Sync {
     async fn start_postcopy(&self, vm: &str) -> Result<(), HypervisorError>;
 
     /// Destination: wait until the incoming guest can run here: the source
-    /// switched its transfer to post-copy, or the whole guest arrived. An
-    /// error: the transfer ended before either (cancelled, or the source
-    /// went away), so the guest never ran anywhere but on the source.
-    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError>;
+    /// switched its transfer to post-copy (`true`), or the whole guest
+    /// arrived by pre-copy (`false`: the source can still take it back,
+    /// so the destination commits only on the source's word). An error: the
+    /// transfer ended before either (cancelled, or the source went away),
+    /// so the guest never ran anywhere but on the source.
+    async fn await_switchover(&self, vm: &str) -> Result<bool, HypervisorError>;
 
     /// Destination, post-copy paused by a broken link: listen for the
     /// source again. Returns the fresh address to resume the transfer to.
@@ -127,6 +129,16 @@ pub trait Hypervisor: Send + Sync {
     /// fresh `address`. Returns once the hypervisor took the request; the
     /// progress of `transfer_out` shows post-copy running again.
     async fn resume_postcopy(&self, vm: &str, address: &str) -> Result<(), HypervisorError>;
+
+    /// Source, after an agent restart: follow the outgoing transfer of `vm`
+    /// that its hypervisor still runs (or just finished) to its end, as
+    /// `transfer_out` would have. An error: there is none, or it failed.
+    async fn watch_transfer(
+        &self,
+        vm: &str,
+        destination: &str,
+        progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError>;
 
     /// Stop a transfer in progress; `transfer_out` then returns `Cancelled`.
     /// The guest is left as it was (running, or paused if the transfer had

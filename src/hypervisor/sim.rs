@@ -191,6 +191,8 @@ mod link {
     pub const PRECOPY: &str = "precopy";
     pub const POSTCOPY: &str = "postcopy";
     pub const COMPLETED: &str = "completed";
+    /// Completed after a switchover.
+    pub const COMPLETED_SWITCHED: &str = "completed after the switchover";
     pub const FAILED: &str = "failed";
 
     /// The file of the transfer to `address` (`sim://HOST/ATTEMPT/VM`;
@@ -689,8 +691,13 @@ impl Hypervisor for SimHypervisor {
             // switchover it rolls back; after it, the rest of the guest's
             // memory is gone with the link.
             match &result {
-                Ok(_) => {
-                    link::write(address, link::COMPLETED);
+                Ok(stats) => {
+                    let state = if stats.stage == TransferStage::Postcopy {
+                        link::COMPLETED_SWITCHED
+                    } else {
+                        link::COMPLETED
+                    };
+                    link::write(address, state);
                     // A switch asked from now finds the transfer done.
                     self.lock().completed.insert(vm.to_string());
                 }
@@ -698,6 +705,25 @@ impl Hypervisor for SimHypervisor {
             }
         }
         result
+    }
+
+    /// The simulated transfer runs inside the agent: it ends with it. Only
+    /// one that completed before is found again.
+    async fn watch_transfer(
+        &self,
+        vm: &str,
+        _destination: &str,
+        _progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError> {
+        if self.lock().completed.contains(vm) {
+            return Ok(TransferStats {
+                stage: TransferStage::Postcopy,
+                ..TransferStats::default()
+            });
+        }
+        Err(HypervisorError::Failed(format!(
+            "the transfer of {vm} ran inside the agent and ended with it"
+        )))
     }
 
     async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
@@ -741,7 +767,7 @@ impl Hypervisor for SimHypervisor {
         Ok(())
     }
 
-    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
+    async fn await_switchover(&self, vm: &str) -> Result<bool, HypervisorError> {
         let address = self.lock().incoming.get(vm).cloned().ok_or_else(|| {
             HypervisorError::Failed(format!("{vm} was not started ready for post-copy here"))
         })?;
@@ -750,7 +776,9 @@ impl Hypervisor for SimHypervisor {
                 return Err(HypervisorError::NoSuchGuest(vm.to_string()));
             }
             match link::read(&address).as_deref() {
-                Some(link::POSTCOPY | link::COMPLETED) => return Ok(()),
+                Some(link::POSTCOPY) => return Ok(true),
+                Some(link::COMPLETED_SWITCHED) => return Ok(true),
+                Some(link::COMPLETED) => return Ok(false),
                 Some(link::FAILED) => {
                     link::remove(&address);
                     return Err(HypervisorError::Failed(format!(

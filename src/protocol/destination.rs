@@ -98,9 +98,10 @@ pub enum DestinationInput {
     GuestResumed(GuestOpResult),
     GuestKilled(GuestOpResult),
     GuestStatus(GuestProbe),
-    /// Post-copy: the switchover arrived (`Ok`), or the transfer ended
-    /// without one (`Err`).
-    SwitchoverArrived(Result<(), String>),
+    /// Post-copy: the switchover arrived (`Ok(true)`), the whole guest
+    /// arrived by pre-copy (`Ok(false)`), or the transfer ended without
+    /// either (`Err`).
+    SwitchoverArrived(Result<bool, String>),
     Finish(proto::Cookie3),
     Heartbeat,
     Timer,
@@ -324,6 +325,11 @@ pub struct DestinationAttempt {
     /// switchover, and the commit waits for it.
     #[serde(default)]
     switchover: bool,
+    /// Ready for the switchover, the whole guest arrived by pre-copy
+    /// instead: the source can still take it back, so the commit waits
+    /// for its word (Finish, or Resolve once it cannot).
+    #[serde(default)]
+    arrived_whole: bool,
     /// This incarnation recovered the attempt from the journal: whatever the
     /// guest's state now, it may have run before the restart.
     #[serde(skip)]
@@ -385,6 +391,7 @@ impl DestinationAttempt {
             lost: None,
             postcopy: incoming.postcopy,
             switchover: false,
+            arrived_whole: false,
             recovered: false,
             awaiting: Awaiting::Nothing,
         };
@@ -459,6 +466,11 @@ impl DestinationAttempt {
             | DestinationState::Prepared => {
                 Some(self.last_source_contact + self.timing.peer_timeout_ms)
             }
+            // The whole guest arrived without a switchover: as before
+            // Finish, a source that went silent is given up on.
+            DestinationState::SwitchoverReady if self.arrived_whole => {
+                Some(self.last_source_contact + self.timing.peer_timeout_ms)
+            }
             _ => None,
         }
     }
@@ -481,11 +493,13 @@ impl DestinationAttempt {
             // The source aborts only before it switches over: its abort is
             // safe. This host's own reasons are not: the source may have
             // switched already, and then only this host can run the guest.
-            DestinationState::SwitchoverReady if notify_source => Err(format!(
-                "{} waits for the switchover of attempt {} to post-copy: the source may have switched \
+            DestinationState::SwitchoverReady if notify_source && !self.arrived_whole => {
+                Err(format!(
+                    "{} waits for the switchover of attempt {} to post-copy: the source may have switched \
                  already, so only the transfer's end decides",
-                self.host, self.attempt_id
-            )),
+                    self.host, self.attempt_id
+                ))
+            }
             DestinationState::SwitchoverReady => {
                 self.notify_source = false;
                 Ok(self.roll_back(format!("aborted: {reason}"), true))
@@ -554,6 +568,12 @@ impl DestinationAttempt {
         match self.state {
             DestinationState::Finishing { .. } if planted(Mutation::CommitAfterNotCommitted) => {
                 (Answer::NotCommitted, Vec::new())
+            }
+            // The source asks once it may have switched: a whole guest
+            // that arrived is committed now.
+            DestinationState::SwitchoverReady if self.arrived_whole => {
+                let actions = self.commit();
+                (Answer::Pending, actions)
             }
             DestinationState::Committed
             | DestinationState::Finishing { .. }
@@ -643,7 +663,14 @@ impl DestinationAttempt {
                     return Vec::new();
                 }
                 match result {
-                    Ok(()) => self.commit(),
+                    Ok(true) => self.commit(),
+                    // Committed only on the source's word: Finish (it
+                    // switched, or saw the transfer complete) or Resolve.
+                    Ok(false) if self.waiter == Waiter::Finish => self.commit(),
+                    Ok(false) => {
+                        self.arrived_whole = true;
+                        vec![self.journal()]
+                    }
                     Err(e) => self.roll_back(
                         format!(
                             "the switchover to post-copy did not arrive on {}: {e}",
@@ -708,6 +735,9 @@ impl DestinationAttempt {
             // once the switchover's outcome is known.
             DestinationState::SwitchoverReady => {
                 self.waiter = Waiter::Finish;
+                if self.arrived_whole {
+                    return self.commit();
+                }
                 return Vec::new();
             }
             DestinationState::Prepared => {}
@@ -907,6 +937,14 @@ impl DestinationAttempt {
         }
         match result {
             Ok(()) => self.commit_done(),
+            // After a switchover the source can never take the guest back:
+            // it stays here, paused, and the resume is retried.
+            Err(GuestOpError::Failed(e)) if self.switchover => self.paused_after_switchover(e),
+            // Gone after the switchover: neither host holds the whole guest.
+            Err(GuestOpError::Gone(e)) if self.switchover => self.become_lost(format!(
+                "the guest is gone from {} after the switchover to post-copy: {e}",
+                self.host
+            )),
             // The hypervisor refused: the CPUs never started. The guest
             // goes, and the source resumes its copy: nothing ran here.
             Err(GuestOpError::Failed(e) | GuestOpError::Gone(e)) if !self.ran_maybe => {
@@ -937,6 +975,10 @@ impl DestinationAttempt {
             GuestProbe::Running => {
                 self.error = None;
                 self.commit_done()
+            }
+            GuestProbe::Stopped if self.switchover => {
+                let before = self.error.take().unwrap_or_default();
+                self.paused_after_switchover(before)
             }
             // There and stopped, after a restart: it may have run before the
             // agent died (and been stopped since). Never abandoned on that.
@@ -1005,6 +1047,25 @@ impl DestinationAttempt {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Post-copy, committed, and the guest's CPUs would not start: it is
+    /// here and only here (the source cannot take it back), so it stays,
+    /// paused, and the resume is retried as pending work until it runs.
+    fn paused_after_switchover(&mut self, why: String) -> Vec<DestinationAction> {
+        self.error = Some(format!(
+            "could not start the guest's CPUs on {} after the switchover to post-copy ({why}); \
+             it stays paused there, where alone it can run, and the resume is retried",
+            self.host
+        ));
+        // The retry is on record before the attempt is closed: a crash in
+        // between leaves the resume to do either way.
+        let mut actions = vec![DestinationAction::RecordPending {
+            work: PendingWork::Resume,
+            error: why,
+        }];
+        actions.extend(self.commit_done());
+        actions
     }
 
     /// Committed, and the guest cannot be run here: it may have run, so the

@@ -164,6 +164,10 @@ pub enum SourceAction {
     CancelTransfer,
     /// Switch the transfer to post-copy; `PostcopyStarted` follows.
     StartPostcopy,
+    /// After a restart: follow the transfer the hypervisor still runs (a
+    /// switched one: the destination pulls pages from here); progress and
+    /// `TransferDone` follow as for `StartTransfer`.
+    WatchTransfer,
     SendFinish(proto::Cookie3),
     SendAbort {
         reason: String,
@@ -1139,6 +1143,29 @@ impl SourceAttempt {
             } else {
                 c4.error
             };
+            if self.switched {
+                // The destination never ran the guest, but the switch to
+                // post-copy was asked here: this copy may no longer be
+                // whole, and never runs again on this side's word.
+                let first = self.record.guest != GuestCondition::Unknown;
+                self.record.guest = GuestCondition::Unknown;
+                self.record.error = Some(format!(
+                    "{error}. The switch to post-copy was asked of the hypervisor here, so the guest's copy on {} \
+                     stays paused: only an operator can decide (tern resolve {} --run-on source tries to resume it; \
+                     the hypervisor refuses if the switch happened).",
+                    self.host, self.migration_id
+                ));
+                if self.state == SourceState::FinishSent {
+                    self.state = SourceState::Unresolved;
+                    self.record.outcome = Some(Outcome::Unresolved);
+                }
+                self.back_off_resolve(now);
+                return if first {
+                    vec![self.journal()]
+                } else {
+                    Vec::new()
+                };
+            }
             if self
                 .record
                 .features
@@ -1633,6 +1660,16 @@ impl SourceAttempt {
         self.resolve_in_flight = false;
         self.last_peer_contact = now;
         self.heartbeat_due = now;
+        let mut actions = self.recover_state(now);
+        // After a switchover the destination may still pull pages from
+        // here: follow the transfer again, and never kill before its end.
+        if self.switched && self.drained.is_none() {
+            actions.push(SourceAction::WatchTransfer);
+        }
+        actions
+    }
+
+    fn recover_state(&mut self, now: Millis) -> Vec<SourceAction> {
         match source_recovery(&self.state) {
             SourceRecovery::Forget => {
                 self.record.cause = Some(Cause::Interrupted);
@@ -1673,6 +1710,10 @@ impl SourceAttempt {
                 )
             }
             SourceRecovery::FinishConfirm => match self.state {
+                SourceState::Confirming {
+                    committed: true,
+                    step: ConfirmStep::Draining,
+                } => Vec::new(),
                 SourceState::Confirming {
                     committed: true, ..
                 } => {

@@ -1103,7 +1103,7 @@ impl World {
                     }
                     self.trigger(Trigger::TransferStarted);
                 }
-                SourceAction::StartPostcopy => {
+                SourceAction::StartPostcopy | SourceAction::WatchTransfer => {
                     self.violation("the source switched to post-copy unasked".into());
                 }
                 SourceAction::CancelTransfer => {
@@ -4761,7 +4761,7 @@ fn post_copy_finish_stages_run_before_the_switchover_and_the_commit_waits_for_it
         DestinationInput::Finish(c3_status(proto::TransferStatus::SwitchedOver)),
     );
     assert!(actions.is_empty(), "{actions:?}");
-    let actions = dst.handle(START + 5, DestinationInput::SwitchoverArrived(Ok(())));
+    let actions = dst.handle(START + 5, DestinationInput::SwitchoverArrived(Ok(true)));
     assert_eq!(dst_names(&actions), ["Journal(Committed)", "ResumeGuest"]);
     let actions = dst.handle(START + 6, DestinationInput::GuestResumed(Ok(())));
     assert_eq!(

@@ -580,17 +580,20 @@ impl World {
     /// What a destination waiting for the switchover of `vm` learns now:
     /// it came (or the whole guest did), the transfer ended without it, or
     /// nothing yet.
-    fn switchover_state(&self, to: usize, vm: &str) -> Option<Result<(), String>> {
+    fn switchover_state(&self, to: usize, vm: &str) -> Option<Result<bool, String>> {
         let Some(t) = self
             .transfers
             .values()
-            .filter(|t| t.to == to && t.vm == vm)
-            .last()
+            .rev()
+            .find(|t| t.to == to && t.vm == vm)
         else {
             return Some(Err(format!("no transfer of {vm} came")));
         };
-        if t.switched.is_some() || t.state == TransferState::Completed {
-            return Some(Ok(()));
+        if t.switched.is_some() {
+            return Some(Ok(true));
+        }
+        if t.state == TransferState::Completed {
+            return Some(Ok(false));
         }
         match t.state {
             TransferState::Active => None,
@@ -611,9 +614,7 @@ impl World {
             }
             match self.switchover_state(h, &vm) {
                 Some(result) => {
-                    let result = result
-                        .map(|()| OpOutput::Done)
-                        .map_err(OpError::Failed);
+                    let result = result.map(OpOutput::Arrived).map_err(OpError::Failed);
                     self.op_done(h, op, 1, result, None);
                 }
                 None => self.switch_waiters.push((h, epoch, op, vm)),
@@ -887,8 +888,19 @@ impl World {
             .collect();
         for id in stopped {
             self.postcopy_broken(id);
-            if let Some(t) = self.transfers.get_mut(&id) {
-                t.state = TransferState::Stopped;
+            let Some(t) = self.transfers.get_mut(&id) else {
+                continue;
+            };
+            t.state = TransferState::Stopped;
+            // A source whose post-copy transfer lost its destination hears
+            // of it (the embedded hypervisor's transfer fails; QEMU's
+            // pauses, and recovery finds the destination gone).
+            let (from, epoch, op, switched) = (t.from, t.epoch, t.op, t.switched.is_some());
+            if switched && from != h {
+                let error = Err(OpError::Failed(
+                    "the destination went away during post-copy".into(),
+                ));
+                self.transfer_ended(from, epoch, op, error);
             }
         }
     }
@@ -1496,6 +1508,32 @@ impl World {
                 address,
                 plan,
             } => self.start_transfer(h, op, &vm, &destination, &address, plan.postcopy),
+            Op::WatchTransfer { vm, .. } => {
+                let epoch = self.hosts[h].epoch;
+                let latest = self
+                    .transfers
+                    .values_mut()
+                    .rev()
+                    .find(|t| t.from == h && t.vm == vm);
+                match latest {
+                    Some(t) if t.state == TransferState::Active => {
+                        // Its end and progress go to this process now.
+                        t.op = op;
+                        t.epoch = epoch;
+                    }
+                    Some(t) if t.state == TransferState::Completed => {
+                        let done = TransferStats {
+                            stage: crate::protocol::TransferStage::Postcopy,
+                            ..TransferStats::default()
+                        };
+                        self.op_done(h, op, 1, Ok(OpOutput::Transferred(done)), None);
+                    }
+                    _ => {
+                        let error = OpError::Failed(format!("no transfer of {vm} runs"));
+                        self.op_done(h, op, 1, Err(error), None);
+                    }
+                }
+            }
             Op::AwaitSwitchover { vm } => {
                 if !self.hosts[h].guests.contains_key(&vm) {
                     let error = OpError::NoSuchGuest(format!("no guest {vm} here"));
@@ -1506,7 +1544,9 @@ impl World {
             }
             Op::StartPostcopy { vm } => {
                 if chaos && self.chance(self.scenario.switch_fails) {
-                    self.fault("switch fails", || format!("switching {vm} to post-copy fails"));
+                    self.fault("switch fails", || {
+                        format!("switching {vm} to post-copy fails")
+                    });
                     let error = OpError::Failed("QEMU: migrate-start-postcopy failed".into());
                     return self.op_done(h, op, quick, Err(error), None);
                 }
@@ -1697,9 +1737,9 @@ impl World {
         let latest = self
             .transfers
             .iter()
-            .filter(|(_, t)| t.from == h && t.vm == vm)
-            .map(|(&id, _)| id)
-            .last();
+            .rev()
+            .find(|(_, t)| t.from == h && t.vm == vm)
+            .map(|(&id, _)| id);
         let Some(id) = latest else {
             return Err(OpError::Failed(format!("no transfer of {vm} to switch")));
         };
@@ -1826,7 +1866,9 @@ impl World {
             self.transfer_ended(from, epoch, op, error);
             return;
         }
-        if t.stalls || self.partitioned(from, to) {
+        // A stalled link comes back once the chaos ends (a post-copy
+        // transfer has no deadline to end it otherwise).
+        if (t.stalls && self.chaos()) || self.partitioned(from, to) {
             self.push(tick, Event::TransferTick { transfer: id });
             return;
         }

@@ -601,6 +601,85 @@ impl QemuHypervisor {
         }
     }
 
+    /// Poll an outgoing migration to its end, reporting progress: the
+    /// transfer `transfer_out` started, or after an agent restart the one
+    /// its QEMU still runs (`switched`: it had switched to post-copy).
+    async fn follow_transfer(
+        &self,
+        vm: &str,
+        destination: &str,
+        qmp: &Qmp,
+        switched: bool,
+        progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError> {
+        let started = Instant::now();
+        let mut ticker = tokio::time::interval(POLL);
+        let mut switched = switched;
+        loop {
+            ticker.tick().await;
+            let info = match qmp.query_migrate().await {
+                Ok(info) => info,
+                Err(QmpError::Closed) => {
+                    return Err(failed(format!(
+                        "the QEMU of {vm} exited during the transfer{}",
+                        if switched { ", in post-copy" } else { "" }
+                    )));
+                }
+                Err(e) => return Err(qemu_error(e)),
+            };
+            let mut info = info;
+            if info.status.as_deref() == Some("completed") {
+                info = qmp.settled_completion(info).await;
+            }
+            let mut stats = transfer_stats(&info);
+            if stats.elapsed_ms == 0 {
+                stats.elapsed_ms = started.elapsed().as_millis() as u64;
+            }
+            let status = info.status.as_deref().unwrap_or("none");
+            if POSTCOPY.contains(&status) && !switched {
+                // Whoever asked for it: the guest stopped here for good.
+                switched = true;
+                self.set_postcopy(vm, true);
+                self.set_state(vm, GuestState::Paused);
+            }
+            match status {
+                "completed" => {
+                    if switched {
+                        stats.stage = TransferStage::Postcopy;
+                    }
+                    self.set_state(vm, GuestState::Paused);
+                    let _ = progress.try_send(stats);
+                    return Ok(stats);
+                }
+                "failed" => {
+                    let why = info
+                        .error_desc
+                        .unwrap_or_else(|| "QEMU gave no reason".into());
+                    let when = if switched {
+                        " after the switchover"
+                    } else {
+                        ""
+                    };
+                    return Err(failed(format!("QEMU: migration failed{when}: {why}")));
+                }
+                "cancelled" if switched => {
+                    return Err(failed(format!(
+                        "the transfer of {vm} was cancelled after its switchover to post-copy: \
+                         the guest is stopped here and part of its memory is on {destination}"
+                    )));
+                }
+                "cancelled" => return Err(HypervisorError::Cancelled(vm.to_string())),
+                // QEMU pauses the guest for the final pass.
+                "device" | "pre-switchover" => self.set_state(vm, GuestState::Paused),
+                // Post-copy, paused included: it waits for resume_postcopy.
+                _ => {}
+            }
+            // A full or closed channel is the watcher's problem, never the
+            // transfer's.
+            let _ = progress.try_send(stats);
+        }
+    }
+
     /// Remove a gone guest's socket, pidfile and taps; its log and serial
     /// output are kept as `NAME.log.prev` and `NAME.serial.prev` for a
     /// post-mortem.
@@ -1165,74 +1244,27 @@ impl Hypervisor for QemuHypervisor {
         self.configure_migration(&qmp, End::Outgoing { destination }, plan)
             .await?;
         qmp.migrate(address).await.map_err(qemu_error)?;
-        let started = Instant::now();
-        let mut ticker = tokio::time::interval(POLL);
-        let mut switched = false;
-        loop {
-            ticker.tick().await;
-            let info = match qmp.query_migrate().await {
-                Ok(info) => info,
-                Err(QmpError::Closed) => {
-                    return Err(failed(format!(
-                        "the QEMU of {vm} exited during the transfer{}",
-                        if switched { ", in post-copy" } else { "" }
-                    )));
-                }
-                Err(e) => return Err(qemu_error(e)),
-            };
-            let mut info = info;
-            if info.status.as_deref() == Some("completed") {
-                info = qmp.settled_completion(info).await;
-            }
-            let mut stats = transfer_stats(&info);
-            if stats.elapsed_ms == 0 {
-                stats.elapsed_ms = started.elapsed().as_millis() as u64;
-            }
-            let status = info.status.as_deref().unwrap_or("none");
-            if POSTCOPY.contains(&status) && !switched {
-                // Whoever asked for it: the guest stopped here for good.
-                switched = true;
-                self.set_postcopy(vm, true);
-                self.set_state(vm, GuestState::Paused);
-            }
-            match status {
-                "completed" => {
-                    if switched {
-                        stats.stage = TransferStage::Postcopy;
-                    }
-                    self.set_state(vm, GuestState::Paused);
-                    let _ = progress.try_send(stats);
-                    return Ok(stats);
-                }
-                "failed" => {
-                    let why = info
-                        .error_desc
-                        .unwrap_or_else(|| "QEMU gave no reason".into());
-                    let when = if switched {
-                        " after the switchover"
-                    } else {
-                        ""
-                    };
-                    return Err(failed(format!("QEMU: migration failed{when}: {why}")));
-                }
-                "cancelled" if switched => {
-                    return Err(failed(format!(
-                        "the transfer of {vm} was cancelled after its switchover to post-copy: \
-                         the guest is stopped here and part of its memory is on {destination}"
-                    )));
-                }
-                "cancelled" => return Err(HypervisorError::Cancelled(vm.to_string())),
-                // QEMU pauses the guest for the final pass.
-                "device" | "pre-switchover" => self.set_state(vm, GuestState::Paused),
-                // Post-copy, paused included: it waits for resume_postcopy.
-                _ => {}
-            }
-            // A full or closed channel is the watcher's problem, never the
-            // transfer's.
-            let _ = progress.try_send(stats);
-        }
+        self.follow_transfer(vm, destination, &qmp, false, progress)
+            .await
     }
 
+    async fn watch_transfer(
+        &self,
+        vm: &str,
+        destination: &str,
+        progress: mpsc::Sender<TransferStats>,
+    ) -> Result<TransferStats, HypervisorError> {
+        let qmp = self.qmp(vm)?;
+        let (_, switched) = self.roles(vm)?;
+        let info = qmp.query_migrate().await.map_err(qemu_error)?;
+        if info.status.is_none() || info.status.as_deref() == Some("none") {
+            return Err(failed(format!(
+                "no transfer of {vm} runs or ran in its QEMU"
+            )));
+        }
+        self.follow_transfer(vm, destination, &qmp, switched, progress)
+            .await
+    }
     async fn cancel_transfer(&self, vm: &str) -> Result<(), HypervisorError> {
         let qmp = self.qmp(vm)?;
         let (_, switched) = self.roles(vm)?;
@@ -1330,7 +1362,7 @@ impl Hypervisor for QemuHypervisor {
         }
     }
 
-    async fn await_switchover(&self, vm: &str) -> Result<(), HypervisorError> {
+    async fn await_switchover(&self, vm: &str) -> Result<bool, HypervisorError> {
         let qmp = self.qmp(vm)?;
         // Each MIGRATION event, and QEMU's exit, ends a wait early.
         let mut events = qmp.events();
@@ -1356,8 +1388,11 @@ impl Hypervisor for QemuHypervisor {
             };
             let status = info.status.as_deref().unwrap_or("none");
             match status {
-                "completed" => return Ok(()),
-                _ if POSTCOPY.contains(&status) => return Ok(()),
+                "completed" => {
+                    switched |= switched_in(&mut events);
+                    return Ok(switched);
+                }
+                _ if POSTCOPY.contains(&status) => return Ok(true),
                 "failed" | "cancelled" => {
                     let why = info.error_desc.unwrap_or_else(|| status.to_string());
                     return Err(failed(format!(
@@ -2622,7 +2657,11 @@ mod tests {
         progress_at(&mut rx, TransferStage::Precopy).await;
         let waiting = {
             let dst = p.dst.clone();
-            tokio::spawn(async move { dst.await_switchover("g").await.map(|()| Instant::now()) })
+            tokio::spawn(async move {
+                dst.await_switchover("g")
+                    .await
+                    .map(|switched| (switched, Instant::now()))
+            })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "no switchover yet");
@@ -2637,11 +2676,12 @@ mod tests {
             "the source is {state}"
         );
         assert_eq!(p.src.status("g").await, Some(GuestState::Paused));
-        let seen = tokio::time::timeout(Duration::from_secs(1), waiting)
+        let (switched, seen) = tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
             .expect("the destination saw the switchover")
             .unwrap()
             .unwrap();
+        assert!(switched, "a switchover, not a whole pre-copy");
         println!(
             "await_switchover returned {:?} after the request",
             seen - asked
