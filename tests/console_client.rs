@@ -14,6 +14,8 @@ use tern::console::{Command, Msg};
 use tern::proto;
 use tern::proto::event::Kind;
 use tern::protocol::Mode;
+use tern::protocol::completion::{Completion, Postcopy, WhenSpent};
+use tern::protocol::record::completion_from_record;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// Every wait is bounded by this, with a message saying what never came.
@@ -338,16 +340,27 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
     .await;
     let inventory = &cluster.agents();
 
+    // A policy other than safe's default, sent whole: the record says it.
+    let policy = Completion {
+        timeout_per_gib_s: 40,
+        postcopy: Postcopy::Never,
+        downtime_limit_ms: 0,
+        when_spent: WhenSpent::Continue,
+    };
     let start = Command::Start {
         host: "hv-a".into(),
         vm: "web-01".into(),
         destination: "hv-b".into(),
         mode: Mode::Safe,
+        completion: policy,
     };
     let Msg::Done { what, result } = execute(inventory, start).await else {
         panic!("execute answers Done")
     };
-    assert_eq!(what, "migrate web-01 to hv-b (safe)");
+    assert_eq!(
+        what,
+        "migrate web-01 to hv-b (safe; post-copy never, 40 s/GiB, then continue)"
+    );
     let started = result.unwrap_or_else(|e| panic!("the migration did not start: {e}"));
     assert!(
         started.ends_with(": web-01 hv-a -> hv-b (safe) started"),
@@ -358,11 +371,23 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
         .and_then(|rest| rest.split(':').next())
         .unwrap_or_else(|| panic!("no migration id in {started:?}"))
         .to_string();
-    wait_for(&mut rx, &format!("a migration event for {id}"), |m| {
+    let (recorded, _) = wait_for(&mut rx, &format!("a migration event for {id}"), |m| {
         matches!(m, Msg::Event(proto::Event { host, kind: Some(Kind::Migration(record)) })
             if host == "hv-a" && record.id == id && record.vm == "web-01")
     })
     .await;
+    let Msg::Event(proto::Event {
+        kind: Some(Kind::Migration(record)),
+        ..
+    }) = recorded
+    else {
+        unreachable!("matched above")
+    };
+    assert_eq!(
+        completion_from_record(record.completion.as_ref()),
+        policy,
+        "the agent runs the policy the console sent"
+    );
 
     let done = |msg: Msg| match msg {
         Msg::Done { what, result } => (what, result),
@@ -384,6 +409,7 @@ async fn commands_reach_the_agents_and_refusals_come_back_readable() {
         id: id.clone(),
         destination: None,
         mode: Mode::Fast,
+        completion: Completion::for_mode(Mode::Fast),
     };
     assert_eq!(
         done(execute(inventory, retry).await).1,

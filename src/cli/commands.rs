@@ -7,14 +7,20 @@ use futures::future::join_all;
 
 use super::client::Access;
 use super::client::{
-    Agent, Cluster, Link, find_migration, find_vm_host, reachable, running_elsewhere,
+    Agent, Cluster, Link, WatchStream, find_migration, find_vm_host, reachable, running_elsewhere,
 };
-use super::output::{pending_rollback_line, record_summary, rollback_reply, started_line};
+use super::output::{
+    pending_rollback_line, progress_line, record_summary, rollback_reply, started_line,
+};
 use super::{CliError, CliResult, check_id, exit, exit_code_for_outcome};
 use crate::proto;
+use crate::proto::event::Kind;
 use crate::protocol::bounds::IdKind;
 use crate::protocol::completion::{Completion, CompletionRequest};
-use crate::protocol::record::{MigrationRecord, completion_request_to_proto, mode_to_proto};
+use crate::protocol::record::{
+    MigrationRecord, completion_request_to_proto, convergence_from_proto, mode_to_proto,
+    stats_from_proto,
+};
 use crate::protocol::{Mode, RunOn};
 
 /// How `migrate` and `retry` report: wait for the outcome or not, JSON or
@@ -88,7 +94,10 @@ pub async fn retry(
 }
 
 /// After StartMigration or Retry: say what started, then wait for the
-/// outcome (unless `--no-wait`) and print the record.
+/// outcome (unless `--no-wait`) and print the record. While it waits on a
+/// terminal, one line on stderr follows the transfer, from the source's
+/// Watch stream; anywhere else (a pipe, a log, `--json`) nothing more is
+/// printed and no stream is opened.
 async fn follow(source: &Agent, started: &proto::MigrationRecord, report: Report) -> CliResult {
     let record = MigrationRecord::from(started);
     eprintln!("{}", started_line(&record));
@@ -96,21 +105,55 @@ async fn follow(source: &Agent, started: &proto::MigrationRecord, report: Report
         print_record(&record, report.json)?;
         return Ok(exit::SUCCEEDED);
     }
+    let mut live = LiveLine::new(
+        std::io::stderr(),
+        wants_live_line(std::io::stderr().is_terminal(), report),
+    );
+    // Opened before the wait starts, so no sample is missed. Without it
+    // (an older agent, a refusal) the wait goes on without the line.
+    let mut watch = match live.is_on() {
+        true => source.watch().await.ok(),
+        false => None,
+    };
+    let mut followed = Followed::new(started);
     let request = proto::MigrationRef {
         id: record.id.clone(),
     };
     let wait = source.call_long(|mut c| async move { c.wait_migration(request).await });
-    let finished = tokio::select! {
-        finished = wait => finished.map_err(|e| {
-            CliError::new(e.code, format!("{}; migration {} may still be running (tern status shows it)", e.message, record.id))
-        })?,
-        _ = tokio::signal::ctrl_c() => {
-            return Err(CliError::new(
-                exit::INTERRUPTED,
-                format!("stopped waiting; migration {} goes on (tern abort {} stops it)", record.id, record.id),
-            ));
+    tokio::pin!(wait);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let finished = loop {
+        tokio::select! {
+            finished = &mut wait => break finished,
+            _ = &mut ctrl_c => {
+                live.clear();
+                return Err(CliError::new(
+                    exit::INTERRUPTED,
+                    format!("stopped waiting; migration {} goes on (tern abort {} stops it)", record.id, record.id),
+                ));
+            }
+            event = next_event(&mut watch) => match event {
+                Some(event) => {
+                    if followed.apply(&event) {
+                        live.show(&progress_line(&followed.record), terminal_width());
+                    }
+                }
+                // The stream ended: the wait goes on without the line.
+                None => watch = None,
+            },
         }
     };
+    live.clear();
+    let finished = finished.map_err(|e| {
+        CliError::new(
+            e.code,
+            format!(
+                "{}; migration {} may still be running (tern status shows it)",
+                e.message, record.id
+            ),
+        )
+    })?;
     let finished = MigrationRecord::from(&finished);
     print_record(&finished, report.json)?;
     match finished.outcome {
@@ -122,6 +165,127 @@ async fn follow(source: &Agent, started: &proto::MigrationRecord, report: Report
                 source.name, finished.id
             ),
         )),
+    }
+}
+
+/// Whether `migrate` and `retry` keep a live line: only when they wait,
+/// print for a person, and stderr is a terminal.
+pub fn wants_live_line(stderr_is_terminal: bool, report: Report) -> bool {
+    stderr_is_terminal && report.wait && !report.json
+}
+
+/// One line kept up to date in place on a terminal (carriage return, then
+/// erase the line), and erased before anything else is printed. Off, it
+/// writes nothing at all.
+pub struct LiveLine<W: Write> {
+    out: Option<W>,
+    shown: bool,
+}
+
+/// Go back to the start of the line and erase it.
+const ERASE_LINE: &str = "\r\x1b[2K";
+
+impl<W: Write> LiveLine<W> {
+    pub fn new(out: W, on: bool) -> Self {
+        LiveLine {
+            out: on.then_some(out),
+            shown: false,
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Replace the line with `text`, cut to fit `width` columns (a line
+    /// that wrapped could no longer be erased).
+    pub fn show(&mut self, text: &str, width: usize) {
+        let Some(out) = &mut self.out else { return };
+        let room = width.saturating_sub(1).max(1);
+        let text: String = if text.chars().count() > room {
+            let cut: String = text.chars().take(room.saturating_sub(1)).collect();
+            format!("{}…", cut.trim_end())
+        } else {
+            text.to_string()
+        };
+        // A terminal that went away only loses the line.
+        let _ = write!(out, "{ERASE_LINE}{text}");
+        let _ = out.flush();
+        self.shown = true;
+    }
+
+    /// Erase the line, if one is shown.
+    pub fn clear(&mut self) {
+        let Some(out) = &mut self.out else { return };
+        if std::mem::take(&mut self.shown) {
+            let _ = write!(out, "{ERASE_LINE}");
+            let _ = out.flush();
+        }
+    }
+}
+
+/// The terminal's width, for the live line (80 if it cannot be asked).
+fn terminal_width() -> usize {
+    ratatui::crossterm::terminal::size()
+        .map(|(columns, _)| usize::from(columns))
+        .unwrap_or(80)
+}
+
+/// The next event of the watch stream, if there is one; a broken stream
+/// ends it (`None`), and no stream never answers.
+async fn next_event(watch: &mut Option<WatchStream>) -> Option<proto::Event> {
+    match watch {
+        Some(stream) => stream.message().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The attempt `migrate` or `retry` waits for, as its source's Watch
+/// stream tells of it.
+pub struct Followed {
+    pub record: MigrationRecord,
+}
+
+impl Followed {
+    pub fn new(started: &proto::MigrationRecord) -> Self {
+        Followed {
+            record: MigrationRecord::from(started),
+        }
+    }
+
+    fn is_it(&self, id: &str, attempt_id: &str) -> bool {
+        id == self.record.id && attempt_id == self.record.attempt_id
+    }
+
+    /// Fold in an event; whether it was about this attempt.
+    pub fn apply(&mut self, event: &proto::Event) -> bool {
+        match &event.kind {
+            Some(Kind::Snapshot(snapshot)) => {
+                let Some(m) = snapshot
+                    .migrations
+                    .iter()
+                    .find(|m| self.is_it(&m.id, &m.attempt_id))
+                else {
+                    return false;
+                };
+                self.record = MigrationRecord::from(m);
+                true
+            }
+            Some(Kind::Migration(m)) if self.is_it(&m.id, &m.attempt_id) => {
+                self.record = MigrationRecord::from(m);
+                true
+            }
+            Some(Kind::Progress(p)) if self.is_it(&p.migration_id, &p.attempt_id) => {
+                if let Some(stats) = &p.stats {
+                    self.record.transfer = Some(stats_from_proto(stats));
+                }
+                if let Some(outlook) = p.convergence.as_ref().and_then(convergence_from_proto) {
+                    self.record.convergence = Some(outlook);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -451,6 +615,126 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("runs nowhere"), "{text}");
+    }
+
+    const WAITING: Report = Report {
+        wait: true,
+        json: false,
+    };
+
+    #[test]
+    fn the_live_line_is_only_for_a_person_waiting_at_a_terminal() {
+        assert!(wants_live_line(true, WAITING));
+        assert!(!wants_live_line(false, WAITING), "stderr is not a terminal");
+        assert!(!wants_live_line(
+            true,
+            Report {
+                json: true,
+                ..WAITING
+            }
+        ));
+        assert!(!wants_live_line(
+            true,
+            Report {
+                wait: false,
+                ..WAITING
+            }
+        ));
+    }
+
+    #[test]
+    fn off_the_live_line_writes_nothing_at_all() {
+        let mut out = Vec::new();
+        let mut live = LiveLine::new(&mut out, wants_live_line(false, WAITING));
+        assert!(!live.is_on());
+        live.show("perform · 1.2 GiB / 2.0 GiB", 80);
+        live.clear();
+        assert!(out.is_empty(), "{:?}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn on_a_terminal_the_line_is_rewritten_in_place_fitted_and_erased() {
+        let mut out = Vec::new();
+        let mut live = LiveLine::new(&mut out, true);
+        live.clear();
+        live.show("perform · 1.2 GiB / 2.0 GiB", 80);
+        live.show("perform · 1.5 GiB / 2.0 GiB · converging, ETA 3 s", 20);
+        live.clear();
+        live.clear();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\r\x1b[2Kperform · 1.2 GiB / 2.0 GiB\r\x1b[2Kperform · 1.5 GiB…\r\x1b[2K",
+            "erase, write; a line cut to fit (a wrapped one could not be erased); erased once"
+        );
+    }
+
+    fn started() -> proto::MigrationRecord {
+        proto::MigrationRecord {
+            id: "m-1".into(),
+            attempt: 2,
+            attempt_id: "m-1.2".into(),
+            vm: "web-01".into(),
+            ..Default::default()
+        }
+    }
+
+    fn event(kind: Kind) -> proto::Event {
+        proto::Event {
+            host: "hv-a".into(),
+            kind: Some(kind),
+        }
+    }
+
+    fn progress(attempt_id: &str, transferred: u64) -> proto::Event {
+        event(Kind::Progress(proto::Progress {
+            migration_id: "m-1".into(),
+            attempt_id: attempt_id.into(),
+            stats: Some(proto::TransferStats {
+                bytes_total: 100,
+                bytes_transferred: transferred,
+                ..Default::default()
+            }),
+            convergence: Some(proto::Convergence {
+                verdict: proto::Verdict::Stalled as i32,
+                reason: "nothing sent for 4 s".into(),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    #[test]
+    fn the_live_line_follows_only_the_attempt_it_waits_for() {
+        let mut followed = Followed::new(&started());
+        // The first attempt's late progress, another migration's: not ours.
+        assert!(!followed.apply(&progress("m-1.1", 10)));
+        let mut other = progress("m-9.1", 10);
+        if let Some(Kind::Progress(p)) = &mut other.kind {
+            p.migration_id = "m-9".into();
+        }
+        assert!(!followed.apply(&other));
+        assert_eq!(followed.record.transfer, None);
+        assert!(followed.apply(&progress("m-1.2", 60)));
+        let stats = followed.record.transfer.expect("the sample");
+        assert_eq!(stats.bytes_transferred, 60);
+        assert_eq!(
+            followed.record.convergence.as_ref().map(|c| c.verdict),
+            Some(crate::protocol::convergence::Verdict::Stalled)
+        );
+        // The snapshot that opens the stream, and record updates.
+        let mut moved = started();
+        moved.recovery = Some(proto::PostcopyRecovery {
+            tries: 1,
+            ..Default::default()
+        });
+        assert!(followed.apply(&event(Kind::Snapshot(proto::Snapshot {
+            migrations: vec![moved.clone()],
+            ..Default::default()
+        }))));
+        assert_eq!(followed.record.recovery.as_ref().map(|r| r.tries), Some(1));
+        moved.recovery = None;
+        assert!(followed.apply(&event(Kind::Migration(moved))));
+        assert_eq!(followed.record.recovery, None);
+        assert!(!followed.apply(&event(Kind::VmRemoved("web-01".into()))));
     }
 
     #[test]

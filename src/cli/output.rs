@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 
 use crate::proto;
-use crate::protocol::record::MigrationRecord;
-use crate::protocol::{Phase, StepStatus, TransferStats};
+use crate::protocol::convergence::Verdict;
+use crate::protocol::record::{MigrationRecord, RecoveryView};
+use crate::protocol::{Outcome, Phase, StepStatus, TransferStage, TransferStats};
 
 pub fn phase_name(phase: Phase) -> &'static str {
     match phase {
@@ -33,23 +34,151 @@ pub fn started_line(record: &MigrationRecord) -> String {
     line
 }
 
-/// Where a migration stands in a word or two: its outcome, or the running
-/// phase with transfer progress.
+/// Where a migration stands in a few words: its outcome (`LOST` in
+/// capitals: the guest is gone), or where its transfer is: the running
+/// phase with its progress and the verdict on pre-copy, or post-copy, or a
+/// paused post-copy being recovered.
 pub fn state_summary(record: &MigrationRecord) -> String {
     match record.outcome {
+        Some(Outcome::Lost) => "LOST".to_string(),
         Some(outcome) => outcome.as_str().to_string(),
         None => {
+            if let Some(recovery) = &record.recovery {
+                return recovering_text(recovery.tries);
+            }
             let phase = record
                 .running_phase()
                 .unwrap_or_else(|| record.current_phase());
             match (phase, &record.transfer) {
+                (_, Some(stats)) if stats.stage == TransferStage::PostcopyPaused => {
+                    stats.stage.as_str().to_string()
+                }
+                (_, Some(stats)) if stats.stage == TransferStage::Postcopy => {
+                    format!("{} {}%", stats.stage.as_str(), percent(stats))
+                }
                 (Phase::Perform, Some(stats)) if stats.bytes_total > 0 => {
-                    format!("{} {}%", phase_name(phase), percent(stats))
+                    let mut text = format!("{} {}%", phase_name(phase), percent(stats));
+                    if let Some(c) = &record.convergence {
+                        let _ = write!(text, ", {}", verdict_label(c.verdict));
+                    }
+                    text
                 }
                 _ => phase_name(phase).to_string(),
             }
         }
     }
+}
+
+/// A verdict as an operator scans for it: the one that means pre-copy
+/// will never finish in capitals. The console and the CLI both say it so.
+pub fn verdict_label(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Converging => "converging",
+        Verdict::Slow => "slow",
+        Verdict::NotConverging => "NOT CONVERGING",
+        Verdict::Stalled => "stalled",
+    }
+}
+
+/// Post-copy stopped by a broken link while the agents recover it: "post-copy
+/// paused — recovering, try 3", counting the try under way or next
+/// (`tries` were made before it).
+pub fn recovering_text(tries: u32) -> String {
+    format!(
+        "{} — recovering, try {}",
+        TransferStage::PostcopyPaused.as_str(),
+        tries.saturating_add(1)
+    )
+}
+
+/// The rest of a recovery: "2 tries failed, the last: connection refused;
+/// next try at 10:32:05"; `clock` shows a unix time in ms.
+pub fn recovery_detail(recovery: &RecoveryView, clock: impl Fn(u64) -> String) -> String {
+    let mut text = match recovery.tries {
+        0 => "first try under way".to_string(),
+        1 => "1 try failed".to_string(),
+        n => format!("{n} tries failed"),
+    };
+    if let Some(error) = &recovery.error {
+        let _ = write!(text, ", the last: {error}");
+    }
+    if recovery.next_at_ms > 0 {
+        let _ = write!(text, "; next try {}", clock(recovery.next_at_ms));
+    }
+    text
+}
+
+/// What the outcome `lost` means, in so many words.
+pub fn lost_text(destination: &str) -> String {
+    format!(
+        "LOST: the destination {destination} died during post-copy; no host holds the whole guest"
+    )
+}
+
+/// Seconds as a person reads a wait: `850 ms`, `12 s`, `3 min 05 s`,
+/// `2 h 10 min`.
+pub fn seconds_text(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{} s", ms / 1000),
+        60_000..3_600_000 => format!("{} min {:02} s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{} h {:02} min", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// An ETA to the second at best: the model's milliseconds mean nothing.
+fn eta_text(ms: u64) -> String {
+    if ms < 1_000 {
+        "<1 s".to_string()
+    } else {
+        seconds_text(ms)
+    }
+}
+
+/// The one line `tern migrate` and `tern retry` keep updated on a terminal
+/// while they wait: phase, bytes sent of the total, rate, and where the
+/// transfer is heading (the verdict and its ETA; post-copy with what is
+/// left to pull; a paused post-copy being recovered).
+pub fn progress_line(record: &MigrationRecord) -> String {
+    let phase = record
+        .running_phase()
+        .unwrap_or_else(|| record.current_phase());
+    let stats = record.transfer.filter(|t| t.bytes_total > 0);
+    let mut parts: Vec<String> = Vec::new();
+    match (&record.recovery, stats.map(|t| t.stage)) {
+        (Some(recovery), _) => parts.push(recovering_text(recovery.tries)),
+        (None, Some(stage)) if stage.is_postcopy() => parts.push(stage.as_str().to_string()),
+        _ => parts.push(phase_name(phase).to_string()),
+    }
+    if let Some(t) = stats {
+        parts.push(format!(
+            "{} / {}",
+            bytes(t.bytes_transferred),
+            bytes(t.bytes_total)
+        ));
+        if t.rate_bytes_s > 0 {
+            parts.push(format!("{}/s", bytes(t.rate_bytes_s)));
+        }
+        match t.stage {
+            TransferStage::Postcopy | TransferStage::PostcopyPaused => {
+                parts.push(format!("{} to pull", bytes(t.bytes_remaining)));
+            }
+            TransferStage::Precopy if phase == Phase::Perform => {
+                if let Some(c) = &record.convergence {
+                    parts.push(match c.eta_ms {
+                        Some(eta)
+                            if c.verdict == Verdict::Converging || c.verdict == Verdict::Slow =>
+                        {
+                            format!("{}, ETA {}", verdict_label(c.verdict), eta_text(eta))
+                        }
+                        _ => verdict_label(c.verdict).to_string(),
+                    });
+                }
+            }
+            TransferStage::Precopy => {}
+        }
+    }
+    parts.join(" · ")
 }
 
 fn percent(stats: &TransferStats) -> u64 {
@@ -60,7 +189,7 @@ fn percent(stats: &TransferStats) -> u64 {
 pub use crate::protocol::convergence::bytes;
 
 pub fn transfer_line(stats: &TransferStats) -> String {
-    format!(
+    let mut line = format!(
         "{} of {} sent, {} left, {}/s, iteration {}, {}, {} ms elapsed",
         bytes(stats.bytes_transferred),
         bytes(stats.bytes_total),
@@ -71,7 +200,23 @@ pub fn transfer_line(stats: &TransferStats) -> String {
             format!("{ms} ms")
         }),
         stats.elapsed_ms
-    )
+    );
+    if stats.stage.is_postcopy() || stats.postcopy_requests > 0 {
+        let _ = write!(line, ", {}", stage_text(stats));
+    }
+    line
+}
+
+/// "post-copy, 1234 pages requested by the destination".
+pub fn stage_text(stats: &TransferStats) -> String {
+    match stats.postcopy_requests {
+        0 => stats.stage.as_str().to_string(),
+        n => format!(
+            "{}, {n} page{} requested by the destination",
+            stats.stage.as_str(),
+            if n == 1 { "" } else { "s" }
+        ),
+    }
 }
 
 /// "downtime 46 ms" once the hypervisor measured it, else "expected
@@ -114,6 +259,7 @@ pub fn record_summary(record: &MigrationRecord) -> String {
         }
     };
     let outcome = match record.outcome {
+        Some(Outcome::Lost) => lost_text(&record.destination),
         Some(outcome) => outcome.as_str().to_string(),
         None => format!("none yet, running {}", state_summary(record)),
     };
@@ -121,6 +267,31 @@ pub fn record_summary(record: &MigrationRecord) -> String {
     let _ = writeln!(out, "  running on: {running_on}");
     if let Some(error) = &record.error {
         let _ = writeln!(out, "  error:      {error}");
+    }
+    let _ = writeln!(out, "  policy:     {}", record.completion.describe());
+    if let Some(c) = &record.convergence {
+        // An ETA means something only while the transfer runs.
+        let eta = match (record.outcome, c.eta_ms) {
+            (None, Some(eta)) => format!(", ETA {}", eta_text(eta)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  outlook:    {}{eta}: {}",
+            verdict_label(c.verdict),
+            c.reason
+        );
+    }
+    if let Some(note) = &record.completion_note {
+        let _ = writeln!(out, "  note:       {note}");
+    }
+    if let Some(recovery) = &record.recovery {
+        let _ = writeln!(
+            out,
+            "  recovery:   {}: {}",
+            recovering_text(recovery.tries),
+            recovery_detail(recovery, |ms| format!("at {} UTC", super::audit::clock(ms)))
+        );
     }
     if let Some(stats) = &record.transfer {
         let _ = writeln!(out, "  transfer:   {}", transfer_line(stats));
@@ -253,7 +424,8 @@ fn indent(text: &str, prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Outcome;
+    use crate::protocol::completion::Completion;
+    use crate::protocol::convergence::ConvergenceView;
     use crate::protocol::record::FeatureRecord;
 
     fn failed_record() -> MigrationRecord {
@@ -317,6 +489,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
   outcome:    failed
   running on: hv-a
   error:      port-profile failed to finish on hv-b
+  policy:     post-copy never, 150 s/GiB, then abort
   phases:
     begin    ok      3 ms
     prepare  ok      25 ms
@@ -328,6 +501,140 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
       error: finish: switch refused
 ";
         assert_eq!(text, expected);
+    }
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    /// `failed_record` 45 s into pre-copy, converging.
+    fn in_precopy() -> MigrationRecord {
+        let mut record = failed_record();
+        record.outcome = None;
+        record.error = None;
+        for p in &mut record.phases {
+            p.status = StepStatus::Pending;
+        }
+        record.phase_mut(Phase::Begin).status = StepStatus::Ok;
+        record.phase_mut(Phase::Prepare).status = StepStatus::Ok;
+        record.phase_mut(Phase::Perform).status = StepStatus::Running;
+        record.transfer = Some(TransferStats {
+            bytes_total: 2 * GIB,
+            bytes_transferred: 1229 * MIB,
+            bytes_remaining: 800 * MIB,
+            rate_bytes_s: 512 * MIB,
+            ..TransferStats::default()
+        });
+        record.convergence = Some(ConvergenceView {
+            verdict: Verdict::Converging,
+            eta_ms: Some(12_000),
+            reason: "dirtying 128.0 MiB/s, link 512.0 MiB/s: 800.0 MiB left, net 384.0 MiB/s"
+                .into(),
+            remaining: vec![[0, 2 * GIB], [45_000, 800 * MIB]],
+        });
+        record
+    }
+
+    #[test]
+    fn the_progress_line_says_phase_bytes_rate_verdict_and_eta() {
+        let mut record = in_precopy();
+        assert_eq!(
+            progress_line(&record),
+            "perform · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · converging, ETA 12 s"
+        );
+        record.convergence.as_mut().unwrap().eta_ms = Some(850);
+        assert!(
+            progress_line(&record).ends_with("converging, ETA <1 s"),
+            "{}",
+            progress_line(&record)
+        );
+        record.convergence.as_mut().unwrap().verdict = Verdict::NotConverging;
+        record.convergence.as_mut().unwrap().eta_ms = None;
+        assert_eq!(
+            progress_line(&record),
+            "perform · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · NOT CONVERGING"
+        );
+        // After the switchover: post-copy, and what is left to pull.
+        let stats = record.transfer.as_mut().unwrap();
+        stats.stage = TransferStage::Postcopy;
+        stats.bytes_remaining = 312 * MIB;
+        assert_eq!(
+            progress_line(&record),
+            "post-copy · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · 312.0 MiB to pull"
+        );
+        record.transfer.as_mut().unwrap().stage = TransferStage::PostcopyPaused;
+        record.transfer.as_mut().unwrap().rate_bytes_s = 0;
+        record.recovery = Some(RecoveryView {
+            tries: 2,
+            error: Some("connection refused".into()),
+            next_at_ms: 0,
+        });
+        assert_eq!(
+            progress_line(&record),
+            "post-copy paused — recovering, try 3 · 1.2 GiB / 2.0 GiB · 312.0 MiB to pull"
+        );
+        // Before the transfer: the phase alone; after it, no stale verdict.
+        let mut record = in_precopy();
+        record.transfer = None;
+        record.phase_mut(Phase::Perform).status = StepStatus::Pending;
+        record.phase_mut(Phase::Prepare).status = StepStatus::Running;
+        assert_eq!(progress_line(&record), "prepare");
+        let mut record = in_precopy();
+        record.phase_mut(Phase::Perform).status = StepStatus::Ok;
+        record.phase_mut(Phase::Finish).status = StepStatus::Running;
+        assert_eq!(
+            progress_line(&record),
+            "finish · 1.2 GiB / 2.0 GiB · 512.0 MiB/s"
+        );
+    }
+
+    #[test]
+    fn a_record_summary_shows_the_policy_the_outlook_the_note_and_a_recovery() {
+        let mut record = in_precopy();
+        record.completion = Completion::for_mode(crate::protocol::Mode::Fast);
+        record.completion_note =
+            Some("switched to post-copy after 12.3 s: pre-copy cannot converge".into());
+        record.recovery = Some(RecoveryView {
+            tries: 2,
+            error: Some("connection refused".into()),
+            next_at_ms: 3_723_000,
+        });
+        let text = record_summary(&record);
+        for line in [
+            "  policy:     post-copy auto, 150 s/GiB\n",
+            "  outlook:    converging, ETA 12 s: dirtying 128.0 MiB/s, link 512.0 MiB/s: 800.0 MiB left, net 384.0 MiB/s\n",
+            "  note:       switched to post-copy after 12.3 s: pre-copy cannot converge\n",
+            "  recovery:   post-copy paused — recovering, try 3: 2 tries failed, the last: connection refused; next try at 01:02:03 UTC\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert_eq!(
+            state_summary(&record),
+            "post-copy paused — recovering, try 3"
+        );
+        record.recovery = None;
+        assert_eq!(state_summary(&record), "perform 60%, converging");
+        // Once it ended, the verdict it ended on, without an ETA.
+        record.outcome = Some(Outcome::Failed);
+        assert!(
+            record_summary(&record).contains("  outlook:    converging: dirtying"),
+            "{}",
+            record_summary(&record)
+        );
+    }
+
+    #[test]
+    fn a_lost_record_says_lost_and_what_it_means() {
+        let mut record = failed_record();
+        record.outcome = Some(Outcome::Lost);
+        record.error = Some("hv-b stopped answering during post-copy".into());
+        let text = record_summary(&record);
+        assert!(
+            text.contains(
+                "  outcome:    LOST: the destination hv-b died during post-copy; no host holds the whole guest\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(state_summary(&record), "LOST");
     }
 
     #[test]

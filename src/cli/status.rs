@@ -690,6 +690,78 @@ mod tests {
         assert_eq!(guest_state_name(99), "stopped");
     }
 
+    /// The JSON shape of what issue 14 added to a record, checked once:
+    /// `--json` is what scripts read.
+    #[test]
+    fn status_json_carries_the_policy_outlook_note_stage_and_recovery_of_a_migration() {
+        use crate::protocol::completion::Completion;
+        use crate::protocol::record::completion_to_proto;
+        let mut answer = hv_a();
+        let m = &mut answer.migrations[0];
+        m.outcome = proto::Outcome::Lost as i32;
+        m.completion = Some(completion_to_proto(&Completion::for_mode(
+            crate::protocol::Mode::Fast,
+        )));
+        m.convergence = Some(proto::Convergence {
+            verdict: proto::Verdict::NotConverging as i32,
+            has_eta: false,
+            eta_ms: 0,
+            reason: "dirtying 1.4 GiB/s, link 1.1 GiB/s".into(),
+            remaining: vec![
+                proto::RemainingSample {
+                    elapsed_ms: 0,
+                    bytes: 100,
+                },
+                proto::RemainingSample {
+                    elapsed_ms: 1000,
+                    bytes: 90,
+                },
+            ],
+        });
+        m.completion_note = "switched to post-copy after 12.3 s".into();
+        m.transfer = Some(proto::TransferStats {
+            stage: proto::TransferStage::PostcopyPaused as i32,
+            postcopy_requests: 7,
+            ..Default::default()
+        });
+        m.recovery = Some(proto::PostcopyRecovery {
+            tries: 2,
+            error: "connection refused".into(),
+            next_at_ms: 5000,
+        });
+        let status = StatusJson::from_answers(&[(entry("hv-a", 7701), Ok(answer))]);
+        let value = serde_json::to_value(&status).expect("serialize");
+        let m = &value["migrations"][0];
+        assert_eq!(m["outcome"], "lost");
+        assert_eq!(
+            m["completion"],
+            json!({"timeout_per_gib_s": 150, "postcopy": "auto", "downtime_limit_ms": 0, "when_spent": "abort"})
+        );
+        assert_eq!(
+            m["convergence"],
+            json!({"verdict": "not_converging", "reason": "dirtying 1.4 GiB/s, link 1.1 GiB/s",
+                   "remaining": [[0, 100], [1000, 90]]}),
+            "no eta_ms without an ETA"
+        );
+        assert_eq!(m["completion_note"], "switched to post-copy after 12.3 s");
+        assert_eq!(
+            (&m["transfer"]["stage"], &m["transfer"]["postcopy_requests"]),
+            (&json!("postcopy_paused"), &json!(7))
+        );
+        assert_eq!(
+            m["recovery"],
+            json!({"tries": 2, "error": "connection refused", "next_at_ms": 5000})
+        );
+        // The table says it as loud as it is.
+        let table = human(&status);
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("m-1 ") && l.contains("  LOST  ")),
+            "{table}"
+        );
+    }
+
     #[test]
     fn human_status_shows_hosts_vms_and_migrations() {
         let text = human(&fixture());

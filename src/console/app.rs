@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
+use super::completion::{CompletionChoice, base};
 use super::keymap::{Action, Context, action_for};
 use super::msg::{Command, Msg};
 use super::state::{ClusterState, Link, LogEntry, MigrationView};
@@ -13,7 +14,10 @@ use crate::cli::output::phase_name;
 use crate::host::evacuation::DEFAULT_MAX_ATTEMPTS;
 use crate::host::evacuation::job::{Evacuation, JobState, JobVm};
 use crate::proto;
-use crate::protocol::record::{mode_from_proto, outcome_from_proto, phase_from_proto};
+use crate::protocol::completion::Completion;
+use crate::protocol::record::{
+    completion_from_record, mode_from_proto, outcome_from_proto, phase_from_proto,
+};
 use crate::protocol::{Mode, Outcome};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,15 +47,17 @@ pub struct Choice {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dialog {
-    /// A dangerous action waits for `y` (or enter); `m` switches the mode
-    /// when the action has one.
+    /// A dangerous action waits for `y` (or enter).
     Confirm {
         title: String,
         lines: Vec<String>,
         commands: Vec<Command>,
-        mode: Option<Mode>,
     },
-    /// Where to retry (or start) a migration: every host, with why not.
+    /// Retry failed migrations on the same host: `y` (or enter) with the
+    /// mode and completion policy shown, which `m`, `p`, `b` and `w` change.
+    Retry(RetryForm),
+    /// Where to retry (or start) a migration: every host, with why not,
+    /// and the mode and completion policy, as in the retry dialog.
     Picker {
         title: String,
         vm: String,
@@ -61,6 +67,9 @@ pub enum Dialog {
         choices: Vec<Choice>,
         selected: usize,
         mode: Mode,
+        completion: CompletionChoice,
+        /// Retrying: the last attempt's mode and policy.
+        last: Option<(Mode, Completion)>,
     },
     /// Which VM a new migration moves.
     ChooseVm {
@@ -83,6 +92,68 @@ pub enum Dialog {
     Message(String),
 }
 
+/// The retry dialog: the attempts it retries, and the mode and policy the
+/// new attempts get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryForm {
+    pub targets: Vec<RetryTarget>,
+    pub mode: Mode,
+    pub completion: CompletionChoice,
+}
+
+/// One failed or aborted migration to retry on the same host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryTarget {
+    pub id: String,
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub attempt: u32,
+    pub error: String,
+    /// The last attempt's mode and policy: a retry in the same mode keeps
+    /// the policy unless the operator changes it, as `tern retry` does.
+    pub last: (Mode, Completion),
+}
+
+impl RetryForm {
+    /// The policy the dialog shows and its keys change: the first
+    /// target's (a bulk retry of attempts with different policies lists
+    /// each).
+    pub fn base(&self) -> Completion {
+        base(self.mode, self.targets.first().map(|t| t.last))
+    }
+
+    /// Each target's policy, in order.
+    pub fn policies(&self) -> Vec<Completion> {
+        self.targets
+            .iter()
+            .map(|t| self.completion.over(base(self.mode, Some(t.last))))
+            .collect()
+    }
+
+    pub fn commands(&self) -> Vec<Command> {
+        self.targets
+            .iter()
+            .zip(self.policies())
+            .map(|(t, completion)| Command::Retry {
+                host: t.source.clone(),
+                id: t.id.clone(),
+                destination: None,
+                mode: self.mode,
+                completion,
+            })
+            .collect()
+    }
+}
+
+/// A record's mode and completion policy.
+pub fn policy_of(record: &proto::MigrationRecord) -> (Mode, Completion) {
+    (
+        mode_from_proto(record.mode).unwrap_or(Mode::Safe),
+        completion_from_record(record.completion.as_ref()),
+    )
+}
+
 /// The evacuate dialog: one row per choice, the hosts to leave out last.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvacuateForm {
@@ -90,14 +161,17 @@ pub struct EvacuateForm {
     /// VMs on the host now (what the evacuation will move).
     pub vms: usize,
     pub mode: Mode,
+    /// Over the mode's default, for every VM.
+    pub completion: CompletionChoice,
     /// 0: the host's `max_outgoing`.
     pub concurrency: u32,
     /// The host's `max_outgoing`, when its agent has reported it.
     pub max_outgoing: Option<u32>,
     pub max_attempts: u32,
     pub exclude: Vec<Exclusion>,
-    /// The cursor: [`EvacuateForm::MODE`], [`EvacuateForm::CONCURRENCY`],
-    /// [`EvacuateForm::MAX_ATTEMPTS`], then one row per other host.
+    /// The cursor: [`EvacuateForm::MODE`], the completion rows,
+    /// [`EvacuateForm::CONCURRENCY`], [`EvacuateForm::MAX_ATTEMPTS`], then
+    /// one row per other host.
     pub row: usize,
     /// Digits are being typed on the cursor's row (a key other than a digit
     /// or backspace ends that).
@@ -119,19 +193,37 @@ const MAX_ATTEMPTS: u32 = 100;
 
 impl EvacuateForm {
     pub const MODE: usize = 0;
-    pub const CONCURRENCY: usize = 1;
-    pub const MAX_ATTEMPTS: usize = 2;
+    pub const POSTCOPY: usize = 1;
+    pub const BUDGET: usize = 2;
+    pub const WHEN_SPENT: usize = 3;
+    pub const CONCURRENCY: usize = 4;
+    pub const MAX_ATTEMPTS: usize = 5;
     /// The first host row.
-    pub const HOSTS: usize = 3;
+    pub const HOSTS: usize = 6;
 
     fn rows(&self) -> usize {
         Self::HOSTS + self.exclude.len()
     }
 
-    /// Left (`-1`) or right (`+1`) on the cursor's row.
-    fn adjust(&mut self, by: i64) {
+    /// The mode's default policy, under the operator's picks.
+    pub fn base(&self) -> Completion {
+        base(self.mode, None)
+    }
+
+    /// The policy every VM's migration gets.
+    pub fn policy(&self) -> Completion {
+        self.completion.over(self.base())
+    }
+
+    /// Left (`-1`) or right (`+1`) on the cursor's row; an error says why a
+    /// choice is not on offer.
+    fn adjust(&mut self, by: i64) -> Result<(), String> {
+        let base = self.base();
         match self.row {
             Self::MODE => self.mode = other_mode(self.mode),
+            Self::POSTCOPY => self.completion.next_postcopy(base),
+            Self::BUDGET => self.completion.step_budget(base, by > 0),
+            Self::WHEN_SPENT => return self.completion.toggle_when_spent(base),
             Self::CONCURRENCY => {
                 self.concurrency =
                     (i64::from(self.concurrency) + by).clamp(0, i64::from(MAX_CONCURRENCY)) as u32
@@ -140,14 +232,18 @@ impl EvacuateForm {
                 self.max_attempts =
                     (i64::from(self.max_attempts) + by).clamp(1, i64::from(MAX_ATTEMPTS)) as u32
             }
-            _ => self.toggle(),
+            _ => return self.toggle(),
         }
+        Ok(())
     }
 
-    /// Space: switch the mode or leave a host out (or in).
-    fn toggle(&mut self) {
+    /// Space: switch the mode, post-copy or what a spent budget does, or
+    /// leave a host out (or in).
+    fn toggle(&mut self) -> Result<(), String> {
         match self.row {
             Self::MODE => self.mode = other_mode(self.mode),
+            Self::POSTCOPY => self.completion.next_postcopy(self.base()),
+            Self::WHEN_SPENT => return self.completion.toggle_when_spent(self.base()),
             row if row >= Self::HOSTS => {
                 if let Some(e) = self.exclude.get_mut(row - Self::HOSTS) {
                     e.excluded = !e.excluded;
@@ -155,6 +251,7 @@ impl EvacuateForm {
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// A digit typed on a number row: the first replaces the number (typing
@@ -172,6 +269,10 @@ impl EvacuateForm {
         match self.row {
             Self::CONCURRENCY => self.concurrency = edit(self.concurrency, MAX_CONCURRENCY),
             Self::MAX_ATTEMPTS => self.max_attempts = edit(self.max_attempts, MAX_ATTEMPTS),
+            Self::BUDGET => {
+                let base = self.base();
+                return self.completion.type_budget(base, digit.map(u64::from));
+            }
             _ => return,
         }
         self.typing = true;
@@ -200,6 +301,7 @@ impl EvacuateForm {
         Ok(Command::Evacuate {
             host: self.host.clone(),
             mode: self.mode,
+            completion: self.policy(),
             concurrency: self.concurrency,
             max_attempts: self.max_attempts,
             exclude: self.excluded(),
@@ -644,6 +746,7 @@ fn evacuate(app: &mut App) {
         host,
         vms,
         mode: app.default_mode,
+        completion: CompletionChoice::default(),
         concurrency: 0,
         max_outgoing,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -686,7 +789,6 @@ fn undrain(app: &mut App) {
             "{host} accepts incoming migrations again: new migrations and other hosts' evacuations may place VMs on it"
         )],
         commands: vec![Command::Undrain { host }],
-        mode: None,
     });
 }
 
@@ -888,7 +990,6 @@ fn abort(app: &mut App) {
         title: format!("Abort {} migration(s)?", running.len()),
         lines,
         commands,
-        mode: None,
     });
 }
 
@@ -920,35 +1021,23 @@ fn retry(app: &mut App) {
         );
         return;
     }
-    let mode = app.default_mode;
-    let lines = failed
+    let targets = failed
         .iter()
-        .map(|r| {
-            format!(
-                "{} {} → {} again (attempt {}); last error: {}",
-                r.vm,
-                r.source,
-                r.destination,
-                r.attempt + 1,
-                if r.error.is_empty() { "none" } else { &r.error }
-            )
-        })
-        .collect();
-    let commands = failed
-        .iter()
-        .map(|r| Command::Retry {
-            host: r.source.clone(),
+        .map(|r| RetryTarget {
             id: r.id.clone(),
-            destination: None,
-            mode,
+            vm: r.vm.clone(),
+            source: r.source.clone(),
+            destination: r.destination.clone(),
+            attempt: r.attempt,
+            error: r.error.clone(),
+            last: policy_of(r),
         })
         .collect();
-    app.dialog = Some(Dialog::Confirm {
-        title: format!("Retry {} migration(s) on the same host?", failed.len()),
-        lines,
-        commands,
-        mode: Some(mode),
-    });
+    app.dialog = Some(Dialog::Retry(RetryForm {
+        targets,
+        mode: app.default_mode,
+        completion: CompletionChoice::default(),
+    }));
 }
 
 /// Every host, and why it cannot take `vm` now (none: it can).
@@ -1002,6 +1091,7 @@ pub fn destinations(state: &ClusterState, vm: &str, required: &[String]) -> Vec<
 
 /// Offer every host; the cursor starts on the first eligible one that is
 /// not where the last attempt failed (`avoid`).
+#[allow(clippy::too_many_arguments)]
 fn picker(
     app: &mut App,
     title: String,
@@ -1010,6 +1100,7 @@ fn picker(
     from: String,
     required: Vec<String>,
     avoid: Option<&str>,
+    last: Option<(Mode, Completion)>,
 ) {
     let choices = destinations(app.state(), &vm, &required);
     let eligible = |c: &&Choice| c.refusal.is_none();
@@ -1026,6 +1117,8 @@ fn picker(
         choices,
         selected,
         mode: app.default_mode,
+        completion: CompletionChoice::default(),
+        last,
     });
 }
 
@@ -1065,6 +1158,7 @@ fn pick_destination(app: &mut App) {
         record.source.clone(),
         required,
         Some(&record.destination),
+        Some(policy_of(&record)),
     );
 }
 
@@ -1103,7 +1197,6 @@ fn rollback(app: &mut App) {
                 id: record.id.clone(),
             })
             .collect(),
-        mode: None,
     });
 }
 
@@ -1138,31 +1231,12 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
         Dialog::Confirm {
             title,
             lines,
-            mut commands,
-            mode,
+            commands,
         } => match key.code {
             KeyCode::Char('y') | KeyCode::Enter => {
-                for c in &mut commands {
-                    if let (
-                        Command::Retry { mode: m, .. } | Command::Start { mode: m, .. },
-                        Some(chosen),
-                    ) = (c, mode)
-                    {
-                        *m = chosen;
-                    }
-                }
                 app.marked.clear();
                 app.say(format!("sent: {}", describe_all(&commands)), false);
                 commands
-            }
-            KeyCode::Char('m') if mode.is_some() => {
-                app.dialog = Some(Dialog::Confirm {
-                    title,
-                    lines,
-                    commands,
-                    mode: mode.map(other_mode),
-                });
-                Vec::new()
             }
             KeyCode::Char('n') | KeyCode::Esc => Vec::new(),
             _ => {
@@ -1170,11 +1244,29 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                     title,
                     lines,
                     commands,
-                    mode,
                 });
                 Vec::new()
             }
         },
+        Dialog::Retry(mut form) => {
+            match key.code {
+                KeyCode::Char('y') | KeyCode::Enter => {
+                    let commands = form.commands();
+                    app.marked.clear();
+                    app.say(format!("sent: {}", describe_all(&commands)), false);
+                    return commands;
+                }
+                KeyCode::Char('n') | KeyCode::Esc => return Vec::new(),
+                KeyCode::Char('m') => form.mode = other_mode(form.mode),
+                code => {
+                    let base = form.base();
+                    completion_key(app, &mut form.completion, base, code);
+                }
+            }
+            keep_typing(&mut form.completion, key.code);
+            app.dialog = Some(Dialog::Retry(form));
+            Vec::new()
+        }
         Dialog::Picker {
             title,
             vm,
@@ -1183,6 +1275,8 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
             choices,
             mut selected,
             mut mode,
+            mut completion,
+            last,
         } => {
             match key.code {
                 KeyCode::Esc | KeyCode::Char('q') => return Vec::new(),
@@ -1196,18 +1290,21 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                         host,
                         refusal: None,
                     }) => {
+                        let policy = completion.over(base(mode, last));
                         let command = match retry {
                             Some(id) => Command::Retry {
                                 host: from,
                                 id,
                                 destination: Some(host.clone()),
                                 mode,
+                                completion: policy,
                             },
                             None => Command::Start {
                                 host: from,
                                 vm,
                                 destination: host.clone(),
                                 mode,
+                                completion: policy,
                             },
                         };
                         app.say(format!("sent: {}", command.describe()), false);
@@ -1219,8 +1316,11 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                     }) => app.say(format!("{host} cannot take {vm}: {why}"), true),
                     None => {}
                 },
-                _ => {}
+                code => {
+                    completion_key(app, &mut completion, base(mode, last), code);
+                }
             }
+            keep_typing(&mut completion, key.code);
             app.dialog = Some(Dialog::Picker {
                 title,
                 vm,
@@ -1229,6 +1329,8 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                 choices,
                 selected,
                 mode,
+                completion,
+                last,
             });
             Vec::new()
         }
@@ -1261,6 +1363,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                             host,
                             required,
                             None,
+                            None,
                         );
                         return Vec::new();
                     }
@@ -1279,12 +1382,28 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                 KeyCode::Char('k') | KeyCode::Up | KeyCode::BackTab => {
                     form.row = form.row.saturating_sub(1)
                 }
-                KeyCode::Char('h' | '-') | KeyCode::Left => form.adjust(-1),
-                KeyCode::Char('l' | '+') | KeyCode::Right => form.adjust(1),
-                KeyCode::Char(' ') => form.toggle(),
+                KeyCode::Char('h' | '-') | KeyCode::Left => {
+                    if let Err(why) = form.adjust(-1) {
+                        app.say(why, true);
+                    }
+                }
+                KeyCode::Char('l' | '+') | KeyCode::Right => {
+                    if let Err(why) = form.adjust(1) {
+                        app.say(why, true);
+                    }
+                }
+                KeyCode::Char(' ') => {
+                    if let Err(why) = form.toggle() {
+                        app.say(why, true);
+                    }
+                }
                 KeyCode::Char('m') => form.mode = other_mode(form.mode),
                 KeyCode::Char(c) if c.is_ascii_digit() => form.type_digit(c.to_digit(10)),
                 KeyCode::Backspace => form.type_digit(None),
+                code @ KeyCode::Char('p' | 'b' | 'w') => {
+                    let base = form.base();
+                    completion_key(app, &mut form.completion, base, code);
+                }
                 KeyCode::Enter | KeyCode::Char('y') => match form.command() {
                     Ok(command) => {
                         app.say(format!("sent: {}", command.describe()), false);
@@ -1304,6 +1423,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
             if !matches!(key.code, KeyCode::Char('0'..='9') | KeyCode::Backspace) {
                 form.typing = false;
             }
+            keep_typing(&mut form.completion, key.code);
             app.dialog = Some(Dialog::Evacuate(form));
             Vec::new()
         }
@@ -1332,6 +1452,33 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
             app.say(format!("sent: {}", command.describe()), false);
             vec![command]
         }
+    }
+}
+
+/// `p`, `b`, `w`, digits and backspace on a dialog's completion choices
+/// (see [`super::completion`]); other keys are not theirs. A choice that
+/// is not on offer says why in the status line.
+fn completion_key(app: &mut App, choice: &mut CompletionChoice, base: Completion, code: KeyCode) {
+    match code {
+        KeyCode::Char('p') => choice.next_postcopy(base),
+        KeyCode::Char('b') => choice.next_budget(base),
+        KeyCode::Char('w') => {
+            if let Err(why) = choice.toggle_when_spent(base) {
+                app.say(why, true);
+            }
+        }
+        KeyCode::Char(c) if c.is_ascii_digit() => {
+            choice.type_budget(base, c.to_digit(10).map(u64::from))
+        }
+        KeyCode::Backspace => choice.type_budget(base, None),
+        _ => {}
+    }
+}
+
+/// Any key but a digit or backspace ends the typing of a budget.
+fn keep_typing(choice: &mut CompletionChoice, code: KeyCode) {
+    if !matches!(code, KeyCode::Char('0'..='9') | KeyCode::Backspace) {
+        choice.stop_typing();
     }
 }
 
@@ -1462,6 +1609,7 @@ impl Filter {
 mod tests {
     use super::*;
     use crate::console::fixture::*;
+    use crate::protocol::completion::{Postcopy, WhenSpent};
     use proto::event::Kind;
 
     fn press(app: &mut App, keys: &[Msg]) -> Vec<Command> {
@@ -1524,7 +1672,119 @@ mod tests {
                 id: "m-fail".into(),
                 destination: None,
                 mode: Mode::Fast,
+                // The policy follows the mode the operator switched to.
+                completion: Completion::for_mode(Mode::Fast),
             }]
+        );
+    }
+
+    fn policy(postcopy: Postcopy, budget: u64, when_spent: WhenSpent) -> Completion {
+        Completion {
+            timeout_per_gib_s: budget,
+            postcopy,
+            downtime_limit_ms: 0,
+            when_spent,
+        }
+    }
+
+    #[test]
+    fn the_retry_dialog_sends_the_completion_policy_chosen_in_it() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        // Enter alone: the last attempt's policy (safe's default).
+        assert_eq!(
+            press(&mut app, &[key('r'), code(KeyCode::Enter)]),
+            [Command::Retry {
+                host: "hv-b".into(),
+                id: "m-fail".into(),
+                destination: None,
+                mode: Mode::Safe,
+                completion: policy(Postcopy::Never, 150, WhenSpent::Abort),
+            }]
+        );
+        // Post-copy never, a budget of 40 s per GiB typed, continue once spent.
+        let commands = press(
+            &mut app,
+            &[key('r'), key('4'), key('0'), key('w'), key('y')],
+        );
+        assert_eq!(
+            commands,
+            [Command::Retry {
+                host: "hv-b".into(),
+                id: "m-fail".into(),
+                destination: None,
+                mode: Mode::Safe,
+                completion: policy(Postcopy::Never, 40, WhenSpent::Continue),
+            }]
+        );
+        // Post-copy now, no budget (b steps 150 → 300 → 600 → none).
+        let commands = press(
+            &mut app,
+            &[
+                key('r'),
+                key('p'),
+                key('p'),
+                key('b'),
+                key('b'),
+                key('b'),
+                key('y'),
+            ],
+        );
+        assert!(
+            matches!(&commands[..], [Command::Retry { completion, .. }]
+                if *completion == policy(Postcopy::Now, 0, WhenSpent::Abort)),
+            "{commands:?}"
+        );
+    }
+
+    #[test]
+    fn the_retry_dialog_never_sends_continue_with_post_copy_and_says_why() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        // Switch to fast: its default is post-copy auto, where continue is refused.
+        press(&mut app, &[key('r'), key('m'), key('w')]);
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("only for post-copy never")),
+            "{:?}",
+            app.status
+        );
+        let commands = press(&mut app, &[key('y')]);
+        let [Command::Retry { completion, .. }] = &commands[..] else {
+            panic!("{commands:?}")
+        };
+        assert_eq!(*completion, Completion::for_mode(Mode::Fast));
+        assert_eq!(completion.check(), Ok(()));
+    }
+
+    #[test]
+    fn a_retry_keeps_the_last_attempts_policy_unless_the_mode_changes() {
+        let mut app = fixture();
+        let own = policy(Postcopy::Now, 20, WhenSpent::Abort);
+        app.live
+            .migrations
+            .get_mut("m-fail")
+            .unwrap()
+            .record
+            .completion = Some(crate::protocol::record::completion_to_proto(&own));
+        select(&mut app, "m-fail");
+        let same = press(&mut app, &[key('r'), key('y')]);
+        assert!(
+            matches!(&same[..], [Command::Retry { completion, .. }] if *completion == own),
+            "{same:?}"
+        );
+        let fast = press(&mut app, &[key('r'), key('m'), key('y')]);
+        assert!(
+            matches!(&fast[..], [Command::Retry { completion, .. }]
+                if *completion == Completion::for_mode(Mode::Fast)),
+            "{fast:?}"
+        );
+        // On another host too.
+        let elsewhere = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        assert!(
+            matches!(&elsewhere[..], [Command::Retry { completion, .. }] if *completion == own),
+            "{elsewhere:?}"
         );
     }
 
@@ -1540,6 +1800,28 @@ mod tests {
                 id: "m-fail".into(),
                 destination: Some("hv-a".into()),
                 mode: Mode::Safe,
+                completion: Completion::for_mode(Mode::Safe),
+            }]
+        );
+    }
+
+    #[test]
+    fn the_picker_offers_the_completion_choices_and_a_picked_one_survives_the_mode() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        // b: 300 s per GiB; m: fast, whose default post-copy (auto) follows.
+        let commands = press(
+            &mut app,
+            &[key('d'), key('b'), key('m'), code(KeyCode::Enter)],
+        );
+        assert_eq!(
+            commands,
+            [Command::Retry {
+                host: "hv-b".into(),
+                id: "m-fail".into(),
+                destination: Some("hv-a".into()),
+                mode: Mode::Fast,
+                completion: policy(Postcopy::Auto, 300, WhenSpent::Abort),
             }]
         );
     }
@@ -1694,7 +1976,24 @@ mod tests {
                 vm: "db-01".into(),
                 destination: "hv-a".into(),
                 mode: Mode::Safe,
+                completion: Completion::for_mode(Mode::Safe),
             }]
+        );
+        // A new migration's picker takes the same keys: post-copy auto.
+        let commands = press(
+            &mut app,
+            &[
+                key('n'),
+                key('j'),
+                code(KeyCode::Enter),
+                key('p'),
+                code(KeyCode::Enter),
+            ],
+        );
+        assert!(
+            matches!(&commands[..], [Command::Start { completion, .. }]
+                if *completion == policy(Postcopy::Auto, 150, WhenSpent::Abort)),
+            "{commands:?}"
         );
     }
 
@@ -1738,6 +2037,7 @@ mod tests {
             [Command::Evacuate {
                 host: "hv-a".into(),
                 mode: Mode::Safe,
+                completion: Completion::for_mode(Mode::Safe),
                 concurrency: 0,
                 max_attempts: 3,
                 exclude: vec![],
@@ -1756,10 +2056,17 @@ mod tests {
     fn the_evacuate_dialog_choices_become_the_request() {
         let mut app = fixture();
         press(&mut app, &[code(KeyCode::Tab), key('e')]);
-        // Mode: fast. Concurrency: two to the right. Max attempts: typed.
+        // Mode: fast (post-copy auto follows). Post-copy: now. Budget: one
+        // step up the ladder (300). When spent: nothing to choose with
+        // post-copy, so down to concurrency: two to the right. Max
+        // attempts: typed.
         press(
             &mut app,
-            &[key('l'), key('j'), key('l'), key('l'), key('j')],
+            &[key('l'), key('j'), key('l'), key('j'), key('l')],
+        );
+        press(
+            &mut app,
+            &[key('j'), key('j'), key('l'), key('l'), key('j')],
         );
         press(&mut app, &typed("5"));
         // Leave out hv-b and hv-d.
@@ -1774,6 +2081,7 @@ mod tests {
             [Command::Evacuate {
                 host: "hv-a".into(),
                 mode: Mode::Fast,
+                completion: policy(Postcopy::Now, 300, WhenSpent::Abort),
                 concurrency: 2,
                 max_attempts: 5,
                 exclude: vec!["hv-b".into(), "hv-d".into()],
@@ -1782,9 +2090,66 @@ mod tests {
     }
 
     #[test]
+    fn the_evacuate_dialog_offers_continue_only_with_post_copy_never() {
+        let mut app = fixture();
+        // Safe: never. Down to "when spent", space: continue.
+        press(
+            &mut app,
+            &[
+                code(KeyCode::Tab),
+                key('e'),
+                key('j'),
+                key('j'),
+                key('j'),
+                key(' '),
+            ],
+        );
+        assert_eq!(
+            evacuate_form(&app).policy(),
+            policy(Postcopy::Never, 150, WhenSpent::Continue)
+        );
+        // p (anywhere in the form): auto. Continue goes; it cannot come back.
+        press(&mut app, &[key('p'), key(' ')]);
+        assert_eq!(
+            evacuate_form(&app).policy(),
+            policy(Postcopy::Auto, 150, WhenSpent::Abort)
+        );
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("only for post-copy never")),
+            "{:?}",
+            app.status
+        );
+        // The budget row: typed, then 0 for none.
+        press(&mut app, &[key('k')]);
+        press(&mut app, &typed("45"));
+        assert_eq!(evacuate_form(&app).policy().timeout_per_gib_s, 45);
+        press(&mut app, &[key('j'), key('k')]);
+        press(&mut app, &typed("0"));
+        assert_eq!(evacuate_form(&app).policy().timeout_per_gib_s, 0);
+        let [Command::Evacuate { completion, .. }] = &press(&mut app, &[code(KeyCode::Enter)])[..]
+        else {
+            panic!("no evacuation sent")
+        };
+        assert_eq!(*completion, policy(Postcopy::Auto, 0, WhenSpent::Abort));
+        assert_eq!(completion.check(), Ok(()));
+    }
+
+    #[test]
     fn numbers_in_the_evacuate_dialog_stay_within_what_the_agent_accepts() {
         let mut app = fixture();
-        press(&mut app, &[code(KeyCode::Tab), key('e'), key('j')]);
+        press(
+            &mut app,
+            &[
+                code(KeyCode::Tab),
+                key('e'),
+                key('j'),
+                key('j'),
+                key('j'),
+                key('j'),
+            ],
+        );
         press(&mut app, &[key('h'), key('h')]);
         assert_eq!(evacuate_form(&app).concurrency, 0);
         press(&mut app, &typed("9999"));
@@ -1810,10 +2175,10 @@ mod tests {
     #[test]
     fn leaving_out_every_other_host_is_refused_in_the_dialog() {
         let mut app = fixture();
-        press(
-            &mut app,
-            &[code(KeyCode::Tab), key('e'), key('j'), key('j')],
-        );
+        press(&mut app, &[code(KeyCode::Tab), key('e')]);
+        for _ in EvacuateForm::MODE..EvacuateForm::MAX_ATTEMPTS {
+            press(&mut app, &[key('j')]);
+        }
         for _ in 0..4 {
             press(&mut app, &[key('j'), key(' ')]);
         }

@@ -22,7 +22,8 @@ use crate::cli::output::{pending_rollback_line, started_line, state_summary};
 use crate::config::HostEntry;
 use crate::host::evacuation::job::{Evacuation, JobState};
 use crate::proto;
-use crate::protocol::record::{MigrationRecord, mode_to_proto};
+use crate::protocol::completion::{Completion, CompletionRequest};
+use crate::protocol::record::{MigrationRecord, completion_request_to_proto, mode_to_proto};
 
 /// The wait before the first reconnect; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -225,13 +226,14 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
             id,
             destination,
             mode,
+            completion,
         } => {
             let agent = connect(agents, &host).await?;
             let request = proto::RetryRequest {
                 id,
                 destination: destination.unwrap_or_default(),
                 mode: mode_to_proto(mode) as i32,
-                completion: None,
+                completion: whole(&completion),
             };
             let record = agent
                 .call(|mut c| async move { c.retry(request).await })
@@ -252,13 +254,14 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
             vm,
             destination,
             mode,
+            completion,
         } => {
             let agent = connect(agents, &host).await?;
             let request = proto::StartMigrationRequest {
                 vm,
                 destination,
                 mode: mode_to_proto(mode) as i32,
-                completion: None,
+                completion: whole(&completion),
             };
             let record = agent
                 .call(|mut c| async move { c.start_migration(request).await })
@@ -272,6 +275,7 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
         Command::Evacuate {
             host,
             mode,
+            completion,
             concurrency,
             max_attempts,
             exclude,
@@ -282,7 +286,7 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 concurrency,
                 max_attempts,
                 exclude,
-                completion: None,
+                completion: whole(&completion),
             };
             let record = agent
                 .call(|mut c| async move { c.evacuate(request).await })
@@ -347,6 +351,18 @@ fn evacuation_line(job: &Evacuation) -> String {
         });
     }
     line
+}
+
+/// The policy the operator confirmed, every field explicit: what the
+/// dialog named is what the agent runs, whatever its defaults. (A downtime
+/// limit of 0, the host's own, reads as "not asked" there: the same.)
+fn whole(policy: &Completion) -> Option<proto::Completion> {
+    completion_request_to_proto(&CompletionRequest {
+        timeout_per_gib_s: Some(policy.timeout_per_gib_s),
+        postcopy: Some(policy.postcopy),
+        downtime_limit_ms: Some(policy.downtime_limit_ms),
+        when_spent: Some(policy.when_spent),
+    })
 }
 
 /// A fresh connection per command: commands come at the operator's pace,
@@ -457,6 +473,44 @@ mod tests {
             lost(Some(link.stream_broke(9000, "reset".into()))),
             Some((9000, "reset".into()))
         );
+    }
+
+    #[test]
+    fn a_policy_is_sent_whole_so_the_agent_runs_what_the_dialog_named() {
+        use crate::protocol::Mode;
+        use crate::protocol::completion::{Postcopy, WhenSpent};
+        use crate::protocol::record::completion_request_from_proto;
+        let other = Completion {
+            timeout_per_gib_s: 999,
+            postcopy: Postcopy::Now,
+            downtime_limit_ms: 0,
+            when_spent: WhenSpent::Abort,
+        };
+        for policy in [
+            Completion::for_mode(Mode::Safe),
+            Completion::for_mode(Mode::Fast),
+            Completion {
+                timeout_per_gib_s: 0,
+                postcopy: Postcopy::Never,
+                downtime_limit_ms: 0,
+                when_spent: WhenSpent::Abort,
+            },
+            Completion {
+                timeout_per_gib_s: 40,
+                postcopy: Postcopy::Never,
+                downtime_limit_ms: 0,
+                when_spent: WhenSpent::Continue,
+            },
+        ] {
+            let sent = whole(&policy);
+            // Whatever the agent's base (the mode's default, the last
+            // attempt's policy), nothing of it shows through.
+            assert_eq!(
+                completion_request_from_proto(sent.as_ref()).over(other),
+                policy,
+                "{sent:?}"
+            );
+        }
     }
 
     #[test]

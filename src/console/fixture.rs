@@ -1,8 +1,11 @@
 //! A small cluster in known states, shared by the console's update tests
 //! and view snapshots: five hosts (hv-d lost, hv-e draining), a migration in
-//! Perform, a safe-mode failure with a pending rollback, a success, and two
-//! evacuations: hv-e's running (some VMs moved, one in flight, one failed on
-//! port-profile, some pending) and an older cancelled one of hv-c.
+//! Perform (converging), a safe-mode failure with a pending rollback, a
+//! success, and two evacuations: hv-e's running (some VMs moved, one in
+//! flight, one failed on port-profile, some pending) and an older
+//! cancelled one of hv-c. [`transfers`] adds one migration per way a
+//! transfer can go (not converging, stalled, post-copy, post-copy being
+//! recovered, lost).
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
@@ -80,6 +83,9 @@ pub fn migration(
 ) -> proto::MigrationRecord {
     let running = outcome == proto::Outcome::None;
     proto::MigrationRecord {
+        completion: Some(crate::protocol::record::completion_to_proto(
+            &crate::protocol::completion::Completion::for_mode(crate::protocol::Mode::Safe),
+        )),
         id: id.into(),
         vm: vm.into(),
         source: src.into(),
@@ -353,8 +359,134 @@ pub fn cancelled_evacuation() -> proto::EvacuationRecord {
     }
 }
 
-/// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b;
-/// db-01 failed hv-b → hv-c with a pending rollback on hv-c; app-01 moved.
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// A 2 GiB guest 45 s into pre-copy: 1.2 GiB sent, 800 MiB left.
+pub fn precopy_stats() -> proto::TransferStats {
+    proto::TransferStats {
+        bytes_total: 2 * GIB,
+        bytes_transferred: 1229 * MIB,
+        bytes_remaining: 800 * MIB,
+        rate_bytes_s: 512 * MIB,
+        dirty_rate_bytes_s: 128 * MIB,
+        iteration: 3,
+        expected_downtime_ms: 300,
+        elapsed_ms: 45_000,
+        ..Default::default()
+    }
+}
+
+/// The source's outlook on it: remaining bytes over 45 s, going up at each
+/// new pass before they go down.
+pub fn outlook(verdict: proto::Verdict, eta_ms: Option<u64>, reason: &str) -> proto::Convergence {
+    let remaining = [
+        (0, 2048),
+        (5_000, 1800),
+        (10_000, 1500),
+        (15_000, 1300),
+        (20_000, 1450),
+        (25_000, 1200),
+        (30_000, 1000),
+        (35_000, 1100),
+        (40_000, 900),
+        (45_000, 800),
+    ];
+    proto::Convergence {
+        verdict: verdict as i32,
+        has_eta: eta_ms.is_some(),
+        eta_ms: eta_ms.unwrap_or(0),
+        reason: reason.into(),
+        remaining: remaining
+            .iter()
+            .map(|&(elapsed_ms, mib)| proto::RemainingSample {
+                elapsed_ms,
+                bytes: mib * MIB,
+            })
+            .collect(),
+    }
+}
+
+/// The reason the fixture's converging transfer gives.
+pub const CONVERGING: &str =
+    "dirtying 128.0 MiB/s, link 512.0 MiB/s: 800.0 MiB left, net 384.0 MiB/s";
+
+/// A running migration of `vm` whose transfer is in `stage`.
+fn transfer(id: &str, vm: &str, src: &str, dst: &str) -> proto::MigrationRecord {
+    let mut r = migration(id, vm, src, dst, proto::Outcome::None);
+    r.mode = proto::Mode::Fast as i32;
+    r.completion = Some(crate::protocol::record::completion_to_proto(
+        &crate::protocol::completion::Completion::for_mode(crate::protocol::Mode::Fast),
+    ));
+    r.transfer = Some(precopy_stats());
+    r
+}
+
+/// One migration per way a transfer can go, besides the fixture's
+/// converging one: api-01 not converging, cache-01 stalled, db-02 in
+/// post-copy, db-03 in post-copy paused and being recovered (2 tries
+/// failed), and log-01 lost (hv-c died during post-copy).
+pub fn transfers() -> Vec<proto::MigrationRecord> {
+    let mut not_converging = transfer("m-slow", "api-01", "hv-a", "hv-c");
+    not_converging.convergence = Some(outlook(
+        proto::Verdict::NotConverging,
+        None,
+        "dirtying 1.4 GiB/s, link 1.1 GiB/s: each pass leaves as much to send as the last",
+    ));
+    let mut stalled = transfer("m-stall", "cache-01", "hv-a", "hv-b");
+    stalled.convergence = Some(outlook(
+        proto::Verdict::Stalled,
+        None,
+        "nothing sent for 4 s (800.0 MiB left)",
+    ));
+    let mut postcopy = transfer("m-pc", "db-02", "hv-b", "hv-a");
+    postcopy.committed = true;
+    postcopy.completion_note =
+        "switched to post-copy after 12.3 s: pre-copy cannot converge: dirtying 1.4 GiB/s, link 1.1 GiB/s".into();
+    postcopy.transfer = Some(proto::TransferStats {
+        stage: proto::TransferStage::Postcopy as i32,
+        bytes_remaining: 312 * MIB,
+        postcopy_requests: 1234,
+        ..precopy_stats()
+    });
+    let mut paused = transfer("m-rec", "db-03", "hv-b", "hv-c");
+    paused.committed = true;
+    paused.transfer = Some(proto::TransferStats {
+        stage: proto::TransferStage::PostcopyPaused as i32,
+        bytes_remaining: 600 * MIB,
+        postcopy_requests: 40,
+        ..precopy_stats()
+    });
+    paused.recovery = Some(proto::PostcopyRecovery {
+        tries: 2,
+        error: "connection refused".into(),
+        next_at_ms: 15_000,
+    });
+    let mut lost = migration("m-lost", "log-01", "hv-a", "hv-c", proto::Outcome::Lost);
+    lost.committed = true;
+    lost.running_on = String::new();
+    lost.error = "hv-c stopped answering during post-copy".into();
+    vec![not_converging, stalled, postcopy, paused, lost]
+}
+
+/// The fixture with [`transfers`] reported by their sources.
+pub fn fixture_with_transfers() -> App {
+    let mut app = fixture();
+    for r in transfers() {
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: r.source.clone(),
+                kind: Some(Kind::Migration(r)),
+            }),
+        );
+    }
+    app
+}
+
+/// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b,
+/// 45 s into pre-copy and converging; db-01 failed hv-b → hv-c with a
+/// pending rollback on hv-c; app-01 moved.
 pub fn fixture() -> App {
     let names: Vec<String> = ["hv-a", "hv-b", "hv-c", "hv-d", "hv-e"]
         .iter()
@@ -381,12 +513,19 @@ pub fn fixture() -> App {
         stage: "rollback".into(),
         ..Default::default()
     });
+    let mut running = migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::None);
+    running.transfer = Some(precopy_stats());
+    running.convergence = Some(outlook(
+        proto::Verdict::Converging,
+        Some(12_000),
+        CONVERGING,
+    ));
     for msg in [
         snapshot(
             host("hv-a", false, 0, &["port-profile"]),
             vec![vm("web-01")],
             vec![
-                migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::None),
+                running,
                 migration("m-ok", "app-01", "hv-a", "hv-c", proto::Outcome::Succeeded),
             ],
             vec![],

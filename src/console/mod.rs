@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod client;
+pub mod completion;
 #[cfg(test)]
 mod fixture;
 pub mod keymap;

@@ -6,6 +6,7 @@ use ratatui::crossterm::event::KeyEvent;
 
 use crate::proto;
 use crate::protocol::Mode;
+use crate::protocol::completion::Completion;
 
 /// Something that happened: from an agent, the keyboard or the clock.
 // Each message is moved once through a channel: boxing the big variant
@@ -56,6 +57,8 @@ pub enum Command {
         /// `None`: the same destination as the last attempt.
         destination: Option<String>,
         mode: Mode,
+        /// The policy the operator confirmed, sent whole.
+        completion: Completion,
     },
     Rollback {
         host: String,
@@ -66,11 +69,14 @@ pub enum Command {
         vm: String,
         destination: String,
         mode: Mode,
+        completion: Completion,
     },
     /// Move every VM off `host`: a job its agent owns.
     Evacuate {
         host: String,
         mode: Mode,
+        /// For every VM it moves.
+        completion: Completion,
         /// 0: the host's `max_outgoing`.
         concurrency: u32,
         max_attempts: u32,
@@ -108,26 +114,32 @@ impl Command {
                 id,
                 destination,
                 mode,
+                completion,
                 ..
             } => match destination {
-                Some(d) => format!("retry {id} on {d} ({})", mode.as_str()),
-                None => format!("retry {id} ({})", mode.as_str()),
+                Some(d) => format!("retry {id} on {d} ({})", policy_text(*mode, completion)),
+                None => format!("retry {id} ({})", policy_text(*mode, completion)),
             },
             Command::Rollback { id, host } => format!("rollback {id} on {host}"),
             Command::Start {
                 vm,
                 destination,
                 mode,
+                completion,
                 ..
-            } => format!("migrate {vm} to {destination} ({})", mode.as_str()),
+            } => format!(
+                "migrate {vm} to {destination} ({})",
+                policy_text(*mode, completion)
+            ),
             Command::Evacuate {
                 host,
                 mode,
+                completion,
                 concurrency,
                 max_attempts,
                 exclude,
             } => {
-                let mut line = format!("evacuate {host} ({}", mode.as_str());
+                let mut line = format!("evacuate {host} ({}", policy_text(*mode, completion));
                 if *concurrency > 0 {
                     line.push_str(&format!(", {concurrency} at a time"));
                 }
@@ -154,4 +166,10 @@ impl Command {
             Command::Quit => "quit".into(),
         }
     }
+}
+
+/// A mode and a policy as the console names them: "safe; post-copy never,
+/// 150 s/GiB, then abort".
+pub fn policy_text(mode: Mode, completion: &Completion) -> String {
+    format!("{}; {}", mode.as_str(), completion.describe())
 }

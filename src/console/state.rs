@@ -154,6 +154,11 @@ impl ClusterState {
                     m.sample(self.now_ms, &stats);
                     m.record.transfer = Some(stats);
                 }
+                // The source's outlook moves with its samples; a sample
+                // without one keeps the last (the model needs two samples).
+                if progress.convergence.is_some() {
+                    m.record.convergence = progress.convergence;
+                }
             }
             Kind::HostChanged(info) => self.host_mut(&host).info = Some(info),
             Kind::Vm(vm) => {
@@ -328,15 +333,16 @@ fn order_key(r: &proto::MigrationRecord) -> OrderKey {
     )
 }
 
-/// Running, then what needs an operator, then the rest.
+/// Running, then what needs an operator (a lost guest first), then the rest.
 pub fn outcome_rank(outcome: i32) -> u8 {
     match proto::Outcome::try_from(outcome) {
         Ok(proto::Outcome::None) => 0,
-        Ok(proto::Outcome::Unresolved) => 1,
-        Ok(proto::Outcome::Failed) => 2,
-        Ok(proto::Outcome::Degraded) => 3,
-        Ok(proto::Outcome::Aborted) => 4,
-        _ => 5,
+        Ok(proto::Outcome::Lost) => 1,
+        Ok(proto::Outcome::Unresolved) => 2,
+        Ok(proto::Outcome::Failed) => 3,
+        Ok(proto::Outcome::Degraded) => 4,
+        Ok(proto::Outcome::Aborted) => 5,
+        _ => 6,
     }
 }
 
@@ -462,11 +468,12 @@ mod tests {
     }
 
     #[test]
-    fn running_migrations_come_first_then_unresolved_then_failed() {
+    fn running_migrations_come_first_then_lost_unresolved_and_failed() {
         let mut s = ClusterState::new("demo", &["hv-a".into()]);
         for (id, outcome) in [
             ("m-ok", proto::Outcome::Succeeded),
             ("m-failed", proto::Outcome::Failed),
+            ("m-lost", proto::Outcome::Lost),
             ("m-running", proto::Outcome::None),
             ("m-unresolved", proto::Outcome::Unresolved),
         ] {
@@ -480,7 +487,10 @@ mod tests {
             .iter()
             .map(|m| m.record.id.as_str())
             .collect();
-        assert_eq!(order, ["m-running", "m-unresolved", "m-failed", "m-ok"]);
+        assert_eq!(
+            order,
+            ["m-running", "m-lost", "m-unresolved", "m-failed", "m-ok"]
+        );
     }
 
     #[test]
@@ -537,6 +547,38 @@ mod tests {
         s.now_ms = 1_500;
         s.apply(progress(50_000_000));
         assert_eq!(s.migrations["m-1"].current_rate(), Some(100_000_000));
+    }
+
+    #[test]
+    fn progress_brings_the_sources_outlook_and_keeps_it_through_a_sample_without_one() {
+        let mut s = ClusterState::new("demo", &["hv-a".into()]);
+        s.apply(event(
+            "hv-a",
+            proto::event::Kind::Migration(record("m-1", 1, proto::Outcome::None)),
+        ));
+        let progress = |convergence: Option<proto::Convergence>| {
+            event(
+                "hv-a",
+                proto::event::Kind::Progress(proto::Progress {
+                    convergence,
+                    migration_id: "m-1".into(),
+                    attempt_id: "m-1.1".into(),
+                    stats: Some(proto::TransferStats::default()),
+                }),
+            )
+        };
+        let outlook = proto::Convergence {
+            verdict: proto::Verdict::NotConverging as i32,
+            reason: "dirtying 1.4 GiB/s, link 1.1 GiB/s".into(),
+            ..Default::default()
+        };
+        s.apply(progress(Some(outlook.clone())));
+        assert_eq!(
+            s.migrations["m-1"].record.convergence,
+            Some(outlook.clone())
+        );
+        s.apply(progress(None));
+        assert_eq!(s.migrations["m-1"].record.convergence, Some(outlook));
     }
 
     #[test]

@@ -304,9 +304,27 @@ impl Theme {
             Outcome::Degraded => self.degraded,
             Outcome::Failed => self.failed,
             Outcome::Aborted => self.aborted,
-            // Loudest: reverse video, like an attempt that needs an operator.
-            Outcome::Unresolved | Outcome::Lost => self.unresolved,
+            Outcome::Unresolved => self.unresolved,
+            Outcome::Lost => self.guest_lost(),
         }
+    }
+
+    /// Outcome `lost`: the destination died during post-copy and no host
+    /// holds the whole guest. Loudest of all in every theme: the
+    /// `unresolved` style (reverse video in every built-in and under
+    /// NO_COLOR), made bold, and reversed even where a user theme gave
+    /// `unresolved` only a colour. Derived rather than a slot of its own, so
+    /// no theme can make it quieter than an attempt that merely waits.
+    pub fn guest_lost(&self) -> Style {
+        let loud = if self.unresolved.bg.is_some() {
+            // A background already sets it apart; reversing would undo it.
+            Modifier::BOLD
+        } else {
+            Modifier::BOLD | Modifier::REVERSED
+        };
+        self.unresolved
+            .add_modifier(loud)
+            .remove_modifier(Modifier::DIM)
     }
 }
 
@@ -343,6 +361,8 @@ pub struct Symbols {
     pub aborted: &'static str,
     /// Outcome unresolved.
     pub unresolved: &'static str,
+    /// Outcome lost: the guest is gone (not the agent's `lost`).
+    pub guest_lost: &'static str,
     /// An agent whose stream is up.
     pub connected: &'static str,
     /// An agent not reached yet.
@@ -372,6 +392,7 @@ impl Symbols {
         degraded: "!",
         aborted: "⊘",
         unresolved: "?",
+        guest_lost: "‼",
         connected: "●",
         connecting: "○",
         lost: "⨯",
@@ -393,6 +414,7 @@ impl Symbols {
         degraded: "!",
         aborted: "/",
         unresolved: "?",
+        guest_lost: "#",
         connected: "*",
         connecting: "~",
         lost: "x",
@@ -422,7 +444,7 @@ impl Symbols {
             Outcome::Failed => self.failed,
             Outcome::Aborted => self.aborted,
             Outcome::Unresolved => self.unresolved,
-            Outcome::Lost => self.lost,
+            Outcome::Lost => self.guest_lost,
         }
     }
 }
@@ -756,6 +778,40 @@ mod tests {
             );
             assert_ne!(u, theme.failed, "{}", theme.name);
         }
+    }
+
+    #[test]
+    fn a_lost_guest_is_loudest_and_never_looks_failed_in_every_theme_and_under_no_color() {
+        let user_bg = user("[styles]\nunresolved = \"white on red\"\n").unwrap();
+        let user_plain = user("[styles]\nunresolved = \"red\"\n").unwrap();
+        for theme in all_builtins()
+            .into_iter()
+            .chain([user_bg, user_plain])
+            .flat_map(|t| [t.clone(), t.without_colors()])
+        {
+            let lost = theme.outcome(Outcome::Lost);
+            assert!(
+                lost.add_modifier.contains(Modifier::REVERSED) || lost.bg.is_some(),
+                "{}: lost is not in reverse video: {lost:?}",
+                theme.name
+            );
+            assert!(lost.add_modifier.contains(Modifier::BOLD), "{}", theme.name);
+            assert_ne!(lost, theme.outcome(Outcome::Failed), "{}", theme.name);
+            assert_ne!(
+                theme.symbols.outcome(Outcome::Lost),
+                theme.symbols.outcome(Outcome::Failed),
+                "{}",
+                theme.name
+            );
+        }
+        // A background is kept as it is, not reversed away.
+        let bg = user("[styles]\nunresolved = \"white on red\"\n").unwrap();
+        assert_eq!(bg.outcome(Outcome::Lost).bg, Some(Color::Red));
+        assert!(
+            !bg.outcome(Outcome::Lost)
+                .add_modifier
+                .contains(Modifier::REVERSED)
+        );
     }
 
     /// Hue in degrees of an RGB colour, `None` for greys.
@@ -1092,6 +1148,7 @@ mod tests {
                     symbols.failed,
                     symbols.aborted,
                     symbols.unresolved,
+                    symbols.guest_lost,
                 ],
                 // a host's connection
                 &[

@@ -1,16 +1,27 @@
-//! One migration: its phases, the feature × stage matrix, the transfer with
-//! sparklines, the cookies, its attempts and its events.
+//! One migration: its phases, the feature × stage matrix, the transfer
+//! (its stage, remaining bytes over time and rate sparklines), the cookies,
+//! the completion policy with the outlook it gives, its attempts and its
+//! events.
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, Wrap};
 
-use super::super::app::{App, mode_of};
+use super::super::app::{App, current_phase, mode_of};
+use super::super::state::MigrationView;
 use super::super::theme::Theme;
-use super::{bytes, duration, outcome, step};
-use crate::cli::output::{downtime_text, phase_name};
-use crate::protocol::record::phase_from_proto;
+use super::outlook::{convergence, resample, verdict};
+use super::{bytes, duration, hanging, outcome, step};
+use crate::cli::output::{
+    downtime_text, lost_text, phase_name, recovering_text, recovery_detail, stage_text,
+};
+use crate::proto;
+use crate::protocol::convergence::ConvergenceView;
+use crate::protocol::record::{
+    MigrationRecord, completion_from_record, phase_from_proto, stats_from_proto,
+};
+use crate::protocol::{Outcome, TransferStage};
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     let Some(m) = app.state().migrations.get(id) else {
@@ -48,6 +59,12 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         }
     }
     let mut head = vec![Line::from(spans)];
+    if r.outcome == proto::Outcome::Lost as i32 {
+        head.push(Line::styled(
+            format!(" {} ", lost_text(&r.destination)),
+            theme.outcome(Outcome::Lost),
+        ));
+    }
     if !r.error.is_empty() {
         head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
     }
@@ -65,7 +82,8 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     // The summary gets every line its wrapped text needs, so a long cause
     // is never cut off on a narrow terminal (up to a third of the screen).
     let summary_height = (head.line_count(area.width) as u16).clamp(2, (area.height / 3).max(4));
-    let matrix = (r.features.len().max(5) as u16) + 3;
+    // The phases need 5 rows and borders; the features a header too.
+    let matrix = (r.features.len() as u16 + 3).max(7);
     let [summary, middle, bottom] = Layout::vertical([
         Constraint::Length(summary_height),
         Constraint::Length(matrix),
@@ -131,22 +149,32 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             )),
         ])
     });
+    // Names whole; on a narrow screen "REQ" rather than a cut "REQUIRE".
+    let name_width = r
+        .features
+        .iter()
+        .map(|f| Span::raw(f.name.as_str()).width() as u16)
+        .max()
+        .unwrap_or(0)
+        .clamp(7, 20);
+    let narrow = features_area.width < name_width + 60;
+    let (required, required_width) = if narrow { ("REQ", 3) } else { ("REQUIRED", 8) };
     frame.render_widget(
         Table::new(
             feature_rows,
             [
-                Constraint::Length(14),
-                Constraint::Length(8),
+                Constraint::Length(name_width),
+                Constraint::Length(required_width),
+                Constraint::Length(7),
+                Constraint::Length(6),
                 Constraint::Length(8),
                 Constraint::Length(7),
-                Constraint::Length(9),
-                Constraint::Length(8),
-                Constraint::Min(10),
+                Constraint::Min(5),
             ],
         )
         .header(
             Row::new([
-                "FEATURE", "REQUIRED", "PREPARE", "FINISH", "ROLLBACK", "RELEASE", "ERROR",
+                "FEATURE", required, "PREPARE", "FINISH", "ROLLBACK", "RELEASE", "ERROR",
             ])
             .style(theme.header),
         )
@@ -159,37 +187,142 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         features_area,
     );
 
-    let [transfer_area, history_area] =
+    let [transfer_area, side] =
         Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(bottom);
-    let t = r.transfer.unwrap_or_default();
-    let [stats, rate, dirty, cookies_area] = Layout::vertical([
-        Constraint::Length(2),
-        Constraint::Length(3),
-        Constraint::Length(3),
+    transfer(frame, transfer_area, m, theme);
+    let inner = usize::from(side.width.saturating_sub(2));
+    let completion_lines = completion_lines(app, r, theme, inner);
+    // As tall as its text, leaving the attempts a line at least.
+    let completion_height = (completion_lines.len() as u16 + 2)
+        .min(side.height.saturating_sub(3))
+        .max(3.min(side.height));
+    let completion = Paragraph::new(completion_lines).block(
+        Block::default()
+            .borders(Borders::ALL)
+            .border_style(theme.border)
+            .title(Span::styled(" completion ", theme.title)),
+    );
+    let [completion_area, history_area] =
+        Layout::vertical([Constraint::Length(completion_height), Constraint::Min(0)]).areas(side);
+    frame.render_widget(completion, completion_area);
+    let mut lines: Vec<Line> = m
+        .history
+        .iter()
+        .chain(std::iter::once(r))
+        .flat_map(|h| {
+            let (style, symbol, label) = outcome(theme, h.outcome);
+            hanging(
+                Span::styled(format!(" {symbol} #{} {label} ", h.attempt), style),
+                vec![
+                    Span::raw(format!("→ {} ", h.destination)),
+                    Span::styled(h.error.clone(), theme.dim),
+                ],
+                inner,
+            )
+        })
+        .collect();
+    lines.push(Line::default());
+    lines.extend(
+        app.state()
+            .events
+            .iter()
+            .rev()
+            .filter(|e| e.line.migration_id == r.id)
+            .take(4)
+            .flat_map(|e| {
+                hanging(
+                    Span::raw(" "),
+                    vec![Span::styled(
+                        format!("{}: {}", e.host, e.line.text),
+                        theme.dim,
+                    )],
+                    inner,
+                )
+            }),
+    );
+    frame.render_widget(
+        Paragraph::new(lines).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .border_style(theme.border)
+                .title(Span::styled(" attempts and events ", theme.title)),
+        ),
+        history_area,
+    );
+}
+
+/// The transfer, what matters most first where rows are short: its figures
+/// and stage, the remaining bytes over time, the rate and dirty-rate
+/// sparklines, then the cookies.
+fn transfer(frame: &mut Frame, area: Rect, m: &MigrationView, theme: &Theme) {
+    let r = &m.record;
+    let t = r
+        .transfer
+        .as_ref()
+        .map(stats_from_proto)
+        .unwrap_or_default();
+    let width = usize::from(area.width);
+    let mut stats = hanging(
+        Span::raw(" "),
+        vec![Span::raw(format!(
+            "moved {} of {}, {} left, iteration {}",
+            bytes(t.bytes_transferred),
+            bytes(t.bytes_total),
+            bytes(t.bytes_remaining),
+            t.iteration,
+        ))],
+        width,
+    );
+    stats.extend(hanging(
+        Span::raw(" "),
+        vec![Span::styled(
+            format!(
+                "rate {}/s, dirtying {}/s, {}",
+                bytes(t.rate_bytes_s),
+                bytes(t.dirty_rate_bytes_s),
+                downtime_text(t.downtime_ms, t.expected_downtime_ms, duration)
+            ),
+            theme.dim,
+        )],
+        width,
+    ));
+    if t.stage.is_postcopy() || t.postcopy_requests > 0 {
+        let style = match t.stage {
+            TransferStage::PostcopyPaused => theme.error,
+            _ => theme.warning,
+        };
+        stats.extend(hanging(
+            Span::styled(" stage: ", style),
+            vec![Span::styled(stage_text(&t), style)],
+            width,
+        ));
+    }
+    let stats_height = stats.len() as u16;
+    let stats = Paragraph::new(stats);
+    let outlook = convergence(r).filter(|c| !c.remaining.is_empty());
+    // Rows in order of importance; what does not fit is left out.
+    let mut left = area.height;
+    let mut take = |want: u16, least: u16| {
+        let got = if left >= least { want.min(left) } else { 0 };
+        left -= got;
+        got
+    };
+    let stats_rows = take(stats_height, 1);
+    let chart_rows = take(if outlook.is_some() { 4 } else { 0 }, 3);
+    let rate_rows = take(3, 3);
+    let dirty_rows = take(3, 3);
+    let [stats_area, chart_area, rate_area, dirty_area, cookies_area] = Layout::vertical([
+        Constraint::Length(stats_rows),
+        Constraint::Length(chart_rows),
+        Constraint::Length(rate_rows),
+        Constraint::Length(dirty_rows),
         Constraint::Min(0),
     ])
-    .areas(transfer_area);
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::raw(format!(
-                " moved {} of {}, {} left, iteration {}",
-                bytes(t.bytes_transferred),
-                bytes(t.bytes_total),
-                bytes(t.bytes_remaining),
-                t.iteration,
-            )),
-            Line::styled(
-                format!(
-                    " rate {}/s, dirtying {}/s, {}",
-                    bytes(t.rate_bytes_s),
-                    bytes(t.dirty_rate_bytes_s),
-                    downtime_text(t.downtime_ms, t.expected_downtime_ms, duration)
-                ),
-                theme.dim,
-            ),
-        ]),
-        stats,
-    );
+    .areas(area);
+    frame.render_widget(stats, stats_area);
+    if let Some(outlook) = &outlook {
+        remaining_chart(frame, chart_area, outlook, theme);
+    }
     let rate_data: Vec<u64> = m.rate.iter().copied().collect();
     let dirty_data: Vec<u64> = m.dirty.iter().copied().collect();
     frame.render_widget(
@@ -197,14 +330,14 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             .block(Block::default().title(Span::styled(" rate ", theme.dim)))
             .data(&rate_data)
             .style(theme.sparkline_rate),
-        rate,
+        rate_area,
     );
     frame.render_widget(
         Sparkline::default()
             .block(Block::default().title(Span::styled(" dirty rate ", theme.dim)))
             .data(&dirty_data)
             .style(theme.sparkline_dirty),
-        dirty,
+        dirty_area,
     );
     // The cookies as the source saw them: what each phase told the next.
     let cookie_lines: Vec<Line> = r
@@ -233,38 +366,143 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         ),
         cookies_area,
     );
-    let mut lines: Vec<Line> = m
-        .history
-        .iter()
-        .chain(std::iter::once(r))
-        .map(|h| {
-            let (style, symbol, label) = outcome(theme, h.outcome);
-            Line::from(vec![
-                Span::styled(format!(" {symbol} #{} {label} ", h.attempt), style),
-                Span::raw(format!("→ {} ", h.destination)),
-                Span::styled(h.error.clone(), theme.dim),
-            ])
-        })
-        .collect();
-    lines.push(Line::default());
-    lines.extend(
-        app.state()
-            .events
-            .iter()
-            .rev()
-            .filter(|e| e.line.migration_id == r.id)
-            .take(4)
-            .map(|e| Line::styled(format!(" {}: {}", e.host, e.line.text), theme.dim)),
-    );
+}
+
+/// Remaining bytes over the transfer's time, with its axes: the largest
+/// value above, the first and the newest instant below.
+///
+/// ```text
+///  remaining, max 2.0 GiB, now 800.0 MiB
+///  ▇▇▇▆▆▅▅▄▄▃▃▂
+///  ▇▇▇▆▆▅▅▄▄▃▃▂
+///  0s                           45s
+/// ```
+fn remaining_chart(frame: &mut Frame, area: Rect, outlook: &ConvergenceView, theme: &Theme) {
+    let points = &outlook.remaining;
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return;
+    };
+    let max = points.iter().map(|p| p[1]).max().unwrap_or(0);
+    let columns = usize::from(area.width.saturating_sub(2)).max(1);
+    let data = resample(points, columns);
+    let bars = area.height.saturating_sub(2);
+    let [title, chart, axis] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(bars),
+        Constraint::Length(1),
+    ])
+    .areas(area);
     frame.render_widget(
-        Paragraph::new(lines).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .border_style(theme.border)
-                .title(Span::styled(" attempts and events ", theme.title)),
-        ),
-        history_area,
+        Paragraph::new(Line::from(vec![
+            Span::styled(" remaining", theme.dim),
+            Span::raw(format!(", max {}, now {}", bytes(max), bytes(last[1]))),
+        ])),
+        title,
     );
+    let [_, bars_area, _] = Layout::horizontal([
+        Constraint::Length(1),
+        Constraint::Length(columns as u16),
+        Constraint::Min(0),
+    ])
+    .areas(chart);
+    frame.render_widget(
+        Sparkline::default()
+            .data(&data)
+            .max(max.max(1))
+            .style(theme.sparkline_rate),
+        bars_area,
+    );
+    let axis_label = |ms: u64| match ms {
+        0 => "0s".to_string(),
+        ms => duration(ms),
+    };
+    let (start, end) = (axis_label(first[0]), axis_label(last[0]));
+    let gap = columns.saturating_sub(start.len() + end.len());
+    frame.render_widget(
+        Paragraph::new(Line::styled(format!(" {start}{:gap$}{end}", ""), theme.dim)),
+        axis,
+    );
+}
+
+/// The completion policy and what it says of the transfer: the outlook
+/// (verdict, ETA while it runs, reason), the note of what the policy did,
+/// and a post-copy being recovered, in red; laid out in `width` columns.
+fn completion_lines<'a>(
+    app: &App,
+    r: &proto::MigrationRecord,
+    theme: &Theme,
+    width: usize,
+) -> Vec<Line<'a>> {
+    let label = |text: &str| Span::styled(format!(" {text:<8}"), theme.dim);
+    // What needs the operator first: on a short screen the last lines go.
+    let mut lines = Vec::new();
+    if let Some(recovery) = MigrationRecord::from(r).recovery {
+        let now = app.state().now_ms;
+        let when = |at: u64| match at.checked_sub(now) {
+            Some(wait) if wait > 0 => format!("in {}", duration(wait)),
+            _ => "now".to_string(),
+        };
+        lines.extend(hanging(
+            Span::styled(format!(" {} ", theme.symbols.failed), theme.error),
+            vec![Span::styled(
+                format!(
+                    "{}: {}",
+                    recovering_text(recovery.tries),
+                    recovery_detail(&recovery, when)
+                ),
+                theme.error,
+            )],
+            width,
+        ));
+    }
+    let running = r.outcome == proto::Outcome::None as i32;
+    let precopy = r
+        .transfer
+        .as_ref()
+        .is_none_or(|t| !stats_from_proto(t).stage.is_postcopy());
+    let in_perform = running && precopy && current_phase(r) == "perform";
+    match convergence(r) {
+        Some(outlook) => {
+            let said = verdict(&outlook, theme);
+            // The ETA only while pre-copy runs; after it, the verdict it ended on.
+            let text = if in_perform {
+                said.wordings[0].clone()
+            } else {
+                said.wordings.last().cloned().unwrap_or_default()
+            };
+            lines.extend(hanging(
+                label(if in_perform { "outlook" } else { "last" }),
+                vec![
+                    Span::styled(text, said.style),
+                    Span::styled(format!(": {}", outlook.reason), theme.dim),
+                ],
+                width,
+            ));
+        }
+        None if in_perform => lines.extend(hanging(
+            label("outlook"),
+            vec![Span::styled(
+                "none yet: it takes two progress samples",
+                theme.dim,
+            )],
+            width,
+        )),
+        None => {}
+    }
+    if !r.completion_note.is_empty() {
+        lines.extend(hanging(
+            label("note"),
+            vec![Span::styled(r.completion_note.clone(), theme.warning)],
+            width,
+        ));
+    }
+    let policy = completion_from_record(r.completion.as_ref());
+    lines.extend(hanging(
+        label("policy"),
+        vec![Span::raw(policy.describe())],
+        width,
+    ));
+    lines
 }
 
 /// "started by ana (operator) at 08:12:03" from an audit entry.

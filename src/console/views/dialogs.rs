@@ -7,9 +7,15 @@ use ratatui::layout::{Constraint, Flex, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
-use super::super::app::{App, Dialog, EvacuateForm};
+use super::super::app::{App, Dialog, EvacuateForm, RetryForm};
+use super::super::completion::{CompletionChoice, base, budget_text};
 use super::super::keymap;
+use super::super::msg::policy_text;
 use super::super::theme::Theme;
+use super::hanging;
+use super::outlook::fit;
+use crate::protocol::Mode;
+use crate::protocol::completion::{Completion, Postcopy, WhenSpent};
 
 fn centered(area: Rect, width: u16, height: u16) -> Rect {
     let [row] = Layout::vertical([Constraint::Length(height.min(area.height))])
@@ -21,8 +27,18 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
     cell
 }
 
+/// A popup's width on this screen.
+fn popup_width(frame: &Frame) -> u16 {
+    (frame.area().width * 4 / 5).clamp(40, 110)
+}
+
+/// The columns inside a popup, for text fitted to them.
+fn popup_inner(frame: &Frame) -> usize {
+    usize::from(popup_width(frame).min(frame.area().width).saturating_sub(2))
+}
+
 fn popup(frame: &mut Frame, title: &str, lines: Vec<Line>, theme: &Theme, danger: bool) {
-    let width = (frame.area().width * 4 / 5).clamp(40, 110);
+    let width = popup_width(frame);
     // As tall as the lines are once wrapped, so none is cut off.
     let inner = usize::from(width.min(frame.area().width).saturating_sub(2).max(1));
     let rows: usize = lines.iter().map(|l| l.width().max(1).div_ceil(inner)).sum();
@@ -48,18 +64,9 @@ fn popup(frame: &mut Frame, title: &str, lines: Vec<Line>, theme: &Theme, danger
 pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
     let Some(dialog) = &app.dialog else { return };
     match dialog {
-        Dialog::Confirm {
-            title, lines, mode, ..
-        } => {
+        Dialog::Confirm { title, lines, .. } => {
             let mut body: Vec<Line> = lines.iter().map(|l| Line::raw(format!(" {l}"))).collect();
             body.push(Line::default());
-            if let Some(mode) = mode {
-                body.push(Line::from(vec![
-                    Span::raw(" mode: "),
-                    Span::styled(mode.as_str(), theme.title),
-                    Span::styled("  (m switches)", theme.dim),
-                ]));
-            }
             body.push(Line::from(vec![
                 Span::styled(" y/enter ", theme.key),
                 Span::raw("confirm   "),
@@ -68,11 +75,23 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
             ]));
             popup(frame, title, body, theme, true);
         }
+        Dialog::Retry(form) => {
+            let body = retry_form(form, theme, popup_inner(frame));
+            let title = format!(
+                "Retry {} migration(s) on the same host?",
+                form.targets.len()
+            );
+            popup(frame, &title, body, theme, true);
+        }
         Dialog::Picker {
             title,
+            vm,
+            retry,
             choices,
             selected,
             mode,
+            completion,
+            last,
             ..
         } => {
             let mut body: Vec<Line> = choices
@@ -99,13 +118,17 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                 })
                 .collect();
             body.push(Line::default());
+            let policy = completion.over(base(*mode, *last));
+            body.extend(policy_lines(*mode, &policy, theme, popup_inner(frame)));
+            body.push(Line::default());
+            let host = choices.get(*selected).map_or("?", |c| c.host.as_str());
+            let what = match retry {
+                Some(id) => format!("retry {id} on {host}"),
+                None => format!("migrate {vm} to {host}"),
+            };
+            body.extend(confirm_lines("enter", &what, *mode, &policy, theme));
             body.push(Line::from(vec![
-                Span::raw(" mode: "),
-                Span::styled(mode.as_str(), theme.title),
-                Span::styled("  (m switches)   ", theme.dim),
-                Span::styled(" enter ", theme.key),
-                Span::raw("go   "),
-                Span::styled(" esc ", theme.key),
+                Span::styled(" esc     ", theme.key),
                 Span::raw("cancel"),
             ]));
             popup(frame, title, body, theme, false);
@@ -133,7 +156,7 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
             popup(frame, "New migration: which VM?", body, theme, false);
         }
         Dialog::Evacuate(form) => {
-            let body = evacuate_form(form, theme);
+            let body = evacuate_form(form, theme, popup_inner(frame));
             popup(frame, &format!("Evacuate {}", form.host), body, theme, true);
         }
         Dialog::CancelEvacuation {
@@ -193,6 +216,14 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                 })
                 .collect();
             body.push(Line::default());
+            body.extend(hanging(
+                Span::styled(format!(" {:<10}", "m p b w"), theme.key),
+                vec![Span::raw(
+                    "in the retry, destination and evacuate dialogs: mode, post-copy, \
+                     budget per GiB (or type it), what a spent budget does",
+                )],
+                popup_inner(frame),
+            ));
             body.push(Line::styled(
                 format!(" theme {} · logs in {}", app.theme, app.log_path),
                 theme.dim,
@@ -213,9 +244,194 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
     }
 }
 
+/// The retry dialog: what each attempt retries, the mode and policy with
+/// the keys that change them, and the line that says what `y` sends.
+fn retry_form<'a>(form: &RetryForm, theme: &Theme, width: usize) -> Vec<Line<'a>> {
+    let policies = form.policies();
+    // Attempts whose policies differ each name their own.
+    let differ = policies.windows(2).any(|w| w[0] != w[1]);
+    let mut body: Vec<Line> = form
+        .targets
+        .iter()
+        .zip(&policies)
+        .flat_map(|(t, policy)| {
+            let error = if t.error.is_empty() { "none" } else { &t.error };
+            let mut line = format!(
+                "{} {} → {} again (attempt {}); last error: {error}",
+                t.vm,
+                t.source,
+                t.destination,
+                t.attempt + 1
+            );
+            if differ {
+                line.push_str(&format!("; {}", policy.describe()));
+            }
+            hanging(Span::raw(" "), vec![Span::raw(line)], width)
+        })
+        .collect();
+    body.push(Line::default());
+    let shown = form.completion.over(form.base());
+    body.extend(policy_lines(form.mode, &shown, theme, width));
+    body.push(Line::default());
+    let what = match &form.targets[..] {
+        [one] => format!("retry {}", one.id),
+        many => format!("retry {} migrations", many.len()),
+    };
+    if differ {
+        body.push(Line::from(vec![
+            Span::styled(" y/enter ", theme.key),
+            Span::raw(format!(
+                "{what}: {}, each policy as listed",
+                form.mode.as_str()
+            )),
+        ]));
+    } else {
+        body.extend(confirm_lines("y/enter", &what, form.mode, &shown, theme));
+    }
+    body.push(Line::from(vec![
+        Span::styled(" n/esc   ", theme.key),
+        Span::raw("cancel"),
+    ]));
+    body
+}
+
+/// The mode and the completion choices, one line each with its key, as the
+/// retry dialog and the picker show them; the notes fitted to `width`.
+fn policy_lines<'a>(mode: Mode, policy: &Completion, theme: &Theme, width: usize) -> Vec<Line<'a>> {
+    // " m " + " when spent " + value: what is left is the note's.
+    const VALUE: usize = 14;
+    let room = width.saturating_sub(3 + 12 + VALUE + 1);
+    let row = |key: &str, name: &str, value: String, note: &[&str], applies: bool| {
+        let note: Vec<String> = note.iter().map(|n| n.to_string()).collect();
+        Line::from(vec![
+            Span::styled(format!(" {key} "), theme.key),
+            Span::raw(format!(" {name:<11}")),
+            Span::styled(
+                format!("{value:<VALUE$}"),
+                if applies { theme.title } else { theme.dim },
+            ),
+            Span::styled(format!(" {}", fit(&note, room)), theme.dim),
+        ])
+    };
+    let spent = CompletionChoice::when_spent_applies(policy);
+    vec![
+        row(
+            "m",
+            "mode",
+            mode.as_str().to_string(),
+            mode_note(mode),
+            true,
+        ),
+        row(
+            "p",
+            "post-copy",
+            policy.postcopy.as_str().to_string(),
+            postcopy_note(policy.postcopy),
+            true,
+        ),
+        row(
+            "b",
+            "budget",
+            budget_text(policy),
+            &["b steps, 0-9 types; 0: none", "b or 0-9; 0: none"],
+            true,
+        ),
+        row(
+            "w",
+            "when spent",
+            when_spent_value(policy),
+            when_spent_note(policy),
+            spent,
+        ),
+    ]
+}
+
+/// What a spent budget does, or a dash where it has nothing to decide.
+fn when_spent_value(policy: &Completion) -> String {
+    if CompletionChoice::when_spent_applies(policy) {
+        policy.when_spent.as_str().to_string()
+    } else {
+        "–".to_string()
+    }
+}
+
+// The notes beside each choice, longest wording first (see `fit`).
+
+fn mode_note(mode: Mode) -> &'static [&'static str] {
+    match mode {
+        Mode::Safe => &[
+            "a required feature must work there",
+            "required features must work",
+        ],
+        Mode::Fast => &["no feature failure stops a move", "features never stop it"],
+    }
+}
+
+fn postcopy_note(postcopy: Postcopy) -> &'static [&'static str] {
+    match postcopy {
+        Postcopy::Never => &[
+            "pre-copy only: the source keeps the guest to the end",
+            "pre-copy only",
+        ],
+        Postcopy::Auto => &[
+            "switch when pre-copy cannot finish or the budget is spent",
+            "switch if pre-copy cannot finish",
+            "switch if stuck",
+        ],
+        Postcopy::Now => &["switch as soon as the transfer runs", "switch at once"],
+    }
+}
+
+fn when_spent_note(policy: &Completion) -> &'static [&'static str] {
+    if !CompletionChoice::when_spent_applies(policy) {
+        return if policy.postcopy == Postcopy::Never {
+            &["no budget to spend"]
+        } else {
+            &[
+                "a spent budget switches to post-copy",
+                "post-copy takes over",
+            ]
+        };
+    }
+    match policy.when_spent {
+        WhenSpent::Abort => &[
+            "end the attempt: the guest stays on the source",
+            "the guest stays on the source",
+            "the guest stays",
+        ],
+        WhenSpent::Continue => &["keep transferring"],
+    }
+}
+
+/// What the confirming key sends, policy included, on two lines so that
+/// neither wraps:
+///
+/// ```text
+///  y/enter retry m-1
+///          safe; post-copy never, 150 s/GiB, then abort
+/// ```
+fn confirm_lines<'a>(
+    key: &str,
+    what: &str,
+    mode: Mode,
+    policy: &Completion,
+    theme: &Theme,
+) -> Vec<Line<'a>> {
+    vec![
+        Line::from(vec![
+            Span::styled(format!(" {key:<7} "), theme.key),
+            Span::raw(what.to_string()),
+        ]),
+        Line::from(vec![
+            Span::raw(" ".repeat(9)),
+            Span::styled(policy_text(mode, policy), theme.title),
+        ]),
+    ]
+}
+
 /// The evacuate form: one line per choice, the cursor's line one solid bar
 /// (as in the picker).
-fn evacuate_form<'a>(form: &EvacuateForm, theme: &Theme) -> Vec<Line<'a>> {
+fn evacuate_form<'a>(form: &EvacuateForm, theme: &Theme, width: usize) -> Vec<Line<'a>> {
     let host = &form.host;
     let vms = match form.vms {
         1 => "1 VM".to_string(),
@@ -233,31 +449,58 @@ fn evacuate_form<'a>(form: &EvacuateForm, theme: &Theme) -> Vec<Line<'a>> {
         (0, None) => format!("= {host}'s max_outgoing"),
         _ => "migrations at once".to_string(),
     };
+    let policy = form.policy();
+    let owned = |notes: &[&str]| notes.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    // In the order of the form's rows (EvacuateForm::MODE, ...).
     let choices = [
         (
             "mode",
             form.mode.as_str().to_string(),
-            match form.mode {
-                crate::protocol::Mode::Safe => "a required feature must work there",
-                crate::protocol::Mode::Fast => "no feature failure stops a move",
-            }
-            .to_string(),
+            owned(mode_note(form.mode)),
+            true,
         ),
-        ("concurrency", form.concurrency.to_string(), concurrency),
+        (
+            "post-copy",
+            policy.postcopy.as_str().to_string(),
+            owned(postcopy_note(policy.postcopy)),
+            true,
+        ),
+        (
+            "budget",
+            budget_text(&policy),
+            owned(&["per GiB of memory; 0: none", "0: none"]),
+            true,
+        ),
+        (
+            "when spent",
+            when_spent_value(&policy),
+            owned(when_spent_note(&policy)),
+            CompletionChoice::when_spent_applies(&policy),
+        ),
+        (
+            "concurrency",
+            form.concurrency.to_string(),
+            vec![concurrency],
+            true,
+        ),
         (
             "max attempts",
             form.max_attempts.to_string(),
-            "per VM, each on another host".to_string(),
+            owned(&["per VM, each on another host", "per VM"]),
+            true,
         ),
     ];
-    for (row, (name, value, note)) in choices.into_iter().enumerate() {
+    for (row, (name, value, note, applies)) in choices.into_iter().enumerate() {
         let cursor = row == form.row;
+        let value = format!("‹ {value} ›");
+        // "   " or " ▸ ", the name, the value, two spaces: the note gets the rest.
+        let room = width.saturating_sub(3 + 13 + Span::raw(value.as_str()).width() + 2);
         body.push(form_line(
             cursor,
             vec![
                 Span::raw(format!("{name:<13}")),
-                Span::styled(format!("‹ {value} ›"), theme.title),
-                Span::styled(format!("  {note}"), theme.dim),
+                Span::styled(value, if applies { theme.title } else { theme.dim }),
+                Span::styled(format!("  {}", fit(&note, room)), theme.dim),
             ],
             theme,
         ));
@@ -279,6 +522,13 @@ fn evacuate_form<'a>(form: &EvacuateForm, theme: &Theme) -> Vec<Line<'a>> {
         ));
     }
     body.push(Line::default());
+    body.extend(confirm_lines(
+        "enter",
+        &format!("evacuate {host}"),
+        form.mode,
+        &policy,
+        theme,
+    ));
     body.push(Line::from(vec![
         Span::styled(" j/k ", theme.key),
         Span::raw("move  "),
@@ -286,8 +536,6 @@ fn evacuate_form<'a>(form: &EvacuateForm, theme: &Theme) -> Vec<Line<'a>> {
         Span::raw("change  "),
         Span::styled(" 0-9 ", theme.key),
         Span::raw("type  "),
-        Span::styled(" enter ", theme.key),
-        Span::raw("start  "),
         Span::styled(" esc ", theme.key),
         Span::raw("cancel"),
     ]));

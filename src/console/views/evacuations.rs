@@ -12,11 +12,10 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState, Wrap};
 
 use super::super::app::{App, current_phase};
 use super::super::theme::Theme;
-use super::duration;
 use super::tables::window;
+use super::{duration, outcome_look};
 use crate::host::evacuation::job::{AttemptEntry, Counts, Evacuation, JobState, JobVm, VmState};
 use crate::proto;
-use crate::protocol::Outcome;
 
 /// Below this width the VM table's columns narrow.
 const WIDE: u16 = 100;
@@ -104,8 +103,7 @@ fn attempt_look(theme: &Theme, a: &AttemptEntry) -> (Style, &'static str, &'stat
     match a.outcome {
         None => (theme.running, theme.symbols.running, "running"),
         Some(_) if a.busy => (theme.warning, theme.symbols.pending, "busy"),
-        Some(Outcome::Unresolved) => (theme.unresolved, theme.symbols.unresolved, "UNRESOLVED"),
-        Some(o) => (theme.outcome(o), theme.symbols.outcome(o), o.as_str()),
+        outcome => outcome_look(theme, outcome),
     }
 }
 

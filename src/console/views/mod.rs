@@ -5,6 +5,7 @@
 mod detail;
 mod dialogs;
 mod evacuations;
+mod outlook;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -65,7 +66,8 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         .iter()
         .filter(|h| h.link == Link::Connected)
         .count();
-    let mut counts = [0usize; 6];
+    // One slot per proto outcome, `none` (running) included.
+    let mut counts = [0usize; proto::Outcome::Lost as usize + 1];
     let mut phases = [0usize; 5];
     for m in state.migrations.values() {
         let o = proto::Outcome::try_from(m.record.outcome).unwrap_or(proto::Outcome::None);
@@ -104,6 +106,17 @@ fn draw_header(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 theme.header,
             ));
         }
+    }
+    if counts[proto::Outcome::Lost as usize] > 0 {
+        // A guest is gone: the loudest thing on the bar.
+        spans.push(Span::styled(
+            format!(
+                "  {} LOST {} ",
+                sym.guest_lost,
+                counts[proto::Outcome::Lost as usize]
+            ),
+            bold.add_modifier(ratatui::style::Modifier::REVERSED),
+        ));
     }
     for (i, symbol, label, loud) in [
         (
@@ -199,6 +212,67 @@ fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
 
 pub use crate::cli::output::bytes;
 
+/// Text laid out in `width` columns after `label`, every line after the
+/// first indented as far as the label, so a wrapped text stays in its
+/// column instead of running back under the label. Breaks only at spaces
+/// (text that touches across spans stays together); a word longer than a
+/// line gets a line of its own and is cut by the widget.
+pub fn hanging<'a>(label: Span<'a>, text: Vec<Span<'a>>, width: usize) -> Vec<Line<'a>> {
+    // The units a line may start with: runs of (word, style) with no
+    // space between them.
+    let mut units: Vec<Vec<(String, Style)>> = Vec::new();
+    let mut space_before = true;
+    for span in text {
+        let mut word = String::new();
+        let mut flush = |word: &mut String, space_before: &mut bool| {
+            if word.is_empty() {
+                return;
+            }
+            let piece = (std::mem::take(word), span.style);
+            match units.last_mut() {
+                Some(unit) if !*space_before => unit.push(piece),
+                _ => units.push(vec![piece]),
+            }
+            *space_before = false;
+        };
+        for c in span.content.chars() {
+            if c == ' ' {
+                flush(&mut word, &mut space_before);
+                space_before = true;
+            } else {
+                word.push(c);
+            }
+        }
+        flush(&mut word, &mut space_before);
+    }
+    let indent = label.width();
+    let room = width.saturating_sub(indent).max(1);
+    let unit_width = |unit: &[(String, Style)]| {
+        unit.iter()
+            .map(|(w, _)| Span::raw(w.as_str()).width())
+            .sum()
+    };
+    let mut lines: Vec<Vec<Span<'a>>> = vec![vec![label]];
+    let mut used = 0usize;
+    for unit in units {
+        let w: usize = unit_width(&unit);
+        if used > 0 && used + 1 + w > room {
+            lines.push(vec![Span::raw(" ".repeat(indent))]);
+            used = 0;
+        }
+        let line = lines.last_mut().expect("one line at least");
+        if used > 0 {
+            line.push(Span::raw(" "));
+            used += 1;
+        }
+        for (word, style) in unit {
+            line.push(Span::styled(word, style));
+        }
+        used += w;
+    }
+    lines.into_iter().map(Line::from).collect()
+}
+
 /// A duration in ms as `850ms`, `12s`, `3m05s`, `2h10m`.
 pub fn duration(ms: u64) -> String {
     match ms {
@@ -216,11 +290,61 @@ pub fn step(theme: &Theme, status: i32) -> (Style, &'static str) {
 }
 
 /// The style, symbol and name of an outcome (a proto `Outcome`; none:
-/// still running). Unresolved is spelled in capitals: it needs an operator.
+/// still running).
 pub fn outcome(theme: &Theme, outcome: i32) -> (Style, &'static str, &'static str) {
-    match outcome_from_proto(outcome) {
-        Some(Outcome::Unresolved) => (theme.unresolved, theme.symbols.unresolved, "UNRESOLVED"),
-        Some(o) => (theme.outcome(o), theme.symbols.outcome(o), o.as_str()),
+    outcome_look(theme, outcome_from_proto(outcome))
+}
+
+/// The same for an outcome already read: the one place the console decides
+/// how an outcome looks. Unresolved and lost are spelled in capitals: one
+/// needs an operator, the other means the guest is gone.
+pub fn outcome_look(
+    theme: &Theme,
+    outcome: Option<Outcome>,
+) -> (Style, &'static str, &'static str) {
+    match outcome {
+        Some(o) => (
+            theme.outcome(o),
+            theme.symbols.outcome(o),
+            match o {
+                Outcome::Unresolved => "UNRESOLVED",
+                Outcome::Lost => "LOST",
+                o => o.as_str(),
+            },
+        ),
         None => (theme.running, theme.symbols.running, "running"),
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn text(lines: &[Line]) -> Vec<String> {
+        lines.iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn wrapped_text_hangs_under_its_first_line_and_breaks_only_at_spaces() {
+        let lines = hanging(
+            Span::raw(" policy "),
+            vec![
+                Span::raw("converging · 12s"),
+                Span::raw(": dirtying 128.0 MiB/s"),
+            ],
+            24,
+        );
+        assert_eq!(
+            text(&lines),
+            [
+                " policy converging ·",
+                "        12s: dirtying",
+                "        128.0 MiB/s"
+            ]
+        );
+        assert_eq!(
+            text(&hanging(Span::raw(" "), vec![Span::raw("short")], 24)),
+            [" short"]
+        );
     }
 }

@@ -6,9 +6,10 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Row, Table, TableState};
 
-use super::super::app::{App, Focus, current_phase, mode_of};
+use super::super::app::{App, Focus, mode_of};
 use super::super::state::{Link, MigrationView};
 use super::super::theme::Theme;
+use super::outlook::{fit, running};
 use super::{bytes, duration, outcome, step};
 use crate::host::evacuation::job::JobState;
 use crate::proto;
@@ -40,6 +41,20 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let height = area.height.saturating_sub(3) as usize;
     let range = window(app.host_row, state.hosts.len(), height);
     let moving = state.moving();
+    let narrow = area.width < WIDE;
+    let names = state.hosts[range.clone()]
+        .iter()
+        .map(|h| Span::raw(h.name.as_str()).width() as u16)
+        .max()
+        .unwrap_or(0)
+        .clamp(4, 16);
+    let widths = if narrow {
+        [names, 12, 4, 14, 10, 11]
+    } else {
+        [names.max(12), 16, 4, 22, 10, 13]
+    };
+    // What the last column gets (borders, one column between columns).
+    let last = usize::from(area.width.saturating_sub(widths.iter().sum::<u16>() + 8));
     let rows = state.hosts[range.clone()].iter().map(|h| {
         let (link_style, link) = match &h.link {
             Link::Connected => (
@@ -72,21 +87,16 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         };
         let (memory, pending, draining, limits) = match &h.info {
             Some(i) => (
-                format!(
-                    "{}/{}",
-                    bytes(i.memory_used_mib << 20),
-                    bytes(i.memory_total_mib << 20)
-                ),
+                memory_text(i.memory_used_mib, i.memory_total_mib),
                 i.pending_rollbacks.len(),
                 i.draining,
                 (limit(i.max_outgoing), limit(i.max_incoming)),
             ),
             None => ("?".into(), 0, false, Default::default()),
         };
-        let mut drain = Vec::new();
-        if draining {
-            drain.push(Span::styled("draining", theme.draining));
-        }
+        // Longest first; the column takes the longest that fits.
+        let mut drain: Vec<String> = Vec::new();
+        let head = if draining { "draining · " } else { "" };
         if let Some(e) = state.active_evacuation(&h.name) {
             let c = e.counts();
             let what = match e.state {
@@ -94,10 +104,11 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                 JobState::Cancelling => "cancelling",
                 _ => "evacuating",
             };
-            drain.push(Span::styled(
-                format!(" · {what} {} of {}", c.moved, c.total),
-                theme.draining,
-            ));
+            drain.push(format!("{head}{what} {} of {}", c.moved, c.total));
+            drain.push(format!("{head}{} of {}", c.moved, c.total));
+        }
+        if draining {
+            drain.push("draining".to_string());
         }
         Row::new(vec![
             Cell::from(h.name.clone()),
@@ -113,39 +124,43 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             } else {
                 Span::raw("")
             }),
-            Cell::from(Line::from(drain)),
+            Cell::from(Span::styled(fit(&drain, last), theme.draining)),
         ])
     });
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Length(12),
-            Constraint::Length(16),
-            Constraint::Length(4),
-            Constraint::Length(22),
-            Constraint::Length(10),
-            Constraint::Length(13),
-            Constraint::Min(9),
-        ],
-    )
-    .header(
-        Row::new(["HOST", "AGENT", "VMS", "MEMORY", "OUT IN", "ROLLBACKS", ""]).style(theme.header),
-    )
-    .block(block(
-        format!(" hosts ({}) ", state.hosts.len()),
-        focused,
-        theme,
-    ))
-    .row_highlight_style(if focused {
-        theme.selected
-    } else {
-        Style::default()
-    });
+    let mut constraints: Vec<Constraint> = widths.iter().map(|w| Constraint::Length(*w)).collect();
+    constraints.push(Constraint::Min(8));
+    let table = Table::new(rows, constraints)
+        .header(
+            Row::new(["HOST", "AGENT", "VMS", "MEMORY", "OUT IN", "ROLLBACKS", ""])
+                .style(theme.header),
+        )
+        .block(block(
+            format!(" hosts ({}) ", state.hosts.len()),
+            focused,
+            theme,
+        ))
+        .row_highlight_style(if focused {
+            theme.selected
+        } else {
+            Style::default()
+        });
     let mut table_state = TableState::default();
     if focused && !state.hosts.is_empty() {
         table_state.select(Some(app.host_row - range.start));
     }
     frame.render_stateful_widget(table, area, &mut table_state);
+}
+
+/// A host's memory, used of total: `33.2/64.0 GiB`, the unit said once
+/// when both share it.
+fn memory_text(used_mib: u64, total_mib: u64) -> String {
+    let (used, total) = (bytes(used_mib << 20), bytes(total_mib << 20));
+    match (used.rsplit_once(' '), total.rsplit_once(' ')) {
+        (Some((u, unit)), Some((t, total_unit))) if unit == total_unit => {
+            format!("{u}/{t} {unit}")
+        }
+        _ => format!("{used}/{total}"),
+    }
 }
 
 /// `port-profile ✗ finish` for the first failing feature, else a count.
@@ -186,10 +201,93 @@ fn pipeline<'a>(record: &proto::MigrationRecord, theme: &Theme) -> Line<'a> {
 }
 
 /// Below this width the table drops mode, progress, rate and time, so the
-/// route and the failing feature stay readable.
+/// route, the failing feature and where the transfer is heading stay
+/// readable.
 const WIDE: u16 = 110;
+/// The features column at most (a failing feature and stage fit).
+const FEATURES_MAX: u16 = 24;
 
-fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) -> Row<'a> {
+/// What the visible rows need of the columns whose text varies, in cells.
+#[derive(Default)]
+struct Needs {
+    vm: u16,
+    route: u16,
+    features: u16,
+}
+
+impl Needs {
+    fn of(rows: &[&MigrationView]) -> Needs {
+        let width = |text: &str| Span::raw(text).width() as u16;
+        rows.iter().fold(Needs::default(), |n, m| {
+            let r = &m.record;
+            Needs {
+                vm: n.vm.max(width(&r.vm)),
+                route: n.route.max(width(&r.source) + width(&r.destination) + 3),
+                features: n.features.max(width(&feature_summary(r).0)),
+            }
+        })
+    }
+}
+
+/// The migrations table's columns at a width: the VM, route and features
+/// columns as wide as the visible rows need (within bounds), the others
+/// fixed, then the state column, which takes what is left. Row text is
+/// fitted to what it gets.
+struct Columns {
+    wide: bool,
+    widths: Vec<u16>,
+    state: usize,
+}
+
+impl Columns {
+    fn new(area_width: u16, needs: &Needs) -> Columns {
+        let wide = area_width >= WIDE;
+        let vm = needs.vm.clamp(6, if wide { 16 } else { 12 });
+        let route = needs.route.clamp(9, if wide { 27 } else { 19 });
+        let mut widths = if wide {
+            vec![3, vm, route, 4, 6, 5, 11, 7]
+        } else {
+            vec![3, vm, route, 6]
+        };
+        widths.push(needs.features.clamp(8, FEATURES_MAX - u16::from(!wide)));
+        // Borders, and one column of spacing between columns (the state
+        // column is the last of widths.len() + 1).
+        let used: u16 = widths.iter().sum::<u16>() + widths.len() as u16 + 2;
+        let state = usize::from(area_width.saturating_sub(used));
+        Columns {
+            wide,
+            widths,
+            state,
+        }
+    }
+
+    fn constraints(&self) -> Vec<Constraint> {
+        let mut all: Vec<Constraint> = self.widths.iter().map(|w| Constraint::Length(*w)).collect();
+        all.push(Constraint::Min(8));
+        all
+    }
+
+    fn header(&self) -> Vec<&'static str> {
+        if self.wide {
+            vec![
+                "",
+                "VM",
+                "FROM → TO",
+                "MODE",
+                "PHASES",
+                "DONE",
+                "RATE",
+                "TIME",
+                "FEATURES",
+                "",
+            ]
+        } else {
+            vec!["", "VM", "FROM → TO", "PHASES", "FEATURES", ""]
+        }
+    }
+}
+
+fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, columns: &Columns) -> Row<'a> {
     let r = &m.record;
     let (style, symbol, _) = outcome(theme, r.outcome);
     let mark = if app.marked.contains(&r.id) {
@@ -222,11 +320,11 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
         Cell::from(r.vm.clone()),
         Cell::from(format!("{} → {}", r.source, r.destination)),
     ];
-    if wide {
+    if columns.wide {
         cells.push(Cell::from(mode));
     }
     cells.push(Cell::from(pipeline(r, theme)));
-    if wide {
+    if columns.wide {
         cells.extend([Cell::from(progress), Cell::from(rate), Cell::from(elapsed)]);
     }
     cells.extend([
@@ -234,20 +332,7 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
             features,
             if failing { theme.failed } else { theme.dim },
         )),
-        Cell::from(match crate::protocol::record::guest_from_proto(r.guest) {
-            // Where the guest is not simply running, that comes first, in red.
-            crate::protocol::GuestCondition::Paused => Span::styled(
-                format!("guest PAUSED on {}: {}", r.running_on, r.error),
-                theme.error,
-            ),
-            crate::protocol::GuestCondition::Unknown => {
-                Span::styled(format!("guest state unknown: {}", r.error), theme.error)
-            }
-            crate::protocol::GuestCondition::Running if r.outcome == 0 => {
-                Span::styled(current_phase(r), theme.running)
-            }
-            crate::protocol::GuestCondition::Running => Span::styled(r.error.clone(), theme.dim),
-        }),
+        Cell::from(state_line(r, theme, columns.state)),
     ]);
     Row::new(cells).style(if app.marked.contains(&r.id) {
         theme.marked
@@ -256,15 +341,56 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, wide: bool) ->
     })
 }
 
+/// The row's last column, fitted to `width`: where the guest is when it is
+/// not simply running (red), a lost guest (loudest), where a running
+/// transfer is heading, or why it ended.
+fn state_line<'a>(r: &proto::MigrationRecord, theme: &Theme, width: usize) -> Line<'a> {
+    let fitted = |wordings: Vec<String>, style: Style| Line::styled(fit(&wordings, width), style);
+    match crate::protocol::record::guest_from_proto(r.guest) {
+        crate::protocol::GuestCondition::Paused => fitted(
+            vec![
+                format!("guest PAUSED on {}: {}", r.running_on, r.error),
+                format!("guest PAUSED on {}", r.running_on),
+            ],
+            theme.error,
+        ),
+        crate::protocol::GuestCondition::Unknown => fitted(
+            vec![
+                format!("guest state unknown: {}", r.error),
+                "guest state unknown".to_string(),
+            ],
+            theme.error,
+        ),
+        crate::protocol::GuestCondition::Running if r.outcome == proto::Outcome::Lost as i32 => {
+            let lost = "LOST";
+            let rest = fit(
+                &[
+                    format!("the guest is gone: {}", r.error),
+                    "the guest is gone".into(),
+                ],
+                width.saturating_sub(lost.len() + 1),
+            );
+            Line::from(vec![
+                Span::styled(lost, theme.outcome(crate::protocol::Outcome::Lost)),
+                Span::styled(format!(" {rest}"), theme.error),
+            ])
+        }
+        crate::protocol::GuestCondition::Running if r.outcome == 0 => {
+            let said = running(r, theme);
+            Line::styled(said.fit(width), said.style)
+        }
+        crate::protocol::GuestCondition::Running => fitted(vec![r.error.clone()], theme.dim),
+    }
+}
+
 pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let count = app.row_count();
     let focused = app.focus == Focus::Migrations;
     let height = area.height.saturating_sub(3) as usize;
     let range = window(app.migration_row, count, height);
     let shown = app.rows_in(range.clone());
-    let visible = shown
-        .iter()
-        .map(|m| migration_row(app, m, theme, area.width >= WIDE));
+    let columns = Columns::new(area.width, &Needs::of(&shown));
+    let visible = shown.iter().map(|m| migration_row(app, m, theme, &columns));
     let title = if app.filter.is_empty() {
         format!(" migrations ({count}) ")
     } else {
@@ -274,48 +400,8 @@ pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             app.filter
         )
     };
-    let (widths, header): (Vec<Constraint>, Vec<&str>) = if area.width >= WIDE {
-        (
-            vec![
-                Constraint::Length(3),
-                Constraint::Length(10),
-                Constraint::Length(15),
-                Constraint::Length(4),
-                Constraint::Length(6),
-                Constraint::Length(5),
-                Constraint::Length(11),
-                Constraint::Length(7),
-                Constraint::Length(24),
-                Constraint::Min(10),
-            ],
-            vec![
-                "",
-                "VM",
-                "FROM → TO",
-                "MODE",
-                "PHASES",
-                "DONE",
-                "RATE",
-                "TIME",
-                "FEATURES",
-                "",
-            ],
-        )
-    } else {
-        (
-            vec![
-                Constraint::Length(3),
-                Constraint::Length(9),
-                Constraint::Length(13),
-                Constraint::Length(6),
-                Constraint::Length(23),
-                Constraint::Min(8),
-            ],
-            vec!["", "VM", "FROM → TO", "PHASES", "FEATURES", ""],
-        )
-    };
-    let table = Table::new(visible, widths)
-        .header(Row::new(header).style(theme.header))
+    let table = Table::new(visible, columns.constraints())
+        .header(Row::new(columns.header()).style(theme.header))
         .block(block(title, focused, theme))
         .row_highlight_style(if focused {
             theme.selected
@@ -426,6 +512,13 @@ mod tests {
         assert_eq!(window(9_999, 10_000, 20), 9_980..10_000);
         assert_eq!(window(3, 5, 20), 0..5);
         assert_eq!(window(0, 0, 20), 0..0);
+    }
+
+    #[test]
+    fn memory_says_its_unit_once_when_both_figures_share_it() {
+        assert_eq!(memory_text(34_000, 65_536), "33.2/64.0 GiB");
+        assert_eq!(memory_text(0, 65_536), "0 B/64.0 GiB");
+        assert_eq!(memory_text(512, 2048), "512.0 MiB/2.0 GiB");
     }
 
     #[test]

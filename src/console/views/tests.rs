@@ -322,8 +322,9 @@ fn app_with_paused_guest(error: &str) -> App {
     app
 }
 
-/// Open the detail of migration `id`.
+/// Open the detail of migration `id`, by keys from the top row.
 fn open(app: &mut App, id: &str) {
+    app.migration_row = 0;
     let row = app
         .rows()
         .iter()
@@ -446,4 +447,348 @@ fn the_detail_says_who_started_and_aborted_a_migration() {
 
 fn buffer_text(buffer: &Buffer) -> String {
     buffer.content().iter().map(|c| c.symbol()).collect()
+}
+
+/// The fixture with a migration for each way a transfer can go
+/// (`fixture::transfers`).
+fn transfers_app() -> App {
+    let mut app = fixture_with_transfers();
+    app.live.now_ms = 12_000;
+    // The cursor on the last row (app-01, succeeded), so the rows that
+    // carry meaning keep their own colours.
+    app.migration_row = app.rows().len() - 1;
+    app
+}
+
+/// Every line of the screen, as text.
+fn screen_lines(buffer: &Buffer) -> Vec<String> {
+    (0..buffer.area.height)
+        .map(|y| {
+            (0..buffer.area.width)
+                .map(|x| buffer[(x, y)].symbol().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn every_way_a_transfer_can_go_at_both_sizes() {
+    let theme = Theme::named("default").expect("default theme");
+    for size in SIZES {
+        let app = transfers_app();
+        let terminal = render(&app, &theme, size);
+        insta::assert_snapshot!(
+            format!("transfers_{}x{}", size.0, size.1),
+            terminal.backend()
+        );
+        for id in ["m-run", "m-pc", "m-rec", "m-lost"] {
+            let mut app = transfers_app();
+            open(&mut app, id);
+            let terminal = render(&app, &theme, size);
+            insta::assert_snapshot!(
+                format!("detail_{id}_{}x{}", size.0, size.1),
+                terminal.backend()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_running_row_shows_its_verdict_eta_or_post_copy_coloured_by_severity() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = transfers_app();
+    let terminal = render(&app, &theme, (200, 50));
+    let buffer = terminal.backend().buffer();
+    for (text, style, what) in [
+        (
+            "converging · 12s",
+            theme.done,
+            "a converging transfer and its ETA",
+        ),
+        (
+            "NOT CONVERGING",
+            theme.error,
+            "a transfer that cannot converge",
+        ),
+        ("stalled", theme.error, "a stalled transfer"),
+        (
+            "post-copy · 312.0 MiB to pull",
+            theme.warning,
+            "post-copy, with what is left to pull",
+        ),
+        (
+            "post-copy paused — recovering, try 3",
+            theme.error,
+            "a paused post-copy being recovered",
+        ),
+    ] {
+        same_colour(buffer, find(buffer, text), style, what);
+    }
+    // The verdict shows only while Perform runs: the phase after it.
+    let mut later = transfers_app();
+    let run = later.live.migrations.get_mut("m-slow").unwrap();
+    run.record.phases = phases(3, false);
+    let terminal = render(&later, &theme, (200, 50));
+    let text = buffer_text(terminal.backend().buffer());
+    assert!(
+        !text.contains("NOT CONVERGING"),
+        "a stale verdict after Perform"
+    );
+}
+
+#[test]
+fn at_80x24_the_rows_keep_what_matters_and_cut_no_word() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = transfers_app();
+    let terminal = render(&app, &theme, (80, 24));
+    let buffer = terminal.backend().buffer();
+    let lines = screen_lines(buffer);
+    // The recovering row in a shorter wording, still red.
+    same_colour(
+        buffer,
+        find(buffer, "post-copy paused, try 3"),
+        theme.error,
+        "the recovering row at 80 columns",
+    );
+    for m in app.rows() {
+        let r = &m.record;
+        let route = format!("{} → {}", r.source, r.destination);
+        let Some(line) = lines
+            .iter()
+            .find(|l| l.contains(&format!(" {} ", r.vm)) && l.contains(&route))
+        else {
+            continue; // below the fold
+        };
+        let (features, _) = super::tables::feature_summary(r);
+        assert!(
+            line.contains(&features),
+            "{} lost its features: {line}",
+            r.id
+        );
+        // The state column: whatever follows the features.
+        let after = line.split(&features).nth(1).unwrap_or_default();
+        let state = after.trim_end_matches('│').trim();
+        // What each row may say, longest first.
+        let wordings: &[&str] = match r.id.as_str() {
+            "m-run" => &["converging · 12s"],
+            "m-fail" => &["required feature port-profile failed finish on hv-c"],
+            "m-slow" => &["NOT CONVERGING"],
+            "m-stall" => &["stalled"],
+            "m-pc" => &["post-copy · 312.0 MiB to pull", "post-copy · 312.0 MiB"],
+            "m-rec" => &[
+                "post-copy paused — recovering, try 3",
+                "post-copy paused, try 3",
+            ],
+            "m-lost" => &[
+                "LOST the guest is gone: hv-c stopped answering during post-copy",
+                "LOST the guest is gone",
+            ],
+            _ => &[""],
+        };
+        let whole = wordings.contains(&state);
+        let cut_at_a_space = state.strip_suffix('…').is_some_and(|kept| {
+            wordings
+                .iter()
+                .any(|w| w.starts_with(kept) && w[kept.len()..].starts_with(' '))
+        });
+        assert!(
+            whole || cut_at_a_space,
+            "{}: {state:?} is none of {wordings:?} nor cut between words",
+            r.id
+        );
+    }
+}
+
+#[test]
+fn a_lost_guest_is_shown_loudest_and_never_like_a_failure_in_every_theme() {
+    use ratatui::style::Modifier;
+    for theme in crate::console::theme::builtin_names()
+        .iter()
+        .map(|n| Theme::named(n).unwrap())
+        .flat_map(|t| [t.clone(), t.without_colors()])
+    {
+        let app = transfers_app();
+        let terminal = render(&app, &theme, (120, 40));
+        let buffer = terminal.backend().buffer();
+        let (x, y) = find(buffer, "LOST the guest is gone");
+        let lost = buffer[(x, y)].style();
+        assert!(
+            lost.add_modifier.contains(Modifier::REVERSED) || lost.bg.is_some(),
+            "{}: LOST is not loud: {lost:?}",
+            theme.name
+        );
+        // Its row's glyph is lost's own, in the same loud style; the
+        // failed row's is another glyph in another style.
+        let row: String = (0..buffer.area.width)
+            .map(|x| buffer[(x, y)].symbol().to_string())
+            .collect();
+        assert!(
+            row.contains(theme.symbols.guest_lost),
+            "{}: {row}",
+            theme.name
+        );
+        let glyph = find_below(buffer, theme.symbols.guest_lost, y);
+        assert_eq!(buffer[glyph].style(), lost, "{}", theme.name);
+        let failed = find_below(buffer, &format!("{}  db-01", theme.symbols.failed), 1);
+        assert_ne!(buffer[failed].style(), lost, "{}", theme.name);
+        assert_ne!(buffer[failed].symbol(), buffer[glyph].symbol());
+        // The header counts it, loud too.
+        let (hx, hy) = find(buffer, "LOST 1");
+        assert_eq!(hy, 0, "{}: not in the header", theme.name);
+        assert!(
+            buffer[(hx, hy)]
+                .style()
+                .add_modifier
+                .contains(Modifier::REVERSED),
+            "{}",
+            theme.name
+        );
+    }
+}
+
+#[test]
+fn the_detail_shows_the_policy_the_outlook_with_its_reason_and_the_remaining_chart() {
+    let theme = Theme::named("default").expect("default theme");
+    for size in SIZES {
+        let mut app = transfers_app();
+        open(&mut app, "m-run");
+        let terminal = render(&app, &theme, size);
+        let buffer = terminal.backend().buffer();
+        let completion = block_text(buffer, "completion");
+        assert!(
+            completion.contains("policy post-copy never, 150 s/GiB, then abort"),
+            "the policy at {size:?}: {completion}"
+        );
+        same_colour(
+            buffer,
+            find(buffer, "converging · 12s"),
+            theme.done,
+            "the verdict and its ETA",
+        );
+        // The reason, wrapped as it may be.
+        assert!(
+            completion.contains(&format!("converging · 12s: {CONVERGING}")),
+            "the reason at {size:?}: {completion}"
+        );
+        // The chart: its maximum and current value above, bars, then the
+        // start and the newest instant below.
+        let (x, top) = find(buffer, "remaining, max 2.0 GiB, now 800.0 MiB");
+        let bars: String = (x..x + 20)
+            .map(|cx| buffer[(cx, top + 1)].symbol().to_string())
+            .collect();
+        assert!(
+            bars.chars().any(|c| "▁▂▃▄▅▆▇█".contains(c)),
+            "no bars under the chart's title at {size:?}: {bars:?}"
+        );
+        let axis = &screen_lines(buffer)[usize::from(top) + 3];
+        // The left pane only.
+        let axis = axis
+            .split(['│', '└', '┌'])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        assert!(
+            axis.starts_with("0s") && axis.ends_with("45s"),
+            "the time axis at {size:?}: {axis:?}"
+        );
+    }
+}
+
+#[test]
+fn the_detail_shows_post_copy_and_a_recovery_in_red() {
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = transfers_app();
+    open(&mut app, "m-rec");
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    same_colour(
+        buffer,
+        find(buffer, "post-copy paused — recovering, try 3:"),
+        theme.error,
+        "the recovery",
+    );
+    let completion = block_text(buffer, "completion");
+    assert!(
+        completion.contains("2 tries failed, the last: connection refused; next try in 3s"),
+        "{completion}"
+    );
+    same_colour(
+        buffer,
+        find(buffer, "stage: post-copy paused, 40 pages requested"),
+        theme.error,
+        "the paused stage",
+    );
+    let mut app = transfers_app();
+    open(&mut app, "m-pc");
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    find(buffer, "post-copy auto, 150 s/GiB");
+    same_colour(
+        buffer,
+        find(buffer, "stage: post-copy, 1234 pages requested"),
+        theme.warning,
+        "post-copy",
+    );
+    same_colour(
+        buffer,
+        find(buffer, "switched to post-copy after 12.3 s"),
+        theme.warning,
+        "the completion note",
+    );
+    let mut app = transfers_app();
+    open(&mut app, "m-lost");
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    let (x, y) = find(
+        buffer,
+        "LOST: the destination hv-c died during post-copy; no host holds the whole guest",
+    );
+    let style = buffer[(x, y)].style();
+    let lost = theme.outcome(crate::protocol::Outcome::Lost);
+    assert_eq!(
+        (style.fg, style.add_modifier),
+        (lost.fg, lost.add_modifier),
+        "the lost line in the detail"
+    );
+}
+
+#[test]
+fn the_retry_dialog_names_the_policy_it_sends_and_follows_the_keys() {
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = app_after(&[key('j'), key('r')]);
+    for size in SIZES {
+        let terminal = render(&app, &theme, size);
+        find(
+            terminal.backend().buffer(),
+            "safe; post-copy never, 150 s/GiB, then abort",
+        );
+    }
+    update(&mut app, key('p'));
+    update(&mut app, key('b'));
+    let terminal = render(&app, &theme, (80, 24));
+    let buffer = terminal.backend().buffer();
+    find(buffer, "safe; post-copy auto, 300 s/GiB");
+    // With post-copy, "when spent" has nothing to choose: a dash, dimmed.
+    let (x, y) = find(buffer, "when spent");
+    let dash = find_below(buffer, "–", y);
+    assert_eq!(dash.1, y);
+    assert!(dash.0 > x);
+    same_colour(buffer, dash, theme.dim, "when spent without a choice");
+}
+
+/// The words inside the bordered block titled `title` (to the right edge
+/// of the screen), its wrapped lines joined.
+fn block_text(buffer: &Buffer, title: &str) -> String {
+    let (x, top) = find(buffer, &format!("┌ {title} "));
+    let mut words = Vec::new();
+    for y in top + 1..buffer.area.height {
+        if buffer[(x, y)].symbol() == "└" {
+            break;
+        }
+        let line: String = (x + 1..buffer.area.width - 1)
+            .map(|cx| buffer[(cx, y)].symbol().to_string())
+            .collect();
+        words.extend(line.split_whitespace().map(str::to_string));
+    }
+    words.join(" ")
 }
