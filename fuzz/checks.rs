@@ -346,6 +346,7 @@ fn cookie3(data: &[u8]) {
         vm: sample_vm(),
         mode: Mode::Safe,
         postcopy: false,
+        postcopy_unavailable: None,
     };
     run_destination(incoming.clone(), &c3, data);
     run_destination(
@@ -409,6 +410,8 @@ pub fn c2_accepted() -> proto::Cookie2 {
         accepted: true,
         error: String::new(),
         rollback: Vec::new(),
+        postcopy: false,
+        postcopy_unavailable: String::new(),
     }
 }
 

@@ -228,6 +228,7 @@ impl Agent {
             rollback_retry_ms: config.rollback_retry_ms,
             id_salt: rand::random(),
             retention: host::Retention::from_config(config),
+            postcopy: hypervisor.postcopy_support(),
         });
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);

@@ -136,6 +136,8 @@ pub struct Config {
     pub id_salt: u64,
     /// How many closed records are kept, and how long ([`retention`]).
     pub retention: Retention,
+    /// Whether this host's hypervisor can receive by post-copy; why not.
+    pub postcopy: Result<(), String>,
 }
 
 /// What a console, the CLI or a peer asks of this host.

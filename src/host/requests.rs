@@ -486,8 +486,11 @@ impl HostCore {
         }
         let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
         let features = &self.cfg.features;
-        let incoming =
+        let mut incoming =
             cookies::check_cookie1(&c1, |f| features.contains_key(f)).map_err(cookie_refusal)?;
+        if let Err(why) = &self.cfg.postcopy {
+            incoming = incoming.without_postcopy(why.clone());
+        }
         if let Some(from) = from
             && from != incoming.source
         {

@@ -36,6 +36,7 @@ fn config(name: &str) -> Config {
         rollback_retry_ms: 1_000,
         id_salt: 7,
         retention: Retention::default(),
+        postcopy: Ok(()),
     }
 }
 
@@ -769,6 +770,7 @@ fn a_migration_ends(a: &mut Host, vm_name: &str) -> String {
 fn retention_forgets_the_oldest_closed_migrations_here_and_in_the_journal() {
     let mut a = Host::with(Config {
         retention: keep_one(),
+        postcopy: Ok(()),
         ..config(A)
     });
     let first = a.at(2_000).a_migration_ends_now("web-01");

@@ -78,6 +78,13 @@ pub trait Hypervisor: Send + Sync {
     /// folders, which is why the agent asks it and not the sans-IO core.
     fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError>;
 
+    /// Whether this host can take part in post-copy (as a destination
+    /// above all: QEMU needs userfaultfd there); `Err` says why not. A
+    /// migration that may switch to post-copy then runs by pre-copy alone.
+    fn postcopy_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Every guest on this host, incoming ones included.
     async fn guests(&self) -> Vec<Guest>;
 

@@ -186,6 +186,21 @@ pub struct Incoming {
     pub mode: Mode,
     /// The source may switch the transfer to post-copy.
     pub postcopy: bool,
+    /// C1 announced post-copy, which this host cannot take part in: why
+    /// ([`Incoming::without_postcopy`]).
+    pub postcopy_unavailable: Option<String>,
+}
+
+impl Incoming {
+    /// This host cannot receive by post-copy: the attempt runs by
+    /// pre-copy alone, and C2 says why.
+    pub fn without_postcopy(mut self, why: String) -> Incoming {
+        if self.postcopy {
+            self.postcopy = false;
+            self.postcopy_unavailable = Some(why);
+        }
+        self
+    }
 }
 
 /// Check a decoded C1: a VM spec is present and sane (its machine well
@@ -234,6 +249,7 @@ pub fn check_cookie1(
         vm,
         mode,
         postcopy: c1.postcopy,
+        postcopy_unavailable: None,
     })
 }
 

@@ -321,6 +321,9 @@ pub struct DestinationAttempt {
     /// started ready for it.
     #[serde(default)]
     pub postcopy: bool,
+    /// C1 announced post-copy but this host cannot take part in it: why.
+    #[serde(default)]
+    postcopy_unavailable: Option<String>,
     /// This Finish is a post-copy one: the finish stages run before the
     /// switchover, and the commit waits for it.
     #[serde(default)]
@@ -390,6 +393,7 @@ impl DestinationAttempt {
             ran_maybe: false,
             lost: None,
             postcopy: incoming.postcopy,
+            postcopy_unavailable: incoming.postcopy_unavailable,
             switchover: false,
             arrived_whole: false,
             recovered: false,
@@ -1166,6 +1170,11 @@ impl DestinationAttempt {
                 clip(self.error.as_deref().unwrap_or_default(), MAX_TEXT_LEN)
             },
             rollback: self.results(Stage::Rollback),
+            postcopy: self.postcopy,
+            postcopy_unavailable: clip(
+                self.postcopy_unavailable.as_deref().unwrap_or_default(),
+                MAX_TEXT_LEN,
+            ),
         }
     }
 

@@ -913,6 +913,20 @@ impl SourceAttempt {
             self.record.cause = Some(Cause::Refused);
             return self.end_before_commit(now, Outcome::Failed, error, true);
         }
+        if self.record.completion.postcopy != Postcopy::Never && !c2.postcopy {
+            // The destination cannot take a switchover: pre-copy alone,
+            // under the same budget.
+            let why = if c2.postcopy_unavailable.is_empty() {
+                "it did not say why".to_string()
+            } else {
+                c2.postcopy_unavailable.clone()
+            };
+            self.record.completion_note = Some(format!(
+                "post-copy is not available on {} ({why}): pre-copy only",
+                self.destination
+            ));
+            self.record.completion.postcopy = Postcopy::Never;
+        }
         self.record.end_phase(Phase::Prepare, StepStatus::Ok, now);
         self.record.start_phase(Phase::Perform, now);
         self.last_progress_at = now;

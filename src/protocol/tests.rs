@@ -5246,3 +5246,64 @@ fn continue_notes_the_spent_budget_once_and_keeps_transferring() {
     assert!(note.contains("going on as asked"), "{note}");
     assert!(src.record.outcome.is_none());
 }
+
+#[test]
+fn a_destination_without_post_copy_makes_auto_pre_copy_only_and_says_why() {
+    let mut vm = Scenario::new(Mode::Fast, &[true]).vm();
+    vm.memory_mib = 1024;
+    let (mut src, actions) = SourceAttempt::begin(
+        AttemptParams {
+            migration_id: "m-0000000000a1".into(),
+            attempt: 1,
+            host: SRC.into(),
+            destination: DST.into(),
+            incoming_host: DST.into(),
+            vm,
+            mode: Mode::Fast,
+            completion: Completion::for_mode(Mode::Fast),
+            timing: Timing::default(),
+            started_at_ms: START,
+        },
+        START,
+    );
+    let c1 = actions
+        .iter()
+        .find_map(|a| match a {
+            SourceAction::SendPrepare(c1) => Some(c1.clone()),
+            _ => None,
+        })
+        .expect("C1");
+    assert!(c1.postcopy, "C1 announces post-copy in fast mode");
+    // The destination cannot: C2 says so.
+    let incoming = check_cookie1(&c1, |_| true)
+        .expect("C1")
+        .without_postcopy("QEMU runs as nobody".into());
+    let (dst, _) = DestinationAttempt::prepare(
+        incoming,
+        DST,
+        Scenario::new(Mode::Fast, &[true]).free,
+        false,
+        None,
+        Timing::default(),
+        START,
+    )
+    .expect("prepared");
+    let mut c2 = dst.cookie2(true);
+    c2.incoming_address = format!("sim://{DST}/m1.1/web");
+    assert!(!c2.postcopy);
+    src.handle(START, SourceInput::PrepareReplied(Ok(c2)));
+    let note = src.record.completion_note.clone().unwrap_or_default();
+    assert!(
+        note.contains("not available on hv-b") && note.contains("QEMU runs as nobody"),
+        "{note}"
+    );
+    // Not converging no longer switches: pre-copy goes on.
+    let actions = not_converging(&mut src, START + 1000);
+    assert!(
+        !src_names(&actions)
+            .iter()
+            .any(|a| a.contains("SwitchRequested")),
+        "{actions:?}"
+    );
+    assert!(matches!(src.state, SourceState::Transferring { .. }));
+}

@@ -760,6 +760,7 @@ impl World {
             rollback_retry_ms: ROLLBACK_RETRY_MS,
             id_salt: self.scenario.seed ^ ((h as u64) << 48) ^ ((epoch as u64) << 32),
             retention: host::Retention::default(),
+            postcopy: Ok(()),
         }
     }
 

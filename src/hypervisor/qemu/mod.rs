@@ -1181,6 +1181,20 @@ impl Hypervisor for QemuHypervisor {
         machine::check_bridges(&resolved, &self.settings.allowed.host)
     }
 
+    fn postcopy_support(&self) -> Result<(), String> {
+        let Some(user) = self.settings.run_as.as_deref() else {
+            return Ok(());
+        };
+        let sysctl = "/proc/sys/vm/unprivileged_userfaultfd";
+        match std::fs::read_to_string(sysctl) {
+            Ok(v) if v.trim() == "1" => Ok(()),
+            _ => Err(format!(
+                "QEMU runs as {user}, and userfaultfd, which post-copy needs, is for root only \
+                 unless the sysctl vm.unprivileged_userfaultfd is 1"
+            )),
+        }
+    }
+
     async fn guests(&self) -> Vec<Guest> {
         self.prune();
         self.lock()
