@@ -669,7 +669,9 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
             ))),
             SourceAction::CancelTransfer => Some(SourceInput::TransferStopped { completed: false }),
             SourceAction::StartPostcopy => Some(SourceInput::PostcopyStarted(Ok(()))),
-            SourceAction::WatchTransfer => None,
+            SourceAction::WatchTransfer
+            | SourceAction::SendRecover
+            | SourceAction::ResumePostcopy { .. } => None,
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);
                 finish_sent = true;

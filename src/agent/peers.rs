@@ -81,6 +81,9 @@ impl Peers {
                 PeerCall::Capacity(r) => {
                     PeerResponse::Capacity(client.capacity(r).await?.into_inner())
                 }
+                PeerCall::Recover(r) => {
+                    PeerResponse::Recover(client.recover(r).await?.into_inner())
+                }
             })
         };
         let result = match deadline {

@@ -287,6 +287,14 @@ impl peer_server::Peer for PeerService {
         peer_call!(self.0, Resolve, request, "peer resolve", target)
     }
 
+    async fn recover(
+        &self,
+        request: Request<proto::RecoverRequest>,
+    ) -> Result<Response<proto::RecoverReply>, Status> {
+        let target = request.get_ref().attempt_id.clone();
+        peer_call!(self.0, Recover, request, "peer recover", target)
+    }
+
     async fn heartbeat(
         &self,
         request: Request<proto::HeartbeatRequest>,

@@ -261,6 +261,16 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .await
             .map(OpOutput::Arrived)
             .map_err(op_error),
+        Op::RecoverIncoming { vm, attempt_id } => hv
+            .recover_incoming(&vm, &attempt_id)
+            .await
+            .map(OpOutput::Address)
+            .map_err(op_error),
+        Op::ResumePostcopy { vm, address } => hv
+            .resume_postcopy(&vm, &address)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(op_error),
         Op::StartPostcopy { vm } => hv
             .start_postcopy(&vm)
             .await

@@ -97,6 +97,17 @@ impl HostCore {
                         s.transfer = Some(op);
                     }
                 }
+                SourceAction::SendRecover => {
+                    let request = PeerCall::Recover(proto::RecoverRequest { attempt_id });
+                    self.call(owner, CallKind::Recover, &peer, request, Some(peer_timeout));
+                }
+                SourceAction::ResumePostcopy { address } => {
+                    let what = Op::ResumePostcopy {
+                        vm: vm.name.clone(),
+                        address,
+                    };
+                    self.run(owner, OpKind::ResumePostcopy, what, Some(guest_op));
+                }
                 SourceAction::StartPostcopy => {
                     let what = Op::StartPostcopy {
                         vm: vm.name.clone(),
@@ -591,7 +602,7 @@ impl HostCore {
                     self.destination_input(&id, input);
                 }
                 Owner::Pending { key, batch } => self.pending_done(&key, batch, result),
-                Owner::Evacuation(_) => {}
+                Owner::Evacuation(_) | Owner::Recover(_) => {}
             }
         }
     }
@@ -729,6 +740,32 @@ impl HostCore {
                 };
                 self.evacuation_guests(&id, guests);
             }
+            // The destination's end of a paused post-copy listens again.
+            Owner::Recover(req) => {
+                let reply = match answer {
+                    Answered::Result(Ok(OpOutput::Address(address))) => Ok(proto::RecoverReply {
+                        address,
+                        lost: false,
+                        detail: String::new(),
+                    }),
+                    Answered::Result(Err(OpError::NoSuchGuest(e))) => Ok(proto::RecoverReply {
+                        address: String::new(),
+                        lost: true,
+                        detail: e,
+                    }),
+                    Answered::Result(Ok(other)) => Err(super::Refusal::Unavailable(format!(
+                        "the hypervisor gave no address ({other:?})"
+                    ))),
+                    Answered::Result(Err(e)) => Err(super::Refusal::Unavailable(format!(
+                        "could not listen for the source again: {e}"
+                    ))),
+                    Answered::TimedOut => Err(super::Refusal::Unavailable(late())),
+                };
+                self.reply(
+                    req,
+                    reply.map(|r| super::Response::Peer(PeerResponse::Recover(r))),
+                );
+            }
         }
     }
 
@@ -828,6 +865,9 @@ impl HostCore {
             (OpKind::Resume, answer) => {
                 self.emit_vm_of_source(id);
                 SourceInput::GuestResumed(guest_op_result(answer, after))
+            }
+            (OpKind::ResumePostcopy, answer) => {
+                SourceInput::PostcopyResumed(guest_op_result(answer, after))
             }
             (OpKind::StartPostcopy, answer) => {
                 self.emit_vm_of_source(id);
@@ -1004,13 +1044,27 @@ impl HostCore {
                             c4,
                         })
                     })),
+                    (CallKind::Recover, reply) => {
+                        SourceInput::RecoverReplied(reply.and_then(|r| {
+                            let PeerResponse::Recover(r) = r else {
+                                return Err(PeerError::Unreachable(
+                                    "unexpected answer to Recover".into(),
+                                ));
+                            };
+                            Ok(crate::protocol::source::RecoverAnswer {
+                                address: r.address,
+                                lost: r.lost,
+                                detail: r.detail,
+                            })
+                        }))
+                    }
                     (CallKind::Capacity { .. }, _) => return,
                 };
                 self.source_input(&id, input);
             }
             Owner::Pending { key, batch } => self.notified(&key, batch, reply),
             // The source of an attempt this host rolled back has heard.
-            Owner::Destination(_) => {}
+            Owner::Destination(_) | Owner::Recover(_) => {}
             Owner::Evacuation(id) => {
                 let CallKind::Capacity { deadline } = entry.kind else {
                     return;

@@ -246,6 +246,7 @@ pub enum PeerCall {
     Resolve(proto::ResolveRequest),
     Heartbeat(proto::HeartbeatRequest),
     Capacity(proto::CapacityRequest),
+    Recover(proto::RecoverRequest),
 }
 
 impl PeerCall {
@@ -257,6 +258,7 @@ impl PeerCall {
             PeerCall::Resolve(_) => "Resolve",
             PeerCall::Heartbeat(_) => "Heartbeat",
             PeerCall::Capacity(_) => "Capacity",
+            PeerCall::Recover(_) => "Recover",
         }
     }
 }
@@ -270,6 +272,7 @@ pub enum PeerResponse {
     Resolve(proto::ResolveReply),
     Heartbeat(proto::HeartbeatReply),
     Capacity(proto::CapacityReply),
+    Recover(proto::RecoverReply),
 }
 
 /// A hypervisor call or a feature stage.
@@ -284,6 +287,16 @@ pub enum Op {
     /// Destination: wait for the switchover to post-copy.
     AwaitSwitchover {
         vm: String,
+    },
+    /// Destination, post-copy paused: listen for the source again.
+    RecoverIncoming {
+        vm: String,
+        attempt_id: String,
+    },
+    /// Source, post-copy paused: resume the transfer to `address`.
+    ResumePostcopy {
+        vm: String,
+        address: String,
     },
     /// Source: switch the transfer in progress to post-copy.
     StartPostcopy {
@@ -521,6 +534,8 @@ enum Owner {
         batch: Option<u64>,
     },
     Evacuation(String),
+    /// A peer's Recover, answered with the op's address.
+    Recover(ReqId),
 }
 
 /// What an op is, for routing its answer.
@@ -530,6 +545,8 @@ enum OpKind {
     CompleteIncoming,
     AwaitSwitchover,
     StartPostcopy,
+    RecoverIncoming,
+    ResumePostcopy,
     TransferOut,
     CancelTransfer,
     Resume,
@@ -555,6 +572,7 @@ enum CallKind {
     Resolve,
     Heartbeat,
     Capacity { deadline: Millis },
+    Recover,
 }
 
 #[derive(Debug, Clone)]

@@ -200,6 +200,19 @@ impl HostCore {
     /// `tern rollback ID`: run this migration's pending work here now, and
     /// answer once every run has ended.
     pub(super) fn run_pending_now(&mut self, req: ReqId, migration_id: &str) {
+        // A post-copy paused by a broken link is tried again now too.
+        let now = self.now;
+        if let Some(s) = self.sources.get_mut(migration_id)
+            && s.live
+            && s.attempt.recover_now(now)
+        {
+            let vm = s.attempt.vm.name.clone();
+            self.log(
+                Level::Info,
+                migration_id,
+                format!("recovery of {vm}'s post-copy: trying now, as the operator asked"),
+            );
+        }
         let keys: Vec<Key> = self
             .pending
             .iter()

@@ -7,8 +7,8 @@ use prost::Message;
 use crate::protocol::completion::{Completion, CompletionRequest};
 
 use super::{
-    Destination, Entry, HostCore, Level, PeerCall, PeerResponse, Refusal, ReqId, Request, Response,
-    Source,
+    Destination, Entry, HostCore, Level, Op, PeerCall, PeerResponse, Refusal, ReqId, Request,
+    Response, Source,
 };
 use crate::hypervisor::{Guest, GuestState};
 use crate::proto;
@@ -77,6 +77,9 @@ fn check_request(request: &Request) -> Result<(), BoundsError> {
             }
             PeerCall::Resolve(r) => {
                 check_id("ResolveRequest.attempt_id", &r.attempt_id, IdKind::Attempt)
+            }
+            PeerCall::Recover(r) => {
+                check_id("RecoverRequest.attempt_id", &r.attempt_id, IdKind::Attempt)
             }
             PeerCall::Heartbeat(r) => {
                 check_name("HeartbeatRequest.from_host", &r.from_host)?;
@@ -165,6 +168,7 @@ impl HostCore {
                         let reply = self.capacity(&guests);
                         self.reply(req, Ok(Response::Peer(PeerResponse::Capacity(reply))));
                     }
+                    PeerCall::Recover(r) => self.recover_incoming(req, &r.attempt_id, &guests),
                 }
             }
         }
@@ -790,6 +794,58 @@ impl HostCore {
         self.reply(req, Ok(Response::Peer(PeerResponse::Heartbeat(reply))));
     }
 
+    /// Recover: a post-copy transfer to this host paused on a broken link.
+    /// Only an attempt committed here after a switchover can be recovered;
+    /// one whose guest is gone is lost, and the answer says so.
+    fn recover_incoming(&mut self, req: ReqId, attempt_id: &str, guests: &[Guest]) {
+        let attempt = self
+            .destinations
+            .get(attempt_id)
+            .map(|d| &d.attempt)
+            .or_else(|| self.ended.get(attempt_id));
+        let Some(attempt) = attempt else {
+            return self.reply(
+                req,
+                Err(Refusal::NotFound(format!(
+                    "no attempt {attempt_id} arrived on {}",
+                    self.cfg.name
+                ))),
+            );
+        };
+        if !attempt.committed_in_postcopy() {
+            return self.reply(
+                req,
+                Err(Refusal::FailedPrecondition(format!(
+                    "attempt {attempt_id} on {} is not committed in post-copy: nothing to recover",
+                    self.cfg.name
+                ))),
+            );
+        }
+        let vm = attempt.vm.name.clone();
+        if !guests.iter().any(|g| g.spec.name == vm) {
+            let reply = proto::RecoverReply {
+                address: String::new(),
+                lost: true,
+                detail: format!(
+                    "the guest {vm} is gone from {} (its hypervisor lost it)",
+                    self.cfg.name
+                ),
+            };
+            return self.reply(req, Ok(Response::Peer(PeerResponse::Recover(reply))));
+        }
+        let what = Op::RecoverIncoming {
+            vm,
+            attempt_id: attempt_id.to_string(),
+        };
+        let deadline = self.cfg.deadlines.guest_op_ms;
+        self.run(
+            super::Owner::Recover(req),
+            super::OpKind::RecoverIncoming,
+            what,
+            Some(deadline),
+        );
+    }
+
     /// A peer call is accepted only from the host its attempt is with: an
     /// attempt's Finish, Resolve, Heartbeat and abort come from its source;
     /// an abort of an attempt this host sources, from its destination. A
@@ -830,6 +886,7 @@ impl HostCore {
                 arriving_from(&c3.attempt_id)
             }
             PeerCall::Resolve(r) => arriving_from(&r.attempt_id),
+            PeerCall::Recover(r) => arriving_from(&r.attempt_id),
             PeerCall::Heartbeat(r) => {
                 claims(&r.from_host)?;
                 r.attempt_ids.iter().try_for_each(|id| arriving_from(id))

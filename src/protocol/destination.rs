@@ -411,6 +411,12 @@ impl DestinationAttempt {
         self.state == DestinationState::Committed
     }
 
+    /// Committed after a switchover to post-copy: the guest's pages still
+    /// come from the source until the transfer ends.
+    pub fn committed_in_postcopy(&self) -> bool {
+        self.is_committed() && self.switchover
+    }
+
     /// The guest runs here: the commit is carried out.
     pub fn guest_runs(&self) -> bool {
         self.is_committed() && self.guest_resumed

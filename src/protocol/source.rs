@@ -24,12 +24,12 @@ use super::convergence::{Convergence, ConvergenceView, record_remaining};
 use super::cookies::{self, read_stage_result};
 use super::mutations::{Mutation, planted};
 use super::policy::is_blocking;
-use super::record::{FeatureRecord, MigrationRecord, PhaseRecord};
+use super::record::{FeatureRecord, MigrationRecord, PhaseRecord, RecoveryView};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
     Cause, GuestCondition, GuestOpError, GuestOpResult, KillResult, Millis, Mode, Outcome,
     PROTOCOL_VERSION, PeerError, PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus,
-    Timing, TransferStats, VmSpec,
+    Timing, TransferStage, TransferStats, VmSpec,
 };
 use crate::proto;
 
@@ -102,6 +102,30 @@ pub enum Resolution {
     Pending,
 }
 
+/// The destination's answer to Recover.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoverAnswer {
+    /// Where to resume the transfer.
+    pub address: String,
+    /// The guest is gone there: nothing to recover.
+    pub lost: bool,
+    pub detail: String,
+}
+
+/// Post-copy paused by a broken link: the recovery in progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Recovery {
+    tries: u32,
+    due: Millis,
+    in_flight: bool,
+    error: Option<String>,
+}
+
+/// The longest wait between two tries of a post-copy recovery.
+pub const RECOVERY_BACKOFF_MAX_MS: Millis = 10_000;
+/// The first wait.
+pub const RECOVERY_BACKOFF_MS: Millis = 500;
+
 /// The destination's answer to an Abort this side sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AbortAnswer {
@@ -120,6 +144,10 @@ pub enum SourceInput {
     TransferDone(Result<TransferStats, String>),
     /// The hypervisor answered the switch to post-copy.
     PostcopyStarted(GuestOpResult),
+    /// The destination answered Recover.
+    RecoverReplied(Result<RecoverAnswer, PeerError>),
+    /// The hypervisor answered the resume of a paused post-copy transfer.
+    PostcopyResumed(GuestOpResult),
     /// A transfer this attempt cancelled has stopped; `completed`: it had
     /// moved the whole guest first (or whether it had is unknown).
     TransferStopped {
@@ -164,6 +192,14 @@ pub enum SourceAction {
     CancelTransfer,
     /// Switch the transfer to post-copy; `PostcopyStarted` follows.
     StartPostcopy,
+    /// Post-copy paused: ask the destination to listen again; answered
+    /// with `RecoverReplied`.
+    SendRecover,
+    /// Resume the paused post-copy transfer to `address`;
+    /// `PostcopyResumed` follows.
+    ResumePostcopy {
+        address: String,
+    },
     /// After a restart: follow the transfer the hypervisor still runs (a
     /// switched one: the destination pulls pages from here); progress and
     /// `TransferDone` follow as for `StartTransfer`.
@@ -250,6 +286,9 @@ pub struct SourceAttempt {
     /// The guest was lost: the outcome is `lost` whatever else happens.
     #[serde(default)]
     lost: bool,
+    /// Post-copy paused by a broken link: the recovery in progress.
+    #[serde(default)]
+    recovery: Option<Recovery>,
 }
 
 /// Who is starting an attempt, and of what.
@@ -345,6 +384,7 @@ impl SourceAttempt {
             switched: false,
             drained: None,
             lost: false,
+            recovery: None,
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -479,6 +519,19 @@ impl SourceAttempt {
 
     /// The next instant `handle(Timer)` has something to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
+        let state = self.state_timeout();
+        let recovery = self
+            .recovery
+            .as_ref()
+            .filter(|r| !r.in_flight && self.transfer_runs())
+            .map(|r| r.due);
+        match (state, recovery) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn state_timeout(&self) -> Option<Millis> {
         let liveness = || {
             let hb = if self.heartbeat_in_flight {
                 Millis::MAX
@@ -527,12 +580,16 @@ impl SourceAttempt {
                     self.record.updated_at_ms = now;
                     if !self.switched {
                         self.observe(stats);
+                    } else {
+                        self.watch_postcopy(now, stats.stage);
                     }
                 }
                 Vec::new()
             }
             SourceInput::TransferDone(result) => self.on_transfer_done(now, result),
             SourceInput::PostcopyStarted(result) => self.on_postcopy_started(now, result),
+            SourceInput::RecoverReplied(reply) => self.on_recover_replied(now, reply),
+            SourceInput::PostcopyResumed(result) => self.on_postcopy_resumed(now, result),
             SourceInput::TransferStopped { completed } => match self.state {
                 SourceState::Aborting {
                     step: AbortStep::Cancelling,
@@ -790,6 +847,112 @@ impl SourceAttempt {
         self.switched = true;
         self.record.updated_at_ms = now;
         vec![self.journal(), SourceAction::StartPostcopy]
+    }
+
+    /// After the switchover: a transfer paused by a broken link is
+    /// recovered, with backoff, until it runs again.
+    fn watch_postcopy(&mut self, now: Millis, stage: TransferStage) {
+        match (stage, &mut self.recovery) {
+            (TransferStage::PostcopyPaused, None) => {
+                self.recovery = Some(Recovery {
+                    due: now,
+                    ..Recovery::default()
+                });
+            }
+            (TransferStage::Postcopy, Some(r)) if !r.in_flight => {
+                if r.tries > 0 {
+                    self.record.completion_note = Some(format!(
+                        "post-copy was paused by a broken link and recovered after {} {}",
+                        r.tries,
+                        if r.tries == 1 { "try" } else { "tries" }
+                    ));
+                }
+                self.recovery = None;
+            }
+            _ => {}
+        }
+        self.show_recovery();
+    }
+
+    fn show_recovery(&mut self) {
+        self.record.recovery = self.recovery.as_ref().map(|r| RecoveryView {
+            tries: r.tries,
+            error: r.error.clone(),
+            next_at_ms: r.due,
+        });
+    }
+
+    fn recovery_failed(&mut self, now: Millis, error: String) -> Vec<SourceAction> {
+        if let Some(r) = &mut self.recovery {
+            r.in_flight = false;
+            let backoff = RECOVERY_BACKOFF_MS
+                .saturating_mul(1 << r.tries.min(8))
+                .min(RECOVERY_BACKOFF_MAX_MS);
+            r.due = now + backoff;
+            r.error = Some(error);
+        }
+        self.show_recovery();
+        self.record.updated_at_ms = now;
+        Vec::new()
+    }
+
+    fn on_recover_replied(
+        &mut self,
+        now: Millis,
+        reply: Result<RecoverAnswer, PeerError>,
+    ) -> Vec<SourceAction> {
+        if !self.recovery.as_ref().is_some_and(|r| r.in_flight) {
+            return Vec::new();
+        }
+        match reply {
+            Ok(answer) if answer.lost => {
+                self.recovery = None;
+                self.show_recovery();
+                let error = format!(
+                    "LOST: post-copy to {} broke and the guest is gone there: {}",
+                    self.destination, answer.detail
+                );
+                self.end_lost(now, error)
+            }
+            Ok(answer) => {
+                if let Err(error) =
+                    check_incoming(&answer.address, &self.destination, &self.incoming_host)
+                {
+                    return self.recovery_failed(now, error);
+                }
+                vec![SourceAction::ResumePostcopy {
+                    address: answer.address,
+                }]
+            }
+            Err(e) => self.recovery_failed(
+                now,
+                format!("{} did not recover: {}", self.destination, e.message()),
+            ),
+        }
+    }
+
+    fn on_postcopy_resumed(&mut self, now: Millis, result: GuestOpResult) -> Vec<SourceAction> {
+        if !self.recovery.as_ref().is_some_and(|r| r.in_flight) {
+            return Vec::new();
+        }
+        match result {
+            // Taken: the progress says when it runs again; if it pauses
+            // again, the next try comes after the backoff.
+            Ok(()) => self.recovery_failed(now, "resumed; waiting for the transfer to run".into()),
+            Err(e) => self.recovery_failed(now, format!("the resume failed: {}", e.message())),
+        }
+    }
+
+    /// The operator's "try now": the next recovery try is due at once.
+    pub fn recover_now(&mut self, now: Millis) -> bool {
+        match &mut self.recovery {
+            Some(r) if !r.in_flight => {
+                r.due = now;
+                self.show_recovery();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn on_postcopy_started(&mut self, now: Millis, result: GuestOpResult) -> Vec<SourceAction> {
@@ -1386,6 +1549,17 @@ impl SourceAttempt {
 
     fn on_timer(&mut self, now: Millis) -> Vec<SourceAction> {
         let mut actions = Vec::new();
+        let runs = self.transfer_runs();
+        if let Some(r) = &mut self.recovery
+            && runs
+            && !r.in_flight
+            && now >= r.due
+        {
+            r.in_flight = true;
+            r.tries += 1;
+            self.show_recovery();
+            actions.push(SourceAction::SendRecover);
+        }
         match self.state {
             SourceState::Preparing
             | SourceState::Transferring { .. }

@@ -1103,7 +1103,10 @@ impl World {
                     }
                     self.trigger(Trigger::TransferStarted);
                 }
-                SourceAction::StartPostcopy | SourceAction::WatchTransfer => {
+                SourceAction::StartPostcopy
+                | SourceAction::WatchTransfer
+                | SourceAction::SendRecover
+                | SourceAction::ResumePostcopy { .. } => {
                     self.violation("the source switched to post-copy unasked".into());
                 }
                 SourceAction::CancelTransfer => {
@@ -4931,6 +4934,8 @@ fn transferring_source(mode: Mode, completion: Completion) -> SourceAttempt {
         attempt_id: src.attempt_id.clone(),
         incoming_address: format!("sim://{DST}/m1.1/web"),
         accepted: true,
+        // A destination that can take a switchover when C1 asks.
+        postcopy: completion.postcopy != Postcopy::Never,
         ..Default::default()
     };
     let actions = src.handle(START, SourceInput::PrepareReplied(Ok(c2)));
@@ -5306,4 +5311,104 @@ fn a_destination_without_post_copy_makes_auto_pre_copy_only_and_says_why() {
         "{actions:?}"
     );
     assert!(matches!(src.state, SourceState::Transferring { .. }));
+}
+
+#[test]
+fn a_paused_post_copy_is_recovered_with_backoff_and_the_source_never_resumes() {
+    use super::source::RecoverAnswer;
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    src.handle(
+        START + 5002,
+        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+    );
+    let paused = |t| TransferStats {
+        stage: super::TransferStage::PostcopyPaused,
+        elapsed_ms: t,
+        ..Default::default()
+    };
+    assert_eq!(
+        format!("{:?}", src.state),
+        "Confirming { committed: true, step: Draining }"
+    );
+    // The link breaks: the transfer pauses; a try is due at once.
+    src.handle(START + 6000, SourceInput::TransferProgress(paused(6000)));
+    assert_eq!(src.poll_timeout(), Some(START + 6000));
+    let actions = src.handle(START + 6000, SourceInput::Timer);
+    assert_eq!(src_names(&actions), ["SendRecover"]);
+    assert_eq!(src.record.recovery.as_ref().map(|r| r.tries), Some(1));
+    // The destination cannot be reached yet: back off, say why.
+    src.handle(
+        START + 6100,
+        SourceInput::RecoverReplied(Err(unreachable_peer())),
+    );
+    let view = src.record.recovery.clone().expect("recovering");
+    assert!(view.error.is_some_and(|e| e.contains("did not recover")));
+    let next = src.poll_timeout().expect("a next try");
+    assert!(next > START + 6100, "backs off");
+    // The operator's "try now".
+    assert!(src.recover_now(START + 6200));
+    assert_eq!(src.poll_timeout(), Some(START + 6200));
+    let actions = src.handle(START + 6200, SourceInput::Timer);
+    assert_eq!(src_names(&actions), ["SendRecover"]);
+    // A fresh address, checked, then the resume.
+    let actions = src.handle(
+        START + 6300,
+        SourceInput::RecoverReplied(Ok(RecoverAnswer {
+            address: format!("sim://{DST}/m1.1/web-recover"),
+            lost: false,
+            detail: String::new(),
+        })),
+    );
+    assert_eq!(
+        actions,
+        vec![SourceAction::ResumePostcopy {
+            address: format!("sim://{DST}/m1.1/web-recover")
+        }]
+    );
+    src.handle(START + 6400, SourceInput::PostcopyResumed(Ok(())));
+    // It runs again: recovered, and said so.
+    src.handle(
+        START + 6500,
+        SourceInput::TransferProgress(TransferStats {
+            stage: super::TransferStage::Postcopy,
+            elapsed_ms: 6500,
+            ..Default::default()
+        }),
+    );
+    assert!(src.record.recovery.is_none());
+    let note = src.record.completion_note.clone().unwrap_or_default();
+    assert!(note.contains("recovered after 2 tries"), "{note}");
+    assert!(!src.src_log_has_resume());
+    // A recovery that finds the guest gone there: lost, never resumed here.
+    src.handle(START + 7000, SourceInput::TransferProgress(paused(7000)));
+    src.handle(START + 7000, SourceInput::Timer);
+    let actions = src.handle(
+        START + 7100,
+        SourceInput::RecoverReplied(Ok(RecoverAnswer {
+            address: String::new(),
+            lost: true,
+            detail: "its QEMU exited".into(),
+        })),
+    );
+    assert!(actions.contains(&SourceAction::KillGuest), "{actions:?}");
+    assert!(!actions.contains(&SourceAction::ResumeGuest));
+    assert!(
+        src.record
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("LOST:") && e.contains("QEMU exited"))
+    );
+}
+
+impl SourceAttempt {
+    /// Whether this attempt's record shows the guest resumed here (test aid).
+    fn src_log_has_resume(&self) -> bool {
+        self.record.running_on == self.host && self.record.outcome.is_some()
+    }
 }

@@ -1535,6 +1535,12 @@ impl World {
                     }
                 }
             }
+            // The simulated link pauses post-copy only as a stall (the
+            // transfer waits and goes on): there is never anything to recover.
+            Op::RecoverIncoming { vm, .. } | Op::ResumePostcopy { vm, .. } => {
+                let error = OpError::Failed(format!("the post-copy of {vm} is not paused"));
+                self.op_done(h, op, quick, Err(error), None);
+            }
             Op::AwaitSwitchover { vm } => {
                 if !self.hosts[h].guests.contains_key(&vm) {
                     let error = OpError::NoSuchGuest(format!("no guest {vm} here"));
