@@ -14,6 +14,16 @@
 //! | Perform | source      | [`source`]        |
 //! | Finish  | destination | [`destination`]   |
 //! | Confirm | source      | [`source`]        |
+//!
+//! With post-copy ([`completion`]) the phases map so: Perform is pre-copy
+//! until the completion policy says switch; Finish then starts while the
+//! transfer still runs (C3 `SWITCHOVER_REQUESTED`: the destination runs its
+//! finish stages and answers ready), goes on through the switchover (the
+//! source journals `Switching`, QEMU switches, C3 `SWITCHED_OVER`) and ends
+//! with the destination's commit (journaled before the guest's CPUs
+//! start); Confirm waits for the last page to reach the destination before
+//! it kills the source's copy (`Draining`), and a link broken meanwhile is
+//! recovered (Peer RPC `Recover`).
 
 pub mod address;
 pub mod bounds;

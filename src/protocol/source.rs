@@ -875,8 +875,9 @@ impl SourceAttempt {
     }
 
     fn show_recovery(&mut self) {
+        // Tries whose outcome is known; one in flight is "try tries + 1".
         self.record.recovery = self.recovery.as_ref().map(|r| RecoveryView {
-            tries: r.tries,
+            tries: r.tries.saturating_sub(u32::from(r.in_flight)),
             error: r.error.clone(),
             next_at_ms: r.due,
         });

@@ -5341,7 +5341,8 @@ fn a_paused_post_copy_is_recovered_with_backoff_and_the_source_never_resumes() {
     assert_eq!(src.poll_timeout(), Some(START + 6000));
     let actions = src.handle(START + 6000, SourceInput::Timer);
     assert_eq!(src_names(&actions), ["SendRecover"]);
-    assert_eq!(src.record.recovery.as_ref().map(|r| r.tries), Some(1));
+    // The first try is under way: none has an outcome yet.
+    assert_eq!(src.record.recovery.as_ref().map(|r| r.tries), Some(0));
     // The destination cannot be reached yet: back off, say why.
     src.handle(
         START + 6100,

@@ -446,7 +446,7 @@ fn completion_lines<'a>(
             Span::styled(format!(" {} ", theme.symbols.failed), theme.error),
             vec![Span::styled(
                 format!(
-                    "{}: {}",
+                    "{}: {} (b tries now)",
                     recovering_text(recovery.tries),
                     recovery_detail(&recovery, when)
                 ),
