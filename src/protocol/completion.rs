@@ -25,6 +25,10 @@ pub const MAX_DOWNTIME_LIMIT_MS: u64 = 60_000;
 /// the host (QEMU's default `downtime-limit`).
 pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 
+/// `auto` switches on a "not converging" verdict only once the transfer
+/// has run this long: a verdict from the first instants is too thin.
+pub const MIN_OBSERVATION_MS: Millis = 2_000;
+
 /// When the transfer may switch to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -237,10 +241,14 @@ pub fn judge(
     };
     let verdict = outlook.map(|o| o.verdict);
     match policy.postcopy {
-        Postcopy::Auto if verdict == Some(Verdict::NotConverging) => Step::Switch(format!(
-            "pre-copy cannot converge: {}",
-            outlook.map(|o| o.reason.as_str()).unwrap_or_default()
-        )),
+        Postcopy::Auto
+            if verdict == Some(Verdict::NotConverging) && elapsed_ms >= MIN_OBSERVATION_MS =>
+        {
+            Step::Switch(format!(
+                "pre-copy cannot converge: {}",
+                outlook.map(|o| o.reason.as_str()).unwrap_or_default()
+            ))
+        }
         Postcopy::Auto if spent => Step::Switch(why_spent()),
         Postcopy::Never if spent => match policy.when_spent {
             WhenSpent::Abort => {
@@ -314,6 +322,17 @@ mod tests {
     #[test]
     fn auto_switches_when_pre_copy_cannot_converge_with_the_reason() {
         let p = policy(Postcopy::Auto, WhenSpent::Abort);
+        assert_eq!(
+            judge(
+                &p,
+                1024,
+                1_999,
+                Some(&outlook(Verdict::NotConverging)),
+                false
+            ),
+            Step::Keep,
+            "a verdict from the first instants is too thin"
+        );
         let step = judge(
             &p,
             1024,
