@@ -671,6 +671,7 @@ fn run_source(mode: Mode, c2: &proto::Cookie2, finish: &Finish, data: &[u8]) {
             SourceAction::StartPostcopy => Some(SourceInput::PostcopyStarted(Ok(()))),
             SourceAction::WatchTransfer
             | SourceAction::SendRecover
+            | SourceAction::PausePostcopy
             | SourceAction::ResumePostcopy { .. } => None,
             SourceAction::SendFinish(c3) => {
                 sent("C3", &c3);

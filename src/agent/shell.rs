@@ -266,6 +266,11 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .await
             .map(OpOutput::Address)
             .map_err(op_error),
+        Op::PausePostcopy { vm } => hv
+            .pause_postcopy(&vm)
+            .await
+            .map(|()| OpOutput::Done)
+            .map_err(op_error),
         Op::ResumePostcopy { vm, address } => hv
             .resume_postcopy(&vm, &address)
             .await

@@ -101,6 +101,20 @@ impl HostCore {
                     let request = PeerCall::Recover(proto::RecoverRequest { attempt_id });
                     self.call(owner, CallKind::Recover, &peer, request, Some(peer_timeout));
                 }
+                SourceAction::PausePostcopy => {
+                    let what = Op::PausePostcopy {
+                        vm: vm.name.clone(),
+                    };
+                    self.log(
+                        Level::Warn,
+                        id,
+                        format!(
+                            "the post-copy of {} made no progress: breaking it off to recover it",
+                            vm.name
+                        ),
+                    );
+                    self.run(owner, OpKind::PausePostcopy, what, Some(guest_op));
+                }
                 SourceAction::ResumePostcopy { address } => {
                     let what = Op::ResumePostcopy {
                         vm: vm.name.clone(),
@@ -865,6 +879,17 @@ impl HostCore {
             (OpKind::Resume, answer) => {
                 self.emit_vm_of_source(id);
                 SourceInput::GuestResumed(guest_op_result(answer, after))
+            }
+            (OpKind::PausePostcopy, answer) => {
+                if let Err(e) = guest_op_result(answer, after) {
+                    let migration = id.to_string();
+                    self.log(
+                        Level::Warn,
+                        &migration,
+                        format!("could not pause the stuck post-copy: {e}"),
+                    );
+                }
+                return;
             }
             (OpKind::ResumePostcopy, answer) => {
                 SourceInput::PostcopyResumed(guest_op_result(answer, after))

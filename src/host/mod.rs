@@ -293,6 +293,10 @@ pub enum Op {
         vm: String,
         attempt_id: String,
     },
+    /// Source, post-copy stuck on a dead link: break it off to recover it.
+    PausePostcopy {
+        vm: String,
+    },
     /// Source, post-copy paused: resume the transfer to `address`.
     ResumePostcopy {
         vm: String,
@@ -547,6 +551,7 @@ enum OpKind {
     StartPostcopy,
     RecoverIncoming,
     ResumePostcopy,
+    PausePostcopy,
     TransferOut,
     CancelTransfer,
     Resume,

@@ -132,6 +132,16 @@ pub trait Hypervisor: Send + Sync {
     async fn recover_incoming(&self, vm: &str, attempt_id: &str)
     -> Result<String, HypervisorError>;
 
+    /// Source, post-copy that makes no progress (a dead link TCP has not
+    /// given up on yet): break the transfer off so that it can be
+    /// recovered (QEMU's `migrate-pause`; progress then says paused).
+    async fn pause_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Failed(format!(
+            "the {} hypervisor cannot pause the post-copy of {vm}",
+            self.kind()
+        )))
+    }
+
     /// Source, post-copy paused: resume the transfer to the destination's
     /// fresh `address`. Returns once the hypervisor took the request; the
     /// progress of `transfer_out` shows post-copy running again.

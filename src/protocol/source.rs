@@ -195,6 +195,9 @@ pub enum SourceAction {
     /// Post-copy paused: ask the destination to listen again; answered
     /// with `RecoverReplied`.
     SendRecover,
+    /// Post-copy makes no progress (a dead link TCP has not given up on):
+    /// break it off so that it pauses and can be recovered.
+    PausePostcopy,
     /// Resume the paused post-copy transfer to `address`;
     /// `PostcopyResumed` follows.
     ResumePostcopy {
@@ -289,6 +292,9 @@ pub struct SourceAttempt {
     /// Post-copy paused by a broken link: the recovery in progress.
     #[serde(default)]
     recovery: Option<Recovery>,
+    /// A post-copy that made no progress was asked to pause.
+    #[serde(default)]
+    pause_asked: bool,
 }
 
 /// Who is starting an attempt, and of what.
@@ -385,6 +391,7 @@ impl SourceAttempt {
             drained: None,
             lost: false,
             recovery: None,
+            pause_asked: false,
         };
         attempt.record.start_phase(Phase::Begin, now);
         attempt.record.end_phase(Phase::Begin, StepStatus::Ok, now);
@@ -524,11 +531,24 @@ impl SourceAttempt {
             .recovery
             .as_ref()
             .filter(|r| !r.in_flight && self.transfer_runs())
-            .map(|r| r.due);
+            .map(|r| r.due)
+            .or_else(|| self.postcopy_stall_due());
         match (state, recovery) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// When a post-copy that stopped moving is to be broken off: the link
+    /// may be dead without TCP having said so, and only a paused transfer
+    /// can be recovered.
+    fn postcopy_stall_due(&self) -> Option<Millis> {
+        (self.switched
+            && self.transfer_runs()
+            && self.recovery.is_none()
+            && !self.pause_asked
+            && self.state != SourceState::Switching)
+            .then(|| self.last_progress_at + self.timing.stall_timeout_ms)
     }
 
     fn state_timeout(&self) -> Option<Millis> {
@@ -581,6 +601,11 @@ impl SourceAttempt {
                     if !self.switched {
                         self.observe(stats);
                     } else {
+                        if stats.bytes_transferred != self.last_progress_bytes {
+                            self.last_progress_bytes = stats.bytes_transferred;
+                            self.last_progress_at = now;
+                            self.pause_asked = false;
+                        }
                         self.watch_postcopy(now, stats.stage);
                     }
                 }
@@ -980,6 +1005,7 @@ impl SourceAttempt {
             Ok(()) => {
                 self.state = SourceState::FinishSent;
                 self.last_peer_contact = now;
+                self.last_progress_at = now;
                 let c3 = self.cookie3(proto::TransferStatus::SwitchedOver);
                 self.record.cookies.push(cookies::describe(&c3));
                 vec![self.journal(), SourceAction::SendFinish(c3)]
@@ -1550,6 +1576,10 @@ impl SourceAttempt {
 
     fn on_timer(&mut self, now: Millis) -> Vec<SourceAction> {
         let mut actions = Vec::new();
+        if self.postcopy_stall_due().is_some_and(|due| now >= due) {
+            self.pause_asked = true;
+            actions.push(SourceAction::PausePostcopy);
+        }
         let runs = self.transfer_runs();
         if let Some(r) = &mut self.recovery
             && runs
@@ -1849,6 +1879,7 @@ impl SourceAttempt {
         self.resolve_in_flight = false;
         self.last_peer_contact = now;
         self.heartbeat_due = now;
+        self.last_progress_at = now;
         let mut actions = self.recover_state(now);
         // After a switchover the destination may still pull pages from
         // here: follow the transfer again, and never kill before its end.

@@ -1106,6 +1106,7 @@ impl World {
                 SourceAction::StartPostcopy
                 | SourceAction::WatchTransfer
                 | SourceAction::SendRecover
+                | SourceAction::PausePostcopy
                 | SourceAction::ResumePostcopy { .. } => {
                     self.violation("the source switched to post-copy unasked".into());
                 }
@@ -5412,4 +5413,41 @@ impl SourceAttempt {
     fn src_log_has_resume(&self) -> bool {
         self.record.running_on == self.host && self.record.outcome.is_some()
     }
+}
+
+#[test]
+fn a_post_copy_that_stops_moving_is_broken_off_once_so_it_can_be_recovered() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    src.handle(
+        START + 5002,
+        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+    );
+    let moving = |t: Millis, sent: u64| TransferStats {
+        stage: super::TransferStage::Postcopy,
+        bytes_transferred: sent,
+        elapsed_ms: t,
+        ..Default::default()
+    };
+    src.handle(
+        START + 6000,
+        SourceInput::TransferProgress(moving(6000, 10)),
+    );
+    let stall = Timing::default().stall_timeout_ms;
+    assert_eq!(src.poll_timeout(), Some(START + 6000 + stall));
+    // Nothing moves (TCP still retries on a dead link): break it off, once.
+    src.handle(
+        START + 9000,
+        SourceInput::TransferProgress(moving(9000, 10)),
+    );
+    let actions = src.handle(START + 6000 + stall, SourceInput::Timer);
+    assert_eq!(src_names(&actions), ["PausePostcopy"]);
+    let again = src.handle(START + 6000 + stall + 5000, SourceInput::Timer);
+    assert!(!again.contains(&SourceAction::PausePostcopy), "{again:?}");
+    assert!(!again.contains(&SourceAction::ResumeGuest));
 }

@@ -1537,7 +1537,9 @@ impl World {
             }
             // The simulated link pauses post-copy only as a stall (the
             // transfer waits and goes on): there is never anything to recover.
-            Op::RecoverIncoming { vm, .. } | Op::ResumePostcopy { vm, .. } => {
+            Op::RecoverIncoming { vm, .. }
+            | Op::ResumePostcopy { vm, .. }
+            | Op::PausePostcopy { vm } => {
                 let error = OpError::Failed(format!("the post-copy of {vm} is not paused"));
                 self.op_done(h, op, quick, Err(error), None);
             }

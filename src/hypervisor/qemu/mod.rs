@@ -1424,6 +1424,11 @@ impl Hypervisor for QemuHypervisor {
         }
     }
 
+    async fn pause_postcopy(&self, vm: &str) -> Result<(), HypervisorError> {
+        let qmp = self.qmp(vm)?;
+        qmp.migrate_pause().await.map_err(qemu_error)
+    }
+
     async fn recover_incoming(
         &self,
         vm: &str,
