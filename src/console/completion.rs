@@ -37,10 +37,7 @@ pub struct CompletionChoice {
 /// The policy a dialog offers when the operator picks nothing: the mode's
 /// default, or the last attempt's policy for a retry in the same mode.
 pub fn base(mode: Mode, last: Option<(Mode, Completion)>) -> Completion {
-    match last {
-        Some((last_mode, policy)) if last_mode == mode => policy,
-        _ => Completion::for_mode(mode),
-    }
+    Completion::base(mode, last)
 }
 
 impl CompletionChoice {

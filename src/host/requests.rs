@@ -365,10 +365,8 @@ impl HostCore {
             }
         }
         let destination = destination.unwrap_or(&record.destination).to_string();
-        let base = match mode {
-            Some(mode) if mode != record.mode => Completion::for_mode(mode),
-            _ => record.completion,
-        };
+        let new_mode = mode.unwrap_or(record.mode);
+        let base = Completion::base(new_mode, Some((record.mode, record.completion)));
         let completion = completion.over(base);
         let mode = mode.unwrap_or(record.mode);
         self.begin(

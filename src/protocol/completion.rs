@@ -147,6 +147,16 @@ impl Completion {
         Ok(())
     }
 
+    /// What an attempt runs under when its request leaves the policy out:
+    /// a retry in the same mode keeps the last attempt's policy, anything
+    /// else gets `mode`'s default.
+    pub fn base(mode: Mode, last: Option<(Mode, Completion)>) -> Completion {
+        match last {
+            Some((last_mode, policy)) if last_mode == mode => policy,
+            _ => Completion::for_mode(mode),
+        }
+    }
+
     /// The transfer's budget for a guest of `memory_mib`; `None`: unlimited.
     pub fn budget_ms(&self, memory_mib: u64) -> Option<Millis> {
         (self.timeout_per_gib_s > 0).then(|| {
