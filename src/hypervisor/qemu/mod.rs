@@ -1436,7 +1436,18 @@ impl Hypervisor for QemuHypervisor {
     ) -> Result<String, HypervisorError> {
         let qmp = self.qmp(vm)?;
         let info = qmp.query_migrate().await.map_err(qemu_error)?;
-        let status = info.status.as_deref().unwrap_or("none");
+        let mut status = info.status.unwrap_or_else(|| "none".into());
+        if status == "postcopy-active" {
+            // The source broke its end off (a dead link): this end may not
+            // have noticed yet, its socket waiting on TCP. Break it too.
+            qmp.migrate_pause().await.map_err(qemu_error)?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while status == "postcopy-active" && Instant::now() < deadline {
+                tokio::time::sleep(POLL / 2).await;
+                let info = qmp.query_migrate().await.map_err(qemu_error)?;
+                status = info.status.unwrap_or_else(|| "none".into());
+            }
+        }
         if status != "postcopy-paused" {
             return Err(failed(format!(
                 "cannot recover the incoming transfer of {vm}: it is {status}, not paused in \
