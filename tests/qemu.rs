@@ -13,6 +13,14 @@
 //! that with `[tls]` it is TLS on the wire (and, as the control, that the
 //! same capture sees a plaintext one).
 //!
+//! Four tests move a busy guest that pre-copy cannot finish (its working
+//! set is dirty again at every pass over a slow link): a spent budget
+//! without post-copy, post-copy `auto`, a finish failure before a
+//! switchover, and a destination whose QEMU may not use userfaultfd (run as
+//! nobody). Post-copy needs userfaultfd, which is root's only unless
+//! `vm.unprivileged_userfaultfd` is 1, so the post-copy tests run QEMU as
+//! the tests' own user (root), not as nobody.
+//!
 //! Without `qemu-system-x86_64` (or tcpdump, for those two) these tests
 //! print that they were skipped; with `TERN_REQUIRE_QEMU=1` (as in CI) a
 //! missing QEMU or tcpdump is a failure.
@@ -97,7 +105,20 @@ fn qemu_host_with(
     networks: &str,
     extra: &str,
 ) -> HostSpec {
-    let run_as = run_as()
+    qemu_host_as(name, run_as(), bandwidth_mib_s, top, networks, extra)
+}
+
+/// [`qemu_host_with`] with QEMU run as `run_as` (`None`: as the tests' own
+/// user, root included).
+fn qemu_host_as(
+    name: &'static str,
+    run_as: Option<&str>,
+    bandwidth_mib_s: u64,
+    top: &str,
+    networks: &str,
+    extra: &str,
+) -> HostSpec {
+    let run_as = run_as
         .map(|user| format!("run_as = \"{user}\"\n"))
         .unwrap_or_default();
     host(
@@ -240,17 +261,21 @@ fn qemu_pids(cluster: &Cluster, host: &str) -> Vec<i32> {
 }
 
 /// The last counter the guest printed on this host's serial file, if any.
-/// A guest that left the host keeps its output as `VM.serial.prev`.
 fn counter(cluster: &Cluster, host: &str, vm: &str) -> Option<u64> {
+    counts(cluster, host, vm).last().copied()
+}
+
+/// Every counter the guest printed on this host's serial file, oldest
+/// first. A guest that left the host keeps its output as `VM.serial.prev`.
+fn counts(cluster: &Cluster, host: &str, vm: &str) -> Vec<u64> {
     let dir = qemu_dir(cluster, host);
     let text = std::fs::read_to_string(dir.join(format!("{vm}.serial")))
         .or_else(|_| std::fs::read_to_string(dir.join(format!("{vm}.serial.prev"))))
-        .ok()?;
+        .unwrap_or_default();
     text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("tern-guest: count "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+        .filter_map(|l| l.strip_prefix(guest::COUNT_LINE_PREFIX))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 /// The guest's counter advances on `host` (it runs there).
@@ -1304,4 +1329,320 @@ fn a_destination_naming_an_address_outside_its_migration_address_gets_nothing() 
     );
     assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
     assert_runs_on(&cluster, "qa", "g1");
+}
+
+// ---- completion: a guest that pre-copy cannot finish ------------------------
+
+/// The busy guest: 64 MiB, rewriting a 16 MiB working set many times a
+/// second (a pass over it takes the TCG vCPU about 10 ms), behind a
+/// 16 MiB/s cap. Pre-copy's first pass takes about 4 s; every later pass
+/// finds the whole working set dirty again, far more than the 4.8 MiB the
+/// 300 ms downtime limit lets the final pass carry.
+const BUSY_MIB: u64 = 64;
+const BUSY_WS_MIB: u64 = 16;
+const BUSY_BANDWIDTH_MIB_S: u64 = 16;
+
+/// Two QEMU hosts with QEMU run as `run_as`, qa running the busy guest
+/// `g1`; qb's port-profile takes `qb_features`.
+fn busy_hosts(run_as: Option<&str>, qb_features: &str) -> QemuCluster {
+    QemuCluster(Cluster::start(vec![
+        qemu_host_as(
+            "qa",
+            run_as,
+            BUSY_BANDWIDTH_MIB_S,
+            "",
+            "",
+            &(guest_vm("g1", BUSY_MIB, BUSY_WS_MIB) + &port_profile("")),
+        ),
+        qemu_host_as(
+            "qb",
+            run_as,
+            BUSY_BANDWIDTH_MIB_S,
+            "",
+            "",
+            &port_profile(qb_features),
+        ),
+    ]))
+}
+
+/// Post-copy needs userfaultfd in the destination's QEMU: as root it has
+/// it; as another user only with `vm.unprivileged_userfaultfd` = 1. When
+/// neither holds, the post-copy tests skip (fail with
+/// `TERN_REQUIRE_QEMU=1`).
+fn userfaultfd_or_skip(test: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if root || unprivileged_userfaultfd() {
+        return true;
+    }
+    assert!(
+        std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+        "{test}: post-copy needs root or vm.unprivileged_userfaultfd = 1"
+    );
+    eprintln!("{test}: skipped: post-copy needs root or vm.unprivileged_userfaultfd = 1");
+    false
+}
+
+fn unprivileged_userfaultfd() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|v| v.trim() == "1")
+}
+
+/// The guest's counter goes on on `to` from where it stood on `from`: the
+/// first count `to` printed is at least the last one `from` did (its memory
+/// came along, the counter with it), and it keeps going up.
+fn assert_counts_on_from_where_it_was(cluster: &Cluster, from: &str, to: &str, vm: &str) {
+    assert_runs_on(cluster, to, vm);
+    let (before, after) = (counts(cluster, from, vm), counts(cluster, to, vm));
+    let (last, first) = (before.last().copied(), after.first().copied());
+    assert!(
+        last.is_some() && first >= last,
+        "{vm} printed {last:?} last on {from} and {first:?} first on {to}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[0] <= w[1]),
+        "{vm}'s counter went back on {to}: {after:?}"
+    );
+}
+
+/// Nothing ran on `host`, and nothing is left there: no count printed, no
+/// QEMU, no port-profile association.
+fn assert_never_ran_on(cluster: &Cluster, host: &str, vm: &str) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{host}'s QEMU to exit and its port-profile to be undone"),
+        || qemu_pids(cluster, host).is_empty() && cluster.feature_state(host, vm).is_empty(),
+    );
+    assert_eq!(counts(cluster, host, vm), [0u64; 0], "{vm} ran on {host}");
+}
+
+/// Pre-copy only, with a budget of 8 s (128 s per GiB of 64 MiB): the
+/// working set is dirty again at every pass, the budget runs out, and the
+/// attempt fails as a transfer failure naming it. The guest goes on
+/// running on the source; nothing ran on the destination.
+#[test]
+fn postcopy_never_with_a_spent_budget_fails_and_the_guest_keeps_running_on_the_source() {
+    let test = "postcopy_never_with_a_spent_budget_fails_and_the_guest_keeps_running_on_the_source";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let cluster = busy_hosts(run_as(), "");
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) = cluster.tern_json(&[
+        "migrate",
+        "g1",
+        "--to",
+        "qb",
+        "--mode",
+        "fast",
+        "--postcopy",
+        "never",
+        "--completion-timeout-per-gib",
+        "128",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["cause"], "transfer", "{record}");
+    assert_eq!(record["running_on"], "qa", "{record}");
+    assert_eq!(record["completion"]["postcopy"], "never", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not done within its budget of 8 s (128 s per GiB of 64 MiB)"),
+        "the error names the budget: {error}"
+    );
+    // It gave up in Perform, in pre-copy, after the first pass.
+    assert_eq!(
+        common::phase(&record, "perform")["status"],
+        "failed",
+        "{record}"
+    );
+    let transfer = &record["transfer"];
+    assert_eq!(transfer["stage"], "precopy", "{record}");
+    assert!(transfer["iteration"].as_u64().unwrap() >= 2, "{record}");
+    assert!(
+        transfer["bytes_transferred"].as_u64().unwrap() > (BUSY_MIB - 2) << 20,
+        "{record}"
+    );
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    assert_never_ran_on(&cluster, "qb", "g1");
+}
+
+/// Fast mode's post-copy `auto` finishes the move pre-copy cannot: the
+/// source switches over (the note says after how long and why), the guest
+/// runs on the destination from where it stood, and the source's QEMU is
+/// gone once the last page has followed. QEMU runs as root here:
+/// userfaultfd is root's only.
+#[test]
+fn postcopy_auto_moves_a_guest_pre_copy_cannot_and_it_goes_on_from_where_it_was() {
+    let test = "postcopy_auto_moves_a_guest_pre_copy_cannot_and_it_goes_on_from_where_it_was";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    if !userfaultfd_or_skip(test) {
+        return;
+    }
+    let cluster = busy_hosts(None, "");
+    wait_ready(&cluster, "qa", "g1");
+    assert_runs_on(&cluster, "qa", "g1");
+    let (code, record) = cluster.tern_json(&[
+        "migrate",
+        "g1",
+        "--to",
+        "qb",
+        "--mode",
+        "fast",
+        "--postcopy",
+        "auto",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{record}");
+    assert_eq!(record["outcome"], "succeeded", "{record}");
+    assert_eq!(record["running_on"], "qb", "{record}");
+    assert_eq!(record["committed"], true, "{record}");
+    assert_eq!(record["completion"]["postcopy"], "auto", "{record}");
+    let transfer = &record["transfer"];
+    assert_eq!(transfer["stage"], "postcopy", "{record}");
+    assert_eq!(transfer["bytes_remaining"], 0, "{record}");
+    // The guest ran on qb before all of it had arrived: it asked for pages.
+    assert!(
+        transfer["postcopy_requests"].as_u64().unwrap() > 0,
+        "{record}"
+    );
+    // Why it switched: the convergence model's verdict, or the budget
+    // (150 s per GiB of 64 MiB: 9.4 s). QEMU measures the dirty rate as the
+    // pages found dirty again at each bitmap sync, which cannot outrun what
+    // the link carried between two syncs: with this guest both rates come
+    // out equal, and the model mostly says "slow" (net progress a few
+    // KiB/s) rather than "not converging", so the budget decides.
+    let note = record["completion_note"].as_str().unwrap_or_default();
+    assert!(note.starts_with("post-copy after "), "{record}");
+    assert!(
+        note.contains("pre-copy cannot converge: dirtying")
+            || note.contains("not done within its budget of 9.4 s (150 s per GiB of 64 MiB)"),
+        "the note says why: {note}"
+    );
+    assert!(
+        ["not_converging", "slow"].contains(&record["convergence"]["verdict"].as_str().unwrap()),
+        "{record}"
+    );
+    // The features finished on qb before the switch and were released on qa.
+    let pp = common::feature(&record, "port-profile");
+    assert_eq!(pp["finish"], "ok", "{record}");
+    assert_eq!(pp["release"], "ok", "{record}");
+    assert_eq!(guests(&cluster, "g1"), [("qb".into(), "running".into())]);
+    assert_counts_on_from_where_it_was(&cluster, "qa", "qb", "g1");
+    assert!(qemu_pids(&cluster, "qa").is_empty(), "qa's QEMU is gone");
+    assert_still_on(&cluster, "qa", "g1");
+}
+
+/// Safe mode asks for post-copy at once, but qb's port-profile fails its
+/// finish stage, which runs before the switchover: the source never
+/// switches, the destination rolls back, and the guest, never stopped,
+/// goes on counting on qa. Nothing ran on qb.
+#[test]
+fn postcopy_now_with_a_failing_finish_never_switches_and_the_guest_stays_on_the_source() {
+    let test =
+        "postcopy_now_with_a_failing_finish_never_switches_and_the_guest_stays_on_the_source";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    if !userfaultfd_or_skip(test) {
+        return;
+    }
+    let cluster = busy_hosts(None, "fail = [\"finish\"]");
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) = cluster.tern_json(&[
+        "migrate",
+        "g1",
+        "--to",
+        "qb",
+        "--mode",
+        "safe",
+        "--postcopy",
+        "now",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    // A "peer_lost ... no longer knows this attempt" here is a race in the
+    // source: qb's answer to a heartbeat, sent after its rollback, can
+    // reach qa before qb's C4 does, and qa then ends the attempt on the
+    // heartbeat while its switchover request is still unanswered.
+    assert_eq!(
+        record["cause"], "feature",
+        "the cause is qb's failed finish, from its C4: {record}"
+    );
+    assert_eq!(record["running_on"], "qa", "{record}");
+    assert_eq!(record["committed"], false, "{record}");
+    let pp = common::feature(&record, "port-profile");
+    assert_eq!(pp["finish"], "failed", "{record}");
+    assert_eq!(pp["rollback"], "ok", "{record}");
+    // It asked for the switch, and it never happened.
+    let note = record["completion_note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("post-copy was asked for from the start"),
+        "{record}"
+    );
+    assert_ne!(
+        record["transfer"]["stage"], "postcopy",
+        "never switched: {record}"
+    );
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    assert_never_ran_on(&cluster, "qb", "g1");
+}
+
+/// QEMU as `nobody` without `vm.unprivileged_userfaultfd`: qb says in C2
+/// that it cannot receive by post-copy, and fast mode goes on by pre-copy
+/// alone under the same budget (150 s per GiB of 64 MiB: 9.4 s) instead of
+/// failing in Prepare. The busy guest does not converge, so the budget
+/// ends it, with the guest still running on qa.
+#[test]
+fn without_userfaultfd_fast_mode_notes_it_and_runs_pre_copy_alone() {
+    let test = "without_userfaultfd_fast_mode_notes_it_and_runs_pre_copy_alone";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    let Some(user) = run_as() else {
+        eprintln!("{test}: skipped: QEMU runs as the tests' own user only when they run as root");
+        return;
+    };
+    if unprivileged_userfaultfd() {
+        eprintln!("{test}: skipped: vm.unprivileged_userfaultfd is 1, so {user} may use post-copy");
+        return;
+    }
+    let cluster = busy_hosts(Some(user), "");
+    wait_ready(&cluster, "qa", "g1");
+    let (code, record) =
+        cluster.tern_json(&["migrate", "g1", "--to", "qb", "--mode", "fast", "--json"]);
+    // Not refused in Prepare: qb started its incoming QEMU without
+    // post-copy and said why, and the transfer ran.
+    assert_eq!(
+        common::phase(&record, "prepare")["status"],
+        "ok",
+        "{record}"
+    );
+    let note = record["completion_note"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "post-copy is not available on qb (QEMU runs as {user}"
+        )) && note.contains("vm.unprivileged_userfaultfd")
+            && note.ends_with("pre-copy only"),
+        "{record}"
+    );
+    assert_eq!(record["mode"], "fast", "{record}");
+    assert_eq!(record["completion"]["postcopy"], "never", "{record}");
+    assert_eq!(record["transfer"]["stage"], "precopy", "{record}");
+    // And pre-copy alone did not finish it: the budget did.
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(record["cause"], "transfer", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not done within its budget of 9.4 s (150 s per GiB of 64 MiB)"),
+        "{error}"
+    );
+    assert_eq!(guests(&cluster, "g1"), [("qa".into(), "running".into())]);
+    assert_runs_on(&cluster, "qa", "g1");
+    assert_never_ran_on(&cluster, "qb", "g1");
 }
