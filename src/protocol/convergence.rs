@@ -28,6 +28,11 @@ pub const WINDOW_MS: Millis = 10_000;
 pub const STALL_MS: Millis = 3_000;
 /// Net progress under this share of the link is slow.
 pub const SLOW_SHARE: f64 = 0.1;
+/// Net progress under this share of the link is none: QEMU measures the
+/// dirty rate as the pages found dirty again at each sync, which cannot
+/// exceed what the link sent between syncs, so a guest that dirties faster
+/// than the link shows a dirty rate just under the link's rate.
+pub const STUCK_SHARE: f64 = 0.05;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +139,7 @@ impl Convergence {
             bytes(link as u64)
         );
         let net = link - dirty;
-        if net <= 0.0 {
+        if net <= STUCK_SHARE * link {
             return Some(Outlook {
                 verdict: Verdict::NotConverging,
                 eta_ms: None,
@@ -230,6 +235,29 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dirty_rate_just_under_the_link_is_not_converging() {
+        // As QEMU measures it: pages found dirty again at each sync cannot
+        // exceed what the link sent, so a guest dirtying faster than the
+        // link shows a dirty rate a hair under the link's rate.
+        let mut c = Convergence::default();
+        for i in 0..5u64 {
+            c.observe(at(i * 1000, 100 + 16 * i, 13, 16));
+        }
+        // 16 MiB/s sent, 16 MiB/s dirtied: none left over.
+        let o = c.outlook(300).expect("an outlook");
+        assert_eq!(o.verdict, Verdict::NotConverging, "{o:?}");
+        let mut c = Convergence::default();
+        for i in 0..5u64 {
+            c.observe(at(i * 1000, 100 + 100 * i, 500, 97));
+        }
+        assert_eq!(
+            c.outlook(300).expect("an outlook").verdict,
+            Verdict::NotConverging,
+            "97 % of the link dirtied again is no progress"
+        );
+    }
 
     #[test]
     fn the_history_stays_bounded_evenly_spaced_and_current() {

@@ -462,6 +462,8 @@ impl Described for proto::Cookie3 {
             Ok(proto::TransferStatus::Completed) => "completed",
             Ok(proto::TransferStatus::Failed) => "failed",
             Ok(proto::TransferStatus::Cancelled) => "cancelled",
+            Ok(proto::TransferStatus::SwitchoverRequested) => "in pre-copy, switchover requested",
+            Ok(proto::TransferStatus::SwitchedOver) => "switched to post-copy",
             _ => "unknown status",
         };
         match &self.stats {
@@ -481,6 +483,8 @@ impl Described for proto::Cookie4 {
     fn summary(&self) -> String {
         let mut out = if self.committed {
             "committed".to_string()
+        } else if self.ready_for_switchover {
+            "ready for the switchover".to_string()
         } else if self.error.is_empty() {
             "not committed".to_string()
         } else {

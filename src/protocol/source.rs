@@ -1393,12 +1393,10 @@ impl SourceAttempt {
                 self.last_peer_contact = now;
                 // Before Prepare has replied the destination may not have seen C1
                 // yet, so only a transferring attempt can be "gone".
-                if !known
-                    && matches!(
-                        self.state,
-                        SourceState::Transferring { .. } | SourceState::SwitchRequested { .. }
-                    )
-                {
+                // Waiting for the answer to a switchover request the
+                // destination may already have rolled back (its C4 says
+                // so): only that answer, or silence, decides.
+                if !known && matches!(self.state, SourceState::Transferring { .. }) {
                     let error = format!(
                         "{} no longer knows this attempt (it aborted it)",
                         self.destination

@@ -5451,3 +5451,33 @@ fn a_post_copy_that_stops_moving_is_broken_off_once_so_it_can_be_recovered() {
     assert!(!again.contains(&SourceAction::PausePostcopy), "{again:?}");
     assert!(!again.contains(&SourceAction::ResumeGuest));
 }
+
+#[test]
+fn a_destination_that_forgot_the_attempt_before_its_switchover_answer_arrives_does_not_end_it() {
+    // The destination rolled back after a blocking finish failure; its
+    // heartbeat answer ("gone") overtakes the C4 that says why.
+    let policy = Completion {
+        postcopy: Postcopy::Now,
+        ..Completion::for_mode(Mode::Safe)
+    };
+    let mut src = transferring_source(Mode::Safe, policy);
+    not_converging(&mut src, START + 1000);
+    assert!(matches!(src.state, SourceState::SwitchRequested { .. }));
+    let actions = src.handle(START + 5000, SourceInput::HeartbeatReplied(Ok(false)));
+    assert!(actions.is_empty(), "{actions:?}");
+    let mut c4 = c4_from(&src, false, false);
+    c4.finish = vec![cookies::stage_result(
+        "feat-0",
+        StepStatus::Failed,
+        "finish: rejected",
+    )];
+    c4.rollback = vec![cookies::stage_result(
+        "feat-0",
+        StepStatus::Ok,
+        "rolled back",
+    )];
+    src.handle(START + 5001, SourceInput::FinishReplied(Ok(c4)));
+    assert_eq!(src.record.cause, Some(Cause::Feature));
+    assert_eq!(src.record.features[0].finish, StepStatus::Failed);
+    assert_eq!(src.record.features[0].rollback, StepStatus::Ok);
+}

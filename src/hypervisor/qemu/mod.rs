@@ -1130,7 +1130,12 @@ pub fn transfer_stats(info: &MigrationInfo) -> TransferStats {
         expected_downtime_ms: info.expected_downtime.or(info.downtime).unwrap_or(0),
         elapsed_ms: info.total_time.unwrap_or(0),
         setup_time_ms: info.setup_time.unwrap_or(0),
-        downtime_ms: info.downtime.unwrap_or(0),
+        // QEMU 7.2 reports its own clock as the downtime of a switch that
+        // rounds to 0 ms: a pause longer than the whole transfer is unknown.
+        downtime_ms: info
+            .downtime
+            .filter(|&d| info.total_time.is_none_or(|total| d <= total))
+            .unwrap_or(0),
         stage,
         postcopy_requests: ram.postcopy_requests,
     }
@@ -1182,8 +1187,11 @@ impl Hypervisor for QemuHypervisor {
     }
 
     fn postcopy_support(&self) -> Result<(), String> {
-        let Some(user) = self.settings.run_as.as_deref() else {
-            return Ok(());
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = match self.settings.run_as.as_deref() {
+            None if root => return Ok(()),
+            None => "the agent's user (not root)",
+            Some(user) => user,
         };
         let sysctl = "/proc/sys/vm/unprivileged_userfaultfd";
         match std::fs::read_to_string(sysctl) {
@@ -2788,9 +2796,9 @@ mod tests {
         let (transfer, mut rx) = switched(&p).await;
         commit(&p).await;
         let (src, dst) = (p.src.qmp("g").unwrap(), p.dst.qmp("g").unwrap());
-        // Nothing to recover or resume while the link holds.
-        let err = p.dst.recover_incoming("g", "m1.1").await.unwrap_err();
-        assert!(err.to_string().contains("not paused"), "{err}");
+        // Nothing to resume while the link holds. (A Recover then breaks
+        // the destination's end off first: the source asks only once its
+        // own end is paused, and the other may not have noticed.)
         let err = p
             .src
             .resume_postcopy("g", "tcp:127.0.0.1:1")
