@@ -333,6 +333,10 @@ pub struct DestinationAttempt {
     /// for its word (Finish, or Resolve once it cannot).
     #[serde(default)]
     arrived_whole: bool,
+    /// The switchover reached this host: the source can never take the
+    /// guest back, whatever happens to its CPUs here.
+    #[serde(default)]
+    switched_over: bool,
     /// This incarnation recovered the attempt from the journal: whatever the
     /// guest's state now, it may have run before the restart.
     #[serde(skip)]
@@ -396,6 +400,7 @@ impl DestinationAttempt {
             postcopy_unavailable: incoming.postcopy_unavailable,
             switchover: false,
             arrived_whole: false,
+            switched_over: false,
             recovered: false,
             awaiting: Awaiting::Nothing,
         };
@@ -414,7 +419,7 @@ impl DestinationAttempt {
     /// Committed after a switchover to post-copy: the guest's pages still
     /// come from the source until the transfer ends.
     pub fn committed_in_postcopy(&self) -> bool {
-        self.is_committed() && self.switchover
+        self.is_committed() && self.switched_over
     }
 
     /// The guest runs here: the commit is carried out.
@@ -673,7 +678,10 @@ impl DestinationAttempt {
                     return Vec::new();
                 }
                 match result {
-                    Ok(true) => self.commit(),
+                    Ok(true) => {
+                        self.switched_over = true;
+                        self.commit()
+                    }
                     // Committed only on the source's word: Finish (it
                     // switched, or saw the transfer complete) or Resolve.
                     Ok(false) if self.waiter == Waiter::Finish => self.commit(),
@@ -948,10 +956,15 @@ impl DestinationAttempt {
         match result {
             Ok(()) => self.commit_done(),
             // After a switchover the source can never take the guest back:
-            // it stays here, paused, and the resume is retried.
-            Err(GuestOpError::Failed(e)) if self.switchover => self.paused_after_switchover(e),
+            // is it here, stopped? Then it stays, paused, and the resume is
+            // retried; gone, it is lost.
+            Err(GuestOpError::Failed(e)) if self.switched_over => {
+                self.error = Some(format!("resuming the guest on {}: {e}", self.host));
+                self.awaiting = Awaiting::Status;
+                vec![DestinationAction::QueryGuest]
+            }
             // Gone after the switchover: neither host holds the whole guest.
-            Err(GuestOpError::Gone(e)) if self.switchover => self.become_lost(format!(
+            Err(GuestOpError::Gone(e)) if self.switched_over => self.become_lost(format!(
                 "the guest is gone from {} after the switchover to post-copy: {e}",
                 self.host
             )),
@@ -986,7 +999,7 @@ impl DestinationAttempt {
                 self.error = None;
                 self.commit_done()
             }
-            GuestProbe::Stopped if self.switchover => {
+            GuestProbe::Stopped if self.switched_over => {
                 let before = self.error.take().unwrap_or_default();
                 self.paused_after_switchover(before)
             }

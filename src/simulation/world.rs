@@ -872,12 +872,22 @@ impl World {
     fn guests_die(&mut self, h: usize) {
         // A running or paused copy was the VM (an incoming one was not yet).
         for (vm, g) in std::mem::take(&mut self.hosts[h].guests) {
-            // After a switchover an incoming copy is the VM too.
+            // After a switchover an incoming copy is the VM too; so is one
+            // that received the whole newest version when no other host
+            // holds that version outside an incoming guest (its source
+            // killed its copy after the commit, the resume here failed).
             let switched_here = self
                 .transfers
                 .values()
                 .any(|t| t.to == h && t.vm == vm && t.switched.is_some());
-            if g.state != GuestState::Incoming || switched_here {
+            let only_copy = g.copy != 0
+                && self.latest_copy.get(&vm) == Some(&g.copy)
+                && !self.hosts.iter().any(|o| {
+                    o.guests
+                        .get(&vm)
+                        .is_some_and(|x| x.copy == g.copy && x.state != GuestState::Incoming)
+                });
+            if g.state != GuestState::Incoming || switched_here || only_copy {
                 self.lost_vms.insert(vm);
             }
         }
@@ -1807,6 +1817,15 @@ impl World {
             .guests
             .get(vm)
             .is_some_and(|g| g.state == GuestState::Running);
+        // QEMU: a guest still pulling its pages by post-copy cannot be
+        // migrated on ("a migration is in progress").
+        let pulling = self.transfers.values().any(|t| {
+            t.to == from && t.vm == vm && t.switched.is_some() && t.state == TransferState::Active
+        });
+        if running && pulling {
+            let error = format!("{vm} still receives its memory by post-copy");
+            return self.op_done(from, op, 1, Err(OpError::Failed(error)), None);
+        }
         let Some(to) = to.filter(|_| running) else {
             let error = if running {
                 format!("no host at {address}")
@@ -1866,7 +1885,9 @@ impl World {
             .guests
             .get(&vm)
             .is_some_and(|g| switched || g.state == GuestState::Incoming);
-        if !receiving || t.fails_at == Some(t.done + 1) {
+        // A source guest that died takes the rest of its memory with it.
+        let sending = self.hosts[from].guests.contains_key(&vm);
+        if !receiving || !sending || t.fails_at == Some(t.done + 1) {
             self.postcopy_broken(id);
             self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
             let error = Err(OpError::Failed(
