@@ -1646,3 +1646,90 @@ fn without_userfaultfd_fast_mode_notes_it_and_runs_pre_copy_alone() {
     assert_runs_on(&cluster, "qa", "g1");
     assert_never_ran_on(&cluster, "qb", "g1");
 }
+
+/// The link between the two hosts' network namespaces is cut while the
+/// guest runs on qb by post-copy, and restored 3 s later: the agents break
+/// the stuck transfer off, recover it (migrate-recover on qb, migrate
+/// resume on qa) and it completes; the counter goes on on qb, never on qa.
+#[test]
+fn a_link_cut_during_post_copy_is_recovered_and_the_guest_goes_on_on_the_destination() {
+    let test = "a_link_cut_during_post_copy_is_recovered_and_the_guest_goes_on_on_the_destination";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    if !userfaultfd_or_skip(test) {
+        return;
+    }
+    let ns = match Namespaces::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            assert!(
+                std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "{test}: cannot create network namespaces: {e}"
+            );
+            eprintln!("{test}: skipped: cannot create network namespaces: {e}");
+            return;
+        }
+    };
+    // A post-copy that moves nothing for 1 s is broken off for recovery;
+    // a long peer timeout keeps the agents' own liveness out of it.
+    let top = "stall_timeout_ms = 1000\n";
+    let cluster = QemuCluster(Cluster::start_in_namespaces(
+        vec![
+            qemu_host_as(
+                "qa",
+                None,
+                8,
+                top,
+                "",
+                &(guest_vm("g1", 128, BUSY_WS_MIB) + &port_profile("")),
+            ),
+            qemu_host_as("qb", None, 8, top, "", &port_profile("")),
+        ],
+        &[
+            (ns.names[0].as_str(), "10.201.0.1"),
+            (ns.names[1].as_str(), "10.201.0.2"),
+        ],
+        "insecure = true\nheartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
+    ));
+    wait_ready(&cluster, "qa", "g1");
+    let (code, started) = cluster.tern_json(&[
+        "migrate",
+        "g1",
+        "--to",
+        "qb",
+        "--mode",
+        "fast",
+        "--postcopy",
+        "now",
+        "--no-wait",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(30), "the switchover", || {
+        cluster.migration(&id)["transfer"]["stage"] == "postcopy"
+    });
+    ns.link(false);
+    wait_until(Duration::from_secs(20), "post-copy to pause", || {
+        cluster.migration(&id)["transfer"]["stage"] == "postcopy_paused"
+    });
+    let paused = cluster.migration(&id);
+    assert!(paused["recovery"].is_object(), "{paused}");
+    std::thread::sleep(Duration::from_secs(3));
+    ns.link(true);
+    // Unresolved while the link was down (Finish's answer may have been
+    // cut off too): the migration ends once qb answers and the pages came.
+    let mut record = serde_json::Value::Null;
+    wait_until(Duration::from_secs(60), "the migration to end", || {
+        record = cluster.migration(&id);
+        !record["outcome"].is_null() && record["outcome"] != "unresolved"
+    });
+    assert_eq!(record["outcome"], "succeeded", "{record}");
+    assert_eq!(record["running_on"], "qb", "{record}");
+    let note = record["completion_note"].as_str().unwrap_or_default();
+    assert!(note.contains("recovered after"), "{record}");
+    assert_eq!(guests(&cluster, "g1"), [("qb".into(), "running".into())]);
+    assert_counts_on_from_where_it_was(&cluster, "qa", "qb", "g1");
+    assert!(qemu_pids(&cluster, "qa").is_empty(), "qa's QEMU is gone");
+}

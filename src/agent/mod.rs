@@ -468,7 +468,9 @@ impl Agent {
             self.check_machine(&r.cookie1)?;
         }
         let guests = match call {
-            PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests().await,
+            PeerCall::Prepare(_) | PeerCall::Capacity(_) | PeerCall::Recover(_) => {
+                self.guests().await
+            }
             _ => Vec::new(),
         };
         match self.request(Request::Peer { call, guests, from }).await? {

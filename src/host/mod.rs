@@ -186,7 +186,7 @@ pub enum Request {
         control: Control,
     },
     Undrain,
-    /// A call of the Peer service. Prepare and Capacity carry the
+    /// A call of the Peer service. Prepare, Capacity and Recover carry the
     /// hypervisor's guests as they are now. `from`: the host the caller's
     /// verified certificate names; `None` on a plaintext agent, where any
     /// caller is trusted as it was before identities.
