@@ -90,6 +90,26 @@ impl Convergence {
         }
     }
 
+    /// After the first pass, each new pass starts with what the last one
+    /// left: when two passes in a row start with about as much (within
+    /// [`STUCK_SHARE`]), pre-copy has stopped gaining. QEMU learns the
+    /// guest's dirty rate late (its first pass, the whole memory, reports
+    /// a fraction of it), but the remaining bytes at each pass's start say
+    /// it from the second pass on.
+    fn passes_stopped_shrinking(&self) -> Option<(u64, u64)> {
+        let starts: Vec<u64> = self
+            .samples
+            .iter()
+            .zip(self.samples.iter().skip(1))
+            .filter(|(a, b)| b.iteration > a.iteration && b.iteration >= 3)
+            .map(|(_, b)| b.bytes_remaining)
+            .collect();
+        starts
+            .windows(2)
+            .find(|w| w[0] > 0 && w[1] as f64 >= w[0] as f64 * (1.0 - STUCK_SHARE))
+            .map(|w| (w[0], w[1]))
+    }
+
     /// The outlook, given the pause the final pass may cause; `None` before
     /// there are two samples to compare.
     pub fn outlook(&self, downtime_limit_ms: Millis) -> Option<Outlook> {
@@ -144,6 +164,18 @@ impl Convergence {
                 verdict: Verdict::NotConverging,
                 eta_ms: None,
                 reason: format!("{rates}: each pass leaves as much to send as the last"),
+            });
+        }
+        if let Some((before, after)) = self.passes_stopped_shrinking() {
+            return Some(Outlook {
+                verdict: Verdict::NotConverging,
+                eta_ms: None,
+                reason: format!(
+                    "passes start with as much left as the one before ({} then {}; link {}/s)",
+                    bytes(before),
+                    bytes(after),
+                    bytes(link as u64)
+                ),
             });
         }
         // The final pass starts once what is left fits in the pause.
@@ -235,6 +267,44 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passes_that_start_with_as_much_left_are_not_converging_before_the_dirty_rate_says_so() {
+        fn pass(c: &mut Convergence, t: Millis, sent: u64, left: u64, dirty: u64, iteration: u32) {
+            let mut x = at(t, sent, left, dirty);
+            x.iteration = iteration;
+            c.observe(x);
+        }
+        // Pass 1 (the whole memory) reports a dirty rate a fraction of the
+        // guest's; passes 3 and 4 start with the same 16 MiB left.
+        let mut c = Convergence::default();
+        pass(&mut c, 0, 0, 128, 0, 1);
+        pass(&mut c, 4000, 64, 64, 0, 1);
+        pass(&mut c, 8000, 128, 16, 2, 2);
+        pass(&mut c, 9000, 144, 16, 8, 3);
+        assert_ne!(
+            c.outlook(300).map(|o| o.verdict),
+            Some(Verdict::NotConverging),
+            "one pass start after the first says nothing yet"
+        );
+        pass(&mut c, 10000, 160, 16, 8, 4);
+        let o = c.outlook(300).expect("an outlook");
+        assert_eq!(o.verdict, Verdict::NotConverging, "{o:?}");
+        assert_eq!(
+            o.reason,
+            "passes start with as much left as the one before (16.0 MiB then 16.0 MiB; link 16.0 MiB/s)"
+        );
+        // Passes that keep shrinking converge.
+        let mut c = Convergence::default();
+        pass(&mut c, 0, 0, 128, 0, 1);
+        pass(&mut c, 8000, 128, 32, 2, 2);
+        pass(&mut c, 9000, 160, 16, 2, 3);
+        pass(&mut c, 9500, 176, 8, 2, 4);
+        assert_ne!(
+            c.outlook(300).map(|o| o.verdict),
+            Some(Verdict::NotConverging)
+        );
+    }
 
     #[test]
     fn a_dirty_rate_just_under_the_link_is_not_converging() {
