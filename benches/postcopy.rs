@@ -129,34 +129,6 @@ impl Settings {
 
 // ---- cleanup: QEMU outlives its agent ---------------------------------------
 
-/// Live QEMU processes whose pidfile is in `dir/*/qemu/`.
-fn qemu_pids(dir: &Path) -> Vec<i32> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|e| {
-            std::fs::read_dir(e.path().join("qemu"))
-                .into_iter()
-                .flatten()
-        })
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| t.trim().parse().ok())
-        .filter(|&pid| is_qemu(pid))
-        .collect()
-}
-
-/// Whether `pid` runs QEMU (so a recycled pid is never signalled).
-fn is_qemu(pid: i32) -> bool {
-    pid > 1
-        && std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|exe| exe.file_name().map(|f| f.to_string_lossy().into_owned()))
-            .is_some_and(|name| name.starts_with("qemu-system"))
-}
-
 // ---- the guest's serial output ----------------------------------------------
 
 /// One counter line the guest printed, when this process read it.
@@ -657,7 +629,7 @@ fn main() {
         );
         return;
     }
-    live().strays = qemu_pids;
+    live().strays = common::qemu_pids;
     common::handle_signals("postcopy");
     let settings = Settings::from_env(bench);
     let build = tempfile::tempdir().unwrap();

@@ -141,32 +141,6 @@ impl Settings {
 
 // ---- cleanup: QEMU outlives its agent ---------------------------------------
 
-/// Live QEMU processes whose pidfile is in `dir/*/` or `dir/*/qemu/`.
-fn qemu_pids(dir: &Path) -> Vec<i32> {
-    let mut folders = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        folders.push(entry.path().join("qemu"));
-        folders.push(entry.path());
-    }
-    folders
-        .iter()
-        .flat_map(|f| std::fs::read_dir(f).into_iter().flatten().flatten())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| t.trim().parse().ok())
-        .filter(|&pid| is_qemu(pid))
-        .collect()
-}
-
-/// Whether `pid` runs QEMU (so a recycled pid is never signalled).
-fn is_qemu(pid: i32) -> bool {
-    pid > 1
-        && std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|exe| exe.file_name().map(|f| f.to_string_lossy().into_owned()))
-            .is_some_and(|name| name.starts_with("qemu-system"))
-}
-
 // ---- the Tern cluster -------------------------------------------------------
 
 struct Cluster {
@@ -286,7 +260,7 @@ impl Cluster {
         let pid = std::fs::read_to_string(self.qemu_file(host, "pid"))
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok())
-            .filter(|&pid| is_qemu(pid))
+            .filter(|&pid| common::is_qemu(pid))
             .unwrap_or_else(|| panic!("no QEMU for {VM} on {host}"));
         unsafe {
             libc::kill(pid, signal);
@@ -670,7 +644,7 @@ fn main() {
             return;
         }
     }
-    live().strays = qemu_pids;
+    live().strays = common::qemu_pids;
     common::handle_signals("qemu_migration");
     let settings = Settings::from_env(bench);
     let build = tempfile::tempdir().unwrap();

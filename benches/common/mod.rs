@@ -233,3 +233,33 @@ pub fn wait_listening(name: &str, port: u16, child: &mut Child, dir: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+// ---- QEMU outlives its agent --------------------------------------------------
+
+/// Live QEMU processes whose pidfile is in `dir/*/` or `dir/*/qemu/`.
+#[allow(dead_code)] // not every benchmark runs QEMU
+pub fn qemu_pids(dir: &Path) -> Vec<i32> {
+    let mut folders = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        folders.push(entry.path().join("qemu"));
+        folders.push(entry.path());
+    }
+    folders
+        .iter()
+        .flat_map(|f| std::fs::read_dir(f).into_iter().flatten().flatten())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| t.trim().parse().ok())
+        .filter(|&pid| is_qemu(pid))
+        .collect()
+}
+
+/// Whether `pid` runs QEMU (so a recycled pid is never signalled).
+#[allow(dead_code)]
+pub fn is_qemu(pid: i32) -> bool {
+    pid > 1
+        && std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|exe| exe.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .is_some_and(|name| name.starts_with("qemu-system"))
+}
