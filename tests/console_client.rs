@@ -18,6 +18,9 @@ use tern::protocol::completion::{Completion, Postcopy, WhenSpent};
 use tern::protocol::record::completion_from_record;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+#[path = "common/ports.rs"]
+mod ports;
+
 /// Every wait is bounded by this, with a message saying what never came.
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -58,20 +61,13 @@ impl Cluster {
     /// Write the inventory and agent configs for `hosts`; start none of them.
     fn new(hosts: &[(&str, Role)]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Hold every port until all are chosen, so no two hosts share one.
-        let ports: Vec<std::net::TcpListener> = hosts
-            .iter()
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-            .collect();
         let addrs: Vec<SocketAddr> = hosts
             .iter()
-            .zip(&ports)
-            .map(|((_, role), port)| match role {
+            .map(|(_, role)| match role {
                 Role::Down => SocketAddr::from(([127, 0, 0, 1], 1)),
-                _ => port.local_addr().expect("a bound port's address"),
+                _ => SocketAddr::from(([127, 0, 0, 1], ports::agent_port())),
             })
             .collect();
-        drop(ports);
         let inventory_text: String = hosts
             .iter()
             .zip(&addrs)

@@ -13,7 +13,7 @@
 //! a folder under `benches/` without a `main.rs` is no bench target of its
 //! own.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -175,13 +175,11 @@ impl Drop for Folder {
 
 // ---- agents on loopback -----------------------------------------------------
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port for an agent, below the ephemeral range (the tests' rule).
+pub use ports::agent_port as free_port;
+
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 
 /// An inventory of `hosts` (name, port) on loopback, written to `path`.
 pub fn write_inventory<S: AsRef<str>>(path: &Path, hosts: &[(S, u16)]) {

@@ -4,8 +4,8 @@
 
 /// The test guest for real QEMU migrations (guest/tern-guest.S).
 pub mod guest;
+mod ports;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub use ports::agent_port;
 
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
@@ -66,14 +68,6 @@ pub struct Tls {
 /// noticed in about a second.
 pub const TIMING: &str =
     "heartbeat_interval_ms = 200\npeer_timeout_ms = 1500\nrollback_retry_ms = 600000\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 impl Cluster {
     pub fn start(specs: Vec<HostSpec>) -> Cluster {
@@ -150,7 +144,7 @@ impl Cluster {
                 Some((ns, ip)) => (Some(ns.to_string()), ip.to_string()),
                 None => (None, "127.0.0.1".to_string()),
             };
-            let port = free_port();
+            let port = agent_port();
             text.push_str(&format!(
                 "[[host]]\nname = \"{}\"\naddress = \"{scheme}://{ip}:{port}\"\n\n",
                 spec.name

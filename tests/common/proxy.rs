@@ -323,16 +323,11 @@ pub fn cluster_behind(
     timing: &str,
 ) -> crate::common::Cluster {
     let dir = tempfile::tempdir().unwrap();
-    // The agents' ports stay bound until the proxy has bound its own, so
-    // that the proxy cannot be handed one of them.
-    let reserved: Vec<std::net::TcpListener> = hosts
-        .iter()
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    // Below the ephemeral range, so the proxy (which binds `…:0`) cannot be
+    // handed one of them.
     let ports: BTreeMap<&str, u16> = hosts
         .iter()
-        .zip(&reserved)
-        .map(|((h, _), l)| (*h, l.local_addr().unwrap().port()))
+        .map(|(h, _)| (*h, crate::common::agent_port()))
         .collect();
     let inventory_text = |entries: Vec<(&str, u16)>| {
         entries
@@ -379,7 +374,6 @@ pub fn cluster_behind(
             ip: "127.0.0.1".into(),
         });
     }
-    drop(reserved);
     let mut cluster = crate::common::Cluster {
         dir,
         inventory,
