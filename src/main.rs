@@ -144,12 +144,17 @@ enum Command {
         #[arg(long, requires = "forget")]
         yes: bool,
     },
-    /// Force where an unresolved migration's guest runs. A wrong choice can run
-    /// the guest on two hosts at once.
+    /// Force where an unresolved migration's guest runs (--run-on), or declare
+    /// a post-copy migration's guest lost when its destination is gone for
+    /// good (--lost). A wrong choice can run the guest on two hosts at once.
     Resolve {
         id: String,
-        #[arg(long, value_enum)]
-        run_on: RunOnArg,
+        #[arg(long, value_enum, required_unless_present = "lost")]
+        run_on: Option<RunOnArg>,
+        /// The post-copy cannot finish (its destination is gone for good):
+        /// kill the stale copy on the source and end the migration `lost`.
+        #[arg(long, conflicts_with = "run_on")]
+        lost: bool,
         /// Do not ask for the VM name as confirmation.
         #[arg(long)]
         yes: bool,
@@ -554,7 +559,18 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             forget: true,
             yes,
         } => cli::forget(access, &id, yes).await,
-        Command::Resolve { id, run_on, yes } => cli::resolve(access, &id, run_on.into(), yes).await,
+        Command::Resolve {
+            id,
+            run_on,
+            lost,
+            yes,
+        } => {
+            let run_on = match run_on {
+                Some(run_on) if !lost => run_on.into(),
+                _ => RunOn::Nowhere,
+            };
+            cli::resolve(access, &id, run_on, yes).await
+        }
         Command::Status { json } => cli::status(access, json).await,
         Command::Watch { json } => cli::watch(access, json).await,
         Command::Audit { since, host, json } => {
@@ -867,7 +883,8 @@ mod tests {
         assert!(matches!(
             parse(&["resolve", "m-1", "--run-on", "destination", "--yes"]).command,
             Some(Command::Resolve {
-                run_on: RunOnArg::Destination,
+                run_on: Some(RunOnArg::Destination),
+                lost: false,
                 yes: true,
                 ..
             })
@@ -875,11 +892,24 @@ mod tests {
         assert!(matches!(
             parse(&["resolve", "m-1", "--run-on", "source"]).command,
             Some(Command::Resolve {
-                run_on: RunOnArg::Source,
+                run_on: Some(RunOnArg::Source),
                 yes: false,
                 ..
             })
         ));
+        assert!(matches!(
+            parse(&["resolve", "m-1", "--lost", "--yes"]).command,
+            Some(Command::Resolve {
+                run_on: None,
+                lost: true,
+                yes: true,
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_error(&["resolve", "m-1", "--lost", "--run-on", "source"]),
+            ErrorKind::ArgumentConflict
+        );
         assert_eq!(
             parse_error(&["resolve", "m-1"]),
             ErrorKind::MissingRequiredArgument

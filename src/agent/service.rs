@@ -533,9 +533,10 @@ impl console_server::Console for ConsoleService {
             let run_on = match proto::RunOn::try_from(request.run_on) {
                 Ok(proto::RunOn::Source) => RunOn::Source,
                 Ok(proto::RunOn::Destination) => RunOn::Destination,
+                Ok(proto::RunOn::Nowhere) => RunOn::Nowhere,
                 _ => {
                     return Err(Status::invalid_argument(
-                        "run_on must be source or destination",
+                        "run_on must be source, destination or nowhere (declare lost)",
                     ));
                 }
             };
@@ -548,10 +549,10 @@ impl console_server::Console for ConsoleService {
             format!(
                 "{}: runs on {}",
                 outcome_text(r),
-                if request.run_on == proto::RunOn::Source as i32 {
-                    "the source"
-                } else {
-                    "the destination"
+                match proto::RunOn::try_from(request.run_on) {
+                    Ok(proto::RunOn::Source) => "the source",
+                    Ok(proto::RunOn::Nowhere) => "nowhere (declared lost)",
+                    _ => "the destination",
                 }
             )
         })

@@ -428,8 +428,9 @@ pub async fn forget(access: &Access, id: &str, yes: bool) -> CliResult {
 }
 
 /// `tern resolve ID --run-on source|destination`: the operator's forced
-/// decision for an unresolved attempt. It warns what a wrong choice does and
-/// asks for the VM name unless `--yes`.
+/// decision for an unresolved attempt; `tern resolve ID --lost`: the word that
+/// a post-copy cannot finish. It warns what a wrong choice does and asks for
+/// the VM name unless `--yes`.
 pub async fn resolve(access: &Access, id: &str, run_on: RunOn, yes: bool) -> CliResult {
     check_id("migration ID", id, IdKind::Migration)?;
     let cluster = Cluster::load(access)?;
@@ -455,6 +456,7 @@ pub async fn resolve(access: &Access, id: &str, run_on: RunOn, yes: bool) -> Cli
         run_on: match run_on {
             RunOn::Source => proto::RunOn::Source,
             RunOn::Destination => proto::RunOn::Destination,
+            RunOn::Nowhere => proto::RunOn::Nowhere,
         } as i32,
     };
     let record = owner
@@ -497,6 +499,12 @@ pub fn resolve_warning(id: &str, run_on: RunOn, source: &str, destination: &str)
             "Forcing migration {id} to run on {destination}. Only do this if you have checked that {destination} \
              resumed the guest: if it did not, the paused copy on the source {source} is discarded and the guest \
              runs nowhere."
+        ),
+        RunOn::Nowhere => format!(
+            "Declaring the guest of migration {id} lost. Only do this if {destination} is gone for good: the copy \
+             on {source} is stale (the guest ran on {destination} since the switch to post-copy) and is killed, and \
+             if {destination} still holds the guest, it can never pull the pages it lacks. Restore the VM from \
+             its disk and a backup afterwards."
         ),
     }
 }

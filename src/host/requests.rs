@@ -431,14 +431,21 @@ impl HostCore {
         match s.attempt.force_resolve(now, run_on) {
             Ok(actions) => {
                 s.waiters.push(req);
-                let text = format!(
-                    "operator forces migration {id} of {}: the guest runs on {}",
-                    s.attempt.vm.name,
-                    match run_on {
-                        RunOn::Source => s.attempt.host.clone(),
-                        RunOn::Destination => s.attempt.destination.clone(),
-                    }
-                );
+                let vm = &s.attempt.vm.name;
+                let text = match run_on {
+                    RunOn::Source => format!(
+                        "operator forces migration {id} of {vm}: the guest runs on {}",
+                        s.attempt.host
+                    ),
+                    RunOn::Destination => format!(
+                        "operator forces migration {id} of {vm}: the guest runs on {}",
+                        s.attempt.destination
+                    ),
+                    RunOn::Nowhere => format!(
+                        "operator declares the guest of migration {id} of {vm} lost (post-copy to {} cannot finish)",
+                        s.attempt.destination
+                    ),
+                };
                 self.log(Level::Warn, id, text);
                 self.source_actions(id, actions);
             }

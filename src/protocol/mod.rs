@@ -280,6 +280,9 @@ impl TransferStage {
 pub enum RunOn {
     Source,
     Destination,
+    /// Declared lost: a post-copy whose destination is gone for good (the
+    /// guest ran there since the switchover, so the source's copy is stale).
+    Nowhere,
 }
 
 /// Timers of one attempt, from the agent config.

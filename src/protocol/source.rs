@@ -489,12 +489,16 @@ impl SourceAttempt {
         }
     }
 
-    /// The operator's forced decision for an unresolved attempt.
+    /// The operator's forced decision for an unresolved attempt, or the
+    /// declaration that a post-copy's guest is lost.
     pub fn force_resolve(
         &mut self,
         now: Millis,
         run_on: RunOn,
     ) -> Result<Vec<SourceAction>, String> {
+        if run_on == RunOn::Nowhere {
+            return self.declare_lost(now);
+        }
         if self.state != SourceState::Unresolved {
             return Err(format!(
                 "migration {} is not unresolved: only an attempt whose destination cannot answer Resolve can be forced",
@@ -503,7 +507,7 @@ impl SourceAttempt {
         }
         let note = match run_on {
             RunOn::Source => format!("operator forced the guest to run on {}", self.host),
-            RunOn::Destination => {
+            RunOn::Destination | RunOn::Nowhere => {
                 format!("operator forced the guest to run on {}", self.destination)
             }
         };
@@ -520,8 +524,59 @@ impl SourceAttempt {
                 actions.extend(self.confirm_not_committed(now, None));
                 actions
             }
-            RunOn::Destination => self.confirm_committed(now, None),
+            RunOn::Destination | RunOn::Nowhere => self.confirm_committed(now, None),
         })
+    }
+
+    /// The operator's word that a post-copy cannot be finished: its
+    /// destination is gone for good (recovery would try forever), or it
+    /// never ran the guest but the switch was asked here. The copy here is
+    /// stale or partial and must never run: it is killed, the features
+    /// released, the outcome `lost`.
+    fn declare_lost(&mut self, now: Millis) -> Result<Vec<SourceAction>, String> {
+        let pulling = self.switched
+            && !matches!(self.drained, Some(Ok(())))
+            && matches!(
+                self.state,
+                SourceState::FinishSent
+                    | SourceState::Unresolved
+                    | SourceState::Confirming {
+                        committed: true,
+                        step: ConfirmStep::Draining,
+                    }
+            );
+        if !pulling {
+            let why = if !self.switched {
+                "it never switched to post-copy, so its source still holds the whole guest (use --run-on)"
+            } else if matches!(self.drained, Some(Ok(()))) {
+                "its last page has gone: the destination holds the whole guest"
+            } else {
+                "it is not waiting on its destination"
+            };
+            return Err(format!(
+                "migration {} of {} cannot be declared lost: {why}",
+                self.migration_id, self.vm.name
+            ));
+        }
+        let last = self
+            .recovery
+            .as_ref()
+            .and_then(|r| r.error.clone())
+            .map(|e| format!(" (last recovery try: {e})"))
+            .unwrap_or_default();
+        self.recovery = None;
+        self.show_recovery();
+        self.forced = Some(RunOn::Nowhere);
+        let actions = self.end_lost(
+            now,
+            format!(
+                "LOST: declared lost by the operator: the post-copy transfer to {} could not be finished{last}; \
+                 the stale copy on {} was killed",
+                self.destination, self.host
+            ),
+        );
+        self.record.cause = Some(Cause::Operator);
+        Ok(actions)
     }
 
     /// The next instant `handle(Timer)` has something to do.

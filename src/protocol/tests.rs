@@ -5416,6 +5416,93 @@ fn a_paused_post_copy_is_recovered_with_backoff_and_the_source_never_resumes() {
 }
 
 #[test]
+fn a_post_copy_whose_destination_is_gone_for_good_is_declared_lost_only_by_the_operator() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    // Before the switchover the source holds the whole guest: not lost.
+    let refusal = src.force_resolve(START + 500, RunOn::Nowhere).unwrap_err();
+    assert!(refusal.contains("never switched to post-copy"), "{refusal}");
+    assert!(matches!(src.state, SourceState::Transferring { .. }));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    src.handle(
+        START + 5002,
+        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+    );
+    // The link breaks and the destination never answers again: recovery
+    // would try forever.
+    src.handle(
+        START + 6000,
+        SourceInput::TransferProgress(TransferStats {
+            stage: super::TransferStage::PostcopyPaused,
+            elapsed_ms: 6000,
+            ..Default::default()
+        }),
+    );
+    src.handle(START + 6000, SourceInput::Timer);
+    src.handle(
+        START + 6100,
+        SourceInput::RecoverReplied(Err(unreachable_peer())),
+    );
+    assert!(src.record.recovery.is_some());
+    let actions = src
+        .force_resolve(START + 7000, RunOn::Nowhere)
+        .expect("declared lost");
+    // The stale copy is killed, never resumed; no recovery is due any more.
+    assert_eq!(
+        src_names(&actions),
+        [
+            "Journal(Confirming { committed: true, step: Guest })",
+            "KillGuest"
+        ]
+    );
+    assert!(src.record.recovery.is_none());
+    assert_eq!(src.forced(), Some(RunOn::Nowhere));
+    assert_eq!(src.record.cause, Some(Cause::Operator));
+    let error = src.record.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("LOST: declared lost by the operator")
+            && error.contains("last recovery try")
+            && error.contains("did not recover"),
+        "{error}"
+    );
+    src.handle(START + 7001, SourceInput::GuestKilled(Ok(())));
+    let actions = src.handle(
+        START + 7002,
+        SourceInput::StageDone {
+            feature: 0,
+            stage: Stage::Release,
+            result: Ok("released".into()),
+        },
+    );
+    assert!(actions.contains(&SourceAction::Finished(Outcome::Lost)));
+    // Said twice: the migration has ended.
+    assert!(src.force_resolve(START + 8000, RunOn::Nowhere).is_err());
+}
+
+#[test]
+fn a_post_copy_that_drained_cannot_be_declared_lost() {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    // The last page went before the destination's answer came.
+    src.handle(
+        START + 5002,
+        SourceInput::TransferDone(Ok(TransferStats::default())),
+    );
+    let refusal = src.force_resolve(START + 5003, RunOn::Nowhere).unwrap_err();
+    assert!(refusal.contains("last page has gone"), "{refusal}");
+    assert_eq!(src.record.outcome, None);
+}
+
+#[test]
 fn a_post_copy_that_stops_moving_is_broken_off_once_so_it_can_be_recovered() {
     let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
     not_converging(&mut src, START + 1000);
