@@ -155,6 +155,9 @@ fn main() -> ExitCode {
                         if report.evacuations > 0 {
                             *k.entry("(evacuations)").or_insert(0) += 1;
                         }
+                        if report.recoveries > 0 {
+                            *k.entry("(post-copy recovered)").or_insert(0) += 1;
+                        }
                     }
                     let mut t = totals.lock().expect("totals");
                     t.0 += 1;

@@ -982,7 +982,7 @@ impl SourceAttempt {
         now: Millis,
         reply: Result<RecoverAnswer, PeerError>,
     ) -> Vec<SourceAction> {
-        if !self.recovery.as_ref().is_some_and(|r| r.in_flight) {
+        if !self.recovery.as_ref().is_some_and(|r| r.in_flight) || !self.transfer_runs() {
             return Vec::new();
         }
         match reply {
@@ -996,8 +996,11 @@ impl SourceAttempt {
                 self.end_lost(now, error)
             }
             Ok(answer) => {
+                // The rest of the guest's memory goes only to the
+                // destination's own migration address, as in Prepare.
                 if let Err(error) =
                     check_incoming(&answer.address, &self.destination, &self.incoming_host)
+                    && !planted(Mutation::AcceptAnyIncomingAddress)
                 {
                     return self.recovery_failed(now, error);
                 }
@@ -1218,6 +1221,9 @@ impl SourceAttempt {
             }
             _ if self.switched && self.drained.is_none() => {
                 self.drained = Some(result.map(|_| ()));
+                // Nothing is left to recover; a late answer changes nothing.
+                self.recovery = None;
+                self.show_recovery();
                 self.record.updated_at_ms = now;
                 if self.state
                     == (SourceState::Confirming {
@@ -1933,6 +1939,11 @@ impl SourceAttempt {
         self.last_peer_contact = now;
         self.heartbeat_due = now;
         self.last_progress_at = now;
+        // A recovery try in flight when the process died never answers
+        // this one, and the transfer may have finished or resumed since:
+        // the hypervisor's next progress says whether it is paused.
+        self.recovery = None;
+        self.show_recovery();
         let mut actions = self.recover_state(now);
         // After a switchover the destination may still pull pages from
         // here: follow the transfer again, and never kill before its end.

@@ -5484,6 +5484,78 @@ fn a_post_copy_whose_destination_is_gone_for_good_is_declared_lost_only_by_the_o
 }
 
 #[test]
+fn a_source_restarted_mid_recovery_tries_again_once_paused_and_ignores_late_answers() {
+    // Found by the simulator: the journal kept "a try is in flight", no
+    // answer ever came to the new process, and recovery stopped for good.
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    let paused = TransferStats {
+        stage: super::TransferStage::PostcopyPaused,
+        elapsed_ms: 6000,
+        ..Default::default()
+    };
+    src.handle(START + 6000, SourceInput::TransferProgress(paused));
+    let actions = src.handle(START + 6000, SourceInput::Timer);
+    assert!(
+        src_names(&actions).contains(&"SendRecover".to_string()),
+        "{actions:?}"
+    );
+    // The process dies with the try in flight; its last journal entry
+    // (written by any later step) holds the attempt as it is now.
+    let mut restarted: SourceAttempt =
+        serde_json::from_str(&serde_json::to_string(&src).unwrap()).unwrap();
+    let actions = restarted.recover(START + 9000);
+    assert!(
+        src_names(&actions).contains(&"WatchTransfer".to_string()),
+        "{actions:?}"
+    );
+    // The transfer may have ended or resumed meanwhile: no try before the
+    // hypervisor says it is still paused.
+    assert!(restarted.record.recovery.is_none());
+    let actions = restarted.handle(START + 9000, SourceInput::Timer);
+    assert!(
+        !src_names(&actions).contains(&"SendRecover".to_string()),
+        "{actions:?}"
+    );
+    restarted.handle(START + 9100, SourceInput::TransferProgress(paused));
+    assert_eq!(restarted.poll_timeout(), Some(START + 9100));
+    let actions = restarted.handle(START + 9100, SourceInput::Timer);
+    assert!(
+        src_names(&actions).contains(&"SendRecover".to_string()),
+        "{actions:?}"
+    );
+    // The last page goes while that try is out: its late "lost" answer
+    // changes nothing.
+    restarted.handle(
+        START + 9200,
+        SourceInput::TransferDone(Ok(TransferStats::default())),
+    );
+    assert!(restarted.record.recovery.is_none());
+    let actions = restarted.handle(
+        START + 9300,
+        SourceInput::RecoverReplied(Ok(super::source::RecoverAnswer {
+            address: String::new(),
+            lost: true,
+            detail: "the guest moved on".into(),
+        })),
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    assert!(
+        !restarted
+            .record
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("LOST")
+    );
+}
+
+#[test]
 fn a_post_copy_that_drained_cannot_be_declared_lost() {
     let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
     not_converging(&mut src, START + 1000);

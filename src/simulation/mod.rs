@@ -49,6 +49,8 @@ pub struct Report {
     pub fault_kinds: std::collections::BTreeSet<&'static str>,
     /// Evacuations its operator started (and the hosts journaled).
     pub evacuations: u64,
+    /// Paused post-copy transfers its sources resumed.
+    pub recoveries: u64,
     pub violations: Vec<String>,
     /// The run step by step (only when asked for).
     pub trace: Vec<String>,

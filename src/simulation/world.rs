@@ -37,6 +37,8 @@ const MAX_STEPS: u64 = 400_000;
 const ROLLBACK_RETRY_MS: Millis = 1_000;
 /// When the operator cancels every evacuation still running, so the
 /// cluster can settle.
+/// How often a paused post-copy's source reports that it is paused.
+const PAUSED_TICK_MS: Millis = 500;
 const CANCEL_EVACUATIONS_AT: Millis = CHAOS_MS + 20_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +223,10 @@ struct Rpc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TransferState {
     Active,
+    /// Post-copy broken off (a dead link, `migrate-pause`, its destination
+    /// gone): both ends wait for a recovery; the source's copy stays
+    /// stale, the destination's waits for its pages.
+    Paused,
     Completed,
     Stopped,
 }
@@ -244,6 +250,18 @@ struct Transfer {
     /// destination, which pulls the rest from the source. The source's
     /// copy (this version) must never run again.
     switched: Option<u64>,
+    /// Paused: the address the destination listens on for the source to
+    /// resume it (`migrate-recover`), once asked.
+    listening: Option<String>,
+    /// Recoveries asked of the destination (each gets a fresh address).
+    recoveries: u32,
+}
+
+impl Transfer {
+    /// Still under way: moving, or paused in post-copy waiting to recover.
+    fn runs(&self) -> bool {
+        matches!(self.state, TransferState::Active | TransferState::Paused)
+    }
 }
 
 /// What a finished op changes on the host when its answer comes.
@@ -359,6 +377,8 @@ pub struct World {
     pub(super) capacity_answers: Vec<(usize, usize, Millis, bool)>,
     /// Which kinds of fault this seed actually injected.
     pub(super) fault_kinds: BTreeSet<&'static str>,
+    /// Paused post-copy transfers a source resumed (recovered).
+    recoveries: u64,
     pub(super) steps: u64,
     pub(super) faults: u64,
     pub(super) violations: Vec<String>,
@@ -417,6 +437,7 @@ impl World {
             begun_ids: BTreeSet::new(),
             capacity_answers: Vec::new(),
             fault_kinds: BTreeSet::new(),
+            recoveries: 0,
             steps: 0,
             faults: 0,
             violations: Vec::new(),
@@ -826,7 +847,7 @@ impl World {
             let stopped: Vec<u64> = self
                 .transfers
                 .iter()
-                .filter(|(_, t)| t.from == h && t.state == TransferState::Active)
+                .filter(|(_, t)| t.from == h && t.runs())
                 .map(|(&id, _)| id)
                 .collect();
             for id in stopped {
@@ -897,10 +918,22 @@ impl World {
         let stopped: Vec<u64> = self
             .transfers
             .iter()
-            .filter(|(_, t)| (t.from == h || t.to == h) && t.state == TransferState::Active)
+            .filter(|(_, t)| (t.from == h || t.to == h) && t.runs())
             .map(|(&id, _)| id)
             .collect();
         for id in stopped {
+            // QEMU: a post-copy whose destination died pauses at the source,
+            // and recovery finds the guest gone there (the destination's
+            // agent says `lost`). The embedded hypervisor's transfer fails.
+            if self.scenario.transfers_survive_crash
+                && let Some(t) = self.transfers.get_mut(&id)
+                && t.to == h
+                && t.switched.is_some()
+            {
+                t.state = TransferState::Paused;
+                t.listening = None;
+                continue;
+            }
             self.postcopy_broken(id);
             let Some(t) = self.transfers.get_mut(&id) else {
                 continue;
@@ -1308,7 +1341,10 @@ impl World {
             self.push(after, Event::Lose { host: to });
         }
         let guests = match call {
-            PeerCall::Prepare(_) | PeerCall::Capacity(_) => self.guests_of(to),
+            // As the agent does: the calls whose answer depends on them.
+            PeerCall::Prepare(_) | PeerCall::Capacity(_) | PeerCall::Recover(_) => {
+                self.guests_of(to)
+            }
             _ => Vec::new(),
         };
         self.next_req += 1;
@@ -1530,7 +1566,7 @@ impl World {
                     .rev()
                     .find(|t| t.from == h && t.vm == vm);
                 match latest {
-                    Some(t) if t.state == TransferState::Active => {
+                    Some(t) if t.runs() => {
                         // Its end and progress go to this process now.
                         t.op = op;
                         t.epoch = epoch;
@@ -1548,13 +1584,39 @@ impl World {
                     }
                 }
             }
-            // The simulated link pauses post-copy only as a stall (the
-            // transfer waits and goes on): there is never anything to recover.
-            Op::RecoverIncoming { vm, .. }
-            | Op::ResumePostcopy { vm, .. }
-            | Op::PausePostcopy { vm } => {
-                let error = OpError::Failed(format!("the post-copy of {vm} is not paused"));
-                self.op_done(h, op, quick, Err(error), None);
+            Op::RecoverIncoming { vm, attempt_id } => {
+                if chaos && self.chance(g.resume_fails) {
+                    self.fault("recover-incoming fails", || {
+                        format!("migrate-recover of {vm} fails")
+                    });
+                    let error = OpError::Failed("QEMU: migrate-recover failed".into());
+                    return self.op_done(h, op, quick, Err(error), None);
+                }
+                let result = self.recover_incoming(h, &vm, &attempt_id);
+                self.op_done(h, op, quick, result, None);
+            }
+            Op::ResumePostcopy { vm, address } => {
+                if chaos && self.chance(g.resume_fails) {
+                    self.fault("post-copy resume fails", || {
+                        format!("migrate resume=true of {vm} fails")
+                    });
+                    let error = OpError::Failed("QEMU: migrate resume failed".into());
+                    return self.op_done(h, op, quick, Err(error), None);
+                }
+                let result = self.resume_postcopy(h, &vm, &address);
+                self.op_done(h, op, quick, result, None);
+            }
+            Op::PausePostcopy { vm } => {
+                let result = match self.switched_transfer(|t| t.from == h && t.vm == vm) {
+                    Some(id) if self.transfers[&id].state == TransferState::Active => {
+                        self.pause_postcopy(id, "migrate-pause");
+                        Ok(OpOutput::Done)
+                    }
+                    _ => Err(OpError::Failed(format!(
+                        "the transfer of {vm} is not in post-copy"
+                    ))),
+                };
+                self.op_done(h, op, quick, result, None);
             }
             Op::AwaitSwitchover { vm } => {
                 if !self.hosts[h].guests.contains_key(&vm) {
@@ -1617,11 +1679,11 @@ impl World {
                 }
                 if chaos && self.chance(g.kill_hangs) {
                     if self.rng.random_bool(0.5) {
-                        self.hosts[h].guests.remove(&vm);
+                        self.kill_guest(h, &vm);
                     }
                     return self.hang(h, &format!("killing {vm}"));
                 }
-                self.hosts[h].guests.remove(&vm);
+                self.kill_guest(h, &vm);
                 self.op_done(h, op, quick, Ok(OpOutput::Done), None);
             }
             Op::Status { vm } => {
@@ -1795,6 +1857,145 @@ impl World {
         Ok(OpOutput::Done)
     }
 
+    /// The latest transfer matching `which` that switched to post-copy and
+    /// still runs (moving or paused).
+    fn switched_transfer(&self, which: impl Fn(&Transfer) -> bool) -> Option<u64> {
+        self.transfers
+            .iter()
+            .rev()
+            .find(|(_, t)| which(t))
+            .filter(|(_, t)| t.switched.is_some() && t.runs())
+            .map(|(&id, _)| id)
+    }
+
+    /// A guest is killed. A source's copy that a post-copy destination
+    /// still pulls pages from is the rest of the guest: killing it while
+    /// the destination still holds the guest loses a VM that was whole.
+    fn kill_guest(&mut self, h: usize, vm: &str) {
+        if let Some(id) = self.switched_transfer(|t| t.from == h && t.vm == vm) {
+            let to = self.transfers[&id].to;
+            if self.hosts[to].guests.contains_key(vm) && !self.lost_vms.contains(vm) {
+                let (source, destination) =
+                    (self.hosts[h].name.clone(), self.hosts[to].name.clone());
+                self.violation(format!(
+                    "{source} kills its copy of {vm} while {destination} still pulls its pages by post-copy"
+                ));
+            }
+        }
+        self.hosts[h].guests.remove(vm);
+    }
+
+    /// A post-copy breaks off: both ends pause and keep what they have. Its
+    /// ticks go on (one chain per transfer), reporting the pause.
+    fn pause_postcopy(&mut self, id: u64, why: &str) {
+        let Some(t) = self.transfers.get_mut(&id) else {
+            return;
+        };
+        if t.state != TransferState::Active || t.switched.is_none() {
+            return;
+        }
+        t.state = TransferState::Paused;
+        t.listening = None;
+        let vm = t.vm.clone();
+        self.fault("post-copy paused", || {
+            format!("the post-copy of {vm} pauses ({why})")
+        });
+    }
+
+    /// `migrate-recover` on the destination: it listens again on a fresh
+    /// address (pausing its end first if it had not noticed the break).
+    fn recover_incoming(
+        &mut self,
+        h: usize,
+        vm: &str,
+        attempt_id: &str,
+    ) -> Result<OpOutput, OpError> {
+        if !self.hosts[h].guests.contains_key(vm) {
+            return Err(OpError::NoSuchGuest(format!(
+                "no guest {vm} on {}",
+                self.hosts[h].name
+            )));
+        }
+        let Some(id) = self.switched_transfer(|t| t.to == h && t.vm == vm) else {
+            return Err(OpError::Failed(format!(
+                "{vm} receives nothing by post-copy on {}",
+                self.hosts[h].name
+            )));
+        };
+        self.pause_postcopy(id, "the destination's migrate-recover");
+        // A hypervisor may name an address that is not this host's (a
+        // wrong `migration_address`): the source must check it.
+        let mut named = h;
+        // (Recoveries are rare: a third of them, in a scenario that names
+        // wrong addresses at all.)
+        if self.chaos() && self.scenario.wrong_address > 0.0 && self.chance(0.3) {
+            named = (h + self.rng.random_range(1..self.hosts.len())) % self.hosts.len();
+            let other = self.hosts[named].name.clone();
+            self.fault("wrong recovery address", || {
+                format!("the recovery of {vm} names {other}'s address")
+            });
+        }
+        let name = self.hosts[named].name.clone();
+        let t = self.transfers.get_mut(&id).expect("transfer");
+        t.recoveries += 1;
+        let address = format!("sim://{name}/{attempt_id}/recover-{}", t.recoveries);
+        t.listening = Some(address.clone());
+        Ok(OpOutput::Address(address))
+    }
+
+    /// `migrate resume=true` on the source: the paused post-copy goes on
+    /// to the address its destination listens on. Recovery must never
+    /// feed a copy other than the one switched over to, nor run two.
+    fn resume_postcopy(&mut self, h: usize, vm: &str, address: &str) -> Result<OpOutput, OpError> {
+        let Some(id) = self.switched_transfer(|t| t.from == h && t.vm == vm) else {
+            return Err(OpError::Failed(format!("no post-copy of {vm} to resume")));
+        };
+        let (state, to, listening) = {
+            let t = &self.transfers[&id];
+            (t.state, t.to, t.listening.clone())
+        };
+        if state != TransferState::Paused {
+            return Err(OpError::Failed(format!(
+                "the post-copy of {vm} is not paused"
+            )));
+        }
+        let named = address
+            .strip_prefix("sim://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|name| self.host_index(name));
+        if named.is_some_and(|n| n != to) {
+            let (source, other) = (self.hosts[h].name.clone(), self.hosts[to].name.clone());
+            self.violation(format!(
+                "{source} resumes the post-copy of {vm} at {address}, not at its destination {other}"
+            ));
+        }
+        if self.hosts[h]
+            .guests
+            .get(vm)
+            .is_some_and(|g| g.state == GuestState::Running)
+        {
+            let source = self.hosts[h].name.clone();
+            self.violation(format!(
+                "{source} resumes the post-copy of {vm} while its own copy runs: two copies"
+            ));
+        }
+        if listening.as_deref() != Some(address) {
+            return Err(OpError::Failed(format!("nobody listens at {address}")));
+        }
+        if self.partitioned(h, to) {
+            return Err(OpError::Failed(format!(
+                "connecting to {address}: connection timed out"
+            )));
+        }
+        let t = self.transfers.get_mut(&id).expect("transfer");
+        t.state = TransferState::Active;
+        t.listening = None;
+        self.recoveries += 1;
+        let vm = vm.to_string();
+        self.note(format!("the post-copy of {vm} runs again (recovered)"));
+        Ok(OpOutput::Done)
+    }
+
     fn start_transfer(
         &mut self,
         from: usize,
@@ -1822,9 +2023,10 @@ impl World {
             .is_some_and(|g| g.state == GuestState::Running);
         // QEMU: a guest still pulling its pages by post-copy cannot be
         // migrated on ("a migration is in progress").
-        let pulling = self.transfers.values().any(|t| {
-            t.to == from && t.vm == vm && t.switched.is_some() && t.state == TransferState::Active
-        });
+        let pulling = self
+            .transfers
+            .values()
+            .any(|t| t.to == from && t.vm == vm && t.switched.is_some() && t.runs());
         if running && pulling {
             let error = format!("{vm} still receives its memory by post-copy");
             return self.op_done(from, op, 1, Err(OpError::Failed(error)), None);
@@ -1867,6 +2069,8 @@ impl World {
                 state: TransferState::Active,
                 postcopy,
                 switched: None,
+                listening: None,
+                recoveries: 0,
             },
         );
         self.push(tick, Event::TransferTick { transfer: id });
@@ -1876,6 +2080,9 @@ impl World {
         let Some(t) = self.transfers.get(&id) else {
             return;
         };
+        if t.state == TransferState::Paused {
+            return self.paused_tick(id);
+        }
         if t.state != TransferState::Active {
             return;
         }
@@ -1890,7 +2097,28 @@ impl World {
             .is_some_and(|g| switched || g.state == GuestState::Incoming);
         // A source guest that died takes the rest of its memory with it.
         let sending = self.hosts[from].guests.contains_key(&vm);
-        if !receiving || !sending || t.fails_at == Some(t.done + 1) {
+        let fails = t.fails_at == Some(t.done + 1);
+        let stalls = t.stalls;
+        // QEMU: a post-copy stream that breaks pauses both ends (so does a
+        // link that stays cut); only the source's copy dying loses it.
+        if switched && sending && self.scenario.transfers_survive_crash {
+            let why = if fails {
+                self.transfers.get_mut(&id).expect("transfer").fails_at = None;
+                Some("its stream broke")
+            } else if !receiving {
+                Some("its destination went away")
+            } else if self.partitioned(from, to) && self.rng.random_bool(0.3) {
+                Some("the link is cut")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.pause_postcopy(id, why);
+                self.push(tick, Event::TransferTick { transfer: id });
+                return;
+            }
+        }
+        if !receiving || !sending || fails {
             self.postcopy_broken(id);
             self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
             let error = Err(OpError::Failed(
@@ -1901,25 +2129,27 @@ impl World {
         }
         // A stalled link comes back once the chaos ends (a post-copy
         // transfer has no deadline to end it otherwise).
-        if (t.stalls && self.chaos()) || self.partitioned(from, to) {
+        if (stalls && self.chaos()) || self.partitioned(from, to) {
             self.push(tick, Event::TransferTick { transfer: id });
+            // QEMU still says "postcopy-active", with no more bytes sent.
+            if switched {
+                let stats = self.transfer_stats(id);
+                self.push(
+                    0,
+                    Event::Progress {
+                        host: from,
+                        epoch,
+                        op,
+                        stats,
+                    },
+                );
+            }
             return;
         }
         let t = self.transfers.get_mut(&id).expect("transfer");
         t.done += 1;
-        let total = 1u64 << 30;
-        let stats = TransferStats {
-            bytes_total: total,
-            bytes_transferred: total * t.done as u64 / t.steps as u64,
-            bytes_remaining: total - total * t.done as u64 / t.steps as u64,
-            iteration: t.done,
-            stage: if switched {
-                crate::protocol::TransferStage::Postcopy
-            } else {
-                crate::protocol::TransferStage::Precopy
-            },
-            ..Default::default()
-        };
+        let stats = self.transfer_stats(id);
+        let t = self.transfers.get_mut(&id).expect("transfer");
         if t.done < t.steps {
             self.push(tick, Event::TransferTick { transfer: id });
             self.push(
@@ -1955,6 +2185,61 @@ impl World {
             g.copy = copy;
         }
         self.transfer_ended(from, epoch, op, Ok(OpOutput::Transferred(stats)));
+    }
+
+    /// What the source's hypervisor reports of a transfer now.
+    fn transfer_stats(&self, id: u64) -> TransferStats {
+        let t = &self.transfers[&id];
+        let total = 1u64 << 30;
+        let sent = total * t.done as u64 / t.steps as u64;
+        TransferStats {
+            bytes_total: total,
+            bytes_transferred: sent,
+            bytes_remaining: total - sent,
+            iteration: t.done,
+            stage: match (t.state, t.switched) {
+                (TransferState::Paused, _) => crate::protocol::TransferStage::PostcopyPaused,
+                (_, Some(_)) => crate::protocol::TransferStage::Postcopy,
+                (_, None) => crate::protocol::TransferStage::Precopy,
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A paused post-copy: the source's QEMU says so in its progress; the
+    /// source's copy dying now loses the guest. One the operator forced
+    /// back to run on the source is over (its pages are no longer sent).
+    fn paused_tick(&mut self, id: u64) {
+        let t = &self.transfers[&id];
+        let (from, op, epoch, vm) = (t.from, t.op, t.epoch, t.vm.clone());
+        if self.hosts[from]
+            .guests
+            .get(&vm)
+            .is_some_and(|g| g.state == GuestState::Running)
+        {
+            self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
+            let error = Err(OpError::Failed("the source's guest runs again".to_string()));
+            return self.transfer_ended(from, epoch, op, error);
+        }
+        if !self.hosts[from].guests.contains_key(&vm) {
+            self.postcopy_broken(id);
+            self.transfers.get_mut(&id).expect("transfer").state = TransferState::Stopped;
+            let error = Err(OpError::Failed(
+                "the source's guest went away during post-copy".to_string(),
+            ));
+            return self.transfer_ended(from, epoch, op, error);
+        }
+        let stats = self.transfer_stats(id);
+        self.push(
+            0,
+            Event::Progress {
+                host: from,
+                epoch,
+                op,
+                stats,
+            },
+        );
+        self.push(PAUSED_TICK_MS, Event::TransferTick { transfer: id });
     }
 
     fn transfer_ended(
@@ -2310,6 +2595,25 @@ impl World {
                     format!("resolve {id} --run-on {run_on:?} ({destination} cannot answer)");
                 self.ask(h, what, Request::Force { id, run_on });
             }
+            // A post-copy recovering towards a host lost for good would try
+            // forever: the operator declares its guest lost.
+            let Some(core) = self.answering(h) else {
+                continue;
+            };
+            let hopeless: Vec<(String, String)> = core
+                .migrations()
+                .filter(|r| r.outcome.is_none() && r.recovery.is_some())
+                .filter(|r| {
+                    self.host_index(&r.destination)
+                        .is_some_and(|d| self.hosts[d].lost)
+                })
+                .map(|r| (r.id.clone(), r.destination.clone()))
+                .collect();
+            for (id, destination) in hopeless {
+                let what = format!("resolve {id} --lost ({destination} is gone for good)");
+                let run_on = RunOn::Nowhere;
+                self.ask(h, what, Request::Force { id, run_on });
+            }
         }
     }
 
@@ -2343,6 +2647,7 @@ impl World {
             faults: self.faults,
             fault_kinds: self.fault_kinds.clone(),
             evacuations,
+            recoveries: self.recoveries,
             attempts: self.begun.len() as u64,
             outcomes,
             violations: self.violations.clone(),
