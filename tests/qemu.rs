@@ -1733,3 +1733,102 @@ fn a_link_cut_during_post_copy_is_recovered_and_the_guest_goes_on_on_the_destina
     assert_counts_on_from_where_it_was(&cluster, "qa", "qb", "g1");
     assert!(qemu_pids(&cluster, "qa").is_empty(), "qa's QEMU is gone");
 }
+
+/// The destination dies for good during post-copy (its agent and its QEMU
+/// killed, never restarted): the source's QEMU pauses, recovery cannot
+/// reach it and keeps trying; the source's copy is never resumed. The
+/// operator's `tern resolve --lost` ends it `lost` and kills the stale copy.
+#[test]
+fn a_post_copy_whose_destination_dies_for_good_is_declared_lost_and_never_resumed_on_the_source() {
+    let test = "a_post_copy_whose_destination_dies_for_good_is_declared_lost_and_never_resumed_on_the_source";
+    let Some(_turn) = qemu_or_skip(test) else {
+        return;
+    };
+    if !userfaultfd_or_skip(test) {
+        return;
+    }
+    let top = "stall_timeout_ms = 1000\n";
+    let mut cluster = QemuCluster(Cluster::start(vec![
+        qemu_host_as(
+            "qa",
+            None,
+            8,
+            top,
+            "",
+            &(guest_vm("g1", 128, BUSY_WS_MIB) + &port_profile("")),
+        ),
+        qemu_host_as("qb", None, 8, top, "", &port_profile("")),
+    ]));
+    wait_ready(&cluster, "qa", "g1");
+    let (code, started) = cluster.tern_json(&[
+        "migrate",
+        "g1",
+        "--to",
+        "qb",
+        "--mode",
+        "fast",
+        "--postcopy",
+        "now",
+        "--no-wait",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(30), "the switchover", || {
+        cluster.migration(&id)["transfer"]["stage"] == "postcopy"
+    });
+    // Stopped at the switchover: whatever qa printed by now is all it may
+    // ever print.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = counts(&cluster, "qa", "g1");
+    // qb dies for good: its agent, then its QEMU.
+    cluster.kill("qb");
+    for pid in qemu_pids(&cluster, "qb") {
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    wait_until(Duration::from_secs(20), "recovery to try and fail", || {
+        let record = cluster.migration(&id);
+        record["transfer"]["stage"] == "postcopy_paused"
+            && record["recovery"]["error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty())
+    });
+    let recovering = cluster.migration(&id);
+    assert!(recovering["outcome"].is_null(), "{recovering}");
+    // Before the switchover this would be refused; here it is the way out.
+    let out = cluster.tern(&["resolve", &id, "--lost", "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Only do this if qb is gone for good"),
+        "{stderr}"
+    );
+    let mut record = serde_json::Value::Null;
+    wait_until(Duration::from_secs(20), "the migration to end", || {
+        record = cluster.migration(&id);
+        !record["outcome"].is_null()
+    });
+    assert_eq!(record["outcome"], "lost", "{record}");
+    assert_eq!(record["cause"], "operator", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("LOST: declared lost by the operator")
+            && error.contains("last recovery try"),
+        "{record}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "qa's stale copy to be killed",
+        || qemu_pids(&cluster, "qa").is_empty(),
+    );
+    assert_eq!(
+        counts(&cluster, "qa", "g1"),
+        before,
+        "g1 ran on qa after the switchover"
+    );
+    // Said again: the migration has ended.
+    let again = cluster.tern(&["resolve", &id, "--lost", "--yes"]);
+    assert!(!again.status.success());
+}
