@@ -61,12 +61,29 @@ fn vm_toml(index: usize, rng: &mut impl Rng) -> String {
     )
 }
 
+/// The demo's one guest that pre-copy cannot move: it dirties memory faster
+/// than the simulated link carries (1,024 MiB/s), so its migrations show
+/// "not converging" at once; fast mode switches it to post-copy, safe mode
+/// aborts it when its budget is spent (150 s per GiB).
+const HOT_VM: &str = "[[vm]]\nname = \"hot-01\"\nmemory_mib = 1024\nvcpus = 4\ndirty_rate_mib_s = 1600\n\
+     features = [{ name = \"port-profile\", required = true }, { name = \"hook\", required = false }]\n\n";
+
+/// From this many VMs on, one of them (on the first host) is [`HOT_VM`].
+const HOT_FROM_VMS: usize = 8;
+
 impl Cluster {
     /// Write the inventory and agent configs under a fresh folder and start
     /// every agent in this process.
     pub async fn start(options: &DemoOptions) -> anyhow::Result<Cluster> {
         anyhow::ensure!(options.hosts >= 2, "a demo needs at least 2 hosts");
-        let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
+        // One folder per cluster, even for several in one process.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = match n {
+            0 => format!("tern-demo-{}", std::process::id()),
+            n => format!("tern-demo-{}-{n}", std::process::id()),
+        };
+        let dir = std::env::temp_dir().join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
@@ -125,9 +142,15 @@ impl Cluster {
                 cert = own.join(IDENTITY_CERT).display(),
                 key = own.join(IDENTITY_KEY).display(),
             );
-            // Spread the kinds of VM so every host has a mix.
-            for v in (0..options.vms).filter(|v| (v + v / options.hosts) % options.hosts == i) {
+            // Spread the kinds of VM so every host has a mix; the hot one
+            // counts among the VMs asked for.
+            let hot = options.vms >= HOT_FROM_VMS;
+            let regular = options.vms - usize::from(hot);
+            for v in (0..regular).filter(|v| (v + v / options.hosts) % options.hosts == i) {
                 text.push_str(&vm_toml(v, &mut rng));
+            }
+            if hot && i == 0 {
+                text.push_str(HOT_VM);
             }
             let config_path = dir.join(format!("{name}.toml"));
             std::fs::write(&config_path, &text)?;
@@ -376,6 +399,59 @@ async fn wait_for_interrupt() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demo_has_a_guest_pre_copy_cannot_move_and_fast_mode_moves_it_by_post_copy() {
+        let cluster = Cluster::start(&DemoOptions {
+            hosts: 2,
+            vms: HOT_FROM_VMS,
+            headless: true,
+            traffic: false,
+        })
+        .await
+        .expect("the demo cluster starts");
+        let first = &cluster.agents[0];
+        let vms = first.vms().await;
+        assert!(vms.iter().any(|v| v.name == "hot-01"), "hot-01 is on hv-a");
+        let total: usize = {
+            let mut n = vms.len();
+            n += cluster.agents[1].vms().await.len();
+            n
+        };
+        assert_eq!(
+            total, HOT_FROM_VMS,
+            "the hot guest counts among the VMs asked for"
+        );
+        let started = first
+            .start_migration("hot-01", "hv-b", Mode::Fast, Default::default())
+            .await
+            .expect("the migration starts");
+        let record = first
+            .wait_migration(&started.id)
+            .await
+            .expect("the migration ends");
+        // Fast mode: a feature the flaky switch rejects is recorded, not
+        // fatal; the guest moved either way.
+        assert!(
+            matches!(
+                record.outcome,
+                Some(crate::protocol::Outcome::Succeeded | crate::protocol::Outcome::Degraded)
+            ),
+            "{record:?}"
+        );
+        assert_eq!(record.running_on, "hv-b");
+        let note = record.completion_note.clone().unwrap_or_default();
+        assert!(note.contains("pre-copy cannot converge"), "{note}");
+        let verdict = record.convergence.as_ref().map(|c| c.verdict);
+        assert_eq!(
+            verdict,
+            Some(crate::protocol::convergence::Verdict::NotConverging),
+            "{record:?}"
+        );
+        let dir = cluster.dir.clone();
+        cluster.stop().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_demo_evacuates_its_last_host_and_its_traffic_keeps_off_it() {

@@ -54,10 +54,10 @@ pub fn state_summary(record: &MigrationRecord) -> String {
                     stats.stage.as_str().to_string()
                 }
                 (_, Some(stats)) if stats.stage == TransferStage::Postcopy => {
-                    format!("{} {}%", stats.stage.as_str(), percent(stats))
+                    format!("{} {}%", stats.stage.as_str(), stats.percent_done())
                 }
                 (Phase::Perform, Some(stats)) if stats.bytes_total > 0 => {
-                    let mut text = format!("{} {}%", phase_name(phase), percent(stats));
+                    let mut text = format!("{} {}%", phase_name(phase), stats.percent_done());
                     if let Some(c) = &record.convergence {
                         let _ = write!(text, ", {}", verdict_label(c.verdict));
                     }
@@ -151,11 +151,7 @@ pub fn progress_line(record: &MigrationRecord) -> String {
         _ => parts.push(phase_name(phase).to_string()),
     }
     if let Some(t) = stats {
-        parts.push(format!(
-            "{} / {}",
-            bytes(t.bytes_transferred),
-            bytes(t.bytes_total)
-        ));
+        parts.push(format!("{} sent", bytes(t.bytes_transferred)));
         if t.rate_bytes_s > 0 {
             parts.push(format!("{}/s", bytes(t.rate_bytes_s)));
         }
@@ -181,19 +177,14 @@ pub fn progress_line(record: &MigrationRecord) -> String {
     parts.join(" · ")
 }
 
-fn percent(stats: &TransferStats) -> u64 {
-    let done = stats.bytes_total.saturating_sub(stats.bytes_remaining);
-    (done.saturating_mul(100) / stats.bytes_total.max(1)).min(100)
-}
-
 pub use crate::protocol::convergence::bytes;
 
 pub fn transfer_line(stats: &TransferStats) -> String {
     let mut line = format!(
-        "{} of {} sent, {} left, {}/s, iteration {}, {}, {} ms elapsed",
+        "{} sent, {} of {} left, {}/s, iteration {}, {}, {} ms elapsed",
         bytes(stats.bytes_transferred),
-        bytes(stats.bytes_total),
         bytes(stats.bytes_remaining),
+        bytes(stats.bytes_total),
         bytes(stats.rate_bytes_s),
         stats.iteration,
         downtime_text(stats.downtime_ms, stats.expected_downtime_ms, |ms| {
@@ -275,9 +266,15 @@ pub fn record_summary(record: &MigrationRecord) -> String {
             (None, Some(eta)) => format!(", ETA {}", eta_text(eta)),
             _ => String::new(),
         };
+        // Once it has ended, what pre-copy was doing when it last looked.
+        let label = if record.outcome.is_some() {
+            "pre-copy:"
+        } else {
+            "outlook:"
+        };
         let _ = writeln!(
             out,
-            "  outlook:    {}{eta}: {}",
+            "  {label:<11} {}{eta}: {}",
             verdict_label(c.verdict),
             c.reason
         );
@@ -539,7 +536,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         let mut record = in_precopy();
         assert_eq!(
             progress_line(&record),
-            "perform · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · converging, ETA 12 s"
+            "perform · 1.2 GiB sent · 512.0 MiB/s · converging, ETA 12 s"
         );
         record.convergence.as_mut().unwrap().eta_ms = Some(850);
         assert!(
@@ -551,7 +548,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         record.convergence.as_mut().unwrap().eta_ms = None;
         assert_eq!(
             progress_line(&record),
-            "perform · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · NOT CONVERGING"
+            "perform · 1.2 GiB sent · 512.0 MiB/s · NOT CONVERGING"
         );
         // After the switchover: post-copy, and what is left to pull.
         let stats = record.transfer.as_mut().unwrap();
@@ -559,7 +556,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         stats.bytes_remaining = 312 * MIB;
         assert_eq!(
             progress_line(&record),
-            "post-copy · 1.2 GiB / 2.0 GiB · 512.0 MiB/s · 312.0 MiB to pull"
+            "post-copy · 1.2 GiB sent · 512.0 MiB/s · 312.0 MiB to pull"
         );
         record.transfer.as_mut().unwrap().stage = TransferStage::PostcopyPaused;
         record.transfer.as_mut().unwrap().rate_bytes_s = 0;
@@ -570,7 +567,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         });
         assert_eq!(
             progress_line(&record),
-            "post-copy paused — recovering, try 3 · 1.2 GiB / 2.0 GiB · 312.0 MiB to pull"
+            "post-copy paused — recovering, try 3 · 1.2 GiB sent · 312.0 MiB to pull"
         );
         // Before the transfer: the phase alone; after it, no stale verdict.
         let mut record = in_precopy();
@@ -583,7 +580,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         record.phase_mut(Phase::Finish).status = StepStatus::Running;
         assert_eq!(
             progress_line(&record),
-            "finish · 1.2 GiB / 2.0 GiB · 512.0 MiB/s"
+            "finish · 1.2 GiB sent · 512.0 MiB/s"
         );
     }
 
@@ -613,10 +610,10 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         );
         record.recovery = None;
         assert_eq!(state_summary(&record), "perform 60%, converging");
-        // Once it ended, the verdict it ended on, without an ETA.
+        // Once it ended, what pre-copy was doing last, without an ETA.
         record.outcome = Some(Outcome::Failed);
         assert!(
-            record_summary(&record).contains("  outlook:    converging: dirtying"),
+            record_summary(&record).contains("  pre-copy:   converging: dirtying"),
             "{}",
             record_summary(&record)
         );

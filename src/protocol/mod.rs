@@ -246,6 +246,16 @@ pub struct TransferStats {
     pub postcopy_requests: u64,
 }
 
+impl TransferStats {
+    /// How much of the guest is no longer left to send, in percent (0 when
+    /// nothing is known). Not sent over total: QEMU's total is the guest's
+    /// RAM, and a busy guest's passes send several times that.
+    pub fn percent_done(&self) -> u64 {
+        let done = self.bytes_total.saturating_sub(self.bytes_remaining);
+        (done.saturating_mul(100) / self.bytes_total.max(1)).min(100)
+    }
+}
+
 /// Where a transfer is. Pre-copy copies memory while the guest runs on the
 /// source; after the switchover (post-copy) the guest runs on the
 /// destination and pulls the pages still on the source.

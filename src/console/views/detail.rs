@@ -265,10 +265,10 @@ fn transfer(frame: &mut Frame, area: Rect, m: &MigrationView, theme: &Theme) {
     let mut stats = hanging(
         Span::raw(" "),
         vec![Span::raw(format!(
-            "moved {} of {}, {} left, iteration {}",
+            "moved {}, {} of {} left, iteration {}",
             bytes(t.bytes_transferred),
-            bytes(t.bytes_total),
             bytes(t.bytes_remaining),
+            bytes(t.bytes_total),
             t.iteration,
         ))],
         width,

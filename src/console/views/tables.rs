@@ -297,8 +297,13 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, columns: &Colu
     };
     let progress = r
         .transfer
-        .and_then(|t| (t.bytes_transferred * 100).checked_div(t.bytes_total))
-        .map_or(String::new(), |pct| format!("{pct:>3}%"));
+        .filter(|t| t.bytes_total > 0)
+        .map_or(String::new(), |t| {
+            format!(
+                "{:>3}%",
+                crate::protocol::record::stats_from_proto(&t).percent_done()
+            )
+        });
     let rate = m
         .current_rate()
         .filter(|_| r.outcome == 0)
