@@ -67,7 +67,6 @@ async fn main() -> anyhow::Result<()> {
         traffic: true,
     })
     .await?;
-    let demo_dir = cluster.dir.clone();
     let evacuation = cluster.evacuate_last_host().await?;
     cluster.spawn_traffic();
     println!(
@@ -107,7 +106,6 @@ async fn main() -> anyhow::Result<()> {
         w.abort();
     }
     cluster.stop().await;
-    let _ = std::fs::remove_dir_all(&demo_dir);
     result?;
     println!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

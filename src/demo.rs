@@ -241,13 +241,18 @@ impl Cluster {
         });
     }
 
-    /// Stop every agent the way a signal would.
+    /// Stop every agent the way a signal would, then remove the demo's
+    /// folder (its journals, its CA and keys): nothing of it outlives it.
     pub async fn stop(self) {
         for stop in &self.stops {
             let _ = stop.send(()).await;
         }
         for server in self.servers {
             let _ = server.await;
+        }
+        drop(self.agents);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("demo: could not remove {}: {e}", self.dir.display());
         }
     }
 }
@@ -448,9 +453,7 @@ mod tests {
             Some(crate::protocol::convergence::Verdict::NotConverging),
             "{record:?}"
         );
-        let dir = cluster.dir.clone();
         cluster.stop().await;
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,8 +491,6 @@ mod tests {
                 assert_ne!(step.source.name, step.destination);
             }
         }
-        let dir = cluster.dir.clone();
         cluster.stop().await;
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
