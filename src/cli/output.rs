@@ -108,6 +108,16 @@ pub fn recovery_detail(recovery: &RecoveryView, clock: impl Fn(u64) -> String) -
     text
 }
 
+/// After a few failed recovery tries, the way out if the destination will
+/// never come back (recovery would try forever).
+pub fn recovery_way_out(id: &str, destination: &str, tries: u32) -> Option<String> {
+    (tries >= RECOVERY_TRIES_BEFORE_WAY_OUT)
+        .then(|| format!("if {destination} is gone for good: tern resolve {id} --lost"))
+}
+
+/// Failed recovery tries before [`recovery_way_out`] is shown.
+pub const RECOVERY_TRIES_BEFORE_WAY_OUT: u32 = 3;
+
 /// What the outcome `lost` means, in so many words.
 pub fn lost_text(destination: &str) -> String {
     format!(
@@ -289,6 +299,9 @@ pub fn record_summary(record: &MigrationRecord) -> String {
             recovering_text(recovery.tries),
             recovery_detail(recovery, |ms| format!("at {} UTC", super::audit::clock(ms)))
         );
+        if let Some(way_out) = recovery_way_out(&record.id, &record.destination, recovery.tries) {
+            let _ = writeln!(out, "              {way_out}");
+        }
     }
     if let Some(stats) = &record.transfer {
         let _ = writeln!(out, "  transfer:   {}", transfer_line(stats));
@@ -604,6 +617,18 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
+        // Two failed tries: too early to suggest giving up; three: the way out.
+        assert!(!text.contains("--lost"), "{text}");
+        record.recovery.as_mut().unwrap().tries = 3;
+        let text = record_summary(&record);
+        assert!(
+            text.contains(&format!(
+                "              if hv-b is gone for good: tern resolve {} --lost\n",
+                record.id
+            )),
+            "{text}"
+        );
+        record.recovery.as_mut().unwrap().tries = 2;
         assert_eq!(
             state_summary(&record),
             "post-copy paused — recovering, try 3"

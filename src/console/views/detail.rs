@@ -14,7 +14,8 @@ use super::super::theme::Theme;
 use super::outlook::{convergence, resample, verdict};
 use super::{bytes, duration, hanging, outcome, step};
 use crate::cli::output::{
-    downtime_text, lost_text, phase_name, recovering_text, recovery_detail, stage_text,
+    downtime_text, lost_text, phase_name, recovering_text, recovery_detail, recovery_way_out,
+    stage_text,
 };
 use crate::proto;
 use crate::protocol::convergence::ConvergenceView;
@@ -442,11 +443,14 @@ fn completion_lines<'a>(
             Some(wait) if wait > 0 => format!("in {}", duration(wait)),
             _ => "now".to_string(),
         };
+        let way_out = recovery_way_out(&r.id, &r.destination, recovery.tries)
+            .map(|w| format!("; {w}"))
+            .unwrap_or_default();
         lines.extend(hanging(
             Span::styled(format!(" {} ", theme.symbols.failed), theme.error),
             vec![Span::styled(
                 format!(
-                    "{}: {} (b tries now)",
+                    "{}: {} (b tries now){way_out}",
                     recovering_text(recovery.tries),
                     recovery_detail(&recovery, when)
                 ),

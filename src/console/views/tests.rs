@@ -718,6 +718,22 @@ fn the_detail_shows_post_copy_and_a_recovery_in_red() {
         theme.error,
         "the paused stage",
     );
+    // Two failed tries: too early to suggest giving up.
+    assert!(!completion.contains("--lost"), "{completion}");
+    // Three: the way out if hv-c never comes back.
+    let mut app = transfers_app();
+    if let Some(m) = app.live.migrations.get_mut("m-rec")
+        && let Some(r) = m.record.recovery.as_mut()
+    {
+        r.tries = 3;
+    }
+    open(&mut app, "m-rec");
+    let terminal = render(&app, &theme, (120, 40));
+    let completion = block_text(terminal.backend().buffer(), "completion");
+    assert!(
+        completion.contains("if hv-c is gone for good: tern resolve m-rec --lost"),
+        "{completion}"
+    );
     let mut app = transfers_app();
     open(&mut app, "m-pc");
     let terminal = render(&app, &theme, (120, 40));
