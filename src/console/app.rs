@@ -329,11 +329,24 @@ pub struct App {
     pub view: View,
     pub focus: Focus,
     pub host_row: usize,
+    /// Where the migration the cursor is on sits in the table now; the
+    /// cursor follows [`App::migration_id`], not the row.
     pub migration_row: usize,
-    /// The evacuation the evacuations view shows; `None`: the newest.
+    /// The migration the cursor is on. The table re-sorts as migrations
+    /// start and end and the filter changes: after every change the cursor
+    /// finds it again, or, if it left the table, takes its neighbour and
+    /// the status line says so.
+    pub migration_id: Option<String>,
+    /// The evacuation the evacuations view shows; `None`: the newest (pinned
+    /// as soon as the view shows it, so a newer one does not replace it).
     pub evacuation: Option<String>,
-    /// The cursor in that evacuation's VM table.
+    /// The cursor in that evacuation's VM table, and the VM it is on (the
+    /// cursor follows the VM).
     pub evacuation_vm_row: usize,
+    pub evacuation_vm: Option<String>,
+    /// An evacuation the console just asked for (its host, and the
+    /// evacuations known then): shown as soon as an agent reports it.
+    pub awaited_evacuation: Option<(String, BTreeSet<String>)>,
     /// Whether the cursor is in the evacuations list (tab), not the VMs.
     pub evacuation_list_focused: bool,
     /// Where esc leaves a migration's detail for.
@@ -370,8 +383,11 @@ impl App {
             focus: Focus::Migrations,
             host_row: 0,
             migration_row: 0,
+            migration_id: None,
             evacuation: None,
             evacuation_vm_row: 0,
+            evacuation_vm: None,
+            awaited_evacuation: None,
             evacuation_list_focused: false,
             detail_from: View::Overview,
             marked: BTreeSet::new(),
@@ -476,10 +492,122 @@ impl App {
     fn say(&mut self, text: impl Into<String>, error: bool) {
         self.status = Some((text.into(), error));
     }
+
+    /// The migration at `row` of the table (filtered), if any.
+    fn migration_at(&self, row: usize) -> Option<String> {
+        self.rows_in(row..row + 1)
+            .first()
+            .map(|m| m.record.id.clone())
+    }
+
+    /// Where migration `id` sits in the table now, if it is in it.
+    fn row_of(&self, id: &str) -> Option<usize> {
+        if self.filter.is_empty() {
+            return self.state().position(id);
+        }
+        self.rows().iter().position(|m| m.record.id == id)
+    }
+
+    /// Put the migrations cursor on `row` (clamped), on the migration there.
+    pub fn select_row(&mut self, row: usize) {
+        self.migration_row = row.min(self.row_count().saturating_sub(1));
+        self.migration_id = self.migration_at(self.migration_row);
+    }
+
+    /// After anything changed the tables: every cursor back on the object it
+    /// was on.
+    pub fn follow_selection(&mut self) {
+        self.follow_migration();
+        self.follow_evacuation();
+    }
+
+    fn follow_migration(&mut self) {
+        let Some(id) = self.migration_id.clone() else {
+            // Nothing chosen yet: the cursor's row is the choice.
+            self.select_row(self.migration_row);
+            return;
+        };
+        if let Some(row) = self.row_of(&id) {
+            self.migration_row = row;
+            return;
+        }
+        // It left the table: the row that now sits where it was takes the
+        // cursor, and the operator is told (a keypress meant for it must
+        // not silently act on another).
+        let why = match self.state().migrations.get(&id) {
+            Some(m) => format!("{id} ({}) is hidden by the filter", m.record.vm),
+            None => format!("{id} is no longer reported"),
+        };
+        self.select_row(self.migration_row);
+        let now = match self.selected_migration() {
+            Some(m) => format!("the cursor is on {} ({})", m.record.id, m.record.vm),
+            None => "the table is empty".to_string(),
+        };
+        self.say(format!("{why}: {now}"), false);
+    }
+
+    fn follow_evacuation(&mut self) {
+        let state = self.frozen.as_ref().unwrap_or(&self.live);
+        // The evacuation the console asked for, once an agent reports it.
+        if let Some((host, known)) = &self.awaited_evacuation
+            && let Some(e) = state
+                .ordered_evacuations()
+                .into_iter()
+                .find(|e| &e.host == host && !known.contains(&e.id))
+        {
+            self.evacuation = Some(e.id.clone());
+            self.evacuation_vm = None;
+            self.evacuation_vm_row = 0;
+            self.awaited_evacuation = None;
+        }
+        // Shown: pinned, so a newer evacuation does not take its place.
+        if self.view == View::Evacuations
+            && self.evacuation.is_none()
+            && self.awaited_evacuation.is_none()
+        {
+            self.evacuation = self.selected_evacuation().map(|e| e.id.clone());
+        }
+        // Until the view has shown an evacuation there is no VM cursor to keep.
+        if self.evacuation.is_none() {
+            return;
+        }
+        let Some(vms) = self.selected_evacuation().map(|e| e.vms.clone()) else {
+            return;
+        };
+        let found = self
+            .evacuation_vm
+            .as_ref()
+            .and_then(|name| vms.iter().position(|vm| &vm.name == name));
+        match (found, &self.evacuation_vm) {
+            (Some(row), _) => self.evacuation_vm_row = row,
+            (None, Some(name)) => {
+                let name = name.clone();
+                self.evacuation_vm_row = self.evacuation_vm_row.min(vms.len().saturating_sub(1));
+                self.evacuation_vm = vms.get(self.evacuation_vm_row).map(|vm| vm.name.clone());
+                if self.view == View::Evacuations {
+                    let now = self.evacuation_vm.as_deref().unwrap_or("nothing");
+                    self.say(
+                        format!("{name} left the evacuation's list: the cursor is on {now}"),
+                        false,
+                    );
+                }
+            }
+            (None, None) => {
+                self.evacuation_vm_row = self.evacuation_vm_row.min(vms.len().saturating_sub(1));
+                self.evacuation_vm = vms.get(self.evacuation_vm_row).map(|vm| vm.name.clone());
+            }
+        }
+    }
 }
 
 /// Fold one message into the app; what it asks the agents to do comes back.
 pub fn update(app: &mut App, msg: Msg) -> Vec<Command> {
+    let commands = apply_msg(app, msg);
+    app.follow_selection();
+    commands
+}
+
+fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
     match msg {
         Msg::Event(event) => {
             app.live.apply(event);
@@ -887,6 +1015,7 @@ fn move_by(app: &mut App, delta: isize) {
         {
             app.evacuation = Some(id.clone());
             app.evacuation_vm_row = 0;
+            app.evacuation_vm = None;
         }
         return;
     }
@@ -907,6 +1036,14 @@ fn move_by(app: &mut App, delta: isize) {
         .saturating_add(delta)
         .clamp(0, len as isize - 1);
     *row = next as usize;
+    // The cursor is on what the operator moved it to, by id from now on.
+    match (&app.view, app.focus) {
+        (View::Evacuations, _) => {
+            app.evacuation_vm = app.selected_evacuation_vm().map(|vm| vm.name.clone());
+        }
+        (View::Overview, Focus::Hosts) => {}
+        _ => app.select_row(app.migration_row),
+    }
 }
 
 /// The marked migrations, or else the selected one.
@@ -1410,8 +1547,8 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                         // Show it: the agent's first report of the new
                         // evacuation makes it the newest.
                         app.view = View::Evacuations;
-                        app.evacuation = None;
-                        app.evacuation_vm_row = 0;
+                        let known = app.state().evacuations.keys().cloned().collect();
+                        app.awaited_evacuation = Some((form.host.clone(), known));
                         app.evacuation_list_focused = false;
                         return vec![command];
                     }
@@ -1501,10 +1638,7 @@ fn on_input(app: &mut App, key: KeyEvent) -> Vec<Command> {
             }
         }
         KeyCode::Enter => match input.kind {
-            InputKind::Filter => {
-                app.filter = input.text.trim().to_string();
-                app.migration_row = 0;
-            }
+            InputKind::Filter => app.filter = input.text.trim().to_string(),
             InputKind::Command => return run_command(app, input.text.trim()),
         },
         KeyCode::Backspace => {
@@ -1514,9 +1648,9 @@ fn on_input(app: &mut App, key: KeyEvent) -> Vec<Command> {
         KeyCode::Char(c) => {
             input.text.push(c);
             if input.kind == InputKind::Filter {
-                // Live filtering as the operator types.
+                // Live filtering as the operator types; the cursor stays on
+                // its migration while the filter shows it.
                 app.filter = input.text.trim().to_string();
-                app.migration_row = 0;
             }
             app.input = Some(input);
         }
@@ -1617,11 +1751,12 @@ mod tests {
     }
 
     fn select(app: &mut App, id: &str) {
-        app.migration_row = app
+        let row = app
             .rows()
             .iter()
             .position(|m| m.record.id == id)
             .expect("in the table");
+        app.select_row(row);
     }
 
     #[test]
@@ -2538,6 +2673,175 @@ mod tests {
         assert!(app.live.migrations.contains_key("m-late"));
         press(&mut app, &[key('f')]);
         assert!(app.state().migrations.contains_key("m-late"));
+    }
+
+    fn arrive(app: &mut App, host: &str, record: proto::MigrationRecord) {
+        update(
+            app,
+            Msg::Event(proto::Event {
+                host: host.into(),
+                kind: Some(Kind::Migration(record)),
+            }),
+        );
+    }
+
+    fn selected_id(app: &App) -> Option<String> {
+        app.selected_migration().map(|m| m.record.id.clone())
+    }
+
+    #[test]
+    fn the_cursor_stays_on_its_migration_when_others_start_above_it() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        assert_eq!(app.migration_row, 1);
+        // Two migrations start: running rows sort first, above m-fail.
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        arrive(
+            &mut app,
+            "hv-b",
+            migration("m-a2", "db-02", "hv-b", "hv-c", proto::Outcome::None),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-fail"));
+        assert_eq!(app.migration_row, 3, "it moved down with its row");
+        // enter opens it, d retries it: not whatever slid under the row.
+        press(&mut app, &[code(KeyCode::Enter)]);
+        assert_eq!(app.view, View::Detail("m-fail".into()));
+        press(&mut app, &[code(KeyCode::Esc)]);
+        // One of them ends (sorts below m-fail now): still on m-fail.
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::Succeeded),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-fail"));
+        assert_eq!(app.migration_row, 2);
+        assert!(app.status.is_none(), "nothing to say: {:?}", app.status);
+    }
+
+    #[test]
+    fn the_cursor_follows_its_migration_when_it_ends_and_re_sorts() {
+        let mut app = fixture();
+        select(&mut app, "m-run");
+        assert_eq!(app.migration_row, 0);
+        let mut done = migration("m-run", "web-01", "hv-a", "hv-b", proto::Outcome::Succeeded);
+        done.started_at_ms = 900;
+        arrive(&mut app, "hv-a", done);
+        assert_eq!(selected_id(&app).as_deref(), Some("m-run"));
+        assert_eq!(
+            app.migration_row, 2,
+            "after the failed one and the newer success"
+        );
+        // Keys move from where it is now.
+        press(&mut app, &[key('k')]);
+        assert_eq!(selected_id(&app).as_deref(), Some("m-ok"));
+    }
+
+    #[test]
+    fn a_filter_keeps_the_cursor_on_its_migration_or_says_where_it_went() {
+        let mut app = fixture();
+        select(&mut app, "m-ok");
+        // A filter that still shows it: the cursor stays on it.
+        press(&mut app, &[key('/'), key('a'), key('p'), key('p')]);
+        assert_eq!(app.filter, "app");
+        assert_eq!(selected_id(&app).as_deref(), Some("m-ok"));
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert_eq!(selected_id(&app).as_deref(), Some("m-ok"));
+        // One that hides it: the neighbour takes the cursor, and the status
+        // line says which migration left and which one the cursor is on now.
+        select(&mut app, "m-fail");
+        press(
+            &mut app,
+            &[key('/'), key('w'), key('e'), key('b'), code(KeyCode::Enter)],
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-run"));
+        let (status, error) = app.status.clone().expect("said");
+        assert!(!error);
+        assert_eq!(
+            status,
+            "m-fail (db-01) is hidden by the filter: the cursor is on m-run (web-01)"
+        );
+    }
+
+    #[test]
+    fn marks_stay_on_their_migrations_through_re_sorts() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        press(&mut app, &[key(' ')]);
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        let commands = press(&mut app, &[key('r'), key('y')]);
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert!(
+            format!("{:?}", commands[0]).contains("m-fail"),
+            "{commands:?}"
+        );
+    }
+
+    #[test]
+    fn a_host_that_joins_does_not_move_the_hosts_cursor() {
+        let mut app = fixture();
+        press(&mut app, &[code(KeyCode::Tab), key('j'), key('j')]);
+        assert_eq!(app.selected_host(), Some("hv-c"));
+        update(
+            &mut app,
+            Msg::Connected {
+                host: "hv-z".into(),
+            },
+        );
+        assert_eq!(app.selected_host(), Some("hv-c"));
+    }
+
+    #[test]
+    fn the_evacuation_shown_and_its_vm_stay_when_a_newer_one_starts() {
+        let mut app = fixture();
+        press(&mut app, &[key('E'), key('j'), key('j')]);
+        assert_eq!(
+            app.selected_evacuation().map(|e| e.id.as_str()),
+            Some("e-run")
+        );
+        assert_eq!(
+            app.selected_evacuation_vm().map(|v| v.name.as_str()),
+            Some("cache-02")
+        );
+        // A newer evacuation (another operator's) appears.
+        let mut newer = evacuation();
+        newer.id = "e-new".into();
+        newer.host = "hv-d".into();
+        newer.started_at_ms = 9_000;
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: "hv-d".into(),
+                kind: Some(Kind::Evacuation(newer)),
+            }),
+        );
+        assert_eq!(
+            app.selected_evacuation().map(|e| e.id.as_str()),
+            Some("e-run"),
+            "the view stays on the evacuation the operator was looking at"
+        );
+        // Its VM list changes order: the cursor stays on cache-02.
+        let mut changed = evacuation();
+        changed.vms.swap(0, 2);
+        update(
+            &mut app,
+            Msg::Event(proto::Event {
+                host: "hv-e".into(),
+                kind: Some(Kind::Evacuation(changed)),
+            }),
+        );
+        assert_eq!(
+            app.selected_evacuation_vm().map(|v| v.name.as_str()),
+            Some("cache-02")
+        );
+        assert_eq!(app.evacuation_vm_row, 0);
     }
 
     #[test]

@@ -296,6 +296,12 @@ impl ClusterState {
         self.ordered().collect()
     }
 
+    /// Where migration `id` sits in that order.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        let key = order_key(&self.migrations.get(id)?.record);
+        Some(self.order.range(..key).count())
+    }
+
     /// The same order, lazily: a frame takes only the rows it shows.
     pub fn ordered(&self) -> impl Iterator<Item = &MigrationView> {
         self.order.iter().filter_map(|k| self.migrations.get(&k.2))

@@ -324,7 +324,7 @@ fn app_with_paused_guest(error: &str) -> App {
 
 /// Open the detail of migration `id`, by keys from the top row.
 fn open(app: &mut App, id: &str) {
-    app.migration_row = 0;
+    app.select_row(0);
     let row = app
         .rows()
         .iter()
@@ -456,7 +456,7 @@ fn transfers_app() -> App {
     app.live.now_ms = 12_000;
     // The cursor on the last row (app-01, succeeded), so the rows that
     // carry meaning keep their own colours.
-    app.migration_row = app.rows().len() - 1;
+    app.select_row(app.rows().len() - 1);
     app
 }
 
