@@ -194,3 +194,57 @@ fn an_operator_aborts_and_retries_elsewhere_by_keystrokes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// On a busy cluster the cursor stays on the failed migration the operator
+/// chose: migrations start above it (running rows sort first) and end below
+/// it for several seconds, and `enter` still opens the failed one.
+#[test]
+fn the_cursor_stays_on_the_chosen_failed_migration_while_others_start_and_end() {
+    let cluster = Cluster::start(vec![
+        host(
+            "hv-a",
+            format!(
+                "{}{}{}{}{}{}{}",
+                port_profile(""),
+                vm("db-01", 256),
+                vm("app-01", 256),
+                vm("app-02", 256),
+                vm("app-03", 256),
+                vm("app-04", 256),
+                link(256)
+            ),
+        ),
+        host("hv-b", port_profile("fail = [\"finish\"]")),
+        host("hv-c", port_profile("")),
+    ]);
+    let (code, failed) = cluster.tern_json(&[
+        "migrate", "db-01", "--to", "hv-b", "--mode", "safe", "--json",
+    ]);
+    assert_eq!(code, 1, "{failed}");
+    let failed_id = failed["id"].as_str().unwrap().to_string();
+
+    let mut screen = Screen::open(&cluster);
+    screen.wait_for("the failed migration on screen", |t| {
+        t.contains("db-01") && t.contains("port-profile ✗ finish")
+    });
+    // The only row: the cursor is on it.
+    screen.keys("g");
+    // Others start above it and end below it, one after another.
+    let mut started = Vec::new();
+    for app in ["app-01", "app-02", "app-03", "app-04"] {
+        started.push(cluster.start_migration(app, "hv-c", "fast"));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    screen.wait_for("the others to run and end on screen", |t| {
+        t.lines().filter(|l| l.contains("hv-a → hv-c")).count() == 4
+    });
+    screen.keys("\r");
+    let text = screen.wait_for("a migration's detail", |t| t.contains(" id m-"));
+    assert!(
+        text.contains(&format!("id {failed_id}")) && text.contains("db-01 hv-a → hv-b"),
+        "enter opened another migration than the failed one it was on:\n{text}"
+    );
+    for id in started {
+        cluster.wait_outcome(&id);
+    }
+}
