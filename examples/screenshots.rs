@@ -65,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
         vms: 32,
         headless: true,
         traffic: true,
+        // The same VMs and moves each time the pictures are made.
+        seed: Some(1),
     })
     .await?;
     let evacuation = cluster.evacuate_last_host().await?;

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use crate::agent::{self, Agent};
@@ -27,11 +28,27 @@ pub struct DemoOptions {
     pub headless: bool,
     /// Start a migration every so often, so the demo is never idle.
     pub traffic: bool,
+    /// The same seed gives the same VMs on the same hosts and the same
+    /// sequence of moves (their timing still varies); none: a random one.
+    pub seed: Option<u64>,
 }
+
+/// The most hosts a demo runs (each is an agent in this process).
+pub const MAX_HOSTS: usize = 100;
+/// The most VMs a demo places per host on average.
+pub const MAX_VMS_PER_HOST: usize = 64;
+/// A demo host's memory and vCPUs: at least this, and twice what its own
+/// VMs take, so each can take guests from the others.
+const HOST_MEMORY_MIB: u64 = 65_536;
+const HOST_VCPUS: u64 = 64;
 
 /// A running demo cluster.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// The seed this run was made from (`--seed` repeats it).
+    pub seed: u64,
+    /// The traffic generator's moves, from the seed.
+    traffic_rng: StdRng,
     pub inventory_path: PathBuf,
     pub inventory: Inventory,
     /// The operator's identity (an admin of the demo's own CA), as
@@ -44,7 +61,8 @@ pub struct Cluster {
 
 const RACK_SIZE: usize = 2;
 
-fn vm_toml(index: usize, rng: &mut impl Rng) -> String {
+/// One demo VM: its config, memory and vCPUs.
+fn vm_toml(index: usize, rng: &mut impl Rng) -> (String, u64, u64) {
     let kinds = [
         ("web", 2048, 2, 40),
         ("db", 8192, 4, 200),
@@ -54,11 +72,30 @@ fn vm_toml(index: usize, rng: &mut impl Rng) -> String {
     let (kind, memory, vcpus, dirty) = kinds[index % kinds.len()];
     let memory = memory / 2 + rng.random_range(0..=memory / 2) / 256 * 256;
     let required = kind != "batch";
-    format!(
+    let text = format!(
         "[[vm]]\nname = \"{kind}-{:02}\"\nmemory_mib = {memory}\nvcpus = {vcpus}\ndirty_rate_mib_s = {dirty}\n\
          features = [{{ name = \"port-profile\", required = {required} }}, {{ name = \"hook\", required = false }}]\n\n",
         index / kinds.len() + 1
-    )
+    );
+    (text, memory as u64, vcpus as u64)
+}
+
+/// Refuse a demo this process cannot run, saying the limit.
+pub fn check_size(options: &DemoOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(options.hosts >= 2, "a demo needs at least 2 hosts");
+    anyhow::ensure!(
+        options.hosts <= MAX_HOSTS,
+        "a demo runs at most {MAX_HOSTS} hosts (--hosts {} asked)",
+        options.hosts
+    );
+    let most = options.hosts * MAX_VMS_PER_HOST;
+    anyhow::ensure!(
+        options.vms <= most,
+        "a demo places at most {MAX_VMS_PER_HOST} VMs a host: at most {most} on {} hosts (--vms {} asked)",
+        options.hosts,
+        options.vms
+    );
+    Ok(())
 }
 
 /// The demo's one guest that pre-copy cannot move: it dirties memory faster
@@ -68,6 +105,9 @@ fn vm_toml(index: usize, rng: &mut impl Rng) -> String {
 const HOT_VM: &str = "[[vm]]\nname = \"hot-01\"\nmemory_mib = 1024\nvcpus = 4\ndirty_rate_mib_s = 1600\n\
      features = [{ name = \"port-profile\", required = true }, { name = \"hook\", required = false }]\n\n";
 
+const HOT_VM_MEMORY_MIB: u64 = 1024;
+const HOT_VM_VCPUS: u64 = 4;
+
 /// From this many VMs on, one of them (on the first host) is [`HOT_VM`].
 const HOT_FROM_VMS: usize = 8;
 
@@ -75,7 +115,11 @@ impl Cluster {
     /// Write the inventory and agent configs under a fresh folder and start
     /// every agent in this process.
     pub async fn start(options: &DemoOptions) -> anyhow::Result<Cluster> {
-        anyhow::ensure!(options.hosts >= 2, "a demo needs at least 2 hosts");
+        check_size(options)?;
+        // Short enough to read off the header and type back.
+        let seed = options
+            .seed
+            .unwrap_or_else(|| u64::from(rand::random::<u16>()));
         // One folder per cluster, even for several in one process.
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -122,7 +166,7 @@ impl Cluster {
         std::fs::write(&inventory_path, &inventory_text)?;
         let inventory = Inventory::load(&inventory_path)?;
         let racks = options.hosts.div_ceil(RACK_SIZE);
-        let mut rng = rand::rng();
+        let mut rng = StdRng::seed_from_u64(seed);
         let mut agents = Vec::new();
         let mut stops = Vec::new();
         let mut servers = Vec::new();
@@ -130,11 +174,31 @@ impl Cluster {
             let name = format!("hv-{}", host_letter(i));
             let flaky = i / RACK_SIZE == racks - 1;
             let own = issue(&name, Role::Agent)?;
+            // Spread the kinds of VM so every host has a mix; the hot one
+            // counts among the VMs asked for.
+            let hot = options.vms >= HOT_FROM_VMS;
+            let regular = options.vms - usize::from(hot);
+            let (mut vms_text, mut memory, mut vcpus) = (String::new(), 0, 0);
+            for v in (0..regular).filter(|v| (v + v / options.hosts) % options.hosts == i) {
+                let (text, m, c) = vm_toml(v, &mut rng);
+                vms_text.push_str(&text);
+                memory += m;
+                vcpus += c;
+            }
+            if hot && i == 0 {
+                vms_text.push_str(HOT_VM);
+                memory += HOT_VM_MEMORY_MIB;
+                vcpus += HOT_VM_VCPUS;
+            }
+            // Sized for what it holds: twice its own VMs, so it can take in
+            // guests from the others.
+            let memory_mib = HOST_MEMORY_MIB.max((2 * memory).div_ceil(1024) * 1024);
+            let host_vcpus = HOST_VCPUS.max(2 * vcpus);
             let mut text = format!(
                 "name = \"{name}\"\nlisten = \"{addr}\"\nstate_dir = \"{name}\"\ninventory = \"cluster.toml\"\n\
                  heartbeat_interval_ms = 500\npeer_timeout_ms = 3000\nallow_fault_injection = true\n\n\
                  [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
-                 [hypervisor]\nkind = \"sim\"\nbandwidth_mib_s = 1024\nspeed = 1.0\nmemory_mib = 65536\nvcpus = 64\n\n\
+                 [hypervisor]\nkind = \"sim\"\nbandwidth_mib_s = 1024\nspeed = 1.0\nmemory_mib = {memory_mib}\nvcpus = {host_vcpus}\n\n\
                  [features.port-profile]\nswitch = \"sim\"\nlatency_ms = 30\n{}\n\
                  [features.hook]\ndriver = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 0\"]\ntimeout_ms = 5000\n\n",
                 if flaky { "fail_rate = 0.25\n" } else { "" },
@@ -142,16 +206,7 @@ impl Cluster {
                 cert = own.join(IDENTITY_CERT).display(),
                 key = own.join(IDENTITY_KEY).display(),
             );
-            // Spread the kinds of VM so every host has a mix; the hot one
-            // counts among the VMs asked for.
-            let hot = options.vms >= HOT_FROM_VMS;
-            let regular = options.vms - usize::from(hot);
-            for v in (0..regular).filter(|v| (v + v / options.hosts) % options.hosts == i) {
-                text.push_str(&vm_toml(v, &mut rng));
-            }
-            if hot && i == 0 {
-                text.push_str(HOT_VM);
-            }
+            text.push_str(&vms_text);
             let config_path = dir.join(format!("{name}.toml"));
             std::fs::write(&config_path, &text)?;
             let config = AgentConfig::load(&config_path)?;
@@ -163,6 +218,8 @@ impl Cluster {
         }
         Ok(Cluster {
             dir,
+            seed,
+            traffic_rng: StdRng::seed_from_u64(seed.wrapping_add(1)),
             inventory_path,
             inventory,
             identity,
@@ -209,13 +266,14 @@ impl Cluster {
     /// `max_incoming` is skipped, so the console is not filled with refusals.
     pub fn spawn_traffic(&self) {
         let agents = self.agents.clone();
+        let mut rng = self.traffic_rng.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 if agents.iter().any(|a| a.is_stopping()) {
                     return;
                 }
-                let Some(step) = next_move(&agents).await else {
+                let Some(step) = next_move(&agents, &mut rng).await else {
                     continue;
                 };
                 // Left: races with an evacuation or another migration
@@ -241,6 +299,27 @@ impl Cluster {
         });
     }
 
+    /// The demo is there to show what Tern does when things go wrong, so
+    /// within its first seconds: one safe-mode migration fails on a switch
+    /// that rejects it (the guest stays where it was, the destination rolls
+    /// back) and one fast-mode migration ends degraded (the guest moved
+    /// without its port profile). The host before the evacuated one rejects
+    /// every ASSOCIATE until both have ended, then goes back to its own
+    /// settings. Nothing happens with fewer than 3 hosts (no destination
+    /// but the draining one).
+    pub fn stage_first_incidents(&self) {
+        let n = self.agents.len();
+        if n < 3 {
+            return;
+        }
+        let (source, destination) = (self.agents[0].clone(), self.agents[n - 2].clone());
+        tokio::spawn(async move {
+            if let Err(e) = first_incidents(&source, &destination).await {
+                tracing::warn!("demo: the first incidents did not happen: {e}");
+            }
+        });
+    }
+
     /// Stop every agent the way a signal would, then remove the demo's
     /// folder (its journals, its CA and keys): nothing of it outlives it.
     pub async fn stop(self) {
@@ -257,6 +336,59 @@ impl Cluster {
     }
 }
 
+async fn first_incidents(source: &Agent, destination: &Agent) -> anyhow::Result<()> {
+    const FEATURE: &str = "port-profile";
+    // Two of the source's guests that need their port profile, the smallest
+    // first (the incidents come quickly).
+    let mut vms: Vec<(u64, String)> = source
+        .vms()
+        .await
+        .into_iter()
+        .filter(|v| v.state == crate::proto::GuestState::Running as i32)
+        .filter(|v| v.name.starts_with("web-") || v.name.starts_with("cache-"))
+        .map(|v| (v.memory_mib, v.name))
+        .collect();
+    vms.sort();
+    let [(_, safe_vm), (_, fast_vm), ..] = vms.as_slice() else {
+        anyhow::bail!("{} has fewer than two web or cache guests", source.name);
+    };
+    let saved = destination
+        .features
+        .faults()
+        .into_iter()
+        .find(|(name, _)| name == FEATURE)
+        .map(|(_, faults)| faults)
+        .unwrap_or_default();
+    let mut rejecting = saved.clone();
+    rejecting.fail.push(crate::protocol::Stage::Finish);
+    destination
+        .features
+        .set_faults(FEATURE, rejecting)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        "demo: {}'s switch rejects every ASSOCIATE until the first incidents are on screen",
+        destination.name
+    );
+    let mut started = Vec::new();
+    for (vm, mode) in [(safe_vm, Mode::Safe), (fast_vm, Mode::Fast)] {
+        match source
+            .start_migration(vm, &destination.name, mode, Default::default())
+            .await
+        {
+            Ok(record) => started.push(record.id),
+            Err(e) => tracing::warn!("demo: {vm} to {}: {e}", destination.name),
+        }
+    }
+    for id in started {
+        let _ = tokio::time::timeout(Duration::from_secs(15), source.wait_migration(&id)).await;
+    }
+    destination
+        .features
+        .set_faults(FEATURE, saved)
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 /// One migration the traffic generator starts.
 struct Move {
     source: Arc<Agent>,
@@ -267,7 +399,7 @@ struct Move {
 
 /// A random idle VM on a host that may source a migration now, to a random
 /// host that may receive one now; `None` when no such pair exists.
-async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
+async fn next_move(agents: &[Arc<Agent>], rng: &mut StdRng) -> Option<Move> {
     let mut traffic = Vec::new();
     for a in agents {
         traffic.push(a.traffic().await);
@@ -278,10 +410,7 @@ async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
         .filter(|(a, t)| !t.draining && t.outgoing < a.max_outgoing as usize)
         .map(|(a, _)| a)
         .collect();
-    let source = {
-        let mut rng = rand::rng();
-        Arc::clone(sources.choose(&mut rng)?)
-    };
+    let source = Arc::clone(sources.choose(rng)?);
     let vms: Vec<String> = source
         .vms()
         .await
@@ -291,8 +420,7 @@ async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
         })
         .map(|v| v.name)
         .collect();
-    let mut rng = rand::rng();
-    let vm = vms.choose(&mut rng)?.clone();
+    let vm = vms.choose(rng)?.clone();
     let destinations: Vec<&Arc<Agent>> = agents
         .iter()
         .zip(&traffic)
@@ -301,7 +429,7 @@ async fn next_move(agents: &[Arc<Agent>]) -> Option<Move> {
         })
         .map(|(a, _)| a)
         .collect();
-    let destination = destinations.choose(&mut rng)?.name.clone();
+    let destination = destinations.choose(rng)?.name.clone();
     let mode = if rng.random_bool(0.5) {
         Mode::Safe
     } else {
@@ -334,12 +462,13 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
     if let Err(e) = &evacuation {
         tracing::warn!("demo: could not start the evacuation: {e}");
     }
+    cluster.stage_first_incidents();
     if !options.headless {
         if options.traffic {
             cluster.spawn_traffic();
         }
         let result = crate::console::run(crate::console::Options {
-            cluster: "demo".into(),
+            cluster: format!("demo · seed {}", cluster.seed),
             agents: cluster.client()?,
             theme,
             read_only,
@@ -349,9 +478,11 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
         return result;
     }
     println!(
-        "Tern demo cluster: {} agents, {} VMs",
+        "Tern demo cluster: {} agents, {} VMs (seed {}: --seed {} repeats its VMs and moves)",
         cluster.agents.len(),
-        options.vms
+        options.vms,
+        cluster.seed,
+        cluster.seed
     );
     for host in &cluster.inventory.host {
         println!("  {:<8} {}", host.name, host.address);
@@ -412,6 +543,7 @@ mod tests {
             vms: HOT_FROM_VMS,
             headless: true,
             traffic: false,
+            seed: None,
         })
         .await
         .expect("the demo cluster starts");
@@ -456,6 +588,149 @@ mod tests {
         cluster.stop().await;
     }
 
+    fn options(hosts: usize, vms: usize, seed: Option<u64>) -> DemoOptions {
+        DemoOptions {
+            hosts,
+            vms,
+            headless: true,
+            traffic: false,
+            seed,
+        }
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_with_the_limit() {
+        let too_few = check_size(&options(1, 4, None)).unwrap_err().to_string();
+        assert_eq!(too_few, "a demo needs at least 2 hosts");
+        let too_many = check_size(&options(101, 4, None)).unwrap_err().to_string();
+        assert_eq!(
+            too_many,
+            "a demo runs at most 100 hosts (--hosts 101 asked)"
+        );
+        let crowded = check_size(&options(10, 641, None)).unwrap_err().to_string();
+        assert_eq!(
+            crowded,
+            "a demo places at most 64 VMs a host: at most 640 on 10 hosts (--vms 641 asked)"
+        );
+        assert!(check_size(&options(10, 640, None)).is_ok());
+        assert!(check_size(&options(100, 3000, None)).is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_are_sized_for_the_vms_asked_and_a_seed_repeats_the_layout() {
+        // 60 VMs on 2 hosts: about 90 GiB each, more than the 64 GiB a host
+        // had before every host was sized for its VMs.
+        let layout = |cluster: &Cluster| {
+            let agents = cluster.agents.clone();
+            async move {
+                let mut all = Vec::new();
+                for a in &agents {
+                    let host = a.host_info().await;
+                    assert!(
+                        host.memory_total_mib >= 2 * host.memory_used_mib,
+                        "{} holds {} of {} MiB: it cannot take guests in",
+                        a.name,
+                        host.memory_used_mib,
+                        host.memory_total_mib
+                    );
+                    assert!(host.vcpus_total >= 2 * host.vcpus_used, "{host:?}");
+                    let mut vms: Vec<(String, u64)> = a
+                        .vms()
+                        .await
+                        .into_iter()
+                        .map(|v| (v.name, v.memory_mib))
+                        .collect();
+                    vms.sort();
+                    all.push((a.name.clone(), host.memory_used_mib, vms));
+                }
+                all
+            }
+        };
+        let first = Cluster::start(&options(2, 60, Some(99)))
+            .await
+            .expect("starts");
+        let used: u64 = {
+            let mut total = 0;
+            for a in &first.agents {
+                total += a.host_info().await.memory_used_mib;
+            }
+            total
+        };
+        assert!(used > 2 * 65_536, "the VMs take {used} MiB in all");
+        let a = layout(&first).await;
+        first.stop().await;
+        let second = Cluster::start(&options(2, 60, Some(99)))
+            .await
+            .expect("starts");
+        assert_eq!(second.seed, 99);
+        let b = layout(&second).await;
+        second.stop().await;
+        assert_eq!(a, b, "the same seed, the same VMs on the same hosts");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_safe_mode_failure_and_degraded_vm_come_within_seconds() {
+        let cluster = Cluster::start(&options(4, 32, Some(5)))
+            .await
+            .expect("starts");
+        let started = std::time::Instant::now();
+        cluster.stage_first_incidents();
+        let source = cluster.agents[0].clone();
+        let destination = cluster.agents[2].clone();
+        let (mut failed, mut degraded) = (None, None);
+        // About 3 s here; the deadline is generous for a loaded machine (no
+        // timing is asserted: they are started at once, not by chance).
+        while started.elapsed() < Duration::from_secs(30)
+            && (failed.is_none() || degraded.is_none())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (page, _) = source.migrations_page(100, "").await.expect("a page");
+            for m in page
+                .iter()
+                .map(crate::protocol::record::MigrationRecord::from)
+            {
+                match m.outcome {
+                    Some(crate::protocol::Outcome::Failed) if m.mode == Mode::Safe => {
+                        failed.get_or_insert(m)
+                    }
+                    Some(crate::protocol::Outcome::Degraded) => degraded.get_or_insert(m),
+                    _ => continue,
+                };
+            }
+        }
+        let failed = failed.expect("a safe-mode failure");
+        let degraded = degraded.expect("a degraded VM");
+        assert_eq!(failed.destination, destination.name);
+        assert_eq!(
+            failed.running_on, source.name,
+            "the guest stayed where it was"
+        );
+        assert_eq!(degraded.running_on, destination.name, "the guest moved");
+        assert!(
+            degraded
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("port-profile finish")),
+            "{degraded:?}"
+        );
+        // Then the switch goes back to its own settings.
+        let rejects = || {
+            destination
+                .features
+                .faults()
+                .iter()
+                .any(|(_, f)| f.fail.contains(&crate::protocol::Stage::Finish))
+        };
+        for _ in 0..100 {
+            if !rejects() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!rejects(), "{:?}", destination.features.faults());
+        cluster.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_demo_evacuates_its_last_host_and_its_traffic_keeps_off_it() {
         let cluster = Cluster::start(&DemoOptions {
@@ -463,6 +738,7 @@ mod tests {
             vms: 9,
             headless: true,
             traffic: false,
+            seed: None,
         })
         .await
         .expect("the demo cluster starts");
@@ -478,8 +754,9 @@ mod tests {
         // Still draining once every agent has settled: nothing reset it.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(last.traffic().await.draining);
+        let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..200 {
-            if let Some(step) = next_move(&cluster.agents).await {
+            if let Some(step) = next_move(&cluster.agents, &mut rng).await {
                 assert_ne!(
                     step.source.name, last.name,
                     "a draining host sources nothing"

@@ -58,6 +58,10 @@ enum Command {
         hosts: usize,
         #[arg(long, default_value_t = 32)]
         vms: usize,
+        /// Repeat a run: the same VMs on the same hosts and the same moves
+        /// (the demo prints its seed).
+        #[arg(long)]
+        seed: Option<u64>,
         /// No console: run the cluster only.
         #[arg(long)]
         headless: bool,
@@ -392,6 +396,7 @@ async fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Demo {
         hosts: 4,
         vms: 32,
+        seed: None,
         headless: false,
         console: ConsoleArgs {
             theme: "default".into(),
@@ -443,6 +448,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
         Command::Demo {
             hosts,
             vms,
+            seed,
             headless,
             console,
         } => {
@@ -452,6 +458,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
                     vms,
                     headless,
                     traffic: true,
+                    seed,
                 },
                 console.theme,
                 console.read_only,
@@ -713,6 +720,10 @@ mod tests {
             parse_error(&["demo", "--hosts", "many"]),
             ErrorKind::ValueValidation
         );
+        assert!(matches!(
+            parse(&["demo", "--seed", "42"]).command,
+            Some(Command::Demo { seed: Some(42), .. })
+        ));
     }
 
     #[test]
