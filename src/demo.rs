@@ -233,6 +233,7 @@ impl Cluster {
     /// admin's identity.
     pub fn client(&self) -> anyhow::Result<crate::cli::Cluster> {
         Ok(crate::cli::Cluster {
+            answer_deadline: crate::cli::client::ANSWER_DEADLINE,
             path: self.inventory_path.clone(),
             inventory: self.inventory.clone(),
             tls: Some(IdentityFiles::load_dir(&self.identity).map_err(anyhow::Error::msg)?),

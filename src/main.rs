@@ -30,6 +30,19 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", env = "TERN_IDENTITY")]
     identity: Option<PathBuf>,
 
+    /// How long a command that asks every agent (status, finding a VM or a
+    /// migration) waits for each before it goes on and names the ones that
+    /// did not answer.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MS",
+        env = "TERN_ANSWER_DEADLINE_MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(100..=60_000)
+    )]
+    answer_deadline_ms: u64,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -417,7 +430,8 @@ async fn main() -> ExitCode {
             None
         }
     };
-    let access = cli::Access::new(cli.inventory, cli.identity);
+    let mut access = cli::Access::new(cli.inventory, cli.identity);
+    access.answer_deadline = Some(std::time::Duration::from_millis(cli.answer_deadline_ms));
     match run(&access, command).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -112,6 +112,7 @@ impl Cluster {
             path: PathBuf::from("cluster.toml"),
             inventory: self.inventory.clone(),
             tls: None,
+            answer_deadline: tern::cli::client::ANSWER_DEADLINE,
         }
     }
 

@@ -156,8 +156,8 @@ fn source_killed_after_finish_was_sent_stays_unresolved_until_the_destination_an
 
     // The source cannot know whether the destination committed: it keeps
     // its guest paused and shows the attempt unresolved, and never resumes
-    // it on its own. (Each `tern status` costs the CLI's 4 s connect timeout
-    // while hv-b is stopped, so look at few snapshots.)
+    // it on its own. (Each `tern status` waits the CLI's 1 s answer deadline
+    // for hv-b while it is stopped, so look at few snapshots.)
     std::thread::sleep(Duration::from_millis(3000));
     let mut status = cluster.status();
     for _ in 0..2 {

@@ -20,6 +20,10 @@ use crate::trust::tls::{self, IdentityFiles};
 
 /// How long to wait for an agent to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a command that asks every agent waits for each before it goes
+/// on without it and names it ("hv-b: no answer in 1 s"): a hung host must
+/// not hold up what the others answer.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(1);
 /// How long a short request (everything but Watch and WaitMigration) may take.
 /// Rollback and Resolve may wait on drivers and on a peer, hence not shorter.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -33,6 +37,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub struct Access {
     pub inventory: PathBuf,
     pub identity: Option<PathBuf>,
+    /// Each agent's time to answer a question asked of all ([`ANSWER_DEADLINE`]
+    /// when not set).
+    pub answer_deadline: Option<Duration>,
 }
 
 impl Access {
@@ -40,6 +47,7 @@ impl Access {
         Access {
             inventory: inventory.into(),
             identity,
+            answer_deadline: None,
         }
     }
 }
@@ -51,6 +59,8 @@ pub struct Cluster {
     pub path: PathBuf,
     pub inventory: Inventory,
     pub tls: Option<IdentityFiles>,
+    /// Each agent's time to answer a question asked of all.
+    pub answer_deadline: Duration,
 }
 
 impl Cluster {
@@ -83,6 +93,7 @@ impl Cluster {
             path: path.to_path_buf(),
             inventory,
             tls,
+            answer_deadline: access.answer_deadline.unwrap_or(ANSWER_DEADLINE),
         })
     }
 
@@ -110,15 +121,33 @@ impl Cluster {
         })
     }
 
-    /// Connect to every agent at once, in inventory order.
+    /// Connect to every agent at once, in inventory order; one that does
+    /// not answer within the answer deadline is left out, named.
     pub async fn connect_all(&self) -> Vec<Link> {
         join_all(self.inventory.host.iter().map(|entry| async move {
+            let agent = match tokio::time::timeout(self.answer_deadline, self.connect(entry)).await
+            {
+                Ok(agent) => agent,
+                Err(_) => Err(no_answer(&entry.name, self.answer_deadline)),
+            };
             Link {
                 entry: entry.clone(),
-                agent: self.connect(entry).await,
+                agent: agent.map(|a| a.within(self.answer_deadline)),
             }
         }))
         .await
+    }
+}
+
+/// An agent that did not answer a question asked of all in time.
+pub fn no_answer(host: &str, deadline: Duration) -> CliError {
+    CliError::unavailable(format!("{host}: no answer in {}", seconds(deadline)))
+}
+
+fn seconds(d: Duration) -> String {
+    match d.as_millis() {
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{:.1} s", ms as f64 / 1000.0),
     }
 }
 
@@ -145,6 +174,9 @@ pub struct Agent {
     pub name: String,
     pub address: String,
     client: ConsoleClient<Channel>,
+    /// How long a question asked of every agent waits for this one
+    /// ([`Agent::ask`]); `None`: as long as a short call.
+    answer_deadline: Option<Duration>,
 }
 
 impl Agent {
@@ -187,7 +219,30 @@ impl Agent {
             name: entry.name.clone(),
             address: entry.address.clone(),
             client,
+            answer_deadline: None,
         })
+    }
+
+    /// This agent, answering questions asked of all within `deadline`.
+    pub fn within(mut self, deadline: Duration) -> Agent {
+        self.answer_deadline = Some(deadline);
+        self
+    }
+
+    /// Bound a question asked of every agent by the answer deadline, so a
+    /// hung host is named ("hv-b: no answer in 1 s") instead of holding up
+    /// what the others answered.
+    pub async fn asked<T>(
+        &self,
+        question: impl Future<Output = Result<T, CliError>>,
+    ) -> Result<T, CliError> {
+        let Some(deadline) = self.answer_deadline else {
+            return question.await;
+        };
+        match tokio::time::timeout(deadline, question).await {
+            Ok(answer) => answer,
+            Err(_) => Err(no_answer(&self.name, deadline)),
+        }
     }
 
     /// A short call, bounded by [`REQUEST_TIMEOUT`]. The answer's text is
@@ -435,7 +490,8 @@ pub async fn find_migration<'a>(
     id: &str,
 ) -> Result<(&'a Agent, proto::MigrationRecord), CliError> {
     let answers = join_all(
-        reachable(links).map(|agent| async move { (agent, agent.get_migration(id).await) }),
+        reachable(links)
+            .map(|agent| async move { (agent, agent.asked(agent.get_migration(id)).await) }),
     )
     .await;
     let mut found: Vec<(&Agent, proto::MigrationRecord)> = Vec::new();
@@ -519,7 +575,7 @@ pub async fn running_elsewhere(links: &[Link], vm: &str, except: &str) -> Vec<St
 pub async fn find_vm_host(cluster: &Cluster, links: &[Link], vm: &str) -> Result<String, CliError> {
     let answers = join_all(links.iter().map(|link| async move {
         let agent = link.agent.as_ref().map_err(Clone::clone)?;
-        let vms = agent.list_vms().await?;
+        let vms = agent.asked(agent.list_vms()).await?;
         Ok::<_, CliError>((agent.name.clone(), vms))
     }))
     .await;

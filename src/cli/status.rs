@@ -285,8 +285,13 @@ impl StatusJson {
 }
 
 async fn ask(agent: &Agent) -> Result<HostAnswer, CliError> {
-    let (host, vms, migrations, evacuations) = tokio::try_join!(
-        agent.call(|mut c| async move { c.get_host(proto::GetHostRequest {}).await }),
+    // A host that does not answer this small question in time is named and
+    // left out; one that does gets the time its lists take (many pages on a
+    // host with a long history).
+    let host = agent
+        .asked(agent.call(|mut c| async move { c.get_host(proto::GetHostRequest {}).await }))
+        .await?;
+    let (vms, migrations, evacuations) = tokio::try_join!(
         agent.list_vms(),
         agent.list_migrations(),
         agent.list_evacuations(),
