@@ -203,9 +203,18 @@ fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         |b: &&keymap::Binding| !matches!(b.action, keymap::Action::Help | keymap::Action::Quit);
     let mut hints: Vec<_> = keymap::hints(app.read_only, app.context()).collect();
     hints.sort_by_key(first);
+    // Whole hints only, in the keymap's order of importance: one cut in the
+    // middle ("E eva") tells the operator nothing; `?` lists them all.
+    let mut room = usize::from(area.width);
     for b in hints {
-        spans.push(Span::styled(format!(" {} ", b.shown), theme.key));
-        spans.push(Span::styled(format!("{} ", b.hint), theme.hint));
+        let (key, hint) = (format!(" {} ", b.shown), format!("{} ", b.hint));
+        let width = Span::raw(key.as_str()).width() + Span::raw(hint.as_str()).width();
+        if width > room {
+            continue;
+        }
+        room -= width;
+        spans.push(Span::styled(key, theme.key));
+        spans.push(Span::styled(hint, theme.hint));
     }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }

@@ -48,10 +48,20 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
         .max()
         .unwrap_or(0)
         .clamp(4, 16);
+    // An empty ROLLBACKS column gives its room to the evacuation's.
+    let rollbacks = state.hosts[range.clone()]
+        .iter()
+        .filter_map(|h| h.info.as_ref())
+        .any(|i| !i.pending_rollbacks.is_empty());
+    let pending_width = match (rollbacks, narrow) {
+        (false, _) => 0,
+        (true, true) => 11,
+        (true, false) => 13,
+    };
     let widths = if narrow {
-        [names, 12, 4, 14, 10, 11]
+        [names, 12, 4, 14, 10, pending_width]
     } else {
-        [names.max(12), 16, 4, 22, 10, 13]
+        [names.max(12), 16, 4, 22, 10, pending_width]
     };
     // What the last column gets (borders, one column between columns).
     let last = usize::from(area.width.saturating_sub(widths.iter().sum::<u16>() + 8));
@@ -131,8 +141,16 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     constraints.push(Constraint::Min(8));
     let table = Table::new(rows, constraints)
         .header(
-            Row::new(["HOST", "AGENT", "VMS", "MEMORY", "OUT IN", "ROLLBACKS", ""])
-                .style(theme.header),
+            Row::new([
+                "HOST",
+                "AGENT",
+                "VMS",
+                "MEMORY",
+                "OUT IN",
+                if rollbacks { "ROLLBACKS" } else { "" },
+                "",
+            ])
+            .style(theme.header),
         )
         .block(block(
             format!(" hosts ({}) ", state.hosts.len()),
@@ -244,10 +262,12 @@ impl Columns {
         let wide = area_width >= WIDE;
         let vm = needs.vm.clamp(6, if wide { 16 } else { 12 });
         let route = needs.route.clamp(9, if wide { 27 } else { 19 });
+        // Narrow, what goes first is what an operator can do without (mode,
+        // rate, time); the progress stays: it is the number watched.
         let mut widths = if wide {
             vec![3, vm, route, 4, 6, 5, 11, 7]
         } else {
-            vec![3, vm, route, 6]
+            vec![3, vm, route, 6, 4]
         };
         widths.push(needs.features.clamp(8, FEATURES_MAX - u16::from(!wide)));
         // Borders, and one column of spacing between columns (the state
@@ -282,7 +302,7 @@ impl Columns {
                 "",
             ]
         } else {
-            vec!["", "VM", "FROM → TO", "PHASES", "FEATURES", ""]
+            vec!["", "VM", "FROM → TO", "PHASES", "DONE", "FEATURES", ""]
         }
     }
 }
@@ -331,6 +351,8 @@ fn migration_row<'a>(app: &App, m: &MigrationView, theme: &Theme, columns: &Colu
     cells.push(Cell::from(pipeline(r, theme)));
     if columns.wide {
         cells.extend([Cell::from(progress), Cell::from(rate), Cell::from(elapsed)]);
+    } else {
+        cells.push(Cell::from(progress));
     }
     cells.extend([
         Cell::from(Span::styled(
