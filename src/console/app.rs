@@ -43,6 +43,10 @@ pub enum Focus {
 pub struct Choice {
     pub host: String,
     pub refusal: Option<String>,
+    /// The VM's latest failed or aborted attempt to this host, said:
+    /// "failed here 40 s ago: port-profile ✗ finish". Eligible or not, the
+    /// operator should know before sending it there again.
+    pub failed_here: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1221,9 +1225,56 @@ pub fn destinations(state: &ClusterState, vm: &str, required: &[String]) -> Vec<
             Choice {
                 host: h.name.clone(),
                 refusal,
+                failed_here: failed_here(state, vm, &h.name),
             }
         })
         .collect()
+}
+
+/// When `vm` last failed on `host` and why, from every attempt the console
+/// knows of (each migration's latest and its earlier ones).
+fn failed_here(state: &ClusterState, vm: &str, host: &str) -> Option<String> {
+    let failed = |r: &&proto::MigrationRecord| {
+        r.vm == vm
+            && r.destination == host
+            && matches!(
+                proto::Outcome::try_from(r.outcome),
+                Ok(proto::Outcome::Failed | proto::Outcome::Aborted)
+            )
+    };
+    let last = state
+        .migrations
+        .values()
+        .flat_map(|m| m.history.iter().chain(std::iter::once(&m.record)))
+        .filter(failed)
+        .max_by_key(|r| r.updated_at_ms)?;
+    let ago = crate::cli::output::seconds_text(state.now_ms.saturating_sub(last.updated_at_ms));
+    let failed_stage = |s: i32| s == proto::StepStatus::Failed as i32;
+    let why = last
+        .features
+        .iter()
+        .find_map(|f| {
+            let stage = if failed_stage(f.prepare) {
+                "prepare"
+            } else if failed_stage(f.finish) {
+                "finish"
+            } else {
+                return None;
+            };
+            Some(format!("{} ✗ {stage}", f.name))
+        })
+        .unwrap_or_else(|| {
+            let outcome = proto::Outcome::try_from(last.outcome)
+                .map(|o| o.as_str_name().to_lowercase())
+                .unwrap_or_default();
+            let first: String = last.error.chars().take(48).collect();
+            match first.is_empty() {
+                true => outcome,
+                false if last.error.chars().count() > 48 => format!("{first}…"),
+                false => first,
+            }
+        });
+    Some(format!("failed here {ago} ago: {why}"))
 }
 
 /// Offer every host; the cursor starts on the first eligible one that is
@@ -1241,9 +1292,16 @@ fn picker(
 ) {
     let choices = destinations(app.state(), &vm, &required);
     let eligible = |c: &&Choice| c.refusal.is_none();
+    // First choice: eligible and no failure of this VM there; then eligible
+    // and not where the last attempt failed; then any eligible host.
     let selected = choices
         .iter()
-        .position(|c| eligible(&c) && Some(c.host.as_str()) != avoid)
+        .position(|c| eligible(&c) && c.failed_here.is_none())
+        .or_else(|| {
+            choices
+                .iter()
+                .position(|c| eligible(&c) && Some(c.host.as_str()) != avoid)
+        })
         .or_else(|| choices.iter().position(|c| eligible(&c)))
         .unwrap_or(0);
     app.dialog = Some(Dialog::Picker {
@@ -1426,6 +1484,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                     Some(Choice {
                         host,
                         refusal: None,
+                        ..
                     }) => {
                         let policy = completion.over(base(mode, last));
                         let command = match retry {
@@ -1450,6 +1509,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                     Some(Choice {
                         host,
                         refusal: Some(why),
+                        ..
                     }) => app.say(format!("{host} cannot take {vm}: {why}"), true),
                     None => {}
                 },
@@ -1986,6 +2046,21 @@ mod tests {
             choices[*selected].host, "hv-a",
             "the first eligible host is preselected"
         );
+        // hv-c could take it, but db-01 failed there: the picker says when
+        // and why, and does not start on it.
+        let failed = |h: &str| {
+            choices
+                .iter()
+                .find(|c| c.host == h)
+                .and_then(|c| c.failed_here.clone())
+        };
+        assert_eq!(why("hv-c"), None);
+        let hv_c = failed("hv-c").expect("failed here");
+        assert!(
+            hv_c.starts_with("failed here ") && hv_c.ends_with(" ago: port-profile ✗ finish"),
+            "{hv_c}"
+        );
+        assert_eq!(failed("hv-a"), None);
         // Moving onto an ineligible host and pressing enter sends nothing and says why.
         let commands = press(&mut app, &[key('j'), code(KeyCode::Enter)]);
         assert!(commands.is_empty());

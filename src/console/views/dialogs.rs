@@ -94,13 +94,29 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
             last,
             ..
         } => {
+            // What a host's line has after the cursor, symbol and name.
+            let room = popup_inner(frame).saturating_sub(3 + 2 + 12);
             let mut body: Vec<Line> = choices
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let (symbol, style, why) = match &c.refusal {
-                        None => (theme.symbols.done, theme.done, "eligible"),
-                        Some(why) => (theme.symbols.failed, theme.dim, why.as_str()),
+                    let failed = c.failed_here.as_deref();
+                    let said = |first: &str| match failed {
+                        // One line per host, whatever the width: the cause
+                        // goes first when there is no room for it.
+                        Some(failed) => super::outlook::fit(
+                            &[
+                                format!("{first} · {failed}"),
+                                format!("{first} · {}", failed.split(':').next().unwrap_or(failed)),
+                            ],
+                            room,
+                        ),
+                        None => first.to_string(),
+                    };
+                    let (symbol, style, why) = match (&c.refusal, failed) {
+                        (None, None) => (theme.symbols.done, theme.done, said("eligible")),
+                        (None, Some(_)) => (theme.symbols.done, theme.warning, said("eligible")),
+                        (Some(why), _) => (theme.symbols.failed, theme.dim, said(why)),
                     };
                     // The cursor line is one solid bar: the spans' own
                     // colours would fight its background.
@@ -113,7 +129,14 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                     Line::from(vec![
                         Span::raw("   "),
                         Span::styled(format!("{symbol} {:<12}", c.host), style),
-                        Span::styled(why.to_string(), theme.dim),
+                        Span::styled(
+                            why.to_string(),
+                            if c.refusal.is_none() && failed.is_some() {
+                                theme.warning
+                            } else {
+                                theme.dim
+                            },
+                        ),
                     ])
                 })
                 .collect();
