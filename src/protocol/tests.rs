@@ -4986,6 +4986,26 @@ fn c4_from(src: &SourceAttempt, committed: bool, ready: bool) -> proto::Cookie4 
     }
 }
 
+/// A fast-mode source whose destination got ready at START + 5000 and that
+/// switched to post-copy at START + 5001; committed there at START + 5002 too
+/// when `committed`.
+fn switched_source(committed: bool) -> SourceAttempt {
+    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
+    not_converging(&mut src, START + 1000);
+    src.handle(
+        START + 5000,
+        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
+    );
+    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    if committed {
+        src.handle(
+            START + 5002,
+            SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
+        );
+    }
+    src
+}
+
 fn sent_c3_status(actions: &[SourceAction]) -> Option<i32> {
     actions.iter().find_map(|a| match a {
         SourceAction::SendFinish(c3) => Some(c3.status),
@@ -5137,13 +5157,7 @@ fn a_switch_the_hypervisor_refused_resumes_the_source_and_tells_the_destination(
 
 #[test]
 fn a_destination_that_lost_the_guest_in_post_copy_makes_the_outcome_lost() {
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    let mut src = switched_source(false);
     let mut c4 = c4_from(&src, true, false);
     c4.lost = true;
     c4.error = "its QEMU exited".into();
@@ -5174,17 +5188,7 @@ fn a_destination_that_lost_the_guest_in_post_copy_makes_the_outcome_lost() {
     );
 
     // The post-copy transfer failing after the commit loses it too.
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
-    src.handle(
-        START + 5002,
-        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
-    );
+    let mut src = switched_source(true);
     let actions = src.handle(
         START + 5003,
         SourceInput::TransferDone(Err("the QEMU of web exited".into())),
@@ -5317,17 +5321,7 @@ fn a_destination_without_post_copy_makes_auto_pre_copy_only_and_says_why() {
 #[test]
 fn a_paused_post_copy_is_recovered_with_backoff_and_the_source_never_resumes() {
     use super::source::RecoverAnswer;
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
-    src.handle(
-        START + 5002,
-        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
-    );
+    let mut src = switched_source(true);
     let paused = |t| TransferStats {
         stage: super::TransferStage::PostcopyPaused,
         elapsed_ms: t,
@@ -5487,13 +5481,7 @@ fn a_post_copy_whose_destination_is_gone_for_good_is_declared_lost_only_by_the_o
 fn a_source_restarted_mid_recovery_tries_again_once_paused_and_ignores_late_answers() {
     // Found by the simulator: the journal kept "a try is in flight", no
     // answer ever came to the new process, and recovery stopped for good.
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    let mut src = switched_source(false);
     let paused = TransferStats {
         stage: super::TransferStage::PostcopyPaused,
         elapsed_ms: 6000,
@@ -5557,13 +5545,7 @@ fn a_source_restarted_mid_recovery_tries_again_once_paused_and_ignores_late_answ
 
 #[test]
 fn a_post_copy_that_drained_cannot_be_declared_lost() {
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
+    let mut src = switched_source(false);
     // The last page went before the destination's answer came.
     src.handle(
         START + 5002,
@@ -5576,17 +5558,7 @@ fn a_post_copy_that_drained_cannot_be_declared_lost() {
 
 #[test]
 fn a_post_copy_that_stops_moving_is_broken_off_once_so_it_can_be_recovered() {
-    let mut src = transferring_source(Mode::Fast, Completion::for_mode(Mode::Fast));
-    not_converging(&mut src, START + 1000);
-    src.handle(
-        START + 5000,
-        SourceInput::FinishReplied(Ok(c4_from(&src, false, true))),
-    );
-    src.handle(START + 5001, SourceInput::PostcopyStarted(Ok(())));
-    src.handle(
-        START + 5002,
-        SourceInput::FinishReplied(Ok(c4_from(&src, true, false))),
-    );
+    let mut src = switched_source(true);
     let moving = |t: Millis, sent: u64| TransferStats {
         stage: super::TransferStage::Postcopy,
         bytes_transferred: sent,

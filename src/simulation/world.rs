@@ -1585,25 +1585,19 @@ impl World {
                 }
             }
             Op::RecoverIncoming { vm, attempt_id } => {
-                if chaos && self.chance(g.resume_fails) {
-                    self.fault("recover-incoming fails", || {
-                        format!("migrate-recover of {vm} fails")
-                    });
-                    let error = OpError::Failed("QEMU: migrate-recover failed".into());
-                    return self.op_done(h, op, quick, Err(error), None);
-                }
-                let result = self.recover_incoming(h, &vm, &attempt_id);
+                let fails = chaos && self.chance(g.resume_fails);
+                let result = match fails {
+                    true => self.qemu_fails("recover-incoming fails", "migrate-recover", &vm),
+                    false => self.recover_incoming(h, &vm, &attempt_id),
+                };
                 self.op_done(h, op, quick, result, None);
             }
             Op::ResumePostcopy { vm, address } => {
-                if chaos && self.chance(g.resume_fails) {
-                    self.fault("post-copy resume fails", || {
-                        format!("migrate resume=true of {vm} fails")
-                    });
-                    let error = OpError::Failed("QEMU: migrate resume failed".into());
-                    return self.op_done(h, op, quick, Err(error), None);
-                }
-                let result = self.resume_postcopy(h, &vm, &address);
+                let fails = chaos && self.chance(g.resume_fails);
+                let result = match fails {
+                    true => self.qemu_fails("post-copy resume fails", "migrate resume", &vm),
+                    false => self.resume_postcopy(h, &vm, &address),
+                };
                 self.op_done(h, op, quick, result, None);
             }
             Op::PausePostcopy { vm } => {
@@ -1855,6 +1849,17 @@ impl World {
         }
         self.transfers.get_mut(&id).expect("transfer").switched = Some(copy);
         Ok(OpOutput::Done)
+    }
+
+    /// A QEMU command of a recovery fails (a fault of kind `kind`).
+    fn qemu_fails(
+        &mut self,
+        kind: &'static str,
+        command: &str,
+        vm: &str,
+    ) -> Result<OpOutput, OpError> {
+        self.fault(kind, || format!("{command} of {vm} fails"));
+        Err(OpError::Failed(format!("QEMU: {command} failed")))
     }
 
     /// The latest transfer matching `which` that switched to post-copy and
