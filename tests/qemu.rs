@@ -1386,6 +1386,25 @@ fn unprivileged_userfaultfd() -> bool {
     std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|v| v.trim() == "1")
 }
 
+/// Start a fast-mode migration of `vm` to `to` that switches to post-copy at
+/// once; its id.
+fn postcopy_now(cluster: &Cluster, vm: &str, to: &str) -> String {
+    let (code, started) = cluster.tern_json(&[
+        "migrate",
+        vm,
+        "--to",
+        to,
+        "--mode",
+        "fast",
+        "--postcopy",
+        "now",
+        "--no-wait",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{started}");
+    started["id"].as_str().unwrap().to_string()
+}
+
 /// The guest's counter goes on on `to` from where it stood on `from`: the
 /// first count `to` printed is at least the last one `from` did (its memory
 /// came along, the counter with it), and it keeps going up.
@@ -1693,20 +1712,7 @@ fn a_link_cut_during_post_copy_is_recovered_and_the_guest_goes_on_on_the_destina
         "insecure = true\nheartbeat_interval_ms = 200\npeer_timeout_ms = 60000\nrollback_retry_ms = 600000\n",
     ));
     wait_ready(&cluster, "qa", "g1");
-    let (code, started) = cluster.tern_json(&[
-        "migrate",
-        "g1",
-        "--to",
-        "qb",
-        "--mode",
-        "fast",
-        "--postcopy",
-        "now",
-        "--no-wait",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{started}");
-    let id = started["id"].as_str().unwrap().to_string();
+    let id = postcopy_now(&cluster, "g1", "qb");
     // Cut once the guest runs on qb: a cut between the source's switch and
     // the destination's start of the guest (QEMU's POSTCOPY_RUN) fails the
     // incoming side instead of pausing it, which is not what this is about.
@@ -1773,20 +1779,7 @@ fn a_post_copy_whose_destination_dies_for_good_is_declared_lost_and_never_resume
         qemu_host_as("qb", None, 8, top, "", &port_profile("")),
     ]));
     wait_ready(&cluster, "qa", "g1");
-    let (code, started) = cluster.tern_json(&[
-        "migrate",
-        "g1",
-        "--to",
-        "qb",
-        "--mode",
-        "fast",
-        "--postcopy",
-        "now",
-        "--no-wait",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{started}");
-    let id = started["id"].as_str().unwrap().to_string();
+    let id = postcopy_now(&cluster, "g1", "qb");
     wait_until(Duration::from_secs(30), "the switchover", || {
         cluster.migration(&id)["transfer"]["stage"] == "postcopy"
     });

@@ -2138,16 +2138,7 @@ impl World {
             self.push(tick, Event::TransferTick { transfer: id });
             // QEMU still says "postcopy-active", with no more bytes sent.
             if switched {
-                let stats = self.transfer_stats(id);
-                self.push(
-                    0,
-                    Event::Progress {
-                        host: from,
-                        epoch,
-                        op,
-                        stats,
-                    },
-                );
+                self.report_progress(id);
             }
             return;
         }
@@ -2157,15 +2148,7 @@ impl World {
         let t = self.transfers.get_mut(&id).expect("transfer");
         if t.done < t.steps {
             self.push(tick, Event::TransferTick { transfer: id });
-            self.push(
-                0,
-                Event::Progress {
-                    host: from,
-                    epoch,
-                    op,
-                    stats,
-                },
-            );
+            self.report_progress(id);
             return;
         }
         t.state = TransferState::Completed;
@@ -2211,6 +2194,22 @@ impl World {
         }
     }
 
+    /// The source's process hears how its transfer is doing, now.
+    fn report_progress(&mut self, id: u64) {
+        let t = &self.transfers[&id];
+        let (host, epoch, op) = (t.from, t.epoch, t.op);
+        let stats = self.transfer_stats(id);
+        self.push(
+            0,
+            Event::Progress {
+                host,
+                epoch,
+                op,
+                stats,
+            },
+        );
+    }
+
     /// A paused post-copy: the source's QEMU says so in its progress; the
     /// source's copy dying now loses the guest. One the operator forced
     /// back to run on the source is over (its pages are no longer sent).
@@ -2234,16 +2233,7 @@ impl World {
             ));
             return self.transfer_ended(from, epoch, op, error);
         }
-        let stats = self.transfer_stats(id);
-        self.push(
-            0,
-            Event::Progress {
-                host: from,
-                epoch,
-                op,
-                stats,
-            },
-        );
+        self.report_progress(id);
         self.push(PAUSED_TICK_MS, Event::TransferTick { transfer: id });
     }
 
