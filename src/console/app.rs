@@ -336,10 +336,11 @@ pub struct App {
     /// Where the migration the cursor is on sits in the table now; the
     /// cursor follows [`App::migration_id`], not the row.
     pub migration_row: usize,
-    /// The migration the cursor is on. The table re-sorts as migrations
-    /// start and end and the filter changes: after every change the cursor
-    /// finds it again, or, if it left the table, takes its neighbour and
-    /// the status line says so.
+    /// The migration the operator put the cursor on. The table re-sorts as
+    /// migrations start and end and the filter changes: after every change
+    /// the cursor finds it again, or, if it left the table, takes its
+    /// neighbour and the status line says so. `None` until the operator
+    /// moves the cursor: it stays on its row (the top).
     pub migration_id: Option<String>,
     /// The evacuation the evacuations view shows; `None`: the newest (pinned
     /// as soon as the view shows it, so a newer one does not replace it).
@@ -527,8 +528,9 @@ impl App {
 
     fn follow_migration(&mut self) {
         let Some(id) = self.migration_id.clone() else {
-            // Nothing chosen yet: the cursor's row is the choice.
-            self.select_row(self.migration_row);
+            // Nothing chosen yet: the cursor stays on its row (the top of a
+            // fresh console) until the operator moves it onto a migration.
+            self.migration_row = self.migration_row.min(self.row_count().saturating_sub(1));
             return;
         };
         if let Some(row) = self.row_of(&id) {
@@ -2795,6 +2797,29 @@ mod tests {
         assert_eq!(selected_id(&app).as_deref(), Some("m-fail"));
         assert_eq!(app.migration_row, 2);
         assert!(app.status.is_none(), "nothing to say: {:?}", app.status);
+    }
+
+    #[test]
+    fn a_cursor_nobody_moved_stays_at_the_top_as_migrations_arrive() {
+        let mut app = fixture();
+        assert_eq!(selected_id(&app).as_deref(), Some("m-run"));
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        assert_eq!(app.migration_row, 0);
+        assert_eq!(selected_id(&app).as_deref(), Some("m-a1"), "the top row");
+        // Once moved, it is on a migration, and stays on it.
+        press(&mut app, &[key('j'), key('k')]);
+        // (Rows that start together sort by id: m-a0 goes above m-a1.)
+        arrive(
+            &mut app,
+            "hv-b",
+            migration("m-a0", "db-02", "hv-b", "hv-c", proto::Outcome::None),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-a1"));
+        assert_eq!(app.migration_row, 1);
     }
 
     #[test]
