@@ -473,6 +473,8 @@ pub async fn run(options: DemoOptions, theme: String, read_only: bool) -> anyhow
             agents: cluster.client()?,
             theme,
             read_only,
+            // The demo fails on purpose every few seconds: no bell.
+            quiet: true,
         })
         .await;
         cluster.stop().await;

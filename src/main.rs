@@ -56,6 +56,10 @@ struct ConsoleArgs {
     /// No key that changes anything on an agent.
     #[arg(long)]
     read_only: bool,
+    /// No terminal bell when a migration fails, is unresolved or loses its
+    /// guest (the demo never rings).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,6 +418,7 @@ async fn main() -> ExitCode {
         console: ConsoleArgs {
             theme: "default".into(),
             read_only: false,
+            quiet: false,
         },
     });
     // The console draws on the terminal: its logs go to a file.
@@ -493,6 +498,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
                 agents,
                 theme: console.theme,
                 read_only: console.read_only,
+                quiet: console.quiet,
             })
             .await
             .map_err(failed)?;

@@ -377,6 +377,10 @@ pub struct App {
     pub quit: bool,
     /// Something changed since the last frame.
     pub dirty: bool,
+    /// A migration has just failed, become unresolved or lost: the terminal
+    /// bell rings once (the loop clears it), unless `quiet`.
+    pub bell: bool,
+    pub quiet: bool,
 }
 
 impl App {
@@ -408,6 +412,8 @@ impl App {
             page_rows: 10,
             quit: false,
             dirty: true,
+            bell: false,
+            quiet: false,
         }
     }
 
@@ -616,6 +622,16 @@ pub fn update(app: &mut App, msg: Msg) -> Vec<Command> {
 fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
     match msg {
         Msg::Event(event) => {
+            // A new failure, unresolved attempt or lost guest rings the bell:
+            // the operator may be looking at another window.
+            if let Some(proto::event::Kind::Migration(r)) = &event.kind
+                && needs_an_operator(r.outcome)
+                && app.live.migrations.get(&r.id).is_none_or(|m| {
+                    m.record.attempt_id != r.attempt_id || m.record.outcome != r.outcome
+                })
+            {
+                app.bell |= !app.quiet;
+            }
             app.live.apply(event);
             app.dirty |= app.frozen.is_none();
             Vec::new()
@@ -1066,6 +1082,14 @@ fn targets(app: &App) -> Vec<proto::MigrationRecord> {
     app.selected_migration()
         .map(|m| vec![m.record.clone()])
         .unwrap_or_default()
+}
+
+/// Outcomes that ring the bell.
+fn needs_an_operator(outcome: i32) -> bool {
+    matches!(
+        proto::Outcome::try_from(outcome),
+        Ok(proto::Outcome::Failed | proto::Outcome::Unresolved | proto::Outcome::Lost)
+    )
 }
 
 fn outcome(record: &proto::MigrationRecord) -> proto::Outcome {
@@ -2820,6 +2844,45 @@ mod tests {
         );
         assert_eq!(selected_id(&app).as_deref(), Some("m-a1"));
         assert_eq!(app.migration_row, 1);
+    }
+
+    #[test]
+    fn a_new_failure_rings_the_bell_once_unless_quiet() {
+        let mut app = fixture();
+        app.bell = false;
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        assert!(!app.bell, "a start rings nothing");
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::Failed),
+        );
+        assert!(app.bell, "a failure rings");
+        app.bell = false;
+        // The same record again (a snapshot, a reconnect): no second ring.
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a1", "web-01", "hv-a", "hv-c", proto::Outcome::Failed),
+        );
+        assert!(!app.bell);
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a2", "db-02", "hv-b", "hv-c", proto::Outcome::Succeeded),
+        );
+        assert!(!app.bell, "a success rings nothing");
+        app.quiet = true;
+        arrive(
+            &mut app,
+            "hv-b",
+            migration("m-a3", "db-03", "hv-b", "hv-c", proto::Outcome::Unresolved),
+        );
+        assert!(!app.bell, "--quiet");
     }
 
     #[test]

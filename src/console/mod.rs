@@ -32,6 +32,8 @@ pub struct Options {
     pub agents: crate::cli::Cluster,
     pub theme: String,
     pub read_only: bool,
+    /// No bell when a migration fails, is unresolved or loses its guest.
+    pub quiet: bool,
 }
 
 /// Where the console logs (never to the terminal it draws on):
@@ -86,6 +88,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &current_theme,
     );
     app.identity = identity.map(|id| id.to_string());
+    app.quiet = options.quiet;
     app.live.now_ms = now_ms();
     app.log_path = log_path().display().to_string();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -112,6 +115,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 app.page_rows = size.height.saturating_sub(12) as usize;
                 terminal.draw(|frame| views::draw(frame, &app, &theme))?;
                 app.dirty = false;
+                if std::mem::take(&mut app.bell) {
+                    use std::io::Write;
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(b"\x07");
+                    let _ = out.flush();
+                }
                 last_frame = Instant::now();
             }
             let wait = if app.dirty {

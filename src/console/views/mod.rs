@@ -6,6 +6,7 @@ mod detail;
 mod dialogs;
 mod evacuations;
 mod outlook;
+mod pulse;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,14 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
     draw_header(frame, header, app, theme);
     match &app.view {
         View::Overview => {
+            let [pulse_line, body] =
+                Layout::vertical([Constraint::Length(1), Constraint::Min(3)]).areas(body);
+            let said = pulse::line(
+                &pulse::pulse(app.state()),
+                theme,
+                usize::from(pulse_line.width),
+            );
+            frame.render_widget(Paragraph::new(said), pulse_line);
             let hosts = (app.state().hosts.len() as u16 + 3)
                 .min(body.height / 3)
                 .max(4);

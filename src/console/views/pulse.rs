@@ -1,0 +1,237 @@
+//! The pulse line above the tables: whether tonight is normal, at a glance.
+//! Over the last hour: migrations ended per minute, the share that moved
+//! their guest (succeeded or degraded), the median duration, and the
+//! failures by kind of cause.
+
+use ratatui::text::{Line, Span};
+
+use super::super::state::ClusterState;
+use super::super::theme::Theme;
+use super::outlook::fit;
+use crate::cli::output::seconds_text;
+use crate::proto;
+
+/// An hour, in ms.
+const WINDOW_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pulse {
+    /// Attempts that ended in the window.
+    pub ended: usize,
+    /// Of those, the ones whose guest moved (succeeded or degraded).
+    pub moved: usize,
+    /// Ended per minute, over the part of the window they span (at least a
+    /// minute, so a fresh console does not claim hundreds a minute).
+    pub per_minute: f64,
+    pub p50_ms: Option<u64>,
+    /// Failed, aborted, lost or unresolved, by kind of cause, most first.
+    pub failures: Vec<(String, usize)>,
+}
+
+pub fn pulse(state: &ClusterState) -> Pulse {
+    let now = state.now_ms;
+    let since = now.saturating_sub(WINDOW_MS);
+    let ended: Vec<&proto::MigrationRecord> = state
+        .migrations
+        .values()
+        .flat_map(|m| m.history.iter().chain(std::iter::once(&m.record)))
+        .filter(|r| r.outcome != proto::Outcome::None as i32 && r.updated_at_ms >= since)
+        .collect();
+    let moved = ended
+        .iter()
+        .filter(|r| {
+            matches!(
+                proto::Outcome::try_from(r.outcome),
+                Ok(proto::Outcome::Succeeded | proto::Outcome::Degraded)
+            )
+        })
+        .count();
+    let first = ended.iter().map(|r| r.started_at_ms).min().unwrap_or(now);
+    let minutes = (now.saturating_sub(first) as f64 / 60_000.0).max(1.0);
+    let mut durations: Vec<u64> = ended
+        .iter()
+        .map(|r| r.updated_at_ms.saturating_sub(r.started_at_ms))
+        .collect();
+    durations.sort_unstable();
+    let p50_ms = durations.get(durations.len() / 2).copied();
+    let mut failures: Vec<(String, usize)> = Vec::new();
+    for r in ended.iter().filter(|r| {
+        matches!(
+            proto::Outcome::try_from(r.outcome),
+            Ok(proto::Outcome::Failed
+                | proto::Outcome::Aborted
+                | proto::Outcome::Lost
+                | proto::Outcome::Unresolved)
+        )
+    }) {
+        let kind = match proto::Cause::try_from(r.cause) {
+            Ok(proto::Cause::None) | Err(_) => "other".to_string(),
+            Ok(c) => c
+                .as_str_name()
+                .trim_start_matches("CAUSE_")
+                .to_lowercase()
+                .replace('_', " "),
+        };
+        match failures.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => failures.push((kind, 1)),
+        }
+    }
+    failures.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Pulse {
+        ended: ended.len(),
+        moved,
+        per_minute: ended.len() as f64 / minutes,
+        p50_ms,
+        failures,
+    }
+}
+
+/// The line, fitted to `width`: what goes first on a narrow terminal is the
+/// breakdown of failures, then the median.
+pub fn line<'a>(p: &Pulse, theme: &Theme, width: usize) -> Line<'a> {
+    if p.ended == 0 {
+        return Line::styled(" last hour: no migration has ended", theme.dim);
+    }
+    let ok = p.moved * 100 / p.ended;
+    let rate = format!(" last hour: {:.1}/min, {ok}% moved", p.per_minute);
+    let p50 = p
+        .p50_ms
+        .map(|ms| format!(", p50 {}", seconds_text(ms)))
+        .unwrap_or_default();
+    let failed = if p.failures.is_empty() {
+        String::new()
+    } else {
+        let kinds: Vec<String> = p.failures.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        format!(" · failed: {}", kinds.join(", "))
+    };
+    let text = fit(
+        &[
+            format!("{rate}{p50}{failed}"),
+            format!("{rate}{failed}"),
+            format!("{rate}{p50}"),
+            rate.clone(),
+        ],
+        width,
+    );
+    let style = if p.failures.is_empty() {
+        theme.done
+    } else {
+        theme.warning
+    };
+    Line::from(vec![Span::styled(text, style)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::fixture::*;
+
+    #[test]
+    fn the_pulse_counts_the_last_hour_only() {
+        let mut state = ClusterState::new("test", &["hv-a".to_string()]);
+        state.now_ms = 2 * WINDOW_MS;
+        let ended =
+            |id: &str, outcome: proto::Outcome, cause: proto::Cause, start: u64, end: u64| {
+                let mut r = migration(id, "web-01", "hv-a", "hv-b", outcome);
+                r.cause = cause as i32;
+                r.started_at_ms = start;
+                r.updated_at_ms = end;
+                r
+            };
+        let now = state.now_ms;
+        for r in [
+            // An hour and more ago: not counted.
+            ended(
+                "m-old",
+                proto::Outcome::Failed,
+                proto::Cause::Feature,
+                0,
+                now - WINDOW_MS - 1,
+            ),
+            ended(
+                "m-1",
+                proto::Outcome::Succeeded,
+                proto::Cause::None,
+                now - 600_000,
+                now - 598_000,
+            ),
+            ended(
+                "m-2",
+                proto::Outcome::Degraded,
+                proto::Cause::None,
+                now - 500_000,
+                now - 496_000,
+            ),
+            ended(
+                "m-3",
+                proto::Outcome::Failed,
+                proto::Cause::Feature,
+                now - 400_000,
+                now - 399_000,
+            ),
+            ended(
+                "m-4",
+                proto::Outcome::Failed,
+                proto::Cause::Feature,
+                now - 300_000,
+                now - 290_000,
+            ),
+            ended(
+                "m-5",
+                proto::Outcome::Aborted,
+                proto::Cause::Operator,
+                now - 200_000,
+                now - 197_000,
+            ),
+        ] {
+            state.apply(proto::Event {
+                host: "hv-a".into(),
+                kind: Some(proto::event::Kind::Migration(r)),
+            });
+        }
+        let p = pulse(&state);
+        assert_eq!(p.ended, 5);
+        assert_eq!(p.moved, 2);
+        // Five in the ten minutes since the first of them started.
+        assert!((p.per_minute - 0.5).abs() < 1e-9, "{}", p.per_minute);
+        // Durations 1, 2, 3, 4, 10 s: the median is 3 s.
+        assert_eq!(p.p50_ms, Some(3_000));
+        assert_eq!(
+            p.failures,
+            vec![("feature".to_string(), 2), ("operator".to_string(), 1)]
+        );
+        let theme = Theme::named("default").expect("theme");
+        let text: String = line(&p, &theme, 120)
+            .spans
+            .iter()
+            .map(|s| s.content.to_string())
+            .collect();
+        assert_eq!(
+            text,
+            " last hour: 0.5/min, 40% moved, p50 3 s · failed: feature 2, operator 1"
+        );
+        // Narrow: the failures stay, the median goes first.
+        let narrow: String = line(&p, &theme, 64)
+            .spans
+            .iter()
+            .map(|s| s.content.to_string())
+            .collect();
+        assert_eq!(
+            narrow,
+            " last hour: 0.5/min, 40% moved · failed: feature 2, operator 1"
+        );
+    }
+
+    #[test]
+    fn a_quiet_hour_says_so() {
+        let state = ClusterState::new("test", &["hv-a".to_string()]);
+        let theme = Theme::named("default").expect("theme");
+        let text: String = line(&pulse(&state), &theme, 80)
+            .spans
+            .iter()
+            .map(|s| s.content.to_string())
+            .collect();
+        assert_eq!(text, " last hour: no migration has ended");
+    }
+}
