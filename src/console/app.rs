@@ -381,6 +381,9 @@ pub struct App {
     /// bell rings once (the loop clears it), unless `quiet`.
     pub bell: bool,
     pub quiet: bool,
+    /// The pulse line's figures, computed at most once a second of the
+    /// cluster's clock (they read every attempt): (at, attempts, figures).
+    pub pulse: std::cell::RefCell<Option<(u64, usize, crate::console::views::Pulse)>>,
 }
 
 impl App {
@@ -414,6 +417,7 @@ impl App {
             dirty: true,
             bell: false,
             quiet: false,
+            pulse: std::cell::RefCell::new(None),
         }
     }
 
@@ -583,19 +587,23 @@ impl App {
         if self.evacuation.is_none() {
             return;
         }
-        let Some(vms) = self.selected_evacuation().map(|e| e.vms.clone()) else {
+        // Looked up, not copied: this runs after every message.
+        let Some((found, count, at_row)) = self.selected_evacuation().map(|e| {
+            let found = self
+                .evacuation_vm
+                .as_ref()
+                .and_then(|name| e.vms.iter().position(|vm| &vm.name == name));
+            let row = self.evacuation_vm_row.min(e.vms.len().saturating_sub(1));
+            (found, e.vms.len(), e.vms.get(row).map(|vm| vm.name.clone()))
+        }) else {
             return;
         };
-        let found = self
-            .evacuation_vm
-            .as_ref()
-            .and_then(|name| vms.iter().position(|vm| &vm.name == name));
         match (found, &self.evacuation_vm) {
             (Some(row), _) => self.evacuation_vm_row = row,
             (None, Some(name)) => {
                 let name = name.clone();
-                self.evacuation_vm_row = self.evacuation_vm_row.min(vms.len().saturating_sub(1));
-                self.evacuation_vm = vms.get(self.evacuation_vm_row).map(|vm| vm.name.clone());
+                self.evacuation_vm_row = self.evacuation_vm_row.min(count.saturating_sub(1));
+                self.evacuation_vm = at_row;
                 if self.view == View::Evacuations {
                     let now = self.evacuation_vm.as_deref().unwrap_or("nothing");
                     self.say(
@@ -605,8 +613,8 @@ impl App {
                 }
             }
             (None, None) => {
-                self.evacuation_vm_row = self.evacuation_vm_row.min(vms.len().saturating_sub(1));
-                self.evacuation_vm = vms.get(self.evacuation_vm_row).map(|vm| vm.name.clone());
+                self.evacuation_vm_row = self.evacuation_vm_row.min(count.saturating_sub(1));
+                self.evacuation_vm = at_row;
             }
         }
     }

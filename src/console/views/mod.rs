@@ -7,6 +7,8 @@ mod dialogs;
 mod evacuations;
 mod outlook;
 mod pulse;
+
+pub use pulse::Pulse;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -44,11 +46,18 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
         View::Overview => {
             let [pulse_line, body] =
                 Layout::vertical([Constraint::Length(1), Constraint::Min(3)]).areas(body);
-            let said = pulse::line(
-                &pulse::pulse(app.state()),
-                theme,
-                usize::from(pulse_line.width),
-            );
+            let said = {
+                let state = app.state();
+                let mut cached = app.pulse.borrow_mut();
+                let fresh = cached.as_ref().is_some_and(|(at, n, _)| {
+                    *n == state.migrations.len() && state.now_ms.saturating_sub(*at) < 1_000
+                });
+                if !fresh {
+                    *cached = Some((state.now_ms, state.migrations.len(), pulse::pulse(state)));
+                }
+                let figures = &cached.as_ref().expect("just computed").2;
+                pulse::line(figures, theme, usize::from(pulse_line.width))
+            };
             frame.render_widget(Paragraph::new(said), pulse_line);
             let hosts = (app.state().hosts.len() as u16 + 3)
                 .min(body.height / 3)

@@ -28,60 +28,59 @@ pub struct Pulse {
     pub failures: Vec<(String, usize)>,
 }
 
+/// One pass over every attempt the console knows (it runs every frame):
+/// counts by outcome and cause, the durations, and the median by selection.
 pub fn pulse(state: &ClusterState) -> Pulse {
+    use proto::Outcome as O;
     let now = state.now_ms;
     let since = now.saturating_sub(WINDOW_MS);
-    let ended: Vec<&proto::MigrationRecord> = state
+    let (mut moved, mut first) = (0, now);
+    let mut durations: Vec<u64> = Vec::new();
+    let mut by_cause = [0usize; proto::Cause::Guest as usize + 1];
+    let mut other = 0;
+    for r in state
         .migrations
         .values()
         .flat_map(|m| m.history.iter().chain(std::iter::once(&m.record)))
-        .filter(|r| r.outcome != proto::Outcome::None as i32 && r.updated_at_ms >= since)
-        .collect();
-    let moved = ended
-        .iter()
-        .filter(|r| {
-            matches!(
-                proto::Outcome::try_from(r.outcome),
-                Ok(proto::Outcome::Succeeded | proto::Outcome::Degraded)
-            )
-        })
-        .count();
-    let first = ended.iter().map(|r| r.started_at_ms).min().unwrap_or(now);
-    let minutes = (now.saturating_sub(first) as f64 / 60_000.0).max(1.0);
-    let mut durations: Vec<u64> = ended
-        .iter()
-        .map(|r| r.updated_at_ms.saturating_sub(r.started_at_ms))
-        .collect();
-    durations.sort_unstable();
-    let p50_ms = durations.get(durations.len() / 2).copied();
-    let mut failures: Vec<(String, usize)> = Vec::new();
-    for r in ended.iter().filter(|r| {
-        matches!(
-            proto::Outcome::try_from(r.outcome),
-            Ok(proto::Outcome::Failed
-                | proto::Outcome::Aborted
-                | proto::Outcome::Lost
-                | proto::Outcome::Unresolved)
-        )
-    }) {
-        let kind = match proto::Cause::try_from(r.cause) {
-            Ok(proto::Cause::None) | Err(_) => "other".to_string(),
-            Ok(c) => c
-                .as_str_name()
-                .trim_start_matches("CAUSE_")
-                .to_lowercase()
-                .replace('_', " "),
-        };
-        match failures.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, n)) => *n += 1,
-            None => failures.push((kind, 1)),
+        .filter(|r| r.outcome != O::None as i32 && r.updated_at_ms >= since)
+    {
+        durations.push(r.updated_at_ms.saturating_sub(r.started_at_ms));
+        first = first.min(r.started_at_ms);
+        match O::try_from(r.outcome) {
+            Ok(O::Succeeded | O::Degraded) => moved += 1,
+            Ok(O::Failed | O::Aborted | O::Lost | O::Unresolved) => {
+                match by_cause.get_mut(r.cause as usize).filter(|_| r.cause > 0) {
+                    Some(n) => *n += 1,
+                    None => other += 1,
+                }
+            }
+            _ => {}
         }
     }
+    let ended = durations.len();
+    let p50_ms = (ended > 0).then(|| *durations.select_nth_unstable(ended / 2).1);
+    let mut failures: Vec<(String, usize)> = by_cause
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .filter_map(|(cause, n)| {
+            let name = proto::Cause::try_from(cause as i32).ok()?.as_str_name();
+            let kind = name
+                .trim_start_matches("CAUSE_")
+                .to_lowercase()
+                .replace('_', " ");
+            Some((kind, *n))
+        })
+        .collect();
+    if other > 0 {
+        failures.push(("other".to_string(), other));
+    }
     failures.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let minutes = (now.saturating_sub(first) as f64 / 60_000.0).max(1.0);
     Pulse {
-        ended: ended.len(),
+        ended,
         moved,
-        per_minute: ended.len() as f64 / minutes,
+        per_minute: ended as f64 / minutes,
         p50_ms,
         failures,
     }

@@ -814,3 +814,42 @@ fn block_text(buffer: &Buffer, title: &str) -> String {
     }
     words.join(" ")
 }
+
+#[test]
+fn the_pulse_line_follows_the_cluster_within_a_second() {
+    use crate::proto;
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = fixture();
+    let pulse =
+        |app: &App| screen_lines(render(app, &theme, (120, 40)).backend().buffer())[1].clone();
+    assert!(pulse(&app).contains("failed: other 1"), "{}", pulse(&app));
+    // A new attempt: the figures are computed again at once.
+    let mut failed = migration("m-new", "db-02", "hv-a", "hv-c", proto::Outcome::Failed);
+    failed.cause = proto::Cause::PeerLost as i32;
+    failed.updated_at_ms = app.live.now_ms;
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-a".into(),
+            kind: Some(proto::event::Kind::Migration(failed.clone())),
+        }),
+    );
+    assert!(pulse(&app).contains("peer lost 1"), "{}", pulse(&app));
+    // An attempt that changes outcome without a new one: within a second.
+    failed.outcome = proto::Outcome::Succeeded as i32;
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-a".into(),
+            kind: Some(proto::event::Kind::Migration(failed)),
+        }),
+    );
+    let now = app.live.now_ms;
+    update(
+        &mut app,
+        Msg::Tick {
+            now_ms: now + 1_000,
+        },
+    );
+    assert!(!pulse(&app).contains("peer lost"), "{}", pulse(&app));
+}
