@@ -102,13 +102,17 @@ pub fn check_size(options: &DemoOptions) -> anyhow::Result<()> {
 /// than the simulated link carries (1,024 MiB/s), so its migrations show
 /// "not converging" at once; fast mode switches it to post-copy, safe mode
 /// aborts it when its budget is spent (150 s per GiB).
-const HOT_VM: &str = "[[vm]]\nname = \"hot-01\"\nmemory_mib = 1024\nvcpus = 4\ndirty_rate_mib_s = 1600\n\
-     features = [{ name = \"port-profile\", required = true }, { name = \"hook\", required = false }]\n\n";
+fn hot_vm_toml() -> String {
+    format!(
+        "[[vm]]\nname = \"hot-01\"\nmemory_mib = {HOT_VM_MEMORY_MIB}\nvcpus = {HOT_VM_VCPUS}\ndirty_rate_mib_s = 1600\n\
+         features = [{{ name = \"port-profile\", required = true }}, {{ name = \"hook\", required = false }}]\n\n"
+    )
+}
 
 const HOT_VM_MEMORY_MIB: u64 = 1024;
 const HOT_VM_VCPUS: u64 = 4;
 
-/// From this many VMs on, one of them (on the first host) is [`HOT_VM`].
+/// From this many VMs on, one of them (on the first host) is the hot one.
 const HOT_FROM_VMS: usize = 8;
 
 impl Cluster {
@@ -186,7 +190,7 @@ impl Cluster {
                 vcpus += c;
             }
             if hot && i == 0 {
-                vms_text.push_str(HOT_VM);
+                vms_text.push_str(&hot_vm_toml());
                 memory += HOT_VM_MEMORY_MIB;
                 vcpus += HOT_VM_VCPUS;
             }

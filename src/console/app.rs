@@ -1283,20 +1283,10 @@ fn failed_here(state: &ClusterState, vm: &str, host: &str) -> Option<String> {
         .filter(failed)
         .max_by_key(|r| r.updated_at_ms)?;
     let ago = crate::cli::output::seconds_text(state.now_ms.saturating_sub(last.updated_at_ms));
-    let failed_stage = |s: i32| s == proto::StepStatus::Failed as i32;
-    let why = last
-        .features
-        .iter()
-        .find_map(|f| {
-            let stage = if failed_stage(f.prepare) {
-                "prepare"
-            } else if failed_stage(f.finish) {
-                "finish"
-            } else {
-                return None;
-            };
-            Some(format!("{} ✗ {stage}", f.name))
-        })
+    // The failing feature and stage as the migration's row says it.
+    let why = Some(super::views::feature_summary(last))
+        .filter(|(_, failing)| *failing)
+        .map(|(summary, _)| summary)
         .unwrap_or_else(|| {
             let outcome = proto::Outcome::try_from(last.outcome)
                 .map(|o| o.as_str_name().to_lowercase())

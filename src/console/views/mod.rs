@@ -10,6 +10,7 @@ mod pulse;
 
 pub use pulse::Pulse;
 mod tables;
+pub use tables::feature_summary;
 #[cfg(test)]
 mod tests;
 

@@ -126,6 +126,11 @@ mod tests {
     use super::*;
     use crate::console::fixture::*;
 
+    /// The line's text, without its styles.
+    fn text(line: Line) -> String {
+        line.spans.iter().map(|s| s.content.to_string()).collect()
+    }
+
     #[test]
     fn the_pulse_counts_the_last_hour_only() {
         let mut state = ClusterState::new("test", &["hv-a".to_string()]);
@@ -201,21 +206,13 @@ mod tests {
             vec![("feature".to_string(), 2), ("operator".to_string(), 1)]
         );
         let theme = Theme::named("default").expect("theme");
-        let text: String = line(&p, &theme, 120)
-            .spans
-            .iter()
-            .map(|s| s.content.to_string())
-            .collect();
+        let wide = text(line(&p, &theme, 120));
         assert_eq!(
-            text,
+            wide,
             " last hour: 0.5/min, 40% moved, p50 3 s · failed: feature 2, operator 1"
         );
         // Narrow: the failures stay, the median goes first.
-        let narrow: String = line(&p, &theme, 64)
-            .spans
-            .iter()
-            .map(|s| s.content.to_string())
-            .collect();
+        let narrow = text(line(&p, &theme, 64));
         assert_eq!(
             narrow,
             " last hour: 0.5/min, 40% moved · failed: feature 2, operator 1"
@@ -226,11 +223,7 @@ mod tests {
     fn a_quiet_hour_says_so() {
         let state = ClusterState::new("test", &["hv-a".to_string()]);
         let theme = Theme::named("default").expect("theme");
-        let text: String = line(&pulse(&state), &theme, 80)
-            .spans
-            .iter()
-            .map(|s| s.content.to_string())
-            .collect();
-        assert_eq!(text, " last hour: no migration has ended");
+        let said = text(line(&pulse(&state), &theme, 80));
+        assert_eq!(said, " last hour: no migration has ended");
     }
 }
