@@ -140,6 +140,7 @@ fn record(i: usize, attempt: u32) -> proto::MigrationRecord {
     proto::MigrationRecord {
         cookies: Vec::new(),
         cause: 0,
+        failure: None,
         guest: 0,
         completion: None,
         convergence: None,

@@ -138,6 +138,11 @@ fn aborted_attempt_record_shows_the_destination_rollback_and_no_pending_stages()
     assert_put_back_on_source(&cluster);
     // Settled: the destination rolled the prepared port profile back.
     let record = cluster.migration(&id);
+    // The operator aborted it, on the source's agent.
+    assert_eq!(record["cause"]["kind"], "operator", "{record}");
+    assert_eq!(record["cause"]["side"], "source", "{record}");
+    assert_eq!(record["cause"]["host"], "hv-a", "{record}");
+    assert_eq!(record["cause"]["text"], record["error"], "{record}");
     let pp = feature(&record, "port-profile");
     assert_eq!(pp["prepare"], "ok", "{record}");
     assert_eq!(

@@ -116,6 +116,7 @@ fn call_abort(
             reason: "the source gave up before sending C1".into(),
             from_host: from.to_string(),
             cookie4: Vec::new(),
+            cause: String::new(),
         };
         tokio::time::timeout(ANSWER_WITHIN, client.abort(request))
             .await

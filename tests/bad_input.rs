@@ -741,6 +741,7 @@ fn four_mib_strings_are_refused_by_size_and_long_ones_by_field() {
                 reason: one_mib.clone(),
                 from_host: "hv-a".into(),
                 cookie4: Vec::new(),
+                cause: String::new(),
             })
             .await;
         assert_status(
@@ -888,6 +889,7 @@ fn stale_and_malformed_ids_get_precise_answers_from_finish_abort_resolve_and_hea
             reason: "stale".into(),
             from_host: "hv-a".into(),
             cookie4: Vec::new(),
+            cause: String::new(),
         };
         let reply = b.abort(abort(&ended)).await.unwrap().into_inner();
         assert!(!reply.aborted && reply.committed, "{reply:?}");

@@ -310,6 +310,16 @@ fn safe_evacuation_retries_vms_the_broken_switch_refused_on_healthy_hosts() {
                 "{}: {failed:?}",
                 vm.name
             );
+            // The report says why, structured: a feature stage on BROKEN.
+            let cause = failed.cause.as_ref().expect("a failed attempt has a cause");
+            assert_eq!(cause.kind, tern::protocol::Cause::Feature, "{cause:?}");
+            assert_eq!(cause.host, BROKEN, "{cause:?}");
+            assert_eq!(cause.feature.as_deref(), Some("port-profile"), "{cause:?}");
+            assert_eq!(
+                cause.stage,
+                Some(tern::protocol::Stage::Finish),
+                "{cause:?}"
+            );
             assert!(!failed.busy, "{}: {failed:?}", vm.name);
             assert!(
                 failed
@@ -338,7 +348,7 @@ fn safe_evacuation_retries_vms_the_broken_switch_refused_on_healthy_hosts() {
         }
     }
     assert!(
-        progress.contains("(port-profile)"),
+        progress.contains(&format!("(feature·{BROKEN} port-profile ✗ finish)")),
         "the progress lines should name the failed feature:\n{progress}"
     );
 
@@ -389,7 +399,9 @@ fn fast_evacuation_reports_the_vms_on_the_broken_switch_degraded() {
             assert_eq!(attempt.failed_feature.as_deref(), Some("port-profile"));
             assert_eq!(record["outcome"], "degraded", "{record}");
             assert!(
-                progress.contains(&format!("{name} degraded on {BROKEN} (port-profile)")),
+                progress.contains(&format!(
+                    "{name} degraded on {BROKEN} (feature·{BROKEN} port-profile ✗ finish)"
+                )),
                 "the CLI should list {name} as degraded:\n{progress}"
             );
         } else {
@@ -1038,13 +1050,17 @@ fn cancel_with_abort_aborts_attempts_in_flight_and_every_vm_stays_on_the_source(
             "{vm}: {attempts:?}"
         );
     }
+    // The source records the abort as soon as its guest runs again; each
+    // destination rolls back what it prepared on its own, just after.
     for destination in ["hv-b", "hv-c"] {
-        assert!(
-            host_of(&status, destination)["feature_state"]
-                .as_array()
-                .unwrap()
-                .is_empty(),
-            "{destination} kept feature state after the abort"
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{destination} to roll back its feature state after the abort"),
+            || {
+                host_of(&cluster.status(), destination)["feature_state"]
+                    .as_array()
+                    .is_some_and(|s| s.is_empty())
+            },
         );
     }
 }

@@ -323,6 +323,7 @@ fn write_cookie_seeds() {
     };
     let record = proto::MigrationRecord {
         cause: 0,
+        failure: None,
         guest: 0,
         completion: None,
         convergence: None,

@@ -57,6 +57,20 @@ fn fast_mode_moves_vm_despite_failed_associate_and_reports_degraded() {
     assert_eq!(record["outcome"], "degraded");
     assert_eq!(record["running_on"], "hv-b");
     assert_eq!(feature(&record, "port-profile")["finish"], "failed");
+    // Why it is degraded, structured: the feature and stage on hv-b.
+    let cause = &record["cause"];
+    assert_eq!(cause["kind"], "feature", "{record}");
+    assert_eq!(cause["side"], "destination", "{record}");
+    assert_eq!(cause["host"], "hv-b", "{record}");
+    assert_eq!(cause["feature"], "port-profile", "{record}");
+    assert_eq!(cause["stage"], "finish", "{record}");
+    assert!(
+        cause["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ASSOCIATE"),
+        "{record}"
+    );
     assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
     assert!(
         cluster.feature_state("hv-a", "web-01").is_empty(),
@@ -290,4 +304,36 @@ fn an_agent_that_does_not_allow_fault_injection_refuses_it() {
         serde_json::json!([]),
         "unchanged: {faults}"
     );
+}
+
+#[test]
+fn a_destination_without_room_fails_the_migration_with_a_capacity_cause_on_that_host() {
+    let cluster = Cluster::start(vec![
+        host(
+            "hv-a",
+            format!("{}{}", port_profile(""), vm("web-01", 2048)),
+        ),
+        host(
+            "hv-b",
+            format!(
+                "[hypervisor]\nkind = \"sim\"\nmemory_mib = 1024\n\n{}",
+                port_profile("")
+            ),
+        ),
+    ]);
+    let (code, record) = cluster.tern_json(&[
+        "migrate", "web-01", "--to", "hv-b", "--mode", "fast", "--json",
+    ]);
+    assert_eq!(code, 1, "{record}");
+    assert_eq!(record["outcome"], "failed", "{record}");
+    let cause = &record["cause"];
+    assert_eq!(cause["kind"], "capacity", "{record}");
+    assert_eq!(cause["side"], "destination", "{record}");
+    assert_eq!(cause["host"], "hv-b", "{record}");
+    assert!(cause.get("feature").is_none(), "{record}");
+    assert!(
+        cause["text"].as_str().unwrap_or_default().contains("MiB"),
+        "{record}"
+    );
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-a"]);
 }

@@ -86,7 +86,7 @@ fn never_with_a_spent_budget_aborts_and_the_guest_keeps_running_on_the_source() 
     ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
-    assert_eq!(record["cause"], "transfer", "{record}");
+    assert_eq!(record["cause"]["kind"], "stall", "{record}");
     let error = record["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("budget of 2 s") && error.contains("not converging"),
@@ -120,7 +120,13 @@ fn a_safe_mode_finish_failure_before_the_switchover_resumes_the_source() {
     ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
-    assert_eq!(record["cause"], "feature", "{record}");
+    assert_eq!(record["cause"]["kind"], "feature", "{record}");
+    // The structured cause: where, which feature, which stage.
+    assert_eq!(record["cause"]["side"], "destination", "{record}");
+    assert_eq!(record["cause"]["host"], "hv-b", "{record}");
+    assert_eq!(record["cause"]["feature"], "port-profile", "{record}");
+    assert_eq!(record["cause"]["stage"], "finish", "{record}");
+    assert_eq!(record["cause"]["text"], record["error"], "{record}");
     assert_eq!(record["running_on"], "hv-a");
     let pp = feature(&record, "port-profile");
     assert_eq!(pp["finish"], "failed", "{record}");

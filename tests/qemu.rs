@@ -1460,7 +1460,8 @@ fn postcopy_never_with_a_spent_budget_fails_and_the_guest_keeps_running_on_the_s
     ]);
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
-    assert_eq!(record["cause"], "transfer", "{record}");
+    assert_eq!(record["cause"]["kind"], "stall", "{record}");
+    assert_eq!(record["cause"]["side"], "source", "{record}");
     assert_eq!(record["running_on"], "qa", "{record}");
     assert_eq!(record["completion"]["postcopy"], "never", "{record}");
     let error = record["error"].as_str().unwrap_or_default();
@@ -1588,7 +1589,7 @@ fn postcopy_now_with_a_failing_finish_never_switches_and_the_guest_stays_on_the_
     // reach qa before qb's C4 does, and qa then ends the attempt on the
     // heartbeat while its switchover request is still unanswered.
     assert_eq!(
-        record["cause"], "feature",
+        record["cause"]["kind"], "feature",
         "the cause is qb's failed finish, from its C4: {record}"
     );
     assert_eq!(record["running_on"], "qa", "{record}");
@@ -1655,7 +1656,7 @@ fn without_userfaultfd_fast_mode_notes_it_and_runs_pre_copy_alone() {
     // And pre-copy alone did not finish it: the budget did.
     assert_eq!(code, 1, "{record}");
     assert_eq!(record["outcome"], "failed", "{record}");
-    assert_eq!(record["cause"], "transfer", "{record}");
+    assert_eq!(record["cause"]["kind"], "stall", "{record}");
     let error = record["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("not done within its budget of 9.4 s (150 s per GiB of 64 MiB)"),
@@ -1817,7 +1818,7 @@ fn a_post_copy_whose_destination_dies_for_good_is_declared_lost_and_never_resume
         !record["outcome"].is_null()
     });
     assert_eq!(record["outcome"], "lost", "{record}");
-    assert_eq!(record["cause"], "operator", "{record}");
+    assert_eq!(record["cause"]["kind"], "operator", "{record}");
     let error = record["error"].as_str().unwrap_or_default();
     assert!(
         error.starts_with("LOST: declared lost by the operator")

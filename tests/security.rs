@@ -350,6 +350,7 @@ fn another_host_may_not_finish_abort_resolve_or_heartbeat_an_attempt_between_two
             reason: "forged".into(),
             from_host: claimed.into(),
             cookie4: Vec::new(),
+            cause: String::new(),
         };
         for (on_source, claimed) in [(true, "hv-b"), (true, "hv-c"), (false, "hv-c")] {
             let to = if on_source { &mut a } else { &mut b };

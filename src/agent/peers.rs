@@ -122,10 +122,9 @@ fn peer_error(host: &str, status: tonic::Status) -> PeerError {
         ResourceExhausted | FailedPrecondition if busy => {
             PeerError::Busy(status.message().to_string())
         }
+        ResourceExhausted => PeerError::Full(status.message().to_string()),
         InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition
-        | ResourceExhausted | OutOfRange | Unimplemented | Aborted => {
-            PeerError::Refused(status.message().to_string())
-        }
+        | OutOfRange | Unimplemented | Aborted => PeerError::Refused(status.message().to_string()),
         _ => PeerError::Unreachable(format!("{host} unreachable: {}", status.message())),
     }
 }

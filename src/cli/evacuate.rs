@@ -143,6 +143,8 @@ pub fn progress_lines(before: &Evacuation, after: &Evacuation) -> Vec<String> {
                     line.push_str(" (busy, trying it again)");
                 } else if a.interrupted {
                     line.push_str(" (cut short by this host's stop; not counted)");
+                } else if let Some(cause) = &a.cause {
+                    line.push_str(&format!(" ({})", cause.brief()));
                 } else if let Some(feature) = &a.failed_feature {
                     line.push_str(&format!(" ({feature})"));
                 }
@@ -199,44 +201,47 @@ fn print_job(job: &Evacuation, json: bool) -> Result<(), CliError> {
 pub fn summary(job: &Evacuation) -> String {
     let mut out = job.headline();
     out.push('\n');
-    let rows: Vec<Vec<String>> = job
-        .vms
-        .iter()
-        .map(|v| {
-            let last = v.attempts.last();
-            let note = match v.state {
-                VmState::Pending | VmState::Failed | VmState::Cancelled => {
-                    v.waiting.clone().unwrap_or_default()
-                }
-                _ => last
-                    .and_then(|a| a.failed_feature.clone())
-                    .map(|f| format!("{f} failed"))
-                    .unwrap_or_default(),
-            };
-            vec![
-                v.name.clone(),
-                format!(
-                    "{}{}",
-                    v.state.as_str(),
-                    if v.degraded { " (degraded)" } else { "" }
-                ),
-                v.host.clone(),
-                v.attempts.len().to_string(),
-                v.attempts
-                    .iter()
-                    .map(|a| {
-                        format!(
-                            "{}:{}",
-                            a.destination,
-                            a.outcome.map(|o| o.as_str()).unwrap_or("running")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                note,
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> =
+        job.vms
+            .iter()
+            .map(|v| {
+                let last = v.attempts.last();
+                let note = match v.state {
+                    VmState::Pending | VmState::Failed | VmState::Cancelled => {
+                        v.waiting.clone().unwrap_or_default()
+                    }
+                    _ => last
+                        .and_then(|a| {
+                            a.cause.as_ref().map(|c| c.summary()).or_else(|| {
+                                a.failed_feature.as_ref().map(|f| format!("{f} failed"))
+                            })
+                        })
+                        .unwrap_or_default(),
+                };
+                vec![
+                    v.name.clone(),
+                    format!(
+                        "{}{}",
+                        v.state.as_str(),
+                        if v.degraded { " (degraded)" } else { "" }
+                    ),
+                    v.host.clone(),
+                    v.attempts.len().to_string(),
+                    v.attempts
+                        .iter()
+                        .map(|a| {
+                            format!(
+                                "{}:{}",
+                                a.destination,
+                                a.outcome.map(|o| o.as_str()).unwrap_or("running")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    note,
+                ]
+            })
+            .collect();
     out.push_str(&super::output::table(
         &["VM", "STATE", "HOST", "ATTEMPTS", "HISTORY", "NOTE"],
         &rows,

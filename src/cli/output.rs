@@ -266,6 +266,9 @@ pub fn record_summary(record: &MigrationRecord) -> String {
     };
     let _ = writeln!(out, "  outcome:    {outcome}{commit}");
     let _ = writeln!(out, "  running on: {running_on}");
+    if let Some(cause) = record.failure() {
+        let _ = writeln!(out, "  cause:      {}", cause.summary());
+    }
     if let Some(error) = &record.error {
         let _ = writeln!(out, "  error:      {error}");
     }
@@ -498,6 +501,7 @@ mod tests {
 migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
   outcome:    failed
   running on: hv-a
+  cause:      feature on hv-b (destination): port-profile ✗ finish
   error:      port-profile failed to finish on hv-b
   policy:     post-copy never, 150 s/GiB, then abort
   phases:

@@ -154,6 +154,9 @@ impl WatchLine {
                     m.attempt,
                     state_summary(m)
                 );
+                if let Some(cause) = m.failure() {
+                    line.push_str(&format!(" [{}]", cause.brief()));
+                }
                 if let Some(error) = &m.error {
                     line.push_str(": ");
                     line.push_str(error);
@@ -344,6 +347,43 @@ mod tests {
         assert_eq!(value["mode"], "fast");
         assert_eq!(value["attempt"], 2);
         assert_eq!(value["outcome"], Value::Null);
+        assert!(value.get("cause").is_none(), "{value}");
+    }
+
+    #[test]
+    fn a_failed_migration_event_carries_its_structured_cause_in_both_forms() {
+        let record = proto::MigrationRecord {
+            id: "m-1".into(),
+            vm: "web-01".into(),
+            source: "hv-a".into(),
+            destination: "hv-b".into(),
+            mode: proto::Mode::Safe as i32,
+            attempt: 1,
+            outcome: proto::Outcome::Failed as i32,
+            error: "hv-b refused Prepare: hv-b has 512 MiB and 8 vCPUs free".into(),
+            cause: proto::Cause::Capacity as i32,
+            failure: Some(proto::FailureCause {
+                kind: proto::Cause::Capacity as i32,
+                side: proto::Side::Destination as i32,
+                host: "hv-b".into(),
+                text: "hv-b refused Prepare: hv-b has 512 MiB and 8 vCPUs free".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let l = line(Kind::Migration(record));
+        let value = json_of(&l);
+        assert_eq!(
+            value["cause"],
+            json!({"kind": "capacity", "side": "destination", "host": "hv-b",
+                   "text": "hv-b refused Prepare: hv-b has 512 MiB and 8 vCPUs free"}),
+            "{value}"
+        );
+        let text = l.to_human();
+        assert!(
+            text.contains("failed [capacity·hv-b]: hv-b refused Prepare"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn migration(
     outcome: proto::Outcome,
 ) -> proto::MigrationRecord {
     let running = outcome == proto::Outcome::None;
-    proto::MigrationRecord {
+    let record = proto::MigrationRecord {
         completion: Some(crate::protocol::record::completion_to_proto(
             &crate::protocol::completion::Completion::for_mode(crate::protocol::Mode::Safe),
         )),
@@ -124,8 +124,23 @@ pub fn migration(
         } else {
             src.into()
         },
+        cause: if outcome == proto::Outcome::Failed {
+            proto::Cause::Feature as i32
+        } else {
+            0
+        },
         ..Default::default()
-    }
+    };
+    with_failure(record)
+}
+
+/// The record with its whole failure, derived by the agents' own code.
+pub fn with_failure(mut record: proto::MigrationRecord) -> proto::MigrationRecord {
+    record.failure = crate::protocol::record::MigrationRecord::from(&record)
+        .failure()
+        .as_ref()
+        .map(crate::protocol::record::failure_to_proto);
+    record
 }
 
 /// The cookies an attempt with this outcome exchanged, built and described
@@ -220,6 +235,14 @@ fn attempt(
         busy: false,
         interrupted: false,
         adopted: false,
+        cause: (!failed_feature.is_empty()).then(|| proto::FailureCause {
+            kind: proto::Cause::Feature as i32,
+            side: proto::Side::Destination as i32,
+            host: destination.into(),
+            feature: failed_feature.into(),
+            stage: "finish".into(),
+            text: error.into(),
+        }),
         started_at_ms: 2_000 + u64::from(n) * 1_000,
         ended_at_ms: if outcome == proto::Outcome::None {
             0

@@ -155,6 +155,7 @@ impl HostCore {
                         reason,
                         from_host: self.cfg.name.clone(),
                         cookie4: Vec::new(),
+                        cause: String::new(),
                     });
                     self.call(owner, CallKind::Abort, &peer, request, Some(peer_timeout));
                 }
@@ -381,11 +382,19 @@ impl HostCore {
                         .get(id)
                         .map(|d| d.attempt.cookie4().encode_to_vec())
                         .unwrap_or_default();
+                    // This host's own reasons: it stops, or its source
+                    // went silent.
+                    let cause = if self.stopping.is_some() {
+                        crate::protocol::Cause::Signal
+                    } else {
+                        crate::protocol::Cause::PeerLost
+                    };
                     let request = PeerCall::Abort(proto::PeerAbortRequest {
                         attempt_id: id.to_string(),
                         reason,
                         from_host: self.cfg.name.clone(),
                         cookie4,
+                        cause: cause.as_str().to_string(),
                     });
                     let timeout = self.cfg.timing.peer_timeout_ms;
                     self.call(owner, CallKind::Abort, &source, request, Some(timeout));

@@ -1198,7 +1198,7 @@ impl HostCore {
             };
             if let Ok(actions) = s
                 .attempt
-                .abort(now, &reason, crate::protocol::Cause::Interrupted)
+                .abort(now, &reason, crate::protocol::Cause::Signal)
             {
                 self.source_actions(&id, actions);
             }

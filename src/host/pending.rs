@@ -374,6 +374,7 @@ impl HostCore {
                     reason: format!("the operator forced {} to run on {}", p.vm, self.cfg.name),
                     from_host: self.cfg.name.clone(),
                     cookie4: Vec::new(),
+                    cause: crate::protocol::Cause::Operator.as_str().to_string(),
                 });
                 let timeout = self.cfg.timing.peer_timeout_ms;
                 self.call(owner, CallKind::Abort, &p.feature, request, Some(timeout));

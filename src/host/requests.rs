@@ -664,6 +664,7 @@ impl HostCore {
         if let Some(id) = source {
             let input = SourceInput::PeerAborted {
                 reason: r.reason.clone(),
+                cause: Cause::parse(&r.cause),
                 c4,
             };
             self.source_input(&id, input);

@@ -328,6 +328,9 @@ pub enum PeerError {
     /// The peer answered and said "not now": it is at its limit, or still
     /// undoing an earlier attempt of the VM. Trying again later may work.
     Busy(String),
+    /// The peer answered that it has not the memory or vCPUs the guest
+    /// needs: a refusal, for good on this host until something leaves it.
+    Full(String),
     /// No answer (unreachable, timed out, cut): the outcome is unknown.
     Unreachable(String),
 }
@@ -335,7 +338,10 @@ pub enum PeerError {
 impl PeerError {
     pub fn message(&self) -> &str {
         match self {
-            PeerError::Refused(m) | PeerError::Busy(m) | PeerError::Unreachable(m) => m,
+            PeerError::Refused(m)
+            | PeerError::Busy(m)
+            | PeerError::Full(m)
+            | PeerError::Unreachable(m) => m,
         }
     }
 }
@@ -414,15 +420,17 @@ impl KillResult for GuestOpResult {
     }
 }
 
-/// The structured reason an attempt ended the way it did, for clients that
-/// act on it (an evacuation retries a busy destination on the same host
-/// without counting the attempt). Texts are for people, this is for code.
+/// The kind of reason an attempt ended the way it did, for clients that act
+/// on it (an evacuation retries a busy destination on the same host without
+/// counting the attempt) and for the console's pulse line. Texts are for
+/// people, this is for code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
-    /// The destination was at its limit or still undoing an earlier attempt.
+    /// The destination was at its limit or still undoing an earlier attempt:
+    /// trying again later may work.
     DestinationBusy,
-    /// The source agent's own stop or restart cut the attempt short.
+    /// The source agent's restart cut the attempt short.
     Interrupted,
     /// The destination refused Prepare for good.
     Refused,
@@ -430,15 +438,38 @@ pub enum Cause {
     PeerLost,
     /// A blocking feature stage failed.
     Feature,
-    /// The transfer failed or stalled.
+    /// The transfer failed.
     Transfer,
     /// An operator aborted or forced it.
     Operator,
-    /// The hypervisor could not start, resume or kill the guest.
-    Guest,
+    /// The hypervisor could not start, resume or kill the guest (after the
+    /// commit point: the guest may be paused or gone).
+    #[serde(alias = "guest")]
+    Hypervisor,
+    /// The transfer made no progress, or could not converge within its
+    /// budget.
+    Stall,
+    /// The destination has not the memory or vCPUs the guest needs.
+    Capacity,
+    /// The source agent was told to stop (SIGINT, SIGTERM, SIGHUP).
+    Signal,
 }
 
 impl Cause {
+    pub const ALL: [Cause; 11] = [
+        Cause::Feature,
+        Cause::Transfer,
+        Cause::Stall,
+        Cause::PeerLost,
+        Cause::Capacity,
+        Cause::DestinationBusy,
+        Cause::Refused,
+        Cause::Operator,
+        Cause::Signal,
+        Cause::Interrupted,
+        Cause::Hypervisor,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::DestinationBusy => "destination_busy",
@@ -448,8 +479,169 @@ impl Cause {
             Cause::Feature => "feature",
             Cause::Transfer => "transfer",
             Cause::Operator => "operator",
-            Cause::Guest => "guest",
+            Cause::Hypervisor => "hypervisor",
+            Cause::Stall => "stall",
+            Cause::Capacity => "capacity",
+            Cause::Signal => "signal",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// A short word for people: the console's row and pulse line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::DestinationBusy => "busy",
+            Cause::Interrupted => "restart",
+            Cause::Refused => "refused",
+            Cause::PeerLost => "peer lost",
+            Cause::Feature => "feature",
+            Cause::Transfer => "transfer",
+            Cause::Operator => "operator",
+            Cause::Hypervisor => "hypervisor",
+            Cause::Stall => "stall",
+            Cause::Capacity => "capacity",
+            Cause::Signal => "signal",
+        }
+    }
+}
+
+/// Which of an attempt's two hosts something happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        }
+    }
+}
+
+/// Why an attempt failed, aborted, was lost or ended degraded: its kind, the
+/// host it happened on, the feature and stage where there is one, and the
+/// text an operator reads. An older journal holds only the kind (a string);
+/// it still loads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureCause {
+    pub kind: Cause,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side: Option<Side>,
+    /// The host `side` names.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub text: String,
+}
+
+impl FailureCause {
+    pub fn new(kind: Cause, side: Side, host: &str) -> FailureCause {
+        FailureCause {
+            kind,
+            side: Some(side),
+            host: host.to_string(),
+            feature: None,
+            stage: None,
+            text: String::new(),
+        }
+    }
+
+    /// Only the kind: what an older journal or a client knows.
+    pub fn kind_only(kind: Cause) -> FailureCause {
+        FailureCause {
+            kind,
+            side: None,
+            host: String::new(),
+            feature: None,
+            stage: None,
+            text: String::new(),
+        }
+    }
+
+    /// `feature on hv-b (destination): port-profile ✗ finish`: the kind,
+    /// where, and the feature and stage where there is one.
+    pub fn summary(&self) -> String {
+        let mut text = self.kind.label().to_string();
+        if !self.host.is_empty() {
+            text.push_str(" on ");
+            text.push_str(&self.host);
+        }
+        if let Some(side) = self.side {
+            text.push_str(&format!(" ({})", side.as_str()));
+        }
+        if let Some(feature) = &self.feature {
+            text.push_str(&format!(": {feature}"));
+            if let Some(stage) = self.stage {
+                text.push_str(&format!(" ✗ {stage}"));
+            }
+        }
+        text
+    }
+
+    /// `feature·hv-b port-profile ✗ finish`: the headline and, where there
+    /// is one, the feature and stage.
+    pub fn brief(&self) -> String {
+        match (&self.feature, self.stage) {
+            (Some(feature), Some(stage)) => format!("{} {feature} ✗ {stage}", self.headline()),
+            (Some(feature), None) => format!("{} {feature}", self.headline()),
+            _ => self.headline(),
+        }
+    }
+
+    /// `feature·hv-b`: the kind and where, for the console's row.
+    pub fn headline(&self) -> String {
+        if self.host.is_empty() {
+            self.kind.label().to_string()
+        } else {
+            format!("{}·{}", self.kind.label(), self.host)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FailureCause {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Full {
+            kind: Cause,
+            #[serde(default)]
+            side: Option<Side>,
+            #[serde(default)]
+            host: String,
+            #[serde(default)]
+            feature: Option<String>,
+            #[serde(default)]
+            stage: Option<Stage>,
+            #[serde(default)]
+            text: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Kind(Cause),
+            Full(Full),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Kind(kind) => FailureCause::kind_only(kind),
+            Either::Full(f) => FailureCause {
+                kind: f.kind,
+                side: f.side,
+                host: f.host,
+                feature: f.feature,
+                stage: f.stage,
+                text: f.text,
+            },
+        })
     }
 }
 

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::completion::{Completion, CompletionRequest, Postcopy, WhenSpent};
 use super::convergence::{ConvergenceView, Verdict};
 use super::{
-    Cause, GuestCondition, Millis, Mode, Outcome, Phase, Stage, StepStatus, TransferStats,
+    Cause, FailureCause, GuestCondition, Millis, Mode, Outcome, Phase, Side, Stage, StepStatus,
+    TransferStats,
 };
 use crate::proto;
 
@@ -124,9 +125,11 @@ pub struct MigrationRecord {
     /// The cookies this attempt exchanged so far, C1 first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cookies: Vec<CookieRecord>,
-    /// Why it ended the way it did, when the agent knows a kind.
+    /// Why it failed, aborted, was lost or ended degraded: the kind and the
+    /// host the agent knew when it ended it; [`MigrationRecord::failure`]
+    /// adds the feature, stage and text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cause: Option<Cause>,
+    pub cause: Option<FailureCause>,
     /// The guest on `running_on`: running, or paused after a resume failed.
     #[serde(
         default,
@@ -192,6 +195,76 @@ impl MigrationRecord {
 
     pub fn phase_mut(&mut self, phase: Phase) -> &mut PhaseRecord {
         &mut self.phases[phase as usize]
+    }
+
+    /// Record why it ends: the kind and the side it happened on (the
+    /// feature, stage and text are added by [`MigrationRecord::failure`]).
+    pub fn blame(&mut self, kind: Cause, side: Side) {
+        let host = match side {
+            Side::Source => &self.source,
+            Side::Destination => &self.destination,
+        };
+        self.cause = Some(FailureCause::new(kind, side, host));
+    }
+
+    /// The first feature stage that failed: the feature and the stage.
+    pub fn first_failed_stage(&self) -> Option<(&FeatureRecord, Stage)> {
+        self.features.iter().find_map(|f| {
+            [
+                Stage::Prepare,
+                Stage::Finish,
+                Stage::Rollback,
+                Stage::Release,
+            ]
+            .into_iter()
+            .find(|&stage| f.stage(stage) == StepStatus::Failed)
+            .map(|stage| (f, stage))
+        })
+    }
+
+    /// Why it failed, aborted, was lost or ended degraded, whole: the kind
+    /// and host the agent recorded, the feature and stage that failed (on a
+    /// feature failure or a degraded end), and the text an operator reads.
+    /// `None` while it runs and after it succeeded.
+    pub fn failure(&self) -> Option<FailureCause> {
+        let outcome = self.outcome?;
+        if outcome == Outcome::Succeeded {
+            return None;
+        }
+        let failed = self.first_failed_stage();
+        let mut cause = match (&self.cause, failed) {
+            (Some(cause), _) => cause.clone(),
+            (None, Some(_)) => FailureCause::kind_only(Cause::Feature),
+            (None, None) => return None,
+        };
+        if let Some((feature, stage)) = failed
+            && (cause.kind == Cause::Feature || outcome == Outcome::Degraded)
+            && cause.feature.is_none()
+        {
+            // Features run on the destination; only release (after the
+            // commit) runs on the source.
+            let side = if stage == Stage::Release {
+                Side::Source
+            } else {
+                Side::Destination
+            };
+            if cause.kind == Cause::Feature {
+                cause.side = Some(side);
+                cause.host = match side {
+                    Side::Source => self.source.clone(),
+                    Side::Destination => self.destination.clone(),
+                };
+            }
+            cause.feature = Some(feature.name.clone());
+            cause.stage = Some(stage);
+            if cause.text.is_empty() && outcome == Outcome::Degraded {
+                cause.text = feature.error.clone().unwrap_or_default();
+            }
+        }
+        if cause.text.is_empty() {
+            cause.text = self.error.clone().unwrap_or_default();
+        }
+        Some(cause)
     }
 
     /// The phase that is running, or the last one that ran.
@@ -318,7 +391,10 @@ pub fn cause_to_proto(c: Option<Cause>) -> proto::Cause {
         Some(Cause::Feature) => proto::Cause::Feature,
         Some(Cause::Transfer) => proto::Cause::Transfer,
         Some(Cause::Operator) => proto::Cause::Operator,
-        Some(Cause::Guest) => proto::Cause::Guest,
+        Some(Cause::Hypervisor) => proto::Cause::Hypervisor,
+        Some(Cause::Stall) => proto::Cause::Stall,
+        Some(Cause::Capacity) => proto::Cause::Capacity,
+        Some(Cause::Signal) => proto::Cause::Signal,
     }
 }
 
@@ -332,8 +408,42 @@ pub fn cause_from_proto(c: i32) -> Option<Cause> {
         proto::Cause::Feature => Some(Cause::Feature),
         proto::Cause::Transfer => Some(Cause::Transfer),
         proto::Cause::Operator => Some(Cause::Operator),
-        proto::Cause::Guest => Some(Cause::Guest),
+        proto::Cause::Hypervisor => Some(Cause::Hypervisor),
+        proto::Cause::Stall => Some(Cause::Stall),
+        proto::Cause::Capacity => Some(Cause::Capacity),
+        proto::Cause::Signal => Some(Cause::Signal),
     }
+}
+
+pub fn failure_to_proto(c: &FailureCause) -> proto::FailureCause {
+    proto::FailureCause {
+        kind: cause_to_proto(Some(c.kind)) as i32,
+        side: match c.side {
+            None => proto::Side::Unspecified,
+            Some(Side::Source) => proto::Side::Source,
+            Some(Side::Destination) => proto::Side::Destination,
+        } as i32,
+        host: c.host.clone(),
+        feature: c.feature.clone().unwrap_or_default(),
+        stage: c.stage.map(|s| s.as_str().to_string()).unwrap_or_default(),
+        text: c.text.clone(),
+    }
+}
+
+/// A failure as an agent sent it; `None` for one without a kind.
+pub fn failure_from_proto(c: &proto::FailureCause) -> Option<FailureCause> {
+    Some(FailureCause {
+        kind: cause_from_proto(c.kind)?,
+        side: match proto::Side::try_from(c.side).unwrap_or(proto::Side::Unspecified) {
+            proto::Side::Unspecified => None,
+            proto::Side::Source => Some(Side::Source),
+            proto::Side::Destination => Some(Side::Destination),
+        },
+        host: c.host.clone(),
+        feature: (!c.feature.is_empty()).then(|| c.feature.clone()),
+        stage: Stage::parse(&c.stage),
+        text: c.text.clone(),
+    })
 }
 
 pub fn guest_to_proto(g: GuestCondition) -> proto::GuestCondition {
@@ -445,7 +555,8 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
             updated_at_ms: r.updated_at_ms,
             committed: r.committed,
             cookies: r.cookies.iter().map(proto::CookieRecord::from).collect(),
-            cause: cause_to_proto(r.cause) as i32,
+            cause: cause_to_proto(r.cause.as_ref().map(|c| c.kind)) as i32,
+            failure: r.failure().as_ref().map(failure_to_proto),
             guest: guest_to_proto(r.guest) as i32,
             completion: Some(completion_to_proto(&r.completion)),
             convergence: r.convergence.as_ref().map(convergence_to_proto),
@@ -515,7 +626,11 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                     summary: c.summary.clone(),
                 })
                 .collect(),
-            cause: cause_from_proto(r.cause),
+            cause: r
+                .failure
+                .as_ref()
+                .and_then(failure_from_proto)
+                .or_else(|| cause_from_proto(r.cause).map(FailureCause::kind_only)),
             guest: guest_from_proto(r.guest),
             completion: completion_from_record(r.completion.as_ref()),
             convergence: r.convergence.as_ref().and_then(convergence_from_proto),
@@ -647,4 +762,81 @@ pub fn convergence_from_proto(c: &proto::Convergence) -> Option<ConvergenceView>
             .map(|s| [s.elapsed_ms, s.bytes])
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_journaled_as_a_bare_kind_still_loads_and_a_whole_one_round_trips() {
+        // Journals written before causes were structured hold the kind alone;
+        // "guest" was the hypervisor's kind then.
+        for (old, kind) in [
+            ("\"transfer\"", Cause::Transfer),
+            ("\"guest\"", Cause::Hypervisor),
+            ("\"destination_busy\"", Cause::DestinationBusy),
+        ] {
+            let cause: FailureCause = serde_json::from_str(old).expect(old);
+            assert_eq!(cause, FailureCause::kind_only(kind), "{old}");
+        }
+        let whole = FailureCause {
+            kind: Cause::Feature,
+            side: Some(Side::Destination),
+            host: "hv-b".into(),
+            feature: Some("port-profile".into()),
+            stage: Some(Stage::Finish),
+            text: "finish: ASSOCIATE rejected".into(),
+        };
+        let json = serde_json::to_string(&whole).unwrap();
+        assert_eq!(serde_json::from_str::<FailureCause>(&json).unwrap(), whole);
+        assert!(serde_json::from_str::<FailureCause>("\"no_such_kind\"").is_err());
+        assert!(serde_json::from_str::<FailureCause>("{\"side\":\"source\"}").is_err());
+    }
+
+    #[test]
+    fn a_failure_names_the_first_failed_feature_stage_and_the_text_and_travels_whole() {
+        let mut record = MigrationRecord::from(&proto::MigrationRecord {
+            id: "m-1".into(),
+            vm: "web-01".into(),
+            source: "hv-a".into(),
+            destination: "hv-b".into(),
+            outcome: proto::Outcome::Degraded as i32,
+            ..Default::default()
+        });
+        let mut pp = FeatureRecord::new("port-profile", true);
+        pp.finish = StepStatus::Failed;
+        pp.error = Some("finish: ASSOCIATE rejected".into());
+        record.features = vec![FeatureRecord::new("disk", false), pp];
+        // Degraded with no kind recorded: a feature, on the destination.
+        let failure = record.failure().expect("degraded says why");
+        assert_eq!(failure.kind, Cause::Feature);
+        assert_eq!(failure.side, Some(Side::Destination));
+        assert_eq!(failure.host, "hv-b");
+        assert_eq!(failure.feature.as_deref(), Some("port-profile"));
+        assert_eq!(failure.stage, Some(Stage::Finish));
+        assert_eq!(failure.text, "finish: ASSOCIATE rejected");
+        // Through the Console service and back, as the CLI prints it.
+        let back = MigrationRecord::from(&proto::MigrationRecord::from(&record));
+        assert_eq!(back.cause, Some(failure));
+        // A success has none, whatever was recorded before.
+        record.outcome = Some(Outcome::Succeeded);
+        assert_eq!(record.failure(), None);
+        // An operator's abort on the source: the agent's text.
+        record.outcome = Some(Outcome::Aborted);
+        record.features.clear();
+        record.error = Some("aborted by the operator".into());
+        record.blame(Cause::Operator, Side::Source);
+        let failure = record.failure().unwrap();
+        assert_eq!(
+            (failure.kind, failure.host.as_str()),
+            (Cause::Operator, "hv-a")
+        );
+        assert_eq!(failure.text, "aborted by the operator");
+        assert_eq!(
+            failure.summary(),
+            "operator on hv-a (source)",
+            "{failure:?}"
+        );
+    }
 }

@@ -28,7 +28,7 @@ use super::record::{FeatureRecord, MigrationRecord, PhaseRecord, RecoveryView};
 use super::recovery::{SourceRecovery, source_recovery};
 use super::{
     Cause, GuestCondition, GuestOpError, GuestOpResult, KillResult, Millis, Mode, Outcome,
-    PROTOCOL_VERSION, PeerError, PendingWork, Phase, RunOn, Stage, StageOutcome, StepStatus,
+    PROTOCOL_VERSION, PeerError, PendingWork, Phase, RunOn, Side, Stage, StageOutcome, StepStatus,
     Timing, TransferStage, TransferStats, VmSpec,
 };
 use crate::proto;
@@ -175,6 +175,8 @@ pub enum SourceInput {
     /// durably decided never to commit and rolled back.
     PeerAborted {
         reason: String,
+        /// Why it aborted, when it said.
+        cause: Option<Cause>,
         c4: Option<proto::Cookie4>,
     },
     Timer,
@@ -452,7 +454,7 @@ impl SourceAttempt {
             SourceState::Preparing
             | SourceState::Transferring { .. }
             | SourceState::SwitchRequested { .. } => {
-                self.record.cause = Some(cause);
+                self.record.blame(cause, Side::Source);
                 Ok(self.end_before_commit(now, Outcome::Aborted, reason.to_string(), true))
             }
             SourceState::Switching => Err(format!(
@@ -512,7 +514,7 @@ impl SourceAttempt {
             }
         };
         self.forced = Some(run_on);
-        self.record.cause = Some(Cause::Operator);
+        self.record.blame(Cause::Operator, Side::Source);
         self.record.error = Some(format!(
             "{note}; {}'s own record of the attempt was never read",
             self.destination
@@ -575,7 +577,7 @@ impl SourceAttempt {
                 self.destination, self.host
             ),
         );
-        self.record.cause = Some(Cause::Operator);
+        self.record.blame(Cause::Operator, Side::Source);
         Ok(actions)
     }
 
@@ -720,7 +722,9 @@ impl SourceAttempt {
                 ));
                 self.on_stage_done(now, feature, stage, result)
             }
-            SourceInput::PeerAborted { reason, c4 } => self.on_peer_aborted(now, reason, c4),
+            SourceInput::PeerAborted { reason, cause, c4 } => {
+                self.on_peer_aborted(now, reason, cause, c4)
+            }
             SourceInput::Timer => self.on_timer(now),
         }
     }
@@ -729,6 +733,7 @@ impl SourceAttempt {
         &mut self,
         now: Millis,
         reason: String,
+        cause: Option<Cause>,
         c4: Option<proto::Cookie4>,
     ) -> Vec<SourceAction> {
         match self.state {
@@ -737,6 +742,8 @@ impl SourceAttempt {
                     self.apply_peer_rollback(c4);
                 }
                 self.aborted_by_peer = true;
+                self.record
+                    .blame(cause.unwrap_or(Cause::PeerLost), Side::Destination);
                 self.end_before_commit(
                     now,
                     Outcome::Failed,
@@ -817,7 +824,7 @@ impl SourceAttempt {
                 vec![self.journal()]
             }
             Step::GiveUp(why) => {
-                self.record.cause = Some(Cause::Transfer);
+                self.record.blame(Cause::Stall, Side::Source);
                 self.end_before_commit(now, Outcome::Failed, why, true)
             }
             Step::Switch(why) => self.request_switchover(now, why),
@@ -886,7 +893,7 @@ impl SourceAttempt {
         let c4 = match reply {
             Ok(c4) if c4.attempt_id == self.attempt_id => c4,
             Ok(c4) => {
-                self.record.cause = Some(Cause::Refused);
+                self.record.blame(Cause::Refused, Side::Destination);
                 let error = format!(
                     "{} answered the switchover for attempt {:?}, not {}",
                     self.destination, c4.attempt_id, self.attempt_id
@@ -894,7 +901,7 @@ impl SourceAttempt {
                 return self.end_before_commit(now, Outcome::Failed, error, true);
             }
             Err(e) => {
-                self.record.cause = Some(Cause::PeerLost);
+                self.record.blame(Cause::PeerLost, Side::Destination);
                 let error = format!(
                     "no answer from {} before the switchover to post-copy: {}",
                     self.destination,
@@ -918,7 +925,7 @@ impl SourceAttempt {
             } else {
                 c4.error
             };
-            self.record.cause = Some(Cause::Feature);
+            self.record.blame(Cause::Feature, Side::Destination);
             return self.end_before_commit(now, Outcome::Failed, error, false);
         }
         // Journaled before the hypervisor is asked: from the switchover on
@@ -1072,7 +1079,7 @@ impl SourceAttempt {
             // is told to drop what it holds.
             Err(GuestOpError::Failed(e)) => {
                 self.switched = false;
-                self.record.cause = Some(Cause::Transfer);
+                self.record.blame(Cause::Transfer, Side::Source);
                 self.end_before_commit(
                     now,
                     Outcome::Failed,
@@ -1082,10 +1089,13 @@ impl SourceAttempt {
             }
             // Whether it switched is unknown: only the destination can say
             // whether the guest reached it.
-            Err(e) => self.become_unresolved(
-                now,
-                format!("switching to post-copy did not answer: {}", e.message()),
-            ),
+            Err(e) => {
+                self.record.blame(Cause::Hypervisor, Side::Source);
+                self.become_unresolved(
+                    now,
+                    format!("switching to post-copy did not answer: {}", e.message()),
+                )
+            }
         }
     }
 
@@ -1113,17 +1123,21 @@ impl SourceAttempt {
                         Cause::DestinationBusy,
                         format!("{} refused Prepare: {why}", self.destination),
                     ),
+                    PeerError::Full(why) => (
+                        Cause::Capacity,
+                        format!("{} refused Prepare: {why}", self.destination),
+                    ),
                     PeerError::Unreachable(why) => (
                         Cause::PeerLost,
                         format!("no answer to Prepare from {}: {why}", self.destination),
                     ),
                 };
-                self.record.cause = Some(cause);
+                self.record.blame(cause, Side::Destination);
                 return self.end_before_commit(now, Outcome::Failed, error, tell);
             }
         };
         if c2.attempt_id != self.attempt_id {
-            self.record.cause = Some(Cause::Refused);
+            self.record.blame(Cause::Refused, Side::Destination);
             let error = format!(
                 "{} answered Prepare for attempt {:?}, not {}",
                 self.destination, c2.attempt_id, self.attempt_id
@@ -1144,11 +1158,12 @@ impl SourceAttempt {
                 .features
                 .iter()
                 .any(|f| f.prepare == StepStatus::Failed);
-            self.record.cause = Some(if feature_failed {
+            let kind = if feature_failed {
                 Cause::Feature
             } else {
-                Cause::Guest
-            });
+                Cause::Hypervisor
+            };
+            self.record.blame(kind, Side::Destination);
             return self.end_before_commit(now, Outcome::Failed, error, false);
         }
         // The guest's memory goes only to the destination's own migration
@@ -1158,7 +1173,7 @@ impl SourceAttempt {
             check_incoming(&c2.incoming_address, &self.destination, &self.incoming_host)
             && !planted(Mutation::AcceptAnyIncomingAddress)
         {
-            self.record.cause = Some(Cause::Refused);
+            self.record.blame(Cause::Refused, Side::Destination);
             return self.end_before_commit(now, Outcome::Failed, error, true);
         }
         if self.record.completion.postcopy != Postcopy::Never && !c2.postcopy {
@@ -1209,7 +1224,7 @@ impl SourceAttempt {
                         vec![self.journal()]
                     }
                     Err(e) => {
-                        self.record.cause = Some(Cause::Transfer);
+                        self.record.blame(Cause::Transfer, Side::Source);
                         self.end_before_commit(
                             now,
                             Outcome::Failed,
@@ -1239,7 +1254,7 @@ impl SourceAttempt {
         }
         match result {
             Err(e) => {
-                self.record.cause = Some(Cause::Transfer);
+                self.record.blame(Cause::Transfer, Side::Source);
                 self.end_before_commit(now, Outcome::Failed, format!("transfer failed: {e}"), true)
             }
             Ok(stats) => {
@@ -1424,6 +1439,9 @@ impl SourceAttempt {
                     self.state = SourceState::Unresolved;
                     self.record.outcome = Some(Outcome::Unresolved);
                 }
+                if self.record.cause.is_none() {
+                    self.record.blame(Cause::Hypervisor, Side::Source);
+                }
                 self.back_off_resolve(now);
                 return if first {
                     vec![self.journal()]
@@ -1437,7 +1455,10 @@ impl SourceAttempt {
                 .iter()
                 .any(|f| f.finish == StepStatus::Failed && is_blocking(self.mode, f.required))
             {
-                self.record.cause = Some(Cause::Feature);
+                self.record.blame(Cause::Feature, Side::Destination);
+            } else if self.record.cause.is_none() {
+                // Not a feature: its hypervisor could not start the guest.
+                self.record.blame(Cause::Hypervisor, Side::Destination);
             }
             self.confirm_not_committed(now, Some(error))
         }
@@ -1462,7 +1483,7 @@ impl SourceAttempt {
                         "{} no longer knows this attempt (it aborted it)",
                         self.destination
                     );
-                    self.record.cause = Some(Cause::PeerLost);
+                    self.record.blame(Cause::PeerLost, Side::Destination);
                     return self.end_before_commit(now, Outcome::Failed, error, false);
                 }
                 Vec::new()
@@ -1499,7 +1520,7 @@ impl SourceAttempt {
                  the copy on {ran_here} was killed at once. Check the guest's disks for writes made from {ran_here}.",
                 self.destination, self.attempt_id, answer.detail, self.host, self.destination
             );
-            self.record.cause = Some(Cause::Operator);
+            self.record.blame(Cause::Operator, Side::Source);
             return self.confirm_committed(now, Some(error));
         }
         if let Some(c4) = &answer.c4 {
@@ -1526,7 +1547,9 @@ impl SourceAttempt {
             // Nothing to resume: the guest died (its host lost power, or
             // its QEMU exited). The record says so; no retry can help.
             self.record.guest = GuestCondition::Unknown;
-            self.record.cause.get_or_insert(Cause::Guest);
+            if self.record.cause.is_none() {
+                self.record.blame(Cause::Hypervisor, Side::Source);
+            }
             let what = format!("{} is gone from {}: {e}", self.vm.name, self.host);
             self.record.error = Some(match self.record.error.take() {
                 Some(before) => format!("{before}; {what}"),
@@ -1534,7 +1557,9 @@ impl SourceAttempt {
             });
         } else if let Err(e) = &result {
             self.record.guest = GuestCondition::Paused;
-            self.record.cause.get_or_insert(Cause::Guest);
+            if self.record.cause.is_none() {
+                self.record.blame(Cause::Hypervisor, Side::Source);
+            }
             let what = format!(
                 "could not resume {} on {}: {e}. The guest is paused there; the resume is retried (tern rollback {} runs it now)",
                 self.vm.name, self.host, self.migration_id
@@ -1578,6 +1603,9 @@ impl SourceAttempt {
                 "could not kill the old copy of {} on {}: {e}; it is paused and listed as pending",
                 self.vm.name, self.host
             );
+            if self.record.cause.is_none() {
+                self.record.blame(Cause::Hypervisor, Side::Source);
+            }
             self.record.error = Some(match self.record.error.take() {
                 Some(before) => format!("{before}; {what}"),
                 None => what,
@@ -1666,7 +1694,7 @@ impl SourceAttempt {
                     return if self.state == SourceState::FinishSent {
                         self.become_unresolved(now, error)
                     } else {
-                        self.record.cause = Some(Cause::PeerLost);
+                        self.record.blame(Cause::PeerLost, Side::Destination);
                         self.end_before_commit(now, Outcome::Failed, error, true)
                     };
                 }
@@ -1677,7 +1705,7 @@ impl SourceAttempt {
                         "transfer made no progress for {} ms",
                         now - self.last_progress_at
                     );
-                    self.record.cause = Some(Cause::Transfer);
+                    self.record.blame(Cause::Stall, Side::Source);
                     return self.end_before_commit(now, Outcome::Failed, error, true);
                 }
                 if matches!(self.state, SourceState::Transferring { .. })
@@ -1753,6 +1781,11 @@ impl SourceAttempt {
         }
         self.state = SourceState::Unresolved;
         self.record.outcome = Some(Outcome::Unresolved);
+        if self.record.cause.is_none() {
+            // Only the destination can say whether it committed, and it
+            // has not.
+            self.record.blame(Cause::PeerLost, Side::Destination);
+        }
         self.record.error = Some(format!(
             "{error}. The guest stays paused on {} until {} answers whether it committed.",
             self.host, self.destination
@@ -1800,7 +1833,7 @@ impl SourceAttempt {
     /// the guest's memory: it is lost.
     fn after_drain(&mut self, now: Millis) -> Vec<SourceAction> {
         if let Some(Err(e)) = self.drained.clone() {
-            return self.end_lost(
+            let actions = self.end_lost(
                 now,
                 format!(
                     "LOST: the post-copy transfer to {} failed after the switchover ({e}): \
@@ -1808,6 +1841,8 @@ impl SourceAttempt {
                     self.destination
                 ),
             );
+            self.record.blame(Cause::Transfer, Side::Source);
+            return actions;
         }
         self.state = SourceState::Confirming {
             committed: true,
@@ -1825,7 +1860,7 @@ impl SourceAttempt {
         self.record.guest = GuestCondition::Unknown;
         self.record.running_on = self.destination.clone();
         self.record.error = Some(error);
-        self.record.cause = Some(Cause::Guest);
+        self.record.blame(Cause::Hypervisor, Side::Destination);
         for phase in [Phase::Perform, Phase::Finish] {
             if self.record.phase(phase).status == StepStatus::Running {
                 self.record.end_phase(phase, StepStatus::Failed, now);
@@ -1956,7 +1991,7 @@ impl SourceAttempt {
     fn recover_state(&mut self, now: Millis) -> Vec<SourceAction> {
         match source_recovery(&self.state) {
             SourceRecovery::Forget => {
-                self.record.cause = Some(Cause::Interrupted);
+                self.record.blame(Cause::Interrupted, Side::Source);
                 self.end_before_commit(
                     now,
                     Outcome::Aborted,
@@ -1968,7 +2003,7 @@ impl SourceAttempt {
                 let outcome = match self.state {
                     SourceState::Aborting { outcome, .. } => outcome,
                     _ => {
-                        self.record.cause = Some(Cause::Interrupted);
+                        self.record.blame(Cause::Interrupted, Side::Source);
                         Outcome::Aborted
                     }
                 };
@@ -1985,6 +2020,7 @@ impl SourceAttempt {
             }
             SourceRecovery::Resolve => {
                 self.state = SourceState::FinishSent;
+                self.record.blame(Cause::Interrupted, Side::Source);
                 self.become_unresolved(
                     now,
                     format!(

@@ -1325,7 +1325,14 @@ impl World {
                     if !self.partitioned {
                         let c4 = self.dst.as_ref().map(|d| wire(&d.cookie4()));
                         let epoch = self.src_epoch;
-                        self.send_to_source(epoch, SourceInput::PeerAborted { reason, c4 });
+                        self.send_to_source(
+                            epoch,
+                            SourceInput::PeerAborted {
+                                reason,
+                                cause: None,
+                                c4,
+                            },
+                        );
                     }
                 }
                 DestinationAction::GuestLost { reason } => self.dst_lost = Some(reason),
@@ -3712,7 +3719,10 @@ fn a_failed_resume_after_an_abort_records_the_guest_paused_and_a_pending_resume(
         ]
     );
     assert_eq!(w.src.record.outcome, Some(Outcome::Aborted));
-    assert_eq!(w.src.record.cause, Some(Cause::Operator));
+    assert_eq!(
+        w.src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Operator)
+    );
     assert_eq!(w.src.record.guest, GuestCondition::Paused);
     assert_eq!(w.src.record.running_on, SRC);
     assert_eq!(w.src_guest, Guest::Paused);
@@ -3738,7 +3748,10 @@ fn a_source_guest_gone_when_resumed_is_recorded_unknown_without_pending_work() {
     let w = run(sc);
     assert_eq!(w.src.record.outcome, Some(Outcome::Failed));
     assert_eq!(w.src.record.guest, GuestCondition::Unknown);
-    assert_eq!(w.src.record.cause, Some(Cause::Feature));
+    assert_eq!(
+        w.src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Feature)
+    );
     assert_eq!((w.src_guest, w.dst_guest), (Guest::Absent, Guest::Absent));
     assert!(
         !w.src_did(|a| matches!(a, SourceAction::RecordPending { .. })),
@@ -3920,7 +3933,10 @@ fn a_start_without_answer_kills_the_incoming_guest_and_a_failed_start_does_not()
         assert_eq!(w.dst_guest, Guest::Absent);
         assert!(w.stage_log.is_empty(), "no feature was touched");
         assert_eq!(w.src.record.outcome, Some(Outcome::Failed));
-        assert_eq!(w.src.record.cause, Some(Cause::Guest));
+        assert_eq!(
+            w.src.record.cause.as_ref().map(|c| c.kind),
+            Some(Cause::Hypervisor)
+        );
     }
 }
 
@@ -4033,6 +4049,7 @@ fn a_busy_destination_fails_prepare_with_its_own_cause_and_nothing_to_undo() {
             false,
         ),
         (PeerError::Refused("no".into()), Cause::Refused, false),
+        (PeerError::Full("no room".into()), Cause::Capacity, false),
         (unreachable_peer(), Cause::PeerLost, true),
     ] {
         let mut src = fresh_source(Mode::Safe);
@@ -4043,7 +4060,12 @@ fn a_busy_destination_fails_prepare_with_its_own_cause_and_nothing_to_undo() {
         }
         expected.push("ResumeGuest");
         assert_eq!(src_names(&actions), expected, "{error:?}");
-        assert_eq!(src.record.cause, Some(cause));
+        assert_eq!(src.record.cause.as_ref().map(|c| c.kind), Some(cause));
+        // It happened on the destination, and the failure says so whole.
+        let failure = src.record.failure().expect("a failed attempt has a cause");
+        assert_eq!(failure.side, Some(super::Side::Destination), "{error:?}");
+        assert_eq!(failure.host, src.record.destination, "{error:?}");
+        assert_eq!(Some(failure.text), src.record.error, "{error:?}");
     }
 }
 
@@ -4079,7 +4101,10 @@ fn a_c2_naming_an_address_outside_the_destination_starts_no_transfer() {
             ],
             "{address:?}"
         );
-        assert_eq!(src.record.cause, Some(Cause::Refused));
+        assert_eq!(
+            src.record.cause.as_ref().map(|c| c.kind),
+            Some(Cause::Refused)
+        );
         assert_eq!(src.record.outcome, Some(Outcome::Failed));
         let error = src.record.error.clone().unwrap_or_default();
         assert!(
@@ -4139,7 +4164,10 @@ fn a_c2_for_another_attempt_starts_no_transfer() {
             "ResumeGuest",
         ]
     );
-    assert_eq!(src.record.cause, Some(Cause::Refused));
+    assert_eq!(
+        src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Refused)
+    );
     assert!(src.record.cookies.iter().all(|c| c.name != "C2"));
 }
 
@@ -4179,6 +4207,7 @@ fn a_c4_for_another_attempt_decides_nothing() {
     let actions = src.handle(
         now + 5,
         SourceInput::PeerAborted {
+            cause: None,
             reason: "rolled back".into(),
             c4: Some(other_attempts_c4(false, false)),
         },
@@ -4223,6 +4252,7 @@ fn after_finish_a_peer_abort_without_a_not_committed_c4_decides_nothing() {
         let actions = src.handle(
             now,
             SourceInput::PeerAborted {
+                cause: None,
                 reason: "stopping".into(),
                 c4: c4.clone(),
             },
@@ -4324,7 +4354,10 @@ fn after_a_forced_run_on_source_an_abort_answer_saying_committed_kills_the_sourc
     assert_eq!(w.src_finished, Some(Outcome::Degraded));
     assert_eq!(w.src.record.running_on, DST);
     assert!(w.src.record.committed);
-    assert_eq!(w.src.record.cause, Some(Cause::Operator));
+    assert_eq!(
+        w.src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Operator)
+    );
     let error = w.src.record.error.clone().unwrap_or_default();
     assert!(
         error.starts_with("WRONG FORCED DECISION: hv-b had committed attempt m-0000000000a1.1")
@@ -4618,6 +4651,7 @@ fn a_peer_abort_after_the_transfer_completed_asks_the_destination_before_resumin
     let actions = src.handle(
         now,
         SourceInput::PeerAborted {
+            cause: None,
             reason: "forged, or real".into(),
             c4: None,
         },
@@ -4663,6 +4697,7 @@ fn a_peer_abort_before_the_transfer_completed_resumes_at_once_and_so_does_an_ope
     peer.handle(
         now,
         SourceInput::PeerAborted {
+            cause: None,
             reason: "rolled back".into(),
             c4: None,
         },
@@ -5109,7 +5144,10 @@ fn a_blocking_finish_failure_before_the_switchover_resumes_the_source() {
             "CancelTransfer"
         ]
     );
-    assert_eq!(src.record.cause, Some(Cause::Feature));
+    assert_eq!(
+        src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Feature)
+    );
     let actions = src.handle(
         START + 5001,
         SourceInput::TransferStopped { completed: false },
@@ -5236,7 +5274,10 @@ fn without_post_copy_a_spent_budget_aborts_and_the_guest_stays() {
     );
     let error = src.record.error.clone().unwrap_or_default();
     assert!(error.contains("budget of 20 s"), "{error}");
-    assert_eq!(src.record.cause, Some(Cause::Transfer));
+    assert_eq!(
+        src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Stall)
+    );
 }
 
 #[test]
@@ -5455,7 +5496,10 @@ fn a_post_copy_whose_destination_is_gone_for_good_is_declared_lost_only_by_the_o
     );
     assert!(src.record.recovery.is_none());
     assert_eq!(src.forced(), Some(RunOn::Nowhere));
-    assert_eq!(src.record.cause, Some(Cause::Operator));
+    assert_eq!(
+        src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Operator)
+    );
     let error = src.record.error.clone().unwrap_or_default();
     assert!(
         error.starts_with("LOST: declared lost by the operator")
@@ -5608,7 +5652,10 @@ fn a_destination_that_forgot_the_attempt_before_its_switchover_answer_arrives_do
         "rolled back",
     )];
     src.handle(START + 5001, SourceInput::FinishReplied(Ok(c4)));
-    assert_eq!(src.record.cause, Some(Cause::Feature));
+    assert_eq!(
+        src.record.cause.as_ref().map(|c| c.kind),
+        Some(Cause::Feature)
+    );
     assert_eq!(src.record.features[0].finish, StepStatus::Failed);
     assert_eq!(src.record.features[0].rollback, StepStatus::Ok);
 }

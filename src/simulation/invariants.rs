@@ -8,7 +8,8 @@
 //! 2. After settling, no feature state is left on a host where the VM does
 //!    not run unless it is listed as pending work there; and none of a
 //!    VM's features was silently lost where it runs.
-//! 3. Every attempt ends with an outcome or is visibly `unresolved`, and a
+//! 3. Every attempt ends with an outcome or is visibly `unresolved` (one that
+//!    did not simply succeed says why: a cause kind and the host), and a
 //!    destination never commits after answering "not committed" (checked
 //!    at its journal write, in world.rs).
 //! 4. Source and destination journals agree on every attempt, and the guest
@@ -233,6 +234,16 @@ impl World {
                         "{} on {} has an outcome but is not done ({:?})",
                         a.attempt_id, host.name, a.state
                     )),
+                    // An operator reads why it did not simply succeed.
+                    Some(outcome)
+                        if outcome != Outcome::Succeeded
+                            && a.record.failure().is_none_or(|c| c.side.is_none()) =>
+                    {
+                        found.push(format!(
+                            "{} on {} ended {outcome:?} with no cause and side ({:?}; error {:?}; features {:?})",
+                            a.attempt_id, host.name, a.record.failure(), a.record.error, a.record.features
+                        ))
+                    }
                     Some(_) => {}
                 }
             }

@@ -5,6 +5,7 @@
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::Modifier;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, Wrap};
 
@@ -66,8 +67,14 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             theme.outcome(Outcome::Lost),
         ));
     }
+    if let Some(cause) = super::failure(r) {
+        head.push(Line::from(vec![
+            Span::styled(" cause: ", theme.error),
+            Span::styled(cause.summary(), theme.error.add_modifier(Modifier::BOLD)),
+        ]));
+    }
     if !r.error.is_empty() {
-        head.push(Line::styled(format!(" cause: {}", r.error), theme.error));
+        head.push(Line::styled(format!(" error: {}", r.error), theme.error));
     }
     if let Some(actions) = app.state().actions.get(id)
         && !actions.is_empty()
@@ -216,6 +223,12 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
                 Span::styled(format!(" {symbol} #{} {label} ", h.attempt), style),
                 vec![
                     Span::raw(format!("→ {} ", h.destination)),
+                    Span::styled(
+                        super::failure(h)
+                            .map(|c| format!("{} ", c.headline()))
+                            .unwrap_or_default(),
+                        style,
+                    ),
                     Span::styled(h.error.clone(), theme.dim),
                 ],
                 inner,

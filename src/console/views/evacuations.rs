@@ -453,7 +453,9 @@ fn story<'a>(app: &App, vm: &JobVm, job: &Evacuation, theme: &Theme) -> Vec<Line
                     theme.dim,
                 ));
             }
-            if let Some(f) = &a.failed_feature {
+            if let Some(cause) = &a.cause {
+                spans.push(Span::styled(format!("  {}", cause.brief()), theme.failed));
+            } else if let Some(f) = &a.failed_feature {
                 spans.push(Span::styled(format!("  {f}"), theme.failed));
             }
             if let Some(e) = &a.error {

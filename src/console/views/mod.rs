@@ -302,6 +302,14 @@ pub fn hanging<'a>(label: Span<'a>, text: Vec<Span<'a>>, width: usize) -> Vec<Li
 }
 
 /// A duration in ms as `850ms`, `12s`, `3m05s`, `2h10m`.
+/// Why a record failed, aborted, was lost or ended degraded, as its agent
+/// said (`None` while it runs and after it succeeded).
+pub fn failure(r: &proto::MigrationRecord) -> Option<crate::protocol::FailureCause> {
+    r.failure
+        .as_ref()
+        .and_then(crate::protocol::record::failure_from_proto)
+}
+
 pub fn duration(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms}ms"),

@@ -10,6 +10,8 @@ use super::super::theme::Theme;
 use super::outlook::fit;
 use crate::cli::output::seconds_text;
 use crate::proto;
+use crate::protocol::Cause;
+use crate::protocol::record::cause_from_proto;
 
 /// An hour, in ms.
 const WINDOW_MS: u64 = 3_600_000;
@@ -36,7 +38,7 @@ pub fn pulse(state: &ClusterState) -> Pulse {
     let since = now.saturating_sub(WINDOW_MS);
     let (mut moved, mut first) = (0, now);
     let mut durations: Vec<u64> = Vec::new();
-    let mut by_cause = [0usize; proto::Cause::Guest as usize + 1];
+    let mut by_cause = [0usize; Cause::ALL.len()];
     let mut other = 0;
     for r in state
         .migrations
@@ -49,8 +51,9 @@ pub fn pulse(state: &ClusterState) -> Pulse {
         match O::try_from(r.outcome) {
             Ok(O::Succeeded | O::Degraded) => moved += 1,
             Ok(O::Failed | O::Aborted | O::Lost | O::Unresolved) => {
-                match by_cause.get_mut(r.cause as usize).filter(|_| r.cause > 0) {
-                    Some(n) => *n += 1,
+                let kind = cause_from_proto(r.cause);
+                match Cause::ALL.iter().position(|c| Some(*c) == kind) {
+                    Some(i) => by_cause[i] += 1,
                     None => other += 1,
                 }
             }
@@ -63,14 +66,7 @@ pub fn pulse(state: &ClusterState) -> Pulse {
         .iter()
         .enumerate()
         .filter(|(_, n)| **n > 0)
-        .filter_map(|(cause, n)| {
-            let name = proto::Cause::try_from(cause as i32).ok()?.as_str_name();
-            let kind = name
-                .trim_start_matches("CAUSE_")
-                .to_lowercase()
-                .replace('_', " ");
-            Some((kind, *n))
-        })
+        .map(|(i, n)| (Cause::ALL[i].label().to_string(), *n))
         .collect();
     if other > 0 {
         failures.push(("other".to_string(), other));

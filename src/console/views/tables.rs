@@ -406,7 +406,27 @@ fn state_line<'a>(r: &proto::MigrationRecord, theme: &Theme, width: usize) -> Li
             let said = running(r, theme);
             Line::styled(said.fit(width), said.style)
         }
-        crate::protocol::GuestCondition::Running => fitted(vec![r.error.clone()], theme.dim),
+        crate::protocol::GuestCondition::Running => match super::failure(r) {
+            // The kind and host first: what an operator sorts by at a
+            // glance; the text gets what is left.
+            Some(cause) => {
+                let headline = cause.headline();
+                let style = if r.outcome == proto::Outcome::Degraded as i32 {
+                    theme.warning
+                } else {
+                    theme.failed
+                };
+                let text = fit(&[format!("{headline} {}", r.error)], width);
+                match text.strip_prefix(&headline) {
+                    Some(rest) => Line::from(vec![
+                        Span::styled(headline.clone(), style),
+                        Span::styled(rest.to_string(), theme.dim),
+                    ]),
+                    None => Line::styled(text, style),
+                }
+            }
+            None => fitted(vec![r.error.clone()], theme.dim),
+        },
     }
 }
 

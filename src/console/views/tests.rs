@@ -189,11 +189,18 @@ fn a_safe_mode_failure_shows_its_cause_and_failed_stage_in_the_detail() {
     let app = app_after(&[key('j'), code(KeyCode::Enter)]);
     let terminal = render(&app, &theme, (120, 40));
     let buffer = terminal.backend().buffer();
+    // The structured cause first (kind, host, side, feature and stage),
+    // then the agent's text.
+    let (_, cause) = find(
+        buffer,
+        "cause: feature on hv-c (destination): port-profile ✗ finish",
+    );
     same_colour(
         buffer,
-        find(
+        find_below(
             buffer,
-            "cause: required feature port-profile failed finish on hv-c",
+            "error: required feature port-profile failed finish on hv-c",
+            cause,
         ),
         theme.error,
         "the cause",
@@ -312,6 +319,8 @@ fn app_with_paused_guest(error: &str) -> App {
     record.running_on = "hv-d".into();
     record.error = error.into();
     record.guest = proto::GuestCondition::Paused as i32;
+    record.cause = proto::Cause::Operator as i32;
+    let record = crate::console::fixture::with_failure(record);
     update(
         &mut app,
         Msg::Event(proto::Event {
@@ -345,7 +354,8 @@ fn a_long_cause_is_shown_whole_in_the_detail_at_80x24() {
     open(&mut app, "m-paused");
     let terminal = render(&app, &theme, (80, 24));
     let buffer = terminal.backend().buffer();
-    let (_, first) = find(buffer, "cause: aborted by the operator");
+    let (_, kind) = find(buffer, "cause: operator");
+    let (_, first) = find_below(buffer, "error: aborted by the operator", kind);
     // Its last words wrap onto a line of their own, below, still drawn.
     let (_, last) = find_below(buffer, "(the end)", first);
     assert!(last > first, "the cause wraps onto {last}, after {first}");
@@ -572,7 +582,7 @@ fn at_80x24_the_rows_keep_what_matters_and_cut_no_word() {
         // What each row may say, longest first.
         let wordings: &[&str] = match r.id.as_str() {
             "m-run" => &["converging · 12s"],
-            "m-fail" => &["required feature port-profile failed finish on hv-c"],
+            "m-fail" => &["feature·hv-c required feature port-profile failed finish on hv-c"],
             "m-slow" => &["NOT CONVERGING"],
             "m-stall" => &["stalled"],
             "m-pc" => &[
@@ -822,7 +832,7 @@ fn the_pulse_line_follows_the_cluster_within_a_second() {
     let mut app = fixture();
     let pulse =
         |app: &App| screen_lines(render(app, &theme, (120, 40)).backend().buffer())[1].clone();
-    assert!(pulse(&app).contains("failed: other 1"), "{}", pulse(&app));
+    assert!(pulse(&app).contains("failed: feature 1"), "{}", pulse(&app));
     // A new attempt: the figures are computed again at once.
     let mut failed = migration("m-new", "db-02", "hv-a", "hv-c", proto::Outcome::Failed);
     failed.cause = proto::Cause::PeerLost as i32;

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::placement::Need;
 use crate::proto;
-use crate::protocol::record::{MigrationRecord, mode_to_proto, outcome_to_proto};
-use crate::protocol::{Cause, Millis, Mode, Outcome, StepStatus};
+use crate::protocol::record::{
+    MigrationRecord, failure_from_proto, failure_to_proto, mode_to_proto, outcome_to_proto,
+};
+use crate::protocol::{Cause, FailureCause, Millis, Mode, Outcome, StepStatus};
 
 /// How long a VM waits before trying a busy destination again.
 pub const BUSY_RETRY_MS: u64 = 1000;
@@ -89,6 +91,9 @@ pub struct AttemptEntry {
     /// rather than placed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// Why it failed or ended degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<FailureCause>,
 }
 
 impl AttemptEntry {
@@ -385,6 +390,7 @@ impl Evacuation {
             started_at_ms: now,
             ended_at_ms: None,
             adopted: false,
+            cause: None,
         });
         self.updated_at_ms = now;
     }
@@ -486,10 +492,11 @@ impl Evacuation {
             .map(|f| f.name.clone());
         // A busy destination, or this host's own stop or restart: neither
         // is the VM's or the destination's fault.
-        entry.busy =
-            matches!(outcome, Outcome::Failed) && record.cause == Some(Cause::DestinationBusy);
+        let kind = record.cause.as_ref().map(|c| c.kind);
+        entry.busy = matches!(outcome, Outcome::Failed) && kind == Some(Cause::DestinationBusy);
         entry.interrupted = matches!(outcome, Outcome::Aborted | Outcome::Failed)
-            && record.cause == Some(Cause::Interrupted);
+            && matches!(kind, Some(Cause::Interrupted | Cause::Signal));
+        entry.cause = record.failure();
         let verdict = match outcome {
             Outcome::Succeeded | Outcome::Degraded => {
                 v.state = VmState::Moved;
@@ -661,6 +668,7 @@ fn vm_to_proto(v: &JobVm) -> proto::EvacuationVm {
                 ended_at_ms: a.ended_at_ms.unwrap_or(0),
                 interrupted: a.interrupted,
                 adopted: a.adopted,
+                cause: a.cause.as_ref().map(failure_to_proto),
             })
             .collect(),
     }
@@ -723,6 +731,7 @@ impl From<&proto::EvacuationRecord> for Evacuation {
                             adopted: a.adopted,
                             started_at_ms: a.started_at_ms,
                             ended_at_ms: (a.ended_at_ms != 0).then_some(a.ended_at_ms),
+                            cause: a.cause.as_ref().and_then(failure_from_proto),
                         })
                         .collect(),
                     retry_host: None,
@@ -782,9 +791,11 @@ mod tests {
         )];
         // What the source's (hv-a's) record says, as a kind.
         record.cause = if error.contains("busy") {
-            Some(Cause::DestinationBusy)
-        } else if error.contains("hv-a is shutting down") || error.contains("hv-a restarted") {
-            Some(Cause::Interrupted)
+            Some(FailureCause::kind_only(Cause::DestinationBusy))
+        } else if error.contains("hv-a is shutting down") {
+            Some(FailureCause::kind_only(Cause::Signal))
+        } else if error.contains("hv-a restarted") {
+            Some(FailureCause::kind_only(Cause::Interrupted))
         } else {
             None
         };
