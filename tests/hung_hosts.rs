@@ -112,3 +112,67 @@ fn status_names_the_hung_host_and_a_migration_between_the_others_is_not_held_up(
         "hv-c answers again: {stdout}"
     );
 }
+
+/// The console's watchers on the cluster's agents, answering within `deadline`.
+fn console_agents(cluster: &Cluster, deadline: Duration) -> tern::cli::Cluster {
+    let mut access = tern::cli::client::Access::new(
+        &cluster.inventory,
+        cluster.tls.as_ref().map(|t| t.admin.clone()),
+    );
+    access.answer_deadline = Some(deadline);
+    tern::cli::Cluster::load(&access).expect("the inventory loads")
+}
+
+#[test]
+fn the_console_names_a_hung_host_within_about_its_answer_deadline_and_sees_it_come_back() {
+    use tern::console::msg::Msg;
+    let mut cluster = cluster();
+    let deadline = Duration::from_millis(500);
+    let agents = console_agents(&cluster, deadline);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _watchers = runtime.block_on(async { tern::console::client::spawn_watchers(&agents, tx) });
+    // Every watcher's stream is up first.
+    let mut connected = std::collections::BTreeSet::new();
+    let within = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>, limit: Duration| {
+        runtime.block_on(async { tokio::time::timeout(limit, rx.recv()).await.ok().flatten() })
+    };
+    while connected.len() < 3 {
+        match within(&mut rx, Duration::from_secs(20)) {
+            Some(Msg::Connected { host }) => {
+                connected.insert(host);
+            }
+            Some(_) => {}
+            None => panic!("the watchers did not connect: {connected:?}"),
+        }
+    }
+
+    cluster.signal("hv-c", libc::SIGSTOP);
+    let stopped = Instant::now();
+    // Named within a few deadlines (a probe waits one and gives one more to
+    // answer), long before the 5 s keep-alive would notice.
+    let silent = loop {
+        match within(&mut rx, Duration::from_secs(4)) {
+            Some(Msg::Silent {
+                host, deadline_ms, ..
+            }) if host == "hv-c" => break deadline_ms,
+            Some(Msg::Lost { host, error, .. }) if host == "hv-c" => {
+                panic!("hv-c reported lost, not silent: {error}")
+            }
+            Some(Msg::Silent { host, .. }) => panic!("{host} is not hung"),
+            Some(_) => {}
+            None => panic!("hv-c was not named within 4 s of its SIGSTOP"),
+        }
+    };
+    assert_eq!(silent, 500, "named after {:?}", stopped.elapsed());
+
+    cluster.signal("hv-c", libc::SIGCONT);
+    loop {
+        match within(&mut rx, Duration::from_secs(4)) {
+            Some(Msg::Connected { host }) if host == "hv-c" => break,
+            Some(Msg::Silent { host, .. }) => panic!("{host} named silent again"),
+            Some(_) => {}
+            None => panic!("hv-c not seen answering again within 4 s of its SIGCONT"),
+        }
+    }
+}

@@ -9,7 +9,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use super::completion::{CompletionChoice, base};
 use super::keymap::{Action, Context, action_for};
 use super::msg::{Command, Msg};
-use super::state::{ClusterState, Link, LogEntry, MigrationView};
+use super::state::{ClusterState, Link, MigrationView};
 use crate::cli::output::phase_name;
 use crate::host::evacuation::DEFAULT_MAX_ATTEMPTS;
 use crate::host::evacuation::job::{Evacuation, JobState, JobVm};
@@ -658,6 +658,29 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
             app.dirty |= app.frozen.is_none();
             Vec::new()
         }
+        Msg::Silent {
+            host,
+            since_ms,
+            deadline_ms,
+        } => {
+            let text = format!(
+                "{host}: no answer in {}: connected, but its agent does not answer (hung or stopped?)",
+                crate::cli::output::seconds_text(deadline_ms)
+            );
+            app.live.log(
+                "console".into(),
+                proto::LogLine {
+                    at_ms: app.live.now_ms,
+                    level: "error".into(),
+                    migration_id: String::new(),
+                    text: text.clone(),
+                },
+            );
+            app.say(text, true);
+            app.live.silent(&host, since_ms, deadline_ms);
+            app.dirty |= app.frozen.is_none();
+            Vec::new()
+        }
         Msg::Tick { now_ms } => {
             app.live.now_ms = now_ms;
             app.dirty |= app.frozen.is_none();
@@ -677,15 +700,15 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
                 Ok(detail) => (format!("{what}: {detail}"), false),
                 Err(e) => (format!("{what} failed: {e}"), true),
             };
-            app.live.events.push_back(LogEntry {
-                host: "console".into(),
-                line: proto::LogLine {
+            app.live.log(
+                "console".into(),
+                proto::LogLine {
                     at_ms: app.live.now_ms,
                     level: if error { "error" } else { "info" }.into(),
                     migration_id: String::new(),
                     text: text.clone(),
                 },
-            });
+            );
             app.say(text, error);
             app.dirty = true;
             Vec::new()
@@ -866,6 +889,16 @@ fn evacuate(app: &mut App) {
         );
         return;
     }
+    if let Link::Silent { deadline_ms, .. } = &view.link {
+        app.say(
+            format!(
+                "cannot evacuate {host}: its agent does not answer (no answer in {})",
+                crate::cli::output::seconds_text(*deadline_ms)
+            ),
+            true,
+        );
+        return;
+    }
     if let Some(active) = state.active_evacuation(&host) {
         let c = active.counts();
         let text = format!(
@@ -889,6 +922,7 @@ fn evacuate(app: &mut App) {
             excluded: false,
             note: match (&h.link, &h.info) {
                 (Link::Lost { .. }, _) => Some("unreachable".into()),
+                (Link::Silent { .. }, _) => Some("not answering".into()),
                 (Link::Connecting, _) | (_, None) => Some("not connected yet".into()),
                 (_, Some(info)) if info.draining => Some("draining: takes nothing".into()),
                 _ => None,

@@ -57,7 +57,7 @@ async fn watch_host(agents: Cluster, entry: HostEntry, tx: UnboundedSender<Msg>)
         };
         let lost = match opened {
             Err(error) => link.reconnect_failed(now_ms(), error),
-            Ok(mut stream) => {
+            Ok((agent, mut stream)) => {
                 link.connected();
                 if tx
                     .send(Msg::Connected {
@@ -68,10 +68,37 @@ async fn watch_host(agents: Cluster, entry: HostEntry, tx: UnboundedSender<Msg>)
                     return;
                 }
                 let opened_at = Instant::now();
+                // A hung host (stopped, or its agent's core stuck) keeps the
+                // stream open and says nothing: it is asked a short question
+                // every answer deadline, and named within about one.
+                let deadline = agents.answer_deadline;
+                let mut probe = Box::pin(probe(agent.clone(), deadline));
+                let mut silent = false;
                 let error = loop {
                     let next = tokio::select! {
                         _ = tx.closed() => return,
                         next = stream.message() => next,
+                        answered = &mut probe => {
+                            probe = Box::pin(self::probe(agent.clone(), deadline));
+                            let news = match (answered, silent) {
+                                (false, false) => Some(Msg::Silent {
+                                    host: entry.name.clone(),
+                                    since_ms: now_ms().saturating_sub(deadline.as_millis() as u64),
+                                    deadline_ms: deadline.as_millis() as u64,
+                                }),
+                                (true, true) => Some(Msg::Connected {
+                                    host: entry.name.clone(),
+                                }),
+                                _ => None,
+                            };
+                            silent = !answered;
+                            if let Some(news) = news
+                                && tx.send(news).is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
                     };
                     match next {
                         Ok(Some(mut event)) => {
@@ -111,9 +138,19 @@ async fn watch_host(agents: Cluster, entry: HostEntry, tx: UnboundedSender<Msg>)
 /// like any short call (the agent answers at once and streams afterwards);
 /// the stream itself is not, and the channel's keep-alive pings notice a host
 /// that vanished.
-async fn open_watch(agents: &Cluster, entry: &HostEntry) -> Result<WatchStream, String> {
+async fn open_watch(agents: &Cluster, entry: &HostEntry) -> Result<(Agent, WatchStream), String> {
     let agent = agents.connect(entry).await.map_err(|e| e.message)?;
-    agent.watch().await.map_err(|e| e.message)
+    let stream = agent.watch().await.map_err(|e| e.message)?;
+    Ok((agent, stream))
+}
+
+/// After `deadline`, ask the agent for its host (a question its core must
+/// answer, and not audited) and say whether it answered within `deadline`.
+/// Any answer counts, a refusal too: the agent is alive.
+async fn probe(agent: Agent, deadline: Duration) -> bool {
+    tokio::time::sleep(deadline).await;
+    let question = agent.call(|mut c| async move { c.get_host(proto::GetHostRequest {}).await });
+    tokio::time::timeout(deadline, question).await.is_ok()
 }
 
 /// What a watcher has told the console about its host's connection, so that

@@ -27,6 +27,13 @@ pub enum Msg {
         since_ms: u64,
         error: String,
     },
+    /// `host`'s stream is open but its agent did not answer a short question
+    /// within `deadline_ms`: hung or stopped. `Connected` once it answers.
+    Silent {
+        host: String,
+        since_ms: u64,
+        deadline_ms: u64,
+    },
     Key(KeyEvent),
     /// The terminal changed size.
     Resize,

@@ -22,6 +22,12 @@ pub enum Link {
         since_ms: u64,
         error: String,
     },
+    /// Connected, but its agent has not answered within `deadline_ms` since
+    /// `since_ms`: the host hangs (stopped, or its agent's core is stuck).
+    Silent {
+        since_ms: u64,
+        deadline_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +117,13 @@ impl ClusterState {
         self.host_mut(host).link = Link::Connected;
     }
 
+    pub fn silent(&mut self, host: &str, since_ms: u64, deadline_ms: u64) {
+        self.host_mut(host).link = Link::Silent {
+            since_ms,
+            deadline_ms,
+        };
+    }
+
     pub fn lost(&mut self, host: &str, since_ms: u64, error: &str) {
         self.host_mut(host).link = Link::Lost {
             since_ms,
@@ -194,7 +207,8 @@ impl ClusterState {
         }
     }
 
-    fn log(&mut self, host: String, line: proto::LogLine) {
+    /// Append to the event log, which keeps the last [`EVENT_LOG`] lines.
+    pub fn log(&mut self, host: String, line: proto::LogLine) {
         if self.events.len() == EVENT_LOG {
             self.events.pop_front();
         }

@@ -83,6 +83,14 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
                     duration(state.now_ms.saturating_sub(*since_ms))
                 ),
             ),
+            Link::Silent { since_ms, .. } => (
+                theme.lost,
+                format!(
+                    "{} no answer {}",
+                    theme.symbols.lost,
+                    duration(state.now_ms.saturating_sub(*since_ms))
+                ),
+            ),
         };
         let vms = state.vm_count(&h.name);
         // In flight from the migrations the console follows (a host's own

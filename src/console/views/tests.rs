@@ -863,3 +863,50 @@ fn the_pulse_line_follows_the_cluster_within_a_second() {
     );
     assert!(!pulse(&app).contains("peer lost"), "{}", pulse(&app));
 }
+
+#[test]
+fn a_host_that_stops_answering_is_named_in_its_row_the_status_line_and_the_log() {
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = fixture();
+    let now = app.live.now_ms;
+    update(
+        &mut app,
+        Msg::Silent {
+            host: "hv-b".into(),
+            since_ms: now.saturating_sub(1_000),
+            deadline_ms: 1_000,
+        },
+    );
+    update(
+        &mut app,
+        Msg::Tick {
+            now_ms: now + 2_000,
+        },
+    );
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    same_colour(
+        buffer,
+        find(buffer, "⨯ no answer"),
+        theme.lost,
+        "the hung host in the hosts table",
+    );
+    find(
+        buffer,
+        "hv-b: no answer in 1 s: connected, but its agent does not answer",
+    );
+    // It answers again: connected, nothing left of it in its row.
+    update(
+        &mut app,
+        Msg::Connected {
+            host: "hv-b".into(),
+        },
+    );
+    let terminal = render(&app, &theme, (120, 40));
+    let lines = screen_lines(terminal.backend().buffer());
+    assert!(
+        !lines.iter().any(|l| l.contains("⨯ no answer")),
+        "{}",
+        lines.join("\n")
+    );
+}
