@@ -501,6 +501,89 @@ impl Agent {
         })
     }
 
+    /// `tern check`, asked of the VM's source: every admission check of
+    /// Begin here and of Prepare on `destination` (asked over the Peer
+    /// service, within `deadline`), without starting, reserving,
+    /// journaling or locking anything. A destination that does not answer
+    /// in time is a failed check, named as such.
+    pub async fn check(
+        &self,
+        vm: &str,
+        destination: &str,
+        mode: Mode,
+        deadline: Duration,
+    ) -> Result<proto::CheckReply, Refusal> {
+        let invalid = |e: bounds::BoundsError| Refusal::InvalidArgument(e.to_string());
+        bounds::check_name("CheckRequest.vm", vm).map_err(invalid)?;
+        bounds::check_name("CheckRequest.destination", destination).map_err(invalid)?;
+        let guests = self.guests().await;
+        let postcopy = crate::protocol::completion::Completion::for_mode(mode).postcopy
+            != crate::protocol::completion::Postcopy::Never;
+        let (v, d) = (vm.to_string(), destination.to_string());
+        let (checks, c1) = self
+            .query(move |core| core.check_source(&v, &d, mode, postcopy, &guests))
+            .await
+            .ok_or_else(|| Refusal::Unavailable(format!("agent {} has stopped", self.name)))??;
+        let mut checks: Vec<proto::AdmissionCheck> =
+            checks.iter().map(host::Check::to_proto).collect();
+        // A VM "moved" to its own host is refused above; there is no
+        // destination to ask.
+        if destination != self.name {
+            let request = proto::CheckPrepareRequest {
+                cookie1: prost::Message::encode_to_vec(&c1),
+            };
+            let unanswered = |name: &str, detail: String| proto::AdmissionCheck {
+                name: name.to_string(),
+                host: destination.to_string(),
+                ok: false,
+                detail,
+            };
+            match self.peers.check_prepare(destination, request, deadline).await {
+                Ok(reply) => checks.extend(reply.checks),
+                Err(crate::protocol::PeerError::Unreachable(why)) => {
+                    checks.push(unanswered("reachable", why))
+                }
+                Err(crate::protocol::PeerError::Refused(why) | crate::protocol::PeerError::Busy(why)) => {
+                    checks.push(unanswered(
+                        "answer",
+                        format!("{destination} refused the check: {why}"),
+                    ))
+                }
+            }
+        }
+        Ok(proto::CheckReply {
+            vm: vm.to_string(),
+            source: self.name.clone(),
+            destination: destination.to_string(),
+            mode: crate::protocol::record::mode_to_proto(mode) as i32,
+            checks,
+        })
+    }
+
+    /// Peer `CheckPrepare`: every check Prepare would apply to this C1, from
+    /// the same code (the machine check included), changing nothing.
+    pub async fn check_prepare(
+        &self,
+        cookie1: Vec<u8>,
+        from: Option<String>,
+    ) -> Result<proto::CheckPrepareReply, Refusal> {
+        let machine = self.check_machine(&cookie1).map(|()| {
+            format!(
+                "{} ({} hypervisor) runs the machine as C1 describes it",
+                self.name,
+                self.hypervisor.kind()
+            )
+        });
+        let guests = self.guests().await;
+        let checks = self
+            .query(move |core| core.check_prepare(&cookie1, &guests, from.as_deref(), machine))
+            .await
+            .ok_or_else(|| Refusal::Unavailable(format!("agent {} has stopped", self.name)))??;
+        Ok(proto::CheckPrepareReply {
+            checks: checks.iter().map(host::Check::to_proto).collect(),
+        })
+    }
+
     /// Whether this host drains, and its migrations out and in now.
     pub async fn traffic(&self) -> Traffic {
         self.query(|core| Traffic {
