@@ -84,7 +84,11 @@ fn migrate_refused(cluster: &Cluster, vm: &str, to: &str, mode: &str, words: &st
         .filter_map(|record| record["error"].as_str().map(str::to_string))
         .collect::<String>();
     let text = format!("{error}{}", String::from_utf8_lossy(&out.stderr));
-    assert_ne!(out.status.code(), Some(0), "migrate {vm} to {to} worked: {text}");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "migrate {vm} to {to} worked: {text}"
+    );
     assert!(
         text.contains(words),
         "migrate {vm} to {to} was refused, but not with {words:?}: {text}"
@@ -103,7 +107,14 @@ fn a_vm_that_can_move_passes_every_check_and_nothing_is_started_or_held() {
     assert_eq!(answer["source"], "hv-a");
     assert_eq!(answer["mode"], "safe");
     assert!(failed(&answer).is_empty(), "{answer:#}");
-    for name in ["agent", "destination", "vm state", "definition", "lock", "limits"] {
+    for name in [
+        "agent",
+        "destination",
+        "vm state",
+        "definition",
+        "lock",
+        "limits",
+    ] {
         named(&answer, "hv-a", name);
     }
     for name in [
@@ -119,7 +130,9 @@ fn a_vm_that_can_move_passes_every_check_and_nothing_is_started_or_held() {
     ] {
         named(&answer, "hv-b", name);
     }
-    let capacity = named(&answer, "hv-b", "capacity")["detail"].as_str().unwrap();
+    let capacity = named(&answer, "hv-b", "capacity")["detail"]
+        .as_str()
+        .unwrap();
     assert!(
         capacity.contains("needs 0.5 GiB and 2"),
         "capacity says what the VM needs: {capacity}"
@@ -181,7 +194,10 @@ fn bad_usage_an_unknown_vm_or_host_exits_64_and_asks_nobody_to_change_anything()
         (vec!["web-01", "--to", "hv-z"], "no host named hv-z"),
         (vec!["web 01", "--to", "hv-b"], "VM"),
         (vec!["web-01"], "--to"),
-        (vec!["web-01", "--to", "hv-b", "--mode", "reckless"], "reckless"),
+        (
+            vec!["web-01", "--to", "hv-b", "--mode", "reckless"],
+            "reckless",
+        ),
     ] {
         let (code, stdout, stderr) = check_text(&cluster, &args);
         assert_eq!(code, 64, "tern check {args:?}: {stdout}{stderr}");
@@ -244,9 +260,16 @@ fn each_refusal_reason_fails_its_check_in_the_words_of_the_phase() {
         vec![pair("hv-c", "features"), pair("hv-c", "capacity")],
         "{answer:#}"
     );
-    let features = named(&answer, "hv-c", "features")["detail"].as_str().unwrap();
-    assert!(features.contains("\"port-profile\" is not known"), "{features}");
-    let capacity = named(&answer, "hv-c", "capacity")["detail"].as_str().unwrap();
+    let features = named(&answer, "hv-c", "features")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(
+        features.contains("\"port-profile\" is not known"),
+        "{features}"
+    );
+    let capacity = named(&answer, "hv-c", "capacity")["detail"]
+        .as_str()
+        .unwrap();
     assert_eq!(
         capacity,
         "hv-c has 384 MiB and 8 vCPUs free; web-01 needs 512 MiB and 2 vCPUs"
@@ -318,9 +341,15 @@ fn a_migration_in_flight_fails_the_lock_and_both_hosts_limits() {
     assert_eq!(code, 1, "{answer:#}");
     let failures = failed(&answer);
     assert!(failures.contains(&pair("hv-a", "lock")), "{answer:#}");
-    assert!(failures.contains(&pair("hv-b", "pending state")), "{answer:#}");
+    assert!(
+        failures.contains(&pair("hv-b", "pending state")),
+        "{answer:#}"
+    );
     let lock = named(&answer, "hv-a", "lock")["detail"].as_str().unwrap();
-    assert!(lock.contains(&format!("already migrating (migration {id}")), "{lock}");
+    assert!(
+        lock.contains(&format!("already migrating (migration {id}")),
+        "{lock}"
+    );
 
     // Another VM of the same source: hv-a is at max_outgoing, hv-b at max_incoming.
     let (code, answer) = check_json(&cluster, &["web-02", "--to", "hv-b"]);
@@ -370,7 +399,11 @@ fn an_unanswering_destination_is_a_failed_check_and_an_unreachable_source_exits_
     let took = started.elapsed();
     cluster.signal("hv-b", libc::SIGCONT);
     assert_eq!(code, 1, "{answer:#}");
-    assert_eq!(failed(&answer), vec![pair("hv-b", "reachable")], "{answer:#}");
+    assert_eq!(
+        failed(&answer),
+        vec![pair("hv-b", "reachable")],
+        "{answer:#}"
+    );
     assert_eq!(
         named(&answer, "hv-b", "reachable")["detail"],
         "hv-b did not answer within 500 ms"
@@ -382,7 +415,11 @@ fn an_unanswering_destination_is_a_failed_check_and_an_unreachable_source_exits_
     cluster.kill("hv-b");
     let (code, answer) = check_json(&cluster, &["web-01", "--to", "hv-b"]);
     assert_eq!(code, 1, "{answer:#}");
-    assert_eq!(failed(&answer), vec![pair("hv-b", "reachable")], "{answer:#}");
+    assert_eq!(
+        failed(&answer),
+        vec![pair("hv-b", "reachable")],
+        "{answer:#}"
+    );
 
     // The VM's own agent gone: 69, naming it.
     cluster.kill("hv-a");
@@ -398,6 +435,7 @@ fn check_prepare(cluster: &Cluster, host: &str, c1: &proto::Cookie1) -> Vec<prot
         let mut client = peer_client(cluster, host).await;
         let request = proto::CheckPrepareRequest {
             cookie1: c1.encode_to_vec(),
+            ..Default::default()
         };
         tokio::time::timeout(ANSWER_WITHIN, client.check_prepare(request))
             .await
@@ -443,7 +481,10 @@ fn another_protocol_version_and_a_guest_of_the_same_name_fail_prepare_s_checks()
         "{checks:#?}"
     );
     assert!(last.detail.contains("not compatible"), "{}", last.detail);
-    assert!(checks[..checks.len() - 1].iter().all(|c| c.ok), "{checks:#?}");
+    assert!(
+        checks[..checks.len() - 1].iter().all(|c| c.ok),
+        "{checks:#?}"
+    );
     // The same C1 as a real Prepare is refused with the same words.
     let refused = call_prepare(&cluster, "hv-a", &c1).unwrap_err();
     assert_eq!(refused.message(), last.detail);

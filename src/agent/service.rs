@@ -317,10 +317,7 @@ impl peer_server::Peer for PeerService {
     ) -> Result<Response<proto::CheckPrepareReply>, Status> {
         let caller = authorize(&self.0, &request, Role::Agent)?;
         let from = caller.host().map(str::to_string);
-        let reply = self
-            .0
-            .check_prepare(request.into_inner().cookie1, from)
-            .await?;
+        let reply = self.0.check_prepare(request.into_inner(), from).await?;
         Ok(Response::new(reply))
     }
 }

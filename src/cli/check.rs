@@ -43,7 +43,11 @@ pub async fn check(access: &Access, vm: &str, to: &str, mode: Mode, json: bool) 
     } else {
         print!("{}", reply_text(&reply));
     }
-    Ok(if passed { exit::SUCCEEDED } else { exit::FAILED })
+    Ok(if passed {
+        exit::SUCCEEDED
+    } else {
+        exit::FAILED
+    })
 }
 
 /// Whether the VM could move: every check passed (and there were some).
@@ -135,7 +139,12 @@ mod tests {
     fn each_check_is_one_line_with_its_verdict_host_and_detail() {
         let r = reply(vec![
             check("capacity", "hv-b", true, "6.0 GiB free"),
-            check("drain", "hv-b", false, "hv-b is draining (`tern undrain hv-b` ends that)"),
+            check(
+                "drain",
+                "hv-b",
+                false,
+                "hv-b is draining (`tern undrain hv-b` ends that)",
+            ),
         ]);
         let text = reply_text(&r);
         let lines: Vec<&str> = text.lines().collect();

@@ -147,9 +147,7 @@ impl HostCore {
                 )))
             } else {
                 match &incoming_host {
-                    Some(at) => Ok(format!(
-                        "{destination} receives migration streams at {at}"
-                    )),
+                    Some(at) => Ok(format!("{destination} receives migration streams at {at}")),
                     None => Err(Refusal::FailedPrecondition(format!(
                         "{name} knows no migration address for {destination}"
                     ))),
@@ -438,13 +436,8 @@ impl HostCore {
             vcpus: self.cfg.capacity.vcpus.saturating_sub(load.vcpus_used),
         };
         let already_here = guests.iter().any(|g| g.spec.name == vm);
-        let [pending, guest, capacity] = destination::admission(
-            &incoming.vm,
-            &name,
-            free,
-            already_here,
-            busy.as_deref(),
-        );
+        let [pending, guest, capacity] =
+            destination::admission(&incoming.vm, &name, free, already_here, busy.as_deref());
         let arriving = self.incoming();
         let max = self.cfg.max_incoming;
         // An earlier attempt of the VM still here is the reason to give
@@ -511,7 +504,11 @@ impl HostCore {
     ) -> Result<PrepareAdmission, Refusal> {
         match e {
             CookieError::Machine { .. } => {
-                checks.push(Check::new("machine", &self.cfg.name, Err(cookie_refusal(e))));
+                checks.push(Check::new(
+                    "machine",
+                    &self.cfg.name,
+                    Err(cookie_refusal(e)),
+                ));
                 Ok(PrepareAdmission {
                     checks,
                     ready: None,
