@@ -603,18 +603,19 @@ impl Agent {
         from: Option<String>,
     ) -> Result<proto::CheckPrepareReply, Refusal> {
         let cookie1 = request.cookie1;
-        let machine = self.check_machine(&cookie1).map(|()| {
-            format!(
-                "{} ({} hypervisor) runs the machine as C1 describes it",
-                self.name,
-                self.hypervisor.kind()
-            )
-        });
         let c1 = crate::protocol::cookies::decode::<proto::Cookie1>("C1", &cookie1).ok();
         let source_host = c1.as_ref().map(|c1| c1.source.clone()).unwrap_or_default();
         let spec = c1
             .and_then(|c1| c1.vm)
             .and_then(|vm| crate::protocol::cookies::vm_from_proto(&vm).ok());
+        let machine = self.check_machine(&cookie1).map(|()| {
+            let vm = spec.as_ref().map_or("the VM", |s| s.name.as_str());
+            format!(
+                "{} can run the machine of {vm} ({} hypervisor)",
+                self.name,
+                self.hypervisor.kind()
+            )
+        });
         let guests = self.guests().await;
         let checks = self
             .query(move |core| core.check_prepare(&cookie1, &guests, from.as_deref(), machine))
