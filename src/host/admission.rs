@@ -14,8 +14,9 @@ use crate::protocol::destination::{
 };
 use crate::protocol::{Mode, PROTOCOL_VERSION, VmSpec, policy};
 
-/// The migration id a checked C1 carries: nothing is started for it, and
-/// no attempt of a host ever has it (ids are random, this one is zero).
+/// The ids a checked C1 carries. Nothing is ever started or registered
+/// under them (a check only reads), and hosts make their ids from random
+/// bits, so a real attempt with the all-zero id is not to be expected.
 pub const CHECK_MIGRATION_ID: &str = "m-000000000000";
 pub const CHECK_ATTEMPT_ID: &str = "m-000000000000.1";
 
