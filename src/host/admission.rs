@@ -15,8 +15,9 @@ use crate::protocol::destination::{
 use crate::protocol::{Mode, PROTOCOL_VERSION, VmSpec, policy};
 
 /// The ids a checked C1 carries. Nothing is ever started or registered
-/// under them (a check only reads), and hosts make their ids from random
-/// bits, so a real attempt with the all-zero id is not to be expected.
+/// under them (a check only reads), and hosts make their ids by hashing a
+/// salt and a counter into 48 bits, so a real attempt with the all-zero id
+/// is not to be expected.
 pub const CHECK_MIGRATION_ID: &str = "m-000000000000";
 pub const CHECK_ATTEMPT_ID: &str = "m-000000000000.1";
 
