@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // Ctrl-C still stops the agents and removes the demo's folder.
     let result = tokio::select! {
-        result = take_all(&mut app, &mut rx, &shots) => result,
+        result = take_all(&mut app, &mut rx, &shots, &agents) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     };
 
@@ -135,6 +135,7 @@ async fn take_all(
     app: &mut App,
     rx: &mut UnboundedReceiver<Msg>,
     shots: &Shots,
+    agents: &tern::cli::Cluster,
 ) -> anyhow::Result<()> {
     // The demo's evacuation, while some VMs have moved and others are on
     // their way: first, before it is over.
@@ -197,12 +198,18 @@ async fn take_all(
         app.selected_migration().map(|m| &m.record.id) == Some(&failed),
         "the failed migration is no longer selected"
     );
-    keys(app, "d");
+    // The picker asks the VM's source about each host: its answers, as
+    // the console would fold them.
+    let asked = keys(app, "d");
     anyhow::ensure!(
         matches!(app.dialog, Some(Dialog::Picker { .. })),
         "d did not open the destination picker: {:?}",
         app.status
     );
+    for command in asked {
+        let answer = client::execute(agents, command).await;
+        app::update(app, answer);
+    }
     shots.take(app, &shots.dark, "picker")?;
 
     // Close the picker, clear the filter, and open help over the overview.
@@ -277,18 +284,20 @@ fn drain(app: &mut App, rx: &mut UnboundedReceiver<Msg>) -> anyhow::Result<()> {
 /// Key presses go through `update` like the terminal's; their commands
 /// (RPCs) are not carried out: every screenshot stops before a confirm, and
 /// reads (who acted on a migration, for its detail) are left out.
-fn press(app: &mut App, code: KeyCode) {
+/// A key press; what it asks of the agents (nothing that changes anything).
+fn press(app: &mut App, code: KeyCode) -> Vec<tern::console::msg::Command> {
     let commands = app::update(app, Msg::Key(KeyEvent::new(code, KeyModifiers::NONE)));
     assert!(
         !commands.iter().any(|c| c.changes_anything()),
         "a screenshot key asked for {commands:?}"
     );
+    commands
 }
 
-fn keys(app: &mut App, text: &str) {
-    for c in text.chars() {
-        press(app, KeyCode::Char(c));
-    }
+fn keys(app: &mut App, text: &str) -> Vec<tern::console::msg::Command> {
+    text.chars()
+        .flat_map(|c| press(app, KeyCode::Char(c)))
+        .collect()
 }
 
 fn outcome(r: &proto::MigrationRecord) -> proto::Outcome {

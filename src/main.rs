@@ -103,6 +103,20 @@ enum Command {
         #[command(flatten)]
         report: ReportArgs,
     },
+    /// Every admission check of Begin and Prepare for moving a VM, on both
+    /// agents, without starting anything: exit 0 when all pass, 1 when one
+    /// does not.
+    Check {
+        vm: String,
+        /// The destination host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        #[arg(long, value_enum, default_value_t = ModeArg::Safe)]
+        mode: ModeArg,
+        /// One JSON object: the checks, each with host, ok and detail.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move every VM off a host, retrying failed ones elsewhere; the host is
     /// marked draining. By default wait until the evacuation has ended.
     Evacuate {
@@ -520,6 +534,9 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
                 report.into(),
             )
             .await
+        }
+        Command::Check { vm, to, mode, json } => {
+            cli::check::check(access, &vm, &to, mode.into(), json).await
         }
         Command::Evacuate {
             host,

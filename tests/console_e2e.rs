@@ -151,11 +151,17 @@ fn an_operator_aborts_and_retries_elsewhere_by_keystrokes() {
     });
 
     // The failed row is now first (failed before aborted). d, then enter:
-    // the picker starts on hv-c, not hv-b where the attempt failed.
+    // the picker starts on hv-c, not hv-b where the attempt failed, and
+    // says what db-01's source answers for each host (`tern check`).
     screen.keys("g");
     screen.keys("d");
-    screen.wait_for("the destination picker", |t| {
-        t.contains("on another host") && t.contains("db-01 runs here")
+    screen.wait_for("the destination picker, answered", |t| {
+        t.contains("on another host")
+            && t.contains("db-01 runs here")
+            && t.lines()
+                .any(|l| l.contains("hv-c") && l.contains("eligible"))
+            && t.lines()
+                .any(|l| l.contains("hv-b") && l.contains("eligible · failed here"))
     });
     screen.keys("\r");
     screen.wait_for("the retry's result", |t| {

@@ -1839,3 +1839,83 @@ fn a_post_copy_whose_destination_dies_for_good_is_declared_lost_and_never_resume
     let again = cluster.tern(&["resolve", &id, "--lost", "--yes"]);
     assert!(!again.status.success());
 }
+
+/// `tern check` with real QEMU: both hosts' QEMU must give the guest the
+/// same versioned machine type and CPU model. qc's QEMU starts a guest
+/// without a machine of its own as qa's does (`pc`); qb's default is `q35`,
+/// so it would start g1 as another machine, which no migration survives.
+#[test]
+fn check_compares_the_machine_type_and_cpu_model_both_qemus_give_the_guest() {
+    let Some(_turn) =
+        qemu_or_skip("check_compares_the_machine_type_and_cpu_model_both_qemus_give_the_guest")
+    else {
+        return;
+    };
+    let mut qb = qemu_host("qb", 1024, "", &port_profile(""));
+    qb.config = qb.config.replacen(
+        "kind = \"qemu\"\n",
+        "kind = \"qemu\"\nmachine = \"q35\"\n",
+        1,
+    );
+    let cluster = QemuCluster(Cluster::start(vec![
+        qemu_host(
+            "qa",
+            1024,
+            "",
+            &(guest_vm("g1", GUEST_MIB, 8) + &port_profile("")),
+        ),
+        qb,
+        qemu_host("qc", 1024, "", &port_profile("")),
+    ]));
+    wait_ready(&cluster, "qa", "g1");
+    let machine_type = |answer: &serde_json::Value, host: &str| {
+        answer["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["host"] == host && c["name"] == "machine type")
+            .cloned()
+            .unwrap_or_else(|| panic!("no machine type check on {host}: {answer:#}"))
+    };
+    let (code, answer) = cluster.tern_json(&["check", "g1", "--to", "qc", "--json"]);
+    assert_eq!(code, 0, "{answer:#}");
+    let source = machine_type(&answer, "qa");
+    let detail = source["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("g1 runs as machine type pc-i440fx-")
+            && detail.ends_with("with CPU model qemu64"),
+        "{detail}"
+    );
+    let here = machine_type(&answer, "qc");
+    assert_eq!(here["ok"], true, "{answer:#}");
+    assert!(
+        here["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("and CPU model qemu64 on both"),
+        "{here}"
+    );
+
+    let (code, answer) = cluster.tern_json(&["check", "g1", "--to", "qb", "--json"]);
+    assert_eq!(code, 1, "{answer:#}");
+    let there = machine_type(&answer, "qb");
+    assert_eq!(there["ok"], false, "{answer:#}");
+    let why = there["detail"].as_str().unwrap();
+    assert!(
+        why.contains("g1 runs as machine type pc-i440fx-")
+            && why.contains("qb's QEMU would start it as pc-q35-")
+            && why.contains("qemu.machine"),
+        "{why}"
+    );
+    // The only check that fails: everything else about qb is fine.
+    let failing: Vec<&serde_json::Value> = answer["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
+    assert_eq!(failing.len(), 1, "{answer:#}");
+    // Nothing was started for either check.
+    assert!(qemu_pids(&cluster, "qb").is_empty());
+    assert!(qemu_pids(&cluster, "qc").is_empty());
+}

@@ -501,6 +501,167 @@ impl Agent {
         })
     }
 
+    /// `tern check`, asked of the VM's source: every admission check of
+    /// Begin here and of Prepare on `destination` (asked over the Peer
+    /// service, within `deadline`), without starting, reserving,
+    /// journaling or locking anything. A destination that does not answer
+    /// in time is a failed check, named as such.
+    pub async fn check(
+        &self,
+        vm: &str,
+        destination: &str,
+        mode: Mode,
+        deadline: Duration,
+    ) -> Result<proto::CheckReply, Refusal> {
+        let invalid = |e: bounds::BoundsError| Refusal::InvalidArgument(e.to_string());
+        bounds::check_name("CheckRequest.vm", vm).map_err(invalid)?;
+        bounds::check_name("CheckRequest.destination", destination).map_err(invalid)?;
+        let guests = self.guests().await;
+        let postcopy = crate::protocol::completion::Completion::for_mode(mode).postcopy
+            != crate::protocol::completion::Postcopy::Never;
+        let (v, d) = (vm.to_string(), destination.to_string());
+        let (checks, c1) = self
+            .query(move |core| core.check_source(&v, &d, mode, postcopy, &guests))
+            .await
+            .ok_or_else(|| Refusal::Unavailable(format!("agent {} has stopped", self.name)))??;
+        let mut checks: Vec<proto::AdmissionCheck> =
+            checks.iter().map(host::Check::to_proto).collect();
+        // What the guest runs as here, which the destination must match.
+        let platform = c1
+            .vm
+            .as_ref()
+            .and_then(|vm| crate::protocol::cookies::vm_from_proto(vm).ok())
+            .and_then(|spec| self.hypervisor.platform(&spec));
+        if let Some(platform) = &platform {
+            checks.push(proto::AdmissionCheck {
+                name: "machine type".into(),
+                host: self.name.clone(),
+                ok: platform.is_ok(),
+                detail: match platform {
+                    Ok(p) => format!(
+                        "{vm} runs as machine type {} with CPU model {}",
+                        p.machine_type, p.cpu_model
+                    ),
+                    Err(e) => format!("{vm} on {}: {e}", self.name),
+                },
+            });
+        }
+        // A VM "moved" to its own host is refused above; there is no
+        // destination to ask.
+        if destination != self.name {
+            let (machine_type, cpu_model) = match platform {
+                Some(Ok(p)) => (p.machine_type, p.cpu_model),
+                _ => Default::default(),
+            };
+            let request = proto::CheckPrepareRequest {
+                cookie1: prost::Message::encode_to_vec(&c1),
+                machine_type,
+                cpu_model,
+            };
+            let unanswered = |name: &str, detail: String| proto::AdmissionCheck {
+                name: name.to_string(),
+                host: destination.to_string(),
+                ok: false,
+                detail,
+            };
+            match self
+                .peers
+                .check_prepare(destination, request, deadline)
+                .await
+            {
+                Ok(reply) => checks.extend(reply.checks),
+                Err(crate::protocol::PeerError::Unreachable(why)) => {
+                    checks.push(unanswered("reachable", why))
+                }
+                Err(
+                    crate::protocol::PeerError::Refused(why)
+                    | crate::protocol::PeerError::Busy(why)
+                    | crate::protocol::PeerError::Full(why),
+                ) => checks.push(unanswered(
+                    "answer",
+                    format!("{destination} refused the check: {why}"),
+                )),
+            }
+        }
+        Ok(proto::CheckReply {
+            vm: vm.to_string(),
+            source: self.name.clone(),
+            destination: destination.to_string(),
+            mode: crate::protocol::record::mode_to_proto(mode) as i32,
+            checks,
+        })
+    }
+
+    /// Peer `CheckPrepare`: every check Prepare would apply to this C1, from
+    /// the same code (the machine check included), changing nothing.
+    ///
+    /// With the source's machine type and CPU model (QEMU), this host's
+    /// must be the same: a check Prepare cannot make, since C1 does not
+    /// carry them, and the transfer would fail late without it.
+    pub async fn check_prepare(
+        &self,
+        request: proto::CheckPrepareRequest,
+        from: Option<String>,
+    ) -> Result<proto::CheckPrepareReply, Refusal> {
+        let cookie1 = request.cookie1;
+        let c1 = crate::protocol::cookies::decode::<proto::Cookie1>("C1", &cookie1).ok();
+        let source_host = c1.as_ref().map(|c1| c1.source.clone()).unwrap_or_default();
+        let spec = c1
+            .and_then(|c1| c1.vm)
+            .and_then(|vm| crate::protocol::cookies::vm_from_proto(&vm).ok());
+        let machine = self.check_machine(&cookie1).map(|()| {
+            let vm = spec.as_ref().map_or("the VM", |s| s.name.as_str());
+            format!(
+                "{} can run the machine of {vm} ({} hypervisor)",
+                self.name,
+                self.hypervisor.kind()
+            )
+        });
+        let guests = self.guests().await;
+        let checks = self
+            .query(move |core| core.check_prepare(&cookie1, &guests, from.as_deref(), machine))
+            .await
+            .ok_or_else(|| Refusal::Unavailable(format!("agent {} has stopped", self.name)))??;
+        let mut checks: Vec<proto::AdmissionCheck> =
+            checks.iter().map(host::Check::to_proto).collect();
+        if let Some(spec) = spec.filter(|_| !request.machine_type.is_empty()) {
+            let source = crate::hypervisor::Platform {
+                machine_type: request.machine_type,
+                cpu_model: request.cpu_model,
+            };
+            let verdict = match self.hypervisor.platform(&spec) {
+                None => Err(format!(
+                    "{} runs no QEMU ({} hypervisor): it cannot receive {}'s QEMU guest",
+                    self.name,
+                    self.hypervisor.kind(),
+                    spec.name
+                )),
+                Some(Err(e)) => Err(format!("{}: {e}", self.name)),
+                Some(Ok(here)) => crate::hypervisor::qemu::platform::compare(
+                    &spec.name,
+                    &source_host,
+                    &source,
+                    &self.name,
+                    &here,
+                ),
+            };
+            let at = checks
+                .iter()
+                .position(|c| c.name == "machine")
+                .map_or(checks.len(), |i| i + 1);
+            checks.insert(
+                at,
+                proto::AdmissionCheck {
+                    name: "machine type".into(),
+                    host: self.name.clone(),
+                    ok: verdict.is_ok(),
+                    detail: verdict.unwrap_or_else(|e| e),
+                },
+            );
+        }
+        Ok(proto::CheckPrepareReply { checks })
+    }
+
     /// Whether this host drains, and its migrations out and in now.
     pub async fn traffic(&self) -> Traffic {
         self.query(|core| Traffic {

@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 
 use crate::config::Inventory;
 use crate::host::{PeerCall, PeerResponse};
+use crate::proto;
 use crate::proto::peer_client::PeerClient;
 use crate::protocol::PeerError;
 use crate::protocol::bounds;
@@ -86,20 +87,42 @@ impl Peers {
                 }
             })
         };
-        let result = match deadline {
-            Some(d) => match tokio::time::timeout(d, call).await {
-                Ok(result) => result,
-                Err(_) => {
-                    return Err(PeerError::Unreachable(format!(
-                        "{host} did not answer within {} ms",
-                        d.as_millis()
-                    )));
-                }
-            },
-            None => call.await,
-        };
-        result.map_err(|status| peer_error(host, status))
+        within(host, deadline, call).await
     }
+
+    /// Ask `host` for Prepare's admission checks of a C1 (`tern check`),
+    /// within `deadline`.
+    pub async fn check_prepare(
+        &self,
+        host: &str,
+        request: proto::CheckPrepareRequest,
+        deadline: Duration,
+    ) -> Result<proto::CheckPrepareReply, PeerError> {
+        let mut client = self.client(host)?;
+        let call = async move { Ok(client.check_prepare(request).await?.into_inner()) };
+        within(host, Some(deadline), call).await
+    }
+}
+
+/// A call's answer, or `Unreachable` once `deadline` has passed.
+async fn within<T>(
+    host: &str,
+    deadline: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, PeerError> {
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout(d, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(PeerError::Unreachable(format!(
+                    "{host} did not answer within {} ms",
+                    d.as_millis()
+                )));
+            }
+        },
+        None => call.await,
+    };
+    result.map_err(|status| peer_error(host, status))
 }
 
 /// A Peer client with explicit message limits both ways

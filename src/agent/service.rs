@@ -309,9 +309,25 @@ impl peer_server::Peer for PeerService {
     ) -> Result<Response<proto::CapacityReply>, Status> {
         peer_call!(self.0, Capacity, request, "peer capacity", "")
     }
+
+    /// A question (nothing changes), so not audited, like Capacity.
+    async fn check_prepare(
+        &self,
+        request: Request<proto::CheckPrepareRequest>,
+    ) -> Result<Response<proto::CheckPrepareReply>, Status> {
+        let caller = authorize(&self.0, &request, Role::Agent)?;
+        let from = caller.host().map(str::to_string);
+        let reply = self.0.check_prepare(request.into_inner(), from).await?;
+        Ok(Response::new(reply))
+    }
 }
 
 struct ConsoleService(Arc<Agent>);
+
+/// How long a check waits for the destination's part by default, and at
+/// most (a caller's deadline beyond it is cut to it).
+const DEFAULT_CHECK_DEADLINE_MS: u32 = 1_000;
+const MAX_CHECK_DEADLINE_MS: u32 = 30_000;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
@@ -709,6 +725,31 @@ impl console_server::Console for ConsoleService {
         }
         let answer = self.set_faults_now(request.into_inner()).await;
         audited.end(answer, |_| "fault injection changed".into())
+    }
+
+    /// `tern check`: an identity that may migrate may ask. Nothing
+    /// changes, so nothing is audited.
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckReply>, Status> {
+        authorize(&self.0, &request, Role::Operator)?;
+        let r = request.into_inner();
+        let mode = mode(r.mode)?.unwrap_or(crate::protocol::Mode::Safe);
+        let deadline = match r.answer_deadline_ms {
+            0 => DEFAULT_CHECK_DEADLINE_MS,
+            ms => ms.min(MAX_CHECK_DEADLINE_MS),
+        };
+        let reply = self
+            .0
+            .check(
+                &r.vm,
+                &r.destination,
+                mode,
+                std::time::Duration::from_millis(u64::from(deadline)),
+            )
+            .await?;
+        Ok(Response::new(reply))
     }
 
     async fn list_audit(

@@ -13,6 +13,7 @@
 //! - [`sanitize`]: text from agents made safe for a terminal
 
 pub mod audit;
+pub mod check;
 pub mod client;
 pub mod commands;
 pub mod evacuate;

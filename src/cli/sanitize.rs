@@ -134,6 +134,8 @@ sanitize_fields! {
     proto::Event { host, kind }
     proto::AuditEntry { host, who, role, action, target, result }
     proto::ListAuditReply { entries }
+    proto::CheckReply { vm, source, destination, checks }
+    proto::AdmissionCheck { name, host, detail }
 }
 
 impl Sanitize for proto::event::Kind {

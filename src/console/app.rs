@@ -38,15 +38,53 @@ pub enum Focus {
     Migrations,
 }
 
-/// A destination offered by the picker, and why it cannot be chosen.
+/// A destination offered by the picker, and whether it can take the VM,
+/// as the VM's source agent answers (`tern check`): the console does not
+/// judge eligibility itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     pub host: String,
-    pub refusal: Option<String>,
+    pub eligibility: Eligibility,
     /// The VM's latest failed or aborted attempt to this host, said:
     /// "failed here 40 s ago: port-profile ✗ finish". Eligible or not, the
     /// operator should know before sending it there again.
     pub failed_here: Option<String>,
+}
+
+/// What the VM's source agent said of one destination.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Eligibility {
+    /// The VM runs there: nothing to ask.
+    RunsHere,
+    /// Asked; no answer yet.
+    Checking,
+    /// Every admission check of Begin and Prepare passes.
+    Eligible,
+    /// The first check that fails, said: "capacity: hv-b has 512 MiB …".
+    Refused(String),
+    /// The source's agent, or the destination's through it, did not answer.
+    NoAnswer(String),
+}
+
+impl Eligibility {
+    /// From a Check answer for `destination`.
+    pub fn of(answer: Result<&proto::CheckReply, &str>, destination: &str) -> Eligibility {
+        let reply = match answer {
+            Ok(reply) => reply,
+            Err(e) => return Eligibility::NoAnswer(e.to_string()),
+        };
+        match reply.checks.iter().find(|c| !c.ok) {
+            None if reply.checks.is_empty() => {
+                Eligibility::NoAnswer("the answer had no checks".to_string())
+            }
+            None => Eligibility::Eligible,
+            Some(c) if c.name == "reachable" => Eligibility::NoAnswer(c.detail.clone()),
+            Some(c) if c.host == destination => {
+                Eligibility::Refused(format!("{}: {}", c.name, c.detail))
+            }
+            Some(c) => Eligibility::Refused(format!("{} {}: {}", c.host, c.name, c.detail)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -695,6 +733,34 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
             app.dirty |= app.frozen.is_none();
             Vec::new()
         }
+        Msg::Checked {
+            source,
+            vm,
+            destination,
+            mode,
+            answer,
+        } => {
+            // Only the picker that asked takes it: the same VM, source and
+            // mode (an answer for a mode since switched is stale).
+            if let Some(Dialog::Picker {
+                vm: asked_vm,
+                from,
+                mode: asked_mode,
+                choices,
+                ..
+            }) = &mut app.dialog
+                && *asked_vm == vm
+                && *from == source
+                && *asked_mode == mode
+                && let Some(choice) = choices.iter_mut().find(|c| c.host == destination)
+                && choice.eligibility == Eligibility::Checking
+            {
+                choice.eligibility =
+                    Eligibility::of(answer.as_ref().map_err(String::as_str), &destination);
+                app.dirty = true;
+            }
+            Vec::new()
+        }
         Msg::Done { what, result } => {
             let (text, error) = match result {
                 Ok(detail) => (format!("{what}: {detail}"), false),
@@ -809,7 +875,7 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         }
         Action::Abort => abort(app),
         Action::Retry => retry(app),
-        Action::RetryElsewhere => pick_destination(app),
+        Action::RetryElsewhere => return pick_destination(app),
         Action::Rollback => rollback(app),
         Action::NewMigration => new_migration(app),
         Action::Evacuate => evacuate(app),
@@ -1249,52 +1315,45 @@ fn retry(app: &mut App) {
     }));
 }
 
-/// Every host, and why it cannot take `vm` now (none: it can).
-pub fn destinations(state: &ClusterState, vm: &str, required: &[String]) -> Vec<Choice> {
-    let memory = state
-        .vms
-        .iter()
-        .find(|((_, name), _)| name == vm)
-        .map(|(_, v)| (v.memory_mib, v.vcpus))
-        .unwrap_or_default();
+/// Every host, each to be asked about (the one `vm` runs on excepted),
+/// with where `vm` failed before.
+pub fn destinations(state: &ClusterState, vm: &str) -> Vec<Choice> {
     let runs_on = state.vm_host(vm);
     state
         .hosts
         .iter()
-        .map(|h| {
-            let refusal = if runs_on == Some(h.name.as_str()) {
-                Some(format!("{vm} runs here"))
-            } else if !matches!(h.link, Link::Connected) {
-                Some("not connected".to_string())
-            } else {
-                match &h.info {
-                    None => Some("no report from its agent yet".to_string()),
-                    Some(info) if info.draining => Some("draining".to_string()),
-                    Some(info) => {
-                        let free = info.memory_total_mib.saturating_sub(info.memory_used_mib);
-                        let free_cpus = info.vcpus_total.saturating_sub(info.vcpus_used);
-                        let missing: Vec<&str> = required
-                            .iter()
-                            .filter(|f| !info.features.contains(f))
-                            .map(String::as_str)
-                            .collect();
-                        if free < memory.0 {
-                            Some(format!("{} MiB free, {vm} needs {}", free, memory.0))
-                        } else if free_cpus < memory.1 {
-                            Some(format!("{free_cpus} vCPUs free, {vm} needs {}", memory.1))
-                        } else if !missing.is_empty() {
-                            Some(format!("lacks required {}", missing.join(", ")))
-                        } else {
-                            None
-                        }
-                    }
-                }
-            };
-            Choice {
-                host: h.name.clone(),
-                refusal,
-                failed_here: failed_here(state, vm, &h.name),
-            }
+        .map(|h| Choice {
+            host: h.name.clone(),
+            eligibility: match runs_on == Some(h.name.as_str()) {
+                true => Eligibility::RunsHere,
+                false => Eligibility::Checking,
+            },
+            failed_here: failed_here(state, vm, &h.name),
+        })
+        .collect()
+}
+
+/// Why a host cannot be chosen, in the picker's words.
+pub fn eligibility_text(vm: &str, eligibility: &Eligibility) -> String {
+    match eligibility {
+        Eligibility::RunsHere => format!("{vm} runs here"),
+        Eligibility::Checking => "checking…".to_string(),
+        Eligibility::Eligible => "eligible".to_string(),
+        Eligibility::Refused(why) => why.clone(),
+        Eligibility::NoAnswer(why) => format!("no answer: {why}"),
+    }
+}
+
+/// Ask `from` about every choice still being checked.
+fn checks(from: &str, vm: &str, mode: Mode, choices: &[Choice]) -> Vec<Command> {
+    choices
+        .iter()
+        .filter(|c| c.eligibility == Eligibility::Checking)
+        .map(|c| Command::Check {
+            host: from.to_string(),
+            vm: vm.to_string(),
+            destination: c.host.clone(),
+            mode,
         })
         .collect()
 }
@@ -1335,8 +1394,10 @@ fn failed_here(state: &ClusterState, vm: &str, host: &str) -> Option<String> {
     Some(format!("failed here {ago} ago: {why}"))
 }
 
-/// Offer every host; the cursor starts on the first eligible one that is
-/// not where the last attempt failed (`avoid`).
+/// Offer every host and ask the VM's source about each; the cursor starts
+/// on the first host the VM does not run on and did not fail on, else the
+/// first that is not where the last attempt failed (`avoid`). It stays
+/// where it is as answers come in.
 #[allow(clippy::too_many_arguments)]
 fn picker(
     app: &mut App,
@@ -1344,24 +1405,23 @@ fn picker(
     vm: String,
     retry: Option<String>,
     from: String,
-    required: Vec<String>,
     avoid: Option<&str>,
     last: Option<(Mode, Completion)>,
-) {
-    let choices = destinations(app.state(), &vm, &required);
-    let eligible = |c: &&Choice| c.refusal.is_none();
-    // First choice: eligible and no failure of this VM there; then eligible
-    // and not where the last attempt failed; then any eligible host.
+) -> Vec<Command> {
+    let choices = destinations(app.state(), &vm);
+    let elsewhere = |c: &&Choice| c.eligibility != Eligibility::RunsHere;
     let selected = choices
         .iter()
-        .position(|c| eligible(&c) && c.failed_here.is_none())
+        .position(|c| elsewhere(&c) && c.failed_here.is_none())
         .or_else(|| {
             choices
                 .iter()
-                .position(|c| eligible(&c) && Some(c.host.as_str()) != avoid)
+                .position(|c| elsewhere(&c) && Some(c.host.as_str()) != avoid)
         })
-        .or_else(|| choices.iter().position(|c| eligible(&c)))
+        .or_else(|| choices.iter().position(|c| elsewhere(&c)))
         .unwrap_or(0);
+    let mode = app.default_mode;
+    let commands = checks(&from, &vm, mode, &choices);
     app.dialog = Some(Dialog::Picker {
         title,
         vm,
@@ -1369,16 +1429,17 @@ fn picker(
         from,
         choices,
         selected,
-        mode: app.default_mode,
+        mode,
         completion: CompletionChoice::default(),
         last,
     });
+    commands
 }
 
-fn pick_destination(app: &mut App) {
+fn pick_destination(app: &mut App) -> Vec<Command> {
     let Some(record) = app.selected_migration().map(|m| m.record.clone()) else {
         app.say("select a failed migration first", true);
-        return;
+        return Vec::new();
     };
     if !matches!(
         outcome(&record),
@@ -1391,28 +1452,21 @@ fn pick_destination(app: &mut App) {
             ),
             true,
         );
-        return;
+        return Vec::new();
     }
     if let Some(moved) = moved_since(app.state(), &record) {
         app.say(moved, true);
-        return;
+        return Vec::new();
     }
-    let required = record
-        .features
-        .iter()
-        .filter(|f| f.required)
-        .map(|f| f.name.clone())
-        .collect();
     picker(
         app,
         format!("Retry {} ({}) on another host", record.id, record.vm),
         record.vm.clone(),
         Some(record.id.clone()),
         record.source.clone(),
-        required,
         Some(&record.destination),
         Some(policy_of(&record)),
-    );
+    )
 }
 
 fn rollback(app: &mut App) {
@@ -1525,23 +1579,34 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
             vm,
             retry,
             from,
-            choices,
+            mut choices,
             mut selected,
             mut mode,
             mut completion,
             last,
         } => {
+            let mut recheck = Vec::new();
             match key.code {
                 KeyCode::Esc | KeyCode::Char('q') => return Vec::new(),
                 KeyCode::Char('j') | KeyCode::Down => {
                     selected = (selected + 1).min(choices.len().saturating_sub(1))
                 }
                 KeyCode::Char('k') | KeyCode::Up => selected = selected.saturating_sub(1),
-                KeyCode::Char('m') => mode = other_mode(mode),
+                // Another mode, other checks (which features are mandatory):
+                // every host is asked again.
+                KeyCode::Char('m') => {
+                    mode = other_mode(mode);
+                    for c in &mut choices {
+                        if c.eligibility != Eligibility::RunsHere {
+                            c.eligibility = Eligibility::Checking;
+                        }
+                    }
+                    recheck = checks(&from, &vm, mode, &choices);
+                }
                 KeyCode::Enter => match choices.get(selected) {
                     Some(Choice {
                         host,
-                        refusal: None,
+                        eligibility: Eligibility::Eligible,
                         ..
                     }) => {
                         let policy = completion.over(base(mode, last));
@@ -1566,9 +1631,21 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                     }
                     Some(Choice {
                         host,
-                        refusal: Some(why),
+                        eligibility: Eligibility::Checking,
                         ..
-                    }) => app.say(format!("{host} cannot take {vm}: {why}"), true),
+                    }) => app.say(
+                        format!("{host}: still asking {from} whether it can take {vm}"),
+                        true,
+                    ),
+                    Some(Choice {
+                        host, eligibility, ..
+                    }) => app.say(
+                        format!(
+                            "{host} cannot take {vm}: {}",
+                            eligibility_text(vm.as_str(), eligibility)
+                        ),
+                        true,
+                    ),
                     None => {}
                 },
                 code => {
@@ -1587,7 +1664,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                 completion,
                 last,
             });
-            Vec::new()
+            recheck
         }
         Dialog::ChooseVm { vms, mut selected } => {
             match key.code {
@@ -1598,29 +1675,15 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
                 KeyCode::Char('k') | KeyCode::Up => selected = selected.saturating_sub(1),
                 KeyCode::Enter => {
                     if let Some((vm, host)) = vms.get(selected).cloned() {
-                        let required = app
-                            .state()
-                            .vms
-                            .get(&(host.clone(), vm.clone()))
-                            .map(|v| {
-                                v.features
-                                    .iter()
-                                    .filter(|f| f.required)
-                                    .map(|f| f.name.clone())
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        picker(
+                        return picker(
                             app,
                             format!("Migrate {vm} from {host} to"),
                             vm,
                             None,
                             host,
-                            required,
                             None,
                             None,
                         );
-                        return Vec::new();
                     }
                 }
                 _ => {}
@@ -1877,6 +1940,84 @@ mod tests {
         app.select_row(row);
     }
 
+    /// A Check answer from `source` about moving `vm` to `destination`: a
+    /// check on each side that passed, and `failing` (host, name, detail).
+    fn check_reply(
+        vm: &str,
+        source: &str,
+        destination: &str,
+        failing: Option<(&str, &str, &str)>,
+    ) -> proto::CheckReply {
+        let check = |host: &str, name: &str, ok: bool, detail: &str| proto::AdmissionCheck {
+            name: name.into(),
+            host: host.into(),
+            ok,
+            detail: detail.into(),
+        };
+        let mut checks = vec![
+            check(source, "lock", true, "not migrating"),
+            check(destination, "capacity", true, "room enough"),
+        ];
+        if let Some((host, name, detail)) = failing {
+            checks.push(check(host, name, false, detail));
+        }
+        proto::CheckReply {
+            vm: vm.into(),
+            source: source.into(),
+            destination: destination.into(),
+            mode: 0,
+            checks,
+        }
+    }
+
+    /// The VM's source answers the open picker about every host still
+    /// being checked: each can take the VM, but those `refused` (the
+    /// destination, then the failing check's host, name and detail).
+    fn answer_picker(app: &mut App, refused: &[(&str, (&str, &str, &str))]) {
+        let Some(Dialog::Picker {
+            vm,
+            from,
+            mode,
+            choices,
+            ..
+        }) = &app.dialog
+        else {
+            panic!("no picker: {:?}", app.dialog)
+        };
+        let answers: Vec<Msg> = choices
+            .iter()
+            .filter(|c| c.eligibility == Eligibility::Checking)
+            .map(|c| {
+                let failing = refused.iter().find(|r| r.0 == c.host).map(|r| r.1);
+                Msg::Checked {
+                    source: from.clone(),
+                    vm: vm.clone(),
+                    destination: c.host.clone(),
+                    mode: *mode,
+                    answer: Ok(check_reply(vm, from, &c.host, failing)),
+                }
+            })
+            .collect();
+        for answer in answers {
+            assert!(update(app, answer).is_empty());
+        }
+    }
+
+    fn picker_choices(app: &App) -> &[Choice] {
+        match &app.dialog {
+            Some(Dialog::Picker { choices, .. }) => choices,
+            other => panic!("no picker: {other:?}"),
+        }
+    }
+
+    fn eligibility_of(app: &App, host: &str) -> Eligibility {
+        picker_choices(app)
+            .iter()
+            .find(|c| c.host == host)
+            .map(|c| c.eligibility.clone())
+            .expect("offered")
+    }
+
     #[test]
     fn rows_are_running_then_failed_then_the_rest() {
         let app = fixture();
@@ -2034,7 +2175,9 @@ mod tests {
             "{fast:?}"
         );
         // On another host too.
-        let elsewhere = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        press(&mut app, &[key('d')]);
+        answer_picker(&mut app, &[]);
+        let elsewhere = press(&mut app, &[code(KeyCode::Enter)]);
         assert!(
             matches!(&elsewhere[..], [Command::Retry { completion, .. }] if *completion == own),
             "{elsewhere:?}"
@@ -2045,7 +2188,9 @@ mod tests {
     fn retry_on_another_host_takes_two_keys_from_the_failed_row() {
         let mut app = fixture();
         select(&mut app, "m-fail");
-        let commands = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        press(&mut app, &[key('d')]);
+        answer_picker(&mut app, &[]);
+        let commands = press(&mut app, &[code(KeyCode::Enter)]);
         assert_eq!(
             commands,
             [Command::Retry {
@@ -2062,11 +2207,29 @@ mod tests {
     fn the_picker_offers_the_completion_choices_and_a_picked_one_survives_the_mode() {
         let mut app = fixture();
         select(&mut app, "m-fail");
+        // d asks db-01's source about every other host, in safe mode.
+        let asked = press(&mut app, &[key('d')]);
+        let check = |destination: &str, mode: Mode| Command::Check {
+            host: "hv-b".into(),
+            vm: "db-01".into(),
+            destination: destination.into(),
+            mode,
+        };
+        let every = |mode| {
+            ["hv-a", "hv-c", "hv-d", "hv-e"]
+                .into_iter()
+                .map(|h| check(h, mode))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(asked, every(Mode::Safe));
+        answer_picker(&mut app, &[]);
         // b: 300 s per GiB; m: fast, whose default post-copy (auto) follows.
-        let commands = press(
-            &mut app,
-            &[key('d'), key('b'), key('m'), code(KeyCode::Enter)],
-        );
+        // Another mode, other checks: every host is asked again.
+        let asked = press(&mut app, &[key('b'), key('m')]);
+        assert_eq!(asked, every(Mode::Fast));
+        assert_eq!(eligibility_of(&app, "hv-a"), Eligibility::Checking);
+        answer_picker(&mut app, &[]);
+        let commands = press(&mut app, &[code(KeyCode::Enter)]);
         assert_eq!(
             commands,
             [Command::Retry {
@@ -2080,53 +2243,138 @@ mod tests {
     }
 
     #[test]
-    fn the_picker_says_why_each_ineligible_host_cannot_take_the_vm() {
+    fn the_picker_shows_what_the_source_answers_for_each_host_and_where_the_vm_failed() {
         let mut app = fixture();
         select(&mut app, "m-fail");
         press(&mut app, &[key('d')]);
-        let Some(Dialog::Picker {
-            choices, selected, ..
-        }) = &app.dialog
-        else {
-            panic!("{:?}", app.dialog)
+        // Until the answers come: the VM's own host, and "checking…".
+        assert_eq!(eligibility_of(&app, "hv-b"), Eligibility::RunsHere);
+        for h in ["hv-a", "hv-c", "hv-d", "hv-e"] {
+            assert_eq!(eligibility_of(&app, h), Eligibility::Checking, "{h}");
+        }
+        let Some(Dialog::Picker { selected, .. }) = &app.dialog else {
+            panic!()
         };
-        let why = |h: &str| {
-            choices
-                .iter()
-                .find(|c| c.host == h)
-                .and_then(|c| c.refusal.clone())
-        };
-        assert_eq!(why("hv-a"), None);
-        assert_eq!(why("hv-b").as_deref(), Some("db-01 runs here"));
-        assert_eq!(why("hv-d").as_deref(), Some("not connected"));
-        assert_eq!(why("hv-e").as_deref(), Some("draining"));
         assert_eq!(
-            choices[*selected].host, "hv-a",
-            "the first eligible host is preselected"
+            picker_choices(&app)[*selected].host,
+            "hv-a",
+            "the first host db-01 neither runs on nor failed on is preselected"
         );
-        // hv-c could take it, but db-01 failed there: the picker says when
-        // and why, and does not start on it.
+        // Enter before the answer sends nothing and says so.
+        assert!(press(&mut app, &[code(KeyCode::Enter)]).is_empty());
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, e)| *e && s.contains("hv-a: still asking hv-b")),
+            "{:?}",
+            app.status
+        );
+        answer_picker(
+            &mut app,
+            &[
+                (
+                    "hv-e",
+                    (
+                        "hv-e",
+                        "drain",
+                        "hv-e is draining (`tern undrain hv-e` ends that)",
+                    ),
+                ),
+                (
+                    "hv-a",
+                    ("hv-b", "limits", "hv-b already sources 2 migrations"),
+                ),
+            ],
+        );
+        assert_eq!(
+            eligibility_of(&app, "hv-e"),
+            Eligibility::Refused("drain: hv-e is draining (`tern undrain hv-e` ends that)".into())
+        );
+        assert_eq!(
+            eligibility_of(&app, "hv-a"),
+            Eligibility::Refused("hv-b limits: hv-b already sources 2 migrations".into()),
+            "a source-side refusal names its host"
+        );
+        // hv-c can take it, but db-01 failed there: the picker says when and why.
+        assert_eq!(eligibility_of(&app, "hv-c"), Eligibility::Eligible);
         let failed = |h: &str| {
-            choices
+            picker_choices(&app)
                 .iter()
                 .find(|c| c.host == h)
                 .and_then(|c| c.failed_here.clone())
         };
-        assert_eq!(why("hv-c"), None);
         let hv_c = failed("hv-c").expect("failed here");
         assert!(
             hv_c.starts_with("failed here ") && hv_c.ends_with(" ago: port-profile ✗ finish"),
             "{hv_c}"
         );
         assert_eq!(failed("hv-a"), None);
-        // Moving onto an ineligible host and pressing enter sends nothing and says why.
+        // Enter on a refused host sends nothing and says why, whole.
+        let commands = press(&mut app, &[code(KeyCode::Enter)]);
+        assert!(commands.is_empty());
+        assert!(
+            app.status.as_ref().is_some_and(|(s, e)| *e
+                && s == "hv-a cannot take db-01: hv-b limits: hv-b already sources 2 migrations"),
+            "{:?}",
+            app.status
+        );
         let commands = press(&mut app, &[key('j'), code(KeyCode::Enter)]);
         assert!(commands.is_empty());
         assert!(
             app.status
                 .as_ref()
-                .is_some_and(|(s, e)| *e && s.contains("runs here"))
+                .is_some_and(|(s, e)| *e && s.contains("db-01 runs here"))
         );
+    }
+
+    #[test]
+    fn stale_answers_are_ignored_and_a_host_that_does_not_answer_says_so() {
+        let mut app = fixture();
+        select(&mut app, "m-fail");
+        press(&mut app, &[key('d')]);
+        let answer = |destination: &str, mode: Mode, answer| Msg::Checked {
+            source: "hv-b".into(),
+            vm: "db-01".into(),
+            destination: destination.into(),
+            mode,
+            answer,
+        };
+        // An answer for the other mode (switched since) changes nothing.
+        let ok = Ok(check_reply("db-01", "hv-b", "hv-a", None));
+        update(&mut app, answer("hv-a", Mode::Fast, ok.clone()));
+        assert_eq!(eligibility_of(&app, "hv-a"), Eligibility::Checking);
+        update(&mut app, answer("hv-a", Mode::Safe, ok));
+        assert_eq!(eligibility_of(&app, "hv-a"), Eligibility::Eligible);
+        // The source could not be asked.
+        update(
+            &mut app,
+            answer("hv-c", Mode::Safe, Err("hv-b: no answer in 2 s".into())),
+        );
+        assert_eq!(
+            eligibility_of(&app, "hv-c"),
+            Eligibility::NoAnswer("hv-b: no answer in 2 s".into())
+        );
+        // The destination did not answer the source.
+        let hung = check_reply(
+            "db-01",
+            "hv-b",
+            "hv-d",
+            Some(("hv-d", "reachable", "hv-d did not answer within 1000 ms")),
+        );
+        update(&mut app, answer("hv-d", Mode::Safe, Ok(hung)));
+        assert_eq!(
+            eligibility_of(&app, "hv-d"),
+            Eligibility::NoAnswer("hv-d did not answer within 1000 ms".into())
+        );
+        assert_eq!(
+            eligibility_text("db-01", &eligibility_of(&app, "hv-d")),
+            "no answer: hv-d did not answer within 1000 ms"
+        );
+        // Once the picker is gone, an answer is nobody's.
+        press(&mut app, &[code(KeyCode::Esc)]);
+        let late = Ok(check_reply("db-01", "hv-b", "hv-e", None));
+        assert!(update(&mut app, answer("hv-e", Mode::Safe, late)).is_empty());
+        assert_eq!(app.dialog, None);
     }
 
     #[test]
@@ -2135,7 +2383,9 @@ mod tests {
         let failed = app.live.migrations.get_mut("m-fail").unwrap();
         failed.record.destination = "hv-a".into();
         select(&mut app, "m-fail");
-        let commands = press(&mut app, &[key('d'), code(KeyCode::Enter)]);
+        press(&mut app, &[key('d')]);
+        answer_picker(&mut app, &[]);
+        let commands = press(&mut app, &[code(KeyCode::Enter)]);
         assert!(
             matches!(&commands[..], [Command::Retry { destination: Some(d), .. }] if d == "hv-c"),
             "{commands:?}"
@@ -2165,30 +2415,6 @@ mod tests {
                 app.status
             );
         }
-    }
-
-    #[test]
-    fn a_host_without_room_or_a_required_feature_is_not_eligible() {
-        let mut app = fixture();
-        let hosts = &mut app.live.hosts;
-        let c = hosts.iter_mut().find(|h| h.name == "hv-c").unwrap();
-        c.info.as_mut().unwrap().memory_used_mib = 65_000;
-        let a = hosts.iter_mut().find(|h| h.name == "hv-a").unwrap();
-        a.info.as_mut().unwrap().features.clear();
-        let choices = destinations(&app.live, "db-01", &["port-profile".into()]);
-        let why = |h: &str| {
-            choices
-                .iter()
-                .find(|c| c.host == h)
-                .unwrap()
-                .refusal
-                .clone()
-        };
-        assert_eq!(why("hv-a").as_deref(), Some("lacks required port-profile"));
-        assert_eq!(
-            why("hv-c").as_deref(),
-            Some("536 MiB free, db-01 needs 2048")
-        );
     }
 
     #[test]
@@ -2228,15 +2454,16 @@ mod tests {
     fn n_starts_a_new_migration_choosing_vm_then_destination() {
         let mut app = fixture();
         // VMs sorted by name: app-01 (hv-c), db-01 (hv-b), web-01 (hv-a).
-        let commands = press(
-            &mut app,
-            &[
-                key('n'),
-                key('j'),
-                code(KeyCode::Enter),
-                code(KeyCode::Enter),
-            ],
+        let asked = press(&mut app, &[key('n'), key('j'), code(KeyCode::Enter)]);
+        assert!(
+            asked
+                .iter()
+                .all(|c| matches!(c, Command::Check { host, vm, .. }
+                if host == "hv-b" && vm == "db-01")),
+            "{asked:?}"
         );
+        answer_picker(&mut app, &[]);
+        let commands = press(&mut app, &[code(KeyCode::Enter)]);
         assert_eq!(
             commands,
             [Command::Start {
@@ -2248,16 +2475,9 @@ mod tests {
             }]
         );
         // A new migration's picker takes the same keys: post-copy auto.
-        let commands = press(
-            &mut app,
-            &[
-                key('n'),
-                key('j'),
-                code(KeyCode::Enter),
-                key('p'),
-                code(KeyCode::Enter),
-            ],
-        );
+        press(&mut app, &[key('n'), key('j'), code(KeyCode::Enter)]);
+        answer_picker(&mut app, &[]);
+        let commands = press(&mut app, &[key('p'), code(KeyCode::Enter)]);
         assert!(
             matches!(&commands[..], [Command::Start { completion, .. }]
                 if *completion == policy(Postcopy::Auto, 150, WhenSpent::Abort)),

@@ -239,6 +239,22 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
     if let Command::LoadActions { host, id } = &command {
         return load_actions(agents, host, id).await;
     }
+    if let Command::Check {
+        host,
+        vm,
+        destination,
+        mode,
+    } = command
+    {
+        let answer = check(agents, &host, &vm, &destination, mode).await;
+        return Msg::Checked {
+            source: host,
+            vm,
+            destination,
+            mode,
+            answer,
+        };
+    }
     Msg::Done {
         what: command.describe(),
         result: run(agents, command).await,
@@ -248,7 +264,7 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
 async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
-        Command::LoadActions { .. } => Ok(String::new()),
+        Command::LoadActions { .. } | Command::Check { .. } => Ok(String::new()),
         Command::Abort { host, id } => {
             let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };
@@ -351,6 +367,36 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 .map_err(|e| e.message)?;
             Ok(format!("{host} accepts incoming migrations again"))
         }
+    }
+}
+
+/// `source`'s admission checks of moving `vm` to `destination`: the
+/// destination's part within the answer deadline, and the whole within
+/// twice that and a second, so a hung source is said too.
+async fn check(
+    agents: &Cluster,
+    source: &str,
+    vm: &str,
+    destination: &str,
+    mode: crate::protocol::Mode,
+) -> Result<proto::CheckReply, String> {
+    let deadline = agents.answer_deadline;
+    let ask = async {
+        let agent = connect(agents, source).await?;
+        let request = proto::CheckRequest {
+            vm: vm.to_string(),
+            destination: destination.to_string(),
+            mode: mode_to_proto(mode) as i32,
+            answer_deadline_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
+        };
+        agent
+            .call(|mut c| async move { c.check(request).await })
+            .await
+            .map_err(|e| e.message)
+    };
+    match tokio::time::timeout(deadline * 2 + std::time::Duration::from_secs(1), ask).await {
+        Ok(answer) => answer,
+        Err(_) => Err(crate::cli::client::no_answer(source, deadline * 2).message),
     }
 }
 

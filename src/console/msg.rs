@@ -49,6 +49,15 @@ pub enum Msg {
     /// The audit entries of a migration an agent keeps (who started,
     /// aborted, retried or forced it).
     Actions(Vec<proto::AuditEntry>),
+    /// `source`'s answer to [`Command::Check`]: every admission check of
+    /// moving `vm` to `destination` in `mode`, or why there is none.
+    Checked {
+        source: String,
+        vm: String,
+        destination: String,
+        mode: Mode,
+        answer: Result<proto::CheckReply, String>,
+    },
 }
 
 /// Something `update` asks to be done: an RPC to an agent, or quitting.
@@ -104,13 +113,24 @@ pub enum Command {
         host: String,
         id: String,
     },
+    /// Ask `host`, where `vm` runs, whether it could move to `destination`
+    /// in `mode` (`tern check`): the picker's eligibility.
+    Check {
+        host: String,
+        vm: String,
+        destination: String,
+        mode: Mode,
+    },
     Quit,
 }
 
 impl Command {
     /// Whether carrying it out changes anything on an agent.
     pub fn changes_anything(&self) -> bool {
-        !matches!(self, Command::LoadActions { .. } | Command::Quit)
+        !matches!(
+            self,
+            Command::LoadActions { .. } | Command::Check { .. } | Command::Quit
+        )
     }
 
     /// How the event log names it.
@@ -170,6 +190,12 @@ impl Command {
             },
             Command::Undrain { host } => format!("undrain {host}"),
             Command::LoadActions { host, id } => format!("read who acted on {id} from {host}"),
+            Command::Check {
+                vm,
+                destination,
+                mode,
+                ..
+            } => format!("check {vm} to {destination} ({})", mode.as_str()),
             Command::Quit => "quit".into(),
         }
     }

@@ -26,6 +26,7 @@
 //! The others may be lost with the host's power; recovery is right either
 //! way.
 
+pub mod admission;
 mod attempts;
 pub mod evacuation;
 mod pending;
@@ -49,6 +50,7 @@ use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::SourceAttempt;
 use crate::protocol::{Millis, Mode, RunOn, Stage, Timing, TransferStats, VmSpec};
 
+pub use admission::Check;
 pub use evacuation::Request as EvacuationRequest;
 pub use evacuation::job::{Control, Evacuation};
 pub use pending::{Pending, Work};

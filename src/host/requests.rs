@@ -4,19 +4,20 @@
 
 use prost::Message;
 
+use super::admission::{Ready, cookie_refusal, first_refusal, prepare_refusal};
+
 use crate::protocol::completion::{Completion, CompletionRequest};
 
 use super::{
     Destination, Entry, HostCore, Level, Op, PeerCall, PeerResponse, Refusal, ReqId, Request,
     Response, Source,
 };
-use crate::hypervisor::{Guest, GuestState};
+use crate::hypervisor::Guest;
 use crate::proto;
 use crate::protocol::bounds::{self, BoundsError, IdKind};
-use crate::protocol::cookies::{self, CookieError};
+use crate::protocol::cookies;
 use crate::protocol::destination::{
-    Answer, DestinationAttempt, DestinationInput, FreeCapacity, Known, Leftover, PrepareRefusal,
-    busy_with, check_new_attempt, forgotten_commit, unknown_attempt,
+    Answer, DestinationAttempt, DestinationInput, forgotten_commit, unknown_attempt,
 };
 use crate::protocol::record::MigrationRecord;
 use crate::protocol::source::{AttemptParams, SourceAttempt, SourceInput};
@@ -189,103 +190,12 @@ impl HostCore {
     ) -> Result<MigrationRecord, Refusal> {
         let name = self.cfg.name.clone();
         completion.check().map_err(Refusal::InvalidArgument)?;
-        if self.stopping.is_some() {
-            return Err(Refusal::Unavailable(format!(
-                "agent {name} is shutting down"
-            )));
+        let admission = self.source_admission(vm, destination, guests)?;
+        if let Some(refusal) = first_refusal(&admission.checks) {
+            return Err(refusal);
         }
-        if vm.is_empty() {
-            return Err(Refusal::InvalidArgument(
-                "no VM named in the request".into(),
-            ));
-        }
-        if !self.cfg.hosts.iter().any(|h| h == destination) {
-            return Err(Refusal::NotFound(format!(
-                "no host named {destination:?} in the inventory (hosts: {})",
-                self.cfg.hosts.join(", ")
-            )));
-        }
-        if destination == name {
-            return Err(Refusal::InvalidArgument(format!(
-                "VM {vm} already runs on {destination}"
-            )));
-        }
-        let Some(incoming_host) = self.cfg.migration_hosts.get(destination).cloned() else {
-            return Err(Refusal::FailedPrecondition(format!(
-                "{name} knows no migration address for {destination}"
-            )));
-        };
-        let Some(guest) = guests.iter().find(|g| g.spec.name == vm) else {
-            return Err(Refusal::NotFound(format!("no VM named {vm} on {name}")));
-        };
-        // Arriving: until its attempt here has ended (the guest seen to run,
-        // or rolled back), the guest is not this host's to move.
-        let arriving = self
-            .destinations
-            .values()
-            .find(|d| d.attempt.vm.name == vm)
-            .map(|d| d.attempt.attempt_id.clone());
-        if guest.state == GuestState::Incoming || arriving.is_some() {
-            return Err(Refusal::FailedPrecondition(format!(
-                "VM {vm} is arriving on {name} (attempt {}), not running here yet",
-                arriving.unwrap_or_default()
-            )));
-        }
-        // A copy that must not run (its kill failed), or a guest left
-        // paused by a failed resume: moving it would move the wrong thing.
-        if let Some(p) = self
-            .pending
-            .values()
-            .find(|p| p.vm == vm && matches!(p.work, super::Work::Kill | super::Work::Resume))
-        {
-            let what = match p.work {
-                super::Work::Kill => "a stale copy that must be killed",
-                _ => "paused after a failed resume",
-            };
-            return Err(Refusal::FailedPrecondition(format!(
-                "VM {vm} on {name} is {what} (pending {} from migration {}: {}); \
-                 `tern rollback {}` runs it now",
-                p.work.as_str(),
-                p.migration_id,
-                p.error,
-                p.migration_id
-            )));
-        }
-        if guest.state != GuestState::Running {
-            return Err(Refusal::FailedPrecondition(format!(
-                "VM {vm} is paused on {name}; only a running guest is migrated"
-            )));
-        }
-        // A machine from before machines were typed (free QEMU arguments, a
-        // kernel's path) would reach the destination without what it named.
-        if let Some(Err(e)) = guest.spec.qemu.as_ref().map(|m| m.check()) {
-            return Err(Refusal::FailedPrecondition(format!(
-                "VM {vm} cannot migrate as it is defined on {name}: {e}"
-            )));
-        }
-        if let Some(holder) = self.locks.get(vm) {
-            let phase = self
-                .sources
-                .get(holder)
-                .map(|s| format!("{:?}", s.attempt.record.current_phase()).to_lowercase())
-                .unwrap_or_default();
-            return Err(Refusal::AlreadyExists(format!(
-                "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
-            )));
-        }
-        let outgoing = self.outgoing();
-        if outgoing >= self.cfg.max_outgoing as usize {
-            return Err(Refusal::ResourceExhausted(format!(
-                "{name} already sources {outgoing} migrations (max_outgoing = {}); wait for one to end",
-                self.cfg.max_outgoing
-            )));
-        }
-        let mut spec = guest.spec.clone();
-        for feature in &mut spec.features {
-            if let Some(driver) = self.cfg.features.get(&feature.name) {
-                feature.driver = driver.clone();
-            }
-        }
+        let incoming_host = admission.incoming_host;
+        let spec = self.with_drivers(&admission.guest.spec);
         let now = self.now;
         let (migration_id, attempt, started_at_ms) = match existing {
             Some(record) => (record.id.clone(), record.attempt + 1, record.started_at_ms),
@@ -483,115 +393,21 @@ impl HostCore {
         Refusal,
     > {
         let name = self.cfg.name.clone();
-        if self.stopping.is_some() {
-            return Err(Refusal::Unavailable(format!(
-                "agent {name} is shutting down"
-            )));
+        let admission = self.prepare_admission(cookie1, guests, from, None)?;
+        if let Some(refusal) = first_refusal(&admission.checks) {
+            return Err(refusal);
         }
-        if self.draining {
-            return Err(Refusal::FailedPrecondition(format!(
-                "{name} is draining and accepts no incoming migrations (`tern undrain {name}` ends that)"
-            )));
-        }
-        let c1: proto::Cookie1 = cookies::decode("C1", cookie1).map_err(cookie_refusal)?;
-        let features = &self.cfg.features;
-        let mut incoming =
-            cookies::check_cookie1(&c1, |f| features.contains_key(f)).map_err(cookie_refusal)?;
-        if let Err(why) = &self.cfg.postcopy {
-            incoming = incoming.without_postcopy(why.clone());
-        }
-        if let Some(from) = from
-            && from != incoming.source
-        {
-            return Err(Refusal::PermissionDenied(format!(
-                "{from} may not prepare attempt {} for source {}: a host prepares only its own migrations",
-                incoming.attempt_id, incoming.source
-            )));
-        }
-        if incoming.source == name {
+        let Some(Ready {
+            incoming,
+            free,
+            already_here,
+            busy,
+        }) = admission.ready
+        else {
             return Err(Refusal::InvalidArgument(format!(
-                "C1.source is {name} itself: a host never receives its own migration"
+                "C1 could not be read on {name}"
             )));
-        }
-        if !self.cfg.hosts.contains(&incoming.source) {
-            return Err(Refusal::InvalidArgument(format!(
-                "C1.source: no host named {} in the inventory of {name} (hosts: {})",
-                incoming.source,
-                self.cfg.hosts.join(", ")
-            )));
-        }
-        // An id of a migration this host sources: only a confused or
-        // forged C1 names it, and preparing it would give this host both
-        // sides of one attempt.
-        if let Some(s) = self.sources.get(&incoming.migration_id) {
-            return Err(Refusal::AlreadyExists(format!(
-                "attempt {} belongs to migration {}, which {name} sources (its attempt {} is {name}'s); \
-                 a host never receives its own migration",
-                incoming.attempt_id, incoming.migration_id, s.attempt.attempt_id
-            )));
-        }
-        let known = Known {
-            aborted: self.tombstones.contains(&incoming.attempt_id),
-            running: self.destinations.contains_key(&incoming.attempt_id),
-            journaled: self.ended.contains_key(&incoming.attempt_id)
-                || self.committed.contains(&incoming.attempt_id),
         };
-        check_new_attempt(&incoming.attempt_id, &name, known).map_err(prepare_refusal)?;
-        let vm = incoming.vm.name.clone();
-        // What an earlier attempt of the VM still has here. Pending work on a
-        // feature without a driver here holds nothing that could clash.
-        let releasing = self
-            .locks
-            .get(&vm)
-            .and_then(|m| self.sources.get(m))
-            .filter(|s| s.live)
-            .map(|s| s.attempt.attempt_id.clone());
-        let running: Vec<String> = self
-            .destinations
-            .values()
-            .filter(|d| d.attempt.vm.name == vm)
-            .map(|d| d.attempt.attempt_id.clone())
-            .chain(releasing)
-            .collect();
-        let leftovers: Vec<Leftover> = self
-            .pending
-            .values()
-            .filter(|p| p.vm == vm && p.holds_state(&self.cfg.features))
-            .map(|p| match p.work.stage() {
-                Some(stage) => Leftover::Pending {
-                    attempt_id: &p.attempt_id,
-                    feature: &p.feature,
-                    stage,
-                },
-                None => Leftover::Guest {
-                    attempt_id: &p.attempt_id,
-                    work: p.work.as_str(),
-                },
-            })
-            .chain(
-                running
-                    .iter()
-                    .map(|id| Leftover::Running { attempt_id: id }),
-            )
-            .collect();
-        let busy = busy_with(&vm, &name, &leftovers);
-        let arriving = self.incoming();
-        if busy.is_none() && arriving >= self.cfg.max_incoming as usize {
-            return Err(Refusal::Busy(format!(
-                "destination busy: {name} already receives {arriving} migrations (max_incoming = {})",
-                self.cfg.max_incoming
-            )));
-        }
-        let load = self.load(guests);
-        let free = FreeCapacity {
-            memory_mib: self
-                .cfg
-                .capacity
-                .memory_mib
-                .saturating_sub(load.memory_used_mib),
-            vcpus: self.cfg.capacity.vcpus.saturating_sub(load.vcpus_used),
-        };
-        let already_here = guests.iter().any(|g| g.spec.name == vm);
         DestinationAttempt::prepare(
             incoming,
             &name,
@@ -936,21 +752,5 @@ impl HostCore {
             incoming: load.incoming,
             max_incoming: self.cfg.max_incoming,
         }
-    }
-}
-
-fn prepare_refusal(r: PrepareRefusal) -> Refusal {
-    match r {
-        PrepareRefusal::NoCapacity(m) => Refusal::ResourceExhausted(m),
-        PrepareRefusal::AlreadyHere(m) => Refusal::AlreadyExists(m),
-        PrepareRefusal::Aborted(m) => Refusal::FailedPrecondition(m),
-        PrepareRefusal::Busy(m) => Refusal::Busy(m),
-    }
-}
-
-fn cookie_refusal(e: CookieError) -> Refusal {
-    match e {
-        CookieError::IncompatibleVersion { .. } => Refusal::FailedPrecondition(e.to_string()),
-        _ => Refusal::InvalidArgument(e.to_string()),
     }
 }

@@ -1267,3 +1267,174 @@ fn a_destination_without_a_known_migration_address_is_refused_at_begin() {
     );
     assert!(call_of(&actions, |r| matches!(r, PeerCall::Prepare(_))).is_none());
 }
+
+// ---- admission: what `tern check` shows is what Begin and Prepare apply ----
+
+/// Begin's answer to `vm` → `destination`, and its check list now.
+fn begin_and_check(
+    a: &mut Host,
+    vm: &str,
+    destination: &str,
+    guests: Vec<Guest>,
+) -> (Reply, Vec<admission::Check>) {
+    let (checks, _) = a
+        .core
+        .check_source(vm, destination, Mode::Safe, false, &guests)
+        .expect("a VM of this host, a host of the inventory");
+    let (req, actions) = a.request(Request::StartMigration {
+        vm: vm.into(),
+        destination: destination.into(),
+        mode: Mode::Safe,
+        completion: Default::default(),
+        guests,
+    });
+    let reply = reply_to(&actions, req).expect("an answer").clone();
+    (reply, checks)
+}
+
+fn refused(reply: &Reply) -> Option<Refusal> {
+    reply.as_ref().err().cloned()
+}
+
+fn failed_checks(checks: &[admission::Check]) -> Vec<&'static str> {
+    checks
+        .iter()
+        .filter(|c| c.verdict.is_err())
+        .map(|c| c.name)
+        .collect()
+}
+
+#[test]
+fn begin_refuses_with_the_first_check_that_fails_and_a_check_holds_nothing() {
+    let web = vm("web-01", &[("port-profile", true)]);
+    let mut a = Host::new(A);
+    // All pass: checking takes no lock and no slot, so Begin goes on, twice
+    // over (max_outgoing = 2).
+    for _ in 0..3 {
+        let (checks, _) = a
+            .core
+            .check_source("web-01", B, Mode::Safe, false, &[running(&web)])
+            .unwrap();
+        assert!(failed_checks(&checks).is_empty(), "{checks:?}");
+    }
+    assert_eq!(a.core.outgoing(), 0);
+    let (reply, _) = begin_and_check(&mut a, "web-01", B, vec![running(&web)]);
+    assert!(reply.is_ok(), "{reply:?}");
+    // Now locked: the check and Begin say the same.
+    let (reply, checks) = begin_and_check(&mut a, "web-01", B, vec![running(&web)]);
+    assert_eq!(failed_checks(&checks), ["lock"]);
+    assert_eq!(admission::first_refusal(&checks), refused(&reply));
+
+    // A paused guest, to the VM's own host: two checks fail, and Begin
+    // refuses with the first.
+    let db = vm("db-01", &[]);
+    let paused = Guest {
+        spec: db.clone(),
+        state: GuestState::Paused,
+    };
+    let (reply, checks) = begin_and_check(&mut a, "db-01", A, vec![paused.clone()]);
+    assert_eq!(failed_checks(&checks), ["destination", "vm state"]);
+    let refusal = admission::first_refusal(&checks).unwrap();
+    assert_eq!(Some(refusal.clone()), refused(&reply));
+    assert!(
+        refusal.to_string().contains("already runs on hv-a"),
+        "{refusal}"
+    );
+    let (reply, checks) = begin_and_check(&mut a, "db-01", B, vec![paused]);
+    assert_eq!(failed_checks(&checks), ["vm state"]);
+    assert!(
+        matches!(&reply, Err(Refusal::FailedPrecondition(m)) if m.contains("db-01 is paused on hv-a")),
+        "{reply:?}"
+    );
+
+    // An unknown VM or host is the request's fault, not a check's.
+    let none = a.core.check_source("nope-01", B, Mode::Safe, false, &[]);
+    assert!(matches!(none, Err(Refusal::NotFound(_))), "{none:?}");
+    let none = a
+        .core
+        .check_source("web-01", "hv-z", Mode::Safe, false, &[running(&web)]);
+    assert!(matches!(none, Err(Refusal::NotFound(_))), "{none:?}");
+}
+
+#[test]
+fn a_host_without_a_migration_address_or_shutting_down_fails_its_checks_as_begin_does() {
+    let web = vm("web-01", &[]);
+    let mut cfg = config(A);
+    cfg.migration_hosts.remove("hv-c");
+    let mut a = Host::with(cfg);
+    let (reply, checks) = begin_and_check(&mut a, "web-01", "hv-c", vec![running(&web)]);
+    assert_eq!(failed_checks(&checks), ["destination"]);
+    assert_eq!(admission::first_refusal(&checks), refused(&reply));
+    assert!(
+        matches!(&reply, Err(Refusal::FailedPrecondition(m)) if m.contains("no migration address for hv-c")),
+        "{reply:?}"
+    );
+
+    a.input(Input::Stop);
+    let (reply, checks) = begin_and_check(&mut a, "web-01", B, vec![running(&web)]);
+    assert_eq!(failed_checks(&checks), ["agent"]);
+    assert!(matches!(&reply, Err(Refusal::Unavailable(m)) if m.contains("shutting down")));
+    assert_eq!(admission::first_refusal(&checks), refused(&reply));
+    // Prepare's checks on a stopping host say it first too.
+    let c1 = cookies::cookie1(
+        admission::CHECK_ATTEMPT_ID,
+        admission::CHECK_MIGRATION_ID,
+        B,
+        &web,
+        Mode::Safe,
+    );
+    let checks = a
+        .core
+        .check_prepare(&c1.encode_to_vec(), &[], None, Ok(String::new()))
+        .unwrap();
+    assert_eq!(failed_checks(&checks), ["agent"]);
+}
+
+#[test]
+fn prepare_refuses_with_the_first_of_the_checks_a_check_shows() {
+    // hv-b runs db-01 already and is asked for web-01 needing more memory
+    // than it has and a mandatory feature it lacks.
+    let mut cfg = config(B);
+    cfg.capacity.memory_mib = 512;
+    let mut b = Host::with(cfg);
+    let mut web = vm("web-01", &[("vdp", true)]);
+    web.memory_mib = 1024;
+    let c1 = cookies::cookie1(
+        admission::CHECK_ATTEMPT_ID,
+        admission::CHECK_MIGRATION_ID,
+        A,
+        &web,
+        Mode::Safe,
+    );
+    let checks = b
+        .core
+        .check_prepare(&c1.encode_to_vec(), &[], Some(A), Ok(String::new()))
+        .unwrap();
+    assert_eq!(failed_checks(&checks), ["features", "capacity"]);
+    let (req, actions) = b.request(prepare_call(&web, "m-00000000000a.1", Mode::Safe));
+    let reply = reply_to(&actions, req).unwrap();
+    assert_eq!(admission::first_refusal(&checks), refused(reply));
+    // Fast mode makes no feature mandatory: capacity is what is left.
+    let fast = cookies::cookie1(
+        admission::CHECK_ATTEMPT_ID,
+        admission::CHECK_MIGRATION_ID,
+        A,
+        &web,
+        Mode::Fast,
+    );
+    let checks = b
+        .core
+        .check_prepare(&fast.encode_to_vec(), &[], Some(A), Ok(String::new()))
+        .unwrap();
+    assert_eq!(failed_checks(&checks), ["capacity"]);
+    // Another host may not ask for a C1 of A's.
+    let forged = b
+        .core
+        .check_prepare(&c1.encode_to_vec(), &[], Some("hv-c"), Ok(String::new()));
+    assert!(
+        matches!(forged, Err(Refusal::PermissionDenied(_))),
+        "{forged:?}"
+    );
+    // Nothing was registered by any of the checks.
+    assert_eq!(b.core.incoming(), 0);
+}

@@ -58,6 +58,14 @@ pub enum HypervisorError {
     Unknown(String),
 }
 
+/// What a QEMU guest runs as: its versioned machine type
+/// (`pc-i440fx-7.2`, never the alias `pc`) and its CPU model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub machine_type: String,
+    pub cpu_model: String,
+}
+
 /// Capacity of the host, for Prepare's check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostCapacity {
@@ -77,6 +85,13 @@ pub trait Hypervisor: Send + Sync {
     /// and networks). A refusal names the field. It reads the host's
     /// folders, which is why the agent asks it and not the sans-IO core.
     fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError>;
+
+    /// The versioned machine type and CPU model `spec` runs as here, which
+    /// two hosts must share for its guest to migrate (`tern check`
+    /// compares them); `None` where the hypervisor has no such thing.
+    fn platform(&self, _spec: &VmSpec) -> Option<Result<Platform, String>> {
+        None
+    }
 
     /// Whether this host can take part in post-copy (as a destination
     /// above all: QEMU needs userfaultfd there); `Err` says why not. A

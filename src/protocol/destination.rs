@@ -277,6 +277,55 @@ pub fn busy_with(vm: &str, host: &str, leftovers: &[Leftover<'_>]) -> Option<Str
     })
 }
 
+/// Prepare's own admission of a C1's VM on this host, each check named,
+/// in the order Prepare applies them (it refuses at the first that fails):
+/// what an earlier attempt of the VM still holds here (`busy`, from
+/// [`busy_with`]), a guest of the same name, and capacity. `tern check`
+/// shows all three from the same code, so the two cannot disagree.
+pub fn admission(
+    vm: &VmSpec,
+    host: &str,
+    free: FreeCapacity,
+    already_here: bool,
+    busy: Option<&str>,
+) -> [(&'static str, Result<String, PrepareRefusal>); 3] {
+    let name = &vm.name;
+    let pending = match busy {
+        Some(busy) => Err(PrepareRefusal::Busy(busy.to_string())),
+        None => Ok(format!("nothing of {name} is left or undone on {host}")),
+    };
+    let guest = match already_here {
+        true => Err(PrepareRefusal::AlreadyHere(format!(
+            "a guest named {name} already exists on {host}"
+        ))),
+        false => Ok(format!("no guest named {name} on {host}")),
+    };
+    let capacity = if vm.memory_mib > free.memory_mib || vm.vcpus > free.vcpus {
+        Err(PrepareRefusal::NoCapacity(format!(
+            "{host} has {} MiB and {} vCPUs free; {name} needs {} MiB and {} vCPUs",
+            free.memory_mib, free.vcpus, vm.memory_mib, vm.vcpus
+        )))
+    } else {
+        Ok(format!(
+            "{} and {} vCPUs free, needs {} and {}",
+            gib(free.memory_mib),
+            free.vcpus,
+            gib(vm.memory_mib),
+            vm.vcpus
+        ))
+    };
+    [
+        ("pending state", pending),
+        ("guest", guest),
+        ("capacity", capacity),
+    ]
+}
+
+/// Memory as an operator reads it: "6.0 GiB".
+fn gib(mib: u64) -> String {
+    format!("{:.1} GiB", mib as f64 / 1024.0)
+}
+
 /// Free capacity on the destination when C1 arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FreeCapacity {
@@ -358,20 +407,8 @@ impl DestinationAttempt {
         now: Millis,
     ) -> Result<(DestinationAttempt, Vec<DestinationAction>), PrepareRefusal> {
         let vm = incoming.vm;
-        if let Some(busy) = busy {
-            return Err(PrepareRefusal::Busy(busy));
-        }
-        if already_here {
-            return Err(PrepareRefusal::AlreadyHere(format!(
-                "a guest named {} already exists on {host}",
-                vm.name
-            )));
-        }
-        if vm.memory_mib > free.memory_mib || vm.vcpus > free.vcpus {
-            return Err(PrepareRefusal::NoCapacity(format!(
-                "{host} has {} MiB and {} vCPUs free; {} needs {} MiB and {} vCPUs",
-                free.memory_mib, free.vcpus, vm.name, vm.memory_mib, vm.vcpus
-            )));
+        for (_, verdict) in admission(&vm, host, free, already_here, busy.as_deref()) {
+            verdict?;
         }
         let attempt = DestinationAttempt {
             attempt_id: incoming.attempt_id,

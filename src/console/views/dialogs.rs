@@ -7,7 +7,7 @@ use ratatui::layout::{Constraint, Flex, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
-use super::super::app::{App, Dialog, EvacuateForm, RetryForm};
+use super::super::app::{App, Dialog, Eligibility, EvacuateForm, RetryForm, eligibility_text};
 use super::super::completion::{CompletionChoice, base, budget_text};
 use super::super::keymap;
 use super::super::msg::policy_text;
@@ -101,23 +101,35 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                 .enumerate()
                 .map(|(i, c)| {
                     let failed = c.failed_here.as_deref();
-                    let said = |first: &str| match failed {
-                        // One line per host, whatever the width: the cause
-                        // goes first when there is no room for it.
-                        Some(failed) => super::outlook::fit(
-                            &[
-                                format!("{first} · {failed}"),
-                                format!("{first} · {}", failed.split(':').next().unwrap_or(failed)),
-                            ],
-                            room,
-                        ),
-                        None => first.to_string(),
+                    // One line per host, whatever the width: the cause of
+                    // an earlier failure goes first when there is no room
+                    // for it, then the end of a long reason (enter says it
+                    // whole).
+                    let said = |first: &str| {
+                        let mut wordings = Vec::new();
+                        if let Some(failed) = failed {
+                            wordings.push(format!("{first} · {failed}"));
+                            let cause = failed.split(':').next().unwrap_or(failed);
+                            wordings.push(format!("{first} · {cause}"));
+                        }
+                        if failed.is_none() || first.chars().count() > 24 {
+                            wordings.push(first.to_string());
+                        }
+                        fit(&wordings, room)
                     };
-                    let (symbol, style, why) = match (&c.refusal, failed) {
-                        (None, None) => (theme.symbols.done, theme.done, said("eligible")),
-                        (None, Some(_)) => (theme.symbols.done, theme.warning, said("eligible")),
-                        (Some(why), _) => (theme.symbols.failed, theme.dim, said(why)),
+                    // What the VM's source agent answered (`tern check`).
+                    let text = eligibility_text(vm, &c.eligibility);
+                    let eligible = c.eligibility == Eligibility::Eligible;
+                    let (symbol, style) = match (&c.eligibility, failed) {
+                        (Eligibility::Eligible, None) => (theme.symbols.done, theme.done),
+                        (Eligibility::Eligible, Some(_)) => (theme.symbols.done, theme.warning),
+                        (Eligibility::Checking, _) => (theme.symbols.pending, theme.pending),
+                        (Eligibility::NoAnswer(_), _) => (theme.symbols.lost, theme.lost),
+                        (Eligibility::RunsHere | Eligibility::Refused(_), _) => {
+                            (theme.symbols.failed, theme.dim)
+                        }
                     };
+                    let why = said(&text);
                     // The cursor line is one solid bar: the spans' own
                     // colours would fight its background.
                     if i == *selected {
@@ -131,7 +143,7 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
                         Span::styled(format!("{symbol} {:<12}", c.host), style),
                         Span::styled(
                             why.to_string(),
-                            if c.refusal.is_none() && failed.is_some() {
+                            if eligible && failed.is_some() {
                                 theme.warning
                             } else {
                                 theme.dim

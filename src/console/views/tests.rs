@@ -61,6 +61,7 @@ fn screens() -> Vec<(&'static str, Vec<Msg>)> {
         ("abort_confirm", vec![key('a')]),
         ("retry_confirm", vec![key('j'), key('r')]),
         ("picker", vec![key('j'), key('d')]),
+        ("picker_checked", picker_answered()),
         ("new_migration", vec![key('n')]),
         ("evacuate", vec![code(KeyCode::Tab), key('e')]),
         (
@@ -95,6 +96,66 @@ fn screens() -> Vec<(&'static str, Vec<Msg>)> {
             ],
         ),
         ("frozen_marked", vec![key('f'), key(' ')]),
+    ]
+}
+
+/// The picker once db-01's source (hv-b) has answered for every host but
+/// hv-a: hv-c can take it (db-01 failed there before), hv-d did not answer,
+/// hv-e is draining.
+fn picker_answered() -> Vec<Msg> {
+    let check = |host: &str, name: &str, ok: bool, detail: &str| crate::proto::AdmissionCheck {
+        name: name.into(),
+        host: host.into(),
+        ok,
+        detail: detail.into(),
+    };
+    let answer = |destination: &str, failing: Option<crate::proto::AdmissionCheck>| {
+        let mut checks = vec![
+            check("hv-b", "lock", true, "db-01 is not migrating"),
+            check(
+                destination,
+                "capacity",
+                true,
+                "62.0 GiB and 30 vCPUs free, needs 2.0 GiB and 2",
+            ),
+        ];
+        checks.extend(failing);
+        Msg::Checked {
+            source: "hv-b".into(),
+            vm: "db-01".into(),
+            destination: destination.into(),
+            mode: crate::protocol::Mode::Safe,
+            answer: Ok(crate::proto::CheckReply {
+                vm: "db-01".into(),
+                source: "hv-b".into(),
+                destination: destination.into(),
+                mode: crate::proto::Mode::Safe as i32,
+                checks,
+            }),
+        }
+    };
+    vec![
+        key('j'),
+        key('d'),
+        answer("hv-c", None),
+        answer(
+            "hv-d",
+            Some(check(
+                "hv-d",
+                "reachable",
+                false,
+                "hv-d did not answer within 1000 ms",
+            )),
+        ),
+        answer(
+            "hv-e",
+            Some(check(
+                "hv-e",
+                "drain",
+                false,
+                "hv-e is draining and accepts no incoming migrations (`tern undrain hv-e` ends that)",
+            )),
+        ),
     ]
 }
 
@@ -210,6 +271,52 @@ fn a_safe_mode_failure_shows_its_cause_and_failed_stage_in_the_detail() {
         find_below(buffer, "✗ failed", 1),
         theme.failed,
         "the outcome",
+    );
+}
+
+#[test]
+fn the_picker_colours_each_hosts_answer_by_what_it_means() {
+    let theme = Theme::named("default").expect("default theme");
+    // The cursor on hv-b (runs here): its bar would hide a line's colours.
+    let mut keys = picker_answered();
+    keys.push(key('j'));
+    let app = app_after(&keys);
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    // The symbol two cells before the host's name.
+    let symbol_at = |text: &str| {
+        let (x, y) = find(buffer, text);
+        (x - 2, y)
+    };
+    same_colour(
+        buffer,
+        symbol_at("hv-a        checking…"),
+        theme.pending,
+        "checking",
+    );
+    same_colour(
+        buffer,
+        symbol_at("hv-c        eligible"),
+        theme.warning,
+        "eligible, failed before",
+    );
+    same_colour(
+        buffer,
+        find(buffer, "eligible · failed here"),
+        theme.warning,
+        "the failed-here line",
+    );
+    same_colour(
+        buffer,
+        symbol_at("hv-d        no answer"),
+        theme.lost,
+        "no answer",
+    );
+    same_colour(
+        buffer,
+        symbol_at("hv-e        drain:"),
+        theme.dim,
+        "refused",
     );
 }
 

@@ -40,6 +40,7 @@
 //! in `state_dir/qemu/tls` that only that user can read ([`write_tls_dir`]).
 
 pub mod machine;
+pub mod platform;
 pub mod qmp;
 
 /// The test guest of tests/qemu.rs, for the tests of post-copy: it fills
@@ -63,7 +64,7 @@ use tokio::sync::mpsc;
 
 use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
-use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, TransferPlan};
+use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, Platform, TransferPlan};
 use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
 use crate::protocol::machine::MachineError;
 use crate::protocol::{TransferStage, TransferStats, VmSpec};
@@ -205,6 +206,8 @@ pub struct QemuHypervisor {
     guests: Mutex<BTreeMap<String, Instance>>,
     /// Serialises changes to `guests.json`.
     file: Mutex<()>,
+    /// The machine types and CPU models the binary offers, asked once.
+    offered: std::sync::OnceLock<Result<platform::Offered, String>>,
 }
 
 impl QemuHypervisor {
@@ -228,6 +231,7 @@ impl QemuHypervisor {
             tls_dir,
             guests: Mutex::new(BTreeMap::new()),
             file: Mutex::new(()),
+            offered: std::sync::OnceLock::new(),
         };
         let list = hypervisor.list_path();
         if list.exists() {
@@ -1161,6 +1165,25 @@ fn last_lines(path: &Path, n: usize) -> String {
 }
 
 /// Whether `pid` runs the QEMU binary (so a recycled pid is never killed).
+/// Ask `binary` which machine types and CPU models it has.
+fn probe_offered(binary: &str) -> Result<platform::Offered, String> {
+    let ask = |what: &str| {
+        let out = std::process::Command::new(binary)
+            .args([what, "help"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {binary} {what} help: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{binary} {what} help exited with {}", out.status));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    Ok(platform::Offered {
+        machines: platform::parse_machines(&ask("-machine")?),
+        cpus: platform::parse_cpus(&ask("-cpu")?),
+    })
+}
+
 fn is_qemu(pid: i32, binary: &str) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let base = Path::new(binary)
@@ -1184,6 +1207,20 @@ impl Hypervisor for QemuHypervisor {
     fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError> {
         let resolved = self.resolve(spec)?;
         machine::check_bridges(&resolved, &self.settings.allowed.host)
+    }
+
+    fn platform(&self, spec: &VmSpec) -> Option<Result<Platform, String>> {
+        let resolved = match self.resolve(spec) {
+            Ok(resolved) => resolved,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let offered = self
+            .offered
+            .get_or_init(|| probe_offered(&self.settings.binary));
+        Some(match offered {
+            Ok(offered) => offered.platform(&resolved.machine_type, platform::DEFAULT_CPU_MODEL),
+            Err(e) => Err(e.clone()),
+        })
     }
 
     fn postcopy_support(&self) -> Result<(), String> {
@@ -2088,6 +2125,7 @@ mod tests {
             tls_dir: None,
             guests: Mutex::new(BTreeMap::new()),
             file: Mutex::new(()),
+            offered: std::sync::OnceLock::new(),
         }
     }
 
