@@ -180,6 +180,16 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Re-run the failed feature stages of a degraded VM where it runs now
+    /// (after a fast migration that left it without, say, its network).
+    Repair {
+        vm: String,
+        /// Only this feature; every feature with a failed stage when omitted.
+        #[arg(long, value_name = "NAME")]
+        feature: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Hosts, VMs and migrations.
     Status {
         #[arg(long)]
@@ -560,6 +570,9 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             cli::evacuate::control(access, &id, control).await
         }
         Command::Undrain { host } => cli::evacuate::undrain(access, &host).await,
+        Command::Repair { vm, feature, json } => {
+            cli::repair(access, &vm, feature.as_deref(), json).await
+        }
         Command::Abort { id } => cli::abort(access, &id).await,
         Command::Retry {
             id,

@@ -84,6 +84,7 @@ impl Peers {
                 PeerCall::Recover(r) => {
                     PeerResponse::Recover(client.recover(r).await?.into_inner())
                 }
+                PeerCall::Repair(r) => PeerResponse::Repair(client.repair(r).await?.into_inner()),
             })
         };
         let result = match deadline {

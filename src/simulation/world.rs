@@ -1342,9 +1342,10 @@ impl World {
         }
         let guests = match call {
             // As the agent does: the calls whose answer depends on them.
-            PeerCall::Prepare(_) | PeerCall::Capacity(_) | PeerCall::Recover(_) => {
-                self.guests_of(to)
-            }
+            PeerCall::Prepare(_)
+            | PeerCall::Capacity(_)
+            | PeerCall::Recover(_)
+            | PeerCall::Repair(_) => self.guests_of(to),
             _ => Vec::new(),
         };
         self.next_req += 1;
