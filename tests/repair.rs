@@ -95,7 +95,7 @@ fn repair_after_the_fault_is_cleared_re_runs_the_failed_finish_and_the_record_sa
     assert_eq!(status["repairs"][0]["result"], "ok");
     let text = String::from_utf8_lossy(&cluster.tern(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("repaired port-profile finish on hv-b: ok"),
+        text.contains("web-01: repair port-profile finish on hv-b: ok"),
         "{text}"
     );
     // A second repair has nothing to do: clear error, nothing changed.

@@ -384,13 +384,7 @@ pub async fn repair(access: &Access, vm: &str, feature: Option<&str>, json: bool
     print_record(&repaired, json)?;
     match repaired.outcome {
         Some(crate::protocol::Outcome::Degraded) => {
-            let reasons: Vec<String> = repaired
-                .repairs
-                .iter()
-                .rev()
-                .take_while(|r| r.at_ms == repaired.repairs.last().map_or(0, |l| l.at_ms))
-                .filter_map(|r| r.error.as_ref().map(|e| format!("{} {e}", r.feature)))
-                .collect();
+            let reasons = crate::protocol::repair::latest_failures(&repaired);
             eprintln!(
                 "tern: {vm} is still degraded: {}",
                 if reasons.is_empty() {

@@ -462,7 +462,7 @@ pub fn human(status: &StatusJson) -> String {
         .filter_map(|m| {
             let last = m.repairs.last()?;
             Some(format!(
-                "{} {}: repaired {} at {} UTC",
+                "{} {}: repair {} at {} UTC",
                 m.id,
                 m.vm,
                 crate::protocol::repair::describe(last),

@@ -294,6 +294,21 @@ pub fn interrupt(record: &mut MigrationRecord) -> bool {
     any
 }
 
+/// Why the latest repair of `record` did not make it whole: each failed
+/// entry of that run (`port-profile finish: ASSOCIATE … rejected`), or
+/// the record's own error when the run left nothing failed.
+pub fn latest_failures(record: &MigrationRecord) -> Vec<String> {
+    let Some(at) = record.repairs.last().map(|r| r.at_ms) else {
+        return Vec::new();
+    };
+    record
+        .repairs
+        .iter()
+        .filter(|r| r.at_ms == at)
+        .filter_map(|r| r.error.as_ref().map(|e| format!("{} {e}", r.feature)))
+        .collect()
+}
+
 /// One line for an operator: `port-profile finish on hv-b: ok (by ana, operator)`.
 pub fn describe(entry: &RepairEntry) -> String {
     let stages: Vec<&str> = entry.stages.iter().map(|s| s.as_str()).collect();
