@@ -257,8 +257,9 @@ fn a_viewer_may_not_repair() {
 
 #[test]
 fn a_degraded_vm_moves_back_to_its_source_with_migrate_to_source() {
-    let cluster = cluster();
-    degraded(&cluster);
+    let mut cluster = cluster();
+    let moved = degraded(&cluster);
+    let id = moved["id"].as_str().unwrap().to_string();
     // Moving back is a migration to where it came from; hv-a's switch accepts.
     let (code, back) = cluster.tern_json(&[
         "migrate", "web-01", "--to", "hv-a", "--mode", "safe", "--json",
@@ -281,4 +282,17 @@ fn a_degraded_vm_moves_back_to_its_source_with_migrate_to_source() {
     let out = cluster.tern(&["repair", "web-01"]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("not degraded"), "{}", stderr(&out));
+
+    // With hv-b (which holds the newer record) down, hv-a's degraded record
+    // looks like the latest; it is not repaired where the VM no longer runs.
+    let before = cluster.migration(&id);
+    cluster.kill("hv-b");
+    let out = cluster.tern(&["repair", "web-01"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web-01 runs on hv-a, not on hv-b"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(cluster.migration(&id), before, "nothing changed");
 }

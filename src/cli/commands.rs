@@ -324,10 +324,20 @@ pub async fn repair(access: &Access, vm: &str, feature: Option<&str>, json: bool
     .await;
     let mut latest: Option<(&Agent, proto::MigrationRecord)> = None;
     let mut known = false;
+    let mut runs_on: Vec<String> = Vec::new();
     let mut failure: Option<CliError> = None;
     for (agent, migrations, vms) in answers {
         match vms {
-            Ok(vms) => known |= vms.iter().any(|v| v.name == vm),
+            Ok(vms) => {
+                known |= vms.iter().any(|v| v.name == vm);
+                let running = vms.iter().any(|v| {
+                    v.name == vm
+                        && proto::GuestState::try_from(v.state) == Ok(proto::GuestState::Running)
+                });
+                if running {
+                    runs_on.push(agent.name.clone());
+                }
+            }
             Err(e) => {
                 failure.get_or_insert(e);
             }
@@ -369,6 +379,25 @@ pub async fn repair(access: &Access, vm: &str, feature: Option<&str>, json: bool
             (None, false) => CliError::usage(format!("no VM {vm} in the cluster")),
         });
     };
+    // The record found must be where the VM is now: a newer migration may
+    // sit on a host that did not answer.
+    if !runs_on.contains(&record.running_on) {
+        return Err(match (runs_on.first(), failure) {
+            (Some(now), _) => CliError::usage(format!(
+                "{vm} runs on {now}, not on {} where its latest known migration {} left it: \
+                 nothing of that migration to repair there",
+                record.running_on, record.id
+            )),
+            (None, Some(e)) => CliError::new(
+                e.code,
+                format!("cannot tell where {vm} runs now: {}", e.message),
+            ),
+            (None, None) => CliError::usage(format!(
+                "{vm} does not run on {} (nor anywhere): nothing to repair",
+                record.running_on
+            )),
+        });
+    }
     let request = proto::RepairRequest {
         vm: vm.to_string(),
         feature: feature.unwrap_or_default().to_string(),

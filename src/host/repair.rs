@@ -123,6 +123,11 @@ impl HostCore {
     pub(super) fn repair_replied(&mut self, id: &str, reply: Result<PeerResponse, PeerError>) {
         let waiter = self.repair_waiters.remove(id);
         let Some(s) = self.sources.get_mut(id) else {
+            // Forgotten meanwhile (retention): nothing to write it into.
+            if let Some(req) = waiter {
+                let gone = format!("{} no longer keeps migration {id}", self.cfg.name);
+                self.reply(req, Err(Refusal::NotFound(gone)));
+            }
             return;
         };
         let host = s.attempt.record.running_on.clone();
