@@ -327,6 +327,11 @@ impl HostCore {
         );
     }
 
+    /// Whether a repair of `vm` runs here now (a migration of it waits).
+    pub(super) fn is_repairing(&self, vm: &str) -> bool {
+        self.repairs_here.contains_key(vm)
+    }
+
     /// Recovery: repairs journaled as running never heard their answer.
     pub(super) fn interrupt_repairs(&mut self) {
         let ids: Vec<String> = self

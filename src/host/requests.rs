@@ -312,6 +312,13 @@ impl HostCore {
                 "VM {vm} is already migrating (migration {holder}, in {phase}); abort it or wait for its outcome"
             )));
         }
+        // A repair's stage landing after the VM left would leave its
+        // feature state behind here.
+        if self.is_repairing(vm) {
+            return Err(Refusal::Busy(format!(
+                "VM {vm} is being repaired on {name}; migrate it once the repair has ended"
+            )));
+        }
         let outgoing = self.outgoing();
         if outgoing >= self.cfg.max_outgoing as usize {
             return Err(Refusal::ResourceExhausted(format!(

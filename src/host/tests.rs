@@ -1424,6 +1424,24 @@ fn the_host_a_vm_runs_on_runs_the_stages_in_order_and_refuses_a_vm_it_does_not_r
         |o| matches!(o, Op::Stage(c) if c.stage == Stage::Prepare),
     )
     .expect("prepare first");
+    // While it runs, the VM does not leave (a stage landing after it left
+    // would leave its state here), and a second repair waits.
+    let (begin, actions) = b.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: A.into(),
+        mode: Mode::Safe,
+        completion: Default::default(),
+        guests: vec![running(&spec)],
+    });
+    assert!(
+        matches!(reply_to(&actions, begin), Some(Err(Refusal::Busy(m))) if m.contains("being repaired")),
+        "{actions:?}"
+    );
+    let (second, actions) = b.request(call(vec![running(&spec)]));
+    assert!(matches!(
+        reply_to(&actions, second),
+        Some(Err(Refusal::AlreadyExists(_)))
+    ));
     let actions = b.op_done(prepare, Err(OpError::Failed("switch says no".into())));
     // A failed prepare leaves its finish nothing to build on.
     assert!(op_of(&actions, |o| matches!(o, Op::Stage(_))).is_none());
