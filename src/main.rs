@@ -866,6 +866,19 @@ mod tests {
     }
 
     #[test]
+    fn repair_takes_a_vm_and_optionally_one_feature() {
+        assert!(matches!(
+            parse(&["repair", "web-01"]).command,
+            Some(Command::Repair { vm, feature: None, json: false }) if vm == "web-01"
+        ));
+        assert!(matches!(
+            parse(&["repair", "web-01", "--feature", "port-profile", "--json"]).command,
+            Some(Command::Repair { feature: Some(f), json: true, .. }) if f == "port-profile"
+        ));
+        assert_eq!(parse_error(&["repair"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
     fn abort_and_rollback_take_a_migration_id() {
         assert!(
             matches!(parse(&["abort", "m-1"]).command, Some(Command::Abort { id }) if id == "m-1")

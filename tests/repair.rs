@@ -150,8 +150,26 @@ fn a_repair_that_fails_again_keeps_the_vm_degraded_and_exits_non_zero_with_the_d
             .status
             .success()
     );
-    let (code, record) = cluster.tern_json(&["repair", "web-01", "--json"]);
-    assert_eq!(code, 0, "{record}");
+    // As a person reads it: the record, its repair history last.
+    let out = cluster.tern(&["repair", "web-01"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{}{text}", stderr(&out));
+    assert!(text.contains("outcome:    succeeded"), "{text}");
+    let history = text
+        .split("  repairs:\n")
+        .nth(1)
+        .expect("a repairs section");
+    let lines: Vec<&str> = history.lines().collect();
+    assert!(
+        lines[0].contains("port-profile finish on hv-b: failed — finish: ASSOCIATE web-01"),
+        "{text}"
+    );
+    assert!(
+        lines[1].ends_with("port-profile finish on hv-b: ok · by (plaintext)"),
+        "{text}"
+    );
+    let record = cluster.migration(&id);
     let results: Vec<&str> = record["repairs"]
         .as_array()
         .unwrap()

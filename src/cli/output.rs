@@ -351,7 +351,7 @@ pub fn record_summary(record: &MigrationRecord) -> String {
 }
 
 /// One repair of the record's history, with its time of day:
-/// `16:40:12 UTC port-profile finish on hv-b: ok (by ana (operator))`.
+/// `16:40:12 UTC port-profile finish on hv-b: ok · by ana (operator)`.
 pub fn repair_line(entry: &crate::protocol::repair::RepairEntry) -> String {
     format!(
         "{} UTC {}",

@@ -309,7 +309,7 @@ pub fn latest_failures(record: &MigrationRecord) -> Vec<String> {
         .collect()
 }
 
-/// One line for an operator: `port-profile finish on hv-b: ok (by ana, operator)`.
+/// One line for an operator: `port-profile finish on hv-b: ok · by ana (operator)`.
 pub fn describe(entry: &RepairEntry) -> String {
     let stages: Vec<&str> = entry.stages.iter().map(|s| s.as_str()).collect();
     let mut line = format!(
@@ -322,7 +322,7 @@ pub fn describe(entry: &RepairEntry) -> String {
     if let Some(e) = &entry.error {
         line.push_str(&format!(" — {e}"));
     }
-    line.push_str(&format!(" (by {})", entry.who));
+    line.push_str(&format!(" · by {}", entry.who));
     line
 }
 
@@ -456,7 +456,7 @@ mod tests {
         );
         assert_eq!(
             describe(entry),
-            "port-profile finish on hv-b: ok (by ana (operator))"
+            "port-profile finish on hv-b: ok · by ana (operator)"
         );
     }
 
