@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::bounds::MAX_REPAIRS;
 use super::record::{FeatureRecord, MigrationRecord};
 use super::{Millis, Outcome, Stage, StepStatus};
 
@@ -167,7 +168,8 @@ pub fn plan(
     Ok(plans)
 }
 
-/// Journal the intent: one running entry per feature, before any stage runs.
+/// Journal the intent: one running entry per feature, before any stage
+/// runs. The record keeps the newest [`MAX_REPAIRS`] entries.
 pub fn begin(record: &mut MigrationRecord, plans: &[FeaturePlan], who: &str, now: Millis) {
     for plan in plans {
         record.repairs.push(RepairEntry {
@@ -180,6 +182,8 @@ pub fn begin(record: &mut MigrationRecord, plans: &[FeaturePlan], who: &str, now
             who: who.to_string(),
         });
     }
+    let excess = record.repairs.len().saturating_sub(MAX_REPAIRS);
+    record.repairs.drain(..excess);
     record.updated_at_ms = now;
 }
 
@@ -499,6 +503,18 @@ mod tests {
         assert!(interrupt(&mut crashed));
         assert_eq!(crashed.repairs[0].result, RepairResult::Interrupted);
         assert!(!interrupt(&mut crashed), "only running entries change");
+    }
+
+    #[test]
+    fn a_record_keeps_only_its_newest_repairs() {
+        let mut record = degraded();
+        for at in 0..(MAX_REPAIRS as u64 + 5) {
+            let plans = plan(&record, None).unwrap();
+            begin(&mut record, &plans, "x", at);
+            fail(&mut record, "no", at);
+        }
+        assert_eq!(record.repairs.len(), MAX_REPAIRS);
+        assert_eq!(record.repairs[0].at_ms, 5, "the oldest went first");
     }
 
     #[test]
