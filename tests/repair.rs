@@ -314,3 +314,80 @@ fn a_degraded_vm_moves_back_to_its_source_with_migrate_to_source() {
     );
     assert_eq!(cluster.migration(&id), before, "nothing changed");
 }
+
+#[test]
+fn a_repair_while_the_vms_host_is_unreachable_exits_69_and_changes_nothing() {
+    let mut cluster = cluster();
+    let moved = degraded(&cluster);
+    let id = moved["id"].as_str().unwrap().to_string();
+    let before = cluster.migration(&id);
+    cluster.kill("hv-b");
+    let out = cluster.tern(&["repair", "web-01"]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot tell where web-01 runs now") && stderr(&out).contains("hv-b"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(cluster.migration(&id), before, "nothing changed");
+}
+
+#[test]
+fn a_repair_cut_short_by_the_record_owners_crash_reads_interrupted_and_can_be_run_again() {
+    let mut cluster = cluster();
+    let moved = degraded(&cluster);
+    let id = moved["id"].as_str().unwrap().to_string();
+    // The switch accepts again, slowly: the repair's ASSOCIATE takes 3 s.
+    let out = cluster.tern(&["fault", "hv-b", "port-profile", "--latency-ms", "3000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut repair = std::process::Command::new(TERN)
+        .args(["repair", "web-01"])
+        .env("TERN_INVENTORY", &cluster.inventory)
+        .env_remove("TERN_IDENTITY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The intent is journaled before hv-b runs the stage.
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the repair to be journaled as running",
+        || cluster.migration(&id)["repairs"][0]["result"] == "running",
+    );
+    cluster.kill("hv-a");
+    cluster.start_agent("hv-a");
+    let code = repair.wait().unwrap().code();
+    assert_ne!(code, Some(0), "the repair's caller lost its answer");
+    let record = cluster.migration(&id);
+    assert_eq!(record["repairs"][0]["result"], "interrupted", "{record}");
+    assert!(
+        record["repairs"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("repair again"),
+        "{record}"
+    );
+    assert_eq!(record["outcome"], "degraded", "{record}");
+    // hv-b's stage ran on after hv-a died: the switch has it, the record
+    // cannot know. Run again once hv-b is done (stages are idempotent).
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "hv-b's ASSOCIATE to land",
+        || association(&cluster, "hv-b", "web-01").as_deref() == Some("associated"),
+    );
+    let out = cluster.tern(&["fault", "hv-b", "port-profile"]);
+    assert!(out.status.success());
+    let (code, record) = cluster.tern_json(&["repair", "web-01", "--json"]);
+    assert_eq!(code, 0, "{record}");
+    let results: Vec<&str> = record["repairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, ["interrupted", "ok"]);
+    assert_eq!(
+        association(&cluster, "hv-b", "web-01").as_deref(),
+        Some("associated")
+    );
+}
