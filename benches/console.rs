@@ -146,6 +146,7 @@ fn record(i: usize, attempt: u32) -> proto::MigrationRecord {
         convergence: None,
         completion_note: String::new(),
         recovery: None,
+        repairs: Vec::new(),
         id: id.clone(),
         vm: vm_name(source, k),
         source: host_name(source),

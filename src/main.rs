@@ -194,6 +194,16 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Re-run the failed feature stages of a degraded VM where it runs now
+    /// (after a fast migration that left it without, say, its network).
+    Repair {
+        vm: String,
+        /// Only this feature; every feature with a failed stage when omitted.
+        #[arg(long, value_name = "NAME")]
+        feature: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Hosts, VMs and migrations.
     Status {
         #[arg(long)]
@@ -577,6 +587,9 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             cli::evacuate::control(access, &id, control).await
         }
         Command::Undrain { host } => cli::evacuate::undrain(access, &host).await,
+        Command::Repair { vm, feature, json } => {
+            cli::repair(access, &vm, feature.as_deref(), json).await
+        }
         Command::Abort { id } => cli::abort(access, &id).await,
         Command::Retry {
             id,
@@ -867,6 +880,19 @@ mod tests {
             parse_error(&["migrate", "--to", "hv-b"]),
             ErrorKind::MissingRequiredArgument
         );
+    }
+
+    #[test]
+    fn repair_takes_a_vm_and_optionally_one_feature() {
+        assert!(matches!(
+            parse(&["repair", "web-01"]).command,
+            Some(Command::Repair { vm, feature: None, json: false }) if vm == "web-01"
+        ));
+        assert!(matches!(
+            parse(&["repair", "web-01", "--feature", "port-profile", "--json"]).command,
+            Some(Command::Repair { feature: Some(f), json: true, .. }) if f == "port-profile"
+        ));
+        assert_eq!(parse_error(&["repair"]), ErrorKind::MissingRequiredArgument);
     }
 
     #[test]

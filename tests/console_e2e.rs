@@ -254,3 +254,80 @@ fn the_cursor_stays_on_the_chosen_failed_migration_while_others_start_and_end() 
         cluster.wait_outcome(&id);
     }
 }
+
+/// A fast migration left db-01 on hv-b without its network (degraded).
+/// Once hv-b's switch accepts again, `R` and `y` repair it where it runs;
+/// then `B` and `y` move it back to hv-a, where it came from.
+#[test]
+fn an_operator_repairs_a_degraded_vm_then_moves_it_back_by_keystrokes() {
+    let cluster = Cluster::start(vec![
+        host("hv-a", format!("{}{}", port_profile(""), vm("db-01", 256))),
+        host(
+            "hv-b",
+            format!(
+                "allow_fault_injection = true\n{}",
+                port_profile("fail = [\"finish\"]")
+            ),
+        ),
+    ]);
+    let (code, moved) = cluster.tern_json(&[
+        "migrate", "db-01", "--to", "hv-b", "--mode", "fast", "--json",
+    ]);
+    assert_eq!(code, 2, "{moved}");
+    let id = moved["id"].as_str().unwrap().to_string();
+    let out = cluster.tern(&["fault", "hv-b", "port-profile"]);
+    assert!(out.status.success());
+
+    let mut screen = Screen::open(&cluster);
+    screen.wait_for("the degraded row, with R offered", |t| {
+        t.contains("db-01") && t.contains("port-profile ✗ finish") && t.contains("R repair")
+    });
+    screen.keys("R");
+    screen.wait_for("the repair confirmation", |t| {
+        t.contains("Repair db-01 on hv-b?") && t.contains("re-run port-profile finish on hv-b")
+    });
+    screen.keys("y");
+    screen.wait_for("the repair's result in the status line", |t| {
+        t.contains("db-01 repaired on hv-b: no longer degraded")
+    });
+    let record = cluster.migration(&id);
+    assert_eq!(record["outcome"], "succeeded", "{record}");
+    assert_eq!(record["repairs"][0]["result"], "ok", "{record}");
+    assert_eq!(
+        cluster.feature_state("hv-b", "db-01")[0]["state"],
+        "associated"
+    );
+    // The console saw the repaired record: the row is no longer degraded.
+    screen.wait_for("the repaired row", |t| {
+        t.lines()
+            .any(|l| l.contains("db-01") && l.contains("✓") && !l.contains("✗ finish"))
+    });
+
+    // B on the same row: back to hv-a, in the default (safe) mode.
+    screen.keys("B");
+    screen.wait_for("the move-back confirmation", |t| {
+        t.contains("Move db-01 back to hv-a?") && t.contains("db-01 hv-b → hv-a")
+    });
+    screen.keys("y");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = cluster.status();
+        let back =
+            status["migrations"].as_array().unwrap().iter().find(|m| {
+                m["vm"] == "db-01" && m["source"] == "hv-b" && m["destination"] == "hv-a"
+            });
+        if let Some(back) = back
+            && back["outcome"] == "succeeded"
+        {
+            assert_eq!(back["mode"], "safe", "{back}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "db-01 did not move back: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.running_on("db-01"), vec!["hv-a".to_string()]);
+    assert!(cluster.feature_state("hv-b", "db-01").is_empty());
+}

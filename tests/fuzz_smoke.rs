@@ -329,6 +329,7 @@ fn write_cookie_seeds() {
         convergence: None,
         completion_note: String::new(),
         recovery: None,
+        repairs: Vec::new(),
         id: checks::MIGRATION_ID.into(),
         vm: "web-01".into(),
         source: checks::SOURCE.into(),

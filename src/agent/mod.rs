@@ -451,6 +451,24 @@ impl Agent {
         )
     }
 
+    /// Re-run the failed feature stages of `vm`'s degraded migration where
+    /// the VM runs; the record once that host has answered.
+    pub async fn repair(
+        &self,
+        vm: &str,
+        feature: Option<&str>,
+        who: &str,
+    ) -> Result<MigrationRecord, Refusal> {
+        migration(
+            self.request(Request::Repair {
+                vm: vm.to_string(),
+                feature: feature.map(str::to_string),
+                who: who.to_string(),
+            })
+            .await,
+        )
+    }
+
     pub async fn undrain(&self) -> Result<proto::Host, Refusal> {
         self.request(Request::Undrain).await?;
         Ok(self.host_info().await)
@@ -468,9 +486,10 @@ impl Agent {
             self.check_machine(&r.cookie1)?;
         }
         let guests = match call {
-            PeerCall::Prepare(_) | PeerCall::Capacity(_) | PeerCall::Recover(_) => {
-                self.guests().await
-            }
+            PeerCall::Prepare(_)
+            | PeerCall::Capacity(_)
+            | PeerCall::Recover(_)
+            | PeerCall::Repair(_) => self.guests().await,
             _ => Vec::new(),
         };
         match self.request(Request::Peer { call, guests, from }).await? {

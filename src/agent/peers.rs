@@ -85,6 +85,7 @@ impl Peers {
                 PeerCall::Recover(r) => {
                     PeerResponse::Recover(client.recover(r).await?.into_inner())
                 }
+                PeerCall::Repair(r) => PeerResponse::Repair(client.repair(r).await?.into_inner()),
             })
         };
         within(host, deadline, call).await

@@ -320,6 +320,14 @@ impl peer_server::Peer for PeerService {
         let reply = self.0.check_prepare(request.into_inner(), from).await?;
         Ok(Response::new(reply))
     }
+
+    async fn repair(
+        &self,
+        request: Request<proto::PeerRepairRequest>,
+    ) -> Result<Response<proto::PeerRepairReply>, Status> {
+        let target = request.get_ref().vm.clone();
+        peer_call!(self.0, Repair, request, "peer repair", target)
+    }
 }
 
 struct ConsoleService(Arc<Agent>);
@@ -750,6 +758,43 @@ impl console_server::Console for ConsoleService {
             )
             .await?;
         Ok(Response::new(reply))
+    }
+
+    async fn repair(
+        &self,
+        request: Request<proto::RepairRequest>,
+    ) -> Result<Response<proto::MigrationRecord>, Status> {
+        // A repair changes what a running VM holds: the migrate role's.
+        let vm = request.get_ref().vm.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "repair", &vm)?;
+        let request = request.into_inner();
+        let who = match audited.caller {
+            Some(Caller::Verified(_)) => format!("{} ({})", audited.who, audited.role),
+            _ => audited.who.clone(),
+        };
+        let feature = (!request.feature.is_empty()).then_some(request.feature.as_str());
+        let answer = self
+            .0
+            .repair(&request.vm, feature, &who)
+            .await
+            .map(|r| Response::new(proto::MigrationRecord::from(&r)));
+        let audited = match &answer {
+            Ok(r) => audited.about(r.get_ref().id.clone()),
+            Err(_) => audited,
+        };
+        audited.end(answer.map_err(Status::from), |r| {
+            let r = r.get_ref();
+            format!(
+                "{} repaired on {}: {}",
+                r.vm,
+                r.running_on,
+                if r.outcome == proto::Outcome::Succeeded as i32 {
+                    "succeeded"
+                } else {
+                    "still degraded"
+                }
+            )
+        })
     }
 
     async fn list_audit(

@@ -304,6 +304,131 @@ fn print_record(record: &MigrationRecord, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `tern repair VM [--feature F]`: re-run the failed feature stages of the
+/// VM's degraded migration where the VM runs. Asked of the agent holding
+/// the VM's latest migration record (its source). Exit 0 when the VM is no
+/// longer degraded, 2 when it still is (with the driver's reason).
+pub async fn repair(access: &Access, vm: &str, feature: Option<&str>, json: bool) -> CliResult {
+    use crate::protocol::bounds::check_name;
+    check_name("VM", vm).map_err(|e| CliError::usage(e.to_string()))?;
+    if let Some(feature) = feature {
+        check_name("--feature", feature).map_err(|e| CliError::usage(e.to_string()))?;
+    }
+    let cluster = Cluster::load(access)?;
+    let links = cluster.connect_all().await;
+    let answers = join_all(reachable(&links).map(|agent| async move {
+        let migrations = agent.asked(agent.list_migrations()).await;
+        let vms = agent.asked(agent.list_vms()).await;
+        (agent, migrations, vms)
+    }))
+    .await;
+    let mut latest: Option<(&Agent, proto::MigrationRecord)> = None;
+    let mut known = false;
+    let mut runs_on: Vec<String> = Vec::new();
+    let mut failure: Option<CliError> = None;
+    for (agent, migrations, vms) in answers {
+        match vms {
+            Ok(vms) => {
+                known |= vms.iter().any(|v| v.name == vm);
+                let running = vms.iter().any(|v| {
+                    v.name == vm
+                        && proto::GuestState::try_from(v.state) == Ok(proto::GuestState::Running)
+                });
+                if running {
+                    runs_on.push(agent.name.clone());
+                }
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+        match migrations {
+            Ok(migrations) => {
+                // A record counts where it is owned: on its source.
+                for record in migrations
+                    .into_iter()
+                    .filter(|r| r.vm == vm && r.source == agent.name)
+                {
+                    known = true;
+                    let newer = latest.as_ref().is_none_or(|(_, l)| {
+                        (record.started_at_ms, &record.id) > (l.started_at_ms, &l.id)
+                    });
+                    if newer {
+                        latest = Some((agent, record));
+                    }
+                }
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let failure = failure.or_else(|| super::client::first_unreachable(&links).cloned());
+    let Some((owner, record)) = latest else {
+        return Err(match (failure, known) {
+            (Some(e), _) => CliError::new(
+                e.code,
+                format!(
+                    "no migration of {vm} on the agents that answered, and {}",
+                    e.message
+                ),
+            ),
+            (None, true) => {
+                CliError::usage(format!("{vm} has never been migrated: nothing to repair"))
+            }
+            (None, false) => CliError::usage(format!("no VM {vm} in the cluster")),
+        });
+    };
+    // The record found must be where the VM is now: a newer migration may
+    // sit on a host that did not answer.
+    if !runs_on.contains(&record.running_on) {
+        return Err(match (runs_on.first(), failure) {
+            (Some(now), _) => CliError::usage(format!(
+                "{vm} runs on {now}, not on {} where its latest known migration {} left it: \
+                 nothing of that migration to repair there",
+                record.running_on, record.id
+            )),
+            (None, Some(e)) => CliError::new(
+                e.code,
+                format!("cannot tell where {vm} runs now: {}", e.message),
+            ),
+            (None, None) => CliError::usage(format!(
+                "{vm} does not run on {} (nor anywhere): nothing to repair",
+                record.running_on
+            )),
+        });
+    }
+    let request = proto::RepairRequest {
+        vm: vm.to_string(),
+        feature: feature.unwrap_or_default().to_string(),
+    };
+    eprintln!(
+        "repairing {vm} on {} (migration {}, record on {})",
+        record.running_on, record.id, owner.name
+    );
+    let repaired = owner
+        .call_long(|mut c| async move { c.repair(request).await })
+        .await?;
+    let repaired = MigrationRecord::from(&repaired);
+    print_record(&repaired, json)?;
+    match repaired.outcome {
+        Some(crate::protocol::Outcome::Degraded) => {
+            let reasons = crate::protocol::repair::latest_failures(&repaired);
+            eprintln!(
+                "tern: {vm} is still degraded: {}",
+                if reasons.is_empty() {
+                    repaired.error.clone().unwrap_or_default()
+                } else {
+                    reasons.join("; ")
+                }
+            );
+            Ok(exit::DEGRADED)
+        }
+        Some(outcome) => Ok(exit_code_for_outcome(outcome)),
+        None => Ok(exit::FAILED),
+    }
+}
+
 fn agent_named<'a>(links: &'a [Link], name: &str) -> Result<&'a Agent, CliError> {
     let link = links.iter().find(|l| l.entry.name == name).ok_or_else(|| {
         CliError::new(

@@ -29,7 +29,7 @@ use tonic::Code;
 use crate::protocol::Outcome;
 
 pub use client::{Access, Cluster};
-pub use commands::{Report, abort, fault, forget, migrate, resolve, retry, rollback};
+pub use commands::{Report, abort, fault, forget, migrate, repair, resolve, retry, rollback};
 pub use status::status;
 pub use watch::watch;
 

@@ -344,7 +344,23 @@ pub fn record_summary(record: &MigrationRecord) -> String {
             }
         }
     }
+    if !record.repairs.is_empty() {
+        let _ = writeln!(out, "  repairs:");
+        for entry in &record.repairs {
+            let _ = writeln!(out, "    {}", repair_line(entry));
+        }
+    }
     out
+}
+
+/// One repair of the record's history, with its time of day:
+/// `16:40:12 UTC port-profile finish on hv-b: ok · by ana (operator)`.
+pub fn repair_line(entry: &crate::protocol::repair::RepairEntry) -> String {
+    format!(
+        "{} UTC {}",
+        super::audit::clock(entry.at_ms),
+        crate::protocol::repair::describe(entry)
+    )
 }
 
 /// One piece of pending work, e.g. `port-profile rollback for web-01

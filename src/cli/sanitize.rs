@@ -110,7 +110,8 @@ macro_rules! sanitize_fields {
 }
 
 sanitize_fields! {
-    proto::MigrationRecord { id, vm, source, destination, running_on, error, features, attempt_id, cookies, convergence, completion_note, recovery }
+    proto::MigrationRecord { id, vm, source, destination, running_on, error, features, attempt_id, cookies, convergence, completion_note, recovery, repairs }
+    proto::RepairRecord { feature, stages, host, result, error, who }
     proto::Convergence { reason }
     proto::PostcopyRecovery { error }
     proto::FeatureRecord { name, error, detail }

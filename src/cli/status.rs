@@ -454,6 +454,29 @@ pub fn human(status: &StatusJson) -> String {
             &migrations,
         ));
     }
+    // Each migration's latest repair, with its time: the full history is in
+    // `tern status --json` and the migration's detail.
+    let repairs: Vec<String> = status
+        .migrations
+        .iter()
+        .filter_map(|m| {
+            let last = m.repairs.last()?;
+            Some(format!(
+                "{} {}: repair {} at {} UTC",
+                m.id,
+                m.vm,
+                crate::protocol::repair::describe(last),
+                super::audit::clock(last.at_ms)
+            ))
+        })
+        .collect();
+    if !repairs.is_empty() {
+        out.push('\n');
+        for line in repairs {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
     if !status.evacuations.is_empty() {
         let rows: Vec<Vec<String>> = status
             .evacuations

@@ -16,7 +16,7 @@ use crate::host::evacuation::job::{Evacuation, JobState, JobVm};
 use crate::proto;
 use crate::protocol::completion::Completion;
 use crate::protocol::record::{
-    completion_from_record, mode_from_proto, outcome_from_proto, phase_from_proto,
+    MigrationRecord, completion_from_record, mode_from_proto, outcome_from_proto, phase_from_proto,
 };
 use crate::protocol::{Mode, Outcome};
 
@@ -542,6 +542,18 @@ impl App {
         }
     }
 
+    /// The outcome of the migration on screen: the detail's, or the
+    /// selected row's in the migrations table. `None` while it runs or
+    /// when no migration is shown (the hint bar offers by it).
+    pub fn shown_outcome(&self) -> Option<Outcome> {
+        let record = match (&self.view, self.focus) {
+            (View::Detail(id), _) => self.state().migrations.get(id).map(|m| &m.record),
+            (View::Overview, Focus::Migrations) => self.selected_migration().map(|m| &m.record),
+            _ => None,
+        };
+        record.and_then(|r| outcome_from_proto(r.outcome))
+    }
+
     fn say(&mut self, text: impl Into<String>, error: bool) {
         self.status = Some((text.into(), error));
     }
@@ -877,6 +889,8 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::Retry => retry(app),
         Action::RetryElsewhere => return pick_destination(app),
         Action::Rollback => rollback(app),
+        Action::Repair => repair(app),
+        Action::MoveBack => move_back(app),
         Action::NewMigration => new_migration(app),
         Action::Evacuate => evacuate(app),
         Action::Undrain => undrain(app),
@@ -1504,6 +1518,135 @@ fn rollback(app: &mut App) {
                 id: record.id.clone(),
             })
             .collect(),
+    });
+}
+
+/// `R`: repair the selected degraded VM where it runs, after a confirmation
+/// that names the VM, the host and the stages it re-runs.
+fn repair(app: &mut App) {
+    let Some(record) = app.selected_migration().map(|m| m.record.clone()) else {
+        app.say("select a degraded migration to repair", true);
+        return;
+    };
+    let record = MigrationRecord::from(&record);
+    if let Some(now) = app.state().vm_host(&record.vm)
+        && now != record.running_on
+    {
+        app.say(
+            format!(
+                "{} now runs on {now}, not on {} where {} left it: nothing to repair there",
+                record.vm, record.running_on, record.id
+            ),
+            true,
+        );
+        return;
+    }
+    let plans = match crate::protocol::repair::plan(&record, None) {
+        Ok(plans) => plans,
+        Err(e) => {
+            app.say(e.to_string(), true);
+            return;
+        }
+    };
+    let mut lines: Vec<String> = plans
+        .iter()
+        .map(|p| {
+            let stages: Vec<&str> = p.stages.iter().map(|s| s.as_str()).collect();
+            let failed = record
+                .features
+                .iter()
+                .find(|f| f.name == p.feature)
+                .and_then(|f| f.error.clone())
+                .map(|e| format!(" (failed: {e})"))
+                .unwrap_or_default();
+            format!(
+                "re-run {} {} on {}{failed}",
+                p.feature,
+                stages.join(" then "),
+                record.running_on
+            )
+        })
+        .collect();
+    lines.push(format!(
+        "{} keeps running on {}; the result goes into {}'s record on {}",
+        record.vm, record.running_on, record.id, record.source
+    ));
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Repair {} on {}?", record.vm, record.running_on),
+        lines,
+        commands: vec![Command::Repair {
+            host: record.source.clone(),
+            vm: record.vm.clone(),
+            feature: None,
+        }],
+    });
+}
+
+/// `B`: move a VM a migration moved (succeeded or degraded) back to where it
+/// came from: a new migration from where it runs to the old source, in the
+/// default mode (the answer DESIGN gives to "abort after commit").
+fn move_back(app: &mut App) {
+    let Some(record) = app.selected_migration().map(|m| m.record.clone()) else {
+        app.say("select a moved migration to move its VM back", true);
+        return;
+    };
+    if !matches!(
+        outcome(&record),
+        proto::Outcome::Succeeded | proto::Outcome::Degraded
+    ) {
+        app.say(
+            format!(
+                "{} did not move {} (it is {}): nothing to move back",
+                record.id,
+                record.vm,
+                outcome_from_proto(record.outcome).map_or("running", |o| o.as_str())
+            ),
+            true,
+        );
+        return;
+    }
+    let (from, to) = (record.running_on.clone(), record.source.clone());
+    if let Some(now) = app.state().vm_host(&record.vm)
+        && now != from
+    {
+        app.say(
+            format!(
+                "{} now runs on {now}, not on {from} where {} left it: start a new migration (n) instead",
+                record.vm, record.id
+            ),
+            true,
+        );
+        return;
+    }
+    let mode = app.default_mode;
+    let completion = Completion::for_mode(mode);
+    let safe = match mode {
+        Mode::Safe => format!(
+            "safe mode: if a required feature fails on {to}, {} stays on {from}",
+            record.vm
+        ),
+        Mode::Fast => format!(
+            "fast mode: {} moves even if a feature fails on {to} (then degraded)",
+            record.vm
+        ),
+    };
+    app.dialog = Some(Dialog::Confirm {
+        title: format!("Move {} back to {to}?", record.vm),
+        lines: vec![
+            format!(
+                "{} {from} → {to}, where {} brought it from",
+                record.vm, record.id
+            ),
+            format!("{} ({})", safe, completion.describe()),
+            format!("esc, m, B: in {} mode instead", other_mode(mode).as_str()),
+        ],
+        commands: vec![Command::Start {
+            host: from,
+            vm: record.vm.clone(),
+            destination: to,
+            mode,
+            completion,
+        }],
     });
 }
 
@@ -2434,6 +2577,201 @@ mod tests {
     }
 
     #[test]
+    fn big_r_repairs_a_degraded_vm_after_a_confirmation_naming_vm_host_and_stages() {
+        let mut app = fixture_with_degraded();
+        assert!(press(&mut app, &[key('R')]).is_empty(), "nothing before y");
+        let Some(Dialog::Confirm { title, lines, .. }) = &app.dialog else {
+            panic!("{:?}", app.dialog)
+        };
+        assert_eq!(title, "Repair app-02 on hv-c?");
+        assert!(
+            lines[0].starts_with("re-run port-profile finish on hv-c")
+                && lines[0].contains("ASSOCIATE app-02 rejected"),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("m-deg's record on hv-a"), "{lines:?}");
+        // The record's owner (the source) is asked; it asks hv-c.
+        assert_eq!(
+            press(&mut app, &[key('y')]),
+            [Command::Repair {
+                host: "hv-a".into(),
+                vm: "app-02".into(),
+                feature: None
+            }]
+        );
+        assert!(app.dialog.is_none());
+        // n or esc sends nothing.
+        assert!(press(&mut app, &[key('R'), code(KeyCode::Esc)]).is_empty());
+        assert!(app.dialog.is_none());
+    }
+
+    #[test]
+    fn big_r_on_a_row_that_is_not_degraded_says_why_and_sends_nothing() {
+        let mut app = fixture_with_degraded();
+        for (id, why) in [
+            ("m-ok", "ended succeeded, not degraded"),
+            ("m-fail", "ended failed, not degraded"),
+            ("m-run", "still running"),
+        ] {
+            select(&mut app, id);
+            assert!(press(&mut app, &[key('R'), key('y')]).is_empty(), "{id}");
+            assert_eq!(app.dialog, None, "{id}");
+            assert!(
+                app.status
+                    .as_ref()
+                    .is_some_and(|(s, error)| *error && s.contains(why)),
+                "{id}: {:?}",
+                app.status
+            );
+        }
+        // A degraded VM that has moved on since is not repaired where it
+        // no longer runs.
+        let vm = app
+            .live
+            .vms
+            .remove(&("hv-c".into(), "app-02".into()))
+            .unwrap();
+        app.live.vms.insert(("hv-b".into(), "app-02".into()), vm);
+        select(&mut app, "m-deg");
+        assert!(press(&mut app, &[key('R'), key('y')]).is_empty());
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, _)| s.contains("app-02 now runs on hv-b")),
+            "{:?}",
+            app.status
+        );
+    }
+
+    #[test]
+    fn a_repair_that_fails_again_shows_its_cause_in_the_status_line() {
+        let mut app = fixture_with_degraded();
+        update(
+            &mut app,
+            Msg::Done {
+                what: "repair app-02".into(),
+                result: Err(
+                    "app-02 is still degraded on hv-c: port-profile finish: port busy".into(),
+                ),
+            },
+        );
+        assert_eq!(
+            app.status,
+            Some((
+                "repair app-02 failed: app-02 is still degraded on hv-c: port-profile finish: port busy"
+                    .into(),
+                true
+            ))
+        );
+    }
+
+    #[test]
+    fn a_repaired_record_from_the_agent_replaces_the_degraded_row_and_the_cursor_stays() {
+        let mut app = fixture_with_degraded();
+        let mut repaired = degraded_migration("m-deg", "app-02", "hv-a", "hv-c");
+        repaired.outcome = proto::Outcome::Succeeded as i32;
+        repaired.features[0].finish = proto::StepStatus::Ok as i32;
+        repaired.features[0].error.clear();
+        repaired.error.clear();
+        repaired.repairs.push(proto::RepairRecord {
+            at_ms: 5_000,
+            feature: "port-profile".into(),
+            stages: vec!["finish".into()],
+            host: "hv-c".into(),
+            result: "ok".into(),
+            error: String::new(),
+            who: "ana (operator)".into(),
+        });
+        arrive(&mut app, "hv-a", repaired);
+        assert_eq!(selected_id(&app).as_deref(), Some("m-deg"));
+        let row = app.selected_migration().unwrap();
+        assert_eq!(row.record.outcome, proto::Outcome::Succeeded as i32);
+        assert_eq!(row.record.repairs.len(), 1);
+        // Repaired, it is no longer offered a repair.
+        press(&mut app, &[key('R')]);
+        assert_eq!(app.dialog, None);
+    }
+
+    #[test]
+    fn big_b_moves_a_moved_vm_back_to_its_source_after_a_confirmation() {
+        let mut app = fixture_with_degraded();
+        // A degraded one, in the default mode (safe).
+        press(&mut app, &[key('B')]);
+        let Some(Dialog::Confirm { title, lines, .. }) = &app.dialog else {
+            panic!("{:?}", app.dialog)
+        };
+        assert_eq!(title, "Move app-02 back to hv-a?");
+        assert!(lines[0].contains("app-02 hv-c → hv-a"), "{lines:?}");
+        assert!(
+            lines[1].starts_with("safe mode: if a required feature fails on hv-a"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            press(&mut app, &[key('y')]),
+            [Command::Start {
+                host: "hv-c".into(),
+                vm: "app-02".into(),
+                destination: "hv-a".into(),
+                mode: Mode::Safe,
+                completion: Completion::for_mode(Mode::Safe),
+            }]
+        );
+        // A succeeded one, in fast mode after m.
+        select(&mut app, "m-ok");
+        let sent = press(&mut app, &[key('m'), key('B'), key('y')]);
+        assert_eq!(
+            sent,
+            [Command::Start {
+                host: "hv-c".into(),
+                vm: "app-01".into(),
+                destination: "hv-a".into(),
+                mode: Mode::Fast,
+                completion: Completion::for_mode(Mode::Fast),
+            }]
+        );
+        // The move back arrives as a new running migration, sorted above:
+        // the cursor stays on the migration it was put on.
+        arrive(
+            &mut app,
+            "hv-c",
+            migration("m-back", "app-01", "hv-c", "hv-a", proto::Outcome::None),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-ok"));
+    }
+
+    #[test]
+    fn big_b_on_a_row_that_did_not_move_its_vm_or_whose_vm_moved_on_says_so() {
+        let mut app = fixture_with_degraded();
+        for id in ["m-fail", "m-run"] {
+            select(&mut app, id);
+            assert!(press(&mut app, &[key('B'), key('y')]).is_empty(), "{id}");
+            assert_eq!(app.dialog, None);
+            assert!(
+                app.status
+                    .as_ref()
+                    .is_some_and(|(s, e)| *e && s.contains("nothing to move back")),
+                "{id}: {:?}",
+                app.status
+            );
+        }
+        let vm = app
+            .live
+            .vms
+            .remove(&("hv-c".into(), "app-01".into()))
+            .unwrap();
+        app.live.vms.insert(("hv-b".into(), "app-01".into()), vm);
+        select(&mut app, "m-ok");
+        assert!(press(&mut app, &[key('B'), key('y')]).is_empty());
+        assert!(
+            app.status
+                .as_ref()
+                .is_some_and(|(s, _)| s.contains("app-01 now runs on hv-b")),
+            "{:?}",
+            app.status
+        );
+    }
+
+    #[test]
     fn m_switches_the_default_mode_for_new_actions() {
         let mut app = fixture();
         assert_eq!(app.default_mode, Mode::Safe);
@@ -3293,7 +3631,7 @@ mod tests {
         let mut app = fixture();
         app.read_only = true;
         select(&mut app, "m-fail");
-        for c in ['a', 'r', 'd', 'b', 'n', 'e', 'u'] {
+        for c in ['a', 'r', 'd', 'b', 'R', 'B', 'n', 'e', 'u'] {
             // Enter opens the detail, which only reads.
             let sent = press(&mut app, &[key(c), key('y'), code(KeyCode::Enter)]);
             assert!(!sent.iter().any(Command::changes_anything), "{c}: {sent:?}");

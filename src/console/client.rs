@@ -359,6 +359,19 @@ async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
                 .map_err(|e| e.message)?;
             Ok(evacuation_line(&Evacuation::from(&record)))
         }
+        Command::Repair { host, vm, feature } => {
+            let agent = connect(agents, &host).await?;
+            let request = proto::RepairRequest {
+                vm,
+                feature: feature.unwrap_or_default(),
+            };
+            // The stages run on another host, each within its deadline.
+            let record = agent
+                .call_long(|mut c| async move { c.repair(request).await })
+                .await
+                .map_err(|e| e.message)?;
+            repair_result(&MigrationRecord::from(&record))
+        }
         Command::Undrain { host } => {
             let agent = connect(agents, &host).await?;
             agent
@@ -397,6 +410,30 @@ async fn check(
     match tokio::time::timeout(deadline * 2 + std::time::Duration::from_secs(1), ask).await {
         Ok(answer) => answer,
         Err(_) => Err(crate::cli::client::no_answer(source, deadline * 2).message),
+    }
+}
+
+/// A repair's answer for the status line: repaired, or still degraded
+/// with the driver's reason (an error, shown in red).
+fn repair_result(record: &MigrationRecord) -> Result<String, String> {
+    match record.outcome {
+        Some(crate::protocol::Outcome::Degraded) => {
+            let reasons = crate::protocol::repair::latest_failures(record);
+            Err(format!(
+                "{} is still degraded on {}: {}",
+                record.vm,
+                record.running_on,
+                if reasons.is_empty() {
+                    record.error.clone().unwrap_or_default()
+                } else {
+                    reasons.join("; ")
+                }
+            ))
+        }
+        _ => Ok(format!(
+            "{} repaired on {}: no longer degraded",
+            record.vm, record.running_on
+        )),
     }
 }
 
@@ -494,6 +531,31 @@ fn rollback_result(host: &str, id: &str, reply: &proto::RollbackReply) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repair_answer_is_success_when_repaired_and_the_drivers_reason_when_still_degraded() {
+        let mut record = MigrationRecord::from(&crate::console::fixture::degraded_migration(
+            "m-deg", "app-02", "hv-a", "hv-c",
+        ));
+        record.repairs.push(crate::protocol::repair::RepairEntry {
+            at_ms: 5,
+            feature: "port-profile".into(),
+            stages: vec![crate::protocol::Stage::Finish],
+            host: "hv-c".into(),
+            result: crate::protocol::repair::RepairResult::Failed,
+            error: Some("finish: port busy".into()),
+            who: "ana (operator)".into(),
+        });
+        assert_eq!(
+            repair_result(&record),
+            Err("app-02 is still degraded on hv-c: port-profile finish: port busy".into())
+        );
+        record.outcome = Some(crate::protocol::Outcome::Succeeded);
+        assert_eq!(
+            repair_result(&record),
+            Ok("app-02 repaired on hv-c: no longer degraded".into())
+        );
+    }
 
     fn lost(msg: Option<Msg>) -> Option<(u64, String)> {
         match msg {

@@ -510,6 +510,51 @@ pub fn fixture_with_transfers() -> App {
 /// hv-a..hv-e: hv-d is lost, hv-e draining. web-01 migrates hv-a → hv-b,
 /// 45 s into pre-copy and converging; db-01 failed hv-b → hv-c with a
 /// pending rollback on hv-c; app-01 moved.
+/// A fast migration of `vm` that moved it to `dst` without its network:
+/// port-profile's ASSOCIATE failed there (degraded).
+pub fn degraded_migration(id: &str, vm: &str, src: &str, dst: &str) -> proto::MigrationRecord {
+    let mut record = migration(id, vm, src, dst, proto::Outcome::Succeeded);
+    record.outcome = proto::Outcome::Degraded as i32;
+    record.mode = proto::Mode::Fast as i32;
+    record.committed = true;
+    let reason = format!("finish: ASSOCIATE {vm} rejected by switch tor-{dst}: port busy");
+    record.features[0].finish = proto::StepStatus::Failed as i32;
+    record.features[0].error = reason.clone();
+    record.error = format!("port-profile {reason}");
+    record
+}
+
+/// The fixture with `m-deg` added: app-02 moved hv-a → hv-c degraded, and
+/// runs on hv-c; the cursor on it.
+pub fn fixture_with_degraded() -> App {
+    let mut app = fixture();
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-a".into(),
+            kind: Some(Kind::Migration(degraded_migration(
+                "m-deg", "app-02", "hv-a", "hv-c",
+            ))),
+        }),
+    );
+    let mut app_02 = vm("app-02");
+    app_02.host = "hv-c".into();
+    update(
+        &mut app,
+        Msg::Event(proto::Event {
+            host: "hv-c".into(),
+            kind: Some(Kind::Vm(app_02)),
+        }),
+    );
+    let row = app
+        .rows()
+        .iter()
+        .position(|m| m.record.id == "m-deg")
+        .expect("m-deg in the table");
+    app.select_row(row);
+    app
+}
+
 pub fn fixture() -> App {
     let names: Vec<String> = ["hv-a", "hv-b", "hv-c", "hv-d", "hv-e"]
         .iter()

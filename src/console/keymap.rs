@@ -5,12 +5,16 @@
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
+use crate::protocol::Outcome;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Abort,
     Retry,
     RetryElsewhere,
     Rollback,
+    Repair,
+    MoveBack,
     ToggleMode,
     NewMigration,
     Evacuate,
@@ -92,7 +96,14 @@ pub struct Binding {
     pub help: &'static str,
     /// Changes something on an agent: gone in read-only mode.
     pub dangerous: bool,
+    /// The outcomes of the migration shown (the selected row, or the
+    /// detail's) for which the hint bar offers it; [`ANY`]: whatever is
+    /// shown. For the keys that only act on a migration that moved its VM.
+    pub offered_for: &'static [Outcome],
 }
+
+/// A hint offered whatever migration is shown.
+const ANY: &[Outcome] = &[];
 
 pub const KEYMAP: &[Binding] = &[
     Binding {
@@ -103,6 +114,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "abort the selected (or marked) migrations, after a confirmation",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('r')],
@@ -112,6 +124,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "retry the selected (or marked) failed migrations on the same host",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('d')],
@@ -121,6 +134,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "retry the selected failed migration on another destination (a picker)",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('b')],
@@ -130,6 +144,27 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "run the selected migration's pending rollbacks now",
         dangerous: true,
+        offered_for: ANY,
+    },
+    Binding {
+        keys: &[ch('R')],
+        shown: "R",
+        action: Action::Repair,
+        hint: "repair",
+        hint_in: &[Migrations],
+        help: "repair the selected degraded VM: re-run its failed feature stages where it runs",
+        dangerous: true,
+        offered_for: &[Outcome::Degraded],
+    },
+    Binding {
+        keys: &[ch('B')],
+        shown: "B",
+        action: Action::MoveBack,
+        hint: "move back",
+        hint_in: &[Migrations],
+        help: "move the selected moved (succeeded or degraded) VM back to where it came from",
+        dangerous: true,
+        offered_for: &[Outcome::Succeeded, Outcome::Degraded],
     },
     Binding {
         keys: &[ch('m')],
@@ -139,6 +174,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations, Hosts],
         help: "switch the default mode for new actions between fast and safe",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('n')],
@@ -148,6 +184,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations, Hosts],
         help: "start a new migration (VM, destination, mode)",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('e')],
@@ -157,6 +194,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Hosts],
         help: "evacuate the selected host: mode, concurrency, attempts, hosts to leave out",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('u')],
@@ -166,6 +204,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Hosts, Evacuations],
         help: "let the selected draining host (or the evacuated one) take migrations again",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('E')],
@@ -175,6 +214,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations, Hosts, Lists],
         help: "the evacuations: progress, every VM's attempts, why one waits or failed",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('p')],
@@ -184,6 +224,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Evacuations],
         help: "pause the selected evacuation, or resume it (attempts in flight go on)",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('c')],
@@ -193,6 +234,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Evacuations],
         help: "cancel the selected evacuation: let attempts in flight finish, or abort them",
         dangerous: true,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('/')],
@@ -202,6 +244,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "filter rows: text, or field:value (state:failed host:hv-b vm:web mode:safe)",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch(':')],
@@ -211,6 +254,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "a command: :hosts :migrations :vms :events :evacuations :theme NAME :q",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[code(KeyCode::Tab)],
@@ -220,6 +264,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "focus the next panel",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[code(KeyCode::BackTab)],
@@ -229,6 +274,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "focus the previous panel",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('j'), code(KeyCode::Down)],
@@ -238,6 +284,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "down",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('k'), code(KeyCode::Up)],
@@ -247,6 +294,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "up",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('g'), code(KeyCode::Home)],
@@ -256,6 +304,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "first row",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('G'), code(KeyCode::End)],
@@ -265,6 +314,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "last row",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ctrl('d'), code(KeyCode::PageDown)],
@@ -274,6 +324,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "half a page down",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ctrl('u'), code(KeyCode::PageUp)],
@@ -283,6 +334,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "half a page up",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[code(KeyCode::Enter)],
@@ -292,6 +344,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations, Evacuations],
         help: "open the selected migration (in evacuations: the selected VM's)",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[code(KeyCode::Esc)],
@@ -301,6 +354,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Evacuations, Lists],
         help: "back (never quits)",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('f')],
@@ -310,6 +364,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "freeze the live view (agents keep running; unfreeze to catch up)",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch(' ')],
@@ -319,6 +374,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: &[Migrations],
         help: "mark the row for a bulk abort or retry",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('?')],
@@ -328,6 +384,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "this help",
         dangerous: false,
+        offered_for: ANY,
     },
     Binding {
         keys: &[ch('q')],
@@ -337,6 +394,7 @@ pub const KEYMAP: &[Binding] = &[
         hint_in: EVERYWHERE,
         help: "quit the console (agents keep running)",
         dangerous: false,
+        offered_for: ANY,
     },
 ];
 
@@ -353,10 +411,18 @@ pub fn action_for(key: KeyEvent, read_only: bool) -> Option<Action> {
         .map(|b| b.action)
 }
 
-/// The bindings the hint bar offers in `context`, in table order.
-pub fn hints(read_only: bool, context: Context) -> impl Iterator<Item = &'static Binding> {
+/// The bindings the hint bar offers in `context`, in table order, with
+/// `shown` the outcome of the migration on screen (`None` while it runs,
+/// or when none is).
+pub fn hints(
+    read_only: bool,
+    context: Context,
+    shown: Option<Outcome>,
+) -> impl Iterator<Item = &'static Binding> {
     KEYMAP.iter().filter(move |b| {
-        !(b.hint.is_empty() || read_only && b.dangerous) && b.hint_in.contains(&context)
+        !(b.hint.is_empty() || read_only && b.dangerous)
+            && b.hint_in.contains(&context)
+            && (b.offered_for.is_empty() || shown.is_some_and(|o| b.offered_for.contains(&o)))
     })
 }
 
@@ -400,12 +466,34 @@ mod tests {
                 assert_eq!(action_for(event, true), None, "{:?}", b.action);
             }
             for context in EVERYWHERE {
-                assert!(!hints(true, *context).any(|h| h.action == b.action));
+                assert!(
+                    !hints(true, *context, Some(Outcome::Degraded)).any(|h| h.action == b.action)
+                );
             }
             assert!(!help(true).any(|h| h.action == b.action));
         }
         assert_eq!(action_for(key('q'), true), Some(Action::Quit));
         assert_eq!(action_for(key('?'), true), Some(Action::Help));
+    }
+
+    #[test]
+    fn repair_and_move_back_are_offered_only_for_a_migration_they_act_on() {
+        let offered = |shown| {
+            hints(false, Migrations, shown)
+                .map(|b| b.action)
+                .collect::<Vec<_>>()
+        };
+        let degraded = offered(Some(Outcome::Degraded));
+        assert!(degraded.contains(&Action::Repair) && degraded.contains(&Action::MoveBack));
+        let succeeded = offered(Some(Outcome::Succeeded));
+        assert!(!succeeded.contains(&Action::Repair) && succeeded.contains(&Action::MoveBack));
+        for shown in [None, Some(Outcome::Failed), Some(Outcome::Aborted)] {
+            let other = offered(shown);
+            assert!(!other.contains(&Action::Repair) && !other.contains(&Action::MoveBack));
+            // The keys themselves still answer (and say why they cannot act).
+        }
+        assert_eq!(action_for(key('R'), false), Some(Action::Repair));
+        assert_eq!(action_for(key('B'), false), Some(Action::MoveBack));
     }
 
     #[test]
@@ -426,13 +514,13 @@ mod tests {
             assert!(!b.hint_in.is_empty(), "{:?} is never offered", b.action);
         }
         for context in EVERYWHERE {
-            let offered: Vec<Action> = hints(false, *context).map(|b| b.action).collect();
+            let offered: Vec<Action> = hints(false, *context, None).map(|b| b.action).collect();
             assert!(offered.contains(&Action::Help) && offered.contains(&Action::Quit));
         }
-        let evacuations: Vec<Action> = hints(false, Evacuations).map(|b| b.action).collect();
+        let evacuations: Vec<Action> = hints(false, Evacuations, None).map(|b| b.action).collect();
         assert!(evacuations.contains(&Action::PauseResume));
         assert!(evacuations.contains(&Action::CancelEvacuation));
-        let hosts: Vec<Action> = hints(false, Hosts).map(|b| b.action).collect();
+        let hosts: Vec<Action> = hints(false, Hosts, None).map(|b| b.action).collect();
         assert!(hosts.contains(&Action::Evacuate) && hosts.contains(&Action::Undrain));
     }
 }

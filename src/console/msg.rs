@@ -108,6 +108,14 @@ pub enum Command {
     Undrain {
         host: String,
     },
+    /// Re-run the failed feature stages of `vm`'s degraded migration, asking
+    /// `host`, which holds its record (the source).
+    Repair {
+        host: String,
+        vm: String,
+        /// `None`: every feature with a failed stage.
+        feature: Option<String>,
+    },
     /// Read who acted on migration `id` from `host`'s audit trail.
     LoadActions {
         host: String,
@@ -189,6 +197,10 @@ impl Command {
                 proto::EvacuationControl::Unspecified => format!("change evacuation {id}"),
             },
             Command::Undrain { host } => format!("undrain {host}"),
+            Command::Repair { vm, feature, .. } => match feature {
+                Some(f) => format!("repair {vm} ({f})"),
+                None => format!("repair {vm}"),
+            },
             Command::LoadActions { host, id } => format!("read who acted on {id} from {host}"),
             Command::Check {
                 vm,

@@ -185,6 +185,18 @@ impl HostCore {
                 None => Ok(format!("{vm} is not migrating")),
             },
         ));
+        // A repair's stage landing after the VM left would leave its
+        // feature state behind here.
+        checks.push(check(
+            "repair",
+            if self.is_repairing(vm) {
+                Err(Refusal::Busy(format!(
+                    "VM {vm} is being repaired on {name}; migrate it once the repair has ended"
+                )))
+            } else {
+                Ok(format!("{vm} is not being repaired"))
+            },
+        ));
         let outgoing = self.outgoing();
         let max = self.cfg.max_outgoing;
         checks.push(check(

@@ -538,7 +538,7 @@ impl HostCore {
     /// Run a feature stage, or answer it here when this host has no driver
     /// for the feature: prepare and finish fail (in fast mode that is
     /// recorded, not fatal), and rollback and release have nothing to undo.
-    fn run_stage(
+    pub(super) fn run_stage(
         &mut self,
         owner: Owner,
         vm: &VmSpec,
@@ -625,7 +625,8 @@ impl HostCore {
                     self.destination_input(&id, input);
                 }
                 Owner::Pending { key, batch } => self.pending_done(&key, batch, result),
-                Owner::Evacuation(_) | Owner::Recover(_) => {}
+                Owner::RepairHere(vm) => self.next_repair_stage(&vm, Some(result)),
+                Owner::Evacuation(_) | Owner::Recover(_) | Owner::Repair(_) => {}
             }
         }
     }
@@ -763,6 +764,15 @@ impl HostCore {
                 };
                 self.evacuation_guests(&id, guests);
             }
+            Owner::RepairHere(vm) => {
+                let result = match answer {
+                    Answered::Result(Ok(out)) => Ok(stage_detail(out)),
+                    Answered::Result(Err(e)) => Err(e.to_string()),
+                    Answered::TimedOut => Err(late()),
+                };
+                self.next_repair_stage(&vm, Some(result));
+            }
+            Owner::Repair(_) => {}
             // The destination's end of a paused post-copy listens again.
             Owner::Recover(req) => {
                 let reply = match answer {
@@ -1092,13 +1102,14 @@ impl HostCore {
                             })
                         }))
                     }
-                    (CallKind::Capacity { .. }, _) => return,
+                    (CallKind::Capacity { .. } | CallKind::Repair, _) => return,
                 };
                 self.source_input(&id, input);
             }
             Owner::Pending { key, batch } => self.notified(&key, batch, reply),
+            Owner::Repair(id) => self.repair_replied(&id, reply),
             // The source of an attempt this host rolled back has heard.
-            Owner::Destination(_) | Owner::Recover(_) => {}
+            Owner::Destination(_) | Owner::Recover(_) | Owner::RepairHere(_) => {}
             Owner::Evacuation(id) => {
                 let CallKind::Capacity { deadline } = entry.kind else {
                     return;

@@ -30,6 +30,7 @@ pub mod admission;
 mod attempts;
 pub mod evacuation;
 mod pending;
+mod repair;
 mod requests;
 pub mod retention;
 #[cfg(test)]
@@ -188,6 +189,14 @@ pub enum Request {
         control: Control,
     },
     Undrain,
+    /// Re-run the failed feature stages of the VM's latest migration sourced
+    /// here, which must be degraded, where the VM runs. `who`: the caller,
+    /// as the record's history names it.
+    Repair {
+        vm: String,
+        feature: Option<String>,
+        who: String,
+    },
     /// A call of the Peer service. Prepare, Capacity and Recover carry the
     /// hypervisor's guests as they are now. `from`: the host the caller's
     /// verified certificate names; `None` on a plaintext agent, where any
@@ -249,6 +258,7 @@ pub enum PeerCall {
     Heartbeat(proto::HeartbeatRequest),
     Capacity(proto::CapacityRequest),
     Recover(proto::RecoverRequest),
+    Repair(proto::PeerRepairRequest),
 }
 
 impl PeerCall {
@@ -261,6 +271,7 @@ impl PeerCall {
             PeerCall::Heartbeat(_) => "Heartbeat",
             PeerCall::Capacity(_) => "Capacity",
             PeerCall::Recover(_) => "Recover",
+            PeerCall::Repair(_) => "Repair",
         }
     }
 }
@@ -275,6 +286,7 @@ pub enum PeerResponse {
     Heartbeat(proto::HeartbeatReply),
     Capacity(proto::CapacityReply),
     Recover(proto::RecoverReply),
+    Repair(proto::PeerRepairReply),
 }
 
 /// A hypervisor call or a feature stage.
@@ -542,6 +554,10 @@ enum Owner {
     Evacuation(String),
     /// A peer's Recover, answered with the op's address.
     Recover(ReqId),
+    /// A repair this host's record asked for: the migration id.
+    Repair(String),
+    /// A repair run here for a VM that runs here: the VM.
+    RepairHere(String),
 }
 
 /// What an op is, for routing its answer.
@@ -580,6 +596,7 @@ enum CallKind {
     Heartbeat,
     Capacity { deadline: Millis },
     Recover,
+    Repair,
 }
 
 #[derive(Debug, Clone)]
@@ -661,6 +678,11 @@ pub struct HostCore {
     next_id: u64,
     stopping: Option<Stopping>,
     warnings: Vec<String>,
+    /// Repairs this host's records asked for: migration id → the request
+    /// answered when the host the VM runs on has.
+    repair_waiters: BTreeMap<String, ReqId>,
+    /// Repairs run here, by VM.
+    repairs_here: BTreeMap<String, repair::RepairHere>,
     /// Inputs the core gives itself (a stage it answers without running
     /// it), handled after the current ones.
     internal: VecDeque<(Owner, Internal)>,
@@ -706,6 +728,8 @@ impl HostCore {
             next_id: 0,
             stopping: None,
             warnings: Vec::new(),
+            repair_waiters: BTreeMap::new(),
+            repairs_here: BTreeMap::new(),
             internal: VecDeque::new(),
             out: Vec::new(),
             now: 0,
@@ -1160,6 +1184,7 @@ impl HostCore {
             };
             self.destination_actions(&id, actions);
         }
+        self.interrupt_repairs();
         let jobs = image.evacuations;
         self.recover_evacuations(jobs);
         self.prune();

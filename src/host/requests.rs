@@ -65,6 +65,13 @@ fn check_request(request: &Request) -> Result<(), BoundsError> {
             check_id("ControlEvacuationRequest.id", id, IdKind::Evacuation)
         }
         Request::Undrain => Ok(()),
+        Request::Repair { vm, feature, who } => {
+            check_name("RepairRequest.vm", vm)?;
+            if let Some(feature) = feature {
+                check_name("RepairRequest.feature", feature)?;
+            }
+            check_text("who", who, MAX_TEXT_LEN)
+        }
         Request::Peer { call, .. } => match call {
             PeerCall::Prepare(_) | PeerCall::Finish(_) | PeerCall::Capacity(_) => Ok(()),
             PeerCall::Abort(r) => {
@@ -81,6 +88,36 @@ fn check_request(request: &Request) -> Result<(), BoundsError> {
             }
             PeerCall::Recover(r) => {
                 check_id("RecoverRequest.attempt_id", &r.attempt_id, IdKind::Attempt)
+            }
+            PeerCall::Repair(r) => {
+                check_id(
+                    "PeerRepairRequest.attempt_id",
+                    &r.attempt_id,
+                    IdKind::Attempt,
+                )?;
+                check_id(
+                    "PeerRepairRequest.migration_id",
+                    &r.migration_id,
+                    IdKind::Migration,
+                )?;
+                check_name("PeerRepairRequest.vm", &r.vm)?;
+                check_count(
+                    "PeerRepairRequest.features",
+                    r.features.len(),
+                    bounds::MAX_FEATURES,
+                )?;
+                for (i, f) in r.features.iter().enumerate() {
+                    check_name(
+                        &format!("PeerRepairRequest.features[{i}].feature"),
+                        &f.feature,
+                    )?;
+                    check_count(
+                        &format!("PeerRepairRequest.features[{i}].stages"),
+                        f.stages.len(),
+                        2,
+                    )?;
+                }
+                Ok(())
             }
             PeerCall::Heartbeat(r) => {
                 check_name("HeartbeatRequest.from_host", &r.from_host)?;
@@ -155,6 +192,7 @@ impl HostCore {
                 let reply = self.undrain().map(|()| Response::Undrained);
                 self.reply(req, reply);
             }
+            Request::Repair { vm, feature, who } => self.repair(req, &vm, feature.as_deref(), &who),
             Request::Peer { call, guests, from } => {
                 if let Err(refusal) = self.check_peer(&call, from.as_deref()) {
                     return self.reply(req, Err(refusal));
@@ -170,6 +208,7 @@ impl HostCore {
                         self.reply(req, Ok(Response::Peer(PeerResponse::Capacity(reply))));
                     }
                     PeerCall::Recover(r) => self.recover_incoming(req, &r.attempt_id, &guests),
+                    PeerCall::Repair(r) => self.repair_here(req, r, &guests),
                 }
             }
         }
@@ -709,6 +748,8 @@ impl HostCore {
             }
             PeerCall::Resolve(r) => arriving_from(&r.attempt_id),
             PeerCall::Recover(r) => arriving_from(&r.attempt_id),
+            // Only the source of the attempt that brought the VM here.
+            PeerCall::Repair(r) => arriving_from(&r.attempt_id),
             PeerCall::Heartbeat(r) => {
                 claims(&r.from_host)?;
                 r.attempt_ids.iter().try_for_each(|id| arriving_from(id))

@@ -9,7 +9,7 @@ use crate::hypervisor::{Guest, GuestState};
 use crate::protocol::bounds;
 use crate::protocol::cookies;
 use crate::protocol::destination;
-use crate::protocol::{FeatureSpec, Mode, VmSpec};
+use crate::protocol::{FeatureSpec, Mode, Outcome, VmSpec};
 
 const A: &str = "hv-a";
 const B: &str = "hv-b";
@@ -1437,4 +1437,190 @@ fn prepare_refuses_with_the_first_of_the_checks_a_check_shows() {
     );
     // Nothing was registered by any of the checks.
     assert_eq!(b.core.incoming(), 0);
+}
+
+/// hv-a's record of a fast migration of web-01 to hv-b whose ASSOCIATE
+/// failed there: degraded, the VM on hv-b.
+fn degraded_on_b() -> (Host, String) {
+    let spec = vm("web-01", &[("port-profile", true)]);
+    let (mut a, finish, attempt) = source_past_finish(&spec, Mode::Fast);
+    let c4 = proto::Cookie4 {
+        protocol_version: crate::protocol::PROTOCOL_VERSION,
+        attempt_id: attempt.clone(),
+        committed: true,
+        finish: vec![proto::StageResult {
+            feature: "port-profile".into(),
+            status: proto::StepStatus::Failed as i32,
+            detail: "finish: ASSOCIATE web-01 rejected".into(),
+        }],
+        ..Default::default()
+    };
+    let actions = a.input(Input::PeerReplied {
+        call: finish,
+        reply: Ok(PeerResponse::Finish(proto::FinishReply {
+            cookie4: c4.encode_to_vec(),
+        })),
+    });
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the old copy goes");
+    let actions = a.op_done(kill, Ok(OpOutput::Done));
+    let release = op_of(&actions, |o| matches!(o, Op::Stage(_))).expect("release");
+    a.op_done(release, Ok(OpOutput::Stage("DISASSOCIATE ok".into())));
+    let record = a.core.migrations().next().unwrap().clone();
+    assert_eq!(record.outcome, Some(Outcome::Degraded), "{record:?}");
+    (a, attempt)
+}
+
+fn repair_request(feature: Option<&str>) -> Request {
+    Request::Repair {
+        vm: "web-01".into(),
+        feature: feature.map(str::to_string),
+        who: "ana (operator)".into(),
+    }
+}
+
+#[test]
+fn a_repair_journals_its_intent_durably_before_it_asks_the_host_the_vm_runs_on() {
+    use crate::protocol::repair::RepairResult;
+    let (mut a, _) = degraded_on_b();
+    let (req, actions) = a.request(repair_request(None));
+    let journaled = position(&actions, |x| {
+        matches!(x, Action::Journal { entry: Entry::Source(s), durable: true }
+            if s.record.repairs.iter().any(|r| r.result == RepairResult::Running))
+    })
+    .expect("the intent is journaled durably");
+    let asked = position(&actions, |x| {
+        matches!(x, Action::Call { peer, request: PeerCall::Repair(r), .. }
+            if peer == B && r.features.len() == 1 && r.features[0].stages == ["finish"])
+    })
+    .expect("hv-b is asked to re-run port-profile finish");
+    assert!(journaled < asked, "{actions:?}");
+    assert!(reply_to(&actions, req).is_none(), "answered once hv-b has");
+    let call = call_of(&actions, |r| matches!(r, PeerCall::Repair(_))).unwrap();
+    let actions = a.input(Input::PeerReplied {
+        call,
+        reply: Ok(PeerResponse::Repair(proto::PeerRepairReply {
+            results: vec![proto::RepairStageResult {
+                feature: "port-profile".into(),
+                stage: "finish".into(),
+                ok: true,
+                detail: "ASSOCIATE ok".into(),
+            }],
+        })),
+    });
+    let journaled = position(&actions, |x| {
+        matches!(x, Action::Journal { entry: Entry::Source(s), .. }
+            if s.record.outcome == Some(Outcome::Succeeded))
+    })
+    .expect("the result is journaled");
+    let answered = position(
+        &actions,
+        |x| matches!(x, Action::Reply { req: r, .. } if *r == req),
+    )
+    .expect("answered");
+    assert!(journaled < answered);
+    let Some(Ok(Response::Migration(record))) = reply_to(&actions, req) else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(record.repairs[0].result, RepairResult::Ok);
+    assert!(
+        actions
+            .iter()
+            .any(|x| matches!(x, Action::Emit(Event::Migration(r)) if r.outcome == Some(Outcome::Succeeded))),
+        "watchers hear the repaired record"
+    );
+}
+
+#[test]
+fn a_repair_journaled_as_running_is_interrupted_by_a_restart_and_may_be_asked_again() {
+    use crate::protocol::repair::RepairResult;
+    let (mut a, _) = degraded_on_b();
+    let (_, actions) = a.request(repair_request(Some("port-profile")));
+    let source = actions
+        .iter()
+        .rev()
+        .find_map(|x| match x {
+            Action::Journal {
+                entry: Entry::Source(s),
+                ..
+            } => Some((**s).clone()),
+            _ => None,
+        })
+        .expect("journaled");
+    // The agent dies before hv-b answers; it restarts from its journal.
+    let mut restarted = HostCore::new(config(A));
+    restarted.recover(
+        2_000,
+        JournalImage {
+            sources: vec![source],
+            ..Default::default()
+        },
+    );
+    let record = restarted.migrations().next().unwrap();
+    assert_eq!(record.repairs[0].result, RepairResult::Interrupted);
+    assert_eq!(record.outcome, Some(Outcome::Degraded));
+    // Not stuck as running: a new repair may start.
+    let actions = restarted.handle(
+        2_100,
+        Input::Request {
+            req: 1,
+            request: repair_request(None),
+        },
+    );
+    assert!(call_of(&actions, |r| matches!(r, PeerCall::Repair(_))).is_some());
+}
+
+#[test]
+fn the_host_a_vm_runs_on_runs_the_stages_in_order_and_refuses_a_vm_it_does_not_run() {
+    let mut b = Host::new(B);
+    let spec = vm("web-01", &[("port-profile", true)]);
+    let call = |guests: Vec<Guest>| Request::Peer {
+        call: PeerCall::Repair(proto::PeerRepairRequest {
+            attempt_id: "m-000000000001.1".into(),
+            migration_id: "m-000000000001".into(),
+            vm: "web-01".into(),
+            features: vec![proto::RepairStages {
+                feature: "port-profile".into(),
+                stages: vec!["prepare".into(), "finish".into()],
+            }],
+        }),
+        guests,
+        from: None,
+    };
+    let (req, actions) = b.request(call(Vec::new()));
+    assert!(
+        matches!(reply_to(&actions, req), Some(Err(Refusal::FailedPrecondition(m))) if m.contains("web-01 does not run on hv-b")),
+        "{actions:?}"
+    );
+    let (req, actions) = b.request(call(vec![running(&spec)]));
+    let prepare = op_of(
+        &actions,
+        |o| matches!(o, Op::Stage(c) if c.stage == Stage::Prepare),
+    )
+    .expect("prepare first");
+    // While it runs, the VM does not leave (a stage landing after it left
+    // would leave its state here), and a second repair waits.
+    let (begin, actions) = b.request(Request::StartMigration {
+        vm: "web-01".into(),
+        destination: A.into(),
+        mode: Mode::Safe,
+        completion: Default::default(),
+        guests: vec![running(&spec)],
+    });
+    assert!(
+        matches!(reply_to(&actions, begin), Some(Err(Refusal::Busy(m))) if m.contains("being repaired")),
+        "{actions:?}"
+    );
+    let (second, actions) = b.request(call(vec![running(&spec)]));
+    assert!(matches!(
+        reply_to(&actions, second),
+        Some(Err(Refusal::AlreadyExists(_)))
+    ));
+    let actions = b.op_done(prepare, Err(OpError::Failed("switch says no".into())));
+    // A failed prepare leaves its finish nothing to build on.
+    assert!(op_of(&actions, |o| matches!(o, Op::Stage(_))).is_none());
+    let Some(Ok(Response::Peer(PeerResponse::Repair(reply)))) = reply_to(&actions, req) else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(reply.results.len(), 1);
+    assert!(!reply.results[0].ok && reply.results[0].detail == "switch says no");
 }

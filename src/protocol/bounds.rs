@@ -21,6 +21,9 @@ pub const MAX_QEMU_BYTES: usize = 16 * 1024;
 /// The most attempt ids one heartbeat may carry (a host sources at most
 /// `max_outgoing` <= 256 attempts at once).
 pub const MAX_HEARTBEAT_IDS: usize = 1024;
+/// The most repairs a migration record keeps (the newest): repairing a VM
+/// again and again must not grow its record without end.
+pub const MAX_REPAIRS: usize = 32;
 /// The most hosts an evacuation may exclude.
 pub const MAX_EXCLUDED_HOSTS: usize = 1024;
 /// The largest guest or host: 16 TiB and 4,096 vCPUs (capacity is summed

@@ -36,6 +36,7 @@ pub mod mutations;
 pub mod policy;
 pub mod record;
 pub mod recovery;
+pub mod repair;
 pub mod source;
 #[cfg(test)]
 mod tests;

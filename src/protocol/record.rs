@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::completion::{Completion, CompletionRequest, Postcopy, WhenSpent};
 use super::convergence::{ConvergenceView, Verdict};
+use super::repair::{RepairEntry, RepairResult};
 use super::{
     Cause, FailureCause, GuestCondition, Millis, Mode, Outcome, Phase, Side, Stage, StepStatus,
     TransferStats,
@@ -150,6 +151,9 @@ pub struct MigrationRecord {
     /// Post-copy paused by a broken link: the agents recovering it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryView>,
+    /// Operators' repairs of a degraded VM's features, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repairs: Vec<RepairEntry>,
 }
 
 /// Post-copy paused by a broken link, as an operator sees the recovery.
@@ -313,6 +317,14 @@ impl MigrationRecord {
             .iter()
             .find(|p| p.status == StepStatus::Running)
             .map(|p| p.phase)
+    }
+
+    /// A feature failed its prepare or finish stage: what makes a moved VM
+    /// degraded (with an error the agent recorded).
+    pub fn has_failed_feature_stage(&self) -> bool {
+        self.features
+            .iter()
+            .any(|f| f.prepare == StepStatus::Failed || f.finish == StepStatus::Failed)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -566,7 +578,32 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
                 error: v.error.clone().unwrap_or_default(),
                 next_at_ms: v.next_at_ms,
             }),
+            repairs: r.repairs.iter().map(repair_to_proto).collect(),
         }
+    }
+}
+
+pub fn repair_to_proto(r: &RepairEntry) -> proto::RepairRecord {
+    proto::RepairRecord {
+        at_ms: r.at_ms,
+        feature: r.feature.clone(),
+        stages: r.stages.iter().map(|s| s.as_str().to_string()).collect(),
+        host: r.host.clone(),
+        result: r.result.as_str().to_string(),
+        error: r.error.clone().unwrap_or_default(),
+        who: r.who.clone(),
+    }
+}
+
+pub fn repair_from_proto(r: &proto::RepairRecord) -> RepairEntry {
+    RepairEntry {
+        at_ms: r.at_ms,
+        feature: r.feature.clone(),
+        stages: r.stages.iter().filter_map(|s| Stage::parse(s)).collect(),
+        host: r.host.clone(),
+        result: RepairResult::parse(&r.result),
+        error: (!r.error.is_empty()).then(|| r.error.clone()),
+        who: r.who.clone(),
     }
 }
 
@@ -640,6 +677,7 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                 error: (!v.error.is_empty()).then(|| v.error.clone()),
                 next_at_ms: v.next_at_ms,
             }),
+            repairs: r.repairs.iter().map(repair_from_proto).collect(),
         }
     }
 }

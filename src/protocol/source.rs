@@ -362,6 +362,7 @@ impl SourceAttempt {
             convergence: None,
             completion_note: None,
             recovery: None,
+            repairs: Vec::new(),
         };
         let mut attempt = SourceAttempt {
             attempt_id,
@@ -1887,12 +1888,7 @@ impl SourceAttempt {
                 stage: Stage::Release,
             }];
         }
-        let degraded = self
-            .record
-            .features
-            .iter()
-            .any(|f| f.prepare == StepStatus::Failed || f.finish == StepStatus::Failed)
-            || self.record.error.is_some();
+        let degraded = self.record.has_failed_feature_stage() || self.record.error.is_some();
         let outcome = if self.lost {
             Outcome::Lost
         } else if degraded {

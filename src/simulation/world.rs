@@ -1342,9 +1342,10 @@ impl World {
         }
         let guests = match call {
             // As the agent does: the calls whose answer depends on them.
-            PeerCall::Prepare(_) | PeerCall::Capacity(_) | PeerCall::Recover(_) => {
-                self.guests_of(to)
-            }
+            PeerCall::Prepare(_)
+            | PeerCall::Capacity(_)
+            | PeerCall::Recover(_)
+            | PeerCall::Repair(_) => self.guests_of(to),
             _ => Vec::new(),
         };
         self.next_req += 1;
@@ -2424,11 +2425,37 @@ impl World {
             .flat_map(|(h, c)| c.pending().map(move |p| (h, p.migration_id.clone())))
             .collect();
         if pending.is_empty() {
-            return;
+            // Nothing to roll back: repair a degraded VM instead, if any
+            // (no draw of its own, so the seeds' other choices stay put).
+            return self.operator_repair();
         }
         let (h, migration_id) = pending[self.rng.random_range(0..pending.len())].clone();
         let what = format!("rollback {migration_id} on {}", self.hosts[h].name);
         self.ask(h, what, Request::RunPending { migration_id });
+    }
+
+    /// `tern repair VM`: re-run the failed stages of the first degraded
+    /// migration a host sourced, where its VM runs.
+    fn operator_repair(&mut self) {
+        let degraded = (0..self.hosts.len()).find_map(|h| {
+            let core = self.answering(h)?;
+            core.migrations()
+                .find(|r| crate::protocol::repair::plan(r, None).is_ok())
+                .map(|r| (h, r.vm.clone(), r.id.clone()))
+        });
+        let Some((h, vm, id)) = degraded else {
+            return;
+        };
+        let what = format!("repair {vm} ({id}) from {}", self.hosts[h].name);
+        self.ask(
+            h,
+            what,
+            Request::Repair {
+                vm,
+                feature: None,
+                who: "operator".into(),
+            },
+        );
     }
 
     /// Evacuate a host, or pause, resume, cancel an evacuation, or undrain.

@@ -16,13 +16,14 @@ use super::outlook::{convergence, resample, verdict};
 use super::{bytes, duration, hanging, outcome, step};
 use crate::cli::output::{
     downtime_text, lost_text, phase_name, recovering_text, recovery_detail, recovery_way_out,
-    stage_text,
+    repair_line, stage_text,
 };
 use crate::proto;
 use crate::protocol::convergence::ConvergenceView;
 use crate::protocol::record::{
     MigrationRecord, completion_from_record, phase_from_proto, stats_from_proto,
 };
+use crate::protocol::repair::RepairResult;
 use crate::protocol::{Outcome, TransferStage};
 
 pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
@@ -75,6 +76,26 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     }
     if !r.error.is_empty() {
         head.push(Line::styled(format!(" error: {}", r.error), theme.error));
+    }
+    // The repairs, newest last: the two latest (the full history is in
+    // `tern status --json`).
+    let repairs = MigrationRecord::from(r).repairs;
+    let skipped = repairs.len().saturating_sub(2);
+    for entry in repairs.iter().skip(skipped) {
+        let style = match entry.result {
+            RepairResult::Ok => theme.dim,
+            RepairResult::Running => theme.warning,
+            RepairResult::Failed | RepairResult::Interrupted => theme.error,
+        };
+        let earlier = if skipped > 0 {
+            format!(" ({skipped} earlier)")
+        } else {
+            String::new()
+        };
+        head.push(Line::styled(
+            format!(" repair: {}{earlier}", repair_line(entry)),
+            style,
+        ));
     }
     if let Some(actions) = app.state().actions.get(id)
         && !actions.is_empty()

@@ -220,7 +220,8 @@ fn draw_hints(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     // Help and quit first: on a narrow terminal the end of the bar is cut.
     let first =
         |b: &&keymap::Binding| !matches!(b.action, keymap::Action::Help | keymap::Action::Quit);
-    let mut hints: Vec<_> = keymap::hints(app.read_only, app.context()).collect();
+    let mut hints: Vec<_> =
+        keymap::hints(app.read_only, app.context(), app.shown_outcome()).collect();
     hints.sort_by_key(first);
     // Whole hints only, in the keymap's order of importance: one cut in the
     // middle ("E eva") tells the operator nothing; `?` lists them all.

@@ -171,6 +171,61 @@ fn every_screen_and_dialog_at_both_sizes() {
     }
 }
 
+#[test]
+fn the_repair_and_move_back_confirmations_and_a_repaired_detail_at_both_sizes() {
+    let theme = Theme::named("default").expect("default theme");
+    let screens: [(&str, Vec<Msg>); 3] = [
+        ("repair_confirm", vec![key('R')]),
+        ("move_back_confirm", vec![key('B')]),
+        ("detail_repaired", vec![code(KeyCode::Enter)]),
+    ];
+    for (name, keys) in screens {
+        let mut app = crate::console::fixture::fixture_with_degraded();
+        app.live.now_ms = 12_000;
+        if name == "detail_repaired" {
+            let mut record = degraded_migration("m-deg", "app-02", "hv-a", "hv-c");
+            record.repairs = vec![
+                crate::proto::RepairRecord {
+                    at_ms: 3_000,
+                    feature: "port-profile".into(),
+                    stages: vec!["finish".into()],
+                    host: "hv-c".into(),
+                    result: "failed".into(),
+                    error: "finish: ASSOCIATE app-02 rejected by switch tor-hv-c: port busy".into(),
+                    who: "ana (operator)".into(),
+                },
+                crate::proto::RepairRecord {
+                    at_ms: 9_000,
+                    feature: "port-profile".into(),
+                    stages: vec!["finish".into()],
+                    host: "hv-c".into(),
+                    result: "ok".into(),
+                    error: String::new(),
+                    who: "ana (operator)".into(),
+                },
+            ];
+            record.outcome = crate::proto::Outcome::Succeeded as i32;
+            record.features[0].finish = crate::proto::StepStatus::Ok as i32;
+            record.features[0].error.clear();
+            record.error.clear();
+            update(
+                &mut app,
+                Msg::Event(crate::proto::Event {
+                    host: "hv-a".into(),
+                    kind: Some(crate::proto::event::Kind::Migration(record)),
+                }),
+            );
+        }
+        for k in keys {
+            update(&mut app, k);
+        }
+        for size in SIZES {
+            let terminal = render(&app, &theme, size);
+            insta::assert_snapshot!(format!("{name}_{}x{}", size.0, size.1), terminal.backend());
+        }
+    }
+}
+
 /// The first cell whose symbol starts `text` on a row that contains it.
 fn find(buffer: &Buffer, text: &str) -> (u16, u16) {
     find_below(buffer, text, 0)
