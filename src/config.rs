@@ -175,6 +175,10 @@ pub struct AgentConfig {
     /// The newest this many audit entries are kept.
     #[serde(default = "default_retain_audit")]
     pub retain_audit: u32,
+    /// The agent's own log, in `state_dir/logs`: one file a day (UTC), the
+    /// newest this many kept.
+    #[serde(default = "default_log_files")]
+    pub log_files: u32,
     /// Watch streams (consoles, `tern watch`) this agent serves at once;
     /// one more is refused as ResourceExhausted.
     #[serde(default = "default_max_watchers")]
@@ -257,6 +261,11 @@ fn default_retain_days() -> u32 {
 fn default_retain_audit() -> u32 {
     100_000
 }
+fn default_log_files() -> u32 {
+    7
+}
+/// The most daily log files a host may be configured to keep: ten years.
+const MAX_LOG_FILES: u32 = 3650;
 /// The most closed records of each kind a host may be configured to keep.
 const MAX_RETAIN_CLOSED: u32 = 1_000_000;
 /// The longest a host may be configured to keep them: a hundred years.
@@ -567,6 +576,7 @@ impl AgentConfig {
             ("retain_closed", config.retain_closed, MAX_RETAIN_CLOSED),
             ("retain_days", config.retain_days, MAX_RETAIN_DAYS),
             ("retain_audit", config.retain_audit, MAX_RETAIN_CLOSED * 10),
+            ("log_files", config.log_files, MAX_LOG_FILES),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(

@@ -31,8 +31,12 @@ pub(super) fn spawn(
     image: JournalImage,
     rx: mpsc::UnboundedReceiver<Msg>,
 ) {
+    // Everything the agent's tasks log is in its span: the agent's log
+    // layer writes it to this agent's files (the demo runs several agents
+    // in one process).
+    let span = tracing::info_span!("agent", host = %agent.name);
     let (publish, publish_rx) = mpsc::unbounded_channel();
-    let publisher = tokio::spawn(publisher(agent.clone(), publish_rx));
+    let publisher = tokio::spawn(publisher(agent.clone(), publish_rx).instrument(span.clone()));
     // Retention is the core's decision; when to look again is the shell's.
     let tick = agent.core.clone();
     tokio::spawn(async move {
@@ -45,8 +49,8 @@ pub(super) fn spawn(
             }
         }
     });
-    let span = tracing::info_span!("host", name = %agent.name);
     let shell = Shell {
+        span: span.clone(),
         agent,
         core,
         journal,
@@ -59,6 +63,9 @@ pub(super) fn spawn(
 }
 
 struct Shell {
+    /// The agent's log span; each attempt's work runs in a child span
+    /// naming the attempt.
+    span: tracing::Span,
     agent: Arc<Agent>,
     core: HostCore,
     journal: Journal,
@@ -173,13 +180,15 @@ impl Shell {
                     deadline_ms,
                 } => {
                     let agent = self.agent.clone();
-                    tokio::spawn(async move {
+                    let span = self.attempt_span(self.core.call_attempt(call));
+                    let task = async move {
                         let deadline = deadline_ms.map(Duration::from_millis);
                         let reply = agent.peers.call(&peer, request, deadline).await;
                         let _ = agent
                             .core
                             .send(Msg::Input(Input::PeerReplied { call, reply }));
-                    });
+                    };
+                    tokio::spawn(task.instrument(span));
                 }
                 Action::Reply { req, reply } => {
                     if let Some(tx) = self.replies.remove(&req) {
@@ -187,7 +196,9 @@ impl Shell {
                     }
                 }
                 Action::Run { op, what } => {
-                    let handle = tokio::spawn(run_op(self.agent.clone(), op, what));
+                    let span = self.attempt_span(self.core.op_attempt(op));
+                    let handle =
+                        tokio::spawn(run_op(self.agent.clone(), op, what).instrument(span));
                     self.ops.insert(op, handle.abort_handle());
                 }
                 Action::Cancel { op } => {
@@ -202,6 +213,15 @@ impl Shell {
             }
         }
         exit
+    }
+
+    /// The span of work for `attempt` (the agent's own span for work of
+    /// no attempt): every line logged in it carries the attempt id.
+    fn attempt_span(&self, attempt: Option<&str>) -> tracing::Span {
+        match attempt {
+            Some(attempt) => tracing::info_span!(parent: &self.span, "attempt", attempt),
+            None => self.span.clone(),
+        }
     }
 
     /// A journal write failed: the agent stops at once, as if it had
@@ -398,12 +418,14 @@ async fn publisher(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Event>) {
             Event::Log {
                 level,
                 migration_id,
+                attempt_id,
                 text,
             } => {
+                let (migration, attempt) = (migration_id.as_str(), attempt_id.as_str());
                 match level {
-                    Level::Error => tracing::error!(migration = %migration_id, "{text}"),
-                    Level::Warn => tracing::warn!(migration = %migration_id, "{text}"),
-                    Level::Info => tracing::info!(migration = %migration_id, "{text}"),
+                    Level::Error => tracing::error!(migration, attempt, "{text}"),
+                    Level::Warn => tracing::warn!(migration, attempt, "{text}"),
+                    Level::Info => tracing::info!(migration, attempt, "{text}"),
                 }
                 agent.emit(Kind::Log(proto::LogLine {
                     at_ms: now_ms(),

@@ -134,6 +134,8 @@ sanitize_fields! {
     proto::Event { host, kind }
     proto::AuditEntry { host, who, role, action, target, result }
     proto::ListAuditReply { entries }
+    proto::AttemptLogLine { level, host, attempt_id, text }
+    proto::AttemptLogsReply { host, lines }
 }
 
 impl Sanitize for proto::event::Kind {
@@ -249,5 +251,6 @@ mod tests {
         no_field_left_raw::<proto::ListVmsReply>("ListVmsReply", 3);
         no_field_left_raw::<proto::ListEvacuationsReply>("ListEvacuationsReply", 4);
         no_field_left_raw::<proto::RollbackReply>("RollbackReply", 2);
+        no_field_left_raw::<proto::AttemptLogsReply>("AttemptLogsReply", 2);
     }
 }
