@@ -51,6 +51,7 @@ pub(super) fn spawn(
     });
     let shell = Shell {
         span: span.clone(),
+        states: HashMap::new(),
         agent,
         core,
         journal,
@@ -66,6 +67,8 @@ struct Shell {
     /// The agent's log span; each attempt's work runs in a child span
     /// naming the attempt.
     span: tracing::Span,
+    /// Each attempt's last journaled state, to log it when it changes.
+    states: HashMap<String, String>,
     agent: Arc<Agent>,
     core: HostCore,
     journal: Journal,
@@ -172,6 +175,7 @@ impl Shell {
                     if let Err(e) = written {
                         self.journal_failed(&entry, e);
                     }
+                    self.log_state(&entry);
                 }
                 Action::Call {
                     call,
@@ -215,6 +219,26 @@ impl Shell {
         exit
     }
 
+    /// An attempt's journaled state, in its log, each time it changes:
+    /// the agent's log then shows the phases an attempt went through here.
+    fn log_state(&mut self, entry: &Entry) {
+        let (side, attempt, state) = match entry {
+            Entry::Source(a) => ("source", &a.attempt_id, state_name(&a.state)),
+            Entry::Destination(a) => ("destination", &a.attempt_id, state_name(&a.state)),
+            _ => return,
+        };
+        if self.states.get(attempt) == Some(&state) {
+            return;
+        }
+        let _span = self.attempt_span(Some(attempt)).entered();
+        tracing::info!("{side}: {state}");
+        // Bounded: an attempt long ended is not logged again anyway.
+        if self.states.len() >= STATES_KEPT {
+            self.states.clear();
+        }
+        self.states.insert(attempt.clone(), state);
+    }
+
     /// The span of work for `attempt` (the agent's own span for work of
     /// no attempt): every line logged in it carries the attempt id.
     fn attempt_span(&self, attempt: Option<&str>) -> tracing::Span {
@@ -238,6 +262,16 @@ impl Shell {
         eprintln!("tern agent {}: {text}", self.agent.name);
         std::process::exit(JOURNAL_FAILED_EXIT);
     }
+}
+
+/// How many attempts' last logged states the shell remembers.
+const STATES_KEPT: usize = 4096;
+
+/// A state's name, without its fields: `Preparing`, `FinishSent`.
+fn state_name(state: &impl std::fmt::Debug) -> String {
+    let text = format!("{state:?}");
+    let end = text.find([' ', '{', '(']).unwrap_or(text.len());
+    text[..end].to_string()
 }
 
 fn entry_name(entry: &Entry) -> String {
