@@ -202,6 +202,14 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
     if let Command::LoadActions { host, id } = &command {
         return load_actions(agents, host, id).await;
     }
+    if let Command::LoadLogs { id, hosts } = command {
+        let answers = crate::cli::logs::ask_hosts(agents, &hosts, &id).await;
+        return Msg::Logs {
+            lines: crate::cli::logs::merge(&answers),
+            missing: crate::cli::logs::missing(&answers),
+            id,
+        };
+    }
     Msg::Done {
         what: command.describe(),
         result: run(agents, command).await,
@@ -211,7 +219,7 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
 async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
-        Command::LoadActions { .. } => Ok(String::new()),
+        Command::LoadActions { .. } | Command::LoadLogs { .. } => Ok(String::new()),
         Command::Abort { host, id } => {
             let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };

@@ -42,6 +42,13 @@ pub enum Msg {
     /// The audit entries of a migration an agent keeps (who started,
     /// aborted, retried or forced it).
     Actions(Vec<proto::AuditEntry>),
+    /// Migration `id`'s log lines from its hosts, merged in time order, and
+    /// what is missing from them ("hv-b: no answer in 1 s").
+    Logs {
+        id: String,
+        lines: Vec<proto::AttemptLogLine>,
+        missing: Vec<String>,
+    },
 }
 
 /// Something `update` asks to be done: an RPC to an agent, or quitting.
@@ -97,13 +104,22 @@ pub enum Command {
         host: String,
         id: String,
     },
+    /// Read migration `id`'s lines from the logs of `hosts` (its source
+    /// and every destination of its attempts).
+    LoadLogs {
+        id: String,
+        hosts: Vec<String>,
+    },
     Quit,
 }
 
 impl Command {
     /// Whether carrying it out changes anything on an agent.
     pub fn changes_anything(&self) -> bool {
-        !matches!(self, Command::LoadActions { .. } | Command::Quit)
+        !matches!(
+            self,
+            Command::LoadActions { .. } | Command::LoadLogs { .. } | Command::Quit
+        )
     }
 
     /// How the event log names it.
@@ -163,6 +179,9 @@ impl Command {
             },
             Command::Undrain { host } => format!("undrain {host}"),
             Command::LoadActions { host, id } => format!("read who acted on {id} from {host}"),
+            Command::LoadLogs { id, hosts } => {
+                format!("read the logs of {id} from {}", hosts.join(", "))
+            }
             Command::Quit => "quit".into(),
         }
     }
