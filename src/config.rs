@@ -1179,6 +1179,22 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_log_keeps_seven_daily_files_unless_told_and_never_none() {
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        assert_eq!(parse(&sim).unwrap().log_files, 7);
+        let text = sim.replace("[hypervisor]", "log_files = 30\n[hypervisor]");
+        assert_eq!(parse(&text).unwrap().log_files, 30);
+        for value in [0, 3651] {
+            let text = sim.replace("[hypervisor]", &format!("log_files = {value}\n[hypervisor]"));
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.contains(&format!("log_files = {value}: must be between 1 and 3650")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn sim_faults_are_read_from_the_hypervisor_faults_table() {
         let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
         let config = parse(&sim).unwrap();

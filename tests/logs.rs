@@ -241,3 +241,66 @@ fn a_viewer_may_read_the_logs_over_mutual_tls() {
         "{stdout}"
     );
 }
+
+#[test]
+fn attempt_logs_over_grpc_refuses_bad_ids_and_serves_only_the_ids_lines_within_max_lines() {
+    use tern::proto::console_client::ConsoleClient;
+    let cluster = Cluster::start(failing_finish());
+    let first = failed_migration(&cluster);
+    let second = failed_migration(&cluster);
+    block_on(async {
+        let mut client = ConsoleClient::connect(cluster.address("hv-a"))
+            .await
+            .expect("connect to hv-a");
+        for bad in ["", "web-01", "m-0123", "m-0123456789ab.0", "../../etc/passwd"] {
+            let status = client
+                .attempt_logs(tern::proto::AttemptLogsRequest {
+                    id: bad.into(),
+                    max_lines: 0,
+                })
+                .await
+                .expect_err(bad);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}: {status}");
+            assert!(status.message().contains("AttemptLogsRequest.id"), "{status}");
+        }
+        let all = client
+            .attempt_logs(tern::proto::AttemptLogsRequest {
+                id: first.clone(),
+                max_lines: 0,
+            })
+            .await
+            .expect("the first migration's lines")
+            .into_inner();
+        assert_eq!(all.host, "hv-a");
+        assert!(all.lines.len() > 2, "{all:?}");
+        assert!(!all.truncated);
+        assert!(
+            all.lines
+                .iter()
+                .all(|l| l.attempt_id == format!("{first}.1") && l.host == "hv-a"),
+            "only the first migration's lines: {all:?}"
+        );
+        assert!(all.lines.iter().all(|l| !l.text.contains(&second)));
+        // Bounded: the newest kept, and the answer says older ones were left out.
+        let two = client
+            .attempt_logs(tern::proto::AttemptLogsRequest {
+                id: first.clone(),
+                max_lines: 2,
+            })
+            .await
+            .expect("two lines")
+            .into_inner();
+        assert!(two.truncated);
+        assert_eq!(two.lines, all.lines[all.lines.len() - 2..]);
+        // An id the agent has no lines of: none, not an error.
+        let none = client
+            .attempt_logs(tern::proto::AttemptLogsRequest {
+                id: "m-000000000000".into(),
+                max_lines: 0,
+            })
+            .await
+            .expect("no lines")
+            .into_inner();
+        assert!(none.lines.is_empty());
+    });
+}
