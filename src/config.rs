@@ -1185,7 +1185,10 @@ mod tests {
         let text = sim.replace("[hypervisor]", "log_files = 30\n[hypervisor]");
         assert_eq!(parse(&text).unwrap().log_files, 30);
         for value in [0, 3651] {
-            let text = sim.replace("[hypervisor]", &format!("log_files = {value}\n[hypervisor]"));
+            let text = sim.replace(
+                "[hypervisor]",
+                &format!("log_files = {value}\n[hypervisor]"),
+            );
             let err = parse(&text).unwrap_err();
             assert!(
                 err.contains(&format!("log_files = {value}: must be between 1 and 3650")),

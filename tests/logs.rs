@@ -114,10 +114,20 @@ fn tern_logs_prints_both_hosts_lines_in_time_order_with_the_destinations_failing
         .unwrap_or_else(|| panic!("hv-a's line about the outcome:\n{stdout}"));
     assert!(stage < ended, "{stdout}");
 
-    // An attempt id asks for that attempt's lines: the same here.
+    // An attempt id asks for that attempt's lines: the same here. One the
+    // migration never had is bad input.
     let out = cluster.tern(&["logs", &attempt]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(text(&out).0, stdout);
+    let out = cluster.tern(&["logs", &format!("{id}.2")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("migration {id} has no attempt 2: its latest is 1")),
+        "{}",
+        text(&out).1
+    );
 
     // --json: one object a line, the same lines.
     let out = cluster.tern(&["logs", &id, "--json"]);
@@ -252,7 +262,13 @@ fn attempt_logs_over_grpc_refuses_bad_ids_and_serves_only_the_ids_lines_within_m
         let mut client = ConsoleClient::connect(cluster.address("hv-a"))
             .await
             .expect("connect to hv-a");
-        for bad in ["", "web-01", "m-0123", "m-0123456789ab.0", "../../etc/passwd"] {
+        for bad in [
+            "",
+            "web-01",
+            "m-0123",
+            "m-0123456789ab.0",
+            "../../etc/passwd",
+        ] {
             let status = client
                 .attempt_logs(tern::proto::AttemptLogsRequest {
                     id: bad.into(),
@@ -260,8 +276,15 @@ fn attempt_logs_over_grpc_refuses_bad_ids_and_serves_only_the_ids_lines_within_m
                 })
                 .await
                 .expect_err(bad);
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}: {status}");
-            assert!(status.message().contains("AttemptLogsRequest.id"), "{status}");
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{bad}: {status}"
+            );
+            assert!(
+                status.message().contains("AttemptLogsRequest.id"),
+                "{status}"
+            );
         }
         let all = client
             .attempt_logs(tern::proto::AttemptLogsRequest {

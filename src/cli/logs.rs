@@ -128,6 +128,16 @@ pub async fn logs(access: &Access, id: &str, json: bool) -> CliResult {
     let cluster = Cluster::load(access)?;
     let links = cluster.connect_all().await;
     let (_, record) = find_migration(&links, migration_id).await?;
+    if let Some(n) = id
+        .split_once('.')
+        .and_then(|(_, n)| n.parse::<u32>().ok())
+        .filter(|n| *n > record.attempt)
+    {
+        return Err(CliError::usage(format!(
+            "migration {migration_id} has no attempt {n}: its latest is {}",
+            record.attempt
+        )));
+    }
     // The source and the latest destination first: theirs are the lines
     // that must be there. Every other host may have been the destination
     // of an earlier attempt.
