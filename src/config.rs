@@ -576,7 +576,6 @@ impl AgentConfig {
             ("retain_closed", config.retain_closed, MAX_RETAIN_CLOSED),
             ("retain_days", config.retain_days, MAX_RETAIN_DAYS),
             ("retain_audit", config.retain_audit, MAX_RETAIN_CLOSED * 10),
-            ("log_files", config.log_files, MAX_LOG_FILES),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(
@@ -584,6 +583,18 @@ impl AgentConfig {
                     format!("{key} = {value}: must be between 1 and {max}"),
                 ));
             }
+        }
+        // At least 2: tracing-appender prunes to one file fewer than it
+        // keeps before it opens today's, so with 1 an agent restarted
+        // during the day would delete the day's lines so far.
+        if !(2..=MAX_LOG_FILES).contains(&config.log_files) {
+            return Err(invalid(
+                path,
+                format!(
+                    "log_files = {}: must be between 2 and {MAX_LOG_FILES}",
+                    config.log_files
+                ),
+            ));
         }
         if !(1..=MAX_WATCHERS).contains(&config.max_watchers) {
             return Err(invalid(
@@ -1179,19 +1190,19 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_log_keeps_seven_daily_files_unless_told_and_never_none() {
+    fn the_agents_log_keeps_seven_daily_files_unless_told_and_never_fewer_than_two() {
         let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
         assert_eq!(parse(&sim).unwrap().log_files, 7);
         let text = sim.replace("[hypervisor]", "log_files = 30\n[hypervisor]");
         assert_eq!(parse(&text).unwrap().log_files, 30);
-        for value in [0, 3651] {
+        for value in [0, 1, 3651] {
             let text = sim.replace(
                 "[hypervisor]",
                 &format!("log_files = {value}\n[hypervisor]"),
             );
             let err = parse(&text).unwrap_err();
             assert!(
-                err.contains(&format!("log_files = {value}: must be between 1 and 3650")),
+                err.contains(&format!("log_files = {value}: must be between 2 and 3650")),
                 "{err}"
             );
         }

@@ -884,6 +884,19 @@ mod tests {
     }
 
     #[test]
+    fn logs_takes_an_id_and_json() {
+        assert!(matches!(
+            parse(&["logs", "m-0123456789ab"]).command,
+            Some(Command::Logs { id, json: false }) if id == "m-0123456789ab"
+        ));
+        assert!(matches!(
+            parse(&["logs", "m-0123456789ab.2", "--json"]).command,
+            Some(Command::Logs { id, json: true }) if id == "m-0123456789ab.2"
+        ));
+        assert_eq!(parse_error(&["logs"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
     fn retry_keeps_host_and_mode_unless_given() {
         let Some(Command::Retry {
             id,

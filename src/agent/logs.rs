@@ -91,14 +91,17 @@ static HOSTS: LazyLock<RwLock<HashMap<String, Arc<HostLog>>>> = LazyLock::new(De
 impl HostLog {
     /// Open `dir` (made 0700 if missing) for agent `name`, keeping the
     /// newest `keep` daily files (older ones are removed now and at each
-    /// new day), and route that agent's lines here from now on.
+    /// new day; on a restart during a day, `keep - 1`, today's among them:
+    /// tracing-appender prunes before it reopens today's file, which is why
+    /// the config asks for 2 at least), and route that agent's lines here
+    /// from now on.
     pub fn open(name: &str, dir: &Path, keep: u32) -> io::Result<Arc<HostLog>> {
         super::create_state_dir(dir, 0o700)?;
         let writer = RollingFileAppender::builder()
             .rotation(Rotation::DAILY)
             .filename_prefix(FILE_PREFIX)
             .filename_suffix(FILE_SUFFIX)
-            .max_log_files(keep.max(1) as usize)
+            .max_log_files(keep.max(2) as usize)
             .build(dir)
             .map_err(io::Error::other)?;
         let log = Arc::new(HostLog {
