@@ -175,6 +175,10 @@ pub struct AgentConfig {
     /// The newest this many audit entries are kept.
     #[serde(default = "default_retain_audit")]
     pub retain_audit: u32,
+    /// The agent's own log, in `state_dir/logs`: one file a day (UTC), the
+    /// newest this many kept.
+    #[serde(default = "default_log_files")]
+    pub log_files: u32,
     /// Watch streams (consoles, `tern watch`) this agent serves at once;
     /// one more is refused as ResourceExhausted.
     #[serde(default = "default_max_watchers")]
@@ -257,6 +261,11 @@ fn default_retain_days() -> u32 {
 fn default_retain_audit() -> u32 {
     100_000
 }
+fn default_log_files() -> u32 {
+    7
+}
+/// The most daily log files a host may be configured to keep: ten years.
+const MAX_LOG_FILES: u32 = 3650;
 /// The most closed records of each kind a host may be configured to keep.
 const MAX_RETAIN_CLOSED: u32 = 1_000_000;
 /// The longest a host may be configured to keep them: a hundred years.
@@ -574,6 +583,18 @@ impl AgentConfig {
                     format!("{key} = {value}: must be between 1 and {max}"),
                 ));
             }
+        }
+        // At least 2: tracing-appender prunes to one file fewer than it
+        // keeps before it opens today's, so with 1 an agent restarted
+        // during the day would delete the day's lines so far.
+        if !(2..=MAX_LOG_FILES).contains(&config.log_files) {
+            return Err(invalid(
+                path,
+                format!(
+                    "log_files = {}: must be between 2 and {MAX_LOG_FILES}",
+                    config.log_files
+                ),
+            ));
         }
         if !(1..=MAX_WATCHERS).contains(&config.max_watchers) {
             return Err(invalid(
@@ -1163,6 +1184,25 @@ mod tests {
             let err = parse(&text).unwrap_err();
             assert!(
                 err.contains(&format!("{key} = {value}: must be between 1 and 256")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_agents_log_keeps_seven_daily_files_unless_told_and_never_fewer_than_two() {
+        let sim = QEMU_AGENT.replace("kind = \"qemu\"", "kind = \"sim\"");
+        assert_eq!(parse(&sim).unwrap().log_files, 7);
+        let text = sim.replace("[hypervisor]", "log_files = 30\n[hypervisor]");
+        assert_eq!(parse(&text).unwrap().log_files, 30);
+        for value in [0, 1, 3651] {
+            let text = sim.replace(
+                "[hypervisor]",
+                &format!("log_files = {value}\n[hypervisor]"),
+            );
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.contains(&format!("log_files = {value}: must be between 2 and 3650")),
                 "{err}"
             );
         }

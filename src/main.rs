@@ -226,6 +226,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A migration's log lines from every host it touched (its source and
+    /// destinations), merged in time order: `HH:MM:SS.mmm HOST LEVEL
+    /// ATTEMPT TEXT`, times in UTC.
+    Logs {
+        /// A migration id (every attempt), or an attempt id (m-….N).
+        id: String,
+        /// One JSON object a line: at_ms, host, level, attempt_id, text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The cluster's certificate authority and the identities it issues.
     Ca {
         #[command(subcommand)]
@@ -471,13 +481,22 @@ async fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, filtered by RUST_LOG; daemons say more by default.
+/// Each agent's lines (INFO and worse, whatever RUST_LOG says) also go to
+/// its own files in its state_dir/logs.
 fn init_logging(daemon: bool) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(tern::agent::logs::layer().with_filter(tracing_subscriber::filter::LevelFilter::INFO))
         .init();
 }
 
@@ -638,6 +657,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             };
             cli::audit::audit(access, args).await
         }
+        Command::Logs { id, json } => cli::logs::logs(access, &id, json).await,
         Command::Ca { command } => ca(command),
         Command::Fault {
             host,
@@ -904,6 +924,19 @@ mod tests {
             matches!(parse(&["rollback", "m-1"]).command, Some(Command::Rollback { id, forget: false, .. }) if id == "m-1")
         );
         assert_eq!(parse_error(&["abort"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn logs_takes_an_id_and_json() {
+        assert!(matches!(
+            parse(&["logs", "m-0123456789ab"]).command,
+            Some(Command::Logs { id, json: false }) if id == "m-0123456789ab"
+        ));
+        assert!(matches!(
+            parse(&["logs", "m-0123456789ab.2", "--json"]).command,
+            Some(Command::Logs { id, json: true }) if id == "m-0123456789ab.2"
+        ));
+        assert_eq!(parse_error(&["logs"]), ErrorKind::MissingRequiredArgument);
     }
 
     #[test]

@@ -452,3 +452,85 @@ async fn watchers_end_when_the_console_stops_listening() {
             .expect("a watcher panicked");
     }
 }
+
+/// Route the in-process agents' lines to their own log files, as `tern
+/// agent` and `tern demo` do (once for the whole test binary).
+fn agent_log_files() {
+    use tracing_subscriber::layer::SubscriberExt;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::registry().with(tern::agent::logs::layer());
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_detail_reads_both_hosts_logs_merged_and_names_a_host_that_is_gone() {
+    agent_log_files();
+    let mut cluster = Cluster::new(&[("hv-a", Role::Source), ("hv-b", Role::Spare)]);
+    cluster.start("hv-a");
+    cluster.start("hv-b");
+    let agents = cluster.agents();
+    let start = Command::Start {
+        host: "hv-a".into(),
+        vm: "web-01".into(),
+        destination: "hv-b".into(),
+        mode: Mode::Safe,
+        completion: Completion::default(),
+    };
+    let Msg::Done { result, .. } = execute(&agents, start).await else {
+        panic!("execute answers Done")
+    };
+    let started = result.expect("the migration starts");
+    let id = started
+        .split_whitespace()
+        .find(|w| w.starts_with("m-"))
+        .unwrap_or_else(|| panic!("an id in {started:?}"))
+        .trim_end_matches([':', ',', ')'])
+        .to_string();
+    let load = || Command::LoadLogs {
+        id: id.clone(),
+        hosts: vec!["hv-a".into(), "hv-b".into()],
+    };
+    // Both hosts' lines, merged by time, once the attempt has ended.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let lines = loop {
+        let Msg::Logs {
+            id: got,
+            lines,
+            missing,
+        } = execute(&agents, load()).await
+        else {
+            panic!("LoadLogs answers Logs")
+        };
+        assert_eq!(got, id);
+        assert!(missing.is_empty(), "{missing:?}");
+        if lines.iter().any(|l| l.text.contains("succeeded")) {
+            break lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outcome in the logs: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(lines.iter().any(|l| l.host == "hv-a"), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.host == "hv-b" && l.text.contains("committed on hv-b")),
+        "{lines:?}"
+    );
+    assert!(lines.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    assert!(lines.iter().all(|l| l.attempt_id == format!("{id}.1")));
+
+    // hv-b gone: it is named, hv-a's lines still come.
+    cluster.kill("hv-b");
+    let Msg::Logs { lines, missing, .. } = execute(&agents, load()).await else {
+        panic!("LoadLogs answers Logs")
+    };
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(missing[0].contains("hv-b"), "{missing:?}");
+    assert!(!lines.is_empty());
+    assert!(lines.iter().all(|l| l.host == "hv-a"), "{lines:?}");
+}

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod journal;
+pub mod logs;
 mod peers;
 mod service;
 mod shell;
@@ -102,6 +103,8 @@ pub struct Agent {
     /// Watch streams served now, at most `max_watchers`: each holds a permit.
     watchers: Arc<tokio::sync::Semaphore>,
     pub max_watchers: u32,
+    /// This agent's own log files (`state_dir/logs`).
+    pub log: Arc<logs::HostLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +174,14 @@ impl Agent {
                  anyone who reaches this port may do anything, and the migration stream is not encrypted"
             );
         }
+        let log_dir = config.state_dir.join("logs");
+        let log =
+            logs::HostLog::open(&config.name, &log_dir, config.log_files).map_err(|source| {
+                StartError::StateDir {
+                    path: log_dir.display().to_string(),
+                    source,
+                }
+            })?;
         let features = FeatureRegistry::from_config(&config.name, &config.features)
             .map_err(StartError::Config)?;
         let journal = journal::Journal::open(&config.state_dir)?;
@@ -254,6 +265,7 @@ impl Agent {
             allow_fault_injection: config.allow_fault_injection,
             watchers: Arc::new(tokio::sync::Semaphore::new(config.max_watchers as usize)),
             max_watchers: config.max_watchers,
+            log,
         });
         agent.adopt_guests().await;
         shell::spawn(agent.clone(), core, journal, image, rx);

@@ -812,6 +812,55 @@ impl console_server::Console for ConsoleService {
         .map_err(|e| Status::internal(format!("audit trail of {}: {e}", self.0.name)))?;
         Ok(Response::new(proto::ListAuditReply { entries }))
     }
+
+    async fn attempt_logs(
+        &self,
+        request: Request<proto::AttemptLogsRequest>,
+    ) -> Result<Response<proto::AttemptLogsReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
+        let r = request.into_inner();
+        // Only the lines of one attempt or migration, never the rest of
+        // the log: what a viewer reads is what the migration's record says.
+        if bounds::check_id("AttemptLogsRequest.id", &r.id, IdKind::Attempt).is_err() {
+            check_id("AttemptLogsRequest.id", &r.id, IdKind::Migration).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "AttemptLogsRequest.id: {} is neither a migration id (m- and 12 hex digits) \
+                     nor an attempt id (a migration id, a dot and the attempt number)",
+                    bounds::shown(&r.id)
+                ))
+            })?;
+        }
+        let max = match r.max_lines as usize {
+            0 => super::logs::DEFAULT_LINES,
+            n => n.min(super::logs::MAX_LINES),
+        };
+        let log = self.0.log.clone();
+        let id = r.id.clone();
+        let (lines, truncated) = tokio::task::spawn_blocking(move || log.read(&id, max))
+            .await
+            .map_err(|e| Status::internal(format!("reading the log of {}: {e}", self.0.name)))?
+            .map_err(|e| {
+                Status::internal(format!(
+                    "cannot read the log of {} in {}: {e}",
+                    self.0.name,
+                    self.0.log.dir().display()
+                ))
+            })?;
+        Ok(Response::new(proto::AttemptLogsReply {
+            host: self.0.name.clone(),
+            lines: lines
+                .into_iter()
+                .map(|l| proto::AttemptLogLine {
+                    at_ms: l.at_ms,
+                    level: l.level,
+                    host: l.host,
+                    attempt_id: l.attempt,
+                    text: l.msg,
+                })
+                .collect(),
+            truncated,
+        }))
+    }
 }
 
 impl ConsoleService {

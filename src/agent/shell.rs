@@ -31,8 +31,12 @@ pub(super) fn spawn(
     image: JournalImage,
     rx: mpsc::UnboundedReceiver<Msg>,
 ) {
+    // Everything the agent's tasks log is in its span: the agent's log
+    // layer writes it to this agent's files (the demo runs several agents
+    // in one process).
+    let span = tracing::info_span!("agent", host = %agent.name);
     let (publish, publish_rx) = mpsc::unbounded_channel();
-    let publisher = tokio::spawn(publisher(agent.clone(), publish_rx));
+    let publisher = tokio::spawn(publisher(agent.clone(), publish_rx).instrument(span.clone()));
     // Retention is the core's decision; when to look again is the shell's.
     let tick = agent.core.clone();
     tokio::spawn(async move {
@@ -45,8 +49,9 @@ pub(super) fn spawn(
             }
         }
     });
-    let span = tracing::info_span!("host", name = %agent.name);
     let shell = Shell {
+        span: span.clone(),
+        states: HashMap::new(),
         agent,
         core,
         journal,
@@ -59,6 +64,11 @@ pub(super) fn spawn(
 }
 
 struct Shell {
+    /// The agent's log span; each attempt's work runs in a child span
+    /// naming the attempt.
+    span: tracing::Span,
+    /// Each attempt's last journaled state, to log it when it changes.
+    states: HashMap<String, String>,
     agent: Arc<Agent>,
     core: HostCore,
     journal: Journal,
@@ -165,6 +175,7 @@ impl Shell {
                     if let Err(e) = written {
                         self.journal_failed(&entry, e);
                     }
+                    self.log_state(&entry);
                 }
                 Action::Call {
                     call,
@@ -173,13 +184,15 @@ impl Shell {
                     deadline_ms,
                 } => {
                     let agent = self.agent.clone();
-                    tokio::spawn(async move {
+                    let span = self.attempt_span(self.core.call_attempt(call));
+                    let task = async move {
                         let deadline = deadline_ms.map(Duration::from_millis);
                         let reply = agent.peers.call(&peer, request, deadline).await;
                         let _ = agent
                             .core
                             .send(Msg::Input(Input::PeerReplied { call, reply }));
-                    });
+                    };
+                    tokio::spawn(task.instrument(span));
                 }
                 Action::Reply { req, reply } => {
                     if let Some(tx) = self.replies.remove(&req) {
@@ -187,7 +200,9 @@ impl Shell {
                     }
                 }
                 Action::Run { op, what } => {
-                    let handle = tokio::spawn(run_op(self.agent.clone(), op, what));
+                    let span = self.attempt_span(self.core.op_attempt(op));
+                    let handle =
+                        tokio::spawn(run_op(self.agent.clone(), op, what).instrument(span));
                     self.ops.insert(op, handle.abort_handle());
                 }
                 Action::Cancel { op } => {
@@ -204,6 +219,35 @@ impl Shell {
         exit
     }
 
+    /// An attempt's journaled state, in its log, each time it changes:
+    /// the agent's log then shows the phases an attempt went through here.
+    fn log_state(&mut self, entry: &Entry) {
+        let (side, attempt, state) = match entry {
+            Entry::Source(a) => ("source", &a.attempt_id, state_name(&a.state)),
+            Entry::Destination(a) => ("destination", &a.attempt_id, state_name(&a.state)),
+            _ => return,
+        };
+        if self.states.get(attempt) == Some(&state) {
+            return;
+        }
+        let _span = self.attempt_span(Some(attempt)).entered();
+        tracing::info!("{side}: {state}");
+        // Bounded: an attempt long ended is not logged again anyway.
+        if self.states.len() >= STATES_KEPT {
+            self.states.clear();
+        }
+        self.states.insert(attempt.clone(), state);
+    }
+
+    /// The span of work for `attempt` (the agent's own span for work of
+    /// no attempt): every line logged in it carries the attempt id.
+    fn attempt_span(&self, attempt: Option<&str>) -> tracing::Span {
+        match attempt {
+            Some(attempt) => tracing::info_span!(parent: &self.span, "attempt", attempt),
+            None => self.span.clone(),
+        }
+    }
+
     /// A journal write failed: the agent stops at once, as if it had
     /// crashed before the write, instead of acting on a decision it could
     /// not record. Its supervisor restarts it, and recovery carries on from
@@ -218,6 +262,16 @@ impl Shell {
         eprintln!("tern agent {}: {text}", self.agent.name);
         std::process::exit(JOURNAL_FAILED_EXIT);
     }
+}
+
+/// How many attempts' last logged states the shell remembers.
+const STATES_KEPT: usize = 4096;
+
+/// A state's name, without its fields: `Preparing`, `FinishSent`.
+fn state_name(state: &impl std::fmt::Debug) -> String {
+    let text = format!("{state:?}");
+    let end = text.find([' ', '{', '(']).unwrap_or(text.len());
+    text[..end].to_string()
 }
 
 fn entry_name(entry: &Entry) -> String {
@@ -398,12 +452,14 @@ async fn publisher(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Event>) {
             Event::Log {
                 level,
                 migration_id,
+                attempt_id,
                 text,
             } => {
+                let (migration, attempt) = (migration_id.as_str(), attempt_id.as_str());
                 match level {
-                    Level::Error => tracing::error!(migration = %migration_id, "{text}"),
-                    Level::Warn => tracing::warn!(migration = %migration_id, "{text}"),
-                    Level::Info => tracing::info!(migration = %migration_id, "{text}"),
+                    Level::Error => tracing::error!(migration, attempt, "{text}"),
+                    Level::Warn => tracing::warn!(migration, attempt, "{text}"),
+                    Level::Info => tracing::info!(migration, attempt, "{text}"),
                 }
                 agent.emit(Kind::Log(proto::LogLine {
                     at_ms: now_ms(),

@@ -331,6 +331,28 @@ impl Agent {
         }
     }
 
+    /// This agent's log lines of a migration or an attempt (at most
+    /// `max_lines`, 0 for the agent's default), each named after this agent
+    /// whatever the line says: an agent speaks for its own host only.
+    pub async fn attempt_logs(
+        &self,
+        id: &str,
+        max_lines: u32,
+    ) -> Result<proto::AttemptLogsReply, CliError> {
+        let request = proto::AttemptLogsRequest {
+            id: id.to_string(),
+            max_lines,
+        };
+        let mut reply = self
+            .call(|mut c| async move { c.attempt_logs(request).await })
+            .await?;
+        reply.host = self.name.clone();
+        for line in &mut reply.lines {
+            line.host = self.name.clone();
+        }
+        Ok(reply)
+    }
+
     /// Every VM of the host, following ListVms's pages.
     pub async fn list_vms(&self) -> Result<Vec<proto::Vm>, CliError> {
         self.all_pages(|token| async move {

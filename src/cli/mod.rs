@@ -9,6 +9,7 @@
 //! - [`commands`]: the commands that act on one migration
 //! - [`status`]: `tern status` and the JSON form of hosts and VMs
 //! - [`watch`]: `tern watch`, the merged event stream of every agent
+//! - [`logs`]: `tern logs`, a migration's lines from its hosts' own logs
 //! - [`output`]: human-readable rendering
 //! - [`sanitize`]: text from agents made safe for a terminal
 
@@ -17,6 +18,7 @@ pub mod check;
 pub mod client;
 pub mod commands;
 pub mod evacuate;
+pub mod logs;
 pub mod output;
 pub mod sanitize;
 pub mod status;

@@ -137,6 +137,8 @@ sanitize_fields! {
     proto::ListAuditReply { entries }
     proto::CheckReply { vm, source, destination, checks }
     proto::AdmissionCheck { name, host, detail }
+    proto::AttemptLogLine { level, host, attempt_id, text }
+    proto::AttemptLogsReply { host, lines }
 }
 
 impl Sanitize for proto::event::Kind {
@@ -252,5 +254,6 @@ mod tests {
         no_field_left_raw::<proto::ListVmsReply>("ListVmsReply", 3);
         no_field_left_raw::<proto::ListEvacuationsReply>("ListEvacuationsReply", 4);
         no_field_left_raw::<proto::RollbackReply>("RollbackReply", 2);
+        no_field_left_raw::<proto::AttemptLogsReply>("AttemptLogsReply", 2);
     }
 }

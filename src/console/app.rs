@@ -9,7 +9,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use super::completion::{CompletionChoice, base};
 use super::keymap::{Action, Context, action_for};
 use super::msg::{Command, Msg};
-use super::state::{ClusterState, Link, MigrationView};
+use super::state::{ClusterState, Link, MigrationLogs, MigrationView};
 use crate::cli::output::phase_name;
 use crate::host::evacuation::DEFAULT_MAX_ATTEMPTS;
 use crate::host::evacuation::job::{Evacuation, JobState, JobVm};
@@ -422,7 +422,12 @@ pub struct App {
     /// The pulse line's figures, computed at most once a second of the
     /// cluster's clock (they read every attempt): (at, attempts, figures).
     pub pulse: std::cell::RefCell<Option<(u64, usize, crate::console::views::Pulse)>>,
+    /// The open detail's lines from its hosts' logs.
+    pub logs: Option<MigrationLogs>,
 }
+
+/// How often an open detail asks its hosts for their log lines again.
+pub const LOGS_REFRESH_MS: u64 = 3_000;
 
 impl App {
     pub fn new(state: ClusterState, read_only: bool, theme: &str) -> App {
@@ -456,6 +461,7 @@ impl App {
             bell: false,
             quiet: false,
             pulse: std::cell::RefCell::new(None),
+            logs: None,
         }
     }
 
@@ -734,6 +740,17 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
         Msg::Tick { now_ms } => {
             app.live.now_ms = now_ms;
             app.dirty |= app.frozen.is_none();
+            refresh_logs(app)
+        }
+        Msg::Logs { id, lines, missing } => {
+            let now = app.live.now_ms;
+            if let Some(logs) = app.logs.as_mut().filter(|l| l.id == id) {
+                logs.lines = lines;
+                logs.missing = missing;
+                logs.fetched_ms = Some(now);
+                logs.loading = false;
+                app.dirty |= matches!(app.view, View::Detail(_));
+            }
             Vec::new()
         }
         Msg::Resize => {
@@ -829,6 +846,7 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
             }
             View::Detail(_) => {
                 app.view = std::mem::replace(&mut app.detail_from, View::Overview);
+                app.logs = None;
             }
             _ => app.view = View::Overview,
         },
@@ -904,10 +922,13 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
 /// Drill into the selected migration; from the evacuations view, the
 /// selected VM's, and esc comes back there.
 fn open_detail(app: &mut App) -> Vec<Command> {
-    let Some((id, source)) = app
-        .selected_migration()
-        .map(|m| (m.record.id.clone(), m.record.source.clone()))
-    else {
+    let Some((id, source, hosts)) = app.selected_migration().map(|m| {
+        (
+            m.record.id.clone(),
+            m.record.source.clone(),
+            MigrationLogs::hosts_of(m),
+        )
+    }) else {
         if app.view == View::Evacuations
             && let Some(vm) = app.selected_evacuation_vm()
         {
@@ -924,8 +945,50 @@ fn open_detail(app: &mut App) -> Vec<Command> {
         _ => View::Overview,
     };
     app.view = View::Detail(id.clone());
-    // Who started, aborted, retried or forced it: the source's trail.
-    vec![Command::LoadActions { host: source, id }]
+    app.logs = Some(MigrationLogs {
+        id: id.clone(),
+        loading: true,
+        ..MigrationLogs::default()
+    });
+    // Who started, aborted, retried or forced it: the source's trail; and
+    // what its hosts logged about it.
+    vec![
+        Command::LoadLogs {
+            id: id.clone(),
+            hosts,
+        },
+        Command::LoadActions { host: source, id },
+    ]
+}
+
+/// While a detail is open (and the view not frozen), ask its hosts for
+/// their log lines again every [`LOGS_REFRESH_MS`], one fetch at a time.
+fn refresh_logs(app: &mut App) -> Vec<Command> {
+    let View::Detail(id) = &app.view else {
+        return Vec::new();
+    };
+    if app.frozen.is_some() {
+        return Vec::new();
+    }
+    let now = app.live.now_ms;
+    let hosts = match app.live.migrations.get(id) {
+        Some(m) => MigrationLogs::hosts_of(m),
+        None => return Vec::new(),
+    };
+    let Some(logs) = app.logs.as_mut().filter(|l| &l.id == id) else {
+        return Vec::new();
+    };
+    let due = logs
+        .fetched_ms
+        .is_none_or(|at| now.saturating_sub(at) >= LOGS_REFRESH_MS);
+    if logs.loading || !due {
+        return Vec::new();
+    }
+    logs.loading = true;
+    vec![Command::LoadLogs {
+        id: id.clone(),
+        hosts,
+    }]
 }
 
 fn show_evacuations(app: &mut App) {

@@ -255,6 +255,14 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
             answer,
         };
     }
+    if let Command::LoadLogs { id, hosts } = command {
+        let answers = crate::cli::logs::ask_hosts(agents, &hosts, &id).await;
+        return Msg::Logs {
+            lines: crate::cli::logs::merge(&answers),
+            missing: crate::cli::logs::missing(&answers),
+            id,
+        };
+    }
     Msg::Done {
         what: command.describe(),
         result: run(agents, command).await,
@@ -264,7 +272,9 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
 async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
-        Command::LoadActions { .. } | Command::Check { .. } => Ok(String::new()),
+        Command::LoadActions { .. } | Command::Check { .. } | Command::LoadLogs { .. } => {
+            Ok(String::new())
+        }
         Command::Abort { host, id } => {
             let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };

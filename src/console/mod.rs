@@ -54,12 +54,23 @@ pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
     std::fs::create_dir_all(dir).ok()?;
     let file = tracing_appender::rolling::never(dir, "console.log");
     let (writer, guard) = tracing_appender::non_blocking(file);
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(false)
-        .with_env_filter(filter)
+    // The demo's agents run in this process: each keeps its own log files
+    // too (crate::agent::logs).
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(false)
+                .with_filter(filter),
+        )
+        .with(
+            crate::agent::logs::layer().with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
         .try_init();
     Some(guard)
 }

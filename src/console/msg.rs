@@ -58,6 +58,13 @@ pub enum Msg {
         mode: Mode,
         answer: Result<proto::CheckReply, String>,
     },
+    /// Migration `id`'s log lines from its hosts, merged in time order, and
+    /// what is missing from them ("hv-b: no answer in 1 s").
+    Logs {
+        id: String,
+        lines: Vec<proto::AttemptLogLine>,
+        missing: Vec<String>,
+    },
 }
 
 /// Something `update` asks to be done: an RPC to an agent, or quitting.
@@ -129,6 +136,12 @@ pub enum Command {
         destination: String,
         mode: Mode,
     },
+    /// Read migration `id`'s lines from the logs of `hosts` (its source
+    /// and every destination of its attempts).
+    LoadLogs {
+        id: String,
+        hosts: Vec<String>,
+    },
     Quit,
 }
 
@@ -137,7 +150,10 @@ impl Command {
     pub fn changes_anything(&self) -> bool {
         !matches!(
             self,
-            Command::LoadActions { .. } | Command::Check { .. } | Command::Quit
+            Command::LoadActions { .. }
+                | Command::Check { .. }
+                | Command::LoadLogs { .. }
+                | Command::Quit
         )
     }
 
@@ -208,6 +224,9 @@ impl Command {
                 mode,
                 ..
             } => format!("check {vm} to {destination} ({})", mode.as_str()),
+            Command::LoadLogs { id, hosts } => {
+                format!("read the logs of {id} from {}", hosts.join(", "))
+            }
             Command::Quit => "quit".into(),
         }
     }

@@ -51,6 +51,39 @@ pub struct MigrationView {
     last_sample: Option<(u64, u64)>,
 }
 
+/// A migration's lines from its hosts' own logs, as the detail's logs
+/// panel shows them: fetched when the detail opens and again every few
+/// seconds while it is open, never waited for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationLogs {
+    pub id: String,
+    /// Every host's lines, merged in time order (terminal-safe).
+    pub lines: Vec<proto::AttemptLogLine>,
+    /// What is missing from them, one note per host ("hv-b: no answer in 1 s").
+    pub missing: Vec<String>,
+    /// When the last answer came (the cluster's clock); `None`: none yet.
+    pub fetched_ms: Option<u64>,
+    /// A fetch is out.
+    pub loading: bool,
+}
+
+impl MigrationLogs {
+    /// The hosts whose logs hold lines of `m`: its source, then every
+    /// destination of its attempts, the latest first.
+    pub fn hosts_of(m: &MigrationView) -> Vec<String> {
+        let mut hosts: Vec<String> = Vec::new();
+        let named = std::iter::once(&m.record.source)
+            .chain(std::iter::once(&m.record.destination))
+            .chain(m.history.iter().rev().map(|r| &r.destination));
+        for host in named {
+            if !host.is_empty() && !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
+        hosts
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LogEntry {
     pub host: String,

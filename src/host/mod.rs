@@ -470,6 +470,9 @@ pub enum Event {
     Log {
         level: Level,
         migration_id: String,
+        /// The attempt the line is about, when it is about one (the
+        /// agent's log files carry it on every line of an attempt).
+        attempt_id: String,
         text: String,
     },
     /// A guest of this host changed (or left).
@@ -558,6 +561,19 @@ enum Owner {
     Repair(String),
     /// A repair run here for a VM that runs here: the VM.
     RepairHere(String),
+}
+
+impl Owner {
+    /// The attempt this work is for, if it is for one.
+    fn attempt(&self) -> Option<&str> {
+        match self {
+            Owner::Source(_, attempt) | Owner::Destination(attempt) => Some(attempt),
+            Owner::Pending { key, .. } => Some(&key.0),
+            Owner::Evacuation(_) | Owner::Recover(_) | Owner::Repair(_) | Owner::RepairHere(_) => {
+                None
+            }
+        }
+    }
 }
 
 /// What an op is, for routing its answer.
@@ -815,11 +831,48 @@ impl HostCore {
     }
 
     fn log(&mut self, level: Level, migration_id: &str, text: String) {
+        let attempt_id = self.attempt_of_migration(migration_id).unwrap_or_default();
         self.emit(Event::Log {
             level,
             migration_id: migration_id.to_string(),
+            attempt_id,
             text,
         });
+    }
+
+    /// The attempt of `migration_id` this host works on: the latest one it
+    /// sources, else the newest it received.
+    fn attempt_of_migration(&self, migration_id: &str) -> Option<String> {
+        if migration_id.is_empty() {
+            return None;
+        }
+        if let Some(s) = self.sources.get(migration_id) {
+            return Some(s.attempt.attempt_id.clone());
+        }
+        let received = self
+            .destinations
+            .values()
+            .map(|d| &d.attempt)
+            .chain(self.ended.values());
+        received
+            .filter(|a| a.migration_id == migration_id)
+            .map(|a| a.attempt_id.clone())
+            .max_by_key(|id| {
+                id.rsplit_once('.')
+                    .and_then(|(_, n)| n.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+    }
+
+    /// The attempt an op runs for, if any: the agent runs it in that
+    /// attempt's log span.
+    pub fn op_attempt(&self, op: OpId) -> Option<&str> {
+        self.ops.get(&op)?.owner.attempt()
+    }
+
+    /// The attempt a peer call is made for, if any.
+    pub fn call_attempt(&self, call: CallId) -> Option<&str> {
+        self.calls.get(&call)?.owner.attempt()
     }
 
     fn reply(&mut self, req: ReqId, reply: Reply) {

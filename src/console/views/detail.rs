@@ -1,7 +1,7 @@
 //! One migration: its phases, the feature × stage matrix, the transfer
 //! (its stage, remaining bytes over time and rate sparklines), the cookies,
 //! the completion policy with the outlook it gives, its attempts and its
-//! events.
+//! events, and the lines its hosts logged about it.
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -10,10 +10,11 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, Wrap};
 
 use super::super::app::{App, current_phase, mode_of};
-use super::super::state::MigrationView;
+use super::super::state::{MigrationLogs, MigrationView};
 use super::super::theme::Theme;
 use super::outlook::{convergence, resample, verdict};
 use super::{bytes, duration, hanging, outcome, step};
+use crate::cli::logs::clock_ms;
 use crate::cli::output::{
     downtime_text, lost_text, phase_name, recovering_text, recovery_detail, recovery_way_out,
     repair_line, stage_text,
@@ -113,12 +114,29 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
     let summary_height = (head.line_count(area.width) as u16).clamp(2, (area.height / 3).max(4));
     // The phases need 5 rows and borders; the features a header too.
     let matrix = (r.features.len() as u16 + 3).max(7);
-    let [summary, middle, bottom] = Layout::vertical([
+    // The logs take what the transfer leaves, up to a third of the screen.
+    // A running transfer keeps its figures, chart and outlook (12 rows)
+    // first, and on a short screen the logs wait until it ends; an ended
+    // one gives up all but 5 rows, and the logs get 3 at least (a line
+    // and borders).
+    let rest = area.height.saturating_sub(summary_height + matrix);
+    let running = r.outcome == proto::Outcome::None as i32;
+    let keep = if running { 12 } else { 5 };
+    let logs_height = match rest.saturating_sub(keep) {
+        spare if spare >= 3 => spare.min((area.height / 3).max(3)),
+        _ if running => 0,
+        _ => rest.min(3),
+    };
+    let [summary, middle, bottom, logs_area] = Layout::vertical([
         Constraint::Length(summary_height),
         Constraint::Length(matrix),
-        Constraint::Min(8),
+        Constraint::Min(0),
+        Constraint::Length(logs_height),
     ])
     .areas(area);
+    if logs_height > 0 {
+        logs_panel(frame, logs_area, app, theme, m);
+    }
     frame.render_widget(head, summary);
 
     let [phases_area, features_area] =
@@ -283,6 +301,108 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
                 .title(Span::styled(" attempts and events ", theme.title)),
         ),
         history_area,
+    );
+}
+
+/// The lines the migration's hosts logged about it, merged in time order,
+/// the newest that fit: `16:48:03.106 hv-b WARN  #1 port-profile finish
+/// failed …`. A host that did not answer is named first, in red. When not
+/// every line fits, the newest warnings and errors are kept first, then the
+/// newest INFO lines (the title says how many were left out): on a short
+/// screen the failing stage stays.
+fn logs_panel(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, m: &MigrationView) {
+    let width = usize::from(area.width.saturating_sub(2));
+    let rows = usize::from(area.height.saturating_sub(2));
+    let hosts = MigrationLogs::hosts_of(m);
+    let logs = app.logs.as_ref().filter(|l| l.id == m.record.id);
+    let mut shown: Vec<Line> = Vec::new();
+    let mut left_out = 0;
+    match logs {
+        Some(logs) if logs.fetched_ms.is_some() => {
+            for missing in &logs.missing {
+                shown.push(Line::styled(format!(" ✗ {missing}"), theme.error));
+            }
+            let host_width = logs.lines.iter().map(|l| l.host.len()).max().unwrap_or(0);
+            // Each log line as the rows it wraps to, and whether it is INFO.
+            let entries: Vec<(bool, Vec<Line>)> = logs
+                .lines
+                .iter()
+                .map(|l| {
+                    let attempt = l
+                        .attempt_id
+                        .rsplit_once('.')
+                        .map(|(_, n)| format!("#{n}"))
+                        .unwrap_or_else(|| "-".to_string());
+                    // INFO reads as plain text under a dim label; a warning
+                    // or an error is coloured whole.
+                    let (label_style, style, info) = match l.level.as_str() {
+                        "ERROR" => (theme.error, theme.error, false),
+                        "WARN" => (theme.warning, theme.warning, false),
+                        _ => (theme.dim, ratatui::style::Style::default(), true),
+                    };
+                    let label = Span::styled(
+                        format!(
+                            " {} {:<host_width$} {:<5} {attempt:<2} ",
+                            clock_ms(l.at_ms),
+                            l.host,
+                            l.level
+                        ),
+                        label_style,
+                    );
+                    let text = vec![Span::styled(l.text.clone(), style)];
+                    (info, hanging(label, text, width))
+                })
+                .collect();
+            let room = rows.saturating_sub(shown.len());
+            let all: usize = entries.iter().map(|(_, e)| e.len()).sum();
+            // What fits: every entry; else the newest warnings and errors
+            // first, then the newest INFO lines in the rows left.
+            let mut keep = vec![all <= room; entries.len()];
+            if all > room {
+                let mut used = 0;
+                for info_pass in [false, true] {
+                    for (i, (info, entry)) in entries.iter().enumerate().rev() {
+                        if *info == info_pass && used + entry.len() <= room {
+                            used += entry.len();
+                            keep[i] = true;
+                        }
+                    }
+                }
+                left_out = entries.len() - keep.iter().filter(|k| **k).count();
+            }
+            shown.extend(
+                entries
+                    .into_iter()
+                    .zip(keep)
+                    .filter(|(_, keep)| *keep)
+                    .flat_map(|((_, entry), _)| entry),
+            );
+            if logs.lines.is_empty() && logs.missing.len() < hosts.len() {
+                shown.push(Line::styled(" no lines yet", theme.dim));
+            }
+        }
+        _ => shown.push(Line::styled(
+            format!(" reading the logs of {}…", hosts.join(", ")),
+            theme.dim,
+        )),
+    }
+    let title = if left_out > 0 {
+        let lines = if left_out == 1 { "line" } else { "lines" };
+        format!(
+            " logs of {} · {left_out} older {lines} left out ",
+            hosts.join(", ")
+        )
+    } else {
+        format!(" logs of {} ", hosts.join(", "))
+    };
+    frame.render_widget(
+        Paragraph::new(shown).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .border_style(theme.border)
+                .title(Span::styled(title, theme.title)),
+        ),
+        area,
     );
 }
 

@@ -568,10 +568,16 @@ fn the_detail_says_who_started_and_aborted_a_migration() {
     let commands = update(&mut app, code(KeyCode::Enter));
     assert_eq!(
         commands,
-        vec![Command::LoadActions {
-            host: "hv-d".into(),
-            id: "m-paused".into()
-        }]
+        vec![
+            Command::LoadLogs {
+                id: "m-paused".into(),
+                hosts: vec!["hv-d".into(), "hv-e".into()],
+            },
+            Command::LoadActions {
+                host: "hv-d".into(),
+                id: "m-paused".into()
+            }
+        ]
     );
     let entry = |at_ms: u64, who: &str, action: &str, ok: bool| proto::AuditEntry {
         at_ms,
@@ -1071,4 +1077,149 @@ fn a_host_that_stops_answering_is_named_in_its_row_the_status_line_and_the_log()
         "{}",
         lines.join("\n")
     );
+}
+
+/// The failed migration's detail (m-fail, hv-b → hv-c) with its hosts' log
+/// lines as the agents answer them; `missing`: hosts that did not answer.
+fn detail_with_logs(missing: &[&str]) -> App {
+    use crate::proto;
+    let mut app = app_after(&[key('j'), code(KeyCode::Enter)]);
+    let line = |at_ms: u64, host: &str, level: &str, text: &str| proto::AttemptLogLine {
+        at_ms,
+        level: level.into(),
+        host: host.into(),
+        attempt_id: "m-fail.1".into(),
+        text: text.into(),
+    };
+    let mut lines = vec![
+        line(3_723_001, "hv-b", "INFO", "source: Preparing"),
+        line(
+            3_723_002,
+            "hv-b",
+            "INFO",
+            "db-01 hv-b -> hv-c (safe, attempt 1)",
+        ),
+        line(3_723_010, "hv-c", "INFO", "destination: Prepared"),
+        line(3_723_020, "hv-b", "INFO", "source: Transferring"),
+        line(3_726_500, "hv-b", "INFO", "source: FinishSent"),
+        line(3_726_510, "hv-c", "INFO", "destination: Finishing"),
+        line(
+            3_726_530,
+            "hv-c",
+            "WARN",
+            "port-profile finish failed on hv-c for db-01: ASSOCIATE db-01 rejected by switch tor-hv-c: injected fault (fail = [finish])",
+        ),
+        line(3_726_540, "hv-c", "INFO", "destination: RolledBack"),
+        line(3_726_560, "hv-b", "INFO", "source: Done"),
+        line(
+            3_726_561,
+            "hv-b",
+            "ERROR",
+            "db-01 hv-b -> hv-c failed: required feature port-profile failed finish on hv-c",
+        ),
+    ];
+    lines.retain(|l| !missing.contains(&l.host.as_str()));
+    update(
+        &mut app,
+        Msg::Logs {
+            id: "m-fail".into(),
+            lines,
+            missing: missing
+                .iter()
+                .map(|h| format!("{h}: no answer in 1 s"))
+                .collect(),
+        },
+    );
+    app
+}
+
+#[test]
+fn the_detail_shows_both_hosts_log_lines_in_time_order_at_both_sizes() {
+    let theme = Theme::named("default").expect("default theme");
+    for (name, missing) in [
+        ("detail_logs", vec![]),
+        ("detail_logs_no_answer", vec!["hv-c"]),
+    ] {
+        let app = detail_with_logs(&missing);
+        for size in SIZES {
+            let terminal = render(&app, &theme, size);
+            insta::assert_snapshot!(format!("{name}_{}x{}", size.0, size.1), terminal.backend());
+        }
+    }
+}
+
+#[test]
+fn the_logs_panel_colours_warnings_errors_and_a_host_that_did_not_answer() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = detail_with_logs(&[]);
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    let (_, top) = find(buffer, "logs of hv-b, hv-c");
+    same_colour(
+        buffer,
+        find_below(buffer, "port-profile finish failed on hv-c", top),
+        theme.warning,
+        "the destination's failing stage",
+    );
+    same_colour(
+        buffer,
+        find_below(buffer, "db-01 hv-b -> hv-c failed", top),
+        theme.error,
+        "the source's error",
+    );
+    let app = detail_with_logs(&["hv-c"]);
+    let terminal = render(&app, &theme, (80, 24));
+    let buffer = terminal.backend().buffer();
+    let (_, top) = find(buffer, "logs of hv-b, hv-c");
+    same_colour(
+        buffer,
+        find_below(buffer, "hv-c: no answer in 1 s", top),
+        theme.error,
+        "the host that did not answer",
+    );
+    // The source's newest line is still there.
+    find_below(buffer, "db-01 hv-b -> hv-c failed", top);
+}
+
+#[test]
+fn an_open_detail_asks_for_its_logs_again_every_few_seconds_one_fetch_at_a_time() {
+    use crate::console::app::LOGS_REFRESH_MS;
+    use crate::console::msg::Command;
+    let mut app = fixture();
+    app.live.now_ms = 12_000;
+    update(&mut app, key('j'));
+    let opened = update(&mut app, code(KeyCode::Enter));
+    assert!(
+        opened.contains(&Command::LoadLogs {
+            id: "m-fail".into(),
+            hosts: vec!["hv-b".into(), "hv-c".into()],
+        }),
+        "{opened:?}"
+    );
+    // While that fetch is out, ticks ask for nothing.
+    let tick = |app: &mut App, now_ms: u64| update(app, Msg::Tick { now_ms });
+    assert!(tick(&mut app, 20_000).is_empty());
+    update(
+        &mut app,
+        Msg::Logs {
+            id: "m-fail".into(),
+            lines: Vec::new(),
+            missing: Vec::new(),
+        },
+    );
+    assert!(tick(&mut app, 20_000 + LOGS_REFRESH_MS - 1).is_empty());
+    let again = tick(&mut app, 20_000 + LOGS_REFRESH_MS);
+    assert!(matches!(again.as_slice(), [Command::LoadLogs { id, .. }] if id == "m-fail"));
+    // Back out of the detail: no more fetches, and a late answer is dropped.
+    update(&mut app, code(KeyCode::Esc));
+    assert!(tick(&mut app, 60_000).is_empty());
+    update(
+        &mut app,
+        Msg::Logs {
+            id: "m-fail".into(),
+            lines: Vec::new(),
+            missing: Vec::new(),
+        },
+    );
+    assert!(app.logs.is_none());
 }
