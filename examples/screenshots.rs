@@ -14,10 +14,12 @@
 //!   flight);
 //! - `overview.png`: hosts and migrations, some of them in Perform;
 //! - `safe-failure.png`: the detail of a safe-mode migration that failed on
-//!   the flaky switch of the demo's last rack, with its feature matrix;
+//!   the flaky switch of the demo's last rack: its cause, feature matrix
+//!   and both hosts' log lines;
 //! - `picker.png`: `d` on that failed migration (retry on another host);
 //! - `help.png`: `?`;
-//! - `light.png`: the overview in the light theme.
+//! - `light.png`: the overview in the light theme;
+//! - `repair.png`: `R` on a migration the flaky rack left degraded.
 //!
 //! The cluster is random, so every run's pictures differ in detail.
 
@@ -182,12 +184,17 @@ async fn take_all(
     for _ in 0..row {
         keys(app, "j");
     }
-    press(app, KeyCode::Enter);
+    let reads = press(app, KeyCode::Enter);
     anyhow::ensure!(
         app.view == View::Detail(failed.clone()),
         "enter did not open {failed}: {:?}",
         app.view
     );
+    // Its hosts' log lines and who acted on it, read as the console does.
+    for command in reads {
+        let answer = client::execute(agents, command).await;
+        app::update(app, answer);
+    }
     settle(app, rx).await;
     shots.take(app, &shots.dark, "safe-failure")?;
 
@@ -222,7 +229,41 @@ async fn take_all(
         "? did not open help"
     );
     shots.take(app, &shots.dark, "help")?;
+    press(app, KeyCode::Esc);
+
+    // A fast move the flaky rack left degraded, and `R` on it: what the
+    // repair will re-run, and where.
+    println!("waiting for a degraded migration…");
+    pump(app, rx, "a degraded migration", |app| {
+        degraded(app).is_some()
+    })
+    .await?;
+    let degraded = degraded(app).expect("seen above");
+    keys(app, "/state:degraded");
+    press(app, KeyCode::Enter);
+    let row = app
+        .rows()
+        .iter()
+        .position(|m| m.record.id == degraded)
+        .context("the degraded migration is not in the filtered table")?;
+    app.select_row(row);
+    keys(app, "R");
+    anyhow::ensure!(
+        app.dialog.is_some(),
+        "R did not ask to repair {degraded}: {:?}",
+        app.status
+    );
+    shots.take(app, &shots.dark, "repair")?;
     Ok(())
+}
+
+/// The newest migration that ended degraded.
+fn degraded(app: &App) -> Option<String> {
+    app.live
+        .ordered_migrations()
+        .into_iter()
+        .find(|m| outcome(&m.record) == proto::Outcome::Degraded)
+        .map(|m| m.record.id.clone())
 }
 
 /// Fold the agents' events into the app until `done` holds.

@@ -113,6 +113,7 @@ fn a_vm_that_can_move_passes_every_check_and_nothing_is_started_or_held() {
         "vm state",
         "definition",
         "lock",
+        "repair",
         "limits",
     ] {
         named(&answer, "hv-a", name);
@@ -153,7 +154,7 @@ fn a_vm_that_can_move_passes_every_check_and_nothing_is_started_or_held() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("web-01 can move from hv-a to hv-b in safe mode: all 15 checks pass"),
+        stdout.contains("web-01 can move from hv-a to hv-b in safe mode: all 16 checks pass"),
         "{stdout}"
     );
 
