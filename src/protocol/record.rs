@@ -623,7 +623,7 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
             phases[phase as usize].status = status_from_proto(p.status);
             phases[phase as usize].duration_ms = p.duration_ms;
         }
-        MigrationRecord {
+        let mut record = MigrationRecord {
             id: r.id.clone(),
             vm: r.vm.clone(),
             source: r.source.clone(),
@@ -678,7 +678,12 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                 next_at_ms: v.next_at_ms,
             }),
             repairs: r.repairs.iter().map(repair_from_proto).collect(),
-        }
+        };
+        // Whole as a client reads it (`--json`, watch): what an older agent
+        // or a degraded record leaves to derive is derived here, once, so a
+        // record reads the same after any number of round trips.
+        record.cause = record.failure();
+        record
     }
 }
 
