@@ -59,6 +59,17 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("screenshots: {e}");
         std::process::exit(1)
     });
+    // The demo's agents keep their own log files, as in `tern`: the
+    // failure's detail shows its hosts' lines from them.
+    {
+        use tracing_subscriber::prelude::*;
+        let _ = tracing_subscriber::registry()
+            .with(
+                tern::agent::logs::layer()
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+            )
+            .try_init();
+    }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(OUT);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
@@ -201,9 +212,17 @@ async fn take_all(
     // Back to the table, still filtered, and `d` on the same row.
     press(app, KeyCode::Esc);
     settle(app, rx).await;
+    // The demo's own operator may have retried it meanwhile: then it left
+    // the filtered view (the status line says so) and the picker is shown
+    // on the failure the cursor moved to.
+    if app.selected_migration().map(|m| &m.record.id) != Some(&failed) {
+        println!("  ({})", app.status.as_ref().map_or("", |s| s.0.as_str()));
+    }
     anyhow::ensure!(
-        app.selected_migration().map(|m| &m.record.id) == Some(&failed),
-        "the failed migration is no longer selected"
+        app.selected_migration()
+            .is_some_and(|m| outcome(&m.record) == proto::Outcome::Failed),
+        "no failed migration is selected: {:?}",
+        app.status
     );
     // The picker asks the VM's source about each host: its answers, as
     // the console would fold them.

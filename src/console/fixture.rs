@@ -110,6 +110,11 @@ pub fn migration(
             } else {
                 proto::StepStatus::Ok
             } as i32,
+            error: if outcome == proto::Outcome::Failed {
+                format!("finish: ASSOCIATE {vm} rejected by switch tor-{dst}: port busy")
+            } else {
+                String::new()
+            },
             ..Default::default()
         }],
         error: if outcome == proto::Outcome::Failed {

@@ -424,7 +424,23 @@ fn state_line<'a>(r: &proto::MigrationRecord, theme: &Theme, width: usize) -> Li
                 } else {
                     theme.failed
                 };
-                let text = fit(&[format!("{headline} {}", r.error)], width);
+                // A feature's own error says what the driver met; the
+                // record's repeats the feature and stage the row shows.
+                let why = cause
+                    .feature
+                    .as_ref()
+                    .and_then(|name| r.features.iter().find(|f| &f.name == name))
+                    .map(|f| f.error.as_str())
+                    .filter(|e| !e.is_empty())
+                    .map(|e| {
+                        // Less the stage, which the features column says.
+                        cause
+                            .stage
+                            .and_then(|stage| e.strip_prefix(&format!("{stage}: ")))
+                            .unwrap_or(e)
+                    })
+                    .unwrap_or(&r.error);
+                let text = fit(&[format!("{headline} {why}")], width);
                 match text.strip_prefix(&headline) {
                     Some(rest) => Line::from(vec![
                         Span::styled(headline.clone(), style),

@@ -750,7 +750,7 @@ fn at_80x24_the_rows_keep_what_matters_and_cut_no_word() {
         // What each row may say, longest first.
         let wordings: &[&str] = match r.id.as_str() {
             "m-run" => &["converging · 12s"],
-            "m-fail" => &["feature·hv-c required feature port-profile failed finish on hv-c"],
+            "m-fail" => &["feature·hv-c ASSOCIATE db-01 rejected by switch tor-hv-c: port busy"],
             "m-slow" => &["NOT CONVERGING"],
             "m-stall" => &["stalled"],
             "m-pc" => &[
