@@ -832,7 +832,29 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Command> {
     on_action(app, action)
 }
 
+/// Whether `action` acts on the selected migration.
+fn acts_on_a_row(action: Action) -> bool {
+    matches!(
+        action,
+        Action::Abort
+            | Action::Retry
+            | Action::RetryElsewhere
+            | Action::Rollback
+            | Action::Repair
+            | Action::MoveBack
+            | Action::Open
+            | Action::Mark
+    )
+}
+
 fn on_action(app: &mut App, action: Action) -> Vec<Command> {
+    // A key that acts on the row under a cursor nobody moved yet (it sits
+    // on the top row): from now on the cursor stays on that migration, so
+    // the highlight and the confirmation that follows name the same one
+    // while the table re-sorts under them.
+    if app.migration_id.is_none() && acts_on_a_row(action) {
+        app.migration_id = app.migration_at(app.migration_row);
+    }
     match action {
         Action::Quit => {
             app.quit = true;
@@ -3497,6 +3519,39 @@ mod tests {
         );
         assert_eq!(selected_id(&app).as_deref(), Some("m-a1"));
         assert_eq!(app.migration_row, 1);
+    }
+
+    #[test]
+    fn a_key_on_a_row_nobody_moved_to_keeps_the_cursor_on_that_migration_while_its_dialog_is_open()
+    {
+        let mut app = fixture();
+        assert_eq!(selected_id(&app).as_deref(), Some("m-run"));
+        // `a` on the top row, never moved to: the confirmation is m-run's.
+        press(&mut app, &[key('a')]);
+        assert!(
+            matches!(&app.dialog, Some(Dialog::Confirm { .. })),
+            "{:?}",
+            app.dialog
+        );
+        // A migration starts and sorts above it while the question is
+        // open: the highlight stays on m-run, the migration asked about.
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a0", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-run"));
+        assert_eq!(app.migration_row, 1);
+        // Moving, looking and filtering pin nothing: a fresh cursor stays
+        // at the top.
+        let mut app = fixture();
+        press(&mut app, &[key('?'), code(KeyCode::Esc)]);
+        arrive(
+            &mut app,
+            "hv-a",
+            migration("m-a0", "web-01", "hv-a", "hv-c", proto::Outcome::None),
+        );
+        assert_eq!(selected_id(&app).as_deref(), Some("m-a0"), "the top row");
     }
 
     #[test]
