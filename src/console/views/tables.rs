@@ -165,16 +165,23 @@ pub fn hosts(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
             focused,
             theme,
         ))
-        .row_highlight_style(if focused {
-            theme.selected
-        } else {
-            Style::default()
-        });
+        .row_highlight_style(cursor_style(focused, theme));
     let mut table_state = TableState::default();
-    if focused && !state.hosts.is_empty() {
+    if !state.hosts.is_empty() {
         table_state.select(Some(app.host_row - range.start));
     }
     frame.render_stateful_widget(table, area, &mut table_state);
+}
+
+/// The cursor's row: highlighted in the focused table, underlined in the
+/// other, so the row a key would act on is always on screen (a migration
+/// key works with the hosts table focused, and the other way round).
+fn cursor_style(focused: bool, theme: &Theme) -> Style {
+    if focused {
+        theme.selected
+    } else {
+        Style::default().add_modifier(ratatui::style::Modifier::UNDERLINED)
+    }
 }
 
 /// A host's memory, used of total: `33.2/64.0 GiB`, the unit said once
@@ -474,13 +481,9 @@ pub fn migrations(frame: &mut Frame, area: Rect, app: &App, theme: &Theme) {
     let table = Table::new(visible, columns.constraints())
         .header(Row::new(columns.header()).style(theme.header))
         .block(block(title, focused, theme))
-        .row_highlight_style(if focused {
-            theme.selected
-        } else {
-            Style::default()
-        });
+        .row_highlight_style(cursor_style(focused, theme));
     let mut table_state = TableState::default();
-    if focused && count > 0 {
+    if count > 0 {
         table_state.select(Some(app.migration_row.min(count - 1) - range.start));
     }
     frame.render_stateful_widget(table, area, &mut table_state);

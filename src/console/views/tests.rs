@@ -1223,3 +1223,37 @@ fn an_open_detail_asks_for_its_logs_again_every_few_seconds_one_fetch_at_a_time(
     );
     assert!(app.logs.is_none());
 }
+
+#[test]
+fn the_row_a_key_would_act_on_is_marked_in_the_table_without_focus_too() {
+    use ratatui::style::Modifier;
+    let theme = Theme::named("default").expect("default theme");
+    let underlined = |buffer: &Buffer, at: (u16, u16)| {
+        buffer[at]
+            .style()
+            .add_modifier
+            .contains(Modifier::UNDERLINED)
+    };
+    // The migrations table has the focus: its cursor is highlighted, the
+    // hosts table's underlined.
+    let app = fixture();
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    let host = find(buffer, "hv-a         ");
+    assert!(underlined(buffer, host), "the hosts cursor without focus");
+    let row = find(buffer, "web-01 hv-a → hv-b");
+    assert!(!underlined(buffer, row));
+    // Tab: the other way round; the migration enter or `a` would act on
+    // stays marked.
+    let mut app = fixture();
+    update(&mut app, code(KeyCode::Tab));
+    let terminal = render(&app, &theme, (120, 40));
+    let buffer = terminal.backend().buffer();
+    let row = find(buffer, "web-01 hv-a → hv-b");
+    assert!(
+        underlined(buffer, row),
+        "the migrations cursor without focus"
+    );
+    let other = find(buffer, "db-01  hv-b → hv-c");
+    assert!(!underlined(buffer, other));
+}
