@@ -324,7 +324,7 @@ fn logs_panel(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, m: &Migra
             }
             let host_width = logs.lines.iter().map(|l| l.host.len()).max().unwrap_or(0);
             // Each log line as the rows it wraps to, and whether it is INFO.
-            let entries: Vec<(bool, Vec<Line>)> = logs
+            let mut entries: Vec<(bool, Vec<Line>)> = logs
                 .lines
                 .iter()
                 .map(|l| {
@@ -361,8 +361,16 @@ fn logs_panel(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, m: &Migra
             if all > room {
                 let mut used = 0;
                 for info_pass in [false, true] {
-                    for (i, (info, entry)) in entries.iter().enumerate().rev() {
-                        if *info == info_pass && used + entry.len() <= room {
+                    for (i, (info, entry)) in entries.iter_mut().enumerate().rev() {
+                        if *info != info_pass {
+                            continue;
+                        }
+                        // The newest warning or error is never left out for
+                        // its length: it keeps the rows there are.
+                        if !info_pass && used == 0 && entry.len() > room && room > 0 {
+                            entry.truncate(room);
+                        }
+                        if used + entry.len() <= room {
                             used += entry.len();
                             keep[i] = true;
                         }

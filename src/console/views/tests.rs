@@ -1257,3 +1257,32 @@ fn the_row_a_key_would_act_on_is_marked_in_the_table_without_focus_too() {
     let other = find(buffer, "db-01  hv-b → hv-c");
     assert!(!underlined(buffer, other));
 }
+
+#[test]
+fn on_a_short_screen_the_newest_error_keeps_the_log_rows_there_are() {
+    let theme = Theme::named("default").expect("default theme");
+    let app = detail_with_logs(&[]);
+    // However few rows the logs get, the source's error line (two rows
+    // whole) is what they show, cut if it must be, not an INFO line.
+    let mut one_row = false;
+    for height in 18..=24 {
+        let terminal = render(&app, &theme, (80, height));
+        let buffer = terminal.backend().buffer();
+        let lines = screen_lines(buffer);
+        let Some(top) = lines.iter().position(|l| l.contains("logs of hv-b, hv-c")) else {
+            continue;
+        };
+        let rows = lines[top + 1..]
+            .iter()
+            .take_while(|l| !l.starts_with('└'))
+            .count();
+        one_row |= rows == 1;
+        same_colour(
+            buffer,
+            find_below(buffer, "db-01 hv-b -> hv-c failed", top as u16),
+            theme.error,
+            &format!("the source's error at 80x{height}"),
+        );
+    }
+    assert!(one_row, "no height gave the logs a single row");
+}
