@@ -331,3 +331,73 @@ fn an_operator_repairs_a_degraded_vm_then_moves_it_back_by_keystrokes() {
     assert_eq!(cluster.running_on("db-01"), vec!["hv-a".to_string()]);
     assert!(cluster.feature_state("hv-b", "db-01").is_empty());
 }
+
+/// `tern` (the demo and its console) in a pty, hung up as when its terminal
+/// window closes: the hangup ends it as `q` does, and the demo stops its
+/// agents and removes its folder (journals, CA, keys). (With the terminal
+/// really gone, restoring it fails too; that path was seen in tmux.)
+#[test]
+fn a_hangup_stops_the_demo_cleanly_and_leaves_no_folder() {
+    let pty = native_pty_system()
+        .openpty(PtySize {
+            rows: ROWS,
+            cols: COLS,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .expect("a pseudo-terminal");
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut command = CommandBuilder::new(TERN);
+    command.args(["demo", "--seed", "1"]);
+    command.env("TMPDIR", tmp.path());
+    command.env("XDG_STATE_HOME", state.path());
+    command.env("TERM", "xterm-256color");
+    let mut child = pty.slave.spawn_command(command).expect("tern demo starts");
+    drop(pty.slave);
+    let mut reader = pty.master.try_clone_reader().unwrap();
+    let parser = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
+    let feed = parser.clone();
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            feed.lock().unwrap().process(&buf[..n]);
+        }
+    });
+    let folders = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tern-demo-"))
+            .count()
+    };
+    wait_until(Duration::from_secs(30), "the demo's console", || {
+        parser
+            .lock()
+            .unwrap()
+            .screen()
+            .contents()
+            .contains("agents 4/4")
+    });
+    assert_eq!(folders(), 1, "the demo keeps its state in one folder");
+    // What the kernel sends when the terminal goes away.
+    let pid = child.process_id().expect("the child's pid") as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "tern did not end on the hangup");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(pty.master);
+    let _ = reading.join();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(folders(), 0, "the demo's folder outlived it");
+}

@@ -16,7 +16,7 @@ pub mod views;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ratatui::crossterm::event::{self, Event, KeyEventKind};
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use tokio::sync::mpsc;
 
 pub use msg::{Command, Msg};
@@ -105,6 +105,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watchers = client::spawn_watchers(&options.agents, tx.clone());
     spawn_keyboard(tx.clone());
+    let stop = spawn_stop_signals(tx.clone());
     let ticks = tx.clone();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -179,12 +180,47 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    ratatui::restore();
+    if HUNG_UP.load(std::sync::atomic::Ordering::SeqCst) {
+        // The terminal is gone: restoring it fails, and ratatui reports
+        // that on stderr (the same closed terminal), which panics before
+        // the demo could stop its agents and remove its folder.
+        std::mem::forget(terminal);
+    } else {
+        drop(terminal);
+        ratatui::restore();
+    }
     ticker.abort();
+    stop.abort();
     for w in watchers {
         w.abort();
     }
     result
+}
+
+/// The terminal hung up: nothing may be written to it any more.
+static HUNG_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A hangup (the terminal closed), SIGTERM or SIGINT ends the console as
+/// `q` does, so what runs after it still runs: the demo stops its agents
+/// and removes its folder instead of dying with them.
+fn spawn_stop_signals(tx: mpsc::UnboundedSender<Msg>) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = hup.recv() => HUNG_UP.store(true, std::sync::atomic::Ordering::SeqCst),
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let quit = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        let _ = tx.send(Msg::Key(quit));
+    })
 }
 
 /// Key presses and resizes come from a blocking read on their own thread.
