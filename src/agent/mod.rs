@@ -558,11 +558,14 @@ impl Agent {
         let mut checks: Vec<proto::AdmissionCheck> =
             checks.iter().map(host::Check::to_proto).collect();
         // What the guest runs as here, which the destination must match.
-        let platform = c1
+        let platform = match c1
             .vm
             .as_ref()
             .and_then(|vm| crate::protocol::cookies::vm_from_proto(vm).ok())
-            .and_then(|spec| self.hypervisor.platform(&spec));
+        {
+            Some(spec) => self.platform_of(spec).await,
+            None => None,
+        };
         if let Some(platform) = &platform {
             checks.push(proto::AdmissionCheck {
                 name: "machine type".into(),
@@ -623,6 +626,19 @@ impl Agent {
         })
     }
 
+    /// What `spec` runs as on this host's hypervisor (QEMU: its versioned
+    /// machine type and CPU model). The first answer runs the QEMU binary
+    /// (`-machine help`, `-cpu help`): off the async threads.
+    async fn platform_of(
+        &self,
+        spec: crate::protocol::VmSpec,
+    ) -> Option<Result<crate::hypervisor::Platform, String>> {
+        let hypervisor = self.hypervisor.clone();
+        tokio::task::spawn_blocking(move || hypervisor.platform(&spec))
+            .await
+            .unwrap_or_else(|e| Some(Err(format!("the platform probe failed: {e}"))))
+    }
+
     /// Peer `CheckPrepare`: every check Prepare would apply to this C1, from
     /// the same code (the machine check included), changing nothing.
     ///
@@ -660,7 +676,7 @@ impl Agent {
                 machine_type: request.machine_type,
                 cpu_model: request.cpu_model,
             };
-            let verdict = match self.hypervisor.platform(&spec) {
+            let verdict = match self.platform_of(spec.clone()).await {
                 None => Err(format!(
                     "{} runs no QEMU ({} hypervisor): it cannot receive {}'s QEMU guest",
                     self.name,

@@ -1164,7 +1164,6 @@ fn last_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
-/// Whether `pid` runs the QEMU binary (so a recycled pid is never killed).
 /// Ask `binary` which machine types and CPU models it has.
 fn probe_offered(binary: &str) -> Result<platform::Offered, String> {
     let ask = |what: &str| {
@@ -1184,6 +1183,7 @@ fn probe_offered(binary: &str) -> Result<platform::Offered, String> {
     })
 }
 
+/// Whether `pid` runs the QEMU binary (so a recycled pid is never killed).
 fn is_qemu(pid: i32, binary: &str) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     let base = Path::new(binary)
