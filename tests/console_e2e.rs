@@ -26,6 +26,12 @@ struct Screen {
 
 impl Screen {
     fn open(cluster: &Cluster) -> Screen {
+        let inventory = cluster.inventory.to_string_lossy().to_string();
+        Screen::run(&["console", "--inventory", &inventory], &[])
+    }
+
+    /// `tern ARGS` in a pty, with `env` besides its own state folder.
+    fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> Screen {
         let pty = native_pty_system()
             .openpty(PtySize {
                 rows: ROWS,
@@ -36,14 +42,13 @@ impl Screen {
             .expect("a pseudo-terminal");
         let state = tempfile::tempdir().unwrap();
         let mut command = CommandBuilder::new(TERN);
-        command.args(["console", "--inventory"]);
-        command.arg(&cluster.inventory);
+        command.args(args);
         command.env("XDG_STATE_HOME", state.path());
         command.env("TERM", "xterm-256color");
-        let child = pty
-            .slave
-            .spawn_command(command)
-            .expect("tern console starts");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = pty.slave.spawn_command(command).expect("tern starts");
         drop(pty.slave);
         let mut reader = pty.master.try_clone_reader().unwrap();
         let writer = pty.master.take_writer().unwrap();
@@ -338,35 +343,8 @@ fn an_operator_repairs_a_degraded_vm_then_moves_it_back_by_keystrokes() {
 /// really gone, restoring it fails too; that path was seen in tmux.)
 #[test]
 fn a_hangup_stops_the_demo_cleanly_and_leaves_no_folder() {
-    let pty = native_pty_system()
-        .openpty(PtySize {
-            rows: ROWS,
-            cols: COLS,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .expect("a pseudo-terminal");
     let tmp = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let mut command = CommandBuilder::new(TERN);
-    command.args(["demo", "--seed", "1"]);
-    command.env("TMPDIR", tmp.path());
-    command.env("XDG_STATE_HOME", state.path());
-    command.env("TERM", "xterm-256color");
-    let mut child = pty.slave.spawn_command(command).expect("tern demo starts");
-    drop(pty.slave);
-    let mut reader = pty.master.try_clone_reader().unwrap();
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
-    let feed = parser.clone();
-    let reading = std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            feed.lock().unwrap().process(&buf[..n]);
-        }
-    });
+    let mut screen = Screen::run(&["demo", "--seed", "1"], &[("TMPDIR", tmp.path())]);
     let folders = || {
         std::fs::read_dir(tmp.path())
             .unwrap()
@@ -374,30 +352,21 @@ fn a_hangup_stops_the_demo_cleanly_and_leaves_no_folder() {
             .filter(|e| e.file_name().to_string_lossy().starts_with("tern-demo-"))
             .count()
     };
-    wait_until(Duration::from_secs(30), "the demo's console", || {
-        parser
-            .lock()
-            .unwrap()
-            .screen()
-            .contents()
-            .contains("agents 4/4")
-    });
+    screen.wait_for("the demo's console", |text| text.contains("agents 4/4"));
     assert_eq!(folders(), 1, "the demo keeps its state in one folder");
     // What the kernel sends when the terminal goes away.
-    let pid = child.process_id().expect("the child's pid") as i32;
+    let pid = screen.child.process_id().expect("the child's pid") as i32;
     unsafe {
         libc::kill(pid, libc::SIGHUP);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = screen.child.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "tern did not end on the hangup");
         std::thread::sleep(Duration::from_millis(50));
     };
-    drop(pty.master);
-    let _ = reading.join();
     assert!(status.success(), "{status:?}");
     assert_eq!(folders(), 0, "the demo's folder outlived it");
 }
