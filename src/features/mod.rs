@@ -18,6 +18,7 @@ use crate::protocol::{FeatureSpec, Stage, StageOutcome};
 
 pub mod exec;
 pub mod faults;
+pub mod links;
 pub mod port_profile;
 pub mod registry;
 mod settings;
