@@ -61,6 +61,14 @@ impl Links {
 
     /// The index of link `name`, if there is one.
     pub async fn index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        Ok(self.link(name).await?.map(|l| l.header.index))
+    }
+
+    /// Link `name` as the kernel reports it, if there is one.
+    async fn link(
+        &self,
+        name: &str,
+    ) -> Result<Option<rtnetlink::packet_route::link::LinkMessage>, LinkError> {
         check_name(name)?;
         let mut links = self
             .handle
@@ -69,7 +77,7 @@ impl Links {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Ok(link) => Ok(link),
             // No such device: the kernel answers the by-name query with ENODEV.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(LinkError(format!("cannot look up link {name}: {e}"))),
@@ -189,20 +197,8 @@ impl Links {
     /// Where link `name` is: its bridge, whether it is up, its PVID.
     /// `None` when there is no such link.
     pub async fn port(&self, name: &str) -> Result<Option<Port>, LinkError> {
-        check_name(name)?;
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link = match links.try_next().await {
-            Ok(Some(link)) => link,
-            Ok(None) => return Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                return Ok(None);
-            }
-            Err(e) => return Err(LinkError(format!("cannot read link {name}: {e}"))),
+        let Some(link) = self.link(name).await? else {
+            return Ok(None);
         };
         let up = link.header.flags.contains(LinkFlags::Up);
         let controller = link.attributes.iter().find_map(|a| match a {
