@@ -429,6 +429,7 @@ pub fn c4_committed() -> proto::Cookie4 {
         error: String::new(),
         lost: false,
         ready_for_switchover: false,
+        verify: Vec::new(),
     }
 }
 

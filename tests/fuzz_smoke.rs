@@ -240,7 +240,7 @@ fn write_cookie_seeds() {
     use prost::Message;
     use tern::proto;
     use tern::protocol::cookies;
-    use tern::protocol::machine::{Disk, DiskFormat, Nic, QemuMachine};
+    use tern::protocol::machine::{Disk, DiskFormat, Nic, QemuMachine, Vsi};
     use tern::protocol::{Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 
     let c1 = cookies::cookie1(
@@ -273,6 +273,13 @@ fn write_cookie_seeds() {
                 nics: vec![Nic {
                     mac: "52:54:00:12:34:56".into(),
                     network: "lan".into(),
+                    vlan: Some(100),
+                    vsi: Some(Vsi {
+                        manager_id: 0,
+                        type_id: 5,
+                        type_version: 1,
+                        instance: "6b3a0f2c-2d1e-4c55-9a3b-0e7d2f8c1a44".into(),
+                    }),
                 }],
                 legacy_args: Vec::new(),
             }),
@@ -353,6 +360,7 @@ fn write_cookie_seeds() {
             finish: proto::StepStatus::Failed as i32,
             rollback: proto::StepStatus::Skipped as i32,
             release: proto::StepStatus::Ok as i32,
+            verify: proto::StepStatus::Skipped as i32,
             error: "finish: exit 1".into(),
             detail: String::new(),
         }],

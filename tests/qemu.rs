@@ -825,6 +825,8 @@ fn prepare_refuses_a_machine_the_destination_does_not_allow_and_starts_no_qemu()
                 nics: vec![Nic {
                     mac: "52:54:00:00:00:01".into(),
                     network: "dmz".into(),
+                    vlan: None,
+                    vsi: None,
                 }],
                 ..QemuMachine::default()
             },

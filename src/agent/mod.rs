@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::{AgentConfig, Inventory, TlsConfig};
+use crate::features::NicPort;
 use crate::features::registry::FeatureRegistry;
 use crate::host::{
     self, Control, Evacuation, EvacuationRequest, HostCore, PeerCall, PeerResponse, Refusal,
@@ -220,6 +221,11 @@ impl Agent {
             name: config.name.clone(),
             hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
             migration_hosts: migration_hosts(&inventory, hypervisor.kind()),
+            verifying: features
+                .names()
+                .into_iter()
+                .filter(|n| features.get(n).is_some_and(|d| d.verifies()))
+                .collect(),
             features: features
                 .names()
                 .into_iter()
@@ -279,9 +285,17 @@ impl Agent {
             if guest.state == GuestState::Incoming {
                 continue;
             }
+            let mut nics = NicPort::of(&guest.spec);
+            shell::place_nics(self.hypervisor.as_ref(), &guest.spec.name, &mut nics);
             for feature in &guest.spec.features {
-                if let Some(driver) = self.features.get(&feature.name) {
-                    driver.adopt(&guest.spec.name).await;
+                if let Some(driver) = self.features.get(&feature.name)
+                    && let Err(e) = driver.adopt(&guest.spec.name, &nics).await
+                {
+                    tracing::warn!(
+                        vm = guest.spec.name,
+                        feature = feature.name,
+                        "the guest runs here, but its feature is not in place: {e}"
+                    );
                 }
             }
         }

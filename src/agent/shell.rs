@@ -15,10 +15,11 @@ use tracing::Instrument;
 
 use super::journal::Journal;
 use super::{Agent, JOURNAL_FAILED_EXIT, Msg, now_ms};
+use crate::features::{GuestNet, GuestNetwork, NicPort};
 use crate::host::{
     Action, Entry, Event, HostCore, Input, JournalImage, Level, Op, OpError, OpId, OpOutput,
 };
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::proto;
 
 /// How often the agent applies retention (besides when it starts).
@@ -370,11 +371,15 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
             .map(|()| OpOutput::Done)
             .map_err(op_error),
         Op::Status { vm } => Ok(OpOutput::Status(hv.status(&vm).await)),
-        Op::Stage(ctx) => match agent.features.get(&ctx.feature.name) {
-            Some(driver) => crate::features::run_stage(driver.as_ref(), &ctx)
-                .await
-                .map(OpOutput::Stage)
-                .map_err(OpError::Failed),
+        Op::Stage(mut ctx) => match agent.features.get(&ctx.feature.name) {
+            Some(driver) => {
+                place_nics(hv.as_ref(), &ctx.vm, &mut ctx.nics);
+                ctx.guest = Some(GuestNet(Arc::new(HypervisorNet(hv.clone()))));
+                crate::features::run_stage(driver.as_ref(), &ctx)
+                    .await
+                    .map(OpOutput::Stage)
+                    .map_err(OpError::Failed)
+            }
             None => Err(OpError::Failed(format!(
                 "feature {} is not configured on {}",
                 ctx.feature.name, agent.name
@@ -383,6 +388,27 @@ async fn run_op(agent: Arc<Agent>, op: OpId, what: Op) {
         Op::ListGuests => Ok(OpOutput::Guests(hv.guests().await)),
     };
     let _ = agent.core.send(Msg::Input(Input::OpDone { op, result }));
+}
+
+/// Where this host puts each of a guest's NICs (its bridge, its tap).
+pub(crate) fn place_nics(hv: &dyn Hypervisor, vm: &str, nics: &mut [NicPort]) {
+    for nic in nics {
+        hv.place_nic(vm, nic);
+    }
+}
+
+/// The hypervisor as the feature drivers see a guest's network.
+pub(crate) struct HypervisorNet(pub Arc<dyn Hypervisor>);
+
+#[async_trait::async_trait]
+impl GuestNetwork for HypervisorNet {
+    async fn announce(&self, vm: &str) -> Result<(), String> {
+        self.0.announce(vm).await.map_err(|e| e.to_string())
+    }
+
+    fn taps(&self, vm: &str) -> Vec<String> {
+        self.0.taps(vm)
+    }
 }
 
 /// Run a transfer (`run` gets the progress channel), forwarding its

@@ -502,6 +502,7 @@ mod tests {
                 finish: proto::StepStatus::Failed as i32,
                 rollback: proto::StepStatus::Ok as i32,
                 release: proto::StepStatus::Pending as i32,
+                verify: proto::StepStatus::Skipped as i32,
                 error: "finish: switch refused".into(),
                 detail: String::new(),
             }],

@@ -196,6 +196,7 @@ fn cookies(
         }));
         out.push(describe(&proto::Cookie4 {
             ready_for_switchover: false,
+            verify: Vec::new(),
             protocol_version: PROTOCOL_VERSION,
             attempt_id,
             committed: !failed,

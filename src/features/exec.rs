@@ -331,6 +331,8 @@ mod tests {
             stage,
             attempt_id: "att-7".into(),
             migration_id: "mig-3".into(),
+            nics: Vec::new(),
+            guest: None,
         }
     }
 

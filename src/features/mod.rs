@@ -7,6 +7,7 @@
 //! | `finish`   | Finish, before the guest resumes  | destination |
 //! | `rollback` | failure or abort before commit    | destination |
 //! | `release`  | Confirm after commit              | source      |
+//! | `verify`   | after the guest resumed           | destination |
 //!
 //! Every stage is idempotent: running it twice leaves the same state as once,
 //! which is what lets recovery re-run a stage whose result was lost in a crash.
@@ -14,6 +15,9 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
+pub use crate::protocol::machine::NicPort;
 use crate::protocol::{FeatureSpec, Stage, StageOutcome};
 
 pub mod exec;
@@ -36,6 +40,33 @@ pub struct StageContext {
     pub stage: Stage,
     pub attempt_id: String,
     pub migration_id: String,
+    /// The VM's NICs as this host resolves them (empty for a guest without).
+    pub nics: Vec<NicPort>,
+    /// The hypervisor's hand on the guest's network, where it has one.
+    pub guest: Option<GuestNet>,
+}
+
+/// What a driver may ask of the hypervisor about a guest's network.
+#[async_trait]
+pub trait GuestNetwork: Send + Sync {
+    /// Have the guest's NICs announced on the wire (gratuitous ARP/RARP),
+    /// so that switches learn their MACs on the ports they are on now. A
+    /// paused guest's announcement leaves when it resumes.
+    async fn announce(&self, vm: &str) -> Result<(), String>;
+    /// Every tap a guest of this name may have on this host, whether or
+    /// not it exists: what a rollback or release that no longer knows the
+    /// VM's NICs removes.
+    fn taps(&self, vm: &str) -> Vec<String>;
+}
+
+/// A shared [`GuestNetwork`], printable in a [`StageContext`].
+#[derive(Clone)]
+pub struct GuestNet(pub Arc<dyn GuestNetwork>);
+
+impl std::fmt::Debug for GuestNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuestNet")
+    }
 }
 
 /// Feature state a host holds for a VM (e.g. a port-profile association):
@@ -79,6 +110,18 @@ pub trait Feature: Send + Sync {
     async fn rollback(&self, ctx: &StageContext) -> StageOutcome;
     async fn release(&self, ctx: &StageContext) -> StageOutcome;
 
+    /// Whether this driver checks its work after the guest resumed.
+    fn verifies(&self) -> bool {
+        false
+    }
+
+    /// Check, after the guest resumed on this host, that what prepare and
+    /// finish set up is in place and working. Only called where
+    /// [`Feature::verifies`]; a failure makes the outcome degraded.
+    async fn verify(&self, _ctx: &StageContext) -> StageOutcome {
+        Ok("nothing to verify".into())
+    }
+
     /// State this host holds for VMs through this feature.
     fn held_state(&self) -> Vec<HeldState> {
         Vec::new()
@@ -86,7 +129,11 @@ pub trait Feature: Send + Sync {
 
     /// Mark a VM that starts on this host (from the config, or after recovery)
     /// as holding this feature's state here, as if prepare and finish ran.
-    async fn adopt(&self, _vm: &str) {}
+    /// `nics` are the VM's NICs as this host places them. An error is
+    /// logged: the guest runs anyway.
+    async fn adopt(&self, _vm: &str, _nics: &[NicPort]) -> Result<(), String> {
+        Ok(())
+    }
 
     /// The fault injection in force, for drivers that support it.
     fn faults(&self) -> Option<Faults> {
@@ -109,5 +156,6 @@ pub async fn run_stage(feature: &dyn Feature, ctx: &StageContext) -> StageOutcom
         Stage::Finish => feature.finish(ctx).await,
         Stage::Rollback => feature.rollback(ctx).await,
         Stage::Release => feature.release(ctx).await,
+        Stage::Verify => feature.verify(ctx).await,
     }
 }

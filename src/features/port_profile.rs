@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use super::faults::{FaultInjector, faults_from_settings};
 use super::settings::{check_known_keys, optional_str};
-use super::{Faults, Feature, HeldState, StageContext};
+use super::{Faults, Feature, HeldState, NicPort, StageContext};
 use crate::protocol::{Stage, StageOutcome};
 
 /// The driver kind, as `driver = "port-profile"` names it.
@@ -259,8 +259,9 @@ impl Feature for PortProfile {
             .collect()
     }
 
-    async fn adopt(&self, vm: &str) {
+    async fn adopt(&self, vm: &str, _nics: &[NicPort]) -> Result<(), String> {
         self.switch.adopt(vm, vm);
+        Ok(())
     }
 
     fn faults(&self) -> Option<Faults> {
@@ -303,6 +304,8 @@ mod tests {
             stage,
             attempt_id: "a-1".into(),
             migration_id: "m-1".into(),
+            nics: Vec::new(),
+            guest: None,
         }
     }
 
@@ -416,8 +419,8 @@ mod tests {
     #[tokio::test]
     async fn release_disassociates_the_source_port() {
         let pp = driver("switch_name = \"tor-rack-7\"");
-        pp.adopt("db-01").await;
-        pp.adopt("web-01").await;
+        pp.adopt("db-01", &[]).await.unwrap();
+        pp.adopt("web-01", &[]).await.unwrap();
         let detail = run(&pp, "web-01", Stage::Release).await.unwrap();
         assert_eq!(
             detail,
@@ -429,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn fail_rollback_keeps_the_association_for_a_later_retry() {
         let pp = driver("fail_rollback = true");
-        pp.adopt("web-01").await;
+        pp.adopt("web-01", &[]).await.unwrap();
         let err = run(&pp, "web-01", Stage::Rollback).await.unwrap_err();
         assert_eq!(
             err,

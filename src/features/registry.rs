@@ -155,6 +155,8 @@ mod tests {
             stage,
             attempt_id: "a".into(),
             migration_id: "m".into(),
+            nics: Vec::new(),
+            guest: None,
         }
     }
 
@@ -240,8 +242,18 @@ mod tests {
     async fn held_state_covers_every_feature_and_clones_share_it() {
         let registry = FeatureRegistry::from_config("hv-a", &config(TWO_FEATURES)).unwrap();
         let clone = registry.clone();
-        clone.get("port-profile").unwrap().adopt("web-01").await;
-        clone.get("audit-hook").unwrap().adopt("web-01").await;
+        clone
+            .get("port-profile")
+            .unwrap()
+            .adopt("web-01", &[])
+            .await
+            .unwrap();
+        clone
+            .get("audit-hook")
+            .unwrap()
+            .adopt("web-01", &[])
+            .await
+            .unwrap();
         assert_eq!(
             registry.held_state(),
             [HeldState {

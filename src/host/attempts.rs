@@ -10,7 +10,7 @@ use super::{
     Action, CallKind, Entry, Event, HostCore, Internal, Level, Op, OpEntry, OpError, OpId, OpKind,
     OpOutput, Owner, PeerCall, PeerResponse, Response,
 };
-use crate::features::StageContext;
+use crate::features::{NicPort, StageContext};
 use crate::hypervisor::GuestState;
 use crate::proto;
 use crate::protocol::destination::{
@@ -569,6 +569,10 @@ impl HostCore {
                     "nothing to undo: {} has no driver on {host}",
                     spec.name
                 )),
+                Stage::Verify => Ok(format!(
+                    "nothing to verify: {} has no driver on {host}",
+                    spec.name
+                )),
             };
             self.internal.push_back((
                 owner,
@@ -587,6 +591,8 @@ impl HostCore {
             stage,
             attempt_id: attempt_id.to_string(),
             migration_id: migration_id.to_string(),
+            nics: NicPort::of(vm),
+            guest: None,
         };
         let deadline = self.cfg.deadlines.stage_ms;
         self.run(

@@ -126,6 +126,9 @@ pub struct Config {
     pub migration_hosts: BTreeMap<String, String>,
     /// The features this host has drivers for: name → driver.
     pub features: BTreeMap<String, String>,
+    /// The features whose drivers check their work after a guest resumed
+    /// here (`Feature::verifies`).
+    pub verifying: BTreeSet<String>,
     pub capacity: HostCapacity,
     pub timing: Timing,
     pub deadlines: Deadlines,

@@ -352,6 +352,10 @@ impl HostCore {
                     stage,
                     attempt_id: p.attempt_id.clone(),
                     migration_id: p.migration_id.clone(),
+                    // Not kept with the pending work: drivers undo by the
+                    // VM's name (GuestNetwork::taps).
+                    nics: Vec::new(),
+                    guest: None,
                 };
                 self.run(
                     owner,

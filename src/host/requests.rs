@@ -447,6 +447,12 @@ impl HostCore {
                 "C1 could not be read on {name}"
             )));
         };
+        let verifiers = incoming
+            .vm
+            .features
+            .iter()
+            .map(|f| self.cfg.verifying.contains(&f.name))
+            .collect();
         DestinationAttempt::prepare(
             incoming,
             &name,
@@ -456,6 +462,10 @@ impl HostCore {
             self.cfg.timing,
             self.now,
         )
+        .map(|(mut attempt, actions)| {
+            attempt.set_verifiers(verifiers);
+            (attempt, actions)
+        })
         .map_err(prepare_refusal)
     }
 

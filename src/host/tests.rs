@@ -25,6 +25,7 @@ fn config(name: &str) -> Config {
         features: [("port-profile".to_string(), "port-profile".to_string())]
             .into_iter()
             .collect(),
+        verifying: Default::default(),
         capacity: HostCapacity {
             memory_mib: 65_536,
             vcpus: 64,

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::protocol::machine::MachineError;
+use crate::protocol::machine::{MachineError, NicPort};
 use crate::protocol::{TransferStats, VmSpec};
 
 /// What a migration's completion policy asks of the hypervisor for one
@@ -91,6 +91,22 @@ pub trait Hypervisor: Send + Sync {
     /// compares them); `None` where the hypervisor has no such thing.
     fn platform(&self, _spec: &VmSpec) -> Option<Result<Platform, String>> {
         None
+    }
+
+    /// Where a guest's NIC is on this host: the bridge its network is and
+    /// the tap its QEMU opens. A simulated guest has neither.
+    fn place_nic(&self, _vm: &str, _nic: &mut NicPort) {}
+
+    /// Every tap a guest named `vm` may have here (whether or not it
+    /// exists), for a driver that undoes a NIC without knowing the spec.
+    fn taps(&self, _vm: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Have a guest's NICs announce themselves (gratuitous ARP/RARP); a
+    /// paused guest's leave when it resumes. Nothing for a simulated one.
+    async fn announce(&self, _vm: &str) -> Result<(), HypervisorError> {
+        Ok(())
     }
 
     /// Whether this host can take part in post-copy (as a destination

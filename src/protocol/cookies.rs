@@ -8,7 +8,7 @@ use super::bounds::{
     self, BoundsError, IdKind, MAX_ADDRESS_LEN, MAX_FEATURES, MAX_QEMU_BYTES, MAX_TEXT_LEN,
     check_count, check_id, check_name, check_text,
 };
-use super::machine::{Disk, DiskFormat, MachineError, Nic, QemuMachine};
+use super::machine::{Disk, DiskFormat, MachineError, Nic, QemuMachine, Vsi};
 use super::{FeatureSpec, Mode, PROTOCOL_VERSION, StepStatus, VmSpec};
 use crate::proto;
 use crate::protocol::record::{CookieRecord, mode_from_proto, status_from_proto, status_to_proto};
@@ -355,6 +355,13 @@ fn machine_to_proto(m: &QemuMachine) -> proto::QemuMachine {
             .map(|n| proto::Nic {
                 mac: n.mac.clone(),
                 network: n.network.clone(),
+                vlan: n.vlan.map(u32::from).unwrap_or_default(),
+                vsi: n.vsi.as_ref().map(|v| proto::Vsi {
+                    manager_id: v.manager_id.into(),
+                    type_id: v.type_id,
+                    type_version: v.type_version.into(),
+                    instance: v.instance.clone(),
+                }),
             })
             .collect(),
     }
@@ -393,12 +400,43 @@ fn machine_from_proto(m: &proto::QemuMachine) -> Result<QemuMachine, MachineErro
         nics: m
             .nics
             .iter()
-            .map(|n| Nic {
-                mac: n.mac.clone(),
-                network: n.network.clone(),
-            })
-            .collect(),
+            .enumerate()
+            .map(|(i, n)| nic_from_proto(i, n))
+            .collect::<Result<_, _>>()?,
         legacy_args: Vec::new(),
+    })
+}
+
+/// A NIC from the wire; numbers too wide for their field are refused
+/// rather than cut (QemuMachine::check refuses the rest).
+fn nic_from_proto(i: usize, n: &proto::Nic) -> Result<Nic, MachineError> {
+    let narrow = |field: &str, value: u32| {
+        MachineError::new(
+            format!("qemu.nics[{i}].{field}"),
+            &value.to_string(),
+            "is out of range",
+        )
+    };
+    let vlan = match n.vlan {
+        0 => None,
+        v => Some(u16::try_from(v).map_err(|_| narrow("vlan", v))?),
+    };
+    let vsi = match &n.vsi {
+        None => None,
+        Some(v) => Some(Vsi {
+            manager_id: u8::try_from(v.manager_id)
+                .map_err(|_| narrow("vsi.manager_id", v.manager_id))?,
+            type_id: v.type_id,
+            type_version: u8::try_from(v.type_version)
+                .map_err(|_| narrow("vsi.type_version", v.type_version))?,
+            instance: v.instance.clone(),
+        }),
+    };
+    Ok(Nic {
+        mac: n.mac.clone(),
+        network: n.network.clone(),
+        vlan,
+        vsi,
     })
 }
 
@@ -579,6 +617,8 @@ mod tests {
                 nics: vec![Nic {
                     mac: "52:54:00:00:00:01".into(),
                     network: "lan".into(),
+                    vlan: None,
+                    vsi: None,
                 }],
                 legacy_args: Vec::new(),
             }),

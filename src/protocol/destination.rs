@@ -392,6 +392,13 @@ pub struct DestinationAttempt {
     recovered: bool,
     #[serde(skip)]
     awaiting: Awaiting,
+    /// Per feature: its driver on this host checks its work after the
+    /// guest resumed ([`DestinationAttempt::set_verifiers`]).
+    #[serde(default)]
+    verifiers: Vec<bool>,
+    /// The feature whose verify stage runs.
+    #[serde(default)]
+    verifying: Option<usize>,
 }
 
 impl DestinationAttempt {
@@ -440,6 +447,8 @@ impl DestinationAttempt {
             switched_over: false,
             recovered: false,
             awaiting: Awaiting::Nothing,
+            verifiers: Vec::new(),
+            verifying: None,
         };
         let actions = vec![attempt.journal(), DestinationAction::StartIncoming];
         Ok((attempt, actions))
@@ -843,6 +852,7 @@ impl DestinationAttempt {
             (DestinationState::RollingBack { queue }, Stage::Rollback) => {
                 self.awaiting == Awaiting::Nothing && queue.first() == Some(&feature)
             }
+            (DestinationState::Committed, Stage::Verify) => self.verifying == Some(feature),
             _ => false,
         }
     }
@@ -906,6 +916,9 @@ impl DestinationAttempt {
                 actions
             }
             Stage::Release => Vec::new(),
+            // A failed check is recorded, never undone: the guest runs here
+            // now, and the outcome is degraded.
+            Stage::Verify => self.verify_from(feature + 1),
         }
     }
 
@@ -973,11 +986,48 @@ impl DestinationAttempt {
         vec![self.journal(), DestinationAction::ResumeGuest]
     }
 
-    /// The guest runs here: close the attempt and answer.
+    /// Which features' drivers on this host verify their work after the
+    /// guest resumed (in the order of the VM's features); none by default.
+    pub fn set_verifiers(&mut self, verifiers: Vec<bool>) {
+        self.verifiers = verifiers;
+    }
+
+    /// The guest runs here: close the attempt, verify, and answer.
     fn commit_done(&mut self) -> Vec<DestinationAction> {
         self.guest_resumed = true;
         self.awaiting = Awaiting::Nothing;
         let mut actions = vec![self.journal()];
+        actions.extend(self.verify_from(0));
+        actions
+    }
+
+    /// Run the next verify stage from feature `from` on: only of features
+    /// whose driver verifies and whose prepare and finish succeeded here
+    /// (there is nothing of the others to check). Then answer.
+    fn verify_from(&mut self, from: usize) -> Vec<DestinationAction> {
+        let next = (from..self.features.len()).find(|&i| {
+            self.verifiers.get(i).copied().unwrap_or(false)
+                && self.features[i].prepare == StepStatus::Ok
+                && self.features[i].finish == StepStatus::Ok
+        });
+        if let Some(feature) = next {
+            self.verifying = Some(feature);
+            self.features[feature].verify = StepStatus::Running;
+            return vec![DestinationAction::RunStage {
+                feature,
+                stage: Stage::Verify,
+            }];
+        }
+        self.verifying = None;
+        for f in &mut self.features {
+            if f.verify == StepStatus::Pending {
+                f.verify = StepStatus::Skipped;
+            }
+        }
+        let mut actions = Vec::new();
+        if from > 0 {
+            actions.push(self.journal());
+        }
         if self.waiter == Waiter::Finish {
             actions.push(DestinationAction::ReplyFinish(self.cookie4()));
         }
@@ -1242,6 +1292,7 @@ impl DestinationAttempt {
             committed,
             finish: self.results(Stage::Finish),
             rollback: self.results(Stage::Rollback),
+            verify: self.results(Stage::Verify),
             error: if committed && self.lost.is_none() {
                 String::new()
             } else {

@@ -94,7 +94,77 @@ pub struct Nic {
     pub mac: String,
     /// A network of the host's `[hypervisor.networks]`.
     pub network: String,
+    /// The VLAN its port is in (1 to 4094), on the bridge driver's bridge
+    /// and in the vdp driver's filter; none: untagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// Its 802.1Qbg virtual station interface, for the vdp driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsi: Option<Vsi>,
 }
+
+/// One NIC of a VM as the host running a feature stage sees it: what the
+/// VM spec says (MAC, network, VLAN, VSI) and what this host makes of it
+/// (the bridge its network is here, the tap QEMU opens for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicPort {
+    /// Its place in the spec's list, for messages (`qemu.nics[0]`).
+    pub index: usize,
+    /// Lowercase, `52:54:00:12:34:56`.
+    pub mac: String,
+    pub network: String,
+    pub vlan: Option<u16>,
+    pub vsi: Option<Vsi>,
+    /// The bridge this host's config gives its network; none where the
+    /// network is not one of this host's, or the hypervisor has no bridges.
+    pub bridge: Option<String>,
+    /// The tap the guest's QEMU opens for it; none for a simulated guest.
+    pub tap: Option<String>,
+}
+
+impl NicPort {
+    /// The NICs of `spec`, before a host placed them.
+    pub fn of(spec: &super::VmSpec) -> Vec<NicPort> {
+        let Some(machine) = &spec.qemu else {
+            return Vec::new();
+        };
+        machine
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| NicPort {
+                index,
+                mac: nic.mac.to_ascii_lowercase(),
+                network: nic.network.clone(),
+                vlan: nic.vlan,
+                vsi: nic.vsi.clone(),
+                bridge: None,
+                tap: None,
+            })
+            .collect()
+    }
+}
+
+/// An 802.1Qbg VSI: what the adjacent switch looks the port's profile up
+/// by (libvirt's `<virtualport type='802.1Qbg'>` parameters). The instance
+/// stays the same wherever the VM runs: it names this port of this VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsi {
+    /// VSI manager id (0 to 255).
+    #[serde(default)]
+    pub manager_id: u8,
+    /// VSI type id (0 to 16777215).
+    pub type_id: u32,
+    /// VSI type version (0 to 255).
+    #[serde(default)]
+    pub type_version: u8,
+    /// VSI instance id, a UUID.
+    pub instance: String,
+}
+
+/// The largest VSI type id: 24 bits.
+pub const MAX_VSI_TYPE_ID: u32 = 0x00ff_ffff;
 
 /// A field of a machine that is refused, and why, in the words of the
 /// config: `qemu.disks[1].storage "scratch" is not a storage of hv-b (it
@@ -218,9 +288,44 @@ impl QemuMachine {
                 &nic.network,
                 "a network name",
             )?;
+            if let Some(vlan) = nic.vlan
+                && !(1..=4094).contains(&vlan)
+            {
+                return Err(MachineError::new(
+                    format!("qemu.nics[{i}].vlan"),
+                    &vlan.to_string(),
+                    "is not a VLAN id (1 to 4094)",
+                ));
+            }
+            if let Some(vsi) = &nic.vsi {
+                if vsi.type_id > MAX_VSI_TYPE_ID {
+                    return Err(MachineError::new(
+                        format!("qemu.nics[{i}].vsi.type_id"),
+                        &vsi.type_id.to_string(),
+                        "is not a VSI type id (0 to 16777215)",
+                    ));
+                }
+                if !is_uuid(&vsi.instance) {
+                    return Err(MachineError::new(
+                        format!("qemu.nics[{i}].vsi.instance"),
+                        &vsi.instance,
+                        "is not a UUID like 6b3a0f2c-2d1e-4c55-9a3b-0e7d2f8c1a44",
+                    ));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// `8-4-4-4-12` hexadecimal digits.
+fn is_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// A machine type, storage id or network name: letters, digits, '.', '_'
@@ -342,6 +447,8 @@ mod tests {
             nics: vec![Nic {
                 mac: "52:54:00:12:34:56".into(),
                 network: "lan".into(),
+                vlan: None,
+                vsi: None,
             }],
             ..QemuMachine::default()
         }
@@ -462,6 +569,8 @@ mod tests {
             m.nics.push(Nic {
                 mac: "52:54:00:12:34:56".to_uppercase(),
                 network: "lan".into(),
+                vlan: None,
+                vsi: None,
             })
         });
         assert!(err.starts_with("qemu.nics[1].mac"), "{err}");

@@ -94,7 +94,9 @@ impl Phase {
 }
 
 /// A feature stage. `Prepare`, `Finish` and `Rollback` run on the destination,
-/// `Release` on the source after commit.
+/// `Release` on the source after commit. `Verify` runs on the destination
+/// after the guest resumed there, for drivers that can check their work
+/// (a failed verification makes the outcome degraded, in either mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
@@ -102,6 +104,7 @@ pub enum Stage {
     Finish,
     Rollback,
     Release,
+    Verify,
 }
 
 impl Stage {
@@ -111,6 +114,7 @@ impl Stage {
             Stage::Finish => "finish",
             Stage::Rollback => "rollback",
             Stage::Release => "release",
+            Stage::Verify => "verify",
         }
     }
 
@@ -120,6 +124,7 @@ impl Stage {
             "finish" => Some(Stage::Finish),
             "rollback" => Some(Stage::Rollback),
             "release" => Some(Stage::Release),
+            "verify" => Some(Stage::Verify),
             _ => None,
         }
     }

@@ -31,6 +31,10 @@ pub struct FeatureRecord {
     pub finish: StepStatus,
     pub rollback: StepStatus,
     pub release: StepStatus,
+    /// The driver's check after the guest resumed on the destination;
+    /// skipped for drivers that have none.
+    #[serde(default = "skipped")]
+    pub verify: StepStatus,
     /// The first failure's detail, for an operator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -49,6 +53,7 @@ impl FeatureRecord {
             finish: StepStatus::Pending,
             rollback: StepStatus::Pending,
             release: StepStatus::Pending,
+            verify: StepStatus::Pending,
             error: None,
             uncertain: false,
         }
@@ -60,6 +65,7 @@ impl FeatureRecord {
             Stage::Finish => self.finish,
             Stage::Rollback => self.rollback,
             Stage::Release => self.release,
+            Stage::Verify => self.verify,
         }
     }
 
@@ -69,6 +75,7 @@ impl FeatureRecord {
             Stage::Finish => &mut self.finish,
             Stage::Rollback => &mut self.rollback,
             Stage::Release => &mut self.release,
+            Stage::Verify => &mut self.verify,
         };
         *slot = status;
     }
@@ -77,7 +84,7 @@ impl FeatureRecord {
     /// stays pending where `rollback_awaited` (the destination has yet to
     /// report it).
     pub fn skip_unrun(&mut self, rollback_awaited: bool) {
-        for stage in [Stage::Prepare, Stage::Finish, Stage::Release] {
+        for stage in [Stage::Prepare, Stage::Finish, Stage::Release, Stage::Verify] {
             if matches!(self.stage(stage), StepStatus::Pending | StepStatus::Running) {
                 self.set_stage(stage, StepStatus::Skipped);
             }
@@ -217,6 +224,7 @@ impl MigrationRecord {
             [
                 Stage::Prepare,
                 Stage::Finish,
+                Stage::Verify,
                 Stage::Rollback,
                 Stage::Release,
             ]
@@ -322,14 +330,21 @@ impl MigrationRecord {
     /// A feature failed its prepare or finish stage: what makes a moved VM
     /// degraded (with an error the agent recorded).
     pub fn has_failed_feature_stage(&self) -> bool {
-        self.features
-            .iter()
-            .any(|f| f.prepare == StepStatus::Failed || f.finish == StepStatus::Failed)
+        self.features.iter().any(|f| {
+            f.prepare == StepStatus::Failed
+                || f.finish == StepStatus::Failed
+                || f.verify == StepStatus::Failed
+        })
     }
 
     pub fn is_finished(&self) -> bool {
         matches!(self.outcome, Some(o) if o != Outcome::Unresolved)
     }
+}
+
+/// A stage that records from before it existed did not run.
+fn skipped() -> StepStatus {
+    StepStatus::Skipped
 }
 
 // ---- protobuf conversions -------------------------------------------------
@@ -557,6 +572,7 @@ impl From<&MigrationRecord> for proto::MigrationRecord {
                     finish: status_to_proto(f.finish) as i32,
                     rollback: status_to_proto(f.rollback) as i32,
                     release: status_to_proto(f.release) as i32,
+                    verify: status_to_proto(f.verify) as i32,
                     error: f.error.clone().unwrap_or_default(),
                     detail: String::new(),
                 })
@@ -646,6 +662,7 @@ impl From<&proto::MigrationRecord> for MigrationRecord {
                     finish: status_from_proto(f.finish),
                     rollback: status_from_proto(f.rollback),
                     release: status_from_proto(f.release),
+                    verify: status_from_proto(f.verify),
                     error: (!f.error.is_empty()).then(|| f.error.clone()),
                     uncertain: false,
                 })

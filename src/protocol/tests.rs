@@ -876,7 +876,7 @@ impl World {
                                 Stage::Rollback => {
                                     self.dst_features.remove(feature);
                                 }
-                                Stage::Release => {}
+                                Stage::Release | Stage::Verify => {}
                             }
                         }
                     }

@@ -139,6 +139,7 @@ pub fn stage_index(stage: Stage) -> usize {
         Stage::Finish => 1,
         Stage::Rollback => 2,
         Stage::Release => 3,
+        Stage::Verify => 4,
     }
 }
 

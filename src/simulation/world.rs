@@ -773,6 +773,7 @@ impl World {
                 .iter()
                 .map(|f| (f.to_string(), "sim".to_string()))
                 .collect(),
+            verifying: BTreeSet::new(),
             capacity: HostCapacity {
                 memory_mib: spec.memory_mib,
                 vcpus: spec.vcpus,
@@ -1125,6 +1126,7 @@ impl World {
             Stage::Rollback | Stage::Release => {
                 self.hosts[h].switch.remove(&port);
             }
+            Stage::Verify => {}
         }
     }
 

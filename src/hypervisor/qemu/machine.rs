@@ -367,6 +367,8 @@ mod tests {
             nics: vec![Nic {
                 mac: "52:54:00:AB:CD:EF".into(),
                 network: "lan".into(),
+                vlan: None,
+                vsi: None,
             }],
             ..QemuMachine::default()
         }
@@ -467,6 +469,8 @@ mod tests {
                     nics: vec![Nic {
                         mac: "52:54:00:00:00:01".into(),
                         network: "dmz".into(),
+                        vlan: None,
+                        vsi: None,
                     }],
                     ..QemuMachine::default()
                 },
