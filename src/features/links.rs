@@ -5,8 +5,9 @@
 //! goes over rtnetlink. Every operation is idempotent, and every failure
 //! names the link and the host's answer ("bridge br-vm0 does not exist").
 //!
-//! The groundwork of issue 16's `bridge` driver; the driver's stages call
-//! these.
+//! The `bridge` driver's stages call these; the QEMU backend makes and
+//! removes a guest's taps with [`make_tap`] and [`remove_tap`] (plain
+//! ioctls, callable off any runtime).
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -16,6 +17,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{
     AfSpecBridge, BridgeVlanInfoFlags, LinkAttribute, LinkExtentMask, LinkFlags,
 };
+use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
 use rtnetlink::{Handle, LinkBridgeVlan, LinkUnspec};
 
 /// What went wrong with a link, in words an operator can act on.
@@ -217,6 +219,37 @@ impl Links {
         Ok(Some(Port { bridge, up, pvid }))
     }
 
+    /// Whether the bridge of port `name` has learned `mac` on it (the
+    /// forwarding database's dynamic entry: frames from that MAC came in
+    /// through the port).
+    pub async fn learned(&self, name: &str, mac: [u8; 6]) -> Result<bool, LinkError> {
+        let Some(index) = self.index(name).await? else {
+            return Ok(false);
+        };
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        while let Some(entry) = dump
+            .try_next()
+            .await
+            .map_err(|e| LinkError(format!("cannot read the bridges' forwarding tables: {e}")))?
+        {
+            if entry.header.ifindex != index || entry.header.state == NeighbourState::Permanent {
+                continue;
+            }
+            let learned = entry.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::LinkLayerAddress(address) if address[..] == mac[..])
+            });
+            if learned {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     async fn name_of(&self, index: u32) -> Result<String, LinkError> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let link = links
@@ -302,9 +335,29 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
 /// Make `name` a persistent tap: it outlives this file descriptor until it
-/// is removed, and QEMU opens it by name (`-netdev tap,ifname=…`).
-fn make_tap(name: &str) -> Result<(), LinkError> {
+/// is removed, and QEMU opens it by name (`-netdev tap,ifname=…`). One that
+/// exists already is left as it is.
+pub fn make_tap(name: &str) -> Result<(), LinkError> {
     check_name(name)?;
+    if std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Ok(());
+    }
+    set_persist(name, true)
+}
+
+/// Remove the persistent tap `name`: it goes now, or when the last program
+/// holding it (a QEMU) closes it. One that does not exist is not an error.
+pub fn remove_tap(name: &str) -> Result<(), LinkError> {
+    check_name(name)?;
+    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Ok(());
+    }
+    set_persist(name, false)
+}
+
+/// Attach to tap `name` (creating it if there is none) and set whether it
+/// outlives this descriptor.
+fn set_persist(name: &str, persist: bool) -> Result<(), LinkError> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -317,15 +370,21 @@ fn make_tap(name: &str) -> Result<(), LinkError> {
     };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     let fd = tun.as_raw_fd();
+    let what = if persist { "make" } else { "remove" };
     // SAFETY: `request` is a live, properly laid out ifreq for the call.
     if unsafe { libc::ioctl(fd, TUNSETIFF, &mut request as *mut IfReq) } < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(LinkError(format!("cannot make tap {name}: {e}")));
+        let why = if e.raw_os_error() == Some(libc::EBUSY) {
+            "a program (a QEMU) holds it".to_string()
+        } else {
+            e.to_string()
+        };
+        return Err(LinkError(format!("cannot {what} tap {name}: {why}")));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(fd, TUNSETPERSIST, libc::c_ulong::from(persist)) } < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(LinkError(format!("cannot make tap {name} persistent: {e}")));
+        return Err(LinkError(format!("cannot {what} tap {name}: {e}")));
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 pub use crate::protocol::machine::NicPort;
 use crate::protocol::{FeatureSpec, Stage, StageOutcome};
 
+pub mod bridge;
 pub mod exec;
 pub mod faults;
 pub mod links;

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::bridge::{self, BridgePorts};
 use super::exec::{self, ExecHook};
 use super::port_profile::{self, PortProfile};
 use super::settings::{DRIVER_KEY, optional_str};
 use super::{Faults, Feature, HeldState};
 
 /// The drivers this build ships, sorted.
-pub const KNOWN_DRIVERS: [&str; 2] = [exec::DRIVER, port_profile::DRIVER];
+pub const KNOWN_DRIVERS: [&str; 3] = [bridge::DRIVER, exec::DRIVER, port_profile::DRIVER];
 
 /// This host's features by name. Cloning shares the drivers (and so their
 /// state and faults).
@@ -49,6 +50,9 @@ impl FeatureRegistry {
             let feature: Arc<dyn Feature> = match driver {
                 port_profile::DRIVER => {
                     Arc::new(PortProfile::from_settings(name, host, settings).map_err(in_section)?)
+                }
+                bridge::DRIVER => {
+                    Arc::new(BridgePorts::from_settings(name, settings).map_err(in_section)?)
                 }
                 exec::DRIVER => {
                     Arc::new(ExecHook::from_settings(name, settings).map_err(in_section)?)

@@ -499,7 +499,8 @@ impl DestinationAttempt {
     pub fn is_finished(&self) -> bool {
         match self.state {
             DestinationState::Committed => {
-                self.guest_resumed || (self.lost.is_some() && self.awaiting == Awaiting::Nothing)
+                (self.guest_resumed && self.verifying.is_none())
+                    || (self.lost.is_some() && self.awaiting == Awaiting::Nothing)
             }
             DestinationState::RolledBack => true,
             _ => false,
@@ -996,8 +997,11 @@ impl DestinationAttempt {
     fn commit_done(&mut self) -> Vec<DestinationAction> {
         self.guest_resumed = true;
         self.awaiting = Awaiting::Nothing;
+        // Journaled with the verification it starts: a restart meanwhile
+        // resumes (a no-op) and verifies again.
+        let then = self.verify_from(0);
         let mut actions = vec![self.journal()];
-        actions.extend(self.verify_from(0));
+        actions.extend(then);
         actions
     }
 

@@ -5,6 +5,8 @@
 /// The test guest for real QEMU migrations (guest/tern-guest.S).
 pub mod guest;
 mod ports;
+/// Real QEMU hosts (tests/qemu.rs, tests/network.rs).
+pub mod qemu;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

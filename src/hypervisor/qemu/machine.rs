@@ -8,12 +8,12 @@
 //! and names, with JSON for the devices, so nothing from the spec is read
 //! as QEMU option syntax.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use serde_json::json;
 
 use crate::config::MachineAllowList;
+use crate::features::links;
 use crate::protocol::VmSpec;
 use crate::protocol::machine::{DiskFormat, MachineError};
 
@@ -223,42 +223,16 @@ pub fn tap_name(seed: &str, vm: &str, index: usize) -> String {
     format!("tn{hash:08x}n{index}")
 }
 
-/// Where a network's bridge is: `Err` names the NIC and the bridge missing
-/// on this host, so Prepare can refuse before a tap is made.
-pub fn check_bridges(resolved: &Resolved, host: &str) -> Result<(), MachineError> {
-    for (i, nic) in resolved.nics.iter().enumerate() {
-        if !Path::new("/sys/class/net")
-            .join(&nic.bridge)
-            .join("bridge")
-            .is_dir()
-        {
-            return Err(MachineError::new(
-                format!("qemu.nics[{i}].network"),
-                &nic.network,
-                format!(
-                    "cannot be joined on {host}: its bridge {} does not exist",
-                    nic.bridge
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Make the taps of `nics`, each attached to its bridge and up. On failure
-/// the ones made are removed again and the error says which step failed.
+/// Make the taps of `nics` (persistent, on no bridge, down: the `bridge`
+/// driver puts each on its network's bridge and opens it when the guest
+/// runs here). On failure the ones made are removed again.
 pub fn create_taps(nics: &[ResolvedNic]) -> Result<(), String> {
     for (i, nic) in nics.iter().enumerate() {
-        // A tap of this name is this guest's, left by an earlier run.
-        let _ = ip(&["link", "del", "dev", &nic.tap]);
-        let made = ip(&["tuntap", "add", "dev", &nic.tap, "mode", "tap"])
-            .and_then(|()| ip(&["link", "set", "dev", &nic.tap, "master", &nic.bridge]))
-            .and_then(|()| ip(&["link", "set", "dev", &nic.tap, "up"]));
-        if let Err(e) = made {
-            remove_taps(nics[..=i].iter().map(|n| n.tap.as_str()));
+        if let Err(e) = links::make_tap(&nic.tap) {
+            remove_taps(nics[..i].iter().map(|n| n.tap.as_str()));
             return Err(format!(
-                "cannot make tap {} on bridge {} for qemu.nics[{i}]: {e}",
-                nic.tap, nic.bridge
+                "cannot make tap {} for qemu.nics[{i}]: {e}",
+                nic.tap
             ));
         }
     }
@@ -268,27 +242,9 @@ pub fn create_taps(nics: &[ResolvedNic]) -> Result<(), String> {
 /// Remove taps; one already gone is not an error.
 pub fn remove_taps<'a>(taps: impl IntoIterator<Item = &'a str>) {
     for tap in taps {
-        let exists = Path::new("/sys/class/net").join(tap).exists();
-        if exists && let Err(e) = ip(&["link", "del", "dev", tap]) {
-            tracing::warn!("cannot remove tap {tap}: {e}");
+        if let Err(e) = links::remove_tap(tap) {
+            tracing::warn!("{e}");
         }
-    }
-}
-
-/// Run `ip ARGS`: its stderr on failure.
-pub fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e} (is iproute2 installed?)"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

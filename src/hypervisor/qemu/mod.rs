@@ -66,7 +66,7 @@ use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
 use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, Platform, TransferPlan};
 use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
-use crate::protocol::machine::MachineError;
+use crate::protocol::machine::{MAX_DEVICES, MachineError, NicPort};
 use crate::protocol::{TransferStage, TransferStats, VmSpec};
 
 /// How often a transfer's progress is read from QEMU.
@@ -1204,9 +1204,31 @@ impl Hypervisor for QemuHypervisor {
         self.settings.capacity
     }
 
+    /// Whether a network's bridge exists here is the `bridge` driver's
+    /// check, in its prepare stage: blocking in safe mode, recorded in fast.
     fn check_spec(&self, spec: &VmSpec) -> Result<(), MachineError> {
-        let resolved = self.resolve(spec)?;
-        machine::check_bridges(&resolved, &self.settings.allowed.host)
+        self.resolve(spec).map(|_| ())
+    }
+
+    fn place_nic(&self, vm: &str, nic: &mut NicPort) {
+        nic.bridge = self.settings.allowed.networks.get(&nic.network).cloned();
+        nic.tap = Some(machine::tap_name(
+            &self.dir.display().to_string(),
+            vm,
+            nic.index,
+        ));
+    }
+
+    fn taps(&self, vm: &str) -> Vec<String> {
+        let seed = self.dir.display().to_string();
+        (0..MAX_DEVICES)
+            .map(|i| machine::tap_name(&seed, vm, i))
+            .collect()
+    }
+
+    async fn announce(&self, vm: &str) -> Result<(), HypervisorError> {
+        let qmp = self.qmp(vm)?;
+        qmp.announce_self().await.map_err(qemu_error)
     }
 
     fn platform(&self, spec: &VmSpec) -> Option<Result<Platform, String>> {

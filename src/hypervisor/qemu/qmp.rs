@@ -702,6 +702,16 @@ impl Qmp {
     }
 
     /// Pause the guest.
+    /// Have the guest's NICs announce themselves: `rounds` gratuitous
+    /// RARPs each, `initial` ms after the call then every `step` ms more.
+    pub async fn announce_self(&self) -> Result<(), QmpError> {
+        self.run(
+            "announce-self",
+            json!({"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+        )
+        .await
+    }
+
     pub async fn stop(&self) -> Result<(), QmpError> {
         self.execute::<IgnoredAny>("stop", None).await.map(drop)
     }
