@@ -202,13 +202,13 @@ mod tests {
         let err = FeatureRegistry::from_config("hv-a", &config("[features.tap0]\n")).unwrap_err();
         assert_eq!(
             err,
-            "[features.tap0]: unknown driver \"tap0\" (known: exec, port-profile)"
+            "[features.tap0]: unknown driver \"tap0\" (known: bridge, exec, port-profile)"
         );
         let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = \"vdp\""))
             .unwrap_err();
         assert_eq!(
             err,
-            "[features.net]: unknown driver \"vdp\" (known: exec, port-profile)"
+            "[features.net]: unknown driver \"vdp\" (known: bridge, exec, port-profile)"
         );
         let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = 1"))
             .unwrap_err();

@@ -609,9 +609,12 @@ impl DestinationAttempt {
     pub fn answer(&self) -> Answer {
         match self.state {
             DestinationState::Committed if self.lost.is_some() => Answer::Lost,
-            DestinationState::Committed if self.guest_resumed => Answer::Committed,
-            // The CPUs are being started, or the switchover is awaited: the
-            // answer is not known yet.
+            DestinationState::Committed if self.guest_resumed && self.verifying.is_none() => {
+                Answer::Committed
+            }
+            // The CPUs are being started, the drivers verify their work (the
+            // answer's C4 carries the verdict), or the switchover is
+            // awaited: the answer is not known yet.
             DestinationState::Committed
             | DestinationState::Finishing { .. }
             | DestinationState::SwitchoverReady => Answer::Pending,
@@ -807,13 +810,16 @@ impl DestinationAttempt {
             }
             DestinationState::Prepared => {}
             // A repeated Finish gets the answer already given.
-            DestinationState::Committed if self.guest_resumed || self.lost.is_some() => {
+            DestinationState::Committed
+                if (self.guest_resumed && self.verifying.is_none()) || self.lost.is_some() =>
+            {
                 return vec![DestinationAction::ReplyFinish(self.cookie4())];
             }
             DestinationState::RolledBack => {
                 return vec![DestinationAction::ReplyFinish(self.cookie4())];
             }
-            // The CPUs are being started: answered once they run (or not).
+            // The CPUs are being started, or the drivers verify their
+            // work: answered once they run (or not), with the verdicts.
             DestinationState::Committed => {
                 self.waiter = Waiter::Finish;
                 return Vec::new();

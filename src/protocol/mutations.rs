@@ -35,10 +35,13 @@ pub enum Mutation {
     /// The source takes the switch to post-copy for one that failed, and
     /// resumes its copy after the switchover.
     ResumeAfterSwitchover,
+    /// The source reads C4's finish results but not its verifications, so
+    /// a move whose network did not come along reads "succeeded".
+    IgnoreVerification,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 9] = [
+    pub const ALL: [Mutation; 10] = [
         Mutation::RollbackOneTooFew,
         Mutation::ResumeOnUnknownOutcome,
         Mutation::CommitAfterNotCommitted,
@@ -48,6 +51,7 @@ impl Mutation {
         Mutation::ReplyBeforeDurable,
         Mutation::AcceptAnyIncomingAddress,
         Mutation::ResumeAfterSwitchover,
+        Mutation::IgnoreVerification,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Mutation {
             Mutation::ReplyBeforeDurable => "reply-before-durable",
             Mutation::AcceptAnyIncomingAddress => "accept-any-incoming-address",
             Mutation::ResumeAfterSwitchover => "resume-after-switchover",
+            Mutation::IgnoreVerification => "ignore-verification",
         }
     }
 

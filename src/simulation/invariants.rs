@@ -12,6 +12,8 @@
 //!    did not simply succeed says why: a cause kind and the host), and a
 //!    destination never commits after answering "not committed" (checked
 //!    at its journal write, in world.rs).
+//!    A verification that failed on the destination makes the outcome
+//!    degraded, never succeeded.
 //! 4. Source and destination journals agree on every attempt, and the guest
 //!    runs where the latest attempt's record says.
 //!
@@ -252,6 +254,31 @@ impl World {
                     found.push(format!(
                         "{} on {} never finished ({:?})",
                         a.attempt_id, host.name, a.state
+                    ));
+                }
+            }
+        }
+
+        // (3b) a failed verification is never read as "succeeded": where a
+        // destination's final record has one, its source's says degraded
+        // (or lost).
+        for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
+            for d in views[h].destinations.values() {
+                let Some(failed) = d.features.iter().find(|f| f.verify == StepStatus::Failed)
+                else {
+                    continue;
+                };
+                let source = self
+                    .hosts
+                    .iter()
+                    .position(|x| x.name == d.source && !x.lost);
+                let record = source.and_then(|s| views[s].sources.get(&d.attempt_id));
+                if let Some(a) = record
+                    && a.record.outcome == Some(Outcome::Succeeded)
+                {
+                    found.push(format!(
+                        "{} succeeded on {} although {}'s verification of {} failed on {} ({:?})",
+                        d.attempt_id, d.source, failed.name, d.vm.name, host.name, failed.error
                     ));
                 }
             }

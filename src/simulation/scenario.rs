@@ -118,8 +118,8 @@ pub struct HostSpec {
     /// Features this host knows (a VM with a mandatory unknown one is refused).
     pub knows: Vec<&'static str>,
     /// Chance per feature stage of failing, by stage: prepare, finish,
-    /// rollback, release.
-    pub fail: [f64; 4],
+    /// rollback, release, verify (every simulated driver verifies).
+    pub fail: [f64; 5],
     /// A feature whose finish stage always fails here (a switch that rejects
     /// ASSOCIATE), if any.
     pub broken: Option<&'static str>,
@@ -170,6 +170,7 @@ impl Scenario {
                         fail_rate,
                         pick(&mut rng, &[0.0, 0.1, 0.5]),
                         pick(&mut rng, &[0.0, 0.1, 0.5]),
+                        pick(&mut rng, &[0.0, 0.0, 0.1, 0.3]),
                     ],
                     broken: rng
                         .random_bool(0.25)

@@ -773,7 +773,7 @@ impl World {
                 .iter()
                 .map(|f| (f.to_string(), "sim".to_string()))
                 .collect(),
-            verifying: BTreeSet::new(),
+            verifying: spec.knows.iter().map(|f| f.to_string()).collect(),
             capacity: HostCapacity {
                 memory_mib: spec.memory_mib,
                 vcpus: spec.vcpus,
