@@ -332,10 +332,11 @@ pub fn record_summary(record: &MigrationRecord) -> String {
             let required = if f.required { "required" } else { "optional" };
             let _ = writeln!(
                 out,
-                "    {} ({required}): prepare {}, finish {}, rollback {}, release {}",
+                "    {} ({required}): prepare {}, finish {}, verify {}, rollback {}, release {}",
                 f.name,
                 f.prepare.as_str(),
                 f.finish.as_str(),
+                f.verify.as_str(),
                 f.rollback.as_str(),
                 f.release.as_str()
             );
@@ -528,7 +529,7 @@ migration m-1: web-01 hv-a -> hv-b (safe), attempt 1
     finish   failed  40 ms
     confirm  ok      2 ms
   features:
-    port-profile (required): prepare ok, finish failed, rollback ok, release pending
+    port-profile (required): prepare ok, finish failed, verify skipped, rollback ok, release pending
       error: finish: switch refused
 ";
         assert_eq!(text, expected);

@@ -2670,7 +2670,7 @@ mod tests {
         };
         assert_eq!(title, "Repair app-02 on hv-c?");
         assert!(
-            lines[0].starts_with("re-run port-profile finish on hv-c")
+            lines[0].starts_with("re-run port-profile finish then verify on hv-c")
                 && lines[0].contains("ASSOCIATE app-02 rejected"),
             "{lines:?}"
         );

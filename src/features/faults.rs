@@ -97,7 +97,8 @@ pub fn decide(faults: &Faults, stage: Stage, roll: f64) -> Result<(), InjectedFa
     }
     // Only the forward stages are flaky: a flaky rollback would make every
     // demo run leave pending rollbacks, which `fail_rollback` asks for explicitly.
-    if !undo && roll < faults.fail_rate {
+    let forward = matches!(stage, Stage::Prepare | Stage::Finish);
+    if forward && roll < faults.fail_rate {
         return Err(InjectedFault(format!("fail_rate = {}", faults.fail_rate)));
     }
     Ok(())

@@ -9,6 +9,7 @@
 //! | `finish`   | ASSOCIATE on the destination     |
 //! | `rollback` | DISASSOCIATE on the destination  |
 //! | `release`  | DISASSOCIATE on the source       |
+//! | `verify`   | the switch's association state   |
 //!
 //! A VM's port profile is named after the VM.
 
@@ -245,6 +246,31 @@ impl Feature for PortProfile {
     async fn release(&self, ctx: &StageContext) -> StageOutcome {
         self.inject(Stage::Release, "DISASSOCIATE", &ctx.vm).await?;
         self.switch.disassociate(&ctx.vm)
+    }
+
+    fn verifies(&self) -> bool {
+        true
+    }
+
+    /// The switch's word that the VM's profile is active on its port.
+    async fn verify(&self, ctx: &StageContext) -> StageOutcome {
+        let vm = &ctx.vm;
+        let switch = &self.switch.name;
+        self.faults
+            .inject(Stage::Verify)
+            .await
+            .map_err(|fault| format!("switch {switch} reports {vm} not associated: {fault}"))?;
+        match self.switch.association(vm) {
+            Some(a) if a.state == AssociationState::Associated => Ok(format!(
+                "switch {switch} reports {vm} associated, profile {}",
+                a.profile
+            )),
+            Some(a) => Err(format!(
+                "switch {switch} reports {vm} {}, not associated",
+                a.state.as_str()
+            )),
+            None => Err(format!("switch {switch} holds no association for {vm}")),
+        }
     }
 
     fn held_state(&self) -> Vec<HeldState> {

@@ -245,12 +245,16 @@ impl HostCore {
                 })?;
             for stage in &f.stages {
                 let stage = Stage::parse(stage)
-                    .filter(|s| matches!(s, Stage::Prepare | Stage::Finish))
+                    .filter(|s| matches!(s, Stage::Prepare | Stage::Finish | Stage::Verify))
                     .ok_or_else(|| {
                         Refusal::InvalidArgument(format!(
-                            "a repair re-runs prepare or finish, not {stage:?}"
+                            "a repair re-runs prepare, finish or verify, not {stage:?}"
                         ))
                     })?;
+                // A driver that does not verify is not asked to.
+                if stage == Stage::Verify && !self.cfg.verifying.contains(&f.feature) {
+                    continue;
+                }
                 queue.push((index, f.feature.clone(), stage));
             }
         }

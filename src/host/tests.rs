@@ -1491,7 +1491,7 @@ fn a_repair_journals_its_intent_durably_before_it_asks_the_host_the_vm_runs_on()
     .expect("the intent is journaled durably");
     let asked = position(&actions, |x| {
         matches!(x, Action::Call { peer, request: PeerCall::Repair(r), .. }
-            if peer == B && r.features.len() == 1 && r.features[0].stages == ["finish"])
+            if peer == B && r.features.len() == 1 && r.features[0].stages == ["finish", "verify"])
     })
     .expect("hv-b is asked to re-run port-profile finish");
     assert!(journaled < asked, "{actions:?}");

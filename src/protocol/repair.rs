@@ -89,12 +89,15 @@ pub enum PlanError {
 }
 
 /// The stages a feature needs re-run: a failed prepare and the finish it
-/// held up, or a failed finish. Empty when neither failed.
+/// held up, or a failed finish, or the finish whose work a verification
+/// did not find in place; each then verified again (where its driver
+/// verifies: the host running them skips the check otherwise). Empty when
+/// nothing failed.
 pub fn failed_stages(feature: &FeatureRecord) -> Vec<Stage> {
     if feature.prepare == StepStatus::Failed {
-        vec![Stage::Prepare, Stage::Finish]
-    } else if feature.finish == StepStatus::Failed {
-        vec![Stage::Finish]
+        vec![Stage::Prepare, Stage::Finish, Stage::Verify]
+    } else if feature.finish == StepStatus::Failed || feature.verify == StepStatus::Failed {
+        vec![Stage::Finish, Stage::Verify]
     } else {
         Vec::new()
     }
@@ -212,10 +215,17 @@ pub fn apply(record: &mut MigrationRecord, runs: &[StageRun], now: Millis) {
             Err(e) => Some(format!("{}: {e}", r.stage)),
             Ok(_) => None,
         });
+        // Verify is asked of every feature, and skipped by the host for
+        // drivers that have no check.
         let all_ran = entry
             .stages
             .iter()
+            .filter(|s| **s != Stage::Verify)
             .all(|s| mine.iter().any(|r| r.stage == *s && r.result.is_ok()));
+        // The history says what ran.
+        if !mine.iter().any(|r| r.stage == Stage::Verify) {
+            entry.stages.retain(|s| *s != Stage::Verify);
+        }
         (entry.result, entry.error) = match failure {
             Some(e) => (RepairResult::Failed, Some(e)),
             None if all_ran => (RepairResult::Ok, None),
@@ -396,14 +406,22 @@ mod tests {
             plans,
             vec![FeaturePlan {
                 feature: "port-profile".into(),
-                stages: vec![Stage::Finish]
+                stages: vec![Stage::Finish, Stage::Verify]
             }]
         );
         record.features[0].prepare = StepStatus::Failed;
         record.features[0].finish = StepStatus::Skipped;
         assert_eq!(
             plan(&record, Some("port-profile")).unwrap()[0].stages,
-            vec![Stage::Prepare, Stage::Finish]
+            vec![Stage::Prepare, Stage::Finish, Stage::Verify]
+        );
+        // A verification that failed: the finish again, and its check.
+        record.features[0].prepare = StepStatus::Ok;
+        record.features[0].finish = StepStatus::Ok;
+        record.features[0].verify = StepStatus::Failed;
+        assert_eq!(
+            plan(&record, None).unwrap()[0].stages,
+            vec![Stage::Finish, Stage::Verify]
         );
     }
 

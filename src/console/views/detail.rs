@@ -180,6 +180,7 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             Cell::from(if f.required { "yes" } else { "no" }),
             cell(f.prepare),
             cell(f.finish),
+            cell(f.verify),
             cell(f.rollback),
             cell(f.release),
             Cell::from(Span::styled(
@@ -196,7 +197,8 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
             )),
         ])
     });
-    // Names whole; on a narrow screen "REQ" rather than a cut "REQUIRE".
+    // Names whole; on a narrow screen short headers ("REQ", "PREP") rather
+    // than cut ones.
     let name_width = r
         .features
         .iter()
@@ -204,33 +206,41 @@ pub fn draw(frame: &mut Frame, area: Rect, app: &App, theme: &Theme, id: &str) {
         .max()
         .unwrap_or(0)
         .clamp(7, 20);
-    let narrow = features_area.width < name_width + 60;
-    let (required, required_width) = if narrow { ("REQ", 3) } else { ("REQUIRED", 8) };
+    let narrow = features_area.width < name_width + 67;
+    let headers: [(&str, u16); 6] = if narrow {
+        [
+            ("REQ", 3),
+            ("PREP", 4),
+            ("FIN", 3),
+            ("VER", 3),
+            ("RBK", 3),
+            ("REL", 3),
+        ]
+    } else {
+        [
+            ("REQUIRED", 8),
+            ("PREPARE", 7),
+            ("FINISH", 6),
+            ("VERIFY", 6),
+            ("ROLLBACK", 8),
+            ("RELEASE", 7),
+        ]
+    };
+    let mut widths = vec![Constraint::Length(name_width)];
+    widths.extend(headers.iter().map(|(_, w)| Constraint::Length(*w)));
+    widths.push(Constraint::Min(5));
+    let mut titles = vec!["FEATURE"];
+    titles.extend(headers.iter().map(|(h, _)| *h));
+    titles.push("ERROR");
     frame.render_widget(
-        Table::new(
-            feature_rows,
-            [
-                Constraint::Length(name_width),
-                Constraint::Length(required_width),
-                Constraint::Length(7),
-                Constraint::Length(6),
-                Constraint::Length(8),
-                Constraint::Length(7),
-                Constraint::Min(5),
-            ],
-        )
-        .header(
-            Row::new([
-                "FEATURE", required, "PREPARE", "FINISH", "ROLLBACK", "RELEASE", "ERROR",
-            ])
-            .style(theme.header),
-        )
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .border_style(theme.border)
-                .title(Span::styled(" features ", theme.title)),
-        ),
+        Table::new(feature_rows, widths)
+            .header(Row::new(titles).style(theme.header))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .border_style(theme.border)
+                    .title(Span::styled(" features ", theme.title)),
+            ),
         features_area,
     );
 

@@ -202,6 +202,7 @@ pub fn feature_summary(record: &proto::MigrationRecord) -> (String, bool) {
         for (stage, status) in [
             ("prepare", f.prepare),
             ("finish", f.finish),
+            ("verify", f.verify),
             ("rollback", f.rollback),
             ("release", f.release),
         ] {
