@@ -23,9 +23,11 @@ use crate::protocol::{FeatureSpec, Stage, StageOutcome};
 pub mod exec;
 pub mod faults;
 pub mod links;
+pub mod lldpad;
 pub mod port_profile;
 pub mod registry;
 mod settings;
+pub mod vdp;
 
 pub use faults::FaultInjector;
 pub use registry::FeatureRegistry;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use super::exec::{self, ExecHook};
 use super::port_profile::{self, PortProfile};
 use super::settings::{DRIVER_KEY, optional_str};
+use super::vdp::{self, Vdp};
 use super::{Faults, Feature, HeldState};
 
 /// The drivers this build ships, sorted.
-pub const KNOWN_DRIVERS: [&str; 2] = [exec::DRIVER, port_profile::DRIVER];
+pub const KNOWN_DRIVERS: [&str; 3] = [exec::DRIVER, port_profile::DRIVER, vdp::DRIVER];
 
 /// This host's features by name. Cloning shares the drivers (and so their
 /// state and faults).
@@ -52,6 +53,9 @@ impl FeatureRegistry {
                 }
                 exec::DRIVER => {
                     Arc::new(ExecHook::from_settings(name, settings).map_err(in_section)?)
+                }
+                vdp::DRIVER => {
+                    Arc::new(Vdp::from_settings(name, host, settings).map_err(in_section)?)
                 }
                 other => {
                     return Err(in_section(format!(
@@ -198,13 +202,13 @@ mod tests {
         let err = FeatureRegistry::from_config("hv-a", &config("[features.tap0]\n")).unwrap_err();
         assert_eq!(
             err,
-            "[features.tap0]: unknown driver \"tap0\" (known: exec, port-profile)"
+            "[features.tap0]: unknown driver \"tap0\" (known: exec, port-profile, vdp)"
         );
-        let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = \"vdp\""))
+        let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = \"vpd\""))
             .unwrap_err();
         assert_eq!(
             err,
-            "[features.net]: unknown driver \"vdp\" (known: exec, port-profile)"
+            "[features.net]: unknown driver \"vpd\" (known: exec, port-profile, vdp)"
         );
         let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = 1"))
             .unwrap_err();
