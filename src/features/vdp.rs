@@ -639,6 +639,98 @@ mod tests {
         assert!(vdp.held_state().is_empty());
     }
 
+    /// A stand-in lldpad on abstract socket `name`: it acknowledges the
+    /// attach and every request, answers queries with nothing held, and
+    /// answers a set request with `event(uuid)` (or never, for `None`).
+    fn fake_lldpad(name: &str, event: Option<fn(&str) -> String>) {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+                let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                let reply = if message.starts_with('A') {
+                    "R00A".to_string()
+                } else {
+                    "R00C3020000011c04eth10200000003".to_string()
+                };
+                let _ = socket.send_to_addr(reply.as_bytes(), &from);
+                if message.contains("C302") {
+                    if let Some(event) = event {
+                        let uuid = "6b3a1c2e-0000-4000-8000-000000000001";
+                        let _ = socket.send_to_addr(event(uuid).as_bytes(), &from);
+                    }
+                }
+            }
+        });
+    }
+
+    fn rejection(uuid: &str) -> String {
+        // The bridge refused for lack of resources (VDP reason 2) and the
+        // VSI stays disassociated.
+        let vsi = format!(
+            "04mode0007deassoc06mgrid20001006typeid0001509typeidver0001104uuid0024{uuid}05hints0001206filter00130-52:54:00:12:34:56"
+        );
+        format!("M000080c4E16{:04x}{vsi}", vsi.len())
+    }
+
+    #[tokio::test]
+    async fn a_bridge_rejection_carries_the_reason_code_and_its_meaning() {
+        let name = format!("/tern/test/rejecting-{}", std::process::id());
+        fake_lldpad(&name, Some(rejection));
+        let vdp = driver(&format!(
+            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 2000"
+        ))
+        .unwrap();
+        let err = run_stage(&vdp, &ctx(Stage::Finish, vec![nic("prod", true)]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "lldpad on hv-b: ASSOCIATE of web-01's 52:54:00:12:34:56 (VSI \
+             6b3a1c2e-0000-4000-8000-000000000001) on eth1 rejected: reason 2 (insufficient \
+             resources at the bridge), VSI now deassoc"
+        );
+        assert!(vdp.held_state().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bridge_that_never_answers_fails_the_stage_naming_the_timeout() {
+        let name = format!("/tern/test/silent-bridge-{}", std::process::id());
+        fake_lldpad(&name, None);
+        let vdp = driver(&format!(
+            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 300"
+        ))
+        .unwrap();
+        let err = run_stage(&vdp, &ctx(Stage::Prepare, vec![nic("prod", true)]))
+            .await
+            .unwrap_err();
+        assert!(
+            err.ends_with("lldpad sent it, but no answer from the bridge within 300 ms"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_lldpad_that_never_answers_fails_the_stage_naming_the_timeout() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("/tern/test/mute-lldpad-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let _mute = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        let vdp = driver(&format!(
+            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 300"
+        ))
+        .unwrap();
+        let err = run_stage(&vdp, &ctx(Stage::Prepare, vec![nic("prod", true)]))
+            .await
+            .unwrap_err();
+        assert!(
+            err.ends_with("no answer from lldpad within 300 ms"),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn injected_faults_fail_before_lldpad_is_asked() {
         let vdp = driver("uplinks = { prod = \"eth1\" }\nfail = [\"finish\"]").unwrap();
