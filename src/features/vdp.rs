@@ -656,11 +656,11 @@ mod tests {
                     "R00C3020000011c04eth10200000003".to_string()
                 };
                 let _ = socket.send_to_addr(reply.as_bytes(), &from);
-                if message.contains("C302") {
-                    if let Some(event) = event {
-                        let uuid = "6b3a1c2e-0000-4000-8000-000000000001";
-                        let _ = socket.send_to_addr(event(uuid).as_bytes(), &from);
-                    }
+                if message.contains("C302")
+                    && let Some(event) = event
+                {
+                    let uuid = "6b3a1c2e-0000-4000-8000-000000000001";
+                    let _ = socket.send_to_addr(event(uuid).as_bytes(), &from);
                 }
             }
         });
