@@ -210,7 +210,7 @@ impl Vdp {
                 "lldpad on {host}: {what} refused by lldpad: status {status} ({})",
                 status_meaning(status)
             ),
-            ClifError::Rejected { asked, vsi } => match vsi.code {
+            ClifError::Rejected { asked, vsi } => match vsi.code.filter(|c| *c != 0) {
                 Some(code) => format!(
                     "lldpad on {host}: {what} rejected: reason {code} ({}){}",
                     code_meaning(code),
@@ -221,7 +221,7 @@ impl Vdp {
                     }
                 ),
                 None => format!(
-                    "lldpad on {host}: {what} rejected: the VSI is now {} (no reason given)",
+                    "lldpad on {host}: {what} rejected: the VSI came back {} with no reason code",
                     vsi.mode
                 ),
             },

@@ -106,12 +106,15 @@ impl VdpLink {
         }
         link.station_lldpad = Some(link.lldpad("station", STATION_IF));
         link.bridge_lldpad = Some(link.lldpad("bridge", BRIDGE_IF));
-        // VDP answers once EVB is exchanged: the station's vdp22 module
-        // logs `evb:1` then.
-        link.wait_for_log("station", Duration::from_secs(20), |log| {
-            log.lines()
-                .any(|l| l.contains(&format!("data_from_evb:{STATION_IF}")) && l.contains("evb:1"))
-        });
+        // VDP answers once EVB is exchanged: each end's vdp22 module logs
+        // `evb:1` then. A station request the bridge gets before its own
+        // VDP is on comes back disassociated.
+        for (role, ifname) in [("station", STATION_IF), ("bridge", BRIDGE_IF)] {
+            link.wait_for_log(role, Duration::from_secs(20), |log| {
+                log.lines()
+                    .any(|l| l.contains(&format!("data_from_evb:{ifname}")) && l.contains("evb:1"))
+            });
+        }
         Some(link)
     }
 
