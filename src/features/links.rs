@@ -300,7 +300,7 @@ impl Links {
     }
 }
 
-fn check_name(name: &str) -> Result<(), LinkError> {
+pub(crate) fn check_name(name: &str) -> Result<(), LinkError> {
     if name.is_empty()
         || name.len() > MAX_NAME
         || name.contains(['/', ' ', '\0', ':'])

@@ -24,9 +24,11 @@ pub mod bridge;
 pub mod exec;
 pub mod faults;
 pub mod links;
+pub mod lldpad;
 pub mod port_profile;
 pub mod registry;
 mod settings;
+pub mod vdp;
 
 pub use faults::FaultInjector;
 pub use registry::FeatureRegistry;

@@ -8,10 +8,16 @@ use super::bridge::{self, BridgePorts};
 use super::exec::{self, ExecHook};
 use super::port_profile::{self, PortProfile};
 use super::settings::{DRIVER_KEY, optional_str};
+use super::vdp::{self, Vdp};
 use super::{Faults, Feature, HeldState};
 
 /// The drivers this build ships, sorted.
-pub const KNOWN_DRIVERS: [&str; 3] = [bridge::DRIVER, exec::DRIVER, port_profile::DRIVER];
+pub const KNOWN_DRIVERS: [&str; 4] = [
+    bridge::DRIVER,
+    exec::DRIVER,
+    port_profile::DRIVER,
+    vdp::DRIVER,
+];
 
 /// This host's features by name. Cloning shares the drivers (and so their
 /// state and faults).
@@ -56,6 +62,9 @@ impl FeatureRegistry {
                 }
                 exec::DRIVER => {
                     Arc::new(ExecHook::from_settings(name, settings).map_err(in_section)?)
+                }
+                vdp::DRIVER => {
+                    Arc::new(Vdp::from_settings(name, host, settings).map_err(in_section)?)
                 }
                 other => {
                     return Err(in_section(format!(
@@ -202,13 +211,13 @@ mod tests {
         let err = FeatureRegistry::from_config("hv-a", &config("[features.tap0]\n")).unwrap_err();
         assert_eq!(
             err,
-            "[features.tap0]: unknown driver \"tap0\" (known: bridge, exec, port-profile)"
+            "[features.tap0]: unknown driver \"tap0\" (known: bridge, exec, port-profile, vdp)"
         );
-        let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = \"vdp\""))
+        let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = \"vpd\""))
             .unwrap_err();
         assert_eq!(
             err,
-            "[features.net]: unknown driver \"vdp\" (known: bridge, exec, port-profile)"
+            "[features.net]: unknown driver \"vpd\" (known: bridge, exec, port-profile, vdp)"
         );
         let err = FeatureRegistry::from_config("hv-a", &config("[features.net]\ndriver = 1"))
             .unwrap_err();

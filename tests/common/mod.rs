@@ -4,6 +4,8 @@
 
 /// The test guest for real QEMU migrations (guest/tern-guest.S).
 pub mod guest;
+/// A real 802.1Qbg link: lldpad in station and bridge role (tests/vdp.rs).
+pub mod lldpad;
 mod ports;
 /// Real QEMU hosts (tests/qemu.rs, tests/network.rs).
 pub mod qemu;
