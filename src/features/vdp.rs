@@ -15,7 +15,7 @@
 //! ```toml
 //! [features.vdp]
 //! uplinks = { prod = "eth1" }   # network → interface facing the bridge
-//! timeout_ms = 10000            # wait for lldpad and the bridge
+//! timeout_ms = 20000            # wait for lldpad and the bridge
 //! lldpad_socket = "/com/intel/lldpad"   # lldpad's abstract socket name
 //! ```
 //!
@@ -44,7 +44,18 @@ pub const DRIVER: &str = "vdp";
 /// Settings of `[features.NAME]` this driver owns, beside `driver` and the fault keys.
 const SETTINGS: [&str; 3] = ["uplinks", "timeout_ms", "lldpad_socket"];
 
-pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Longer than lldpad 1.1 keeps trying to reach a bridge that does not
+/// answer (its ECP retries end after about 16 s with reason 767): the
+/// operator then reads lldpad's verdict, not the driver's impatience.
+pub const DEFAULT_TIMEOUT_MS: u64 = 20_000;
+
+/// How long a failed stage waits for lldpad to let go of the request it
+/// still has in flight before it takes the request back.
+const WITHDRAW_WITHIN: Duration = Duration::from_secs(20);
+
+/// lldpad's status for a request it cannot take while one for the same
+/// VSI is in flight.
+const IN_PROGRESS: u8 = 15;
 
 /// How far a VSI got on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,29 +250,55 @@ impl Vdp {
     }
 
     /// Send one NIC's request and wait for its outcome.
-    async fn send(&self, vm: &str, nic: &Nic) -> Result<String, String> {
+    async fn send(&self, vm: &str, nic: &Nic) -> Result<String, ClifError> {
         let what = Self::describe(vm, nic);
+        self.send_raw(nic, &what).await
+    }
+
+    async fn send_raw(&self, nic: &Nic, what: &str) -> Result<String, ClifError> {
         let deadline = lldpad::deadline(self.timeout);
         let _one_at_a_time = self.busy.lock().await;
-        let lldpad = Lldpad::connect(&self.socket, deadline)
-            .await
-            .map_err(|e| self.explain(&what, e))?;
+        let lldpad = Lldpad::connect(&self.socket, deadline).await?;
         if nic.request.mode == Mode::Disassociate {
             // Nothing held: nothing to do (lldpad refuses to deassociate
             // what it does not know).
             let held = lldpad
                 .query(&nic.uplink, &nic.request.instance, deadline)
-                .await
-                .map_err(|e| self.explain(&what, e))?;
+                .await?;
             if held.is_none() {
                 return Ok(format!("{what}: nothing associated"));
             }
         }
-        lldpad
-            .exchange(&nic.uplink, &nic.request, deadline)
-            .await
-            .map_err(|e| self.explain(&what, e))?;
+        lldpad.exchange(&nic.uplink, &nic.request, deadline).await?;
         Ok(format!("{what}: ok"))
+    }
+
+    /// A stage that failed changes nothing: take back from lldpad what it
+    /// asked for `nics` (a request lldpad still has in flight for the
+    /// bridge included, once lldpad lets go of it).
+    async fn withdraw(&self, vm: &str, nics: &[Nic]) -> Result<(), String> {
+        let give_up = tokio::time::Instant::now() + WITHDRAW_WITHIN;
+        for nic in nics {
+            let mut nic = nic.clone();
+            nic.request.mode = Mode::Disassociate;
+            let what = Self::describe(vm, &nic);
+            loop {
+                match self.send_raw(&nic, &what).await {
+                    Ok(_) => {
+                        self.remember(vm, &nic, None);
+                        break;
+                    }
+                    // Still busy with the request that failed here.
+                    Err(ClifError::Refused(IN_PROGRESS))
+                        if tokio::time::Instant::now() < give_up =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(self.explain(&what, e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn remember(&self, vm: &str, nic: &Nic, state: Option<VsiState>) {
@@ -298,9 +335,28 @@ impl Vdp {
             _ => VsiState::Preassociated,
         };
         let mut details = Vec::new();
-        for nic in &nics {
-            details.push(self.send(vm, nic).await?);
-            self.remember(vm, nic, Some(state));
+        for (i, nic) in nics.iter().enumerate() {
+            match self.send(vm, nic).await {
+                Ok(detail) => {
+                    details.push(detail);
+                    self.remember(vm, nic, Some(state));
+                }
+                // Rollback undoes only stages that succeeded: this one
+                // takes back what it got before it fails (the NICs before
+                // this one), and a request lldpad still has in flight.
+                Err(e) => {
+                    let in_flight = matches!(e, ClifError::Timeout { accepted: true });
+                    let error = self.explain(&Self::describe(vm, nic), e);
+                    let undo = &nics[..if in_flight { i + 1 } else { i }];
+                    if undo.is_empty() {
+                        return Err(error);
+                    }
+                    return Err(match self.withdraw(vm, undo).await {
+                        Ok(()) => format!("{error}; withdrawn"),
+                        Err(w) => format!("{error}; withdrawing it failed too: {w}"),
+                    });
+                }
+            }
         }
         Ok(details.join("; "))
     }
@@ -329,7 +385,7 @@ impl Vdp {
                     self.remember(vm, nic, None);
                     done.push(detail);
                 }
-                Err(e) => failed.push(e),
+                Err(e) => failed.push(self.explain(&Self::describe(vm, nic), e)),
             }
         }
         if failed.is_empty() {
@@ -652,6 +708,9 @@ mod tests {
                 let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
                 let reply = if message.starts_with('A') {
                     "R00A".to_string()
+                } else if message.contains(&format!("C301{:08x}", 0x15)) {
+                    // A get: it holds no VSI.
+                    "R00C3010000001504eth100000003".to_string()
                 } else {
                     "R00C3020000011c04eth10200000003".to_string()
                 };
@@ -706,8 +765,9 @@ mod tests {
         let err = run_stage(&vdp, &ctx(Stage::Prepare, vec![nic("prod", true)]))
             .await
             .unwrap_err();
+        // Taken back: lldpad (here) holds nothing of it afterwards.
         assert!(
-            err.ends_with("lldpad sent it, but no answer from the bridge within 300 ms"),
+            err.ends_with("lldpad sent it, but no answer from the bridge within 300 ms; withdrawn"),
             "{err}"
         );
     }
