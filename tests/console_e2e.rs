@@ -289,7 +289,8 @@ fn an_operator_repairs_a_degraded_vm_then_moves_it_back_by_keystrokes() {
     });
     screen.keys("R");
     screen.wait_for("the repair confirmation", |t| {
-        t.contains("Repair db-01 on hv-b?") && t.contains("re-run port-profile finish on hv-b")
+        t.contains("Repair db-01 on hv-b?")
+            && t.contains("re-run port-profile finish then verify on hv-b")
     });
     screen.keys("y");
     screen.wait_for("the repair's result in the status line", |t| {

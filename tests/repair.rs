@@ -77,7 +77,7 @@ fn repair_after_the_fault_is_cleared_re_runs_the_failed_finish_and_the_record_sa
     assert_eq!(repairs.len(), 1, "{record}");
     let entry = &repairs[0];
     assert_eq!(entry["feature"], "port-profile");
-    assert_eq!(entry["stages"], serde_json::json!(["finish"]));
+    assert_eq!(entry["stages"], serde_json::json!(["finish", "verify"]));
     assert_eq!(entry["host"], "hv-b");
     assert_eq!(entry["result"], "ok");
     assert!(entry["at_ms"].as_u64().unwrap() >= moved["updated_at_ms"].as_u64().unwrap());
@@ -95,7 +95,7 @@ fn repair_after_the_fault_is_cleared_re_runs_the_failed_finish_and_the_record_sa
     assert_eq!(status["repairs"][0]["result"], "ok");
     let text = String::from_utf8_lossy(&cluster.tern(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("web-01: repair port-profile finish on hv-b: ok"),
+        text.contains("web-01: repair port-profile finish+verify on hv-b: ok"),
         "{text}"
     );
     // A second repair has nothing to do: clear error, nothing changed.
@@ -166,7 +166,7 @@ fn a_repair_that_fails_again_keeps_the_vm_degraded_and_exits_non_zero_with_the_d
         "{text}"
     );
     assert!(
-        lines[1].ends_with("port-profile finish on hv-b: ok · by (plaintext)"),
+        lines[1].ends_with("port-profile finish+verify on hv-b: ok · by (plaintext)"),
         "{text}"
     );
     let record = cluster.migration(&id);
@@ -374,6 +374,12 @@ fn a_repair_cut_short_by_the_record_owners_crash_reads_interrupted_and_can_be_ru
         std::time::Duration::from_secs(10),
         "hv-b's ASSOCIATE to land",
         || association(&cluster, "hv-b", "web-01").as_deref() == Some("associated"),
+    );
+    // Then its check of the association (as slow) ends the repair there.
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "hv-b to end the repair it ran",
+        || cluster.log("hv-b").contains("repaired web-01 here"),
     );
     let out = cluster.tern(&["fault", "hv-b", "port-profile"]);
     assert!(out.status.success());

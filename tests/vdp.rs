@@ -378,7 +378,11 @@ fn an_association_the_destinations_bridge_does_not_answer_fails_safe_and_degrade
     let safe_error = record["error"].as_str().unwrap_or("").to_string();
     assert!(refused(&safe_error), "{record}");
     assert!(hosts.held("qb").is_empty(), "{:?}", hosts.held("qb"));
-    assert_eq!(hosts.held("qa"), std::slice::from_ref(&held), "the source's untouched");
+    assert_eq!(
+        hosts.held("qa"),
+        std::slice::from_ref(&held),
+        "the source's untouched"
+    );
     assert_eq!(hosts.cluster().running_on("web-01"), ["qa"]);
 
     let (code, record) = hosts.cluster().tern_json(&[

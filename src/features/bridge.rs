@@ -42,12 +42,18 @@ const LOOK_EVERY: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct BridgePorts {
     name: String,
+    /// This host, for messages.
+    host: String,
     verify_timeout: Duration,
 }
 
 impl BridgePorts {
     /// Build the driver from its `[features.NAME]` table.
-    pub fn from_settings(name: &str, settings: &toml::Table) -> Result<BridgePorts, String> {
+    pub fn from_settings(
+        name: &str,
+        host: &str,
+        settings: &toml::Table,
+    ) -> Result<BridgePorts, String> {
         check_known_keys(settings, &SETTINGS)?;
         if settings
             .keys()
@@ -67,6 +73,7 @@ impl BridgePorts {
         }
         Ok(BridgePorts {
             name: name.to_string(),
+            host: host.to_string(),
             verify_timeout: Duration::from_millis(verify_timeout_ms),
         })
     }
@@ -361,7 +368,7 @@ impl Feature for BridgePorts {
             return Ok(());
         }
         let ctx = StageContext {
-            host: "this host".into(),
+            host: self.host.clone(),
             vm: vm.to_string(),
             feature: crate::protocol::FeatureSpec {
                 name: self.name.clone(),
@@ -388,16 +395,18 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let d = BridgePorts::from_settings("net", &table("driver = \"bridge\"")).unwrap();
+        let d = BridgePorts::from_settings("net", "hv-b", &table("driver = \"bridge\"")).unwrap();
         assert_eq!(
             d.verify_timeout,
             Duration::from_millis(DEFAULT_VERIFY_TIMEOUT_MS)
         );
-        let e = BridgePorts::from_settings("net", &table("bridge = \"br0\"")).unwrap_err();
+        let e = BridgePorts::from_settings("net", "hv-b", &table("bridge = \"br0\"")).unwrap_err();
         assert!(e.starts_with("unknown setting \"bridge\""), "{e}");
-        let e = BridgePorts::from_settings("net", &table("verify_timeout_ms = 0")).unwrap_err();
+        let e =
+            BridgePorts::from_settings("net", "hv-b", &table("verify_timeout_ms = 0")).unwrap_err();
         assert_eq!(e, "verify_timeout_ms = 0: between 1 and 60000");
-        let e = BridgePorts::from_settings("net", &table("fail = [\"prepare\"]")).unwrap_err();
+        let e =
+            BridgePorts::from_settings("net", "hv-b", &table("fail = [\"prepare\"]")).unwrap_err();
         assert!(
             e.contains("fault injection is for simulated drivers"),
             "{e}"
@@ -413,5 +422,174 @@ mod tests {
         assert_eq!(mac_bytes("52:54:00:12:34"), None);
         assert_eq!(mac_bytes("52:54:00:12:34:56:78"), None);
         assert_eq!(mac_bytes("52:54:00:12:34:zz"), None);
+    }
+
+    // ---- the stages on real links, in a network namespace of the test's own
+
+    use crate::features::links::testing::{bridge, in_netns};
+    use crate::features::{GuestNet, GuestNetwork};
+    use crate::protocol::{FeatureSpec, Stage};
+    use std::sync::Arc;
+
+    /// A guest network that knows the VM's taps by name and announces nothing.
+    struct Taps(Vec<String>);
+
+    #[async_trait]
+    impl GuestNetwork for Taps {
+        async fn announce(&self, _vm: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn taps(&self, _vm: &str) -> Vec<String> {
+            self.0.clone()
+        }
+    }
+
+    fn nic(bridge: Option<&str>, vlan: Option<u16>) -> NicPort {
+        NicPort {
+            index: 0,
+            mac: "52:54:00:12:34:56".into(),
+            network: "lan".into(),
+            vlan,
+            vsi: None,
+            bridge: bridge.map(str::to_string),
+            tap: Some("tn-web01n0".into()),
+        }
+    }
+
+    fn ctx(stage: Stage, nics: Vec<NicPort>) -> StageContext {
+        StageContext {
+            host: "hv-b".into(),
+            vm: "web-01".into(),
+            feature: FeatureSpec {
+                name: "net".into(),
+                driver: DRIVER.into(),
+                required: true,
+            },
+            stage,
+            attempt_id: "a-1".into(),
+            migration_id: "m-1".into(),
+            nics,
+            guest: Some(GuestNet(Arc::new(Taps(vec!["tn-web01n0".into()])))),
+        }
+    }
+
+    fn driver() -> BridgePorts {
+        BridgePorts::from_settings("net", "hv-b", &table("verify_timeout_ms = 200")).unwrap()
+    }
+
+    #[test]
+    fn a_missing_bridge_or_network_fails_prepare_by_name_and_makes_no_tap() {
+        in_netns(|| async {
+            let d = driver();
+            let e = d
+                .prepare(&ctx(Stage::Prepare, vec![nic(Some("br-vm0"), None)]))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e,
+                "bridge br-vm0 does not exist on hv-b (network lan of web-01's NIC \
+                 52:54:00:12:34:56 (qemu.nics[0]))"
+            );
+            let e = d
+                .prepare(&ctx(Stage::Prepare, vec![nic(None, None)]))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e,
+                "network lan of web-01's NIC 52:54:00:12:34:56 is not a network of hv-b \
+                 ([hypervisor.networks])"
+            );
+            let e = d
+                .prepare(&ctx(Stage::Prepare, Vec::new()))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e,
+                "web-01 has no NICs (qemu.nics) for feature net to plug into a bridge"
+            );
+            let links = Links::connect().unwrap();
+            assert_eq!(
+                links.index("tn-web01n0").await.unwrap(),
+                None,
+                "no tap made"
+            );
+        });
+    }
+
+    #[test]
+    fn prepare_closes_finish_opens_verify_checks_and_rollback_removes_each_twice() {
+        in_netns(|| async {
+            let links = Links::connect().unwrap();
+            bridge(&links, "br-vm0").await;
+            let d = driver();
+            let nics = vec![nic(Some("br-vm0"), None)];
+            for _ in 0..2 {
+                let done = d.prepare(&ctx(Stage::Prepare, nics.clone())).await.unwrap();
+                assert_eq!(done, "tn-web01n0 on br-vm0, closed");
+            }
+            let port = links.port("tn-web01n0").await.unwrap().unwrap();
+            assert_eq!((port.bridge.as_deref(), port.up), (Some("br-vm0"), false));
+            for _ in 0..2 {
+                let done = d.finish(&ctx(Stage::Finish, nics.clone())).await.unwrap();
+                assert_eq!(done, "ports tn-web01n0 open; guest announced");
+            }
+            assert!(links.port("tn-web01n0").await.unwrap().unwrap().up);
+            // No guest sends on the tap here: nothing is learned on it.
+            let e = d
+                .verify(&ctx(Stage::Verify, nics.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e,
+                "br-vm0 has not learned 52:54:00:12:34:56 on tn-web01n0 within 200 ms on hv-b: \
+                 the guest's announcement did not leave its port"
+            );
+            // A port closed behind Tern's back is named.
+            links.set_up("tn-web01n0", false).await.unwrap();
+            let e = d
+                .verify(&ctx(Stage::Verify, nics.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e,
+                "tap tn-web01n0 of web-01's NIC 52:54:00:12:34:56 (qemu.nics[0]) is down on hv-b"
+            );
+            // Pending work after a restart knows no NICs: the VM's taps by name.
+            let done = d.rollback(&ctx(Stage::Rollback, Vec::new())).await.unwrap();
+            assert_eq!(done, "removed tn-web01n0");
+            let done = d.rollback(&ctx(Stage::Rollback, Vec::new())).await.unwrap();
+            assert_eq!(done, "no tap of web-01 left on hv-b");
+            assert_eq!(links.index("tn-web01n0").await.unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn a_vlan_on_a_bridge_that_cannot_filter_is_refused_and_leaves_the_tap_off_it() {
+        in_netns(|| async {
+            let links = Links::connect().unwrap();
+            if bridge(&links, "br-vm0").await {
+                // This kernel filters VLANs: the port takes its PVID.
+                let d = driver();
+                d.prepare(&ctx(Stage::Prepare, vec![nic(Some("br-vm0"), Some(100))]))
+                    .await
+                    .unwrap();
+                let port = links.port("tn-web01n0").await.unwrap().unwrap();
+                assert_eq!(port.pvid, Some(100));
+                return;
+            }
+            let e = driver()
+                .prepare(&ctx(Stage::Prepare, vec![nic(Some("br-vm0"), Some(100))]))
+                .await
+                .unwrap_err();
+            assert!(
+                e.starts_with(
+                    "web-01's NIC 52:54:00:12:34:56 (qemu.nics[0]): cannot put tn-web01n0 in \
+                     VLAN 100 on br-vm0: br-vm0 does not filter VLANs"
+                ),
+                "{e}"
+            );
+            let port = links.port("tn-web01n0").await.unwrap().unwrap();
+            assert_eq!(port.bridge, None, "left off the bridge");
+        });
     }
 }

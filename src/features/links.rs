@@ -389,15 +389,16 @@ fn set_persist(name: &str, persist: bool) -> Result<(), LinkError> {
     Ok(())
 }
 
+/// For tests of what drives links (here and in the bridge driver).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::Links;
 
     /// Run `test` in a network namespace of its own (a thread unshared from
     /// the host's), on a runtime of that thread: nothing touches the host's
     /// links. Needs root; without it the test is skipped, unless
     /// `TERN_REQUIRE_NETNS=1` (CI) makes that a failure.
-    fn in_netns<F, Fut>(test: F)
+    pub(crate) fn in_netns<F, Fut>(test: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()>,
@@ -428,7 +429,7 @@ mod tests {
     /// A bridge, made over rtnetlink: VLAN-filtering where the kernel can
     /// (`true`), else plain. This machine's kernel has no
     /// CONFIG_BRIDGE_VLAN_FILTERING (nor 802.1Q).
-    async fn bridge(links: &Links, name: &str) -> bool {
+    pub(crate) async fn bridge(links: &Links, name: &str) -> bool {
         let filtering = links
             .handle
             .link()
@@ -452,6 +453,12 @@ mod tests {
         }
         filtering
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{bridge, in_netns};
+    use super::*;
 
     #[test]
     fn a_tap_is_made_put_on_its_bridge_and_vlan_opened_and_removed_each_step_idempotent() {

@@ -58,7 +58,7 @@ impl FeatureRegistry {
                     Arc::new(PortProfile::from_settings(name, host, settings).map_err(in_section)?)
                 }
                 bridge::DRIVER => {
-                    Arc::new(BridgePorts::from_settings(name, settings).map_err(in_section)?)
+                    Arc::new(BridgePorts::from_settings(name, host, settings).map_err(in_section)?)
                 }
                 exec::DRIVER => {
                     Arc::new(ExecHook::from_settings(name, settings).map_err(in_section)?)
