@@ -36,16 +36,27 @@ const MAC: &str = "52:54:00:12:34:56";
 /// link in them.
 struct Hosts {
     names: [String; 2],
+    /// This test's turn at QEMU, given back only once the namespaces are
+    /// gone (fields drop after `Drop::drop`).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
+/// Tells one test's namespaces and links from another's.
+static HOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Hosts {
-    fn create(bridge_on_b: bool) -> Result<Hosts, String> {
+    fn create(
+        bridge_on_b: bool,
+        turn: std::sync::MutexGuard<'static, ()>,
+    ) -> Result<Hosts, String> {
         let pid = std::process::id();
+        let n = HOSTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hosts = Hosts {
-            names: [format!("tern-na-{pid}"), format!("tern-nb-{pid}")],
+            names: [format!("tern-na-{pid}-{n}"), format!("tern-nb-{pid}-{n}")],
+            _turn: turn,
         };
         let [a, b] = &hosts.names;
-        let id = pid % 100_000;
+        let id = (pid % 10_000) * 10 + n as u32 % 10;
         let (ma, mb, ua, ub) = (
             format!("nma{id}"),
             format!("nmb{id}"),
@@ -202,19 +213,20 @@ impl Drop for Capture {
     }
 }
 
-/// QEMU, tcpdump and two namespaces, or None after saying why not.
-fn setup(test: &str, bridge_on_b: bool) -> Option<(Hosts, std::sync::MutexGuard<'static, ()>)> {
+/// QEMU, tcpdump and two namespaces (holding this test's turn at QEMU),
+/// or None after saying why not.
+fn setup(test: &str, bridge_on_b: bool) -> Option<Hosts> {
     let (_, turn) = qemu_or_skip(test)?;
     let tcpdump = ["/usr/bin/tcpdump", "/usr/sbin/tcpdump"]
         .iter()
         .any(|p| Path::new(p).is_file());
     let hosts = if tcpdump {
-        Hosts::create(bridge_on_b)
+        Hosts::create(bridge_on_b, turn)
     } else {
         Err("tcpdump is not installed (apt-get install -y tcpdump)".into())
     };
     match hosts {
-        Ok(hosts) => Some((hosts, turn)),
+        Ok(hosts) => Some(hosts),
         Err(e) => {
             assert!(
                 std::env::var("TERN_REQUIRE_QEMU").as_deref() != Ok("1"),
@@ -278,7 +290,7 @@ fn feature_net(record: &Value) -> &Value {
 #[test]
 fn a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced() {
     let test = "a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced";
-    let Some((hosts, _turn)) = setup(test, true) else {
+    let Some(hosts) = setup(test, true) else {
         return;
     };
     let cluster = cluster(&hosts, 1024, "br-vm0");
@@ -346,7 +358,7 @@ fn a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced() {
 #[test]
 fn a_safe_move_to_a_host_without_the_bridge_fails_and_changes_nothing() {
     let test = "a_safe_move_to_a_host_without_the_bridge_fails_and_changes_nothing";
-    let Some((hosts, _turn)) = setup(test, false) else {
+    let Some(hosts) = setup(test, false) else {
         return;
     };
     let cluster = cluster(&hosts, 1024, "br-vm0");
@@ -382,7 +394,7 @@ fn a_safe_move_to_a_host_without_the_bridge_fails_and_changes_nothing() {
 #[test]
 fn an_abort_mid_perform_leaves_no_tap_on_the_destination() {
     let test = "an_abort_mid_perform_leaves_no_tap_on_the_destination";
-    let Some((hosts, _turn)) = setup(test, true) else {
+    let Some(hosts) = setup(test, true) else {
         return;
     };
     // 128 MiB at 8 MiB/s: Perform lasts long enough to abort it.
@@ -414,7 +426,7 @@ fn an_abort_mid_perform_leaves_no_tap_on_the_destination() {
 #[test]
 fn a_port_whose_announcement_is_not_seen_makes_the_move_degraded() {
     let test = "a_port_whose_announcement_is_not_seen_makes_the_move_degraded";
-    let Some((hosts, _turn)) = setup(test, true) else {
+    let Some(hosts) = setup(test, true) else {
         return;
     };
     ip(&[
