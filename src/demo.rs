@@ -343,19 +343,23 @@ impl Cluster {
 
 async fn first_incidents(source: &Agent, destination: &Agent) -> anyhow::Result<()> {
     const FEATURE: &str = "port-profile";
-    // Two of the source's guests that need their port profile, the smallest
-    // first (the incidents come quickly).
+    // Three of the source's guests that need their port profile, the
+    // smallest first (the incidents come quickly).
     let mut vms: Vec<(u64, String)> = source
         .vms()
         .await
         .into_iter()
         .filter(|v| v.state == crate::proto::GuestState::Running as i32)
-        .filter(|v| v.name.starts_with("web-") || v.name.starts_with("cache-"))
+        .filter(|v| {
+            ["web-", "cache-", "db-"]
+                .iter()
+                .any(|k| v.name.starts_with(k))
+        })
         .map(|v| (v.memory_mib, v.name))
         .collect();
     vms.sort();
-    let [(_, safe_vm), (_, fast_vm), ..] = vms.as_slice() else {
-        anyhow::bail!("{} has fewer than two web or cache guests", source.name);
+    let [(_, safe_vm), (_, fast_vm), rest @ ..] = vms.as_slice() else {
+        anyhow::bail!("{} has fewer than two web, cache or db guests", source.name);
     };
     let saved = destination
         .features
@@ -389,8 +393,38 @@ async fn first_incidents(source: &Agent, destination: &Agent) -> anyhow::Result<
     }
     destination
         .features
-        .set_faults(FEATURE, saved)
+        .set_faults(FEATURE, saved.clone())
         .map_err(anyhow::Error::msg)?;
+    // Then one that moves, in safe mode, but whose switch does not report
+    // its profile active afterwards: degraded by the check, never
+    // "succeeded".
+    if let Some((_, checked_vm)) = rest.first() {
+        let mut unconfirmed = saved.clone();
+        unconfirmed.fail.push(crate::protocol::Stage::Verify);
+        destination
+            .features
+            .set_faults(FEATURE, unconfirmed)
+            .map_err(anyhow::Error::msg)?;
+        match source
+            .start_migration(
+                checked_vm,
+                &destination.name,
+                Mode::Safe,
+                Default::default(),
+            )
+            .await
+        {
+            Ok(record) => {
+                let wait = source.wait_migration(&record.id);
+                let _ = tokio::time::timeout(Duration::from_secs(15), wait).await;
+            }
+            Err(e) => tracing::warn!("demo: {checked_vm} to {}: {e}", destination.name),
+        }
+        destination
+            .features
+            .set_faults(FEATURE, saved)
+            .map_err(anyhow::Error::msg)?;
+    }
     Ok(())
 }
 
@@ -684,11 +718,11 @@ mod tests {
         cluster.stage_first_incidents();
         let source = cluster.agents[0].clone();
         let destination = cluster.agents[2].clone();
-        let (mut failed, mut degraded) = (None, None);
-        // About 3 s here; the deadline is generous for a loaded machine (no
+        let (mut failed, mut degraded, mut unconfirmed) = (None, None, None);
+        // About 5 s here; the deadline is generous for a loaded machine (no
         // timing is asserted: they are started at once, not by chance).
-        while started.elapsed() < Duration::from_secs(30)
-            && (failed.is_none() || degraded.is_none())
+        while started.elapsed() < Duration::from_secs(40)
+            && (failed.is_none() || degraded.is_none() || unconfirmed.is_none())
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let (page, _) = source.migrations_page(100, "").await.expect("a page");
@@ -700,6 +734,13 @@ mod tests {
                     Some(crate::protocol::Outcome::Failed) if m.mode == Mode::Safe => {
                         failed.get_or_insert(m)
                     }
+                    Some(crate::protocol::Outcome::Degraded)
+                        if m.features
+                            .iter()
+                            .any(|f| f.verify == crate::protocol::StepStatus::Failed) =>
+                    {
+                        unconfirmed.get_or_insert(m)
+                    }
                     Some(crate::protocol::Outcome::Degraded) => degraded.get_or_insert(m),
                     _ => continue,
                 };
@@ -707,6 +748,17 @@ mod tests {
         }
         let failed = failed.expect("a safe-mode failure");
         let degraded = degraded.expect("a degraded VM");
+        // One moved in safe mode whose switch did not confirm its profile.
+        let unconfirmed = unconfirmed.expect("a VM degraded by its verification");
+        assert_eq!(unconfirmed.mode, Mode::Safe);
+        assert_eq!(unconfirmed.running_on, destination.name);
+        assert!(
+            unconfirmed
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("port-profile verify: switch")),
+            "{unconfirmed:?}"
+        );
         assert_eq!(failed.destination, destination.name);
         assert_eq!(
             failed.running_on, source.name,
@@ -723,11 +775,10 @@ mod tests {
         );
         // Then the switch goes back to its own settings.
         let rejects = || {
-            destination
-                .features
-                .faults()
-                .iter()
-                .any(|(_, f)| f.fail.contains(&crate::protocol::Stage::Finish))
+            destination.features.faults().iter().any(|(_, f)| {
+                f.fail.contains(&crate::protocol::Stage::Finish)
+                    || f.fail.contains(&crate::protocol::Stage::Verify)
+            })
         };
         for _ in 0..100 {
             if !rejects() {

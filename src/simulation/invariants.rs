@@ -29,7 +29,8 @@ use std::collections::BTreeMap;
 use super::world::{GuestState, World};
 use crate::host::evacuation::job::VmState;
 use crate::protocol::destination::DestinationState;
-use crate::protocol::{Mode, Outcome, Phase, StepStatus};
+use crate::protocol::repair::RepairResult;
+use crate::protocol::{Mode, Outcome, Phase, Stage, StepStatus};
 
 impl World {
     /// After every step: never two running copies, never a host over its limits.
@@ -261,7 +262,7 @@ impl World {
 
         // (3b) a failed verification is never read as "succeeded": where a
         // destination's final record has one, its source's says degraded
-        // (or lost).
+        // (or lost), until a repair verified the feature again.
         for (h, host) in self.hosts.iter().enumerate().filter(|(_, h)| !h.lost) {
             for d in views[h].destinations.values() {
                 let Some(failed) = d.features.iter().find(|f| f.verify == StepStatus::Failed)
@@ -273,8 +274,17 @@ impl World {
                     .iter()
                     .position(|x| x.name == d.source && !x.lost);
                 let record = source.and_then(|s| views[s].sources.get(&d.attempt_id));
+                // A repair that verified again since may have made it so.
+                let verified_since = |a: &crate::protocol::source::SourceAttempt| {
+                    a.record.repairs.iter().any(|r| {
+                        r.feature == failed.name
+                            && r.result == RepairResult::Ok
+                            && r.stages.contains(&Stage::Verify)
+                    })
+                };
                 if let Some(a) = record
                     && a.record.outcome == Some(Outcome::Succeeded)
+                    && !verified_since(a)
                 {
                     found.push(format!(
                         "{} succeeded on {} although {}'s verification of {} failed on {} ({:?})",
