@@ -399,8 +399,12 @@ async fn first_incidents(source: &Agent, destination: &Agent) -> anyhow::Result<
     // its profile active afterwards: degraded by the check, never
     // "succeeded".
     if let Some((_, checked_vm)) = rest.first() {
-        let mut unconfirmed = saved.clone();
-        unconfirmed.fail.push(crate::protocol::Stage::Verify);
+        // Not flaky for this one: its prepare and finish go through.
+        let unconfirmed = crate::features::Faults {
+            fail: vec![crate::protocol::Stage::Verify],
+            fail_rate: 0.0,
+            ..saved.clone()
+        };
         destination
             .features
             .set_faults(FEATURE, unconfirmed)
