@@ -194,7 +194,7 @@ fn clean_migration_succeeds_and_moves_the_association_to_the_destination() {
     assert_eq!(cookies, ["C1", "C2", "C3", "C4"], "{record}");
     assert_eq!(
         record["cookies"][3]["summary"],
-        "committed; finish port-profile ok"
+        "committed; finish port-profile ok; verify port-profile ok"
     );
     assert_eq!(
         cluster.guests_of("web-01"),

@@ -529,6 +529,7 @@ impl Described for proto::Cookie4 {
             format!("not committed: {}", self.error)
         };
         push_stages(&mut out, "finish", &self.finish);
+        push_stages(&mut out, "verify", &self.verify);
         push_stages(&mut out, "rollback", &self.rollback);
         out
     }
