@@ -664,6 +664,9 @@ impl AgentConfig {
                     _ => machine.check(),
                 };
                 checked.map_err(|e| invalid(path, format!("[[vm]] {}: {e}", vm.name)))?;
+                if config.hypervisor.kind == "qemu" && !machine.nics.is_empty() {
+                    check_plugged(path, vm, &config.features)?;
+                }
             }
             if !names.insert(vm.name.as_str()) {
                 return Err(invalid(
@@ -932,6 +935,40 @@ impl AgentConfig {
                 .unwrap_or_else(|_| "127.0.0.1".into()),
         }
     }
+}
+
+/// A QEMU guest's NICs are taps on no bridge until a `bridge` feature
+/// plugs them: a VM with NICs and no such feature would boot, and move,
+/// without a network.
+fn check_plugged(
+    path: &Path,
+    vm: &VmSpec,
+    features: &BTreeMap<String, toml::Table>,
+) -> Result<(), ConfigError> {
+    let driver_of = |name: &str| {
+        features
+            .get(name)
+            .and_then(|t| t.get("driver"))
+            .and_then(|d| d.as_str())
+            .unwrap_or(name)
+            .to_string()
+    };
+    if vm
+        .features
+        .iter()
+        .any(|f| driver_of(&f.name) == crate::features::bridge::DRIVER)
+    {
+        return Ok(());
+    }
+    Err(invalid(
+        path,
+        format!(
+            "[[vm]] {}: qemu.nics needs a feature with driver = \"bridge\" to put its taps on \
+             their networks' bridges (e.g. [features.net] driver = \"bridge\", and \
+             features = [{{ name = \"net\", required = true }}])",
+            vm.name
+        ),
+    ))
 }
 
 fn check_vm(
@@ -1285,14 +1322,26 @@ mod tests {
         format!("{host}[[vm]]\nname = \"web-01\"\nmemory_mib = 64\nvcpus = 1\nqemu = {qemu}\n")
     }
 
+    /// [`with_vm`] whose VM lists feature `net`, the host's bridge driver.
+    fn with_plugged_vm(host: &str, qemu: &str) -> String {
+        with_vm(
+            &format!("{host}[features.net]\ndriver = \"bridge\"\n"),
+            qemu,
+        )
+        .replace(
+            "vcpus = 1\n",
+            "vcpus = 1\nfeatures = [{ name = \"net\", required = true }]\n",
+        )
+    }
+
     #[test]
     fn a_vm_boots_what_its_qemu_table_says() {
-        let text = with_vm(
+        let text = with_plugged_vm(
             QEMU_HOST,
             "{ kernel = \"vmlinuz\", append = \"console=ttyS0\", machine = \"q35\", \
              disks = [{ storage = \"images\", path = \"web-01/root.qcow2\", format = \"qcow2\" }, \
                       { storage = \"iso\", path = \"debian.iso\", readonly = true }], \
-             nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\" }] }",
+             nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\", vlan = 100 }] }",
         );
         let config = parse(&text).unwrap();
         let h = &config.hypervisor;
@@ -1312,9 +1361,39 @@ mod tests {
         // Raw and writable unless said otherwise.
         assert_eq!(q.disks[1].format, crate::protocol::machine::DiskFormat::Raw);
         assert_eq!((q.disks[0].readonly, q.disks[1].readonly), (false, true));
-        assert_eq!(q.nics[0].network, "lan");
+        assert_eq!(
+            (q.nics[0].network.as_str(), q.nics[0].vlan),
+            ("lan", Some(100))
+        );
         let err = parse(&text.replace("append", "apend")).unwrap_err();
         assert!(err.contains("apend"), "{err}");
+    }
+
+    #[test]
+    fn a_qemu_vm_with_nics_and_no_bridge_feature_is_refused() {
+        let nic = "{ nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\" }] }";
+        let err = parse(&with_vm(QEMU_HOST, nic)).unwrap_err();
+        assert!(
+            err.contains("[[vm]] web-01: qemu.nics needs a feature with driver = \"bridge\""),
+            "{err}"
+        );
+        parse(&with_plugged_vm(QEMU_HOST, nic)).unwrap();
+        // Without NICs nothing is needed.
+        parse(&with_vm(QEMU_HOST, "{ kernel = \"vmlinuz\" }")).unwrap();
+        // A VSI whose instance is no UUID, a VLAN out of range: by field.
+        let bad = "{ nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\", \
+                   vsi = { type_id = 5, instance = \"not-a-uuid\" } }] }";
+        let err = parse(&with_plugged_vm(QEMU_HOST, bad)).unwrap_err();
+        assert!(
+            err.contains("qemu.nics[0].vsi.instance \"not-a-uuid\" is not a UUID"),
+            "{err}"
+        );
+        let bad = "{ nics = [{ mac = \"52:54:00:12:34:56\", network = \"lan\", vlan = 4095 }] }";
+        let err = parse(&with_plugged_vm(QEMU_HOST, bad)).unwrap_err();
+        assert!(
+            err.contains("qemu.nics[0].vlan \"4095\" is not a VLAN id (1 to 4094)"),
+            "{err}"
+        );
     }
 
     #[test]
