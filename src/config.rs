@@ -183,6 +183,10 @@ pub struct AgentConfig {
     /// one more is refused as ResourceExhausted.
     #[serde(default = "default_max_watchers")]
     pub max_watchers: u32,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP, read-only
+    /// numbers); none: no metrics endpoint.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// How long a feature stage may take before its effect is taken as
     /// unknown (it fails, and a rollback undoes it too).
     #[serde(default = "default_stage_timeout")]
@@ -514,6 +518,14 @@ impl AgentConfig {
             return Err(invalid(
                 path,
                 format!("listen = {:?} is not an address:port", config.listen),
+            ));
+        }
+        if let Some(metrics) = &config.metrics_listen
+            && metrics.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                path,
+                format!("metrics_listen = {metrics:?} is not an address:port"),
             ));
         }
         let listen: std::net::SocketAddr = config.listen.parse().expect("checked above");
@@ -1367,6 +1379,19 @@ mod tests {
         );
         let err = parse(&text.replace("append", "apend")).unwrap_err();
         assert!(err.contains("apend"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_nothing() {
+        let agent = QEMU_AGENT.replace("[hypervisor]\nkind = \"qemu\"\n", "");
+        assert_eq!(parse(&agent).unwrap().metrics_listen, None);
+        let config = parse(&format!("{agent}metrics_listen = \"127.0.0.1:9701\"\n")).unwrap();
+        assert_eq!(config.metrics_listen.as_deref(), Some("127.0.0.1:9701"));
+        let err = parse(&format!("{agent}metrics_listen = \"localhost\"\n")).unwrap_err();
+        assert!(
+            err.contains("metrics_listen = \"localhost\" is not an address:port"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod journal;
 pub mod logs;
+pub mod metrics;
 mod peers;
 mod service;
 mod shell;
@@ -106,6 +107,8 @@ pub struct Agent {
     pub max_watchers: u32,
     /// This agent's own log files (`state_dir/logs`).
     pub log: Arc<logs::HostLog>,
+    /// What `metrics_listen` serves.
+    pub metrics: metrics::Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +275,7 @@ impl Agent {
             watchers: Arc::new(tokio::sync::Semaphore::new(config.max_watchers as usize)),
             max_watchers: config.max_watchers,
             log,
+            metrics: metrics::Metrics::new(&config.name),
         });
         agent.adopt_guests().await;
         shell::spawn(agent.clone(), core, journal, image, rx);
@@ -309,6 +313,12 @@ impl Agent {
     /// when `max_watchers` streams are served already.
     pub fn watcher_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.watchers.clone().try_acquire_owned().ok()
+    }
+
+    /// Watch streams served now.
+    pub fn watch_subscribers(&self) -> u32 {
+        self.max_watchers
+            .saturating_sub(self.watchers.available_permits() as u32)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<proto::Event> {
@@ -1209,7 +1219,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let metrics = match &config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let agent = Agent::open(&config, inventory).await?;
+    if let Some(listener) = metrics {
+        tracing::info!(host = %agent.name, addr = %listener.local_addr()?, "serving metrics at /metrics");
+        tokio::spawn(metrics::serve(agent.clone(), listener));
+    }
     serve(agent, listener, stop_rx).await
 }
 

@@ -168,11 +168,13 @@ impl Shell {
                     // A durable write waits for the disk's sync; a lazy
                     // one takes microseconds and is not worth handing off.
                     let journal = &mut self.journal;
+                    let started = std::time::Instant::now();
                     let written = if durable {
                         blocking(|| journal.write(&entry, durable))
                     } else {
                         journal.write(&entry, durable)
                     };
+                    self.agent.metrics.journal_write(durable, started.elapsed());
                     if let Err(e) = written {
                         self.journal_failed(&entry, e);
                     }
@@ -461,7 +463,12 @@ async fn publisher(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<Event>) {
     use proto::event::Kind;
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Migration(record) => agent.emit(Kind::Migration((&*record).into())),
+            Event::Migration(record) => {
+                if record.source == agent.name {
+                    agent.metrics.record(&record);
+                }
+                agent.emit(Kind::Migration((&*record).into()))
+            }
             Event::Progress {
                 migration_id,
                 attempt_id,
