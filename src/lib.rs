@@ -10,6 +10,11 @@ pub mod proto {
     //! Generated from `proto/tern/v1/*.proto`.
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("tern.v1");
+
+    /// The Console service's schema (console.proto and its imports), as
+    /// server reflection serves it.
+    pub const CONSOLE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/console_descriptor.bin"));
 }
 
 pub mod agent;

@@ -62,12 +62,24 @@ struct ConsoleArgs {
     quiet: bool,
 }
 
+/// The format of the log lines written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a host agent.
     Agent {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// How log lines are written to stderr: `text` for people, `json`
+        /// (one object a line) for log shippers. The files in
+        /// state_dir/logs are JSON lines either way.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// An embedded cluster of simulated hosts, with the console on it.
     Demo {
@@ -462,10 +474,14 @@ async fn main() -> ExitCode {
             headless: false, ..
         } => tern::console::init_logging(),
         _ => {
-            init_logging(matches!(
-                command,
-                Command::Agent { .. } | Command::Demo { .. }
-            ));
+            let format = match &command {
+                Command::Agent { log_format, .. } => *log_format,
+                _ => LogFormat::Text,
+            };
+            init_logging(
+                matches!(command, Command::Agent { .. } | Command::Demo { .. }),
+                format,
+            );
             None
         }
     };
@@ -483,26 +499,36 @@ async fn main() -> ExitCode {
 /// Logs go to stderr, filtered by RUST_LOG; daemons say more by default.
 /// Each agent's lines (INFO and worse, whatever RUST_LOG says) also go to
 /// its own files in its state_dir/logs.
-fn init_logging(daemon: bool) {
+fn init_logging(daemon: bool, format: LogFormat) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = match format {
+        LogFormat::Text => stderr.with_filter(filter).boxed(),
+        // Flattened: `message` and the event's fields at the top level,
+        // next to `level`, `timestamp`, `target` and the spans (host,
+        // attempt), which is what log shippers index.
+        LogFormat::Json => stderr
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_filter(filter)
+            .boxed(),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
+        .with(stderr)
         .with(tern::agent::logs::layer().with_filter(tracing_subscriber::filter::LevelFilter::INFO))
         .init();
 }
 
 async fn run(access: &cli::Access, command: Command) -> CliResult {
     match command {
-        Command::Agent { config } => {
+        Command::Agent { config, .. } => {
             let config = AgentConfig::load(&config).map_err(|e| CliError::usage(e.to_string()))?;
             tern::agent::run(config).await.map_err(failed)?;
             Ok(exit::SUCCEEDED)
@@ -762,8 +788,23 @@ mod tests {
     #[test]
     fn agent_needs_a_config_file() {
         assert!(matches!(parse(&["agent", "--config", "hv-a.toml"]).command,
-            Some(Command::Agent { config }) if config == std::path::Path::new("hv-a.toml")));
+            Some(Command::Agent { config, log_format: LogFormat::Text }) if config == std::path::Path::new("hv-a.toml")));
         assert_eq!(parse_error(&["agent"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn an_agent_logs_text_by_default_json_on_request_and_nothing_else() {
+        assert!(matches!(
+            parse(&["agent", "--config", "a.toml", "--log-format", "json"]).command,
+            Some(Command::Agent {
+                log_format: LogFormat::Json,
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_error(&["agent", "--config", "a.toml", "--log-format", "yaml"]),
+            ErrorKind::InvalidValue
+        );
     }
 
     #[test]

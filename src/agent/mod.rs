@@ -89,6 +89,9 @@ pub struct Agent {
     stopping: watch::Sender<bool>,
     /// Set once the core has nothing left to wait for.
     exited: watch::Sender<bool>,
+    /// Set once recovery has settled what the journal left open; cleared
+    /// when the journal fails. The health service reports it.
+    ready: watch::Sender<bool>,
     peers: peers::Peers,
     next_req: AtomicU64,
     /// This agent's identity, when it serves TLS (`[tls]`).
@@ -253,6 +256,7 @@ impl Agent {
         let (events, _) = broadcast::channel(8192);
         let (stopping, _) = watch::channel(false);
         let (exited, _) = watch::channel(false);
+        let (ready, _) = watch::channel(false);
         let (tx, rx) = mpsc::unbounded_channel();
         let agent = Arc::new(Agent {
             name: config.name.clone(),
@@ -265,6 +269,7 @@ impl Agent {
             core: tx,
             stopping,
             exited,
+            ready,
             hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
             audit,
             peers: peers::Peers::new(inventory, tls.clone()),

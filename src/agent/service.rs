@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use super::Agent;
@@ -38,6 +39,19 @@ pub async fn serve(
     let peer = peer_server::PeerServer::new(PeerService(agent.clone()))
         .max_decoding_message_size(bounds::MAX_REQUEST_BYTES)
         .max_encoding_message_size(bounds::MAX_REQUEST_BYTES);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(agent.clone(), health));
+    // Both versions: grpcurl asks v1 first, older clients only v1alpha.
+    let reflection = match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => (
+            InterceptedService::new(v1, ViewersOnly(agent.clone())),
+            InterceptedService::new(v1alpha, ViewersOnly(agent.clone())),
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("gRPC server of {}: reflection: {e}", agent.name);
+            return;
+        }
+    };
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = &agent.tls {
         builder = match builder.tls_config(tls.server()) {
@@ -51,13 +65,74 @@ pub async fn serve(
     let result = builder
         .add_service(console)
         .add_service(peer)
+        .add_service(health_service)
+        .add_service(reflection.0)
+        .add_service(reflection.1)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })
         .await;
+    health_task.abort();
     if let Err(e) = result {
         tracing::error!("gRPC server of {}: {e}", agent.name);
     }
+}
+
+/// The services `grpc.health.v1.Health` reports on: the whole agent ("")
+/// and each of its own services, all with the same status.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <console_server::ConsoleServer<ConsoleService> as tonic::server::NamedService>::NAME,
+    <peer_server::PeerServer<PeerService> as tonic::server::NamedService>::NAME,
+];
+
+/// Keep the health service's answer in step with the agent: NOT_SERVING
+/// while recovery settles what the journal left open, when the journal
+/// failed, and once the agent is stopping; SERVING otherwise. Anyone who
+/// can connect may ask (with TLS, any certificate of the cluster CA, of
+/// any role: a load balancer's probe holds one), like a TCP probe would
+/// learn as much.
+async fn report_health(agent: Arc<Agent>, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut ready = agent.ready.subscribe();
+    let mut stopping = agent.stopping.subscribe();
+    loop {
+        let serving = *ready.borrow_and_update() && !*stopping.borrow_and_update();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in HEALTH_SERVICES {
+            health.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            changed = ready.changed() => if changed.is_err() { return },
+            changed = stopping.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Lets through callers who may read the Console service (the viewer
+/// role), for server reflection: it describes what a viewer may call, so
+/// with TLS it asks for what Console's reads ask for; a plaintext agent
+/// answers anyone, as it does for everything.
+#[derive(Clone)]
+struct ViewersOnly(Arc<Agent>);
+
+impl tonic::service::Interceptor for ViewersOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
+        Ok(request)
+    }
+}
+
+/// Server reflection, for grpcurl and friends: it describes the Console
+/// service and health, not the Peer service, which is only for agents.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::CONSOLE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 struct PeerService(Arc<Agent>);

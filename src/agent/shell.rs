@@ -86,6 +86,7 @@ impl Shell {
         if self.execute(actions) {
             return self.exited(rx).await;
         }
+        self.check_recovered();
         loop {
             let deadline = self.core.poll_timeout();
             let msg = match deadline {
@@ -121,7 +122,18 @@ impl Shell {
             if self.execute(actions) {
                 return self.exited(rx).await;
             }
+            self.check_recovered();
         }
+    }
+
+    /// Tell the health service once recovery has settled what the journal
+    /// left open (asked of the core only until then).
+    fn check_recovered(&mut self) {
+        if *self.agent.ready.borrow() || self.core.recovering() {
+            return;
+        }
+        tracing::info!("recovery finished: serving");
+        self.agent.ready.send_replace(true);
     }
 
     /// The core is done: what it said last is published (the attempt that
@@ -261,6 +273,7 @@ impl Shell {
             entry_name(entry),
             self.agent.name
         );
+        self.agent.ready.send_replace(false);
         tracing::error!("{text}");
         eprintln!("tern agent {}: {text}", self.agent.name);
         std::process::exit(JOURNAL_FAILED_EXIT);

@@ -697,6 +697,10 @@ pub struct HostCore {
     next_id: u64,
     stopping: Option<Stopping>,
     warnings: Vec<String>,
+    /// Attempts the journal left open that recovery has not settled yet:
+    /// source migrations by migration id, destination attempts by attempt id.
+    recovering_sources: Vec<String>,
+    recovering_destinations: Vec<String>,
     /// Repairs this host's records asked for: migration id → the request
     /// answered when the host the VM runs on has.
     repair_waiters: BTreeMap<String, ReqId>,
@@ -747,6 +751,8 @@ impl HostCore {
             next_id: 0,
             stopping: None,
             warnings: Vec::new(),
+            recovering_sources: Vec::new(),
+            recovering_destinations: Vec::new(),
             repair_waiters: BTreeMap::new(),
             repairs_here: BTreeMap::new(),
             internal: VecDeque::new(),
@@ -1210,6 +1216,7 @@ impl HostCore {
                 continue;
             }
             s.live = true;
+            self.recovering_sources.push(id.clone());
             let from = format!("{:?}", s.attempt.state);
             let actions = s.attempt.recover(self.now);
             let vm = s.attempt.vm.name.clone();
@@ -1226,6 +1233,7 @@ impl HostCore {
             let id = attempt.attempt_id.clone();
             let migration = attempt.migration_id.clone();
             let from = format!("{:?}", attempt.state);
+            self.recovering_destinations.push(id.clone());
             self.destinations
                 .insert(id.clone(), Destination::new(attempt, None));
             self.log(
@@ -1247,6 +1255,29 @@ impl HostCore {
         self.drain_internal();
         self.emit(Event::Host);
         std::mem::take(&mut self.out)
+    }
+
+    /// Whether recovery is still settling an attempt the journal left
+    /// open (the agent reports itself not ready meanwhile). A source
+    /// attempt is settled once it ends or is `unresolved`: that one waits
+    /// on its destination or an operator, who needs this agent to serve;
+    /// a destination attempt once it ends or its guest is lost. Pending
+    /// rollbacks and evacuations carry on afterwards and do not count.
+    pub fn recovering(&mut self) -> bool {
+        use crate::protocol::source::SourceState;
+        let sources = &self.sources;
+        self.recovering_sources.retain(|id| {
+            sources
+                .get(id)
+                .is_some_and(|s| s.live && !matches!(s.attempt.state, SourceState::Unresolved))
+        });
+        let destinations = &self.destinations;
+        self.recovering_destinations.retain(|id| {
+            destinations
+                .get(id)
+                .is_some_and(|d| d.attempt.lost().is_none())
+        });
+        !self.recovering_sources.is_empty() || !self.recovering_destinations.is_empty()
     }
 
     // ---- shutdown -----------------------------------------------------------

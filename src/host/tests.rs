@@ -1625,3 +1625,45 @@ fn the_host_a_vm_runs_on_runs_the_stages_in_order_and_refuses_a_vm_it_does_not_r
     assert_eq!(reply.results.len(), 1);
     assert!(!reply.results[0].ok && reply.results[0].detail == "switch says no");
 }
+
+#[test]
+fn recovery_counts_until_the_attempts_the_journal_left_open_have_ended() {
+    let (b, _) = prepared_destination();
+    let journaled = b
+        .log
+        .iter()
+        .rev()
+        .find_map(|x| match x {
+            Action::Journal {
+                entry: Entry::Destination(d),
+                ..
+            } => Some((**d).clone()),
+            _ => None,
+        })
+        .expect("the prepared attempt is journaled");
+    // Nothing open: recovered at once.
+    assert!(!Host::new(B).core.recovering());
+    // The restarted destination rolls its prepared attempt back.
+    let mut core = HostCore::new(config(B));
+    let mut actions = core.recover(
+        2_000,
+        JournalImage {
+            destinations: vec![journaled],
+            ..Default::default()
+        },
+    );
+    assert!(core.recovering(), "the kill of the incoming guest runs");
+    let mut now = 2_000;
+    while let Some(op) = op_of(&actions, |_| true) {
+        assert!(core.recovering(), "{actions:?}");
+        now += 10;
+        actions = core.handle(
+            now,
+            Input::OpDone {
+                op,
+                result: Ok(OpOutput::Done),
+            },
+        );
+    }
+    assert!(!core.recovering(), "{actions:?}");
+}
