@@ -272,6 +272,19 @@ enum Command {
         #[arg(long)]
         fail_rollback: bool,
     },
+    /// Print the shell's completion script, e.g. `source <(tern completions
+    /// bash)`; packages install it where the shell looks.
+    Completions {
+        #[arg(value_enum)]
+        shell: cli::manual::CompletionShell,
+    },
+    /// Print this manual page (roff), e.g. `tern man | man -l -`.
+    Man {
+        /// Write one page per command into DIR instead (tern.1,
+        /// tern-migrate.1, …), for a package's man1 folder.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -702,6 +715,14 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             };
             cli::fault(access, &host, faults).await
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            cli::manual::completions(Cli::command(), shell)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            cli::manual::man(Cli::command(), dir.as_deref())
+        }
     }
 }
 
@@ -1081,6 +1102,33 @@ mod tests {
         assert!(matches!(
             parse(&["watch", "--json"]).command,
             Some(Command::Watch { json: true })
+        ));
+    }
+
+    #[test]
+    fn completions_take_bash_zsh_or_fish_and_man_an_optional_dir() {
+        use cli::manual::CompletionShell;
+        assert!(matches!(
+            parse(&["completions", "zsh"]).command,
+            Some(Command::Completions {
+                shell: CompletionShell::Zsh
+            })
+        ));
+        assert_eq!(
+            parse_error(&["completions", "tcsh"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse_error(&["completions"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert!(matches!(
+            parse(&["man"]).command,
+            Some(Command::Man { dir: None })
+        ));
+        assert!(matches!(
+            parse(&["man", "--dir", "out/man1"]).command,
+            Some(Command::Man { dir: Some(d) }) if d == std::path::Path::new("out/man1")
         ));
     }
 

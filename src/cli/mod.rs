@@ -10,6 +10,7 @@
 //! - [`status`]: `tern status` and the JSON form of hosts and VMs
 //! - [`watch`]: `tern watch`, the merged event stream of every agent
 //! - [`logs`]: `tern logs`, a migration's lines from its hosts' own logs
+//! - [`manual`]: `tern completions` and `tern man`, made from the clap definition
 //! - [`output`]: human-readable rendering
 //! - [`sanitize`]: text from agents made safe for a terminal
 
@@ -19,6 +20,7 @@ pub mod client;
 pub mod commands;
 pub mod evacuate;
 pub mod logs;
+pub mod manual;
 pub mod output;
 pub mod sanitize;
 pub mod status;
