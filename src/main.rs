@@ -238,6 +238,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What each host needs to take part in migrations, checked now: its
+    /// agent answers, its clock, QEMU, KVM, userfaultfd, free disk, the
+    /// journal, its certificate, pending work. Exit 0 when nothing is an
+    /// error, 1 when something is.
+    Doctor {
+        /// The hosts to examine (default: every host of the inventory).
+        hosts: Vec<String>,
+        /// A JSON array of findings: host, check, verdict, detail, fix.
+        #[arg(long)]
+        json: bool,
+    },
     /// A migration's log lines from every host it touched (its source and
     /// destinations), merged in time order: `HH:MM:SS.mmm HOST LEVEL
     /// ATTEMPT TEXT`, times in UTC.
@@ -697,6 +708,7 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             cli::audit::audit(access, args).await
         }
         Command::Logs { id, json } => cli::logs::logs(access, &id, json).await,
+        Command::Doctor { hosts, json } => cli::doctor::doctor(access, &hosts, json).await,
         Command::Ca { command } => ca(command),
         Command::Fault {
             host,

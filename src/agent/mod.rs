@@ -7,6 +7,7 @@
 //! start does not keep a heartbeat from being heard.
 
 pub mod audit;
+pub mod doctor;
 pub mod journal;
 pub mod logs;
 pub mod metrics;

@@ -936,6 +936,31 @@ impl console_server::Console for ConsoleService {
             truncated,
         }))
     }
+
+    async fn doctor(
+        &self,
+        request: Request<proto::DoctorRequest>,
+    ) -> Result<Response<proto::DoctorReply>, Status> {
+        authorize(&self.0, &request, Role::Viewer)?;
+        let checks = super::doctor::examine(&self.0).await;
+        Ok(Response::new(proto::DoctorReply {
+            host: self.0.name.clone(),
+            now_ms: super::now_ms(),
+            checks: checks
+                .into_iter()
+                .map(|c| proto::DoctorCheck {
+                    name: c.name,
+                    finding: match c.verdict {
+                        crate::hypervisor::Verdict::Ok => proto::Finding::Ok,
+                        crate::hypervisor::Verdict::Warning => proto::Finding::Warning,
+                        crate::hypervisor::Verdict::Error => proto::Finding::Error,
+                    } as i32,
+                    detail: c.detail,
+                    fix: c.fix,
+                })
+                .collect(),
+        }))
+    }
 }
 
 impl ConsoleService {

@@ -334,6 +334,12 @@ impl Agent {
     /// This agent's log lines of a migration or an attempt (at most
     /// `max_lines`, 0 for the agent's default), each named after this agent
     /// whatever the line says: an agent speaks for its own host only.
+    /// This agent's `tern doctor` checks.
+    pub async fn doctor(&self) -> Result<proto::DoctorReply, CliError> {
+        self.call(|mut c| async move { c.doctor(proto::DoctorRequest {}).await })
+            .await
+    }
+
     pub async fn attempt_logs(
         &self,
         id: &str,

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod check;
 pub mod client;
 pub mod commands;
+pub mod doctor;
 pub mod evacuate;
 pub mod logs;
 pub mod manual;

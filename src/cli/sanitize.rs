@@ -139,6 +139,8 @@ sanitize_fields! {
     proto::AdmissionCheck { name, host, detail }
     proto::AttemptLogLine { level, host, attempt_id, text }
     proto::AttemptLogsReply { host, lines }
+    proto::DoctorCheck { name, detail, fix }
+    proto::DoctorReply { host, checks }
 }
 
 impl Sanitize for proto::event::Kind {
@@ -255,5 +257,6 @@ mod tests {
         no_field_left_raw::<proto::ListEvacuationsReply>("ListEvacuationsReply", 4);
         no_field_left_raw::<proto::RollbackReply>("RollbackReply", 2);
         no_field_left_raw::<proto::AttemptLogsReply>("AttemptLogsReply", 2);
+        no_field_left_raw::<proto::DoctorReply>("DoctorReply", 2);
     }
 }

@@ -73,6 +73,52 @@ pub struct HostCapacity {
     pub vcpus: u32,
 }
 
+/// One finding of `tern doctor` on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCheck {
+    pub name: String,
+    pub verdict: Verdict,
+    pub detail: String,
+    /// What to do about it; empty when ok.
+    pub fix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warning,
+    Error,
+}
+
+impl HostCheck {
+    pub fn ok(name: &str, detail: impl Into<String>) -> HostCheck {
+        HostCheck {
+            name: name.into(),
+            verdict: Verdict::Ok,
+            detail: detail.into(),
+            fix: String::new(),
+        }
+    }
+
+    pub fn warning(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> HostCheck {
+        HostCheck {
+            name: name.into(),
+            verdict: Verdict::Warning,
+            detail: detail.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub fn error(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> HostCheck {
+        HostCheck {
+            name: name.into(),
+            verdict: Verdict::Error,
+            detail: detail.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     /// "sim" or "qemu".
@@ -107,6 +153,15 @@ pub trait Hypervisor: Send + Sync {
     /// paused guest's leave when it resumes. Nothing for a simulated one.
     async fn announce(&self, _vm: &str) -> Result<(), HypervisorError> {
         Ok(())
+    }
+
+    /// What `tern doctor` checks of this hypervisor on this host: (name,
+    /// verdict, what was found, the fix). It may block (it runs programs).
+    fn doctor(&self) -> Vec<HostCheck> {
+        vec![HostCheck::ok(
+            "hypervisor",
+            "simulated: guests live in the agent (the demo and tests)",
+        )]
     }
 
     /// Whether this host can take part in post-copy (as a destination

@@ -49,6 +49,16 @@ impl IdentityFiles {
         })
     }
 
+    /// When this identity's certificate expires, seconds since the epoch.
+    pub fn not_after(&self) -> Result<i64, String> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert.as_bytes())
+            .map_err(|e| format!("cannot read the certificate: {e}"))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| format!("cannot read the certificate: {e}"))?;
+        Ok(cert.validity().not_after.timestamp())
+    }
+
     fn tonic_identity(&self) -> tonic::transport::Identity {
         tonic::transport::Identity::from_pem(&self.cert, &self.key)
     }

@@ -64,7 +64,9 @@ use tokio::sync::mpsc;
 
 use self::machine::Resolved;
 use self::qmp::{MigrationInfo, Qmp, QmpError};
-use super::{Guest, GuestState, HostCapacity, Hypervisor, HypervisorError, Platform, TransferPlan};
+use super::{
+    Guest, GuestState, HostCapacity, HostCheck, Hypervisor, HypervisorError, Platform, TransferPlan,
+};
 use crate::config::{AgentConfig, MachineAllowList, TlsConfig};
 use crate::protocol::machine::{MAX_DEVICES, MachineError, NicPort};
 use crate::protocol::{TransferStage, TransferStats, VmSpec};
@@ -1243,6 +1245,58 @@ impl Hypervisor for QemuHypervisor {
             Ok(offered) => offered.platform(&resolved.machine_type, platform::DEFAULT_CPU_MODEL),
             Err(e) => Err(e.clone()),
         })
+    }
+
+    fn doctor(&self) -> Vec<HostCheck> {
+        let binary = &self.settings.binary;
+        let mut checks = Vec::new();
+        match std::process::Command::new(binary).arg("--version").output() {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let version = text.lines().next().unwrap_or("").trim().to_string();
+                checks.push(HostCheck::ok("qemu", format!("{binary}: {version}")));
+            }
+            Ok(out) => checks.push(HostCheck::error(
+                "qemu",
+                format!(
+                    "{binary} --version failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                "reinstall QEMU (apt-get install -y qemu-system-x86)",
+            )),
+            Err(e) => checks.push(HostCheck::error(
+                "qemu",
+                format!("cannot run {binary}: {e}"),
+                "install QEMU (apt-get install -y qemu-system-x86) or set [hypervisor] binary",
+            )),
+        }
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        checks.push(match (kvm, self.settings.accel.as_str()) {
+            (Ok(_), _) => HostCheck::ok("kvm", "/dev/kvm opens: guests run with KVM"),
+            (Err(e), "tcg") => HostCheck::ok(
+                "kvm",
+                format!("/dev/kvm does not open ({e}); accel = \"tcg\" does not need it"),
+            ),
+            (Err(e), _) => HostCheck::warning(
+                "kvm",
+                format!(
+                    "/dev/kvm does not open ({e}): guests run emulated (TCG), many times slower"
+                ),
+                "load kvm_intel or kvm_amd, or give the agent access to /dev/kvm",
+            ),
+        });
+        checks.push(match self.postcopy_support() {
+            Ok(()) => HostCheck::ok("userfaultfd", "post-copy can run here"),
+            Err(e) => HostCheck::warning(
+                "userfaultfd",
+                e,
+                "sysctl vm.unprivileged_userfaultfd=1, or run QEMU as root (no run_as)",
+            ),
+        });
+        checks
     }
 
     fn postcopy_support(&self) -> Result<(), String> {

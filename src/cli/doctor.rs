@@ -1,0 +1,174 @@
+//! `tern doctor [HOST…] [--json]`: before a migration fails at 3 a.m., what
+//! each host needs to take part in one, checked now. Each agent checks its
+//! own hypervisor, disk, journal, certificate and pending work (the Doctor
+//! RPC); this command adds what only the caller sees — whether the host
+//! answers at all, and its clock against this one's. Exit 0 when nothing is
+//! an error (warnings included), 1 when something is.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use serde::Serialize;
+
+use super::client::Access;
+use super::client::{Cluster, no_answer};
+use super::{CliError, CliResult, exit};
+use crate::proto;
+
+/// A clock further off than this is a warning; than [`SKEW_ERROR_MS`], an
+/// error (journal times, heartbeats and certificates all read clocks).
+const SKEW_WARNING_MS: i64 = 1_000;
+const SKEW_ERROR_MS: i64 = 30_000;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    pub host: String,
+    pub check: String,
+    /// "ok", "warning" or "error".
+    pub verdict: &'static str,
+    pub detail: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn verdict(finding: i32) -> &'static str {
+    match proto::Finding::try_from(finding).unwrap_or(proto::Finding::Error) {
+        proto::Finding::Ok => "ok",
+        proto::Finding::Warning => "warning",
+        proto::Finding::Error => "error",
+    }
+}
+
+/// The findings of one host: its agent's checks and the caller's own.
+async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Finding> {
+    let finding = |check: &str, verdict: &'static str, detail: String, fix: &str| Finding {
+        host: host.to_string(),
+        check: check.into(),
+        verdict,
+        detail,
+        fix: fix.into(),
+    };
+    let asked_at = now_ms();
+    let reply = async {
+        let entry = cluster.check_host(host)?;
+        let agent = match tokio::time::timeout(deadline, cluster.connect(entry)).await {
+            Ok(agent) => agent?.within(deadline),
+            Err(_) => return Err(no_answer(host, deadline)),
+        };
+        agent.asked(agent.doctor()).await
+    }
+    .await;
+    let answered_at = now_ms();
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => {
+            return vec![finding(
+                "reachable",
+                "error",
+                e.message,
+                "start its agent (systemctl start tern-agent), or check the address in the inventory and the network",
+            )];
+        }
+    };
+    let mut found = vec![finding(
+        "reachable",
+        "ok",
+        format!("answered in {} ms", answered_at - asked_at),
+        "",
+    )];
+    // Its clock against the middle of the call.
+    let skew = reply.now_ms as i64 - (asked_at + answered_at) / 2;
+    let said = format!("its clock is {skew:+} ms from this one's");
+    found.push(if skew.abs() > SKEW_ERROR_MS {
+        finding(
+            "clock",
+            "error",
+            said,
+            "synchronise the clocks (chrony, systemd-timesyncd)",
+        )
+    } else if skew.abs() > SKEW_WARNING_MS {
+        finding(
+            "clock",
+            "warning",
+            said,
+            "synchronise the clocks (chrony, systemd-timesyncd)",
+        )
+    } else {
+        finding("clock", "ok", said, "")
+    });
+    found.extend(reply.checks.into_iter().map(|c| Finding {
+        host: host.to_string(),
+        check: c.name,
+        verdict: verdict(c.finding),
+        detail: c.detail,
+        fix: c.fix,
+    }));
+    found
+}
+
+pub async fn doctor(access: &Access, hosts: &[String], json: bool) -> CliResult {
+    let cluster = Cluster::load(access)?;
+    let hosts: Vec<String> = if hosts.is_empty() {
+        cluster
+            .host_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    } else {
+        for host in hosts {
+            cluster.check_host(host)?;
+        }
+        hosts.to_vec()
+    };
+    let deadline = cluster.answer_deadline;
+    let findings: Vec<Finding> = join_all(hosts.iter().map(|h| examine(&cluster, h, deadline)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&findings)
+                .map_err(|e| CliError::new(exit::FAILED, e.to_string()))?
+        );
+    } else {
+        print!("{}", text(&findings));
+    }
+    Ok(if findings.iter().any(|f| f.verdict == "error") {
+        exit::FAILED
+    } else {
+        exit::SUCCEEDED
+    })
+}
+
+/// Host by host, a line a check, the fix under what is not ok.
+pub fn text(findings: &[Finding]) -> String {
+    use std::fmt::Write;
+    let width = findings.iter().map(|f| f.check.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    let mut host = "";
+    for f in findings {
+        if f.host != host {
+            host = &f.host;
+            let _ = writeln!(out, "{host}");
+        }
+        let _ = writeln!(out, "  {:<7}  {:<width$}  {}", f.verdict, f.check, f.detail);
+        if !f.fix.is_empty() {
+            let _ = writeln!(out, "  {:<7}  {:<width$}  fix: {}", "", "", f.fix);
+        }
+    }
+    let (errors, warnings) = (
+        findings.iter().filter(|f| f.verdict == "error").count(),
+        findings.iter().filter(|f| f.verdict == "warning").count(),
+    );
+    let _ = writeln!(out, "{errors} error(s), {warnings} warning(s)");
+    out
+}
