@@ -52,6 +52,7 @@ fn a_healthy_pair_passes_and_a_host_whose_agent_is_down_is_an_error() {
             "journal",
             "certificate",
             "pending",
+            "peers",
         ] {
             assert_eq!(
                 finding(&findings, h, check)["verdict"],
@@ -91,8 +92,17 @@ fn a_healthy_pair_passes_and_a_host_whose_agent_is_down_is_an_error() {
         down["fix"].as_str().unwrap().contains("start its agent"),
         "{down}"
     );
-    // hv-a is examined all the same.
+    // hv-a is examined all the same, and cannot reach hv-b either.
     assert_eq!(finding(&findings, "hv-a", "journal")["verdict"], "ok");
+    let peers = finding(&findings, "hv-a", "peers");
+    assert_eq!(peers["verdict"], "error", "{peers}");
+    assert!(
+        peers["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach hv-b: "),
+        "{peers}"
+    );
     // And the text says it too.
     let out = cluster.tern(&["doctor"]);
     assert_eq!(out.status.code(), Some(1));

@@ -34,6 +34,7 @@ pub async fn examine(agent: &Arc<Agent>) -> Vec<HostCheck> {
     .unwrap_or_else(|e| vec![HostCheck::error("checks", format!("{e}"), "")]);
     let mut checks = blocking;
     checks.push(certificate(agent));
+    checks.push(peers(agent).await);
     let pending = agent.query(|core| core.pending().count()).await;
     checks.push(match pending {
         Some(0) => HostCheck::ok("pending", "no rollback, release or kill waits for a retry"),
@@ -45,6 +46,49 @@ pub async fn examine(agent: &Arc<Agent>) -> Vec<HostCheck> {
         None => HostCheck::error("pending", "the agent's core does not answer", "restart the agent"),
     });
     checks
+}
+
+/// How long each peer has to answer this host.
+const PEER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The other hosts of the inventory, reached from this one (the caller
+/// reached this one: together, both ways).
+async fn peers(agent: &Arc<Agent>) -> HostCheck {
+    let others: Vec<String> = agent
+        .hosts
+        .iter()
+        .filter(|h| **h != agent.name)
+        .cloned()
+        .collect();
+    if others.is_empty() {
+        return HostCheck::ok("peers", "the inventory names no other host");
+    }
+    let answers = futures::future::join_all(others.iter().map(|host| async move {
+        let call = crate::host::PeerCall::Capacity(crate::proto::CapacityRequest {});
+        (
+            host,
+            agent.peers.call(host, call, Some(PEER_DEADLINE)).await,
+        )
+    }))
+    .await;
+    let failed: Vec<String> = answers
+        .iter()
+        .filter_map(|(host, answer)| {
+            answer
+                .as_ref()
+                .err()
+                .map(|e| format!("{host}: {}", e.message()))
+        })
+        .collect();
+    if failed.is_empty() {
+        HostCheck::ok("peers", format!("reaches {}", others.join(", ")))
+    } else {
+        HostCheck::error(
+            "peers",
+            format!("cannot reach {}", failed.join("; ")),
+            "check that agent, the inventory's address of it, the network and the firewall between the hosts",
+        )
+    }
 }
 
 fn disk(state_dir: &Path) -> HostCheck {
