@@ -165,38 +165,78 @@ fn certificate(agent: &Agent) -> HostCheck {
             HostCheck::ok("certificate", "no [tls]: plaintext on loopback")
         };
     };
-    let now = (now_ms() / 1000) as i64;
     match tls.not_after() {
         Err(e) => HostCheck::error(
             "certificate",
             e,
             "issue a new identity with `tern ca issue`",
         ),
-        Ok(end) if end <= now => HostCheck::error(
+        Ok(end) => validity(&tls.identity.to_string(), end, (now_ms() / 1000) as i64),
+    }
+}
+
+/// The verdict on a certificate of `identity` valid until `end`, at `now`
+/// (seconds since the epoch).
+fn validity(identity: &str, end: i64, now: i64) -> HostCheck {
+    if end <= now {
+        HostCheck::error(
             "certificate",
-            format!(
-                "{} expired {} day(s) ago",
-                tls.identity,
-                (now - end) / 86_400
-            ),
+            format!("{identity} expired {} day(s) ago", (now - end) / 86_400),
             "issue a new identity with `tern ca issue` and restart the agent",
-        ),
-        Ok(end) if end - now < EXPIRY_WARNING_DAYS * 86_400 => HostCheck::warning(
+        )
+    } else if end - now < EXPIRY_WARNING_DAYS * 86_400 {
+        HostCheck::warning(
             "certificate",
-            format!(
-                "{} expires in {} day(s)",
-                tls.identity,
-                (end - now) / 86_400
-            ),
+            format!("{identity} expires in {} day(s)", (end - now) / 86_400),
             "issue a new identity with `tern ca issue` before then",
-        ),
-        Ok(end) => HostCheck::ok(
+        )
+    } else {
+        HostCheck::ok(
             "certificate",
-            format!(
-                "{} valid for {} more days",
-                tls.identity,
-                (end - now) / 86_400
-            ),
-        ),
+            format!("{identity} valid for {} more days", (end - now) / 86_400),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Verdict;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn an_expired_certificate_is_an_error_one_expiring_within_30_days_a_warning() {
+        let now = 1_800_000_000;
+        let expired = validity("hv-a (agent)", now - 3 * DAY, now);
+        assert_eq!(expired.verdict, Verdict::Error);
+        assert_eq!(expired.detail, "hv-a (agent) expired 3 day(s) ago");
+        assert!(expired.fix.contains("tern ca issue"), "{expired:?}");
+        assert_eq!(validity("hv-a (agent)", now, now).verdict, Verdict::Error);
+        let soon = validity("hv-a (agent)", now + 10 * DAY + 5, now);
+        assert_eq!(soon.verdict, Verdict::Warning);
+        assert_eq!(soon.detail, "hv-a (agent) expires in 10 day(s)");
+        let fine = validity("hv-a (agent)", now + 400 * DAY, now);
+        assert_eq!((fine.verdict, fine.fix.as_str()), (Verdict::Ok, ""));
+        assert_eq!(fine.detail, "hv-a (agent) valid for 400 more days");
+    }
+
+    #[test]
+    fn a_journal_that_is_not_sqlite_is_an_error_and_a_healthy_one_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("journal.db");
+        std::fs::write(&db, b"not a database, but some bytes of a journal").unwrap();
+        let broken = journal(&db);
+        assert_eq!(broken.verdict, Verdict::Error, "{broken:?}");
+        std::fs::remove_file(&db).unwrap();
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        drop(c);
+        let healthy = journal(&db);
+        assert_eq!(healthy.verdict, Verdict::Ok, "{healthy:?}");
+        assert!(healthy.detail.ends_with("quick_check ok"), "{healthy:?}");
+        let missing = journal(&dir.path().join("none.db"));
+        assert_eq!(missing.verdict, Verdict::Error, "{missing:?}");
     }
 }
