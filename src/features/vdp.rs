@@ -734,17 +734,24 @@ mod tests {
         format!("M000080c4E16{:04x}{vsi}", vsi.len())
     }
 
+    /// The error of `stage` of web-01's VSI NIC through the lldpad on
+    /// abstract socket `name`, waiting `timeout_ms`; and the driver after.
+    async fn failing_stage(name: &str, timeout_ms: u64, stage: Stage) -> (String, Vdp) {
+        let vdp = driver(&format!(
+            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = {timeout_ms}"
+        ))
+        .unwrap();
+        let err = run_stage(&vdp, &ctx(stage, vec![nic("prod", true)]))
+            .await
+            .unwrap_err();
+        (err, vdp)
+    }
+
     #[tokio::test]
     async fn a_bridge_rejection_carries_the_reason_code_and_its_meaning() {
         let name = format!("/tern/test/rejecting-{}", std::process::id());
         fake_lldpad(&name, Some(rejection));
-        let vdp = driver(&format!(
-            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 2000"
-        ))
-        .unwrap();
-        let err = run_stage(&vdp, &ctx(Stage::Finish, vec![nic("prod", true)]))
-            .await
-            .unwrap_err();
+        let (err, vdp) = failing_stage(&name, 2000, Stage::Finish).await;
         assert_eq!(
             err,
             "lldpad on hv-b: ASSOCIATE of web-01's 52:54:00:12:34:56 (VSI \
@@ -758,13 +765,7 @@ mod tests {
     async fn a_bridge_that_never_answers_fails_the_stage_naming_the_timeout() {
         let name = format!("/tern/test/silent-bridge-{}", std::process::id());
         fake_lldpad(&name, None);
-        let vdp = driver(&format!(
-            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 300"
-        ))
-        .unwrap();
-        let err = run_stage(&vdp, &ctx(Stage::Prepare, vec![nic("prod", true)]))
-            .await
-            .unwrap_err();
+        let (err, _) = failing_stage(&name, 300, Stage::Prepare).await;
         // Taken back: lldpad (here) holds nothing of it afterwards.
         assert!(
             err.ends_with("lldpad sent it, but no answer from the bridge within 300 ms; withdrawn"),
@@ -778,13 +779,7 @@ mod tests {
         let name = format!("/tern/test/mute-lldpad-{}", std::process::id());
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let _mute = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
-        let vdp = driver(&format!(
-            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"{name}\"\ntimeout_ms = 300"
-        ))
-        .unwrap();
-        let err = run_stage(&vdp, &ctx(Stage::Prepare, vec![nic("prod", true)]))
-            .await
-            .unwrap_err();
+        let (err, _) = failing_stage(&name, 300, Stage::Prepare).await;
         assert!(
             err.ends_with("no answer from lldpad within 300 ms"),
             "{err}"
