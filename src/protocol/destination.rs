@@ -499,7 +499,7 @@ impl DestinationAttempt {
     pub fn is_finished(&self) -> bool {
         match self.state {
             DestinationState::Committed => {
-                (self.guest_resumed && self.verifying.is_none())
+                self.resumed_and_verified()
                     || (self.lost.is_some() && self.awaiting == Awaiting::Nothing)
             }
             DestinationState::RolledBack => true,
@@ -609,9 +609,7 @@ impl DestinationAttempt {
     pub fn answer(&self) -> Answer {
         match self.state {
             DestinationState::Committed if self.lost.is_some() => Answer::Lost,
-            DestinationState::Committed if self.guest_resumed && self.verifying.is_none() => {
-                Answer::Committed
-            }
+            DestinationState::Committed if self.resumed_and_verified() => Answer::Committed,
             // The CPUs are being started, the drivers verify their work (the
             // answer's C4 carries the verdict), or the switchover is
             // awaited: the answer is not known yet.
@@ -810,9 +808,7 @@ impl DestinationAttempt {
             }
             DestinationState::Prepared => {}
             // A repeated Finish gets the answer already given.
-            DestinationState::Committed
-                if (self.guest_resumed && self.verifying.is_none()) || self.lost.is_some() =>
-            {
+            DestinationState::Committed if self.resumed_and_verified() || self.lost.is_some() => {
                 return vec![DestinationAction::ReplyFinish(self.cookie4())];
             }
             DestinationState::RolledBack => {
@@ -991,6 +987,12 @@ impl DestinationAttempt {
         self.guest_resumed = false;
         self.awaiting = Awaiting::Resume;
         vec![self.journal(), DestinationAction::ResumeGuest]
+    }
+
+    /// Committed, the guest's CPUs run here and its drivers have checked
+    /// their work: only then is the commit answered and the attempt closed.
+    fn resumed_and_verified(&self) -> bool {
+        self.guest_resumed && self.verifying.is_none()
     }
 
     /// Which features' drivers on this host verify their work after the
