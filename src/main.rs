@@ -239,12 +239,20 @@ enum Command {
         json: bool,
     },
     /// What each host needs to take part in migrations, checked now: its
-    /// agent answers, its clock, QEMU, KVM, userfaultfd, free disk, the
-    /// journal, its certificate, pending work. Exit 0 when nothing is an
-    /// error, 1 when something is.
+    /// agent answers, its clock, QEMU and its machine types, KVM and how
+    /// fast it is, userfaultfd, free disk, the journal, its certificate,
+    /// pending work, the other hosts reached; between the hosts named, the
+    /// migration link's throughput. Exit 0 when nothing is an error, 1 when
+    /// something is.
     Doctor {
         /// The hosts to examine (default: every host of the inventory).
+        /// With two or more named, the migration link between each ordered
+        /// pair is measured too: a bounded transfer at full speed, one pair
+        /// at a time (it competes with migrations in flight).
         hosts: Vec<String>,
+        /// How long each link measurement sends, in seconds.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+        link_seconds: u32,
         /// A JSON array of findings: host, check, verdict, detail, fix.
         #[arg(long)]
         json: bool,
@@ -509,6 +517,14 @@ async fn main() -> ExitCode {
             None
         }
     };
+    // A command's output piped into `head` ends quietly when the pipe
+    // closes, as other Unix tools do (Rust ignores SIGPIPE, and a print to
+    // a closed pipe panics). Sockets are not affected: Rust writes them
+    // with MSG_NOSIGNAL. An agent keeps ignoring it.
+    if !matches!(command, Command::Agent { .. } | Command::Demo { .. }) {
+        // SAFETY: restoring a signal's default disposition at start-up.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let mut access = cli::Access::new(cli.inventory, cli.identity);
     access.answer_deadline = Some(std::time::Duration::from_millis(cli.answer_deadline_ms));
     match run(&access, command).await {
@@ -708,7 +724,11 @@ async fn run(access: &cli::Access, command: Command) -> CliResult {
             cli::audit::audit(access, args).await
         }
         Command::Logs { id, json } => cli::logs::logs(access, &id, json).await,
-        Command::Doctor { hosts, json } => cli::doctor::doctor(access, &hosts, json).await,
+        Command::Doctor {
+            hosts,
+            link_seconds,
+            json,
+        } => cli::doctor::doctor(access, &hosts, link_seconds, json).await,
         Command::Ca { command } => ca(command),
         Command::Fault {
             host,

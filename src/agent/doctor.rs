@@ -91,6 +91,105 @@ async fn peers(agent: &Arc<Agent>) -> HostCheck {
     }
 }
 
+/// How long the other host has to open its sink.
+const SINK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A sink on this host's migration address for another host's measurement.
+pub async fn open_sink(agent: &Agent) -> Result<super::link::Sink, String> {
+    super::link::open_sink(&agent.migration_address)
+        .await
+        .map_err(|e| format!("{} on {}", e, agent.name))
+}
+
+/// Send to `to`'s migration address for `duration`, and hold what
+/// arrived to this host's bandwidth cap (`[hypervisor] bandwidth_mib_s`).
+pub async fn measure_link(
+    agent: &Agent,
+    to: &str,
+    duration: std::time::Duration,
+) -> (HostCheck, Option<super::link::Measured>) {
+    let name = format!("link to {to}");
+    let host = agent.link_hosts.get(to).cloned().unwrap_or_default();
+    let sink = match agent.peers.link_sink(to, SINK_DEADLINE).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            return (
+                HostCheck::error(
+                    &name,
+                    format!("{to} opened no sink to measure with: {}", e.message()),
+                    "check that agent with `tern doctor` on it alone",
+                ),
+                None,
+            );
+        }
+    };
+    let Ok(token) = <[u8; super::link::TOKEN_BYTES]>::try_from(sink.token.as_slice()) else {
+        return (
+            HostCheck::error(&name, format!("{to} answered a malformed token"), ""),
+            None,
+        );
+    };
+    let sink = super::link::Sink {
+        port: u16::try_from(sink.port).unwrap_or_default(),
+        token,
+    };
+    match super::link::send(&host, &sink, duration).await {
+        Ok(measured) => (
+            link_verdict(&name, to, &measured, agent.bandwidth_mib_s),
+            Some(measured),
+        ),
+        Err(e) => (
+            HostCheck::error(
+                &name,
+                format!("{e} ({to}'s migration address in the inventory)"),
+                format!(
+                    "let TCP through from {} to {host} on any port (incoming migrations listen on a \
+                     free one), or correct {to}'s migration_address in the inventory",
+                    agent.name
+                ),
+            ),
+            None,
+        ),
+    }
+}
+
+/// A link slower than the cap makes migrations slower than their
+/// estimates; one faster leaves room the cap may give.
+fn link_verdict(
+    name: &str,
+    to: &str,
+    measured: &super::link::Measured,
+    cap_mib_s: u64,
+) -> HostCheck {
+    let rate = measured.mib_s();
+    let said = format!(
+        "{rate:.0} MiB/s ({} MiB in {:.1} s to {})",
+        measured.bytes >> 20,
+        measured.elapsed.as_secs_f64(),
+        measured.address
+    );
+    if rate < cap_mib_s as f64 {
+        HostCheck::warning(
+            name,
+            format!(
+                "{said}, less than bandwidth_mib_s = {cap_mib_s}: moves to {to} take longer, and stop their guests longer, than planned"
+            ),
+            format!(
+                "set [hypervisor] bandwidth_mib_s = {} (80% of the measured link, leaving room for other traffic)",
+                (rate * 0.8).floor().max(1.0)
+            ),
+        )
+    } else {
+        HostCheck::ok(
+            name,
+            format!(
+                "{said}; bandwidth_mib_s = {cap_mib_s} uses {:.0}% of it",
+                cap_mib_s as f64 * 100.0 / rate
+            ),
+        )
+    }
+}
+
 fn disk(state_dir: &Path) -> HostCheck {
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = std::ffi::CString::new(state_dir.as_os_str().as_bytes()) else {
@@ -204,6 +303,36 @@ mod tests {
     use crate::hypervisor::Verdict;
 
     const DAY: i64 = 86_400;
+
+    fn measured(mib: u64, seconds: u64) -> crate::agent::link::Measured {
+        crate::agent::link::Measured {
+            address: "10.0.0.2:40000".into(),
+            bytes: mib << 20,
+            elapsed: std::time::Duration::from_secs(seconds),
+        }
+    }
+
+    #[test]
+    fn a_link_slower_than_the_cap_is_a_warning_with_the_cap_to_set() {
+        let slow = link_verdict("link to hv-b", "hv-b", &measured(1000, 2), 1024);
+        assert_eq!(slow.verdict, Verdict::Warning, "{slow:?}");
+        assert!(
+            slow.detail.starts_with(
+                "500 MiB/s (1000 MiB in 2.0 s to 10.0.0.2:40000), less than bandwidth_mib_s = 1024"
+            ),
+            "{}",
+            slow.detail
+        );
+        assert!(slow.fix.contains("bandwidth_mib_s = 400 "), "{}", slow.fix);
+        let fine = link_verdict("link to hv-b", "hv-b", &measured(4096, 2), 1024);
+        assert_eq!(fine.verdict, Verdict::Ok, "{fine:?}");
+        assert!(
+            fine.detail
+                .ends_with("bandwidth_mib_s = 1024 uses 50% of it"),
+            "{}",
+            fine.detail
+        );
+    }
 
     #[test]
     fn an_expired_certificate_is_an_error_one_expiring_within_30_days_a_warning() {

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod doctor;
 pub mod journal;
+pub mod link;
 pub mod logs;
 pub mod metrics;
 mod peers;
@@ -113,6 +114,12 @@ pub struct Agent {
     pub log: Arc<logs::HostLog>,
     /// What `metrics_listen` serves.
     pub metrics: metrics::Metrics,
+    /// The link measurement's ends (`tern doctor A B`): host → the address
+    /// the inventory gives its migrations, and this host's own.
+    link_hosts: BTreeMap<String, String>,
+    migration_address: String,
+    /// `[hypervisor] bandwidth_mib_s`, which a measured link is held to.
+    bandwidth_mib_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +279,13 @@ impl Agent {
             exited,
             ready,
             hosts: inventory.host.iter().map(|h| h.name.clone()).collect(),
+            link_hosts: inventory
+                .host
+                .iter()
+                .map(|h| (h.name.clone(), h.migration_host().unwrap_or_default()))
+                .collect(),
+            migration_address: config.migration_address(),
+            bandwidth_mib_s: config.hypervisor.bandwidth_mib_s,
             audit,
             peers: peers::Peers::new(inventory, tls.clone()),
             next_req: AtomicU64::new(1),

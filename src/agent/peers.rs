@@ -105,6 +105,24 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Ask `host` to open a link sink (`tern doctor`'s measurement).
+    pub async fn link_sink(
+        &self,
+        host: &str,
+        deadline: Duration,
+    ) -> Result<proto::LinkSinkReply, PeerError> {
+        let mut client = self.client(host)?;
+        let call = async move {
+            Ok(client
+                .link_sink(proto::LinkSinkRequest {})
+                .await?
+                .into_inner())
+        };
+        within(host, Some(deadline), call).await
+    }
+}
+
 /// A call's answer, or `Unreachable` once `deadline` has passed.
 async fn within<T>(
     host: &str,

@@ -396,6 +396,25 @@ impl peer_server::Peer for PeerService {
         Ok(Response::new(reply))
     }
 
+    /// Opens a port for a few seconds: audited, like the changing calls.
+    async fn link_sink(
+        &self,
+        request: Request<proto::LinkSinkRequest>,
+    ) -> Result<Response<proto::LinkSinkReply>, Status> {
+        let audited = Audited::begin(&self.0, &request, Role::Agent, "peer link sink", "")?;
+        let sink = super::doctor::open_sink(&self.0)
+            .await
+            .map_err(Status::failed_precondition);
+        audited
+            .end(sink, |s| format!("sink open on port {}", s.port))
+            .map(|sink| {
+                Response::new(proto::LinkSinkReply {
+                    port: u32::from(sink.port),
+                    token: sink.token.to_vec(),
+                })
+            })
+    }
+
     async fn repair(
         &self,
         request: Request<proto::PeerRepairRequest>,
@@ -406,6 +425,19 @@ impl peer_server::Peer for PeerService {
 }
 
 struct ConsoleService(Arc<Agent>);
+
+fn doctor_check(c: crate::hypervisor::HostCheck) -> proto::DoctorCheck {
+    proto::DoctorCheck {
+        name: c.name,
+        finding: match c.verdict {
+            crate::hypervisor::Verdict::Ok => proto::Finding::Ok,
+            crate::hypervisor::Verdict::Warning => proto::Finding::Warning,
+            crate::hypervisor::Verdict::Error => proto::Finding::Error,
+        } as i32,
+        detail: c.detail,
+        fix: c.fix,
+    }
+}
 
 /// How long a check waits for the destination's part by default, and at
 /// most (a caller's deadline beyond it is cut to it).
@@ -946,20 +978,49 @@ impl console_server::Console for ConsoleService {
         Ok(Response::new(proto::DoctorReply {
             host: self.0.name.clone(),
             now_ms: super::now_ms(),
-            checks: checks
-                .into_iter()
-                .map(|c| proto::DoctorCheck {
-                    name: c.name,
-                    finding: match c.verdict {
-                        crate::hypervisor::Verdict::Ok => proto::Finding::Ok,
-                        crate::hypervisor::Verdict::Warning => proto::Finding::Warning,
-                        crate::hypervisor::Verdict::Error => proto::Finding::Error,
-                    } as i32,
-                    detail: c.detail,
-                    fix: c.fix,
-                })
-                .collect(),
+            checks: checks.into_iter().map(doctor_check).collect(),
         }))
+    }
+
+    async fn measure_link(
+        &self,
+        request: Request<proto::MeasureLinkRequest>,
+    ) -> Result<Response<proto::MeasureLinkReply>, Status> {
+        let to = request.get_ref().to.clone();
+        let audited = Audited::begin(&self.0, &request, Role::Operator, "measure link", &to)?;
+        let r = request.into_inner();
+        let known = self.0.hosts.contains(&r.to);
+        let refused = if r.to == self.0.name {
+            Some(format!("{} cannot measure a link to itself", r.to))
+        } else if !known {
+            Some(format!("{:?} is not a host of the inventory", r.to))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            return Err(audited.refused(Status::invalid_argument(why)));
+        }
+        let duration = match r.duration_ms {
+            0 => super::link::DEFAULT_DURATION,
+            ms => std::time::Duration::from_millis(u64::from(ms)).min(super::link::MAX_DURATION),
+        };
+        let (check, measured) = super::doctor::measure_link(&self.0, &r.to, duration).await;
+        let reply = proto::MeasureLinkReply {
+            check: Some(doctor_check(check)),
+            bytes: measured.as_ref().map_or(0, |m| m.bytes),
+            elapsed_us: measured
+                .as_ref()
+                .map_or(0, |m| m.elapsed.as_micros() as u64),
+            address: measured.map(|m| m.address).unwrap_or_default(),
+        };
+        audited
+            .end(Ok(reply), |r| {
+                r.check
+                    .as_ref()
+                    .map(|c| c.detail.clone())
+                    .unwrap_or_default()
+            })
+            .map(Response::new)
     }
 }
 

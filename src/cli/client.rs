@@ -340,6 +340,19 @@ impl Agent {
             .await
     }
 
+    pub async fn measure_link(
+        &self,
+        to: &str,
+        duration_ms: u32,
+    ) -> Result<proto::MeasureLinkReply, CliError> {
+        let request = proto::MeasureLinkRequest {
+            to: to.to_string(),
+            duration_ms,
+        };
+        self.call(|mut c| async move { c.measure_link(request).await })
+            .await
+    }
+
     pub async fn attempt_logs(
         &self,
         id: &str,

@@ -20,7 +20,7 @@ use crate::proto;
 const SKEW_WARNING_MS: i64 = 1_000;
 const SKEW_ERROR_MS: i64 = 30_000;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Finding {
     pub host: String,
     pub check: String,
@@ -29,6 +29,9 @@ pub struct Finding {
     pub detail: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub fix: String,
+    /// A link measurement's throughput, in MiB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mib_s: Option<f64>,
 }
 
 fn now_ms() -> i64 {
@@ -54,6 +57,7 @@ async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Findi
         verdict,
         detail,
         fix: fix.into(),
+        mib_s: None,
     };
     let asked_at = now_ms();
     let reply = async {
@@ -69,12 +73,8 @@ async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Findi
     let reply = match reply {
         Ok(reply) => reply,
         Err(e) => {
-            return vec![finding(
-                "reachable",
-                "error",
-                e.message,
-                "start its agent (systemctl start tern-agent), or check the address in the inventory and the network",
-            )];
+            let fix = unreachable_fix(host, &e.message);
+            return vec![finding("reachable", "error", e.message, &fix)];
         }
     };
     let mut found = vec![finding(
@@ -103,17 +103,86 @@ async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Findi
     } else {
         finding("clock", "ok", said, "")
     });
-    found.extend(reply.checks.into_iter().map(|c| Finding {
+    found.extend(reply.checks.into_iter().map(|c| from_check(host, c)));
+    found
+}
+
+/// What to do about a host that did not answer, from why: TLS refusing
+/// its certificate is not fixed by starting the agent.
+fn unreachable_fix(host: &str, why: &str) -> String {
+    if why.contains("certificate expired") {
+        format!(
+            "issue it a new one (tern ca issue --role agent {host}, with its address in --san), \
+             install it as the agent's [tls] cert and key, and restart the agent"
+        )
+    } else if why.contains("invalid peer certificate") {
+        format!(
+            "its certificate is not one this cluster's CA issued to {host} for the inventory's \
+             address: issue one with tern ca issue --role agent {host}"
+        )
+    } else {
+        "start its agent (systemctl start tern-agent), or check the address in the inventory and the network".into()
+    }
+}
+
+fn from_check(host: &str, c: proto::DoctorCheck) -> Finding {
+    Finding {
         host: host.to_string(),
         check: c.name,
         verdict: verdict(c.finding),
         detail: c.detail,
         fix: c.fix,
-    }));
-    found
+        mib_s: None,
+    }
 }
 
-pub async fn doctor(access: &Access, hosts: &[String], json: bool) -> CliResult {
+/// The migration link from `from` to `to`, measured by `from`'s agent.
+async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding {
+    let name = format!("link to {to}");
+    // The transfer itself, its set-up and the answer.
+    let deadline = Duration::from_secs(u64::from(seconds)) + cluster.answer_deadline * 4;
+    let reply = async {
+        let entry = cluster.check_host(from)?;
+        let agent =
+            match tokio::time::timeout(cluster.answer_deadline, cluster.connect(entry)).await {
+                Ok(agent) => agent?.within(deadline),
+                Err(_) => return Err(no_answer(from, cluster.answer_deadline)),
+            };
+        agent.asked(agent.measure_link(to, seconds * 1000)).await
+    }
+    .await;
+    match reply {
+        Ok(reply) => {
+            let mut found = match reply.check {
+                Some(check) => from_check(from, check),
+                None => Finding {
+                    host: from.into(),
+                    check: name,
+                    verdict: "error",
+                    detail: "the agent answered no verdict".into(),
+                    fix: String::new(),
+                    mib_s: None,
+                },
+            };
+            if reply.bytes > 0 && reply.elapsed_us > 0 {
+                let mib_s =
+                    reply.bytes as f64 / f64::from(1u32 << 20) / (reply.elapsed_us as f64 / 1e6);
+                found.mib_s = Some((mib_s * 10.0).round() / 10.0);
+            }
+            found
+        }
+        Err(e) => Finding {
+            host: from.into(),
+            check: name,
+            verdict: "error",
+            detail: format!("not measured: {}", e.message),
+            fix: String::new(),
+            mib_s: None,
+        },
+    }
+}
+
+pub async fn doctor(access: &Access, hosts: &[String], link_seconds: u32, json: bool) -> CliResult {
     let cluster = Cluster::load(access)?;
     let hosts: Vec<String> = if hosts.is_empty() {
         cluster
@@ -127,12 +196,27 @@ pub async fn doctor(access: &Access, hosts: &[String], json: bool) -> CliResult 
         }
         hosts.to_vec()
     };
+    let named = hosts.len();
     let deadline = cluster.answer_deadline;
-    let findings: Vec<Finding> = join_all(hosts.iter().map(|h| examine(&cluster, h, deadline)))
+    let mut findings: Vec<Finding> = join_all(hosts.iter().map(|h| examine(&cluster, h, deadline)))
         .await
         .into_iter()
         .flatten()
         .collect();
+    // Between the hosts named, one pair at a time: transfers at once would
+    // share links and measure each other.
+    if named >= 2 {
+        for from in &hosts {
+            for to in hosts.iter().filter(|to| *to != from) {
+                let found = link(&cluster, from, to, link_seconds).await;
+                let at = findings
+                    .iter()
+                    .rposition(|f| f.host == *from)
+                    .map_or(findings.len(), |i| i + 1);
+                findings.insert(at, found);
+            }
+        }
+    }
     if json {
         println!(
             "{}",

@@ -141,6 +141,7 @@ sanitize_fields! {
     proto::AttemptLogsReply { host, lines }
     proto::DoctorCheck { name, detail, fix }
     proto::DoctorReply { host, checks }
+    proto::MeasureLinkReply { check, address }
 }
 
 impl Sanitize for proto::event::Kind {
@@ -258,5 +259,6 @@ mod tests {
         no_field_left_raw::<proto::RollbackReply>("RollbackReply", 2);
         no_field_left_raw::<proto::AttemptLogsReply>("AttemptLogsReply", 2);
         no_field_left_raw::<proto::DoctorReply>("DoctorReply", 2);
+        no_field_left_raw::<proto::MeasureLinkReply>("MeasureLinkReply", 2);
     }
 }

@@ -73,6 +73,32 @@ pub fn init(dir: &Path) -> Result<PathBuf, String> {
 /// Sign an identity with the CA in `ca_dir` and write it into
 /// `out/NAME/{ca.pem,cert.pem,key.pem}`. Returns that folder.
 pub fn issue(ca_dir: &Path, request: &IssueRequest, out: &Path) -> Result<PathBuf, String> {
+    if request.days == 0 || request.days > MAX_DAYS {
+        return Err(format!(
+            "--days {}: must be between 1 and {MAX_DAYS}",
+            request.days
+        ));
+    }
+    let now = OffsetDateTime::now_utc();
+    issue_between(
+        ca_dir,
+        request,
+        out,
+        now - Duration::hours(1),
+        now + Duration::days(i64::from(request.days)),
+    )
+}
+
+/// [`issue`] valid from `not_before` to `not_after`, whatever they are (an
+/// identity already expired, or not yet valid, for the tests of what
+/// refuses one); `request.days` is not read.
+pub fn issue_between(
+    ca_dir: &Path,
+    request: &IssueRequest,
+    out: &Path,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<PathBuf, String> {
     let ca_pem = read(&ca_dir.join(CA_CERT))?;
     let ca_key_pem = read(&ca_dir.join(CA_KEY))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
@@ -83,12 +109,6 @@ pub fn issue(ca_dir: &Path, request: &IssueRequest, out: &Path) -> Result<PathBu
             ca_dir.join(CA_CERT).display()
         )
     })?;
-    if request.days == 0 || request.days > MAX_DAYS {
-        return Err(format!(
-            "--days {}: must be between 1 and {MAX_DAYS}",
-            request.days
-        ));
-    }
     let folder = out.join(&request.name);
     if folder.join(IDENTITY_KEY).exists() {
         return Err(format!(
@@ -96,7 +116,9 @@ pub fn issue(ca_dir: &Path, request: &IssueRequest, out: &Path) -> Result<PathBu
             folder.display()
         ));
     }
-    let params = identity_params(request)?;
+    let mut params = identity_params(request)?;
+    params.not_before = not_before;
+    params.not_after = not_after;
     let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
     let cert = params
         .signed_by(&key, &issuer)
@@ -140,9 +162,6 @@ fn identity_params(request: &IssueRequest) -> Result<CertificateParams, String> 
             .extended_key_usages
             .push(ExtendedKeyUsagePurpose::ServerAuth);
     }
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(i64::from(request.days));
     params.serial_number = Some(serial());
     params.use_authority_key_identifier_extension = true;
     debug_assert!(

@@ -39,6 +39,7 @@
 //! QEMU reads those files after it dropped to `run_as`, so it reads a copy
 //! in `state_dir/qemu/tls` that only that user can read ([`write_tls_dir`]).
 
+pub mod kvm_speed;
 pub mod machine;
 pub mod platform;
 pub mod qmp;
@@ -1185,6 +1186,118 @@ fn probe_offered(binary: &str) -> Result<platform::Offered, String> {
     })
 }
 
+/// `tern doctor`'s checks that need more than one line.
+impl QemuHypervisor {
+    /// KVM opens, and how fast its guests exit and touch fresh memory.
+    fn kvm_check(&self) -> HostCheck {
+        let opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        let tcg = self.settings.accel == "tcg";
+        match (opens, tcg) {
+            (Err(e), true) => HostCheck::ok(
+                "kvm",
+                format!("/dev/kvm does not open ({e}); accel = \"tcg\" does not need it"),
+            ),
+            (Err(e), false) => HostCheck::error(
+                "kvm",
+                format!("/dev/kvm does not open ({e}) and accel = \"kvm\": no guest starts here"),
+                "load kvm_intel or kvm_amd and give the agent access to /dev/kvm, or set accel = \"tcg\"",
+            ),
+            (Ok(_), tcg) => match kvm_speed::measure() {
+                Ok(speed) if tcg => HostCheck::ok(
+                    "kvm",
+                    format!("accel = \"tcg\" does not use it; {}", speed.describe()),
+                ),
+                Ok(speed) if speed.slow() => HostCheck::warning(
+                    "kvm",
+                    format!(
+                        "{} (bare metal: 1 to 2 µs an exit): guests run and migrate slowly here, most \
+                         after a move, as the destination's guest touches its pages",
+                        speed.describe()
+                    ),
+                    "run the agent on bare metal, or on an outer hypervisor with nested paging \
+                     (EPT/NPT) enabled; measure moves here before trusting their timing",
+                ),
+                Ok(speed) => {
+                    HostCheck::ok("kvm", format!("guests run with KVM; {}", speed.describe()))
+                }
+                Err(e) if tcg => HostCheck::ok(
+                    "kvm",
+                    format!("accel = \"tcg\" does not use it; a KVM guest does not run: {e}"),
+                ),
+                Err(e) => HostCheck::error(
+                    "kvm",
+                    format!("/dev/kvm opens but runs no guest: {e}"),
+                    "check that no other hypervisor holds the CPU's virtualisation, \
+                     or set accel = \"tcg\"",
+                ),
+            },
+        }
+    }
+
+    /// The machine types this host starts guests as: `[hypervisor]
+    /// machine` for new guests, and each held guest's own, in the QEMU
+    /// installed now (not the one the agent started with).
+    fn machine_check(&self) -> HostCheck {
+        let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        wanted
+            .entry(self.settings.machine.clone())
+            .or_default()
+            .push("[hypervisor] machine".into());
+        for instance in self.lock().values() {
+            if let Some(machine) = instance
+                .held
+                .spec
+                .qemu
+                .as_ref()
+                .map(|q| &q.machine)
+                .filter(|m| !m.is_empty())
+            {
+                wanted
+                    .entry(machine.clone())
+                    .or_default()
+                    .push(instance.held.spec.name.clone());
+            }
+        }
+        let offered = match probe_offered(&self.settings.binary) {
+            Ok(offered) => offered,
+            Err(e) => {
+                return HostCheck::error(
+                    "machine",
+                    e,
+                    "reinstall QEMU (apt-get install -y qemu-system-x86)",
+                );
+            }
+        };
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for (machine, users) in &wanted {
+            match offered.machines.iter().find(|m| &m.name == machine) {
+                Some(m) => found.push(match &m.alias_of {
+                    Some(versioned) => format!("{machine} ({versioned})"),
+                    None => machine.clone(),
+                }),
+                None => missing.push(format!("{machine} (for {})", users.join(", "))),
+            }
+        }
+        if missing.is_empty() {
+            HostCheck::ok("machine", format!("{} available", found.join(", ")))
+        } else {
+            HostCheck::error(
+                "machine",
+                format!(
+                    "{} has no machine type {}",
+                    self.settings.binary,
+                    missing.join(", ")
+                ),
+                "pick one `qemu-system-x86_64 -machine help` lists, or install the QEMU version that has it",
+            )
+        }
+    }
+}
+
 /// Whether `pid` runs the QEMU binary (so a recycled pid is never killed).
 fn is_qemu(pid: i32, binary: &str) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
@@ -1270,24 +1383,13 @@ impl Hypervisor for QemuHypervisor {
                 "install QEMU (apt-get install -y qemu-system-x86) or set [hypervisor] binary",
             )),
         }
-        let kvm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm");
-        checks.push(match (kvm, self.settings.accel.as_str()) {
-            (Ok(_), _) => HostCheck::ok("kvm", "/dev/kvm opens: guests run with KVM"),
-            (Err(e), "tcg") => HostCheck::ok(
-                "kvm",
-                format!("/dev/kvm does not open ({e}); accel = \"tcg\" does not need it"),
-            ),
-            (Err(e), _) => HostCheck::warning(
-                "kvm",
-                format!(
-                    "/dev/kvm does not open ({e}): guests run emulated (TCG), many times slower"
-                ),
-                "load kvm_intel or kvm_amd, or give the agent access to /dev/kvm",
-            ),
-        });
+        if checks
+            .iter()
+            .all(|c| c.verdict == crate::hypervisor::Verdict::Ok)
+        {
+            checks.push(self.machine_check());
+        }
+        checks.push(self.kvm_check());
         checks.push(match self.postcopy_support() {
             Ok(()) => HostCheck::ok("userfaultfd", "post-copy can run here"),
             Err(e) => HostCheck::warning(
