@@ -243,3 +243,40 @@ fn a_metrics_address_that_cannot_be_bound_stops_the_agent_naming_it() {
     );
     drop(taken);
 }
+
+/// The example alert rules load in Prometheus's own checker, and their
+/// unit tests (examples/monitoring/tern-alerts.test.yml) pass: a rollback
+/// pending for more than ten minutes fires, rollbacks that come and go do
+/// not, an attempt unresolved for a minute fires.
+#[test]
+fn the_alert_rules_load_and_pass_their_unit_tests_in_promtool() {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join("promtool").is_file())
+    });
+    if !found {
+        assert!(
+            std::env::var("TERN_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
+            "promtool is not on PATH and TERN_REQUIRE_PROMTOOL=1 (.ci/run unpacks it from Debian's prometheus package)"
+        );
+        eprintln!("skipped: promtool not found (set TERN_REQUIRE_PROMTOOL=1 to fail instead)");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/monitoring");
+    for args in [
+        ["check", "rules", "tern-alerts.yml"],
+        ["test", "rules", "tern-alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

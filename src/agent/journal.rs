@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS pending (
     error TEXT NOT NULL,
     tries INTEGER NOT NULL,
     next_try_ms INTEGER NOT NULL,
+    since_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (attempt_id, feature, stage)
 );
 CREATE TABLE IF NOT EXISTS tombstone (
@@ -129,6 +130,7 @@ impl Journal {
         db.pragma_update(None, "synchronous", "NORMAL")?;
         migrate_attempt_key(&db)?;
         db.execute_batch(SCHEMA)?;
+        add_pending_since(&db)?;
         Ok(Journal { db, full: false })
     }
 
@@ -231,8 +233,8 @@ impl Journal {
 
     fn put_pending(&self, p: &Pending) -> Result<(), JournalError> {
         self.db.execute(
-            "INSERT INTO pending (attempt_id, feature, stage, migration_id, vm, error, tries, next_try_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO pending (attempt_id, feature, stage, migration_id, vm, error, tries, next_try_ms, since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT(attempt_id, feature, stage) DO UPDATE SET error = excluded.error,
                  tries = excluded.tries, next_try_ms = excluded.next_try_ms",
             params![
@@ -243,7 +245,8 @@ impl Journal {
                 p.vm,
                 p.error,
                 p.tries,
-                p.next_try_ms
+                p.next_try_ms,
+                p.since_ms
             ],
         )?;
         Ok(())
@@ -358,7 +361,7 @@ impl Journal {
     /// meaning of the table).
     fn pending_rows(&self) -> Result<(Vec<Pending>, Vec<String>), JournalError> {
         let mut stmt = self.db.prepare(
-            "SELECT rowid, attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms FROM pending ORDER BY rowid",
+            "SELECT rowid, attempt_id, migration_id, vm, feature, stage, error, tries, next_try_ms, since_ms FROM pending ORDER BY rowid",
         )?;
         let rows = stmt.query_map([], |r| {
             let rowid: i64 = r.get(0)?;
@@ -374,6 +377,7 @@ impl Journal {
                     error: r.get(6)?,
                     tries: r.get(7)?,
                     next_try_ms: r.get(8)?,
+                    since_ms: r.get(9)?,
                 })
             };
             let what = r
@@ -442,6 +446,19 @@ impl Journal {
         }
         Ok(out)
     }
+}
+
+/// Journals written before pending work kept when it was first left:
+/// its rows get 0 ("before this journal said"), which the metrics read as
+/// the time the agent found them.
+fn add_pending_since(db: &Connection) -> Result<(), JournalError> {
+    let has: bool = db
+        .prepare("SELECT 1 FROM pragma_table_info('pending') WHERE name = 'since_ms'")?
+        .exists([])?;
+    if !has {
+        db.execute_batch("ALTER TABLE pending ADD COLUMN since_ms INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 /// Journals written before the source and destination rows of an attempt
@@ -621,6 +638,7 @@ mod tests {
                 error: "QEMU said no".into(),
                 tries: 1,
                 next_try_ms: 5,
+                since_ms: 3,
             };
             journal.write(&Entry::Pending(pending), true).unwrap();
         }
@@ -628,6 +646,30 @@ mod tests {
         assert_eq!(image.tombstones, ["m-9.1"]);
         assert_eq!(image.pending.len(), 1);
         assert_eq!(image.pending[0].work, Work::Resume);
+        assert_eq!(image.pending[0].since_ms, 3, "when it was first left");
+    }
+
+    /// A journal from before pending work kept its first time: the column
+    /// is added, its rows read as 0, and new rows keep theirs.
+    #[test]
+    fn pending_rows_of_an_older_journal_get_a_since_of_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Connection::open(dir.path().join("journal.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE pending (attempt_id TEXT NOT NULL, feature TEXT NOT NULL,
+                     stage TEXT NOT NULL, migration_id TEXT NOT NULL, vm TEXT NOT NULL,
+                     error TEXT NOT NULL, tries INTEGER NOT NULL, next_try_ms INTEGER NOT NULL,
+                     PRIMARY KEY (attempt_id, feature, stage));
+                 INSERT INTO pending VALUES ('m-1.1', 'net', 'rollback', 'm-1', 'web-01', 'no', 2, 9);",
+            )
+            .unwrap();
+        }
+        let image = Journal::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(image.pending.len(), 1);
+        assert_eq!((image.pending[0].tries, image.pending[0].since_ms), (2, 0));
+        // Opening it again finds the column there.
+        assert!(Journal::open(dir.path()).is_ok());
     }
 
     fn rows_of(journal: &Journal, sql: &str) -> i64 {

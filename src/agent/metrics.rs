@@ -36,10 +36,14 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     limit: IntGaugeVec,
     pending_rollbacks: IntGauge,
+    oldest_pending: prometheus::Gauge,
     unresolved: IntGauge,
     evacuation_vms: IntGaugeVec,
     watch_subscribers: IntGauge,
     counted: Mutex<(HashSet<String>, VecDeque<String>)>,
+    /// When this agent started: the first time of pending work an older
+    /// journal kept without one.
+    started_s: f64,
 }
 
 fn registered<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -143,6 +147,14 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            oldest_pending: registered(
+                r,
+                prometheus::Gauge::new(
+                    "oldest_pending_rollback_timestamp_seconds",
+                    "When the oldest pending rollback, release or kill here was first left (Unix time); 0 when none",
+                )
+                .unwrap(),
+            ),
             unresolved: registered(
                 r,
                 IntGauge::new(
@@ -168,6 +180,7 @@ impl Metrics {
             ),
             registry,
             counted: Mutex::new((HashSet::new(), VecDeque::new())),
+            started_s: super::now_ms() as f64 / 1000.0,
         }
     }
 
@@ -236,6 +249,7 @@ impl Metrics {
                     core.outgoing(),
                     core.incoming(),
                     core.pending().count(),
+                    core.pending().map(|p| p.since_ms).min(),
                     core.migrations()
                         .filter(|m| m.outcome == Some(Outcome::Unresolved))
                         .count(),
@@ -243,7 +257,7 @@ impl Metrics {
                 )
             })
             .await;
-        if let Some((outgoing, incoming, pending, unresolved, evacuations)) = gauges {
+        if let Some((outgoing, incoming, pending, oldest, unresolved, evacuations)) = gauges {
             self.in_flight
                 .with_label_values(&["out"])
                 .set(outgoing as i64);
@@ -251,6 +265,11 @@ impl Metrics {
                 .with_label_values(&["in"])
                 .set(incoming as i64);
             self.pending_rollbacks.set(pending as i64);
+            self.oldest_pending.set(match oldest {
+                None => 0.0,
+                Some(0) => self.started_s,
+                Some(ms) => ms as f64 / 1000.0,
+            });
             self.unresolved.set(unresolved as i64);
             self.evacuation_vms.reset();
             for (id, c) in evacuations {

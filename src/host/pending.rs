@@ -73,6 +73,8 @@ pub struct Pending {
     pub error: String,
     pub tries: u32,
     pub next_try_ms: Millis,
+    /// When the work was first left pending (0: before journals said).
+    pub since_ms: Millis,
 }
 
 /// attempt id, feature, work.
@@ -146,9 +148,11 @@ impl HostCore {
             error: error.clone(),
             tries: 1,
             next_try_ms: self.now + self.cfg.rollback_retry_ms,
+            since_ms: self.now,
         };
         if let Some(old) = self.pending.get(&pending.key()) {
             pending.tries = old.tries;
+            pending.since_ms = old.since_ms;
         }
         self.pending.insert(pending.key(), pending.clone());
         self.journal(Entry::Pending(pending), true);

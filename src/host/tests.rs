@@ -606,6 +606,7 @@ fn a_pending_kill_of_an_old_copy_keeps_the_vm_from_arriving_again() {
             error: "QEMU did not quit".into(),
             tries: 1,
             next_try_ms: 99_999,
+            since_ms: 0,
         },
     );
     let (req, actions) = b.request(prepare_call(
