@@ -18,4 +18,4 @@ env -u TERN_INVENTORY -u TERN_IDENTITY -u TERN_ANSWER_DEADLINE_MS \
 "$tern" completions bash >"$out/completions/tern.bash"
 "$tern" completions zsh >"$out/completions/_tern"
 "$tern" completions fish >"$out/completions/tern.fish"
-cargo deb --no-build "$@"
+cargo deb --no-build --strip "$@"

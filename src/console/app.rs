@@ -410,6 +410,9 @@ pub struct App {
     pub log_path: String,
     /// The last command's result, or a refusal, for the status line.
     pub status: Option<(String, bool)>,
+    /// The status line says the cursor left a migration that left the
+    /// table: a command's answer arriving next keeps it in front.
+    moved_notice: Option<String>,
     /// Rows a half page moves (set by the terminal loop from the table height).
     pub page_rows: usize,
     pub quit: bool,
@@ -455,6 +458,7 @@ impl App {
             theme: theme.to_string(),
             log_path: String::new(),
             status: None,
+            moved_notice: None,
             page_rows: 10,
             quit: false,
             dirty: true,
@@ -562,6 +566,7 @@ impl App {
 
     fn say(&mut self, text: impl Into<String>, error: bool) {
         self.status = Some((text.into(), error));
+        self.moved_notice = None;
     }
 
     /// The migration at `row` of the table (filtered), if any.
@@ -615,7 +620,9 @@ impl App {
             Some(m) => format!("the cursor is on {} ({})", m.record.id, m.record.vm),
             None => "the table is empty".to_string(),
         };
-        self.say(format!("{why}: {now}"), false);
+        let notice = format!("{why}: {now}");
+        self.say(notice.clone(), false);
+        self.moved_notice = Some(notice);
     }
 
     fn follow_evacuation(&mut self) {
@@ -795,16 +802,22 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
                 Ok(detail) => (format!("{what}: {detail}"), false),
                 Err(e) => (format!("{what} failed: {e}"), true),
             };
+            // Whether the cursor moved goes first: a keypress meant for the
+            // migration that left must not land on its neighbour unawares.
+            let shown = match app.moved_notice.take() {
+                Some(notice) => format!("{notice} · {text}"),
+                None => text.clone(),
+            };
             app.live.log(
                 "console".into(),
                 proto::LogLine {
                     at_ms: app.live.now_ms,
                     level: if error { "error" } else { "info" }.into(),
                     migration_id: String::new(),
-                    text: text.clone(),
+                    text,
                 },
             );
-            app.say(text, error);
+            app.say(shown, error);
             app.dirty = true;
             Vec::new()
         }
@@ -3635,6 +3648,50 @@ mod tests {
             status,
             "m-fail (db-01) is hidden by the filter: the cursor is on m-run (web-01)"
         );
+    }
+
+    /// A retried migration leaves a "failed" view as it runs again; the
+    /// retry's answer arrives after, and must not hide that the cursor
+    /// moved.
+    #[test]
+    fn a_commands_answer_keeps_the_notice_that_the_cursor_moved() {
+        let mut app = fixture();
+        let filter: Vec<_> = "/state:failed".chars().map(key).collect();
+        press(&mut app, &filter);
+        press(&mut app, &[code(KeyCode::Enter)]);
+        select(&mut app, "m-fail");
+        // It runs again: the filter hides it now.
+        let mut again = migration("m-fail", "db-01", "hv-b", "hv-c", proto::Outcome::None);
+        again.attempt = 2;
+        arrive(&mut app, "hv-b", again);
+        let (status, _) = app.status.clone().expect("said");
+        assert!(
+            status.starts_with("m-fail (db-01) is hidden by the filter"),
+            "{status}"
+        );
+        update(
+            &mut app,
+            Msg::Done {
+                what: "retry m-fail".into(),
+                result: Ok("attempt 2 started".into()),
+            },
+        );
+        let (status, error) = app.status.clone().expect("said");
+        assert!(!error);
+        assert!(
+            status.starts_with("m-fail (db-01) is hidden by the filter: ")
+                && status.ends_with(" · retry m-fail: attempt 2 started"),
+            "{status}"
+        );
+        // The log has the answer alone; the next answer stands alone too.
+        update(
+            &mut app,
+            Msg::Done {
+                what: "abort m-run".into(),
+                result: Ok("aborting".into()),
+            },
+        );
+        assert_eq!(app.status.clone().unwrap().0, "abort m-run: aborting");
     }
 
     #[test]
