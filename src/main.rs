@@ -518,12 +518,24 @@ async fn main() -> ExitCode {
         }
     };
     // A command's output piped into `head` ends quietly when the pipe
-    // closes, as other Unix tools do (Rust ignores SIGPIPE, and a print to
-    // a closed pipe panics). Sockets are not affected: Rust writes them
-    // with MSG_NOSIGNAL. An agent keeps ignoring it.
-    if !matches!(command, Command::Agent { .. } | Command::Demo { .. }) {
-        // SAFETY: restoring a signal's default disposition at start-up.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // closes, as other Unix tools do: Rust ignores SIGPIPE (which must stay
+    // so: a TLS peer closing mid-handshake would kill the process), and a
+    // print to a closed pipe panics — that panic exits with 141 (128 +
+    // SIGPIPE) and says nothing.
+    if !matches!(command, Command::Agent { .. }) {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let said = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or_default();
+            if said.starts_with("failed printing to stdout") && said.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            default(info);
+        }));
     }
     let mut access = cli::Access::new(cli.inventory, cli.identity);
     access.answer_deadline = Some(std::time::Duration::from_millis(cli.answer_deadline_ms));

@@ -72,6 +72,19 @@ fn a_healthy_pair_passes_and_a_host_whose_agent_is_down_is_an_error() {
         "{findings:?}"
     );
 
+    // Piped into a reader that has gone (`| head`): it ends quietly, with
+    // the shell's code for a closed pipe, instead of a panic's backtrace.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(common::TERN)
+        .args(["doctor", "--json"])
+        .env("TERN_INVENTORY", &cluster.inventory)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+
     // Only the hosts asked for.
     let (code, findings) = doctor(&cluster, &["hv-b"]);
     assert_eq!(code, 0);

@@ -19,6 +19,9 @@ use crate::proto;
 /// error (journal times, heartbeats and certificates all read clocks).
 const SKEW_WARNING_MS: i64 = 1_000;
 const SKEW_ERROR_MS: i64 = 30_000;
+/// How long a link measurement may take beyond its transfer (the agents
+/// bound each of its steps to 5 s).
+const LINK_MARGIN: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Finding {
@@ -138,9 +141,17 @@ fn from_check(host: &str, c: proto::DoctorCheck) -> Finding {
 
 /// The migration link from `from` to `to`, measured by `from`'s agent.
 async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding {
-    let name = format!("link to {to}");
-    // The transfer itself, its set-up and the answer.
-    let deadline = Duration::from_secs(u64::from(seconds)) + cluster.answer_deadline * 4;
+    let failed = |detail: String| Finding {
+        host: from.into(),
+        check: format!("link to {to}"),
+        verdict: "error",
+        detail,
+        fix: String::new(),
+        mib_s: None,
+    };
+    // The transfer itself, and the agent's own bounds on the rest: the
+    // other host opening its sink, the connection, the sink's answer.
+    let deadline = Duration::from_secs(u64::from(seconds)) + LINK_MARGIN;
     let reply = async {
         let entry = cluster.check_host(from)?;
         let agent =
@@ -155,14 +166,7 @@ async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding 
         Ok(reply) => {
             let mut found = match reply.check {
                 Some(check) => from_check(from, check),
-                None => Finding {
-                    host: from.into(),
-                    check: name,
-                    verdict: "error",
-                    detail: "the agent answered no verdict".into(),
-                    fix: String::new(),
-                    mib_s: None,
-                },
+                None => failed("the agent answered no verdict".into()),
             };
             if reply.bytes > 0 && reply.elapsed_us > 0 {
                 let mib_s =
@@ -171,14 +175,7 @@ async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding 
             }
             found
         }
-        Err(e) => Finding {
-            host: from.into(),
-            check: name,
-            verdict: "error",
-            detail: format!("not measured: {}", e.message),
-            fix: String::new(),
-            mib_s: None,
-        },
+        Err(e) => failed(format!("not measured: {}", e.message)),
     }
 }
 

@@ -44,7 +44,8 @@ impl KvmSpeed {
 
     pub fn describe(&self) -> String {
         format!(
-            "a guest exit takes {:.1} µs and a first touch of guest memory {:.1} µs a page{}",
+            "a guest exit takes {:.1} µs (bare metal: 1 to 2) and a first touch of guest memory \
+             {:.1} µs a page{}",
             self.exit_us,
             self.first_touch_us,
             if self.nested {

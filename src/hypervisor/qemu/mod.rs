@@ -1213,8 +1213,8 @@ impl QemuHypervisor {
                 Ok(speed) if speed.slow() => HostCheck::warning(
                     "kvm",
                     format!(
-                        "{} (bare metal: 1 to 2 µs an exit): guests run and migrate slowly here, most \
-                         after a move, as the destination's guest touches its pages",
+                        "{}: guests run and migrate slowly here, most after a move, as the \
+                         destination's guest touches its pages",
                         speed.describe()
                     ),
                     "run the agent on bare metal, or on an outer hypervisor with nested paging \
