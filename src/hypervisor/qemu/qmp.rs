@@ -468,7 +468,17 @@ impl Qmp {
         let (read, mut writer) = stream.into_split();
         let mut reader = BufReader::new(read);
         let negotiate = async {
-            let version = parse_greeting(&read_message(&mut reader, path).await?)?;
+            // QEMU can send an event ahead of the greeting: one raised as a
+            // new client replaces the last (a guest resuming as the agent
+            // reconnects), on a monitor that has not yet reset for it.
+            let greeting = loop {
+                let message = read_message(&mut reader, path).await?;
+                if parse_event(&message).is_none() {
+                    break message;
+                }
+                tracing::debug!("QMP: ignoring {message} before the greeting");
+            };
+            let version = parse_greeting(&greeting)?;
             let command = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{NEGOTIATION_ID}}}\n");
             writer
                 .write_all(command.as_bytes())
@@ -962,6 +972,28 @@ mod tests {
         assert_eq!(qmp.path(), path);
         assert!(!qmp.is_closed());
         drop(dir);
+    }
+
+    /// Seen with QEMU 7.2: a guest resuming as the agent reconnected put
+    /// `RESUME` on the new connection ahead of the greeting.
+    #[tokio::test]
+    async fn an_event_ahead_of_the_greeting_is_skipped() {
+        let (_dir, path) = socket_dir();
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = async {
+            let mut fake = FakeQemu::accept_raw(&listener).await;
+            fake.send(json!({"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}}))
+                .await;
+            fake.send_raw(GREETING).await;
+            let negotiation = fake.command().await;
+            fake.reply(&negotiation, json!({})).await;
+            fake
+        };
+        let (qmp, _fake) = within("connecting", async {
+            tokio::join!(Qmp::connect(&path), server)
+        })
+        .await;
+        assert_eq!(qmp.expect("connect").version(), (7, 2, 0));
     }
 
     #[tokio::test]
