@@ -4,7 +4,7 @@
 //! fail), the last host is being evacuated from the start, and a traffic
 //! generator keeps migrations moving so there is always something to watch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ const HOST_VCPUS: u64 = 64;
 
 /// A running demo cluster.
 pub struct Cluster {
-    pub dir: PathBuf,
+    dir: Folder,
     /// The seed this run was made from (`--seed` repeats it).
     pub seed: u64,
     /// The traffic generator's moves, from the seed.
@@ -115,7 +115,27 @@ const HOT_VM_VCPUS: u64 = 4;
 /// From this many VMs on, one of them (on the first host) is the hot one.
 const HOT_FROM_VMS: usize = 8;
 
+/// The demo's folder (journals, CA, keys), removed when dropped: a start
+/// that fails half-way, or a test that panics, leaves nothing behind.
+struct Folder(PathBuf);
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("demo: could not remove {}: {e}", self.0.display());
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Cluster {
+    /// The demo's folder, removed when the cluster is dropped or stopped.
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
     /// Write the inventory and agent configs under a fresh folder and start
     /// every agent in this process.
     pub async fn start(options: &DemoOptions) -> anyhow::Result<Cluster> {
@@ -136,6 +156,7 @@ impl Cluster {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
+        let folder = Folder(dir.clone());
         // The demo runs on mutual TLS like a real cluster, from a CA made
         // for it alone in its folder.
         let ca_dir = dir.join("ca");
@@ -221,7 +242,7 @@ impl Cluster {
             stops.push(stop_tx);
         }
         Ok(Cluster {
-            dir,
+            dir: folder,
             seed,
             traffic_rng: StdRng::seed_from_u64(seed.wrapping_add(1)),
             inventory_path,
@@ -335,9 +356,7 @@ impl Cluster {
             let _ = server.await;
         }
         drop(self.agents);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!("demo: could not remove {}: {e}", self.dir.display());
-        }
+        drop(self.dir);
     }
 }
 
@@ -711,6 +730,25 @@ mod tests {
         let b = layout(&second).await;
         second.stop().await;
         assert_eq!(a, b, "the same seed, the same VMs on the same hosts");
+    }
+
+    /// A cluster dropped without `stop` (a test that panicked, a console
+    /// that failed) leaves no folder behind; one stopped neither.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demos_folder_goes_with_the_cluster() {
+        let dropped = Cluster::start(&options(2, 4, Some(7)))
+            .await
+            .expect("starts");
+        let dir = dropped.dir().to_path_buf();
+        assert!(dir.join("cluster.toml").is_file());
+        drop(dropped);
+        assert!(!dir.exists(), "{} is left", dir.display());
+        let stopped = Cluster::start(&options(2, 4, Some(7)))
+            .await
+            .expect("starts");
+        let dir = stopped.dir().to_path_buf();
+        stopped.stop().await;
+        assert!(!dir.exists(), "{} is left", dir.display());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
