@@ -314,6 +314,22 @@ impl HostCore {
         })
     }
 
+    /// The VM of pending work as its attempt carried it: the destination's
+    /// record (live or ended) or the source's, kept while the work is.
+    fn pending_vm(&self, p: &Pending) -> Option<&VmSpec> {
+        self.destinations
+            .get(&p.attempt_id)
+            .map(|d| &d.attempt.vm)
+            .or_else(|| self.ended.get(&p.attempt_id).map(|a| &a.vm))
+            .or_else(|| {
+                self.sources
+                    .get(&p.migration_id)
+                    .filter(|s| s.attempt.attempt_id == p.attempt_id)
+                    .map(|s| &s.attempt.vm)
+            })
+            .filter(|vm| vm.name == p.vm)
+    }
+
     fn run_pending(&mut self, key: Key, batch: Option<u64>) {
         let Some(p) = self.pending.get(&key).cloned() else {
             return;
@@ -356,9 +372,14 @@ impl HostCore {
                     stage,
                     attempt_id: p.attempt_id.clone(),
                     migration_id: p.migration_id.clone(),
-                    // Not kept with the pending work: drivers undo by the
-                    // VM's name (GuestNetwork::taps).
-                    nics: Vec::new(),
+                    // The NICs its attempt carried, whose record is kept
+                    // while work of it is pending (after a restart too);
+                    // drivers also undo by the VM's name where it is gone
+                    // (GuestNetwork::taps, the VSIs a vdp driver holds).
+                    nics: self
+                        .pending_vm(&p)
+                        .map(crate::protocol::machine::NicPort::of)
+                        .unwrap_or_default(),
                     guest: None,
                 };
                 self.run(

@@ -500,6 +500,101 @@ fn a_stage_that_never_answers_fails_at_its_deadline_and_is_undone() {
     let _ = req;
 }
 
+/// The NICs of the rollback stage the actions run, if they run one.
+fn rollback_nics(actions: &[Action]) -> Option<Vec<String>> {
+    actions.iter().find_map(|a| match a {
+        Action::Run {
+            what: Op::Stage(ctx),
+            ..
+        } if ctx.stage == Stage::Rollback => Some(ctx.nics.iter().map(|n| n.mac.clone()).collect()),
+        _ => None,
+    })
+}
+
+/// A rollback left pending is retried with the NICs its attempt carried
+/// (a vdp driver withdraws their VSIs by them), and so after a restart,
+/// from the journaled attempt — not with none, as it was.
+#[test]
+fn a_pending_rollback_is_retried_with_its_attempts_nics_before_and_after_a_restart() {
+    let mut b = Host::with(Config {
+        deadlines: Deadlines {
+            stage_ms: 2_000,
+            ..Deadlines::default()
+        },
+        ..config(B)
+    });
+    let mut spec = vm("web-01", &[("port-profile", true)]);
+    spec.qemu = Some(crate::protocol::QemuMachine {
+        kernel: "tern-guest.elf".into(),
+        nics: vec![crate::protocol::machine::Nic {
+            mac: "52:54:00:12:34:56".into(),
+            network: "lan".into(),
+            vlan: None,
+            vsi: None,
+        }],
+        ..Default::default()
+    });
+    let (_, actions) = b.request(prepare_call(&spec, "m-000000000001.1", Mode::Safe));
+    let start = op_of(&actions, |o| matches!(o, Op::StartIncoming { .. }))
+        .unwrap_or_else(|| panic!("{actions:?}"));
+    b.op_done(start, Ok(OpOutput::Address("sim://hv-b/m-1.1".into())));
+    // The prepare stage never answers: it is undone, and its rollback fails.
+    let deadline = b.core.poll_timeout().expect("the stage has a deadline");
+    let actions = b.at(deadline).timer();
+    let kill = op_of(&actions, |o| matches!(o, Op::Kill { .. })).expect("the guest goes");
+    let actions = b.op_done(kill, Ok(OpOutput::Done));
+    assert_eq!(
+        rollback_nics(&actions).as_deref(),
+        Some(&["52:54:00:12:34:56".to_string()][..])
+    );
+    let rollback = op_of(
+        &actions,
+        |o| matches!(o, Op::Stage(c) if c.stage == Stage::Rollback),
+    )
+    .unwrap();
+    b.op_done(
+        rollback,
+        Err(OpError::Failed("lldpad did not answer".into())),
+    );
+    let pending = b.core.pending().next().cloned().expect("left pending");
+    // Retried here: with the NICs.
+    let retry_at = pending.next_try_ms;
+    let actions = b.at(retry_at).timer();
+    assert_eq!(
+        rollback_nics(&actions).as_deref(),
+        Some(&["52:54:00:12:34:56".to_string()][..]),
+        "{actions:?}"
+    );
+    // After a restart, from what the journal holds.
+    let attempt = b
+        .log
+        .iter()
+        .rev()
+        .find_map(|x| match x {
+            Action::Journal {
+                entry: Entry::Destination(d),
+                ..
+            } => Some((**d).clone()),
+            _ => None,
+        })
+        .expect("the attempt is journaled");
+    let mut core = HostCore::new(config(B));
+    core.recover(
+        retry_at,
+        JournalImage {
+            destinations: vec![attempt],
+            pending: vec![pending],
+            ..Default::default()
+        },
+    );
+    let actions = core.handle(retry_at + 60_000, Input::Timer);
+    assert_eq!(
+        rollback_nics(&actions).as_deref(),
+        Some(&["52:54:00:12:34:56".to_string()][..]),
+        "{actions:?}"
+    );
+}
+
 /// A source with `spec` migrating to hv-b, driven up to Finish sent:
 /// (host, Finish's call, the attempt id). hv-b accepts and prepares nothing.
 fn source_past_finish(spec: &VmSpec, mode: Mode) -> (Host, CallId, String) {
