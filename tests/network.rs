@@ -287,6 +287,21 @@ fn feature_net(record: &Value) -> &Value {
     common::feature(record, "net")
 }
 
+/// `tern check g1 --to qb --mode MODE --json`: its exit code and qb's
+/// `feature net` check.
+fn check_net(cluster: &Cluster, mode: &str) -> (i32, Value) {
+    let (code, answer) =
+        cluster.tern_json(&["check", "g1", "--to", "qb", "--mode", mode, "--json"]);
+    let net = answer["checks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .iter()
+        .find(|c| c["host"] == "qb" && c["name"] == "feature net")
+        .cloned()
+        .unwrap_or_else(|| panic!("no feature net check on qb: {answer:#}"));
+    (code, net)
+}
+
 #[test]
 fn a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced() {
     let test = "a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced";
@@ -308,6 +323,10 @@ fn a_guest_moves_with_its_port_and_the_destination_bridge_sees_it_announced() {
     );
     assert!(args.contains(&format!("\"mac\":\"{MAC}\"")), "{args}");
     wait_ready(&cluster, "qa", "g1");
+    // `tern check` finds qb's bridge.
+    let (code, net) = check_net(&cluster, "safe");
+    assert_eq!((code, &net["ok"]), (0, &Value::Bool(true)), "{net}");
+    assert_eq!(net["detail"], "br-vm0 on qb for g1's 1 NIC(s)", "{net}");
 
     let mut capture = Capture::start(&hosts, "qb", cluster.path());
     let (code, record) =
@@ -367,6 +386,25 @@ fn a_safe_move_to_a_host_without_the_bridge_fails_and_changes_nothing() {
         port(&hosts, "qa", &tap_a) == Some((Some("br-vm0".into()), true))
     });
     wait_ready(&cluster, "qa", "g1");
+    // `tern check` says so before anything moves: blocking in safe mode
+    // (net is required), noted in fast mode.
+    let (code, net) = check_net(&cluster, "safe");
+    assert_ne!(code, 0, "{net}");
+    assert_eq!(net["ok"], false, "{net}");
+    let detail = net["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("bridge br-vm0 does not exist on qb (network lan of g1's NIC"),
+        "{net}"
+    );
+    let (_, net) = check_net(&cluster, "fast");
+    assert_eq!(net["ok"], true, "{net}");
+    assert!(
+        net["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("(not blocking: net is required in fast mode, so the move would go on without it, degraded)"),
+        "{net}"
+    );
     let (code, record) =
         cluster.tern_json(&["migrate", "g1", "--to", "qb", "--mode", "safe", "--json"]);
     assert_ne!(code, 0, "{record}");

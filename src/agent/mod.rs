@@ -697,9 +697,16 @@ impl Agent {
         let cookie1 = request.cookie1;
         let c1 = crate::protocol::cookies::decode::<proto::Cookie1>("C1", &cookie1).ok();
         let source_host = c1.as_ref().map(|c1| c1.source.clone()).unwrap_or_default();
+        let mode = c1
+            .as_ref()
+            .and_then(|c1| crate::protocol::record::mode_from_proto(c1.mode));
         let spec = c1
             .and_then(|c1| c1.vm)
             .and_then(|vm| crate::protocol::cookies::vm_from_proto(&vm).ok());
+        let feature_checks = match (&spec, mode) {
+            (Some(spec), Some(mode)) => self.feature_checks(spec, mode).await,
+            _ => Vec::new(),
+        };
         let machine = self.check_machine(&cookie1).map(|()| {
             let vm = spec.as_ref().map_or("the VM", |s| s.name.as_str());
             format!(
@@ -750,7 +757,56 @@ impl Agent {
                 },
             );
         }
+        checks.extend(feature_checks);
         Ok(proto::CheckPrepareReply { checks })
+    }
+
+    /// What each feature's driver here can tell before it tries
+    /// (`Feature::check`, a bridge that does not exist, say): blocking for
+    /// a required feature in safe mode, noted otherwise, as Prepare would.
+    async fn feature_checks(
+        &self,
+        spec: &crate::protocol::VmSpec,
+        mode: Mode,
+    ) -> Vec<proto::AdmissionCheck> {
+        let mut nics = NicPort::of(spec);
+        shell::place_nics(self.hypervisor.as_ref(), &spec.name, &mut nics);
+        let mut checks = Vec::new();
+        for feature in &spec.features {
+            let Some(driver) = self.features.get(&feature.name) else {
+                continue;
+            };
+            let ctx = crate::features::StageContext {
+                host: self.name.clone(),
+                vm: spec.name.clone(),
+                feature: feature.clone(),
+                stage: crate::protocol::Stage::Prepare,
+                attempt_id: String::new(),
+                migration_id: String::new(),
+                nics: nics.clone(),
+                guest: None,
+            };
+            let Some(result) = driver.check(&ctx).await else {
+                continue;
+            };
+            let blocking = crate::protocol::policy::is_blocking(mode, feature.required);
+            checks.push(proto::AdmissionCheck {
+                name: format!("feature {}", feature.name),
+                host: self.name.clone(),
+                ok: result.is_ok() || !blocking,
+                detail: match result {
+                    Ok(detail) => detail,
+                    Err(e) if blocking => e,
+                    Err(e) => format!(
+                        "{e} (not blocking: {} is {} in {} mode, so the move would go on without it, degraded)",
+                        feature.name,
+                        if feature.required { "required" } else { "optional" },
+                        mode.as_str()
+                    ),
+                },
+            });
+        }
+        checks
     }
 
     /// Whether this host drains, and its migrations out and in now.

@@ -137,7 +137,43 @@ fn mac_bytes(mac: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(bytes)
 }
 
+/// The bridge `plug` goes on exists here.
+async fn bridge_exists(links: &Links, plug: &Plug<'_>, ctx: &StageContext) -> Result<(), String> {
+    let host = &ctx.host;
+    match links.index(plug.bridge).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!(
+            "bridge {} does not exist on {host} (network {} of {})",
+            plug.bridge,
+            plug.nic.network,
+            plug.what(&ctx.vm)
+        )),
+        Err(e) => Err(on_host(host, e)),
+    }
+}
+
 impl BridgePorts {
+    /// `tern check`: every NIC's network is one of this host's, and its
+    /// bridge exists (the VLAN filtering prepare needs is not checked).
+    async fn check_plugs(&self, ctx: &StageContext) -> StageOutcome {
+        let plugs = plugs(ctx)?;
+        let links = Links::connect().map_err(|e| on_host(&ctx.host, e))?;
+        let mut bridges = Vec::new();
+        for plug in &plugs {
+            bridge_exists(&links, plug, ctx).await?;
+            if !bridges.contains(&plug.bridge) {
+                bridges.push(plug.bridge);
+            }
+        }
+        Ok(format!(
+            "{} on {} for {}'s {} NIC(s)",
+            bridges.join(", "),
+            ctx.host,
+            ctx.vm,
+            plugs.len()
+        ))
+    }
+
     /// Prepare: each tap on its bridge, in its VLAN, closed.
     async fn plug(&self, ctx: &StageContext, open: bool) -> StageOutcome {
         let host = &ctx.host;
@@ -145,19 +181,7 @@ impl BridgePorts {
         let links = Links::connect().map_err(|e| on_host(host, e))?;
         let mut done = Vec::new();
         for plug in &plugs {
-            if links
-                .index(plug.bridge)
-                .await
-                .map_err(|e| on_host(host, e))?
-                .is_none()
-            {
-                return Err(format!(
-                    "bridge {} does not exist on {host} (network {} of {})",
-                    plug.bridge,
-                    plug.nic.network,
-                    plug.what(&ctx.vm)
-                ));
-            }
+            bridge_exists(&links, plug, ctx).await?;
             links
                 .ensure_tap(plug.tap)
                 .await
@@ -340,6 +364,10 @@ impl Feature for BridgePorts {
 
     async fn prepare(&self, ctx: &StageContext) -> StageOutcome {
         self.plug(ctx, false).await
+    }
+
+    async fn check(&self, ctx: &StageContext) -> Option<StageOutcome> {
+        Some(self.check_plugs(ctx).await)
     }
 
     async fn finish(&self, ctx: &StageContext) -> StageOutcome {

@@ -125,6 +125,13 @@ pub trait Feature: Send + Sync {
         Ok("nothing to verify".into())
     }
 
+    /// Whether prepare would find what it needs on this host, checked now
+    /// without changing anything (`tern check`). None: this driver cannot
+    /// tell before it tries.
+    async fn check(&self, _ctx: &StageContext) -> Option<StageOutcome> {
+        None
+    }
+
     /// State this host holds for VMs through this feature.
     fn held_state(&self) -> Vec<HeldState> {
         Vec::new()
