@@ -268,11 +268,26 @@ fn an_aborted_destination_rolls_back_on_disk_before_it_answers() {
     let record = cluster.abort_and_wait(&id);
     assert_eq!(record["outcome"], "aborted", "{record}");
     let attempt_id = record["attempt_id"].as_str().unwrap().to_string();
+    let rolling_back = "\"state\":{\"RollingBack\"";
+    // The source reports the abort once it has told the destination, which
+    // answers after it rolled back: its answer must be in the trace before
+    // the agents are stopped (seen missing on a loaded machine).
+    common::wait_until(
+        std::time::Duration::from_secs(10),
+        "hv-b's trace to show it answered the abort",
+        || {
+            let traced = events(&std::fs::read_to_string(&traces[1]).unwrap_or_default());
+            match synced_before_told(&traced, &attempt_id, rolling_back) {
+                Ok(()) => true,
+                Err(e) => !e.starts_with("nothing naming") && !e.starts_with("no journal write"),
+            }
+        },
+    );
     let [_, destination] = stop_and_read(cluster, &traces);
 
     // Once the destination has said it rolls back, a restarted destination
     // must never commit the attempt (its tombstone and rollback survive).
-    synced_before_told(&destination, &attempt_id, "\"state\":{\"RollingBack\"")
+    synced_before_told(&destination, &attempt_id, rolling_back)
         .unwrap_or_else(|e| panic!("destination: {e}"));
 }
 

@@ -67,10 +67,11 @@ fn bridge_saw(link: &VdpLink, uuid: &str, mode: u8) -> bool {
 #[test]
 fn preassociate_and_associate_are_accepted_by_the_bridge_verified_and_disassociated_twice() {
     let Some(link) = VdpLink::start() else { return };
-    let (prepared, finished, verified, held, released, again, verify_after) =
-        link.in_station(|| async {
+    let (checked, prepared, finished, verified, held, released, again, verify_after) = link
+        .in_station(|| async {
             let vdp = driver(10_000);
             let nics = vec![nic(UUID, None)];
+            let checked = vdp.check(&ctx(Stage::Prepare, nics.clone())).await;
             let prepared = run_stage(&vdp, &ctx(Stage::Prepare, nics.clone())).await;
             let finished = run_stage(&vdp, &ctx(Stage::Finish, nics.clone())).await;
             let verified = run_stage(&vdp, &ctx(Stage::Verify, nics.clone())).await;
@@ -79,6 +80,7 @@ fn preassociate_and_associate_are_accepted_by_the_bridge_verified_and_disassocia
             let again = run_stage(&vdp, &ctx(Stage::Release, nics.clone())).await;
             let verify_after = run_stage(&vdp, &ctx(Stage::Verify, nics)).await;
             (
+                checked,
                 prepared,
                 finished,
                 verified,
@@ -89,6 +91,11 @@ fn preassociate_and_associate_are_accepted_by_the_bridge_verified_and_disassocia
             )
         });
     let what = format!("of web-01's 52:54:00:12:34:56 (VSI {UUID}) on eth1");
+    // `tern check`'s question: lldpad answers on the uplink.
+    assert_eq!(
+        checked.expect("the vdp driver checks").unwrap(),
+        format!("lldpad on hv-b answers for web-01's 1 VSI(s) on {STATION_IF}")
+    );
     assert_eq!(prepared.unwrap(), format!("PREASSOCIATE {what}: ok"));
     assert_eq!(finished.unwrap(), format!("ASSOCIATE {what}: ok"));
     assert!(

@@ -319,9 +319,9 @@ impl Vdp {
         }
     }
 
-    /// PREASSOCIATE or ASSOCIATE every VSI of the VM, stopping at the first
-    /// failure (rollback disassociates what was done).
-    async fn associate(&self, vm: &str, nics: &[NicPort], mode: Mode) -> StageOutcome {
+    /// [`Vdp::nics`], at least one: a VM without a NIC with a VSI has
+    /// nothing for this driver to `mode`.
+    fn vsi_nics(&self, vm: &str, nics: &[NicPort], mode: Mode) -> Result<Vec<Nic>, String> {
         let nics = self.nics(vm, nics, mode)?;
         if nics.is_empty() {
             return Err(format!(
@@ -330,6 +330,13 @@ impl Vdp {
                 mode.request()
             ));
         }
+        Ok(nics)
+    }
+
+    /// PREASSOCIATE or ASSOCIATE every VSI of the VM, stopping at the first
+    /// failure (rollback disassociates what was done).
+    async fn associate(&self, vm: &str, nics: &[NicPort], mode: Mode) -> StageOutcome {
+        let nics = self.vsi_nics(vm, nics, mode)?;
         let state = match mode {
             Mode::Associate => VsiState::Associated,
             _ => VsiState::Preassociated,
@@ -359,6 +366,33 @@ impl Vdp {
             }
         }
         Ok(details.join("; "))
+    }
+
+    async fn check_lldpad(&self, ctx: &StageContext) -> StageOutcome {
+        let vm = &ctx.vm;
+        let nics = self.vsi_nics(vm, &ctx.nics, Mode::Preassociate)?;
+        let deadline = lldpad::deadline(self.timeout);
+        let _one_at_a_time = self.busy.lock().await;
+        let lldpad = Lldpad::connect(&self.socket, deadline)
+            .await
+            .map_err(|e| self.explain("a query", e))?;
+        let mut uplinks: Vec<&str> = Vec::new();
+        for nic in &nics {
+            let what = format!("a query of {vm}'s {} on {}", nic.request.mac, nic.uplink);
+            lldpad
+                .query(&nic.uplink, &nic.request.instance, deadline)
+                .await
+                .map_err(|e| self.explain(&what, e))?;
+            if !uplinks.contains(&nic.uplink.as_str()) {
+                uplinks.push(&nic.uplink);
+            }
+        }
+        Ok(format!(
+            "lldpad on {} answers for {vm}'s {} VSI(s) on {}",
+            self.host,
+            nics.len(),
+            uplinks.join(", ")
+        ))
     }
 
     /// DISASSOCIATE every VSI of the VM: those of its NICs, and those this
@@ -435,6 +469,13 @@ impl Feature for Vdp {
 
     fn verifies(&self) -> bool {
         true
+    }
+
+    /// `tern check`: every NIC with a VSI has an uplink and sound values,
+    /// and lldpad answers a query on each uplink (nothing is asked of the
+    /// bridge).
+    async fn check(&self, ctx: &StageContext) -> Option<StageOutcome> {
+        Some(self.check_lldpad(ctx).await)
     }
 
     /// Ask lldpad for every VSI of the VM: each must be associated.
@@ -642,6 +683,44 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(done, "web-01 holds no VSI on hv-b");
+    }
+
+    /// `tern check` without lldpad: named, with the question to ask.
+    #[tokio::test]
+    async fn check_names_an_lldpad_that_does_not_answer_and_a_nic_without_a_vsi() {
+        let vdp = driver(&format!(
+            "uplinks = {{ prod = \"eth1\" }}\nlldpad_socket = \"tern-test-none-{}\"",
+            std::process::id()
+        ))
+        .unwrap();
+        let err = vdp
+            .check(&ctx(Stage::Prepare, vec![nic("prod", true)]))
+            .await
+            .expect("the vdp driver checks")
+            .unwrap_err();
+        assert!(
+            err.starts_with("cannot reach lldpad on hv-b: ")
+                && err.ends_with("(is lldpad running?)"),
+            "{err}"
+        );
+        let err = vdp
+            .check(&ctx(Stage::Prepare, vec![nic("prod", false)]))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "web-01 has no NIC with a vsi: feature vdp (vdp) has nothing to PREASSOCIATE"
+        );
+        let err = vdp
+            .check(&ctx(Stage::Prepare, vec![nic("dev", true)]))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "network dev has no uplink in [features.vdp] uplinks on hv-b"
+        );
     }
 
     #[tokio::test]
