@@ -53,7 +53,7 @@ fn verdict(finding: i32) -> &'static str {
 }
 
 /// The findings of one host: its agent's checks and the caller's own.
-async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Finding> {
+pub async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<Finding> {
     let finding = |check: &str, verdict: &'static str, detail: String, fix: &str| Finding {
         host: host.to_string(),
         check: check.into(),

@@ -132,6 +132,11 @@ pub enum Dialog {
     },
     Help,
     Message(String),
+    /// `tern doctor HOST` in the console: `None` while its agent checks.
+    Doctor {
+        host: String,
+        findings: Option<Vec<crate::cli::doctor::Finding>>,
+    },
 }
 
 /// The retry dialog: the attempts it retries, and the mode and policy the
@@ -797,6 +802,20 @@ fn apply_msg(app: &mut App, msg: Msg) -> Vec<Command> {
             }
             Vec::new()
         }
+        Msg::Doctor { host, findings } => {
+            // Shown if its dialog is still open; a closed one asked for
+            // nothing more.
+            if let Some(Dialog::Doctor {
+                host: shown,
+                findings: slot,
+            }) = &mut app.dialog
+                && *shown == host
+            {
+                *slot = Some(findings);
+                app.dirty = true;
+            }
+            Vec::new()
+        }
         Msg::Done { what, result } => {
             let (text, error) = match result {
                 Ok(detail) => (format!("{what}: {detail}"), false),
@@ -947,6 +966,7 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::NewMigration => new_migration(app),
         Action::Evacuate => evacuate(app),
         Action::Undrain => undrain(app),
+        Action::Doctor => return doctor(app),
         Action::Evacuations => show_evacuations(app),
         Action::PauseResume => return pause_or_resume(app),
         Action::CancelEvacuation => cancel_evacuation(app),
@@ -1050,6 +1070,19 @@ fn host_for(app: &mut App, what: &str, key: char) -> Option<String> {
         false,
     );
     None
+}
+
+/// Examine the selected host as `tern doctor` does; the findings fill the
+/// dialog when they come (a second or so: the agent measures KVM).
+fn doctor(app: &mut App) -> Vec<Command> {
+    let Some(host) = host_for(app, "check", 'D') else {
+        return Vec::new();
+    };
+    app.dialog = Some(Dialog::Doctor {
+        host: host.clone(),
+        findings: None,
+    });
+    vec![Command::Doctor { host }]
 }
 
 fn evacuate(app: &mut App) {
@@ -1769,7 +1802,7 @@ fn on_dialog(app: &mut App, key: KeyEvent) -> Vec<Command> {
         return Vec::new();
     };
     match dialog {
-        Dialog::Help | Dialog::Message(_) => {
+        Dialog::Help | Dialog::Message(_) | Dialog::Doctor { .. } => {
             if key.code == KeyCode::Char('q') {
                 app.quit = true;
                 return vec![Command::Quit];

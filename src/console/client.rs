@@ -255,6 +255,10 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
             answer,
         };
     }
+    if let Command::Doctor { host } = command {
+        let findings = crate::cli::doctor::examine(agents, &host, agents.answer_deadline).await;
+        return Msg::Doctor { host, findings };
+    }
     if let Command::LoadLogs { id, hosts } = command {
         let answers = crate::cli::logs::ask_hosts(agents, &hosts, &id).await;
         return Msg::Logs {
@@ -272,9 +276,10 @@ pub async fn execute(agents: &Cluster, command: Command) -> Msg {
 async fn run(agents: &Cluster, command: Command) -> Result<String, String> {
     match command {
         Command::Quit => Ok("quit".into()),
-        Command::LoadActions { .. } | Command::Check { .. } | Command::LoadLogs { .. } => {
-            Ok(String::new())
-        }
+        Command::LoadActions { .. }
+        | Command::Check { .. }
+        | Command::Doctor { .. }
+        | Command::LoadLogs { .. } => Ok(String::new()),
         Command::Abort { host, id } => {
             let agent = connect(agents, &host).await?;
             let request = proto::MigrationRef { id };

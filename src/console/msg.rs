@@ -58,6 +58,12 @@ pub enum Msg {
         mode: Mode,
         answer: Result<proto::CheckReply, String>,
     },
+    /// `tern doctor HOST`'s findings, the caller's own (reachable, clock)
+    /// first.
+    Doctor {
+        host: String,
+        findings: Vec<crate::cli::doctor::Finding>,
+    },
     /// Migration `id`'s log lines from its hosts, merged in time order, and
     /// what is missing from them ("hv-b: no answer in 1 s").
     Logs {
@@ -136,6 +142,10 @@ pub enum Command {
         destination: String,
         mode: Mode,
     },
+    /// Examine `host` as `tern doctor HOST` does.
+    Doctor {
+        host: String,
+    },
     /// Read migration `id`'s lines from the logs of `hosts` (its source
     /// and every destination of its attempts).
     LoadLogs {
@@ -152,6 +162,7 @@ impl Command {
             self,
             Command::LoadActions { .. }
                 | Command::Check { .. }
+                | Command::Doctor { .. }
                 | Command::LoadLogs { .. }
                 | Command::Quit
         )
@@ -224,6 +235,7 @@ impl Command {
                 mode,
                 ..
             } => format!("check {vm} to {destination} ({})", mode.as_str()),
+            Command::Doctor { host } => format!("doctor {host}"),
             Command::LoadLogs { id, hosts } => {
                 format!("read the logs of {id} from {}", hosts.join(", "))
             }

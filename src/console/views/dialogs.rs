@@ -266,6 +266,10 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
             body.push(Line::styled(" esc closes", theme.dim));
             popup(frame, "help", body, theme, false);
         }
+        Dialog::Doctor { host, findings } => {
+            let body = doctor_lines(host, findings.as_deref(), theme);
+            popup(frame, &format!("doctor {host}"), body, theme, false);
+        }
         Dialog::Message(text) => popup(
             frame,
             "note",
@@ -277,6 +281,56 @@ pub fn draw(frame: &mut Frame, app: &App, theme: &Theme) {
             false,
         ),
     }
+}
+
+/// `tern doctor HOST` as a dialog: errors, then warnings, each with its
+/// fix, then what is fine (a small terminal cuts the fine ones first).
+fn doctor_lines<'a>(
+    host: &str,
+    findings: Option<&[crate::cli::doctor::Finding]>,
+    theme: &Theme,
+) -> Vec<Line<'a>> {
+    let Some(findings) = findings else {
+        return vec![
+            Line::raw(format!(
+                " asking {host}'s agent to check itself (it runs a short KVM guest)…"
+            )),
+            Line::styled(" esc closes", theme.dim),
+        ];
+    };
+    let rank = |verdict: &str| match verdict {
+        "error" => 0,
+        "warning" => 1,
+        _ => 2,
+    };
+    let mut sorted: Vec<&crate::cli::doctor::Finding> = findings.iter().collect();
+    sorted.sort_by_key(|f| rank(f.verdict));
+    let width = sorted.iter().map(|f| f.check.len()).max().unwrap_or(0);
+    let mut body = Vec::new();
+    for f in sorted {
+        let style = match f.verdict {
+            "error" => theme.error,
+            "warning" => theme.warning,
+            _ => theme.succeeded,
+        };
+        body.push(Line::from(vec![
+            Span::styled(format!(" {:<7}", f.verdict), style),
+            Span::raw(format!(" {:<width$}  {}", f.check, f.detail)),
+        ]));
+        if !f.fix.is_empty() {
+            body.push(Line::styled(
+                format!(" {:<7} {:<width$}  fix: {}", "", "", f.fix),
+                theme.dim,
+            ));
+        }
+    }
+    let errors = findings.iter().filter(|f| f.verdict == "error").count();
+    let warnings = findings.iter().filter(|f| f.verdict == "warning").count();
+    body.push(Line::styled(
+        format!(" {errors} error(s), {warnings} warning(s) · esc closes"),
+        theme.dim,
+    ));
+    body
 }
 
 /// The retry dialog: what each attempt retries, the mode and policy with

@@ -1286,3 +1286,94 @@ fn on_a_short_screen_the_newest_error_keeps_the_log_rows_there_are() {
     }
     assert!(one_row, "no height gave the logs a single row");
 }
+
+/// `D` on a host: the dialog says it is asking, then shows the agent's
+/// findings, errors and warnings first with their fixes (a small terminal
+/// cuts the fine ones, not the ones that matter).
+#[test]
+fn the_doctor_dialog_asks_then_puts_errors_and_warnings_first_at_both_sizes() {
+    use crate::cli::doctor::Finding;
+    use crate::console::msg::Command;
+    let theme = Theme::named("default").expect("default theme");
+    let mut app = fixture();
+    update(&mut app, code(KeyCode::Tab));
+    let commands = update(&mut app, key('D'));
+    assert_eq!(
+        commands,
+        vec![Command::Doctor {
+            host: "hv-a".into()
+        }]
+    );
+    for size in SIZES {
+        let terminal = render(&app, &theme, size);
+        insta::assert_snapshot!(
+            format!("doctor_asking_{}x{}", size.0, size.1),
+            terminal.backend()
+        );
+    }
+    let finding = |check: &str, verdict: &'static str, detail: &str, fix: &str| Finding {
+        host: "hv-a".into(),
+        check: check.into(),
+        verdict,
+        detail: detail.into(),
+        fix: fix.into(),
+        mib_s: None,
+    };
+    let findings = vec![
+        finding("reachable", "ok", "answered in 3 ms", ""),
+        finding("clock", "ok", "its clock is +2 ms from this one's", ""),
+        finding(
+            "qemu",
+            "ok",
+            "qemu-system-x86_64: QEMU emulator version 7.2.22",
+            "",
+        ),
+        finding(
+            "kvm",
+            "warning",
+            "a guest exit takes 8.3 µs (bare metal: 1 to 2) and a first touch of guest memory 5.4 µs a page; this host is itself a virtual machine (KVM runs nested)",
+            "run the agent on bare metal, or on an outer hypervisor with nested paging (EPT/NPT) enabled",
+        ),
+        finding(
+            "disk",
+            "error",
+            "310 MiB free of 252.0 GiB under /var/lib/tern",
+            "make room under /var/lib/tern: the journal cannot be written when it is full",
+        ),
+        finding(
+            "journal",
+            "ok",
+            "/var/lib/tern/journal.db: quick_check ok",
+            "",
+        ),
+    ];
+    // An answer for another host leaves the dialog as it is.
+    update(
+        &mut app,
+        Msg::Doctor {
+            host: "hv-b".into(),
+            findings: findings.clone(),
+        },
+    );
+    let terminal = render(&app, &theme, SIZES[0]);
+    find(terminal.backend().buffer(), "asking hv-a's agent");
+    update(
+        &mut app,
+        Msg::Doctor {
+            host: "hv-a".into(),
+            findings,
+        },
+    );
+    for size in SIZES {
+        let terminal = render(&app, &theme, size);
+        let buffer = terminal.backend().buffer();
+        let (_, error) = find(buffer, "error   disk");
+        let (_, warning) = find(buffer, "warning kvm");
+        let (_, fine) = find(buffer, "ok      reachable");
+        assert!(error < warning && warning < fine, "{size:?}");
+        insta::assert_snapshot!(format!("doctor_{}x{}", size.0, size.1), terminal.backend());
+    }
+    // Any key closes it, and nothing was sent on the way.
+    assert!(update(&mut app, code(KeyCode::Esc)).is_empty());
+    assert!(app.dialog.is_none());
+}
