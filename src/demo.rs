@@ -169,7 +169,9 @@ impl Cluster {
                     name: name.to_string(),
                     role,
                     sans: vec!["127.0.0.1".into()],
-                    days: 2,
+                    // Past tern doctor's 30-day warning (D in the console):
+                    // the folder, keys and all, goes when the demo ends.
+                    days: 90,
                 },
                 &identities,
             )
