@@ -19,7 +19,8 @@
 //! - `picker.png`: `d` on that failed migration (retry on another host);
 //! - `help.png`: `?`;
 //! - `light.png`: the overview in the light theme;
-//! - `repair.png`: `R` on a migration the flaky rack left degraded.
+//! - `repair.png`: `R` on a migration the flaky rack left degraded;
+//! - `doctor.png`: `D` on a host: its agent's checks, as `tern doctor`.
 //!
 //! The cluster is random, so every run's pictures differ in detail.
 
@@ -273,6 +274,24 @@ async fn take_all(
         app.status
     );
     shots.take(app, &shots.dark, "repair")?;
+    press(app, KeyCode::Esc);
+    press(app, KeyCode::Esc);
+
+    // `D` on the flaky rack's host: what its agent finds, as tern doctor.
+    press(app, KeyCode::Tab);
+    let flaky = app.live.hosts.len().saturating_sub(2);
+    app.host_row = flaky;
+    let asked = keys(app, "D");
+    anyhow::ensure!(
+        matches!(app.dialog, Some(Dialog::Doctor { .. })),
+        "D did not open the doctor dialog: {:?}",
+        app.status
+    );
+    for command in asked {
+        let answer = client::execute(agents, command).await;
+        app::update(app, answer);
+    }
+    shots.take(app, &shots.dark, "doctor")?;
     Ok(())
 }
 
