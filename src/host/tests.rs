@@ -114,6 +114,21 @@ impl Host {
     fn op_done(&mut self, op: OpId, result: Result<OpOutput, OpError>) -> Vec<Action> {
         self.input(Input::OpDone { op, result })
     }
+
+    /// The destination attempt as this host last journaled it.
+    fn last_journaled_destination(&self) -> crate::protocol::destination::DestinationAttempt {
+        self.log
+            .iter()
+            .rev()
+            .find_map(|x| match x {
+                Action::Journal {
+                    entry: Entry::Destination(d),
+                    ..
+                } => Some((**d).clone()),
+                _ => None,
+            })
+            .expect("a destination attempt is journaled")
+    }
 }
 
 /// The op the actions ask for that matches.
@@ -566,18 +581,7 @@ fn a_pending_rollback_is_retried_with_its_attempts_nics_before_and_after_a_resta
         "{actions:?}"
     );
     // After a restart, from what the journal holds.
-    let attempt = b
-        .log
-        .iter()
-        .rev()
-        .find_map(|x| match x {
-            Action::Journal {
-                entry: Entry::Destination(d),
-                ..
-            } => Some((**d).clone()),
-            _ => None,
-        })
-        .expect("the attempt is journaled");
+    let attempt = b.last_journaled_destination();
     let mut core = HostCore::new(config(B));
     core.recover(
         retry_at,
@@ -1725,18 +1729,7 @@ fn the_host_a_vm_runs_on_runs_the_stages_in_order_and_refuses_a_vm_it_does_not_r
 #[test]
 fn recovery_counts_until_the_attempts_the_journal_left_open_have_ended() {
     let (b, _) = prepared_destination();
-    let journaled = b
-        .log
-        .iter()
-        .rev()
-        .find_map(|x| match x {
-            Action::Journal {
-                entry: Entry::Destination(d),
-                ..
-            } => Some((**d).clone()),
-            _ => None,
-        })
-        .expect("the prepared attempt is journaled");
+    let journaled = b.last_journaled_destination();
     // Nothing open: recovered at once.
     assert!(!Host::new(B).core.recovering());
     // The restarted destination rolls its prepared attempt back.
