@@ -896,7 +896,7 @@ fn on_action(app: &mut App, action: Action) -> Vec<Command> {
         Action::Back => match app.view {
             View::Overview => {
                 app.marked.clear();
-                app.filter.clear();
+                clear_filter(app);
             }
             View::Detail(_) => {
                 app.view = std::mem::replace(&mut app.detail_from, View::Overview);
@@ -2082,6 +2082,15 @@ fn describe_all(commands: &[Command]) -> String {
         .join(", ")
 }
 
+/// Show every migration again. A notice that a migration left the
+/// filtered view no longer holds, and goes with the filter.
+fn clear_filter(app: &mut App) {
+    app.filter.clear();
+    if app.moved_notice.take().is_some() {
+        app.status = None;
+    }
+}
+
 fn on_input(app: &mut App, key: KeyEvent) -> Vec<Command> {
     let Some(mut input) = app.input.take() else {
         return Vec::new();
@@ -2089,7 +2098,7 @@ fn on_input(app: &mut App, key: KeyEvent) -> Vec<Command> {
     match key.code {
         KeyCode::Esc => {
             if input.kind == InputKind::Filter {
-                app.filter.clear();
+                clear_filter(app);
             }
         }
         KeyCode::Enter => match input.kind {
@@ -3724,6 +3733,30 @@ mod tests {
                 result: Ok("aborting".into()),
             },
         );
+        assert_eq!(app.status.clone().unwrap().0, "abort m-run: aborting");
+    }
+
+    /// Once the filter goes, a notice that a migration left the filtered
+    /// view goes too (it said "the table is empty" over a full table).
+    #[test]
+    fn clearing_the_filter_clears_the_notice_about_it() {
+        let mut app = fixture();
+        let filter: Vec<_> = "/state:failed".chars().map(key).collect();
+        press(&mut app, &filter);
+        press(&mut app, &[code(KeyCode::Enter)]);
+        select(&mut app, "m-fail");
+        let mut again = migration("m-fail", "db-01", "hv-b", "hv-c", proto::Outcome::None);
+        again.attempt = 2;
+        arrive(&mut app, "hv-b", again);
+        assert!(app.status.is_some());
+        press(&mut app, &[code(KeyCode::Esc)]);
+        assert!(app.filter.is_empty());
+        assert_eq!(app.status, None, "the notice went with the filter");
+        // Another message stays when the filter goes.
+        press(&mut app, &filter);
+        press(&mut app, &[code(KeyCode::Enter)]);
+        app.say("abort m-run: aborting", false);
+        press(&mut app, &[code(KeyCode::Esc)]);
         assert_eq!(app.status.clone().unwrap().0, "abort m-run: aborting");
     }
 
