@@ -35,6 +35,9 @@ pub struct Finding {
     /// A link measurement's throughput, in MiB/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mib_s: Option<f64>,
+    /// A clock finding's host clock against this machine's, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skew_ms: Option<i64>,
 }
 
 fn now_ms() -> i64 {
@@ -61,6 +64,7 @@ pub async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<F
         detail,
         fix: fix.into(),
         mib_s: None,
+        skew_ms: None,
     };
     let asked_at = now_ms();
     let reply = async {
@@ -88,26 +92,68 @@ pub async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<F
     )];
     // Its clock against the middle of the call.
     let skew = reply.now_ms as i64 - (asked_at + answered_at) / 2;
-    let said = format!("its clock is {skew:+} ms from this one's");
-    found.push(if skew.abs() > SKEW_ERROR_MS {
-        finding(
-            "clock",
-            "error",
-            said,
-            "synchronise the clocks (chrony, systemd-timesyncd)",
-        )
-    } else if skew.abs() > SKEW_WARNING_MS {
-        finding(
-            "clock",
-            "warning",
-            said,
-            "synchronise the clocks (chrony, systemd-timesyncd)",
-        )
-    } else {
-        finding("clock", "ok", said, "")
-    });
+    let (verdict, fix) = clock_verdict(skew);
+    let mut clock = finding(
+        "clock",
+        verdict,
+        format!("its clock is {skew:+} ms from this one's"),
+        fix,
+    );
+    clock.skew_ms = Some(skew);
+    found.push(clock);
     found.extend(reply.checks.into_iter().map(|c| from_check(host, c)));
     found
+}
+
+fn clock_verdict(skew_ms: i64) -> (&'static str, &'static str) {
+    const FIX: &str = "synchronise the clocks (chrony, systemd-timesyncd)";
+    if skew_ms.abs() > SKEW_ERROR_MS {
+        ("error", FIX)
+    } else if skew_ms.abs() > SKEW_WARNING_MS {
+        ("warning", FIX)
+    } else {
+        ("ok", "")
+    }
+}
+
+/// With two agents or more, each clock is held to the agents' median
+/// rather than to this machine's, which may be the one that is off; this
+/// machine gets a finding of its own when the agents agree it is.
+fn judge_clocks(findings: &mut Vec<Finding>) {
+    let mut skews: Vec<i64> = findings.iter().filter_map(|f| f.skew_ms).collect();
+    if skews.len() < 2 {
+        return;
+    }
+    skews.sort_unstable();
+    let median = skews[skews.len() / 2];
+    for f in findings.iter_mut() {
+        let Some(skew) = f.skew_ms else { continue };
+        let off = skew - median;
+        let (verdict, fix) = clock_verdict(off);
+        f.verdict = verdict;
+        f.fix = fix.into();
+        f.detail = format!(
+            "its clock is {off:+} ms from the agents' median ({skew:+} ms from this machine's)"
+        );
+    }
+    let (verdict, _) = clock_verdict(median);
+    if verdict != "ok" {
+        findings.insert(
+            0,
+            Finding {
+                host: "(this machine)".into(),
+                check: "clock".into(),
+                verdict,
+                detail: format!(
+                    "the agents' median clock is {median:+} ms from this machine's, whose TLS \
+                     checks the agents' certificates by it"
+                ),
+                fix: "synchronise this machine's clock (chrony, systemd-timesyncd)".into(),
+                mib_s: None,
+                skew_ms: Some(-median),
+            },
+        );
+    }
 }
 
 /// What to do about a host that did not answer, from why: TLS refusing
@@ -136,6 +182,7 @@ fn from_check(host: &str, c: proto::DoctorCheck) -> Finding {
         detail: c.detail,
         fix: c.fix,
         mib_s: None,
+        skew_ms: None,
     }
 }
 
@@ -148,6 +195,7 @@ async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding 
         detail,
         fix: String::new(),
         mib_s: None,
+        skew_ms: None,
     };
     // The transfer itself, and the agent's own bounds on the rest: the
     // other host opening its sink, the connection, the sink's answer.
@@ -200,6 +248,7 @@ pub async fn doctor(access: &Access, hosts: &[String], link_seconds: u32, json: 
         .into_iter()
         .flatten()
         .collect();
+    judge_clocks(&mut findings);
     // Between the hosts named, one pair at a time: transfers at once would
     // share links and measure each other.
     if named >= 2 {
@@ -252,4 +301,67 @@ pub fn text(findings: &[Finding]) -> String {
     );
     let _ = writeln!(out, "{errors} error(s), {warnings} warning(s)");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(host: &str, skew: i64) -> Finding {
+        let (verdict, fix) = clock_verdict(skew);
+        Finding {
+            host: host.into(),
+            check: "clock".into(),
+            verdict,
+            detail: format!("its clock is {skew:+} ms from this one's"),
+            fix: fix.into(),
+            mib_s: None,
+            skew_ms: Some(skew),
+        }
+    }
+
+    #[test]
+    fn the_agent_whose_clock_is_off_is_named_not_the_others() {
+        let mut found = vec![clock("hv-a", 5), clock("hv-b", 12), clock("hv-c", 45_000)];
+        judge_clocks(&mut found);
+        let verdicts: Vec<&str> = found.iter().map(|f| f.verdict).collect();
+        assert_eq!(verdicts, ["ok", "ok", "error"]);
+        assert_eq!(
+            found[2].detail,
+            "its clock is +44988 ms from the agents' median (+45000 ms from this machine's)"
+        );
+        assert!(found[2].fix.contains("chrony"));
+    }
+
+    #[test]
+    fn agents_that_agree_with_each_other_are_fine_and_this_machine_is_named() {
+        // This machine is a minute behind every agent.
+        let mut found = vec![
+            clock("hv-a", 60_010),
+            clock("hv-b", 60_000),
+            clock("hv-c", 60_020),
+        ];
+        judge_clocks(&mut found);
+        assert_eq!(found.len(), 4);
+        assert_eq!(
+            (found[0].host.as_str(), found[0].verdict),
+            ("(this machine)", "error")
+        );
+        assert!(
+            found[0]
+                .detail
+                .starts_with("the agents' median clock is +60010 ms from this machine's"),
+            "{}",
+            found[0].detail
+        );
+        assert!(found[1..].iter().all(|f| f.verdict == "ok"), "{found:?}");
+    }
+
+    #[test]
+    fn one_agent_is_held_to_this_machine() {
+        let mut found = vec![clock("hv-a", 2_000)];
+        judge_clocks(&mut found);
+        assert_eq!(found, vec![clock("hv-a", 2_000)]);
+        assert_eq!(found[0].verdict, "warning");
+    }
 }

@@ -1318,6 +1318,7 @@ fn the_doctor_dialog_asks_then_puts_errors_and_warnings_first_at_both_sizes() {
         detail: detail.into(),
         fix: fix.into(),
         mib_s: None,
+        skew_ms: None,
     };
     let findings = vec![
         finding("reachable", "ok", "answered in 3 ms", ""),
