@@ -64,6 +64,13 @@ fn a_healthy_pair_passes_and_a_host_whose_agent_is_down_is_an_error() {
         // The disk is whatever this machine has: never unchecked.
         assert_ne!(finding(&findings, h, "disk")["verdict"], "", "{findings:?}");
     }
+    // Links are measured between hosts named only, not across the inventory.
+    assert!(
+        findings
+            .iter()
+            .all(|f| !f["check"].as_str().unwrap().starts_with("link to ")),
+        "{findings:?}"
+    );
     assert!(
         finding(&findings, "hv-a", "clock")["detail"]
             .as_str()

@@ -229,6 +229,8 @@ async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding 
 
 pub async fn doctor(access: &Access, hosts: &[String], link_seconds: u32, json: bool) -> CliResult {
     let cluster = Cluster::load(access)?;
+    // Links are measured only between hosts named: never across a fleet.
+    let named = hosts.len();
     let hosts: Vec<String> = if hosts.is_empty() {
         cluster
             .host_names()
@@ -241,7 +243,6 @@ pub async fn doctor(access: &Access, hosts: &[String], link_seconds: u32, json: 
         }
         hosts.to_vec()
     };
-    let named = hosts.len();
     let deadline = cluster.answer_deadline;
     let mut findings: Vec<Finding> = join_all(hosts.iter().map(|h| examine(&cluster, h, deadline)))
         .await

@@ -812,7 +812,8 @@ impl Hypervisor for SimHypervisor {
     ) -> Result<(), HypervisorError> {
         self.inject(SimCall::CompleteIncoming, vm).await?;
         // The simulated transfer arrives the instant the source reports it
-        // complete; nothing is left to wait for.
+        // complete; nothing is left to wait for, and its link is done with.
+        self.end_incoming(vm);
         match self.lock().guests.get(vm) {
             None => Err(HypervisorError::NoSuchGuest(vm.to_string())),
             Some(guest) if guest.state == GuestState::Incoming => Ok(()),
@@ -839,6 +840,7 @@ impl Hypervisor for SimHypervisor {
 
     async fn kill(&self, vm: &str) -> Result<(), HypervisorError> {
         self.inject(SimCall::Kill, vm).await?;
+        self.end_incoming(vm);
         self.change(|guests| {
             guests.remove(vm);
             Ok(())
@@ -851,6 +853,15 @@ impl Hypervisor for SimHypervisor {
 }
 
 impl SimHypervisor {
+    /// The destination's end of a post-copy link is done with (the guest
+    /// completed or went): its file goes, which the source wrote its last
+    /// state into before it reported the transfer's end.
+    fn end_incoming(&self, vm: &str) {
+        if let Some(address) = self.lock().incoming.remove(vm) {
+            link::remove(&address);
+        }
+    }
+
     async fn run_transfer(
         &self,
         vm: &str,
@@ -1218,7 +1229,13 @@ mod tests {
             seen.push(s.stage);
         }
         assert!(seen.contains(&TransferStage::Postcopy), "{seen:?}");
-        link::remove(&address);
+        // The destination completes the guest: the link's file goes (they
+        // piled up in the temp folder, one a post-copy-capable move).
+        assert!(link::path(&address).exists());
+        dst.complete_incoming("web", &done)
+            .await
+            .expect("completes");
+        assert!(!link::path(&address).exists(), "the link's file is left");
     }
 
     #[tokio::test]
