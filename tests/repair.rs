@@ -397,3 +397,46 @@ fn a_repair_cut_short_by_the_record_owners_crash_reads_interrupted_and_can_be_ru
         Some("associated")
     );
 }
+
+/// An evacuation that moved a VM degraded stops counting it degraded once
+/// `tern repair` made it whole (it said "1 degraded" for ever before).
+#[test]
+fn a_repaired_vm_is_no_longer_counted_degraded_by_its_evacuation() {
+    let cluster = cluster();
+    let out = cluster.tern(&["evacuate", "hv-a", "--mode", "fast", "--json"]);
+    let evacuation = |cluster: &Cluster| -> Value {
+        cluster.status()["evacuations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["host"] == "hv-a")
+            .cloned()
+            .unwrap_or_else(|| panic!("no evacuation of hv-a: {}", stderr(&out)))
+    };
+    let web = |job: &Value| -> Value {
+        job["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "web-01")
+            .cloned()
+            .unwrap_or_else(|| panic!("web-01 is not in {job}"))
+    };
+    let job = evacuation(&cluster);
+    assert_eq!(web(&job)["degraded"], true, "{job}");
+    assert_eq!(cluster.running_on("web-01"), vec!["hv-b"]);
+
+    let out = cluster.tern(&["fault", "hv-b", "port-profile"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, record) = cluster.tern_json(&["repair", "web-01", "--json"]);
+    assert_eq!(
+        (code, &record["outcome"]),
+        (0, &Value::from("succeeded")),
+        "{record}"
+    );
+    let job = evacuation(&cluster);
+    assert_eq!(web(&job)["degraded"], false, "{job}");
+    // The text says so too: nothing degraded left in its line.
+    let text = String::from_utf8_lossy(&cluster.tern(&["status"]).stdout).into_owned();
+    assert!(!text.contains("1 degraded"), "{text}");
+}

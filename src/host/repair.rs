@@ -172,6 +172,9 @@ impl HostCore {
         let record = s.attempt.record.clone();
         self.journal(Entry::Source(snapshot), true);
         self.emit(Event::Migration(Box::new(record.clone())));
+        if record.outcome == Some(crate::protocol::Outcome::Succeeded) {
+            self.evacuated_vm_repaired(id);
+        }
         let level = if record.outcome == Some(crate::protocol::Outcome::Succeeded) {
             Level::Info
         } else {

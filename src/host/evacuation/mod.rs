@@ -327,6 +327,33 @@ impl HostCore {
         }
     }
 
+    /// A VM an evacuation moved degraded was repaired since (`tern repair`
+    /// on migration `migration_id`): the evacuation no longer counts it
+    /// degraded.
+    pub(super) fn evacuated_vm_repaired(&mut self, migration_id: &str) {
+        let ids: Vec<String> = self
+            .evacuations
+            .jobs
+            .iter()
+            .filter(|(_, job)| {
+                job.vms
+                    .iter()
+                    .any(|v| v.degraded && v.migration_id.as_deref() == Some(migration_id))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let _ = self.update_evacuation(&id, |job, _| {
+                for v in &mut job.vms {
+                    if v.migration_id.as_deref() == Some(migration_id) {
+                        v.degraded = false;
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Change a journaled evacuation, then journal and publish it.
     /// `change` refusing changes nothing.
     fn update_evacuation(
