@@ -3692,20 +3692,26 @@ mod tests {
         );
     }
 
-    /// A retried migration leaves a "failed" view as it runs again; the
-    /// retry's answer arrives after, and must not hide that the cursor
-    /// moved.
-    #[test]
-    fn a_commands_answer_keeps_the_notice_that_the_cursor_moved() {
+    /// The table filtered to `state:failed`, the cursor on m-fail, which
+    /// then runs again (attempt 2): the filter hides it now.
+    fn retried_out_of_the_failed_view() -> App {
         let mut app = fixture();
         let filter: Vec<_> = "/state:failed".chars().map(key).collect();
         press(&mut app, &filter);
         press(&mut app, &[code(KeyCode::Enter)]);
         select(&mut app, "m-fail");
-        // It runs again: the filter hides it now.
         let mut again = migration("m-fail", "db-01", "hv-b", "hv-c", proto::Outcome::None);
         again.attempt = 2;
         arrive(&mut app, "hv-b", again);
+        app
+    }
+
+    /// A retried migration leaves a "failed" view as it runs again; the
+    /// retry's answer arrives after, and must not hide that the cursor
+    /// moved.
+    #[test]
+    fn a_commands_answer_keeps_the_notice_that_the_cursor_moved() {
+        let mut app = retried_out_of_the_failed_view();
         let (status, _) = app.status.clone().expect("said");
         assert!(
             status.starts_with("m-fail (db-01) is hidden by the filter"),
@@ -3740,15 +3746,9 @@ mod tests {
     /// view goes too (it said "the table is empty" over a full table).
     #[test]
     fn clearing_the_filter_clears_the_notice_about_it() {
-        let mut app = fixture();
-        let filter: Vec<_> = "/state:failed".chars().map(key).collect();
-        press(&mut app, &filter);
-        press(&mut app, &[code(KeyCode::Enter)]);
-        select(&mut app, "m-fail");
-        let mut again = migration("m-fail", "db-01", "hv-b", "hv-c", proto::Outcome::None);
-        again.attempt = 2;
-        arrive(&mut app, "hv-b", again);
+        let mut app = retried_out_of_the_failed_view();
         assert!(app.status.is_some());
+        let filter: Vec<_> = "/state:failed".chars().map(key).collect();
         press(&mut app, &[code(KeyCode::Esc)]);
         assert!(app.filter.is_empty());
         assert_eq!(app.status, None, "the notice went with the filter");
