@@ -102,6 +102,18 @@ impl Cluster {
         Agent::connect(entry, self.tls.as_ref()).await
     }
 
+    /// [`Cluster::connect`], or "no answer" once `deadline` has passed.
+    pub async fn connect_within(
+        &self,
+        entry: &HostEntry,
+        deadline: Duration,
+    ) -> Result<Agent, CliError> {
+        match tokio::time::timeout(deadline, self.connect(entry)).await {
+            Ok(agent) => agent,
+            Err(_) => Err(no_answer(&entry.name, deadline)),
+        }
+    }
+
     pub fn host_names(&self) -> Vec<&str> {
         self.inventory
             .host
@@ -125,11 +137,7 @@ impl Cluster {
     /// not answer within the answer deadline is left out, named.
     pub async fn connect_all(&self) -> Vec<Link> {
         join_all(self.inventory.host.iter().map(|entry| async move {
-            let agent = match tokio::time::timeout(self.answer_deadline, self.connect(entry)).await
-            {
-                Ok(agent) => agent,
-                Err(_) => Err(no_answer(&entry.name, self.answer_deadline)),
-            };
+            let agent = self.connect_within(entry, self.answer_deadline).await;
             Link {
                 entry: entry.clone(),
                 agent: agent.map(|a| a.within(self.answer_deadline)),

@@ -11,7 +11,7 @@ use futures::future::join_all;
 use serde::Serialize;
 
 use super::client::Access;
-use super::client::{Cluster, no_answer};
+use super::client::Cluster;
 use super::{CliError, CliResult, exit};
 use crate::proto;
 
@@ -69,10 +69,10 @@ pub async fn examine(cluster: &Cluster, host: &str, deadline: Duration) -> Vec<F
     let asked_at = now_ms();
     let reply = async {
         let entry = cluster.check_host(host)?;
-        let agent = match tokio::time::timeout(deadline, cluster.connect(entry)).await {
-            Ok(agent) => agent?.within(deadline),
-            Err(_) => return Err(no_answer(host, deadline)),
-        };
+        let agent = cluster
+            .connect_within(entry, deadline)
+            .await?
+            .within(deadline);
         agent.asked(agent.doctor()).await
     }
     .await;
@@ -202,11 +202,10 @@ async fn link(cluster: &Cluster, from: &str, to: &str, seconds: u32) -> Finding 
     let deadline = Duration::from_secs(u64::from(seconds)) + LINK_MARGIN;
     let reply = async {
         let entry = cluster.check_host(from)?;
-        let agent =
-            match tokio::time::timeout(cluster.answer_deadline, cluster.connect(entry)).await {
-                Ok(agent) => agent?.within(deadline),
-                Err(_) => return Err(no_answer(from, cluster.answer_deadline)),
-            };
+        let agent = cluster
+            .connect_within(entry, cluster.answer_deadline)
+            .await?
+            .within(deadline);
         agent.asked(agent.measure_link(to, seconds * 1000)).await
     }
     .await;

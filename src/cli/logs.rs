@@ -6,7 +6,7 @@
 use futures::future::join_all;
 use serde::Serialize;
 
-use super::client::{Access, Cluster, find_migration, no_answer};
+use super::client::{Access, Cluster, find_migration};
 use super::{CliError, CliResult, check_id, exit};
 use crate::proto;
 use crate::protocol::bounds::{self, IdKind};
@@ -27,10 +27,10 @@ pub async fn ask_hosts(cluster: &Cluster, hosts: &[String], id: &str) -> Vec<Hos
     join_all(hosts.iter().map(|host| async move {
         let answer = async {
             let entry = cluster.check_host(host)?;
-            let agent = match tokio::time::timeout(deadline, cluster.connect(entry)).await {
-                Ok(agent) => agent?.within(deadline),
-                Err(_) => return Err(no_answer(host, deadline)),
-            };
+            let agent = cluster
+                .connect_within(entry, deadline)
+                .await?
+                .within(deadline);
             agent.asked(agent.attempt_logs(id, 0)).await
         }
         .await;
@@ -205,6 +205,7 @@ pub async fn logs(access: &Access, id: &str, json: bool) -> CliResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::client::no_answer;
 
     fn line(at_ms: u64, host: &str, level: &str, text: &str) -> proto::AttemptLogLine {
         proto::AttemptLogLine {
